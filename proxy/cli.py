@@ -1,0 +1,110 @@
+"""The `pgveil` command line: argument parsing and dispatch to the subcommands.
+
+User errors (bad flags, bad config) print one line `pgveil: error: ...` and exit with
+status 2, never a traceback. This module must not contain proxy logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from proxy import __version__
+from proxy.config import SETTINGS, ConfigError, ProxyConfig, load_config
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"pgveil: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pgveil", description="Transparent PostgreSQL anonymizing proxy.")
+    parser.add_argument("--version", action="version", version=f"pgveil {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    p = sub.add_parser("proxy", help="run the proxy")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML config file")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, connect to the upstream once, and exit",
+    )
+    for s in SETTINGS:
+        # every setting is a string here; config.load_config parses and validates it, so
+        # the same rules apply to flags, environment and file
+        p.add_argument(s.flag, dest=s.name, metavar=s.name.upper(), help=s.help, default=None)
+    return parser
+
+
+def _flags(ns: argparse.Namespace) -> dict[str, Any]:
+    return {s.name: getattr(ns, s.name) for s in SETTINGS if getattr(ns, s.name) is not None}
+
+
+def _run_proxy(ns: argparse.Namespace) -> int:
+    from proxy import logs
+    from proxy.logs import log
+    from proxy.server import ProxyServer, serve
+
+    flags = _flags(ns)
+
+    def load() -> ProxyConfig:
+        return load_config(flags, config_file=ns.config)
+
+    config = load()
+    logs.configure(config.log_format, config.log_level)
+    if config.rules is not None:
+        log.warning(
+            "rules.not_enforced",
+            rules=str(config.rules),
+            detail="this build relays only; masking rules are not applied yet",
+        )
+    if ns.check_config:
+
+        async def check() -> int:
+            server = ProxyServer(config)
+            ok = await server.upstream_reachable()
+            print(f"configuration ok; upstream {config.upstream} {'reachable' if ok else 'UNREACHABLE'}")
+            return 0 if ok else 1
+
+        return asyncio.run(check())
+    _event_loop_run(serve(config, load))
+    return 0
+
+
+def _event_loop_run(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every POSIX platform
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "proxy":
+            return _run_proxy(ns)
+    except ConfigError as exc:
+        sys.stderr.write(f"pgveil: error: {exc}\n")
+        return EXIT_USAGE
+    except OSError as exc:
+        # e.g. the listen address is taken: a user error, not a crash
+        sys.stderr.write(f"pgveil: error: {exc.strerror or exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {ns.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Proxy configuration: one typed, validated object from defaults, a YAML file, `PGVEIL_*`
+environment variables and command-line flags (later sources win).
+
+Every setting is declared once in `SETTINGS`; the CLI flags, the environment variable names,
+the YAML keys and the README's reference are all derived from it. Validation is strict: an
+unknown YAML key or a malformed value is a `ConfigError` whose text names the source, the key
+and what is allowed. This module does no I/O beyond reading the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A user error in flags, environment or config file; printed as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str) -> HostPort:
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:6432")
+    return HostPort(host, int(port))
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        s = str(text).strip().upper().replace(" ", "")
+        digits = s.rstrip("KMGB")
+        unit = s[len(digits) :]
+        if not digits.isdigit() or unit not in _SIZE_UNITS:
+            raise ValueError("expected a size in bytes, e.g. 1048576 or 64MB")
+        value = int(digits) * _SIZE_UNITS[unit]
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _positive_float(text: Any) -> float:
+    if isinstance(text, bool):
+        raise ValueError("expected a number of seconds")
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _positive_int(text: Any) -> int:
+    if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+        raise ValueError("expected a whole number")
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    s = str(text).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        s = str(text).strip()
+        if s not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return s
+
+    return parse
+
+
+def _path(text: Any) -> Path:
+    s = str(text).strip()
+    if not s:
+        raise ValueError("expected a file path")
+    return Path(s)
+
+
+def _optional_host_port(text: Any) -> HostPort | None:
+    s = str(text).strip()
+    return None if s in ("", "off", "none") else parse_host_port(s)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # YAML key; flag is --name-with-dashes; env is PGVEIL_NAME
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    reloadable: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "PGVEIL_" + self.name.upper()
+
+
+SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", parse_host_port, "127.0.0.1:6432", "address clients connect to", False),
+    Setting("upstream", parse_host_port, "127.0.0.1:5432", "the PostgreSQL server", False),
+    Setting(
+        "metrics", _optional_host_port, None, "serve /metrics and /healthz here (off)", False
+    ),
+    Setting("rules", _path, None, "masking rules file (YAML)"),
+    Setting("audit_file", _path, None, "audit stream file (JSON lines)"),
+    Setting("tls_cert", _path, None, "certificate (PEM) for TLS from clients"),
+    Setting("tls_key", _path, None, "private key (PEM) for TLS from clients"),
+    Setting(
+        "upstream_sslmode",
+        _choice(*SSLMODES),
+        "prefer",
+        "TLS to the server, as libpq's sslmode: " + ", ".join(SSLMODES),
+    ),
+    Setting("upstream_sslrootcert", _path, None, "CA bundle to verify the server (verify-*)"),
+    Setting("max_connections", _positive_int, 1000, "client connections; more get SQLSTATE 53300"),
+    Setting("connect_timeout", _positive_float, 5.0, "seconds to open the upstream connection"),
+    Setting(
+        "max_message_size",
+        parse_size,
+        128 * 1024**2,
+        "largest message a client may send; larger ends the session with 08P01",
+    ),
+    Setting(
+        "shutdown_timeout",
+        _positive_float,
+        30.0,
+        "seconds sessions get to finish their transaction on SIGTERM",
+    ),
+    Setting("tcp_keepalive", _bool, True, "TCP keepalive on both connections"),
+    Setting("tcp_keepalive_idle", _positive_int, 60, "seconds idle before keepalive probes"),
+    Setting("tcp_keepalive_interval", _positive_int, 10, "seconds between keepalive probes"),
+    Setting("tcp_keepalive_count", _positive_int, 6, "failed probes before the peer is dead"),
+    Setting("log_format", _choice("json", "text"), "json", "one JSON object per line, or text"),
+    Setting(
+        "log_level", _choice("debug", "info", "warning", "error"), "info", "least severe level"
+    ),
+)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listen: HostPort
+    upstream: HostPort
+    metrics: HostPort | None
+    rules: Path | None
+    audit_file: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+    upstream_sslmode: str
+    upstream_sslrootcert: Path | None
+    max_connections: int
+    connect_timeout: float
+    max_message_size: int
+    shutdown_timeout: float
+    tcp_keepalive: bool
+    tcp_keepalive_idle: int
+    tcp_keepalive_interval: int
+    tcp_keepalive_count: int
+    log_format: str
+    log_level: str
+    config_file: Path | None = None
+
+    def changed_restart_only(self, other: ProxyConfig) -> list[str]:
+        """Names of settings that differ and only take effect after a restart."""
+        return [
+            s.name
+            for s in SETTINGS
+            if not s.reloadable and getattr(self, s.name) != getattr(other, s.name)
+        ]
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config file must be a mapping of settings")
+    proxy_section = data.get("proxy", data) if set(data) == {"proxy"} else data
+    if not isinstance(proxy_section, dict):
+        raise ConfigError(f"{path}: 'proxy' must be a mapping of settings")
+    for key in proxy_section:
+        if key not in BY_NAME:
+            raise ConfigError(
+                f"{path}: unknown key '{key}'; allowed keys: " + ", ".join(sorted(BY_NAME))
+            )
+    return dict(proxy_section)
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> ProxyConfig:
+    """Build the configuration. `flags` holds only the options given on the command line."""
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get("PGVEIL_CONFIG"):
+        config_file = Path(environ["PGVEIL_CONFIG"])
+    sources: list[tuple[str, Mapping[str, Any]]] = []
+    if config_file is not None:
+        sources.append((str(config_file), _read_file(config_file)))
+    env_values = {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
+    sources.append(("environment", {BY_NAME[k].env: v for k, v in env_values.items()}))
+    sources.append(("command line", flags))
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw: Any = setting.default
+        origin = "default"
+        for source_name, source in sources:
+            key = setting.name
+            if source_name == "environment":
+                key = setting.env
+            elif source_name == "command line":
+                key = setting.name
+            if key in source and source[key] is not None:
+                raw = source[key]
+                origin = source_name
+        if raw is None:
+            values[setting.name] = None
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except (ValueError, TypeError) as exc:
+            label = {
+                "environment": setting.env,
+                "command line": setting.flag,
+                "default": setting.name,
+            }.get(origin, f"{origin}: key '{setting.name}'")
+            raise ConfigError(f"{label}: {exc}") from exc
+    config = ProxyConfig(**values, config_file=config_file)
+    _check(config)
+    return config
+
+
+def _check(config: ProxyConfig) -> None:
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert and tls_key must be given together")
+    for name in ("tls_cert", "tls_key", "upstream_sslrootcert", "rules"):
+        path = getattr(config, name)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{BY_NAME[name].flag}: no such file: {path}")
+    if config.upstream_sslmode.startswith("verify") and config.upstream_sslrootcert is None:
+        raise ConfigError(
+            f"--upstream-sslmode {config.upstream_sslmode} needs --upstream-sslrootcert"
+        )
+    if config.audit_file is not None and not config.audit_file.parent.is_dir():
+        raise ConfigError(f"--audit-file: directory does not exist: {config.audit_file.parent}")
+
+
+def reference_table() -> str:
+    """The configuration reference as a Markdown table (the README embeds it; a test
+    checks that they agree)."""
+    rows = ["| YAML key | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "—" if s.default is None else f"`{s.default}`"
+        rows.append(f"| `{s.name}` | `{s.flag}` | `{s.env}` | {default} | {s.help} |")
+    return "\n".join(rows)
+
+
+def replace(config: ProxyConfig, **changes: Any) -> ProxyConfig:
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,220 @@
+"""A throwaway PostgreSQL cluster for tests, benchmarks and the demo.
+
+Finds server binaries (`pg_config --bindir`, `/usr/lib/postgresql/*/bin`, then the
+`pgserver` package's bundled build), runs initdb into a temporary directory with SCRAM
+authentication, starts the server on a free loopback port and removes everything on stop.
+When running as root, the server runs as the unprivileged `postgres` OS user (PostgreSQL
+refuses to run as root). Failures raise `EmbeddedPostgresError` with the reason; nothing is
+silently skipped. Not for production databases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class EmbeddedPostgresError(Exception):
+    pass
+
+
+def find_bindir() -> Path:
+    """Directory holding initdb, pg_ctl and postgres; raises with what was tried."""
+    tried: list[str] = []
+    candidates: list[Path] = []
+    env = os.environ.get("PGVEIL_PG_BINDIR")
+    if env:
+        candidates.append(Path(env))
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+            candidates.append(Path(out))
+    versions = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    candidates += [Path(p) for p in versions]
+    try:
+        import pgserver  # type: ignore[import-untyped]
+
+        candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin")
+    except ImportError:
+        tried.append("the pgserver package (not installed)")
+    for c in candidates:
+        if (c / "initdb").is_file() and (c / "pg_ctl").is_file() and (c / "postgres").is_file():
+            return c
+        tried.append(str(c))
+    raise EmbeddedPostgresError(
+        "no PostgreSQL server binaries found (tried: "
+        + ", ".join(tried or ["nothing"])
+        + "); install PostgreSQL or `pip install pgserver`"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EmbeddedPostgres:
+    """initdb + pg_ctl start/stop in a temporary directory."""
+
+    superuser: str = "postgres"
+    password: str = "postgres-test-password"
+    port: int = 0
+    host: str = "127.0.0.1"
+    settings: dict[str, str] = field(default_factory=dict)
+    hba: list[str] = field(default_factory=list)  # extra lines, before the SCRAM catch-all
+    bindir: Path = field(default_factory=find_bindir)
+    base: Path | None = None
+    _os_user: str | None = None
+
+    @property
+    def datadir(self) -> Path:
+        assert self.base is not None
+        return self.base / "data"
+
+    def _run(self, args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        cmd = [str(a) for a in args]
+        if self._os_user:
+            cmd = ["runuser", "-u", self._os_user, "--", *cmd]
+        try:
+            return subprocess.run(
+                cmd, capture_output=True, text=True, check=True, timeout=120, **kw  # type: ignore[call-overload]
+            )
+        except subprocess.CalledProcessError as exc:
+            raise EmbeddedPostgresError(
+                f"{Path(args[0]).name} failed ({exc.returncode}): {exc.stderr.strip()[-2000:]}"
+            ) from exc
+
+    def start(self) -> EmbeddedPostgres:
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError as exc:
+                raise EmbeddedPostgresError(
+                    "running as root needs an unprivileged 'postgres' OS user to run the server"
+                ) from exc
+            self._os_user = "postgres"
+        self.base = Path(tempfile.mkdtemp(prefix="pgveil-pg-"))
+        if self._os_user:
+            pw = pwd.getpwnam(self._os_user)
+            os.chown(self.base, pw.pw_uid, pw.pw_gid)
+        pwfile = self.base / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self._os_user:
+            os.chown(pwfile, pwd.getpwnam(self._os_user).pw_uid, -1)
+        self._run(
+            [
+                self.bindir / "initdb",
+                "-D",
+                self.datadir,
+                "-U",
+                self.superuser,
+                "--pwfile",
+                pwfile,
+                "--auth-local=scram-sha-256",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ]
+        )
+        pwfile.unlink()
+        if not self.port:
+            self.port = free_port(self.host)
+        conf = {
+            "listen_addresses": f"'{self.host}'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.base}'",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "200",
+            "shared_buffers": "128MB",
+            "password_encryption": "'scram-sha-256'",
+            **self.settings,
+        }
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            f.write("\n# pgveil embedded\n")
+            for k, v in conf.items():
+                f.write(f"{k} = {v}\n")
+        if self.hba:
+            hba_path = self.datadir / "pg_hba.conf"
+            original = hba_path.read_text()
+            hba_path.write_text("\n".join(self.hba) + "\n" + original)
+        self._run(
+            [
+                self.bindir / "pg_ctl",
+                "-D",
+                self.datadir,
+                "-l",
+                self.datadir / "server.log",
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
+        return self
+
+    def restart(self) -> None:
+        self._run([self.bindir / "pg_ctl", "-D", self.datadir, "-w", "-m", "fast", "restart",
+                   "-l", self.datadir / "server.log"])
+
+    def stop(self, mode: str = "fast") -> None:
+        if self.base is None:
+            return
+        with contextlib.suppress(EmbeddedPostgresError):
+            self._run([self.bindir / "pg_ctl", "-D", self.datadir, "-w", "-m", mode, "stop"])
+
+    def cleanup(self) -> None:
+        self.stop("immediate")
+        if self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
+            self.base = None
+
+    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = "postgres",
+            port: int | None = None) -> str:
+        user = user or self.superuser
+        password = self.password if password is None and user == self.superuser else password
+        parts = [f"host={self.host}", f"port={port or self.port}", f"user={user}", f"dbname={dbname}"]
+        if password:
+            parts.append(f"password={password}")
+        return " ".join(parts)
+
+    def psql(self, sql: str, dbname: str = "postgres") -> str:
+        env = {**os.environ, "PGPASSWORD": self.password}
+        out = subprocess.run(
+            [str(self.bindir / "psql") if (self.bindir / "psql").exists() else "psql",
+             "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", self.host, "-p", str(self.port),
+             "-U", self.superuser, "-d", dbname, "-c", sql],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        if out.returncode:
+            raise EmbeddedPostgresError(f"psql failed: {out.stderr.strip()}")
+        return out.stdout
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 1):
+                return
+            time.sleep(0.1)
+        raise EmbeddedPostgresError("server did not accept connections in time")

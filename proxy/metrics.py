@@ -1,0 +1,212 @@
+"""Prometheus metrics and the /metrics + /healthz HTTP endpoint.
+
+Counters on the data path are plain integers kept by each session (a list index increment
+costs a few tens of nanoseconds; a prometheus_client Counter.inc() takes a lock). A custom
+collector adds them up when Prometheus scrapes. Labels are message type names, directions,
+SQLSTATE classes and fixed reasons: never a value from a query or a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from proxy.logs import log
+from proxy.wire.messages import BACKEND_NAMES, FRONTEND_NAMES
+
+if TYPE_CHECKING:
+    from proxy.session.engine import Session
+
+
+class Stats:
+    """Totals of finished sessions; live sessions are added at scrape time."""
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.rejected: dict[str, int] = {}
+        self.client_bytes = 0
+        self.server_bytes = 0
+        self.client_counts = [0] * 256
+        self.server_counts = [0] * 256
+        self.error_classes: dict[str, int] = {}
+        self.cancel_requests = 0
+        self.tls_handshakes = 0
+        self.upstream_connect_failures = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def absorb(self, session: Session, client_bytes: int, server_bytes: int) -> None:
+        self.client_bytes += client_bytes
+        self.server_bytes += server_bytes
+        for total, counts in (
+            (self.client_counts, session.client_counts),
+            (self.server_counts, session.server_counts),
+        ):
+            for i, c in enumerate(counts):
+                if c:
+                    total[i] += c
+        for cls, c in session.error_classes.items():
+            self.error_classes[cls] = self.error_classes.get(cls, 0) + c
+
+
+class LiveSession:
+    """What the collector needs from a live connection (implemented by the shell)."""
+
+    session: Session
+    client_bytes: int
+    server_bytes: int
+
+
+class ProxyCollector(Collector):
+    def __init__(self, stats: Stats, live: Callable[[], Iterable[LiveSession]]) -> None:
+        self.stats = stats
+        self.live = live
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.stats
+        live = list(self.live())
+        yield GaugeMetricFamily(
+            "pgveil_client_connections", "Client connections open now", value=len(live)
+        )
+        yield CounterMetricFamily(
+            "pgveil_client_connections",
+            "Client connections accepted since start",
+            value=s.connections_total,
+        )
+        rejected = CounterMetricFamily(
+            "pgveil_client_connections_rejected",
+            "Client connections refused, by reason",
+            labels=["reason"],
+        )
+        for reason, c in sorted(s.rejected.items()):
+            rejected.add_metric([reason], c)
+        yield rejected
+        client_bytes = s.client_bytes + sum(c.client_bytes for c in live)
+        server_bytes = s.server_bytes + sum(c.server_bytes for c in live)
+        b = CounterMetricFamily(
+            "pgveil_bytes", "Bytes relayed, by direction", labels=["direction"]
+        )
+        b.add_metric(["client_to_server"], client_bytes)
+        b.add_metric(["server_to_client"], server_bytes)
+        yield b
+        msgs = CounterMetricFamily(
+            "pgveil_messages",
+            "Protocol messages relayed, by direction and type",
+            labels=["direction", "type"],
+        )
+        for direction, totals, attr, names in (
+            ("frontend", s.client_counts, "client_counts", FRONTEND_NAMES),
+            ("backend", s.server_counts, "server_counts", BACKEND_NAMES),
+        ):
+            counts = list(totals)
+            for c in live:
+                for i, v in enumerate(getattr(c.session, attr)):
+                    if v:
+                        counts[i] += v
+            for code, name in names.items():
+                if counts[code]:
+                    msgs.add_metric([direction, name], counts[code])
+        yield msgs
+        errors = dict(s.error_classes)
+        for c in live:
+            for cls, v in c.session.error_classes.items():
+                errors[cls] = errors.get(cls, 0) + v
+        e = CounterMetricFamily(
+            "pgveil_server_errors",
+            "ErrorResponses from the server, by SQLSTATE class",
+            labels=["sqlstate_class"],
+        )
+        for cls, v in sorted(errors.items()):
+            e.add_metric([cls], v)
+        yield e
+        yield CounterMetricFamily(
+            "pgveil_cancel_requests", "CancelRequests forwarded", value=s.cancel_requests
+        )
+        yield CounterMetricFamily(
+            "pgveil_client_tls_handshakes",
+            "TLS handshakes completed with clients",
+            value=s.tls_handshakes,
+        )
+        yield CounterMetricFamily(
+            "pgveil_upstream_connect_failures",
+            "Failed attempts to open an upstream connection",
+            value=s.upstream_connect_failures,
+        )
+
+
+class Metrics:
+    def __init__(self, stats: Stats, live: Callable[[], Iterable[LiveSession]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(ProxyCollector(stats, live))
+        self.session_duration = Histogram(
+            "pgveil_session_duration_seconds",
+            "Lifetime of client sessions",
+            buckets=(0.01, 0.1, 1, 10, 60, 600, 3600, 86400),
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+HealthCheck = Callable[[], Awaitable[bool]]
+
+
+class MetricsServer:
+    """A minimal HTTP/1.0 server for GET /metrics and GET /healthz."""
+
+    def __init__(self, metrics: Metrics, health: HealthCheck) -> None:
+        self.metrics = metrics
+        self.health = health
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
+            line = request.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = line.split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+                body = self.metrics.render()
+            elif path == "/healthz":
+                started = time.monotonic()
+                ok = await self.health()
+                ms = int((time.monotonic() - started) * 1000)
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype = "application/json"
+                body = (
+                    f'{{"status":"{"ok" if ok else "upstream unreachable"}",'
+                    f'"upstream_reachable":{"true" if ok else "false"},"check_ms":{ms}}}\n'
+                ).encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"try /metrics or /healthz\n"
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            writer.write(head if parts and parts[0] == "HEAD" else head + body)
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except Exception as exc:  # never let a scrape kill the proxy
+            log.error("metrics.error", error=type(exc).__name__)
+        finally:
+            writer.close()

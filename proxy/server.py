@@ -1,0 +1,492 @@
+"""The asyncio shell around the session engine: listening socket, client and upstream
+connections, TLS, cancel forwarding, backpressure, limits, graceful shutdown and reload.
+
+This is the only layer that touches sockets, TLS and signals. It holds no protocol logic:
+every protocol decision is the `Session` engine's; this module carries out its actions.
+It must not log message bodies (they may hold personal data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, cast
+
+from proxy.config import ConfigError, ProxyConfig
+from proxy.logs import log
+from proxy.metrics import LiveSession, Metrics, MetricsServer, Stats
+from proxy.session.engine import (
+    JUST_FORWARD,
+    Action,
+    CloseSession,
+    ConnectUpstream,
+    SendCancel,
+    SendToClient,
+    SendToServer,
+    Session,
+    SessionSettings,
+    StartClientTLS,
+    _Forward,
+)
+from proxy.wire.messages import SSLRequest
+
+WRITE_HIGH_WATER = 1024 * 1024
+WRITE_LOW_WATER = 256 * 1024
+_SSL_REQUEST = SSLRequest().encode()
+
+
+def _set_keepalive(transport: asyncio.BaseTransport, config: ProxyConfig) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or not config.tcp_keepalive:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, config.tcp_keepalive_idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, config.tcp_keepalive_interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, config.tcp_keepalive_count)
+
+
+def client_tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: cannot load certificate: {exc}") from exc
+    return ctx
+
+
+def upstream_tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
+    mode = config.upstream_sslmode
+    if mode == "disable":
+        return None
+    if mode.startswith("verify"):
+        ctx = ssl.create_default_context(cafile=str(config.upstream_sslrootcert))
+        ctx.check_hostname = mode == "verify-full"
+    else:
+        # prefer/require: encrypt, do not authenticate the server (libpq's meaning)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class UpstreamError(Exception):
+    """Opening the upstream connection failed; the text is safe to show the client."""
+
+
+class _Pipe(asyncio.Protocol):
+    """Common flow control: pause the peer's reading while our writes are backed up."""
+
+    transport: asyncio.Transport | None = None
+
+    def peer_transport(self) -> asyncio.Transport | None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def pause_writing(self) -> None:
+        peer = self.peer_transport()
+        if peer is not None and not peer.is_closing():
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer_transport()
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+
+class UpstreamConnection(_Pipe):
+    def __init__(self, client: ClientConnection | None) -> None:
+        self.client = client
+        self.ssl_answer: asyncio.Future[bytes] | None = None
+        self.relaying = False
+        self.closed = False
+
+    def peer_transport(self) -> asyncio.Transport | None:
+        return self.client.transport if self.client is not None else None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if self.relaying and client is not None:
+            client.server_bytes += len(data)
+            actions = client.session.server_data(data)
+            if actions is JUST_FORWARD:
+                ct = client.transport
+                if ct is not None:
+                    ct.write(data)
+            else:
+                client.run(actions, data, to_server=False)
+        elif self.ssl_answer is not None and not self.ssl_answer.done():
+            self.ssl_answer.set_result(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.ssl_answer is not None and not self.ssl_answer.done():
+            self.ssl_answer.set_exception(UpstreamError("connection closed during SSL request"))
+        if self.relaying and self.client is not None:
+            self.client.run(self.client.session.server_closed(), b"", to_server=False)
+
+
+async def open_upstream(
+    server: ProxyServer, client: ClientConnection | None
+) -> tuple[asyncio.Transport, UpstreamConnection]:
+    """TCP connect, then the SSLRequest exchange when the sslmode asks for TLS."""
+    config = server.config
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(config.connect_timeout):
+            transport, proto = await loop.create_connection(
+                lambda: UpstreamConnection(client), config.upstream.host, config.upstream.port
+            )
+            _set_keepalive(transport, config)
+            ctx = server.upstream_tls
+            if ctx is not None:
+                proto.ssl_answer = loop.create_future()
+                transport.write(_SSL_REQUEST)
+                answer = await proto.ssl_answer
+                if answer == b"S":
+                    new = await loop.start_tls(
+                        transport, proto, ctx, server_hostname=config.upstream.host
+                    )
+                    assert new is not None
+                    transport = new
+                    proto.transport = new
+                    new.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+                elif answer == b"N":
+                    if config.upstream_sslmode != "prefer":
+                        transport.close()
+                        raise UpstreamError("the server does not support TLS")
+                else:
+                    transport.close()
+                    raise UpstreamError("unexpected answer to SSLRequest")
+            return transport, proto
+    except TimeoutError as exc:
+        raise UpstreamError("connection timed out") from exc
+    except ssl.SSLError as exc:
+        raise UpstreamError(f"TLS handshake failed ({exc.reason or 'unknown'})") from exc
+    except OSError as exc:
+        raise UpstreamError(exc.strerror or type(exc).__name__) from exc
+
+
+class ClientConnection(_Pipe, LiveSession):
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.session = Session(server.session_settings())
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_transport: asyncio.Transport | None = None
+        self.client_bytes = 0
+        self.server_bytes = 0
+        self.started = time.monotonic()
+        self.peer = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def peer_transport(self) -> asyncio.Transport | None:
+        return self.upstream_transport
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        _set_keepalive(transport, self.server.config)
+        self.server.register(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.client_bytes += len(data)
+        actions = self.session.client_data(data)
+        if actions is JUST_FORWARD:
+            ut = self.upstream_transport
+            if ut is not None:
+                ut.write(data)
+        else:
+            self.run(actions, data, to_server=True)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self.run(self.session.client_closed(), b"", to_server=True)
+        self._finish()
+
+    # -- actions ------------------------------------------------------------------------
+
+    def run(self, actions: Sequence[Action], data: bytes, *, to_server: bool) -> None:
+        for action in actions:
+            if isinstance(action, _Forward):
+                target = self.upstream_transport if to_server else self.transport
+                if target is not None:
+                    target.write(data)
+            elif isinstance(action, SendToClient):
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(action.data)
+            elif isinstance(action, SendToServer):
+                ut = self.upstream_transport
+                if ut is not None and not ut.is_closing():
+                    ut.write(action.data)
+            elif isinstance(action, CloseSession):
+                self.close(action.reason)
+            elif isinstance(action, ConnectUpstream):
+                self._spawn(self._connect(action.startup_packet))
+            elif isinstance(action, StartClientTLS):
+                self._spawn(self._start_tls())
+            elif isinstance(action, SendCancel):
+                self._spawn(self.server.forward_cancel(action.request))
+            else:  # pragma: no cover - every action type is handled above
+                raise TypeError(f"unknown action {action!r}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_tls(self) -> None:
+        ctx = self.server.client_tls
+        transport = self.transport
+        if ctx is None or transport is None:
+            self.close("tls unavailable")
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(transport, self, ctx, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("client.tls_failed", peer=self.peer, error=type(exc).__name__)
+            self.close("tls handshake failed")
+            return
+        if new is None:
+            self.close("tls handshake failed")
+            return
+        self.transport = new
+        self.server.stats.tls_handshakes += 1
+
+    async def _connect(self, startup_packet: bytes) -> None:
+        try:
+            transport, proto = await open_upstream(self.server, self)
+        except UpstreamError as exc:
+            self.server.stats.upstream_connect_failures += 1
+            log.warning("upstream.connect_failed", peer=self.peer, error=str(exc))
+            self.run(self.session.upstream_failed(str(exc)), b"", to_server=False)
+            return
+        if self._closed:
+            transport.close()
+            return
+        self.upstream = proto
+        self.upstream_transport = transport
+        proto.relaying = True
+        transport.write(startup_packet)
+        log.debug("session.connected", peer=self.peer, user=self.session.info.user)
+        self.run(self.session.upstream_connected(), b"", to_server=True)
+
+    def close(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream_transport is not None:
+            self.upstream_transport.close()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._finish(reason)
+
+    def _finish(self, reason: str = "") -> None:
+        if self.server.unregister(self):
+            info = self.session.info
+            duration = time.monotonic() - self.started
+            self.server.metrics.session_duration.observe(duration)
+            self.server.stats.absorb(self.session, self.client_bytes, self.server_bytes)
+            if info.user:
+                log.info(
+                    "session.end",
+                    peer=self.peer,
+                    user=info.user,
+                    database=info.database,
+                    application_name=info.application_name,
+                    tls=info.client_tls,
+                    backend_pid=info.backend_pid,
+                    duration_s=round(duration, 3),
+                    bytes_from_client=self.client_bytes,
+                    bytes_from_server=self.server_bytes,
+                    reason=reason or self.session.close_reason or "closed",
+                )
+
+
+class ProxyServer:
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.connections: set[ClientConnection] = set()
+        self.metrics = Metrics(self.stats, self._live)
+        self.client_tls = client_tls_context(config)
+        self.upstream_tls = upstream_tls_context(config)
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._stopped = asyncio.Event()
+        self._reload: Callable[[], ProxyConfig] | None = None
+
+    def _live(self) -> Iterable[LiveSession]:
+        return list(self.connections)
+
+    def session_settings(self) -> SessionSettings:
+        reject = None
+        if len(self.connections) >= self.config.max_connections:
+            reject = ("53300", "sorry, too many clients already")
+            self.stats.reject("max_connections")
+        return SessionSettings(
+            tls_available=self.client_tls is not None,
+            max_message_size=self.config.max_message_size,
+            reject=reject,
+        )
+
+    def register(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        self.stats.connections_total += 1
+        if self.draining:
+            conn.run(conn.session.shutdown_requested(), b"", to_server=False)
+
+    def unregister(self, conn: ClientConnection) -> bool:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            return True
+        return False
+
+    async def forward_cancel(self, request: bytes) -> None:
+        """CancelRequests go to the upstream whatever the key: the server checks it, and a
+        request that reached another pgveil instance behind a load balancer still works."""
+        self.stats.cancel_requests += 1
+        try:
+            transport, _ = await open_upstream(self, None)
+        except UpstreamError as exc:
+            log.warning("cancel.failed", error=str(exc))
+            return
+        transport.write(request)
+        transport.close()
+
+    async def upstream_reachable(self) -> bool:
+        try:
+            transport, _ = await open_upstream(self, None)
+        except UpstreamError:
+            return False
+        transport.close()
+        return True
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
+        )
+        if self.config.metrics is not None:
+            self._metrics_server = MetricsServer(self.metrics, self.upstream_reachable)
+            await self._metrics_server.start(self.config.metrics.host, self.config.metrics.port)
+        log.info(
+            "proxy.listening",
+            listen=str(listen),
+            upstream=str(self.config.upstream),
+            metrics=str(self.config.metrics) if self.config.metrics else None,
+            client_tls=self.client_tls is not None,
+            upstream_sslmode=self.config.upstream_sslmode,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def install_signal_handlers(self, reload: Callable[[], ProxyConfig]) -> None:
+        loop = asyncio.get_running_loop()
+        self._reload = reload
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: self.request_shutdown(s.name))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def reload(self) -> None:
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+            client_tls = client_tls_context(new)
+            upstream_tls = upstream_tls_context(new)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc), kept="previous configuration")
+            return
+        restart = self.config.changed_restart_only(new)
+        if restart:
+            log.warning("config.restart_required", settings=restart)
+            new = _keep(new, self.config, restart)
+        self.config = new
+        self.client_tls = client_tls
+        self.upstream_tls = upstream_tls
+        from proxy import logs
+
+        logs.configure(new.log_format, new.log_level)
+        log.info("config.reloaded", file=str(new.config_file) if new.config_file else None)
+
+    def request_shutdown(self, why: str = "") -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info(
+            "proxy.shutdown",
+            signal=why,
+            sessions=len(self.connections),
+            timeout_s=self.config.shutdown_timeout,
+        )
+        asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.run(conn.session.shutdown_requested(), b"", to_server=False)
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.run(conn.session.shutdown_deadline(), b"", to_server=False)
+        await asyncio.sleep(0.05)  # let the final writes flush
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _keep(new: ProxyConfig, old: ProxyConfig, names: list[str]) -> ProxyConfig:
+    from proxy.config import replace
+
+    return replace(new, **{n: getattr(old, n) for n in names})
+
+
+async def serve(config: ProxyConfig, reload: Callable[[], ProxyConfig] | None = None) -> None:
+    server = ProxyServer(config)
+    await server.start()
+    if reload is not None:
+        server.install_signal_handlers(reload)
+    await server.wait_stopped()
+    log.info("proxy.stopped")
+
+
+__all__ = ["ClientConnection", "ProxyServer", "UpstreamError", "serve"]

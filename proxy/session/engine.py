@@ -1,0 +1,411 @@
+"""The per-connection protocol engine: events in, actions out, no sockets.
+
+One `Session` follows one client connection and its upstream connection through the
+protocol phases (startup, TLS, upstream connect, authentication, ready, closing). The shell
+(`proxy.server`) feeds it the bytes it reads and the things that happen to the transports,
+and carries out the actions it returns, in order.
+
+The hot path is `client_data`/`server_data` in the READY phase: the scanners only track
+message boundaries and the engine answers with the shared `FORWARD` action, meaning "write
+the chunk you gave me to the other side unchanged". Nothing is decoded unless it is a
+message the engine must look at (ReadyForQuery, ErrorResponse, ParameterStatus, ...).
+
+This module must not import asyncio or socket, and must not log or store message bodies
+beyond what a decision needs; bodies may hold personal data.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from proxy.wire import messages as m
+from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
+
+# --- actions (imperative) --------------------------------------------------------------------
+
+
+class Action:
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SendToClient(Action):
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendToServer(Action):
+    data: bytes
+
+
+class _Forward(Action):
+    """Write the chunk just fed to the engine to the other side, unchanged."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FORWARD"
+
+
+FORWARD: Final = _Forward()
+JUST_FORWARD: Final[tuple[Action, ...]] = (FORWARD,)
+"""The answer of the hot path; the shell may test for it by identity."""
+_JUST_FORWARD = JUST_FORWARD
+_NOTHING: Final[tuple[Action, ...]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StartClientTLS(Action):
+    """Upgrade the client connection to TLS (after 'S' was written)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectUpstream(Action):
+    """Open the upstream connection and send it this startup packet."""
+
+    startup_packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendCancel(Action):
+    """Deliver a CancelRequest to the upstream server on a connection of its own."""
+
+    request: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession(Action):
+    """Flush what was written, then close both connections."""
+
+    reason: str
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    STARTUP = "startup"  # reading SSLRequest / GSSENCRequest / StartupMessage / CancelRequest
+    CONNECTING = "connecting"  # upstream connection being opened
+    AUTHENTICATING = "authenticating"  # relaying the authentication exchange
+    READY = "ready"  # normal operation
+    CLOSED = "closed"
+
+
+FRONTEND_TYPES: Final = capture_mask(bytes(m.FRONTEND_NAMES))
+# In READY the engine looks at these frontend messages only; the rest are counted, skipped.
+_CLIENT_CAPTURE: Final = capture_mask(bytes((m.QUERY, m.SYNC, m.FUNCTION_CALL, m.TERMINATE)))
+_SERVER_CAPTURE_READY: Final = capture_mask(
+    bytes((m.ERROR_RESPONSE, m.READY_FOR_QUERY, m.PARAMETER_STATUS))
+)
+_CAPTURE_ALL: Final = capture_mask(everything=True)
+_EXTENDED: Final = (m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE)
+
+
+@dataclass(slots=True)
+class SessionSettings:
+    tls_available: bool = False
+    max_message_size: int = 128 * 1024 * 1024
+    # When set, the session answers the StartupMessage with this FATAL (sqlstate, message).
+    reject: tuple[str, str] | None = None
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """What is known about the session; safe to log (no query text, no row data)."""
+
+    user: str = ""
+    database: str = ""
+    application_name: str = ""
+    replication: bool = False
+    client_tls: bool = False
+    backend_pid: int | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+class Session:
+    """Protocol engine of one client connection. See the module docstring."""
+
+    def __init__(self, settings: SessionSettings) -> None:
+        self.settings = settings
+        self.phase = Phase.STARTUP
+        self.info = SessionInfo()
+        self.client_counts = [0] * 256
+        self.server_counts = [0] * 256
+        self.error_classes: dict[str, int] = {}
+        self.tx_status = m.TX_IDLE
+        self.pending = 0  # requests sent (Query/Sync/FunctionCall) not yet answered by Z
+        self.draining = False
+        self.close_reason = ""
+        self._startup = StartupReader()
+        self._client = MessageScanner(
+            _CLIENT_CAPTURE, self.client_counts, settings.max_message_size, FRONTEND_TYPES
+        )
+        self._server = MessageScanner(_CAPTURE_ALL, self.server_counts, 1 << 30)
+        self._early_client_data = bytearray()  # typed messages sent before upstream is up
+        self._extended_at_sync = 0
+        self._last_server_fatal = False
+
+    # ---- client -> proxy ---------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> Sequence[Action]:
+        phase = self.phase
+        if phase is Phase.READY or phase is Phase.AUTHENTICATING:
+            try:
+                captured = self._client.feed(data)
+            except m.ProtocolViolation as exc:
+                return self._fatal_to_client("08P01", str(exc))
+            if captured:
+                return self._client_messages(captured)
+            return _JUST_FORWARD
+        if phase is Phase.STARTUP:
+            return self._startup_data(data)
+        if phase is Phase.CONNECTING:
+            try:
+                self._client.feed(data)
+            except m.ProtocolViolation as exc:
+                return self._fatal_to_client("08P01", str(exc))
+            self._early_client_data += data
+            return _NOTHING
+        return _NOTHING
+
+    def _client_messages(self, captured: list[tuple[int, bytes]]) -> Sequence[Action]:
+        terminate = False
+        for typ, _body in captured:
+            if typ == m.SYNC:
+                self.pending += 1
+                self._extended_at_sync = self._extended_count()
+            elif typ == m.QUERY or typ == m.FUNCTION_CALL:
+                self.pending += 1
+            elif typ == m.TERMINATE:
+                terminate = True
+        if terminate:
+            self.phase = Phase.CLOSED
+            return (FORWARD, CloseSession("client terminated"))
+        return _JUST_FORWARD
+
+    def _startup_data(self, data: bytes) -> Sequence[Action]:
+        try:
+            packet, rest = self._startup.feed(data)
+            if packet is None:
+                return _NOTHING
+            request = m.decode_startup_packet(packet)
+        except m.ProtocolViolation as exc:
+            return self._fatal_to_client("08P01", str(exc))
+        if isinstance(request, m.SSLRequest | m.GSSENCRequest):
+            if rest:
+                # Bytes after the request would be read as if they came over TLS
+                # (CVE-2021-23214 in the server); refuse them like the server does.
+                return self._fatal_to_client(
+                    "08P01", "received unencrypted data after SSL request"
+                )
+            if (
+                isinstance(request, m.SSLRequest)
+                and self.settings.tls_available
+                and not self.info.client_tls
+            ):
+                self.info.client_tls = True
+                return (SendToClient(b"S"), StartClientTLS())
+            return (SendToClient(b"N"),)
+        if isinstance(request, m.CancelRequest):
+            self.phase = Phase.CLOSED
+            return (SendCancel(packet), CloseSession("cancel request"))
+        assert isinstance(request, m.StartupMessage)
+        params = request.parameters
+        self.info.user = request.user
+        self.info.database = request.database
+        self.info.application_name = params.get("application_name", "")
+        self.info.replication = params.get("replication", "false").lower() not in (
+            "false",
+            "off",
+            "no",
+            "0",
+        )
+        if self.settings.reject is not None:
+            code, text = self.settings.reject
+            return self._fatal_to_client(code, text)
+        if self.draining:
+            return self._fatal_to_client("57P03", "the database system is shutting down")
+        self.phase = Phase.CONNECTING
+        actions: list[Action] = [ConnectUpstream(packet)]
+        if rest:
+            more = self.client_data(rest)
+            if any(isinstance(a, CloseSession) for a in more):
+                return more
+        return actions
+
+    def client_tls_started(self) -> Sequence[Action]:
+        return _NOTHING
+
+    def client_closed(self) -> Sequence[Action]:
+        if self.phase is Phase.CLOSED:
+            return _NOTHING
+        was_ready = self.phase in (Phase.READY, Phase.AUTHENTICATING)
+        self.phase = Phase.CLOSED
+        if was_ready and self._client.at_boundary:
+            return (SendToServer(m.TERMINATE_MESSAGE), CloseSession("client closed"))
+        return (CloseSession("client closed"),)
+
+    # ---- upstream ----------------------------------------------------------------------
+
+    def upstream_connected(self) -> Sequence[Action]:
+        """The startup packet has been sent upstream; relay what the client sent meanwhile."""
+        if self.phase is not Phase.CONNECTING:
+            return _NOTHING
+        self.phase = Phase.AUTHENTICATING
+        if self._early_client_data:
+            data = bytes(self._early_client_data)
+            self._early_client_data.clear()
+            return (SendToServer(data),)
+        return _NOTHING
+
+    def upstream_failed(self, reason: str) -> Sequence[Action]:
+        if self.phase is Phase.CLOSED:
+            return _NOTHING
+        return self._fatal_to_client("08006", f"pgveil could not connect to the server: {reason}")
+
+    def server_data(self, data: bytes) -> Sequence[Action]:
+        if self.phase is Phase.READY:
+            try:
+                captured = self._server.feed(data)
+            except m.ProtocolViolation as exc:
+                return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
+            if captured:
+                return self._server_messages(captured)
+            return _JUST_FORWARD
+        if self.phase is Phase.AUTHENTICATING:
+            return self._authentication_data(data)
+        return _NOTHING
+
+    def _server_messages(self, captured: list[tuple[int, bytes]]) -> Sequence[Action]:
+        for typ, body in captured:
+            if typ == m.READY_FOR_QUERY:
+                self.tx_status = body[0] if body else m.TX_IDLE
+                if self.pending:
+                    self.pending -= 1
+            elif typ == m.ERROR_RESPONSE:
+                self._count_error(body)
+            elif typ == m.PARAMETER_STATUS:
+                name, value = m.parameter_status(body)
+                self.info.parameters[name] = value
+        if self.draining and self.is_idle():
+            return (FORWARD, *self._terminate_for_shutdown())
+        return _JUST_FORWARD
+
+    def _count_error(self, body: bytes) -> None:
+        code = m.sqlstate_of(body)
+        cls = code[:2] if len(code) == 5 else "unknown"
+        self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
+        self._last_server_fatal = m.severity_of(body) in ("FATAL", "PANIC")
+
+    def _authentication_data(self, data: bytes) -> Sequence[Action]:
+        try:
+            captured = self._server.feed(data)
+        except m.ProtocolViolation as exc:
+            return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
+        out = bytearray()
+        for typ, body in captured:
+            if typ == m.AUTHENTICATION and m.auth_code(body) == m.AUTH_SASL:
+                # Channel binding ties SCRAM to the TLS session it runs in; with pgveil in
+                # the middle there are two TLS sessions, so '-PLUS' can never verify.
+                mechanisms = [x for x in m.sasl_mechanisms(body) if not x.endswith("-PLUS")]
+                out += m.authentication_sasl(mechanisms)
+                continue
+            if typ == m.BACKEND_KEY_DATA:
+                self.info.backend_pid = m.backend_key_data(body)[0]
+            elif typ == m.PARAMETER_STATUS:
+                name, value = m.parameter_status(body)
+                self.info.parameters[name] = value
+            elif typ == m.ERROR_RESPONSE:
+                self._count_error(body)
+            elif typ == m.READY_FOR_QUERY:
+                self.phase = Phase.READY
+                self.tx_status = body[0] if body else m.TX_IDLE
+                self._server.capture = _SERVER_CAPTURE_READY
+            out += m.message(typ, body)
+        actions: list[Action] = [SendToClient(bytes(out))] if out else []
+        if self.phase is Phase.READY and self.draining and self.is_idle():
+            actions += self._terminate_for_shutdown()
+        return actions
+
+    def server_closed(self) -> Sequence[Action]:
+        if self.phase is Phase.CLOSED:
+            return _NOTHING
+        phase = self.phase
+        self.phase = Phase.CLOSED
+        if (
+            phase in (Phase.READY, Phase.AUTHENTICATING)
+            and self._server.at_boundary
+            and not self._last_server_fatal
+        ):
+            err = m.error_response(
+                "08006", "pgveil: the server closed the connection unexpectedly", severity="FATAL"
+            )
+            return (SendToClient(err), CloseSession("server closed"))
+        return (CloseSession("server closed"),)
+
+    # ---- shutdown ----------------------------------------------------------------------
+
+    def _extended_count(self) -> int:
+        c = self.client_counts
+        return sum(c[t] for t in _EXTENDED)
+
+    def is_idle(self) -> bool:
+        """No transaction open and no request outstanding: safe to end the session."""
+        return (
+            self.phase is Phase.READY
+            and self.tx_status == m.TX_IDLE
+            and self.pending == 0
+            and self._client.at_boundary
+            and self._server.at_boundary
+            and self._extended_count() == self._extended_at_sync
+        )
+
+    def shutdown_requested(self) -> Sequence[Action]:
+        """The proxy is stopping: end now if idle, else after the current transaction."""
+        if self.phase is Phase.CLOSED:
+            return _NOTHING
+        self.draining = True
+        if self.phase is Phase.READY:
+            return self._terminate_for_shutdown() if self.is_idle() else _NOTHING
+        return self._fatal_to_client("57P01", "terminating connection due to administrator command")
+
+    def shutdown_deadline(self) -> Sequence[Action]:
+        """The drain deadline passed: end the session whatever it is doing."""
+        if self.phase is Phase.CLOSED:
+            return _NOTHING
+        phase = self.phase
+        self.phase = Phase.CLOSED
+        actions: list[Action] = []
+        if phase is Phase.READY and self._client.at_boundary:
+            actions.append(SendToServer(m.TERMINATE_MESSAGE))
+        msg = "terminating connection due to administrator command"
+        if self._server.at_boundary:
+            actions.append(SendToClient(m.error_response("57P01", msg, severity="FATAL")))
+        actions.append(CloseSession("shutdown deadline"))
+        return actions
+
+    def _terminate_for_shutdown(self) -> list[Action]:
+        self.phase = Phase.CLOSED
+        msg = "terminating connection due to administrator command"
+        return [
+            SendToServer(m.TERMINATE_MESSAGE),
+            SendToClient(m.error_response("57P01", msg, severity="FATAL")),
+            CloseSession("shutdown"),
+        ]
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _fatal_to_client(self, code: str, text: str) -> Sequence[Action]:
+        self.phase = Phase.CLOSED
+        self.close_reason = text
+        if not self._server.at_boundary:
+            # Part of a server message already reached the client; anything appended now
+            # would be read as the rest of it.
+            return (CloseSession(text),)
+        return (
+            SendToClient(m.error_response(code, text, severity="FATAL")),
+            CloseSession(text),
+        )

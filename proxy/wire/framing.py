@@ -1,0 +1,199 @@
+"""Message framing over a byte stream, without I/O and without copying what is not needed.
+
+Two readers:
+
+* `StartupReader` collects the untyped first packet(s) of a connection (StartupMessage,
+  SSLRequest, GSSENCRequest, CancelRequest).
+* `MessageScanner` walks typed messages. It is the hot path: it reads each 5-byte header,
+  counts the message type, checks the length, and skips the body. Only message types named
+  in its capture mask are reassembled and returned; everything else is never copied. The
+  caller forwards the original chunks untouched.
+
+This module must not import asyncio or socket, must not log, and must not keep references
+to bodies it was not asked to capture.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from proxy.wire.messages import MAX_STARTUP_PACKET_LENGTH, ProtocolViolation
+
+_HEADER: Final = struct.Struct("!BI")
+_LEN: Final = struct.Struct("!I")
+
+Captured = tuple[int, bytes]
+"""A complete captured message: (type byte, body without the 5-byte header)."""
+
+NO_MESSAGES: Final[list[Captured]] = []
+"""Returned when nothing was captured; callers must treat it as read-only."""
+
+
+def capture_mask(types: bytes | str = b"", *, everything: bool = False) -> bytearray:
+    mask = bytearray([1 if everything else 0]) * 256
+    for t in types.encode() if isinstance(types, str) else types:
+        mask[t] = 1
+    return mask
+
+
+class StartupReader:
+    """Reassembles one untyped startup packet (Int32 length first) at a time."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> tuple[bytes | None, bytes]:
+        """Returns (complete packet or None, bytes left over after it)."""
+        self._buf += data
+        if len(self._buf) < 4:
+            return None, b""
+        length = _LEN.unpack_from(self._buf, 0)[0]
+        if length < 8 or length > MAX_STARTUP_PACKET_LENGTH:
+            raise ProtocolViolation("invalid length of startup packet")
+        if len(self._buf) < length:
+            return None, b""
+        packet = bytes(self._buf[:length])
+        rest = bytes(self._buf[length:])
+        self._buf.clear()
+        return packet, rest
+
+
+class MessageScanner:
+    """Tracks typed-message boundaries across chunks; returns only captured messages.
+
+    `counts[type]` is incremented for every message header seen. A message whose declared
+    length is below 4 or above `max_length` raises ProtocolViolation; so does a type byte
+    for which `allowed[type]` is 0.
+    """
+
+    __slots__ = (
+        "_cap_buf",
+        "_cap_need",
+        "_cap_type",
+        "_hdr",
+        "_skip",
+        "allowed",
+        "capture",
+        "counts",
+        "max_length",
+    )
+
+    def __init__(
+        self,
+        capture: bytearray,
+        counts: list[int],
+        max_length: int,
+        allowed: bytearray | None = None,
+    ) -> None:
+        self.capture = capture
+        self.counts = counts
+        self.max_length = max_length
+        self.allowed = allowed if allowed is not None else capture_mask(everything=True)
+        self._skip = 0  # body bytes of an uncaptured message still to come
+        self._hdr = b""  # a header split across chunks (fewer than 5 bytes)
+        self._cap_type = -1  # type of a captured message split across chunks
+        self._cap_buf = bytearray()
+        self._cap_need = 0  # body bytes of that message still to come
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the bytes seen so far end exactly at a message boundary."""
+        return not (self._skip or self._hdr or self._cap_type >= 0)
+
+    def feed(self, data: bytes) -> list[Captured]:
+        n = len(data)
+        skip = self._skip
+        if skip:
+            if skip >= n:
+                self._skip = skip - n
+                return NO_MESSAGES
+            self._skip = 0
+            pos = skip
+        else:
+            pos = 0
+        out = NO_MESSAGES
+        if self._cap_type >= 0 or self._hdr:
+            out = []
+            pos = self._resume(data, pos, out)
+            if pos < 0:
+                return out
+        counts = self.counts
+        capture = self.capture
+        allowed = self.allowed
+        max_length = self.max_length
+        unpack = _HEADER.unpack_from
+        limit = n - 5
+        while pos <= limit:
+            typ, length = unpack(data, pos)
+            counts[typ] += 1
+            if length < 4 or length > max_length or not allowed[typ]:
+                raise self._violation(typ, length)
+            end = pos + 1 + length
+            if capture[typ]:
+                if end <= n:
+                    if out is NO_MESSAGES:
+                        out = []
+                    out.append((typ, data[pos + 5 : end]))
+                else:
+                    self._cap_type = typ
+                    self._cap_buf = bytearray(data[pos + 5 :])
+                    self._cap_need = end - n
+                    return out
+            elif end > n:
+                self._skip = end - n
+                return out
+            pos = end
+        if pos < n:
+            self._hdr = data[pos:]
+        return out
+
+    def _resume(self, data: bytes, pos: int, out: list[Captured]) -> int:
+        """Finish a split captured message or header. Returns the next position, or -1
+        when the chunk was used up."""
+        n = len(data)
+        if self._cap_type >= 0:
+            take = min(self._cap_need, n - pos)
+            self._cap_buf += data[pos : pos + take]
+            self._cap_need -= take
+            pos += take
+            if self._cap_need:
+                return -1
+            out.append((self._cap_type, bytes(self._cap_buf)))
+            self._cap_type = -1
+            self._cap_buf = bytearray()
+            return pos if pos < n else -1
+        # a split header
+        need = 5 - len(self._hdr)
+        if n - pos < need:
+            self._hdr += data[pos:]
+            return -1
+        header = self._hdr + data[pos : pos + need]
+        self._hdr = b""
+        pos += need
+        typ, length = _HEADER.unpack(header)
+        self.counts[typ] += 1
+        if length < 4 or length > self.max_length or not self.allowed[typ]:
+            raise self._violation(typ, length)
+        body = length - 4
+        if self.capture[typ]:
+            self._cap_type = typ
+            self._cap_buf = bytearray()
+            self._cap_need = body
+            return self._resume(data, pos, out)
+        if body > n - pos:
+            self._skip = body - (n - pos)
+            return -1
+        pos += body
+        return pos if pos < n else -1
+
+    def _violation(self, typ: int, length: int) -> ProtocolViolation:
+        if not self.allowed[typ]:
+            return ProtocolViolation(f"invalid message type 0x{typ:02x}")
+        if length < 4:
+            return ProtocolViolation(f"invalid message length {length}")
+        return ProtocolViolation(
+            f"message length {length} exceeds the limit of {self.max_length} bytes"
+        )
