@@ -79,6 +79,18 @@ def upstream_tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def _certificate_der(config: ProxyConfig) -> bytes | None:
+    """DER of the first certificate in tls_cert (to compare with the server's)."""
+    if config.tls_cert is None:
+        return None
+    text = config.tls_cert.read_text()
+    start = text.find("-----BEGIN CERTIFICATE-----")
+    end = text.find("-----END CERTIFICATE-----", start)
+    if start < 0 or end < 0:
+        return None
+    return ssl.PEM_cert_to_DER_cert(text[start : end + len("-----END CERTIFICATE-----")])
+
+
 class UpstreamError(Exception):
     """Opening the upstream connection failed; the text is safe to show the client."""
 
@@ -293,8 +305,15 @@ class ClientConnection(_Pipe, LiveSession):
         self.upstream_transport = transport
         proto.relaying = True
         transport.write(startup_packet)
+        ssl_object = transport.get_extra_info("ssl_object")
+        same_cert = False
+        if ssl_object is not None and self.server.client_cert_der is not None:
+            same_cert = ssl_object.getpeercert(binary_form=True) == self.server.client_cert_der
         log.debug("session.connected", peer=self.peer, user=self.session.info.user)
-        self.run(self.session.upstream_connected(), b"", to_server=True)
+        actions = self.session.upstream_connected(
+            tls=ssl_object is not None, same_certificate=same_cert
+        )
+        self.run(actions, b"", to_server=True)
 
     def close(self, reason: str) -> None:
         if self._closed:
@@ -338,6 +357,7 @@ class ProxyServer:
         self.connections: set[ClientConnection] = set()
         self.metrics = Metrics(self.stats, self._live)
         self.client_tls = client_tls_context(config)
+        self.client_cert_der = _certificate_der(config)
         self.upstream_tls = upstream_tls_context(config)
         self.draining = False
         self._server: asyncio.Server | None = None
@@ -437,6 +457,7 @@ class ProxyServer:
             new = _keep(new, self.config, restart)
         self.config = new
         self.client_tls = client_tls
+        self.client_cert_der = _certificate_der(new)
         self.upstream_tls = upstream_tls
         from proxy import logs
 

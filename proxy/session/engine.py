@@ -97,6 +97,9 @@ class Phase(enum.Enum):
 FRONTEND_TYPES: Final = capture_mask(bytes(m.FRONTEND_NAMES))
 # In READY the engine looks at these frontend messages only; the rest are counted, skipped.
 _CLIENT_CAPTURE: Final = capture_mask(bytes((m.QUERY, m.SYNC, m.FUNCTION_CALL, m.TERMINATE)))
+_CLIENT_CAPTURE_AUTH: Final = capture_mask(
+    bytes((m.QUERY, m.SYNC, m.FUNCTION_CALL, m.TERMINATE, m.PASSWORD_MESSAGE))
+)
 _SERVER_CAPTURE_READY: Final = capture_mask(
     bytes((m.ERROR_RESPONSE, m.READY_FOR_QUERY, m.PARAMETER_STATUS))
 )
@@ -141,12 +144,16 @@ class Session:
         self.close_reason = ""
         self._startup = StartupReader()
         self._client = MessageScanner(
-            _CLIENT_CAPTURE, self.client_counts, settings.max_message_size, FRONTEND_TYPES
+            _CLIENT_CAPTURE_AUTH, self.client_counts, settings.max_message_size, FRONTEND_TYPES
         )
         self._server = MessageScanner(_CAPTURE_ALL, self.server_counts, 1 << 30)
         self._early_client_data = bytearray()  # typed messages sent before upstream is up
         self._extended_at_sync = 0
         self._last_server_fatal = False
+        # Set by upstream_connected: whether SCRAM channel binding can pass through (see there)
+        self._upstream_tls = False
+        self._same_certificate = False
+        self._sasl_offered = False
 
     # ---- client -> proxy ---------------------------------------------------------------
 
@@ -173,8 +180,12 @@ class Session:
 
     def _client_messages(self, captured: list[tuple[int, bytes]]) -> Sequence[Action]:
         terminate = False
-        for typ, _body in captured:
-            if typ == m.SYNC:
+        for typ, body in captured:
+            if typ == m.PASSWORD_MESSAGE:
+                refusal = self._check_sasl_initial_response(body)
+                if refusal is not None:
+                    return refusal
+            elif typ == m.SYNC:
                 self.pending += 1
                 self._extended_at_sync = self._extended_count()
             elif typ == m.QUERY or typ == m.FUNCTION_CALL:
@@ -250,10 +261,19 @@ class Session:
 
     # ---- upstream ----------------------------------------------------------------------
 
-    def upstream_connected(self) -> Sequence[Action]:
-        """The startup packet has been sent upstream; relay what the client sent meanwhile."""
+    def upstream_connected(
+        self, *, tls: bool = False, same_certificate: bool = False
+    ) -> Sequence[Action]:
+        """The startup packet has been sent upstream; relay what the client sent meanwhile.
+
+        `tls`: the upstream leg is encrypted. `same_certificate`: the server presented the
+        very certificate pgveil presents to clients, so SCRAM channel binding
+        (tls-server-end-point, a hash of that certificate) verifies end to end.
+        """
         if self.phase is not Phase.CONNECTING:
             return _NOTHING
+        self._upstream_tls = tls
+        self._same_certificate = same_certificate
         self.phase = Phase.AUTHENTICATING
         if self._early_client_data:
             data = bytes(self._early_client_data)
@@ -307,9 +327,15 @@ class Session:
             return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
         out = bytearray()
         for typ, body in captured:
-            if typ == m.AUTHENTICATION and m.auth_code(body) == m.AUTH_SASL:
-                # Channel binding ties SCRAM to the TLS session it runs in; with pgveil in
-                # the middle there are two TLS sessions, so '-PLUS' can never verify.
+            if (
+                typ == m.AUTHENTICATION
+                and m.auth_code(body) == m.AUTH_SASL
+                and not self._channel_binding_passes()
+            ):
+                # Channel binding ties SCRAM to the server certificate of the TLS session
+                # it runs in; the client's session is with pgveil, so a '-PLUS' exchange
+                # can only verify when both present the same certificate.
+                self._sasl_offered = True
                 mechanisms = [x for x in m.sasl_mechanisms(body) if not x.endswith("-PLUS")]
                 out += m.authentication_sasl(mechanisms)
                 continue
@@ -324,11 +350,33 @@ class Session:
                 self.phase = Phase.READY
                 self.tx_status = body[0] if body else m.TX_IDLE
                 self._server.capture = _SERVER_CAPTURE_READY
+                self._client.capture = _CLIENT_CAPTURE
             out += m.message(typ, body)
         actions: list[Action] = [SendToClient(bytes(out))] if out else []
         if self.phase is Phase.READY and self.draining and self.is_idle():
             actions += self._terminate_for_shutdown()
         return actions
+
+    def _channel_binding_passes(self) -> bool:
+        return not self._upstream_tls or self._same_certificate or not self.info.client_tls
+
+    def _check_sasl_initial_response(self, body: bytes) -> Sequence[Action] | None:
+        """Refuse, with a message that says what to do, a SCRAM exchange that the server
+        would reject as a channel-binding downgrade."""
+        if not self._sasl_offered or self.phase is not Phase.AUTHENTICATING:
+            return None
+        self._sasl_offered = False
+        mechanism, _, rest = body.partition(b"\0")
+        # rest: Int32 length, then the client-first-message starting with the gs2 flag
+        if mechanism.startswith(b"SCRAM-SHA-256") and rest[4:6] == b"y,":
+            return self._fatal_to_client(
+                "08P01",
+                "pgveil cannot relay SCRAM channel binding: the server's TLS certificate "
+                "differs from pgveil's",
+                hint="Connect with channel_binding=disable, or give pgveil the server's "
+                "certificate and key (tls_cert, tls_key).",
+            )
+        return None
 
     def server_closed(self) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
@@ -398,7 +446,7 @@ class Session:
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _fatal_to_client(self, code: str, text: str) -> Sequence[Action]:
+    def _fatal_to_client(self, code: str, text: str, hint: str | None = None) -> Sequence[Action]:
         self.phase = Phase.CLOSED
         self.close_reason = text
         if not self._server.at_boundary:
@@ -406,6 +454,6 @@ class Session:
             # would be read as the rest of it.
             return (CloseSession(text),)
         return (
-            SendToClient(m.error_response(code, text, severity="FATAL")),
+            SendToClient(m.error_response(code, text, severity="FATAL", hint=hint)),
             CloseSession(text),
         )
