@@ -71,7 +71,8 @@ def _run_proxy(ns: argparse.Namespace) -> int:
         async def check() -> int:
             server = ProxyServer(config)
             ok = await server.upstream_reachable()
-            print(f"configuration ok; upstream {config.upstream} {'reachable' if ok else 'UNREACHABLE'}")
+            state = "reachable" if ok else "UNREACHABLE"
+            print(f"configuration ok; upstream {config.upstream} {state}")
             return 0 if ok else 1
 
         return asyncio.run(check())

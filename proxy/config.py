@@ -134,9 +134,7 @@ SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", parse_host_port, "127.0.0.1:6432", "address clients connect to", False),
     Setting("upstream", parse_host_port, "127.0.0.1:5432", "the PostgreSQL server", False),
-    Setting(
-        "metrics", _optional_host_port, None, "serve /metrics and /healthz here (off)", False
-    ),
+    Setting("metrics", _optional_host_port, None, "serve /metrics and /healthz here (off)", False),
     Setting("rules", _path, None, "masking rules file (YAML)"),
     Setting("audit_file", _path, None, "audit stream file (JSON lines)"),
     Setting("tls_cert", _path, None, "certificate (PEM) for TLS from clients"),
@@ -153,7 +151,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_message_size",
         parse_size,
-        128 * 1024**2,
+        "128MB",
         "largest message a client may send; larger ends the session with 08P01",
     ),
     Setting(
@@ -162,7 +160,7 @@ SETTINGS: tuple[Setting, ...] = (
         30.0,
         "seconds sessions get to finish their transaction on SIGTERM",
     ),
-    Setting("tcp_keepalive", _bool, True, "TCP keepalive on both connections"),
+    Setting("tcp_keepalive", _bool, "true", "TCP keepalive on both connections"),
     Setting("tcp_keepalive_idle", _positive_int, 60, "seconds idle before keepalive probes"),
     Setting("tcp_keepalive_interval", _positive_int, 10, "seconds between keepalive probes"),
     Setting("tcp_keepalive_count", _positive_int, 6, "failed probes before the peer is dead"),
@@ -264,6 +262,8 @@ def load_config(
             values[setting.name] = None
             continue
         try:
+            if isinstance(raw, list | dict):
+                raise ValueError("expected a single value, not a list or mapping")
             values[setting.name] = setting.parse(raw)
         except (ValueError, TypeError) as exc:
             label = {

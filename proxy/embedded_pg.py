@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def find_bindir() -> Path:
     )
     candidates += [Path(p) for p in versions]
     try:
-        import pgserver  # type: ignore[import-untyped]
+        import pgserver
 
         candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin")
     except ImportError:
@@ -89,14 +90,12 @@ class EmbeddedPostgres:
         assert self.base is not None
         return self.base / "data"
 
-    def _run(self, args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: Sequence[str | Path]) -> subprocess.CompletedProcess[str]:
         cmd = [str(a) for a in args]
         if self._os_user:
             cmd = ["runuser", "-u", self._os_user, "--", *cmd]
         try:
-            return subprocess.run(
-                cmd, capture_output=True, text=True, check=True, timeout=120, **kw  # type: ignore[call-overload]
-            )
+            return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)
         except subprocess.CalledProcessError as exc:
             raise EmbeddedPostgresError(
                 f"{Path(args[0]).name} failed ({exc.returncode}): {exc.stderr.strip()[-2000:]}"
@@ -175,8 +174,19 @@ class EmbeddedPostgres:
         return self
 
     def restart(self) -> None:
-        self._run([self.bindir / "pg_ctl", "-D", self.datadir, "-w", "-m", "fast", "restart",
-                   "-l", self.datadir / "server.log"])
+        self._run(
+            [
+                self.bindir / "pg_ctl",
+                "-D",
+                self.datadir,
+                "-w",
+                "-m",
+                "fast",
+                "restart",
+                "-l",
+                self.datadir / "server.log",
+            ]
+        )
 
     def stop(self, mode: str = "fast") -> None:
         if self.base is None:
@@ -190,11 +200,21 @@ class EmbeddedPostgres:
             shutil.rmtree(self.base, ignore_errors=True)
             self.base = None
 
-    def dsn(self, user: str | None = None, password: str | None = None, dbname: str = "postgres",
-            port: int | None = None) -> str:
+    def dsn(
+        self,
+        user: str | None = None,
+        password: str | None = None,
+        dbname: str = "postgres",
+        port: int | None = None,
+    ) -> str:
         user = user or self.superuser
         password = self.password if password is None and user == self.superuser else password
-        parts = [f"host={self.host}", f"port={port or self.port}", f"user={user}", f"dbname={dbname}"]
+        parts = [
+            f"host={self.host}",
+            f"port={port or self.port}",
+            f"user={user}",
+            f"dbname={dbname}",
+        ]
         if password:
             parts.append(f"password={password}")
         return " ".join(parts)
@@ -202,10 +222,28 @@ class EmbeddedPostgres:
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         env = {**os.environ, "PGPASSWORD": self.password}
         out = subprocess.run(
-            [str(self.bindir / "psql") if (self.bindir / "psql").exists() else "psql",
-             "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", self.host, "-p", str(self.port),
-             "-U", self.superuser, "-d", dbname, "-c", sql],
-            capture_output=True, text=True, env=env, timeout=120,
+            [
+                str(self.bindir / "psql") if (self.bindir / "psql").exists() else "psql",
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                self.superuser,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
         )
         if out.returncode:
             raise EmbeddedPostgresError(f"psql failed: {out.stderr.strip()}")

@@ -90,9 +90,7 @@ class ProxyCollector(Collector):
         yield rejected
         client_bytes = s.client_bytes + sum(c.client_bytes for c in live)
         server_bytes = s.server_bytes + sum(c.server_bytes for c in live)
-        b = CounterMetricFamily(
-            "pgveil_bytes", "Bytes relayed, by direction", labels=["direction"]
-        )
+        b = CounterMetricFamily("pgveil_bytes", "Bytes relayed, by direction", labels=["direction"])
         b.add_metric(["client_to_server"], client_bytes)
         b.add_metric(["server_to_client"], server_bytes)
         yield b
@@ -106,8 +104,8 @@ class ProxyCollector(Collector):
             ("backend", s.server_counts, "server_counts", BACKEND_NAMES),
         ):
             counts = list(totals)
-            for c in live:
-                for i, v in enumerate(getattr(c.session, attr)):
+            for conn in live:
+                for i, v in enumerate(getattr(conn.session, attr)):
                     if v:
                         counts[i] += v
             for code, name in names.items():
@@ -115,8 +113,8 @@ class ProxyCollector(Collector):
                     msgs.add_metric([direction, name], counts[code])
         yield msgs
         errors = dict(s.error_classes)
-        for c in live:
-            for cls, v in c.session.error_classes.items():
+        for conn in live:
+            for cls, v in conn.session.error_classes.items():
                 errors[cls] = errors.get(cls, 0) + v
         e = CounterMetricFamily(
             "pgveil_server_errors",

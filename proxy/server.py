@@ -25,6 +25,7 @@ from proxy.session.engine import (
     Action,
     CloseSession,
     ConnectUpstream,
+    Phase,
     SendCancel,
     SendToClient,
     SendToServer,
@@ -35,6 +36,7 @@ from proxy.session.engine import (
 )
 from proxy.wire.messages import SSLRequest
 
+_STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.READY)
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
 _SSL_REQUEST = SSLRequest().encode()
@@ -262,7 +264,8 @@ class ClientConnection(_Pipe, LiveSession):
             elif isinstance(action, StartClientTLS):
                 self._spawn(self._start_tls())
             elif isinstance(action, SendCancel):
-                self._spawn(self.server.forward_cancel(action.request))
+                # owned by the server: it must outlive this connection, which closes now
+                self.server.spawn(self.server.forward_cancel(action.request))
             else:  # pragma: no cover - every action type is handled above
                 raise TypeError(f"unknown action {action!r}")
 
@@ -364,20 +367,29 @@ class ProxyServer:
         self._metrics_server: MetricsServer | None = None
         self._stopped = asyncio.Event()
         self._reload: Callable[[], ProxyConfig] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _live(self) -> Iterable[LiveSession]:
         return list(self.connections)
 
     def session_settings(self) -> SessionSettings:
-        reject = None
-        if len(self.connections) >= self.config.max_connections:
-            reject = ("53300", "sorry, too many clients already")
-            self.stats.reject("max_connections")
         return SessionSettings(
             tls_available=self.client_tls is not None,
             max_message_size=self.config.max_message_size,
-            reject=reject,
+            admit=self._admit,
         )
+
+    def _admit(self) -> tuple[str, str] | None:
+        started = sum(1 for c in self.connections if c.session.phase in _STARTED)
+        if started >= self.config.max_connections:
+            self.stats.reject("max_connections")
+            return ("53300", "sorry, too many clients already")
+        return None
 
     def register(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -415,7 +427,11 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
         self._server = await loop.create_server(
-            lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
+            lambda: ClientConnection(self),
+            listen.host,
+            listen.port,
+            reuse_address=True,
+            backlog=1024,
         )
         if self.config.metrics is not None:
             self._metrics_server = MetricsServer(self.metrics, self.upstream_reachable)
@@ -438,7 +454,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self._reload = reload
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda s=sig: self.request_shutdown(s.name))
+            loop.add_signal_handler(sig, self.request_shutdown, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
     def reload(self) -> None:
@@ -474,7 +490,7 @@ class ProxyServer:
             sessions=len(self.connections),
             timeout_s=self.config.shutdown_timeout,
         )
-        asyncio.ensure_future(self._drain())
+        self.spawn(self._drain())
 
     async def _drain(self) -> None:
         if self._server is not None:

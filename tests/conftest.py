@@ -90,9 +90,12 @@ def proxy(pg: EmbeddedPostgres, certs: Certs) -> Iterator[ProxyProcess]:
     """pgveil with TLS for clients, plain TCP to the server."""
     p = ProxyProcess(
         pg.port,
-        "--tls-cert", str(certs.cert),
-        "--tls-key", str(certs.key),
-        "--upstream-sslmode", "disable",
+        "--tls-cert",
+        str(certs.cert),
+        "--tls-key",
+        str(certs.key),
+        "--upstream-sslmode",
+        "disable",
     )
     yield p
     p.stop()

@@ -23,7 +23,9 @@ from proxy.embedded_pg import free_port
 from proxy.wire import messages as m
 
 
-def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -37,16 +39,27 @@ def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Pope
 class ProxyProcess:
     """`pgveil proxy` as a real subprocess (the way operators run it)."""
 
-    def __init__(self, upstream_port: int, *extra: str, metrics: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        *extra: str,
+        metrics: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.metrics_port = free_port() if metrics else None
         self.log_path = Path(tempfile.mkstemp(prefix="pgveil-log-", suffix=".jsonl")[1])
         args = [
-            sys.executable, "-m", "proxy.cli", "proxy",
-            "--listen", f"127.0.0.1:{self.port}",
-            "--upstream", f"127.0.0.1:{upstream_port}",
-            "--log-level", "debug",
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "proxy",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--upstream",
+            f"127.0.0.1:{upstream_port}",
+            "--log-level",
+            "debug",
             *extra,
         ]
         if self.metrics_port:
@@ -85,7 +98,9 @@ class ProxyProcess:
     def http(self, path: str) -> tuple[int, str]:
         assert self.metrics_port
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=10) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}{path}", timeout=10
+            ) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
@@ -116,14 +131,24 @@ class ProxyProcess:
 class RawClient:
     """A bare protocol-3 client over a socket, for users with `trust` authentication."""
 
-    def __init__(self, port: int, user: str = "trust_user", database: str = "postgres",
-                 connect: bool = True, **params: str) -> None:
+    def __init__(
+        self,
+        port: int,
+        user: str = "trust_user",
+        database: str = "postgres",
+        connect: bool = True,
+        **params: str,
+    ) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
         self.buf = b""
         self.pid: int | None = None
         self.key: int | None = None
         if connect:
-            self.send_raw(m.StartupMessage(m.PROTOCOL_3_0, {"user": user, "database": database, **params}).encode())
+            self.send_raw(
+                m.StartupMessage(
+                    m.PROTOCOL_3_0, {"user": user, "database": database, **params}
+                ).encode()
+            )
             self.until_ready()
 
     def send_raw(self, data: bytes) -> None:

@@ -17,7 +17,7 @@ beyond what a decision needs; bodies may hold personal data.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -111,8 +111,10 @@ _EXTENDED: Final = (m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE)
 class SessionSettings:
     tls_available: bool = False
     max_message_size: int = 128 * 1024 * 1024
-    # When set, the session answers the StartupMessage with this FATAL (sqlstate, message).
-    reject: tuple[str, str] | None = None
+    # Asked when the StartupMessage arrives: None admits the session, (sqlstate, message)
+    # refuses it with that FATAL. Asking then, not at accept time, means a port probe that
+    # never logs in does not take a slot.
+    admit: Callable[[], tuple[str, str] | None] = lambda: None
 
 
 @dataclass(slots=True)
@@ -209,9 +211,7 @@ class Session:
             if rest:
                 # Bytes after the request would be read as if they came over TLS
                 # (CVE-2021-23214 in the server); refuse them like the server does.
-                return self._fatal_to_client(
-                    "08P01", "received unencrypted data after SSL request"
-                )
+                return self._fatal_to_client("08P01", "received unencrypted data after SSL request")
             if (
                 isinstance(request, m.SSLRequest)
                 and self.settings.tls_available
@@ -234,9 +234,9 @@ class Session:
             "no",
             "0",
         )
-        if self.settings.reject is not None:
-            code, text = self.settings.reject
-            return self._fatal_to_client(code, text)
+        refusal = self.settings.admit()
+        if refusal is not None:
+            return self._fatal_to_client(*refusal)
         if self.draining:
             return self._fatal_to_client("57P03", "the database system is shutting down")
         self.phase = Phase.CONNECTING

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from decimal import Decimal
 import subprocess
+from decimal import Decimal
 
 import asyncpg
 import psycopg
@@ -54,11 +54,28 @@ def schema(pg: EmbeddedPostgres) -> None:
     )
 
 
-def _psql(port: int, pg: EmbeddedPostgres, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def _psql(
+    port: int, pg: EmbeddedPostgres, *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     env = {"PGPASSWORD": SCRAM_PASSWORD, "PATH": "/usr/bin:/bin", "PGSSLMODE": "disable"}
     return subprocess.run(
-        ["psql", "-X", "-h", "127.0.0.1", "-p", str(port), "-U", SCRAM_USER, "-d", "postgres", *args],
-        capture_output=True, env=env, input=stdin, timeout=120,
+        [
+            "psql",
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            SCRAM_USER,
+            "-d",
+            "postgres",
+            *args,
+        ],
+        capture_output=True,
+        env=env,
+        input=stdin,
+        timeout=120,
     )
 
 
@@ -78,7 +95,9 @@ PSQL_SCRIPTS = [
 
 
 @pytest.mark.parametrize("script", PSQL_SCRIPTS, ids=range(len(PSQL_SCRIPTS)))
-def test_psql_output_is_byte_identical(pg: EmbeddedPostgres, proxy: ProxyProcess, script: str) -> None:
+def test_psql_output_is_byte_identical(
+    pg: EmbeddedPostgres, proxy: ProxyProcess, script: str
+) -> None:
     direct = _psql(pg.port, pg, "-c", script)
     through = _psql(proxy.port, pg, "-c", script)
     assert through.stdout == direct.stdout
@@ -87,13 +106,19 @@ def test_psql_output_is_byte_identical(pg: EmbeddedPostgres, proxy: ProxyProcess
 
 
 def test_psql_copy_from_stdin_all_formats(pg: EmbeddedPostgres, proxy: ProxyProcess) -> None:
-    rows = "".join(f"{i}\tname {i}\t{i}.5\t2024-01-0{i % 9 + 1} 10:00:00+00\n" for i in range(20000))
+    rows = "".join(
+        f"{i}\tname {i}\t{i}.5\t2024-01-0{i % 9 + 1} 10:00:00+00\n" for i in range(20000)
+    )
     for port in (pg.port, proxy.port):
         pg.psql("TRUNCATE t_copy")
         r = _psql(port, pg, "-c", "COPY t_copy FROM STDIN", stdin=rows.encode())
         assert r.returncode == 0, r.stderr
-        csv = _psql(port, pg, "-c", "COPY (SELECT * FROM t_copy ORDER BY id) TO STDOUT WITH (FORMAT csv)")
-        binary = _psql(port, pg, "-c", "COPY (SELECT * FROM t_copy ORDER BY id) TO STDOUT WITH (FORMAT binary)")
+        csv = _psql(
+            port, pg, "-c", "COPY (SELECT * FROM t_copy ORDER BY id) TO STDOUT WITH (FORMAT csv)"
+        )
+        binary = _psql(
+            port, pg, "-c", "COPY (SELECT * FROM t_copy ORDER BY id) TO STDOUT WITH (FORMAT binary)"
+        )
         if port == pg.port:
             want_csv, want_bin = csv.stdout, binary.stdout
         else:
@@ -156,12 +181,16 @@ def test_psycopg_copy_both_ways(direct_dsn: str, proxy_dsn: str, pg: EmbeddedPos
     for dsn in (direct_dsn, proxy_dsn):
         pg.psql("TRUNCATE t_copy")
         with psycopg.connect(dsn, autocommit=True) as conn:
-            with conn.cursor().copy("COPY t_copy (id, name, amount) FROM STDIN (FORMAT binary)") as cp:
+            with conn.cursor().copy(
+                "COPY t_copy (id, name, amount) FROM STDIN (FORMAT binary)"
+            ) as cp:
                 cp.set_types(["int4", "text", "numeric"])
                 for i in range(5000):
                     cp.write_row((i, f"n{i}", Decimal(i) / 4))
             chunks = []
-            with conn.cursor().copy("COPY (SELECT * FROM t_copy ORDER BY id) TO STDOUT (FORMAT binary)") as cp:
+            with conn.cursor().copy(
+                "COPY (SELECT * FROM t_copy ORDER BY id) TO STDOUT (FORMAT binary)"
+            ) as cp:
                 for data in cp:
                     chunks.append(bytes(data))
             with conn.cursor().copy("COPY t_copy TO STDOUT (FORMAT csv)") as cp:
@@ -171,7 +200,10 @@ def test_psycopg_copy_both_ways(direct_dsn: str, proxy_dsn: str, pg: EmbeddedPos
 
 
 def test_notifications_and_backend_pid(proxy_dsn: str, direct_dsn: str) -> None:
-    with psycopg.connect(proxy_dsn, autocommit=True) as listener, psycopg.connect(direct_dsn, autocommit=True) as sender:
+    with (
+        psycopg.connect(proxy_dsn, autocommit=True) as listener,
+        psycopg.connect(direct_dsn, autocommit=True) as sender,
+    ):
         pid = listener.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
         assert listener.info.backend_pid == pid  # BackendKeyData reached the client unchanged
         listener.execute("LISTEN pgveil_chan")
@@ -181,7 +213,10 @@ def test_notifications_and_backend_pid(proxy_dsn: str, direct_dsn: str) -> None:
         for n in listener.notifies(timeout=5, stop_after=2):
             got.append((n.channel, n.payload, n.pid))
         sender_pid = sender.info.backend_pid
-        assert got == [("pgveil_chan", "payload-1", sender_pid), ("pgveil_chan", "p" * 7000, sender_pid)]
+        assert got == [
+            ("pgveil_chan", "payload-1", sender_pid),
+            ("pgveil_chan", "p" * 7000, sender_pid),
+        ]
         activity = sender.execute(
             "SELECT usename FROM pg_stat_activity WHERE pid = %s", [pid]
         ).fetchone()
@@ -193,24 +228,40 @@ def test_notifications_and_backend_pid(proxy_dsn: str, direct_dsn: str) -> None:
 
 async def _asyncpg_session(port: int) -> dict[str, object]:
     out: dict[str, object] = {}
-    conn = await asyncpg.connect(host="127.0.0.1", port=port, user=SCRAM_USER,
-                                 password=SCRAM_PASSWORD, database="postgres", ssl=False)
+    conn = await asyncpg.connect(
+        host="127.0.0.1",
+        port=port,
+        user=SCRAM_USER,
+        password=SCRAM_PASSWORD,
+        database="postgres",
+        ssl=False,
+    )
     try:
-        out["types"] = [tuple(r) for r in await conn.fetch(
-            "SELECT 1::int2, 2::int8, 1.5::numeric, now()::date - now()::date, "
-            "ARRAY[1,2]::int[], '{\"a\":1}'::jsonb, '\\x00ff'::bytea, '10.0.0.1'::inet, "
-            "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid, NULL::text, ''::text, (1,'x')::comp")]
-        stmt = await conn.prepare("SELECT id, a, c, f FROM t_wide WHERE id > $1 ORDER BY id LIMIT $2")
+        out["types"] = [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT 1::int2, 2::int8, 1.5::numeric, now()::date - now()::date, "
+                "ARRAY[1,2]::int[], '{\"a\":1}'::jsonb, '\\x00ff'::bytea, '10.0.0.1'::inet, "
+                "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid, NULL::text, ''::text, (1,'x')::comp"
+            )
+        ]
+        stmt = await conn.prepare(
+            "SELECT id, a, c, f FROM t_wide WHERE id > $1 ORDER BY id LIMIT $2"
+        )
         out["prepared"] = [tuple(r) for r in await stmt.fetch(10, 50)]
         out["prepared2"] = [tuple(r) for r in await stmt.fetch(99990, 50)]
         out["rows100k"] = len(await conn.fetch("SELECT * FROM t_wide"))
         out["big"] = tuple(await conn.fetchrow("SELECT v, b FROM t_big"))
         async with conn.transaction():
             cur = await conn.cursor("SELECT id, a FROM t_wide ORDER BY id")
-            out["cursor"] = [tuple(r) for r in await cur.fetch(500)] + [tuple(r) for r in await cur.fetch(10)]
+            out["cursor"] = [tuple(r) for r in await cur.fetch(500)] + [
+                tuple(r) for r in await cur.fetch(10)
+            ]
         await conn.execute("TRUNCATE t_copy")
         await conn.copy_records_to_table(
-            "t_copy", records=[(i, f"n{i}", i, None) for i in range(3000)], columns=["id", "name", "amount", "at"]
+            "t_copy",
+            records=[(i, f"n{i}", i, None) for i in range(3000)],
+            columns=["id", "name", "amount", "at"],
         )
         import io
 
@@ -237,7 +288,9 @@ async def _asyncpg_session(port: int) -> dict[str, object]:
     return out
 
 
-async def test_asyncpg_binary_prepared_cursors_copy_notify(pg: EmbeddedPostgres, proxy: ProxyProcess) -> None:
+async def test_asyncpg_binary_prepared_cursors_copy_notify(
+    pg: EmbeddedPostgres, proxy: ProxyProcess
+) -> None:
     direct = await _asyncpg_session(pg.port)
     through = await _asyncpg_session(proxy.port)
     for key in direct:
@@ -278,11 +331,21 @@ def _raw_exchange(port: int) -> list[list[tuple[str, bytes]]]:
         out.append(c.until_ready())
         # FunctionCall: int4pl(40, 2), binary result
         oid = b"\0\0\0\xb1"  # 177 = int4pl
-        args = b"\0\1\0\1" + b"\0\2" + b"\0\0\0\4" + (40).to_bytes(4, "big") + b"\0\0\0\4" + (2).to_bytes(4, "big") + b"\0\1"
+        args = (
+            b"\0\1\0\1"
+            + b"\0\2"
+            + b"\0\0\0\4"
+            + (40).to_bytes(4, "big")
+            + b"\0\0\0\4"
+            + (2).to_bytes(4, "big")
+            + b"\0\1"
+        )
         c.send("F", oid + args)
         out.append(c.until_ready())
         out.append(c.query(""))  # EmptyQueryResponse
-        out.append(normalise_session_bytes(c.query("SET application_name = 'x'; SHOW application_name")))
+        out.append(
+            normalise_session_bytes(c.query("SET application_name = 'x'; SHOW application_name"))
+        )
         return out
     finally:
         c.close()
@@ -300,7 +363,10 @@ def test_replication_connection_passes_through(pg: EmbeddedPostgres, proxy: Prox
 
 
 def test_startup_options_pass_through(pg: EmbeddedPostgres, proxy: ProxyProcess) -> None:
-    dsn = pg.dsn(SCRAM_USER, SCRAM_PASSWORD, port=proxy.port) + " sslmode=disable application_name=helpdesk-ui options='-c search_path=pg_catalog -c work_mem=7MB'"
+    dsn = (
+        pg.dsn(SCRAM_USER, SCRAM_PASSWORD, port=proxy.port)
+        + " sslmode=disable application_name=helpdesk-ui options='-c search_path=pg_catalog -c work_mem=7MB'"
+    )
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SHOW work_mem").fetchone() == ("7MB",)
         assert conn.execute("SHOW application_name").fetchone() == ("helpdesk-ui",)

@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# Build stage: a wheel of pgveil and of its dependencies, from this repository alone.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+COPY rules ./rules
+COPY audit ./audit
+COPY erasure ./erasure
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# Run stage: no compiler, no sources, an unprivileged user.
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgveil
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER pgveil
+EXPOSE 6432 9187
+ENTRYPOINT ["pgveil", "proxy"]
+CMD ["--listen", "0.0.0.0:6432", "--upstream", "postgres:5432", "--metrics", "0.0.0.0:9187"]
