@@ -94,17 +94,21 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+_READY: Final = Phase.READY  # a module global: one lookup fewer on the hot path
 FRONTEND_TYPES: Final = capture_mask(bytes(m.FRONTEND_NAMES))
 # In READY the engine looks at these frontend messages only; the rest are counted, skipped.
-_CLIENT_CAPTURE: Final = capture_mask(bytes((m.QUERY, m.SYNC, m.FUNCTION_CALL, m.TERMINATE)))
-_CLIENT_CAPTURE_AUTH: Final = capture_mask(
-    bytes((m.QUERY, m.SYNC, m.FUNCTION_CALL, m.TERMINATE, m.PASSWORD_MESSAGE))
-)
-_SERVER_CAPTURE_READY: Final = capture_mask(
-    bytes((m.ERROR_RESPONSE, m.READY_FOR_QUERY, m.PARAMETER_STATUS))
-)
+# Requests are counted by the scanner, not captured, so the common chunk yields no list.
+_CLIENT_CAPTURE: Final = capture_mask(bytes((m.TERMINATE,)))
+_CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAGE)))
+# ReadyForQuery is not captured: its status byte is read in place (see server_data).
+_SERVER_CAPTURE_READY: Final = capture_mask(bytes((m.ERROR_RESPONSE, m.PARAMETER_STATUS)))
+_Z: Final = m.READY_FOR_QUERY
+TX_UNKNOWN: Final = 0
+"""tx_status when a ReadyForQuery was followed by more messages in the same chunk (e.g. a
+NotificationResponse): not known until the next chunk that ends with one. Never idle."""
 _CAPTURE_ALL: Final = capture_mask(everything=True)
-_EXTENDED: Final = (m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE)
+# After one of these the client may still be assembling an extended-protocol request.
+_REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
 
 
 @dataclass(slots=True)
@@ -141,7 +145,6 @@ class Session:
         self.server_counts = [0] * 256
         self.error_classes: dict[str, int] = {}
         self.tx_status = m.TX_IDLE
-        self.pending = 0  # requests sent (Query/Sync/FunctionCall) not yet answered by Z
         self.draining = False
         self.close_reason = ""
         self._startup = StartupReader()
@@ -150,7 +153,6 @@ class Session:
         )
         self._server = MessageScanner(_CAPTURE_ALL, self.server_counts, 1 << 30)
         self._early_client_data = bytearray()  # typed messages sent before upstream is up
-        self._extended_at_sync = 0
         self._last_server_fatal = False
         # Set by upstream_connected: whether SCRAM channel binding can pass through (see there)
         self._upstream_tls = False
@@ -161,7 +163,7 @@ class Session:
 
     def client_data(self, data: bytes) -> Sequence[Action]:
         phase = self.phase
-        if phase is Phase.READY or phase is Phase.AUTHENTICATING:
+        if phase is _READY or phase is Phase.AUTHENTICATING:
             try:
                 captured = self._client.feed(data)
             except m.ProtocolViolation as exc:
@@ -187,11 +189,6 @@ class Session:
                 refusal = self._check_sasl_initial_response(body)
                 if refusal is not None:
                     return refusal
-            elif typ == m.SYNC:
-                self.pending += 1
-                self._extended_at_sync = self._extended_count()
-            elif typ == m.QUERY or typ == m.FUNCTION_CALL:
-                self.pending += 1
             elif typ == m.TERMINATE:
                 terminate = True
         if terminate:
@@ -287,32 +284,37 @@ class Session:
         return self._fatal_to_client("08006", f"pgveil could not connect to the server: {reason}")
 
     def server_data(self, data: bytes) -> Sequence[Action]:
-        if self.phase is Phase.READY:
+        if self.phase is _READY:
+            counts = self.server_counts
+            ready_before = counts[_Z]
             try:
                 captured = self._server.feed(data)
             except m.ProtocolViolation as exc:
                 return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
             if captured:
-                return self._server_messages(captured)
+                self._server_messages(captured)
+            if counts[_Z] != ready_before:
+                # Almost every response chunk ends with ReadyForQuery; then its status is
+                # the chunk's last byte, and copying the message out would be waste.
+                scanner = self._server
+                if scanner.last_type == _Z and scanner.at_boundary:
+                    self.tx_status = data[-1]
+                else:
+                    self.tx_status = TX_UNKNOWN
+                if self.draining and self.is_idle():
+                    return (FORWARD, *self._terminate_for_shutdown())
             return _JUST_FORWARD
         if self.phase is Phase.AUTHENTICATING:
             return self._authentication_data(data)
         return _NOTHING
 
-    def _server_messages(self, captured: list[tuple[int, bytes]]) -> Sequence[Action]:
+    def _server_messages(self, captured: list[tuple[int, bytes]]) -> None:
         for typ, body in captured:
-            if typ == m.READY_FOR_QUERY:
-                self.tx_status = body[0] if body else m.TX_IDLE
-                if self.pending:
-                    self.pending -= 1
-            elif typ == m.ERROR_RESPONSE:
+            if typ == m.ERROR_RESPONSE:
                 self._count_error(body)
             elif typ == m.PARAMETER_STATUS:
                 name, value = m.parameter_status(body)
                 self.info.parameters[name] = value
-        if self.draining and self.is_idle():
-            return (FORWARD, *self._terminate_for_shutdown())
-        return _JUST_FORWARD
 
     def _count_error(self, body: bytes) -> None:
         code = m.sqlstate_of(body)
@@ -396,9 +398,16 @@ class Session:
 
     # ---- shutdown ----------------------------------------------------------------------
 
-    def _extended_count(self) -> int:
+    @property
+    def pending(self) -> int:
+        """Requests (Query, Sync, FunctionCall) not yet answered by ReadyForQuery.
+
+        Derived from the scanners' counts, so the hot path does no bookkeeping. The first
+        ReadyForQuery ends authentication and answers no request.
+        """
         c = self.client_counts
-        return sum(c[t] for t in _EXTENDED)
+        sent = c[m.QUERY] + c[m.SYNC] + c[m.FUNCTION_CALL]
+        return max(0, sent - (self.server_counts[m.READY_FOR_QUERY] - 1))
 
     def is_idle(self) -> bool:
         """No transaction open and no request outstanding: safe to end the session."""
@@ -408,7 +417,7 @@ class Session:
             and self.pending == 0
             and self._client.at_boundary
             and self._server.at_boundary
-            and self._extended_count() == self._extended_at_sync
+            and self._client.last_type not in _REQUEST_OPEN
         )
 
     def shutdown_requested(self) -> Sequence[Action]:

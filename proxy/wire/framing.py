@@ -64,9 +64,9 @@ class StartupReader:
 class MessageScanner:
     """Tracks typed-message boundaries across chunks; returns only captured messages.
 
-    `counts[type]` is incremented for every message header seen. A message whose declared
-    length is below 4 or above `max_length` raises ProtocolViolation; so does a type byte
-    for which `allowed[type]` is 0.
+    `counts[type]` is incremented for every message header seen, and `last_type` is the
+    type of the latest header. A message whose declared length is below 4 or above
+    `max_length`, or whose type byte is not in `allowed`, raises ProtocolViolation.
     """
 
     __slots__ = (
@@ -74,10 +74,12 @@ class MessageScanner:
         "_cap_need",
         "_cap_type",
         "_hdr",
+        "_limits",
         "_skip",
         "allowed",
         "capture",
         "counts",
+        "last_type",
         "max_length",
     )
 
@@ -92,6 +94,9 @@ class MessageScanner:
         self.counts = counts
         self.max_length = max_length
         self.allowed = allowed if allowed is not None else capture_mask(everything=True)
+        # one lookup per header: the largest length allowed for each type, -1 if none
+        self._limits = [max_length if self.allowed[t] else -1 for t in range(256)]
+        self.last_type = -1
         self._skip = 0  # body bytes of an uncaptured message still to come
         self._hdr = b""  # a header split across chunks (fewer than 5 bytes)
         self._cap_type = -1  # type of a captured message split across chunks
@@ -122,14 +127,15 @@ class MessageScanner:
                 return out
         counts = self.counts
         capture = self.capture
-        allowed = self.allowed
-        max_length = self.max_length
+        limits = self._limits
         unpack = _HEADER.unpack_from
         limit = n - 5
+        typ = self.last_type
         while pos <= limit:
             typ, length = unpack(data, pos)
             counts[typ] += 1
-            if length < 4 or length > max_length or not allowed[typ]:
+            if length > limits[typ] or length < 4:
+                self.last_type = typ
                 raise self._violation(typ, length)
             end = pos + 1 + length
             if capture[typ]:
@@ -138,14 +144,17 @@ class MessageScanner:
                         out = []
                     out.append((typ, data[pos + 5 : end]))
                 else:
+                    self.last_type = typ
                     self._cap_type = typ
                     self._cap_buf = bytearray(data[pos + 5 :])
                     self._cap_need = end - n
                     return out
             elif end > n:
+                self.last_type = typ
                 self._skip = end - n
                 return out
             pos = end
+        self.last_type = typ
         if pos < n:
             self._hdr = data[pos:]
         return out
@@ -175,7 +184,8 @@ class MessageScanner:
         pos += need
         typ, length = _HEADER.unpack(header)
         self.counts[typ] += 1
-        if length < 4 or length > self.max_length or not self.allowed[typ]:
+        self.last_type = typ
+        if length > self._limits[typ] or length < 4:
             raise self._violation(typ, length)
         body = length - 4
         if self.capture[typ]:

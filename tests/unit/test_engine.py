@@ -158,3 +158,24 @@ def test_errors_counted_by_class_and_fatal_remembered() -> None:
 def test_terminate_closes() -> None:
     s = ready_session()
     assert s.client_data(m.TERMINATE_MESSAGE) == (FORWARD, CloseSession("client terminated"))
+
+
+def test_ready_status_read_in_place_even_when_split() -> None:
+    s = ready_session()
+    s.client_data(m.message(m.QUERY, b"BEGIN\0"))
+    chunk = m.message(m.COMMAND_COMPLETE, b"BEGIN\0") + m.ready_for_query(m.TX_IN_BLOCK)
+    assert s.server_data(chunk[:-3]) is JUST_FORWARD
+    assert s.server_data(chunk[-3:]) is JUST_FORWARD
+    assert s.tx_status == m.TX_IN_BLOCK and not s.is_idle()
+
+
+def test_status_unknown_when_ready_is_not_last_in_chunk() -> None:
+    s = ready_session()
+    s.client_data(m.message(m.QUERY, b"SELECT 1\0"))
+    note = m.message(m.NOTIFICATION_RESPONSE, b"\0\0\0\1chan\0payload\0")
+    s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query() + note)
+    assert not s.is_idle()  # unknown is never idle ...
+    assert s.shutdown_requested() == ()
+    s.client_data(m.message(m.QUERY, b"SELECT 2\0"))
+    actions = s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query())
+    assert isinstance(actions[-1], CloseSession)  # ... until a chunk ends with ReadyForQuery
