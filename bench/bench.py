@@ -159,14 +159,14 @@ class Service:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            pgid = os.getpgid(self.proc.pid)  # == proc.pid (start_new_session)
+            # signal the program itself: a wrapper (runuser) then reaps it and exits with it
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
+                os.kill(self.pid, signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # its own group: start_new_session
                 self.proc.wait(10)
         self.proc = None
 
@@ -174,8 +174,9 @@ class Service:
 def ensure_alive(service: Service) -> None:
     """Fail when a helper died mid-run, instead of benchmarking connection errors."""
     if service.proc is not None and service.proc.poll() is not None:
-        raise BenchError(f"{service.name} died (status {service.proc.returncode}):\n"
-                         f"{service.log_tail()}")
+        raise BenchError(
+            f"{service.name} died (status {service.proc.returncode}):\n{service.log_tail()}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +204,9 @@ def pgbouncer_binary() -> str:
     print("pgbouncer not found; running apt-get install -y pgbouncer", file=sys.stderr)
     done = subprocess.run(
         ["apt-get", "install", "-y", "pgbouncer"],
-        capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
     )
     found = shutil.which("pgbouncer") or (
         "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
@@ -227,8 +230,7 @@ def as_service_user() -> tuple[list[str], int, int] | None:
     return ["runuser", "-u", "postgres", "--"], pw.pw_uid, pw.pw_gid
 
 
-def start_pgbouncer(db: EmbeddedPostgres, workdir: Path) -> tuple[Service, int]:
-    binary = pgbouncer_binary()
+def start_pgbouncer(db: EmbeddedPostgres, workdir: Path, binary: str) -> tuple[Service, int]:
     port = free_port(HOST)
     userlist = workdir / "userlist.txt"
     userlist.write_text(f'"{db.superuser}" "{db.password}"\n')
@@ -317,12 +319,28 @@ FAILED_RE = re.compile(r"^number of failed transactions: (\d+)", re.M)
 
 
 def run_pgbench(
-    db: EmbeddedPostgres, env: dict[str, str], target: Target, args: tuple[str, ...],
+    db: EmbeddedPostgres,
+    env: dict[str, str],
+    target: Target,
+    args: tuple[str, ...],
     duration: int,
 ) -> tuple[float, int]:
     """(tps without initial connection time, transactions processed)."""
-    argv = [tool(db, "pgbench"), "-h", HOST, "-p", str(target.port), "-U", db.superuser,
-            "-n", "-S", *args, "-T", str(duration), DBNAME]
+    argv = [
+        tool(db, "pgbench"),
+        "-h",
+        HOST,
+        "-p",
+        str(target.port),
+        "-U",
+        db.superuser,
+        "-n",
+        "-S",
+        *args,
+        "-T",
+        str(duration),
+        DBNAME,
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration + 120)
     tps, tx = TPS_RE.search(done.stdout), TX_RE.search(done.stdout)
     failed = FAILED_RE.search(done.stdout)
@@ -338,8 +356,21 @@ def run_psql(
     db: EmbeddedPostgres, env: dict[str, str], target: Target, args: tuple[str, ...]
 ) -> float:
     """Wall seconds of one psql run, output discarded."""
-    argv = [tool(db, "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-h", HOST, "-p", str(target.port),
-            "-U", db.superuser, "-d", DBNAME, *args]
+    argv = [
+        tool(db, "psql"),
+        "-X",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        HOST,
+        "-p",
+        str(target.port),
+        "-U",
+        db.superuser,
+        "-d",
+        DBNAME,
+        *args,
+    ]
     start = time.perf_counter()
     done = subprocess.run(
         argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=600
@@ -451,8 +482,7 @@ def report(
         "",
         *table(results, [r for r in rows if r.kind == "pgbench"], ".0f", "(tps, higher better)"),
         "",
-        f"## Wide result ({WIDE_ROWS:,} rows x 6 text columns) via psql: seconds, "
-        "lower is better",
+        f"## Wide result ({WIDE_ROWS:,} rows x 6 text columns) via psql: seconds, lower is better",
         "",
         "Ratio = variant time / direct time: 1.00 means no overhead, above 1.00 means slower.",
         "",
@@ -516,10 +546,14 @@ def main(argv: list[str] | None = None) -> int:
         db = EmbeddedPostgres(settings={"max_connections": "100"})
         stack.callback(db.cleanup)  # registered first so a half-started cluster goes too
         db.start()
-        env = {**os.environ, "PGPASSWORD": db.password, "PGSSLMODE": "disable",
-               "PGGSSENCMODE": "disable"}
+        env = {
+            **os.environ,
+            "PGPASSWORD": db.password,
+            "PGSSLMODE": "disable",
+            "PGGSSENCMODE": "disable",
+        }
 
-        bouncer, bouncer_port = start_pgbouncer(db, workdir)
+        bouncer, bouncer_port = start_pgbouncer(db, workdir, pgbouncer_bin)
         services.append(bouncer)
         stack.callback(bouncer.stop)
         veil, veil_port = start_pgveil(db, workdir)
@@ -539,8 +573,10 @@ def main(argv: list[str] | None = None) -> int:
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         (OUT_DIR / "results.md").write_text(text)
         (OUT_DIR / "raw.json").write_text(
-            json.dumps({"tps_or_seconds": results.values, "cpu_us_per_query": results.cpu_us},
-                       indent=2) + "\n"
+            json.dumps(
+                {"tps_or_seconds": results.values, "cpu_us_per_query": results.cpu_us}, indent=2
+            )
+            + "\n"
         )
         print(text, end="")
         print(f"(written to {OUT_DIR / 'results.md'} and raw.json)", file=sys.stderr)
@@ -551,7 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; cleaning up", file=sys.stderr)
         return 130
-    except BaseException:
+    except SystemExit:
+        print("bench: terminated; cleaning up", file=sys.stderr)
+        raise
+    except Exception:  # unexpected: show what the helpers said
         for s in services:
             print(f"--- {s.name} log tail ---\n{s.log_tail()}", file=sys.stderr)
         raise
