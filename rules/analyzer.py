@@ -1,0 +1,700 @@
+"""The statement analyser of masked sessions: parse, rewrite, or refuse.
+
+Every reference to a protected relation in a reading position becomes a subquery with the
+same alias and the same columns in which each personal column is replaced by its mask, so
+that expressions, predicates, whole-row references and errors only ever see masked values
+(DESIGN.md section 2). Writes are rewritten so that what they read of the target is masked,
+and a masked value written back keeps the stored original. What cannot be accounted for is
+refused with a reason (shown to the client with SQLSTATE 42501).
+
+Pure: no I/O, no logging. Reasons never quote literals from the statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pglast.ast
+from pglast import parse_sql
+from pglast.parser import ParseError
+from pglast.stream import RawStream
+
+from rules.catalog import Protected, ProtectionMap
+from rules.masks import sql_expr
+
+# The AST is walked generically (attributes by name, optional everywhere); typing it node by
+# node would cost more casts than it would catch.
+ast: Any = pglast.ast
+
+# Built-in functions that read data behind the rewriter's back: they run SQL text, read a
+# relation named by a value, read files or large objects, or show query text.
+DENIED_FUNCTIONS = frozenset(
+    {
+        "query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema",
+        "table_to_xml", "table_to_xml_and_xmlschema", "table_to_xmlschema",
+        "cursor_to_xml", "cursor_to_xmlschema",
+        "schema_to_xml", "schema_to_xml_and_xmlschema", "schema_to_xmlschema",
+        "database_to_xml", "database_to_xml_and_xmlschema", "database_to_xmlschema",
+        "ts_stat", "lo_get", "lo_export", "lo_import", "loread", "lo_open", "lo_put",
+        "pg_read_file", "pg_read_binary_file", "pg_stat_file", "pg_ls_dir",
+        "current_query", "pg_stat_get_activity", "pg_stat_get_backend_activity",
+        "pg_cursor", "pg_prepared_statement", "pg_stat_statements",
+        "pg_logical_slot_get_changes", "pg_logical_slot_peek_changes",
+        "pg_logical_slot_get_binary_changes", "pg_logical_slot_peek_binary_changes",
+        "pg_get_backend_memory_contexts",
+    }
+)  # fmt: skip
+DENIED_PREFIXES = ("dblink",)
+
+# Relations that expose column values or other sessions' query text.
+DENIED_RELATIONS = frozenset(
+    {
+        "pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
+        "pg_statistic_ext_data", "pg_stat_activity", "pg_stat_statements",
+        "pg_stat_statements_info", "pg_prepared_statements", "pg_cursors",
+        "pg_largeobject", "pg_shadow", "pg_authid", "pg_user_mappings",
+    }
+)  # fmt: skip
+
+# Settings a masked session may not change: identity, and what would make pgveil's parser
+# read a statement differently from the server's.
+DENIED_SETTINGS = frozenset(
+    {"role", "session_authorization", "standard_conforming_strings", "client_encoding",
+     "backslash_quote"}
+)  # fmt: skip
+
+# Statements a masked session may run at all (utility statements not listed are refused).
+_ALLOWED_UTILITY = frozenset(
+    {
+        "TransactionStmt", "VariableShowStmt", "DeallocateStmt", "FetchStmt", "ClosePortalStmt",
+        "ListenStmt", "UnlistenStmt", "NotifyStmt", "DiscardStmt", "LockStmt", "TruncateStmt",
+        "CheckPointStmt", "CreateStmt", "DropStmt", "ConstraintsSetStmt",
+    }
+)  # fmt: skip
+
+
+class Refusal(Exception):
+    """The statement must not run; `reason` is shown to the client (no literals in it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "pass" (send as is), "rewrite" (send `sql`), "refuse"
+    sql: str | None = None
+    reason: str | None = None
+    kinds: tuple[str, ...] = ()  # select, insert, update, delete, copy, ...
+    tables: tuple[str, ...] = ()  # protected relations the statement reads or writes
+    columns: tuple[str, ...] = ()  # personal columns returned masked (table.column)
+    uses_hash: bool = False
+
+
+def _stmt(sql: str) -> Any:
+    """The AST of pgveil's own single-statement SQL."""
+    return parse_sql(sql)[0].stmt
+
+
+def _name(n: Any) -> str:
+    return str(n.sval) if isinstance(n, ast.String) else ""
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+_KIND = {
+    "SelectStmt": "select", "InsertStmt": "insert", "UpdateStmt": "update",
+    "DeleteStmt": "delete", "CopyStmt": "copy", "ExplainStmt": "explain",
+    "PrepareStmt": "prepare", "ExecuteStmt": "execute", "DeclareCursorStmt": "declare",
+    "FetchStmt": "fetch", "CreateTableAsStmt": "create_table_as", "ViewStmt": "create_view",
+    "VariableSetStmt": "set", "VariableShowStmt": "show", "TransactionStmt": "transaction",
+    "CallStmt": "call",
+}  # fmt: skip
+
+
+class Analyzer:
+    """Decides for one policy x catalog. Thread-compatible; holds no per-session state."""
+
+    def __init__(self, pmap: ProtectionMap) -> None:
+        self.pmap = pmap
+        self.policy = pmap.policy
+        self.catalog = pmap.catalog
+
+    def analyze(self, sql: str) -> Decision:
+        try:
+            stmts = parse_sql(sql)
+        except ParseError:
+            return Decision("refuse", reason="pgveil cannot parse the statement")
+        if not stmts:
+            return Decision("pass")
+        out: list[str] = []
+        kinds: list[str] = []
+        rewriter = _Rewriter(self)
+        try:
+            changed = False
+            for raw in stmts:
+                kinds.append(_KIND.get(type(raw.stmt).__name__, type(raw.stmt).__name__))
+                before = rewriter.changes
+                raw.stmt = rewriter.statement(raw.stmt)
+                changed = changed or rewriter.changes != before
+                out.append(RawStream()(raw.stmt))
+        except Refusal as r:
+            return Decision("refuse", reason=r.reason, kinds=tuple(kinds), tables=rewriter.tables())
+        if not changed:
+            return Decision("pass", kinds=tuple(kinds), tables=rewriter.tables())
+        return Decision(
+            "rewrite",
+            sql="; ".join(out),
+            kinds=tuple(kinds),
+            tables=rewriter.tables(),
+            columns=tuple(sorted(rewriter.masked_columns)),
+            uses_hash=rewriter.uses_hash,
+        )
+
+
+@dataclass
+class _Target:
+    """The relation a write modifies, as the statement refers to it."""
+
+    protected: Protected
+    alias: str
+    schema: str | None
+    name: str
+
+
+@dataclass
+class _Rewriter:
+    an: Analyzer
+    changes: int = 0
+    touched: set[str] = field(default_factory=set)
+    masked_columns: set[str] = field(default_factory=set)
+    uses_hash: bool = False
+    ctes: list[set[str]] = field(default_factory=list)
+    # (schema, relname) of replaced references -> alias, for 3-part column references
+    replaced: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def tables(self) -> tuple[str, ...]:
+        return tuple(sorted(self.touched))
+
+    # ---- statements --------------------------------------------------------------------
+
+    def statement(self, node: Any) -> Any:
+        kind = type(node).__name__
+        if isinstance(node, ast.SelectStmt):
+            self.select(node)
+        elif isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
+            self.write(node)
+        elif isinstance(node, ast.MergeStmt):
+            raise Refusal("MERGE is not supported for masked roles")
+        elif isinstance(node, ast.CopyStmt):
+            return self.copy(node)
+        elif isinstance(node, ast.ExplainStmt):
+            node.query = self.statement(node.query)
+            if self.uses_hash:
+                raise Refusal("EXPLAIN of a statement that reads hash-masked columns")
+        elif isinstance(
+            node, ast.PrepareStmt | ast.DeclareCursorStmt | ast.CreateTableAsStmt | ast.ViewStmt
+        ):
+            node.query = self.statement(node.query)
+        elif isinstance(node, ast.ExecuteStmt):
+            self.walk(node.params)
+        elif isinstance(node, ast.VariableSetStmt):
+            self.variable_set(node)
+        elif isinstance(node, ast.CallStmt):
+            self.walk(node.funccall)
+        elif isinstance(node, ast.DoStmt):
+            raise Refusal("DO blocks are not allowed for masked roles")
+        elif kind in _ALLOWED_UTILITY:
+            self.walk(node)
+        else:
+            raise Refusal(f"{_KIND.get(kind, kind)} statements are not allowed for masked roles")
+        return node
+
+    def variable_set(self, node: ast.VariableSetStmt) -> None:
+        name = (node.name or "").lower()
+        if name in DENIED_SETTINGS or name.startswith("session_authorization"):
+            if name == "role" and node.kind == 4:  # RESET role: back to the login, harmless
+                return
+            raise Refusal(f"masked roles may not change {name}")
+        self.walk(node.args)
+
+    def copy(self, node: ast.CopyStmt) -> Any:
+        if node.filename is not None or node.is_program:
+            raise Refusal(
+                "COPY to or from a server file or program is not allowed for masked roles"
+            )
+        if node.is_from:
+            if node.relation is not None:
+                self.protected_of(node.relation, record=True)
+            return node
+        if node.query is not None:
+            node.query = self.statement(node.query)
+            return node
+        rv = node.relation
+        found = self.protected_of(rv)
+        if found is None:
+            return node
+        # COPY t [(cols)] TO ...  =>  COPY (SELECT cols FROM t) TO ...
+        cols = ", ".join(quote_ident(_name(a)) for a in (node.attlist or ())) or "*"
+        query = _stmt(f"SELECT {cols} FROM {self._rv_text(rv)}")
+        self.select(query)
+        node.relation = None
+        node.attlist = None
+        node.query = query
+        self.changes += 1
+        return node
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def select(self, node: ast.SelectStmt) -> None:
+        pushed = False
+        if node.withClause is not None:
+            self.ctes.append({_cte.ctename for _cte in node.withClause.ctes})
+            pushed = True
+            for cte in node.withClause.ctes:
+                cte.ctequery = self.statement(cte.ctequery)
+        try:
+            if node.fromClause:
+                node.fromClause = tuple(self.from_item(i) for i in node.fromClause)
+            if node.larg is not None:
+                self.select(node.larg)
+            if node.rarg is not None:
+                self.select(node.rarg)
+            for attr in (
+                "targetList", "whereClause", "groupClause", "havingClause", "windowClause",
+                "valuesLists", "sortClause", "limitOffset", "limitCount", "distinctClause",
+                "lockingClause",
+            ):  # fmt: skip
+                self.walk(getattr(node, attr))
+        finally:
+            if pushed:
+                self.ctes.pop()
+
+    def from_item(self, item: Any) -> Any:
+        if isinstance(item, ast.RangeVar):
+            return self.maybe_mask(item)
+        if isinstance(item, ast.JoinExpr):
+            item.larg = self.from_item(item.larg)
+            item.rarg = self.from_item(item.rarg)
+            self.walk(item.quals)
+            return item
+        if isinstance(item, ast.RangeSubselect):
+            item.subquery = self.statement(item.subquery)
+            return item
+        if isinstance(item, ast.RangeTableSample) and isinstance(item.relation, ast.RangeVar):
+            found = self.protected_of(item.relation)
+            self.walk(item.args)
+            self.walk(item.repeatable)
+            if found is None:
+                return item
+            return self.masking_subquery(found, item.relation, sample=item)
+        self.walk(item)
+        return item
+
+    def is_cte(self, rv: ast.RangeVar) -> bool:
+        return rv.schemaname is None and any(rv.relname in s for s in self.ctes)
+
+    def protected_of(self, rv: ast.RangeVar, record: bool = True) -> Protected | None:
+        """The protected relation `rv` denotes, None when it is not protected; refuses
+        relations that are never readable and ambiguous unqualified names."""
+        name = rv.relname
+        if name in DENIED_RELATIONS:
+            raise Refusal(
+                f"{name} exposes column values or query text and is not available to masked roles"
+            )
+        if self.is_cte(rv):
+            return None
+        rel = self.an.catalog.relations.get((rv.schemaname, name)) if rv.schemaname else None
+        if rel is not None and rel.kind in ("v", "m") and rv.schemaname is not None:
+            self.check_view(rel.schema, rel.name)
+        if rv.schemaname is None:
+            for (schema, rname), r in self.an.catalog.relations.items():
+                if rname == name and r.kind in ("v", "m"):
+                    self.check_view(schema, rname)
+        candidates = self.an.pmap.lookup(rv.schemaname, name)
+        if not candidates:
+            return None
+        first = candidates[0]
+        shape = [(c.name, c.type) for c in first.relation.columns]
+        for other in candidates[1:]:
+            if [
+                (c.name, c.type) for c in other.relation.columns
+            ] != shape or other.masks != first.masks:
+                raise Refusal(
+                    f"the unqualified name {name} may denote several protected tables; "
+                    "qualify it with its schema"
+                )
+        if record:
+            self.touched.add(first.rule_table)
+        return first
+
+    def check_view(self, schema: str, name: str) -> None:
+        if (schema, name) in self.an.policy.tables:
+            return
+        sources = self.an.catalog.view_sources.get((schema, name), ())
+        for src in sources:
+            if self.an.pmap.lookup(src[0], src[1]):
+                raise Refusal(
+                    f"view {schema}.{name} reads protected table {src[0]}.{src[1]} and has "
+                    "no masking rules of its own"
+                )
+
+    def maybe_mask(self, rv: ast.RangeVar) -> Any:
+        found = self.protected_of(rv)
+        if found is None:
+            return rv
+        return self.masking_subquery(found, rv)
+
+    def _rv_text(self, rv: ast.RangeVar) -> str:
+        parts = [rv.schemaname, rv.relname] if rv.schemaname else [rv.relname]
+        return ("" if rv.inh else "ONLY ") + ".".join(quote_ident(p) for p in parts)
+
+    def masking_subquery(
+        self, p: Protected, rv: ast.RangeVar, sample: Any = None
+    ) -> ast.RangeSubselect:
+        keys = self.an.policy.keys
+        cols = []
+        for c in p.relation.columns:
+            spec = p.masks.get(c.name)
+            ident = quote_ident(c.name)
+            if spec is None:
+                cols.append(ident)
+            else:
+                cols.append(f"{sql_expr(spec, ident, c.type, keys)} AS {ident}")
+                self.masked_columns.add(f"{p.rule_table}.{c.name}")
+                self.uses_hash = self.uses_hash or spec.name == "hash"
+        sub = _stmt(f"SELECT {', '.join(cols)} FROM {self._rv_text(rv)}")
+        if sample is not None:
+            inner = sub.fromClause[0]
+            sample.relation = inner
+            sub.fromClause = (sample,)
+        alias = rv.alias if rv.alias is not None else ast.Alias(aliasname=rv.relname)
+        if rv.schemaname:
+            self.replaced[(rv.schemaname, rv.relname)] = alias.aliasname
+        self.changes += 1
+        return ast.RangeSubselect(lateral=False, subquery=sub, alias=alias)
+
+    # ---- expressions -------------------------------------------------------------------
+
+    def walk(self, node: Any) -> None:
+        for n in _children(node):
+            self.visit(n)
+
+    def visit(self, node: Any) -> None:
+        if isinstance(node, ast.SelectStmt):
+            self.select(node)
+            return
+        if isinstance(node, ast.FuncCall):
+            self.check_function(node.funcname)
+            if _name(node.funcname[-1]).lower() == "set_config":
+                self.check_set_config(node.args)
+        elif isinstance(node, ast.A_Expr):
+            self.check_operator(node.name)
+        elif isinstance(node, ast.ColumnRef):
+            self.column_ref(node)
+            return
+        elif isinstance(node, ast.RangeVar):
+            self.protected_of(node)
+        elif isinstance(node, ast.RangeSubselect | ast.JoinExpr | ast.RangeTableSample):
+            self.from_item(node)
+            return
+        self.walk(node)
+
+    def column_ref(self, node: ast.ColumnRef) -> None:
+        fields = node.fields
+        names = [_name(f) for f in fields]
+        if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
+            key = (names[-3], names[-2])
+            alias = self.replaced.get(key)
+            if alias is not None:
+                node.fields = (ast.String(sval=alias), fields[-1])
+                self.changes += 1
+        col = names[-1] if names else ""
+        if col:
+            # by name, whatever the qualifier: an alias may denote any touched relation
+            for p in self._all_touched():
+                spec = p.masks.get(col)
+                if spec is not None and spec.name == "deny":
+                    raise Refusal(f"column {p.rule_table}.{col} is not available to masked roles")
+
+    def _all_touched(self) -> Iterator[Protected]:
+        for table in self.touched:
+            schema, _, name = table.partition(".")
+            p = self.an.pmap.by_name.get((schema, name))
+            if p is not None:
+                yield p
+
+    def check_function(self, funcname: Iterable[Any]) -> None:
+        parts = [_name(x) for x in funcname]
+        name = parts[-1].lower()
+        schema = parts[-2] if len(parts) >= 2 else None
+        cat = self.an.catalog
+        if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
+            raise Refusal(f"function {name} can read data pgveil cannot mask")
+        if name == "set_config":
+            return  # its arguments are checked by check_set_config at the call site
+        allowed = self.an.policy.allowed_functions
+        if schema is not None and schema != "pg_catalog":
+            if (schema, name) not in allowed:
+                raise Refusal(f"function {schema}.{name} is not allowed for masked roles")
+            return
+        if schema is None:
+            defined = {s for s, n in cat.user_functions if n == name}
+            if defined and not all((s, name) in allowed for s in defined):
+                raise Refusal(f"function {name} is not allowed for masked roles")
+            if not defined and name not in cat.builtin_functions:
+                raise Refusal(f"function {name} is not allowed for masked roles")
+
+    def check_set_config(self, args: Any) -> None:
+        first = args[0] if args else None
+        setting = None
+        if isinstance(first, ast.A_Const) and isinstance(first.val, ast.String):
+            setting = first.val.sval.lower()
+        if setting is None:
+            raise Refusal("set_config with a computed setting name is not allowed for masked roles")
+        if setting in DENIED_SETTINGS:
+            raise Refusal(f"masked roles may not change {setting}")
+
+    def check_operator(self, opname: Any) -> None:
+        if not opname:
+            return
+        parts = [_name(x) for x in opname]
+        if len(parts) >= 2 and parts[-2] != "pg_catalog":
+            raise Refusal(
+                f"operator {parts[-1]} outside pg_catalog is not allowed for masked roles"
+            )
+        if parts[-1] in self.an.catalog.user_operators:
+            raise Refusal(f"operator {parts[-1]} is not allowed for masked roles")
+
+    # ---- writes ------------------------------------------------------------------------
+
+    def write(self, node: Any) -> None:
+        if node.withClause is not None:
+            self.ctes.append({c.ctename for c in node.withClause.ctes})
+            for cte in node.withClause.ctes:
+                cte.ctequery = self.statement(cte.ctequery)
+        try:
+            rv = node.relation
+            found = self.protected_of(rv)
+            target = None
+            if found is not None:
+                alias = rv.alias.aliasname if rv.alias is not None else rv.relname
+                target = _Target(found, alias, rv.schemaname, rv.relname)
+            if isinstance(node, ast.InsertStmt):
+                self.insert(node, target)
+            elif isinstance(node, ast.UpdateStmt):
+                self.update(node, target)
+            else:
+                if node.usingClause:
+                    node.usingClause = tuple(self.from_item(i) for i in node.usingClause)
+                self.target_exprs(node, "whereClause", target)
+            rc = node.returningClause
+            if rc is not None and rc.exprs:
+                rc.exprs = self.returning(rc.exprs, target)
+        finally:
+            if node.withClause is not None:
+                self.ctes.pop()
+
+    def insert(self, node: ast.InsertStmt, target: _Target | None) -> None:
+        if node.selectStmt is not None:
+            before = set(self.masked_columns)
+            node.selectStmt = self.statement(node.selectStmt)
+            if self.reads_personal(node.selectStmt, before):
+                raise Refusal("a write whose new values read personal columns is refused")
+        occ = node.onConflictClause
+        if occ is not None:
+            self.walk(occ.infer)
+            if occ.targetList:
+                self.set_list(occ.targetList, target, excluded_ok=True)
+            self.target_exprs(occ, "whereClause", target)
+
+    def update(self, node: ast.UpdateStmt, target: _Target | None) -> None:
+        if node.fromClause:
+            node.fromClause = tuple(self.from_item(i) for i in node.fromClause)
+        self.set_list(node.targetList, target)
+        self.target_exprs(node, "whereClause", target)
+
+    def reads_personal(self, node: Any, masked_before: set[str]) -> bool:
+        new = self.masked_columns - masked_before
+        if not new:
+            return False
+        personal = {c.rpartition(".")[2] for c in new}
+        known = {c.name for p in self._all_touched() for c in p.relation.columns}
+        for n in _descendants(node):
+            if isinstance(n, ast.ColumnRef):
+                last = n.fields[-1]
+                if isinstance(last, ast.A_Star) or _name(last) in personal:
+                    return True
+                if len(n.fields) == 1 and _name(last) not in known:
+                    return True  # may be a whole-row reference to a protected relation
+        return False
+
+    def set_list(self, targets: Any, target: _Target | None, excluded_ok: bool = False) -> None:
+        for rt in targets:
+            if not isinstance(rt, ast.ResTarget):
+                continue
+            before = set(self.masked_columns)
+            if target is not None and self.refers_to_personal(rt.val, target):
+                raise Refusal("a write whose new values read personal columns is refused")
+            self.visit(rt.val)
+            if self.reads_personal(rt.val, before):
+                raise Refusal("a write whose new values read personal columns is refused")
+            if target is None or rt.name not in target.protected.masks:
+                continue
+            if isinstance(rt.val, ast.MultiAssignRef):
+                raise Refusal("multiple-column assignment to personal columns is refused")
+            if excluded_ok and _is_excluded(rt.val):
+                continue
+            rt.val = self.write_back(rt.name, rt.val, target)
+
+    def write_back(self, col: str, value: Any, target: _Target) -> Any:
+        """SET col = v  =>  col = CASE WHEN v IS NOT DISTINCT FROM mask(col) THEN col ELSE v END"""
+        c = target.protected.relation.column(col)
+        spec = target.protected.masks[col]
+        assert c is not None
+        ref = f"{quote_ident(target.alias)}.{quote_ident(col)}"
+        masked = sql_expr(spec, ref, c.type, self.an.policy.keys)
+        v = RawStream()(value)
+        case = f"CASE WHEN ({v}) IS NOT DISTINCT FROM {masked} THEN {ref} ELSE ({v}) END"
+        expr = _stmt(f"SELECT {case}").targetList[0].val
+        self.changes += 1
+        return expr
+
+    def refers_to_personal(self, node: Any, target: _Target) -> bool:
+        return any(
+            self.personal_ref(n, target) is not None for n in _descendants(node, skip_selects=False)
+        )
+
+    def personal_ref(self, n: Any, target: _Target) -> str | None:
+        if not isinstance(n, ast.ColumnRef):
+            return None
+        names = [_name(f) for f in n.fields]
+        if len(names) == 1 and names[0] in target.protected.masks:
+            return names[0]
+        if (
+            len(names) >= 2
+            and names[-2] in (target.alias, target.name)
+            and names[-1] in target.protected.masks
+        ):
+            return names[-1]
+        if len(names) == 1 and names[0] in (target.alias, target.name):
+            return "*"  # whole-row reference to the target
+        if isinstance(n.fields[-1], ast.A_Star) and (
+            len(names) == 1 or names[-2] in (target.alias, target.name)
+        ):
+            return "*"
+        return None
+
+    def target_exprs(self, owner: Any, attr: str, target: _Target | None) -> None:
+        """Mask the target's personal columns where a write reads them (WHERE, ON CONFLICT)."""
+        expr = getattr(owner, attr)
+        if expr is None:
+            return
+        self.visit(expr)  # before masking: pgveil's own mask expressions need no checks
+        if target is not None:
+            setattr(owner, attr, self.mask_target_refs(expr, target))
+
+    def mask_target_refs(self, node: Any, target: _Target, depth: int = 0) -> Any:
+        if isinstance(node, ast.ColumnRef):
+            col = self.personal_ref(node, target)
+            if col == "*":
+                raise Refusal("a whole-row reference to a protected table in a write is refused")
+            if col is not None:
+                spec = target.protected.masks[col]
+                if spec.name == "deny":
+                    table = target.protected.rule_table
+                    raise Refusal(f"column {table}.{col} is not available to masked roles")
+                if depth and len(node.fields) == 1:
+                    return node  # an unqualified name inside a subquery is that subquery's
+                return self.masked_target_expr(col, target)
+            return node
+        if isinstance(node, ast.Node):
+            for attr in node:
+                value = getattr(node, attr)
+                d = depth + 1 if isinstance(node, ast.SelectStmt) else depth
+                if isinstance(value, ast.Node):
+                    setattr(node, attr, self.mask_target_refs(value, target, d))
+                elif isinstance(value, tuple):
+                    setattr(node, attr, tuple(self.mask_target_refs(v, target, d) for v in value))
+        return node
+
+    def masked_target_expr(self, col: str, target: _Target) -> Any:
+        c = target.protected.relation.column(col)
+        assert c is not None
+        spec = target.protected.masks[col]
+        ref = f"{quote_ident(target.alias)}.{quote_ident(col)}"
+        self.masked_columns.add(f"{target.protected.rule_table}.{col}")
+        self.uses_hash = self.uses_hash or spec.name == "hash"
+        self.changes += 1
+        return _stmt(f"SELECT {sql_expr(spec, ref, c.type, self.an.policy.keys)}").targetList[0].val
+
+    def returning(self, items: Any, target: _Target | None) -> Any:
+        if target is None:
+            self.walk(items)
+            return items
+        out = []
+        for rt in items:
+            val = rt.val
+            if isinstance(val, ast.ColumnRef) and isinstance(val.fields[-1], ast.A_Star):
+                for c in target.protected.relation.columns:
+                    expr: Any = ast.ColumnRef(
+                        fields=(ast.String(sval=target.alias), ast.String(sval=c.name))
+                    )
+                    if c.name in target.protected.masks:
+                        expr = self.masked_target_expr(c.name, target)
+                    out.append(ast.ResTarget(name=c.name, val=expr))
+                self.changes += 1
+                continue
+            name = rt.name
+            if (
+                name is None
+                and isinstance(val, ast.ColumnRef)
+                and isinstance(val.fields[-1], ast.String)
+            ):
+                name = _name(val.fields[-1])
+            self.visit(val)
+            new_val = self.mask_target_refs(val, target)
+            out.append(ast.ResTarget(name=name, val=new_val))
+        return tuple(out)
+
+
+def _is_excluded(value: Any) -> bool:
+    return (
+        isinstance(value, ast.ColumnRef)
+        and len(value.fields) == 2
+        and _name(value.fields[0]).lower() == "excluded"
+    )
+
+
+def _children(node: Any) -> Iterator[Any]:
+    if node is None:
+        return
+    if isinstance(node, tuple | list):
+        for item in node:
+            if isinstance(item, ast.Node):
+                yield item
+            elif isinstance(item, tuple | list):
+                yield from _children(item)
+        return
+    if isinstance(node, ast.Node):
+        for attr in node:
+            value = getattr(node, attr)
+            if isinstance(value, ast.Node):
+                yield value
+            elif isinstance(value, tuple | list):
+                yield from _children(value)
+
+
+def _descendants(node: Any, skip_selects: bool = False) -> Iterator[Any]:
+    stack = list(_children(node)) if not isinstance(node, ast.Node) else [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        if skip_selects and isinstance(n, ast.SelectStmt):
+            continue
+        stack.extend(_children(n))

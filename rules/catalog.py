@@ -1,0 +1,115 @@
+"""What the analyser knows of the database: relations with their columns and types,
+inheritance, functions and operators. Pure data, built by the shell from the live catalog
+(`proxy.catalog`) or by tests from literals.
+
+Also the policy applied to the catalog: which relations are protected and with which column
+masks, including partitions and inheritance children of protected tables.
+
+Must not import asyncio, socket or asyncpg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from rules.masks import ColumnType
+from rules.model import MaskSpec, Policy
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    attnum: int
+    type: ColumnType
+
+
+@dataclass(frozen=True)
+class Relation:
+    oid: int
+    schema: str
+    name: str
+    kind: str  # pg_class.relkind: r, p, v, m, f
+    columns: tuple[Column, ...]
+    parents: tuple[tuple[str, str], ...] = ()  # inheritance / partition parents, transitively
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def column(self, name: str) -> Column | None:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        return None
+
+
+@dataclass(frozen=True)
+class Catalog:
+    relations: Mapping[tuple[str, str], Relation]
+    # pg_catalog function and operator names; names also defined in other schemas
+    builtin_functions: frozenset[str] = frozenset()
+    user_functions: frozenset[tuple[str, str]] = frozenset()
+    builtin_operators: frozenset[str] = frozenset()
+    user_operators: frozenset[str] = frozenset()
+    # views and materialized views -> the tables they read, transitively
+    view_sources: Mapping[tuple[str, str], tuple[tuple[str, str], ...]] = field(
+        default_factory=dict
+    )
+    by_oid: Mapping[int, Relation] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.by_oid:
+            object.__setattr__(self, "by_oid", {r.oid: r for r in self.relations.values()})
+
+
+@dataclass(frozen=True)
+class Protected:
+    """A relation the policy protects, with the mask of each personal column."""
+
+    relation: Relation
+    masks: Mapping[str, MaskSpec]
+    rule_table: str  # the rules entry it comes from (itself, or a parent table)
+    subject: str | None
+
+
+class ProtectionMap:
+    """Policy x catalog: protected relations by name, and what is refused."""
+
+    def __init__(self, policy: Policy, catalog: Catalog) -> None:
+        self.policy = policy
+        self.catalog = catalog
+        self.by_name: dict[tuple[str, str], Protected] = {}
+        self.by_relname: dict[str, list[Protected]] = {}
+        self.by_oid: dict[int, Protected] = {}
+        for key, rel in catalog.relations.items():
+            rule = policy.tables.get(key)
+            if rule is None:
+                for parent in rel.parents:
+                    rule = policy.tables.get(parent)
+                    if rule is not None:
+                        break
+            if rule is None:
+                continue
+            masks = {c: m for c, m in rule.columns.items() if rel.column(c) is not None}
+            p = Protected(rel, masks, rule.qualified, rule.subject)
+            self.by_name[key] = p
+            self.by_relname.setdefault(rel.name, []).append(p)
+            self.by_oid[rel.oid] = p
+
+    def lookup(self, schema: str | None, name: str) -> list[Protected]:
+        """Protected relations a reference may denote: exactly one when qualified; every
+        protected relation of that name when not (resolution depends on search_path)."""
+        if schema is not None:
+            p = self.by_name.get((schema, name))
+            return [p] if p is not None else []
+        return list(self.by_relname.get(name, ()))
+
+    def personal_column(self, table_oid: int, attnum: int) -> tuple[Protected, Column] | None:
+        p = self.by_oid.get(table_oid)
+        if p is None:
+            return None
+        for c in p.relation.columns:
+            if c.attnum == attnum and c.name in p.masks:
+                return p, c
+        return None

@@ -1,0 +1,378 @@
+"""Reads a rules file into a `Policy`, strictly.
+
+Every error names the file, the line, the key path and what is allowed: an unknown key, an
+unknown mask, a bad parameter, a missing secret. Nothing is defaulted silently except what
+the format documents (`roles.default: masked`, mask parameter defaults). Secrets come from
+the environment or a file, never from the rules file itself, and never appear in errors.
+This module reads files and environment variables; it does no other I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rules.masks import MASK_NAMES, MASK_PARAMS
+from rules.model import ChannelRule, MaskSpec, Policy, TableRule
+
+TOP_KEYS = ("roles", "keys", "functions", "channels", "tables")
+MIN_KEY_BYTES = 16
+
+
+class RulesError(Exception):
+    """A rules file is invalid; the message is safe to print (no secrets, no values)."""
+
+
+class _Ctx:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, node: yaml.Node | None, path: str, message: str) -> RulesError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        where = f" at '{path}'" if path else ""
+        return RulesError(f"{self.source}{line}{where}: {message}")
+
+    def mapping(
+        self, node: yaml.Node, path: str, allowed: tuple[str, ...] | None = None
+    ) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, path, "expected a mapping")
+        out: list[tuple[str, yaml.Node, yaml.Node]] = []
+        seen = set()
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                raise self.fail(k, path, "keys must be plain names")
+            key = str(k.value)
+            if key in seen:
+                raise self.fail(k, f"{path}.{key}".lstrip("."), "duplicate key")
+            seen.add(key)
+            if allowed is not None and key not in allowed:
+                raise self.fail(
+                    k,
+                    f"{path}.{key}".lstrip("."),
+                    f"unknown key '{key}'; allowed: {', '.join(allowed)}",
+                )
+            out.append((key, k, v))
+        return out
+
+    def scalar(self, node: yaml.Node, path: str) -> str:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, path, "expected a single value")
+        return str(node.value)
+
+    def str_list(self, node: yaml.Node, path: str) -> list[str]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, path, "expected a list, e.g. [a, b]")
+        return [self.scalar(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+
+    def integer(self, node: yaml.Node, path: str, lo: int = 0, hi: int = 1000) -> int:
+        text = self.scalar(node, path)
+        if not re.fullmatch(r"\d+", text) or not lo <= int(text) <= hi:
+            raise self.fail(node, path, f"expected a whole number from {lo} to {hi}")
+        return int(text)
+
+
+def load_rules(path: Path, environ: Mapping[str, str] | None = None) -> Policy:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RulesError(f"{path}: cannot read rules file: {exc.strerror}") from exc
+    return parse_rules(text, str(path), environ, source=path)
+
+
+def parse_rules(
+    text: str,
+    name: str = "<rules>",
+    environ: Mapping[str, str] | None = None,
+    source: Path | None = None,
+) -> Policy:
+    environ = os.environ if environ is None else environ
+    ctx = _Ctx(name)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise RulesError(f"{name}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if root is None:
+        raise RulesError(f"{name}: the rules file is empty; it needs at least 'tables'")
+    sections = {k: v for k, _, v in ctx.mapping(root, "", TOP_KEYS)}
+    if "tables" not in sections:
+        raise ctx.fail(root, "", "missing 'tables': which columns are personal")
+
+    unmasked: list[str] = []
+    masked: list[str] = []
+    default = "masked"
+    if "roles" in sections:
+        for key, _k, v in ctx.mapping(
+            sections["roles"], "roles", ("unmasked", "masked", "default")
+        ):
+            if key == "default":
+                default = ctx.scalar(v, "roles.default")
+                if default not in ("masked", "unmasked"):
+                    raise ctx.fail(v, "roles.default", "expected 'masked' or 'unmasked'")
+            elif key == "unmasked":
+                unmasked = ctx.str_list(v, "roles.unmasked")
+            else:
+                masked = ctx.str_list(v, "roles.masked")
+    both = set(unmasked) & set(masked)
+    if both:
+        raise ctx.fail(
+            sections["roles"], "roles", f"roles listed as both masked and unmasked: {sorted(both)}"
+        )
+
+    keys: dict[str, bytes] = {}
+    if "keys" in sections:
+        for key, _k, v in ctx.mapping(sections["keys"], "keys"):
+            keys[key] = _secret(ctx, v, f"keys.{key}", environ)
+
+    functions: set[tuple[str, str]] = set()
+    if "functions" in sections:
+        for _key, _k, v in ctx.mapping(sections["functions"], "functions", ("allow",)):
+            for i, fn in enumerate(ctx.str_list(v, "functions.allow")):
+                schema, _, fname = fn.rpartition(".")
+                if not schema or not fname:
+                    raise ctx.fail(v, f"functions.allow[{i}]", "expected schema.function")
+                functions.add((schema, fname))
+
+    channels: dict[str, ChannelRule] = {}
+    if "channels" in sections:
+        for chan, _k, v in ctx.mapping(sections["channels"], "channels"):
+            channels[chan] = _channel(ctx, v, f"channels.{chan}", keys)
+
+    tables: dict[tuple[str, str], TableRule] = {}
+    for qname, knode, v in ctx.mapping(sections["tables"], "tables"):
+        schema, _, tname = qname.rpartition(".")
+        if not schema:
+            raise ctx.fail(knode, f"tables.{qname}", "table names must be schema-qualified")
+        rule = _table(ctx, v, f"tables.{qname}", schema, tname, keys)
+        tables[(schema, tname)] = rule
+
+    version = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Policy(
+        unmasked_roles=frozenset(unmasked),
+        masked_roles=frozenset(masked),
+        default="masked" if default == "masked" else "unmasked",
+        allowed_functions=frozenset(functions),
+        channels=channels,
+        tables=tables,
+        keys=keys,
+        version=version,
+        source=source,
+    )
+
+
+def _secret(ctx: _Ctx, node: yaml.Node, path: str, environ: Mapping[str, str]) -> bytes:
+    items = {k: (kn, v) for k, kn, v in ctx.mapping(node, path, ("env", "file"))}
+    if len(items) != 1:
+        raise ctx.fail(node, path, "give exactly one of 'env' or 'file'")
+    ((kind, (_kn, v)),) = items.items()
+    ref = ctx.scalar(v, f"{path}.{kind}")
+    if kind == "env":
+        if ref not in environ:
+            raise ctx.fail(v, f"{path}.env", f"environment variable {ref} is not set")
+        secret = environ[ref].encode()
+    else:
+        try:
+            secret = Path(ref).read_bytes().strip()
+        except OSError as exc:
+            raise ctx.fail(v, f"{path}.file", f"cannot read key file: {exc.strerror}") from exc
+    if len(secret) < MIN_KEY_BYTES:
+        raise ctx.fail(v, path, f"the key must be at least {MIN_KEY_BYTES} bytes long")
+    return secret
+
+
+def _mask(ctx: _Ctx, node: yaml.Node, path: str, keys: Mapping[str, bytes]) -> MaskSpec:
+    if isinstance(node, yaml.ScalarNode):
+        name = str(node.value)
+        params: dict[str, Any] = {}
+        param_nodes: dict[str, yaml.Node] = {}
+    else:
+        entries = ctx.mapping(node, path)
+        given = {k: v for k, _kn, v in entries}
+        if "mask" not in given:
+            raise ctx.fail(node, path, "a mask mapping needs 'mask', e.g. {mask: partial}")
+        name = ctx.scalar(given.pop("mask"), f"{path}.mask")
+        param_nodes = given
+        params = {}
+    if name not in MASK_NAMES:
+        raise ctx.fail(node, path, f"unknown mask '{name}'; masks: {', '.join(MASK_NAMES)}")
+    allowed = MASK_PARAMS[name]
+    for key, pnode in param_nodes.items():
+        if key not in allowed:
+            choices = ", ".join(sorted(allowed)) or "none"
+            raise ctx.fail(
+                pnode,
+                f"{path}.{key}",
+                f"mask '{name}' has no parameter '{key}'; parameters: {choices}",
+            )
+        p = f"{path}.{key}"
+        if key in ("keep_first", "keep_last"):
+            params[key] = ctx.integer(pnode, p, 0, 100)
+        elif key == "char":
+            ch = ctx.scalar(pnode, p)
+            if len(ch) != 1:
+                raise ctx.fail(pnode, p, "expected a single character")
+            params[key] = ch
+        elif key == "value":
+            params[key] = ctx.scalar(pnode, p)
+        elif key == "key":
+            ref = ctx.scalar(pnode, p)
+            if ref not in keys:
+                raise ctx.fail(pnode, p, f"no key '{ref}' under 'keys'")
+            params[key] = ref
+        elif key == "truncate":
+            tr = ctx.scalar(pnode, p)
+            if tr not in ("year", "month"):
+                raise ctx.fail(pnode, p, "expected 'year' or 'month'")
+            params[key] = tr
+        elif key == "keys":
+            params[key] = _json_keys(ctx, pnode, p, keys)
+    if name == "digits":
+        params.setdefault("keep_last", 4)
+    if name == "hash" and params.get("key", "hash") not in keys:
+        raise ctx.fail(node, path, "mask 'hash' needs a key: add 'keys: {hash: {env: VAR}}'")
+    if name == "json" and not params.get("keys"):
+        raise ctx.fail(node, path, "mask 'json' needs 'keys': which keys to mask")
+    return MaskSpec(name=name, **params)
+
+
+def _json_keys(
+    ctx: _Ctx, node: yaml.Node, path: str, keys: Mapping[str, bytes]
+) -> dict[str, MaskSpec]:
+    out: dict[str, MaskSpec] = {}
+    for key, _kn, v in ctx.mapping(node, path):
+        if not key or any(not part for part in key.split(".")):
+            raise ctx.fail(
+                v, f"{path}.{key}", "expected a key or a dotted path, e.g. address.street"
+            )
+        spec = _mask(ctx, v, f"{path}.{key}", keys)
+        if spec.name == "json":
+            raise ctx.fail(v, f"{path}.{key}", "use a dotted path instead of a nested json mask")
+        out[key] = spec
+    return out
+
+
+def _channel(ctx: _Ctx, node: yaml.Node, path: str, keys: Mapping[str, bytes]) -> ChannelRule:
+    given = {k: v for k, _kn, v in ctx.mapping(node, path, ("payload", "keys", "mask"))}
+    payload = ctx.scalar(given["payload"], f"{path}.payload") if "payload" in given else "json"
+    if payload not in ("json", "text"):
+        raise ctx.fail(node, f"{path}.payload", "expected 'json' or 'text'")
+    if payload == "json":
+        if "mask" in given:
+            raise ctx.fail(given["mask"], f"{path}.mask", "json payloads take 'keys', not 'mask'")
+        jkeys = _json_keys(ctx, given["keys"], f"{path}.keys", keys) if "keys" in given else {}
+        return ChannelRule(path.split(".", 1)[1], "json", jkeys, None)
+    if "keys" in given:
+        raise ctx.fail(given["keys"], f"{path}.keys", "text payloads take 'mask', not 'keys'")
+    mask = (
+        _mask(ctx, given["mask"], f"{path}.mask", keys) if "mask" in given else MaskSpec("partial")
+    )
+    return ChannelRule(path.split(".", 1)[1], "text", {}, mask)
+
+
+def _table(
+    ctx: _Ctx, node: yaml.Node, path: str, schema: str, name: str, keys: Mapping[str, bytes]
+) -> TableRule:
+    given = {k: v for k, _kn, v in ctx.mapping(node, path, ("subject", "columns"))}
+    subject = ctx.scalar(given["subject"], f"{path}.subject") if "subject" in given else None
+    if "columns" not in given:
+        raise ctx.fail(node, path, "missing 'columns': which columns are personal")
+    columns: dict[str, MaskSpec] = {}
+    for col, _kn, v in ctx.mapping(given["columns"], f"{path}.columns"):
+        columns[col] = _mask(ctx, v, f"{path}.columns.{col}", keys)
+    return TableRule(schema=schema, name=name, subject=subject, columns=columns)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the rules format, for editors (`pgveil rules schema`)."""
+    mask_names = {"enum": list(MASK_NAMES)}
+    mask_obj: dict[str, Any] = {
+        "type": "object",
+        "required": ["mask"],
+        "additionalProperties": False,
+        "properties": {
+            "mask": mask_names,
+            "keep_first": {"type": "integer", "minimum": 0, "maximum": 100},
+            "keep_last": {"type": "integer", "minimum": 0, "maximum": 100},
+            "char": {"type": "string", "minLength": 1, "maxLength": 1},
+            "value": {"type": "string"},
+            "key": {"type": "string"},
+            "truncate": {"enum": ["year", "month"]},
+            "keys": {"type": "object", "additionalProperties": {"$ref": "#/$defs/mask"}},
+        },
+    }
+    secret = {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "maxProperties": 1,
+        "properties": {"env": {"type": "string"}, "file": {"type": "string"}},
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "pgveil rules",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["tables"],
+        "$defs": {"mask": {"oneOf": [mask_names, mask_obj]}},
+        "properties": {
+            "roles": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "unmasked": {"type": "array", "items": {"type": "string"}},
+                    "masked": {"type": "array", "items": {"type": "string"}},
+                    "default": {"enum": ["masked", "unmasked"]},
+                },
+            },
+            "keys": {"type": "object", "additionalProperties": secret},
+            "functions": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "allow": {
+                        "type": "array",
+                        "items": {"type": "string", "pattern": r"^[^.]+\.[^.]+$"},
+                    }
+                },
+            },
+            "channels": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "payload": {"enum": ["json", "text"]},
+                        "keys": {
+                            "type": "object",
+                            "additionalProperties": {"$ref": "#/$defs/mask"},
+                        },
+                        "mask": {"$ref": "#/$defs/mask"},
+                    },
+                },
+            },
+            "tables": {
+                "type": "object",
+                "propertyNames": {"pattern": r"^[^.]+\.[^.]+$"},
+                "additionalProperties": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["columns"],
+                    "properties": {
+                        "subject": {"type": "string"},
+                        "columns": {
+                            "type": "object",
+                            "additionalProperties": {"$ref": "#/$defs/mask"},
+                        },
+                    },
+                },
+            },
+        },
+    }
