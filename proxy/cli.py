@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 
 from proxy import __version__
 from proxy.config import SETTINGS, ConfigError, ProxyConfig, load_config
+from rules.loader import RulesError, load_rules
+from rules.model import Policy
 
 EXIT_USAGE = 2
 
@@ -58,14 +60,17 @@ def _run_proxy(ns: argparse.Namespace) -> int:
     def load() -> ProxyConfig:
         return load_config(flags, config_file=ns.config)
 
+    def load_policy(cfg: ProxyConfig) -> Policy | None:
+        return load_rules(cfg.rules) if cfg.rules is not None else None
+
     config = load()
     logs.configure(config.log_format, config.log_level)
-    if config.rules is not None:
-        log.warning(
-            "rules.not_enforced",
-            rules=str(config.rules),
-            detail="this build relays only; masking rules are not applied yet",
-        )
+    try:
+        policy = load_policy(config)
+    except RulesError as exc:
+        raise ConfigError(str(exc)) from exc
+    if policy is not None:
+        log.info("rules.loaded", version=policy.version, tables=len(policy.tables))
     if ns.check_config:
 
         async def check() -> int:
@@ -76,7 +81,7 @@ def _run_proxy(ns: argparse.Namespace) -> int:
             return 0 if ok else 1
 
         return asyncio.run(check())
-    _event_loop_run(serve(config, load))
+    _event_loop_run(serve(config, load, load_policy))
     return 0
 
 

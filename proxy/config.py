@@ -136,6 +136,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream", parse_host_port, "127.0.0.1:5432", "the PostgreSQL server", False),
     Setting("metrics", _optional_host_port, None, "serve /metrics and /healthz here (off)", False),
     Setting("rules", _path, None, "masking rules file (YAML)"),
+    Setting(
+        "catalog_user",
+        str,
+        None,
+        "pgveil's own login, to read the catalog and role memberships (needed with rules)",
+    ),
+    Setting("catalog_password", str, None, "its password (prefer PGVEIL_CATALOG_PASSWORD)"),
+    Setting("catalog_refresh", _positive_float, 60.0, "seconds before the catalog is re-read"),
     Setting("audit_file", _path, None, "audit stream file (JSON lines)"),
     Setting("tls_cert", _path, None, "certificate (PEM) for TLS from clients"),
     Setting("tls_key", _path, None, "private key (PEM) for TLS from clients"),
@@ -178,6 +186,9 @@ class ProxyConfig:
     upstream: HostPort
     metrics: HostPort | None
     rules: Path | None
+    catalog_user: str | None
+    catalog_password: str | None
+    catalog_refresh: float
     audit_file: Path | None
     tls_cert: Path | None
     tls_key: Path | None
@@ -287,6 +298,10 @@ def _check(config: ProxyConfig) -> None:
     if config.upstream_sslmode.startswith("verify") and config.upstream_sslrootcert is None:
         raise ConfigError(
             f"--upstream-sslmode {config.upstream_sslmode} needs --upstream-sslrootcert"
+        )
+    if config.rules is not None and not config.catalog_user:
+        raise ConfigError(
+            "--rules needs --catalog-user: pgveil reads the catalog with its own login"
         )
     if config.audit_file is not None and not config.audit_file.parent.is_dir():
         raise ConfigError(f"--audit-file: directory does not exist: {config.audit_file.parent}")

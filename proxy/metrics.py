@@ -22,6 +22,7 @@ from proxy.wire.messages import BACKEND_NAMES, FRONTEND_NAMES
 
 if TYPE_CHECKING:
     from proxy.session.engine import Session
+    from rules.context import MaskingContext
 
 
 class Stats:
@@ -38,6 +39,10 @@ class Stats:
         self.cancel_requests = 0
         self.tls_handshakes = 0
         self.upstream_connect_failures = 0
+        self.masked_sessions = 0
+        self.statements = {"pass": 0, "rewrite": 0, "refuse": 0}
+        self.notifications_withheld = 0
+        self.exit_check_violations = 0
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -54,6 +59,13 @@ class Stats:
                     total[i] += c
         for cls, c in session.error_classes.items():
             self.error_classes[cls] = self.error_classes.get(cls, 0) + c
+        f = session.masked
+        if f is not None:
+            self.statements["pass"] += f.counters.passed
+            self.statements["rewrite"] += f.counters.rewritten
+            self.statements["refuse"] += f.counters.refused
+            self.notifications_withheld += f.counters.notifications_withheld
+            self.exit_check_violations += f.counters.exit_check_violations
 
 
 class LiveSession:
@@ -65,9 +77,20 @@ class LiveSession:
 
 
 class ProxyCollector(Collector):
-    def __init__(self, stats: Stats, live: Callable[[], Iterable[LiveSession]]) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        live: Callable[[], Iterable[LiveSession]],
+        contexts: Callable[[], Iterable[MaskingContext]],
+    ) -> None:
         self.stats = stats
         self.live = live
+        self.contexts = contexts
+
+    def _masking(
+        self, live: list[LiveSession]
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        return _masking_families(self.stats, live, self.contexts())
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.stats
@@ -132,6 +155,7 @@ class ProxyCollector(Collector):
             "TLS handshakes completed with clients",
             value=s.tls_handshakes,
         )
+        yield from self._masking(live)
         yield CounterMetricFamily(
             "pgveil_upstream_connect_failures",
             "Failed attempts to open an upstream connection",
@@ -139,10 +163,62 @@ class ProxyCollector(Collector):
         )
 
 
+def _masking_families(
+    s: Stats, live: list[LiveSession], contexts: Iterable[MaskingContext]
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    statements = dict(s.statements)
+    withheld = s.notifications_withheld
+    violations = s.exit_check_violations
+    for conn in live:
+        f = conn.session.masked
+        if f is not None:
+            statements["pass"] += f.counters.passed
+            statements["rewrite"] += f.counters.rewritten
+            statements["refuse"] += f.counters.refused
+            withheld += f.counters.notifications_withheld
+            violations += f.counters.exit_check_violations
+    yield CounterMetricFamily(
+        "pgveil_masked_sessions", "Sessions classified as masked", value=s.masked_sessions
+    )
+    st = CounterMetricFamily(
+        "pgveil_masked_statements",
+        "Statements of masked sessions, by decision",
+        labels=["decision"],
+    )
+    for decision, v in statements.items():
+        st.add_metric([decision], v)
+    yield st
+    hits = misses = 0
+    for ctx in contexts:
+        hits += ctx.cache_hits
+        misses += ctx.cache_misses
+    cache = CounterMetricFamily(
+        "pgveil_analysis_cache", "Statement analysis cache lookups", labels=["result"]
+    )
+    cache.add_metric(["hit"], hits)
+    cache.add_metric(["miss"], misses)
+    yield cache
+    yield CounterMetricFamily(
+        "pgveil_notifications_withheld",
+        "Notifications withheld from masked sessions (channel without rules)",
+        value=withheld,
+    )
+    yield CounterMetricFamily(
+        "pgveil_exit_check_violations",
+        "Results that still carried a raw personal column (session closed)",
+        value=violations,
+    )
+
+
 class Metrics:
-    def __init__(self, stats: Stats, live: Callable[[], Iterable[LiveSession]]) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        live: Callable[[], Iterable[LiveSession]],
+        contexts: Callable[[], Iterable[MaskingContext]] = list,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(ProxyCollector(stats, live))
+        self.registry.register(ProxyCollector(stats, live, contexts))
         self.session_duration = Histogram(
             "pgveil_session_duration_seconds",
             "Lifetime of client sessions",

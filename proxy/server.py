@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
+from proxy.catalog import MaskingManager, MaskingUnavailable
 from proxy.config import ConfigError, ProxyConfig
 from proxy.logs import log
 from proxy.metrics import LiveSession, Metrics, MetricsServer, Stats
@@ -35,6 +36,9 @@ from proxy.session.engine import (
     _Forward,
 )
 from proxy.wire.messages import SSLRequest
+from rules.context import MaskingContext
+from rules.loader import RulesError
+from rules.model import Policy
 
 _STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.READY)
 WRITE_HIGH_WATER = 1024 * 1024
@@ -294,6 +298,20 @@ class ClientConnection(_Pipe, LiveSession):
         self.server.stats.tls_handshakes += 1
 
     async def _connect(self, startup_packet: bytes) -> None:
+        masking = self.server.masking
+        if masking is not None:
+            info = self.session.info
+            try:
+                ctx = await masking.context_for(info.user, info.database)
+            except MaskingUnavailable as exc:
+                log.error("session.unclassified", peer=self.peer, user=info.user, error=str(exc))
+                self.run(self.session.masking_unavailable(str(exc)), b"", to_server=False)
+                return
+            if ctx is not None:
+                self.server.stats.masked_sessions += 1
+            self.run(self.session.set_masking(ctx), b"", to_server=False)
+            if self._closed:
+                return
         try:
             transport, proto = await open_upstream(self.server, self)
         except UpstreamError as exc:
@@ -354,11 +372,13 @@ class ClientConnection(_Pipe, LiveSession):
 
 
 class ProxyServer:
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, policy: Policy | None = None) -> None:
         self.config = config
+        self.masking = MaskingManager(config, policy) if policy is not None else None
+        self._load_policy: Callable[[ProxyConfig], Policy | None] | None = None
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
-        self.metrics = Metrics(self.stats, self._live)
+        self.metrics = Metrics(self.stats, self._live, self._contexts)
         self.client_tls = client_tls_context(config)
         self.client_cert_der = _certificate_der(config)
         self.upstream_tls = upstream_tls_context(config)
@@ -373,6 +393,9 @@ class ProxyServer:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _contexts(self) -> list[MaskingContext]:
+        return self.masking.contexts() if self.masking is not None else []
 
     def _live(self) -> Iterable[LiveSession]:
         return list(self.connections)
@@ -450,9 +473,14 @@ class ProxyServer:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    def install_signal_handlers(self, reload: Callable[[], ProxyConfig]) -> None:
+    def install_signal_handlers(
+        self,
+        reload: Callable[[], ProxyConfig],
+        load_policy: Callable[[ProxyConfig], Policy | None] | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._reload = reload
+        self._load_policy = load_policy
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -464,7 +492,8 @@ class ProxyServer:
             new = self._reload()
             client_tls = client_tls_context(new)
             upstream_tls = upstream_tls_context(new)
-        except ConfigError as exc:
+            policy = self._load_policy(new) if self._load_policy is not None else None
+        except (ConfigError, RulesError) as exc:
             log.error("config.reload_failed", error=str(exc), kept="previous configuration")
             return
         restart = self.config.changed_restart_only(new)
@@ -474,6 +503,15 @@ class ProxyServer:
         self.config = new
         self.client_tls = client_tls
         self.client_cert_der = _certificate_der(new)
+        if policy is not None:
+            if self.masking is None:
+                self.masking = MaskingManager(new, policy)
+            else:
+                self.masking.reload(new, policy)
+            log.info("rules.reloaded", version=policy.version, tables=len(policy.tables))
+        elif self.masking is not None and self._load_policy is not None:
+            log.warning("rules.removed", detail="no rules file configured: masking is off")
+            self.masking = None
         self.upstream_tls = upstream_tls
         from proxy import logs
 
@@ -517,11 +555,16 @@ def _keep(new: ProxyConfig, old: ProxyConfig, names: list[str]) -> ProxyConfig:
     return replace(new, **{n: getattr(old, n) for n in names})
 
 
-async def serve(config: ProxyConfig, reload: Callable[[], ProxyConfig] | None = None) -> None:
-    server = ProxyServer(config)
+async def serve(
+    config: ProxyConfig,
+    reload: Callable[[], ProxyConfig] | None = None,
+    load_policy: Callable[[ProxyConfig], Policy | None] | None = None,
+) -> None:
+    policy = load_policy(config) if load_policy is not None else None
+    server = ProxyServer(config, policy)
     await server.start()
     if reload is not None:
-        server.install_signal_handlers(reload)
+        server.install_signal_handlers(reload, load_policy)
     await server.wait_stopped()
     log.info("proxy.stopped")
 

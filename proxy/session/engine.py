@@ -21,8 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from proxy.session.masked import MaskedFilter, SessionEnded
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
+from rules.context import MaskingContext
 
 # --- actions (imperative) --------------------------------------------------------------------
 
@@ -107,6 +109,20 @@ TX_UNKNOWN: Final = 0
 """tx_status when a ReadyForQuery was followed by more messages in the same chunk (e.g. a
 NotificationResponse): not known until the next chunk that ends with one. Never idle."""
 _CAPTURE_ALL: Final = capture_mask(everything=True)
+# Masked sessions: every frontend message but CopyData is looked at before it is forwarded.
+_CLIENT_CAPTURE_MASKED: Final = capture_mask(bytes(t for t in m.FRONTEND_NAMES if t != m.COPY_DATA))
+_SERVER_CAPTURE_MASKED: Final = capture_mask(
+    bytes(
+        (
+            m.ERROR_RESPONSE,
+            m.NOTICE_RESPONSE,
+            m.NOTIFICATION_RESPONSE,
+            m.ROW_DESCRIPTION,
+            m.PARAMETER_STATUS,
+            m.READY_FOR_QUERY,
+        )
+    )
+)
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
 
@@ -158,11 +174,22 @@ class Session:
         self._upstream_tls = False
         self._same_certificate = False
         self._sasl_offered = False
+        self.masked: MaskedFilter | None = None
+        self._startup_params: dict[str, str] = {}
 
     # ---- client -> proxy ---------------------------------------------------------------
 
     def client_data(self, data: bytes) -> Sequence[Action]:
         phase = self.phase
+        if self.masked is not None and phase is _READY:
+            try:
+                out = self.masked.client(self._client, data)
+            except m.ProtocolViolation as exc:
+                return self._fatal_to_client("08P01", str(exc))
+            if self._client.last_type == m.TERMINATE and not self.masked.holding:
+                self.phase = Phase.CLOSED
+                return (SendToServer(out), CloseSession("client terminated"))
+            return (SendToServer(out),) if out else _NOTHING
         if phase is _READY or phase is Phase.AUTHENTICATING:
             try:
                 captured = self._client.feed(data)
@@ -185,6 +212,10 @@ class Session:
     def _client_messages(self, captured: list[tuple[int, bytes]]) -> Sequence[Action]:
         terminate = False
         for typ, body in captured:
+            if self.masked is not None and typ != m.PASSWORD_MESSAGE and typ != m.TERMINATE:
+                return self._fatal_to_client(
+                    "08P01", "pgveil: masked sessions may not send statements before login"
+                )
             if typ == m.PASSWORD_MESSAGE:
                 refusal = self._check_sasl_initial_response(body)
                 if refusal is not None:
@@ -222,6 +253,7 @@ class Session:
             return (SendCancel(packet), CloseSession("cancel request"))
         assert isinstance(request, m.StartupMessage)
         params = request.parameters
+        self._startup_params = dict(params)
         self.info.user = request.user
         self.info.database = request.database
         self.info.application_name = params.get("application_name", "")
@@ -258,6 +290,29 @@ class Session:
 
     # ---- upstream ----------------------------------------------------------------------
 
+    def set_masking(self, ctx: MaskingContext | None) -> Sequence[Action]:
+        """The shell classified the login: `ctx` when it is a masked role. Called before
+        the upstream connection is opened."""
+        if ctx is None or self.phase is Phase.CLOSED:
+            return _NOTHING
+        refusal = ctx.startup_refusal(self._startup_params)
+        if refusal is not None:
+            return self._fatal_to_client("42501", f"pgveil: {refusal}")
+        self.masked = MaskedFilter(ctx, self.info.user)
+        # during login every message is looked at: statements must wait for READY
+        self._client.capture = _CAPTURE_ALL
+        if self._early_client_data:
+            probe = MessageScanner(_CAPTURE_ALL, [0] * 256, self.settings.max_message_size)
+            try:
+                early = probe.feed(bytes(self._early_client_data))
+            except m.ProtocolViolation as exc:
+                return self._fatal_to_client("08P01", str(exc))
+            if any(t != m.PASSWORD_MESSAGE for t, _ in early) or not probe.at_boundary:
+                return self._fatal_to_client(
+                    "08P01", "pgveil: masked sessions may not send statements before login"
+                )
+        return _NOTHING
+
     def upstream_connected(
         self, *, tls: bool = False, same_certificate: bool = False
     ) -> Sequence[Action]:
@@ -278,12 +333,20 @@ class Session:
             return (SendToServer(data),)
         return _NOTHING
 
+    def masking_unavailable(self, reason: str) -> Sequence[Action]:
+        """The login could not be classified: refuse rather than guess."""
+        if self.phase is Phase.CLOSED:
+            return _NOTHING
+        return self._fatal_to_client("42501", reason)
+
     def upstream_failed(self, reason: str) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
             return _NOTHING
         return self._fatal_to_client("08006", f"pgveil could not connect to the server: {reason}")
 
     def server_data(self, data: bytes) -> Sequence[Action]:
+        if self.masked is not None and self.phase is _READY:
+            return self._masked_server_data(data)
         if self.phase is _READY:
             counts = self.server_counts
             ready_before = counts[_Z]
@@ -307,6 +370,30 @@ class Session:
         if self.phase is Phase.AUTHENTICATING:
             return self._authentication_data(data)
         return _NOTHING
+
+    def _masked_server_data(self, data: bytes) -> Sequence[Action]:
+        assert self.masked is not None
+        try:
+            out = self.masked.server(self._server, data)
+        except m.ProtocolViolation as exc:
+            return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
+        except SessionEnded as exc:
+            return self._end_masked(str(exc))
+        if self.masked.tx_status is not None:
+            self.tx_status = self.masked.tx_status
+        actions: list[Action] = [SendToClient(out)] if out else []
+        if self.draining and self.is_idle():
+            actions += self._terminate_for_shutdown()
+        return actions
+
+    def _end_masked(self, text: str) -> Sequence[Action]:
+        self.phase = Phase.CLOSED
+        self.close_reason = text
+        return (
+            SendToServer(m.TERMINATE_MESSAGE),
+            SendToClient(m.error_response("42501", text, severity="FATAL")),
+            CloseSession(text),
+        )
 
     def _server_messages(self, captured: list[tuple[int, bytes]]) -> None:
         for typ, body in captured:
@@ -351,8 +438,17 @@ class Session:
             elif typ == m.READY_FOR_QUERY:
                 self.phase = Phase.READY
                 self.tx_status = body[0] if body else m.TX_IDLE
-                self._server.capture = _SERVER_CAPTURE_READY
-                self._client.capture = _CLIENT_CAPTURE
+                if self.masked is not None:
+                    self._server.capture = _SERVER_CAPTURE_MASKED
+                    self._client.capture = _CLIENT_CAPTURE_MASKED
+                    try:
+                        for name, value in self.info.parameters.items():
+                            self.masked.check_parameter(name, value)
+                    except SessionEnded as exc:
+                        return list(self._end_masked(str(exc)))
+                else:
+                    self._server.capture = _SERVER_CAPTURE_READY
+                    self._client.capture = _CLIENT_CAPTURE
             out += m.message(typ, body)
         actions: list[Action] = [SendToClient(bytes(out))] if out else []
         if self.phase is Phase.READY and self.draining and self.is_idle():
@@ -417,6 +513,7 @@ class Session:
             and self.pending == 0
             and self._client.at_boundary
             and self._server.at_boundary
+            and (self.masked is None or not self.masked.holding)
             and self._client.last_type not in _REQUEST_OPEN
         )
 

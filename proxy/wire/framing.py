@@ -26,6 +26,9 @@ _LEN: Final = struct.Struct("!I")
 Captured = tuple[int, bytes]
 """A complete captured message: (type byte, body without the 5-byte header)."""
 
+Located = tuple[int, bytes, int, int]
+"""A captured message and where it lies in the data just fed: (type, body, start, end)."""
+
 NO_MESSAGES: Final[list[Captured]] = []
 """Returned when nothing was captured; callers must treat it as read-only."""
 
@@ -158,6 +161,45 @@ class MessageScanner:
         if pos < n:
             self._hdr = data[pos:]
         return out
+
+    def feed_located(self, data: bytes) -> tuple[list[Located], int | None]:
+        """Like `feed`, for callers that rewrite captured messages in place.
+
+        Returns the captured messages with their offsets, and `held`: the offset from which
+        this chunk ends in an incomplete captured message or header, or None. The caller
+        keeps `data[held:]` back and passes it again, followed by the next chunk; nothing
+        of it has been counted. Uncaptured bodies that continue into the next chunk are
+        skipped as in `feed`, so only small captured messages are ever passed twice.
+        """
+        out: list[Located] = []
+        n = len(data)
+        pos = 0
+        if self._skip:
+            pos = min(self._skip, n)
+            self._skip -= pos
+        counts = self.counts
+        capture = self.capture
+        limits = self._limits
+        unpack = _HEADER.unpack_from
+        while pos <= n - 5:
+            typ, length = unpack(data, pos)
+            if length > limits[typ] or length < 4:
+                counts[typ] += 1
+                raise self._violation(typ, length)
+            end = pos + 1 + length
+            if capture[typ]:
+                if end > n:
+                    return out, pos
+                out.append((typ, data[pos + 5 : end], pos, end))
+            elif end > n:
+                counts[typ] += 1
+                self.last_type = typ
+                self._skip = end - n
+                return out, None
+            counts[typ] += 1
+            self.last_type = typ
+            pos = end
+        return out, (pos if pos < n else None)
 
     def _resume(self, data: bytes, pos: int, out: list[Captured]) -> int:
         """Finish a split captured message or header. Returns the next position, or -1

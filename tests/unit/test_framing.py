@@ -134,3 +134,39 @@ def test_error_fields_round_trip() -> None:
     assert m.severity_of(body) == "FATAL"
     assert m.sqlstate_of(b"C22012\0Mx\0\0") == "22012"
     assert m.sqlstate_of(b"Mx\0\0") == ""
+
+
+@settings(max_examples=300)
+@given(
+    msgs=st.lists(message_st, max_size=25),
+    cuts=st.lists(st.integers(min_value=0, max_value=20000), max_size=30),
+    captured_types=st.sets(st.sampled_from(TYPES)),
+)
+def test_located_rewrite_reassembles_the_stream(
+    msgs: list[tuple[int, bytes]], cuts: list[int], captured_types: set[int]
+) -> None:
+    """Forwarding uncaptured bytes and re-encoding captured messages gives the stream back."""
+    stream = b"".join(m.message(t, b) for t, b in msgs)
+    counts = [0] * 256
+    scanner = MessageScanner(capture_mask(bytes(captured_types)), counts, 1 << 20)
+    out = bytearray()
+    held = b""
+    got = []
+    for chunk in _split(stream, cuts):
+        data = held + chunk
+        located, hold = scanner.feed_located(data)
+        pos = 0
+        for typ, body, start, end in located:
+            out += data[pos:start]
+            out += m.message(typ, body)
+            got.append((typ, body))
+            pos = end
+        out += data[pos : hold if hold is not None else len(data)]
+        held = data[hold:] if hold is not None else b""
+    assert held == b""
+    assert bytes(out) == stream
+    assert got == [(t, b) for t, b in msgs if t in captured_types]
+    expected = [0] * 256
+    for t, _ in msgs:
+        expected[t] += 1
+    assert counts == expected

@@ -1,0 +1,228 @@
+"""Reads the live catalog (asyncpg, pgveil's own login) and classifies logins.
+
+`MaskingManager.context_for(user, database)` answers None for an unmasked login and a
+`MaskingContext` for a masked one. The catalog of each database is cached and re-read every
+`catalog_refresh` seconds and on reload. When the catalog cannot be read, the answer is a
+`MaskingUnavailable` error and the session is refused: never a guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from proxy.config import ProxyConfig
+from proxy.logs import log
+from rules.catalog import Catalog, Column, Relation
+from rules.context import MaskingContext
+from rules.masks import ColumnType
+from rules.model import Policy
+
+RELATIONS_SQL = """
+SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind, a.attname, a.attnum,
+       coalesce(bt.typname, t.typname) AS typname,
+       format_type(coalesce(nullif(t.typbasetype, 0), a.atttypid),
+                   CASE WHEN t.typbasetype <> 0 THEN t.typtypmod ELSE a.atttypmod END) AS formatted
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+  LEFT JOIN pg_catalog.pg_type bt ON bt.oid = t.typbasetype AND t.typtype = 'd'
+ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+   AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
+ ORDER BY c.oid, a.attnum
+"""
+INHERITS_SQL = "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits"
+VIEW_SOURCES_SQL = """
+SELECT DISTINCT r.ev_class AS view, d.refobjid AS source
+  FROM pg_catalog.pg_rewrite r
+  JOIN pg_catalog.pg_depend d ON d.objid = r.oid
+   AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+   AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+ WHERE d.refobjid <> r.ev_class
+"""
+FUNCTIONS_SQL = """
+SELECT n.nspname, p.proname FROM pg_catalog.pg_proc p
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+"""
+OPERATORS_SQL = """
+SELECT n.nspname, o.oprname FROM pg_catalog.pg_operator o
+  JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+"""
+ROLES_SQL = """
+WITH RECURSIVE r(oid) AS (
+    SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1
+    UNION SELECT m.roleid FROM pg_catalog.pg_auth_members m JOIN r ON m.member = r.oid)
+SELECT rolname FROM pg_catalog.pg_roles WHERE oid IN (SELECT oid FROM r)
+"""
+_SYSTEM = ("pg_catalog", "information_schema")
+
+
+class MaskingUnavailable(Exception):
+    """The catalog could not be read; the text is safe to show the client."""
+
+
+async def read_catalog(conn: Any) -> Catalog:
+    rows = await conn.fetch(RELATIONS_SQL)
+    rels: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        rel = rels.setdefault(
+            r["oid"],
+            {"schema": r["nspname"], "name": r["relname"], "kind": r["relkind"], "cols": []},
+        )
+        rel["cols"].append(
+            Column(r["attname"], r["attnum"], ColumnType(r["typname"], r["formatted"]))
+        )
+    parents: dict[int, list[int]] = {}
+    for r in await conn.fetch(INHERITS_SQL):
+        parents.setdefault(r["inhrelid"], []).append(r["inhparent"])
+
+    def ancestors(oid: int) -> list[int]:
+        out: list[int] = []
+        todo = list(parents.get(oid, ()))
+        while todo:
+            p = todo.pop()
+            if p not in out:
+                out.append(p)
+                todo.extend(parents.get(p, ()))
+        return out
+
+    def key(oid: int) -> tuple[str, str] | None:
+        r = rels.get(oid)
+        return (r["schema"], r["name"]) if r else None
+
+    relations: dict[tuple[str, str], Relation] = {}
+    for oid, r in rels.items():
+        ps = tuple(k for k in (key(p) for p in ancestors(oid)) if k is not None)
+        relations[(r["schema"], r["name"])] = Relation(
+            oid, r["schema"], r["name"], r["kind"], tuple(r["cols"]), ps
+        )
+    sources: dict[int, set[int]] = {}
+    for r in await conn.fetch(VIEW_SOURCES_SQL):
+        sources.setdefault(r["view"], set()).add(r["source"])
+
+    def closure(oid: int) -> set[int]:
+        seen: set[int] = set()
+        todo = list(sources.get(oid, ()))
+        while todo:
+            s = todo.pop()
+            if s not in seen:
+                seen.add(s)
+                todo.extend(sources.get(s, ()))
+        return seen
+
+    view_sources = {}
+    for oid in sources:
+        k = key(oid)
+        if k is not None:
+            view_sources[k] = tuple(
+                sorted(x for x in (key(s) for s in closure(oid)) if x is not None)
+            )
+    builtin_f: set[str] = set()
+    user_f: set[tuple[str, str]] = set()
+    for r in await conn.fetch(FUNCTIONS_SQL):
+        if r["nspname"] == "pg_catalog":
+            builtin_f.add(r["proname"])
+        elif r["nspname"] not in _SYSTEM:
+            user_f.add((r["nspname"], r["proname"]))
+    builtin_o: set[str] = set()
+    user_o: set[str] = set()
+    for r in await conn.fetch(OPERATORS_SQL):
+        (builtin_o if r["nspname"] == "pg_catalog" else user_o).add(r["oprname"])
+    return Catalog(
+        relations=relations,
+        builtin_functions=frozenset(builtin_f),
+        user_functions=frozenset(user_f),
+        builtin_operators=frozenset(builtin_o),
+        user_operators=frozenset(user_o - builtin_o),
+        view_sources=view_sources,
+    )
+
+
+@dataclass
+class _Database:
+    context: MaskingContext
+    loaded: float
+    roles: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+class MaskingManager:
+    def __init__(self, config: ProxyConfig, policy: Policy) -> None:
+        self.config = config
+        self.policy = policy
+        self._dbs: dict[str, _Database] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def reload(self, config: ProxyConfig, policy: Policy) -> None:
+        self.config = config
+        self.policy = policy
+        self._dbs.clear()
+
+    def contexts(self) -> list[MaskingContext]:
+        return [d.context for d in self._dbs.values()]
+
+    async def _connect(self, database: str) -> Any:
+        c = self.config
+        ssl: Any = False if c.upstream_sslmode == "disable" else c.upstream_sslmode
+        try:
+            return await asyncpg.connect(
+                host=c.upstream.host,
+                port=c.upstream.port,
+                user=c.catalog_user,
+                password=c.catalog_password,
+                database=database,
+                ssl=ssl,
+                timeout=c.connect_timeout,
+                server_settings={"application_name": "pgveil-catalog"},
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise MaskingUnavailable(
+                f"pgveil cannot read the catalog of database {database} ({type(exc).__name__})"
+            ) from exc
+
+    async def _database(self, database: str) -> _Database:
+        db = self._dbs.get(database)
+        if db is not None and time.monotonic() - db.loaded < self.config.catalog_refresh:
+            return db
+        lock = self._locks.setdefault(database, asyncio.Lock())
+        async with lock:
+            db = self._dbs.get(database)
+            if db is not None and time.monotonic() - db.loaded < self.config.catalog_refresh:
+                return db
+            conn = await self._connect(database)
+            try:
+                catalog = await read_catalog(conn)
+            except asyncpg.PostgresError as exc:
+                raise MaskingUnavailable(
+                    f"pgveil cannot read the catalog ({type(exc).__name__})"
+                ) from exc
+            finally:
+                await conn.close()
+            db = _Database(MaskingContext(self.policy, catalog), time.monotonic())
+            self._dbs[database] = db
+            log.info("catalog.loaded", database=database, relations=len(catalog.relations))
+            return db
+
+    async def roles_of(self, user: str, database: str) -> frozenset[str]:
+        db = await self._database(database)
+        roles = db.roles.get(user)
+        if roles is None:
+            conn = await self._connect(database)
+            try:
+                rows = await conn.fetch(ROLES_SQL, user)
+            finally:
+                await conn.close()
+            roles = frozenset(r["rolname"] for r in rows) | {user}
+            db.roles[user] = roles
+        return roles
+
+    async def context_for(self, user: str, database: str) -> MaskingContext | None:
+        roles = await self.roles_of(user, database)
+        if self.policy.classify(roles) == "unmasked":
+            return None
+        return (await self._database(database)).context

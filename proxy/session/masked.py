@@ -1,0 +1,235 @@
+"""The masked-session filter: what changes on the wire for a masked role.
+
+Client -> server: every Query and Parse is analysed and forwarded as is, rewritten, or
+replaced by a statement that fails with a syntax error whose unique token pgveil recognises
+in the answer and turns into its own 42501 refusal. Going through the server keeps the
+order of pipelined answers and the transaction state exactly as PostgreSQL's own error
+would. FunctionCall is refused the same way. Nothing is forwarded before the whole message
+has been analysed.
+
+Server -> client: ErrorResponse and NoticeResponse lose detail, context and internal-query
+fields, and quoted values in the message that the client did not send itself are masked;
+NotificationResponses are masked per the rules or withheld; a RowDescription that still
+points at a raw personal column (the rewrite missed something) ends the session; a change of
+session_authorization, client_encoding or standard_conforming_strings ends it too. DataRows
+are never decoded: the database already computed them on masked values.
+
+No I/O and no logging here; nothing from a statement or a row leaves this module except
+towards the client.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+from proxy.wire import messages as m
+from proxy.wire.framing import MessageScanner
+from rules.context import MaskingContext
+from rules.masks import ColumnType, py_mask
+from rules.model import MaskSpec
+
+REFUSAL_TOKEN = "pgveil_refusal_"
+_QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
+_TEXT = ColumnType("text", "text")
+_PARTIAL = MaskSpec("partial")
+_KEEP_FIELDS = frozenset("SVCMHPsctdnFLR")
+
+
+@dataclass
+class MaskedCounters:
+    passed: int = 0
+    rewritten: int = 0
+    refused: int = 0
+    notifications_withheld: int = 0
+    exit_check_violations: int = 0
+    refusal_reasons: list[str] = field(default_factory=list)
+
+
+class SessionEnded(Exception):
+    """The session must end with a FATAL 42501 carrying this message."""
+
+
+class MaskedFilter:
+    def __init__(self, ctx: MaskingContext, login: str) -> None:
+        self.ctx = ctx
+        self.login = login
+        self.counters = MaskedCounters()
+        self._refusals: dict[str, str] = {}
+        self._recent_sql: deque[str] = deque(maxlen=64)
+        self._client_held = b""
+        self._server_held = b""
+        self.tx_status: int | None = None  # from the latest ReadyForQuery
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._client_held or self._server_held)
+
+    # ---- client -> server --------------------------------------------------------------
+
+    def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
+        data = self._client_held + chunk if self._client_held else chunk
+        located, held = scanner.feed_located(data)
+        out = bytearray()
+        pos = 0
+        for typ, body, start, end in located:
+            out += data[pos:start]
+            if typ == m.QUERY:
+                out += self._query(body, data[start:end])
+            elif typ == m.PARSE:
+                out += self._parse(body, data[start:end])
+            elif typ == m.FUNCTION_CALL:
+                out += m.message(
+                    m.QUERY, self._refuse("FunctionCall is not allowed for masked roles")
+                )
+            else:
+                out += data[start:end]
+            pos = end
+        stop = held if held is not None else len(data)
+        out += data[pos:stop]
+        self._client_held = data[stop:] if held is not None else b""
+        return bytes(out)
+
+    def _refuse(self, reason: str) -> bytes:
+        nonce = secrets.token_hex(8)
+        self._refusals[nonce] = reason
+        self.counters.refused += 1
+        self.counters.refusal_reasons.append(reason)
+        return f"{REFUSAL_TOKEN}{nonce}\0".encode()
+
+    def _decide(self, sql: str) -> tuple[str, str | None]:
+        self._recent_sql.append(sql)
+        d = self.ctx.analyze(sql)
+        if d.action == "refuse":
+            return "refuse", d.reason or "refused"
+        if d.action == "rewrite":
+            self.counters.rewritten += 1
+            return "rewrite", d.sql
+        self.counters.passed += 1
+        return "pass", None
+
+    def _query(self, body: bytes, original: bytes) -> bytes:
+        sql = body[:-1].decode("utf-8", "replace")
+        action, value = self._decide(sql)
+        if action == "pass":
+            return original
+        if action == "rewrite":
+            assert value is not None
+            return m.message(m.QUERY, value.encode() + b"\0")
+        return m.message(m.QUERY, self._refuse(value or "refused"))
+
+    def _parse(self, body: bytes, original: bytes) -> bytes:
+        name_end = body.index(b"\0")
+        q_end = body.index(b"\0", name_end + 1)
+        name = body[: name_end + 1]
+        sql = body[name_end + 1 : q_end].decode("utf-8", "replace")
+        rest = body[q_end + 1 :]
+        action, value = self._decide(sql)
+        if action == "pass":
+            return original
+        if action == "rewrite":
+            assert value is not None
+            return m.message(m.PARSE, name + value.encode() + b"\0" + rest)
+        return m.message(m.PARSE, name + self._refuse(value or "refused") + b"\0\0")
+
+    # ---- server -> client --------------------------------------------------------------
+
+    def server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
+        data = self._server_held + chunk if self._server_held else chunk
+        located, held = scanner.feed_located(data)
+        out = bytearray()
+        pos = 0
+        for typ, body, start, end in located:
+            out += data[pos:start]
+            if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
+                out += self._error(typ, body)
+            elif typ == m.NOTIFICATION_RESPONSE:
+                out += self._notification(body)
+            elif typ == m.ROW_DESCRIPTION:
+                self._check_row_description(body)
+                out += data[start:end]
+            elif typ == m.PARAMETER_STATUS:
+                self.check_parameter(*m.parameter_status(body))
+                out += data[start:end]
+            elif typ == m.READY_FOR_QUERY:
+                self.tx_status = body[0] if body else m.TX_IDLE
+                self._recent_sql.clear()
+                out += data[start:end]
+            else:
+                out += data[start:end]
+            pos = end
+        stop = held if held is not None else len(data)
+        out += data[pos:stop]
+        self._server_held = data[stop:] if held is not None else b""
+        return bytes(out)
+
+    def check_parameter(self, name: str, value: str) -> None:
+        if name == "session_authorization" and value != self.login:
+            raise SessionEnded(
+                "pgveil: the session's role changed; masked sessions may not switch role"
+            )
+        if name == "client_encoding" and value.upper() != "UTF8":
+            raise SessionEnded("pgveil: masked sessions must use client_encoding UTF8")
+        if name == "standard_conforming_strings" and value != "on":
+            raise SessionEnded("pgveil: masked sessions need standard_conforming_strings on")
+
+    def _error(self, typ: int, body: bytes) -> bytes:
+        fields = m.decode_fields(body)
+        text = fields.get("M", "")
+        if REFUSAL_TOKEN in text:
+            for nonce in list(self._refusals):
+                if REFUSAL_TOKEN + nonce in text:
+                    reason = self._refusals.pop(nonce)
+                    return m.error_response("42501", f"pgveil: {reason}")
+        scrubbed: dict[str, str] = {}
+        for code, value in fields.items():
+            if code not in _KEEP_FIELDS:
+                continue
+            if code in "MH":
+                value = _QUOTED.sub(self._quoted, value)
+            scrubbed[code] = value
+        if "D" in fields:
+            scrubbed["D"] = "pgveil: detail withheld from masked roles"
+        return encode_fields(typ, scrubbed)
+
+    def _quoted(self, match: re.Match[str]) -> str:
+        inner = match.group(1) if match.group(1) is not None else match.group(2)
+        quote = '"' if match.group(1) is not None else "'"
+        if not inner or inner in self.ctx.identifiers or any(inner in s for s in self._recent_sql):
+            return match.group(0)
+        return quote + (py_mask(_PARTIAL, inner, _TEXT, {}) or "") + quote
+
+    def _notification(self, body: bytes) -> bytes:
+        pid = body[:4]
+        chan_end = body.index(b"\0", 4)
+        channel = body[4:chan_end].decode("utf-8", "replace")
+        payload = body[chan_end + 1 : -1].decode("utf-8", "replace")
+        masked = self.ctx.notification_payload(channel, payload)
+        if masked is None:
+            self.counters.notifications_withheld += 1
+            return b""
+        return m.message(
+            m.NOTIFICATION_RESPONSE, pid + body[4 : chan_end + 1] + masked.encode() + b"\0"
+        )
+
+    def _check_row_description(self, body: bytes) -> None:
+        (count,) = struct.unpack_from("!h", body, 0)
+        pos = 2
+        for _ in range(count):
+            pos = body.index(b"\0", pos) + 1
+            table_oid, attnum = struct.unpack_from("!Ih", body, pos)
+            pos += 18
+            if table_oid and self.ctx.pmap.personal_column(table_oid, attnum) is not None:
+                self.counters.exit_check_violations += 1
+                raise SessionEnded(
+                    "pgveil: a result would have carried an unmasked personal column; "
+                    "the session is closed"
+                )
+
+
+def encode_fields(typ: int, fields: dict[str, str]) -> bytes:
+    parts = [code.encode() + value.encode() + b"\0" for code, value in fields.items()]
+    return m.message(typ, b"".join(parts) + b"\0")

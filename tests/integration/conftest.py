@@ -1,0 +1,5 @@
+"""Fixtures shared by the integration tests (the cluster and proxy are in tests/conftest.py)."""
+
+from tests.integration.masking_fixture import billing
+
+__all__ = ["billing"]

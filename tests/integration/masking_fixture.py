@@ -1,0 +1,176 @@
+"""A billing-like schema with canary personal data, rules for it, and a pgveil with them.
+
+The canaries are distinctive strings; `SECRETS` lists, per personal column, the part of the
+value that its mask must hide (a partial mask shows the first and last symbol, an e-mail
+mask keeps the domain, so those parts are not secrets).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.embedded_pg import EmbeddedPostgres
+from tests.support import ProxyProcess
+
+HELPDESK, HELPDESK_PW = "helpdesk", "helpdesk-pw-1"
+ADMIN, ADMIN_PW = "billing_admin", "admin-pw-1"
+AGENT, AGENT_PW = "cc_agent", "agent-pw-1"  # masked through membership of cc_staff
+HASH_KEY = "pgveil-test-hash-key-0123456789"
+
+NAME = "Zebulon Quixotehart"
+EMAIL = "zebulonq.private@canary-mail.example"
+PHONE = "+420777123456"
+CARD = "4111222233334444"
+LOGIN = "zq_login_secret"
+LICENSE = "DL-98765-XQWV"
+IP = "198.51.173.222"
+MAC = "0a:1b:2c:3d:4e:5f"
+
+# the hidden cores (what no masked output may contain)
+SECRETS = {
+    "name": "ebulon Quixotehar",
+    "email": "ebulonq.privat",
+    "phone": "420777123",
+    "card": "411122223333",
+    "login": LOGIN,
+    "license": "L-98765-XQW",
+    "ip": ".51.173.",
+    "mac": "1b:2c:3d:4e",
+}
+FULL_VALUES = [NAME, EMAIL.split("@")[0], PHONE, CARD, LOGIN, LICENSE]
+
+SCHEMA = f"""
+DROP SCHEMA IF EXISTS billing CASCADE;
+CREATE SCHEMA billing;
+CREATE TABLE billing.customer_classes (i_customer_class int PRIMARY KEY, name text, retention interval);
+CREATE TABLE billing.customers (
+    i_customer bigint PRIMARY KEY,
+    i_customer_class int REFERENCES billing.customer_classes,
+    name varchar(80) NOT NULL,
+    email text UNIQUE,
+    phone text,
+    cc_number text,
+    login text,
+    extra jsonb,
+    balance numeric(12,2) NOT NULL DEFAULT 0,
+    notes text
+);
+CREATE TABLE billing.accounts (
+    i_account bigint PRIMARY KEY,
+    i_customer bigint REFERENCES billing.customers,
+    ip inet, mac macaddr, id text
+);
+CREATE TABLE billing.xdrs (i_xdr bigserial, i_account bigint, cli text, cld text, charged numeric)
+    PARTITION BY RANGE (i_xdr);
+CREATE TABLE billing.xdrs_1 PARTITION OF billing.xdrs FOR VALUES FROM (1) TO (1000000);
+CREATE VIEW billing.customer_contacts AS SELECT i_customer, name, email FROM billing.customers;
+CREATE VIEW billing.class_names AS SELECT i_customer_class, name FROM billing.customer_classes;
+INSERT INTO billing.customer_classes VALUES (1, 'European Customers', '30 days');
+INSERT INTO billing.customers VALUES
+  (1, 1, '{NAME}', '{EMAIL}', '{PHONE}', '{CARD}', '{LOGIN}',
+   '{{"dl": "{LICENSE}", "tier": "gold"}}', 12.50, 'likes invoices'),
+  (2, 1, 'Ann Other', 'ann@example.org', '+420600000000', '5555000011112222', 'ann_login',
+   '{{"dl": "DL-1"}}', 3.00, NULL);
+INSERT INTO billing.accounts VALUES (10, 1, '{IP}', '{MAC}', 'ACC-10'), (20, 2, '10.0.0.2', '00:00:00:00:00:02', 'ACC-20');
+INSERT INTO billing.xdrs (i_account, cli, cld, charged) VALUES (10, '{PHONE}', '+18005550100', 1.25), (20, '+420600000000', '+18005550101', 2.5);
+CREATE FUNCTION billing.invoice_total(bigint) RETURNS numeric LANGUAGE sql STABLE AS 'SELECT 42.0';
+CREATE FUNCTION billing.leak() RETURNS SETOF text LANGUAGE sql STABLE AS 'SELECT name::text FROM billing.customers';
+CREATE ROLE {HELPDESK} LOGIN PASSWORD '{HELPDESK_PW}';
+CREATE ROLE {ADMIN} LOGIN PASSWORD '{ADMIN_PW}';
+CREATE ROLE cc_staff NOLOGIN;
+CREATE ROLE {AGENT} LOGIN PASSWORD '{AGENT_PW}' IN ROLE cc_staff;
+GRANT USAGE ON SCHEMA billing TO {HELPDESK}, {ADMIN}, cc_staff;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA billing TO {HELPDESK}, {ADMIN}, cc_staff;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA billing TO {HELPDESK}, {ADMIN}, cc_staff;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA billing TO {HELPDESK}, {ADMIN}, cc_staff;
+GRANT pg_read_all_stats TO {HELPDESK};
+GRANT CREATE ON SCHEMA public TO {HELPDESK};
+ANALYZE billing.customers;
+"""
+
+RULES = """
+roles:
+  unmasked: [billing_admin]
+  masked: [helpdesk, cc_staff]
+  default: unmasked
+keys:
+  hash: {env: PGVEIL_TEST_HASH_KEY}
+functions:
+  allow: [billing.invoice_total]
+channels:
+  invoice_events: {payload: json, keys: {customer_name: partial, email: email}}
+tables:
+  billing.customers:
+    subject: i_customer
+    columns:
+      name: partial
+      email: email
+      phone: {mask: partial, keep_first: 1, keep_last: 2}
+      cc_number: deny
+      login: hash
+      extra: {mask: json, keys: {dl: partial}}
+  billing.accounts:
+    subject: i_account
+    columns:
+      ip: partial
+      mac: partial
+  billing.xdrs:
+    columns:
+      cli: {mask: partial, keep_first: 1, keep_last: 2}
+  billing.customer_contacts:
+    columns:
+      name: partial
+      email: email
+"""
+
+
+def leaks(text: str) -> list[str]:
+    """Every secret (or a transform of it) found in `text`."""
+    found = []
+    hay = text
+    for col, core in SECRETS.items():
+        for form in (core, core.upper(), core.lower(), core[::-1]):
+            windows = {form[i : i + 6] for i in range(max(1, len(form) - 5))}
+            if any(w in hay for w in windows):
+                found.append(col)
+                break
+    for v in FULL_VALUES:
+        b = v.encode()
+        for enc in (b.hex(), base64.b64encode(b).decode(), hashlib.md5(b).hexdigest()):
+            if enc in hay or enc.upper() in hay:
+                found.append(f"encoded:{v[:3]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def billing(pg: EmbeddedPostgres) -> Iterator[ProxyProcess]:
+    pg.psql(SCHEMA)
+    d = Path(tempfile.mkdtemp(prefix="pgveil-rules-"))
+    rules = d / "rules.yaml"
+    rules.write_text(RULES)
+    env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
+    p = ProxyProcess(
+        pg.port,
+        "--upstream-sslmode",
+        "disable",
+        "--rules",
+        str(rules),
+        "--catalog-user",
+        pg.superuser,
+        env=env,
+    )
+    p.rules_path = rules  # type: ignore[attr-defined]
+    yield p
+    p.stop()
+    os.unlink(rules)
+
+
+def dsn(pg: EmbeddedPostgres, port: int, user: str = HELPDESK, password: str = HELPDESK_PW) -> str:
+    return f"host=127.0.0.1 port={port} user={user} password={password} dbname=postgres sslmode=disable"

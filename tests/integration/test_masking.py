@@ -1,0 +1,247 @@
+"""Functional tests of masked sessions: shapes, exact non-personal values, writes, refusals,
+and unmasked roles untouched."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.masking_fixture import (
+    ADMIN,
+    ADMIN_PW,
+    AGENT,
+    AGENT_PW,
+    CARD,
+    EMAIL,
+    NAME,
+    dsn,
+    leaks,
+)
+from tests.support import ProxyProcess
+
+
+def test_masked_shapes_and_exact_other_values(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with psycopg.connect(dsn(pg, billing.port)) as c:
+        cur = c.execute("SELECT * FROM billing.customers WHERE i_customer = 1")
+        row = cur.fetchone()
+        cols = [d.name for d in cur.description or ()]
+    assert row is not None
+    assert cols == [
+        "i_customer",
+        "i_customer_class",
+        "name",
+        "email",
+        "phone",
+        "cc_number",
+        "login",
+        "extra",
+        "balance",
+        "notes",
+    ]
+    i, _cls, name, email, phone, card, login, extra, balance, notes = row
+    assert i == 1 and str(balance) == "12.50" and notes == "likes invoices"
+    assert name == "Z" + "*" * (len(NAME) - 2) + "t"
+    assert email == "z" + "*" * (len(EMAIL.split("@")[0]) - 1) + "@canary-mail.example"
+    assert phone == "+**********56"
+    assert card is None  # deny
+    assert extra == {"dl": "D***********V", "tier": "gold"}
+    assert len(login) == 64 and login != "zq_login_secret"
+
+
+def test_unmasked_role_sees_everything(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with psycopg.connect(dsn(pg, billing.port, ADMIN, ADMIN_PW)) as c:
+        assert c.execute(
+            "SELECT name, cc_number FROM billing.customers WHERE i_customer = 1"
+        ).fetchone() == (NAME, CARD)
+
+
+def test_group_membership_makes_masked(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with psycopg.connect(dsn(pg, billing.port, AGENT, AGENT_PW)) as c:
+        (name,) = c.execute("SELECT name FROM billing.customers WHERE i_customer = 1").fetchone()  # type: ignore[misc]
+    assert name != NAME and not leaks(name)
+
+
+def test_predicates_see_masked_values(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with psycopg.connect(dsn(pg, billing.port)) as c:
+        assert c.execute(
+            "SELECT count(*) FROM billing.customers WHERE name LIKE 'Zeb%'"
+        ).fetchone() == (0,)
+        assert c.execute(
+            "SELECT count(*) FROM billing.customers WHERE name LIKE 'Z%t'"
+        ).fetchone() == (1,)
+
+
+def test_refusals_are_42501_with_reason_and_session_survives(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
+    with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
+        for sql, reason in [
+            ("SELECT cc_number FROM billing.customers", "not available"),
+            ("SET ROLE billing_admin", "role"),
+            ("SELECT * FROM billing.leak()", "billing.leak"),
+            ("DO $$ BEGIN END $$", "DO"),
+        ]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                c.execute(sql)
+            assert info.value.diag.message_primary is not None
+            assert info.value.diag.message_primary.startswith("pgveil: ")
+            assert reason in info.value.diag.message_primary
+        assert c.execute("SELECT billing.invoice_total(1)").fetchone() == (42,)
+
+
+def test_refusal_inside_transaction_aborts_it_like_postgres(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
+    with psycopg.connect(dsn(pg, billing.port)) as c:
+        c.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT cc_number FROM billing.customers")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            c.execute("SELECT 1")
+        c.rollback()
+        assert c.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_extended_protocol_pipeline_with_refusal(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
+    with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
+        rows = [
+            c.execute(
+                "SELECT name FROM billing.customers WHERE i_customer = %s", [i], prepare=True
+            ).fetchone()
+            for i in (1, 2, 1)
+        ]
+        assert not leaks(repr(rows))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT cc_number FROM billing.customers WHERE i_customer = %s", [1])
+        assert c.execute("SELECT %s::int", [5]).fetchone() == (5,)
+
+
+def test_write_back_keeps_originals_and_writes_work(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
+    with psycopg.connect(dsn(pg, billing.port)) as c:
+        name, email, _notes = c.execute(
+            "SELECT name, email, notes FROM billing.customers WHERE i_customer = 2"
+        ).fetchone()  # type: ignore[misc]
+        # a legacy form saves every field it showed, changing only the notes
+        c.execute(
+            "UPDATE billing.customers SET name = %s, email = %s, notes = %s WHERE i_customer = %s",
+            [name, email, "called back", 2],
+        )
+        # a real change of a personal field is stored
+        c.execute(
+            "UPDATE billing.customers SET phone = %s WHERE i_customer = 2 RETURNING phone",
+            ["+420611111111"],
+        )
+        c.execute(
+            "INSERT INTO billing.customers (i_customer, i_customer_class, name, email) VALUES (3, 1, 'New Person', 'new@example.net')"
+        )
+        c.commit()
+    stored = pg.psql(
+        "SELECT name || '|' || email || '|' || notes || '|' || phone FROM billing.customers WHERE i_customer = 2"
+    ).strip()
+    assert stored == "Ann Other|ann@example.org|called back|+420611111111"
+    assert (
+        pg.psql("SELECT name FROM billing.customers WHERE i_customer = 3").strip() == "New Person"
+    )
+    pg.psql("DELETE FROM billing.customers WHERE i_customer = 3")
+
+
+def test_update_where_sees_masked_values(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with psycopg.connect(dsn(pg, billing.port)) as c:
+        cur = c.execute("UPDATE billing.customers SET notes = notes WHERE name = %s", [NAME])
+        assert cur.rowcount == 0
+        c.rollback()
+
+
+def test_view_with_rules_is_masked_and_view_without_is_refused(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
+    pg.psql(
+        "CREATE OR REPLACE VIEW billing.sneaky AS SELECT name FROM billing.customers; GRANT SELECT ON billing.sneaky TO helpdesk"
+    )
+    with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
+        (name,) = c.execute(
+            "SELECT name FROM billing.customer_contacts WHERE i_customer = 1"
+        ).fetchone()  # type: ignore[misc]
+        assert not leaks(name)
+        assert c.execute("SELECT name FROM billing.class_names").fetchone() == (
+            "European Customers",
+        )
+    # a view created after the catalog was read: a fresh proxy session sees it after refresh;
+    # here the cached catalog does not know it, so the reference is to an unknown relation
+    # that reads a protected table -- prove the refusal with a proxy that reads it fresh
+    env = {
+        "PGVEIL_TEST_HASH_KEY": "pgveil-test-hash-key-0123456789",
+        "PGVEIL_CATALOG_PASSWORD": pg.password,
+    }
+    with ProxyProcess(
+        pg.port,
+        "--upstream-sslmode",
+        "disable",
+        "--rules",
+        str(billing.rules_path),  # type: ignore[attr-defined]
+        "--catalog-user",
+        pg.superuser,
+        metrics=False,
+        env=env,
+    ) as p:
+        with psycopg.connect(dsn(pg, p.port), autocommit=True) as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"view billing\.sneaky"):
+                c.execute("SELECT * FROM billing.sneaky")
+
+
+def test_errors_do_not_echo_raw_values(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as info:
+            c.execute("SELECT name::int FROM billing.customers WHERE i_customer = 1")
+        assert not leaks(str(info.value))
+        with pytest.raises(psycopg.errors.UniqueViolation) as info2:
+            c.execute("UPDATE billing.customers SET email = 'ann@example.org' WHERE i_customer = 1")
+        assert "ann@example.org" not in (info2.value.diag.message_detail or "")
+        assert not leaks(str(info2.value))
+
+
+def test_copy_to_stdout_is_masked(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with psycopg.connect(dsn(pg, billing.port)) as c:
+        with c.cursor().copy("COPY billing.customers TO STDOUT") as cp:
+            data = b"".join(bytes(x) for x in cp)
+        with c.cursor().copy("COPY billing.customers TO STDOUT (FORMAT binary)") as cp:
+            binary = b"".join(bytes(x) for x in cp)
+    assert b"Ann" not in data and not leaks(data.decode())
+    assert not leaks(binary.decode("latin-1"))
+
+
+def test_notifications_masked_or_withheld(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    import json
+
+    with psycopg.connect(dsn(pg, billing.port), autocommit=True) as listener:
+        listener.execute("LISTEN invoice_events")
+        listener.execute("LISTEN other_channel")
+        with psycopg.connect(pg.dsn() + " sslmode=disable", autocommit=True) as sender:
+            sender.execute("SELECT pg_notify('other_channel', %s)", [NAME])
+            sender.execute(
+                "SELECT pg_notify('invoice_events', %s)",
+                [json.dumps({"customer_name": NAME, "email": EMAIL, "amount": 5})],
+            )
+        got = [(n.channel, n.payload) for n in listener.notifies(timeout=3, stop_after=1)]
+    assert len(got) == 1 and got[0][0] == "invoice_events"
+    payload = json.loads(got[0][1])
+    assert payload["amount"] == 5 and not leaks(got[0][1])
+    assert billing.metric("pgveil_notifications_withheld_total") >= 1
+
+
+def test_masked_startup_role_option_refused(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with pytest.raises(psycopg.OperationalError, match="pgveil: masked roles may not set role"):
+        psycopg.connect(dsn(pg, billing.port) + " options='-c role=billing_admin'")
+    with pytest.raises(psycopg.OperationalError, match="replication"):
+        psycopg.connect(dsn(pg, billing.port) + " replication=database")
+
+
+def test_metrics_count_decisions(billing: ProxyProcess) -> None:
+    assert billing.metric("pgveil_masked_statements_total", decision="rewrite") >= 1
+    assert billing.metric("pgveil_masked_statements_total", decision="refuse") >= 1
+    assert billing.metric("pgveil_analysis_cache_total", result="miss") >= 1
