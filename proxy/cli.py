@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         # every setting is a string here; config.load_config parses and validates it, so
         # the same rules apply to flags, environment and file
         p.add_argument(s.flag, dest=s.name, metavar=s.name.upper(), help=s.help, default=None)
+    r = sub.add_parser("rules", help="check, draft or describe masking rules")
+    rsub = r.add_subparsers(dest="rules_command", metavar="ACTION", parser_class=_Parser)
+    rsub.required = True
+    rc = rsub.add_parser("check", help="validate a rules file, and against a database with --dsn")
+    rc.add_argument("--rules", type=Path, required=True, metavar="FILE")
+    rc.add_argument("--dsn", metavar="DSN", help="libpq key=value or postgresql:// URI")
+    rs = rsub.add_parser("suggest", help="print a draft rules file from the database")
+    rs.add_argument("--dsn", metavar="DSN", required=True)
+    rsub.add_parser("schema", help="print the JSON Schema of the rules format")
     return parser
 
 
@@ -100,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "proxy":
             return _run_proxy(ns)
+        if ns.command == "rules":
+            from proxy.rules_cli import run
+
+            return run(ns.rules_command, getattr(ns, "rules", None), getattr(ns, "dsn", None))
     except ConfigError as exc:
         sys.stderr.write(f"pgveil: error: {exc}\n")
         return EXIT_USAGE
