@@ -7,8 +7,13 @@ database. Pure: no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Mapping
+from typing import Any
+
+from pglast.parser import ParseError, scan
 
 from rules.analyzer import DENIED_SETTINGS, Analyzer, Decision
 from rules.catalog import Catalog, ProtectionMap
@@ -16,6 +21,41 @@ from rules.masks import ColumnType, mask_json_value, py_mask
 from rules.model import Policy
 
 CACHE_SIZE = 10_000
+_LITERAL_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"})
+_PLACEHOLDER_BASE = 900_000  # $900000+: far above any parameter number a client uses
+_PLACEHOLDER = re.compile(r"\$(9\d{5})(?!\d)")
+_FALLBACK = object()
+
+
+def normalize(sql: str) -> tuple[str, list[str]] | None:
+    """`sql` with each literal replaced by a parameter placeholder, and the literals' text.
+
+    None when there is nothing to replace or the text cannot be tokenised. (pglast's token
+    offsets count characters, inclusive of the end.)
+    """
+    try:
+        tokens = scan(sql)
+    except ParseError:
+        return None
+    literals: list[str] = []
+    out: list[str] = []
+    pos = 0
+    for t in tokens:
+        if t.name in _LITERAL_TOKENS:
+            out.append(sql[pos : t.start])
+            out.append(f"${_PLACEHOLDER_BASE + len(literals)}")
+            literals.append(sql[t.start : t.end + 1])
+            pos = t.end + 1
+        elif t.name == "PARAM" and sql[t.start : t.end + 1].startswith("$9"):
+            return None  # a client placeholder that could collide with ours
+    if not literals:
+        return None
+    out.append(sql[pos:])
+    return "".join(out), literals
+
+
+def _substitute(sql: str, literals: list[str]) -> str:
+    return _PLACEHOLDER.sub(lambda m: literals[int(m.group(1)) - _PLACEHOLDER_BASE], sql)
 
 
 class MaskingContext:
@@ -25,6 +65,7 @@ class MaskingContext:
         self.pmap = ProtectionMap(policy, catalog)
         self.analyzer = Analyzer(self.pmap)
         self._cache: dict[str, Decision] = {}
+        self._shapes: dict[str, object] = {}  # normalized text -> Decision or _FALLBACK
         self.cache_hits = 0
         self.cache_misses = 0
         names: set[str] = set()
@@ -35,16 +76,40 @@ class MaskingContext:
         self.identifiers = frozenset(names)
 
     def analyze(self, sql: str) -> Decision:
+        """The decision for `sql`, from the cache when possible. Statements that differ
+        only in literals share one analysis: it is done once on the text with literals
+        replaced by placeholders, and the rewritten text gets the literals back. When the
+        decision could depend on a literal (the placeholder version is refused), the
+        statement is analysed as it is."""
         d = self._cache.get(sql)
         if d is not None:
             self.cache_hits += 1
             return d
+        norm = normalize(sql)
+        if norm is not None:
+            shape, literals = norm
+            entry = self._shapes.get(shape)
+            if entry is None:
+                self.cache_misses += 1
+                analysed = self.analyzer.analyze(shape)
+                entry = _FALLBACK if analysed.action == "refuse" else analysed
+                self._remember(self._shapes, shape, entry)
+            else:
+                self.cache_hits += 1
+            if isinstance(entry, Decision):
+                if entry.action == "rewrite" and entry.sql is not None:
+                    return dataclasses.replace(entry, sql=_substitute(entry.sql, literals))
+                return entry
         self.cache_misses += 1
         d = self.analyzer.analyze(sql)
-        if len(self._cache) >= CACHE_SIZE:
-            self._cache.clear()  # simple and bounded; a hot working set refills at once
-        self._cache[sql] = d
+        self._remember(self._cache, sql, d)
         return d
+
+    @staticmethod
+    def _remember(cache: dict[str, Any], key: str, value: object) -> None:
+        if len(cache) >= CACHE_SIZE:
+            cache.clear()  # simple and bounded; a hot working set refills at once
+        cache[key] = value
 
     def startup_refusal(self, parameters: Mapping[str, str]) -> str | None:
         """Why a masked login may not start with these startup parameters, if it may not."""

@@ -149,7 +149,7 @@ def leaks(text: str) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def billing(pg: EmbeddedPostgres) -> Iterator[ProxyProcess]:
     pg.psql(SCHEMA)
     d = Path(tempfile.mkdtemp(prefix="pgveil-rules-"))
