@@ -245,3 +245,41 @@ def test_metrics_count_decisions(billing: ProxyProcess) -> None:
     assert billing.metric("pgveil_masked_statements_total", decision="rewrite") >= 1
     assert billing.metric("pgveil_masked_statements_total", decision="refuse") >= 1
     assert billing.metric("pgveil_analysis_cache_total", result="miss") >= 1
+
+
+def test_sighup_reloads_rules_atomically(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: object) -> None:
+    import signal
+    import time
+    from pathlib import Path
+
+    from tests.integration.masking_fixture import HASH_KEY, RULES
+
+    rules = Path(str(tmp_path)) / "rules.yaml"
+    rules.write_text(RULES)
+    env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
+    with ProxyProcess(pg.port, "--upstream-sslmode", "disable", "--rules", str(rules), "--catalog-user", pg.superuser, env=env) as p:
+
+        def name() -> str:
+            with psycopg.connect(dsn(pg, p.port)) as c:
+                return c.execute("SELECT name FROM billing.customers WHERE i_customer = 1").fetchone()[0]  # type: ignore[index]
+
+        def wait_log(text: str, count: int) -> None:
+            deadline = time.monotonic() + 10
+            while p.log().count(text) < count:
+                assert time.monotonic() < deadline, text
+                time.sleep(0.05)
+
+        assert name() != NAME
+        rules.write_text(RULES.replace("      name: partial\n", ""))
+        p.signal(signal.SIGHUP)
+        wait_log("rules.reloaded", 1)
+        assert name() == NAME  # the new rules apply to new statements
+        rules.write_text(RULES + "\nbogus: 1\n")
+        p.signal(signal.SIGHUP)
+        wait_log("config.reload_failed", 1)
+        assert "unknown key 'bogus'" in p.log()
+        assert name() == NAME  # the last good rules stay in force
+        rules.write_text(RULES)
+        p.signal(signal.SIGHUP)
+        wait_log("rules.reloaded", 2)
+        assert name() != NAME
