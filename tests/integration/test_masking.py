@@ -247,7 +247,9 @@ def test_metrics_count_decisions(billing: ProxyProcess) -> None:
     assert billing.metric("pgveil_analysis_cache_total", result="miss") >= 1
 
 
-def test_sighup_reloads_rules_atomically(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: object) -> None:
+def test_sighup_reloads_rules_atomically(
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: object
+) -> None:
     import signal
     import time
     from pathlib import Path
@@ -257,11 +259,22 @@ def test_sighup_reloads_rules_atomically(pg: EmbeddedPostgres, billing: ProxyPro
     rules = Path(str(tmp_path)) / "rules.yaml"
     rules.write_text(RULES)
     env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
-    with ProxyProcess(pg.port, "--upstream-sslmode", "disable", "--rules", str(rules), "--catalog-user", pg.superuser, env=env) as p:
+    with ProxyProcess(
+        pg.port,
+        "--upstream-sslmode",
+        "disable",
+        "--rules",
+        str(rules),
+        "--catalog-user",
+        pg.superuser,
+        env=env,
+    ) as p:
 
         def name() -> str:
             with psycopg.connect(dsn(pg, p.port)) as c:
-                return c.execute("SELECT name FROM billing.customers WHERE i_customer = 1").fetchone()[0]  # type: ignore[index]
+                return c.execute(
+                    "SELECT name FROM billing.customers WHERE i_customer = 1"
+                ).fetchone()[0]  # type: ignore[index]
 
         def wait_log(text: str, count: int) -> None:
             deadline = time.monotonic() + 10
