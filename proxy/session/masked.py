@@ -71,6 +71,12 @@ class MaskedFilter:
     # ---- client -> server --------------------------------------------------------------
 
     def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
+        try:
+            return self._client(scanner, chunk)
+        except (ValueError, IndexError, struct.error) as exc:
+            raise m.ProtocolViolation("malformed message from client") from exc
+
+    def _client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
         data = self._client_held + chunk if self._client_held else chunk
         located, held = scanner.feed_located(data)
         out = bytearray()
@@ -112,7 +118,10 @@ class MaskedFilter:
         return "pass", None
 
     def _query(self, body: bytes, original: bytes) -> bytes:
-        sql = body[:-1].decode("utf-8", "replace")
+        try:
+            sql = body[:-1].decode()
+        except UnicodeDecodeError:
+            return m.message(m.QUERY, self._refuse("the statement is not valid UTF-8"))
         action, value = self._decide(sql)
         if action == "pass":
             return original
@@ -125,8 +134,13 @@ class MaskedFilter:
         name_end = body.index(b"\0")
         q_end = body.index(b"\0", name_end + 1)
         name = body[: name_end + 1]
-        sql = body[name_end + 1 : q_end].decode("utf-8", "replace")
         rest = body[q_end + 1 :]
+        try:
+            sql = body[name_end + 1 : q_end].decode()
+        except UnicodeDecodeError:
+            return m.message(
+                m.PARSE, name + self._refuse("the statement is not valid UTF-8") + b"\0\0"
+            )
         action, value = self._decide(sql)
         if action == "pass":
             return original
@@ -138,6 +152,12 @@ class MaskedFilter:
     # ---- server -> client --------------------------------------------------------------
 
     def server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
+        try:
+            return self._server(scanner, chunk)
+        except (ValueError, IndexError, struct.error) as exc:
+            raise m.ProtocolViolation("malformed message") from exc
+
+    def _server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
         data = self._server_held + chunk if self._server_held else chunk
         located, held = scanner.feed_located(data)
         out = bytearray()

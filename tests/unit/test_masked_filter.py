@@ -1,0 +1,68 @@
+"""The masked-session filter without sockets: rewrites, refusals, scrubbing, withholding."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.session.masked import REFUSAL_TOKEN, MaskedFilter, SessionEnded
+from proxy.wire import messages as m
+from proxy.wire.framing import MessageScanner, capture_mask
+from rules.context import MaskingContext
+from rules.loader import parse_rules
+from tests.unit.rules.fixtures import CATALOG, RULES
+
+
+def make() -> tuple[MaskedFilter, MessageScanner, MessageScanner]:
+    ctx = MaskingContext(parse_rules(RULES, "r", {"K": "k" * 32}), CATALOG)
+    client = MessageScanner(capture_mask(b"QPFSBEDCXHcf"), [0] * 256, 1 << 20)
+    server = MessageScanner(capture_mask(b"ENATSZ"), [0] * 256, 1 << 30)
+    return MaskedFilter(ctx, "helpdesk"), client, server
+
+
+def test_query_split_across_chunks_is_held_then_rewritten() -> None:
+    f, client, _ = make()
+    q = m.message(m.QUERY, b"SELECT name FROM billing.customers\0")
+    assert f.client(client, q[:10]) == b""
+    out = f.client(client, q[10:] + m.message(m.SYNC))
+    assert out.startswith(b"Q") and b"FROM (SELECT" in out and out.endswith(m.message(m.SYNC))
+
+
+def test_refusal_round_trip() -> None:
+    f, client, server = make()
+    out = f.client(client, m.message(m.QUERY, b"SELECT cc_number FROM billing.customers\0"))
+    token = out[5:-1].decode()
+    assert token.startswith(REFUSAL_TOKEN)
+    err = m.error_response("42601", f'syntax error at or near "{token}"') + m.ready_for_query()
+    back = f.server(server, err)
+    fields = m.decode_fields(back[5 : back.index(b"Z")])
+    assert fields["C"] == "42501" and fields["M"].startswith(
+        "pgveil: column billing.customers.cc_number"
+    )
+
+
+def test_errors_scrubbed_and_notifications_withheld() -> None:
+    f, client, server = make()
+    f.client(client, m.message(m.QUERY, b"SELECT 'abc'::int\0"))
+    err = m.message(
+        m.ERROR_RESPONSE,
+        b'SERROR\0C22P02\0Minvalid input "abc" and "Zebulon Secret" for "customers"\0DFailing row contains (x)\0Wsome context\0\0',
+    )
+    out = f.server(server, err)
+    fields = m.decode_fields(out[5:])
+    assert fields["M"] == 'invalid input "abc" and "Z************t" for "customers"'
+    assert fields["D"] == "pgveil: detail withheld from masked roles" and "W" not in fields
+    note = m.message(m.NOTIFICATION_RESPONSE, b"\0\0\0\1secret_chan\0Zebulon\0")
+    assert f.server(server, note) == b""
+    assert f.counters.notifications_withheld == 1
+
+
+def test_role_change_ends_session() -> None:
+    f, _, server = make()
+    with pytest.raises(SessionEnded):
+        f.server(server, m.message(m.PARAMETER_STATUS, b"session_authorization\0postgres\0"))
+
+
+def test_malformed_parse_is_a_protocol_violation() -> None:
+    f, client, _ = make()
+    with pytest.raises(m.ProtocolViolation):
+        f.client(client, m.message(m.PARSE, b"no-terminators"))
