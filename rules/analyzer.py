@@ -32,7 +32,7 @@ ast: Any = pglast.ast
 # relation named by a value, read files or large objects, or show query text.
 DENIED_FUNCTIONS = frozenset(
     {
-        "query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema",
+        "ts_rewrite", "query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema",
         "table_to_xml", "table_to_xml_and_xmlschema", "table_to_xmlschema",
         "cursor_to_xml", "cursor_to_xmlschema",
         "schema_to_xml", "schema_to_xml_and_xmlschema", "schema_to_xmlschema",
@@ -177,6 +177,7 @@ class _Rewriter:
     ctes: list[set[str]] = field(default_factory=list)
     # (schema, relname) of replaced references -> alias, for 3-part column references
     replaced: dict[tuple[str, str], str] = field(default_factory=dict)
+    generated: set[int] = field(default_factory=set)  # id() of pgveil's masking subqueries
 
     def tables(self) -> tuple[str, ...]:
         return tuple(sorted(self.touched))
@@ -251,13 +252,23 @@ class _Rewriter:
 
     # ---- reads -------------------------------------------------------------------------
 
+    def with_clause(self, clause: Any) -> None:
+        """Rewrite the CTEs of a WITH clause with PostgreSQL's scoping, and push their names
+        for the statement's body: a CTE sees the ones before it (all of them under
+        RECURSIVE), never itself otherwise, so `WITH t AS (SELECT * FROM t)` reads table t."""
+        scope: set[str] = set()
+        if clause.recursive:
+            scope.update(c.ctename for c in clause.ctes)
+        self.ctes.append(scope)
+        for cte in clause.ctes:
+            cte.ctequery = self.statement(cte.ctequery)
+            scope.add(cte.ctename)
+
     def select(self, node: ast.SelectStmt) -> None:
         pushed = False
         if node.withClause is not None:
-            self.ctes.append({_cte.ctename for _cte in node.withClause.ctes})
+            self.with_clause(node.withClause)
             pushed = True
-            for cte in node.withClause.ctes:
-                cte.ctequery = self.statement(cte.ctequery)
         try:
             if node.fromClause:
                 node.fromClause = tuple(self.from_item(i) for i in node.fromClause)
@@ -299,7 +310,9 @@ class _Rewriter:
     def is_cte(self, rv: ast.RangeVar) -> bool:
         return rv.schemaname is None and any(rv.relname in s for s in self.ctes)
 
-    def protected_of(self, rv: ast.RangeVar, record: bool = True) -> Protected | None:
+    def protected_of(
+        self, rv: ast.RangeVar, record: bool = True, cte_scope: bool = True
+    ) -> Protected | None:
         """The protected relation `rv` denotes, None when it is not protected; refuses
         relations that are never readable and ambiguous unqualified names."""
         name = rv.relname
@@ -307,7 +320,7 @@ class _Rewriter:
             raise Refusal(
                 f"{name} exposes column values or query text and is not available to masked roles"
             )
-        if self.is_cte(rv):
+        if cte_scope and self.is_cte(rv):
             return None
         rel = self.an.catalog.relations.get((rv.schemaname, name)) if rv.schemaname else None
         if rel is not None and rel.kind in ("v", "m") and rv.schemaname is not None:
@@ -374,8 +387,10 @@ class _Rewriter:
             sample.relation = inner
             sub.fromClause = (sample,)
         alias = rv.alias if rv.alias is not None else ast.Alias(aliasname=rv.relname)
-        if rv.schemaname:
-            self.replaced[(rv.schemaname, rv.relname)] = alias.aliasname
+        if rv.alias is None:
+            # `billing.customers.name` must keep resolving, also when FROM said `customers`
+            self.replaced[(p.relation.schema, rv.relname)] = alias.aliasname
+        self.generated.add(id(sub))
         self.changes += 1
         return ast.RangeSubselect(lateral=False, subquery=sub, alias=alias)
 
@@ -475,12 +490,10 @@ class _Rewriter:
 
     def write(self, node: Any) -> None:
         if node.withClause is not None:
-            self.ctes.append({c.ctename for c in node.withClause.ctes})
-            for cte in node.withClause.ctes:
-                cte.ctequery = self.statement(cte.ctequery)
+            self.with_clause(node.withClause)
         try:
             rv = node.relation
-            found = self.protected_of(rv)
+            found = self.protected_of(rv, cte_scope=False)  # a write target is never a CTE
             target = None
             if found is not None:
                 alias = rv.alias.aliasname if rv.alias is not None else rv.relname
@@ -609,11 +622,13 @@ class _Rewriter:
                 if spec.name == "deny":
                     table = target.protected.rule_table
                     raise Refusal(f"column {table}.{col} is not available to masked roles")
-                if depth and len(node.fields) == 1:
-                    return node  # an unqualified name inside a subquery is that subquery's
+                # at any depth: in `RETURNING (SELECT name)` the name is the target's; where
+                # it is really an inner table's, masking it changes a result, never leaks
                 return self.masked_target_expr(col, target)
             return node
         if isinstance(node, ast.Node):
+            if id(node) in self.generated:
+                return node  # pgveil's own masking subquery: its names are its table's
             for attr in node:
                 value = getattr(node, attr)
                 d = depth + 1 if isinstance(node, ast.SelectStmt) else depth

@@ -15,12 +15,13 @@ from typing import Any
 
 from pglast.parser import ParseError, scan
 
-from rules.analyzer import DENIED_SETTINGS, Analyzer, Decision
+from rules.analyzer import Analyzer, Decision
 from rules.catalog import Catalog, ProtectionMap
 from rules.masks import ColumnType, mask_json_value, py_mask
 from rules.model import Policy
 
 CACHE_SIZE = 10_000
+_STARTUP_DENIED = ("role", "session_authorization")
 _LITERAL_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"})
 _PLACEHOLDER_BASE = 900_000  # $900000+: far above any parameter number a client uses
 _PLACEHOLDER = re.compile(r"\$(9\d{5})(?!\d)")
@@ -115,13 +116,13 @@ class MaskingContext:
         """Why a masked login may not start with these startup parameters, if it may not."""
         if parameters.get("replication", "false").lower() not in ("false", "off", "no", "0"):
             return "replication connections are not allowed for masked roles"
-        for name, value in parameters.items():
-            if name.lower() in DENIED_SETTINGS:
-                if name.lower() == "client_encoding" and value.upper().replace("-", "") == "UTF8":
-                    continue
+        # client_encoding and standard_conforming_strings are reported by the server
+        # (ParameterStatus) and checked once the login completes; the role is not.
+        for name in parameters:
+            if name.lower() in _STARTUP_DENIED:
                 return f"masked roles may not set {name.lower()}"
         options = parameters.get("options", "").lower()
-        for denied in DENIED_SETTINGS:
+        for denied in _STARTUP_DENIED:
             if denied in options or denied.replace("_", "-") in options:
                 return f"masked roles may not set {denied} in the startup options"
         return None

@@ -34,6 +34,7 @@ from rules.model import MaskSpec
 
 REFUSAL_TOKEN = "pgveil_refusal_"
 _QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
+_TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
 _TEXT = ColumnType("text", "text")
 _PARTIAL = MaskSpec("partial")
 _KEEP_FIELDS = frozenset("SVCMHPsctdnFLR")
@@ -209,18 +210,30 @@ class MaskedFilter:
             if code not in _KEEP_FIELDS:
                 continue
             if code in "MH":
-                value = _QUOTED.sub(self._quoted, value)
+                value = self._scrub(value)
             scrubbed[code] = value
         if "D" in fields:
             scrubbed["D"] = "pgveil: detail withheld from masked roles"
         return encode_fields(typ, scrubbed)
 
+    def _scrub(self, text: str) -> str:
+        # `...: "VALUE"` at the end (input syntax errors): VALUE may itself hold quotes,
+        # so it is judged whole rather than split at them
+        tail = _TRAILING_VALUE.match(text)
+        if tail is not None:
+            head, inner = tail.group(1), tail.group(2)
+            return _QUOTED.sub(self._quoted, head) + '"' + self._judge(inner) + '"'
+        return _QUOTED.sub(self._quoted, text)
+
+    def _judge(self, inner: str) -> str:
+        if not inner or inner in self.ctx.identifiers or any(inner in s for s in self._recent_sql):
+            return inner
+        return py_mask(_PARTIAL, inner, _TEXT, {}) or ""
+
     def _quoted(self, match: re.Match[str]) -> str:
         inner = match.group(1) if match.group(1) is not None else match.group(2)
         quote = '"' if match.group(1) is not None else "'"
-        if not inner or inner in self.ctx.identifiers or any(inner in s for s in self._recent_sql):
-            return match.group(0)
-        return quote + (py_mask(_PARTIAL, inner, _TEXT, {}) or "") + quote
+        return quote + self._judge(inner) + quote
 
     def _notification(self, body: bytes) -> bytes:
         pid = body[:4]

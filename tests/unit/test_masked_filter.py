@@ -66,3 +66,13 @@ def test_malformed_parse_is_a_protocol_violation() -> None:
     f, client, _ = make()
     with pytest.raises(m.ProtocolViolation):
         f.client(client, m.message(m.PARSE, b"no-terminators"))
+
+
+def test_trailing_value_with_injected_quotes_is_masked_whole() -> None:
+    f, client, server = make()
+    f.client(client, m.message(m.QUERY, b"SELECT 1\0"))
+    err = m.error_response("22P02", 'invalid input syntax for type integer: ""Zebulon Quixotehart"')
+    fields = m.decode_fields(f.server(server, err)[5:])
+    assert "Zebulon" not in fields["M"] and fields["M"].startswith(
+        "invalid input syntax for type integer: "
+    )
