@@ -135,6 +135,7 @@ class Analyzer:
         out: list[str] = []
         kinds: list[str] = []
         rewriter = _Rewriter(self)
+        rewriter.references = _references(stmts)
         try:
             changed = False
             for raw in stmts:
@@ -178,6 +179,8 @@ class _Rewriter:
     # (schema, relname) of replaced references -> alias, for 3-part column references
     replaced: dict[tuple[str, str], str] = field(default_factory=dict)
     generated: set[int] = field(default_factory=set)  # id() of pgveil's masking subqueries
+    # names the statement mentions (None: it may use every column, e.g. through *)
+    references: frozenset[str] | None = None
 
     def tables(self) -> tuple[str, ...]:
         return tuple(sorted(self.touched))
@@ -372,11 +375,17 @@ class _Rewriter:
     ) -> ast.RangeSubselect:
         keys = self.an.policy.keys
         cols = []
+        refs = self.references
+        alias_name = rv.alias.aliasname if rv.alias is not None else rv.relname
+        everything = refs is None or alias_name in refs  # a whole-row reference uses all
         for c in p.relation.columns:
             spec = p.masks.get(c.name)
             ident = quote_ident(c.name)
             if spec is None:
                 cols.append(ident)
+            elif not everything and refs is not None and c.name not in refs:
+                # not mentioned: NULL keeps the column list (and the planner's work) small
+                cols.append(f"CAST(NULL AS {c.type.formatted}) AS {ident}")
             else:
                 cols.append(f"{sql_expr(spec, ident, c.type, keys)} AS {ident}")
                 self.masked_columns.add(f"{p.rule_table}.{c.name}")
@@ -676,6 +685,25 @@ class _Rewriter:
             new_val = self.mask_target_refs(val, target)
             out.append(ast.ResTarget(name=name, val=new_val))
         return tuple(out)
+
+
+def _references(stmts: Any) -> frozenset[str] | None:
+    """Every name the statements mention in column references and USING lists, or None
+    when they may use columns without naming them (*, NATURAL joins)."""
+    names: set[str] = set()
+    for n in _descendants(stmts):
+        if isinstance(n, ast.A_Star):
+            return None
+        if isinstance(n, ast.JoinExpr):
+            if n.isNatural:
+                return None
+            for u in n.usingClause or ():
+                names.add(_name(u))
+        elif isinstance(n, ast.ColumnRef):
+            names.update(_name(f) for f in n.fields)
+        elif isinstance(n, ast.CopyStmt) and n.relation is not None:
+            return None  # COPY t TO: every column
+    return frozenset(names)
 
 
 def _is_excluded(value: Any) -> bool:

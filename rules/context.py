@@ -99,7 +99,9 @@ class MaskingContext:
                 self.cache_hits += 1
             if isinstance(entry, Decision):
                 if entry.action == "rewrite" and entry.sql is not None:
-                    return dataclasses.replace(entry, sql=_substitute(entry.sql, literals))
+                    entry = dataclasses.replace(entry, sql=_substitute(entry.sql, literals))
+                # the exact text too: prepared statements repeat it and skip the tokenizer
+                self._remember(self._cache, sql, entry)
                 return entry
         self.cache_misses += 1
         d = self.analyzer.analyze(sql)
