@@ -1,8 +1,10 @@
-"""Throughput and latency overhead of pgveil compared with a direct connection and pgbouncer.
+"""Throughput and latency overhead of pgveil: as a relay, and what masking costs on top.
 
-Starts a throwaway PostgreSQL (`proxy.embedded_pg.EmbeddedPostgres`), a pgbouncer in session
-mode and pgveil (relay only, no rules) in front of it, all on loopback, then runs the same
-client workloads against the three *variants*:
+Two parts, both by default; `--only relay` or `--only masked` runs one of them.
+
+**relay**: starts a throwaway PostgreSQL (`proxy.embedded_pg.EmbeddedPostgres`), a pgbouncer
+in session mode and pgveil (relay only, no rules) in front of it, all on loopback, then runs
+the same client workloads against the three *variants*:
 
 - `pgbench -S -n` (select-only) with `-M simple|extended|prepared`, at `-c 1` and `-c 8 -j 2`;
 - a wide result through psql: `SELECT * FROM wide` (unaligned) and `COPY wide TO STDOUT`,
@@ -13,6 +15,16 @@ Variants run interleaved (direct, pgbouncer, pgveil, direct, ...) so each repeti
 variant and the median over repetitions of the per-repetition ratio to direct. For the
 `-c 8` rows it also samples the CPU time (utime+stime) of the pgveil and pgbouncer processes
 around each run and reports microseconds of proxy CPU per query.
+
+**masked**: seeds a billing-like schema (200,000 customers, 200,000 accounts, 1,000,000
+xDRs), starts a second pgveil *with masking rules* and runs, through that one process, the
+same workloads as a masked role and as an unmasked role, interleaved per repetition:
+
+- a pgbench custom script of helpdesk statements (customer with its accounts by key, last 50
+  xDRs of an account, search by customer class and balance range) with `-M simple|extended`,
+  at `-c 1` and `-c 8 -j 2`: tps, and the paired ratio masked/unmasked (target >= 0.8);
+- `SELECT name, email, phone FROM billing.customers` (200,000 rows) through psql: seconds,
+  and the paired ratio masked/unmasked (target <= 1.5).
 
 Everything (processes, cluster, temporary directories) is removed on exit, including on
 Ctrl-C and SIGTERM. Run it through `bench/run`; see `bench/README.md`.
@@ -39,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
 
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
@@ -48,6 +60,7 @@ DBNAME = "postgres"
 WIDE_ROWS = 200_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 VARIANTS = ("direct", "pgbouncer", "pgveil")
+PARTS = ("relay", "masked")
 
 
 class BenchError(Exception):
@@ -122,6 +135,7 @@ class Service:
     argv: list[str]
     log_path: Path
     cwd: Path | None = None
+    env: dict[str, str] | None = None  # None: inherit ours
     proc: subprocess.Popen[bytes] | None = None
     pid: int = 0  # the process whose CPU time is sampled
 
@@ -130,6 +144,7 @@ class Service:
             self.proc = subprocess.Popen(
                 self.argv,
                 cwd=self.cwd,
+                env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -268,7 +283,11 @@ log_pooler_errors = 1
     return service, port
 
 
-def start_pgveil(db: EmbeddedPostgres, workdir: Path) -> tuple[Service, int]:
+def start_pgveil(
+    db: EmbeddedPostgres, workdir: Path, rules: Path | None = None
+) -> tuple[Service, int]:
+    """pgveil in front of `db`: a plain relay, or with masking `rules` (reading the catalog
+    as the superuser, whose password goes in the environment, not on the command line)."""
     port = free_port(HOST)
     argv = [
         sys.executable, "-m", "proxy.cli", "proxy",
@@ -277,7 +296,13 @@ def start_pgveil(db: EmbeddedPostgres, workdir: Path) -> tuple[Service, int]:
         "--upstream-sslmode", "disable",
         "--log-level", "warning",
     ]  # fmt: skip
-    service = Service("pgveil", argv, workdir / "pgveil.log", cwd=REPO)
+    if rules is None:
+        service = Service("pgveil", argv, workdir / "pgveil.log", cwd=REPO)
+    else:
+        argv += ["--rules", str(rules), "--catalog-user", db.superuser]
+        env = {**os.environ, "PGVEIL_CATALOG_PASSWORD": db.password}
+        log = workdir / "pgveil-masked.log"
+        service = Service("pgveil (with rules)", argv, log, cwd=REPO, env=env)
     service.start()
     return service, port
 
@@ -311,6 +336,14 @@ class Target:
     name: str
     port: int
     service: Service | None = None  # the proxy in between, if any
+    user: str | None = None  # login; None: the superuser
+    password: str | None = None  # its password; None: the superuser's (PGPASSWORD in env)
+
+    def login(self, db: EmbeddedPostgres, env: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """(user, environment) for a client of this target."""
+        if self.user is None:
+            return db.superuser, env
+        return self.user, {**env, "PGPASSWORD": self.password or ""}
 
 
 TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
@@ -324,8 +357,11 @@ def run_pgbench(
     target: Target,
     args: tuple[str, ...],
     duration: int,
+    script: tuple[str, ...] = ("-S",),
 ) -> tuple[float, int]:
-    """(tps without initial connection time, transactions processed)."""
+    """(tps without initial connection time, transactions processed). `script`: the
+    built-in select-only script, or `("-f", path)` for a custom one."""
+    user, env = target.login(db, env)
     argv = [
         tool(db, "pgbench"),
         "-h",
@@ -333,9 +369,9 @@ def run_pgbench(
         "-p",
         str(target.port),
         "-U",
-        db.superuser,
+        user,
         "-n",
-        "-S",
+        *script,
         *args,
         "-T",
         str(duration),
@@ -356,6 +392,7 @@ def run_psql(
     db: EmbeddedPostgres, env: dict[str, str], target: Target, args: tuple[str, ...]
 ) -> float:
     """Wall seconds of one psql run, output discarded."""
+    user, env = target.login(db, env)
     argv = [
         tool(db, "psql"),
         "-X",
@@ -366,7 +403,7 @@ def run_psql(
         "-p",
         str(target.port),
         "-U",
-        db.superuser,
+        user,
         "-d",
         DBNAME,
         *args,
@@ -391,18 +428,28 @@ class Results:
 
 
 def run_all(
-    db: EmbeddedPostgres, env: dict[str, str], targets: list[Target], reps: int, duration: int
+    db: EmbeddedPostgres,
+    env: dict[str, str],
+    targets: list[Target],
+    reps: int,
+    duration: int,
+    rows: list[Workload] | None = None,
+    script: tuple[str, ...] = ("-S",),
 ) -> Results:
-    rows = workloads()
+    """Every row against every target, targets interleaved within each repetition. `rows`
+    defaults to the relay part's workloads; `script` is the pgbench script (see
+    `run_pgbench`). The warm-up runs the script and the first psql row once per target."""
+    rows = workloads() if rows is None else rows
+    warm_psql = next(row.args for row in rows if row.kind == "psql")
     print("warm-up ...", file=sys.stderr)
     for target in targets:
-        run_pgbench(db, env, target, ("-M", "simple", "-c", "8", "-j", "2"), 1)
-        run_psql(db, env, target, ("-At", "-c", "SELECT * FROM wide"))
+        run_pgbench(db, env, target, ("-M", "simple", "-c", "8", "-j", "2"), 1, script)
+        run_psql(db, env, target, warm_psql)
     results = Results()
     for rep in range(1, reps + 1):
         for row in rows:
             shown: list[str] = []
-            for target in targets:  # direct, pgbouncer, pgveil: paired within a repetition
+            for target in targets:  # in order given (e.g. direct, pgbouncer, pgveil): paired
                 if target.service is not None:
                     ensure_alive(target.service)
                 if row.kind == "psql":
@@ -412,7 +459,7 @@ def run_all(
                     continue
                 measure = row.measure_cpu and target.service is not None
                 cpu0 = cpu_seconds(target.service.pid) if measure and target.service else 0.0
-                tps, tx = run_pgbench(db, env, target, row.args, duration)
+                tps, tx = run_pgbench(db, env, target, row.args, duration, script)
                 if measure and target.service is not None:
                     us = (cpu_seconds(target.service.pid) - cpu0) / tx * 1e6
                     results.add(results.cpu_us, row.name, target.name, us)
@@ -505,6 +552,369 @@ def report(
 
 
 # ---------------------------------------------------------------------------------------------
+# masked part: what masking costs, masked role vs unmasked role through one pgveil with rules
+
+MASKED_ROLE, MASKED_PW = "bench_helpdesk", "bench-helpdesk-pw-1"
+UNMASKED_ROLE, UNMASKED_PW = "bench_admin", "bench-admin-pw-1"
+MASKED_VARIANTS = ("unmasked", "masked")  # run in this order within each repetition
+CUSTOMERS = 200_000  # and as many accounts, one per customer (i_account = i_customer)
+XDRS = 1_000_000
+XDR_ACCOUNTS = 10_000  # the xDRs belong to accounts 1..10,000: 100 each, so LIMIT 50 cuts
+CLASSES = 5
+TPS_TARGET = 0.8  # masked/unmasked tps, at least
+TIME_TARGET = 1.5  # masked/unmasked seconds, at most
+PERSONAL_SELECT = "SELECT name, email, phone FROM billing.customers"
+STATEMENTS_PER_TX = 3
+
+# fmt: off
+_FIRST = ["Anna", "Jan", "Petra", "Tomas", "Eva", "Martin", "Lucie", "Jakub", "Tereza", "Pavel",
+          "Klara", "Ondrej", "Marie", "Lukas", "Jana", "David", "Katerina", "Filip", "Veronika",
+          "Adam"]
+_LAST = ["Novak", "Svoboda", "Novotny", "Dvorak", "Cerny", "Prochazka", "Kucera", "Vesely",
+         "Horak", "Nemec", "Marek", "Pospisil", "Pokorny", "Hajek", "Kral", "Jelinek", "Ruzicka",
+         "Benes", "Fiala", "Sedlacek", "Dolezal", "Zeman", "Kolar", "Navratil", "Cermak"]
+# fmt: on
+
+
+def _sql_array(words: list[str]) -> str:
+    return "ARRAY[" + ", ".join(f"'{w}'" for w in words) + "]"
+
+
+_FIRST_NAME = f"({_sql_array(_FIRST)})[1 + i % {len(_FIRST)}]"
+_LAST_NAME = f"({_sql_array(_LAST)})[1 + (i / {len(_FIRST)}) % {len(_LAST)}]"
+
+
+# Generated in SQL (generate_series), so seeding takes seconds. Phones are '+4207' and 8
+# digits; an account's xDRs carry its customer's phone as cli. Balances 0.00-999.99, spread
+# evenly over the customer classes.
+BILLING_SCHEMA = f"""
+DROP SCHEMA IF EXISTS billing CASCADE;
+CREATE SCHEMA billing;
+CREATE TABLE billing.customer_classes (i_customer_class int PRIMARY KEY, name text NOT NULL);
+INSERT INTO billing.customer_classes
+  SELECT k, 'Class ' || k FROM generate_series(1, {CLASSES}) AS k;
+CREATE TABLE billing.customers (
+    i_customer bigint PRIMARY KEY,
+    i_customer_class int NOT NULL REFERENCES billing.customer_classes,
+    name varchar(80) NOT NULL,
+    email text NOT NULL,
+    phone text NOT NULL,
+    balance numeric(12,2) NOT NULL DEFAULT 0
+);
+INSERT INTO billing.customers
+  SELECT i,
+         1 + i % {CLASSES},
+         {_FIRST_NAME} || ' ' || {_LAST_NAME},
+         lower({_FIRST_NAME}) || '.' || i || '@mail' || i % 97 || '.example',
+         '+4207' || lpad((i::bigint * 7919 % 100000000)::text, 8, '0'),
+         (i::bigint * 7331 % 100000) / 100.0
+  FROM generate_series(1, {CUSTOMERS}) AS i;
+CREATE INDEX customers_class_balance ON billing.customers (i_customer_class, balance);
+CREATE TABLE billing.accounts (
+    i_account bigint PRIMARY KEY,
+    i_customer bigint NOT NULL REFERENCES billing.customers,
+    id text NOT NULL,
+    ip inet
+);
+INSERT INTO billing.accounts
+  SELECT i, i, 'ACC-' || i,
+         ('172.' || 16 + (i >> 16) || '.' || ((i >> 8) & 255) || '.' || (i & 255))::inet
+  FROM generate_series(1, {CUSTOMERS}) AS i;
+CREATE INDEX accounts_customer ON billing.accounts (i_customer);
+CREATE TABLE billing.xdrs (
+    i_xdr bigint PRIMARY KEY,
+    i_account bigint NOT NULL,
+    cli text NOT NULL,
+    cld text NOT NULL,
+    charged numeric(12,5) NOT NULL,
+    connect_time timestamptz NOT NULL
+);
+INSERT INTO billing.xdrs
+  SELECT i,
+         1 + i % {XDR_ACCOUNTS},
+         '+4207' || lpad(((1 + i % {XDR_ACCOUNTS}) * 7919 % 100000000)::text, 8, '0'),
+         '+1800' || lpad((i::bigint * 104729 % 10000000)::text, 7, '0'),
+         (i % 1000) / 100.0,
+         timestamptz '2026-01-01 00:00:00+00' + i * interval '2 seconds'
+  FROM generate_series(1, {XDRS}) AS i;
+CREATE INDEX xdrs_account_time ON billing.xdrs (i_account, connect_time);
+CREATE ROLE {MASKED_ROLE} LOGIN PASSWORD '{MASKED_PW}';
+CREATE ROLE {UNMASKED_ROLE} LOGIN PASSWORD '{UNMASKED_PW}';
+GRANT USAGE ON SCHEMA billing TO {MASKED_ROLE}, {UNMASKED_ROLE};
+GRANT SELECT ON ALL TABLES IN SCHEMA billing TO {MASKED_ROLE}, {UNMASKED_ROLE};
+"""
+
+MASKING_RULES = f"""\
+roles:
+  unmasked: [{UNMASKED_ROLE}]
+  masked: [{MASKED_ROLE}]
+  default: masked
+tables:
+  billing.customers:
+    subject: i_customer
+    columns:
+      name: partial
+      email: email
+      phone: {{mask: partial, keep_first: 1, keep_last: 2}}
+  billing.accounts:
+    subject: i_account
+    columns:
+      ip: partial
+  billing.xdrs:
+    columns:
+      cli: {{mask: partial, keep_first: 1, keep_last: 2}}
+      cld: {{mask: partial, keep_first: 1, keep_last: 2}}
+"""
+
+# What a helpdesk agent's screen asks for: a customer by key with its accounts, the last 50
+# xDRs of an account, a search by non-personal columns (class and balance range). Personal
+# columns are in every result, so every statement is rewritten for the masked role.
+HELPDESK_SCRIPT = f"""\
+\\set cid random(1, {CUSTOMERS})
+\\set aid random(1, {XDR_ACCOUNTS})
+\\set cls random(1, {CLASSES})
+\\set lo random(0, 997)
+SELECT c.i_customer, c.name, c.email, c.phone, c.balance, a.i_account, a.id, a.ip FROM billing.customers c JOIN billing.accounts a ON a.i_customer = c.i_customer WHERE c.i_customer = :cid;
+SELECT x.i_xdr, x.cli, x.cld, x.charged, x.connect_time FROM billing.xdrs x WHERE x.i_account = :aid ORDER BY x.connect_time DESC LIMIT 50;
+SELECT i_customer, name, email, balance FROM billing.customers WHERE i_customer_class = :cls AND balance BETWEEN :lo AND :lo + 2 ORDER BY balance LIMIT 20;
+"""  # noqa: E501
+
+
+def masked_workloads() -> list[Workload]:
+    rows: list[Workload] = []
+    for mode in ("simple", "extended"):
+        rows.append(Workload(f"-M {mode} -c 1", "pgbench", ("-M", mode, "-c", "1", "-j", "1")))
+        rows.append(
+            Workload(
+                f"-M {mode} -c 8 -j 2",
+                "pgbench",
+                ("-M", mode, "-c", "8", "-j", "2"),
+                measure_cpu=True,
+            )
+        )
+    rows.append(Workload(f"psql {PERSONAL_SELECT}", "psql", ("-At", "-c", PERSONAL_SELECT)))
+    return rows
+
+
+def load_billing(db: EmbeddedPostgres) -> None:
+    print(
+        f"seeding billing ({CUSTOMERS:,} customers and accounts, {XDRS:,} xDRs) ...",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    try:
+        db.psql(BILLING_SCHEMA)
+        db.psql("VACUUM (ANALYZE) billing.customer_classes, billing.customers, billing.accounts")
+        db.psql("VACUUM (ANALYZE) billing.xdrs")
+        db.psql("CHECKPOINT")
+    except EmbeddedPostgresError as exc:
+        raise BenchError(f"seeding the billing schema failed: {exc}") from exc
+    print(f"seeded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def psql_output(db: EmbeddedPostgres, env: dict[str, str], target: Target, sql: str) -> str:
+    user, env = target.login(db, env)
+    argv = [tool(db, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
+            "-h", HOST, "-p", str(target.port), "-U", user, "-d", DBNAME, "-c", sql]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    if done.returncode:
+        raise BenchError(f"psql as {user} via {target.name} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def check_masking(db: EmbeddedPostgres, env: dict[str, str], targets: list[Target]) -> None:
+    """Refuse to benchmark a setup that does not mask: the masked role must see other
+    values than the unmasked role, in every personal column the script reads."""
+    probes = [
+        "SELECT name, email, phone FROM billing.customers WHERE i_customer = 1",
+        "SELECT ip FROM billing.accounts WHERE i_account = 1",
+        "SELECT cli, cld FROM billing.xdrs WHERE i_xdr = 1",
+    ]
+    by_name = {t.name: t for t in targets}
+    for sql in probes:
+        plain = psql_output(db, env, by_name["unmasked"], sql)
+        masked = psql_output(db, env, by_name["masked"], sql)
+        if not plain or not masked:
+            raise BenchError(f"no rows for the masking check: {sql}")
+        same = [
+            f"{a!r}" for a, b in zip(plain.split("|"), masked.split("|"), strict=True) if a == b
+        ]
+        if same:
+            raise BenchError(f"the masked role sees unmasked values ({', '.join(same)}) for: {sql}")
+    print(f"masking check: e.g. {plain!r} -> {masked!r}", file=sys.stderr)
+
+
+def verdict(ratios: list[float], target: float, higher_is_better: bool) -> str:
+    med = statistics.median(ratios)
+    ok = med >= target if higher_is_better else med <= target
+    return "yes" if ok else "**no**"
+
+
+def masked_table(
+    results: Results, rows: list[Workload], fmt: str, note: str, target: float, higher: bool
+) -> list[str]:
+    sign = ">=" if higher else "<="
+    lines = [
+        f"| workload | unmasked | masked | masked/unmasked {note} | target | met |",
+        "|---|--:|--:|--:|--:|:-:|",
+    ]
+    for row in rows:
+        v = results.values[row.name]
+        plain, masked = v["unmasked"], v["masked"]
+        ratios = [a / b for a, b in zip(masked, plain, strict=True)]
+        medians = f"{statistics.median(plain):{fmt}} | {statistics.median(masked):{fmt}}"
+        lines.append(
+            f"| `{row.name}` | {medians} "
+            f"| {paired_ratio(masked, plain)} | {sign} {target:.1f} "
+            f"| {verdict(ratios, target, higher)} |"
+        )
+    return lines
+
+
+def report_masked(results: Results, db: EmbeddedPostgres, reps: int, duration: int) -> str:
+    rows = masked_workloads()
+    commit = command_output(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
+    pg_version = db.psql("SHOW server_version").strip()
+    script_sql = [ln for ln in HELPDESK_SCRIPT.splitlines() if not ln.startswith("\\")]
+    lines = [
+        "# pgveil benchmark: masking cost",
+        "",
+        f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, all on loopback",
+        f"- pgveil `{commit}` with masking rules; PostgreSQL {pg_version}",
+        f"- the same pgveil process for both roles: `{MASKED_ROLE}` (masked) and "
+        f"`{UNMASKED_ROLE}` (unmasked, relayed as is)",
+        f"- data: {CUSTOMERS:,} customers, {CUSTOMERS:,} accounts, {XDRS:,} xDRs "
+        f"({XDRS // XDR_ACCOUNTS} per account for accounts 1-{XDR_ACCOUNTS:,})",
+        f"- {reps} repetitions, unmasked -> masked interleaved; pgbench runs of {duration} s",
+        "- values: median over repetitions; ratios: median over repetitions of the ratio "
+        "measured within the same repetition (min-max in parentheses)",
+        "",
+        f"## Helpdesk script (pgbench -n -f, {STATEMENTS_PER_TX} statements per transaction): "
+        "tps, higher is better",
+        "",
+        "Ratio = masked tps / unmasked tps: 1.00 means masking costs nothing.",
+        "",
+        *masked_table(
+            results,
+            [r for r in rows if r.kind == "pgbench"],
+            ".0f",
+            "(tps, higher better)",
+            TPS_TARGET,
+            higher=True,
+        ),
+        "",
+        "The script (`:cid` random customer, `:aid` random account with xDRs, `:cls` random "
+        "class, `:lo` random balance 0-997):",
+        "",
+        "```sql",
+        *script_sql,
+        "```",
+        "",
+        f"## Personal columns, {CUSTOMERS:,} rows via psql: seconds, lower is better",
+        "",
+        f'`psql -X -At -c "{PERSONAL_SELECT}" > /dev/null`, wall seconds. '
+        "Ratio = masked time / unmasked time: 1.00 means masking costs nothing.",
+        "",
+        *masked_table(
+            results,
+            [r for r in rows if r.kind == "psql"],
+            ".3f",
+            "(time, lower better)",
+            TIME_TARGET,
+            higher=False,
+        ),
+        "",
+        "## pgveil CPU per transaction (utime+stime of the pgveil process / transactions; median)",
+        "",
+    ]
+    for row in rows:
+        cpu = results.cpu_us.get(row.name)
+        if not cpu:
+            continue
+        plain, masked = statistics.median(cpu["unmasked"]), statistics.median(cpu["masked"])
+        extra = (masked - plain) / STATEMENTS_PER_TX
+        lines.append(
+            f"- `{row.name}`: unmasked {plain:.0f} us/transaction, masked {masked:.0f} "
+            f"us/transaction ({masked / plain:.1f}x; masking adds ~{extra:.0f} us of pgveil "
+            "CPU per statement)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_masked_part(
+    db: EmbeddedPostgres,
+    env: dict[str, str],
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    services: list[Service],
+    reps: int,
+    duration: int,
+) -> tuple[str, dict[str, object]]:
+    """Seed, start pgveil with rules, check it masks, measure: (report, raw numbers)."""
+    load_billing(db)
+    rules = workdir / "rules.yaml"
+    rules.write_text(MASKING_RULES)
+    script = workdir / "helpdesk.sql"
+    script.write_text(HELPDESK_SCRIPT)
+    veil, port = start_pgveil(db, workdir, rules)
+    services.append(veil)
+    stack.callback(veil.stop)
+    veil.wait_port(port)
+    targets = [
+        Target("unmasked", port, veil, UNMASKED_ROLE, UNMASKED_PW),
+        Target("masked", port, veil, MASKED_ROLE, MASKED_PW),
+    ]
+    assert tuple(t.name for t in targets) == MASKED_VARIANTS
+    check_masking(db, env, targets)
+    results = run_all(db, env, targets, reps, duration, masked_workloads(), ("-f", str(script)))
+    raw: dict[str, object] = {
+        "tps_or_seconds": results.values,
+        "cpu_us_per_transaction": results.cpu_us,
+    }
+    return report_masked(results, db, reps, duration), raw
+
+
+# ---------------------------------------------------------------------------------------------
+# output: bench/out/results.md and raw.json hold the latest run of each part
+
+PART_MARKER = "<!-- bench part: {} -->"
+
+
+def split_parts(text: str) -> dict[str, str]:
+    """The parts of an earlier results.md; a file without markers is all relay part."""
+    marks = re.compile(r"^<!-- bench part: (\w+) -->\n", re.M)
+    found = list(marks.finditer(text))
+    if not found:
+        return {"relay": text} if text.strip() else {}
+    parts: dict[str, str] = {}
+    for i, mark in enumerate(found):
+        end = found[i + 1].start() if i + 1 < len(found) else len(text)
+        parts[mark.group(1)] = text[mark.end() : end].strip() + "\n"
+    return parts
+
+
+def write_outputs(texts: dict[str, str], raw: dict[str, dict[str, object]]) -> None:
+    """Replace the sections (and raw numbers) of the parts that ran; keep the others."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    md_path, raw_path = OUT_DIR / "results.md", OUT_DIR / "raw.json"
+    old_md = md_path.read_text() if md_path.exists() else ""
+    parts = {**split_parts(old_md), **texts}
+    md_path.write_text(
+        "\n".join(f"{PART_MARKER.format(p)}\n{parts[p]}" for p in PARTS if p in parts)
+    )
+    old_raw: dict[str, object] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(raw_path.read_text())
+        if isinstance(loaded, dict):
+            old_raw = loaded
+    if "relay" in raw:
+        old_raw.update(raw["relay"])  # top-level keys, as before the masked part existed
+    if "masked" in raw:
+        old_raw["masked"] = raw["masked"]
+    raw_path.write_text(json.dumps(old_raw, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 
 
@@ -512,6 +922,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--reps", type=int, default=5, help="repetitions per workload (default 5)")
     p.add_argument("--duration", type=int, default=5, help="seconds per pgbench run (default 5)")
+    p.add_argument(
+        "--only",
+        choices=PARTS,
+        help="run one part: relay (vs direct and pgbouncer) or masked (masked vs unmasked "
+        "role through pgveil with rules); default both",
+    )
     ns = p.parse_args(argv)
     if ns.reps < 1 or ns.duration < 1:
         p.error("--reps and --duration must be at least 1")
@@ -534,13 +950,14 @@ def quiet_interrupts() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    parts: tuple[str, ...] = PARTS if ns.only is None else (ns.only,)
     signal.signal(signal.SIGTERM, _sigterm)
     services: list[Service] = []
     stack = contextlib.ExitStack()  # cleanups, run in reverse order of registration
     try:
         workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-"))
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        pgbouncer_bin = pgbouncer_binary()
+        pgbouncer_bin = pgbouncer_binary() if "relay" in parts else ""
 
         print("starting PostgreSQL ...", file=sys.stderr)
         db = EmbeddedPostgres(settings={"max_connections": "100"})
@@ -553,32 +970,34 @@ def main(argv: list[str] | None = None) -> int:
             "PGGSSENCMODE": "disable",
         }
 
-        bouncer, bouncer_port = start_pgbouncer(db, workdir, pgbouncer_bin)
-        services.append(bouncer)
-        stack.callback(bouncer.stop)
-        veil, veil_port = start_pgveil(db, workdir)
-        services.append(veil)
-        stack.callback(veil.stop)
-        bouncer.wait_port(bouncer_port)
-        veil.wait_port(veil_port)
+        texts: dict[str, str] = {}
+        raw: dict[str, dict[str, object]] = {}
+        if "relay" in parts:
+            bouncer, bouncer_port = start_pgbouncer(db, workdir, pgbouncer_bin)
+            services.append(bouncer)
+            stack.callback(bouncer.stop)
+            veil, veil_port = start_pgveil(db, workdir)
+            services.append(veil)
+            stack.callback(veil.stop)
+            bouncer.wait_port(bouncer_port)
+            veil.wait_port(veil_port)
 
-        load_data(db, env)
-        targets = [
-            Target("direct", db.port),
-            Target("pgbouncer", bouncer_port, bouncer),
-            Target("pgveil", veil_port, veil),
-        ]
-        results = run_all(db, env, targets, ns.reps, ns.duration)
-        text = report(results, db, ns.reps, ns.duration, pgbouncer_bin)
-        OUT_DIR.mkdir(parents=True, exist_ok=True)
-        (OUT_DIR / "results.md").write_text(text)
-        (OUT_DIR / "raw.json").write_text(
-            json.dumps(
-                {"tps_or_seconds": results.values, "cpu_us_per_query": results.cpu_us}, indent=2
+            load_data(db, env)
+            targets = [
+                Target("direct", db.port),
+                Target("pgbouncer", bouncer_port, bouncer),
+                Target("pgveil", veil_port, veil),
+            ]
+            results = run_all(db, env, targets, ns.reps, ns.duration)
+            texts["relay"] = report(results, db, ns.reps, ns.duration, pgbouncer_bin)
+            raw["relay"] = {"tps_or_seconds": results.values, "cpu_us_per_query": results.cpu_us}
+        if "masked" in parts:
+            print("--- masked part ---", file=sys.stderr)
+            texts["masked"], raw["masked"] = run_masked_part(
+                db, env, workdir, stack, services, ns.reps, ns.duration
             )
-            + "\n"
-        )
-        print(text, end="")
+        write_outputs(texts, raw)
+        print("\n".join(texts[p] for p in PARTS if p in texts), end="")
         print(f"(written to {OUT_DIR / 'results.md'} and raw.json)", file=sys.stderr)
         return 0
     except BenchError as exc:
