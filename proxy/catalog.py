@@ -46,6 +46,11 @@ SELECT DISTINCT r.ev_class AS view, d.refobjid AS source
    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
  WHERE d.refobjid <> r.ev_class
 """
+VIEW_DEFINITIONS_SQL = """
+SELECT n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid) AS definition
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
 FUNCTIONS_SQL = """
 SELECT n.nspname, p.proname FROM pg_catalog.pg_proc p
   JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
@@ -134,8 +139,14 @@ async def read_catalog(conn: Any) -> Catalog:
     user_o: set[str] = set()
     for r in await conn.fetch(OPERATORS_SQL):
         (builtin_o if r["nspname"] == "pg_catalog" else user_o).add(r["oprname"])
+    definitions = {
+        (r["nspname"], r["relname"]): r["definition"]
+        for r in await conn.fetch(VIEW_DEFINITIONS_SQL)
+        if r["definition"]
+    }
     return Catalog(
         relations=relations,
+        view_definitions=definitions,
         builtin_functions=frozenset(builtin_f),
         user_functions=frozenset(user_f),
         builtin_operators=frozenset(builtin_o),

@@ -56,6 +56,7 @@ class Catalog:
     view_sources: Mapping[tuple[str, str], tuple[tuple[str, str], ...]] = field(
         default_factory=dict
     )
+    view_definitions: Mapping[tuple[str, str], str] = field(default_factory=dict)
     by_oid: Mapping[int, Relation] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,10 +93,20 @@ class ProtectionMap:
             if rule is None:
                 continue
             masks = {c: m for c, m in rule.columns.items() if rel.column(c) is not None}
-            p = Protected(rel, masks, rule.qualified, rule.subject)
-            self.by_name[key] = p
-            self.by_relname.setdefault(rel.name, []).append(p)
-            self.by_oid[rel.oid] = p
+            self._add(Protected(rel, masks, rule.qualified, rule.subject))
+        from rules.views import derive_view_masks
+
+        known = {k: dict(p.masks) for k, p in self.by_name.items()}
+        self.derived_views = derive_view_masks(catalog, known)
+        for key, masks in self.derived_views.items():
+            rel = catalog.relations[key]
+            self._add(Protected(rel, masks, rel.qualified, None))
+
+    def _add(self, p: Protected) -> None:
+        key = (p.relation.schema, p.relation.name)
+        self.by_name[key] = p
+        self.by_relname.setdefault(p.relation.name, []).append(p)
+        self.by_oid[p.relation.oid] = p
 
     def lookup(self, schema: str | None, name: str) -> list[Protected]:
         """Protected relations a reference may denote: exactly one when qualified; every

@@ -161,6 +161,14 @@ def check(
         rel = catalog.relations.get((schema, view))
         if rel is None or (schema, view) in policy.tables:
             continue
+        if (schema, view) in pmap.derived_views:
+            masked = ", ".join(sorted(pmap.derived_views[(schema, view)])) or "none"
+            findings.append(
+                Finding(
+                    "info", f"{schema}.{view}", f"masked from its definition (columns: {masked})"
+                )
+            )
+            continue
         protected = [f"{s}.{t}" for s, t in sources if pmap.lookup(s, t)]
         if protected:
             kind = "materialized view" if rel.kind == "m" else "view"

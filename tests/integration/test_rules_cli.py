@@ -42,7 +42,11 @@ def test_check_good_rules(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path:
 
 
 def test_check_reports_errors(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path) -> None:
-    pg.psql("CREATE OR REPLACE VIEW billing.peek AS SELECT email FROM billing.customers")
+    pg.psql(
+        "CREATE OR REPLACE VIEW billing.peek AS SELECT name FROM billing.customers; "
+        "CREATE OR REPLACE VIEW billing.peek2 AS SELECT name FROM billing.customers "
+        "UNION SELECT name FROM billing.customer_classes"
+    )
     rules = tmp_path / "rules.yaml"
     rules.write_text(
         "tables:\n"
@@ -58,8 +62,9 @@ def test_check_reports_errors(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_p
     assert "error: billing.customers: subject column id_missing does not exist" in out
     assert "error: billing.customers.ghost: no such column" in out
     assert "error: billing.customers.balance: mask email does not fit type numeric(12,2)" in out
+    assert "info: billing.peek: masked from its definition (columns: name)" in out
     assert (
-        "warning: billing.peek: view reads protected billing.customers and has no rules of its own"
+        "warning: billing.peek2: view reads protected billing.customers and has no rules of its own"
         in out
     )
     assert "warning: billing.customers.email: looks like e-mail but has no rule" in out
@@ -68,7 +73,7 @@ def test_check_reports_errors(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_p
         in out
     )
     assert not leaks(out + r.stderr)
-    pg.psql("DROP VIEW billing.peek")
+    pg.psql("DROP VIEW billing.peek, billing.peek2")
 
 
 def test_check_invalid_file(tmp_path: Path) -> None:

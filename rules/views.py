@@ -1,0 +1,155 @@
+"""Masks for views and materialized views derived from their definitions.
+
+A view column that is a plain reference to a personal column gets that column's mask; a
+column computed from exactly one personal column gets the same mask when it fits the view
+column's type; any other column computed from personal data gets NULL. Views whose
+definition is not a plain SELECT over tables and views (set operations, CTEs, subqueries in
+FROM, VALUES, functions in FROM) are not derived: the analyser refuses them, naming the view.
+
+Pure: no I/O. Works on the definition text the catalog reader fetched (pg_get_viewdef).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pglast.ast
+from pglast import parse_sql
+from pglast.parser import ParseError
+
+from rules.catalog import Catalog
+from rules.masks import fits
+from rules.model import MaskSpec
+
+ast: Any = pglast.ast
+
+Masks = dict[str, MaskSpec]  # view column -> mask
+_NULL = MaskSpec("null")
+
+
+def derive_view_masks(
+    catalog: Catalog, protected: Mapping[tuple[str, str], Masks]
+) -> dict[tuple[str, str], Masks]:
+    """Masks for every view that reads protected relations and can be derived.
+
+    `protected` holds the masks of tables (and of views with rules of their own). Views over
+    views are handled by deriving in rounds until nothing changes.
+    """
+    known: dict[tuple[str, str], Masks] = dict(protected)
+    derived: dict[tuple[str, str], Masks] = {}
+    pending = [
+        k
+        for k, rel in catalog.relations.items()
+        if rel.kind in ("v", "m") and k in catalog.view_definitions and k not in protected
+    ]
+    changed = True
+    while changed:
+        changed = False
+        for key in list(pending):
+            sources = catalog.view_sources.get(key, ())
+            if not any(s in known for s in sources):
+                pending.remove(key)  # reads nothing personal
+                continue
+            if any(s in pending and s != key for s in sources):
+                continue  # wait for the views it reads
+            masks = _derive(catalog, key, known)
+            pending.remove(key)
+            changed = True
+            if masks is not None:
+                known[key] = masks
+                derived[key] = masks
+    return derived
+
+
+def _derive(
+    catalog: Catalog, key: tuple[str, str], known: Mapping[tuple[str, str], Masks]
+) -> Masks | None:
+    rel = catalog.relations[key]
+    try:
+        stmts = parse_sql(catalog.view_definitions[key])
+    except ParseError:
+        return None
+    if len(stmts) != 1 or not isinstance(stmts[0].stmt, ast.SelectStmt):
+        return None
+    sel = stmts[0].stmt
+    if sel.withClause is not None or sel.op != 0 or sel.valuesLists:
+        return None
+    sources: dict[str, tuple[str, str]] = {}  # alias -> relation
+    for item in sel.fromClause or ():
+        if not _collect_sources(item, sources, catalog):
+            return None
+    if len(sel.targetList or ()) != len(rel.columns):
+        return None
+    masks: Masks = {}
+    for col, target in zip(rel.columns, sel.targetList, strict=True):
+        personal = _personal_refs(target.val, sources, known)
+        if not personal:
+            continue
+        plain = isinstance(target.val, ast.ColumnRef)
+        if len(personal) == 1 and (plain or fits(personal[0], col.type.name)):
+            masks[col.name] = personal[0]
+        else:
+            masks[col.name] = _NULL
+    return masks
+
+
+def _collect_sources(item: Any, out: dict[str, tuple[str, str]], catalog: Catalog) -> bool:
+    if isinstance(item, ast.RangeVar):
+        schema = item.schemaname
+        if schema is None:
+            matches = [k for k in catalog.relations if k[1] == item.relname]
+            if len(matches) != 1:
+                return False
+            schema = matches[0][0]
+        alias = item.alias.aliasname if item.alias is not None else item.relname
+        out[alias] = (schema, item.relname)
+        return True
+    if isinstance(item, ast.JoinExpr):
+        if item.isNatural:
+            return False
+        return _collect_sources(item.larg, out, catalog) and _collect_sources(
+            item.rarg, out, catalog
+        )
+    return False
+
+
+def _personal_refs(
+    expr: Any, sources: Mapping[str, tuple[str, str]], known: Mapping[tuple[str, str], Masks]
+) -> list[MaskSpec]:
+    found: list[MaskSpec] = []
+    stack = [expr]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.ColumnRef):
+            names = [f.sval for f in n.fields if isinstance(f, ast.String)]
+            if isinstance(n.fields[-1], ast.A_Star):
+                for src in sources.values():
+                    found.extend(known.get(src, {}).values())
+                continue
+            if len(names) == 1 and names[0] in sources:
+                # a whole-row reference (row_to_json(c)): every personal column of it
+                found.extend(known.get(sources[names[0]], {}).values())
+                found.extend(known.get(sources[names[0]], {}).values())
+                continue
+            col = names[-1] if names else ""
+            srcs = (
+                [sources[names[-2]]]
+                if len(names) >= 2 and names[-2] in sources
+                else list(sources.values())
+            )
+            for src in srcs:
+                spec = known.get(src, {}).get(col)
+                if spec is not None:
+                    found.append(spec)
+            continue
+        if isinstance(n, ast.Node):
+            for attr in n:
+                value = getattr(n, attr)
+                if isinstance(value, ast.Node):
+                    stack.append(value)
+                elif isinstance(value, tuple):
+                    stack.extend(v for v in value if isinstance(v, ast.Node | tuple))
+        elif isinstance(n, tuple):
+            stack.extend(v for v in n if isinstance(v, ast.Node | tuple))
+    return found
