@@ -24,6 +24,7 @@ import re
 import secrets
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.wire import messages as m
@@ -61,44 +62,27 @@ class MaskedFilter:
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
         self._recent_sql: deque[str] = deque(maxlen=64)
-        self._client_held = b""
-        self._server_held = b""
+        self._client = _Splicer()
+        self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
 
     @property
     def holding(self) -> bool:
-        return bool(self._client_held or self._server_held)
+        return bool(self._client.held or self._server.held)
 
     # ---- client -> server --------------------------------------------------------------
 
     def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
-        try:
-            return self._client(scanner, chunk)
-        except (ValueError, IndexError, struct.error) as exc:
-            raise m.ProtocolViolation("malformed message from client") from exc
+        return self._client.splice(scanner, chunk, self._client_message, "from client")
 
-    def _client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
-        data = self._client_held + chunk if self._client_held else chunk
-        located, held = scanner.feed_located(data)
-        out = bytearray()
-        pos = 0
-        for typ, body, start, end in located:
-            out += data[pos:start]
-            if typ == m.QUERY:
-                out += self._query(body, data[start:end])
-            elif typ == m.PARSE:
-                out += self._parse(body, data[start:end])
-            elif typ == m.FUNCTION_CALL:
-                out += m.message(
-                    m.QUERY, self._refuse("FunctionCall is not allowed for masked roles")
-                )
-            else:
-                out += data[start:end]
-            pos = end
-        stop = held if held is not None else len(data)
-        out += data[pos:stop]
-        self._client_held = data[stop:] if held is not None else b""
-        return bytes(out)
+    def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.QUERY:
+            return self._query(body, raw)
+        if typ == m.PARSE:
+            return self._parse(body, raw)
+        if typ == m.FUNCTION_CALL:
+            return m.message(m.QUERY, self._refuse("FunctionCall is not allowed for masked roles"))
+        return raw
 
     def _refuse(self, reason: str) -> bytes:
         nonce = secrets.token_hex(8)
@@ -153,39 +137,21 @@ class MaskedFilter:
     # ---- server -> client --------------------------------------------------------------
 
     def server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
-        try:
-            return self._server(scanner, chunk)
-        except (ValueError, IndexError, struct.error) as exc:
-            raise m.ProtocolViolation("malformed message") from exc
+        return self._server.splice(scanner, chunk, self._server_message, "from server")
 
-    def _server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
-        data = self._server_held + chunk if self._server_held else chunk
-        located, held = scanner.feed_located(data)
-        out = bytearray()
-        pos = 0
-        for typ, body, start, end in located:
-            out += data[pos:start]
-            if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
-                out += self._error(typ, body)
-            elif typ == m.NOTIFICATION_RESPONSE:
-                out += self._notification(body)
-            elif typ == m.ROW_DESCRIPTION:
-                self._check_row_description(body)
-                out += data[start:end]
-            elif typ == m.PARAMETER_STATUS:
-                self.check_parameter(*m.parameter_status(body))
-                out += data[start:end]
-            elif typ == m.READY_FOR_QUERY:
-                self.tx_status = body[0] if body else m.TX_IDLE
-                self._recent_sql.clear()
-                out += data[start:end]
-            else:
-                out += data[start:end]
-            pos = end
-        stop = held if held is not None else len(data)
-        out += data[pos:stop]
-        self._server_held = data[stop:] if held is not None else b""
-        return bytes(out)
+    def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
+            return self._error(typ, body)
+        if typ == m.NOTIFICATION_RESPONSE:
+            return self._notification(body)
+        if typ == m.ROW_DESCRIPTION:
+            self._check_row_description(body)
+        elif typ == m.PARAMETER_STATUS:
+            self.check_parameter(*m.parameter_status(body))
+        elif typ == m.READY_FOR_QUERY:
+            self.tx_status = body[0] if body else m.TX_IDLE
+            self._recent_sql.clear()
+        return raw
 
     def check_parameter(self, name: str, value: str) -> None:
         if name == "session_authorization" and value != self.login:
@@ -261,6 +227,40 @@ class MaskedFilter:
                     "pgveil: a result would have carried an unmasked personal column; "
                     "the session is closed"
                 )
+
+
+class _Splicer:
+    """Rebuilds one direction of the stream: uncaptured bytes pass through, each captured
+    message is replaced by what the handler returns, and an incomplete captured message is
+    held back until the rest arrives."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def splice(
+        self,
+        scanner: MessageScanner,
+        chunk: bytes,
+        handle: Callable[[int, bytes, bytes], bytes],
+        side: str,
+    ) -> bytes:
+        data = self.held + chunk if self.held else chunk
+        try:
+            located, hold = scanner.feed_located(data)
+            out = bytearray()
+            pos = 0
+            for typ, body, start, end in located:
+                out += data[pos:start]
+                out += handle(typ, body, data[start:end])
+                pos = end
+        except (ValueError, IndexError, struct.error) as exc:
+            raise m.ProtocolViolation(f"malformed message {side}") from exc
+        stop = hold if hold is not None else len(data)
+        out += data[pos:stop]
+        self.held = data[stop:] if hold is not None else b""
+        return bytes(out)
 
 
 def encode_fields(typ: int, fields: dict[str, str]) -> bytes:
