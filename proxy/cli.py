@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     rs = rsub.add_parser("suggest", help="print a draft rules file from the database")
     rs.add_argument("--dsn", metavar="DSN", required=True)
     rsub.add_parser("schema", help="print the JSON Schema of the rules format")
+    a = sub.add_parser("audit", help="read and verify audit files")
+    asub = a.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
+    asub.required = True
+    av = asub.add_parser("verify", help="check the hash chain of audit files (oldest first)")
+    av.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    at = asub.add_parser("tail", help="print events as lines")
+    at.add_argument("file", type=Path, metavar="FILE")
+    at.add_argument("--follow", action="store_true")
+    at.add_argument("--role")
+    at.add_argument("--table")
     return parser
 
 
@@ -109,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "proxy":
             return _run_proxy(ns)
+        if ns.command == "audit":
+            from proxy import audit_cli
+
+            if ns.audit_command == "verify":
+                return audit_cli.verify(ns.files)
+            return audit_cli.tail(ns.file, ns.follow, ns.role, ns.table)
         if ns.command == "rules":
             from proxy.rules_cli import run
 

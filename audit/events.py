@@ -1,0 +1,101 @@
+"""Audit events and their tamper-evident chain.
+
+An event is a flat JSON object, schema-versioned. Each carries `prev`, the SHA-256 of the
+canonical encoding of the event before it (the first event of a chain carries 64 zeros),
+and `hash`, the SHA-256 of its own canonical encoding without `hash`. Canonical encoding:
+JSON with sorted keys, no insignificant whitespace, UTF-8. `verify` walks a sequence of
+events and names the first one that was modified, deleted, reordered or inserted.
+
+Events never carry literals from statements or values from rows: the proxy builds them from
+normalised statement text, table and column names and subject keys only. This module is
+pure (no I/O).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA_VERSION = 1
+GENESIS = "0" * 64
+EVENT_TYPES = ("session.start", "session.end", "access", "refused", "rules.reload", "erasure")
+
+
+def canonical(event: Mapping[str, Any]) -> bytes:
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest(event: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in event.items() if k != "hash"})).hexdigest()
+
+
+def new_id(now_ns: int | None = None) -> str:
+    """Time-ordered unique id: 48-bit milliseconds, then 80 random bits (ULID-like), hex."""
+    ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
+    return f"{ms:012x}{os.urandom(10).hex()}"
+
+
+def utc_timestamp(now_ns: int | None = None) -> str:
+    ns = now_ns if now_ns is not None else time.time_ns()
+    secs, rem = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem // 1000:06d}Z"
+
+
+class Chain:
+    """Links events: fills in `v`, `ts`, `id`, `prev` and `hash`."""
+
+    def __init__(self, last_hash: str = GENESIS) -> None:
+        self.last_hash = last_hash
+
+    def link(
+        self, event_type: str, fields: Mapping[str, Any], now_ns: int | None = None
+    ) -> dict[str, Any]:
+        if event_type not in EVENT_TYPES:
+            raise ValueError(f"unknown audit event type {event_type}")
+        ns = now_ns if now_ns is not None else time.time_ns()
+        event: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "ts": utc_timestamp(ns),
+            "id": new_id(ns),
+            "type": event_type,
+            **fields,
+            "prev": self.last_hash,
+        }
+        event["hash"] = digest(event)
+        self.last_hash = event["hash"]
+        return event
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    index: int  # position of the first bad event in the sequence (0-based)
+    event_id: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        ident = f" (id {self.event_id})" if self.event_id else ""
+        return f"event {self.index + 1}{ident}: {self.reason}"
+
+
+def verify(events: Iterable[Mapping[str, Any]], first_prev: str | None = None) -> ChainBreak | None:
+    """None when the chain is intact, else the first break.
+
+    `first_prev`: the hash the first event must point to (the previous file's last hash
+    when a chain continues across rotated files); None accepts the first event's `prev`.
+    """
+    expected_prev = first_prev
+    for i, e in enumerate(events):
+        eid = e.get("id") if isinstance(e.get("id"), str) else None
+        if e.get("hash") != digest(e):
+            return ChainBreak(i, eid, "its content does not match its hash (modified)")
+        if expected_prev is not None and e.get("prev") != expected_prev:
+            return ChainBreak(
+                i, eid, "it does not follow the event before it (deleted, reordered or inserted)"
+            )
+        expected_prev = str(e["hash"])
+    return None
