@@ -205,6 +205,12 @@ class _Rewriter:
             node, ast.PrepareStmt | ast.DeclareCursorStmt | ast.CreateTableAsStmt | ast.ViewStmt
         ):
             node.query = self.statement(node.query)
+            stores_sql = isinstance(node, ast.ViewStmt) or (
+                isinstance(node, ast.CreateTableAsStmt) and node.objtype == 23  # OBJECT_MATVIEW
+            )
+            if stores_sql and self.uses_hash:
+                # the view's stored definition (pg_get_viewdef) would show the mask's key
+                raise Refusal("a view over hash-masked columns would expose the masking key")
         elif isinstance(node, ast.ExecuteStmt):
             self.walk(node.params)
         elif isinstance(node, ast.VariableSetStmt):

@@ -53,7 +53,8 @@ def test_pass(sql: str) -> None:
         "COPY (SELECT name FROM billing.customers) TO STDOUT",
         "CREATE TEMP TABLE t AS SELECT name FROM billing.customers",
         "SELECT name INTO TEMP t2 FROM billing.customers",
-        "CREATE TEMP VIEW v AS SELECT * FROM billing.customers",
+        "CREATE TEMP VIEW v AS SELECT name, email FROM billing.customers",
+        "CREATE TEMP TABLE t3 AS SELECT * FROM billing.customers",
         "SELECT x.name FROM billing.customers x, LATERAL (SELECT x.email) y",
         "EXPLAIN SELECT ip FROM billing.accounts",
     ],
@@ -113,6 +114,9 @@ def test_three_part_names_become_the_alias() -> None:
         ("SELECT 1 ==== 2", "operator"),
         ("SELECT ts_stat('select 1')", "ts_stat"),
         ("EXPLAIN SELECT login FROM billing.customers", "hash"),
+        ("CREATE VIEW v AS SELECT login FROM billing.customers", "masking key"),
+        ("CREATE VIEW v AS SELECT * FROM billing.customers", "masking key"),
+        ("CREATE MATERIALIZED VIEW mv AS SELECT login FROM billing.customers", "masking key"),
     ],
 )
 def test_refuse(sql: str, reason: str) -> None:
