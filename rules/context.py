@@ -34,6 +34,10 @@ def normalize(sql: str) -> tuple[str, list[str]] | None:
     None when there is nothing to replace or the text cannot be tokenised. (pglast's token
     offsets count characters, inclusive of the end.)
     """
+    if _PLACEHOLDER.search(sql):
+        # the text itself spells a placeholder (in an identifier, a comment, a parameter):
+        # substituting literals back could then land inside it and change the statement
+        return None
     try:
         tokens = scan(sql)
     except ParseError:
@@ -47,8 +51,6 @@ def normalize(sql: str) -> tuple[str, list[str]] | None:
             out.append(f"${_PLACEHOLDER_BASE + len(literals)}")
             literals.append(sql[t.start : t.end + 1])
             pos = t.end + 1
-        elif t.name == "PARAM" and sql[t.start : t.end + 1].startswith("$9"):
-            return None  # a client placeholder that could collide with ours
     if not literals:
         return None
     out.append(sql[pos:])

@@ -22,6 +22,8 @@ def test_normalize() -> None:
     assert lits == ["'é'", "5", "E'x'", "X'ff'", "1.5"]
     assert normalize("SELECT a FROM t") is None
     assert normalize("SELECT $900001") is None
+    # a placeholder spelled inside an identifier must not receive a literal's text
+    assert normalize('SELECT 1 AS "$900000", \'a"b\'') is None
 
 
 @pytest.mark.parametrize(
