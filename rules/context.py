@@ -57,7 +57,12 @@ def normalize(sql: str) -> tuple[str, list[str]] | None:
     return "".join(out), literals
 
 
-def _substitute(sql: str, literals: list[str]) -> str:
+def _substitute(sql: str, literals: list[str]) -> str | None:
+    """`sql` with the literals back in place of their placeholders; None if a placeholder
+    does not belong to a literal (then the statement is analysed as sent)."""
+    indexes = [int(x) - _PLACEHOLDER_BASE for x in _PLACEHOLDER.findall(sql)]
+    if any(not 0 <= i < len(literals) for i in indexes):
+        return None
     return _PLACEHOLDER.sub(lambda m: literals[int(m.group(1)) - _PLACEHOLDER_BASE], sql)
 
 
@@ -100,11 +105,15 @@ class MaskingContext:
             else:
                 self.cache_hits += 1
             if isinstance(entry, Decision):
-                if entry.action == "rewrite" and entry.sql is not None:
-                    entry = dataclasses.replace(entry, sql=_substitute(entry.sql, literals))
-                # the exact text too: prepared statements repeat it and skip the tokenizer
-                self._remember(self._cache, sql, entry)
-                return entry
+                rewritten = entry.sql
+                if entry.action == "rewrite" and rewritten is not None:
+                    rewritten = _substitute(rewritten, literals)
+                if entry.action != "rewrite" or rewritten is not None:
+                    if entry.action == "rewrite":
+                        entry = dataclasses.replace(entry, sql=rewritten)
+                    # the exact text too: prepared statements repeat it, skip the tokenizer
+                    self._remember(self._cache, sql, entry)
+                    return entry
         self.cache_misses += 1
         d = self.analyzer.analyze(sql)
         self._remember(self._cache, sql, d)
