@@ -9,7 +9,6 @@ and what is allowed. This module does no I/O beyond reading the config file.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -315,7 +314,3 @@ def reference_table() -> str:
         default = "—" if s.default is None else f"`{s.default}`"
         rows.append(f"| `{s.name}` | `{s.flag}` | `{s.env}` | {default} | {s.help} |")
     return "\n".join(rows)
-
-
-def replace(config: ProxyConfig, **changes: Any) -> ProxyConfig:
-    return dataclasses.replace(config, **changes)

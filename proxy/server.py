@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 import ssl
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
+from proxy import logs
 from proxy.catalog import MaskingManager, MaskingUnavailable
 from proxy.config import ConfigError, ProxyConfig
 from proxy.logs import log
@@ -513,8 +515,6 @@ class ProxyServer:
             log.warning("rules.removed", detail="no rules file configured: masking is off")
             self.masking = None
         self.upstream_tls = upstream_tls
-        from proxy import logs
-
         logs.configure(new.log_format, new.log_level)
         log.info("config.reloaded", file=str(new.config_file) if new.config_file else None)
 
@@ -550,9 +550,7 @@ class ProxyServer:
 
 
 def _keep(new: ProxyConfig, old: ProxyConfig, names: list[str]) -> ProxyConfig:
-    from proxy.config import replace
-
-    return replace(new, **{n: getattr(old, n) for n in names})
+    return dataclasses.replace(new, **{n: getattr(old, n) for n in names})
 
 
 async def serve(

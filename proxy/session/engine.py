@@ -276,9 +276,6 @@ class Session:
                 return more
         return actions
 
-    def client_tls_started(self) -> Sequence[Action]:
-        return _NOTHING
-
     def client_closed(self) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
             return _NOTHING
