@@ -171,6 +171,12 @@ class MaskedFilter:
                 if REFUSAL_TOKEN + nonce in text:
                     reason = self._refusals.pop(nonce)
                     return m.error_response("42501", f"pgveil: {reason}")
+        context = fields.get("W", "")
+        if "PL/pgSQL" in context or "at RAISE" in context:
+            # the text was composed by server-side code (a trigger's RAISE, say): any value
+            # may stand in it unquoted, so none of it is shown
+            fields = {k: v for k, v in fields.items() if k in "SVCP"}
+            fields["M"] = "pgveil: a message raised by server-side code is withheld"
         scrubbed: dict[str, str] = {}
         for code, value in fields.items():
             if code not in _KEEP_FIELDS:

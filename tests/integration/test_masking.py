@@ -303,3 +303,33 @@ def test_sighup_reloads_rules_atomically(
         p.signal(signal.SIGHUP)
         wait_log("rules.reloaded", 2)
         assert name() != NAME
+
+
+def test_messages_raised_by_triggers_are_withheld(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
+    pg.psql(
+        """
+        CREATE OR REPLACE FUNCTION billing.chatty() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          RAISE NOTICE 'customer % changed', OLD.name;
+          IF NEW.notes = 'explode' THEN RAISE EXCEPTION 'cannot change %', OLD.name; END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER chatty BEFORE UPDATE ON billing.customers
+          FOR EACH ROW EXECUTE FUNCTION billing.chatty();
+        """
+    )
+    try:
+        notices: list[str] = []
+        with psycopg.connect(dsn(pg, billing.port)) as c:
+            c.add_notice_handler(lambda d: notices.append(str(d.message_primary)))
+            c.execute("UPDATE billing.customers SET notes = notes WHERE i_customer = 1")
+            with pytest.raises(psycopg.errors.RaiseException) as info:
+                c.execute("UPDATE billing.customers SET notes = 'explode' WHERE i_customer = 1")
+            c.rollback()
+        assert notices and not leaks(" ".join(notices))
+        assert "withheld" in notices[0]
+        assert not leaks(str(info.value)) and "withheld" in str(info.value)
+    finally:
+        pg.psql("DROP TRIGGER chatty ON billing.customers; DROP FUNCTION billing.chatty()")
