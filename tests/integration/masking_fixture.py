@@ -149,12 +149,8 @@ def leaks(text: str) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="session")
-def billing(pg: EmbeddedPostgres) -> Iterator[ProxyProcess]:
-    pg.psql(SCHEMA)
-    d = Path(tempfile.mkdtemp(prefix="pgveil-rules-"))
-    rules = d / "rules.yaml"
-    rules.write_text(RULES)
+def masking_proxy(pg: EmbeddedPostgres, rules: Path, metrics: bool = True) -> ProxyProcess:
+    """A pgveil with these rules in front of `pg` (reads the catalog as the superuser)."""
     env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
     p = ProxyProcess(
         pg.port,
@@ -164,9 +160,20 @@ def billing(pg: EmbeddedPostgres) -> Iterator[ProxyProcess]:
         str(rules),
         "--catalog-user",
         pg.superuser,
+        metrics=metrics,
         env=env,
     )
     p.rules_path = rules  # type: ignore[attr-defined]
+    return p
+
+
+@pytest.fixture(scope="session")
+def billing(pg: EmbeddedPostgres) -> Iterator[ProxyProcess]:
+    pg.psql(SCHEMA)
+    d = Path(tempfile.mkdtemp(prefix="pgveil-rules-"))
+    rules = d / "rules.yaml"
+    rules.write_text(RULES)
+    p = masking_proxy(pg, rules)
     yield p
     p.stop()
     os.unlink(rules)

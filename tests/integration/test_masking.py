@@ -17,6 +17,7 @@ from tests.integration.masking_fixture import (
     NAME,
     dsn,
     leaks,
+    masking_proxy,
 )
 from tests.support import ProxyProcess
 
@@ -176,21 +177,7 @@ def test_views_masked_by_rules_or_definition_and_the_rest_refused(
             "European Customers",
         )
     # views created after the catalog was read: a proxy that reads it fresh
-    env = {
-        "PGVEIL_TEST_HASH_KEY": "pgveil-test-hash-key-0123456789",
-        "PGVEIL_CATALOG_PASSWORD": pg.password,
-    }
-    with ProxyProcess(
-        pg.port,
-        "--upstream-sslmode",
-        "disable",
-        "--rules",
-        str(billing.rules_path),  # type: ignore[attr-defined]
-        "--catalog-user",
-        pg.superuser,
-        metrics=False,
-        env=env,
-    ) as p:
+    with masking_proxy(pg, billing.rules_path, metrics=False) as p:  # type: ignore[attr-defined]
         with psycopg.connect(dsn(pg, p.port), autocommit=True) as c:
             row = c.execute("SELECT * FROM billing.sneaky WHERE i_customer = 1").fetchone()
             assert row is not None and row[0] == 1
@@ -261,21 +248,11 @@ def test_sighup_reloads_rules_atomically(
     import time
     from pathlib import Path
 
-    from tests.integration.masking_fixture import HASH_KEY, RULES
+    from tests.integration.masking_fixture import RULES
 
     rules = Path(str(tmp_path)) / "rules.yaml"
     rules.write_text(RULES)
-    env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
-    with ProxyProcess(
-        pg.port,
-        "--upstream-sslmode",
-        "disable",
-        "--rules",
-        str(rules),
-        "--catalog-user",
-        pg.superuser,
-        env=env,
-    ) as p:
+    with masking_proxy(pg, rules) as p:
 
         def name() -> str:
             with psycopg.connect(dsn(pg, p.port)) as c:
