@@ -57,6 +57,7 @@ def certs() -> Iterator[Certs]:
 def pg(certs: Certs) -> Iterator[EmbeddedPostgres]:
     hba = [
         f"host all {TRUST_USER} 127.0.0.1/32 trust",
+        "host all masked_trust 127.0.0.1/32 trust",
         f"host all {MD5_USER} 127.0.0.1/32 md5",
         f"host all {CLEAR_USER} 127.0.0.1/32 password",
     ]
