@@ -55,6 +55,7 @@ DENIED_RELATIONS = frozenset(
         "pg_statistic_ext_data", "pg_stat_activity", "pg_stat_statements",
         "pg_stat_statements_info", "pg_prepared_statements", "pg_cursors",
         "pg_largeobject", "pg_shadow", "pg_authid", "pg_user_mappings",
+        "pg_backend_memory_contexts",
     }
 )  # fmt: skip
 
@@ -198,6 +199,12 @@ class _Rewriter:
         elif isinstance(node, ast.CopyStmt):
             return self.copy(node)
         elif isinstance(node, ast.ExplainStmt):
+            inner = node.query
+            if isinstance(inner, ast.CreateTableAsStmt):
+                inner = inner.query
+            if isinstance(inner, ast.ExecuteStmt):
+                # the prepared statement may carry hash masks; its plan would show the key
+                raise Refusal("EXPLAIN of a prepared statement is not allowed for masked roles")
             node.query = self.statement(node.query)
             if self.uses_hash:
                 raise Refusal("EXPLAIN of a statement that reads hash-masked columns")

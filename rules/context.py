@@ -57,13 +57,37 @@ def normalize(sql: str) -> tuple[str, list[str]] | None:
     return "".join(out), literals
 
 
-def _substitute(sql: str, literals: list[str]) -> str | None:
-    """`sql` with the literals back in place of their placeholders; None if a placeholder
-    does not belong to a literal (then the statement is analysed as sent)."""
-    indexes = [int(x) - _PLACEHOLDER_BASE for x in _PLACEHOLDER.findall(sql)]
-    if any(not 0 <= i < len(literals) for i in indexes):
+def placeholder_spans(sql: str) -> list[tuple[int, int, int]] | None:
+    """Where the literal placeholders stand in pgveil's rewritten text, as real parameter
+    tokens: (start, end, literal index). Text that only spells a placeholder (inside a
+    quoted identifier, say U&"\0024900000") is not a parameter token and is never
+    replaced. None when the text cannot be tokenised."""
+    try:
+        tokens = scan(sql)
+    except ParseError:
         return None
-    return _PLACEHOLDER.sub(lambda m: literals[int(m.group(1)) - _PLACEHOLDER_BASE], sql)
+    spans = []
+    for t in tokens:
+        if t.name == "PARAM":
+            m = _PLACEHOLDER.fullmatch(sql[t.start : t.end + 1])
+            if m is not None:
+                spans.append((t.start, t.end + 1, int(m.group(1)) - _PLACEHOLDER_BASE))
+    return spans
+
+
+def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]) -> str | None:
+    """`sql` with the literals put back at the placeholder tokens; None if a placeholder
+    does not belong to a literal (then the statement is analysed as sent)."""
+    if any(not 0 <= i < len(literals) for _, _, i in spans):
+        return None
+    out: list[str] = []
+    pos = 0
+    for start, end, i in spans:
+        out.append(sql[pos:start])
+        out.append(literals[i])
+        pos = end
+    out.append(sql[pos:])
+    return "".join(out)
 
 
 class MaskingContext:
@@ -73,7 +97,8 @@ class MaskingContext:
         self.pmap = ProtectionMap(policy, catalog)
         self.analyzer = Analyzer(self.pmap)
         self._cache: dict[str, Decision] = {}
-        self._shapes: dict[str, object] = {}  # normalized text -> Decision or _FALLBACK
+        # normalized text -> (Decision, placeholder spans) or _FALLBACK
+        self._shapes: dict[str, object] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         names: set[str] = set()
@@ -99,25 +124,43 @@ class MaskingContext:
             entry = self._shapes.get(shape)
             if entry is None:
                 self.cache_misses += 1
-                analysed = self.analyzer.analyze(shape)
-                entry = _FALLBACK if analysed.action == "refuse" else analysed
+                entry = self._shape_entry(shape)
                 self._remember(self._shapes, shape, entry)
             else:
                 self.cache_hits += 1
-            if isinstance(entry, Decision):
-                rewritten = entry.sql
-                if entry.action == "rewrite" and rewritten is not None:
-                    rewritten = _substitute(rewritten, literals)
-                if entry.action != "rewrite" or rewritten is not None:
-                    if entry.action == "rewrite":
-                        entry = dataclasses.replace(entry, sql=rewritten)
+            if isinstance(entry, tuple):
+                decision: Decision | None = entry[0]
+                spans: list[tuple[int, int, int]] = entry[1]
+                assert decision is not None
+                if decision.action == "rewrite":
+                    assert decision.sql is not None
+                    rewritten = _substitute(decision.sql, spans, literals)
+                    decision = (
+                        dataclasses.replace(decision, sql=rewritten)
+                        if rewritten is not None
+                        else None
+                    )
+                if decision is not None:
                     # the exact text too: prepared statements repeat it, skip the tokenizer
-                    self._remember(self._cache, sql, entry)
-                    return entry
+                    self._remember(self._cache, sql, decision)
+                    return decision
         self.cache_misses += 1
         d = self.analyzer.analyze(sql)
         self._remember(self._cache, sql, d)
         return d
+
+    def _shape_entry(self, shape: str) -> object:
+        analysed = self.analyzer.analyze(shape)
+        if analysed.action == "refuse":
+            return _FALLBACK
+        spans: list[tuple[int, int, int]] = []
+        if analysed.action == "rewrite":
+            assert analysed.sql is not None
+            found = placeholder_spans(analysed.sql)
+            if found is None:
+                return _FALLBACK
+            spans = found
+        return (analysed, spans)
 
     @staticmethod
     def _remember(cache: dict[str, Any], key: str, value: object) -> None:

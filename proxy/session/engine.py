@@ -85,6 +85,10 @@ class CloseSession(Action):
     reason: str
 
 
+class _StatementBeforeLogin(Exception):
+    pass
+
+
 # --- state -----------------------------------------------------------------------------------
 
 
@@ -190,6 +194,8 @@ class Session:
                 self.phase = Phase.CLOSED
                 return (SendToServer(out), CloseSession("client terminated"))
             return (SendToServer(out),) if out else _NOTHING
+        if self.masked is not None and phase is Phase.AUTHENTICATING:
+            return self._masked_login_data(data)
         if phase is _READY or phase is Phase.AUTHENTICATING:
             try:
                 captured = self._client.feed(data)
@@ -212,10 +218,6 @@ class Session:
     def _client_messages(self, captured: list[tuple[int, bytes]]) -> Sequence[Action]:
         terminate = False
         for typ, body in captured:
-            if self.masked is not None and typ != m.PASSWORD_MESSAGE and typ != m.TERMINATE:
-                return self._fatal_to_client(
-                    "08P01", "pgveil: masked sessions may not send statements before login"
-                )
             if typ == m.PASSWORD_MESSAGE:
                 refusal = self._check_sasl_initial_response(body)
                 if refusal is not None:
@@ -226,6 +228,41 @@ class Session:
             self.phase = Phase.CLOSED
             return (FORWARD, CloseSession("client terminated"))
         return _JUST_FORWARD
+
+    def _masked_login_data(self, data: bytes) -> Sequence[Action]:
+        """A masked client during login: only whole password messages go on. Anything
+        incomplete is held back by the splicer, so a message begun now cannot spill, half
+        seen, into the statements that follow the login."""
+        assert self.masked is not None
+        passwords: list[bytes] = []
+        terminate = False
+
+        def only_passwords(typ: int, body: bytes, raw: bytes) -> bytes:
+            nonlocal terminate
+            if typ == m.PASSWORD_MESSAGE:
+                passwords.append(body)
+                return raw
+            if typ == m.TERMINATE:
+                terminate = True
+                return raw
+            raise _StatementBeforeLogin
+
+        try:
+            out = self.masked.login_data(self._client, data, only_passwords)
+        except m.ProtocolViolation as exc:
+            return self._fatal_to_client("08P01", str(exc))
+        except _StatementBeforeLogin:
+            return self._fatal_to_client(
+                "08P01", "pgveil: masked sessions may not send statements before login"
+            )
+        for body in passwords:
+            refusal = self._check_sasl_initial_response(body)
+            if refusal is not None:
+                return refusal
+        if terminate:
+            self.phase = Phase.CLOSED
+            return (SendToServer(out), CloseSession("client terminated"))
+        return (SendToServer(out),) if out else _NOTHING
 
     def _startup_data(self, data: bytes) -> Sequence[Action]:
         try:

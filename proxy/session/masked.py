@@ -75,6 +75,12 @@ class MaskedFilter:
     def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
         return self._client.splice(scanner, chunk, self._client_message, "from client")
 
+    def login_data(
+        self, scanner: MessageScanner, chunk: bytes, handle: Callable[[int, bytes, bytes], bytes]
+    ) -> bytes:
+        """Client bytes during login, through the same splicer as statements later."""
+        return self._client.splice(scanner, chunk, handle, "from client")
+
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if typ == m.QUERY:
             return self._query(body, raw)

@@ -64,3 +64,20 @@ def test_literals_share_one_analysis(ctx: MaskingContext) -> None:
             and d.sql.endswith(f"WHERE i_customer = {i}")
         )
     assert ctx.cache_misses == 1 and ctx.cache_hits == 49
+
+
+def test_placeholder_spelled_by_unicode_escape_never_receives_a_literal(
+    ctx: MaskingContext,
+) -> None:
+    sql = (
+        'SELECT i_customer AS U&"\\0024900000" FROM billing.customers WHERE '
+        "'\" , (SELECT string_agg(name, $$ $$) FROM billing.customers) AS \"' IS NOT NULL"
+    )
+    d = ctx.analyze(sql)
+    assert d.action == "rewrite" and d.sql is not None
+    from pglast import parse_sql
+
+    # still one statement whose WHERE is the client's string literal, not a subquery
+    (raw,) = parse_sql(d.sql)
+    where = raw.stmt.whereClause
+    assert type(where).__name__ == "NullTest" and type(where.arg).__name__ == "A_Const"
