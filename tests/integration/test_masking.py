@@ -310,3 +310,21 @@ def test_messages_raised_by_triggers_are_withheld(
         assert not leaks(str(info.value)) and "withheld" in str(info.value)
     finally:
         pg.psql("DROP TRIGGER chatty ON billing.customers; DROP FUNCTION billing.chatty()")
+
+
+def test_every_metric_in_the_readme_is_exported(billing: ProxyProcess) -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Metrics and health", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(pgveil_[a-z_]+)`", section, re.M))
+    _, text = billing.http("/metrics")
+    exported = {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("pgveil_")
+    }
+    exported |= {re.sub(r"_(bucket|count|sum|created)$", "", n) for n in exported}
+    # families without samples yet still declare themselves
+    for kind_name, kind in re.findall(r"^# TYPE (pgveil_[a-z_]+) (\w+)", text, re.M):
+        exported.add(kind_name + "_total" if kind == "counter" else kind_name)
+    assert documented and documented <= exported, documented - exported
