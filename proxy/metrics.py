@@ -108,7 +108,7 @@ class ProxyCollector(Collector):
             "Client connections refused, by reason",
             labels=["reason"],
         )
-        for reason, c in sorted(s.rejected.items()):
+        for reason, c in sorted({"max_connections": 0, **s.rejected}.items()):
             rejected.add_metric([reason], c)
         yield rejected
         client_bytes = s.client_bytes + sum(c.client_bytes for c in live)

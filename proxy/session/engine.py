@@ -332,7 +332,7 @@ class Session:
         refusal = ctx.startup_refusal(self._startup_params)
         if refusal is not None:
             return self._fatal_to_client("42501", f"pgveil: {refusal}")
-        self.masked = MaskedFilter(ctx, self.info.user)
+        self.masked = MaskedFilter(ctx, self.info.user, self.error_classes)
         # during login every message is looked at: statements must wait for READY
         self._client.capture = _CAPTURE_ALL
         if self._early_client_data:

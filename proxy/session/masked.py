@@ -56,9 +56,12 @@ class SessionEnded(Exception):
 
 
 class MaskedFilter:
-    def __init__(self, ctx: MaskingContext, login: str) -> None:
+    def __init__(
+        self, ctx: MaskingContext, login: str, error_classes: dict[str, int] | None = None
+    ) -> None:
         self.ctx = ctx
         self.login = login
+        self.error_classes = error_classes if error_classes is not None else {}
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
         self._recent_sql: deque[str] = deque(maxlen=64)
@@ -171,6 +174,10 @@ class MaskedFilter:
 
     def _error(self, typ: int, body: bytes) -> bytes:
         fields = m.decode_fields(body)
+        if typ == m.ERROR_RESPONSE:
+            code = fields.get("C", "")
+            cls = code[:2] if len(code) == 5 else "unknown"
+            self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
         text = fields.get("M", "")
         if REFUSAL_TOKEN in text:
             for nonce in list(self._refusals):

@@ -312,9 +312,14 @@ def test_messages_raised_by_triggers_are_withheld(
         pg.psql("DROP TRIGGER chatty ON billing.customers; DROP FUNCTION billing.chatty()")
 
 
-def test_every_metric_in_the_readme_is_exported(billing: ProxyProcess) -> None:
+def test_every_metric_in_the_readme_is_exported(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
     import re
     from pathlib import Path
+
+    with psycopg.connect(dsn(pg, billing.port)) as c, pytest.raises(psycopg.Error):
+        c.execute("SELECT 1/0")  # messages and a server error to count
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Metrics and health", 1)[1].split("\n## ", 1)[0]
