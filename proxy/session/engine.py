@@ -185,25 +185,27 @@ class Session:
 
     def client_data(self, data: bytes) -> Sequence[Action]:
         phase = self.phase
-        if self.masked is not None and phase is _READY:
+        masked = self.masked
+        if masked is None:
+            if phase is _READY or phase is Phase.AUTHENTICATING:
+                try:
+                    captured = self._client.feed(data)
+                except m.ProtocolViolation as exc:
+                    return self._fatal_to_client("08P01", str(exc))
+                if captured:
+                    return self._client_messages(captured)
+                return _JUST_FORWARD
+        elif phase is _READY:
             try:
-                out = self.masked.client(self._client, data)
+                out = masked.client(self._client, data)
             except m.ProtocolViolation as exc:
                 return self._fatal_to_client("08P01", str(exc))
-            if self._client.last_type == m.TERMINATE and not self.masked.holding:
+            if self._client.last_type == m.TERMINATE and not masked.holding:
                 self.phase = Phase.CLOSED
                 return (SendToServer(out), CloseSession("client terminated"))
             return (SendToServer(out),) if out else _NOTHING
-        if self.masked is not None and phase is Phase.AUTHENTICATING:
+        elif phase is Phase.AUTHENTICATING:
             return self._masked_login_data(data)
-        if phase is _READY or phase is Phase.AUTHENTICATING:
-            try:
-                captured = self._client.feed(data)
-            except m.ProtocolViolation as exc:
-                return self._fatal_to_client("08P01", str(exc))
-            if captured:
-                return self._client_messages(captured)
-            return _JUST_FORWARD
         if phase is Phase.STARTUP:
             return self._startup_data(data)
         if phase is Phase.CONNECTING:
