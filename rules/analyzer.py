@@ -223,7 +223,7 @@ class _Rewriter:
         elif isinstance(node, ast.VariableSetStmt):
             self.variable_set(node)
         elif isinstance(node, ast.CallStmt):
-            self.walk(node.funccall)
+            self.visit(node.funccall)  # the procedure itself must pass the allow-list
         elif isinstance(node, ast.DoStmt):
             raise Refusal("DO blocks are not allowed for masked roles")
         elif kind in _ALLOWED_UTILITY:
@@ -247,7 +247,8 @@ class _Rewriter:
             )
         if node.is_from:
             if node.relation is not None:
-                self.protected_of(node.relation, record=True)
+                self.protected_of(node.relation, record=True, cte_scope=False)
+            self.walk(node.whereClause)  # COPY ... FROM ... WHERE can call functions
             return node
         if node.query is not None:
             node.query = self.statement(node.query)
@@ -445,6 +446,9 @@ class _Rewriter:
     def column_ref(self, node: ast.ColumnRef) -> None:
         fields = node.fields
         names = [_name(f) for f in fields]
+        # `t.f` may call f(t) (attribute notation): f must pass the function checks
+        if len(names) >= 2 and any(n == names[-1] for _, n in self.an.catalog.user_functions):
+            self.check_function((ast.String(sval=names[-1]),))
         if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
             key = (names[-3], names[-2])
             alias = self.replaced.get(key)
@@ -468,7 +472,8 @@ class _Rewriter:
 
     def check_function(self, funcname: Iterable[Any]) -> None:
         parts = [_name(x) for x in funcname]
-        name = parts[-1].lower()
+        # exact: the parser already folded unquoted names; "Lower" is not lower
+        name = parts[-1]
         schema = parts[-2] if len(parts) >= 2 else None
         cat = self.an.catalog
         if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
@@ -581,6 +586,10 @@ class _Rewriter:
                 raise Refusal("a write whose new values read personal columns is refused")
             if target is None or rt.name not in target.protected.masks:
                 continue
+            if rt.indirection:
+                # SET col[...] / col.field: the write-back would copy the whole stored
+                # value into a part of it that the mask may not cover
+                raise Refusal("assigning to a part of a personal column is refused")
             if isinstance(rt.val, ast.MultiAssignRef):
                 raise Refusal("multiple-column assignment to personal columns is refused")
             if excluded_ok and _is_excluded(rt.val):
@@ -594,6 +603,7 @@ class _Rewriter:
         assert c is not None
         ref = f"{quote_ident(target.alias)}.{quote_ident(col)}"
         masked = sql_expr(spec, ref, c.type, self.an.policy.keys)
+        self.uses_hash = self.uses_hash or spec.name == "hash"
         v = RawStream()(value)
         case = f"CASE WHEN ({v}) IS NOT DISTINCT FROM {masked} THEN {ref} ELSE ({v}) END"
         expr = _stmt(f"SELECT {case}").targetList[0].val
