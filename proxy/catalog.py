@@ -18,7 +18,7 @@ import asyncpg
 from proxy.config import ProxyConfig
 from proxy.logs import log
 from rules.catalog import Catalog, Column, Relation
-from rules.context import MaskingContext
+from rules.context import ContextHolder, MaskingContext
 from rules.masks import ColumnType
 from rules.model import Policy
 
@@ -45,6 +45,15 @@ SELECT DISTINCT r.ev_class AS view, d.refobjid AS source
    AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
  WHERE d.refobjid <> r.ev_class
+"""
+SYSTEM_RELATIONS_SQL = """
+SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname IN ('pg_catalog', 'information_schema')
+"""
+COLUMN_NAMES_SQL = """
+SELECT DISTINCT a.attname FROM pg_catalog.pg_attribute a
+  JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+ WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
 """
 VIEW_DEFINITIONS_SQL = """
 SELECT n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid) AS definition
@@ -144,8 +153,12 @@ async def read_catalog(conn: Any) -> Catalog:
         for r in await conn.fetch(VIEW_DEFINITIONS_SQL)
         if r["definition"]
     }
+    system = frozenset(r["relname"] for r in await conn.fetch(SYSTEM_RELATIONS_SQL))
+    column_names = frozenset(r["attname"] for r in await conn.fetch(COLUMN_NAMES_SQL))
     return Catalog(
         relations=relations,
+        system_relations=system,
+        column_names=column_names,
         view_definitions=definitions,
         builtin_functions=frozenset(builtin_f),
         user_functions=frozenset(user_f),
@@ -157,7 +170,7 @@ async def read_catalog(conn: Any) -> Catalog:
 
 @dataclass
 class _Database:
-    context: MaskingContext
+    holder: ContextHolder
     loaded: float
     roles: dict[str, frozenset[str]] = field(default_factory=dict)
 
@@ -170,12 +183,30 @@ class MaskingManager:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def reload(self, config: ProxyConfig, policy: Policy) -> None:
+        """New rules apply at once, to open sessions too (they hold the holders)."""
         self.config = config
         self.policy = policy
-        self._dbs.clear()
+        for db in self._dbs.values():
+            old = db.holder.context
+            db.holder.context = MaskingContext(policy, old.catalog)
+            db.roles.clear()  # classification depends on the rules
 
     def contexts(self) -> list[MaskingContext]:
-        return [d.context for d in self._dbs.values()]
+        return [d.holder.context for d in self._dbs.values()]
+
+    async def refresh_forever(self, tick: float = 0.5) -> None:
+        """Re-read each database's catalog every catalog_refresh seconds, or at once when a
+        session met a relation the catalog does not know. Open sessions see the result."""
+        while True:
+            await asyncio.sleep(tick)
+            for name, db in list(self._dbs.items()):
+                due = time.monotonic() - db.loaded >= self.config.catalog_refresh
+                if due or db.holder.stale:
+                    try:
+                        await self._load(name, db)
+                    except MaskingUnavailable as exc:
+                        log.error("catalog.refresh_failed", database=name, error=str(exc))
+                        db.loaded = time.monotonic()  # keep the last good one; retry later
 
     async def _connect(self, database: str) -> Any:
         c = self.config
@@ -200,11 +231,18 @@ class MaskingManager:
         db = self._dbs.get(database)
         if db is not None and time.monotonic() - db.loaded < self.config.catalog_refresh:
             return db
+        return await self._load(database, db)
+
+    async def _load(self, database: str, db: _Database | None) -> _Database:
         lock = self._locks.setdefault(database, asyncio.Lock())
         async with lock:
-            db = self._dbs.get(database)
-            if db is not None and time.monotonic() - db.loaded < self.config.catalog_refresh:
-                return db
+            current = self._dbs.get(database)
+            if (
+                current is not None
+                and current is not db
+                and time.monotonic() - current.loaded < self.config.catalog_refresh
+            ):
+                return current
             conn = await self._connect(database)
             try:
                 catalog = await read_catalog(conn)
@@ -214,10 +252,20 @@ class MaskingManager:
                 ) from exc
             finally:
                 await conn.close()
-            db = _Database(MaskingContext(self.policy, catalog), time.monotonic())
-            self._dbs[database] = db
+            previous = current.holder.context.pmap if current is not None else None
+            context = MaskingContext(self.policy, catalog, previous)
+            for warning in context.pmap.drift:
+                log.warning("rules.drift", database=database, detail=warning)
+            if current is None:
+                current = _Database(ContextHolder(context), time.monotonic())
+                self._dbs[database] = current
+            else:
+                current.holder.context = context
+                current.holder.stale = False
+                current.loaded = time.monotonic()
+                current.roles.clear()
             log.info("catalog.loaded", database=database, relations=len(catalog.relations))
-            return db
+            return current
 
     async def roles_of(self, user: str, database: str) -> frozenset[str]:
         db = await self._database(database)
@@ -232,8 +280,8 @@ class MaskingManager:
             db.roles[user] = roles
         return roles
 
-    async def context_for(self, user: str, database: str) -> MaskingContext | None:
+    async def context_for(self, user: str, database: str) -> ContextHolder | None:
         roles = await self.roles_of(user, database)
         if self.policy.classify(roles) == "unmasked":
             return None
-        return (await self._database(database)).context
+        return (await self._database(database)).holder

@@ -396,6 +396,17 @@ class ProxyServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _refresh_catalogs(self) -> None:
+        while not self.draining:
+            masking = self.masking
+            if masking is None:
+                await asyncio.sleep(1)
+                continue
+            task = asyncio.ensure_future(masking.refresh_forever())
+            while self.masking is masking and not self.draining:
+                await asyncio.sleep(0.5)
+            task.cancel()
+
     def _contexts(self) -> list[MaskingContext]:
         return self.masking.contexts() if self.masking is not None else []
 
@@ -458,6 +469,8 @@ class ProxyServer:
             reuse_address=True,
             backlog=1024,
         )
+        if self.masking is not None:
+            self.spawn(self._refresh_catalogs())
         if self.config.metrics is not None:
             self._metrics_server = MetricsServer(self.metrics, self.upstream_reachable)
             await self._metrics_server.start(self.config.metrics.host, self.config.metrics.port)

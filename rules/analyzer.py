@@ -93,6 +93,10 @@ class Decision:
     tables: tuple[str, ...] = ()  # protected relations the statement reads or writes
     columns: tuple[str, ...] = ()  # personal columns returned masked (table.column)
     uses_hash: bool = False
+    # relations the catalog does not know (created since it was read), and temporary
+    # relations the statement creates: the session judges those against its own
+    unknown_relations: tuple[str, ...] = ()
+    temp_relations: tuple[str, ...] = ()
 
 
 def _stmt(sql: str) -> Any:
@@ -137,6 +141,7 @@ class Analyzer:
         kinds: list[str] = []
         rewriter = _Rewriter(self)
         rewriter.references = _references(stmts)
+        rewriter.defined_names = _defined_names(stmts)
         try:
             changed = False
             for raw in stmts:
@@ -147,8 +152,16 @@ class Analyzer:
                 out.append(RawStream()(raw.stmt))
         except Refusal as r:
             return Decision("refuse", reason=r.reason, kinds=tuple(kinds), tables=rewriter.tables())
+        unknown = tuple(sorted(rewriter.unknown - rewriter.temp))
+        temp = tuple(sorted(rewriter.temp))
         if not changed:
-            return Decision("pass", kinds=tuple(kinds), tables=rewriter.tables())
+            return Decision(
+                "pass",
+                kinds=tuple(kinds),
+                tables=rewriter.tables(),
+                unknown_relations=unknown,
+                temp_relations=temp,
+            )
         return Decision(
             "rewrite",
             sql="; ".join(out),
@@ -156,6 +169,8 @@ class Analyzer:
             tables=rewriter.tables(),
             columns=tuple(sorted(rewriter.masked_columns)),
             uses_hash=rewriter.uses_hash,
+            unknown_relations=unknown,
+            temp_relations=temp,
         )
 
 
@@ -182,6 +197,9 @@ class _Rewriter:
     generated: set[int] = field(default_factory=set)  # id() of pgveil's masking subqueries
     # names the statement mentions (None: it may use every column, e.g. through *)
     references: frozenset[str] | None = None
+    unknown: set[str] = field(default_factory=set)
+    temp: set[str] = field(default_factory=set)
+    defined_names: frozenset[str] = frozenset()  # output and column aliases of the statement
 
     def tables(self) -> tuple[str, ...]:
         return tuple(sorted(self.touched))
@@ -212,6 +230,10 @@ class _Rewriter:
             node, ast.PrepareStmt | ast.DeclareCursorStmt | ast.CreateTableAsStmt | ast.ViewStmt
         ):
             node.query = self.statement(node.query)
+            if isinstance(node, ast.CreateTableAsStmt):
+                self.created(node.into.rel)
+            elif isinstance(node, ast.ViewStmt):
+                self.created(node.view)
             stores_sql = isinstance(node, ast.ViewStmt) or (
                 isinstance(node, ast.CreateTableAsStmt) and node.objtype == 23  # OBJECT_MATVIEW
             )
@@ -226,14 +248,35 @@ class _Rewriter:
             self.visit(node.funccall)  # the procedure itself must pass the allow-list
         elif isinstance(node, ast.DoStmt):
             raise Refusal("DO blocks are not allowed for masked roles")
+        elif isinstance(node, ast.CreateStmt):
+            self.created(node.relation)
+            self.walk(node.tableElts)
+            self.walk(node.inhRelations)
         elif kind in _ALLOWED_UTILITY:
             self.walk(node)
         else:
             raise Refusal(f"{_KIND.get(kind, kind)} statements are not allowed for masked roles")
         return node
 
+    def created(self, rv: Any) -> None:
+        """A relation the statement creates: temporary ones are the session's own."""
+        if rv is None:
+            return
+        if rv.relpersistence == "t" or rv.schemaname == "pg_temp":
+            self.temp.add(rv.relname)
+        # a permanent one is unknown to pgveil until the catalog is read again
+
     def variable_set(self, node: ast.VariableSetStmt) -> None:
         name = (node.name or "").lower()
+        if name == "search_path":
+            schemas = [
+                a.val.sval
+                for a in node.args or ()
+                if isinstance(a, ast.A_Const) and isinstance(a.val, ast.String)
+            ]
+            if "pg_temp" in schemas[1:] or any("pg_temp" in x and x != "pg_temp" for x in schemas):
+                # temporary relations must win name resolution, as they do by default
+                raise Refusal("masked roles may list pg_temp only first in search_path")
         if name in DENIED_SETTINGS or name.startswith("session_authorization"):
             if name == "role" and node.kind == 4:  # RESET role: back to the login, harmless
                 return
@@ -293,6 +336,8 @@ class _Rewriter:
                 self.select(node.larg)
             if node.rarg is not None:
                 self.select(node.rarg)
+            if node.intoClause is not None:
+                self.created(node.intoClause.rel)
             for attr in (
                 "targetList", "whereClause", "groupClause", "havingClause", "windowClause",
                 "valuesLists", "sortClause", "limitOffset", "limitCount", "distinctClause",
@@ -339,6 +384,7 @@ class _Rewriter:
             )
         if cte_scope and self.is_cte(rv):
             return None
+        self.note_unknown(rv)
         rel = self.an.catalog.relations.get((rv.schemaname, name)) if rv.schemaname else None
         if rel is not None and rel.kind in ("v", "m") and rv.schemaname is not None:
             self.check_view(rel.schema, rel.name)
@@ -349,6 +395,10 @@ class _Rewriter:
         candidates = self.an.pmap.lookup(rv.schemaname, name)
         if not candidates:
             return None
+        for c in candidates:
+            broken = self.an.pmap.broken.get((c.relation.schema, c.relation.name))
+            if broken is not None:
+                raise Refusal(broken)
         first = candidates[0]
         shape = [(c.name, c.type) for c in first.relation.columns]
         for other in candidates[1:]:
@@ -362,6 +412,19 @@ class _Rewriter:
         if record:
             self.touched.add(first.rule_table)
         return first
+
+    def note_unknown(self, rv: Any) -> None:
+        cat = self.an.catalog
+        schema, name = rv.schemaname, rv.relname
+        if schema in ("pg_catalog", "information_schema") or (
+            schema is None and name in cat.system_relations
+        ):
+            return
+        if schema is not None:
+            if (schema, name) not in cat.relations:
+                self.unknown.add(name if schema == "pg_temp" else f"{schema}.{name}")
+        elif not any(n == name for _, n in cat.relations):
+            self.unknown.add(name)
 
     def check_view(self, schema: str, name: str) -> None:
         if (schema, name) in self.an.pmap.by_name:
@@ -429,6 +492,7 @@ class _Rewriter:
             return
         if isinstance(node, ast.FuncCall):
             self.check_function(node.funcname)
+            self.pin_builtin(node)
             if _name(node.funcname[-1]).lower() == "set_config":
                 self.check_set_config(node.args)
         elif isinstance(node, ast.A_Expr):
@@ -446,9 +510,19 @@ class _Rewriter:
     def column_ref(self, node: ast.ColumnRef) -> None:
         fields = node.fields
         names = [_name(f) for f in fields]
-        # `t.f` may call f(t) (attribute notation): f must pass the function checks
-        if len(names) >= 2 and any(n == names[-1] for _, n in self.an.catalog.user_functions):
-            self.check_function((ast.String(sval=names[-1]),))
+        # `t.f` may call f(t) (attribute notation): f must pass the function checks, and a
+        # name that is no column pgveil knows may be a function created since it looked
+        if len(names) >= 2 and isinstance(fields[-1], ast.String):
+            last = names[-1]
+            if any(n == last for _, n in self.an.catalog.user_functions):
+                self.check_function((ast.String(sval=last),))
+            elif (
+                self.an.catalog.column_names
+                and last not in self.an.catalog.column_names
+                and last not in self.defined_names
+                and last not in _SYSTEM_COLUMNS
+            ):
+                self.unknown.add(f"column or function {last}")
         if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
             key = (names[-3], names[-2])
             alias = self.replaced.get(key)
@@ -491,6 +565,19 @@ class _Rewriter:
                 raise Refusal(f"function {name} is not allowed for masked roles")
             if not defined and name not in cat.builtin_functions:
                 raise Refusal(f"function {name} is not allowed for masked roles")
+
+    def pin_builtin(self, node: Any) -> None:
+        """`upper(x)` => `pg_catalog.upper(x)`: an overload created since pgveil read the
+        catalog (public.upper(bigint), say) can then never be chosen instead."""
+        if len(node.funcname) != 1:
+            return
+        name = _name(node.funcname[0])
+        if name not in self.an.catalog.builtin_functions:
+            return
+        if any(n == name for _, n in self.an.policy.allowed_functions):
+            return  # an allow-listed function of that name may be the one meant
+        node.funcname = (ast.String(sval="pg_catalog"), ast.String(sval=name))
+        self.changes += 1
 
     def check_set_config(self, args: Any) -> None:
         first = args[0] if args else None
@@ -708,6 +795,25 @@ class _Rewriter:
             new_val = self.mask_target_refs(val, target)
             out.append(ast.ResTarget(name=name, val=new_val))
         return tuple(out)
+
+
+_SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
+
+
+def _defined_names(stmts: Any) -> frozenset[str]:
+    """Names the statement itself gives to columns: target aliases, column alias lists,
+    CTE column names, column definitions (of temp tables or function results)."""
+    names: set[str] = set()
+    for n in _descendants(stmts):
+        if isinstance(n, ast.ResTarget) and n.name:
+            names.add(n.name)
+        elif isinstance(n, ast.Alias):
+            names.update(_name(c) for c in n.colnames or ())
+        elif isinstance(n, ast.CommonTableExpr):
+            names.update(_name(c) for c in n.aliascolnames or ())
+        elif isinstance(n, ast.ColumnDef) and n.colname:
+            names.add(n.colname)
+    return frozenset(names)
 
 
 def _references(stmts: Any) -> frozenset[str] | None:

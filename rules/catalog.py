@@ -57,6 +57,10 @@ class Catalog:
         default_factory=dict
     )
     view_definitions: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # relation names in pg_catalog and information_schema (always known)
+    system_relations: frozenset[str] = frozenset()
+    # every column and composite-type field name in the database, system ones included
+    column_names: frozenset[str] = frozenset()
     by_oid: Mapping[int, Relation] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,12 +81,21 @@ class Protected:
 class ProtectionMap:
     """Policy x catalog: protected relations by name, and what is refused."""
 
-    def __init__(self, policy: Policy, catalog: Catalog) -> None:
+    def __init__(
+        self, policy: Policy, catalog: Catalog, previous: ProtectionMap | None = None
+    ) -> None:
+        """`previous`: the map of the catalog read before this one. A protected table or
+        column renamed since (same OID, same attnum) keeps its mask under its new name, and
+        `drift` says so; a column the rules name that no longer exists, with nothing to
+        carry over, makes the table `broken`: refused until the rules are fixed."""
         self.policy = policy
         self.catalog = catalog
         self.by_name: dict[tuple[str, str], Protected] = {}
         self.by_relname: dict[str, list[Protected]] = {}
         self.by_oid: dict[int, Protected] = {}
+        self.drift: list[str] = []
+        self.broken: dict[tuple[str, str], str] = {}
+        before = previous.by_oid if previous is not None else {}
         for key, rel in catalog.relations.items():
             rule = policy.tables.get(key)
             if rule is None:
@@ -90,10 +103,42 @@ class ProtectionMap:
                     rule = policy.tables.get(parent)
                     if rule is not None:
                         break
-            if rule is None:
-                continue
-            masks = {c: m for c, m in rule.columns.items() if rel.column(c) is not None}
-            self._add(Protected(rel, masks, rule.qualified, rule.subject))
+            prev = before.get(rel.oid)
+            if rule is None and (prev is None or rel.kind in ("v", "m")):
+                continue  # views without rules are derived below
+            masks: dict[str, MaskSpec] = {}
+            if rule is not None:
+                masks = {c: m for c, m in rule.columns.items() if rel.column(c) is not None}
+            if prev is not None:
+                by_attnum = {
+                    c.attnum: (c.name, prev.masks[c.name])
+                    for c in prev.relation.columns
+                    if c.name in prev.masks
+                }
+                for col in rel.columns:
+                    old = by_attnum.get(col.attnum)
+                    if old is not None and col.name not in masks:
+                        masks[col.name] = old[1]
+                        self.drift.append(
+                            f"{rel.qualified}.{col.name} keeps the mask of "
+                            f"{prev.relation.qualified}.{old[0]}: renamed since the rules "
+                            "were written; update the rules"
+                        )
+            if rule is not None:
+                carried = set(prev.masks) if prev is not None else set()
+                missing = [c for c in rule.columns if rel.column(c) is None and c not in carried]
+                if missing:
+                    self.broken[key] = (
+                        f"the rules mask column {missing[0]} of {rel.qualified}, which does "
+                        "not exist; fix the rules"
+                    )
+                self._add(Protected(rel, masks, rule.qualified, rule.subject))
+            else:
+                assert prev is not None
+                self.drift.append(
+                    f"{rel.qualified} was {prev.relation.qualified}: update the rules"
+                )
+                self._add(Protected(rel, masks, prev.rule_table, prev.subject))
         from rules.views import derive_view_masks
 
         known = {k: dict(p.masks) for k, p in self.by_name.items()}

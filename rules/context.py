@@ -90,11 +90,23 @@ def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]
     return "".join(out)
 
 
+class ContextHolder:
+    """The current MaskingContext of a database. Sessions keep the holder, not the
+    context, so a catalog refresh or a rules reload reaches sessions that are already open.
+    `stale` asks the shell for an early refresh (a statement named an unknown relation)."""
+
+    def __init__(self, context: MaskingContext) -> None:
+        self.context = context
+        self.stale = False
+
+
 class MaskingContext:
-    def __init__(self, policy: Policy, catalog: Catalog) -> None:
+    def __init__(
+        self, policy: Policy, catalog: Catalog, previous: ProtectionMap | None = None
+    ) -> None:
         self.policy = policy
         self.catalog = catalog
-        self.pmap = ProtectionMap(policy, catalog)
+        self.pmap = ProtectionMap(policy, catalog, previous)
         self.analyzer = Analyzer(self.pmap)
         self._cache: dict[str, Decision] = {}
         # normalized text -> (Decision, placeholder spans) or _FALLBACK

@@ -24,7 +24,7 @@ from typing import Final
 from proxy.session.masked import MaskedFilter, SessionEnded
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
-from rules.context import MaskingContext
+from rules.context import ContextHolder, MaskingContext
 
 # --- actions (imperative) --------------------------------------------------------------------
 
@@ -326,12 +326,13 @@ class Session:
 
     # ---- upstream ----------------------------------------------------------------------
 
-    def set_masking(self, ctx: MaskingContext | None) -> Sequence[Action]:
+    def set_masking(self, ctx: MaskingContext | ContextHolder | None) -> Sequence[Action]:
         """The shell classified the login: `ctx` when it is a masked role. Called before
         the upstream connection is opened."""
         if ctx is None or self.phase is Phase.CLOSED:
             return _NOTHING
-        refusal = ctx.startup_refusal(self._startup_params)
+        current = ctx.context if isinstance(ctx, ContextHolder) else ctx
+        refusal = current.startup_refusal(self._startup_params)
         if refusal is not None:
             return self._fatal_to_client("42501", f"pgveil: {refusal}")
         self.masked = MaskedFilter(ctx, self.info.user, self.error_classes)

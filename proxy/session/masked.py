@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.context import MaskingContext
+from rules.context import ContextHolder, MaskingContext
 from rules.masks import ColumnType, py_mask
 from rules.model import MaskSpec
 
@@ -57,10 +57,14 @@ class SessionEnded(Exception):
 
 class MaskedFilter:
     def __init__(
-        self, ctx: MaskingContext, login: str, error_classes: dict[str, int] | None = None
+        self,
+        ctx: MaskingContext | ContextHolder,
+        login: str,
+        error_classes: dict[str, int] | None = None,
     ) -> None:
-        self.ctx = ctx
+        self._holder = ctx if isinstance(ctx, ContextHolder) else ContextHolder(ctx)
         self.login = login
+        self.temp_relations: set[str] = set()  # created by this session (pg_temp)
         self.error_classes = error_classes if error_classes is not None else {}
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
@@ -68,6 +72,10 @@ class MaskedFilter:
         self._client = _Splicer()
         self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
+
+    @property
+    def ctx(self) -> MaskingContext:
+        return self._holder.context
 
     @property
     def holding(self) -> bool:
@@ -105,6 +113,13 @@ class MaskedFilter:
         d = self.ctx.analyze(sql)
         if d.action == "refuse":
             return "refuse", d.reason or "refused"
+        unknown = [r for r in d.unknown_relations if r not in self.temp_relations]
+        if unknown:
+            # created after pgveil read the catalog: judge it once the catalog is re-read
+            self._holder.stale = True
+            what = unknown[0] if unknown[0].startswith("column") else f"relation {unknown[0]}"
+            return "refuse", f"{what} is not known to pgveil yet; try again shortly"
+        self.temp_relations.update(d.temp_relations)
         if d.action == "rewrite":
             self.counters.rewritten += 1
             return "rewrite", d.sql
