@@ -333,3 +333,20 @@ def test_every_metric_in_the_readme_is_exported(
     for kind_name, kind in re.findall(r"^# TYPE (pgveil_[a-z_]+) (\w+)", text, re.M):
         exported.add(kind_name + "_total" if kind == "counter" else kind_name)
     assert documented and documented <= exported, documented - exported
+
+
+def test_builtin_calls_of_every_syntax_still_work(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
+    sql = (
+        "SELECT left(name, 2), right(email, 3), substring(phone from 2 for 3), trim(notes), "
+        "now() IS NOT NULL, count(*) OVER (), row_number() OVER (ORDER BY i_customer), "
+        "extract(year from now()) > 2000, position('a' in coalesce(notes, 'x')), "
+        "greatest(balance, 0), nullif(notes, ''), string_agg(email, ',') OVER (), "
+        "to_char(balance, '999.99'), format('%s', balance), lower(upper(name)) "
+        "FROM billing.customers WHERE i_customer = 1"
+    )
+    with psycopg.connect(dsn(pg, billing.port)) as c:
+        row = c.execute(sql).fetchone()
+    assert row is not None and row[0] == "Z*" and row[4] is True and row[7] is True
+    assert not leaks(repr(row))
