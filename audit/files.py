@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class AuditFile:
         self._opened = time.time()
         self._size = self._f.tell()
 
-    def write(self, events: list[Mapping[str, Any]]) -> None:
+    def write(self, events: Sequence[Mapping[str, Any]]) -> None:
         """Append and flush to the OS; `sync` makes it durable."""
         for e in events:
             line = canonical(e) + b"\n"

@@ -144,6 +144,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("catalog_password", str, None, "its password (prefer PGVEIL_CATALOG_PASSWORD)"),
     Setting("catalog_refresh", _positive_float, 60.0, "seconds before the catalog is re-read"),
     Setting("audit_file", _path, None, "audit stream file (JSON lines)"),
+    Setting(
+        "audit_on_failure",
+        _choice("block", "drop"),
+        "block",
+        "when the audit file cannot keep up: refuse personal-data statements, or drop events",
+    ),
+    Setting("audit_queue_size", _positive_int, 10000, "audit events queued before that"),
     Setting("tls_cert", _path, None, "certificate (PEM) for TLS from clients"),
     Setting("tls_key", _path, None, "private key (PEM) for TLS from clients"),
     Setting(
@@ -189,6 +196,8 @@ class ProxyConfig:
     catalog_password: str | None
     catalog_refresh: float
     audit_file: Path | None
+    audit_on_failure: str
+    audit_queue_size: int
     tls_cert: Path | None
     tls_key: Path | None
     upstream_sslmode: str

@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
+from audit.events import new_id
 from proxy import logs
+from proxy.audit_writer import AuditWriter
 from proxy.catalog import MaskingManager, MaskingUnavailable
 from proxy.config import ConfigError, ProxyConfig
 from proxy.logs import log
@@ -213,6 +215,8 @@ class ClientConnection(_Pipe, LiveSession):
         self.server_bytes = 0
         self.started = time.monotonic()
         self.peer = ""
+        self.sid = new_id()
+        self.classification = "unclassified"
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -311,9 +315,15 @@ class ClientConnection(_Pipe, LiveSession):
                 return
             if ctx is not None:
                 self.server.stats.masked_sessions += 1
+            self.classification = "masked" if ctx is not None else "unmasked"
             self.run(self.session.set_masking(ctx), b"", to_server=False)
             if self._closed:
                 return
+            if self.session.masked is not None and self.server.audit is not None:
+                self.session.masked.audit = self.audit_event
+        else:
+            self.classification = "unmasked"  # no rules: every session is relayed
+        self.audit_event("session.start", {})
         try:
             transport, proto = await open_upstream(self.server, self)
         except UpstreamError as exc:
@@ -338,6 +348,23 @@ class ClientConnection(_Pipe, LiveSession):
         )
         self.run(actions, b"", to_server=True)
 
+    def audit_event(self, event_type: str, fields: dict[str, object]) -> bool:
+        """Record an event about this session; False when it could not be recorded."""
+        writer = self.server.audit
+        if writer is None:
+            return True
+        info = self.session.info
+        who: dict[str, object] = {
+            "session": self.sid,
+            "role": info.user,
+            "classification": self.classification,
+            "client": self.peer,
+            "application_name": info.application_name,
+            "database": info.database,
+            "tls": info.client_tls,
+        }
+        return writer.submit(event_type, {**who, **fields})
+
     def close(self, reason: str) -> None:
         if self._closed:
             return
@@ -357,6 +384,16 @@ class ClientConnection(_Pipe, LiveSession):
             duration = time.monotonic() - self.started
             self.server.metrics.session_duration.observe(duration)
             self.server.stats.absorb(self.session, self.client_bytes, self.server_bytes)
+            if info.user and self.classification != "unclassified":
+                self.audit_event(
+                    "session.end",
+                    {
+                        "duration_s": round(duration, 6),
+                        "bytes_from_client": self.client_bytes,
+                        "bytes_from_server": self.server_bytes,
+                        "outcome": reason or self.session.close_reason or "closed",
+                    },
+                )
             if info.user:
                 log.info(
                     "session.end",
@@ -377,6 +414,11 @@ class ProxyServer:
     def __init__(self, config: ProxyConfig, policy: Policy | None = None) -> None:
         self.config = config
         self.masking = MaskingManager(config, policy) if policy is not None else None
+        self.audit = (
+            AuditWriter(config.audit_file, config.audit_on_failure, config.audit_queue_size)
+            if config.audit_file is not None
+            else None
+        )
         self._load_policy: Callable[[ProxyConfig], Policy | None] | None = None
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
@@ -471,6 +513,8 @@ class ProxyServer:
         )
         if self.masking is not None:
             self.spawn(self._refresh_catalogs())
+        if self.audit is not None:
+            self.spawn(self.audit.run())
         if self.config.metrics is not None:
             self._metrics_server = MetricsServer(self.metrics, self.upstream_reachable)
             await self._metrics_server.start(self.config.metrics.host, self.config.metrics.port)
@@ -524,6 +568,14 @@ class ProxyServer:
             else:
                 self.masking.reload(new, policy)
             log.info("rules.reloaded", version=policy.version, tables=len(policy.tables))
+            if self.audit is not None:
+                self.audit.submit(
+                    "rules.reload",
+                    {
+                        "version": policy.version,
+                        "tables": sorted(f"{s}.{t}" for s, t in policy.tables),
+                    },
+                )
         elif self.masking is not None and self._load_policy is not None:
             log.warning("rules.removed", detail="no rules file configured: masking is off")
             self.masking = None
@@ -554,6 +606,8 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.run(conn.session.shutdown_deadline(), b"", to_server=False)
         await asyncio.sleep(0.05)  # let the final writes flush
+        if self.audit is not None:
+            await self.audit.close()  # shutdown flushes every queued event
         if self._metrics_server is not None:
             self._metrics_server.close()
         self._stopped.set()

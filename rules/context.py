@@ -75,6 +75,16 @@ def placeholder_spans(sql: str) -> list[tuple[int, int, int]] | None:
     return spans
 
 
+def redact(sql: str) -> str:
+    """The statement as an audit event may show it: its tokens, every literal replaced by
+    `?`, comments dropped. A text that cannot be tokenised is not shown at all."""
+    try:
+        tokens = scan(sql)
+    except ParseError:
+        return "<not shown: cannot be tokenised>"
+    return " ".join("?" if t.name in _LITERAL_TOKENS else sql[t.start : t.end + 1] for t in tokens)
+
+
 def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]) -> str | None:
     """`sql` with the literals put back at the placeholder tokens; None if a placeholder
     does not belong to a literal (then the statement is analysed as sent)."""

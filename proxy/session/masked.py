@@ -20,6 +20,7 @@ towards the client.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import struct
@@ -29,11 +30,13 @@ from dataclasses import dataclass, field
 
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.context import ContextHolder, MaskingContext
+from rules.analyzer import Decision
+from rules.context import ContextHolder, MaskingContext, redact
 from rules.masks import ColumnType, py_mask
 from rules.model import MaskSpec
 
 REFUSAL_TOKEN = "pgveil_refusal_"
+AUDIT_UNAVAILABLE = "the audit stream is unavailable; statements on personal data must wait for it"
 _QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
 _TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
 _TEXT = ColumnType("text", "text")
@@ -65,6 +68,8 @@ class MaskedFilter:
         self._holder = ctx if isinstance(ctx, ContextHolder) else ContextHolder(ctx)
         self.login = login
         self.temp_relations: set[str] = set()  # created by this session (pg_temp)
+        # set by the shell: records an audit event, False when it could not be recorded
+        self.audit: Callable[[str, dict[str, object]], bool] | None = None
         self.error_classes = error_classes if error_classes is not None else {}
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
@@ -110,21 +115,49 @@ class MaskedFilter:
 
     def _decide(self, sql: str) -> tuple[str, str | None]:
         self._recent_sql.append(sql)
+        d, action, value = self._analyse(sql)
+        if self.audit is not None and (action == "refuse" or d.tables):
+            recorded = self.audit(
+                "refused" if action == "refuse" else "access", self._event(sql, d, action, value)
+            )
+            if not recorded and action != "refuse":
+                return "refuse", AUDIT_UNAVAILABLE
+        if action == "rewrite":
+            self.counters.rewritten += 1
+        elif action == "pass":
+            self.counters.passed += 1
+        return action, value
+
+    @staticmethod
+    def _event(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
+        """What an audit event says of a statement: never a literal, never a value."""
+        text = redact(sql)
+        fields: dict[str, object] = {
+            "kinds": list(d.kinds),
+            "statement": text,
+            "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "tables": list(d.tables),
+            "columns_masked": list(d.columns),
+            "decision": {"pass": "passed", "rewrite": "rewritten"}.get(action, "refused"),
+        }
+        if action == "refuse":
+            fields["reason"] = reason
+        return fields
+
+    def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         d = self.ctx.analyze(sql)
         if d.action == "refuse":
-            return "refuse", d.reason or "refused"
+            return d, "refuse", d.reason or "refused"
         unknown = [r for r in d.unknown_relations if r not in self.temp_relations]
         if unknown:
             # created after pgveil read the catalog: judge it once the catalog is re-read
             self._holder.stale = True
             what = unknown[0] if unknown[0].startswith("column") else f"relation {unknown[0]}"
-            return "refuse", f"{what} is not known to pgveil yet; try again shortly"
+            return d, "refuse", f"{what} is not known to pgveil yet; try again shortly"
         self.temp_relations.update(d.temp_relations)
         if d.action == "rewrite":
-            self.counters.rewritten += 1
-            return "rewrite", d.sql
-        self.counters.passed += 1
-        return "pass", None
+            return d, "rewrite", d.sql
+        return d, "pass", None
 
     def _query(self, body: bytes, original: bytes) -> bytes:
         try:

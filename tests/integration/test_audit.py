@@ -1,0 +1,78 @@
+"""Audit events from real sessions: what they say, that the chain holds, that they carry no
+personal value and no literal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from audit.files import read_events, verify_files
+from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.masking_fixture import (
+    ADMIN,
+    ADMIN_PW,
+    EMAIL,
+    HASH_KEY,
+    NAME,
+    RULES,
+    dsn,
+    leaks,
+)
+from tests.support import ProxyProcess
+
+
+def test_audit_stream_of_masked_and_unmasked_sessions(
+    pg: EmbeddedPostgres,
+    billing: ProxyProcess,
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    audit = tmp_path / "audit.jsonl"
+    env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
+    p = ProxyProcess(
+        pg.port, "--upstream-sslmode", "disable", "--rules", str(rules),
+        "--catalog-user", pg.superuser, "--audit-file", str(audit), env=env,
+    )  # fmt: skip
+    try:
+        with psycopg.connect(dsn(pg, p.port), autocommit=True) as c:
+            c.execute(
+                "SELECT name, email FROM billing.customers WHERE notes <> 'zz-literal-canary'"
+            ).fetchall()
+            c.execute(f"SELECT count(*) FROM billing.customers WHERE name = '{NAME}'").fetchall()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT cc_number FROM billing.customers")
+            c.execute("SELECT 1").fetchall()  # touches nothing personal: no access event
+        with psycopg.connect(dsn(pg, p.port, ADMIN, ADMIN_PW)) as c:
+            assert c.execute(
+                "SELECT name FROM billing.customers WHERE i_customer = 1"
+            ).fetchone() == (NAME,)
+    finally:
+        p.stop()
+    events = list(read_events(audit))
+    assert verify_files([audit])[1] is None
+    kinds = [e["type"] for e in events]
+    assert kinds.count("session.start") == 2 and kinds.count("session.end") == 2
+    access = [e for e in events if e["type"] == "access"]
+    refused = [e for e in events if e["type"] == "refused"]
+    assert len(access) == 2 and len(refused) == 1
+    first = access[0]
+    assert first["role"] == "helpdesk" and first["classification"] == "masked"
+    assert first["tables"] == ["billing.customers"] and first["decision"] == "rewritten"
+    assert {"billing.customers.name", "billing.customers.email"} <= set(first["columns_masked"])
+    assert first["statement"].startswith(
+        "SELECT name , email FROM billing . customers WHERE notes <> ?"
+    )
+    assert first["client"].startswith("127.0.0.1:") and first["database"] == "postgres"
+    assert first["session"] == events[0]["session"] and len(first["fingerprint"]) == 16
+    assert refused[0]["reason"].startswith("column billing.customers.cc_number is not available")
+    starts = {e["role"]: e["classification"] for e in events if e["type"] == "session.start"}
+    assert starts == {"helpdesk": "masked", "billing_admin": "unmasked"}
+    text = audit.read_text()
+    assert "zz-literal-canary" not in text and NAME not in text and EMAIL not in text
+    assert not leaks(text) and not leaks(p.log())
+    for line in text.splitlines():
+        json.loads(line)
