@@ -21,6 +21,7 @@ from proxy.logs import log
 from proxy.wire.messages import BACKEND_NAMES, FRONTEND_NAMES
 
 if TYPE_CHECKING:
+    from proxy.audit_writer import AuditWriter
     from proxy.session.engine import Session
     from rules.context import MaskingContext
 
@@ -210,15 +211,50 @@ def _masking_families(
     )
 
 
+class AuditCollector(Collector):
+    """The audit writer's state: queue depth, events written and dropped, failures."""
+
+    def __init__(self, writer: Callable[[], AuditWriter | None]) -> None:
+        self.writer = writer
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        w = self.writer()
+        yield GaugeMetricFamily(
+            "pgveil_audit_queue_depth",
+            "Audit events waiting to be written",
+            value=w.depth if w else 0,
+        )
+        yield GaugeMetricFamily(
+            "pgveil_audit_failing",
+            "1 while the audit file cannot be written",
+            value=1 if w is not None and w.failing else 0,
+        )
+        yield CounterMetricFamily(
+            "pgveil_audit_events_written", "Audit events written", value=w.written if w else 0
+        )
+        yield CounterMetricFamily(
+            "pgveil_audit_events_dropped",
+            "Audit events dropped (only with audit_on_failure: drop)",
+            value=w.dropped if w else 0,
+        )
+        yield CounterMetricFamily(
+            "pgveil_audit_write_failures",
+            "Failed attempts to write the audit file",
+            value=w.failures if w else 0,
+        )
+
+
 class Metrics:
     def __init__(
         self,
         stats: Stats,
         live: Callable[[], Iterable[LiveSession]],
         contexts: Callable[[], Iterable[MaskingContext]] = list,
+        audit: Callable[[], AuditWriter | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ProxyCollector(stats, live, contexts))
+        self.registry.register(AuditCollector(audit))
         self.session_duration = Histogram(
             "pgveil_session_duration_seconds",
             "Lifetime of client sessions",

@@ -4,6 +4,7 @@ personal value and no literal."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import psycopg
@@ -50,6 +51,11 @@ def test_audit_stream_of_masked_and_unmasked_sessions(
             assert c.execute(
                 "SELECT name FROM billing.customers WHERE i_customer = 1"
             ).fetchone() == (NAME,)
+        deadline = time.monotonic() + 5
+        while p.metric("pgveil_audit_events_written_total") < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert p.metric("pgveil_audit_queue_depth") == 0 and p.metric("pgveil_audit_failing") == 0
     finally:
         p.stop()
     events = list(read_events(audit))
