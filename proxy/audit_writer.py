@@ -13,22 +13,46 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from audit.events import Chain
+from audit.events import GENESIS, Chain, canonical
 from audit.files import AuditFile, last_hash
 from proxy.logs import log
 
 
+class StdoutSink:
+    """Events as JSON lines on standard output, for a log shipper (logs go to stderr)."""
+
+    def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+        out = sys.stdout.buffer
+        for e in events:
+            out.write(canonical(e) + b"\n")
+        out.flush()
+
+    def close(self) -> None:
+        sys.stdout.buffer.flush()
+
+
 class AuditWriter:
-    def __init__(self, path: Path, on_failure: str = "block", queue_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        on_failure: str = "block",
+        queue_size: int = 10_000,
+        stdout: bool = False,
+    ) -> None:
         self.path = path
         self.on_failure = on_failure
         self.queue_size = queue_size
-        self.chain = Chain(last_hash(path))
-        self.file = AuditFile(path)
+        self.chain = Chain(last_hash(path) if path is not None else GENESIS)
+        self.sinks: list[AuditFile | StdoutSink] = []
+        if path is not None:
+            self.sinks.append(AuditFile(path))
+        if stdout:
+            self.sinks.append(StdoutSink())
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = asyncio.Event()
         self.failing = False
@@ -61,11 +85,11 @@ class AuditWriter:
             while self._queue:
                 batch = list(self._queue)
                 try:
-                    await loop.run_in_executor(None, self.file.write, batch)
+                    await loop.run_in_executor(None, self._write, batch)
                 except OSError as exc:
                     self.failures += 1
                     if not self.failing:
-                        log.error("audit.write_failed", file=str(self.path), error=exc.strerror)
+                        log.error("audit.write_failed", error=exc.strerror or type(exc).__name__)
                     self.failing = True
                     await asyncio.sleep(1.0)
                     continue
@@ -73,14 +97,19 @@ class AuditWriter:
                     self._queue.popleft()
                 self.written += len(batch)
                 if self.failing:
-                    log.info("audit.recovered", file=str(self.path))
+                    log.info("audit.recovered")
                 self.failing = False
 
+    def _write(self, batch: Sequence[Mapping[str, Any]]) -> None:
+        for sink in self.sinks:
+            sink.write(batch)
+
     async def close(self) -> None:
-        """Write what is queued (shutdown flushes everything), then close the file."""
+        """Write what is queued (shutdown flushes everything), then close the sinks."""
         if self._queue:
             batch = list(self._queue)
             self._queue.clear()
-            await asyncio.get_running_loop().run_in_executor(None, self.file.write, batch)
+            await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
             self.written += len(batch)
-        self.file.close()
+        for sink in self.sinks:
+            sink.close()

@@ -144,6 +144,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("catalog_password", str, None, "its password (prefer PGVEIL_CATALOG_PASSWORD)"),
     Setting("catalog_refresh", _positive_float, 60.0, "seconds before the catalog is re-read"),
     Setting("audit_file", _path, None, "audit stream file (JSON lines)"),
+    Setting("audit_stdout", _bool, "false", "also write audit events to standard output"),
     Setting(
         "audit_on_failure",
         _choice("block", "drop"),
@@ -196,6 +197,7 @@ class ProxyConfig:
     catalog_password: str | None
     catalog_refresh: float
     audit_file: Path | None
+    audit_stdout: bool
     audit_on_failure: str
     audit_queue_size: int
     tls_cert: Path | None

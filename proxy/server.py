@@ -415,8 +415,13 @@ class ProxyServer:
         self.config = config
         self.masking = MaskingManager(config, policy) if policy is not None else None
         self.audit = (
-            AuditWriter(config.audit_file, config.audit_on_failure, config.audit_queue_size)
-            if config.audit_file is not None
+            AuditWriter(
+                config.audit_file,
+                config.audit_on_failure,
+                config.audit_queue_size,
+                stdout=config.audit_stdout,
+            )
+            if config.audit_file is not None or config.audit_stdout
             else None
         )
         self._load_policy: Callable[[ProxyConfig], Policy | None] | None = None

@@ -82,3 +82,15 @@ def test_audit_stream_of_masked_and_unmasked_sessions(
     assert not leaks(text) and not leaks(p.log())
     for line in text.splitlines():
         json.loads(line)
+
+
+def test_audit_to_stdout(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    with ProxyProcess(
+        pg.port, "--upstream-sslmode", "disable", "--audit-stdout", "true", metrics=False
+    ) as p:
+        with psycopg.connect(dsn(pg, p.port, ADMIN, ADMIN_PW)) as c:
+            c.execute("SELECT 1")
+        p.stop()
+        events = [json.loads(line) for line in p.log().splitlines() if '"hash"' in line]
+    assert [e["type"] for e in events] == ["session.start", "session.end"]
+    assert events[0]["classification"] == "unmasked" and events[1]["prev"] == events[0]["hash"]
