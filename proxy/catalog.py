@@ -280,6 +280,9 @@ class MaskingManager:
             db.roles[user] = roles
         return roles
 
+    async def holder_for(self, database: str) -> ContextHolder:
+        return (await self._database(database)).holder
+
     async def context_for(self, user: str, database: str) -> ContextHolder | None:
         roles = await self.roles_of(user, database)
         if self.policy.classify(roles) == "unmasked":

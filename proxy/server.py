@@ -39,6 +39,7 @@ from proxy.session.engine import (
     StartClientTLS,
     _Forward,
 )
+from proxy.session.masked import RecordingFilter
 from proxy.wire.messages import SSLRequest
 from rules.context import MaskingContext
 from rules.loader import RulesError
@@ -319,8 +320,13 @@ class ClientConnection(_Pipe, LiveSession):
             self.run(self.session.set_masking(ctx), b"", to_server=False)
             if self._closed:
                 return
-            if self.session.masked is not None and self.server.audit is not None:
-                self.session.masked.audit = self.audit_event
+            if self.server.audit is not None:
+                if self.session.masked is not None:
+                    self.session.masked.audit = self.audit_event
+                else:
+                    # unmasked: record which protected tables each statement touches
+                    holder = await masking.holder_for(info.database)
+                    self.session.recorder = RecordingFilter(holder, self.audit_event)
         else:
             self.classification = "unmasked"  # no rules: every session is relayed
         self.audit_event("session.start", {})

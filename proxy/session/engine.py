@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from proxy.session.masked import MaskedFilter, SessionEnded
+from proxy.session.masked import MaskedFilter, RecordingFilter, SessionEnded
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
 from rules.context import ContextHolder, MaskingContext
@@ -105,6 +105,7 @@ FRONTEND_TYPES: Final = capture_mask(bytes(m.FRONTEND_NAMES))
 # In READY the engine looks at these frontend messages only; the rest are counted, skipped.
 # Requests are counted by the scanner, not captured, so the common chunk yields no list.
 _CLIENT_CAPTURE: Final = capture_mask(bytes((m.TERMINATE,)))
+_CLIENT_CAPTURE_RECORDED: Final = capture_mask(bytes((m.TERMINATE, m.QUERY, m.PARSE)))
 _CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAGE)))
 # ReadyForQuery is not captured: its status byte is read in place (see server_data).
 _SERVER_CAPTURE_READY: Final = capture_mask(bytes((m.ERROR_RESPONSE, m.PARAMETER_STATUS)))
@@ -179,6 +180,8 @@ class Session:
         self._same_certificate = False
         self._sasl_offered = False
         self.masked: MaskedFilter | None = None
+        # unmasked sessions with auditing: statements are analysed to be recorded only
+        self.recorder: RecordingFilter | None = None
         self._startup_params: dict[str, str] = {}
 
     # ---- client -> proxy ---------------------------------------------------------------
@@ -187,6 +190,16 @@ class Session:
         phase = self.phase
         masked = self.masked
         if masked is None:
+            recorder = self.recorder
+            if recorder is not None and phase is _READY:
+                try:
+                    out = recorder.client(self._client, data)
+                except m.ProtocolViolation as exc:
+                    return self._fatal_to_client("08P01", str(exc))
+                if self._client.last_type == m.TERMINATE and not recorder.holding:
+                    self.phase = Phase.CLOSED
+                    return (SendToServer(out), CloseSession("client terminated"))
+                return (SendToServer(out),) if out else _NOTHING
             if phase is _READY or phase is Phase.AUTHENTICATING:
                 try:
                     captured = self._client.feed(data)
@@ -486,6 +499,16 @@ class Session:
                 else:
                     self._server.capture = _SERVER_CAPTURE_READY
                     self._client.capture = _CLIENT_CAPTURE
+                    if self.recorder is not None:
+                        if not self._client.at_boundary:
+                            # a message begun during login would be read from its middle:
+                            # statements could pass unrecorded
+                            return list(
+                                self._fatal_to_client(
+                                    "08P01", "pgveil: a message spans the end of the login"
+                                )
+                            )
+                        self._client.capture = _CLIENT_CAPTURE_RECORDED
             out += m.message(typ, body)
         actions: list[Action] = [SendToClient(bytes(out))] if out else []
         if self.phase is Phase.READY and self.draining and self.is_idle():

@@ -118,7 +118,8 @@ class MaskedFilter:
         d, action, value = self._analyse(sql)
         if self.audit is not None and (action == "refuse" or d.tables):
             recorded = self.audit(
-                "refused" if action == "refuse" else "access", self._event(sql, d, action, value)
+                "refused" if action == "refuse" else "access",
+                self.event_fields(sql, d, action, value),
             )
             if not recorded and action != "refuse":
                 return "refuse", AUDIT_UNAVAILABLE
@@ -129,7 +130,7 @@ class MaskedFilter:
         return action, value
 
     @staticmethod
-    def _event(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
+    def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
         """What an audit event says of a statement: never a literal, never a value."""
         text = redact(sql)
         fields: dict[str, object] = {
@@ -294,6 +295,48 @@ class MaskedFilter:
                     "pgveil: a result would have carried an unmasked personal column; "
                     "the session is closed"
                 )
+
+
+class RecordingFilter:
+    """An unmasked session's statements, analysed only to be recorded: which protected
+    tables each one touches goes to the audit stream; every byte is forwarded unchanged
+    (a message split across reads is forwarded once it is whole)."""
+
+    def __init__(
+        self, ctx: MaskingContext | ContextHolder, audit: Callable[[str, dict[str, object]], bool]
+    ) -> None:
+        self._holder = ctx if isinstance(ctx, ContextHolder) else ContextHolder(ctx)
+        self.audit = audit
+        self._splicer = _Splicer()
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._splicer.held)
+
+    def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
+        return self._splicer.splice(scanner, chunk, self._message, "from client")
+
+    def _message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.QUERY:
+            self._record(body[:-1])
+        elif typ == m.PARSE:
+            name_end = body.index(b"\0")
+            self._record(body[name_end + 1 : body.index(b"\0", name_end + 1)])
+        return raw
+
+    def _record(self, text: bytes) -> None:
+        try:
+            sql = text.decode()
+        except UnicodeDecodeError:
+            return  # the server rejects it as well
+        d = self._holder.context.analyze(sql)
+        complete = d.action != "refuse"  # a masked-role refusal stops the table walk
+        if d.tables or not complete:
+            fields = MaskedFilter.event_fields(sql, d, "pass", None)
+            fields["decision"] = "passed"
+            fields["columns_masked"] = []
+            fields["analysis_complete"] = complete
+            self.audit("access", fields)
 
 
 class _Splicer:

@@ -51,6 +51,9 @@ def test_audit_stream_of_masked_and_unmasked_sessions(
             assert c.execute(
                 "SELECT name FROM billing.customers WHERE i_customer = 1"
             ).fetchone() == (NAME,)
+            c.execute("UPDATE billing.customers SET notes = notes WHERE i_customer = %s", [2])
+            c.execute("SELECT 2").fetchone()  # touches nothing personal: no event
+            c.rollback()
         deadline = time.monotonic() + 5
         while p.metric("pgveil_audit_events_written_total") < 5:
             assert time.monotonic() < deadline
@@ -62,9 +65,18 @@ def test_audit_stream_of_masked_and_unmasked_sessions(
     assert verify_files([audit])[1] is None
     kinds = [e["type"] for e in events]
     assert kinds.count("session.start") == 2 and kinds.count("session.end") == 2
-    access = [e for e in events if e["type"] == "access"]
+    access = [e for e in events if e["type"] == "access" and e["role"] == "helpdesk"]
+    full = [e for e in events if e["type"] == "access" and e["role"] == "billing_admin"]
     refused = [e for e in events if e["type"] == "refused"]
     assert len(access) == 2 and len(refused) == 1
+    # full-access roles are recorded too, reads and writes alike
+    assert [(e["kinds"], e["tables"], e["decision"], e["classification"]) for e in full] == [
+        (["select"], ["billing.customers"], "passed", "unmasked"),
+        (["update"], ["billing.customers"], "passed", "unmasked"),
+    ]
+    assert (
+        full[1]["statement"] == "UPDATE billing . customers SET notes = notes WHERE i_customer = $1"
+    )
     first = access[0]
     assert first["role"] == "helpdesk" and first["classification"] == "masked"
     assert first["tables"] == ["billing.customers"] and first["decision"] == "rewritten"
@@ -94,3 +106,19 @@ def test_audit_to_stdout(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
         events = [json.loads(line) for line in p.log().splitlines() if '"hash"' in line]
     assert [e["type"] for e in events] == ["session.start", "session.end"]
     assert events[0]["classification"] == "unmasked" and events[1]["prev"] == events[0]["hash"]
+
+
+def test_recorded_unmasked_sessions_stay_byte_identical(
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path
+) -> None:
+    from tests.integration.test_transparency import _raw_exchange
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
+    with ProxyProcess(
+        pg.port, "--upstream-sslmode", "disable", "--rules", str(rules),
+        "--catalog-user", pg.superuser, "--audit-file", str(tmp_path / "a.jsonl"),
+        metrics=False, env=env,
+    ) as p:  # fmt: skip
+        assert _raw_exchange(p.port) == _raw_exchange(pg.port)
