@@ -109,6 +109,10 @@ class ContextHolder:
         self.context = context
         self.stale = False
 
+    @classmethod
+    def of(cls, ctx: MaskingContext | ContextHolder) -> ContextHolder:
+        return ctx if isinstance(ctx, ContextHolder) else cls(ctx)
+
 
 class MaskingContext:
     def __init__(

@@ -344,8 +344,7 @@ class Session:
         the upstream connection is opened."""
         if ctx is None or self.phase is Phase.CLOSED:
             return _NOTHING
-        current = ctx.context if isinstance(ctx, ContextHolder) else ctx
-        refusal = current.startup_refusal(self._startup_params)
+        refusal = ContextHolder.of(ctx).context.startup_refusal(self._startup_params)
         if refusal is not None:
             return self._fatal_to_client("42501", f"pgveil: {refusal}")
         self.masked = MaskedFilter(ctx, self.info.user, self.error_classes)

@@ -65,7 +65,7 @@ class MaskedFilter:
         login: str,
         error_classes: dict[str, int] | None = None,
     ) -> None:
-        self._holder = ctx if isinstance(ctx, ContextHolder) else ContextHolder(ctx)
+        self._holder = ContextHolder.of(ctx)
         self.login = login
         self.temp_relations: set[str] = set()  # created by this session (pg_temp)
         # set by the shell: records an audit event, False when it could not be recorded
@@ -174,12 +174,10 @@ class MaskedFilter:
         return m.message(m.QUERY, self._refuse(value or "refused"))
 
     def _parse(self, body: bytes, original: bytes) -> bytes:
-        name_end = body.index(b"\0")
-        q_end = body.index(b"\0", name_end + 1)
-        name = body[: name_end + 1]
-        rest = body[q_end + 1 :]
+        statement, query, rest = m.parse_message(body)
+        name = statement + b"\0"
         try:
-            sql = body[name_end + 1 : q_end].decode()
+            sql = query.decode()
         except UnicodeDecodeError:
             return m.message(
                 m.PARSE, name + self._refuse("the statement is not valid UTF-8") + b"\0\0"
@@ -305,7 +303,7 @@ class RecordingFilter:
     def __init__(
         self, ctx: MaskingContext | ContextHolder, audit: Callable[[str, dict[str, object]], bool]
     ) -> None:
-        self._holder = ctx if isinstance(ctx, ContextHolder) else ContextHolder(ctx)
+        self._holder = ContextHolder.of(ctx)
         self.audit = audit
         self._splicer = _Splicer()
 
@@ -320,8 +318,7 @@ class RecordingFilter:
         if typ == m.QUERY:
             self._record(body[:-1])
         elif typ == m.PARSE:
-            name_end = body.index(b"\0")
-            self._record(body[name_end + 1 : body.index(b"\0", name_end + 1)])
+            self._record(m.parse_message(body)[1])
         return raw
 
     def _record(self, text: bytes) -> None:

@@ -312,6 +312,14 @@ def authentication_sasl(mechanisms: list[str]) -> bytes:
     return message(AUTHENTICATION, body)
 
 
+def parse_message(body: bytes) -> tuple[bytes, bytes, bytes]:
+    """A Parse body split into (statement name, query text, parameter type section).
+    Raises ValueError when a terminator is missing."""
+    name_end = body.index(b"\0")
+    query_end = body.index(b"\0", name_end + 1)
+    return body[:name_end], body[name_end + 1 : query_end], body[query_end + 1 :]
+
+
 def backend_key_data(body: bytes) -> tuple[int, int]:
     if len(body) != 8:
         raise ProtocolViolation("invalid BackendKeyData length")
