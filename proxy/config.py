@@ -149,9 +149,34 @@ SETTINGS: tuple[Setting, ...] = (
         "audit_on_failure",
         _choice("block", "drop"),
         "block",
-        "when the audit file cannot keep up: refuse personal-data statements, or drop events",
+        "when an audit sink fails or lags: refuse personal-data statements, or drop events",
     ),
     Setting("audit_queue_size", _positive_int, 10000, "audit events queued before that"),
+    Setting(
+        "audit_table_dsn",
+        str,
+        None,
+        "database for the audit table sink (libpq DSN; prefer PGVEIL_AUDIT_TABLE_DSN)",
+    ),
+    Setting("audit_table", str, "pgveil.audit_events", "the table sink's table (created)"),
+    Setting(
+        "audit_chain",
+        str,
+        None,
+        "this instance's hash chain in the table sink (default: host name and listen port)",
+    ),
+    Setting(
+        "audit_block_timeout",
+        _positive_float,
+        5.0,
+        "seconds statements wait for a failed audit sink before being refused",
+    ),
+    Setting(
+        "audit_subjects_limit",
+        _positive_int,
+        100,
+        "data subjects listed per audit event (all are counted)",
+    ),
     Setting("tls_cert", _path, None, "certificate (PEM) for TLS from clients"),
     Setting("tls_key", _path, None, "private key (PEM) for TLS from clients"),
     Setting(
@@ -200,6 +225,11 @@ class ProxyConfig:
     audit_stdout: bool
     audit_on_failure: str
     audit_queue_size: int
+    audit_table_dsn: str | None
+    audit_table: str
+    audit_chain: str | None
+    audit_block_timeout: float
+    audit_subjects_limit: int
     tls_cert: Path | None
     tls_key: Path | None
     upstream_sslmode: str

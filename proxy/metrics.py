@@ -21,7 +21,7 @@ from proxy.logs import log
 from proxy.wire.messages import BACKEND_NAMES, FRONTEND_NAMES
 
 if TYPE_CHECKING:
-    from proxy.audit_writer import AuditWriter
+    from audit.writer import AuditWriter
     from proxy.session.engine import Session
     from rules.context import MaskingContext
 
@@ -226,7 +226,7 @@ class AuditCollector(Collector):
         )
         yield GaugeMetricFamily(
             "pgveil_audit_failing",
-            "1 while the audit file cannot be written",
+            "1 while an audit sink cannot be written",
             value=1 if w is not None and w.failing else 0,
         )
         yield CounterMetricFamily(
@@ -239,7 +239,7 @@ class AuditCollector(Collector):
         )
         yield CounterMetricFamily(
             "pgveil_audit_write_failures",
-            "Failed attempts to write the audit file",
+            "Failed attempts to write to an audit sink",
             value=w.failures if w else 0,
         )
 

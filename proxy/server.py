@@ -18,9 +18,12 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
+import asyncpg
+
 from audit.events import new_id
+from audit.sinks import FileSink, StdoutSink, SyncSink, TableSink
+from audit.writer import AuditWriter
 from proxy import logs
-from proxy.audit_writer import AuditWriter
 from proxy.catalog import MaskingManager, MaskingUnavailable
 from proxy.config import ConfigError, ProxyConfig
 from proxy.logs import log
@@ -39,7 +42,6 @@ from proxy.session.engine import (
     StartClientTLS,
     _Forward,
 )
-from proxy.session.masked import RecordingFilter
 from proxy.wire.messages import SSLRequest
 from rules.context import MaskingContext
 from rules.loader import RulesError
@@ -218,6 +220,8 @@ class ClientConnection(_Pipe, LiveSession):
         self.peer = ""
         self.sid = new_id()
         self.classification = "unclassified"
+        self.audited = False
+        self._audit_wait: bytearray | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -237,6 +241,21 @@ class ClientConnection(_Pipe, LiveSession):
 
     def data_received(self, data: bytes) -> None:
         self.client_bytes += len(data)
+        if self._audit_wait is not None:
+            self._audit_wait += data
+            return
+        writer = self.server.audit
+        if writer is not None and self.audited and not writer.accepting():
+            # the audit stream is down: statements wait for it (reading paused), and
+            # those on personal data are refused if it is not back in time
+            self._audit_wait = bytearray(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._spawn(self._wait_for_audit(writer))
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         actions = self.session.client_data(data)
         if actions is JUST_FORWARD:
             ut = self.upstream_transport
@@ -244,6 +263,29 @@ class ClientConnection(_Pipe, LiveSession):
                 ut.write(data)
         else:
             self.run(actions, data, to_server=True)
+
+    async def _wait_for_audit(self, writer: AuditWriter) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(writer.recovered.wait(), self.server.config.audit_block_timeout)
+        data, self._audit_wait = bytes(self._audit_wait or b""), None
+        if self._closed:
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._deliver(data)
+
+    # ---- AuditHook: what the session filters use to record events ----------------------
+
+    @property
+    def subjects_limit(self) -> int:
+        return self.server.config.audit_subjects_limit
+
+    def ready(self) -> bool:
+        writer = self.server.audit
+        return writer is None or writer.accepting()
+
+    def record(self, event_type: str, fields: dict[str, object]) -> bool:
+        return self.audit_event(event_type, fields)
 
     def eof_received(self) -> bool | None:
         return None
@@ -321,12 +363,13 @@ class ClientConnection(_Pipe, LiveSession):
             if self._closed:
                 return
             if self.server.audit is not None:
+                self.audited = True
                 if self.session.masked is not None:
-                    self.session.masked.audit = self.audit_event
+                    self.session.masked.attach_audit(self)
                 else:
                     # unmasked: record which protected tables each statement touches
                     holder = await masking.holder_for(info.database)
-                    self.session.recorder = RecordingFilter(holder, self.audit_event)
+                    self.session.record(holder, self)
         else:
             self.classification = "unmasked"  # no rules: every session is relayed
         self.audit_event("session.start", {})
@@ -420,16 +463,7 @@ class ProxyServer:
     def __init__(self, config: ProxyConfig, policy: Policy | None = None) -> None:
         self.config = config
         self.masking = MaskingManager(config, policy) if policy is not None else None
-        self.audit = (
-            AuditWriter(
-                config.audit_file,
-                config.audit_on_failure,
-                config.audit_queue_size,
-                stdout=config.audit_stdout,
-            )
-            if config.audit_file is not None or config.audit_stdout
-            else None
-        )
+        self.audit = audit_writer(config)
         self._load_policy: Callable[[ProxyConfig], Policy | None] | None = None
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
@@ -525,6 +559,11 @@ class ProxyServer:
         if self.masking is not None:
             self.spawn(self._refresh_catalogs())
         if self.audit is not None:
+            try:
+                await self.audit.start()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                self._server.close()
+                raise ConfigError(f"the audit table sink cannot be reached: {exc}") from exc
             self.spawn(self.audit.run())
         if self.config.metrics is not None:
             self._metrics_server = MetricsServer(self.metrics, self.upstream_reachable)
@@ -629,6 +668,22 @@ class ProxyServer:
 
 def _keep(new: ProxyConfig, old: ProxyConfig, names: list[str]) -> ProxyConfig:
     return dataclasses.replace(new, **{n: getattr(old, n) for n in names})
+
+
+def audit_writer(config: ProxyConfig) -> AuditWriter | None:
+    """The audit writer for the configured sinks, or None when auditing is off."""
+    sinks: list[SyncSink] = []
+    if config.audit_file is not None:
+        sinks.append(FileSink(config.audit_file))
+    if config.audit_stdout:
+        sinks.append(StdoutSink())
+    table = None
+    if config.audit_table_dsn is not None:
+        chain = config.audit_chain or f"{socket.gethostname()}:{config.listen.port}"
+        table = TableSink(config.audit_table_dsn, config.audit_table, chain)
+    if not sinks and table is None:
+        return None
+    return AuditWriter(sinks, table, config.audit_on_failure, config.audit_queue_size)
 
 
 async def serve(

@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from proxy.session.masked import MaskedFilter, RecordingFilter, SessionEnded
+from proxy.session.masked import AuditHook, MaskedFilter, RecordingFilter, SessionEnded
+from proxy.session.statements import StatementLog
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
 from rules.context import ContextHolder, MaskingContext
@@ -105,7 +106,9 @@ FRONTEND_TYPES: Final = capture_mask(bytes(m.FRONTEND_NAMES))
 # In READY the engine looks at these frontend messages only; the rest are counted, skipped.
 # Requests are counted by the scanner, not captured, so the common chunk yields no list.
 _CLIENT_CAPTURE: Final = capture_mask(bytes((m.TERMINATE,)))
-_CLIENT_CAPTURE_RECORDED: Final = capture_mask(bytes((m.TERMINATE, m.QUERY, m.PARSE)))
+# Audited unmasked sessions: every message that gets an answer of its own, to pair
+# statements with their outcomes (proxy/session/statements.py).
+_CLIENT_CAPTURE_RECORDED: Final = capture_mask(b"XQPBDESCF")
 _CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAGE)))
 # ReadyForQuery is not captured: its status byte is read in place (see server_data).
 _SERVER_CAPTURE_READY: Final = capture_mask(bytes((m.ERROR_RESPONSE, m.PARAMETER_STATUS)))
@@ -116,18 +119,11 @@ NotificationResponse): not known until the next chunk that ends with one. Never 
 _CAPTURE_ALL: Final = capture_mask(everything=True)
 # Masked sessions: every frontend message but CopyData is looked at before it is forwarded.
 _CLIENT_CAPTURE_MASKED: Final = capture_mask(bytes(t for t in m.FRONTEND_NAMES if t != m.COPY_DATA))
-_SERVER_CAPTURE_MASKED: Final = capture_mask(
-    bytes(
-        (
-            m.ERROR_RESPONSE,
-            m.NOTICE_RESPONSE,
-            m.NOTIFICATION_RESPONSE,
-            m.ROW_DESCRIPTION,
-            m.PARAMETER_STATUS,
-            m.READY_FOR_QUERY,
-        )
-    )
-)
+_SERVER_CAPTURE_MASKED: Final = capture_mask(b"ENATSZCIsn")
+_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn")
+# while a statement on personal data is in flight, DataRows too: their subject column
+_SERVER_CAPTURE_MASKED_ROWS: Final = capture_mask(b"ENATSZCIsnD")
+_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsnD")
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
 
@@ -199,6 +195,7 @@ class Session:
                 if self._client.last_type == m.TERMINATE and not recorder.holding:
                     self.phase = Phase.CLOSED
                     return (SendToServer(out), CloseSession("client terminated"))
+                self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
                 return (SendToServer(out),) if out else _NOTHING
             if phase is _READY or phase is Phase.AUTHENTICATING:
                 try:
@@ -216,6 +213,8 @@ class Session:
             if self._client.last_type == m.TERMINATE and not masked.holding:
                 self.phase = Phase.CLOSED
                 return (SendToServer(out), CloseSession("client terminated"))
+            if masked.statements is not None:
+                self._row_capture(masked.statements, _SERVER_CAPTURE_MASKED_ROWS)
             return (SendToServer(out),) if out else _NOTHING
         elif phase is Phase.AUTHENTICATING:
             return self._masked_login_data(data)
@@ -393,9 +392,26 @@ class Session:
             return _NOTHING
         return self._fatal_to_client("08006", f"pgveil could not connect to the server: {reason}")
 
+    def _row_capture(self, log: StatementLog | None, rows_mask: bytearray) -> None:
+        """Capture DataRows only while a statement on personal data is in flight."""
+        if log is not None and log.personal_in_flight:
+            self._server.capture = rows_mask
+        elif self._server.capture is rows_mask:
+            self._server.capture = (
+                _SERVER_CAPTURE_MASKED if self.masked is not None else _SERVER_CAPTURE_RECORDED
+            )
+
+    def record(self, ctx: MaskingContext | ContextHolder, hook: AuditHook) -> None:
+        """Audit this unmasked session: its statements are analysed to be recorded."""
+        self.recorder = RecordingFilter(ctx, hook)
+        self.recorder.observer = self._observe_server
+
     def server_data(self, data: bytes) -> Sequence[Action]:
-        if self.masked is not None and self.phase is _READY:
-            return self._masked_server_data(data)
+        if self.phase is _READY:
+            if self.masked is not None:
+                return self._masked_server_data(data)
+            if self.recorder is not None:
+                return self._recorded_server_data(data)
         if self.phase is _READY:
             counts = self.server_counts
             ready_before = counts[_Z]
@@ -430,6 +446,23 @@ class Session:
             return self._end_masked(str(exc))
         if self.masked.tx_status is not None:
             self.tx_status = self.masked.tx_status
+        if self.masked.statements is not None:
+            self._row_capture(self.masked.statements, _SERVER_CAPTURE_MASKED_ROWS)
+        actions: list[Action] = [SendToClient(out)] if out else []
+        if self.draining and self.is_idle():
+            actions += self._terminate_for_shutdown()
+        return actions
+
+    def _recorded_server_data(self, data: bytes) -> Sequence[Action]:
+        recorder = self.recorder
+        assert recorder is not None
+        try:
+            out = recorder.server(self._server, data)
+        except m.ProtocolViolation as exc:
+            return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
+        if recorder.tx_status is not None:
+            self.tx_status = recorder.tx_status
+        self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
         actions: list[Action] = [SendToClient(out)] if out else []
         if self.draining and self.is_idle():
             actions += self._terminate_for_shutdown()
@@ -446,11 +479,14 @@ class Session:
 
     def _server_messages(self, captured: list[tuple[int, bytes]]) -> None:
         for typ, body in captured:
-            if typ == m.ERROR_RESPONSE:
-                self._count_error(body)
-            elif typ == m.PARAMETER_STATUS:
-                name, value = m.parameter_status(body)
-                self.info.parameters[name] = value
+            self._observe_server(typ, body)
+
+    def _observe_server(self, typ: int, body: bytes) -> None:
+        if typ == m.ERROR_RESPONSE:
+            self._count_error(body)
+        elif typ == m.PARAMETER_STATUS:
+            name, value = m.parameter_status(body)
+            self.info.parameters[name] = value
 
     def _count_error(self, body: bytes) -> None:
         code = m.sqlstate_of(body)
@@ -508,6 +544,7 @@ class Session:
                                 )
                             )
                         self._client.capture = _CLIENT_CAPTURE_RECORDED
+                        self._server.capture = _SERVER_CAPTURE_RECORDED
             out += m.message(typ, body)
         actions: list[Action] = [SendToClient(bytes(out))] if out else []
         if self.phase is Phase.READY and self.draining and self.is_idle():
@@ -573,6 +610,7 @@ class Session:
             and self._client.at_boundary
             and self._server.at_boundary
             and (self.masked is None or not self.masked.holding)
+            and (self.recorder is None or not self.recorder.holding)
             and self._client.last_type not in _REQUEST_OPEN
         )
 

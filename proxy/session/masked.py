@@ -27,7 +27,9 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from proxy.session.statements import StatementLog
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
 from rules.analyzer import Decision
@@ -58,25 +60,53 @@ class SessionEnded(Exception):
     """The session must end with a FATAL 42501 carrying this message."""
 
 
-class MaskedFilter:
-    def __init__(
-        self,
-        ctx: MaskingContext | ContextHolder,
-        login: str,
-        error_classes: dict[str, int] | None = None,
-    ) -> None:
+class AuditHook(Protocol):
+    """What the shell offers a filter for auditing."""
+
+    @property
+    def subjects_limit(self) -> int:
+        """Data subjects listed per event (all are counted)."""
+        ...
+
+    def ready(self) -> bool:
+        """False while the audit stream cannot take events (statements on personal data
+        are then refused, under `on_failure: block`)."""
+        ...
+
+    def record(self, event_type: str, fields: dict[str, object]) -> bool:
+        """Record one event; False when it could not be recorded."""
+        ...
+
+
+class StatementFilter:
+    """What masked and audited unmasked sessions share: both directions spliced message by
+    message, refusals through the server (a unique syntax error turned into 42501 on its
+    way back), and the statement log that turns completed statements into audit events."""
+
+    def __init__(self, ctx: MaskingContext | ContextHolder) -> None:
         self._holder = ContextHolder.of(ctx)
-        self.login = login
         self.temp_relations: set[str] = set()  # created by this session (pg_temp)
-        # set by the shell: records an audit event, False when it could not be recorded
-        self.audit: Callable[[str, dict[str, object]], bool] | None = None
-        self.error_classes = error_classes if error_classes is not None else {}
+        self.audit: AuditHook | None = None
+        self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
-        self._recent_sql: deque[str] = deque(maxlen=64)
         self._client = _Splicer()
         self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
+
+    raw_columns = False  # whether the personal columns a statement returns reach it raw
+    # sees every ErrorResponse and ParameterStatus from the server (the engine's counters)
+    observer: Callable[[int, bytes], None] | None = None
+
+    def attach_audit(self, hook: AuditHook) -> None:
+        self.audit = hook
+        self.statements = StatementLog(
+            self._holder, lambda fields: self._record("access", fields), hook.subjects_limit
+        )
+
+    def _record(self, event_type: str, fields: dict[str, object]) -> None:
+        assert self.audit is not None
+        self.audit.record(event_type, fields)
 
     @property
     def ctx(self) -> MaskingContext:
@@ -91,19 +121,30 @@ class MaskedFilter:
     def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
         return self._client.splice(scanner, chunk, self._client_message, "from client")
 
-    def login_data(
-        self, scanner: MessageScanner, chunk: bytes, handle: Callable[[int, bytes, bytes], bytes]
-    ) -> bytes:
-        """Client bytes during login, through the same splicer as statements later."""
-        return self._client.splice(scanner, chunk, handle, "from client")
-
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if typ == m.QUERY:
             return self._query(body, raw)
         if typ == m.PARSE:
             return self._parse(body, raw)
+        log = self.statements
         if typ == m.FUNCTION_CALL:
-            return m.message(m.QUERY, self._refuse("FunctionCall is not allowed for masked roles"))
+            return self._function_call(raw)
+        if log is not None:
+            if typ == m.BIND:
+                log.bind(body)
+            elif typ == m.EXECUTE:
+                log.execute(body)
+            elif typ == m.SYNC:
+                log.sync()
+            elif typ == m.DESCRIBE:
+                log.describe(body)
+            elif typ == m.CLOSE:
+                log.close(body)
+        return raw
+
+    def _function_call(self, raw: bytes) -> bytes:
+        if self.statements is not None:
+            self.statements.function_call()
         return raw
 
     def _refuse(self, reason: str) -> bytes:
@@ -113,37 +154,154 @@ class MaskedFilter:
         self.counters.refusal_reasons.append(reason)
         return f"{REFUSAL_TOKEN}{nonce}\0".encode()
 
-    def _decide(self, sql: str) -> tuple[str, str | None]:
-        self._recent_sql.append(sql)
+    def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
+        """(the analysis, "pass" | "rewrite" | "refuse", rewritten SQL or reason)."""
+        d = self.ctx.analyze(sql)
+        return d, "pass", None
+
+    def _decide(self, sql: str) -> tuple[str, str | None, dict[str, object] | None]:
+        """(action, rewritten SQL or refusal reason, audit fields when it is recorded)."""
         d, action, value = self._analyse(sql)
-        if self.audit is not None and (action == "refuse" or d.tables):
-            recorded = self.audit(
-                "refused" if action == "refuse" else "access",
-                self.event_fields(sql, d, action, value),
-            )
-            if not recorded and action != "refuse":
-                return "refuse", AUDIT_UNAVAILABLE
+        audit = self.audit
+        fields = None
+        if audit is not None and (action == "refuse" or d.tables or d.action == "refuse"):
+            fields = event_fields(sql, d, action, value)
+            # a masked-role refusal stops the analyser's walk: the tables may be more
+            fields["analysis_complete"] = d.action != "refuse"
+            if self.raw_columns:
+                fields["columns_raw"], fields["columns_masked"] = fields["columns_masked"], []
+            if action == "refuse":
+                audit.record("refused", fields)
+                fields = None
+            elif not audit.ready():
+                action, value = "refuse", AUDIT_UNAVAILABLE
+                audit.record("refused", {**fields, "decision": "refused", "reason": value})
+                fields = None
         if action == "rewrite":
             self.counters.rewritten += 1
         elif action == "pass":
             self.counters.passed += 1
-        return action, value
+        return action, value, fields
 
-    @staticmethod
-    def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
-        """What an audit event says of a statement: never a literal, never a value."""
-        text = redact(sql)
-        fields: dict[str, object] = {
-            "kinds": list(d.kinds),
-            "statement": text,
-            "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "tables": list(d.tables),
-            "columns_masked": list(d.columns),
-            "decision": {"pass": "passed", "rewrite": "rewritten"}.get(action, "refused"),
-        }
-        if action == "refuse":
-            fields["reason"] = reason
-        return fields
+    def _query(self, body: bytes, original: bytes) -> bytes:
+        try:
+            sql = body[:-1].decode()
+        except UnicodeDecodeError:
+            return self._undecodable(m.QUERY, b"", original)
+        action, value, fields = self._decide(sql)
+        if self.statements is not None:
+            self.statements.query(fields)
+        if action == "pass":
+            return original
+        if action == "rewrite":
+            assert value is not None
+            return m.message(m.QUERY, value.encode() + b"\0")
+        return m.message(m.QUERY, self._refuse(value or "refused"))
+
+    def _parse(self, body: bytes, original: bytes) -> bytes:
+        statement, query, rest = m.parse_message(body)
+        name = statement + b"\0"
+        try:
+            sql = query.decode()
+        except UnicodeDecodeError:
+            return self._undecodable(m.PARSE, name, original)
+        action, value, fields = self._decide(sql)
+        if self.statements is not None:
+            self.statements.parse(statement, fields)
+        if action == "pass":
+            return original
+        if action == "rewrite":
+            assert value is not None
+            return m.message(m.PARSE, name + value.encode() + b"\0" + rest)
+        return m.message(m.PARSE, name + self._refuse(value or "refused") + b"\0\0")
+
+    def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
+        """A statement that is not UTF-8: no statement is recorded for it."""
+        if self.statements is not None:
+            if typ == m.QUERY:
+                self.statements.query(None)
+            else:
+                self.statements.parse(name[:-1], None)
+        return original
+
+    # ---- server -> client --------------------------------------------------------------
+
+    def server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
+        return self._server.splice(scanner, chunk, self._server_message, "from server")
+
+    def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if self.statements is not None:
+            self.statements.server_message(typ, body)
+        if typ == m.READY_FOR_QUERY:
+            self.tx_status = body[0] if body else m.TX_IDLE
+        elif typ == m.ERROR_RESPONSE or typ == m.PARAMETER_STATUS:
+            if self.observer is not None:
+                self.observer(typ, body)
+            if typ == m.ERROR_RESPONSE and self._refusals:
+                refusal = self._refusal(body)
+                if refusal is not None:
+                    return refusal
+        return raw
+
+    def _refusal(self, body: bytes) -> bytes | None:
+        text = m.decode_fields(body).get("M", "")
+        if REFUSAL_TOKEN in text:
+            for nonce in list(self._refusals):
+                if REFUSAL_TOKEN + nonce in text:
+                    reason = self._refusals.pop(nonce)
+                    return m.error_response("42501", f"pgveil: {reason}")
+        return None
+
+
+def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
+    """What an audit event says of a statement: never a literal, never a value."""
+    text = redact(sql)
+    fields: dict[str, object] = {
+        "kinds": list(d.kinds),
+        "statement": text,
+        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "tables": list(d.tables),
+        "columns_masked": list(d.columns),
+        "decision": {"pass": "passed", "rewrite": "rewritten"}.get(action, "refused"),
+    }
+    if action == "refuse":
+        fields["reason"] = reason
+    return fields
+
+
+class MaskedFilter(StatementFilter):
+    def __init__(
+        self,
+        ctx: MaskingContext | ContextHolder,
+        login: str,
+        error_classes: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__(ctx)
+        self.login = login
+        self.error_classes = error_classes if error_classes is not None else {}
+        self._recent_sql: deque[str] = deque(maxlen=64)
+
+    def login_data(
+        self, scanner: MessageScanner, chunk: bytes, handle: Callable[[int, bytes, bytes], bytes]
+    ) -> bytes:
+        """Client bytes during login, through the same splicer as statements later."""
+        return self._client.splice(scanner, chunk, handle, "from client")
+
+    def _function_call(self, raw: bytes) -> bytes:
+        if self.statements is not None:
+            self.statements.function_call()
+        return m.message(m.QUERY, self._refuse("FunctionCall is not allowed for masked roles"))
+
+    def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
+        super()._undecodable(typ, name, original)
+        refusal = self._refuse("the statement is not valid UTF-8")
+        if typ == m.QUERY:
+            return m.message(m.QUERY, refusal)
+        return m.message(m.PARSE, name + refusal + b"\0\0")
+
+    def _decide(self, sql: str) -> tuple[str, str | None, dict[str, object] | None]:
+        self._recent_sql.append(sql)
+        return super()._decide(sql)
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         d = self.ctx.analyze(sql)
@@ -160,42 +318,11 @@ class MaskedFilter:
             return d, "rewrite", d.sql
         return d, "pass", None
 
-    def _query(self, body: bytes, original: bytes) -> bytes:
-        try:
-            sql = body[:-1].decode()
-        except UnicodeDecodeError:
-            return m.message(m.QUERY, self._refuse("the statement is not valid UTF-8"))
-        action, value = self._decide(sql)
-        if action == "pass":
-            return original
-        if action == "rewrite":
-            assert value is not None
-            return m.message(m.QUERY, value.encode() + b"\0")
-        return m.message(m.QUERY, self._refuse(value or "refused"))
-
-    def _parse(self, body: bytes, original: bytes) -> bytes:
-        statement, query, rest = m.parse_message(body)
-        name = statement + b"\0"
-        try:
-            sql = query.decode()
-        except UnicodeDecodeError:
-            return m.message(
-                m.PARSE, name + self._refuse("the statement is not valid UTF-8") + b"\0\0"
-            )
-        action, value = self._decide(sql)
-        if action == "pass":
-            return original
-        if action == "rewrite":
-            assert value is not None
-            return m.message(m.PARSE, name + value.encode() + b"\0" + rest)
-        return m.message(m.PARSE, name + self._refuse(value or "refused") + b"\0\0")
-
     # ---- server -> client --------------------------------------------------------------
 
-    def server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
-        return self._server.splice(scanner, chunk, self._server_message, "from server")
-
     def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if self.statements is not None:
+            self.statements.server_message(typ, body)
         if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
             return self._error(typ, body)
         if typ == m.NOTIFICATION_RESPONSE:
@@ -225,12 +352,10 @@ class MaskedFilter:
             code = fields.get("C", "")
             cls = code[:2] if len(code) == 5 else "unknown"
             self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
-        text = fields.get("M", "")
-        if REFUSAL_TOKEN in text:
-            for nonce in list(self._refusals):
-                if REFUSAL_TOKEN + nonce in text:
-                    reason = self._refusals.pop(nonce)
-                    return m.error_response("42501", f"pgveil: {reason}")
+        if self._refusals:
+            refusal = self._refusal(body)
+            if refusal is not None:
+                return refusal
         context = fields.get("W", "")
         if "PL/pgSQL" in context or "at RAISE" in context:
             # the text was composed by server-side code (a trigger's RAISE, say): any value
@@ -295,45 +420,21 @@ class MaskedFilter:
                 )
 
 
-class RecordingFilter:
+class RecordingFilter(StatementFilter):
     """An unmasked session's statements, analysed only to be recorded: which protected
-    tables each one touches goes to the audit stream; every byte is forwarded unchanged
-    (a message split across reads is forwarded once it is whole)."""
+    tables each one touches goes to the audit stream with its outcome; every byte is
+    forwarded unchanged (a message split across reads is forwarded once it is whole). The
+    one exception: while the audit stream cannot take events, statements on personal data
+    are refused, as for masked roles."""
 
-    def __init__(
-        self, ctx: MaskingContext | ContextHolder, audit: Callable[[str, dict[str, object]], bool]
-    ) -> None:
-        self._holder = ContextHolder.of(ctx)
-        self.audit = audit
-        self._splicer = _Splicer()
+    def __init__(self, ctx: MaskingContext | ContextHolder, hook: AuditHook) -> None:
+        super().__init__(ctx)
+        self.attach_audit(hook)
 
-    @property
-    def holding(self) -> bool:
-        return bool(self._splicer.held)
+    raw_columns = True
 
-    def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
-        return self._splicer.splice(scanner, chunk, self._message, "from client")
-
-    def _message(self, typ: int, body: bytes, raw: bytes) -> bytes:
-        if typ == m.QUERY:
-            self._record(body[:-1])
-        elif typ == m.PARSE:
-            self._record(m.parse_message(body)[1])
-        return raw
-
-    def _record(self, text: bytes) -> None:
-        try:
-            sql = text.decode()
-        except UnicodeDecodeError:
-            return  # the server rejects it as well
-        d = self._holder.context.analyze(sql)
-        complete = d.action != "refuse"  # a masked-role refusal stops the table walk
-        if d.tables or not complete:
-            fields = MaskedFilter.event_fields(sql, d, "pass", None)
-            fields["decision"] = "passed"
-            fields["columns_masked"] = []
-            fields["analysis_complete"] = complete
-            self.audit("access", fields)
+    def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
+        return self.ctx.analyze(sql), "pass", None
 
 
 class _Splicer:

@@ -1,0 +1,194 @@
+"""Where audit events go: the JSON-lines file, standard output, a PostgreSQL table.
+
+File and stdout sinks are written synchronously when an event is submitted: a line handed
+to the operating system survives a crash of pgveil, so an event is durable before the
+result it describes is released. The table sink is written in batches by a background
+task (asyncpg); it creates its table if missing, partitioned by day, and keeps one hash
+chain per writer (`chain`, e.g. host and port of one pgveil instance) so that many
+instances can share it. Sinks receive finished events only and never look inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from audit.events import GENESIS, canonical
+from audit.files import AuditFile, last_hash
+
+
+class FileSink:
+    name = "file"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = AuditFile(path)
+
+    def last_hash(self) -> str:
+        return last_hash(self.path)
+
+    def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+        self._file.write(events)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class StdoutSink:
+    """Events as JSON lines on standard output, for a log shipper (logs go to stderr)."""
+
+    name = "stdout"
+
+    def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+        out = sys.stdout.buffer
+        for e in events:
+            out.write(canonical(e) + b"\n")
+        out.flush()
+
+    def close(self) -> None:
+        sys.stdout.buffer.flush()
+
+
+SyncSink = FileSink | StdoutSink
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def split_table_name(qualified: str) -> tuple[str, str]:
+    """`schema.table` or `table` (schema `pgveil`); quoting is not accepted, names are
+    taken literally."""
+    schema, _, table = qualified.rpartition(".")
+    return (schema or "pgveil", table)
+
+
+class TableSink:
+    """A PostgreSQL table, batched. `dsn` is a libpq connection string or URI."""
+
+    name = "table"
+
+    def __init__(self, dsn: str, table: str, chain: str) -> None:
+        self.dsn = dsn
+        self.schema, self.table = split_table_name(table)
+        self.chain = chain
+        self._conn: asyncpg.Connection | None = None
+        self._partitions: set[dt.date] = set()
+
+    @property
+    def relation(self) -> str:
+        return f"{_quote(self.schema)}.{_quote(self.table)}"
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.dsn, timeout=5)
+            self._partitions.clear()
+            await self._create()
+        return self._conn
+
+    async def _create(self) -> None:
+        assert self._conn is not None
+        await self._conn.execute(
+            f"""
+            CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)};
+            CREATE TABLE IF NOT EXISTS {self.relation} (
+                seq bigint GENERATED ALWAYS AS IDENTITY,
+                ts timestamptz NOT NULL,
+                id text NOT NULL,
+                chain text NOT NULL,
+                type text NOT NULL,
+                event jsonb NOT NULL,
+                line text NOT NULL
+            ) PARTITION BY RANGE (ts);
+            CREATE TABLE IF NOT EXISTS {_quote(self.schema)}.{_quote(self.table + "_default")}
+                PARTITION OF {self.relation} DEFAULT;
+            CREATE INDEX IF NOT EXISTS {_quote(self.table + "_chain_seq")}
+                ON {self.relation} (chain, seq);
+            """
+        )
+
+    async def _partition(self, day: dt.date) -> None:
+        if day in self._partitions:
+            return
+        assert self._conn is not None
+        name = _quote(f"{self.table}_{day:%Y%m%d}")
+        exists = await self._conn.fetchval(
+            "SELECT to_regclass($1) IS NOT NULL",
+            f"{_quote(self.schema)}.{name}",
+        )
+        if not exists:
+            nxt = day + dt.timedelta(days=1)
+            # fails when rows of that day already sit in the default partition (or another
+            # instance raced us): they stay there, which is still correct
+            with contextlib.suppress(asyncpg.PostgresError):
+                await self._conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {_quote(self.schema)}.{name} "
+                    f"PARTITION OF {self.relation} "
+                    f"FOR VALUES FROM ('{day.isoformat()}') TO ('{nxt.isoformat()}')"
+                )
+        self._partitions.add(day)
+
+    async def last_hash(self) -> str:
+        conn = await self._connection()
+        value = await conn.fetchval(
+            f"SELECT event->>'hash' FROM {self.relation} WHERE chain = $1 "
+            "ORDER BY seq DESC LIMIT 1",
+            self.chain,
+        )
+        return str(value) if value is not None else GENESIS
+
+    async def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+        conn = await self._connection()
+        rows = []
+        for e in events:
+            ts = dt.datetime.strptime(str(e["ts"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+            await self._partition(ts.date())
+            line = canonical(e).decode()
+            rows.append((ts, str(e["id"]), self.chain, str(e["type"]), line, line))
+        try:
+            async with conn.transaction():
+                await conn.executemany(
+                    f"INSERT INTO {self.relation} (ts, id, chain, type, event, line) "
+                    "VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+                    rows,
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await self._drop()
+            raise
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+async def read_table(
+    dsn: str, table: str, chain: str | None = None
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Every chain in the table with its events in order: [(chain, events)]."""
+    schema, name = split_table_name(table)
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetch(
+            f"SELECT chain, line FROM {_quote(schema)}.{_quote(name)} "
+            "WHERE $1::text IS NULL OR chain = $1 ORDER BY chain, seq",
+            chain,
+        )
+    finally:
+        await conn.close()
+    chains: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        chains.setdefault(r["chain"], []).append(json.loads(r["line"]))
+    return list(chains.items())

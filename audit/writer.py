@@ -1,0 +1,159 @@
+"""The bounded audit writer: links events into the hash chain and delivers them to sinks.
+
+`submit` is called on the event loop. It links the event (so the chain's order is the
+order things happened) and writes it at once to the file and stdout sinks (a write to the
+operating system, microseconds; durable against a crash of pgveil). The table sink gets
+events in batches from a background task. A sink that fails keeps its events queued and
+is retried every second; while any sink fails or a queue is full, `accepting()` is False,
+and with `on_failure: block` statements that touch personal data are refused rather than
+run unrecorded. With `on_failure: drop` events that cannot be queued are dropped and
+counted. Nothing here sees statement literals or row values: callers pass only what audit
+events may hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from audit.events import GENESIS, Chain
+from audit.sinks import SyncSink, TableSink
+
+_log = logging.getLogger("pgveil.audit")
+TABLE_BATCH = 1000
+
+
+class AuditWriter:
+    def __init__(
+        self,
+        sinks: list[SyncSink],
+        table: TableSink | None = None,
+        on_failure: str = "block",
+        queue_size: int = 10_000,
+    ) -> None:
+        if not sinks and table is None:
+            raise ValueError("an audit writer needs at least one sink")
+        self.sinks = sinks
+        self.table = table
+        self.on_failure = on_failure
+        self.queue_size = queue_size
+        self.chain = Chain(GENESIS)
+        self._pending: dict[str, collections.deque[dict[str, Any]]] = {
+            s.name: collections.deque() for s in sinks
+        }
+        self._table_queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._failing: set[str] = set()
+        self._wake = asyncio.Event()
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+        self.recovered = asyncio.Event()
+
+    async def start(self) -> None:
+        """Resume the chain where the first sink's last event left it (the file if there is
+        one). Raises when the table sink cannot be reached: fail loudly at start."""
+        for s in self.sinks:
+            if s.name == "file":
+                self.chain.last_hash = s.last_hash()  # type: ignore[union-attr]
+                return
+        if self.table is not None:
+            self.chain.last_hash = await self.table.last_hash()
+
+    @property
+    def failing(self) -> bool:
+        return bool(self._failing)
+
+    @property
+    def depth(self) -> int:
+        queued = [len(q) for q in self._pending.values()]
+        return max([len(self._table_queue), *queued])
+
+    def accepting(self) -> bool:
+        return not self._failing and self.depth < self.queue_size
+
+    def submit(self, event_type: str, fields: Mapping[str, Any]) -> bool:
+        """Record one event. False when it was not queued (the caller refuses, under block)."""
+        if self.depth >= self.queue_size:
+            if self.on_failure == "drop":
+                self.dropped += 1
+            return False
+        event = self.chain.link(event_type, fields)
+        for sink in self.sinks:
+            queue = self._pending[sink.name]
+            queue.append(event)
+            if sink.name not in self._failing:
+                self._flush(sink)
+        if self.table is not None:
+            self._table_queue.append(event)
+            self._wake.set()
+        self.written += 1
+        return True
+
+    def _flush(self, sink: SyncSink) -> bool:
+        queue = self._pending[sink.name]
+        try:
+            sink.write(queue)
+        except OSError as exc:
+            self._fail(sink.name, exc.strerror or type(exc).__name__)
+            return False
+        queue.clear()
+        self._recover(sink.name)
+        return True
+
+    def _fail(self, name: str, error: str) -> None:
+        self.failures += 1
+        if name not in self._failing:
+            _log.error("audit.write_failed", extra={"fields": {"sink": name, "error": error}})
+            self._failing.add(name)
+            self.recovered.clear()
+            self._wake.set()
+
+    def _recover(self, name: str) -> None:
+        if name in self._failing:
+            self._failing.discard(name)
+            _log.info("audit.recovered", extra={"fields": {"sink": name}})
+            if not self._failing:
+                self.recovered.set()
+
+    async def run(self) -> None:
+        """Deliver to the table sink and retry failed sinks, until cancelled."""
+        while True:
+            if self._failing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+            else:
+                await self._wake.wait()
+            self._wake.clear()
+            for sink in self.sinks:
+                if sink.name in self._failing:
+                    self._flush(sink)
+            await self._drain_table()
+
+    async def _drain_table(self) -> None:
+        table = self.table
+        while table is not None and self._table_queue:
+            batch = [self._table_queue[i] for i in range(min(TABLE_BATCH, len(self._table_queue)))]
+            try:
+                await table.write(batch)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                self._fail("table", type(exc).__name__)
+                return
+            for _ in batch:
+                self._table_queue.popleft()
+            self._recover("table")
+
+    async def close(self) -> None:
+        """Write what is queued (shutdown flushes everything), then close the sinks."""
+        for sink in self.sinks:
+            if self._pending[sink.name]:
+                self._flush(sink)
+            sink.close()
+        if self.table is not None:
+            await self._drain_table()
+            await self.table.close()

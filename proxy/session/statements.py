@@ -1,0 +1,313 @@
+"""Pairs each statement a session runs with its answer, for audit events with outcomes.
+
+Fed with the frontend messages that get an answer of their own (Query, Describe, Execute,
+Sync, FunctionCall) and the backend messages that answer them, in stream order, it keeps a
+FIFO of what is in flight, like the server's own queue. When a statement that touched
+protected tables completes, it calls `emit` once with what the audit event says of it: its
+fields from the analysis, the rows returned or affected (from CommandComplete), the outcome
+(`ok` or the SQLSTATE), the duration, and the data subjects: the values of each protected
+table's `subject` column in the rows returned, decoded from that column alone. Subject keys
+are identifiers; no other value of a row is ever decoded here.
+
+No I/O; nothing from a row but subject keys leaves this module.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxy.wire import messages as m
+from rules.context import ContextHolder
+
+_INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
+_TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
+_UUID = 2950
+
+# a result column that carries a subject key: (field index, table, type oid, format)
+SubjectColumn = tuple[int, str, int, int]
+Layout = tuple[SubjectColumn, ...]
+
+
+@dataclass(slots=True)
+class _InFlight:
+    kind: str  # "query", "execute", "describe", "sync", "call"
+    fields: dict[str, object] | None = None
+    started: int = 0
+    layout: Layout = ()
+    rows: int = 0
+    outcome: str = "ok"
+    subjects: dict[str, set[str]] = field(default_factory=dict)
+    undecodable: bool = False
+    # a Describe's statement or portal, taken when it is sent: a later Bind may reuse the
+    # name before the answer arrives
+    target: _Prepared | _Portal | None = None
+    portal: _Portal | None = None  # an Execute's: its layout may be described later
+
+
+@dataclass(slots=True)
+class _Portal:
+    fields: dict[str, object] | None
+    statement: _Prepared
+    formats: list[int]
+    layout: Layout | None = None  # from a Describe of the portal itself
+
+    def resolve(self, log: StatementLog) -> Layout:
+        if self.layout is None:
+            described = self.statement.described
+            self.layout = log._layout(described, self.formats) if described is not None else ()
+        return self.layout
+
+
+@dataclass(slots=True)
+class _Prepared:
+    fields: dict[str, object] | None
+    # the statement's own RowDescription body (text formats), to apply Bind's formats to
+    described: bytes | None = None
+
+
+class StatementLog:
+    def __init__(
+        self,
+        holder: ContextHolder,
+        emit: Callable[[dict[str, object]], None],
+        subjects_limit: int = 100,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self._holder = holder
+        self._emit = emit
+        self._limit = subjects_limit
+        self._clock = clock
+        self._fifo: deque[_InFlight] = deque()
+        self._statements: dict[bytes, _Prepared] = {}
+        self._portals: dict[bytes, _Portal] = {}
+        self.personal_in_flight = 0
+
+    # ---- frontend ----------------------------------------------------------------------
+
+    def query(self, fields: dict[str, object] | None) -> None:
+        self._push(_InFlight("query", fields, self._clock()))
+
+    def parse(self, name: bytes, fields: dict[str, object] | None) -> None:
+        self._statements[name] = _Prepared(fields)
+
+    def bind(self, body: bytes) -> None:
+        end = body.index(b"\0")
+        portal = body[:end]
+        name = body[end + 1 : body.index(b"\0", end + 1)]
+        stmt = self._statements.get(name)
+        if stmt is None or stmt.fields is None:
+            self._portals.pop(portal, None)
+            return
+        self._portals[portal] = _Portal(stmt.fields, stmt, _result_formats(body))
+
+    def describe(self, body: bytes) -> None:
+        name = body[1:-1]
+        target = self._statements.get(name) if body[0] == ord("S") else self._portals.get(name)
+        self._push(_InFlight("describe", target=target))
+
+    def execute(self, body: bytes) -> None:
+        portal = self._portals.get(body[: body.index(b"\0")])
+        if portal is None:
+            self._push(_InFlight("execute", started=self._clock()))
+        else:
+            self._push(_InFlight("execute", portal.fields, self._clock(), portal=portal))
+
+    def close(self, body: bytes) -> None:
+        (self._statements if body[0] == ord("S") else self._portals).pop(body[1:-1], None)
+
+    def sync(self) -> None:
+        self._push(_InFlight("sync"))
+
+    def function_call(self) -> None:
+        self._push(_InFlight("call"))
+
+    def _push(self, entry: _InFlight) -> None:
+        if entry.fields is not None:
+            self.personal_in_flight += 1
+        self._fifo.append(entry)
+
+    # ---- backend -----------------------------------------------------------------------
+
+    def server_message(self, typ: int, body: bytes) -> None:
+        fifo = self._fifo
+        if not fifo:
+            return
+        head = fifo[0]
+        if typ == m.DATA_ROW:
+            if head.portal is not None:
+                head.layout = head.portal.resolve(self)
+                head.portal = None
+            if head.layout:
+                self._subjects(head, body)
+        elif typ == m.COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
+            head.rows += _row_count(body) if typ == m.COMMAND_COMPLETE else 0
+            head.layout = ()
+            if head.kind == "execute":
+                self._finish(fifo.popleft())
+        elif typ == m.PORTAL_SUSPENDED:
+            if head.kind == "execute":
+                self._finish(fifo.popleft())
+        elif typ == m.ROW_DESCRIPTION:
+            if head.kind == "describe":
+                self._described(fifo.popleft(), body)
+            elif head.kind in ("query", "execute") and head.fields is not None:
+                head.layout = self._layout(body, None)
+        elif typ == m.NO_DATA:
+            if head.kind == "describe":
+                fifo.popleft()
+        elif typ == m.ERROR_RESPONSE:
+            self._error(head, body)
+        elif typ == m.READY_FOR_QUERY:
+            while fifo:
+                entry = fifo.popleft()
+                if entry.kind in ("query", "execute"):
+                    self._finish(entry)
+                if entry.kind != "describe" and entry.kind != "execute":
+                    break
+
+    def _error(self, head: _InFlight, body: bytes) -> None:
+        code = m.sqlstate_of(body) or "XX000"
+        if m.severity_of(body) not in ("ERROR", "FATAL", "PANIC"):
+            return
+        if head.kind in ("query", "call"):
+            head.outcome = code  # finished at ReadyForQuery
+            return
+        # extended protocol: the server skips everything up to Sync; the first Execute in
+        # that run is the one that failed (or never ran because an earlier message failed)
+        fifo = self._fifo
+        failed = False
+        while fifo and fifo[0].kind != "sync":
+            entry = fifo.popleft()
+            if entry.kind == "execute" and not failed:
+                entry.outcome = code
+                self._finish(entry)
+                failed = True
+            elif entry.fields is not None:
+                self.personal_in_flight -= 1
+
+    def _finish(self, entry: _InFlight) -> None:
+        if entry.fields is None:
+            return
+        self.personal_in_flight -= 1
+        event = dict(entry.fields)
+        event["rows"] = entry.rows
+        event["outcome"] = entry.outcome
+        event["duration_ms"] = round((self._clock() - entry.started) / 1e6, 3)
+        if entry.subjects or entry.undecodable:
+            event["subjects"] = {
+                t: sorted(keys)[: self._limit] for t, keys in entry.subjects.items()
+            }
+            event["subjects_total"] = {t: len(keys) for t, keys in entry.subjects.items()}
+        event["subjects_complete"] = not entry.undecodable and self._covers(entry)
+        self._emit(event)
+
+    @staticmethod
+    def _covers(entry: _InFlight) -> bool:
+        """Subjects are complete when every protected table the statement read has its
+        subject column in the result, or nothing was returned."""
+        tables = entry.fields.get("tables", []) if entry.fields else []
+        assert isinstance(tables, list)
+        if entry.outcome != "ok":
+            return True
+        kinds = entry.fields.get("kinds", []) if entry.fields else []
+        assert isinstance(kinds, list)
+        if entry.rows == 0 and kinds and all(k == "select" for k in kinds):
+            return True
+        return all(t in entry.subjects for t in tables)
+
+    # ---- subject columns ---------------------------------------------------------------
+
+    def _described(self, entry: _InFlight, body: bytes) -> None:
+        target = entry.target
+        if isinstance(target, _Prepared):
+            if target.fields is not None:
+                target.described = body
+        elif target is not None:
+            target.layout = self._layout(body, None)
+
+    def _layout(self, body: bytes, formats: list[int] | None) -> Layout:
+        """The result columns that are some protected table's subject column."""
+        pmap = self._holder.context.pmap
+        (count,) = struct.unpack_from("!h", body, 0)
+        pos = 2
+        found: list[SubjectColumn] = []
+        for i in range(count):
+            pos = body.index(b"\0", pos) + 1
+            table_oid, attnum, type_oid = struct.unpack_from("!IhI", body, pos)
+            (fmt,) = struct.unpack_from("!h", body, pos + 16)
+            pos += 18
+            if not table_oid:
+                continue
+            p = pmap.by_oid.get(table_oid)
+            if p is None or p.subject is None:
+                continue
+            for c in p.relation.columns:
+                if c.attnum == attnum and c.name == p.subject:
+                    if formats is not None:
+                        fmt = _format_of(formats, i)
+                    found.append((i, p.rule_table, type_oid, fmt))
+        return tuple(found)
+
+    def _subjects(self, entry: _InFlight, body: bytes) -> None:
+        for index, table, type_oid, fmt in entry.layout:
+            pos = 2
+            for _ in range(index):
+                (n,) = struct.unpack_from("!i", body, pos)
+                pos += 4 + max(n, 0)
+            (n,) = struct.unpack_from("!i", body, pos)
+            if n < 0:
+                continue
+            raw = body[pos + 4 : pos + 4 + n]
+            key = _key(raw, type_oid, fmt)
+            if key is None:
+                entry.undecodable = True
+            else:
+                entry.subjects.setdefault(table, set()).add(key)
+
+
+def _key(raw: bytes, type_oid: int, fmt: int) -> str | None:
+    if fmt == 0:
+        return raw.decode("utf-8", "replace")
+    code = _INT.get(type_oid)
+    if code is not None and len(raw) == struct.calcsize(code):
+        return str(struct.unpack(code, raw)[0])
+    if type_oid in _TEXTUAL:
+        return raw.decode("utf-8", "replace")
+    if type_oid == _UUID and len(raw) == 16:
+        return str(uuid.UUID(bytes=raw))
+    return None
+
+
+def _format_of(formats: list[int], i: int) -> int:
+    if not formats:
+        return 0
+    return formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+
+
+def _result_formats(body: bytes) -> list[int]:
+    """The result-column format codes at the end of a Bind message."""
+    pos = body.index(b"\0", body.index(b"\0") + 1) + 1
+    (nfmt,) = struct.unpack_from("!h", body, pos)
+    pos += 2 + 2 * nfmt
+    (nparams,) = struct.unpack_from("!h", body, pos)
+    pos += 2
+    for _ in range(nparams):
+        (n,) = struct.unpack_from("!i", body, pos)
+        pos += 4 + max(n, 0)
+    (nres,) = struct.unpack_from("!h", body, pos)
+    return list(struct.unpack_from(f"!{nres}h", body, pos + 2))
+
+
+def _row_count(body: bytes) -> int:
+    """The row count at the end of a CommandComplete tag (`SELECT 5`, `INSERT 0 5`)."""
+    tag = body[:-1]
+    space = tag.rfind(b" ")
+    if space < 0:
+        return 0
+    digits = tag[space + 1 :]
+    return int(digits) if digits.isdigit() else 0
