@@ -23,6 +23,62 @@ import asyncpg
 from audit.events import GENESIS, canonical
 from audit.files import AuditFile, last_hash
 
+_ASYNCPG_KEYS = {"dbname": "database", "connect_timeout": "timeout"}
+
+
+def parse_conninfo(dsn: str) -> dict[str, str]:
+    """libpq `key=value` connection strings: values may be single-quoted, with `\\'` and
+    `\\\\` escapes inside."""
+    out: dict[str, str] = {}
+    i, n = 0, len(dsn)
+    while i < n:
+        while i < n and dsn[i].isspace():
+            i += 1
+        if i >= n:
+            break
+        eq = dsn.find("=", i)
+        if eq < 0:
+            raise ValueError(f"missing '=' after {dsn[i:].split()[0]!r} in connection string")
+        key = dsn[i:eq].strip()
+        i = eq + 1
+        while i < n and dsn[i].isspace():
+            i += 1
+        value = []
+        if i < n and dsn[i] == "'":
+            i += 1
+            while i < n and dsn[i] != "'":
+                if dsn[i] == "\\" and i + 1 < n:
+                    i += 1
+                value.append(dsn[i])
+                i += 1
+            if i >= n:
+                raise ValueError("unterminated quoted value in connection string")
+            i += 1
+        else:
+            while i < n and not dsn[i].isspace():
+                if dsn[i] == "\\" and i + 1 < n:
+                    i += 1
+                value.append(dsn[i])
+                i += 1
+        out[key] = "".join(value)
+    return out
+
+
+async def connect(dsn: str, timeout: float = 10) -> asyncpg.Connection:
+    """asyncpg connection from a libpq DSN (`key=value ...`) or a postgresql:// URI."""
+    if dsn.startswith(("postgres://", "postgresql://")):
+        return await asyncpg.connect(dsn, timeout=timeout)
+    kwargs: dict[str, object] = {"timeout": timeout}
+    for key, value in parse_conninfo(dsn).items():
+        kwargs[_ASYNCPG_KEYS.get(key, key)] = value
+    if "port" in kwargs:
+        kwargs["port"] = int(str(kwargs["port"]))
+    if "timeout" in kwargs:
+        kwargs["timeout"] = float(str(kwargs["timeout"]))
+    if kwargs.pop("sslmode", "disable") == "disable":
+        kwargs["ssl"] = False
+    return await asyncpg.connect(**kwargs)
+
 
 class FileSink:
     name = "file"
@@ -88,7 +144,7 @@ class TableSink:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=5)
+            self._conn = await connect(self.dsn, timeout=5)
             self._partitions.clear()
             await self._create()
         return self._conn
@@ -179,7 +235,7 @@ async def read_table(
 ) -> list[tuple[str, list[dict[str, Any]]]]:
     """Every chain in the table with its events in order: [(chain, events)]."""
     schema, name = split_table_name(table)
-    conn = await asyncpg.connect(dsn, timeout=10)
+    conn = await connect(dsn)
     try:
         rows = await conn.fetch(
             f"SELECT chain, line FROM {_quote(schema)}.{_quote(name)} "

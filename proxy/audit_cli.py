@@ -1,18 +1,42 @@
-"""`pgveil audit verify|tail`: the compliance team's tools over audit files.
+"""`pgveil audit verify|tail|who`: the compliance team's tools over the audit stream.
 
 Prints event metadata only (the events themselves never hold personal values).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from audit.files import AuditFileError, read_events, verify_files
+import asyncpg
+
+from audit.events import verify as verify_chain
+from audit.files import AuditFileError, read_events, rotated_files, verify_files
+from audit.sinks import read_table
+from proxy.config import ConfigError
+
+
+def verify_table(dsn: str, table: str) -> int:
+    """Every chain in the table sink, each on its own."""
+    chains = asyncio.run(read_table(dsn, table))
+    broken = 0
+    for chain, events in chains:
+        brk = verify_chain(events)
+        if brk is not None:
+            broken += 1
+            print(f"BROKEN: chain {chain}: {brk}")
+        else:
+            print(f"intact: chain {chain}: {len(events)} event(s)")
+    if not chains:
+        print("no events")
+    return 1 if broken else 0
 
 
 def verify(paths: list[Path]) -> int:
@@ -74,3 +98,147 @@ def tail(path: Path, follow: bool, role: str | None, table: str | None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def load_events(files: list[Path] | None, dsn: str | None, table: str) -> Iterator[dict[str, Any]]:
+    """Events from audit files (each with its rotated predecessors, oldest first) or from
+    the table sink (every chain)."""
+    if dsn is not None:
+        for _chain, events in asyncio.run(read_table(dsn, table)):
+            yield from events
+        return
+    for path in files or []:
+        for p in rotated_files(path):
+            yield from read_events(p)
+
+
+def who(
+    events: Iterable[Mapping[str, Any]],
+    table: str,
+    subject: str,
+    since: str | None,
+    until: str | None,
+) -> list[dict[str, Any]]:
+    """Who accessed the data of `subject` in `table`: every access event that lists it,
+    every one that read the table without recording its subjects (`possibly`), and the
+    subject's erasure."""
+    rows: list[dict[str, Any]] = []
+    for e in events:
+        ts = str(e.get("ts", ""))
+        if (since is not None and ts < since) or (until is not None and ts >= until):
+            continue
+        kind = e.get("type")
+        if kind == "erasure":
+            if str(e.get("subject")) == subject and table in (e.get("tables") or {table: 0}):
+                rows.append(_who_row(e, "erased"))
+            continue
+        if kind != "access" or table not in (e.get("tables") or []):
+            continue
+        listed = (e.get("subjects") or {}).get(table)
+        if listed is not None and subject in listed:
+            rows.append(_who_row(e, "yes"))
+        elif e.get("outcome", "ok") == "ok" and not _excludes(e, table, listed):
+            rows.append(_who_row(e, "possibly"))
+    return rows
+
+
+def _excludes(e: Mapping[str, Any], table: str, listed: list[str] | None) -> bool:
+    """True when the event proves the subject was not touched."""
+    if listed is None:
+        return e.get("subjects_complete") is True
+    total = (e.get("subjects_total") or {}).get(table, len(listed))
+    # the list holds every subject when nothing was cut off
+    return bool(e.get("subjects_complete")) and total == len(listed)
+
+
+def _who_row(e: Mapping[str, Any], touched: str) -> dict[str, Any]:
+    return {
+        "ts": e.get("ts"),
+        "touched": touched,
+        "role": e.get("role"),
+        "classification": e.get("classification"),
+        "client": e.get("client"),
+        "application_name": e.get("application_name"),
+        "kinds": e.get("kinds") or [e.get("type")],
+        "columns_raw": e.get("columns_raw", []),
+        "columns_masked": e.get("columns_masked", []),
+        "decision": e.get("decision"),
+        "rows": e.get("rows"),
+        "outcome": e.get("outcome"),
+        "session": e.get("session"),
+        "id": e.get("id"),
+    }
+
+
+def print_who(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    head = ["time (UTC)", "touched", "role", "class", "client", "what", "raw", "masked", "outcome"]
+    table = [
+        [
+            str(r["ts"]),
+            r["touched"],
+            str(r["role"] or ""),
+            str(r["classification"] or ""),
+            str(r["client"] or ""),
+            ",".join(r["kinds"]),
+            ",".join(c.rsplit(".", 1)[-1] for c in r["columns_raw"]) or "-",
+            ",".join(c.rsplit(".", 1)[-1] for c in r["columns_masked"]) or "-",
+            str(r["outcome"] or "-"),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *table, strict=False)]
+    for line_ in [head, *table]:
+        print("  ".join(x.ljust(w) for x, w in zip(line_, widths, strict=True)).rstrip())
+    print(f"({len(rows)} event(s))")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Dispatch `pgveil audit ACTION`."""
+    if ns.audit_command == "tail":
+        return tail(ns.file, ns.follow, ns.role, ns.table)
+    if ns.audit_command == "verify":
+        if ns.files:
+            return verify(ns.files)
+        if ns.dsn is None:
+            raise ConfigError("give audit files, or --dsn for the table sink")
+        return _from_table(lambda: verify_table(ns.dsn, ns.audit_table))
+    if not ns.file and ns.dsn is None:
+        raise ConfigError("give --file FILE or --dsn DSN (the table sink)")
+    since, until = _utc(ns.since, "--since"), _utc(ns.until, "--until")
+    missing = [p for p in ns.file or [] if not rotated_files(p)]
+    if missing:
+        raise ConfigError(f"no such file: {missing[0]}")
+    source = None if ns.file else ns.dsn  # files first when both are given
+
+    def report() -> int:
+        events = load_events(ns.file, source, ns.audit_table)
+        print_who(who(events, ns.table, ns.subject, since, until), ns.json)
+        return 0
+
+    return _from_table(report)
+
+
+def _from_table(action: Callable[[], int]) -> int:
+    try:
+        return action()
+    except AuditFileError as exc:
+        sys.stderr.write(f"pgveil: error: {exc}\n")
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ConfigError(f"the audit table cannot be read: {exc}") from exc
+
+
+def _utc(text: str | None, flag: str) -> str | None:
+    """An ISO date or time as the events' `ts` form, for comparing as text."""
+    if text is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: not an ISO date or time: {text}") from exc
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,14 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="read and verify audit files")
     asub = a.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     asub.required = True
-    av = asub.add_parser("verify", help="check the hash chain of audit files (oldest first)")
-    av.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    av = asub.add_parser(
+        "verify", help="check the hash chain of audit files (oldest first) or of the table sink"
+    )
+    av.add_argument("files", type=Path, nargs="*", metavar="FILE")
+    _table_source(av)
+    aw = asub.add_parser("who", help="who accessed one data subject's personal data, and when")
+    aw.add_argument("--table", required=True, metavar="SCHEMA.TABLE", help="protected table")
+    aw.add_argument("--subject", required=True, metavar="KEY", help="its subject column's value")
+    aw.add_argument("--since", metavar="TIME", help="ISO date or time (UTC unless it says)")
+    aw.add_argument("--until", metavar="TIME", help="ISO date or time, exclusive")
+    aw.add_argument("--json", action="store_true", help="JSON instead of a table")
+    aw.add_argument("--file", type=Path, action="append", metavar="FILE", help="audit file")
+    _table_source(aw)
     at = asub.add_parser("tail", help="print events as lines")
     at.add_argument("file", type=Path, metavar="FILE")
     at.add_argument("--follow", action="store_true")
     at.add_argument("--role")
     at.add_argument("--table")
     return parser
+
+
+def _table_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dsn",
+        metavar="DSN",
+        default=os.environ.get("PGVEIL_AUDIT_TABLE_DSN"),
+        help="read the table sink in this database (default: $PGVEIL_AUDIT_TABLE_DSN)",
+    )
+    p.add_argument(
+        "--audit-table", default="pgveil.audit_events", metavar="SCHEMA.TABLE", help="its table"
+    )
 
 
 def _flags(ns: argparse.Namespace) -> dict[str, Any]:
@@ -122,9 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "audit":
             from proxy import audit_cli
 
-            if ns.audit_command == "verify":
-                return audit_cli.verify(ns.files)
-            return audit_cli.tail(ns.file, ns.follow, ns.role, ns.table)
+            return audit_cli.run(ns)
         if ns.command == "rules":
             from proxy.rules_cli import run
 

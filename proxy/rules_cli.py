@@ -10,10 +10,10 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
+from audit.sinks import connect
 from proxy.catalog import read_catalog
 from rules.catalog import Catalog
 from rules.discovery import check, discover, suggest
@@ -25,18 +25,6 @@ SAMPLE_ROWS = 50
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-async def connect(dsn: str) -> Any:
-    if dsn.startswith(("postgres://", "postgresql://")):
-        return await asyncpg.connect(dsn)
-    kwargs: dict[str, Any] = {}
-    for part in dsn.split():
-        key, _, value = part.partition("=")
-        kwargs[{"dbname": "database"}.get(key, key)] = value
-    if kwargs.pop("sslmode", "disable") == "disable":
-        kwargs["ssl"] = False
-    return await asyncpg.connect(**kwargs)
 
 
 async def read(dsn: str) -> tuple[Catalog, dict[tuple[str, str, str], list[str]]]:
