@@ -18,6 +18,7 @@ from typing import Any
 
 import pglast.ast
 from pglast import parse_sql
+from pglast.enums import A_Expr_Kind, BoolExprType
 from pglast.parser import ParseError
 from pglast.stream import RawStream
 
@@ -97,6 +98,10 @@ class Decision:
     # relations the statement creates: the session judges those against its own
     unknown_relations: tuple[str, ...] = ()
     temp_relations: tuple[str, ...] = ()
+    # data subjects named by the statement itself: a write's or a one-table read's
+    # `subject = k` / `subject IN (...)` (top-level AND), or an INSERT's VALUES. A key is
+    # the literal's text, or the number of the parameter that carries it.
+    subject_keys: tuple[tuple[str, tuple[str | int, ...]], ...] = ()
 
 
 def _stmt(sql: str) -> Any:
@@ -142,6 +147,7 @@ class Analyzer:
         rewriter = _Rewriter(self)
         rewriter.references = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
+        subject_keys = self.subject_keys(stmts) if len(stmts) == 1 else ()
         try:
             changed = False
             for raw in stmts:
@@ -161,6 +167,7 @@ class Analyzer:
                 tables=rewriter.tables(),
                 unknown_relations=unknown,
                 temp_relations=temp,
+                subject_keys=subject_keys,
             )
         return Decision(
             "rewrite",
@@ -171,7 +178,92 @@ class Analyzer:
             uses_hash=rewriter.uses_hash,
             unknown_relations=unknown,
             temp_relations=temp,
+            subject_keys=subject_keys,
         )
+
+    def subject_keys(self, stmts: Any) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
+        """The subjects a single statement names (see Decision.subject_keys); read before
+        the rewrite changes the tree."""
+        node = stmts[0].stmt
+        if isinstance(node, ast.SelectStmt):
+            if not node.fromClause or len(node.fromClause) != 1 or node.withClause:
+                return ()
+            rv, where = node.fromClause[0], node.whereClause
+        elif isinstance(node, ast.UpdateStmt | ast.DeleteStmt):
+            rv, where = node.relation, node.whereClause
+        elif isinstance(node, ast.InsertStmt):
+            rv, where = node.relation, None
+        else:
+            return ()
+        if not isinstance(rv, ast.RangeVar):
+            return ()
+        found = self.pmap.by_name.get((rv.schemaname or "", rv.relname)) if rv.schemaname else None
+        if found is None and not rv.schemaname:
+            candidates = self.pmap.by_relname.get(rv.relname, [])
+            found = candidates[0] if len(candidates) == 1 else None
+        if found is None or found.subject is None:
+            return ()
+        alias = rv.alias.aliasname if rv.alias is not None else rv.relname
+        if isinstance(node, ast.InsertStmt):
+            keys = _inserted_keys(node, found.subject)
+        else:
+            keys = _filtered_keys(where, found.subject, alias)
+        return ((found.rule_table, keys),) if keys is not None else ()
+
+
+def _key_of(node: Any) -> str | int | None:
+    if isinstance(node, ast.ParamRef):
+        return int(node.number)
+    if isinstance(node, ast.A_Const) and not node.isnull:
+        v = node.val
+        if isinstance(v, ast.Integer):
+            return str(v.ival)
+        if isinstance(v, ast.String):
+            return str(v.sval)
+        if isinstance(v, ast.Float):
+            return str(v.fval)
+    if isinstance(node, ast.TypeCast):
+        return _key_of(node.arg)
+    return None
+
+
+def _is_subject(node: Any, subject: str, alias: str) -> bool:
+    if not isinstance(node, ast.ColumnRef):
+        return False
+    names = [_name(f) for f in node.fields]
+    return names[-1] == subject and (len(names) == 1 or names[-2] == alias)
+
+
+def _filtered_keys(where: Any, subject: str, alias: str) -> tuple[str | int, ...] | None:
+    """Keys from `subject = k` or `subject IN (k, ...)` among the top-level AND terms."""
+    terms = [where]
+    if isinstance(where, ast.BoolExpr) and where.boolop == BoolExprType.AND_EXPR:
+        terms = list(where.args)
+    for t in terms:
+        if not isinstance(t, ast.A_Expr) or [_name(n) for n in t.name] != ["="]:
+            continue
+        if t.kind == A_Expr_Kind.AEXPR_OP:
+            for col, other in ((t.lexpr, t.rexpr), (t.rexpr, t.lexpr)):
+                key = _key_of(other)
+                if _is_subject(col, subject, alias) and key is not None:
+                    return (key,)
+        elif t.kind == A_Expr_Kind.AEXPR_IN and _is_subject(t.lexpr, subject, alias):
+            keys = [_key_of(x) for x in t.rexpr]
+            if keys and all(k is not None for k in keys):
+                return tuple(k for k in keys if k is not None)
+    return None
+
+
+def _inserted_keys(node: ast.InsertStmt, subject: str) -> tuple[str | int, ...] | None:
+    sel = node.selectStmt
+    if not node.cols or not isinstance(sel, ast.SelectStmt) or not sel.valuesLists:
+        return None
+    names = [c.name for c in node.cols]
+    if subject not in names:
+        return None
+    i = names.index(subject)
+    keys = [_key_of(row[i]) if len(row) > i else None for row in sel.valuesLists]
+    return tuple(k for k in keys if k is not None) if all(k is not None for k in keys) else None
 
 
 @dataclass

@@ -57,6 +57,36 @@ def normalize(sql: str) -> tuple[str, list[str]] | None:
     return "".join(out), literals
 
 
+def _literal_keys(
+    keys: tuple[tuple[str, tuple[str | int, ...]], ...], literals: list[str]
+) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
+    """Subject keys found on the placeholder text, with the literals put back."""
+    out = []
+    for table, found in keys:
+        resolved: list[str | int] = []
+        for k in found:
+            if isinstance(k, int) and k >= _PLACEHOLDER_BASE:
+                text = _unquote(literals[k - _PLACEHOLDER_BASE])
+                if text is None:
+                    break
+                resolved.append(text)
+            else:
+                resolved.append(k)
+        else:
+            out.append((table, tuple(resolved)))
+    return tuple(out)
+
+
+def _unquote(token: str) -> str | None:
+    """A literal token's value: numbers as written, '...' strings unquoted; None for the
+    other string forms (E'', U&'', $$...$$), whose keys are then not listed."""
+    if token[:1].isdigit() or token[:1] in "-.":
+        return token
+    if len(token) >= 2 and token[0] == token[-1] == "'":
+        return token[1:-1].replace("''", "'")
+    return None
+
+
 def placeholder_spans(sql: str) -> list[tuple[int, int, int]] | None:
     """Where the literal placeholders stand in pgveil's rewritten text, as real parameter
     tokens: (start, end, literal index). Text that only spells a placeholder (inside a
@@ -165,6 +195,10 @@ class MaskingContext:
                         dataclasses.replace(decision, sql=rewritten)
                         if rewritten is not None
                         else None
+                    )
+                if decision is not None and decision.subject_keys:
+                    decision = dataclasses.replace(
+                        decision, subject_keys=_literal_keys(decision.subject_keys, literals)
                     )
                 if decision is not None:
                     # the exact text too: prepared statements repeat it, skip the tokenizer

@@ -266,6 +266,9 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
     }
     if action == "refuse":
         fields["reason"] = reason
+    elif d.subject_keys:
+        # for the statement log only (subject keys named by the statement); never written
+        fields["_subject_keys"] = d.subject_keys
     return fields
 
 

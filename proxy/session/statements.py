@@ -27,6 +27,7 @@ from rules.context import ContextHolder
 _INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
 _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
 _UUID = 2950
+_BY_LENGTH = {2: 21, 4: 23, 8: 20, 16: _UUID}
 
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
@@ -47,6 +48,7 @@ class _InFlight:
     # name before the answer arrives
     target: _Prepared | _Portal | None = None
     portal: _Portal | None = None  # an Execute's: its layout may be described later
+    params: dict[int, str] = field(default_factory=dict)  # its subject-key parameters
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class _Portal:
     statement: _Prepared
     formats: list[int]
     layout: Layout | None = None  # from a Describe of the portal itself
+    params: dict[int, str] = field(default_factory=dict)  # those that carry subject keys
 
     def resolve(self, log: StatementLog) -> Layout:
         if self.layout is None:
@@ -103,7 +106,11 @@ class StatementLog:
         if stmt is None or stmt.fields is None:
             self._portals.pop(portal, None)
             return
-        self._portals[portal] = _Portal(stmt.fields, stmt, _result_formats(body))
+        named = stmt.fields.get("_subject_keys", ())
+        assert isinstance(named, tuple)
+        wanted = {k for _table, keys in named for k in keys if isinstance(k, int)}
+        formats, params = _bind_values(body, wanted)
+        self._portals[portal] = _Portal(stmt.fields, stmt, formats, params=params)
 
     def describe(self, body: bytes) -> None:
         name = body[1:-1]
@@ -115,7 +122,9 @@ class StatementLog:
         if portal is None:
             self._push(_InFlight("execute", started=self._clock()))
         else:
-            self._push(_InFlight("execute", portal.fields, self._clock(), portal=portal))
+            entry = _InFlight("execute", portal.fields, self._clock(), portal=portal)
+            entry.params = portal.params
+            self._push(entry)
 
     def close(self, body: bytes) -> None:
         (self._statements if body[0] == ord("S") else self._portals).pop(body[1:-1], None)
@@ -195,30 +204,28 @@ class StatementLog:
             return
         self.personal_in_flight -= 1
         event = dict(entry.fields)
+        named = event.pop("_subject_keys", ())
+        assert isinstance(named, tuple)
+        covered = set(entry.subjects)
+        if entry.outcome == "ok":
+            for table, keys in named:
+                if table in covered:
+                    continue  # the rows returned say it exactly
+                resolved = [k if isinstance(k, str) else entry.params.get(k) for k in keys]
+                if all(k is not None for k in resolved):
+                    covered.add(table)
+                    if entry.rows:
+                        entry.subjects[table] = {k for k in resolved if k is not None}
         event["rows"] = entry.rows
         event["outcome"] = entry.outcome
         event["duration_ms"] = round((self._clock() - entry.started) / 1e6, 3)
-        if entry.subjects or entry.undecodable:
+        if entry.subjects:
             event["subjects"] = {
                 t: sorted(keys)[: self._limit] for t, keys in entry.subjects.items()
             }
             event["subjects_total"] = {t: len(keys) for t, keys in entry.subjects.items()}
-        event["subjects_complete"] = not entry.undecodable and self._covers(entry)
+        event["subjects_complete"] = not entry.undecodable and _covers(entry, covered)
         self._emit(event)
-
-    @staticmethod
-    def _covers(entry: _InFlight) -> bool:
-        """Subjects are complete when every protected table the statement read has its
-        subject column in the result, or nothing was returned."""
-        tables = entry.fields.get("tables", []) if entry.fields else []
-        assert isinstance(tables, list)
-        if entry.outcome != "ok":
-            return True
-        kinds = entry.fields.get("kinds", []) if entry.fields else []
-        assert isinstance(kinds, list)
-        if entry.rows == 0 and kinds and all(k == "select" for k in kinds):
-            return True
-        return all(t in entry.subjects for t in tables)
 
     # ---- subject columns ---------------------------------------------------------------
 
@@ -270,6 +277,17 @@ class StatementLog:
                 entry.subjects.setdefault(table, set()).add(key)
 
 
+def _covers(entry: _InFlight, covered: set[str]) -> bool:
+    """Subjects are complete when the rows returned carry every protected table's subject
+    column or the statement names its subjects, or nothing was touched."""
+    assert entry.fields is not None
+    if entry.outcome != "ok" or entry.rows == 0:
+        return True
+    tables = entry.fields.get("tables", [])
+    assert isinstance(tables, list)
+    return all(t in covered for t in tables)
+
+
 def _key(raw: bytes, type_oid: int, fmt: int) -> str | None:
     if fmt == 0:
         return raw.decode("utf-8", "replace")
@@ -289,18 +307,29 @@ def _format_of(formats: list[int], i: int) -> int:
     return formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
 
 
-def _result_formats(body: bytes) -> list[int]:
-    """The result-column format codes at the end of a Bind message."""
+def _bind_values(body: bytes, wanted: set[int]) -> tuple[list[int], dict[int, str]]:
+    """A Bind message's result-column format codes, and the `wanted` parameters (numbered
+    from 1) as subject keys."""
     pos = body.index(b"\0", body.index(b"\0") + 1) + 1
     (nfmt,) = struct.unpack_from("!h", body, pos)
+    formats = struct.unpack_from(f"!{nfmt}h", body, pos + 2)
     pos += 2 + 2 * nfmt
     (nparams,) = struct.unpack_from("!h", body, pos)
     pos += 2
-    for _ in range(nparams):
+    params: dict[int, str] = {}
+    for i in range(nparams):
         (n,) = struct.unpack_from("!i", body, pos)
+        if i + 1 in wanted and n >= 0:
+            raw = body[pos + 4 : pos + 4 + n]
+            fmt = formats[0] if nfmt == 1 else (formats[i] if nfmt else 0)
+            # a binary parameter's type is in Parse, not here: 2, 4 and 8 bytes are taken
+            # for integers (subject keys are), anything else for text
+            key = _key(raw, _BY_LENGTH.get(n, 25), fmt)
+            if key is not None:
+                params[i + 1] = key
         pos += 4 + max(n, 0)
     (nres,) = struct.unpack_from("!h", body, pos)
-    return list(struct.unpack_from(f"!{nres}h", body, pos + 2))
+    return list(struct.unpack_from(f"!{nres}h", body, pos + 2)), params
 
 
 def _row_count(body: bytes) -> int:

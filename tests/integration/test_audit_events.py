@@ -94,7 +94,31 @@ def test_errors_and_affected_rows(pg: EmbeddedPostgres, audited: Audited) -> Non
     err, upd, ret = audited.new_events(ADMIN, 3)
     assert err["outcome"] == "22012" and err["rows"] == 0
     assert upd["kinds"] == ["update"] and upd["rows"] == 2 and upd["outcome"] == "ok"
+    # no key in the result: the subjects come from the WHERE clause
+    assert upd["subjects"] == {"billing.customers": ["1", "2"]} and upd["subjects_complete"]
     assert ret["rows"] == 2 and ret["subjects"] == {"billing.customers": ["1", "2"]}
+
+
+def test_writes_name_their_subjects(pg: EmbeddedPostgres, audited: Audited) -> None:
+    audited.new_events()
+    with psycopg.connect(dsn(pg, audited.proxy.port, ADMIN, ADMIN_PW)) as c:
+        c.execute("UPDATE billing.customers SET notes = notes WHERE i_customer = %s", [2])
+        c.execute(
+            "UPDATE billing.customers SET notes = notes WHERE i_customer = %b AND notes IS NULL",
+            [2],
+        )
+        c.execute("DELETE FROM billing.accounts WHERE i_account = 999")
+        c.execute(
+            "INSERT INTO billing.customers (i_customer, i_customer_class, name) "
+            "VALUES (%s, 1, 'Temp One'), (31, 1, 'Temp Two')",
+            [30],
+        )
+        c.rollback()
+    text_param, binary_param, nothing, inserted = audited.new_events(ADMIN, 4)
+    assert text_param["subjects"] == {"billing.customers": ["2"]}
+    assert binary_param["subjects"] == {"billing.customers": ["2"]}
+    assert nothing["rows"] == 0 and "subjects" not in nothing and nothing["subjects_complete"]
+    assert inserted["rows"] == 2 and inserted["subjects"] == {"billing.customers": ["30", "31"]}
 
 
 def test_extended_protocol_binary_and_prepared(pg: EmbeddedPostgres, audited: Audited) -> None:

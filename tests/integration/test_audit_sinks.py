@@ -117,7 +117,7 @@ def test_table_sink_who_verify_and_canary_sweep(
         # the name lookup returned no subject column: it may have touched customer 1
         (HELPDESK, "possibly", ["select"]),
         (ADMIN, "yes", ["update"]),
-        (ADMIN, "possibly", ["select"]),  # notes, read back without the key
+        (ADMIN, "yes", ["select"]),  # notes, read back: the WHERE clause names the key
     ]
     assert from_table[0]["columns_masked"] and from_table[2]["classification"] == "unmasked"
     table_out = pgveil("audit", "who", "--table", "billing.customers", "--subject", "1", env=env)
