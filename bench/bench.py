@@ -1,6 +1,6 @@
 """Throughput and latency overhead of pgveil: as a relay, and what masking costs on top.
 
-Two parts, both by default; `--only relay` or `--only masked` runs one of them.
+Three parts, all by default; `--only relay|masked|audit` runs one of them.
 
 **relay**: starts a throwaway PostgreSQL (`proxy.embedded_pg.EmbeddedPostgres`), a pgbouncer
 in session mode and pgveil (relay only, no rules) in front of it, all on loopback, then runs
@@ -25,6 +25,10 @@ same workloads as a masked role and as an unmasked role, interleaved per repetit
   at `-c 1` and `-c 8 -j 2`: tps, and the paired ratio masked/unmasked (target >= 0.8);
 - `SELECT name, email, phone FROM billing.customers` (200,000 rows) through psql: seconds,
   and the paired ratio masked/unmasked (target <= 1.5).
+
+**audit**: the masked part's data and workloads through two pgveil processes with the same
+rules, one writing the audit file and one not, for both roles: the paired ratio audit
+on/off (target: at least 0.9 for tps, at most 1/0.9 for time).
 
 Everything (processes, cluster, temporary directories) is removed on exit, including on
 Ctrl-C and SIGTERM. Run it through `bench/run`; see `bench/README.md`.
@@ -60,7 +64,7 @@ DBNAME = "postgres"
 WIDE_ROWS = 200_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 VARIANTS = ("direct", "pgbouncer", "pgveil")
-PARTS = ("relay", "masked")
+PARTS = ("relay", "masked", "audit")
 
 
 class BenchError(Exception):
@@ -284,7 +288,11 @@ log_pooler_errors = 1
 
 
 def start_pgveil(
-    db: EmbeddedPostgres, workdir: Path, rules: Path | None = None
+    db: EmbeddedPostgres,
+    workdir: Path,
+    rules: Path | None = None,
+    extra: tuple[str, ...] = (),
+    label: str = "masked",
 ) -> tuple[Service, int]:
     """pgveil in front of `db`: a plain relay, or with masking `rules` (reading the catalog
     as the superuser, whose password goes in the environment, not on the command line)."""
@@ -299,10 +307,10 @@ def start_pgveil(
     if rules is None:
         service = Service("pgveil", argv, workdir / "pgveil.log", cwd=REPO)
     else:
-        argv += ["--rules", str(rules), "--catalog-user", db.superuser]
+        argv += ["--rules", str(rules), "--catalog-user", db.superuser, *extra]
         env = {**os.environ, "PGVEIL_CATALOG_PASSWORD": db.password}
-        log = workdir / "pgveil-masked.log"
-        service = Service("pgveil (with rules)", argv, log, cwd=REPO, env=env)
+        log = workdir / f"pgveil-{label}.log"
+        service = Service(f"pgveil ({label})", argv, log, cwd=REPO, env=env)
     service.start()
     return service, port
 
@@ -875,6 +883,80 @@ def run_masked_part(
 
 
 # ---------------------------------------------------------------------------------------------
+# audit part: what auditing costs, the same pgveil and rules with the audit file on and off
+
+AUDIT_TARGET = 0.9  # audited / not audited tps, at least (time: at most 1 / 0.9)
+
+
+def report_audit(results: Results, reps: int, duration: int, events: int) -> str:
+    lines = [
+        "# pgveil benchmark: audit cost",
+        "",
+        f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, all on loopback",
+        "- two pgveil processes with the same rules, one with `--audit-file` (every statement "
+        "of the helpdesk script touches personal data, so each one is an audit event with its "
+        "data subjects), one without; data and script as in the masking part",
+        f"- {reps} repetitions, interleaved; pgbench runs of {duration} s; "
+        f"{events:,} audit events written in all",
+        "",
+        "| workload | role | audit off | audit on | on/off | target | met |",
+        "|---|---|--:|--:|--:|--:|:-:|",
+    ]
+    for row, v in results.values.items():
+        pgbench = not row.startswith("psql")
+        for role in MASKED_VARIANTS:
+            off, on = v[f"{role} off"], v[f"{role} on"]
+            ratios = [a / b for a, b in zip(on, off, strict=True)]
+            target = AUDIT_TARGET if pgbench else 1 / AUDIT_TARGET
+            sign = ">=" if pgbench else "<="
+            lines.append(
+                f"| {row} | {role} | {statistics.median(off):.{0 if pgbench else 3}f} "
+                f"| {statistics.median(on):.{0 if pgbench else 3}f} | {paired_ratio(on, off)} "
+                f"| {sign} {target:.2f} | {verdict(ratios, target, higher_is_better=pgbench)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def run_audit_part(
+    db: EmbeddedPostgres,
+    env: dict[str, str],
+    workdir: Path,
+    stack: contextlib.ExitStack,
+    services: list[Service],
+    reps: int,
+    duration: int,
+    seeded: bool,
+) -> tuple[str, dict[str, object]]:
+    if not seeded:
+        load_billing(db)
+    rules = workdir / "rules.yaml"
+    rules.write_text(MASKING_RULES)
+    script = workdir / "helpdesk.sql"
+    script.write_text(HELPDESK_SCRIPT)
+    audit_file = workdir / "audit.jsonl"
+    plain, plain_port = start_pgveil(db, workdir, rules, label="audit-off")
+    audited, audited_port = start_pgveil(
+        db, workdir, rules, ("--audit-file", str(audit_file)), label="audit-on"
+    )
+    for service, port in ((plain, plain_port), (audited, audited_port)):
+        services.append(service)
+        stack.callback(service.stop)
+        service.wait_port(port)
+    targets = []
+    for role, user, pw in (
+        ("unmasked", UNMASKED_ROLE, UNMASKED_PW),
+        ("masked", MASKED_ROLE, MASKED_PW),
+    ):
+        targets.append(Target(f"{role} off", plain_port, plain, user, pw))
+        targets.append(Target(f"{role} on", audited_port, audited, user, pw))
+    results = run_all(db, env, targets, reps, duration, masked_workloads(), ("-f", str(script)))
+    with audit_file.open("rb") as f:
+        events = sum(1 for _ in f)
+    raw: dict[str, object] = {"tps_or_seconds": results.values, "audit_events": events}
+    return report_audit(results, reps, duration, events), raw
+
+
+# ---------------------------------------------------------------------------------------------
 # output: bench/out/results.md and raw.json hold the latest run of each part
 
 PART_MARKER = "<!-- bench part: {} -->"
@@ -909,8 +991,9 @@ def write_outputs(texts: dict[str, str], raw: dict[str, dict[str, object]]) -> N
             old_raw = loaded
     if "relay" in raw:
         old_raw.update(raw["relay"])  # top-level keys, as before the masked part existed
-    if "masked" in raw:
-        old_raw["masked"] = raw["masked"]
+    for part in ("masked", "audit"):
+        if part in raw:
+            old_raw[part] = raw[part]
     raw_path.write_text(json.dumps(old_raw, indent=2) + "\n")
 
 
@@ -925,8 +1008,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         choices=PARTS,
-        help="run one part: relay (vs direct and pgbouncer) or masked (masked vs unmasked "
-        "role through pgveil with rules); default both",
+        help="run one part: relay (vs direct and pgbouncer), masked (masked vs unmasked "
+        "role through pgveil with rules) or audit (audit file on vs off); default all",
     )
     ns = p.parse_args(argv)
     if ns.reps < 1 or ns.duration < 1:
@@ -995,6 +1078,11 @@ def main(argv: list[str] | None = None) -> int:
             print("--- masked part ---", file=sys.stderr)
             texts["masked"], raw["masked"] = run_masked_part(
                 db, env, workdir, stack, services, ns.reps, ns.duration
+            )
+        if "audit" in parts:
+            print("--- audit part ---", file=sys.stderr)
+            texts["audit"], raw["audit"] = run_audit_part(
+                db, env, workdir, stack, services, ns.reps, ns.duration, "masked" in parts
             )
         write_outputs(texts, raw)
         print("\n".join(texts[p] for p in PARTS if p in texts), end="")

@@ -61,12 +61,19 @@ def line(e: Mapping[str, Any]) -> str:
     cls = e.get("classification", "")
     what = e.get("decision") or e.get("reason") or ""
     tables = ",".join(e.get("tables", []) or [])
+    result = ""
+    if "outcome" in e and "rows" in e:
+        result = f"{e['outcome']} {e['rows']} row(s)"
+    subjects = e.get("subjects_total") or {}
+    touched = ",".join(f"{t}:{n}" for t, n in subjects.items())
     parts = [
         str(e.get("ts", "")),
         str(e.get("type", "")),
         f"{who}({cls})" if cls else who,
         tables,
         what,
+        result,
+        f"subjects {touched}" if touched else "",
     ]
     return "  ".join(p for p in parts if p)
 
