@@ -102,6 +102,10 @@ class Decision:
     # `subject = k` / `subject IN (...)` (top-level AND), or an INSERT's VALUES. A key is
     # the literal's text, or the number of the parameter that carries it.
     subject_keys: tuple[tuple[str, tuple[str | int, ...]], ...] = ()
+    # SQL-level names: what PREPARE / DECLARE defines ("prepare:p", "cursor:c"), and what
+    # EXECUTE / FETCH uses, so the session can tell which statement an EXECUTE runs
+    defines: str | None = None
+    uses: str | None = None
 
 
 def _stmt(sql: str) -> Any:
@@ -148,6 +152,7 @@ class Analyzer:
         rewriter.references = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
         subject_keys = self.subject_keys(stmts) if len(stmts) == 1 else ()
+        defines, uses = _sql_names(stmts)
         try:
             changed = False
             for raw in stmts:
@@ -168,6 +173,8 @@ class Analyzer:
                 unknown_relations=unknown,
                 temp_relations=temp,
                 subject_keys=subject_keys,
+                defines=defines,
+                uses=uses,
             )
         return Decision(
             "rewrite",
@@ -179,6 +186,8 @@ class Analyzer:
             unknown_relations=unknown,
             temp_relations=temp,
             subject_keys=subject_keys,
+            defines=defines,
+            uses=uses,
         )
 
     def subject_keys(self, stmts: Any) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
@@ -209,6 +218,22 @@ class Analyzer:
         else:
             keys = _filtered_keys(where, found.subject, alias)
         return ((found.rule_table, keys),) if keys is not None else ()
+
+
+def _sql_names(stmts: Any) -> tuple[str | None, str | None]:
+    """(name defined, name used) of a single PREPARE, DECLARE, EXECUTE or FETCH."""
+    if len(stmts) != 1:
+        return None, None
+    node = stmts[0].stmt
+    if isinstance(node, ast.PrepareStmt):
+        return f"prepare:{node.name}", None
+    if isinstance(node, ast.DeclareCursorStmt):
+        return f"cursor:{node.portalname}", None
+    if isinstance(node, ast.ExecuteStmt):
+        return None, f"prepare:{node.name}"
+    if isinstance(node, ast.FetchStmt) and not node.ismove:
+        return None, f"cursor:{node.portalname}"
+    return None, None
 
 
 def _key_of(node: Any) -> str | int | None:

@@ -90,6 +90,7 @@ class StatementFilter:
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
+        self._named: dict[str, dict[str, object]] = {}  # PREPARE / DECLARE names, audited
         self._client = _Splicer()
         self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
@@ -164,12 +165,20 @@ class StatementFilter:
         d, action, value = self._analyse(sql)
         audit = self.audit
         fields = None
-        if audit is not None and (action == "refuse" or d.tables or d.action == "refuse"):
+        # EXECUTE / FETCH read what the PREPARE / DECLARE named: the tables are theirs
+        source = self._named.get(d.uses) if d.uses is not None else None
+        if audit is not None and (
+            action == "refuse" or d.tables or d.action == "refuse" or source is not None
+        ):
             fields = event_fields(sql, d, action, value)
             # a masked-role refusal stops the analyser's walk: the tables may be more
             fields["analysis_complete"] = d.action != "refuse"
             if self.raw_columns:
                 fields["columns_raw"], fields["columns_masked"] = fields["columns_masked"], []
+            if source is not None and not d.tables:
+                for key in ("tables", "columns_masked", "columns_raw"):
+                    if key in source:
+                        fields[key] = source[key]
             if action == "refuse":
                 audit.record("refused", fields)
                 fields = None
@@ -177,6 +186,10 @@ class StatementFilter:
                 action, value = "refuse", AUDIT_UNAVAILABLE
                 audit.record("refused", {**fields, "decision": "refused", "reason": value})
                 fields = None
+        if d.defines is not None and fields is not None:
+            if len(self._named) >= 1000:
+                self._named.clear()  # bounded; a session preparing that many is unusual
+            self._named[d.defines] = fields
         if action == "rewrite":
             self.counters.rewritten += 1
         elif action == "pass":

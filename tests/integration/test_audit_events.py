@@ -201,3 +201,26 @@ def test_subject_list_is_capped_but_counted(pg: EmbeddedPostgres, audited: Audit
         assert e["subjects_total"] == {"billing.customers": 12}
     finally:
         pg.psql("DELETE FROM billing.customers WHERE i_customer >= 100")
+
+
+def test_sql_prepare_execute_and_cursor_fetch_are_accesses(
+    pg: EmbeddedPostgres, audited: Audited
+) -> None:
+    audited.new_events()
+    with psycopg.connect(dsn(pg, audited.proxy.port, ADMIN, ADMIN_PW)) as c:
+        c.execute("PREPARE p AS SELECT i_customer, name FROM billing.customers ORDER BY 1")
+        c.execute("EXECUTE p").fetchall()
+        c.execute("DECLARE cur CURSOR FOR SELECT i_customer, email FROM billing.customers")
+        c.execute("FETCH 1 FROM cur").fetchall()
+        c.rollback()
+    prep, execute, declare, fetch = audited.new_events(ADMIN, 4)
+    assert prep["kinds"] == ["prepare"] and prep["rows"] == 0
+    assert execute["kinds"] == ["execute"] and execute["tables"] == ["billing.customers"]
+    assert execute["rows"] == 2 and execute["subjects"] == {"billing.customers": ["1", "2"]}
+    assert execute["columns_raw"] == ["billing.customers.name"]
+    assert declare["kinds"] == ["declare"]
+    assert fetch["kinds"] == ["fetch"] and fetch["rows"] == 1
+    assert (
+        fetch["tables"] == ["billing.customers"]
+        and len(fetch["subjects"]["billing.customers"]) == 1
+    )
