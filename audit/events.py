@@ -55,6 +55,13 @@ class Chain:
     def link(
         self, event_type: str, fields: Mapping[str, Any], now_ns: int | None = None
     ) -> dict[str, Any]:
+        return self.link_line(event_type, fields, now_ns)[0]
+
+    def link_line(
+        self, event_type: str, fields: Mapping[str, Any], now_ns: int | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """The linked event and its JSON line, encoded once: the canonical body with `hash`
+        appended (a reader re-canonicalises to verify, so key order in the line is free)."""
         if event_type not in EVENT_TYPES:
             raise ValueError(f"unknown audit event type {event_type}")
         ns = now_ns if now_ns is not None else time.time_ns()
@@ -66,9 +73,9 @@ class Chain:
             **fields,
             "prev": self.last_hash,
         }
-        event["hash"] = digest(event)
-        self.last_hash = event["hash"]
-        return event
+        body = canonical(event)
+        event["hash"] = self.last_hash = hashlib.sha256(body).hexdigest()
+        return event, body[:-1] + b',"hash":"' + event["hash"].encode() + b'"}'
 
 
 @dataclass(frozen=True)

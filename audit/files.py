@@ -58,8 +58,12 @@ class AuditFile:
 
     def write(self, events: Sequence[Mapping[str, Any]]) -> None:
         """Append and flush to the OS; `sync` makes it durable."""
-        for e in events:
-            line = canonical(e) + b"\n"
+        self.write_lines([canonical(e) for e in events])
+
+    def write_lines(self, lines: Sequence[bytes]) -> None:
+        """Append encoded events (without newlines) and flush to the OS."""
+        for encoded in lines:
+            line = encoded + b"\n"
             if self._size and (
                 self._size + len(line) > self.max_bytes
                 or time.time() - self._opened > self.max_age_s

@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from audit.events import GENESIS, canonical
+from audit.events import GENESIS
 from audit.files import AuditFile, last_hash
 
 _ASYNCPG_KEYS = {"dbname": "database", "connect_timeout": "timeout"}
@@ -90,8 +90,8 @@ class FileSink:
     def last_hash(self) -> str:
         return last_hash(self.path)
 
-    def write(self, events: Sequence[Mapping[str, Any]]) -> None:
-        self._file.write(events)
+    def write(self, lines: Sequence[bytes]) -> None:
+        self._file.write_lines(lines)
 
     def close(self) -> None:
         self._file.close()
@@ -102,10 +102,9 @@ class StdoutSink:
 
     name = "stdout"
 
-    def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+    def write(self, lines: Sequence[bytes]) -> None:
         out = sys.stdout.buffer
-        for e in events:
-            out.write(canonical(e) + b"\n")
+        out.write(b"".join(line + b"\n" for line in lines))
         out.flush()
 
     def close(self) -> None:
@@ -200,13 +199,13 @@ class TableSink:
         )
         return str(value) if value is not None else GENESIS
 
-    async def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+    async def write(self, events: Sequence[tuple[Mapping[str, Any], bytes]]) -> None:
         conn = await self._connection()
         rows = []
-        for e in events:
+        for e, encoded in events:
             ts = dt.datetime.strptime(str(e["ts"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
             await self._partition(ts.date())
-            line = canonical(e).decode()
+            line = encoded.decode()
             rows.append((ts, str(e["id"]), self.chain, str(e["type"]), line, line))
         try:
             async with conn.transaction():

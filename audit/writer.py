@@ -44,10 +44,10 @@ class AuditWriter:
         self.on_failure = on_failure
         self.queue_size = queue_size
         self.chain = Chain(GENESIS)
-        self._pending: dict[str, collections.deque[dict[str, Any]]] = {
+        self._pending: dict[str, collections.deque[bytes]] = {
             s.name: collections.deque() for s in sinks
         }
-        self._table_queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._table_queue: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
         self._failing: set[str] = set()
         self._wake = asyncio.Event()
         self.written = 0
@@ -83,14 +83,14 @@ class AuditWriter:
             if self.on_failure == "drop":
                 self.dropped += 1
             return False
-        event = self.chain.link(event_type, fields)
+        event, line = self.chain.link_line(event_type, fields)
         for sink in self.sinks:
             queue = self._pending[sink.name]
-            queue.append(event)
+            queue.append(line)
             if sink.name not in self._failing:
                 self._flush(sink)
         if self.table is not None:
-            self._table_queue.append(event)
+            self._table_queue.append((event, line))
             self._wake.set()
         self.written += 1
         return True

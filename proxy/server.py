@@ -221,6 +221,7 @@ class ClientConnection(_Pipe, LiveSession):
         self.sid = new_id()
         self.classification = "unclassified"
         self.audited = False
+        self._who: dict[str, object] | None = None  # the audit events' who, once known
         self._audit_wait: bytearray | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -402,16 +403,18 @@ class ClientConnection(_Pipe, LiveSession):
         writer = self.server.audit
         if writer is None:
             return True
-        info = self.session.info
-        who: dict[str, object] = {
-            "session": self.sid,
-            "role": info.user,
-            "classification": self.classification,
-            "client": self.peer,
-            "application_name": info.application_name,
-            "database": info.database,
-            "tls": info.client_tls,
-        }
+        who = self._who
+        if who is None or who["classification"] != self.classification:
+            info = self.session.info
+            who = self._who = {
+                "session": self.sid,
+                "role": info.user,
+                "classification": self.classification,
+                "client": self.peer,
+                "application_name": info.application_name,
+                "database": info.database,
+                "tls": info.client_tls,
+            }
         return writer.submit(event_type, {**who, **fields})
 
     def close(self, reason: str) -> None:
