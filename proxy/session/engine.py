@@ -394,7 +394,7 @@ class Session:
 
     def _row_capture(self, log: StatementLog | None, rows_mask: bytearray) -> None:
         """Capture DataRows only while a statement on personal data is in flight."""
-        if log is not None and log.personal_in_flight:
+        if log is not None and log.rows_in_flight:
             self._server.capture = rows_mask
         elif self._server.capture is rows_mask:
             self._server.capture = (

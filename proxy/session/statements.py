@@ -44,6 +44,7 @@ class _InFlight:
     outcome: str = "ok"
     subjects: dict[str, set[str]] = field(default_factory=dict)
     undecodable: bool = False
+    wants_rows: bool = False
     # a Describe's statement or portal, taken when it is sent: a later Bind may reuse the
     # name before the answer arrives
     target: _Prepared | _Portal | None = None
@@ -88,7 +89,11 @@ class StatementLog:
         self._fifo: deque[_InFlight] = deque()
         self._statements: dict[bytes, _Prepared] = {}
         self._portals: dict[bytes, _Portal] = {}
-        self.personal_in_flight = 0
+        # DataRows are looked at only while a statement on a table with a subject column is
+        # in flight
+        self.rows_in_flight = 0
+        self._subjects_of: object = None
+        self._with_subject: frozenset[str] = frozenset()
 
     # ---- frontend ----------------------------------------------------------------------
 
@@ -137,8 +142,21 @@ class StatementLog:
 
     def _push(self, entry: _InFlight) -> None:
         if entry.fields is not None:
-            self.personal_in_flight += 1
+            tables = entry.fields.get("tables")
+            assert isinstance(tables, list)
+            entry.wants_rows = not self._subject_tables().isdisjoint(tables)
+            self.rows_in_flight += entry.wants_rows
         self._fifo.append(entry)
+
+    def _subject_tables(self) -> frozenset[str]:
+        """Protected tables with a subject column (their rows tell the subjects)."""
+        ctx = self._holder.context
+        if self._subjects_of is not ctx:
+            self._subjects_of = ctx
+            self._with_subject = frozenset(
+                t.qualified for t in ctx.policy.tables.values() if t.subject is not None
+            )
+        return self._with_subject
 
     # ---- backend -----------------------------------------------------------------------
 
@@ -196,13 +214,13 @@ class StatementLog:
                 entry.outcome = code
                 self._finish(entry)
                 failed = True
-            elif entry.fields is not None:
-                self.personal_in_flight -= 1
+            else:
+                self.rows_in_flight -= entry.wants_rows
 
     def _finish(self, entry: _InFlight) -> None:
         if entry.fields is None:
             return
-        self.personal_in_flight -= 1
+        self.rows_in_flight -= entry.wants_rows
         event = dict(entry.fields)
         named = event.pop("_subject_keys", ())
         assert isinstance(named, tuple)
