@@ -5,6 +5,7 @@ touch a schema or role it did not create."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import signal
@@ -26,6 +27,7 @@ from proxy.embedded_pg import EmbeddedPostgres
 ROOT = Path(__file__).resolve().parents[2]
 CUSTOMERS = "SELECT name, email, phone1 FROM billing.customers ORDER BY i_customer LIMIT 3"
 REFUSED = "SELECT password_hash FROM billing.selfcare_credentials LIMIT 1"
+PROMPT = "pgveil_demo=> "
 
 
 class Demo:
@@ -230,6 +232,78 @@ def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
     assert "Traceback" not in err and f"removed {workdir}" in err
     # nothing personal in what pgveil printed or logged
     assert "Customer 0" not in err and "example.invalid" not in err
+
+
+def _tour() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme.split("## Five-minute tour", 1)[1].split("\n## ", 1)[0]
+
+
+def _blocks(text: str) -> list[list[str]]:
+    return [b.split("\n")[1:] for b in text.split("```")[1::2]]
+
+
+def _statement(block: list[str]) -> str:
+    """The statement typed at the prompt, sent as interactive psql sends it (no ';')."""
+    (sql,) = [line[len(PROMPT) :] for line in block if line.startswith(PROMPT) and "--" not in line]
+    return sql.rstrip(";")
+
+
+def test_readme_tour_is_what_the_demo_does(demo: Demo) -> None:
+    """The tour's outputs are the demo's real outputs (only passwords, times and the
+    directory name are elided)."""
+    demo.ready()
+    tour = _tour()
+    uris = {"admin": demo.uri("admin"), "helpdesk": demo.uri("helpdesk")}
+    blocks = _blocks(tour)
+    for role, uri in uris.items():
+        assert f'psql "postgresql://{role}:…@127.0.0.1:' in tour
+        (block,) = [b for b in blocks if f"{PROMPT}-- as {role}" in b]
+        r = subprocess.run(
+            [demo.psql(), uri, "-X", "-c", _statement(block)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        shown = [line for line in block if line and not line.startswith(PROMPT)]
+        assert [line.rstrip() for line in r.stdout.splitlines() if line] == shown
+    # predicates see masked values
+    like = re.search(r"`(SELECT count\(\*\) FROM billing\.customers WHERE [^`]+)`", tour)
+    counts = re.search(r"counts\s+(\d+) \(admin: (\d+)\)", tour)
+    assert like and counts
+    assert rows(demo, uris["helpdesk"], like.group(1)) == [counts.group(1)]
+    assert rows(demo, uris["admin"], like.group(1)) == [counts.group(2)]
+    # the refused statement and its message
+    (block,) = [b for b in blocks if any(line.startswith("ERROR:") for line in b)]
+    r = subprocess.run(
+        [demo.psql(), uris["helpdesk"], "-X", "-c", _statement(block)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[0] in block
+    # the audit lines and the refusal's event
+    audit = Path(demo.field("audit stream"))
+    deadline = time.monotonic() + 10
+    while not any(e["type"] == "refused" for e in read_events(audit)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    tail = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "audit", "tail", str(audit), "--role", "helpdesk"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    ).stdout.splitlines()  # fmt: skip
+    (tail_block,) = [b for b in blocks if any("pgveil audit tail" in line for line in b)]
+    for line in tail_block[1:]:
+        if line:
+            assert line.startswith("…  ")
+            assert any(t.endswith(line[1:]) for t in tail), (line, tail)
+    (event_block,) = [b for b in blocks if b and b[0] == "{"]
+    shown_event = json.loads("\n".join(event_block))
+    (event,) = [e for e in read_events(audit) if e["type"] == "refused"]
+    for key, value in shown_event.items():
+        if key in ("prev", "hash"):
+            assert isinstance(event[key], str) and len(event[key]) == 64
+        else:
+            assert event[key] == value, key
+    assert demo.interrupt() == 0
 
 
 def _cluster() -> EmbeddedPostgres:
