@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,16 +86,20 @@ class Demo:
         return self.wait(timeout)
 
     def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._err.close()
+        return self.proc.wait(timeout)
 
-    def kill(self) -> None:
+    def close(self) -> None:
+        """Stop it as a user would (so it removes its PostgreSQL and directory even when a
+        test failed half-way); kill only if that does not work."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._err.close()
+        self.err_path.unlink(missing_ok=True)
 
 
 def psql(demo: Demo, uri: str, sql: str) -> subprocess.CompletedProcess[str]:
@@ -140,7 +145,7 @@ def pdf_is_consistent(pdf: bytes) -> bool:
 def demo() -> Iterator[Demo]:
     d = Demo("--scale", "0.01")
     yield d
-    d.kill()
+    d.close()
 
 
 def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
@@ -314,18 +319,26 @@ def _uri(pg: EmbeddedPostgres, db: str) -> str:
     return f"postgresql://postgres:{pg.password}@127.0.0.1:{pg.port}/{db}?sslmode=disable"
 
 
+def _fails(*args: str) -> str:
+    """Run a demo that must refuse to start; its standard error."""
+    d = Demo(*args)
+    try:
+        assert d.wait() == 1
+        return d.stderr()
+    finally:
+        d.close()
+
+
 def test_demo_on_an_existing_database_touches_only_its_own() -> None:
     pg = _cluster()
     try:
         pg.psql("CREATE DATABASE shop")
         pg.psql("CREATE SCHEMA billing; CREATE TABLE billing.mine (v int)", dbname="shop")
-        r = Demo("--dsn", _uri(pg, "shop"))
-        assert r.wait() == 1
-        assert "schema billing already exists in database shop and was not created" in r.stderr()
+        err = _fails("--dsn", _uri(pg, "shop"))
+        assert "schema billing already exists in database shop and was not created" in err
 
         pg.psql("CREATE ROLE admin")
-        r = Demo("--dsn", _uri(pg, "postgres"))
-        assert r.wait() == 1 and "role(s) admin already exist" in r.stderr()
+        assert "role(s) admin already exist" in _fails("--dsn", _uri(pg, "postgres"))
         pg.psql("DROP ROLE admin")
 
         # a kept demo schema ...
@@ -334,13 +347,15 @@ def test_demo_on_an_existing_database_touches_only_its_own() -> None:
             d.ready()
             assert len(rows(d, d.uri("helpdesk"), CUSTOMERS)) == 3
             assert d.interrupt(signal.SIGTERM) == 0, d.stderr()
+            kept = re.search(r"kept (\S+) and schema billing: run again with --reuse", d.stderr())
+            assert kept, d.stderr()
+            assert (Path(kept.group(1)) / "audit.jsonl").is_file()
+            shutil.rmtree(kept.group(1))
         finally:
-            d.kill()
-        assert "--reuse" in d.stderr()
+            d.close()
         assert pg.psql("SELECT count(*) FROM billing.customers").strip() == "40"
         # ... is not loaded over without --reuse, and is reused with it
-        r = Demo("--dsn", _uri(pg, "postgres"))
-        assert r.wait() == 1 and "add --reuse" in r.stderr()
+        assert "add --reuse" in _fails("--dsn", _uri(pg, "postgres"))
         d = Demo("--dsn", _uri(pg, "postgres"), "--reuse")
         try:
             d.ready()
@@ -349,7 +364,7 @@ def test_demo_on_an_existing_database_touches_only_its_own() -> None:
             assert rows(d, d.uri("admin"), CUSTOMERS)[0].startswith("Customer 000001|")
             assert d.interrupt() == 0, d.stderr()
         finally:
-            d.kill()
+            d.close()
         # without --keep, the demo's schema and roles are gone; the user's are not
         assert pg.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'billing'") == "0\n"
         roles = "SELECT count(*) FROM pg_roles WHERE rolname IN ('admin', 'helpdesk', 'pgveil')"
