@@ -372,8 +372,12 @@ class Demo:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, server.request_shutdown, sig.name)
-            self.print_guide(target, rules, audit, log_path, due)
-            await server.wait_stopped()
+            try:
+                self.print_guide(target, rules, audit, log_path, due)
+                await server.wait_stopped()
+            finally:
+                # the file closes with this block: anything logged later goes to stderr
+                logs.configure(config.log_format, "error")
             self.say("proxy stopped")
 
     def print_guide(self, target: Target, rules: Path, audit: Path, log: Path, due: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import struct
 from dataclasses import dataclass
 
@@ -649,7 +650,8 @@ SELECT count(*) FROM {SCHEMA}.customers c
 
 
 def rules_yaml(hash_key_file: str) -> str:
-    """The demo's masking rules: `helpdesk` is masked, `admin` sees everything."""
+    """The demo's masking rules: `helpdesk` is masked, `admin` sees everything. The key
+    file's path is written as a JSON string, which YAML reads whatever it holds."""
     partial2 = "{mask: partial, keep_first: 1, keep_last: 2}"
     return f"""\
 # pgveil demo rules: which columns of the demo's billing schema are personal, and how a
@@ -659,7 +661,7 @@ roles:
   masked: [{HELPDESK_ROLE}]
   default: masked
 keys:
-  hash: {{file: {hash_key_file}}}
+  hash: {{file: {json.dumps(hash_key_file)}}}
 tables:
   billing.customers:
     subject: i_customer
