@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,11 @@ def find_bindir() -> Path:
             return c
         tried.append(str(c))
     try:
-        # imported only when needed: importing it warns about XDG_RUNTIME_DIR on some hosts
-        import pgserver
+        # imported only when needed, and quietly: on hosts without XDG_RUNTIME_DIR its
+        # import warns about a directory pgveil never uses
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
 
         bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
         if _has_server(bundled):
