@@ -9,12 +9,14 @@ COPY audit ./audit
 COPY erasure ./erasure
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
-# Run stage: no compiler, no sources, an unprivileged user.
+# Run stage: no compiler, no sources, an unprivileged user. One image for every command:
+# `proxy` by default, `erase run` for the erasure worker, `demo --dsn ...` to try it.
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgveil
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER pgveil
+USER 10001
 EXPOSE 6432 9187
-ENTRYPOINT ["pgveil", "proxy"]
-CMD ["--listen", "0.0.0.0:6432", "--upstream", "postgres:5432", "--metrics", "0.0.0.0:9187"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["pgveil"]
+CMD ["proxy", "--listen", "0.0.0.0:6432", "--upstream", "postgres:5432", "--metrics", "0.0.0.0:9187"]

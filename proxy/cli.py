@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs = rsub.add_parser("suggest", help="print a draft rules file from the database")
     rs.add_argument("--dsn", metavar="DSN", required=True)
     rsub.add_parser("schema", help="print the JSON Schema of the rules format")
+    d = sub.add_parser("demo", help="try pgveil on a generated billing database (fake data)")
+    d.add_argument("--scale", type=float, default=1.0, help="1 = 10,000 customers, 1M xDRs")
+    d.add_argument("--dsn", help="use this database instead of a temporary PostgreSQL")
+    d.add_argument("--keep", action="store_true", help="keep what the demo created on exit")
+    d.add_argument("--reuse", action="store_true", help="with --dsn: reuse a kept demo schema")
+    d.add_argument("--listen", metavar="HOST:PORT", help="proxy address (127.0.0.1:6432)")
+    d.add_argument("--metrics", metavar="HOST:PORT", help="metrics address (127.0.0.1:9187)")
     a = sub.add_parser("audit", help="read and verify audit files")
     asub = a.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     asub.required = True
@@ -143,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "proxy":
             return _run_proxy(ns)
+        if ns.command == "demo":
+            from proxy import demo
+
+            return demo.run(ns.scale, ns.dsn, ns.keep, ns.reuse, ns.listen, ns.metrics)
         if ns.command == "audit":
             from proxy import audit_cli
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,21 +49,32 @@ def find_bindir() -> Path:
         reverse=True,
     )
     candidates += [Path(p) for p in versions]
-    try:
-        import pgserver
-
-        candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin")
-    except ImportError:
-        tried.append("the pgserver package (not installed)")
     for c in candidates:
-        if (c / "initdb").is_file() and (c / "pg_ctl").is_file() and (c / "postgres").is_file():
+        if _has_server(c):
             return c
         tried.append(str(c))
+    try:
+        # imported only when needed, and quietly: on hosts without XDG_RUNTIME_DIR its
+        # import warns about a directory pgveil never uses
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
+
+        bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        if _has_server(bundled):
+            return bundled
+        tried.append(str(bundled))
+    except ImportError:
+        tried.append("the pgserver package (not installed)")
     raise EmbeddedPostgresError(
         "no PostgreSQL server binaries found (tried: "
         + ", ".join(tried or ["nothing"])
         + "); install PostgreSQL or `pip install pgserver`"
     )
+
+
+def _has_server(bindir: Path) -> bool:
+    return all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,7 +94,7 @@ class EmbeddedPostgres:
     settings: dict[str, str] = field(default_factory=dict)
     hba: list[str] = field(default_factory=list)  # extra lines, before the SCRAM catch-all
     bindir: Path = field(default_factory=find_bindir)
-    base: Path | None = None
+    base: Path | None = None  # created by start(): a new temporary directory unless given
     _os_user: str | None = None
 
     @property
@@ -110,7 +122,10 @@ class EmbeddedPostgres:
                     "running as root needs an unprivileged 'postgres' OS user to run the server"
                 ) from exc
             self._os_user = "postgres"
-        self.base = Path(tempfile.mkdtemp(prefix="pgveil-pg-"))
+        if self.base is None:
+            self.base = Path(tempfile.mkdtemp(prefix="pgveil-pg-"))
+        else:
+            self.base.mkdir(mode=0o700)  # a directory the caller chose, e.g. the demo's
         if self._os_user:
             pw = pwd.getpwnam(self._os_user)
             os.chown(self.base, pw.pw_uid, pw.pw_gid)

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 _LOGGER = logging.getLogger("pgveil")
 
@@ -39,8 +39,9 @@ class _TextFormatter(logging.Formatter):
         return f"{ts} {record.levelname.lower():7} {record.getMessage()} {extra}".rstrip()
 
 
-def configure(fmt: str = "json", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    """Log to `stream` (standard error unless given)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     _LOGGER.handlers[:] = [handler]
     _LOGGER.setLevel(level.upper())
