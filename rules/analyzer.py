@@ -106,6 +106,10 @@ class Decision:
     # EXECUTE / FETCH uses, so the session can tell which statement an EXECUTE runs
     defines: str | None = None
     uses: str | None = None
+    # the statement as audit events show it (see rules.context.redact), and its hash:
+    # filled in by the context, once per statement shape
+    redacted: str = ""
+    fingerprint: str = ""
 
 
 def _stmt(sql: str) -> Any:

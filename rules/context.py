@@ -8,6 +8,7 @@ database. Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -107,12 +108,31 @@ def placeholder_spans(sql: str) -> list[tuple[int, int, int]] | None:
 
 def redact(sql: str) -> str:
     """The statement as an audit event may show it: its tokens, every literal replaced by
-    `?`, comments dropped. A text that cannot be tokenised is not shown at all."""
+    `?`, comments dropped. A text that cannot be tokenised is not shown at all. pgveil's own
+    literal placeholders (see `normalize`) count as literals, so a statement and its shape
+    read the same."""
     try:
         tokens = scan(sql)
     except ParseError:
         return "<not shown: cannot be tokenised>"
-    return " ".join("?" if t.name in _LITERAL_TOKENS else sql[t.start : t.end + 1] for t in tokens)
+    out = []
+    for t in tokens:
+        text = sql[t.start : t.end + 1]
+        if t.name in _LITERAL_TOKENS or (t.name == "PARAM" and _is_placeholder(text)):
+            text = "?"
+        out.append(text)
+    return " ".join(out)
+
+
+def _is_placeholder(param: str) -> bool:
+    return param[1:].isdigit() and int(param[1:]) >= _PLACEHOLDER_BASE
+
+
+def with_audit_text(d: Decision, analysed: str) -> Decision:
+    """`d` with the redacted text of the statement it was made for, and its fingerprint."""
+    text = redact(analysed)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return dataclasses.replace(d, redacted=text, fingerprint=fingerprint)
 
 
 def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]) -> str | None:
@@ -205,7 +225,7 @@ class MaskingContext:
                     self._remember(self._cache, sql, decision)
                     return decision
         self.cache_misses += 1
-        d = self.analyzer.analyze(sql)
+        d = with_audit_text(self.analyzer.analyze(sql), sql)
         self._remember(self._cache, sql, d)
         return d
 
@@ -213,6 +233,7 @@ class MaskingContext:
         analysed = self.analyzer.analyze(shape)
         if analysed.action == "refuse":
             return _FALLBACK
+        analysed = with_audit_text(analysed, shape)
         spans: list[tuple[int, int, int]] = []
         if analysed.action == "rewrite":
             assert analysed.sql is not None

@@ -268,11 +268,15 @@ class StatementFilter:
 
 def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
     """What an audit event says of a statement: never a literal, never a value."""
-    text = redact(sql)
+    if d.redacted:
+        text, fingerprint = d.redacted, d.fingerprint  # computed once per statement shape
+    else:
+        text = redact(sql)
+        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
     fields: dict[str, object] = {
         "kinds": list(d.kinds),
         "statement": text,
-        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "fingerprint": fingerprint,
         "tables": list(d.tables),
         "columns_masked": list(d.columns),
         "decision": {"pass": "passed", "rewrite": "rewritten"}.get(action, "refused"),
