@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pglast.parser import ParseError, scan
+from pglast.parser import normalize as normalize_literals
 
 from rules.analyzer import Analyzer, Decision
 from rules.catalog import Catalog, ProtectionMap
@@ -124,6 +125,40 @@ def redact(sql: str) -> str:
     return " ".join(out)
 
 
+# a literal as pg_query_normalize replaces it: a string (with an optional E/B/X/N prefix),
+# a number with an optional sign, or a keyword constant
+_LITERAL_AT = re.compile(
+    r"""(?:[eE]'(?:[^'\\]|\\.|'')*'"""
+    r"""|[bBxXnN]?'(?:[^']|'')*'"""
+    r"""|-?\s*(?:0[xXoObB][0-9a-fA-F_]+|(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d+)?)"""
+    r"""|(?i:true|false|null))"""
+)
+_PG_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def literals_of(sql: str, normalized: str) -> list[str] | None:
+    """The literals of `sql` in order, given libpg_query's normalisation of it (each
+    literal replaced by $1, $2, ...), or None when they cannot be told for certain: the
+    text holds a `$`, or putting the literals back does not give `sql` exactly."""
+    if "$" in sql:
+        return None
+    out: list[str] = []
+    pos = 0  # in sql
+    last = 0  # in normalized
+    for m in _PG_PLACEHOLDER.finditer(normalized):
+        piece = normalized[last : m.start()]
+        if sql[pos : pos + len(piece)] != piece:
+            return None
+        pos += len(piece)
+        lit = _LITERAL_AT.match(sql, pos)
+        if lit is None or int(m.group(1)) != len(out) + 1:
+            return None
+        out.append(lit.group(0))
+        pos = lit.end()
+        last = m.end()
+    return out if sql[pos:] == normalized[last:] else None
+
+
 def _is_placeholder(param: str) -> bool:
     return param[1:].isdigit() and int(param[1:]) >= _PLACEHOLDER_BASE
 
@@ -131,8 +166,28 @@ def _is_placeholder(param: str) -> bool:
 def with_audit_text(d: Decision, analysed: str) -> Decision:
     """`d` with the redacted text of the statement it was made for, and its fingerprint."""
     text = redact(analysed)
-    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return dataclasses.replace(d, redacted=text, fingerprint=fingerprint)
+    return dataclasses.replace(d, redacted=text, fingerprint=_fingerprint(text))
+
+
+def _fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _param_keys(
+    keys: tuple[tuple[str, tuple[str | int, ...]], ...], literals: list[str]
+) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
+    """Subject keys found on libpg_query's normalised text ($1 is the first literal)."""
+    out = []
+    for table, found in keys:
+        resolved: list[str | int] = []
+        for k in found:
+            text = _unquote(literals[k - 1]) if isinstance(k, int) and k <= len(literals) else None
+            if text is None:
+                break
+            resolved.append(text)
+        else:
+            out.append((table, tuple(resolved)))
+    return tuple(out)
 
 
 def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]) -> str | None:
@@ -175,6 +230,8 @@ class MaskingContext:
         self._cache: dict[str, Decision] = {}
         # normalized text -> (Decision, placeholder spans) or _FALLBACK
         self._shapes: dict[str, object] = {}
+        # libpg_query-normalised text -> decision, for recording unmasked statements
+        self._recorded: dict[str, Decision] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         names: set[str] = set()
@@ -227,6 +284,36 @@ class MaskingContext:
         self.cache_misses += 1
         d = with_audit_text(self.analyzer.analyze(sql), sql)
         self._remember(self._cache, sql, d)
+        return d
+
+    def analyze_to_record(self, sql: str) -> Decision:
+        """The decision for recording a simple-protocol statement of an unmasked session:
+        what it reads and writes, not how it would be rewritten. Statements that differ only
+        in literals share one analysis, keyed by libpg_query's normalisation (C, several
+        times faster than tokenising in Python); the subject keys a statement names are
+        read back from its own literals."""
+        d = self._cache.get(sql)
+        if d is not None:
+            self.cache_hits += 1
+            return d
+        try:
+            normalized = normalize_literals(sql)
+        except ParseError:
+            return self.analyze(sql)
+        if normalized == sql or "$" in sql:
+            return self.analyze(sql)  # no literals, or parameters of its own
+        d = self._recorded.get(normalized)
+        if d is None:
+            d = self.analyzer.analyze(normalized)
+            # the text has no `$` of its own: every parameter was a literal
+            text = re.sub(r"\$\d+", "?", redact(normalized))
+            d = dataclasses.replace(d, sql=None, redacted=text, fingerprint=_fingerprint(text))
+            self._remember(self._recorded, normalized, d)
+        if d.subject_keys:
+            literals = literals_of(sql, normalized)
+            if literals is None:
+                return self.analyze(sql)
+            d = dataclasses.replace(d, subject_keys=_param_keys(d.subject_keys, literals))
         return d
 
     def _shape_entry(self, shape: str) -> object:
