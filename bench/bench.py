@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
 
+from audit.files import rotated_files
 from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -914,6 +915,16 @@ def report_audit(results: Results, reps: int, duration: int, events: int) -> str
                 f"| {statistics.median(on):.{0 if pgbench else 3}f} | {paired_ratio(on, off)} "
                 f"| {sign} {target:.2f} | {verdict(ratios, target, higher_is_better=pgbench)} |"
             )
+    lines += ["", "pgveil CPU per transaction (utime+stime / transactions; median):", ""]
+    for row, cpu in results.cpu_us.items():
+        for role in MASKED_VARIANTS:
+            cpu_off = statistics.median(cpu[f"{role} off"])
+            cpu_on = statistics.median(cpu[f"{role} on"])
+            per_statement = (cpu_on - cpu_off) / STATEMENTS_PER_TX
+            lines.append(
+                f"- `{row}` {role}: {cpu_off:.0f} us off, {cpu_on:.0f} us on "
+                f"(auditing adds ~{per_statement:.0f} us per statement)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -950,9 +961,15 @@ def run_audit_part(
         targets.append(Target(f"{role} off", plain_port, plain, user, pw))
         targets.append(Target(f"{role} on", audited_port, audited, user, pw))
     results = run_all(db, env, targets, reps, duration, masked_workloads(), ("-f", str(script)))
-    with audit_file.open("rb") as f:
-        events = sum(1 for _ in f)
-    raw: dict[str, object] = {"tps_or_seconds": results.values, "audit_events": events}
+    events = 0
+    for path in rotated_files(audit_file):  # rotated at 100 MB
+        with path.open("rb") as f:
+            events += sum(1 for _ in f)
+    raw: dict[str, object] = {
+        "tps_or_seconds": results.values,
+        "cpu_us_per_transaction": results.cpu_us,
+        "audit_events": events,
+    }
     return report_audit(results, reps, duration, events), raw
 
 

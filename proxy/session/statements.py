@@ -130,6 +130,11 @@ class StatementLog:
             entry = _InFlight("execute", portal.fields, self._clock(), portal=portal)
             entry.params = portal.params
             self._push(entry)
+            if portal.layout is not None or portal.statement.described is not None:
+                # described already: its rows are looked at only if they carry subjects
+                entry.layout = portal.resolve(self)
+                entry.portal = None
+                self._want_rows(entry, bool(entry.layout))
 
     def close(self, body: bytes) -> None:
         (self._statements if body[0] == ord("S") else self._portals).pop(body[1:-1], None)
@@ -147,6 +152,16 @@ class StatementLog:
             entry.wants_rows = not self._subject_tables().isdisjoint(tables)
             self.rows_in_flight += entry.wants_rows
         self._fifo.append(entry)
+
+    def _want_rows(self, entry: _InFlight, wanted: bool) -> None:
+        """Whether the entry's DataRows must be looked at, now that its result columns are
+        known. The capture mask changes between reads, so rows already passed in this read
+        may have gone by unseen: then the subjects are not complete."""
+        if wanted and not entry.wants_rows:
+            entry.undecodable = True
+        if wanted != entry.wants_rows:
+            self.rows_in_flight += 1 if wanted else -1
+            entry.wants_rows = wanted
 
     def _subject_tables(self) -> frozenset[str]:
         """Protected tables with a subject column (their rows tell the subjects)."""
@@ -184,6 +199,7 @@ class StatementLog:
                 self._described(fifo.popleft(), body)
             elif head.kind in ("query", "execute") and head.fields is not None:
                 head.layout = self._layout(body, None)
+                self._want_rows(head, bool(head.layout))
         elif typ == m.NO_DATA:
             if head.kind == "describe":
                 fifo.popleft()
