@@ -159,6 +159,26 @@ def literals_of(sql: str, normalized: str) -> list[str] | None:
     return out if sql[pos:] == normalized[last:] else None
 
 
+def fast_normalize(sql: str) -> tuple[str, list[str]] | None:
+    """Like `normalize`, from libpg_query's normalisation (C, several times faster than
+    tokenising in Python). None when it cannot be used: the text holds a `$` (so not every
+    parameter in the result is a literal), the literals cannot be read back exactly, or one
+    carries a sign (put back next to an operator it could form a comment: `x-$1` with -3)."""
+    if "$" in sql:
+        return None
+    try:
+        normalized = normalize_literals(sql)
+    except ParseError:
+        return None
+    if normalized == sql:
+        return None
+    literals = literals_of(sql, normalized)
+    if literals is None or any(lit[:1] == "-" for lit in literals):
+        return None
+    shape = _PG_PLACEHOLDER.sub(lambda m: f"${_PLACEHOLDER_BASE + int(m.group(1)) - 1}", normalized)
+    return shape, literals
+
+
 def _is_placeholder(param: str) -> bool:
     return param[1:].isdigit() and int(param[1:]) >= _PLACEHOLDER_BASE
 
@@ -171,23 +191,6 @@ def with_audit_text(d: Decision, analysed: str) -> Decision:
 
 def _fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _param_keys(
-    keys: tuple[tuple[str, tuple[str | int, ...]], ...], literals: list[str]
-) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
-    """Subject keys found on libpg_query's normalised text ($1 is the first literal)."""
-    out = []
-    for table, found in keys:
-        resolved: list[str | int] = []
-        for k in found:
-            text = _unquote(literals[k - 1]) if isinstance(k, int) and k <= len(literals) else None
-            if text is None:
-                break
-            resolved.append(text)
-        else:
-            out.append((table, tuple(resolved)))
-    return tuple(out)
 
 
 def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]) -> str | None:
@@ -230,8 +233,6 @@ class MaskingContext:
         self._cache: dict[str, Decision] = {}
         # normalized text -> (Decision, placeholder spans) or _FALLBACK
         self._shapes: dict[str, object] = {}
-        # libpg_query-normalised text -> decision, for recording unmasked statements
-        self._recorded: dict[str, Decision] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         names: set[str] = set()
@@ -251,7 +252,7 @@ class MaskingContext:
         if d is not None:
             self.cache_hits += 1
             return d
-        norm = normalize(sql)
+        norm = fast_normalize(sql) or normalize(sql)
         if norm is not None:
             shape, literals = norm
             entry = self._shapes.get(shape)
@@ -284,36 +285,6 @@ class MaskingContext:
         self.cache_misses += 1
         d = with_audit_text(self.analyzer.analyze(sql), sql)
         self._remember(self._cache, sql, d)
-        return d
-
-    def analyze_to_record(self, sql: str) -> Decision:
-        """The decision for recording a simple-protocol statement of an unmasked session:
-        what it reads and writes, not how it would be rewritten. Statements that differ only
-        in literals share one analysis, keyed by libpg_query's normalisation (C, several
-        times faster than tokenising in Python); the subject keys a statement names are
-        read back from its own literals."""
-        d = self._cache.get(sql)
-        if d is not None:
-            self.cache_hits += 1
-            return d
-        try:
-            normalized = normalize_literals(sql)
-        except ParseError:
-            return self.analyze(sql)
-        if normalized == sql or "$" in sql:
-            return self.analyze(sql)  # no literals, or parameters of its own
-        d = self._recorded.get(normalized)
-        if d is None:
-            d = self.analyzer.analyze(normalized)
-            # the text has no `$` of its own: every parameter was a literal
-            text = re.sub(r"\$\d+", "?", redact(normalized))
-            d = dataclasses.replace(d, sql=None, redacted=text, fingerprint=_fingerprint(text))
-            self._remember(self._recorded, normalized, d)
-        if d.subject_keys:
-            literals = literals_of(sql, normalized)
-            if literals is None:
-                return self.analyze(sql)
-            d = dataclasses.replace(d, subject_keys=_param_keys(d.subject_keys, literals))
         return d
 
     def _shape_entry(self, shape: str) -> object:

@@ -155,14 +155,14 @@ class StatementFilter:
         self.counters.refusal_reasons.append(reason)
         return f"{REFUSAL_TOKEN}{nonce}\0".encode()
 
-    def _analyse(self, sql: str, simple: bool) -> tuple[Decision, str, str | None]:
+    def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         """(the analysis, "pass" | "rewrite" | "refuse", rewritten SQL or reason)."""
         d = self.ctx.analyze(sql)
         return d, "pass", None
 
-    def _decide(self, sql: str, simple: bool) -> tuple[str, str | None, dict[str, object] | None]:
+    def _decide(self, sql: str) -> tuple[str, str | None, dict[str, object] | None]:
         """(action, rewritten SQL or refusal reason, audit fields when it is recorded)."""
-        d, action, value = self._analyse(sql, simple)
+        d, action, value = self._analyse(sql)
         audit = self.audit
         fields = None
         # EXECUTE / FETCH read what the PREPARE / DECLARE named: the tables are theirs
@@ -201,7 +201,7 @@ class StatementFilter:
             sql = body[:-1].decode()
         except UnicodeDecodeError:
             return self._undecodable(m.QUERY, b"", original)
-        action, value, fields = self._decide(sql, simple=True)
+        action, value, fields = self._decide(sql)
         if self.statements is not None:
             self.statements.query(fields)
         if action == "pass":
@@ -218,7 +218,7 @@ class StatementFilter:
             sql = query.decode()
         except UnicodeDecodeError:
             return self._undecodable(m.PARSE, name, original)
-        action, value, fields = self._decide(sql, simple=False)
+        action, value, fields = self._decide(sql)
         if self.statements is not None:
             self.statements.parse(statement, fields)
         if action == "pass":
@@ -319,11 +319,11 @@ class MaskedFilter(StatementFilter):
             return m.message(m.QUERY, refusal)
         return m.message(m.PARSE, name + refusal + b"\0\0")
 
-    def _decide(self, sql: str, simple: bool) -> tuple[str, str | None, dict[str, object] | None]:
+    def _decide(self, sql: str) -> tuple[str, str | None, dict[str, object] | None]:
         self._recent_sql.append(sql)
-        return super()._decide(sql, simple)
+        return super()._decide(sql)
 
-    def _analyse(self, sql: str, simple: bool) -> tuple[Decision, str, str | None]:
+    def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         d = self.ctx.analyze(sql)
         if d.action == "refuse":
             return d, "refuse", d.reason or "refused"
@@ -453,11 +453,8 @@ class RecordingFilter(StatementFilter):
 
     raw_columns = True
 
-    def _analyse(self, sql: str, simple: bool) -> tuple[Decision, str, str | None]:
-        # Parse texts repeat exactly (the exact-text cache); simple Query texts differ in
-        # their literals, which the faster normalisation for recording handles
-        d = self.ctx.analyze_to_record(sql) if simple else self.ctx.analyze(sql)
-        return d, "pass", None
+    def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
+        return self.ctx.analyze(sql), "pass", None
 
 
 class _Splicer:
