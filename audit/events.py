@@ -14,6 +14,7 @@ pure (no I/O).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -26,24 +27,38 @@ GENESIS = "0" * 64
 EVENT_TYPES = ("session.start", "session.end", "access", "refused", "rules.reload", "erasure")
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(event: Mapping[str, Any]) -> bytes:
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """JSON with sorted keys, no insignificant whitespace, UTF-8 (json.dumps with
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False)."""
+    return _CANONICAL.encode(event).encode()
 
 
 def digest(event: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in event.items() if k != "hash"})).hexdigest()
 
 
+_PROCESS = os.urandom(6).hex()  # this process's part of every id
+_counter = itertools.count()
+_second: tuple[int, str] = (-1, "")
+
+
 def new_id(now_ns: int | None = None) -> str:
-    """Time-ordered unique id: 48-bit milliseconds, then 80 random bits (ULID-like), hex."""
+    """Time-ordered unique id: 48-bit milliseconds, 48 random bits drawn once per process,
+    then a 32-bit counter (ULID-like, hex). Unique without a system call per id."""
     ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
-    return f"{ms:012x}{os.urandom(10).hex()}"
+    return f"{ms:012x}{_PROCESS}{next(_counter) & 0xFFFFFFFF:08x}"
 
 
 def utc_timestamp(now_ns: int | None = None) -> str:
+    global _second
     ns = now_ns if now_ns is not None else time.time_ns()
     secs, rem = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem // 1000:06d}Z"
+    if _second[0] != secs:  # formatting the date once per second is enough
+        _second = (secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)))
+    return f"{_second[1]}.{rem // 1000:06d}Z"
 
 
 class Chain:
