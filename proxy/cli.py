@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--follow", action="store_true")
     at.add_argument("--role")
     at.add_argument("--table")
+    from erasure.cli import add_arguments as add_erase_arguments
+
+    e = sub.add_parser("erase", help="erase the personal data of terminated customers")
+    add_erase_arguments(e, _Parser)
     return parser
 
 
@@ -125,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ns.audit_command == "verify":
                 return audit_cli.verify(ns.files)
             return audit_cli.tail(ns.file, ns.follow, ns.role, ns.table)
+        if ns.command == "erase":
+            from erasure.cli import main as erase_main
+
+            return erase_main(ns)
         if ns.command == "rules":
             from proxy.rules_cli import run
 
