@@ -65,6 +65,9 @@ class _Ctx:
         self.lines: dict[str, int] = {}
 
     def fail(self, node: yaml.Node | None, path: str, message: str) -> ErasureConfigError:
+        """An error at `path`: on its key's line when the key was read, else on `node`'s."""
+        if path in self.lines:
+            return self.fail_at(path, message)
         line = f":{node.start_mark.line + 1}" if node is not None else ""
         where = f" at '{path}'" if path else ""
         return ErasureConfigError(f"{self.source}{line}{where}: {message}")
