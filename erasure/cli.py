@@ -136,7 +136,7 @@ def _run(config: Any, ns: argparse.Namespace, clock: Any, out: TextIO) -> int:
     states = [o.state for o in summary.outcomes]
     out.write(
         f"erasure: {summary.enqueued} subject(s) queued; {states.count('verified')} verified, "
-        f"{states.count('failed')} failed, {states.count('pending')} postponed\n"
+        f"{states.count('failed')} failed, {states.count('postponed')} postponed\n"
     )
     for o in summary.outcomes:
         if o.state != "verified" and o.error:

@@ -87,7 +87,7 @@ def worker_name(index: int = 0) -> str:
 @dataclass
 class Outcome:
     subject: str
-    state: str  # verified, failed, pending (released after errors), stopped, delivered
+    state: str  # verified, failed, postponed (timeouts; claimable again), delivered
     rows: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
@@ -307,6 +307,18 @@ class Executor:
                                     ELSE j.last_key END,
                     failures = CASE WHEN j.state IN ('verified', 'failed') THEN 0
                                     ELSE j.failures END,
+                    rows = CASE WHEN j.state IN ('verified', 'failed') THEN '{{}}'
+                                ELSE j.rows END,
+                    seconds = CASE WHEN j.state IN ('verified', 'failed') THEN '{{}}'
+                                   ELSE j.seconds END,
+                    batches = CASE WHEN j.state IN ('verified', 'failed') THEN 0
+                                   ELSE j.batches END,
+                    longest_batch_ms = CASE WHEN j.state IN ('verified', 'failed') THEN 0
+                                            ELSE j.longest_batch_ms END,
+                    remaining = NULL,
+                    erased_at = CASE WHEN j.state IN ('verified', 'failed') THEN NULL
+                                     ELSE j.erased_at END,
+                    finished_at = NULL,
                     error = NULL,
                     updated_at = clock_timestamp()
                 """,
@@ -556,6 +568,7 @@ class Executor:
             )
         state = "verified" if verified else "failed"
         job = await self._job(key)
+        rows = {t: int(job["rows"][t]) for t in self.plan.step_names() if t in job["rows"]}
         event = {
             "job": uuid.uuid4().hex,
             "subject": key,
@@ -564,7 +577,7 @@ class Executor:
             "state": state,
             "verified": verified,
             "tables": self.plan.step_names(),
-            "rows": dict(job["rows"]),
+            "rows": rows,
             "seconds": dict(job["seconds"]),
             "batches": int(job["batches"]),
             "longest_batch_ms": round(float(job["longest_batch_ms"]), 3),
@@ -587,11 +600,11 @@ class Executor:
             event,
         )
         if verified:
-            log.info("erasure.job.verified", subject=key, rows=event["rows"])
+            log.info("erasure.job.verified", subject=key, rows=rows)
         else:
             log.error("erasure.job.failed", subject=key, error=error)
         await self._deliver(key, event, redelivery=False)
-        return Outcome(key, state, dict(job["rows"]), error)
+        return Outcome(key, state, rows, error)
 
     async def _deliver(self, key: str, event: dict[str, Any], redelivery: bool) -> None:
         await asyncio.to_thread(self.audit.write, event, redelivery)
@@ -612,7 +625,9 @@ class Executor:
                 key, {}, f"{error}; gave up after {row['failures']} attempts", time.monotonic()
             )
         log.warning("erasure.job.postponed", subject=key, error=error)
-        return Outcome(key, "pending", {}, error)
+        job = await self._job(key)
+        rows = {t: int(job["rows"][t]) for t in self.plan.step_names() if t in job["rows"]}
+        return Outcome(key, "postponed", rows, error)
 
     # -- read-only views ----------------------------------------------------------------------
 

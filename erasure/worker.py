@@ -57,7 +57,7 @@ class RunSummary:
 
     @property
     def failed(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.state in ("failed", "pending")]
+        return [o for o in self.outcomes if o.state in ("failed", "postponed")]
 
 
 async def prepare(conn: Any, config: ErasureConfig) -> Plan:
