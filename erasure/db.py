@@ -2,7 +2,8 @@
 
 Every connection runs with `search_path = pg_catalog` (so unqualified functions and
 operators are the built-ins and `format_type` qualifies every other type), `TimeZone = UTC`,
-and `application_name = pgveil-erasure`. Errors that leave this module carry table and
+`application_name = pgveil-erasure`, and the configured `lock_timeout` and
+`statement_timeout`. Errors that leave this module carry table and
 column names, SQLSTATEs and counts only: server messages can quote row values, so they are
 never passed on.
 """
@@ -65,15 +66,20 @@ def dsn_to_uri(dsn: str) -> str:
     return "postgresql://?" + urllib.parse.urlencode(pairs) if pairs else "postgresql://"
 
 
-async def connect(dsn: str) -> Any:
+async def connect(dsn: str, lock_timeout_ms: int = 0, statement_timeout_ms: int = 0) -> Any:
+    """A worker connection. The timeouts bound every statement it runs; each batch is one
+    statement, so they bound every batch's transaction (0: the server's settings)."""
+    settings = {
+        "application_name": APPLICATION_NAME,
+        "search_path": "pg_catalog",
+        "TimeZone": "UTC",
+    }
+    if lock_timeout_ms:
+        settings["lock_timeout"] = f"{int(lock_timeout_ms)}ms"
+    if statement_timeout_ms:
+        settings["statement_timeout"] = f"{int(statement_timeout_ms)}ms"
     conn = await asyncpg.connect(
-        dsn_to_uri(dsn),
-        server_settings={
-            "application_name": APPLICATION_NAME,
-            "search_path": "pg_catalog",
-            "TimeZone": "UTC",
-        },
-        statement_cache_size=256,
+        dsn_to_uri(dsn), server_settings=settings, statement_cache_size=256
     )
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     if conn.get_server_version().major >= 14:

@@ -1,25 +1,25 @@
 """Runs erasure plans against PostgreSQL (asyncpg): claims jobs, erases in short batch
-transactions that record their progress, verifies, and audits.
+statements that record their own progress, verifies, and audits.
 
 Guarantees, and how:
 
-- *One worker per subject.* A job is claimed in a short transaction that picks the next
-  job row with `FOR UPDATE SKIP LOCKED` (concurrent claimers never wait on each other) and
-  takes a session advisory lock on the subject key; the lock lives as long as the worker's
+- *One worker per subject.* A job is claimed by one statement that picks the next job row
+  with `FOR UPDATE SKIP LOCKED` (concurrent claimers never wait on each other) and takes a
+  session advisory lock on the subject key; the lock lives as long as the worker's
   connection, so a job whose worker died (even `kill -9`) is claimable again as soon as the
   server notices the connection is gone, and never while its worker lives.
-- *Resumable.* Each batch changes rows and records the job's progress (step, owner, last
-  key, counts) in the same transaction; steps are idempotent (they only touch rows that
-  still hold a value), so a run interrupted anywhere ends, when resumed, in the state an
-  uninterrupted run reaches.
-- *Short locks.* Every data transaction sets `lock_timeout` and `statement_timeout`
-  (SET LOCAL); lock and statement timeouts are retried with back-off; an optional rate
-  limit spaces batches.
-- *Verified and audited.* After the last step, every configured column is counted for the
-  subject; the job ends `verified` or `failed` (with the tables and columns that still hold
-  values). The audit event is stored in the job row in the same transaction as the final
-  state and written afterwards (an outbox), so a worker dying in between leaves it to be
-  written by the next one, once.
+- *Resumable.* Each batch is one statement that changes the rows and, in a data-modifying
+  CTE of the same statement, records the job's progress (step, owner, last key, counts):
+  both happen or neither. Steps only touch rows that still hold a value, so a run
+  interrupted anywhere ends, when resumed, in the state an uninterrupted run reaches.
+- *Short locks.* The connection's `lock_timeout` and `statement_timeout` bound every
+  statement, hence every batch's transaction; lock and statement timeouts are retried with
+  back-off, then the job is postponed; an optional rate limit spaces batches.
+- *Verified and audited.* After the last step one statement counts, per configured column,
+  the subject's rows that still hold a value; the job ends `verified` or `failed` (naming
+  what remains). The audit event is stored in the job row by the statement that records
+  the outcome and written afterwards (an outbox), so a worker dying in between leaves it
+  to the next one, which writes it once.
 
 Nothing here logs, stores or audits a personal value: only subject keys, table and column
 names, counts, timings and SQLSTATEs.
@@ -28,10 +28,8 @@ names, counts, timings and SQLSTATEs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
-import re
 import socket
 import time
 import uuid
@@ -53,7 +51,9 @@ T = TypeVar("T")
 # lock_not_available (lock_timeout), query_canceled (statement_timeout), serialization
 # failure, deadlock: worth another try after a pause
 TRANSIENT = frozenset({"55P03", "57014", "40001", "40P01"})
-
+# audit events are written in groups (one fsync): at most this many, at most this late
+AUDIT_GROUP = 64
+AUDIT_DELAY_S = 1.0
 # connection exceptions, operator intervention (admin shutdown, crash): not the job's fault
 CONNECTION_CLASSES = ("08", "57P")
 
@@ -65,7 +65,7 @@ class Stopped(Exception):
 
 
 class _GiveUp(Exception):
-    """A batch kept hitting lock or statement timeouts."""
+    """A statement kept hitting lock or statement timeouts."""
 
     def __init__(self, table: str, cause: BaseException) -> None:
         super().__init__(table)
@@ -93,43 +93,88 @@ class Outcome:
 
 
 @dataclass
-class _Progress:
-    """What the current job has done in this process and not yet recorded."""
+class Job:
+    """A claimed job, as recorded, kept in step with what this worker records."""
 
-    step_started: float = 0.0
-    pending_ms: float = 0.0  # the last batch's duration, recorded with the next update
-    scanned: int = 0
-    started: float = 0.0
+    subject: str
+    state: str
+    requested: bool
+    step: int
+    owners: list[str] | None
+    owner_pos: int
+    last_key: str | None
+    rows: dict[str, int]
+    seconds: dict[str, float]
+    batches: int
+    longest_batch_ms: float
+    attempts: int
+    due_at: datetime
+    audit_event: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, r: Any) -> Job:
+        return cls(
+            subject=r["subject_key"],
+            state=r["state"],
+            requested=r["requested"],
+            step=r["step"],
+            owners=list(r["owners"]) if r["owners"] is not None else None,
+            owner_pos=r["owner_pos"],
+            last_key=r["last_key"],
+            rows={k: int(v) for k, v in r["rows"].items()},
+            seconds={k: float(v) for k, v in r["seconds"].items()},
+            batches=int(r["batches"]),
+            longest_batch_ms=float(r["longest_batch_ms"]),
+            attempts=int(r["attempts"]),
+            due_at=r["due_at"],
+            audit_event=r["audit_event"],
+        )
 
 
 _JOB_COLUMNS = (
-    "subject_key, state, requested, plan_id, step, owners, owner_pos, last_key, rows, "
-    "seconds, batches, longest_batch_ms, attempts, failures, error, remaining, audit_event, "
-    "due_at, started_at"
+    "subject_key, state, requested, step, owners, owner_pos, last_key, rows, seconds, "
+    "batches, longest_batch_ms, attempts, due_at, audit_event"
 )
-_CLAIM = f"""
-SELECT subject_key, state, requested FROM {JOB_TABLE}
- WHERE (state IN ('pending', 'running', 'done') OR audit_event IS NOT NULL)
-   AND due_at <= $1 AND subject_key <> ALL($2::text[])
- ORDER BY due_at, subject_key
- LIMIT 1
-   FOR UPDATE SKIP LOCKED
+_J = ", ".join(f"j.{c.strip()}" for c in _JOB_COLUMNS.split(","))
+
+
+def _claim_sql(plan: Plan) -> str:
+    """The next job, its subject's advisory lock, and (if it is still to be erased) its
+    start, in one statement. A pending job is taken only while its subject is still due
+    (terminated, retention over) or was asked for. `l` is referenced twice, so it is
+    evaluated once: one lock attempt."""
+    assert plan.due_job.dynamic == 4
+    return f"""
+WITH c AS (
+    SELECT j.subject_key, j.state, j.requested FROM {JOB_TABLE} AS j
+     WHERE (j.state IN ('running', 'done') OR j.audit_event IS NOT NULL
+            OR (j.state = 'pending' AND (j.requested OR EXISTS ({plan.due_job.text}))))
+       AND j.due_at <= $1 AND j.subject_key <> ALL($2::text[])
+     ORDER BY j.due_at, j.subject_key
+     LIMIT 1
+       FOR UPDATE OF j SKIP LOCKED
+), l AS (
+    SELECT c.*, pg_try_advisory_lock({LOCK_CLASS}, hashtext(c.subject_key)) AS locked FROM c
+), u AS (
+    UPDATE {JOB_TABLE} AS j SET
+        state = CASE WHEN j.state = 'pending' OR j.plan_id IS DISTINCT FROM $4 THEN 'running'
+                     ELSE j.state END,
+        attempts = j.attempts + 1,
+        worker = $3,
+        started_at = coalesce(j.started_at, clock_timestamp()),
+        plan_id = $4,
+        step = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN 0 ELSE j.step END,
+        owners = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN NULL ELSE j.owners END,
+        owner_pos = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN 0 ELSE j.owner_pos END,
+        last_key = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN NULL ELSE j.last_key END,
+        updated_at = clock_timestamp()
+      FROM l
+     WHERE j.subject_key = l.subject_key AND l.locked
+       AND l.state IN ('pending', 'running', 'done') AND j.audit_event IS NULL
+    RETURNING {_J}
+)
+SELECT l.subject_key AS claimed, l.locked, u.* FROM l LEFT JOIN u ON true
 """
-_PROGRESS = f"""
-UPDATE {JOB_TABLE} SET
-    step = $2, owner_pos = $3, last_key = $4,
-    owners = CASE WHEN $5 THEN NULL ELSE owners END,
-    rows = jsonb_set(rows, ARRAY[$6::text],
-                     to_jsonb(coalesce((rows ->> $6::text)::bigint, 0) + $7::bigint)),
-    seconds = jsonb_set(seconds, ARRAY[$6::text],
-                        to_jsonb(round(coalesce((seconds ->> $6::text)::numeric, 0)
-                                       + $8::numeric, 3))),
-    batches = batches + $9,
-    longest_batch_ms = greatest(longest_batch_ms, $10::float8),
-    updated_at = clock_timestamp()
- WHERE subject_key = $1
-"""
-_STATUS_RE = re.compile(r"^(?:UPDATE|DELETE) (\d+)$")
 
 
 class Executor:
@@ -152,45 +197,22 @@ class Executor:
         self.clock = clock
         self.worker = worker
         self.stop = stop or asyncio.Event()
-        w = config.worker
-        self._begin = (
-            f"BEGIN; SET LOCAL lock_timeout = '{int(w.lock_timeout_ms)}ms'; "
-            f"SET LOCAL statement_timeout = '{int(w.statement_timeout_ms)}ms'"
-        )
-        self.batch_ms: list[float] = []  # every batch transaction's duration (for benchmarks)
-        self.last_txn_ms = 0.0
+        self.batch_ms: list[float] = []  # every batch statement's duration (for benchmarks)
+        self._database: str | None = None
+        self._sql: dict[tuple[str, int], str] = {}
+        self._claim = _claim_sql(plan)
+        self._outbox: list[tuple[str, dict[str, Any]]] = []  # recorded, not yet written
+        self._outbox_since = 0.0
 
-    # -- transactions -----------------------------------------------------------------------
+    # -- statements -------------------------------------------------------------------------
 
-    async def _txn(self, body: Callable[[], Awaitable[T]], read_only: bool = False) -> T:
-        """`body` in one transaction with the configured timeouts; `last_txn_ms` is how long
-        it was open (the longest any of its locks can have been held)."""
-        begin = (
-            self._begin.replace("BEGIN", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", 1)
-            if read_only
-            else self._begin
-        )
-        t0 = time.monotonic()
-        await self.conn.execute(begin)
-        try:
-            result = await body()
-            await self.conn.execute("COMMIT")
-            self.last_txn_ms = (time.monotonic() - t0) * 1000
-            return result
-        except BaseException:
-            if not self.conn.is_closed() and self.conn.is_in_transaction():
-                # a broken connection: the server rolls back by itself
-                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                    await self.conn.execute("ROLLBACK")
-            raise
-
-    async def _retrying(
-        self, table: str, body: Callable[[], Awaitable[T]], read_only: bool = False
-    ) -> T:
+    async def _retrying(self, table: str, body: Callable[[], Awaitable[T]]) -> T:
+        """`body` (one statement, hence one transaction), again after lock or statement
+        timeouts; other errors fail the job, lost connections end the worker."""
         retries = self.config.worker.retries
         for attempt in range(retries + 1):
             try:
-                return await self._txn(body, read_only)
+                return await body()
             except asyncpg.PostgresError as exc:
                 code = getattr(exc, "sqlstate", None) or ""
                 if code.startswith(CONNECTION_CLASSES):
@@ -205,68 +227,62 @@ class Executor:
                 await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _timed(self, sql: str, args: list[object]) -> tuple[Any, float]:
+        """One row of `sql`, and how long the statement (its transaction) took, in ms."""
+        t0 = time.monotonic()
+        row = await self.conn.fetchrow(sql, *args)
+        return row, (time.monotonic() - t0) * 1000
+
     # -- queue ------------------------------------------------------------------------------
 
     async def enqueue_due(self) -> int:
-        """Creates a pending job for every subject that is due and has none."""
+        """Creates a pending job for every subject that is due and has none, and drops the
+        pending jobs of subjects no longer due (terminated no more, or a longer retention)."""
+        check = self.plan.due_job1
+        dropped = await self.conn.execute(
+            f"DELETE FROM {JOB_TABLE} AS j WHERE j.state = 'pending' AND NOT j.requested "
+            f"AND NOT EXISTS ({check.text})",
+            self.clock(),
+            *check.consts,
+        )
+        if dropped != "DELETE 0":
+            log.info("erasure.jobs.not_due", dropped=int(str(dropped).rsplit(" ", 1)[-1]))
         due = self.plan.due
-        status = await self._txn(
-            lambda: self.conn.execute(
-                f"INSERT INTO {JOB_TABLE} (subject_key, due_at) "
-                f"SELECT d.subject_key, d.due_at FROM ({due.text}) AS d "
-                "ON CONFLICT (subject_key) DO NOTHING",
-                self.clock(),
-                *due.consts,
-            )
+        status = await self.conn.execute(
+            f"INSERT INTO {JOB_TABLE} (subject_key, due_at) "
+            f"SELECT d.subject_key, d.due_at FROM ({due.text}) AS d "
+            "ON CONFLICT (subject_key) DO NOTHING",
+            self.clock(),
+            *due.consts,
         )
         return int(str(status).rsplit(" ", 1)[-1])
 
-    async def claim(self, skip: set[str]) -> str | None:
+    async def claim(self, skip: set[str]) -> Job | None:
         """Takes the next job (pending, interrupted, unverified, or with an audit event still
         to write) and its subject's advisory lock; None when there is none to take."""
         now = self.clock()
         tried = sorted(skip)
-        async with self.conn.transaction():
-            while True:
-                row = await self.conn.fetchrow(_CLAIM, now, tried)
-                if row is None:
-                    return None
-                key, state, requested = row["subject_key"], row["state"], row["requested"]
-                tried.append(key)
-                if not await self._try_lock(key):
-                    continue  # its worker is alive and at it
-                try:
-                    taken = await self._take(key, state, requested, now)
-                except BaseException:
-                    await self._unlock(key)
-                    raise
-                if taken:
-                    return str(key)
-
-    async def _take(self, key: str, state: str, requested: bool, now: datetime) -> bool:
-        """In the claim transaction, with the subject's lock: start or resume the job."""
-        if state in ("verified", "failed"):
-            return True  # only the audit event is left to write
-        if state == "pending" and not requested:
-            due = self.plan.due_one
-            if await self.conn.fetchrow(due.text, now, key, *due.consts) is None:
-                # terminated no more, or the retention changed: not to be touched
-                await self.conn.execute(f"DELETE FROM {JOB_TABLE} WHERE subject_key = $1", key)
+        while True:
+            row = await self.conn.fetchrow(
+                self._claim, now, tried, self.worker, self.plan.plan_id, *self.plan.due_job.consts
+            )
+            if row is None:
+                return None
+            key = row["claimed"]
+            tried.append(key)
+            if not row["locked"]:
+                continue  # its worker is alive and at it
+            if row["subject_key"] is None:  # a finished job: only its audit event is left
+                job = Job.of(
+                    await self.conn.fetchrow(
+                        f"SELECT {_JOB_COLUMNS} FROM {JOB_TABLE} WHERE subject_key = $1", key
+                    )
+                )
+                if job.audit_event is not None:
+                    return job
                 await self._unlock(key)
-                log.info("erasure.job.not_due", subject=key)
-                return False
-        await self._start(key)
-        return True
-
-    async def _start(self, key: str) -> None:
-        await self.conn.execute(
-            f"UPDATE {JOB_TABLE} SET state = CASE WHEN state = 'pending' THEN 'running' "
-            "ELSE state END, attempts = attempts + 1, worker = $2, "
-            "started_at = coalesce(started_at, clock_timestamp()), "
-            "updated_at = clock_timestamp() WHERE subject_key = $1",
-            key,
-            self.worker,
-        )
+                continue
+            return Job.of(row)
 
     async def _try_lock(self, key: str) -> bool:
         return bool(
@@ -279,261 +295,270 @@ class Executor:
         if not self.conn.is_closed():
             await self.conn.fetchval("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, key)
 
-    async def request(self, key: str) -> bool:
+    async def request(self, key: str) -> Job | None:
         """`erase subject KEY`: a job for KEY due now, restarted if it had ended, resumed if
-        not; returns False when another worker holds it. On True the caller holds the lock
+        not; None when another worker holds it. The caller then holds the subject's lock
         and must `process` the job."""
         if not await self._try_lock(key):
-            return False
+            return None
         try:
-            job = await self._job(key)
-            if job is not None and job["audit_event"] is not None:
-                await self._deliver(key, job["audit_event"], redelivery=True)
-            await self.conn.execute(
+            row = await self.conn.fetchrow(
+                f"SELECT audit_event FROM {JOB_TABLE} WHERE subject_key = $1", key
+            )
+            if row is not None and row["audit_event"] is not None:
+                await self._deliver(key, row["audit_event"], redelivery=True, unlock=False)
+            ended = "j.state IN ('verified', 'failed')"
+            restart = {
+                "step": "0",
+                "owners": "NULL",
+                "owner_pos": "0",
+                "last_key": "NULL",
+                "rows": "'{}'",
+                "seconds": "'{}'",
+                "batches": "0",
+                "longest_batch_ms": "0",
+                "failures": "0",
+                "erased_at": "NULL",
+            }
+            sets = ", ".join(
+                f"{c} = CASE WHEN {ended} OR j.plan_id IS DISTINCT FROM $4 THEN {v} ELSE j.{c} END"
+                for c, v in restart.items()
+            )
+            row = await self.conn.fetchrow(
                 f"""
-                INSERT INTO {JOB_TABLE} AS j (subject_key, due_at, requested)
-                VALUES ($1, $2, true)
+                INSERT INTO {JOB_TABLE} AS j (subject_key, due_at, requested, state, plan_id,
+                                              attempts, worker, started_at)
+                VALUES ($1, $2, true, 'running', $4, 1, $3, clock_timestamp())
                 ON CONFLICT (subject_key) DO UPDATE SET
-                    requested = true,
-                    due_at = least(j.due_at, excluded.due_at),
-                    state = CASE WHEN j.state IN ('verified', 'failed') THEN 'pending'
-                                 ELSE j.state END,
-                    step = CASE WHEN j.state IN ('verified', 'failed') THEN 0 ELSE j.step END,
-                    owners = CASE WHEN j.state IN ('verified', 'failed') THEN NULL
-                                  ELSE j.owners END,
-                    owner_pos = CASE WHEN j.state IN ('verified', 'failed') THEN 0
-                                     ELSE j.owner_pos END,
-                    last_key = CASE WHEN j.state IN ('verified', 'failed') THEN NULL
-                                    ELSE j.last_key END,
-                    failures = CASE WHEN j.state IN ('verified', 'failed') THEN 0
-                                    ELSE j.failures END,
-                    rows = CASE WHEN j.state IN ('verified', 'failed') THEN '{{}}'
-                                ELSE j.rows END,
-                    seconds = CASE WHEN j.state IN ('verified', 'failed') THEN '{{}}'
-                                   ELSE j.seconds END,
-                    batches = CASE WHEN j.state IN ('verified', 'failed') THEN 0
-                                   ELSE j.batches END,
-                    longest_batch_ms = CASE WHEN j.state IN ('verified', 'failed') THEN 0
-                                            ELSE j.longest_batch_ms END,
-                    remaining = NULL,
-                    erased_at = CASE WHEN j.state IN ('verified', 'failed') THEN NULL
-                                     ELSE j.erased_at END,
-                    finished_at = NULL,
-                    error = NULL,
+                    {sets},
+                    state = CASE WHEN {ended} OR j.plan_id IS DISTINCT FROM $4
+                                      OR j.state = 'pending' THEN 'running' ELSE j.state END,
+                    requested = true, due_at = least(j.due_at, excluded.due_at), plan_id = $4,
+                    attempts = j.attempts + 1, worker = $3, error = NULL, remaining = NULL,
+                    finished_at = NULL, started_at = coalesce(j.started_at, clock_timestamp()),
                     updated_at = clock_timestamp()
+                RETURNING {_J}
                 """,
                 key,
                 self.clock(),
+                self.worker,
+                self.plan.plan_id,
             )
-            await self._start(key)
         except BaseException:
             await self._unlock(key)
             raise
-        return True
+        return Job.of(row)
 
     # -- a job ------------------------------------------------------------------------------
 
-    async def process(self, key: str) -> Outcome:
-        """Works on a job whose lock this connection holds (from `claim` or `request`), then
-        releases the lock."""
+    async def process(self, job: Job) -> Outcome:
+        """Works on a job whose lock this connection holds (from `claim` or `request`). The
+        lock is released at once, or, for a finished job, when its audit event is written
+        (`flush`): until then no other worker may write the event too."""
+        held = False
         try:
-            return await self._process(key)
+            if job.audit_event is not None:
+                await self._deliver(job.subject, job.audit_event, redelivery=True, unlock=True)
+                held = True  # released by _deliver
+                ev = job.audit_event
+                return Outcome(job.subject, "delivered", dict(ev["rows"]), ev.get("error"))
+            outcome = await self._process(job)
+            held = outcome.state in ("verified", "failed")
+            return outcome
         finally:
-            if not self.conn.is_closed():
-                await self._unlock(key)
+            if not held and not self.conn.is_closed():
+                await self._unlock(job.subject)
 
-    async def _process(self, key: str) -> Outcome:
-        job = await self._job(key)
-        if job["audit_event"] is not None:
-            await self._deliver(key, job["audit_event"], redelivery=True)
-            return Outcome(key, "delivered", dict(job["rows"]), job["error"])
-        if job["state"] in ("verified", "failed"):
-            return Outcome(key, job["state"], dict(job["rows"]), job["error"])
+    async def _process(self, job: Job) -> Outcome:
         started = time.monotonic()
         try:
-            if job["state"] == "running":
-                log.info("erasure.job.start", subject=key, step=job["step"])
+            if job.state == "running":
+                log.info("erasure.job.start", subject=job.subject, step=job.step)
                 await self._erase(job)
-            remaining = await self._retrying(
-                "verification", lambda: self._verify(key), read_only=True
-            )
+            self._check_stop()
+            remaining = await self._retrying("verification", lambda: self._verify(job.subject))
         except _GiveUp as exc:
-            return await self._release(key, f"{exc.table}: {sqlstate_of(exc.cause)}")
+            return await self._release(job, f"{exc.table}: {sqlstate_of(exc.cause)}")
         except _StepFailed as exc:
-            error = f"{exc.table}: {sqlstate_of(exc.cause)}"
-            return await self._finish(key, {}, error, started)
-        return await self._finish(key, remaining, None, started)
+            return await self._finish(job, {}, f"{exc.table}: {sqlstate_of(exc.cause)}", started)
+        return await self._finish(job, remaining, None, started)
 
-    async def _job(self, key: str) -> Any:
-        return await self.conn.fetchrow(
-            f"SELECT {_JOB_COLUMNS} FROM {JOB_TABLE} WHERE subject_key = $1", key
+    async def _erase(self, job: Job) -> None:
+        batched = self.plan.batched
+        for i in range(job.step, len(batched)):
+            await self._batched(job, i, batched[i])
+            log.info("erasure.step.done", subject=job.subject, table=str(batched[i].table))
+        if self.plan.rest is not None and job.step == len(batched):
+            self._check_stop()
+            await self._rest(job)
+            for table in self.plan.rest_tables:
+                log.info("erasure.step.done", subject=job.subject, table=str(table))
+
+    def _progress(self, job: Job, i: int, finished_expr: str, base: int) -> str:
+        """The job-progress CTE `p` of a batch statement: `finished_expr` says (in SQL)
+        whether the statement finishes its owner; parameters from `$base`: subject, step,
+        owner position, number of owners, table, seconds so far, the previous statement's
+        milliseconds, number of phases."""
+        n = [f"${base + k}" for k in range(8)]
+        subject, step, pos, owners, table, seconds, prev_ms, phases = n
+        last_owner = f"({finished_expr} AND {pos}::int + 1 >= {owners}::int)"
+        new_step = f"(CASE WHEN {last_owner} THEN {step}::int + 1 ELSE {step}::int END)"
+        return (
+            f"p AS (UPDATE {JOB_TABLE} SET "
+            f"step = {new_step}, "
+            f"owner_pos = CASE WHEN {last_owner} THEN 0 WHEN {finished_expr} "
+            f"THEN {pos}::int + 1 ELSE {pos}::int END, "
+            f"last_key = CASE WHEN {finished_expr} THEN NULL ELSE (SELECT hi::text FROM r) END, "
+            f"owners = CASE WHEN {last_owner} THEN NULL ELSE owners END, "
+            f"rows = jsonb_set(rows, ARRAY[{table}::text], to_jsonb(coalesce((rows ->> "
+            f"{table}::text)::bigint, 0) + (SELECT count(*) FROM u))), "
+            f"seconds = {seconds}::jsonb, "
+            f"batches = batches + 1, "
+            f"longest_batch_ms = greatest(longest_batch_ms, {prev_ms}::float8), "
+            f"state = CASE WHEN {new_step} >= {phases}::int THEN 'done' ELSE state END, "
+            f"erased_at = CASE WHEN {new_step} >= {phases}::int THEN clock_timestamp() "
+            "ELSE erased_at END, "
+            f"updated_at = clock_timestamp() WHERE subject_key = {subject}::text RETURNING 1)"
         )
 
-    async def _erase(self, job: Any) -> None:
-        key = job["subject_key"]
-        step_index, owners, pos, last = (
-            job["step"],
-            job["owners"],
-            job["owner_pos"],
-            job["last_key"],
-        )
-        if job["plan_id"] != self.plan.plan_id:
-            # another configuration (or a partition added): start over; the steps only
-            # touch rows that still hold values, so what was done stays done
-            step_index, owners, pos, last = 0, None, 0, None
-            await self.conn.execute(
-                f"UPDATE {JOB_TABLE} SET plan_id = $2, step = 0, owners = NULL, "
-                "owner_pos = 0, last_key = NULL WHERE subject_key = $1",
-                key,
-                self.plan.plan_id,
+    def _batch_sql(self, job: Job, i: int, step: Step, first: bool) -> str:
+        sql = step.first_batch if first else step.next_batch
+        assert sql is not None
+        cache_key = ("first" if first else "next", i)
+        if cache_key not in self._sql:
+            limit = "$2" if first else "$3"
+            finished = f"((SELECT n FROM r) < {limit}::bigint)"
+            self._sql[cache_key] = (
+                f"{sql.text}, {self._progress(job, i, finished, sql.nparams + 1)} "
+                "SELECT (SELECT hi::text FROM r) AS hi, (SELECT n FROM r) AS scanned, "
+                "(SELECT count(*) FROM u) AS changed"
             )
-        progress = _Progress(started=time.monotonic())
-        steps = self.plan.steps
-        for i in range(step_index, len(steps)):
-            step = steps[i]
-            progress.step_started = time.monotonic()
-            if step.batched:
-                await self._batched(key, i, step, owners if i == step_index else None,
-                                    pos if i == step_index else 0,
-                                    last if i == step_index else None, progress)  # fmt: skip
-            else:
-                await self._single(key, i, step, progress)
-            log.info("erasure.step.done", subject=key, table=str(step.table))
-        await self.conn.execute(
-            f"UPDATE {JOB_TABLE} SET state = 'done', erased_at = clock_timestamp(), "
-            "longest_batch_ms = greatest(longest_batch_ms, $2::float8), "
-            "updated_at = clock_timestamp() WHERE subject_key = $1",
-            key,
-            progress.pending_ms,
-        )
+        return self._sql[cache_key]
 
-    async def _record(
-        self,
-        key: str,
-        step_index: int,
-        pos: int,
-        last: str | None,
-        clear_owners: bool,
-        step: Step,
-        changed: int,
-        progress: _Progress,
-        batches: int,
-    ) -> None:
-        now = time.monotonic()
-        seconds = now - progress.step_started
-        progress.step_started = now
-        await self.conn.execute(
-            _PROGRESS,
-            key,
-            step_index,
-            pos,
-            last,
-            clear_owners,
+    async def _owners(self, job: Job, i: int, step: Step) -> list[str]:
+        """The owners of the step's rows, recorded in the job (so a resumed run walks the
+        same list); a step with none is finished at once."""
+        if step.owners is None:
+            return [job.subject]
+        q = step.owners
+        phases = self.plan.phases
+        owners: list[str] = await self._retrying(
             str(step.table),
-            changed,
-            round(seconds, 6),
-            batches,
-            progress.pending_ms,
+            lambda: self.conn.fetchval(
+                f"WITH o AS MATERIALIZED ({q.text}), "
+                f"a AS (SELECT coalesce(array_agg(o), '{{}}') AS owners FROM o), "
+                f"p AS (UPDATE {JOB_TABLE} SET owners = (SELECT owners FROM a), owner_pos = 0, "
+                f"last_key = NULL, "
+                f"step = CASE WHEN (SELECT cardinality(owners) FROM a) = 0 "
+                f"THEN ${q.nparams + 2}::int + 1 ELSE ${q.nparams + 2}::int END, "
+                f"state = CASE WHEN (SELECT cardinality(owners) FROM a) = 0 "
+                f"AND ${q.nparams + 2}::int + 1 >= ${q.nparams + 3}::int THEN 'done' "
+                f"ELSE state END, "
+                f"updated_at = clock_timestamp() WHERE subject_key = ${q.nparams + 1}::text "
+                "RETURNING 1) "
+                "SELECT owners FROM a",
+                job.subject,
+                *q.consts,
+                job.subject,
+                i,
+                phases,
+            ),
         )
-
-    async def _single(self, key: str, i: int, step: Step, progress: _Progress) -> None:
-        async def body() -> None:
-            status = await self.conn.execute(step.apply.text, key, *step.apply.consts)
-            m = _STATUS_RE.match(str(status))
-            changed = int(m.group(1)) if m else 0
-            await self._record(key, i + 1, 0, None, True, step, changed, progress, 0)
-
-        self._check_stop()
-        await self._retrying(str(step.table), body)
-
-    async def _batched(
-        self,
-        key: str,
-        i: int,
-        step: Step,
-        owners: list[str] | None,
-        pos: int,
-        last: str | None,
-        progress: _Progress,
-    ) -> None:
-        assert step.first_batch is not None and step.next_batch is not None
-        table = str(step.table)
-        if owners is None:
-            self._check_stop()
-            if step.owners is None:
-                owners = [key]
-            else:
-                q = step.owners
-                owners = [
-                    r[0]
-                    for r in await self._retrying(
-                        table, lambda: self.conn.fetch(q.text, key, *q.consts)
-                    )
-                ]
-            await self.conn.execute(
-                f"UPDATE {JOB_TABLE} SET owners = $2, owner_pos = 0, last_key = NULL, "
-                "updated_at = clock_timestamp() WHERE subject_key = $1",
-                key,
-                owners,
-            )
-            pos, last = 0, None
-        while pos < len(owners):
-            self._check_stop()
-            scanned, last = await self._retrying(
-                table, functools.partial(self._batch, key, i, step, owners, pos, last, progress)
-            )
-            self.batch_ms.append(self.last_txn_ms)
-            progress.pending_ms = self.last_txn_ms  # recorded with the next update
-            if last is None:
-                pos += 1
-            progress.scanned += scanned
-            await self._throttle(progress)
         if not owners:
-            await self._txn(lambda: self._record(key, i + 1, 0, None, True, step, 0, progress, 0))
-
-    async def _batch(
-        self,
-        key: str,
-        i: int,
-        step: Step,
-        owners: list[str],
-        pos: int,
-        after: str | None,
-        progress: _Progress,
-    ) -> tuple[int, str | None]:
-        """One batch of owner `owners[pos]` after key `after`, and its progress record.
-        Returns (rows scanned, the last key done; None when the owner is finished)."""
-        limit = step.batch_size
-        if after is None:
-            sql = step.first_batch
-            assert sql is not None
-            row = await self.conn.fetchrow(sql.text, owners[pos], limit, *sql.consts)
+            job.step = i + 1
+            job.owners, job.owner_pos, job.last_key = None, 0, None
         else:
-            sql = step.next_batch
-            assert sql is not None
-            row = await self.conn.fetchrow(sql.text, owners[pos], after, limit, *sql.consts)
-        hi, scanned, changed = row["hi"], int(row["scanned"]), int(row["changed"])
-        # fewer keys than asked for: this owner is done
-        npos, nlast = (pos + 1, None) if scanned < limit else (pos, hi)
-        finished = npos >= len(owners)
-        await self._record(
-            key,
-            i + 1 if finished else i,
-            0 if finished else npos,
-            nlast,
-            finished,
-            step,
-            changed,
-            progress,
-            1,
-        )
-        return scanned, nlast
+            job.owners, job.owner_pos, job.last_key = owners, 0, None
+        return list(owners)
 
-    async def _throttle(self, progress: _Progress) -> None:
+    async def _batched(self, job: Job, i: int, step: Step) -> None:
+        table = str(step.table)
+        if job.step != i or job.owners is None:
+            job.step = i
+            owners = await self._owners(job, i, step)
+            if not owners:
+                return
+        owners = job.owners or [job.subject]
+        step_started = time.monotonic()
+        base_seconds = job.seconds.get(table, 0.0)
+        prev_ms = 0.0
+        scanned_total = 0
+        while job.step == i:
+            self._check_stop()
+            await self._flush_if_due()
+            pos, after = job.owner_pos, job.last_key
+            first = after is None
+            sql = self._batch_sql(job, i, step, first)
+            dynamic: list[object] = [owners[pos]]
+            if not first:
+                dynamic.append(after)
+            dynamic.append(step.batch_size)
+            seconds = dict(job.seconds)
+            seconds[table] = round(base_seconds + time.monotonic() - step_started, 3)
+            args = [
+                *dynamic,
+                *((step.first_batch if first else step.next_batch).consts),  # type: ignore[union-attr]
+                job.subject,
+                i,
+                pos,
+                len(owners),
+                table,
+                seconds,
+                prev_ms,
+                self.plan.phases,
+            ]
+            row, ms = await self._retrying(table, functools.partial(self._timed, sql, args))
+            self.batch_ms.append(ms)
+            prev_ms = ms
+            job.longest_batch_ms = max(job.longest_batch_ms, ms)
+            scanned, changed = int(row["scanned"]), int(row["changed"])
+            job.rows[table] = job.rows.get(table, 0) + changed
+            job.seconds = seconds
+            job.batches += 1
+            if scanned < step.batch_size:
+                if pos + 1 >= len(owners):
+                    job.step, job.owners, job.owner_pos, job.last_key = i + 1, None, 0, None
+                else:
+                    job.owner_pos, job.last_key = pos + 1, None
+            else:
+                job.last_key = row["hi"]
+            scanned_total += scanned
+            await self._throttle(step_started, scanned_total)
+        job.seconds[table] = round(base_seconds + time.monotonic() - step_started, 3)
+
+    async def _rest(self, job: Job) -> None:
+        rest = self.plan.rest
+        assert rest is not None
+        tables = [str(t) for t in self.plan.rest_tables]
+        base = rest.nparams
+        merges = ", ".join(
+            f"${base + 2 + k}::text, coalesce((rows ->> ${base + 2 + k}::text)::bigint, 0) "
+            f"+ (SELECT count(*) FROM s{k})"
+            for k in range(len(tables))
+        )
+        sql = (
+            f"{rest.text}, p AS (UPDATE {JOB_TABLE} SET step = ${base + 2 + len(tables)}::int, "
+            f"state = 'done', erased_at = clock_timestamp(), "
+            f"rows = rows || jsonb_build_object({merges}), updated_at = clock_timestamp() "
+            f"WHERE subject_key = ${base + 1}::text RETURNING 1) SELECT "
+            + ", ".join(f"(SELECT count(*) FROM s{k})" for k in range(len(tables)))
+        )
+        args = [job.subject, *rest.consts, job.subject, *tables, self.plan.phases]
+        row, ms = await self._retrying(", ".join(tables), functools.partial(self._timed, sql, args))
+        self.batch_ms.append(ms)
+        job.longest_batch_ms = max(job.longest_batch_ms, ms)
+        for k, table in enumerate(tables):
+            job.rows[table] = job.rows.get(table, 0) + int(row[k])
+            # one statement for all of them: its time is divided equally
+            job.seconds[table] = round(job.seconds.get(table, 0.0) + ms / 1000 / len(tables), 3)
+        job.step = self.plan.phases
+        job.state = "done"
+
+    async def _throttle(self, started: float, scanned: int) -> None:
         rate = self.config.worker.rate_limit
         if rate <= 0:
             return
-        ahead = progress.started + progress.scanned / rate - time.monotonic()
+        ahead = started + scanned / rate - time.monotonic()
         if ahead > 0:
             await asyncio.sleep(ahead)
 
@@ -545,21 +570,22 @@ class Executor:
 
     async def _verify(self, key: str) -> dict[str, int]:
         """Rows of the subject still holding a personal value, per table.column (or per
-        table, for deleted tables); empty when the erasure is complete."""
+        table, for deleted tables), in one statement (one snapshot); empty when complete."""
+        v = self.plan.verify
+        row = await self.conn.fetchrow(v.text, key, *v.consts)
         remaining: dict[str, int] = {}
-        for step in self.plan.steps:
-            row = await self.conn.fetchrow(step.verify.text, key, *step.verify.consts)
+        for step, counts in zip(self.plan.steps, row, strict=True):
             if step.action == "delete":
-                if row[0]:
-                    remaining[str(step.table)] = int(row[0])
+                if counts[0]:
+                    remaining[str(step.table)] = int(counts[0])
                 continue
-            for col, n in zip(step.columns, row, strict=True):
+            for col, n in zip(step.columns, counts, strict=True):
                 if n:
                     remaining[f"{step.table}.{col}"] = int(n)
         return remaining
 
     async def _finish(
-        self, key: str, remaining: dict[str, int], error: str | None, started: float
+        self, job: Job, remaining: dict[str, int], error: str | None, started: float
     ) -> Outcome:
         verified = error is None and not remaining
         if error is None and remaining:
@@ -567,23 +593,25 @@ class Executor:
                 f"{name}: {n} row(s) still hold a value" for name, n in sorted(remaining.items())
             )
         state = "verified" if verified else "failed"
-        job = await self._job(key)
-        rows = {t: int(job["rows"][t]) for t in self.plan.step_names() if t in job["rows"]}
+        if self._database is None:
+            self._database = str(await self.conn.fetchval("SELECT current_database()"))
+        names = self.plan.step_names()
+        rows = {t: job.rows.get(t, 0) for t in names}
         event = {
             "job": uuid.uuid4().hex,
-            "subject": key,
+            "subject": job.subject,
             "subject_table": str(self.config.subject.table),
-            "database": await self.conn.fetchval("SELECT current_database()"),
+            "database": self._database,
             "state": state,
             "verified": verified,
-            "tables": self.plan.step_names(),
+            "tables": names,
             "rows": rows,
-            "seconds": dict(job["seconds"]),
-            "batches": int(job["batches"]),
-            "longest_batch_ms": round(float(job["longest_batch_ms"]), 3),
-            "attempts": int(job["attempts"]),
-            "requested": bool(job["requested"]),
-            "due_at": job["due_at"].isoformat(),
+            "seconds": {t: round(job.seconds.get(t, 0.0), 3) for t in names},
+            "batches": job.batches,
+            "longest_batch_ms": round(job.longest_batch_ms, 3),
+            "attempts": job.attempts,
+            "requested": job.requested,
+            "due_at": job.due_at.isoformat(),
             "worker": self.worker,
             "remaining": remaining,
             "error": error,
@@ -591,54 +619,86 @@ class Executor:
         }
         await self.conn.execute(
             f"UPDATE {JOB_TABLE} SET state = $2, error = $3, remaining = $4, audit_event = $5, "
+            "rows = $6, seconds = $7, longest_batch_ms = greatest(longest_batch_ms, $8), "
             "finished_at = clock_timestamp(), updated_at = clock_timestamp() "
             "WHERE subject_key = $1",
-            key,
+            job.subject,
             state,
             error,
             remaining,
             event,
+            rows,
+            event["seconds"],
+            job.longest_batch_ms,
         )
         if verified:
-            log.info("erasure.job.verified", subject=key, rows=rows)
+            log.info("erasure.job.verified", subject=job.subject, rows=rows)
         else:
-            log.error("erasure.job.failed", subject=key, error=error)
-        await self._deliver(key, event, redelivery=False)
-        return Outcome(key, state, rows, error)
+            log.error("erasure.job.failed", subject=job.subject, error=error)
+        self._outbox.append((job.subject, event))
+        if len(self._outbox) == 1:
+            self._outbox_since = time.monotonic()
+        await self._flush_if_due()
+        return Outcome(job.subject, state, rows, error)
 
-    async def _deliver(self, key: str, event: dict[str, Any], redelivery: bool) -> None:
-        await asyncio.to_thread(self.audit.write, event, redelivery)
+    async def _flush_if_due(self) -> None:
+        if len(self._outbox) >= AUDIT_GROUP or (
+            self._outbox and time.monotonic() - self._outbox_since >= AUDIT_DELAY_S
+        ):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Writes the finished jobs' audit events (one fsync for the group), clears them from
+        the jobs and releases the subjects. Called when the group is full or old enough, and
+        whenever the worker pauses or stops."""
+        if not self._outbox or self.conn.is_closed():
+            return
+        keys = [k for k, _ in self._outbox]
+        await asyncio.to_thread(self.audit.write_many, [e for _, e in self._outbox], False)
+        self._outbox.clear()
         await self.conn.execute(
-            f"UPDATE {JOB_TABLE} SET audit_event = NULL WHERE subject_key = $1", key
+            f"WITH c AS (UPDATE {JOB_TABLE} SET audit_event = NULL "
+            "WHERE subject_key = ANY($1::text[])) "
+            f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(k)) FROM unnest($1::text[]) AS k",
+            keys,
         )
 
-    async def _release(self, key: str, error: str) -> Outcome:
+    async def _deliver(
+        self, key: str, event: dict[str, Any], redelivery: bool, unlock: bool
+    ) -> None:
+        """Writes the audit event, then clears it from the job (and releases the subject)."""
+        await asyncio.to_thread(self.audit.write, event, redelivery)
+        clear = f"UPDATE {JOB_TABLE} SET audit_event = NULL WHERE subject_key = $1"
+        if unlock:
+            await self.conn.fetchval(
+                f"WITH c AS ({clear}) SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext($1))", key
+            )
+        else:
+            await self.conn.execute(clear, key)
+
+    async def _release(self, job: Job, error: str) -> Outcome:
         """Back to the queue after lock or statement timeouts; failed after too many."""
-        row = await self.conn.fetchrow(
+        failures = await self.conn.fetchval(
             f"UPDATE {JOB_TABLE} SET failures = failures + 1, error = $2, "
             "updated_at = clock_timestamp() WHERE subject_key = $1 RETURNING failures",
-            key,
+            job.subject,
             error,
         )
-        if int(row["failures"]) >= self.config.worker.max_failures:
+        if int(failures) >= self.config.worker.max_failures:
             return await self._finish(
-                key, {}, f"{error}; gave up after {row['failures']} attempts", time.monotonic()
+                job, {}, f"{error}; gave up after {failures} attempts", time.monotonic()
             )
-        log.warning("erasure.job.postponed", subject=key, error=error)
-        job = await self._job(key)
-        rows = {t: int(job["rows"][t]) for t in self.plan.step_names() if t in job["rows"]}
-        return Outcome(key, "postponed", rows, error)
+        log.warning("erasure.job.postponed", subject=job.subject, error=error)
+        rows = {t: job.rows[t] for t in self.plan.step_names() if t in job.rows}
+        return Outcome(job.subject, "postponed", rows, error)
 
     # -- read-only views ----------------------------------------------------------------------
 
     async def count(self, key: str) -> list[tuple[str, int]]:
-        """Dry run: rows each step would change for `key` (read-only transaction)."""
-
-        async def body() -> list[tuple[str, int]]:
-            out = []
+        """Dry run: rows each step would change for `key` (one read-only transaction)."""
+        out = []
+        async with self.conn.transaction(isolation="repeatable_read", readonly=True):
             for step in self.plan.steps:
                 n = await self.conn.fetchval(step.count.text, key, *step.count.consts)
                 out.append((str(step.table), int(n)))
-            return out
-
-        return await self._txn(body, read_only=True)
+        return out

@@ -6,22 +6,32 @@ placeholders, JSON paths, retention periods, the current time) is a bind paramet
 Keys travel as text and are cast in SQL to the column's type (`$1::text::bigint`), so the
 executor can store progress of any key type in its job row.
 
-Order: a table is erased before every table its rows are found through (xDRs and
-recordings before accounts, accounts before the customer), so deleting or changing a
-parent never loses a child; the columns that find rows are never erased (the loader
-refuses that), so a step can be re-run at any time and converges to the same state.
+Order: the configured columns that find rows (keys, owner columns) are never erased and a
+table that others are found through is never deleted from (the loader refuses both), so
+every step finds the same rows whenever it runs: the steps are idempotent (they change only
+rows that still hold a value) and independent of one another. The plan still lists tables
+children first (xDRs and recordings before accounts, accounts before the customer). Large
+tables are erased in batches, one after the other; all other tables in one statement.
 
-Statement shapes (the executor passes the leading, dynamic parameters):
+Statement shapes (the executor passes the leading, dynamic parameters; constants follow):
 
-- `Step.apply`        $1 subject key                      -> status `UPDATE n` / `DELETE n`
-- `Step.owners`       $1 subject key                      -> rows (owner key as text), ordered
-- `Step.first_batch`  $1 owner key, $2 limit              -> one row (hi, scanned, changed)
-- `Step.next_batch`   $1 owner key, $2 last key, $3 limit -> one row (hi, scanned, changed)
-- `Step.count`        $1 subject key                      -> rows that would change
-- `Step.verify`       $1 subject key                      -> remaining count per column
-- `Plan.due`          $1 now                              -> (subject_key, due_at)
-- `Plan.due_one`      $1 now, $2 subject key              -> (subject_key, due_at)
-- `Plan.exists`       $1 subject key                      -> whether the subject exists
+- `Step.owners`       $1 subject key -> rows (owner key as text), ordered
+- `Step.first_batch`  $1 owner key, $2 limit               } a WITH prefix defining r (hi, n:
+- `Step.next_batch`   $1 owner key, $2 last key, $3 limit  } the batch's last key and size)
+                                                             and u (a row per changed row)
+- `Plan.rest`         $1 subject key -> a WITH prefix defining s0, s1, ... (a row per row
+                                        changed in each of `Plan.rest_tables`)
+- `Step.count`        $1 subject key -> rows that would change (dry run)
+- `Step.verify`       $1 subject key -> remaining count per column
+- `Plan.verify`       $1 subject key -> one row: per step, an array of remaining counts
+- `Plan.due`          $1 now -> (subject_key, due_at)
+- `Plan.due_one`      $1 now, $2 subject key -> (subject_key, due_at)
+- `Plan.due_job`      $1 now, for the job row `j` of the claim statement (constants from $5)
+- `Plan.due_job1`     $1 now, for a job row `j` (constants from $2)
+- `Plan.exists`       $1 subject key -> whether the subject exists
+
+The executor appends its own CTEs (the job's progress, recorded in the same statement, so
+atomically with the change) and parameters after `Sql.nparams`.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from erasure.catalog import INTEGER_TYPES, Catalog, Column, Relation
 from erasure.model import ColumnAction, ErasureConfig, TableName, TableSpec, quote_ident
 
 Q = quote_ident
+CLAIM_PARAMS = 4  # the executor's claim statement passes $1 (now) to $4 before `due_job`
 
 
 class PlanError(Exception):
@@ -43,6 +54,11 @@ class PlanError(Exception):
 class Sql:
     text: str
     consts: tuple[object, ...] = ()  # bound after the dynamic parameters
+    dynamic: int = 1  # how many leading parameters the executor passes
+
+    @property
+    def nparams(self) -> int:
+        return self.dynamic + len(self.consts)
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,6 @@ class Step:
     columns: tuple[str, ...]  # erased columns (names only)
     batched: bool
     batch_size: int
-    apply: Sql
     owners: Sql | None  # None: the owner is the subject itself
     first_batch: Sql | None
     next_batch: Sql | None
@@ -62,11 +77,26 @@ class Step:
 
 @dataclass(frozen=True)
 class Plan:
-    steps: tuple[Step, ...]
+    steps: tuple[Step, ...]  # every configured table, children first
+    rest: Sql | None  # the tables that are not batched, in one statement
+    rest_tables: tuple[TableName, ...]
+    verify: Sql
     due: Sql
     due_one: Sql
+    due_job: Sql  # correlated with j.subject_key of the claim; $1 now, constants from $5
+    due_job1: Sql  # the same with constants from $2
     exists: Sql
     plan_id: str
+
+    @property
+    def batched(self) -> tuple[Step, ...]:
+        """The batched steps, in order; the executor's step i < len(batched) is one of
+        them, step len(batched) is `rest`."""
+        return tuple(s for s in self.steps if s.batched)
+
+    @property
+    def phases(self) -> int:
+        return len(self.batched) + (1 if self.rest is not None else 0)
 
     def step_names(self) -> list[str]:
         return [str(s.table) for s in self.steps]
@@ -201,22 +231,15 @@ class _Planner:
         batch_size = spec.batch_size or self.config.worker.batch_size
 
         owned = self.owned(spec, "t")
-        sets, needs, consts = self.change(spec, 1)
         if spec.action == "delete":
-            apply = Sql(f"DELETE FROM {table} AS t WHERE {owned}")
             count = Sql(f"SELECT count(*) FROM {table} AS t WHERE {owned}")
-            verify = Sql(f"SELECT count(*) FROM {table} AS t WHERE {owned}")
         else:
-            apply = Sql(f"UPDATE {table} AS t SET {sets} WHERE {owned} AND ({needs})", consts)
+            _, needs, consts = self.change(spec, 1)
             count = Sql(f"SELECT count(*) FROM {table} AS t WHERE {owned} AND ({needs})", consts)
-            per_column = []
-            vb = _Binder(1)
-            for a in spec.columns:
-                _, n = self.set_and_needs(spec, a, vb)
-                per_column.append(f"count(*) FILTER (WHERE {n})")
-            verify = Sql(
-                f"SELECT {', '.join(per_column)} FROM {table} AS t WHERE {owned}", tuple(vb.values)
-            )
+        vb = _Binder(1)
+        verify = Sql(
+            f"SELECT {self.remaining(spec, vb)} FROM {table} AS t WHERE {owned}", tuple(vb.values)
+        )
         first = nxt = None
         if batched:
             first = self.batch(spec, first=True)
@@ -227,7 +250,6 @@ class _Planner:
             columns=tuple(a.column for a in spec.columns),
             batched=batched,
             batch_size=batch_size,
-            apply=apply,
             owners=self.owners(spec) if batched else None,
             first_batch=first,
             next_batch=nxt,
@@ -255,24 +277,60 @@ class _Planner:
         )
         bound = f"{where} AND t.{key} <= (SELECT hi FROM r)"
         if spec.action == "delete":
-            body = f"u AS (DELETE FROM {table} AS t WHERE {bound} RETURNING 1) "
+            body = f"u AS (DELETE FROM {table} AS t WHERE {bound} RETURNING 1)"
             consts: tuple[object, ...] = ()
         else:
             sets, needs, consts = self.change(spec, dynamic)
-            body = f"u AS (UPDATE {table} AS t SET {sets} WHERE {bound} AND ({needs}) RETURNING 1) "
-        tail = (
-            "SELECT (SELECT hi::text FROM r) AS hi, (SELECT n FROM r) AS scanned, "
-            "(SELECT count(*) FROM u) AS changed"
+            body = f"u AS (UPDATE {table} AS t SET {sets} WHERE {bound} AND ({needs}) RETURNING 1)"
+        return Sql(head + body, consts, dynamic)
+
+    def remaining(self, spec: TableSpec, b: _Binder) -> str:
+        """Aggregates over the subject's rows of `spec` (alias t): per erased column, the
+        rows that still hold a value (deleted tables: the rows left)."""
+        if spec.action == "delete":
+            return "count(*)"
+        parts = []
+        for a in spec.columns:
+            _, n = self.set_and_needs(spec, a, b)
+            parts.append(f"count(*) FILTER (WHERE {n})")
+        return ", ".join(parts)
+
+    def apply(self, spec: TableSpec, b: _Binder) -> str:
+        """The change of every row of the subject in `spec`, as a statement for a CTE."""
+        table, owned = spec.table.sql, self.owned(spec, "t")
+        if spec.action == "delete":
+            return f"DELETE FROM {table} AS t WHERE {owned} RETURNING 1"
+        pairs = [self.set_and_needs(spec, a, b) for a in spec.columns]
+        sets = ", ".join(x for x, _ in pairs)
+        needs = " OR ".join(n for _, n in pairs)
+        return f"UPDATE {table} AS t SET {sets} WHERE {owned} AND ({needs}) RETURNING 1"
+
+    def rest(self, specs: list[TableSpec]) -> Sql | None:
+        if not specs:
+            return None
+        b = _Binder(1)
+        ctes = ", ".join(f"s{i} AS ({self.apply(spec, b)})" for i, spec in enumerate(specs))
+        return Sql("WITH " + ctes, tuple(b.values))
+
+    def verify_all(self, specs: list[TableSpec]) -> Sql:
+        b = _Binder(1)
+        cols = ", ".join(
+            f"(SELECT ARRAY[{self.remaining(spec, b)}]::bigint[] FROM {spec.table.sql} AS t "
+            f"WHERE {self.owned(spec, 't')}) AS v{i}"
+            for i, spec in enumerate(specs)
         )
-        return Sql(head + body + tail, consts)
+        return Sql(f"SELECT {cols}", tuple(b.values))
 
     # -- due subjects -----------------------------------------------------------------------
 
-    def due(self, one: bool) -> Sql:
+    def due(self, one: bool, key_expr: str | None = None, dynamic: int = 0) -> Sql:
+        """Due subjects: all; `one` ($2); or, with `key_expr`, the one whose key is that SQL
+        expression of an outer query (constants numbered after `dynamic` parameters)."""
         subject = self.config.subject
         r = subject.retention
         srel = self.rel(subject.table)
-        b = _Binder(2 if one else 1)
+        dynamic = dynamic or (2 if one else 1)
+        b = _Binder(dynamic)
         join = ""
         default = b.bind(r.default, "text::interval")
         if r.by_class_column is not None:
@@ -300,12 +358,15 @@ class _Planner:
         term = f"s.{Q(subject.terminated_at)}"
         ktype = srel.columns[subject.key].type
         where = f"{term} IS NOT NULL AND {term} + {retention} <= $1::timestamptz"
-        if one:
+        if key_expr is not None:
+            where += f" AND s.{key} = ({key_expr})::text::{ktype}"
+        elif one:
             where += f" AND s.{key} = $2::text::{ktype}"
         return Sql(
             f"SELECT s.{key}::text AS subject_key, ({term} + {retention})::timestamptz AS due_at "
             f"FROM {subject.table.sql} AS s{join} WHERE {where}",
             tuple(b.values),
+            dynamic,
         )
 
     def exists(self) -> Sql:
@@ -317,16 +378,39 @@ class _Planner:
         )
 
     def plan(self) -> Plan:
-        ordered = sorted(enumerate(self.config.tables), key=lambda it: (-self.depth(it[1]), it[0]))
-        steps = tuple(self.step(spec) for _, spec in ordered)
+        ordered = [
+            spec
+            for _, spec in sorted(
+                enumerate(self.config.tables), key=lambda it: (-self.depth(it[1]), it[0])
+            )
+        ]
+        steps = tuple(self.step(spec) for spec in ordered)
+        rest_specs = [spec for spec, step in zip(ordered, steps, strict=True) if not step.batched]
+        rest = self.rest(rest_specs)
+        verify = self.verify_all(ordered)
         due, due_one, exists = self.due(False), self.due(True), self.exists()
+        due_job = self.due(False, key_expr="j.subject_key", dynamic=CLAIM_PARAMS)
+        due_job1 = self.due(False, key_expr="j.subject_key", dynamic=1)
         h = hashlib.sha256()
         for s in steps:
-            for sql in (s.apply, s.first_batch, s.next_batch, s.owners):
+            for sql in (s.first_batch, s.next_batch, s.owners):
                 if sql is not None:
                     h.update(sql.text.encode() + b"\0" + repr(sql.consts).encode() + b"\0")
             h.update(str(s.batch_size).encode() + b"\1")
-        return Plan(steps, due, due_one, exists, h.hexdigest()[:16])
+        if rest is not None:
+            h.update(rest.text.encode() + repr(rest.consts).encode())
+        return Plan(
+            steps=steps,
+            rest=rest,
+            rest_tables=tuple(spec.table for spec in rest_specs),
+            verify=verify,
+            due=due,
+            due_one=due_one,
+            due_job=due_job,
+            due_job1=due_job1,
+            exists=exists,
+            plan_id=h.hexdigest()[:16],
+        )
 
 
 def build_plan(config: ErasureConfig, catalog: Catalog) -> Plan:

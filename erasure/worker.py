@@ -60,6 +60,11 @@ class RunSummary:
         return [o for o in self.outcomes if o.state in ("failed", "postponed")]
 
 
+async def _connect(config: ErasureConfig, dsn: str) -> Any:
+    w = config.worker
+    return await connect(dsn, w.lock_timeout_ms, w.statement_timeout_ms)
+
+
 async def prepare(conn: Any, config: ErasureConfig) -> Plan:
     """The plan, or `Refused` with every problem of the configuration against the catalog."""
     catalog = await read_catalog(conn, configured_names(config))
@@ -84,11 +89,11 @@ async def run(
     audit = ErasureAudit(config.audit)
     conns: list[Any] = []
     try:
-        conns.append(await connect(dsn))
+        conns.append(await _connect(config, dsn))
         plan = await prepare(conns[0], config)
         await ensure_job_table(conns[0])
         for _ in range(1, config.worker.concurrency):
-            conns.append(await connect(dsn))
+            conns.append(await _connect(config, dsn))
         executors = [
             Executor(c, config, plan, audit, clock, worker_name(i), stop)
             for i, c in enumerate(conns)
@@ -111,16 +116,23 @@ async def run(
 
 
 async def _work(ex: Executor, done: set[str], summary: RunSummary) -> None:
-    while not ex.stop.is_set():
-        key = await ex.claim(done)
-        if key is None:
-            return
-        done.add(key)
-        try:
-            summary.outcomes.append(await ex.process(key))
-        except Stopped:
-            log.info("erasure.job.interrupted", subject=key)
-            return
+    try:
+        while not ex.stop.is_set():
+            job = await ex.claim(done)
+            if job is None:
+                break
+            done.add(job.subject)
+            try:
+                summary.outcomes.append(await ex.process(job))
+            except Stopped:
+                log.info("erasure.job.interrupted", subject=job.subject)
+                break
+    except BaseException:
+        # the events already recorded in their jobs are written by whoever comes next
+        with contextlib.suppress(Exception):
+            await ex.flush()
+        raise
+    await ex.flush()
 
 
 async def run_forever(config: ErasureConfig, dsn: str, clock: Clock, stop: asyncio.Event) -> None:
@@ -156,15 +168,18 @@ async def _subject_exists(conn: Any, plan: Plan, key: str, config: ErasureConfig
 
 async def erase_subject(config: ErasureConfig, dsn: str, clock: Clock, key: str) -> Outcome:
     """Erase one subject now, whether due or not (e.g. on the person's request)."""
-    conn = await connect(dsn)
+    conn = await _connect(config, dsn)
     try:
         plan = await prepare(conn, config)
         await _subject_exists(conn, plan, key, config)
         await ensure_job_table(conn)
         ex = Executor(conn, config, plan, ErasureAudit(config.audit), clock, worker_name())
-        if not await ex.request(key):
+        job = await ex.request(key)
+        if job is None:
             raise UserError(f"subject {key} is being erased by another worker; try again later")
-        return await ex.process(key)
+        outcome = await ex.process(job)
+        await ex.flush()
+        return outcome
     finally:
         await conn.close()
 
@@ -175,7 +190,7 @@ DryRun = list[tuple[str, list[tuple[str, int]]]]
 async def dry_run(config: ErasureConfig, dsn: str, clock: Clock, key: str | None) -> DryRun:
     """Per subject (the one given, or every due one not yet erased) and table, the rows an
     erasure would change. Read-only: it creates nothing, not even the job table."""
-    conn = await connect(dsn)
+    conn = await _connect(config, dsn)
     try:
         plan = await prepare(conn, config)
         ex = Executor(conn, config, plan, ErasureAudit(config.audit), clock, worker_name())
@@ -227,7 +242,7 @@ class JobStatus:
 
 
 async def status(config: ErasureConfig, dsn: str, clock: Clock) -> list[JobStatus]:
-    conn = await connect(dsn)
+    conn = await _connect(config, dsn)
     try:
         plan = await prepare(conn, config)
         out: list[JobStatus] = []

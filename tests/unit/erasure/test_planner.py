@@ -17,25 +17,16 @@ def plan(text: str = EXAMPLE, cat: Catalog | None = None) -> Plan:
     return build_plan(parse_config(text, "erasure.yaml"), cat or catalog())
 
 
-def statements(p: Plan) -> list[tuple[str, int, Sql]]:
-    """(name, number of dynamic parameters, statement) of every statement of a plan."""
-    out: list[tuple[str, int, Sql]] = [
-        ("due", 1, p.due),
-        ("due_one", 2, p.due_one),
-        ("exists", 1, p.exists),
-    ]
+def statements(p: Plan) -> list[tuple[str, Sql]]:
+    """(name, statement) of every statement of a plan."""
+    out = [("due", p.due), ("due_one", p.due_one), ("exists", p.exists), ("verify", p.verify)]
+    if p.rest is not None:
+        out.append(("rest", p.rest))
     for s in p.steps:
-        for name, dynamic in (
-            ("apply", 1),
-            ("owners", 1),
-            ("first_batch", 2),
-            ("next_batch", 3),
-            ("count", 1),
-            ("verify", 1),
-        ):
+        for name in ("owners", "first_batch", "next_batch", "count", "verify"):
             sql = getattr(s, name)
             if sql is not None:
-                out.append((f"{s.table}.{name}", dynamic, sql))
+                out.append((f"{s.table}.{name}", sql))
     return out
 
 
@@ -52,21 +43,48 @@ def test_children_before_the_tables_they_are_found_through() -> None:
     assert not recordings.batched and recordings.action == "delete"
     assert not accounts.batched and accounts.first_batch is None
     assert customers.columns == ("name", "email", "phone", "address", "custom")
+    # the batched tables one by one, then all the others in one statement
+    assert p.batched == (xdrs,) and p.phases == 2
+    assert [str(t) for t in p.rest_tables] == [
+        "billing.call_recordings",
+        "billing.accounts",
+        "billing.customers",
+    ]
+    assert p.rest is not None
+    assert p.rest.text.startswith(
+        'WITH s0 AS (DELETE FROM "billing"."call_recordings" AS t WHERE t."i_account" IN '
+        '(SELECT p0."i_account" FROM "billing"."accounts" AS p0 WHERE p0."i_customer" = '
+        "$1::text::bigint) RETURNING 1), "
+        's1 AS (UPDATE "billing"."accounts" AS t SET'
+    )
+    assert ', s2 AS (UPDATE "billing"."customers" AS t SET "name" = ($5::text)::text' in (
+        p.rest.text
+    )
+    assert p.rest.consts == (
+        "erased-{key}",
+        ["sip_user"],
+        "[erased]",
+        "[erased]",
+        ["passport"],
+        ["contact", "phone"],
+    )
 
 
 def test_parameters_are_numbered_after_the_dynamic_ones_and_all_used() -> None:
-    for name, dynamic, sql in statements(plan()):
+    dynamic = {"first_batch": 2, "next_batch": 3, "due_one": 2}
+    for name, sql in statements(plan()):
+        assert sql.dynamic == dynamic.get(name.rsplit(".", 1)[-1], 1), name
         used = {int(n) for n in re.findall(r"\$(\d+)", sql.text)}
-        assert used == set(range(1, dynamic + len(sql.consts) + 1)), (name, sql.text)
+        assert used == set(range(1, sql.nparams + 1)), (name, sql.text)
 
 
 def test_values_are_never_in_the_sql_text() -> None:
     text = EXAMPLE.replace('"[erased]"', '"x\'); DROP TABLE t; --"')
     p = plan(text)
-    consts = [c for _, _, sql in statements(p) for c in sql.consts]
+    consts = [c for _, sql in statements(p) for c in sql.consts]
     assert "x'); DROP TABLE t; --" in consts
     assert ["contact", "phone"] in consts and "30 days" not in consts  # class table: no consts
-    for _, _, sql in statements(p):
+    for _, sql in statements(p):
         assert "DROP TABLE" not in sql.text
         assert "passport" not in sql.text and "sip_user" not in sql.text
         assert "erased" not in sql.text
@@ -93,10 +111,14 @@ def test_identifiers_are_always_quoted() -> None:
             )
         }
     )
-    (step,) = plan(text, cat).steps
-    assert step.apply.text == (
-        'UPDATE "bi""lling"."Cust omers" AS t SET "na""me" = NULL '
-        'WHERE t."i d" = $1::text::bigint AND (t."na""me" IS NOT NULL)'
+    p = plan(text, cat)
+    assert p.rest is not None and p.rest.text == (
+        'WITH s0 AS (UPDATE "bi""lling"."Cust omers" AS t SET "na""me" = NULL '
+        'WHERE t."i d" = $1::text::bigint AND (t."na""me" IS NOT NULL) RETURNING 1)'
+    )
+    assert p.verify.text == (
+        'SELECT (SELECT ARRAY[count(*) FILTER (WHERE t."na""me" IS NOT NULL)]::bigint[] '
+        'FROM "bi""lling"."Cust omers" AS t WHERE t."i d" = $1::text::bigint) AS v0'
     )
 
 
@@ -112,10 +134,9 @@ def test_batch_statements() -> None:
     )
     # the change covers (last, highest key of the batch]: ties at the bound included
     assert 't."i_xdr" <= (SELECT hi FROM r)' in nxt
-    assert nxt.endswith(
-        "SELECT (SELECT hi::text FROM r) AS hi, (SELECT n FROM r) AS scanned, "
-        "(SELECT count(*) FROM u) AS changed"
-    )
+    assert first.startswith('WITH b AS (SELECT t."i_xdr" AS k FROM "billing"."xdrs"')
+    assert "r AS (SELECT max(k) AS hi, count(*) AS n FROM b), u AS (UPDATE" in nxt
+    assert nxt.endswith("RETURNING 1)")  # the executor adds its progress CTE and SELECT
     assert xdrs.owners is not None and xdrs.owners.text == (
         'SELECT o::text FROM (SELECT DISTINCT p."i_account" AS o FROM "billing"."accounts" AS p '
         'WHERE p."i_customer" = $1::text::bigint AND p."i_account" IS NOT NULL) AS s ORDER BY o'
@@ -156,24 +177,28 @@ def test_deleting_in_batches() -> None:
 
 def test_json_actions() -> None:
     p = plan()
-    customers, accounts = p.steps[3], p.steps[2]
-    assert '"custom" = ((t."custom" #- $3::text[]) #- $4::text[])' in customers.apply.text
-    assert customers.apply.consts == ("[erased]", ["passport"], ["contact", "phone"])
+    assert p.rest is not None
+    rest = p.rest.text
+    assert '"custom" = ((t."custom" #- $6::text[]) #- $7::text[])' in rest
     assert (
         '"custom" = pg_catalog.jsonb_set(t."custom", $3::text[], pg_catalog.to_jsonb($4::text), '
-        "false)" in accounts.apply.text
+        "false)" in rest
     )
     # {key} in a placeholder: the row's key, so a unique column stays unique
-    assert "replace($2::text, '{key}', t.\"i_account\"::text)" in accounts.apply.text
+    assert "replace($2::text, '{key}', t.\"i_account\"::text)" in rest
+    customers = p.steps[3]
+    assert customers.count.consts == ("[erased]", ["passport"], ["contact", "phone"])
+    assert '((t."custom" #> $3::text[]) IS NOT NULL OR (t."custom" #> $4::text[]) IS NOT NULL)' in (
+        customers.count.text
+    )
     # a json (not jsonb) column is converted and back
     cat = catalog()
     cust = TableName("billing", "customers")
     c = cat.relations[cust]
     c = replace(c, columns={**c.columns, "custom": Column("custom", "json", "json")})
     p2 = plan(cat=replace(cat, relations={**cat.relations, cust: c}))
-    assert '"custom" = (((t."custom"::jsonb #- $3::text[]) #- $4::text[]))::json' in (
-        p2.steps[3].apply.text
-    )
+    assert p2.rest is not None
+    assert '"custom" = (((t."custom"::jsonb #- $6::text[]) #- $7::text[]))::json' in p2.rest.text
 
 
 def test_due_statements() -> None:
@@ -224,3 +249,12 @@ def test_plan_id_follows_what_the_steps_do() -> None:
         ).plan_id
     )
     assert plan().plan_id != plan(EXAMPLE.replace("cld: null, ", "")).plan_id
+
+
+def test_the_due_check_of_the_claim_is_correlated_with_the_job_row() -> None:
+    p = plan()
+    assert p.due_job.dynamic == 4 and p.due_job1.dynamic == 1
+    assert p.due_job.text.endswith('AND s."i_customer" = (j.subject_key)::text::bigint')
+    assert {int(n) for n in re.findall(r"\$(\d+)", p.due_job.text)} == {1, 5}
+    assert {int(n) for n in re.findall(r"\$(\d+)", p.due_job1.text)} == {1, 2}
+    assert p.due_job.consts == p.due_job1.consts == ("0 days",)
