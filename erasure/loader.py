@@ -535,48 +535,48 @@ def _audit(ctx: _Ctx, node: yaml.Node) -> AuditSettings:
 
 # The documented example (README, tests).
 EXAMPLE = """\
-subject:
+subject:                                  # the data subjects: one row each, never deleted
   table: billing.customers
-  key: i_customer
-  terminated_at: terminated_at
-  retention:
-    default: 0 days
+  key: i_customer                         # unique; what `erase subject KEY` takes
+  terminated_at: terminated_at            # NULL: not terminated, never touched
+  retention:                              # or just a period: `retention: 30` (days)
+    default: 0 days                       # when nothing below gives a period
     class_table: {table: billing.customer_classes, key: i_customer_class, column: retention}
 tables:
-  billing.customers:
+  billing.customers:                      # the subject table: its rows are the subjects
     columns:
-      name: {placeholder: "[erased]"}
-      email: null
+      name: {placeholder: "[erased]"}     # set to this text (cast to the column's type)
+      email: null                         # set to NULL
       phone: null
       address: null
-      custom: {json_keys: [passport, contact.phone]}
+      custom: {json_keys: [passport, contact.phone]}   # remove these keys (dotted paths)
   billing.accounts:
-    owner: {column: i_customer}
-    key: i_account
+    owner: {column: i_customer}           # rows whose i_customer is the subject's key
+    key: i_account                        # the row's key: {key} in placeholders, batches
     columns:
-      id: {placeholder: "erased-{key}"}
+      id: {placeholder: "erased-{key}"}   # unique columns need {key}
       ip: null
       mac: null
-      custom: {json_keys: [sip_user], placeholder: "[erased]"}
+      custom: {json_keys: [sip_user], placeholder: "[erased]"}   # replace where present
   billing.xdrs:
-    owner: {column: i_account, through: billing.accounts}
-    large: true
+    owner: {column: i_account, through: billing.accounts}   # accounts.i_account (owner.key)
+    large: true                           # in batches by (i_account, i_xdr): needs that index
     key: i_xdr
-    batch_size: 5000
+    batch_size: 5000                      # this table's batches (default: worker.batch_size)
     columns: {account_id: null, cli: null, cld: null, ip: null}
   billing.call_recordings:
     owner: {column: i_account, through: billing.accounts}
-    action: delete
+    action: delete                        # delete the rows (default: update the columns)
 worker:
-  poll_interval: 60s
+  poll_interval: 60s                      # `erase run`: how often to look for due subjects
   batch_size: 5000
-  lock_timeout: 1s
+  lock_timeout: 1s                        # every statement; a batch is one statement
   statement_timeout: 30s
-  rate_limit: 0
-  retries: 5
-  max_failures: 5
-  concurrency: 1
+  rate_limit: 0                           # rows per second per connection; 0: unlimited
+  retries: 5                              # per statement, on lock or statement timeouts
+  max_failures: 5                         # postponements before a job is failed
+  concurrency: 1                          # jobs at once per process (a connection each)
 audit:
-  file: /var/log/pgveil/erasure.jsonl
-  stdout: false
+  file: /var/log/pgveil/erasure.jsonl     # hash-chained JSON lines, not the proxy's file
+  stdout: false                           # JSON lines on standard output as well
 """

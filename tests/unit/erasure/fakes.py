@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
+from erasure import loader
 from erasure.catalog import Catalog, Column, Index, Relation
 from erasure.model import TableName
+
+# the documented example without its comments (same lines), for tests that edit it
+EXAMPLE = re.sub(r"\s+#.*$", "", loader.EXAMPLE, flags=re.M)
 
 TYPES = {
     "int4": "integer",

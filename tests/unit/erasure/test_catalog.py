@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from erasure.catalog import Catalog, Column, Index, check
-from erasure.loader import EXAMPLE, parse_config
+from erasure.loader import parse_config
 from erasure.model import TableName
-from tests.unit.erasure.fakes import catalog, cols
+from tests.unit.erasure.fakes import EXAMPLE, catalog, cols
 
 XDRS = TableName("billing", "xdrs")
 ACCOUNTS = TableName("billing", "accounts")

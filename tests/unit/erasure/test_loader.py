@@ -4,12 +4,27 @@ the line, the key path and the fix."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from erasure.loader import EXAMPLE, ErasureConfigError, load_config, parse_config
+from erasure import loader
+from erasure.loader import ErasureConfigError, load_config, parse_config
 from erasure.model import ColumnAction, Owner, TableName
+from tests.unit.erasure.fakes import EXAMPLE
+
+
+def test_the_annotated_example_is_the_same_configuration() -> None:
+    annotated = loader.EXAMPLE
+    assert annotated.count("#") > 20 and annotated.count("\n") == EXAMPLE.count("\n")
+    a, b = parse_config(annotated, "e.yaml"), parse_config(EXAMPLE, "e.yaml")
+    assert replace(a, version="") == replace(b, version="")
+
+
+def test_the_readme_documents_the_example() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    assert "```yaml\n" + loader.EXAMPLE + "```" in readme
 
 
 def test_the_documented_example_loads() -> None:

@@ -7,10 +7,10 @@ import re
 from dataclasses import replace
 
 from erasure.catalog import Catalog, Column, Index, Relation
-from erasure.loader import EXAMPLE, parse_config
+from erasure.loader import parse_config
 from erasure.model import TableName
 from erasure.planner import Plan, Sql, build_plan
-from tests.unit.erasure.fakes import catalog, cols
+from tests.unit.erasure.fakes import EXAMPLE, catalog, cols
 
 
 def plan(text: str = EXAMPLE, cat: Catalog | None = None) -> Plan:
