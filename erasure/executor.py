@@ -203,6 +203,7 @@ class Executor:
         self._claim = _claim_sql(plan)
         self._outbox: list[tuple[str, dict[str, Any]]] = []  # recorded, not yet written
         self._outbox_since = 0.0
+        self._next_batch = 0.0  # rate limit: when the next batch may start
 
     # -- statements -------------------------------------------------------------------------
 
@@ -482,7 +483,6 @@ class Executor:
         step_started = time.monotonic()
         base_seconds = job.seconds.get(table, 0.0)
         prev_ms = 0.0
-        scanned_total = 0
         while job.step == i:
             self._check_stop()
             await self._flush_if_due()
@@ -507,6 +507,7 @@ class Executor:
                 prev_ms,
                 self.plan.phases,
             ]
+            batch_started = time.monotonic()
             row, ms = await self._retrying(table, functools.partial(self._timed, sql, args))
             self.batch_ms.append(ms)
             prev_ms = ms
@@ -522,8 +523,7 @@ class Executor:
                     job.owner_pos, job.last_key = pos + 1, None
             else:
                 job.last_key = row["hi"]
-            scanned_total += scanned
-            await self._throttle(step_started, scanned_total)
+            await self._throttle(batch_started, scanned)
         job.seconds[table] = round(base_seconds + time.monotonic() - step_started, 3)
 
     async def _rest(self, job: Job) -> None:
@@ -554,13 +554,16 @@ class Executor:
         job.step = self.plan.phases
         job.state = "done"
 
-    async def _throttle(self, started: float, scanned: int) -> None:
+    async def _throttle(self, batch_started: float, rows: int) -> None:
+        """Paces batches to `rate_limit` rows per second on this connection: the next batch
+        may start once this one's rows are paid for (unused time is not saved up)."""
         rate = self.config.worker.rate_limit
         if rate <= 0:
             return
-        ahead = started + scanned / rate - time.monotonic()
-        if ahead > 0:
-            await asyncio.sleep(ahead)
+        self._next_batch = max(self._next_batch, batch_started) + rows / rate
+        delay = self._next_batch - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():

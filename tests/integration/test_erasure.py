@@ -341,6 +341,18 @@ def test_run_polls_until_stopped(db: Db, tmp_path: Path) -> None:
     assert "4 subject(s) queued; 4 verified" in out
 
 
+def test_the_rate_limit_paces_batches(db: Db, tmp_path: Path) -> None:
+    config, audit = write_config(tmp_path, batch_size=20, rate_limit=300)
+    r = erase("run", "--once", "--config", str(config), "--dsn", db.dsn, "--now", at(1))
+    assert r.returncode == 0, r.stderr
+    ev = events(audit)
+    assert len(ev) == 3
+    for e in ev:
+        # 60 xDRs in 4 batches at 300 rows/s: at least 0.2 s, however fast the machine
+        assert e["rows"]["billing.xdrs"] == 60 and e["batches"] == 4  # type: ignore[index]
+        assert e["seconds"]["billing.xdrs"] >= 0.199, e["seconds"]  # type: ignore[index]
+
+
 def test_lock_timeouts_postpone_instead_of_blocking(db: Db, tmp_path: Path) -> None:
     config, _ = write_config(tmp_path, lock_timeout="100ms", retries=1, max_failures=3)
     args = ("--config", str(config), "--dsn", db.dsn)
