@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from erasure.db import DsnError, sqlstate_of
+from erasure.db import ConnectError, DsnError, sqlstate_of
 from erasure.executor import Outcome
 from erasure.loader import ErasureConfigError, load_config
 from erasure.worker import (
@@ -31,6 +31,7 @@ from erasure.worker import (
     erase_subject,
     fixed_clock,
     run,
+    run_forever,
     status,
 )
 
@@ -115,7 +116,7 @@ def main(ns: argparse.Namespace) -> int:
             "the erasure configuration does not fit the database; nothing was changed:\n"
             + "\n".join(exc.problems)
         )
-    except (UserError, DsnError) as exc:
+    except (UserError, DsnError, ConnectError) as exc:
         return _error(str(exc))
     except OSError as exc:
         return _error(f"cannot reach the database: {exc.strerror or type(exc).__name__}")
@@ -130,7 +131,9 @@ def _run(config: Any, ns: argparse.Namespace, clock: Any, out: TextIO) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        return await run(config, ns.dsn, clock, once=ns.once, stop=stop)
+        if ns.once:
+            return await run(config, ns.dsn, clock, once=True, stop=stop)
+        return await run_forever(config, ns.dsn, clock, stop)
 
     summary = asyncio.run(main_loop())
     states = [o.state for o in summary.outcomes]

@@ -31,6 +31,10 @@ class DsnError(Exception):
     pass
 
 
+class ConnectError(Exception):
+    """No connection: the server is unreachable or refused us (message safe to print)."""
+
+
 _DSN_PAIR = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)")
 
 
@@ -78,9 +82,16 @@ async def connect(dsn: str, lock_timeout_ms: int = 0, statement_timeout_ms: int 
         settings["lock_timeout"] = f"{int(lock_timeout_ms)}ms"
     if statement_timeout_ms:
         settings["statement_timeout"] = f"{int(statement_timeout_ms)}ms"
-    conn = await asyncpg.connect(
-        dsn_to_uri(dsn), server_settings=settings, statement_cache_size=256
-    )
+    try:
+        conn = await asyncpg.connect(
+            dsn_to_uri(dsn), server_settings=settings, statement_cache_size=256
+        )
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot reach the database: {exc.strerror or type(exc).__name__}"
+        ) from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ConnectError(f"the database refused the connection: {sqlstate_of(exc)}") from exc
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     if conn.get_server_version().major >= 14:
         # a worker killed mid-statement: its backend stops within a second instead of

@@ -24,6 +24,7 @@ from erasure.catalog import check
 from erasure.db import (
     JOB_TABLE,
     LOCK_CLASS,
+    ConnectError,
     check_placeholders,
     configured_names,
     connect,
@@ -54,6 +55,7 @@ class RunSummary:
     enqueued: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
     batch_ms: list[float] = field(default_factory=list)
+    started: bool = False  # the configuration was accepted and the job table is there
 
     @property
     def failed(self) -> list[Outcome]:
@@ -82,19 +84,23 @@ async def run(
     clock: Clock,
     once: bool,
     stop: asyncio.Event | None = None,
+    summary: RunSummary | None = None,
 ) -> RunSummary:
-    """Queue due subjects and erase them: until `stop` is set, or one pass with `once`."""
+    """Queue due subjects and erase them: until `stop` is set, or one pass with `once`.
+    Adds to `summary` when one is given (it is then up to date if this raises)."""
     stop = stop or asyncio.Event()
-    summary = RunSummary()
+    summary = summary if summary is not None else RunSummary()
     audit = ErasureAudit(config.audit)
     conns: list[Any] = []
+    executors: list[Executor] = []
     try:
         conns.append(await _connect(config, dsn))
         plan = await prepare(conns[0], config)
         await ensure_job_table(conns[0])
+        summary.started = True
         for _ in range(1, config.worker.concurrency):
             conns.append(await _connect(config, dsn))
-        executors = [
+        executors += [
             Executor(c, config, plan, audit, clock, worker_name(i), stop)
             for i, c in enumerate(conns)
         ]
@@ -106,10 +112,10 @@ async def run(
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), config.worker.poll_interval_s)
-        for ex in executors:
-            summary.batch_ms.extend(ex.batch_ms)
         return summary
     finally:
+        for ex in executors:
+            summary.batch_ms.extend(ex.batch_ms)
         for c in conns:
             with contextlib.suppress(Exception):
                 await c.close()
@@ -135,24 +141,35 @@ async def _work(ex: Executor, done: set[str], summary: RunSummary) -> None:
     await ex.flush()
 
 
-async def run_forever(config: ErasureConfig, dsn: str, clock: Clock, stop: asyncio.Event) -> None:
-    """`run` that survives lost connections and server restarts (it reconnects); a bad
-    configuration still ends it."""
+async def run_forever(
+    config: ErasureConfig, dsn: str, clock: Clock, stop: asyncio.Event
+) -> RunSummary:
+    """`run` until `stop`, surviving lost connections, server restarts and an audit file
+    that cannot be written for a while (it starts again, with back-off). A configuration
+    the database refuses, or a first connection that fails, still ends it."""
+    summary = RunSummary()
     delay = 1.0
     while not stop.is_set():
         try:
-            await run(config, dsn, clock, once=False, stop=stop)
-            return
-        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
-            log.error("erasure.connection_lost", error=type(exc).__name__, retry_in_s=delay)
+            return await run(config, dsn, clock, once=False, stop=stop, summary=summary)
+        except (
+            OSError,
+            ConnectError,
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+        ) as exc:
+            if not summary.started:
+                raise
+            log.error("erasure.interrupted", error=type(exc).__name__, retry_in_s=delay)
         except asyncpg.PostgresError as exc:
             code = getattr(exc, "sqlstate", "") or ""
-            if not code.startswith(("08", "57P")):
+            if not summary.started or not code.startswith(("08", "57P")):
                 raise
-            log.error("erasure.connection_lost", error=f"SQLSTATE {code}", retry_in_s=delay)
+            log.error("erasure.interrupted", error=f"SQLSTATE {code}", retry_in_s=delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
         delay = min(delay * 2, 60.0)
+    return summary
 
 
 async def _subject_exists(conn: Any, plan: Plan, key: str, config: ErasureConfig) -> None:

@@ -202,11 +202,24 @@ class Db:
     def dump(self) -> str:
         """pg_dump --data-only of the whole database."""
         out = subprocess.run(
-            [pg_dump(self.pg), "--data-only", "--no-sync", "-h", self.pg.host,
-             "-p", str(self.pg.port), "-U", self.pg.superuser, "-d", self.name],
-            capture_output=True, text=True, timeout=120,
+            [
+                pg_dump(self.pg),
+                "--data-only",
+                "--no-sync",
+                "-h",
+                self.pg.host,
+                "-p",
+                str(self.pg.port),
+                "-U",
+                self.pg.superuser,
+                "-d",
+                self.name,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={**os.environ, "PGPASSWORD": self.pg.password},
-        )  # fmt: skip
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout
 
@@ -323,16 +336,22 @@ def erase(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy.cli", "erase", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "erase", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 @contextlib.contextmanager

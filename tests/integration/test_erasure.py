@@ -319,7 +319,7 @@ def test_two_workers_at_once_do_each_subject_once(db: Db, tmp_path: Path) -> Non
     assert erased_subjects(db) == set(TERMINATED)
 
 
-def test_run_polls_until_stopped(db: Db, tmp_path: Path) -> None:
+def test_run_polls_until_stopped_and_survives_a_lost_connection(db: Db, tmp_path: Path) -> None:
     config, _ = write_config(tmp_path, poll_interval="200ms")
     p = spawn("run", "--config", str(config), "--dsn", db.dsn, "--now", at(1))
     try:
@@ -327,7 +327,13 @@ def test_run_polls_until_stopped(db: Db, tmp_path: Path) -> None:
         while time.monotonic() < deadline and len(erased_subjects(db)) < 3:
             time.sleep(0.1)
         assert erased_subjects(db) == {c for c in TERMINATED if due(c, 1, CUSTOMERS)}
-        # still polling: a newly terminated customer is picked up without a restart
+        # the connection is cut (a server restart, a DBA): the worker connects again
+        killed = db.query(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'pgveil-erasure' AND datname = current_database()"
+        )
+        assert killed == [(1,)]
+        # and still polls: a newly terminated customer is picked up without a restart
         db.execute(
             f"UPDATE billing.customers SET terminated_at = '{T0.isoformat()}' WHERE i_customer = 3"
         )
@@ -338,6 +344,7 @@ def test_run_polls_until_stopped(db: Db, tmp_path: Path) -> None:
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
+    assert '"event":"erasure.interrupted"' in err
     assert "4 subject(s) queued; 4 verified" in out
 
 
@@ -469,5 +476,10 @@ def test_command_line_mistakes(db: Db, tmp_path: Path) -> None:
     assert r.returncode == 2 and "cannot read the erasure configuration" in r.stderr
     r = erase("run", "--config", str(config), "--dsn", "host=127.0.0.1 port=1 user=x")
     assert r.returncode == 2 and r.stderr.startswith("pgveil: error: cannot reach the database")
+    r = erase("status", "--config", str(config), "--dsn", db.dsn.replace("user=", "user=x"))
+    assert r.returncode == 2
+    assert r.stderr == (
+        "pgveil: error: the database refused the connection: InvalidPasswordError (28P01)\n"
+    )
     r = erase("subject", "--config", str(config))
     assert r.returncode == 2 and "the following arguments are required: KEY" in r.stderr
