@@ -166,9 +166,13 @@ class Cluster:
 
     async def connect(self, dbname: str) -> Any:
         return await asyncpg.connect(
-            host=HOST, port=self.db.port, user=self.db.superuser, password=self.db.password,
-            database=dbname, ssl=False,
-        )  # fmt: skip
+            host=HOST,
+            port=self.db.port,
+            user=self.db.superuser,
+            password=self.db.password,
+            database=dbname,
+            ssl=False,
+        )
 
     async def admin(self, sql: str) -> None:
         conn = await self.connect("postgres")
@@ -233,9 +237,24 @@ TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.
 
 def pgbench(cluster: Cluster, port: int, name: str, script: Path, ns: argparse.Namespace) -> float:
     argv = [
-        tool(cluster.db, "pgbench"), "-h", HOST, "-p", str(port), "-U", cluster.db.superuser,
-        "-n", "-f", str(script), "-c", str(ns.clients), "-j", "2", "-T", str(ns.duration), name,
-    ]  # fmt: skip
+        tool(cluster.db, "pgbench"),
+        "-h",
+        HOST,
+        "-p",
+        str(port),
+        "-U",
+        cluster.db.superuser,
+        "-n",
+        "-f",
+        str(script),
+        "-c",
+        str(ns.clients),
+        "-j",
+        "2",
+        "-T",
+        str(ns.duration),
+        name,
+    ]
     env = {**os.environ, "PGPASSWORD": cluster.db.password, "PGSSLMODE": "disable"}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=ns.duration + 120)
     m = TPS_RE.search(done.stdout)
@@ -256,9 +275,14 @@ def tool(db: EmbeddedPostgres, name: str) -> str:
 def process(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[Any]:
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
-        )  # fmt: skip
+            argv,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
@@ -304,17 +328,36 @@ async def live_traffic(
     script.write_text(PGBENCH_SCRIPT.format(first=ns.subjects + 1, last=2 * ns.subjects))
     port = free_port(HOST)
     proxy_argv = [
-        sys.executable, "-m", "proxy.cli", "proxy", "--listen", f"{HOST}:{port}",
-        "--upstream", f"{HOST}:{cluster.db.port}", "--upstream-sslmode", "disable",
-        "--log-level", "warning",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "proxy",
+        "--listen",
+        f"{HOST}:{port}",
+        "--upstream",
+        f"{HOST}:{cluster.db.port}",
+        "--upstream-sslmode",
+        "disable",
+        "--log-level",
+        "warning",
+    ]
     audit = workdir / f"live-{rate_limit}.jsonl"
     config = workdir / f"live-{rate_limit}.yaml"
     config.write_text(config_text(audit, ns.batch_size, 1, rate_limit))
     erase_argv = [
-        sys.executable, "-m", "proxy.cli", "erase", "run", "--once", "--config", str(config),
-        "--dsn", cluster.dsn(name), "--now", NOW.isoformat(),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "erase",
+        "run",
+        "--once",
+        "--config",
+        str(config),
+        "--dsn",
+        cluster.dsn(name),
+        "--now",
+        NOW.isoformat(),
+    ]
     with process(proxy_argv, workdir / "pgveil.log") as proxy:
         wait_port(port, proxy)
         log(f"live traffic (rate limit {rate_limit or 'none'}): warm-up, idle ...")
@@ -370,8 +413,10 @@ async def main_async(ns: argparse.Namespace, stack: contextlib.ExitStack) -> str
     db.start()
     cluster = Cluster(db)
     total = ns.subjects * ns.rows
-    log(f"generating {total:,} xDRs of {ns.subjects:,} subjects + "
-        f"{ns.subjects * ns.live_rows:,} live ones ...")  # fmt: skip
+    log(
+        f"generating {total:,} xDRs of {ns.subjects:,} subjects + "
+        f"{ns.subjects * ns.live_rows:,} live ones ..."
+    )
     t = time.perf_counter()
     await load(cluster, "erasure_src", ns)
     log(f"  loaded in {time.perf_counter() - t:.0f} s")
@@ -406,8 +451,10 @@ def report(ns: argparse.Namespace, db: EmbeddedPostgres, r: dict[str, Any]) -> s
     bulk_rps = bulk_rows / bulk_s
     commit = subprocess.run(
         ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip()  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     version = db.psql("SHOW server_version").strip()
     lines = [
         "# Erasure worker benchmark",

@@ -338,15 +338,17 @@ def _table(
     if is_subject:
         if key is not None and key != subject.key:
             raise ctx.fail(
-                given["key"], f"{path}.key", f"the subject table's key is subject.key "
-                f"({subject.key}); remove 'key'"
-            )  # fmt: skip
+                given["key"],
+                f"{path}.key",
+                f"the subject table's key is subject.key ({subject.key}); remove 'key'",
+            )
         key = subject.key
         if large:
             raise ctx.fail(
-                given["large"], f"{path}.large", "the subject table has one row per subject; "
-                "remove 'large'"
-            )  # fmt: skip
+                given["large"],
+                f"{path}.large",
+                "the subject table has one row per subject; remove 'large'",
+            )
     batch_size = (
         ctx.integer(given["batch_size"], f"{path}.batch_size", 1, 1_000_000)
         if "batch_size" in given
@@ -361,14 +363,17 @@ def _table(
         )
     if batch_size is not None and not large:
         raise ctx.fail(
-            given["batch_size"], f"{path}.batch_size", "batches are for large tables: add "
-            "large: true (and key), or remove batch_size"
-        )  # fmt: skip
+            given["batch_size"],
+            f"{path}.batch_size",
+            "batches are for large tables: add large: true (and key), or remove batch_size",
+        )
     if owner is not None and key is not None and key == owner.column:
         raise ctx.fail(
-            given["key"], f"{path}.key", "the key must differ from owner.column: use a key "
-            "that orders the rows of one owner (e.g. the primary key)"
-        )  # fmt: skip
+            given["key"],
+            f"{path}.key",
+            "the key must differ from owner.column: use a key "
+            "that orders the rows of one owner (e.g. the primary key)",
+        )
     for c in columns:
         if c.uses_key and key is None:
             raise ctx.fail(
@@ -376,8 +381,9 @@ def _table(
                 f"{path}.columns.{c.column}.placeholder",
                 "'{key}' needs the table's key: add 'key' to the table",
             )
-    return TableSpec(table, owner, "delete" if action == "delete" else "update", columns, large,
-                     key, batch_size)  # fmt: skip
+    return TableSpec(
+        table, owner, "delete" if action == "delete" else "update", columns, large, key, batch_size
+    )
 
 
 def _owner(ctx: _Ctx, node: yaml.Node, path: str, subject: SubjectSpec) -> Owner:
