@@ -263,7 +263,10 @@ async def status(config: ErasureConfig, dsn: str, clock: Clock) -> list[JobStatu
     try:
         plan = await prepare(conn, config)
         out: list[JobStatus] = []
-        names = plan.step_names()
+        # what each phase of a job erases: a large table, then all the others at once
+        names = [str(s.table) for s in plan.batched]
+        if plan.rest is not None:
+            names.append(", ".join(str(t) for t in plan.rest_tables))
         if await job_table_exists(conn):
             rows = await conn.fetch(
                 f"""

@@ -286,6 +286,9 @@ def test_kill_9_at_random_points_then_resume(db: Db, tmp_path: Path) -> None:
         assert "running" in states and "verified" in states
         r = erase("status", "--config", str(config), "--dsn", db.dsn, "--now", now)
         assert r.returncode == 0 and "interrupted: no worker holds it" in r.stdout
+        assert "step 1/2 billing.xdrs" in r.stdout or (
+            "step 2/2 billing.call_recordings, billing.accounts, billing.customers" in r.stdout
+        ), r.stdout
         r = erase("run", "--once", "--config", str(config), "--dsn", db.dsn, "--now", now)
         assert r.returncode == 0, r.stderr
         # the same end state as the run that was never interrupted
