@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--follow", action="store_true")
     at.add_argument("--role")
     at.add_argument("--table")
+    from erasure.cli import add_arguments as add_erase_arguments
+
+    e = sub.add_parser("erase", help="erase the personal data of terminated customers")
+    add_erase_arguments(e, _Parser)
     return parser
 
 
@@ -158,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from proxy import audit_cli
 
             return audit_cli.run(ns)
+        if ns.command == "erase":
+            from erasure.cli import main as erase_main
+
+            return erase_main(ns)
         if ns.command == "rules":
             from proxy.rules_cli import run
 

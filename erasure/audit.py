@@ -1,0 +1,69 @@
+"""Writes erasure audit events to the audit sinks: the hash-chained JSON-lines file and/or
+standard output (the same formats as the proxy's stream).
+
+A small adapter until the proxy's writer moves to `audit/`: events are linked with
+`audit.events.Chain` under an exclusive `flock` of the file, continuing the chain from the
+file's last event, so several workers (processes) can append to one file without breaking
+the chain; a group of events costs one fsync. The proxy keeps its chain position in memory,
+so the erasure file must not be the proxy's. Events hold subject keys, table and column
+names, counts and timings only: callers never pass an erased value.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from audit.events import Chain, canonical
+from audit.files import last_hash
+from erasure.model import AuditSettings
+
+# a redelivered event, if it was written at all, was written moments before its worker
+# died: the end of the file is where to look for it
+TAIL_BYTES = 8 * 1024 * 1024
+
+
+class ErasureAudit:
+    def __init__(self, settings: AuditSettings) -> None:
+        self.settings = settings
+
+    def write(self, fields: Mapping[str, Any], redelivery: bool = False) -> None:
+        self.write_many([fields], redelivery)
+
+    def write_many(self, events: Sequence[Mapping[str, Any]], redelivery: bool = False) -> None:
+        """Append `erasure` events, durably (one fsync). `redelivery`: the events may
+        already be in the file (a worker died between writing them and recording that it
+        had); an event is skipped when one with the same `job` id is near the end."""
+        if not events:
+            return
+        path = self.settings.file
+        linked: list[dict[str, Any]] = []
+        if path is not None:
+            with path.open("ab+") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                try:
+                    if redelivery:
+                        events = [e for e in events if not _near_end(f, str(e["job"]))]
+                    chain = Chain(last_hash(path))
+                    linked = [chain.link("erasure", e) for e in events]
+                    f.write(b"".join(canonical(e) + b"\n" for e in linked))
+                    f.flush()
+                    os.fsync(f.fileno())
+                finally:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        else:
+            chain = Chain()
+            linked = [chain.link("erasure", e) for e in events]
+        if self.settings.stdout:
+            sys.stdout.buffer.write(b"".join(canonical(e) + b"\n" for e in linked))
+            sys.stdout.buffer.flush()
+
+
+def _near_end(f: Any, job: str) -> bool:
+    needle = canonical({"job": job})[1:-1]  # '"job":"..."' exactly as canonical() writes it
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - TAIL_BYTES))
+    return needle in f.read()

@@ -1,0 +1,488 @@
+"""The erasure worker on a real PostgreSQL with generated billing data (see
+erasure_fixture.py): due-ness and retention with an injected time, a pg_dump afterwards,
+dry runs, erasure on request, kill -9 at random points and resume, two workers at once,
+a partitioned xDR table, lock timeouts, verification failures and bad configurations.
+Everything runs through the `pgveil erase` command line, as operators run it."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from audit.files import read_events, verify_files
+from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.erasure_fixture import (
+    T0,
+    Db,
+    at,
+    config_yaml,
+    create,
+    drop,
+    due,
+    dump_rows,
+    erase,
+    marker,
+    personal_values,
+    rows_by_owner,
+    spawn,
+)
+
+CUSTOMERS = 40
+XDRS_PER_ACCOUNT = 30
+TERMINATED = [c for c in range(1, CUSTOMERS + 1) if c % 4 == 0]
+
+SLOW = """
+CREATE FUNCTION billing.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(0.003); RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END; END $$;
+CREATE TRIGGER slow BEFORE UPDATE ON billing.xdrs FOR EACH ROW EXECUTE FUNCTION billing.slow();
+CREATE TRIGGER slow BEFORE DELETE ON billing.call_recordings
+    FOR EACH ROW EXECUTE FUNCTION billing.slow();
+CREATE TRIGGER slow BEFORE UPDATE ON billing.accounts
+    FOR EACH ROW EXECUTE FUNCTION billing.slow();
+"""
+
+
+@pytest.fixture(scope="module")
+def base(pg: EmbeddedPostgres) -> Iterator[Db]:
+    db = create(pg, "erasure_base", CUSTOMERS, XDRS_PER_ACCOUNT)
+    yield db
+    drop(pg, db.name)
+
+
+@pytest.fixture
+def db(base: Db, request: pytest.FixtureRequest) -> Iterator[Db]:
+    copy = base.copy(f"erasure_{request.node.name[5:40].lower()}")
+    yield copy
+    drop(copy.pg, copy.name)
+
+
+def write_config(tmp_path: Path, name: str = "erasure.yaml", **worker: object) -> tuple[Path, Path]:
+    audit = tmp_path / f"{name}.audit.jsonl"
+    path = tmp_path / name
+    path.write_text(config_yaml(audit, **worker))
+    return path, audit
+
+
+def jobs(db: Db) -> dict[str, tuple[str, dict[str, int]]]:
+    return {
+        str(k): (str(s), dict(r))  # type: ignore[call-overload]
+        for k, s, r in db.query("SELECT subject_key, state, rows FROM pgveil.erasure_job")
+    }
+
+
+def events(audit: Path) -> list[dict[str, object]]:
+    return list(read_events(audit)) if audit.exists() else []
+
+
+def erased_subjects(db: Db) -> set[int]:
+    """Customers whose name is the placeholder."""
+    return {
+        int(str(r[0]))
+        for r in db.query("SELECT i_customer FROM billing.customers WHERE name = '[erased]'")
+    }
+
+
+def assert_only_these_changed(before: str, after: str, erased: set[int]) -> None:
+    """Other customers' rows are byte-identical in the dumps; the erased customers' rows
+    stay (except deleted recordings) and no longer hold their marker."""
+    b, a = rows_by_owner(before), rows_by_owner(after)
+    for key in set(b) | set(a):
+        table, owner = key
+        if owner not in erased:
+            assert b.get(key) == a.get(key), f"{table} rows of customer {owner} changed"
+            continue
+        if table == "billing.call_recordings":
+            assert key not in a, f"recordings of customer {owner} remain"
+            continue
+        assert sum(b[key].values()) == sum(a[key].values()), f"{table} lost rows of {owner}"
+        assert not any(marker(owner) in line for line in a[key]), (table, owner)
+
+
+def billing_rows(dump: str) -> dict[str, list[str]]:
+    return {t: rows for t, rows in dump_rows(dump).items() if t.startswith("billing.")}
+
+
+def xdr_totals(db: Db) -> tuple[object, ...]:
+    return db.query("SELECT count(*), sum(charged) FROM billing.xdrs")[0]
+
+
+def test_immediate_and_retention_delayed_erasure(db: Db, tmp_path: Path) -> None:
+    config, audit = write_config(tmp_path)
+    dump0 = db.dump()
+    totals = xdr_totals(db)
+    values = personal_values(db, TERMINATED)
+    args = ("--config", str(config), "--dsn", db.dsn)
+    expected_total: set[int] = set()
+    printed = ""
+    for days in (-1, 1, 8, 29, 30):
+        r = erase("run", "--once", *args, "--now", at(days))
+        assert r.returncode == 0, r.stdout + r.stderr
+        printed += r.stdout + r.stderr
+        expected = {c for c in TERMINATED if due(c, days, CUSTOMERS)}
+        assert erased_subjects(db) == expected, days
+        newly = expected - expected_total
+        assert f"{len(newly)} subject(s) queued; {len(newly)} verified, 0 failed" in r.stdout
+        expected_total = expected
+    assert expected_total == set(TERMINATED)  # immediate, 7-day default, 30-day European
+    dump = db.dump()
+    assert_only_these_changed(dump0, dump, set(TERMINATED))
+    for c, vals in values.items():
+        assert vals, c
+        for v in vals:
+            assert v not in dump, f"a personal value of customer {c} is still in the dump"
+    assert xdr_totals(db) == totals
+    # every partition of the xDR table was erased, and the rows stayed
+    per_partition = db.query(
+        "SELECT tableoid::regclass::text, count(*), count(cli) FROM billing.xdrs "
+        "WHERE i_account / 10 = ANY(%s) GROUP BY 1 ORDER BY 1",
+        TERMINATED,
+    )
+    assert [(p, c > 0, n) for p, c, n in per_partition] == [  # type: ignore[operator]
+        (f"billing.xdrs_2026_0{m}", True, 0) for m in (1, 2, 3)
+    ]
+    state = jobs(db)
+    assert set(state) == {str(c) for c in TERMINATED}
+    for c in TERMINATED:
+        assert state[str(c)] == (
+            "verified",
+            {
+                "billing.xdrs": 60,
+                "billing.call_recordings": 4,
+                "billing.accounts": 2,
+                "billing.customers": 1,
+            },
+        )
+    ev = events(audit)
+    assert sorted(int(str(e["subject"])) for e in ev) == TERMINATED
+    assert all(e["type"] == "erasure" and e["verified"] is True for e in ev)
+    assert verify_files([audit])[1] is None
+    text = audit.read_text() + printed  # what was audited, printed and logged
+    assert '"event":"erasure.job.verified"' in printed
+    for vals in values.values():
+        assert not any(v in text for v in vals)
+    # a later run finds nothing to do and changes nothing
+    r = erase("run", "--once", *args, "--now", at(400))
+    assert r.returncode == 0 and "0 subject(s) queued; 0 verified" in r.stdout
+    assert billing_rows(db.dump()) == billing_rows(dump)
+
+
+def test_dry_run_changes_nothing_and_predicts_the_counts(db: Db, tmp_path: Path) -> None:
+    config, audit = write_config(tmp_path)
+    args = ("--config", str(config), "--dsn", db.dsn, "--now", at(40))
+    before = db.checksums()
+    r = erase("run", "--dry-run", *args)
+    assert r.returncode == 0, r.stderr
+    assert db.checksums() == before
+    assert db.query("SELECT to_regnamespace('pgveil') IS NULL") == [(True,)]
+    assert not audit.exists()
+    predicted: dict[str, dict[str, int]] = {}
+    subject = None
+    for line in r.stdout.splitlines():
+        if line.startswith("subject "):
+            subject = line.split()[1].rstrip(":")
+            predicted[subject] = {}
+        elif line.startswith("  ") and subject is not None:
+            table, n, _ = line.split()
+            predicted[subject][table] = int(n)
+    assert set(predicted) == {str(c) for c in TERMINATED}
+    assert f"dry run: {len(TERMINATED)} subject(s), {len(TERMINATED) * 67} row(s)" in r.stdout
+    r = erase("subject", "5", "--dry-run", *args)
+    assert r.returncode == 0 and "billing.xdrs" in r.stdout and db.checksums() == before
+    r = erase("run", "--once", *args)
+    assert r.returncode == 0, r.stderr
+    assert {k: rows for k, (_, rows) in jobs(db).items()} == predicted
+    # after the erasure, a dry run of an erased subject finds nothing left
+    r = erase("subject", str(TERMINATED[0]), "--dry-run", *args)
+    assert r.returncode == 0 and "dry run: 1 subject(s), 0 row(s)" in r.stdout
+
+
+def test_erase_one_subject_on_request(db: Db, tmp_path: Path) -> None:
+    config, audit = write_config(tmp_path)
+    args = ("--config", str(config), "--dsn", db.dsn)
+    before = db.dump()
+    values = personal_values(db, [5])[5]
+    r = erase("subject", "5", *args)  # not terminated: erased because it was asked
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("subject 5: verified; rows changed: billing.xdrs 60,")
+    after = db.dump()
+    assert_only_these_changed(before, after, {5})
+    assert not any(v in after for v in values)
+    assert erased_subjects(db) == {5}
+    # again: nothing left to change, verified again, audited again
+    r = erase("subject", "5", *args)
+    assert r.returncode == 0 and "billing.xdrs 0, billing.call_recordings 0" in r.stdout
+    assert [e["subject"] for e in events(audit)] == ["5", "5"]
+    assert [e["requested"] for e in events(audit)] == [True, True]
+    assert billing_rows(db.dump()) == billing_rows(after)
+    r = erase("subject", "99999", *args)
+    assert r.returncode == 2
+    assert r.stderr == "pgveil: error: no subject 99999 in billing.customers\n"
+    r = erase("subject", "abc", *args)
+    assert r.returncode == 2
+    assert "is not a valid key of billing.customers.i_customer" in r.stderr
+
+
+def wait_backend(db: Db, present: bool, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = db.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgveil-erasure' "
+            "AND datname = current_database()"
+        )[0][0]
+        if (n > 0) == present:  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the worker's backend is {'absent' if present else 'still there'}")
+
+
+def in_batch(db: Db) -> bool:
+    return bool(
+        db.query(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = "
+            "'pgveil-erasure' AND datname = current_database() AND state = 'active' "
+            "AND query LIKE 'WITH b AS%%'"
+        )[0][0]
+    )
+
+
+def test_kill_9_at_random_points_then_resume(db: Db, tmp_path: Path) -> None:
+    db.execute(SLOW)
+    twin = db.copy(db.name + "_twin")
+    try:
+        config, audit = write_config(tmp_path, "a.yaml", batch_size=20)
+        twin_config, twin_audit = write_config(tmp_path, "b.yaml", batch_size=20)
+        now = at(40)
+        r = erase("run", "--once", "--config", str(twin_config), "--dsn", twin.dsn, "--now", now)
+        assert r.returncode == 0, r.stderr
+        rng = random.Random(20261125)
+        mid_batch = anywhere = 0
+        for i in range(8):
+            p = spawn("run", "--once", "--config", str(config), "--dsn", db.dsn, "--now", now)
+            if i == 0:
+                time.sleep(0.05)  # during start-up, before it connects
+            else:
+                wait_backend(db, present=True)
+                time.sleep(rng.uniform(0.0, 0.4))
+                deadline = time.monotonic() + 10
+                while i % 3 != 2 and p.poll() is None and not in_batch(db):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.002)
+            if p.poll() is not None:
+                break  # it finished before the kill
+            if in_batch(db):
+                mid_batch += 1
+            else:
+                anywhere += 1
+            p.send_signal(signal.SIGKILL)
+            p.communicate()
+            wait_backend(db, present=False)
+        states = {s for s, _ in jobs(db).values()}
+        assert mid_batch + anywhere == 8 and mid_batch >= 4, (mid_batch, anywhere)
+        assert "running" in states and "verified" in states
+        r = erase("status", "--config", str(config), "--dsn", db.dsn, "--now", now)
+        assert r.returncode == 0 and "interrupted: no worker holds it" in r.stdout
+        assert "step 1/2 billing.xdrs" in r.stdout or (
+            "step 2/2 billing.call_recordings, billing.accounts, billing.customers" in r.stdout
+        ), r.stdout
+        r = erase("run", "--once", "--config", str(config), "--dsn", db.dsn, "--now", now)
+        assert r.returncode == 0, r.stderr
+        # the same end state as the run that was never interrupted
+        assert db.checksums() == twin.checksums()
+        assert jobs(db) == jobs(twin)
+        assert all(s == "verified" for s, _ in jobs(db).values())
+        # one audit event per subject, chain intact, despite the kills
+        assert sorted(int(str(e["subject"])) for e in events(audit)) == TERMINATED
+        assert verify_files([audit])[1] is None
+        assert len(events(twin_audit)) == len(TERMINATED)
+    finally:
+        drop(db.pg, twin.name)
+
+
+def test_two_workers_at_once_do_each_subject_once(db: Db, tmp_path: Path) -> None:
+    db.execute(SLOW)
+    config, audit = write_config(tmp_path, batch_size=20)
+    args = ("--config", str(config), "--dsn", db.dsn, "--now", at(40))
+    procs = [spawn("run", "--once", *args) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    done = [int(o[0].split(" verified")[0].rsplit(" ", 1)[1]) for o in outs]
+    assert sum(done) == len(TERMINATED) and min(done) >= 1, outs  # both worked, no overlap
+    rows = db.query("SELECT state, attempts, worker FROM pgveil.erasure_job")
+    assert len(rows) == len(TERMINATED)
+    assert {(s, a) for s, a, _ in rows} == {("verified", 1)}
+    assert len({str(w).rsplit(":", 1)[0] for _, _, w in rows}) == 2  # host:pid
+    ev = events(audit)
+    assert sorted(int(str(e["subject"])) for e in ev) == TERMINATED
+    assert verify_files([audit])[1] is None  # both appended to one chain
+    assert erased_subjects(db) == set(TERMINATED)
+
+
+def test_run_polls_until_stopped_and_survives_a_lost_connection(db: Db, tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path, poll_interval="200ms")
+    p = spawn("run", "--config", str(config), "--dsn", db.dsn, "--now", at(1))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(erased_subjects(db)) < 3:
+            time.sleep(0.1)
+        assert erased_subjects(db) == {c for c in TERMINATED if due(c, 1, CUSTOMERS)}
+        # the connection is cut (a server restart, a DBA): the worker connects again
+        killed = db.query(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'pgveil-erasure' AND datname = current_database()"
+        )
+        assert killed == [(1,)]
+        # and still polls: a newly terminated customer is picked up without a restart
+        db.execute(
+            f"UPDATE billing.customers SET terminated_at = '{T0.isoformat()}' WHERE i_customer = 3"
+        )
+        while time.monotonic() < deadline and 3 not in erased_subjects(db):
+            time.sleep(0.1)
+        assert 3 in erased_subjects(db)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert '"event":"erasure.interrupted"' in err
+    assert "4 subject(s) queued; 4 verified" in out
+
+
+def test_the_rate_limit_paces_batches(db: Db, tmp_path: Path) -> None:
+    config, audit = write_config(tmp_path, batch_size=20, rate_limit=300)
+    r = erase("run", "--once", "--config", str(config), "--dsn", db.dsn, "--now", at(1))
+    assert r.returncode == 0, r.stderr
+    ev = events(audit)
+    assert len(ev) == 3
+    for e in ev:
+        # 60 xDRs in 4 batches at 300 rows/s: at least 0.2 s, however fast the machine
+        assert e["rows"]["billing.xdrs"] == 60 and e["batches"] == 4  # type: ignore[index]
+        assert e["seconds"]["billing.xdrs"] >= 0.199, e["seconds"]  # type: ignore[index]
+
+
+def test_lock_timeouts_postpone_instead_of_blocking(db: Db, tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path, lock_timeout="100ms", retries=1, max_failures=3)
+    args = ("--config", str(config), "--dsn", db.dsn)
+    with db.connect() as blocker:
+        blocker.autocommit = False
+        blocker.execute("SELECT * FROM billing.customers WHERE i_customer = 7 FOR UPDATE")
+        t = time.monotonic()
+        r = erase("subject", "7", *args)
+        assert time.monotonic() - t < 10
+        assert r.returncode == 1
+        assert r.stdout == (
+            "subject 7: postponed; rows changed: billing.xdrs 60\n"
+            "  billing.call_recordings, billing.accounts, billing.customers: "
+            "LockNotAvailableError (55P03)\n"
+        )
+        (state,) = db.query("SELECT state, failures, step FROM pgveil.erasure_job")
+        assert state == ("running", 1, 1)  # the xDRs are done, the other tables wait
+        blocker.rollback()
+    r = erase("subject", "7", *args)
+    assert r.returncode == 0 and r.stdout.startswith("subject 7: verified"), r.stdout
+
+
+def test_a_failed_verification_is_reported(db: Db, tmp_path: Path) -> None:
+    # a trigger that silently keeps MAC addresses: the erasure must not claim success
+    db.execute(
+        "CREATE FUNCTION billing.keep_mac() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN NEW.mac := OLD.mac; RETURN NEW; END $$; "
+        "CREATE TRIGGER keep_mac BEFORE UPDATE ON billing.accounts "
+        "FOR EACH ROW EXECUTE FUNCTION billing.keep_mac()"
+    )
+    config, audit = write_config(tmp_path)
+    args = ("--config", str(config), "--dsn", db.dsn, "--now", at(1))
+    r = erase("run", "--once", *args)
+    assert r.returncode == 1
+    assert "3 subject(s) queued; 0 verified, 3 failed" in r.stdout
+    assert "verification failed: billing.accounts.mac: 2 row(s) still hold a value" in r.stdout
+    (ev, *_) = events(audit)
+    assert ev["verified"] is False and ev["remaining"] == {"billing.accounts.mac": 2}
+    r = erase("status", *args)
+    failed = [line.split()[0] for line in r.stdout.splitlines() if line.split()[1:2] == ["failed"]]
+    assert failed == ["12", "24", "36"]
+    assert r.stdout.rstrip().endswith("verified 0, failed 3")
+    # failed jobs are not retried behind the operator's back
+    r = erase("run", "--once", *args)
+    assert "0 subject(s) queued; 0 verified, 0 failed" in r.stdout
+
+
+BAD = [
+    (
+        "unknown table",
+        ("billing.call_recordings:", "billing.recordings:"),
+        "at 'tables.billing.recordings': table billing.recordings does not exist",
+    ),
+    (
+        "unknown column",
+        ("cld: null", "called: null"),
+        "at 'tables.billing.xdrs.columns.called': billing.xdrs has no column called",
+    ),
+    (
+        "relation that does not resolve",
+        (
+            "owner: {column: i_account, through: billing.accounts}\n    action",
+            "owner: {column: recorded_at, through: billing.accounts, key: i_account}\n    action",
+        ),
+        "billing.call_recordings.recorded_at (timestamp with time zone) cannot refer to "
+        "billing.accounts.i_account (bigint)",
+    ),
+    (
+        "missing batch index",
+        ("    action: delete", "    action: delete\n    large: true\n    key: recorded_at"),
+        "billing.call_recordings is large and erased in batches by (i_account, recorded_at), "
+        "but there is no valid btree index",
+    ),
+    (
+        "null on a NOT NULL column",
+        ('name: {placeholder: "[erased]"}', "name: null"),
+        "billing.customers.name is NOT NULL",
+    ),
+    (
+        "placeholder of the wrong type",
+        ("      mac: null", "      mac: {placeholder: none}"),
+        "at 'tables.billing.accounts.columns.mac.placeholder': the placeholder is not a valid "
+        "macaddr value",
+    ),
+    ("unknown key", ("    large: true", "    huge: true"), "unknown key 'huge'"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_configurations_are_refused_before_any_change(
+    db: Db, tmp_path: Path, name: str, change: tuple[str, str], message: str
+) -> None:
+    config, audit = write_config(tmp_path)
+    text = config.read_text()
+    assert change[0] in text
+    config.write_text(text.replace(change[0], change[1], 1))
+    before = db.checksums()
+    for action in (["run", "--once"], ["run", "--dry-run"], ["subject", "4"], ["status"]):
+        r = erase(*action, "--config", str(config), "--dsn", db.dsn, "--now", at(40))
+        assert r.returncode == 2, (action, r.stdout, r.stderr)
+        assert message in r.stderr, r.stderr
+        assert all(line.startswith("pgveil: error: ") for line in r.stderr.splitlines())
+        assert "Traceback" not in r.stderr
+    assert db.checksums() == before
+    assert db.query("SELECT to_regnamespace('pgveil') IS NULL") == [(True,)]
+    assert not audit.exists()
+
+
+def test_command_line_mistakes(db: Db, tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path)
+    r = erase("run", "--config", str(config), "--dsn", db.dsn, "--now", "tomorrow")
+    assert r.returncode == 2 and r.stderr.startswith("pgveil: error: --now 'tomorrow'")
+    r = erase("run", "--config", str(tmp_path / "none.yaml"))
+    assert r.returncode == 2 and "cannot read the erasure configuration" in r.stderr
+    r = erase("run", "--config", str(config), "--dsn", "host=127.0.0.1 port=1 user=x")
+    assert r.returncode == 2 and r.stderr.startswith("pgveil: error: cannot reach the database")
+    r = erase("status", "--config", str(config), "--dsn", db.dsn.replace("user=", "user=x"))
+    assert r.returncode == 2
+    assert r.stderr == (
+        "pgveil: error: the database refused the connection: InvalidPasswordError (28P01)\n"
+    )
+    r = erase("subject", "--config", str(config))
+    assert r.returncode == 2 and "the following arguments are required: KEY" in r.stderr
