@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from audit.events import GENESIS
+from audit.events import GENESIS, Chain, canonical
 from audit.files import AuditFile, last_hash
 
 _ASYNCPG_KEYS = {"dbname": "database", "connect_timeout": "timeout"}
@@ -201,22 +201,55 @@ class TableSink:
 
     async def write(self, events: Sequence[tuple[Mapping[str, Any], bytes]]) -> None:
         conn = await self._connection()
-        rows = []
-        for e, encoded in events:
-            ts = dt.datetime.strptime(str(e["ts"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
-            await self._partition(ts.date())
-            line = encoded.decode()
-            rows.append((ts, str(e["id"]), self.chain, str(e["type"]), line, line))
         try:
+            for day in {_ts(e).date() for e, _line in events}:
+                await self._partition(day)  # outside the transaction: it may fail harmlessly
             async with conn.transaction():
-                await conn.executemany(
-                    f"INSERT INTO {self.relation} (ts, id, chain, type, event, line) "
-                    "VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
-                    rows,
-                )
+                await self._insert(conn, events)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await self._drop()
             raise
+
+    async def append(
+        self, events: Sequence[tuple[str, Mapping[str, Any]]], linked: bool = False
+    ) -> list[dict[str, Any]]:
+        """Link and insert events in one transaction that holds the chain's advisory lock,
+        so that several processes can share one chain (the erasure workers do). `events`:
+        (type, fields). With `linked`, the fields are already linked events (a file's chain,
+        written under the file's lock) and are inserted as they are."""
+        conn = await self._connection()
+        today = dt.datetime.now(dt.UTC).date()
+        for day in (today, today + dt.timedelta(days=1)):  # the events are linked now
+            await self._partition(day)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self.chain)
+            if linked:
+                out = [dict(fields) for _type, fields in events]
+                rows = [(e, canonical(e)) for e in out]
+            else:
+                prev = await conn.fetchval(
+                    f"SELECT event->>'hash' FROM {self.relation} WHERE chain = $1 "
+                    "ORDER BY seq DESC LIMIT 1",
+                    self.chain,
+                )
+                chain = Chain(str(prev) if prev is not None else GENESIS)
+                rows = [chain.link_line(t, fields) for t, fields in events]
+                out = [e for e, _line in rows]
+            await self._insert(conn, rows)
+        return out
+
+    async def _insert(
+        self, conn: asyncpg.Connection, events: Sequence[tuple[Mapping[str, Any], bytes]]
+    ) -> None:
+        rows = []
+        for e, encoded in events:
+            line = encoded.decode()
+            rows.append((_ts(e), str(e["id"]), self.chain, str(e["type"]), line, line))
+        await conn.executemany(
+            f"INSERT INTO {self.relation} (ts, id, chain, type, event, line) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+            rows,
+        )
 
     async def _drop(self) -> None:
         if self._conn is not None:
@@ -227,6 +260,10 @@ class TableSink:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
+
+
+def _ts(event: Mapping[str, Any]) -> dt.datetime:
+    return dt.datetime.strptime(str(event["ts"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
 
 
 async def read_table(

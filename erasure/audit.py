@@ -1,16 +1,20 @@
-"""Writes erasure audit events to the audit sinks: the hash-chained JSON-lines file and/or
-standard output (the same formats as the proxy's stream).
+"""Writes erasure audit events to the audit sinks: the hash-chained JSON-lines file,
+standard output, and the PostgreSQL table sink (the same formats as the proxy's stream).
 
-A small adapter until the proxy's writer moves to `audit/`: events are linked with
-`audit.events.Chain` under an exclusive `flock` of the file, continuing the chain from the
-file's last event, so several workers (processes) can append to one file without breaking
-the chain; a group of events costs one fsync. The proxy keeps its chain position in memory,
-so the erasure file must not be the proxy's. Events hold subject keys, table and column
-names, counts and timings only: callers never pass an erased value.
+Events are linked with `audit.events.Chain` under an exclusive `flock` of the file,
+continuing the chain from the file's last event, so several workers (processes) can append
+to one file without breaking the chain; a group of events costs one fsync. With a table
+sink too, the same linked events go to the table under the file's lock (the table's chain
+is the file's); with a table sink alone, they are linked inside the inserting transaction
+under the chain's advisory lock. Called from a worker thread (it runs its own event loop
+for the table). The proxy keeps its chain position in memory, so the erasure file must not
+be the proxy's. Events hold subject keys, table and column names, counts and timings only:
+callers never pass an erased value.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import sys
@@ -19,6 +23,7 @@ from typing import Any
 
 from audit.events import Chain, canonical
 from audit.files import last_hash
+from audit.sinks import TableSink
 from erasure.model import AuditSettings
 
 # a redelivered event, if it was written at all, was written moments before its worker
@@ -52,14 +57,31 @@ class ErasureAudit:
                     f.write(b"".join(canonical(e) + b"\n" for e in linked))
                     f.flush()
                     os.fsync(f.fileno())
+                    if self.settings.table is not None:
+                        # under the file's lock: the table's chain is the file's, in order
+                        asyncio.run(self._to_table([("erasure", e) for e in linked], True))
                 finally:
                     fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        elif self.settings.table is not None:
+            # the table's chain alone: linked inside its transaction, under its lock
+            linked = asyncio.run(self._to_table([("erasure", e) for e in events], False))
         else:
             chain = Chain()
             linked = [chain.link("erasure", e) for e in events]
         if self.settings.stdout:
             sys.stdout.buffer.write(b"".join(canonical(e) + b"\n" for e in linked))
             sys.stdout.buffer.flush()
+
+    async def _to_table(
+        self, events: list[tuple[str, Mapping[str, Any]]], linked: bool
+    ) -> list[dict[str, Any]]:
+        table = self.settings.table
+        assert table is not None
+        sink = TableSink(table.dsn, table.name, table.chain)
+        try:
+            return await sink.append(events, linked)
+        finally:
+            await sink.close()
 
 
 def _near_end(f: Any, job: str) -> bool:

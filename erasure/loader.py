@@ -18,6 +18,7 @@ import yaml
 
 from erasure.model import (
     AuditSettings,
+    AuditTable,
     ColumnAction,
     ErasureConfig,
     Owner,
@@ -46,7 +47,8 @@ WORKER_KEYS = (
     "max_failures",
     "concurrency",
 )
-AUDIT_KEYS = ("file", "stdout")
+AUDIT_KEYS = ("file", "stdout", "table")
+AUDIT_TABLE_KEYS = ("dsn", "name", "chain")
 
 _DURATION = re.compile(r"(\d+)\s*(ms|s|min|h)")
 _DURATION_MS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000}
@@ -532,11 +534,22 @@ def _audit(ctx: _Ctx, node: yaml.Node) -> AuditSettings:
     given = ctx.mapping(node, "audit", AUDIT_KEYS)
     file = Path(ctx.scalar(given["file"], "audit.file")) if "file" in given else None
     stdout = ctx.boolean(given["stdout"], "audit.stdout") if "stdout" in given else False
-    if file is None and not stdout:
-        raise ctx.fail(
-            node, "audit", "every erasure is audited: give file: PATH and/or stdout: true"
+    table = None
+    if "table" in given:
+        t = ctx.mapping(given["table"], "audit.table", AUDIT_TABLE_KEYS)
+        ctx.require(t, given["table"], "audit.table", "dsn")
+        table = AuditTable(
+            dsn=ctx.scalar(t["dsn"], "audit.table.dsn"),
+            name=ctx.scalar(t["name"], "audit.table.name") if "name" in t else AuditTable.name,
+            chain=ctx.scalar(t["chain"], "audit.table.chain") if "chain" in t else "erasure",
         )
-    return AuditSettings(file, stdout)
+    if file is None and not stdout and table is None:
+        raise ctx.fail(
+            node,
+            "audit",
+            "every erasure is audited: give file: PATH, stdout: true and/or table: {dsn: ...}",
+        )
+    return AuditSettings(file, stdout, table)
 
 
 # The documented example (README, tests).

@@ -120,9 +120,19 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class AuditTable:
+    """The audit table sink: the proxy's format and table (audit.sinks.TableSink)."""
+
+    dsn: str = field(repr=False)  # may hold a password
+    name: str = "pgveil.audit_events"
+    chain: str = "erasure"  # one chain for every worker that writes it
+
+
+@dataclass(frozen=True)
 class AuditSettings:
     file: Path | None = None
     stdout: bool = False
+    table: AuditTable | None = None
 
 
 @dataclass(frozen=True)

@@ -486,3 +486,42 @@ def test_command_line_mistakes(db: Db, tmp_path: Path) -> None:
     )
     r = erase("subject", "--config", str(config))
     assert r.returncode == 2 and "the following arguments are required: KEY" in r.stderr
+
+
+def test_erasure_events_in_the_audit_table_and_who(db: Db, tmp_path: Path) -> None:
+    """The erasure audit through the proxy's table sink alone: one chain shared by
+    successive worker processes, verified by `pgveil audit verify`, and the erasure shows
+    in `pgveil audit who` for its subject."""
+    import json
+    import subprocess
+    import sys
+
+    table = "erasure_audit.events"
+    audit_dsn = db.pg.dsn()
+    db.pg.psql("DROP SCHEMA IF EXISTS erasure_audit CASCADE")
+    text = config_yaml(tmp_path / "unused.jsonl")
+    text = text.replace(
+        f"  file: {tmp_path / 'unused.jsonl'}\n",
+        f"  table: {{dsn: '{audit_dsn}', name: {table}}}\n",
+    )
+    assert "table:" in text and "unused" not in text
+    config = tmp_path / "table.yaml"
+    config.write_text(text)
+    args = ("--config", str(config), "--dsn", db.dsn)
+    for key in ("5", "6", "5"):
+        r = erase("subject", key, *args)
+        assert r.returncode == 0, r.stderr
+
+    def pgveil(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "audit", *argv, "--dsn", audit_dsn,
+             "--audit-table", table],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    verified = pgveil("verify")
+    assert verified.returncode == 0 and "intact: chain erasure: 3 event(s)" in verified.stdout
+    who = pgveil("who", "--table", "billing.customers", "--subject", "5", "--json")
+    assert who.returncode == 0, who.stderr
+    rows = json.loads(who.stdout)
+    assert [(r["touched"], r["kinds"]) for r in rows] == [("erased", ["erasure"])] * 2
