@@ -185,7 +185,7 @@ CASES = [
     (
         "  file: /var/log/pgveil/erasure.jsonl\n  stdout: false",
         "  stdout: false",
-        "at 'audit': every erasure is audited: give file: PATH and/or stdout: true",
+        "at 'audit': every erasure is audited: give file: PATH, stdout: true and/or table: {dsn: ...}",
     ),
     ("  stdout: false", "  stdout: no", "at 'audit.stdout': expected true or false"),
     (
