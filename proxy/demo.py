@@ -339,6 +339,8 @@ class Demo:
         key.write_text(secrets.token_hex(32) + "\n")
         rules = self.workdir / "rules.yaml"
         rules.write_text(data.rules_yaml(str(key)))
+        erasure = self.workdir / "erasure.yaml"
+        erasure.write_text(data.erasure_yaml(str(self.workdir / "erasure-audit.jsonl")))
         return rules
 
     async def serve(self, target: Target, rules: Path, due: int) -> None:
@@ -426,8 +428,22 @@ class Demo:
                 )
                 + '"'
             )
+        if self.cluster is not None:
+            direct = uri(
+                self.cluster.superuser,
+                self.cluster.password,
+                f"{self.cluster.host}:{self.cluster.port}",
+                target.database,
+            )
+        else:
+            direct = self.dsn or ""
+        assert self.workdir is not None
         lines += [
-            f"  erasure:       {due} terminated customer(s) are past their class's retention",
+            f"  erasure:       {due} terminated customer(s) are past their class's retention;",
+            "                 erase them (directly in PostgreSQL, not through pgveil) with:",
+            f"    pgveil erase run --once --config {self.workdir / 'erasure.yaml'} "
+            f'--dsn "{direct}"',
+            f"  erasure audit: {self.workdir / 'erasure-audit.jsonl'}",
             "",
             "Press Ctrl-C to stop: "
             + ("everything is kept (--keep)." if self.keep else "everything above is removed."),

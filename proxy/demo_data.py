@@ -599,6 +599,7 @@ def load_steps(counts: Counts, base: dt.datetime, chunk: int = 50_000) -> list[S
             "indexes",
             f"""
             CREATE INDEX ON {SCHEMA}.xdrs (i_account, connect_time);
+            CREATE INDEX ON {SCHEMA}.xdrs (i_account, i_xdr);
             CREATE INDEX ON {SCHEMA}.accounts (i_customer);
             CREATE INDEX ON {SCHEMA}.customer_cards (i_customer);
             CREATE INDEX ON {SCHEMA}.aliases (i_account);
@@ -646,6 +647,69 @@ DUE_SQL = f"""
 SELECT count(*) FROM {SCHEMA}.customers c
   JOIN {SCHEMA}.customer_classes k USING (i_customer_class)
  WHERE c.terminated_at IS NOT NULL AND c.terminated_at + k.retention <= now()
+"""
+
+
+def erasure_yaml(audit_file: str) -> str:
+    """The demo's erasure configuration (`pgveil erase`): terminated customers lose their
+    personal data when their class's retention has passed; customers, accounts, xDRs and
+    invoices stay, credentials, cards, aliases, phone books, recordings and voicemails go.
+    The audit file's path is written as a JSON string, which YAML reads whatever it holds."""
+    return f"""\
+# pgveil demo erasure: `pgveil erase run --once --config THIS --dsn ...`
+subject:
+  table: {SCHEMA}.customers
+  key: i_customer
+  terminated_at: terminated_at
+  retention:
+    default: 30 days
+    class_table: {{table: {SCHEMA}.customer_classes, key: i_customer_class, column: retention}}
+tables:
+  {SCHEMA}.customers:
+    columns:
+      name: {{placeholder: "[erased]"}}
+      firstname: null
+      lastname: null
+      companyname: null
+      email: null
+      phone1: null
+      phone2: null
+      address: null
+      city: null
+      zip: null
+      custom_fields: null
+      notes: null
+  {SCHEMA}.customer_cards: {{owner: {{column: i_customer}}, action: delete}}
+  {SCHEMA}.selfcare_credentials: {{owner: {{column: i_customer}}, action: delete}}
+  {SCHEMA}.invoices: {{owner: {{column: i_customer}}, columns: {{pdf: null}}}}
+  {SCHEMA}.accounts:
+    owner: {{column: i_customer}}
+    key: i_account
+    columns:
+      id: {{placeholder: "erased-{{key}}"}}
+      subscriber_firstname: null
+      subscriber_lastname: null
+      subscriber_email: null
+      subscriber_address: null
+      imsi: null
+      msisdn: null
+      ip_phone_mac: null
+      ip: null
+      sip_password: null
+      custom_fields: null
+  {SCHEMA}.aliases: {{owner: {{column: i_account, through: {SCHEMA}.accounts}}, action: delete}}
+  {SCHEMA}.phonebook: {{owner: {{column: i_account, through: {SCHEMA}.accounts}}, action: delete}}
+  {SCHEMA}.call_recordings:
+    owner: {{column: i_account, through: {SCHEMA}.accounts}}
+    action: delete
+  {SCHEMA}.voicemails: {{owner: {{column: i_account, through: {SCHEMA}.accounts}}, action: delete}}
+  {SCHEMA}.xdrs:
+    owner: {{column: i_account, through: {SCHEMA}.accounts}}
+    large: true
+    key: i_xdr
+    columns: {{cli: null, cld: null, ip: null}}
+audit:
+  file: {json.dumps(audit_file)}
 """
 
 

@@ -229,6 +229,38 @@ def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
     ], check.stdout
     assert "0 error(s)" in check.stdout
 
+    # the printed erasure command erases the customers that are due, and only them
+    erase = re.search(
+        r'^    pgveil erase run --once --config (\S+) --dsn "([^"]+)"$', "".join(demo.out), re.M
+    )
+    assert erase, "".join(demo.out)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "erase", "run", "--once",
+         "--config", erase.group(1), "--dsn", erase.group(2)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    erased = rows(
+        demo, admin, "SELECT i_customer FROM billing.customers WHERE name = '[erased]' ORDER BY 1"
+    )
+    assert len(erased) == 2
+    assert rows(
+        demo, admin, f"SELECT count(*) FROM billing.xdrs x JOIN billing.accounts a USING "
+        f"(i_account) WHERE a.i_customer = {erased[0]} AND x.cli IS NOT NULL"
+    ) == ["0"]  # fmt: skip
+    erasure_audit = Path(demo.field("erasure audit"))
+    assert verify_files([erasure_audit])[1] is None
+    # who touched that customer: the helpdesk's reads (subjects not returned: possibly)
+    # and the erasure
+    who = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "audit", "who", "--table", "billing.customers",
+         "--subject", erased[0], "--file", str(audit), "--file", str(erasure_audit), "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert who.returncode == 0, who.stderr
+    touched = {(r["role"], r["touched"]) for r in json.loads(who.stdout)}
+    assert ("helpdesk", "possibly") in touched and (None, "erased") in touched
+
     # Ctrl-C stops the proxy and PostgreSQL and removes the directory
     assert demo.interrupt() == 0, demo.stderr()
     assert not workdir.exists()
@@ -308,6 +340,46 @@ def test_readme_tour_is_what_the_demo_does(demo: Demo) -> None:
             assert isinstance(event[key], str) and len(event[key]) == 64
         else:
             assert event[key] == value, key
+    # who touched customer 40: the helpdesk's lookup, with its subject
+    (lookup,) = [b for b in blocks if any("WHERE i_customer = 40" in line for line in b)]
+    assert rows(demo, uris["helpdesk"], _statement(lookup))
+    while not any(
+        "40" in (e.get("subjects") or {}).get("billing.customers", []) for e in read_events(audit)
+    ):
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.1)
+    (who_block,) = [b for b in blocks if b and b[0].startswith("$ pgveil audit who")]
+    who = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "audit", "who", "--table", "billing.customers",
+         "--subject", "40", "--file", str(audit)],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    ).stdout.splitlines()  # fmt: skip
+    assert who[0].split() == who_block[1].split()  # the header (widths follow the rows)
+    shown = who_block[2].split()[1:]  # after the elided time
+    assert any(
+        len(got := line.split()[1:]) == len(shown)
+        and all(
+            s == g or (s.endswith("…") and g.startswith(s[:-1]))
+            for s, g in zip(shown, got, strict=True)
+        )
+        for line in who[1:]
+    ), (shown, who)
+    # the erasure, with the command the demo printed
+    (erase_block,) = [b for b in blocks if b and b[0].startswith("$ pgveil erase run")]
+    printed = re.search(
+        r'^    pgveil erase run --once --config (\S+) --dsn "([^"]+)"$', "".join(demo.out), re.M
+    )
+    assert printed
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "erase", "run", "--once", "--config",
+         printed.group(1), "--dsn", printed.group(2)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.splitlines() == [erase_block[1]], done.stdout
+    assert rows(
+        demo, uris["admin"], "SELECT name, email IS NULL FROM billing.customers "
+        "WHERE i_customer IN (40, 60) ORDER BY 1"
+    ) == ["[erased]|t", "[erased]|t"]  # fmt: skip
     assert demo.interrupt() == 0
 
 
