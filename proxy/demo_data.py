@@ -650,11 +650,13 @@ SELECT count(*) FROM {SCHEMA}.customers c
 """
 
 
-def erasure_yaml(audit_file: str) -> str:
+def erasure_yaml(audit_file: str | None) -> str:
     """The demo's erasure configuration (`pgveil erase`): terminated customers lose their
     personal data when their class's retention has passed; customers, accounts, xDRs and
     invoices stay, credentials, cards, aliases, phone books, recordings and voicemails go.
-    The audit file's path is written as a JSON string, which YAML reads whatever it holds."""
+    The audit file's path is written as a JSON string, which YAML reads whatever it holds;
+    without one, events go to standard output (deploy/erasure.yaml, for containers)."""
+    audit = f"file: {json.dumps(audit_file)}" if audit_file is not None else "stdout: true"
     return f"""\
 # pgveil demo erasure: `pgveil erase run --once --config THIS --dsn ...`
 subject:
@@ -709,7 +711,7 @@ tables:
     key: i_xdr
     columns: {{cli: null, cld: null, ip: null}}
 audit:
-  file: {json.dumps(audit_file)}
+  {audit}
 """
 
 

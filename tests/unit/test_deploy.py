@@ -151,3 +151,13 @@ def test_deploy_files_hold_no_real_looking_secrets(path: str) -> None:
     text = (ROOT / path).read_text()
     for m in re.findall(r"(?i)password\S*:\s*(\S+)", text):
         assert "sandbox" in m or m.startswith(("{", "...")), m
+
+
+def test_compose_erasure_config_is_the_demo_one_and_loads() -> None:
+    from erasure.loader import parse_config
+    from proxy.demo_data import erasure_yaml
+
+    text = (ROOT / "deploy" / "erasure.yaml").read_text()
+    assert text.endswith(erasure_yaml(None))
+    config = parse_config(text, "deploy/erasure.yaml")
+    assert config.audit.stdout and config.audit.file is None
