@@ -26,6 +26,7 @@ from erasure.worker import (
     DryRun,
     JobStatus,
     Refused,
+    RunSummary,
     UserError,
     dry_run,
     erase_subject,
@@ -62,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser, parser_class: type[Any]) -> N
     r.add_argument("--once", action="store_true", help="one pass over the due subjects, then exit")
     r.add_argument(
         "--dry-run", action="store_true", help="print the rows that would change; change nothing"
+    )
+    r.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (subjects, rows, batches) on this address",
     )
     s = sub.add_parser("subject", parents=[common], help="erase one subject now (on request)")
     s.add_argument("key", metavar="KEY", help="the subject's key")
@@ -126,16 +132,30 @@ def main(ns: argparse.Namespace) -> int:
 
 
 def _run(config: Any, ns: argparse.Namespace, clock: Any, out: TextIO) -> int:
+    summary = RunSummary()
+    if ns.metrics:
+        from erasure import metrics
+        from proxy.config import parse_host_port
+
+        try:
+            where = parse_host_port(ns.metrics)
+        except ValueError as exc:
+            raise UserError(f"--metrics: {exc}") from exc
+        try:
+            metrics.serve(summary, where.host, where.port)
+        except OSError as exc:
+            raise UserError(f"--metrics: cannot listen on {where}: {exc.strerror}") from exc
+
     async def main_loop() -> Any:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if ns.once:
-            return await run(config, ns.dsn, clock, once=True, stop=stop)
-        return await run_forever(config, ns.dsn, clock, stop)
+            return await run(config, ns.dsn, clock, once=True, stop=stop, summary=summary)
+        return await run_forever(config, ns.dsn, clock, stop, summary)
 
-    summary = asyncio.run(main_loop())
+    asyncio.run(main_loop())
     states = [o.state for o in summary.outcomes]
     out.write(
         f"erasure: {summary.enqueued} subject(s) queued; {states.count('verified')} verified, "

@@ -55,7 +55,12 @@ class RunSummary:
     enqueued: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
     batch_ms: list[float] = field(default_factory=list)
+    live: list[Executor] = field(default_factory=list)  # working now (their batches so far)
     started: bool = False  # the configuration was accepted and the job table is there
+
+    def all_batch_ms(self) -> list[float]:
+        """Every batch's duration: of finished runs and of the executors working now."""
+        return [*self.batch_ms, *(ms for ex in list(self.live) for ms in ex.batch_ms)]
 
     @property
     def failed(self) -> list[Outcome]:
@@ -104,6 +109,7 @@ async def run(
             Executor(c, config, plan, audit, clock, worker_name(i), stop)
             for i, c in enumerate(conns)
         ]
+        summary.live = executors
         while not stop.is_set():
             summary.enqueued += await executors[0].enqueue_due()
             done: set[str] = set()  # each job at most once per pass
@@ -114,6 +120,7 @@ async def run(
                 await asyncio.wait_for(stop.wait(), config.worker.poll_interval_s)
         return summary
     finally:
+        summary.live = []
         for ex in executors:
             summary.batch_ms.extend(ex.batch_ms)
         for c in conns:
@@ -142,12 +149,16 @@ async def _work(ex: Executor, done: set[str], summary: RunSummary) -> None:
 
 
 async def run_forever(
-    config: ErasureConfig, dsn: str, clock: Clock, stop: asyncio.Event
+    config: ErasureConfig,
+    dsn: str,
+    clock: Clock,
+    stop: asyncio.Event,
+    summary: RunSummary | None = None,
 ) -> RunSummary:
     """`run` until `stop`, surviving lost connections, server restarts and an audit file
     that cannot be written for a while (it starts again, with back-off). A configuration
     the database refuses, or a first connection that fails, still ends it."""
-    summary = RunSummary()
+    summary = summary if summary is not None else RunSummary()
     delay = 1.0
     while not stop.is_set():
         try:

@@ -7,15 +7,17 @@ Everything runs through the `pgveil erase` command line, as operators run it."""
 from __future__ import annotations
 
 import random
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from audit.files import read_events, verify_files
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.embedded_pg import EmbeddedPostgres, free_port
 from tests.integration.erasure_fixture import (
     T0,
     Db,
@@ -324,7 +326,11 @@ def test_two_workers_at_once_do_each_subject_once(db: Db, tmp_path: Path) -> Non
 
 def test_run_polls_until_stopped_and_survives_a_lost_connection(db: Db, tmp_path: Path) -> None:
     config, _ = write_config(tmp_path, poll_interval="200ms")
-    p = spawn("run", "--config", str(config), "--dsn", db.dsn, "--now", at(1))
+    port = free_port()
+    p = spawn(
+        "run", "--config", str(config), "--dsn", db.dsn, "--now", at(1),
+        "--metrics", f"127.0.0.1:{port}",
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(erased_subjects(db)) < 3:
@@ -343,6 +349,17 @@ def test_run_polls_until_stopped_and_survives_a_lost_connection(db: Db, tmp_path
         while time.monotonic() < deadline and 3 not in erased_subjects(db):
             time.sleep(0.1)
         assert 3 in erased_subjects(db)
+        # its progress on /metrics (the last job's outcome may still be on its way)
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+            if 'pgveil_erasure_subjects_total{state="verified"} 4.0' in metrics:
+                break
+            time.sleep(0.1)
+        assert 'pgveil_erasure_subjects_total{state="verified"} 4.0' in metrics, metrics
+        assert 'pgveil_erasure_rows_total{table="billing.xdrs"}' in metrics
+        assert re.search(r"^pgveil_erasure_batches_total [1-9]", metrics, re.M)
+        assert "Customer" not in metrics  # table names and states only
     finally:
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=30)

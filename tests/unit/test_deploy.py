@@ -14,7 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 
+from erasure.metrics import ErasureCollector
+from erasure.worker import RunSummary
 from proxy.cli import build_parser
 from proxy.config import BY_NAME, load_config
 from proxy.demo import parse_dsn
@@ -28,6 +31,10 @@ def _exported_metric_names() -> set[str]:
     """Sample names of a fresh proxy's /metrics, and the families declared without samples
     yet (labelled counters before their first increment)."""
     text = Metrics(Stats(), lambda: [], list, lambda: None).render().decode()
+    # and the erasure worker's (pgveil erase run --metrics)
+    registry = CollectorRegistry()
+    registry.register(ErasureCollector(RunSummary()))
+    text += generate_latest(registry).decode()
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
     for name, kind in re.findall(r"^# TYPE (pgveil_[a-z_]+) (\w+)", text, re.M):
         # the TYPE line names counters with or without _total, by client library version
@@ -51,6 +58,8 @@ def test_dashboard_queries_only_exported_metrics() -> None:
         "pgveil_audit_queue_depth",
         "pgveil_audit_failing",
         "pgveil_audit_write_failures_total",
+        "pgveil_erasure_subjects_total",
+        "pgveil_erasure_rows_total",
     ):
         assert needed in used, needed
     ids = [p["id"] for p in dash["panels"]]
