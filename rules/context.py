@@ -11,9 +11,10 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from pglast import parse_sql
 from pglast.parser import ParseError, scan
 from pglast.parser import normalize as normalize_literals
 
@@ -28,6 +29,12 @@ _LITERAL_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "
 _PLACEHOLDER_BASE = 900_000  # $900000+: far above any parameter number a client uses
 _PLACEHOLDER = re.compile(r"\$(9\d{5})(?!\d)")
 _FALLBACK = object()
+_MAX_LITERALS = 99_999  # placeholders stay $900000-$999999, six digits
+
+
+def _glues(char: str) -> bool:
+    """Whether a placeholder written right after `char` would join it into one token."""
+    return char.isalnum() or char in "_$" or ord(char) > 127
 
 
 def normalize(sql: str) -> tuple[str, list[str]] | None:
@@ -49,11 +56,13 @@ def normalize(sql: str) -> tuple[str, list[str]] | None:
     pos = 0
     for t in tokens:
         if t.name in _LITERAL_TOKENS:
+            if t.start and _glues(sql[t.start - 1]):
+                return None  # `WHERE'f'`: the placeholder would join the word
             out.append(sql[pos : t.start])
             out.append(f"${_PLACEHOLDER_BASE + len(literals)}")
             literals.append(sql[t.start : t.end + 1])
             pos = t.end + 1
-    if not literals:
+    if not literals or len(literals) > _MAX_LITERALS:
         return None
     out.append(sql[pos:])
     return "".join(out), literals
@@ -79,9 +88,33 @@ def _literal_keys(
     return tuple(out)
 
 
+def _agree(shaped: Decision, direct: Decision) -> bool:
+    """Whether the decision from a shape is the one the statement gets analysed as it is:
+    the same action, tables, columns and subjects, and a rewrite that parses the same."""
+    if (shaped.action, shaped.tables, shaped.columns, shaped.subject_keys) != (
+        direct.action,
+        direct.tables,
+        direct.columns,
+        direct.subject_keys,
+    ):
+        return False
+    if shaped.action != "rewrite":
+        return True
+    try:
+        return bool(parse_sql(shaped.sql or "") == parse_sql(direct.sql or ""))
+    except ParseError:
+        return False
+
+
 def _unquote(token: str) -> str | None:
-    """A literal token's value: numbers as written, '...' strings unquoted; None for the
-    other string forms (E'', U&'', $$...$$), whose keys are then not listed."""
+    """A literal token's value: integers as their value (0x1F, 1_000 and 007 name subject
+    31, 1000 and 7), other numbers as written, '...' strings unquoted; None for the other
+    string forms (E'', U&'', $$...$$), whose keys are then not listed."""
+    digits = token.replace("_", "")
+    if digits.isdigit():
+        return str(int(digits))
+    if re.fullmatch(r"0[xXoObB][0-9a-fA-F]+", digits):
+        return str(int(digits, 0))
     if token[:1].isdigit() or token[:1] in "-.":
         return token
     if len(token) >= 2 and token[0] == token[-1] == "'":
@@ -136,7 +169,9 @@ _LITERAL_AT = re.compile(
 _PG_PLACEHOLDER = re.compile(r"\$(\d+)")
 
 
-def literals_of(sql: str, normalized: str) -> list[str] | None:
+def literals_of(
+    sql: str, normalized: str, glued: Callable[[str], bool] | None = None
+) -> list[str] | None:
     """The literals of `sql` in order, given libpg_query's normalisation of it (each
     literal replaced by $1, $2, ...), or None when they cannot be told for certain: the
     text holds a `$`, or putting the literals back does not give `sql` exactly."""
@@ -153,6 +188,8 @@ def literals_of(sql: str, normalized: str) -> list[str] | None:
         lit = _LITERAL_AT.match(sql, pos)
         if lit is None or int(m.group(1)) != len(out) + 1:
             return None
+        if glued is not None and pos and glued(sql[pos - 1]):
+            return None  # `WHERE'f'`, `N'x'`: the placeholder would join the word
         out.append(lit.group(0))
         pos = lit.end()
         last = m.end()
@@ -172,8 +209,8 @@ def fast_normalize(sql: str) -> tuple[str, list[str]] | None:
         return None
     if normalized == sql:
         return None
-    literals = literals_of(sql, normalized)
-    if literals is None or any(lit[:1] == "-" for lit in literals):
+    literals = literals_of(sql, normalized, glued=_glues)
+    if literals is None or len(literals) > _MAX_LITERALS or any(lit[:1] == "-" for lit in literals):
         return None
     shape = _PG_PLACEHOLDER.sub(lambda m: f"${_PLACEHOLDER_BASE + int(m.group(1)) - 1}", normalized)
     return shape, literals
@@ -256,36 +293,49 @@ class MaskingContext:
         if norm is not None:
             shape, literals = norm
             entry = self._shapes.get(shape)
+            fresh = entry is None
             if entry is None:
                 self.cache_misses += 1
                 entry = self._shape_entry(shape)
-                self._remember(self._shapes, shape, entry)
             else:
                 self.cache_hits += 1
-            if isinstance(entry, tuple):
-                decision: Decision | None = entry[0]
-                spans: list[tuple[int, int, int]] = entry[1]
-                assert decision is not None
-                if decision.action == "rewrite":
-                    assert decision.sql is not None
-                    rewritten = _substitute(decision.sql, spans, literals)
-                    decision = (
-                        dataclasses.replace(decision, sql=rewritten)
-                        if rewritten is not None
-                        else None
-                    )
-                if decision is not None and decision.subject_keys:
-                    decision = dataclasses.replace(
-                        decision, subject_keys=_literal_keys(decision.subject_keys, literals)
-                    )
-                if decision is not None:
-                    # the exact text too: prepared statements repeat it, skip the tokenizer
-                    self._remember(self._cache, sql, decision)
-                    return decision
+            decision = self._from_shape(entry, literals)
+            if fresh:
+                # a new shape is trusted only once it gives what the statement that made it
+                # gives analysed as it is (a literal glued to a word, a typed literal whose
+                # type reads differently before a parameter: the shape would mean otherwise)
+                direct = with_audit_text(self.analyzer.analyze(sql), sql)
+                if decision is None or not _agree(decision, direct):
+                    entry, decision = _FALLBACK, direct
+                self._remember(self._shapes, shape, entry)
+            if decision is not None:
+                # the exact text too: prepared statements repeat it, skip the tokenizer
+                self._remember(self._cache, sql, decision)
+                return decision
         self.cache_misses += 1
         d = with_audit_text(self.analyzer.analyze(sql), sql)
         self._remember(self._cache, sql, d)
         return d
+
+    @staticmethod
+    def _from_shape(entry: object, literals: list[str]) -> Decision | None:
+        """The decision a shape's analysis gives the statement: its literals put back."""
+        if not isinstance(entry, tuple):
+            return None
+        decision: Decision | None = entry[0]
+        spans: list[tuple[int, int, int]] = entry[1]
+        assert decision is not None
+        if decision.action == "rewrite":
+            assert decision.sql is not None
+            rewritten = _substitute(decision.sql, spans, literals)
+            if rewritten is None:
+                return None
+            decision = dataclasses.replace(decision, sql=rewritten)
+        if decision.subject_keys:
+            decision = dataclasses.replace(
+                decision, subject_keys=_literal_keys(decision.subject_keys, literals)
+            )
+        return decision
 
     def _shape_entry(self, shape: str) -> object:
         analysed = self.analyzer.analyze(shape)
