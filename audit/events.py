@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 SCHEMA_VERSION = 1
 GENESIS = "0" * 64
 EVENT_TYPES = ("session.start", "session.end", "access", "refused", "rules.reload", "erasure")
@@ -31,9 +33,29 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 
 
 def canonical(event: Mapping[str, Any]) -> bytes:
-    """JSON with sorted keys, no insignificant whitespace, UTF-8 (json.dumps with
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False)."""
+    """JSON with sorted keys, no insignificant whitespace, UTF-8: exactly what json.dumps
+    with sort_keys=True, separators=(",", ":"), ensure_ascii=False writes. orjson writes the
+    same bytes ten times faster, except for floats that json writes with an exponent
+    (1e-05) and integers beyond 64 bits: events holding those go through json."""
+    if _orjson_safe(event):
+        try:
+            return orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            pass
     return _CANONICAL.encode(event).encode()
+
+
+def _orjson_safe(value: Any) -> bool:
+    t = type(value)
+    if t is float:
+        return bool(value == 0 or 1e-4 <= abs(value) < 1e16)
+    if t is dict:
+        return all(type(k) is str and _orjson_safe(v) for k, v in value.items())
+    if t is list or t is tuple:
+        return all(_orjson_safe(v) for v in value)
+    if t is int:
+        return bool(-(2**63) <= value < 2**64)
+    return t is str or t is bool or value is None
 
 
 def digest(event: Mapping[str, Any]) -> str:
