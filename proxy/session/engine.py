@@ -188,6 +188,18 @@ class Session:
         if masked is None:
             recorder = self.recorder
             if recorder is not None and phase is _READY:
+                if not recorder.holding and (
+                    recorder.forwards_unchanged() or not self._client.can_locate
+                ):
+                    # nothing can be refused now: look at the messages, forward the chunk
+                    try:
+                        captured = self._client.feed(data)
+                    except m.ProtocolViolation as exc:
+                        return self._fatal_to_client("08P01", str(exc))
+                    for typ, body in captured:
+                        recorder.observe_client(typ, body)
+                    self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
+                    return self._client_messages(captured) if captured else _JUST_FORWARD
                 try:
                     out = recorder.client(self._client, data)
                 except m.ProtocolViolation as exc:
@@ -456,6 +468,20 @@ class Session:
     def _recorded_server_data(self, data: bytes) -> Sequence[Action]:
         recorder = self.recorder
         assert recorder is not None
+        if not recorder.holding and (recorder.forwards_unchanged() or not self._server.can_locate):
+            # no refusal to turn into 42501: look at the messages, forward the chunk
+            try:
+                captured = self._server.feed(data)
+            except m.ProtocolViolation as exc:
+                return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
+            for typ, body in captured:
+                recorder.observe_server(typ, body)
+            if recorder.tx_status is not None:
+                self.tx_status = recorder.tx_status
+            self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
+            if self.draining and self.is_idle():
+                return (FORWARD, *self._terminate_for_shutdown())
+            return _JUST_FORWARD
         try:
             out = recorder.server(self._server, data)
         except m.ProtocolViolation as exc:

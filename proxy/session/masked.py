@@ -96,6 +96,7 @@ class StatementFilter:
         self.tx_status: int | None = None  # from the latest ReadyForQuery
 
     raw_columns = False  # whether the personal columns a statement returns reach it raw
+    _observing = False  # the message is only looked at: it goes on unchanged
     # sees every ErrorResponse and ParameterStatus from the server (the engine's counters)
     observer: Callable[[int, bytes], None] | None = None
 
@@ -182,7 +183,7 @@ class StatementFilter:
             if action == "refuse":
                 audit.record("refused", fields)
                 fields = None
-            elif not audit.ready():
+            elif not self._observing and not audit.ready():
                 action, value = "refuse", AUDIT_UNAVAILABLE
                 audit.record("refused", {**fields, "decision": "refused", "reason": value})
                 fields = None
@@ -452,6 +453,24 @@ class RecordingFilter(StatementFilter):
         self.attach_audit(hook)
 
     raw_columns = True
+
+    def forwards_unchanged(self) -> bool:
+        """True while nothing would be changed on the wire: no statement can be refused
+        (the audit stream takes events) and no refusal is on its way back. The engine then
+        forwards chunks as they are and only shows the messages to `observe_*`."""
+        return not self._refusals and (self.audit is None or self.audit.ready())
+
+    def observe_client(self, typ: int, body: bytes) -> None:
+        # the chunk is forwarded as it is: a statement cannot be refused any more, even if
+        # the audit stream failed while this chunk was being read; its event is queued
+        self._observing = True
+        try:
+            self._client_message(typ, body, b"")
+        finally:
+            self._observing = False
+
+    def observe_server(self, typ: int, body: bytes) -> None:
+        self._server_message(typ, body, b"")
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         return self.ctx.analyze(sql), "pass", None

@@ -111,6 +111,12 @@ class MessageScanner:
         """True when the bytes seen so far end exactly at a message boundary."""
         return not (self._skip or self._hdr or self._cap_type >= 0)
 
+    @property
+    def can_locate(self) -> bool:
+        """True when `feed_located` may take over from `feed`: no captured message or
+        header is half-read inside the scanner (an uncaptured body to skip is fine)."""
+        return not (self._hdr or self._cap_type >= 0)
+
     def feed(self, data: bytes) -> list[Captured]:
         n = len(data)
         skip = self._skip
