@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from audit.events import GENESIS, Chain
-from audit.sinks import SyncSink, TableSink
+from audit.sinks import FileSink, SyncSink, TableSink
 
 _log = logging.getLogger("pgveil.audit")
 TABLE_BATCH = 1000
@@ -59,8 +59,8 @@ class AuditWriter:
         """Resume the chain where the first sink's last event left it (the file if there is
         one). Raises when the table sink cannot be reached: fail loudly at start."""
         for s in self.sinks:
-            if s.name == "file":
-                self.chain.last_hash = s.last_hash()  # type: ignore[union-attr]
+            if isinstance(s, FileSink):
+                self.chain.last_hash = s.last_hash()
                 return
         if self.table is not None:
             self.chain.last_hash = await self.table.last_hash()
