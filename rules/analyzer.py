@@ -85,6 +85,10 @@ class Refusal(Exception):
         self.reason = reason
 
 
+# (table, keys: literal text or parameter number, whether the key column is an integer)
+SubjectKeys = tuple[str, tuple[str | int, ...], bool]
+
+
 @dataclass(frozen=True)
 class Decision:
     action: str  # "pass" (send as is), "rewrite" (send `sql`), "refuse"
@@ -101,11 +105,12 @@ class Decision:
     # data subjects named by the statement itself: a write's or a one-table read's
     # `subject = k` / `subject IN (...)` (top-level AND), or an INSERT's VALUES. A key is
     # the literal's text, or the number of the parameter that carries it.
-    subject_keys: tuple[tuple[str, tuple[str | int, ...]], ...] = ()
+    subject_keys: tuple[SubjectKeys, ...] = ()
     # SQL-level names: what PREPARE / DECLARE defines ("prepare:p", "cursor:c"), and what
     # EXECUTE / FETCH uses, so the session can tell which statement an EXECUTE runs
-    defines: str | None = None
-    uses: str | None = None
+    defines: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    drops: tuple[str, ...] = ()
     # the statement as audit events show it (see rules.context.redact), and its hash:
     # filled in by the context, once per statement shape
     redacted: str = ""
@@ -156,7 +161,7 @@ class Analyzer:
         rewriter.references = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
         subject_keys = self.subject_keys(stmts) if len(stmts) == 1 else ()
-        defines, uses = _sql_names(stmts)
+        defines, uses, drops = _sql_names(stmts)
         try:
             changed = False
             for raw in stmts:
@@ -179,6 +184,7 @@ class Analyzer:
                 subject_keys=subject_keys,
                 defines=defines,
                 uses=uses,
+                drops=drops,
             )
         return Decision(
             "rewrite",
@@ -192,9 +198,10 @@ class Analyzer:
             subject_keys=subject_keys,
             defines=defines,
             uses=uses,
+            drops=drops,
         )
 
-    def subject_keys(self, stmts: Any) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
+    def subject_keys(self, stmts: Any) -> tuple[SubjectKeys, ...]:
         """The subjects a single statement names (see Decision.subject_keys); read before
         the rewrite changes the tree."""
         node = stmts[0].stmt
@@ -221,23 +228,61 @@ class Analyzer:
             keys = _inserted_keys(node, found.subject)
         else:
             keys = _filtered_keys(where, found.subject, alias)
-        return ((found.rule_table, keys),) if keys is not None else ()
+        if keys is None:
+            return ()
+        column = found.relation.column(found.subject)
+        if column is not None and column.type.name in INTEGER_TYPES:
+            # '01' names subject 1 of an integer key, as the rows returned would say it;
+            # keys put back or bound later are normalised by whoever resolves them
+            keys = tuple(integer_key(k) if isinstance(k, str) else k for k in keys)
+            return ((found.rule_table, keys, True),)
+        return ((found.rule_table, keys, False),)
 
 
-def _sql_names(stmts: Any) -> tuple[str | None, str | None]:
-    """(name defined, name used) of a single PREPARE, DECLARE, EXECUTE or FETCH."""
-    if len(stmts) != 1:
-        return None, None
-    node = stmts[0].stmt
-    if isinstance(node, ast.PrepareStmt):
-        return f"prepare:{node.name}", None
-    if isinstance(node, ast.DeclareCursorStmt):
-        return f"cursor:{node.portalname}", None
-    if isinstance(node, ast.ExecuteStmt):
-        return None, f"prepare:{node.name}"
-    if isinstance(node, ast.FetchStmt) and not node.ismove:
-        return None, f"cursor:{node.portalname}"
-    return None, None
+def _sql_names(stmts: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """SQL-level names of prepared statements and cursors, which are the protocol's
+    statements and portals: (defined, used, dropped), as "statement:NAME" / "portal:NAME"
+    ("statement:*" / "portal:*" for DEALLOCATE ALL / CLOSE ALL), over every statement."""
+    defined: list[str] = []
+    used: list[str] = []
+    dropped: list[str] = []
+    for raw in stmts:
+        node = raw.stmt
+        inner = getattr(node, "query", None)
+        if isinstance(node, ast.CreateTableAsStmt | ast.ExplainStmt) and isinstance(
+            inner, ast.ExecuteStmt
+        ):
+            node = inner
+        if isinstance(node, ast.PrepareStmt):
+            defined.append(f"statement:{node.name}")
+        elif isinstance(node, ast.DeclareCursorStmt):
+            defined.append(f"portal:{node.portalname}")
+        elif isinstance(node, ast.ExecuteStmt):
+            used.append(f"statement:{node.name}")
+        elif isinstance(node, ast.FetchStmt) and not node.ismove:
+            used.append(f"portal:{node.portalname}")
+        elif isinstance(node, ast.DeallocateStmt):
+            dropped.append(
+                "statement:*" if node.isall or not node.name else f"statement:{node.name}"
+            )
+        elif isinstance(node, ast.ClosePortalStmt):
+            dropped.append(f"portal:{node.portalname}" if node.portalname else "portal:*")
+    return tuple(defined), tuple(used), tuple(dropped)
+
+
+INTEGER_TYPES = frozenset({"int2", "int4", "int8", "oid"})
+
+
+def integer_key(text: str) -> str:
+    """An integer subject key as its value ('007' and ' +7' name subject 7); other text as
+    it is."""
+    digits = text.strip().replace("_", "")
+    for base in (10, 0):  # decimal (leading zeros allowed), then 0x / 0o / 0b
+        try:
+            return str(int(digits, base))
+        except ValueError:
+            pass
+    return text
 
 
 def _key_of(node: Any) -> str | int | None:

@@ -18,7 +18,7 @@ from pglast import parse_sql
 from pglast.parser import ParseError, scan
 from pglast.parser import normalize as normalize_literals
 
-from rules.analyzer import Analyzer, Decision
+from rules.analyzer import Analyzer, Decision, SubjectKeys, integer_key
 from rules.catalog import Catalog, ProtectionMap
 from rules.masks import ColumnType, mask_json_value, py_mask
 from rules.model import Policy
@@ -68,23 +68,21 @@ def normalize(sql: str) -> tuple[str, list[str]] | None:
     return "".join(out), literals
 
 
-def _literal_keys(
-    keys: tuple[tuple[str, tuple[str | int, ...]], ...], literals: list[str]
-) -> tuple[tuple[str, tuple[str | int, ...]], ...]:
+def _literal_keys(keys: tuple[SubjectKeys, ...], literals: list[str]) -> tuple[SubjectKeys, ...]:
     """Subject keys found on the placeholder text, with the literals put back."""
     out = []
-    for table, found in keys:
+    for table, found, integer in keys:
         resolved: list[str | int] = []
         for k in found:
             if isinstance(k, int) and k >= _PLACEHOLDER_BASE:
                 text = _unquote(literals[k - _PLACEHOLDER_BASE])
                 if text is None:
                     break
-                resolved.append(text)
+                resolved.append(integer_key(text) if integer else text)
             else:
                 resolved.append(k)
         else:
-            out.append((table, tuple(resolved)))
+            out.append((table, tuple(resolved), integer))
     return tuple(out)
 
 

@@ -90,7 +90,6 @@ class StatementFilter:
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
-        self._named: dict[str, dict[str, object]] = {}  # PREPARE / DECLARE names, audited
         self._client = _Splicer()
         self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
@@ -166,20 +165,24 @@ class StatementFilter:
         d, action, value = self._analyse(sql)
         audit = self.audit
         fields = None
-        # EXECUTE / FETCH read what the PREPARE / DECLARE named: the tables are theirs
-        source = self._named.get(d.uses) if d.uses is not None else None
+        log = self.statements
+        # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
+        # the same names) named: the tables are theirs
+        sources = [f for f in (log.named(u) for u in d.uses) if f] if log is not None else []
         if audit is not None and (
-            action == "refuse" or d.tables or d.action == "refuse" or source is not None
+            action == "refuse" or d.tables or d.action == "refuse" or sources
         ):
             fields = event_fields(sql, d, action, value)
             # a masked-role refusal stops the analyser's walk: the tables may be more
             fields["analysis_complete"] = d.action != "refuse"
             if self.raw_columns:
                 fields["columns_raw"], fields["columns_masked"] = fields["columns_masked"], []
-            if source is not None and not d.tables:
-                for key in ("tables", "columns_masked", "columns_raw"):
-                    if key in source:
-                        fields[key] = source[key]
+            for key in ("tables", "columns_masked", "columns_raw"):
+                merged = set(_names(fields.get(key)))
+                for source in sources:
+                    merged.update(_names(source.get(key)))
+                if key in fields or merged:
+                    fields[key] = sorted(merged)
             if action == "refuse":
                 audit.record("refused", fields)
                 fields = None
@@ -187,10 +190,11 @@ class StatementFilter:
                 action, value = "refuse", AUDIT_UNAVAILABLE
                 audit.record("refused", {**fields, "decision": "refused", "reason": value})
                 fields = None
-        if d.defines is not None and fields is not None:
-            if len(self._named) >= 1000:
-                self._named.clear()  # bounded; a session preparing that many is unusual
-            self._named[d.defines] = fields
+        if log is not None and action != "refuse":
+            for name in d.drops:
+                log.drop(name)
+            for name in d.defines:
+                log.define(name, fields)
         if action == "rewrite":
             self.counters.rewritten += 1
         elif action == "pass":
@@ -265,6 +269,10 @@ class StatementFilter:
                     reason = self._refusals.pop(nonce)
                     return m.error_response("42501", f"pgveil: {reason}")
         return None
+
+
+def _names(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:

@@ -20,8 +20,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy.wire import messages as m
+from rules.analyzer import integer_key
 from rules.context import ContextHolder
 
 _INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
@@ -36,7 +38,7 @@ Layout = tuple[SubjectColumn, ...]
 
 @dataclass(slots=True)
 class _InFlight:
-    kind: str  # "query", "execute", "describe", "sync", "call"
+    kind: str  # "query", "execute", "describe", "parse", "sync", "call"
     fields: dict[str, object] | None = None
     started: int = 0
     layout: Layout = ()
@@ -50,6 +52,11 @@ class _InFlight:
     target: _Prepared | _Portal | None = None
     portal: _Portal | None = None  # an Execute's: its layout may be described later
     params: dict[int, str] = field(default_factory=dict)  # its subject-key parameters
+    # tables whose subject column was in every result set so far (None: none seen)
+    keyed: set[str] | None = None
+    data_rows: int = 0  # DataRows seen (counted only while they are captured)
+    # a Parse's (name, what it registered, what that name held before)
+    parsed: tuple[bytes, _Prepared, _Prepared | None] | None = None
 
 
 @dataclass(slots=True)
@@ -101,7 +108,39 @@ class StatementLog:
         self._push(_InFlight("query", fields, self._clock()))
 
     def parse(self, name: bytes, fields: dict[str, object] | None) -> None:
-        self._statements[name] = _Prepared(fields)
+        previous = self._statements.get(name)
+        if name and previous is not None:
+            # the server refuses to redefine a named statement (42P05): the old one stays
+            self._push(_InFlight("parse"))
+            return
+        registered = self._statements[name] = _Prepared(fields)
+        self._push(_InFlight("parse", parsed=(name, registered, previous)))
+
+    # SQL PREPARE / DECLARE / EXECUTE / FETCH name the protocol's statements and portals
+
+    def named(self, name: str) -> dict[str, object] | None:
+        """The audit fields of what a statement or portal name runs ("statement:N")."""
+        kind, _, text = name.partition(":")
+        key = text.encode()
+        found = self._statements.get(key) if kind == "statement" else self._portals.get(key)
+        return found.fields if found is not None else None
+
+    def define(self, name: str, fields: dict[str, object] | None) -> None:
+        kind, _, text = name.partition(":")
+        key = text.encode()
+        if kind == "statement":
+            if key not in self._statements:  # PREPARE of a name in use fails (42P05)
+                self._statements[key] = _Prepared(fields)
+        elif key not in self._portals:  # so does DECLARE (42P03)
+            self._portals[key] = _Portal(fields, _Prepared(fields), [])
+
+    def drop(self, name: str) -> None:
+        kind, _, text = name.partition(":")
+        table: dict[bytes, Any] = self._statements if kind == "statement" else self._portals
+        if text == "*":
+            table.clear()
+        else:
+            table.pop(text.encode(), None)
 
     def bind(self, body: bytes) -> None:
         end = body.index(b"\0")
@@ -113,7 +152,7 @@ class StatementLog:
             return
         named = stmt.fields.get("_subject_keys", ())
         assert isinstance(named, tuple)
-        wanted = {k for _table, keys in named for k in keys if isinstance(k, int)}
+        wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
         formats, params = _bind_values(body, wanted)
         self._portals[portal] = _Portal(stmt.fields, stmt, formats, params=params)
 
@@ -132,8 +171,7 @@ class StatementLog:
             self._push(entry)
             if portal.layout is not None or portal.statement.described is not None:
                 # described already: its rows are looked at only if they carry subjects
-                entry.layout = portal.resolve(self)
-                entry.portal = None
+                self._resolve(entry)
                 self._want_rows(entry, bool(entry.layout))
 
     def close(self, body: bytes) -> None:
@@ -181,11 +219,20 @@ class StatementLog:
             return
         head = fifo[0]
         if typ == m.DATA_ROW:
+            head.data_rows += 1
             if head.portal is not None:
-                head.layout = head.portal.resolve(self)
-                head.portal = None
+                self._resolve(head)
             if head.layout:
                 self._subjects(head, body)
+        elif typ == m.PARSE_COMPLETE:
+            if head.kind == "parse":
+                fifo.popleft()
+        elif typ == m.COPY_IN_RESPONSE:
+            # the server ignores a Sync that arrives during COPY FROM STDIN (libpq sends one
+            # right after the Execute): it gets no ReadyForQuery of its own
+            if head.kind == "execute":
+                while len(fifo) > 1 and fifo[1].kind == "sync":
+                    del fifo[1]
         elif typ == m.COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
             head.rows += _row_count(body) if typ == m.COMMAND_COMPLETE else 0
             head.layout = ()
@@ -193,12 +240,15 @@ class StatementLog:
                 self._finish(fifo.popleft())
         elif typ == m.PORTAL_SUSPENDED:
             if head.kind == "execute":
+                # no count in the message: the DataRows seen, when they were all looked at
+                head.rows = head.data_rows if head.wants_rows else -1
                 self._finish(fifo.popleft())
         elif typ == m.ROW_DESCRIPTION:
             if head.kind == "describe":
                 self._described(fifo.popleft(), body)
             elif head.kind in ("query", "execute") and head.fields is not None:
                 head.layout = self._layout(body, None)
+                self._keyed(head)
                 self._want_rows(head, bool(head.layout))
         elif typ == m.NO_DATA:
             if head.kind == "describe":
@@ -210,7 +260,7 @@ class StatementLog:
                 entry = fifo.popleft()
                 if entry.kind in ("query", "execute"):
                     self._finish(entry)
-                if entry.kind != "describe" and entry.kind != "execute":
+                if entry.kind in ("sync", "query", "call"):
                     break
 
     def _error(self, head: _InFlight, body: bytes) -> None:
@@ -226,6 +276,14 @@ class StatementLog:
         failed = False
         while fifo and fifo[0].kind != "sync":
             entry = fifo.popleft()
+            if entry.parsed is not None:
+                # that Parse failed, or was skipped: its name holds what it held before
+                name, registered, previous = entry.parsed
+                if self._statements.get(name) is registered:
+                    if previous is None:
+                        del self._statements[name]
+                    else:
+                        self._statements[name] = previous
             if entry.kind == "execute" and not failed:
                 entry.outcome = code
                 self._finish(entry)
@@ -240,17 +298,22 @@ class StatementLog:
         event = dict(entry.fields)
         named = event.pop("_subject_keys", ())
         assert isinstance(named, tuple)
-        covered = set(entry.subjects)
+        if entry.portal is not None:
+            self._resolve(entry)
+        # the rows tell a table's subjects exactly when every result set carried its key
+        covered = set(entry.keyed or ())
         if entry.outcome == "ok":
-            for table, keys in named:
+            for table, keys, integer in named:
                 if table in covered:
                     continue  # the rows returned say it exactly
                 resolved = [k if isinstance(k, str) else entry.params.get(k) for k in keys]
                 if all(k is not None for k in resolved):
                     covered.add(table)
                     if entry.rows:
-                        entry.subjects[table] = {k for k in resolved if k is not None}
-        event["rows"] = entry.rows
+                        entry.subjects[table] = {
+                            integer_key(k) if integer else k for k in resolved if k is not None
+                        }
+        event["rows"] = entry.rows if entry.rows >= 0 else None  # None: not known
         event["outcome"] = entry.outcome
         event["duration_ms"] = round((self._clock() - entry.started) / 1e6, 3)
         if entry.subjects:
@@ -262,6 +325,19 @@ class StatementLog:
         self._emit(event)
 
     # ---- subject columns ---------------------------------------------------------------
+
+    def _resolve(self, entry: _InFlight) -> None:
+        """An Execute's result columns, from its portal's or statement's Describe."""
+        assert entry.portal is not None
+        portal, entry.portal = entry.portal, None
+        if portal.layout is not None or portal.statement.described is not None:
+            entry.layout = portal.resolve(self)
+            self._keyed(entry)
+
+    @staticmethod
+    def _keyed(entry: _InFlight) -> None:
+        tables = {table for _i, table, _t, _f in entry.layout}
+        entry.keyed = tables if entry.keyed is None else entry.keyed & tables
 
     def _described(self, entry: _InFlight, body: bytes) -> None:
         target = entry.target
@@ -302,6 +378,9 @@ class StatementLog:
                 pos += 4 + max(n, 0)
             (n,) = struct.unpack_from("!i", body, pos)
             if n < 0:
+                # a row without its key (an outer join, say) may still carry that table's
+                # data from elsewhere: the subjects cannot be complete
+                entry.undecodable = True
                 continue
             raw = body[pos + 4 : pos + 4 + n]
             key = _key(raw, type_oid, fmt)
@@ -315,7 +394,7 @@ def _covers(entry: _InFlight, covered: set[str]) -> bool:
     """Subjects are complete when the rows returned carry every protected table's subject
     column or the statement names its subjects, or nothing was touched."""
     assert entry.fields is not None
-    if entry.outcome != "ok" or entry.rows == 0:
+    if entry.outcome != "ok" or (entry.rows == 0 and entry.data_rows == 0):
         return True
     tables = entry.fields.get("tables", [])
     assert isinstance(tables, list)
