@@ -850,6 +850,15 @@ def report_masked(results: Results, db: EmbeddedPostgres, reps: int, duration: i
     return "\n".join(lines) + "\n"
 
 
+def write_helpdesk_files(workdir: Path) -> tuple[Path, Path]:
+    """The masking rules and the pgbench helpdesk script, in `workdir`."""
+    rules = workdir / "rules.yaml"
+    rules.write_text(MASKING_RULES)
+    script = workdir / "helpdesk.sql"
+    script.write_text(HELPDESK_SCRIPT)
+    return rules, script
+
+
 def run_masked_part(
     db: EmbeddedPostgres,
     env: dict[str, str],
@@ -861,10 +870,7 @@ def run_masked_part(
 ) -> tuple[str, dict[str, object]]:
     """Seed, start pgveil with rules, check it masks, measure: (report, raw numbers)."""
     load_billing(db)
-    rules = workdir / "rules.yaml"
-    rules.write_text(MASKING_RULES)
-    script = workdir / "helpdesk.sql"
-    script.write_text(HELPDESK_SCRIPT)
+    rules, script = write_helpdesk_files(workdir)
     veil, port = start_pgveil(db, workdir, rules)
     services.append(veil)
     stack.callback(veil.stop)
@@ -938,12 +944,11 @@ def run_audit_part(
     duration: int,
     seeded: bool,
 ) -> tuple[str, dict[str, object]]:
+    """The masked part's data and script through pgveil with and without the audit file:
+    (report, raw numbers). `seeded`: the masked part already loaded the data."""
     if not seeded:
         load_billing(db)
-    rules = workdir / "rules.yaml"
-    rules.write_text(MASKING_RULES)
-    script = workdir / "helpdesk.sql"
-    script.write_text(HELPDESK_SCRIPT)
+    rules, script = write_helpdesk_files(workdir)
     audit_file = workdir / "audit.jsonl"
     plain, plain_port = start_pgveil(db, workdir, rules, label="audit-off")
     audited, audited_port = start_pgveil(
