@@ -320,20 +320,18 @@ class MaskingContext:
         """The decision a shape's analysis gives the statement: its literals put back."""
         if not isinstance(entry, tuple):
             return None
-        decision: Decision | None = entry[0]
+        decision: Decision = entry[0]
         spans: list[tuple[int, int, int]] = entry[1]
-        assert decision is not None
+        changes: dict[str, Any] = {}  # one copy of the decision (dataclasses.replace is slow)
         if decision.action == "rewrite":
             assert decision.sql is not None
             rewritten = _substitute(decision.sql, spans, literals)
             if rewritten is None:
                 return None
-            decision = dataclasses.replace(decision, sql=rewritten)
+            changes["sql"] = rewritten
         if decision.subject_keys:
-            decision = dataclasses.replace(
-                decision, subject_keys=_literal_keys(decision.subject_keys, literals)
-            )
-        return decision
+            changes["subject_keys"] = _literal_keys(decision.subject_keys, literals)
+        return dataclasses.replace(decision, **changes) if changes else decision
 
     def _shape_entry(self, shape: str) -> object:
         analysed = self.analyzer.analyze(shape)
