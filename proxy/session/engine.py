@@ -113,6 +113,7 @@ _CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAG
 # ReadyForQuery is not captured: its status byte is read in place (see server_data).
 _SERVER_CAPTURE_READY: Final = capture_mask(bytes((m.ERROR_RESPONSE, m.PARAMETER_STATUS)))
 _Z: Final = m.READY_FOR_QUERY
+_D: Final = m.DATA_ROW
 TX_UNKNOWN: Final = 0
 """tx_status when a ReadyForQuery was followed by more messages in the same chunk (e.g. a
 NotificationResponse): not known until the next chunk that ends with one. Never idle."""
@@ -474,8 +475,13 @@ class Session:
                 captured = self._server.feed(data)
             except m.ProtocolViolation as exc:
                 return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
+            log = recorder.statements
+            observe = recorder.observe_server
             for typ, body in captured:
-                recorder.observe_server(typ, body)
+                if typ == _D and log is not None:
+                    log.data_row(body)  # the bulk of a result: straight to its statement
+                else:
+                    observe(typ, body)
             if recorder.tx_status is not None:
                 self.tx_status = recorder.tx_status
             self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)

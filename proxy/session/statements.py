@@ -30,6 +30,7 @@ _INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
 _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
 _UUID = 2950
 _BY_LENGTH = {2: 21, 4: 23, 8: 20, 16: _UUID}
+_INT32 = struct.Struct("!i")
 
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
@@ -219,11 +220,7 @@ class StatementLog:
             return
         head = fifo[0]
         if typ == m.DATA_ROW:
-            head.data_rows += 1
-            if head.portal is not None:
-                self._resolve(head)
-            if head.layout:
-                self._subjects(head, body)
+            self.data_row(body)
         elif typ == m.PARSE_COMPLETE:
             if head.kind == "parse":
                 fifo.popleft()
@@ -262,6 +259,18 @@ class StatementLog:
                     self._finish(entry)
                 if entry.kind in ("sync", "query", "call"):
                     break
+
+    def data_row(self, body: bytes) -> None:
+        """One DataRow of the statement at the head: counted, and its subject keys read."""
+        fifo = self._fifo
+        if not fifo:
+            return
+        head = fifo[0]
+        head.data_rows += 1
+        if head.portal is not None:
+            self._resolve(head)
+        if head.layout:
+            self._subjects(head, body)
 
     def _error(self, head: _InFlight, body: bytes) -> None:
         code = m.sqlstate_of(body) or "XX000"
@@ -374,9 +383,9 @@ class StatementLog:
         for index, table, type_oid, fmt in entry.layout:
             pos = 2
             for _ in range(index):
-                (n,) = struct.unpack_from("!i", body, pos)
+                (n,) = _INT32.unpack_from(body, pos)
                 pos += 4 + max(n, 0)
-            (n,) = struct.unpack_from("!i", body, pos)
+            (n,) = _INT32.unpack_from(body, pos)
             if n < 0:
                 # a row without its key (an outer join, say) may still carry that table's
                 # data from elsewhere: the subjects cannot be complete
