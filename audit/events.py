@@ -36,8 +36,16 @@ def canonical(event: Mapping[str, Any]) -> bytes:
     """JSON with sorted keys, no insignificant whitespace, UTF-8: exactly what json.dumps
     with sort_keys=True, separators=(",", ":"), ensure_ascii=False writes. orjson writes the
     same bytes ten times faster, except for floats that json writes with an exponent
-    (1e-05) and integers beyond 64 bits: events holding those go through json."""
-    if _orjson_safe(event):
+    (1e-05) and integers beyond 64 bits (orjson refuses those): events with such a float
+    among their values, or in a mapping among them (where events keep their floats: the
+    durations, rounded to milliseconds), go through json."""
+    for value in event.values():
+        t = type(value)
+        if (t is float and not _plain_float(value)) or (
+            t is dict and any(type(v) is float and not _plain_float(v) for v in value.values())
+        ):
+            break
+    else:
         try:
             return orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
         except TypeError:
@@ -45,17 +53,9 @@ def canonical(event: Mapping[str, Any]) -> bytes:
     return _CANONICAL.encode(event).encode()
 
 
-def _orjson_safe(value: Any) -> bool:
-    t = type(value)
-    if t is float:
-        return bool(value == 0 or 1e-4 <= abs(value) < 1e16)
-    if t is dict:
-        return all(type(k) is str and _orjson_safe(v) for k, v in value.items())
-    if t is list or t is tuple:
-        return all(_orjson_safe(v) for v in value)
-    if t is int:
-        return bool(-(2**63) <= value < 2**64)
-    return t is str or t is bool or value is None
+def _plain_float(value: float) -> bool:
+    """Written alike by json and orjson: no exponent either way."""
+    return value == 0 or 1e-4 <= abs(value) < 1e16
 
 
 def digest(event: Mapping[str, Any]) -> str:

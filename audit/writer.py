@@ -75,7 +75,9 @@ class AuditWriter:
         return max([len(self._table_queue), *queued])
 
     def accepting(self) -> bool:
-        return not self._failing and self.depth < self.queue_size
+        # while no sink fails, the file and stdout queues are written at once and empty:
+        # only the table sink's can be long
+        return not self._failing and len(self._table_queue) < self.queue_size
 
     def submit(self, event_type: str, fields: Mapping[str, Any]) -> bool:
         """Record one event. False when it was not queued (the caller refuses, under block)."""

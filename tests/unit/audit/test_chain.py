@@ -105,14 +105,19 @@ def test_cli_verify_and_tail(tmp_path: Path) -> None:
     assert list(read_events(path))
 
 
-_VALUES = st.recursive(
+_SCALARS = (
     st.none()
     | st.booleans()
     | st.integers(-(2**70), 2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
+    | st.text()
+)
+# the shapes events have: scalars, lists of names or keys, mappings of table to a count, a
+# duration or a list of keys (subjects, rows and seconds per table)
+_VALUES = (
+    _SCALARS
+    | st.lists(st.text() | st.integers(), max_size=5)
+    | st.dictionaries(st.text(), _SCALARS | st.lists(st.text(), max_size=3), max_size=4)
 )
 
 
