@@ -507,14 +507,20 @@ class _Splicer:
             out = bytearray()
             pos = 0
             for typ, body, start, end in located:
+                raw = data[start:end]
+                replaced = handle(typ, body, raw)
+                if replaced is raw:
+                    continue  # unchanged: it goes out with the bytes around it
                 out += data[pos:start]
-                out += handle(typ, body, data[start:end])
+                out += replaced
                 pos = end
         except (ValueError, IndexError, struct.error) as exc:
             raise m.ProtocolViolation(f"malformed message {side}") from exc
         stop = hold if hold is not None else len(data)
-        out += data[pos:stop]
         self.held = data[stop:] if hold is not None else b""
+        if pos == 0:
+            return data if stop == len(data) else data[:stop]  # nothing changed: no copy
+        out += data[pos:stop]
         return bytes(out)
 
 
