@@ -198,7 +198,10 @@ def fast_normalize(sql: str) -> tuple[str, list[str]] | None:
     """Like `normalize`, from libpg_query's normalisation (C, several times faster than
     tokenising in Python). None when it cannot be used: the text holds a `$` (so not every
     parameter in the result is a literal), the literals cannot be read back exactly, or one
-    carries a sign (put back next to an operator it could form a comment: `x-$1` with -3)."""
+    carries a sign (put back next to an operator it could form a comment: `x-$1` with -3).
+
+    The literals are read back as `literals_of` reads them, by one pattern per normalised
+    text (compiled once: statements that differ only in literals normalise alike)."""
     if "$" in sql:
         return None
     try:
@@ -207,11 +210,79 @@ def fast_normalize(sql: str) -> tuple[str, list[str]] | None:
         return None
     if normalized == sql:
         return None
+    reader = _READERS.get(normalized)
+    if reader is None:
+        if len(_READERS) >= CACHE_SIZE:
+            _READERS.clear()
+        reader = _READERS[normalized] = _literal_reader(normalized)
+    if reader is _UNREADABLE:
+        return None
+    if reader is _MANY:
+        return _read_literals(sql, normalized)
+    shape, pattern, joined = reader
+    match = pattern.fullmatch(sql)
+    if match is None:
+        return None
+    literals: list[str] = list(match.groups())
+    for lit in literals:
+        if lit[:1] == "-":
+            return None
+    for i in joined:
+        # this literal follows the one before it directly: what ends that one must not
+        # glue to a placeholder
+        if _glues(literals[i - 1][-1]):
+            return None
+    return shape, literals
+
+
+# a normalised text's reader: (shape, the pattern that reads its literals from the text it
+# came from, the literals that follow another one directly), or _UNREADABLE
+_Reader = tuple[str, "re.Pattern[str]", tuple[int, ...]]
+_UNREADABLE: Any = object()
+_MANY: Any = object()  # more literals than a pattern is worth compiling for (bulk VALUES)
+_MANY_LITERALS = 64
+_READERS: dict[str, Any] = {}
+
+
+def _read_literals(sql: str, normalized: str) -> tuple[str, list[str]] | None:
     literals = literals_of(sql, normalized, glued=_glues)
     if literals is None or len(literals) > _MAX_LITERALS or any(lit[:1] == "-" for lit in literals):
         return None
-    shape = _PG_PLACEHOLDER.sub(lambda m: f"${_PLACEHOLDER_BASE + int(m.group(1)) - 1}", normalized)
-    return shape, literals
+    return _shape_text(normalized), literals
+
+
+def _shape_text(normalized: str) -> str:
+    return _PG_PLACEHOLDER.sub(lambda m: f"${_PLACEHOLDER_BASE + int(m.group(1)) - 1}", normalized)
+
+
+def _literal_reader(normalized: str) -> Any:
+    """What `literals_of` checks, turned into a pattern: the text between placeholders
+    exactly, and at each placeholder one literal as `_LITERAL_AT.match` reads it (an atomic
+    group: no other split of the text is tried). A placeholder after text that would glue
+    to it, numbers out of order, or too many literals: unreadable, always."""
+    parts: list[str] = []
+    joined: list[int] = []
+    last = 0
+    count = 0
+    for m in _PG_PLACEHOLDER.finditer(normalized):
+        piece = normalized[last : m.start()]
+        if int(m.group(1)) != count + 1:
+            return _UNREADABLE
+        if piece:
+            if _glues(piece[-1]):
+                return _UNREADABLE
+        elif count:
+            joined.append(count)
+        parts.append(re.escape(piece))
+        parts.append(f"((?>{_LITERAL_AT.pattern}))")
+        count += 1
+        last = m.end()
+        if count > _MANY_LITERALS:
+            return _MANY
+    if count == 0:
+        return _UNREADABLE
+    parts.append(re.escape(normalized[last:]))
+    return (_shape_text(normalized), re.compile("".join(parts)), tuple(joined))
 
 
 def _is_placeholder(param: str) -> bool:
@@ -226,6 +297,16 @@ def with_audit_text(d: Decision, analysed: str) -> Decision:
 
 def _fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _evolve(d: Decision, changes: dict[str, Any]) -> Decision:
+    """`dataclasses.replace` for the hot path: a copy of the frozen decision's attributes,
+    without running __init__ (several times faster; no field here has a post-init)."""
+    new: Decision = object.__new__(Decision)
+    attributes = new.__dict__
+    attributes.update(d.__dict__)
+    attributes.update(changes)
+    return new
 
 
 def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]) -> str | None:
@@ -266,6 +347,7 @@ class MaskingContext:
         self.pmap = ProtectionMap(policy, catalog, previous)
         self.analyzer = Analyzer(self.pmap)
         self._cache: dict[str, Decision] = {}
+        self._audit_cache: dict[str, Decision] = {}  # audit-only decisions (no rewritten text)
         # normalized text -> (Decision, placeholder spans) or _FALLBACK
         self._shapes: dict[str, object] = {}
         self.cache_hits = 0
@@ -277,16 +359,24 @@ class MaskingContext:
             names.update(c.name for c in r.columns)
         self.identifiers = frozenset(names)
 
-    def analyze(self, sql: str) -> Decision:
+    def analyze(self, sql: str, *, audit_only: bool = False) -> Decision:
         """The decision for `sql`, from the cache when possible. Statements that differ
         only in literals share one analysis: it is done once on the text with literals
         replaced by placeholders, and the rewritten text gets the literals back. When the
         decision could depend on a literal (the placeholder version is refused), the
-        statement is analysed as it is."""
+        statement is analysed as it is.
+
+        `audit_only`: the caller records the statement and sends it as it is (an unmasked
+        session): a rewrite's text is not built, and the decision's `sql` is None."""
         d = self._cache.get(sql)
         if d is not None:
             self.cache_hits += 1
             return d
+        if audit_only:
+            d = self._audit_cache.get(sql)
+            if d is not None:
+                self.cache_hits += 1
+                return d
         norm = fast_normalize(sql) or normalize(sql)
         if norm is not None:
             shape, literals = norm
@@ -297,6 +387,11 @@ class MaskingContext:
                 entry = self._shape_entry(shape)
             else:
                 self.cache_hits += 1
+            if audit_only and not fresh:
+                decision = self._from_shape(entry, literals, rewrite=False)
+                if decision is not None:
+                    self._remember(self._audit_cache, sql, decision)
+                    return decision
             decision = self._from_shape(entry, literals)
             if fresh:
                 # a new shape is trusted only once it gives what the statement that made it
@@ -316,22 +411,28 @@ class MaskingContext:
         return d
 
     @staticmethod
-    def _from_shape(entry: object, literals: list[str]) -> Decision | None:
-        """The decision a shape's analysis gives the statement: its literals put back."""
+    def _from_shape(entry: object, literals: list[str], rewrite: bool = True) -> Decision | None:
+        """The decision a shape's analysis gives the statement: its literals put back
+        (into the rewritten text too, unless `rewrite` is False: then `sql` is None)."""
         if not isinstance(entry, tuple):
             return None
         decision: Decision = entry[0]
         spans: list[tuple[int, int, int]] = entry[1]
-        changes: dict[str, Any] = {}  # one copy of the decision (dataclasses.replace is slow)
+        changes: dict[str, Any] = {}
         if decision.action == "rewrite":
             assert decision.sql is not None
-            rewritten = _substitute(decision.sql, spans, literals)
-            if rewritten is None:
-                return None
-            changes["sql"] = rewritten
+            if rewrite:
+                rewritten = _substitute(decision.sql, spans, literals)
+                if rewritten is None:
+                    return None
+                changes["sql"] = rewritten
+            elif any(not 0 <= i < len(literals) for _, _, i in spans):
+                return None  # as _substitute would decline it
+            else:
+                changes["sql"] = None
         if decision.subject_keys:
             changes["subject_keys"] = _literal_keys(decision.subject_keys, literals)
-        return dataclasses.replace(decision, **changes) if changes else decision
+        return _evolve(decision, changes) if changes else decision
 
     def _shape_entry(self, shape: str) -> object:
         analysed = self.analyzer.analyze(shape)

@@ -24,9 +24,18 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pglast import parse_sql
 from pglast.parser import ParseError, scan
+from pglast.parser import normalize as normalize_literals
 
 from rules.analyzer import Decision
-from rules.context import _LITERAL_TOKENS, _PLACEHOLDER, MaskingContext, fast_normalize
+from rules.context import (
+    _LITERAL_TOKENS,
+    _PLACEHOLDER,
+    MaskingContext,
+    _glues,
+    _shape_text,
+    fast_normalize,
+    literals_of,
+)
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
 
@@ -582,3 +591,41 @@ def test_subject_keys_name_the_subject(ctx: MaskingContext, literal: str, key: s
     sql = f"SELECT name FROM billing.customers WHERE i_customer = {literal}"
     assert ctx.analyzer.analyze(sql).subject_keys == (("billing.customers", (key,), True),)
     assert ctx.analyze(sql).subject_keys == (("billing.customers", (key,), True),)
+
+
+def _reference(sql: str) -> tuple[str, list[str]] | None:
+    """`fast_normalize` as it was before its pattern readers: `literals_of` on every text."""
+    if "$" in sql:
+        return None
+    try:
+        normalized = normalize_literals(sql)
+    except ParseError:
+        return None
+    if normalized == sql:
+        return None
+    literals = literals_of(sql, normalized, glued=_glues)
+    if literals is None or len(literals) > 99_999 or any(lit[:1] == "-" for lit in literals):
+        return None
+    return _shape_text(normalized), literals
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=_statement_pairs())
+def test_the_pattern_reader_reads_what_literals_of_reads(pair: tuple[str, str]) -> None:
+    """The compiled reader of a normalised text (made by the first statement, reused by the
+    second) accepts and returns exactly what the reference reading does."""
+    for sql in pair:
+        assert fast_normalize(sql) == _reference(sql), sql
+
+
+@pytest.mark.parametrize("sql", FAST_CASES + DECLINED)
+def test_the_pattern_reader_agrees_on_the_known_cases(sql: str) -> None:
+    assert fast_normalize(sql) == _reference(sql)
+    assert fast_normalize(sql) == _reference(sql)  # the second time from the cached reader
+
+
+def test_adjacent_literals_are_read_apart_or_declined() -> None:
+    for sql in ("SELECT 'a' 'b'", "SELECT 1::int, 'x'||'y'", "SELECT E'a\\'' 'b'"):
+        assert fast_normalize(sql) == _reference(sql), sql
+    many = "SELECT " + ", ".join(str(i) for i in range(200))
+    assert fast_normalize(many) == _reference(many) is not None
