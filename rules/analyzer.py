@@ -995,7 +995,11 @@ def _references(stmts: Any) -> frozenset[str] | None:
             for u in n.usingClause or ():
                 names.add(_name(u))
         elif isinstance(n, ast.ColumnRef):
-            names.update(_name(f) for f in n.fields)
+            # `c.name` names the column `name` of `c`, not the whole row of `c` (only a
+            # lone `c` can be that); in `a.b.c` the middle part may be a table or a
+            # composite column, so only the first part of a qualified name is left out
+            fields = n.fields
+            names.update(_name(f) for f in (fields[1:] if len(fields) > 1 else fields))
         elif isinstance(n, ast.CopyStmt) and n.relation is not None:
             return None  # COPY t TO: every column
     return frozenset(names)
