@@ -477,11 +477,17 @@ class Session:
                 return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
             log = recorder.statements
             observe = recorder.observe_server
+            rows: list[bytes] = []
             for typ, body in captured:
                 if typ == _D and log is not None:
-                    log.data_row(body)  # the bulk of a result: straight to its statement
-                else:
-                    observe(typ, body)
+                    rows.append(body)  # the bulk of a result: to its statement in one go
+                    continue
+                if rows:
+                    log.data_rows(rows)  # type: ignore[union-attr]
+                    rows = []
+                observe(typ, body)
+            if rows:
+                log.data_rows(rows)  # type: ignore[union-attr]
             if recorder.tx_status is not None:
                 self.tx_status = recorder.tx_status
             self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)

@@ -44,6 +44,11 @@ _TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
 _TEXT = ColumnType("text", "text")
 _PARTIAL = MaskSpec("partial")
 _KEEP_FIELDS = frozenset("SVCMHPsctdnFLR")
+_DATA_ROW = m.DATA_ROW
+_READY_FOR_QUERY = m.READY_FOR_QUERY
+_ERROR_RESPONSE = m.ERROR_RESPONSE
+_PARAMETER_STATUS = m.PARAMETER_STATUS
+_TEMPLATES = 1000  # audit field templates kept per session
 
 
 @dataclass
@@ -90,6 +95,8 @@ class StatementFilter:
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
+        # audit fields per statement shape (analysis, action): see _decide
+        self._templates: dict[tuple[object, ...], dict[str, object]] = {}
         self._client = _Splicer()
         self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
@@ -172,17 +179,20 @@ class StatementFilter:
         if audit is not None and (
             action == "refuse" or d.tables or d.action == "refuse" or sources
         ):
-            fields = event_fields(sql, d, action, value)
-            # a masked-role refusal stops the analyser's walk: the tables may be more
-            fields["analysis_complete"] = d.action != "refuse"
-            if self.raw_columns:
-                fields["columns_raw"], fields["columns_masked"] = fields["columns_masked"], []
-            for key in ("tables", "columns_masked", "columns_raw"):
-                merged = set(_names(fields.get(key)))
-                for source in sources:
-                    merged.update(_names(source.get(key)))
-                if key in fields or merged:
-                    fields[key] = sorted(merged)
+            if action != "refuse" and not sources and d.redacted:
+                # the same for every statement of this shape: built once
+                key = (d.redacted, d.kinds, d.tables, d.columns, action, d.action)
+                template = self._templates.get(key)
+                if template is None:
+                    if len(self._templates) >= _TEMPLATES:
+                        self._templates.clear()
+                    template = self._templates[key] = self._event_fields(sql, d, action, value)
+                fields = template.copy()
+            else:
+                fields = self._event_fields(sql, d, action, value, sources)
+            if d.subject_keys and action != "refuse":
+                # for the statement log only (subject keys named by the statement)
+                fields["_subject_keys"] = d.subject_keys
             if action == "refuse":
                 audit.record("refused", fields)
                 fields = None
@@ -200,6 +210,27 @@ class StatementFilter:
         elif action == "pass":
             self.counters.passed += 1
         return action, value, fields
+
+    def _event_fields(
+        self,
+        sql: str,
+        d: Decision,
+        action: str,
+        value: str | None,
+        sources: list[dict[str, object]] | None = None,
+    ) -> dict[str, object]:
+        fields = event_fields(sql, d, action, value)
+        # a masked-role refusal stops the analyser's walk: the tables may be more
+        fields["analysis_complete"] = d.action != "refuse"
+        if self.raw_columns:
+            fields["columns_raw"], fields["columns_masked"] = fields["columns_masked"], []
+        for key in ("tables", "columns_masked", "columns_raw"):
+            merged = set(_names(fields.get(key)))
+            for source in sources or ():
+                merged.update(_names(source.get(key)))
+            if key in fields or merged:
+                fields[key] = sorted(merged)
+        return fields
 
     def _query(self, body: bytes, original: bytes) -> bytes:
         try:
@@ -245,7 +276,9 @@ class StatementFilter:
     # ---- server -> client --------------------------------------------------------------
 
     def server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
-        return self._server.splice(scanner, chunk, self._server_message, "from server")
+        log = self.statements
+        rows = log.data_rows if log is not None else None
+        return self._server.splice(scanner, chunk, self._server_message, "from server", rows)
 
     def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if self.statements is not None:
@@ -292,9 +325,6 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
     }
     if action == "refuse":
         fields["reason"] = reason
-    elif d.subject_keys:
-        # for the statement log only (subject keys named by the statement); never written
-        fields["_subject_keys"] = d.subject_keys
     return fields
 
 
@@ -478,10 +508,19 @@ class RecordingFilter(StatementFilter):
             self._observing = False
 
     def observe_server(self, typ: int, body: bytes) -> None:
-        self._server_message(typ, body, b"")
+        # _server_message, with nothing to return: the chunk goes on as it is
+        if self.statements is not None:
+            self.statements.server_message(typ, body)
+        if typ == _READY_FOR_QUERY:
+            self.tx_status = body[0] if body else m.TX_IDLE
+        elif typ in (_ERROR_RESPONSE, _PARAMETER_STATUS):
+            if self.observer is not None:
+                self.observer(typ, body)
+            if typ == _ERROR_RESPONSE and self._refusals:
+                self._refusal(body)  # a refusal read mid-message: its token is spent
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
-        return self.ctx.analyze(sql), "pass", None
+        return self.ctx.analyze(sql, audit_only=True), "pass", None
 
 
 class _Splicer:
@@ -500,13 +539,23 @@ class _Splicer:
         chunk: bytes,
         handle: Callable[[int, bytes, bytes], bytes],
         side: str,
+        rows: Callable[[list[bytes]], None] | None = None,
     ) -> bytes:
+        """`rows`, when given, takes the DataRows (in order, in batches, before the message
+        that follows them is handled); they always go on unchanged."""
         data = self.held + chunk if self.held else chunk
         try:
             located, hold = scanner.feed_located(data)
             out = bytearray()
             pos = 0
+            batch: list[bytes] = []
             for typ, body, start, end in located:
+                if typ == _DATA_ROW and rows is not None:
+                    batch.append(body)
+                    continue
+                if batch and rows is not None:
+                    rows(batch)
+                    batch = []
                 raw = data[start:end]
                 replaced = handle(typ, body, raw)
                 if replaced is raw:
@@ -514,6 +563,8 @@ class _Splicer:
                 out += data[pos:start]
                 out += replaced
                 pos = end
+            if batch and rows is not None:
+                rows(batch)
         except (ValueError, IndexError, struct.error) as exc:
             raise m.ProtocolViolation(f"malformed message {side}") from exc
         stop = hold if hold is not None else len(data)

@@ -18,7 +18,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
 _UUID = 2950
 _BY_LENGTH = {2: 21, 4: 23, 8: 20, 16: _UUID}
 _INT32 = struct.Struct("!i")
+_LAYOUTS = 256  # RowDescriptions remembered per session
 
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
@@ -46,6 +47,9 @@ class _InFlight:
     rows: int = 0
     outcome: str = "ok"
     subjects: dict[str, set[str]] = field(default_factory=dict)
+    # the raw subject-key bytes of the current result set, a set per layout column:
+    # decoded once per distinct key when the result set ends
+    raw: tuple[set[bytes], ...] = ()
     undecodable: bool = False
     wants_rows: bool = False
     # a Describe's statement or portal, taken when it is sent: a later Bind may reuse the
@@ -101,6 +105,8 @@ class StatementLog:
         # in flight
         self.rows_in_flight = 0
         self._subjects_of: object = None
+        self._layouts: dict[object, Layout] = {}
+        self._layouts_of: object = None
         self._with_subject: frozenset[str] = frozenset()
 
     # ---- frontend ----------------------------------------------------------------------
@@ -232,6 +238,8 @@ class StatementLog:
                     del fifo[1]
         elif typ == m.COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
             head.rows += _row_count(body) if typ == m.COMMAND_COMPLETE else 0
+            if head.raw:
+                _decode_keys(head)
             head.layout = ()
             if head.kind == "execute":
                 self._finish(fifo.popleft())
@@ -244,7 +252,9 @@ class StatementLog:
             if head.kind == "describe":
                 self._described(fifo.popleft(), body)
             elif head.kind in ("query", "execute") and head.fields is not None:
-                head.layout = self._layout(body, None)
+                if head.raw:
+                    _decode_keys(head)
+                self._set_layout(head, self._layout(body, None))
                 self._keyed(head)
                 self._want_rows(head, bool(head.layout))
         elif typ == m.NO_DATA:
@@ -262,15 +272,41 @@ class StatementLog:
 
     def data_row(self, body: bytes) -> None:
         """One DataRow of the statement at the head: counted, and its subject keys read."""
+        self.data_rows((body,))
+
+    def data_rows(self, bodies: Sequence[bytes]) -> None:
+        """DataRows of the statement at the head, in order: counted, and the raw bytes of
+        their subject keys kept (decoded once per distinct key, when the result ends)."""
         fifo = self._fifo
         if not fifo:
             return
         head = fifo[0]
-        head.data_rows += 1
+        head.data_rows += len(bodies)
         if head.portal is not None:
             self._resolve(head)
-        if head.layout:
-            self._subjects(head, body)
+        if not head.layout:
+            return
+        unpack = _INT32.unpack_from
+        for (index, _table, _type, _fmt), keys in zip(head.layout, head.raw, strict=True):
+            if index == 0:
+                # the common case, the key first: no other field to skip
+                found = {body[6 : 6 + unpack(body, 2)[0]] for body in bodies}
+                if b"" in found and any(unpack(body, 2)[0] < 0 for body in bodies):
+                    head.undecodable = True  # a row without its key (see below)
+                    found = {b[6 : 6 + unpack(b, 2)[0]] for b in bodies if unpack(b, 2)[0] >= 0}
+                keys |= found
+                continue
+            for body in bodies:
+                pos = 2
+                for _ in range(index):
+                    pos += 4 + max(unpack(body, pos)[0], 0)
+                (n,) = unpack(body, pos)
+                if n < 0:
+                    # a row without its key (an outer join, say) may still carry that
+                    # table's data from elsewhere: the subjects cannot be complete
+                    head.undecodable = True
+                else:
+                    keys.add(body[pos + 4 : pos + 4 + n])
 
     def _error(self, head: _InFlight, body: bytes) -> None:
         code = m.sqlstate_of(body) or "XX000"
@@ -304,6 +340,8 @@ class StatementLog:
         if entry.fields is None:
             return
         self.rows_in_flight -= entry.wants_rows
+        if entry.raw:
+            _decode_keys(entry)
         event = dict(entry.fields)
         named = event.pop("_subject_keys", ())
         assert isinstance(named, tuple)
@@ -340,8 +378,13 @@ class StatementLog:
         assert entry.portal is not None
         portal, entry.portal = entry.portal, None
         if portal.layout is not None or portal.statement.described is not None:
-            entry.layout = portal.resolve(self)
+            self._set_layout(entry, portal.resolve(self))
             self._keyed(entry)
+
+    @staticmethod
+    def _set_layout(entry: _InFlight, layout: Layout) -> None:
+        entry.layout = layout
+        entry.raw = tuple(set() for _ in layout)
 
     @staticmethod
     def _keyed(entry: _InFlight) -> None:
@@ -357,7 +400,21 @@ class StatementLog:
             target.layout = self._layout(body, None)
 
     def _layout(self, body: bytes, formats: list[int] | None) -> Layout:
-        """The result columns that are some protected table's subject column."""
+        """The result columns that are some protected table's subject column (remembered
+        per RowDescription: a statement shape's results are described alike)."""
+        ctx = self._holder.context
+        if self._layouts_of is not ctx:
+            self._layouts_of = ctx
+            self._layouts.clear()
+        key = (body, tuple(formats)) if formats is not None else body
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= _LAYOUTS:
+                self._layouts.clear()
+            layout = self._layouts[key] = self._find_layout(body, formats)
+        return layout
+
+    def _find_layout(self, body: bytes, formats: list[int] | None) -> Layout:
         pmap = self._holder.context.pmap
         (count,) = struct.unpack_from("!h", body, 0)
         pos = 2
@@ -379,24 +436,24 @@ class StatementLog:
                     found.append((i, p.rule_table, type_oid, fmt))
         return tuple(found)
 
-    def _subjects(self, entry: _InFlight, body: bytes) -> None:
-        for index, table, type_oid, fmt in entry.layout:
-            pos = 2
-            for _ in range(index):
-                (n,) = _INT32.unpack_from(body, pos)
-                pos += 4 + max(n, 0)
-            (n,) = _INT32.unpack_from(body, pos)
-            if n < 0:
-                # a row without its key (an outer join, say) may still carry that table's
-                # data from elsewhere: the subjects cannot be complete
-                entry.undecodable = True
-                continue
-            raw = body[pos + 4 : pos + 4 + n]
+
+def _decode_keys(entry: _InFlight) -> None:
+    """The subject keys of the result set that ends, decoded from the raw bytes kept."""
+    for (_index, table, type_oid, fmt), raws in zip(entry.layout, entry.raw, strict=True):
+        if not raws:
+            continue
+        keys = entry.subjects.setdefault(table, set())
+        if fmt == 0:
+            # text: one decode for all (NUL cannot occur in a text value)
+            keys.update(b"\0".join(raws).decode("utf-8", "replace").split("\0"))
+            continue
+        for raw in raws:
             key = _key(raw, type_oid, fmt)
             if key is None:
                 entry.undecodable = True
             else:
-                entry.subjects.setdefault(table, set()).add(key)
+                keys.add(key)
+    entry.raw = ()
 
 
 def _covers(entry: _InFlight, covered: set[str]) -> bool:
