@@ -95,10 +95,15 @@ class Chain:
         return self.link_line(event_type, fields, now_ns)[0]
 
     def link_line(
-        self, event_type: str, fields: Mapping[str, Any], now_ns: int | None = None
+        self,
+        event_type: str,
+        fields: Mapping[str, Any],
+        now_ns: int | None = None,
+        who: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Any], bytes]:
         """The linked event and its JSON line, encoded once: the canonical body with `hash`
-        appended (a reader re-canonicalises to verify, so key order in the line is free)."""
+        appended (a reader re-canonicalises to verify, so key order in the line is free).
+        `who`: fields that come before `fields` (a session's), merged here in one copy."""
         if event_type not in EVENT_TYPES:
             raise ValueError(f"unknown audit event type {event_type}")
         ns = now_ns if now_ns is not None else time.time_ns()
@@ -107,6 +112,7 @@ class Chain:
             "ts": utc_timestamp(ns),
             "id": new_id(ns),
             "type": event_type,
+            **(who or {}),
             **fields,
             "prev": self.last_hash,
         }

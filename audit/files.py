@@ -52,7 +52,7 @@ class AuditFile:
         self.path = path
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
-        self._f = path.open("ab")
+        self._f = path.open("ab", buffering=0)
         self._opened = time.time()
         self._size = self._f.tell()
 
@@ -61,23 +61,32 @@ class AuditFile:
         self.write_lines([canonical(e) for e in events])
 
     def write_lines(self, lines: Sequence[bytes]) -> None:
-        """Append encoded events (without newlines) and flush to the OS."""
+        """Append encoded events (without newlines): handed to the OS in one write (the
+        file is unbuffered), or one per file when the batch crosses a rotation."""
+        now = time.time()
+        pending: list[bytes] = []
         for encoded in lines:
-            line = encoded + b"\n"
+            size = len(encoded) + 1
             if self._size and (
-                self._size + len(line) > self.max_bytes
-                or time.time() - self._opened > self.max_age_s
+                self._size + size > self.max_bytes or now - self._opened > self.max_age_s
             ):
+                self._write(b"".join(pending))
+                pending = []
                 self.rotate()
-            self._f.write(line)
-            self._size += len(line)
-        self._f.flush()
+            pending.append(encoded)
+            pending.append(b"\n")
+            self._size += size
+        self._write(b"".join(pending))
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._f.write(view) :]
 
     def sync(self) -> None:
         os.fsync(self._f.fileno())
 
     def rotate(self) -> Path:
-        self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -87,13 +96,12 @@ class AuditFile:
             target = self.path.with_name(f"{self.path.name}.{stamp}.{n}")
             n += 1
         self.path.rename(target)
-        self._f = self.path.open("ab")
+        self._f = self.path.open("ab", buffering=0)
         self._opened = time.time()
         self._size = 0
         return target
 
     def close(self) -> None:
-        self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
 

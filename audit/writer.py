@@ -79,18 +79,24 @@ class AuditWriter:
         # only the table sink's can be long
         return not self._failing and len(self._table_queue) < self.queue_size
 
-    def submit(self, event_type: str, fields: Mapping[str, Any]) -> bool:
+    def submit(
+        self, event_type: str, fields: Mapping[str, Any], who: Mapping[str, Any] | None = None
+    ) -> bool:
         """Record one event. False when it was not queued (the caller refuses, under block)."""
-        if self.depth >= self.queue_size:
+        # while no sink fails the file and stdout queues are empty: only the table's counts
+        if (self._failing or self._table_queue) and self.depth >= self.queue_size:
             if self.on_failure == "drop":
                 self.dropped += 1
             return False
-        event, line = self.chain.link_line(event_type, fields)
+        event, line = self.chain.link_line(event_type, fields, who=who)
         for sink in self.sinks:
-            queue = self._pending[sink.name]
-            queue.append(line)
             if sink.name not in self._failing:
-                self._flush(sink)
+                try:
+                    sink.write((line,))
+                    continue
+                except OSError as exc:
+                    self._fail(sink.name, exc.strerror or type(exc).__name__)
+            self._pending[sink.name].append(line)
         if self.table is not None:
             self._table_queue.append((event, line))
             self._wake.set()

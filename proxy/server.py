@@ -415,7 +415,7 @@ class ClientConnection(_Pipe, LiveSession):
                 "database": info.database,
                 "tls": info.client_tls,
             }
-        return writer.submit(event_type, {**who, **fields})
+        return writer.submit(event_type, fields, who)
 
     def close(self, reason: str) -> None:
         if self._closed:
