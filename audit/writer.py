@@ -17,7 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -54,6 +54,39 @@ class AuditWriter:
         self.dropped = 0
         self.failures = 0
         self.recovered = asyncio.Event()
+        # batching (see `batch_writes`): lines linked but not yet written, and the client
+        # bytes that must wait for them
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unwritten: list[bytes] = []
+        self._held: list[tuple[asyncio.Transport, bytes]] = []
+        self._scheduled = False
+
+    def batch_writes(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write the file and stdout sinks once per event-loop iteration instead of once per
+        event. Results must then reach their clients after their events: the proxy hands
+        client bytes to `hold` while `holding` is True, and `release` (run once the
+        iteration's I/O callbacks are done) writes the events, then those bytes, in order.
+        A crash still loses only events whose results had not been released."""
+        self._loop = loop
+
+    @property
+    def holding(self) -> bool:
+        """True while linked events wait for this iteration's write."""
+        return bool(self._unwritten)
+
+    def hold(self, transport: asyncio.Transport, data: bytes) -> None:
+        self._held.append((transport, data))
+
+    def release(self) -> None:
+        """Write the events of this iteration, then the client bytes held back for them."""
+        self._scheduled = False
+        lines, self._unwritten = self._unwritten, []
+        if lines:
+            self._write_sinks(lines)
+        held, self._held = self._held, []
+        for transport, data in held:
+            if not transport.is_closing():
+                transport.write(data)
 
     async def start(self) -> None:
         """Resume the chain where the first sink's last event left it (the file if there is
@@ -89,19 +122,28 @@ class AuditWriter:
                 self.dropped += 1
             return False
         event, line = self.chain.link_line(event_type, fields, who=who)
-        for sink in self.sinks:
-            if sink.name not in self._failing:
-                try:
-                    sink.write((line,))
-                    continue
-                except OSError as exc:
-                    self._fail(sink.name, exc.strerror or type(exc).__name__)
-            self._pending[sink.name].append(line)
+        if self._loop is not None and self.sinks:
+            self._unwritten.append(line)
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self.release)
+        else:
+            self._write_sinks((line,))
         if self.table is not None:
             self._table_queue.append((event, line))
             self._wake.set()
         self.written += 1
         return True
+
+    def _write_sinks(self, lines: Sequence[bytes]) -> None:
+        for sink in self.sinks:
+            if sink.name not in self._failing:
+                try:
+                    sink.write(lines)
+                    continue
+                except OSError as exc:
+                    self._fail(sink.name, exc.strerror or type(exc).__name__)
+            self._pending[sink.name].extend(lines)
 
     def _flush(self, sink: SyncSink) -> bool:
         queue = self._pending[sink.name]
@@ -158,6 +200,7 @@ class AuditWriter:
 
     async def close(self) -> None:
         """Write what is queued (shutdown flushes everything), then close the sinks."""
+        self.release()
         for sink in self.sinks:
             if self._pending[sink.name]:
                 self._flush(sink)

@@ -150,7 +150,11 @@ class UpstreamConnection(_Pipe):
             if actions is JUST_FORWARD:
                 ct = client.transport
                 if ct is not None:
-                    ct.write(data)
+                    audit = client.server.audit
+                    if audit is not None and audit.holding:
+                        audit.hold(ct, data)  # after the events written this iteration
+                    else:
+                        ct.write(data)
             else:
                 client.run(actions, data, to_server=False)
         elif self.ssl_answer is not None and not self.ssl_answer.done():
@@ -299,19 +303,28 @@ class ClientConnection(_Pipe, LiveSession):
     # -- actions ------------------------------------------------------------------------
 
     def run(self, actions: Sequence[Action], data: bytes, *, to_server: bool) -> None:
+        audit = self.server.audit
         for action in actions:
             if isinstance(action, _Forward):
                 target = self.upstream_transport if to_server else self.transport
                 if target is not None:
-                    target.write(data)
+                    if not to_server and audit is not None and audit.holding:
+                        audit.hold(target, data)  # results go after their events
+                    else:
+                        target.write(data)
             elif isinstance(action, SendToClient):
                 if self.transport is not None and not self.transport.is_closing():
-                    self.transport.write(action.data)
+                    if audit is not None and audit.holding:
+                        audit.hold(self.transport, action.data)
+                    else:
+                        self.transport.write(action.data)
             elif isinstance(action, SendToServer):
                 ut = self.upstream_transport
                 if ut is not None and not ut.is_closing():
                     ut.write(action.data)
             elif isinstance(action, CloseSession):
+                if audit is not None and audit.holding:
+                    audit.release()  # what the client is owed goes out before the close
                 self.close(action.reason)
             elif isinstance(action, ConnectUpstream):
                 self._spawn(self._connect(action.startup_packet))
@@ -568,6 +581,7 @@ class ProxyServer:
                 self._server.close()
                 raise ConfigError(f"the audit table sink cannot be reached: {exc}") from exc
             self.spawn(self.audit.run())
+            self.audit.batch_writes(asyncio.get_running_loop())
         if self.config.metrics is not None:
             self._metrics_server = MetricsServer(self.metrics, self.upstream_reachable)
             await self._metrics_server.start(self.config.metrics.host, self.config.metrics.port)

@@ -224,3 +224,43 @@ def test_sql_prepare_execute_and_cursor_fetch_are_accesses(
         fetch["tables"] == ["billing.customers"]
         and len(fetch["subjects"]["billing.customers"]) == 1
     )
+
+
+def test_an_event_is_written_before_its_result_is_released(
+    pg: EmbeddedPostgres, audited: Audited
+) -> None:
+    """Events are written once per event-loop iteration; the results they describe wait
+    for that write. Several sessions at once: whenever a client has a result, the audit
+    file already holds the event of every statement that session completed."""
+    audited.new_events()
+
+    async def session(i: int, role: str, password: str) -> None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=audited.proxy.port, user=role, password=password,
+            database="postgres", ssl=False, server_settings={"application_name": f"order{i}"},
+        )  # fmt: skip
+        try:
+            for done in range(1, 16):
+                await conn.fetch(
+                    "SELECT i_customer, name FROM billing.customers WHERE i_customer = $1",
+                    done % 3 + 1,
+                )
+                written = [
+                    e
+                    for e in read_events(audited.path)
+                    if e["type"] == "access" and e.get("application_name") == f"order{i}"
+                ]
+                assert len(written) >= done, (i, done, len(written))
+        finally:
+            await conn.close()
+
+    async def run() -> None:
+        await asyncio.gather(
+            *(
+                session(i, *((ADMIN, ADMIN_PW) if i % 2 else (HELPDESK, HELPDESK_PW)))
+                for i in range(6)
+            )
+        )
+
+    asyncio.run(run())
+    audited.new_events()
