@@ -20,6 +20,7 @@ towards the client.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -108,13 +109,10 @@ class StatementFilter:
 
     def attach_audit(self, hook: AuditHook) -> None:
         self.audit = hook
+        # completed statements go straight to the hook (one call per event on the hot path)
         self.statements = StatementLog(
-            self._holder, lambda fields: self._record("access", fields), hook.subjects_limit
+            self._holder, functools.partial(hook.record, "access"), hook.subjects_limit
         )
-
-    def _record(self, event_type: str, fields: dict[str, object]) -> None:
-        assert self.audit is not None
-        self.audit.record(event_type, fields)
 
     @property
     def ctx(self) -> MaskingContext:

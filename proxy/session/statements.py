@@ -90,7 +90,7 @@ class StatementLog:
     def __init__(
         self,
         holder: ContextHolder,
-        emit: Callable[[dict[str, object]], None],
+        emit: Callable[[dict[str, object]], object],
         subjects_limit: int = 100,
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
