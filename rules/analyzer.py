@@ -158,7 +158,7 @@ class Analyzer:
         out: list[str] = []
         kinds: list[str] = []
         rewriter = _Rewriter(self)
-        rewriter.references = _references(stmts)
+        rewriter.references, rewriter.qualified = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
         subject_keys = self.subject_keys(stmts) if len(stmts) == 1 else ()
         defines, uses, drops = _sql_names(stmts)
@@ -363,6 +363,7 @@ class _Rewriter:
     generated: set[int] = field(default_factory=set)  # id() of pgveil's masking subqueries
     # names the statement mentions (None: it may use every column, e.g. through *)
     references: frozenset[str] | None = None
+    qualified: frozenset[tuple[str, str]] = frozenset()  # `q.name` references: (q, name)
     unknown: set[str] = field(default_factory=set)
     temp: set[str] = field(default_factory=set)
     defined_names: frozenset[str] = frozenset()  # output and column aliases of the statement
@@ -620,7 +621,14 @@ class _Rewriter:
         cols = []
         refs = self.references
         alias_name = rv.alias.aliasname if rv.alias is not None else rv.relname
-        everything = refs is None or alias_name in refs  # a whole-row reference uses all
+        # a whole-row reference uses all: `c`, and `c.f` where f is not a column of c
+        # (PostgreSQL reads that as f(c), a function of the whole row)
+        names = {c.name for c in p.relation.columns}
+        everything = (
+            refs is None
+            or alias_name in refs
+            or any(q == alias_name and f not in names for q, f in self.qualified)
+        )
         for c in p.relation.columns:
             spec = p.masks.get(c.name)
             ident = quote_ident(c.name)
@@ -982,27 +990,33 @@ def _defined_names(stmts: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-def _references(stmts: Any) -> frozenset[str] | None:
-    """Every name the statements mention in column references and USING lists, or None
-    when they may use columns without naming them (*, NATURAL joins)."""
+def _references(
+    stmts: Any,
+) -> tuple[frozenset[str] | None, frozenset[tuple[str, str]]]:
+    """Every name the statements mention in column references and USING lists (None when
+    they may use columns without naming them: *, NATURAL joins), and the two-part
+    references `q.name` as (q, name). `c.name` names the column `name` of `c`, not the
+    whole row of `c`, unless `name` is no column of c (see masking_subquery); in `a.b.c`
+    the middle part may be a table or a composite column, so only the first part of a
+    qualified name is left out of the names."""
     names: set[str] = set()
+    qualified: set[tuple[str, str]] = set()
     for n in _descendants(stmts):
         if isinstance(n, ast.A_Star):
-            return None
+            return None, frozenset()
         if isinstance(n, ast.JoinExpr):
             if n.isNatural:
-                return None
+                return None, frozenset()
             for u in n.usingClause or ():
                 names.add(_name(u))
         elif isinstance(n, ast.ColumnRef):
-            # `c.name` names the column `name` of `c`, not the whole row of `c` (only a
-            # lone `c` can be that); in `a.b.c` the middle part may be a table or a
-            # composite column, so only the first part of a qualified name is left out
             fields = n.fields
             names.update(_name(f) for f in (fields[1:] if len(fields) > 1 else fields))
+            if len(fields) == 2:
+                qualified.add((_name(fields[0]), _name(fields[1])))
         elif isinstance(n, ast.CopyStmt) and n.relation is not None:
-            return None  # COPY t TO: every column
-    return frozenset(names)
+            return None, frozenset()  # COPY t TO: every column
+    return frozenset(names), frozenset(qualified)
 
 
 def _is_excluded(value: Any) -> bool:

@@ -88,3 +88,35 @@ def test_repeated_shapes_are_analysed_once(ctx: MaskingContext) -> None:
         assert d.subject_keys == (("billing.customers", (str(k),), True),)
         assert d.redacted == "SELECT name FROM billing . customers c WHERE c . i_customer = ?"
     assert ctx.cache_misses == 1 and ctx.cache_hits == 49
+
+
+@pytest.mark.parametrize(
+    ("sql", "columns"),
+    [
+        # a qualified column names that column only
+        (
+            "SELECT c.i_customer, c.name FROM billing.customers c WHERE c.i_customer = 5",
+            ("billing.customers.name",),
+        ),
+        ("SELECT customers.email FROM billing.customers", ("billing.customers.email",)),
+        (
+            "SELECT c.name, a.ip FROM billing.customers c JOIN billing.accounts a USING (i_customer)",
+            ("billing.accounts.ip", "billing.customers.name"),
+        ),
+        # the whole row: a lone alias, c.*, and c.f where f is no column (PostgreSQL reads
+        # f(c), a function of the whole row)
+        ("SELECT row_to_json(c) FROM billing.customers c", "all"),
+        ("SELECT c.* FROM billing.customers c", "all"),
+        ("SELECT c.row_to_json FROM billing.customers c", "all"),
+        ("SELECT customers.to_json FROM billing.customers", "all"),
+    ],
+)
+def test_columns_read_are_the_columns_named(
+    ctx: MaskingContext, sql: str, columns: tuple[str, ...] | str
+) -> None:
+    everything = tuple(
+        f"billing.customers.{c}" for c in ("cc_number", "email", "extra", "login", "name", "phone")
+    )
+    d = ctx.analyze(sql)
+    assert d.columns == (everything if columns == "all" else columns)
+    assert ctx.analyze(sql, audit_only=True).columns == d.columns
