@@ -329,6 +329,8 @@ class ClientConnection(_Pipe, LiveSession):
             elif isinstance(action, ConnectUpstream):
                 self._spawn(self._connect(action.startup_packet))
             elif isinstance(action, StartClientTLS):
+                if audit is not None and audit.holding:
+                    audit.release()  # the 'S' answer goes out before the handshake starts
                 self._spawn(self._start_tls())
             elif isinstance(action, SendCancel):
                 # owned by the server: it must outlive this connection, which closes now
