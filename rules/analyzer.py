@@ -628,6 +628,8 @@ class _Rewriter:
             refs is None
             or alias_name in refs
             or any(q == alias_name and f not in names for q, f in self.qualified)
+            # `c(a, b, ...)` renames the columns: names no longer say which ones are read
+            or (rv.alias is not None and bool(rv.alias.colnames))
         )
         for c in p.relation.columns:
             spec = p.masks.get(c.name)
@@ -882,12 +884,12 @@ class _Rewriter:
         names = [_name(f) for f in n.fields]
         if len(names) == 1 and names[0] in target.protected.masks:
             return names[0]
-        if (
-            len(names) >= 2
-            and names[-2] in (target.alias, target.name)
-            and names[-1] in target.protected.masks
-        ):
-            return names[-1]
+        if len(names) >= 2 and names[-2] in (target.alias, target.name):
+            if names[-1] in target.protected.masks:
+                return names[-1]
+            columns = {c.name for c in target.protected.relation.columns}
+            if names[-1] not in columns and names[-1] not in _SYSTEM_COLUMNS:
+                return "*"  # `c.f`, f no column of c: PostgreSQL reads f(c), the whole row
         if len(names) == 1 and names[0] in (target.alias, target.name):
             return "*"  # whole-row reference to the target
         if isinstance(n.fields[-1], ast.A_Star) and (
@@ -1005,7 +1007,8 @@ def _references(
         if isinstance(n, ast.A_Star):
             return None, frozenset()
         if isinstance(n, ast.JoinExpr):
-            if n.isNatural:
+            if n.isNatural or n.alias is not None:
+                # a join alias names the row of the whole join: `j`, `j.f` may read all
                 return None, frozenset()
             for u in n.usingClause or ():
                 names.add(_name(u))

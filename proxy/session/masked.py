@@ -221,7 +221,16 @@ class StatementFilter:
         # a masked-role refusal stops the analyser's walk: the tables may be more
         fields["analysis_complete"] = d.action != "refuse"
         if self.raw_columns:
-            fields["columns_raw"], fields["columns_masked"] = fields["columns_masked"], []
+            raw = list(d.columns)
+            if d.action == "refuse":
+                # the analysis stopped early (a write's whole-row reference, say): any
+                # personal column of the tables it reached may have been read
+                for table in d.tables:
+                    schema, _, name = table.partition(".")
+                    found = self.ctx.pmap.by_name.get((schema, name))
+                    if found is not None:
+                        raw += [f"{found.rule_table}.{column}" for column in found.masks]
+            fields["columns_raw"], fields["columns_masked"] = raw, []
         for key in ("tables", "columns_masked", "columns_raw"):
             merged = set(_names(fields.get(key)))
             for source in sources or ():
