@@ -103,12 +103,15 @@ class StdoutSink:
     name = "stdout"
 
     def write(self, lines: Sequence[bytes]) -> None:
+        if sys.stdout is None:
+            raise OSError("standard output is closed")
         out = sys.stdout.buffer
         out.write(b"".join(line + b"\n" for line in lines))
         out.flush()
 
     def close(self) -> None:
-        sys.stdout.buffer.flush()
+        if sys.stdout is not None:
+            sys.stdout.buffer.flush()
 
 
 SyncSink = FileSink | StdoutSink

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,33 +61,78 @@ class AuditWriter:
         self._unwritten: list[bytes] = []
         self._held: list[tuple[asyncio.Transport, bytes]] = []
         self._scheduled = False
+        # client bytes withheld because their events could not be written: released when
+        # the sinks are back, or their connections closed after `_hold_timeout` seconds
+        self._stranded: dict[asyncio.Transport, list[bytes]] = {}
+        self._stranded_since = 0.0
+        self._hold_timeout = 5.0
+        self.withheld = 0  # connections closed because their results could not be recorded
 
-    def batch_writes(self, loop: asyncio.AbstractEventLoop) -> None:
+    def batch_writes(self, loop: asyncio.AbstractEventLoop, hold_timeout: float = 5.0) -> None:
         """Write the file and stdout sinks once per event-loop iteration instead of once per
         event. Results must then reach their clients after their events: the proxy hands
         client bytes to `hold` while `holding` is True, and `release` (run once the
         iteration's I/O callbacks are done) writes the events, then those bytes, in order.
-        A crash still loses only events whose results had not been released."""
+        When the events cannot be written, the bytes held with them are withheld (and
+        everything after them for the same clients) until the sinks take the events; after
+        `hold_timeout` seconds those connections are closed instead. So a result never
+        reaches its client before its event is handed to the operating system."""
         self._loop = loop
+        self._hold_timeout = hold_timeout
 
     @property
     def holding(self) -> bool:
-        """True while linked events wait for this iteration's write."""
-        return bool(self._unwritten)
+        """True while client bytes must go through `hold`: events of this iteration wait
+        for their write, or results are withheld."""
+        return bool(self._unwritten or self._stranded)
 
     def hold(self, transport: asyncio.Transport, data: bytes) -> None:
         self._held.append((transport, data))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self.release)
 
     def release(self) -> None:
         """Write the events of this iteration, then the client bytes held back for them."""
         self._scheduled = False
-        lines, self._unwritten = self._unwritten, []
-        if lines:
-            self._write_sinks(lines)
         held, self._held = self._held, []
+        written = True
+        if self._unwritten:
+            lines, self._unwritten = self._unwritten, []
+            written = self._write_sinks(lines)
+        stranded = self._stranded
         for transport, data in held:
-            if not transport.is_closing():
+            if transport in stranded:
+                stranded[transport].append(data)  # behind what is withheld already
+            elif not written:
+                if not stranded:
+                    self._stranded_since = time.monotonic()
+                stranded[transport] = [data]
+            elif not transport.is_closing():
                 transport.write(data)
+
+    def _release_stranded(self) -> None:
+        """The sinks took every queued event: what was withheld goes out, in order."""
+        stranded, self._stranded = self._stranded, {}
+        for transport, chunks in stranded.items():
+            if not transport.is_closing():
+                transport.write(b"".join(chunks))
+
+    def _expire_stranded(self) -> None:
+        """Withheld too long: the connections are closed; their results are never shown."""
+        if not self._stranded or time.monotonic() - self._stranded_since < self._hold_timeout:
+            return
+        stranded, self._stranded = self._stranded, {}
+        self.withheld += len(stranded)
+        _log.error(
+            "audit.results_withheld",
+            extra={"fields": {"connections": len(stranded), "reason": "audit sink failing"}},
+        )
+        for transport in stranded:
+            transport.abort()
 
     async def start(self) -> None:
         """Resume the chain where the first sink's last event left it (the file if there is
@@ -135,22 +181,26 @@ class AuditWriter:
         self.written += 1
         return True
 
-    def _write_sinks(self, lines: Sequence[bytes]) -> None:
+    def _write_sinks(self, lines: Sequence[bytes]) -> bool:
+        """True when every file and stdout sink took the lines (else they stay queued)."""
+        written = True
         for sink in self.sinks:
             if sink.name not in self._failing:
                 try:
                     sink.write(lines)
                     continue
-                except OSError as exc:
-                    self._fail(sink.name, exc.strerror or type(exc).__name__)
+                except Exception as exc:
+                    self._fail(sink.name, _error_text(exc))
             self._pending[sink.name].extend(lines)
+            written = False
+        return written
 
     def _flush(self, sink: SyncSink) -> bool:
         queue = self._pending[sink.name]
         try:
             sink.write(queue)
-        except OSError as exc:
-            self._fail(sink.name, exc.strerror or type(exc).__name__)
+        except Exception as exc:
+            self._fail(sink.name, _error_text(exc))
             return False
         queue.clear()
         self._recover(sink.name)
@@ -170,6 +220,8 @@ class AuditWriter:
             _log.info("audit.recovered", extra={"fields": {"sink": name}})
             if not self._failing:
                 self.recovered.set()
+        if self._stranded and not any(s.name in self._failing for s in self.sinks):
+            self._release_stranded()
 
     async def run(self) -> None:
         """Deliver to the table sink and retry failed sinks, until cancelled."""
@@ -183,6 +235,7 @@ class AuditWriter:
             for sink in self.sinks:
                 if sink.name in self._failing:
                     self._flush(sink)
+            self._expire_stranded()
             await self._drain_table()
 
     async def _drain_table(self) -> None:
@@ -203,8 +256,20 @@ class AuditWriter:
         self.release()
         for sink in self.sinks:
             if self._pending[sink.name]:
-                self._flush(sink)
-            sink.close()
+                self._flush(sink)  # what was withheld goes out if the sinks take it now
+        self._stranded.clear()  # else their connections close with the proxy
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                _log.error(
+                    "audit.close_failed",
+                    extra={"fields": {"sink": sink.name, "error": _error_text(exc)}},
+                )
         if self.table is not None:
             await self._drain_table()
             await self.table.close()
+
+
+def _error_text(exc: Exception) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__

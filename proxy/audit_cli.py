@@ -130,7 +130,18 @@ def who(
     every one that read the table without recording its subjects (`possibly`), and the
     subject's erasure."""
     rows: list[dict[str, Any]] = []
+    events = list(events)
+    # a statement whose rows went out before it completed has a `running` event first;
+    # its complete event carries the same number: the running one is shown only when the
+    # complete one is missing (pgveil stopped before the statement completed)
+    completed = {
+        (e.get("session"), e["running"])
+        for e in events
+        if e.get("type") == "access" and e.get("outcome") != "running" and "running" in e
+    }
     for e in events:
+        if e.get("outcome") == "running" and (e.get("session"), e.get("running")) in completed:
+            continue
         ts = str(e.get("ts", ""))
         if (since is not None and ts < since) or (until is not None and ts >= until):
             continue
@@ -144,7 +155,7 @@ def who(
         listed = (e.get("subjects") or {}).get(table)
         if listed is not None and subject in listed:
             rows.append(_who_row(e, "yes"))
-        elif e.get("outcome", "ok") == "ok" and not _excludes(e, table, listed):
+        elif e.get("outcome", "ok") in ("ok", "running") and not _excludes(e, table, listed):
             rows.append(_who_row(e, "possibly"))
     return rows
 

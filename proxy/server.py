@@ -583,7 +583,7 @@ class ProxyServer:
                 self._server.close()
                 raise ConfigError(f"the audit table sink cannot be reached: {exc}") from exc
             self.spawn(self.audit.run())
-            self.audit.batch_writes(asyncio.get_running_loop())
+            self.audit.batch_writes(asyncio.get_running_loop(), self.config.audit_block_timeout)
         if self.config.metrics is not None:
             self._metrics_server = MetricsServer(self.metrics, self.upstream_reachable)
             await self._metrics_server.start(self.config.metrics.host, self.config.metrics.port)

@@ -114,6 +114,7 @@ _CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAG
 _SERVER_CAPTURE_READY: Final = capture_mask(bytes((m.ERROR_RESPONSE, m.PARAMETER_STATUS)))
 _Z: Final = m.READY_FOR_QUERY
 _D: Final = m.DATA_ROW
+_COPY_DATA: Final = m.COPY_DATA
 TX_UNKNOWN: Final = 0
 """tx_status when a ReadyForQuery was followed by more messages in the same chunk (e.g. a
 NotificationResponse): not known until the next chunk that ends with one. Never idle."""
@@ -451,6 +452,7 @@ class Session:
 
     def _masked_server_data(self, data: bytes) -> Sequence[Action]:
         assert self.masked is not None
+        before = self._rows_seen()
         try:
             out = self.masked.server(self._server, data)
         except m.ProtocolViolation as exc:
@@ -461,14 +463,32 @@ class Session:
             self.tx_status = self.masked.tx_status
         if self.masked.statements is not None:
             self._row_capture(self.masked.statements, _SERVER_CAPTURE_MASKED_ROWS)
+            self._released_rows(self.masked.statements, before)
         actions: list[Action] = [SendToClient(out)] if out else []
         if self.draining and self.is_idle():
             actions += self._terminate_for_shutdown()
         return actions
 
+    def _rows_seen(self) -> int:
+        counts = self.server_counts
+        return counts[_D] + counts[_COPY_DATA]
+
+    def _released_rows(self, log: StatementLog | None, before: int) -> None:
+        """After a server chunk: if it carried rows and a statement is still running, its
+        rows go out before it completes (see StatementLog.rows_released)."""
+        if log is not None and log.in_flight and self._rows_seen() != before:
+            log.rows_released()
+
     def _recorded_server_data(self, data: bytes) -> Sequence[Action]:
         recorder = self.recorder
         assert recorder is not None
+        before = self._rows_seen()
+        try:
+            return self._recorded_chunk(recorder, data)
+        finally:
+            self._released_rows(recorder.statements, before)
+
+    def _recorded_chunk(self, recorder: RecordingFilter, data: bytes) -> Sequence[Action]:
         if not recorder.holding and (recorder.forwards_unchanged() or not self._server.can_locate):
             # no refusal to turn into 42501: look at the messages, forward the chunk
             try:

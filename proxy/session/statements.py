@@ -62,6 +62,7 @@ class _InFlight:
     data_rows: int = 0  # DataRows seen (counted only while they are captured)
     # a Parse's (name, what it registered, what that name held before)
     parsed: tuple[bytes, _Prepared, _Prepared | None] | None = None
+    running: int = 0  # the number of its `running` event, once its rows began to go out
 
 
 @dataclass(slots=True)
@@ -107,7 +108,13 @@ class StatementLog:
         self._subjects_of: object = None
         self._layouts: dict[object, Layout] = {}
         self._layouts_of: object = None
+        self._running = 0  # `running` events recorded in this session
         self._with_subject: frozenset[str] = frozenset()
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether anything sent awaits its answer."""
+        return bool(self._fifo)
 
     # ---- frontend ----------------------------------------------------------------------
 
@@ -308,6 +315,29 @@ class StatementLog:
                 else:
                     keys.add(body[pos + 4 : pos + 4 + n])
 
+    def rows_released(self) -> None:
+        """Rows (or COPY data) of the statement at the head go to the client before it
+        completes (a result larger than one read): its access is recorded now, as a
+        `running` event, and its complete event follows with the same `running` number.
+        Results are never released before their events are written, so a crash cannot
+        lose the record of rows a client already has."""
+        fifo = self._fifo
+        if not fifo:
+            return
+        head = fifo[0]
+        if head.fields is None or head.running or head.kind not in ("query", "execute"):
+            return
+        self._running += 1
+        head.running = self._running
+        event = dict(head.fields)
+        event.pop("_subject_keys", None)
+        event["rows"] = None
+        event["outcome"] = "running"
+        event["duration_ms"] = round((self._clock() - head.started) / 1e6, 3)
+        event["subjects_complete"] = False
+        event["running"] = head.running
+        self._emit(event)
+
     def _error(self, head: _InFlight, body: bytes) -> None:
         code = m.sqlstate_of(body) or "XX000"
         if m.severity_of(body) not in ("ERROR", "FATAL", "PANIC"):
@@ -369,6 +399,8 @@ class StatementLog:
             }
             event["subjects_total"] = {t: len(keys) for t, keys in entry.subjects.items()}
         event["subjects_complete"] = not entry.undecodable and _covers(entry, covered)
+        if entry.running:
+            event["running"] = entry.running
         self._emit(event)
 
     # ---- subject columns ---------------------------------------------------------------

@@ -163,3 +163,46 @@ def test_row_descriptions_are_judged_again_under_a_new_context() -> None:
     without_subject = RULES.replace("    subject: i_customer\n", "")
     holder.context = MaskingContext(parse_rules(without_subject, "r", {"K": "k" * 32}), CATALOG)
     assert log._layout(body, None) == ()
+
+
+def test_an_unmasked_write_reading_the_whole_row_lists_every_personal_column() -> None:
+    """`c.f` with f no column of c is f(c): the masked analysis refuses it (a whole-row
+    reference in a write), so its walk stopped: every personal column may have been read."""
+    s = Session()
+    event = s.query(
+        "UPDATE billing.customers c SET balance = 0 RETURNING c.row_to_json",
+        row_description(("row_to_json", 0, 0, 114, 0)) + data_row(b"{}") + complete(b"UPDATE 1"),
+    )
+    assert event["analysis_complete"] is False and event["columns_masked"] == []
+    assert event["columns_raw"] == [
+        f"billing.customers.{c}" for c in ("cc_number", "email", "extra", "login", "name", "phone")
+    ]
+
+
+def test_rows_released_before_completion_are_recorded_first() -> None:
+    """A result spanning several reads: once its first rows go out, a `running` event is
+    recorded; the complete event carries the same number; `audit who` shows the running
+    event only when the complete one is missing."""
+    from proxy.audit_cli import who
+
+    s = Session()
+    s.filter.client(s.client, m.message(m.QUERY, b"SELECT i_customer FROM billing.customers\0"))
+    first = row_description(("i_customer", CUSTOMERS, 1, TEXT, 0)) + data_row(b"1")
+    s.filter.server(s.server, first)
+    s.filter.statements.rows_released()  # type: ignore[union-attr]
+    s.filter.statements.rows_released()  # type: ignore[union-attr]  # once per statement
+    assert [e["outcome"] for _, e in s.hook.events] == ["running"]
+    s.filter.server(s.server, data_row(b"2") + complete(b"SELECT 2") + m.ready_for_query())
+    (_, running), (_, done) = s.hook.events
+    assert running["running"] == done["running"] == 1
+    assert running["rows"] is None and running["subjects_complete"] is False
+    assert done["subjects"] == {"billing.customers": ["1", "2"]} and done["outcome"] == "ok"
+
+    def as_logged(fields: dict[str, object]) -> dict[str, object]:
+        return {"type": "access", "session": "s1", "ts": "2026-01-01T00:00:00Z", **fields}
+
+    both = [as_logged(running), as_logged(done)]
+    assert [r["touched"] for r in who(both, "billing.customers", "2", None, None)] == ["yes"]
+    assert [r["touched"] for r in who(both[:1], "billing.customers", "2", None, None)] == [
+        "possibly"
+    ]
