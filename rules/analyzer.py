@@ -623,7 +623,7 @@ class _Rewriter:
         alias_name = rv.alias.aliasname if rv.alias is not None else rv.relname
         # a whole-row reference uses all: `c`, and `c.f` where f is not a column of c
         # (PostgreSQL reads that as f(c), a function of the whole row)
-        names = {c.name for c in p.relation.columns}
+        names = {c.name for c in p.relation.columns} | _SYSTEM_COLUMNS
         everything = (
             refs is None
             or alias_name in refs
