@@ -8,6 +8,7 @@ the proxy calls it from its writer task, never on the data path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -65,23 +66,33 @@ class AuditFile:
         file is unbuffered), or one per file when the batch crosses a rotation."""
         now = time.time()
         pending: list[bytes] = []
+        pending_size = 0
         for encoded in lines:
             size = len(encoded) + 1
-            if self._size and (
-                self._size + size > self.max_bytes or now - self._opened > self.max_age_s
-            ):
-                self._write(b"".join(pending))
-                pending = []
+            total = self._size + pending_size
+            if total and (total + size > self.max_bytes or now - self._opened > self.max_age_s):
+                self._write(pending)
+                pending, pending_size = [], 0
                 self.rotate()
-            pending.append(encoded)
-            pending.append(b"\n")
-            self._size += size
-        self._write(b"".join(pending))
+            pending += (encoded, b"\n")
+            pending_size += size
+        self._write(pending)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, parts: list[bytes]) -> None:
+        if not parts:
+            return
+        data = b"".join(parts)
         view = memoryview(data)
-        while view:
-            view = view[self._f.write(view) :]
+        try:
+            while view:
+                view = view[self._f.write(view) :]
+        except OSError:
+            # a full disk may take part of a write: cut the file back to its last whole
+            # line, so the retry of these lines does not leave a torn one behind
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._f.fileno(), self._size)
+            raise
+        self._size += len(data)
 
     def sync(self) -> None:
         os.fsync(self._f.fileno())

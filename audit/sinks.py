@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -97,21 +98,48 @@ class FileSink:
         self._file.close()
 
 
+class SinkBacklogged(OSError):
+    """The sink took the lines but could not hand all of them to the OS yet: it keeps the
+    rest itself (the writer must not queue the lines again) and fails until it is out."""
+
+
 class StdoutSink:
-    """Events as JSON lines on standard output, for a log shipper (logs go to stderr)."""
+    """Events as JSON lines on standard output, for a log shipper (logs go to stderr).
+    Written without blocking: a reader that stops reading makes the sink fail (statements
+    on personal data then wait, and are refused), never stalls the proxy."""
 
     name = "stdout"
+
+    def __init__(self) -> None:
+        self._backlog = b""  # written in part: the rest, before anything else
+        self._fd = -1
 
     def write(self, lines: Sequence[bytes]) -> None:
         if sys.stdout is None:
             raise OSError("standard output is closed")
-        out = sys.stdout.buffer
-        out.write(b"".join(line + b"\n" for line in lines))
-        out.flush()
+        if self._fd < 0:
+            sys.stdout.flush()
+            self._fd = sys.stdout.fileno()
+            os.set_blocking(self._fd, False)
+        data = self._backlog + b"".join(line + b"\n" for line in lines)
+        self._backlog = b""
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._fd, view)
+            except BlockingIOError:
+                written = 0
+            if not written:
+                self._backlog = bytes(view)
+                raise SinkBacklogged("standard output is not being read")
+            view = view[written:]
 
     def close(self) -> None:
+        if self._backlog and self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._fd, self._backlog)  # what the reader takes now; never waits
         if sys.stdout is not None:
-            sys.stdout.buffer.flush()
+            sys.stdout.flush()
 
 
 SyncSink = FileSink | StdoutSink

@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 
 from audit.events import GENESIS, Chain
-from audit.sinks import FileSink, SyncSink, TableSink
+from audit.sinks import FileSink, SinkBacklogged, SyncSink, TableSink
 
 _log = logging.getLogger("pgveil.audit")
 TABLE_BATCH = 1000
@@ -59,12 +59,12 @@ class AuditWriter:
         # bytes that must wait for them
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unwritten: list[bytes] = []
-        self._held: list[tuple[asyncio.Transport, bytes]] = []
+        self._owners: set[asyncio.Transport] = set()  # clients whose results need them
+        self._held: list[tuple[asyncio.Transport, bytes, asyncio.Transport | None]] = []
         self._scheduled = False
         # client bytes withheld because their events could not be written: released when
         # the sinks are back, or their connections closed after `_hold_timeout` seconds
-        self._stranded: dict[asyncio.Transport, list[bytes]] = {}
-        self._stranded_since = 0.0
+        self._stranded: dict[asyncio.Transport, _Withheld] = {}
         self._hold_timeout = 5.0
         self.withheld = 0  # connections closed because their results could not be recorded
 
@@ -73,10 +73,11 @@ class AuditWriter:
         event. Results must then reach their clients after their events: the proxy hands
         client bytes to `hold` while `holding` is True, and `release` (run once the
         iteration's I/O callbacks are done) writes the events, then those bytes, in order.
-        When the events cannot be written, the bytes held with them are withheld (and
-        everything after them for the same clients) until the sinks take the events; after
-        `hold_timeout` seconds those connections are closed instead. So a result never
-        reaches its client before its event is handed to the operating system."""
+        When the events cannot be written, the bytes of the clients they belong to are
+        withheld (and everything after them for those clients) until the sinks take the
+        events; after `hold_timeout` seconds those connections are closed instead. So a
+        result never reaches its client before its event is handed to the operating
+        system."""
         self._loop = loop
         self._hold_timeout = hold_timeout
 
@@ -86,8 +87,12 @@ class AuditWriter:
         for their write, or results are withheld."""
         return bool(self._unwritten or self._stranded)
 
-    def hold(self, transport: asyncio.Transport, data: bytes) -> None:
-        self._held.append((transport, data))
+    def hold(
+        self, transport: asyncio.Transport, data: bytes, upstream: asyncio.Transport | None = None
+    ) -> None:
+        """Client bytes that go out in `release`. `upstream`: where they come from, paused
+        while too much of them is withheld."""
+        self._held.append((transport, data, upstream))
         self._schedule()
 
     def _schedule(self) -> None:
@@ -99,39 +104,42 @@ class AuditWriter:
         """Write the events of this iteration, then the client bytes held back for them."""
         self._scheduled = False
         held, self._held = self._held, []
+        owners, self._owners = self._owners, set()
         written = True
         if self._unwritten:
             lines, self._unwritten = self._unwritten, []
             written = self._write_sinks(lines)
         stranded = self._stranded
-        for transport, data in held:
-            if transport in stranded:
-                stranded[transport].append(data)  # behind what is withheld already
-            elif not written:
-                if not stranded:
-                    self._stranded_since = time.monotonic()
-                stranded[transport] = [data]
+        for transport, data, upstream in held:
+            withheld = stranded.get(transport)
+            if withheld is None and not written and transport in owners:
+                withheld = stranded[transport] = _Withheld(upstream)
+            if withheld is not None:
+                withheld.add(data)  # behind what is withheld already
             elif not transport.is_closing():
                 transport.write(data)
 
     def _release_stranded(self) -> None:
         """The sinks took every queued event: what was withheld goes out, in order."""
         stranded, self._stranded = self._stranded, {}
-        for transport, chunks in stranded.items():
+        for transport, withheld in stranded.items():
             if not transport.is_closing():
-                transport.write(b"".join(chunks))
+                transport.write(b"".join(withheld.chunks))
+            withheld.resume()
 
     def _expire_stranded(self) -> None:
         """Withheld too long: the connections are closed; their results are never shown."""
-        if not self._stranded or time.monotonic() - self._stranded_since < self._hold_timeout:
+        now = time.monotonic()
+        expired = [t for t, w in self._stranded.items() if now - w.since >= self._hold_timeout]
+        if not expired:
             return
-        stranded, self._stranded = self._stranded, {}
-        self.withheld += len(stranded)
+        self.withheld += len(expired)
         _log.error(
             "audit.results_withheld",
-            extra={"fields": {"connections": len(stranded), "reason": "audit sink failing"}},
+            extra={"fields": {"connections": len(expired), "reason": "audit sink failing"}},
         )
-        for transport in stranded:
+        for transport in expired:
+            self._stranded.pop(transport).resume()
             transport.abort()
 
     async def start(self) -> None:
@@ -159,9 +167,14 @@ class AuditWriter:
         return not self._failing and len(self._table_queue) < self.queue_size
 
     def submit(
-        self, event_type: str, fields: Mapping[str, Any], who: Mapping[str, Any] | None = None
+        self,
+        event_type: str,
+        fields: Mapping[str, Any],
+        who: Mapping[str, Any] | None = None,
+        owner: asyncio.Transport | None = None,
     ) -> bool:
-        """Record one event. False when it was not queued (the caller refuses, under block)."""
+        """Record one event. False when it was not queued (the caller refuses, under block).
+        `owner`: the client whose results wait for this event (see `batch_writes`)."""
         # while no sink fails the file and stdout queues are empty: only the table's counts
         if (self._failing or self._table_queue) and self.depth >= self.queue_size:
             if self.on_failure == "drop":
@@ -170,9 +183,9 @@ class AuditWriter:
         event, line = self.chain.link_line(event_type, fields, who=who)
         if self._loop is not None and self.sinks:
             self._unwritten.append(line)
-            if not self._scheduled:
-                self._scheduled = True
-                self._loop.call_soon(self.release)
+            if owner is not None:
+                self._owners.add(owner)
+            self._schedule()
         else:
             self._write_sinks((line,))
         if self.table is not None:
@@ -189,6 +202,11 @@ class AuditWriter:
                 try:
                     sink.write(lines)
                     continue
+                except SinkBacklogged as exc:
+                    # it kept what it could not write: nothing to queue again
+                    self._fail(sink.name, _error_text(exc))
+                    written = False
+                    continue
                 except Exception as exc:
                     self._fail(sink.name, _error_text(exc))
             self._pending[sink.name].extend(lines)
@@ -199,6 +217,10 @@ class AuditWriter:
         queue = self._pending[sink.name]
         try:
             sink.write(queue)
+        except SinkBacklogged as exc:
+            queue.clear()  # taken: the sink keeps the rest
+            self._fail(sink.name, _error_text(exc))
+            return False
         except Exception as exc:
             self._fail(sink.name, _error_text(exc))
             return False
@@ -273,3 +295,33 @@ class AuditWriter:
 
 def _error_text(exc: Exception) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
+
+
+WITHHELD_HIGH_WATER = 1 << 20  # withheld bytes per client before its server is paused
+
+
+class _Withheld:
+    """A client's bytes withheld until the events they follow are written."""
+
+    __slots__ = ("chunks", "paused", "since", "size", "upstream")
+
+    def __init__(self, upstream: asyncio.Transport | None) -> None:
+        self.since = time.monotonic()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.upstream = upstream
+        self.paused = False
+
+    def add(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        upstream = self.upstream
+        if self.size > WITHHELD_HIGH_WATER and not self.paused and upstream is not None:
+            self.paused = not upstream.is_closing()
+            if self.paused:
+                upstream.pause_reading()  # the server waits, not pgveil's memory
+
+    def resume(self) -> None:
+        if self.paused and self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.resume_reading()
+        self.paused = False

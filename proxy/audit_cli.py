@@ -130,20 +130,22 @@ def who(
     every one that read the table without recording its subjects (`possibly`), and the
     subject's erasure."""
     rows: list[dict[str, Any]] = []
-    events = list(events)
+    window = [
+        e
+        for e in events
+        if (since is None or str(e.get("ts", "")) >= since)
+        and (until is None or str(e.get("ts", "")) < until)
+    ]
     # a statement whose rows went out before it completed has a `running` event first;
     # its complete event carries the same number: the running one is shown only when the
-    # complete one is missing (pgveil stopped before the statement completed)
+    # complete one is not in the report (pgveil stopped, or the window ends between them)
     completed = {
         (e.get("session"), e["running"])
-        for e in events
+        for e in window
         if e.get("type") == "access" and e.get("outcome") != "running" and "running" in e
     }
-    for e in events:
+    for e in window:
         if e.get("outcome") == "running" and (e.get("session"), e.get("running")) in completed:
-            continue
-        ts = str(e.get("ts", ""))
-        if (since is not None and ts < since) or (until is not None and ts >= until):
             continue
         kind = e.get("type")
         if kind == "erasure":
@@ -155,7 +157,11 @@ def who(
         listed = (e.get("subjects") or {}).get(table)
         if listed is not None and subject in listed:
             rows.append(_who_row(e, "yes"))
-        elif e.get("outcome", "ok") in ("ok", "running") and not _excludes(e, table, listed):
+        elif (
+            # rows reached the client: an ok statement, or one whose rows went out before
+            # it failed (it has a `running` number)
+            (e.get("outcome", "ok") == "ok" or "running" in e) and not _excludes(e, table, listed)
+        ):
             rows.append(_who_row(e, "possibly"))
     return rows
 

@@ -152,7 +152,7 @@ class UpstreamConnection(_Pipe):
                 if ct is not None:
                     audit = client.server.audit
                     if audit is not None and audit.holding:
-                        audit.hold(ct, data)  # after the events written this iteration
+                        audit.hold(ct, data, self.transport)  # after this turn's events
                     else:
                         ct.write(data)
             else:
@@ -309,13 +309,13 @@ class ClientConnection(_Pipe, LiveSession):
                 target = self.upstream_transport if to_server else self.transport
                 if target is not None:
                     if not to_server and audit is not None and audit.holding:
-                        audit.hold(target, data)  # results go after their events
+                        audit.hold(target, data, self.upstream_transport)  # after events
                     else:
                         target.write(data)
             elif isinstance(action, SendToClient):
                 if self.transport is not None and not self.transport.is_closing():
                     if audit is not None and audit.holding:
-                        audit.hold(self.transport, action.data)
+                        audit.hold(self.transport, action.data, self.upstream_transport)
                     else:
                         self.transport.write(action.data)
             elif isinstance(action, SendToServer):
@@ -430,7 +430,7 @@ class ClientConnection(_Pipe, LiveSession):
                 "database": info.database,
                 "tls": info.client_tls,
             }
-        return writer.submit(event_type, fields, who)
+        return writer.submit(event_type, fields, who, self.transport)
 
     def close(self, reason: str) -> None:
         if self._closed:

@@ -211,6 +211,8 @@ class Session:
                     return (SendToServer(out), CloseSession("client terminated"))
                 self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
                 return (SendToServer(out),) if out else _NOTHING
+            if phase is Phase.AUTHENTICATING and recorder is not None:
+                return self._masked_login_data(data)  # recorded: statements come after login
             if phase is _READY or phase is Phase.AUTHENTICATING:
                 try:
                     captured = self._client.feed(data)
@@ -261,7 +263,8 @@ class Session:
         """A masked client during login: only whole password messages go on. Anything
         incomplete is held back by the splicer, so a message begun now cannot spill, half
         seen, into the statements that follow the login."""
-        assert self.masked is not None
+        analysed = self.masked if self.masked is not None else self.recorder
+        assert analysed is not None
         passwords: list[bytes] = []
         terminate = False
 
@@ -276,13 +279,11 @@ class Session:
             raise _StatementBeforeLogin
 
         try:
-            out = self.masked.login_data(self._client, data, only_passwords)
+            out = analysed.login_data(self._client, data, only_passwords)
         except m.ProtocolViolation as exc:
             return self._fatal_to_client("08P01", str(exc))
         except _StatementBeforeLogin:
-            return self._fatal_to_client(
-                "08P01", "pgveil: masked sessions may not send statements before login"
-            )
+            return self._fatal_to_client("08P01", self._before_login())
         for body in passwords:
             refusal = self._check_sasl_initial_response(body)
             if refusal is not None:
@@ -392,8 +393,21 @@ class Session:
         if self._early_client_data:
             data = bytes(self._early_client_data)
             self._early_client_data.clear()
+            if self.masked is not None or self.recorder is not None:
+                # analysed sessions: only password messages may come before the login
+                probe = MessageScanner(_CAPTURE_ALL, [0] * 256, self.settings.max_message_size)
+                try:
+                    early = probe.feed(data)
+                except m.ProtocolViolation as exc:
+                    return self._fatal_to_client("08P01", str(exc))
+                if any(t != m.PASSWORD_MESSAGE for t, _ in early) or not probe.at_boundary:
+                    return self._fatal_to_client("08P01", self._before_login())
             return (SendToServer(data),)
         return _NOTHING
+
+    def _before_login(self) -> str:
+        who = "masked" if self.masked is not None else "audited"
+        return f"pgveil: {who} sessions may not send statements before login"
 
     def masking_unavailable(self, reason: str) -> Sequence[Action]:
         """The login could not be classified: refuse rather than guess."""
@@ -419,6 +433,9 @@ class Session:
         """Audit this unmasked session: its statements are analysed to be recorded."""
         self.recorder = RecordingFilter(ctx, hook)
         self.recorder.observer = self._observe_server
+        if self.phase is not _READY:
+            # during login every message is looked at: statements must wait for READY
+            self._client.capture = _CAPTURE_ALL
 
     def server_data(self, data: bytes) -> Sequence[Action]:
         if self.phase is _READY:

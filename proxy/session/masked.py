@@ -114,6 +114,12 @@ class StatementFilter:
             self._holder, functools.partial(hook.record, "access"), hook.subjects_limit
         )
 
+    def login_data(
+        self, scanner: MessageScanner, chunk: bytes, handle: Callable[[int, bytes, bytes], bytes]
+    ) -> bytes:
+        """Client bytes during login, through the same splicer as statements later."""
+        return self._client.splice(scanner, chunk, handle, "from client")
+
     @property
     def ctx(self) -> MaskingContext:
         return self._holder.context
@@ -137,8 +143,24 @@ class StatementFilter:
             return self._function_call(raw)
         if log is not None:
             if typ == m.BIND:
+                if self._audit_down():
+                    end = body.index(b"\0")
+                    name_end = body.index(b"\0", end + 1)
+                    fields = log.statement_fields(body[end + 1 : name_end])
+                    if fields is not None:
+                        # Bind to a statement name that cannot exist: the server's error
+                        # carries the refusal token, the Execute after it is skipped
+                        log.close(b"P" + body[: end + 1])
+                        token = self._refuse_unrecorded(fields)
+                        return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
                 log.bind(body)
             elif typ == m.EXECUTE:
+                if self._audit_down():
+                    end = body.index(b"\0")
+                    fields = log.portal_fields(body[:end])
+                    if fields is not None:
+                        token = self._refuse_unrecorded(fields)
+                        return m.message(m.EXECUTE, token + body[end + 1 :])
                 log.execute(body)
             elif typ == m.SYNC:
                 log.sync()
@@ -152,6 +174,19 @@ class StatementFilter:
         if self.statements is not None:
             self.statements.function_call()
         return raw
+
+    def _audit_down(self) -> bool:
+        """Whether statements on personal data must be refused now (the audit stream
+        cannot take events), for a message that can still be changed."""
+        return self.audit is not None and not self._observing and not self.audit.ready()
+
+    def _refuse_unrecorded(self, fields: dict[str, object]) -> bytes:
+        """The refusal of a prepared statement or portal on personal data that would run
+        unrecorded: its event says so, the token goes where its name was."""
+        assert self.audit is not None
+        event = {k: v for k, v in fields.items() if k != "_subject_keys"}
+        self.audit.record("refused", {**event, "decision": "refused", "reason": AUDIT_UNAVAILABLE})
+        return self._refuse(AUDIT_UNAVAILABLE)
 
     def _refuse(self, reason: str) -> bytes:
         nonce = secrets.token_hex(8)
@@ -346,12 +381,6 @@ class MaskedFilter(StatementFilter):
         self.login = login
         self.error_classes = error_classes if error_classes is not None else {}
         self._recent_sql: deque[str] = deque(maxlen=64)
-
-    def login_data(
-        self, scanner: MessageScanner, chunk: bytes, handle: Callable[[int, bytes, bytes], bytes]
-    ) -> bytes:
-        """Client bytes during login, through the same splicer as statements later."""
-        return self._client.splice(scanner, chunk, handle, "from client")
 
     def _function_call(self, raw: bytes) -> bytes:
         if self.statements is not None:

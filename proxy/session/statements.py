@@ -139,6 +139,15 @@ class StatementLog:
         found = self._statements.get(key) if kind == "statement" else self._portals.get(key)
         return found.fields if found is not None else None
 
+    def statement_fields(self, name: bytes) -> dict[str, object] | None:
+        """The audit fields of a protocol statement name (None: nothing protected)."""
+        found = self._statements.get(name)
+        return found.fields if found is not None else None
+
+    def portal_fields(self, name: bytes) -> dict[str, object] | None:
+        found = self._portals.get(name)
+        return found.fields if found is not None else None
+
     def define(self, name: str, fields: dict[str, object] | None) -> None:
         kind, _, text = name.partition(":")
         key = text.encode()
@@ -492,8 +501,8 @@ def _covers(entry: _InFlight, covered: set[str]) -> bool:
     """Subjects are complete when the rows returned carry every protected table's subject
     column or the statement names its subjects, or nothing was touched."""
     assert entry.fields is not None
-    if entry.outcome != "ok" or (entry.rows == 0 and entry.data_rows == 0):
-        return True
+    if not entry.running and (entry.outcome != "ok" or (entry.rows == 0 and entry.data_rows == 0)):
+        return True  # nothing reached the client (rows that went out make it `running`)
     tables = entry.fields.get("tables", [])
     assert isinstance(tables, list)
     return all(t in covered for t in tables)
