@@ -152,8 +152,10 @@ def who(
             if str(e.get("subject")) == subject and table in (e.get("tables") or {table: 0}):
                 rows.append(_who_row(e, "erased"))
             continue
-        if kind != "access" or table not in (e.get("tables") or []):
-            continue
+        tables = e.get("tables") or []
+        unanalysed = not tables and e.get("analysis_complete") is False
+        if kind != "access" or (table not in tables and not unanalysed):
+            continue  # (a statement pgveil could not analyse may have read any table)
         listed = (e.get("subjects") or {}).get(table)
         if listed is not None and subject in listed:
             rows.append(_who_row(e, "yes"))

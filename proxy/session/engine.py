@@ -121,11 +121,11 @@ NotificationResponse): not known until the next chunk that ends with one. Never 
 _CAPTURE_ALL: Final = capture_mask(everything=True)
 # Masked sessions: every frontend message but CopyData is looked at before it is forwarded.
 _CLIENT_CAPTURE_MASKED: Final = capture_mask(bytes(t for t in m.FRONTEND_NAMES if t != m.COPY_DATA))
-_SERVER_CAPTURE_MASKED: Final = capture_mask(b"ENATSZCIsn1G")
-_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn1G")
+_SERVER_CAPTURE_MASKED: Final = capture_mask(b"ENATSZCIsn123G")
+_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn123G")
 # while a statement on personal data is in flight, DataRows too: their subject column
-_SERVER_CAPTURE_MASKED_ROWS: Final = capture_mask(b"ENATSZCIsn1GD")
-_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn1GD")
+_SERVER_CAPTURE_MASKED_ROWS: Final = capture_mask(b"ENATSZCIsn123GD")
+_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GD")
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
 
@@ -562,6 +562,8 @@ class Session:
         elif typ == m.PARAMETER_STATUS:
             name, value = m.parameter_status(body)
             self.info.parameters[name] = value
+            if name == "client_encoding" and self.recorder is not None:
+                self.recorder.client_encoding(value)
 
     def _count_error(self, body: bytes) -> None:
         code = m.sqlstate_of(body)

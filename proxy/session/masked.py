@@ -20,6 +20,7 @@ towards the client.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import re
@@ -28,7 +29,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.session.statements import StatementLog
 from proxy.wire import messages as m
@@ -98,6 +99,8 @@ class StatementFilter:
         self._refusals: dict[str, str] = {}
         # audit fields per statement shape (analysis, action): see _decide
         self._templates: dict[tuple[object, ...], dict[str, object]] = {}
+        # what the statement being decided dropped (DEALLOCATE ...): see StatementLog.query
+        self._undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = ()
         self._client = _Splicer()
         self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
@@ -149,8 +152,9 @@ class StatementFilter:
                     fields = log.statement_fields(body[end + 1 : name_end])
                     if fields is not None:
                         # Bind to a statement name that cannot exist: the server's error
-                        # carries the refusal token, the Execute after it is skipped
-                        log.close(b"P" + body[: end + 1])
+                        # carries the refusal token, the Execute after it is skipped; the
+                        # portal name keeps what it held (the server fails the Bind first)
+                        log.note_failing_bind()
                         token = self._refuse_unrecorded(fields)
                         return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
                 log.bind(body)
@@ -233,9 +237,10 @@ class StatementFilter:
                 action, value = "refuse", AUDIT_UNAVAILABLE
                 audit.record("refused", {**fields, "decision": "refused", "reason": value})
                 fields = None
+        self._undo = ()
         if log is not None and action != "refuse":
-            for name in d.drops:
-                log.drop(name)
+            undo = [removed for name in d.drops for removed in log.drop(name)]
+            self._undo = tuple(undo)
             for name in d.defines:
                 log.define(name, fields)
         if action == "rewrite":
@@ -274,14 +279,17 @@ class StatementFilter:
                 fields[key] = sorted(merged)
         return fields
 
+    _encoding = "utf-8"  # the session's client_encoding, as a Python codec
+
     def _query(self, body: bytes, original: bytes) -> bytes:
         try:
-            sql = body[:-1].decode()
+            sql = body[:-1].decode(self._encoding)
         except UnicodeDecodeError:
             return self._undecodable(m.QUERY, b"", original)
         action, value, fields = self._decide(sql)
         if self.statements is not None:
-            self.statements.query(fields)
+            # what DEALLOCATE / CLOSE / DISCARD removed comes back if the query fails
+            self.statements.query(fields, self._undo)
         if action == "pass":
             return original
         if action == "rewrite":
@@ -293,7 +301,7 @@ class StatementFilter:
         statement, query, rest = m.parse_message(body)
         name = statement + b"\0"
         try:
-            sql = query.decode()
+            sql = query.decode(self._encoding)
         except UnicodeDecodeError:
             return self._undecodable(m.PARSE, name, original)
         action, value, fields = self._decide(sql)
@@ -534,6 +542,29 @@ class RecordingFilter(StatementFilter):
         forwards chunks as they are and only shows the messages to `observe_*`."""
         return not self._refusals and (self.audit is None or self.audit.ready())
 
+    def client_encoding(self, name: str) -> None:
+        """The server reported the session's client_encoding: statements are read in it
+        (masked sessions must use UTF8; unmasked ones may use any)."""
+        self._encoding = _python_codec(name)
+
+    def _function_call(self, raw: bytes) -> bytes:
+        # the function and its arguments are not analysed: recorded as an access that
+        # may have read anything
+        if self.statements is not None:
+            self.statements.function_call(_unanalysed("function_call", "FunctionCall"))
+        return raw
+
+    def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
+        """Not text in the session's encoding: recorded as an access that may have read
+        anything."""
+        if self.statements is not None:
+            fields = _unanalysed("unknown", "(not readable in the client encoding)")
+            if typ == m.QUERY:
+                self.statements.query(fields)
+            else:
+                self.statements.parse(name[:-1], fields)
+        return original
+
     def observe_client(self, typ: int, body: bytes) -> None:
         # the chunk is forwarded as it is: a statement cannot be refused any more, even if
         # the audit stream failed while this chunk was being read; its event is queued
@@ -557,6 +588,47 @@ class RecordingFilter(StatementFilter):
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         return self.ctx.analyze(sql, audit_only=True), "pass", None
+
+
+def _unanalysed(kind: str, text: str) -> dict[str, object]:
+    """The audit fields of an unmasked statement pgveil cannot analyse."""
+    return {
+        "kinds": [kind],
+        "statement": text,
+        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "tables": [],
+        "columns_masked": [],
+        "columns_raw": [],
+        "decision": "passed",
+        "analysis_complete": False,
+    }
+
+
+# PostgreSQL's client encodings whose Python codec has another name
+_CODECS = {
+    "SQL_ASCII": "latin-1",  # no conversion: bytes as they are
+    "LATIN1": "iso8859-1", "LATIN2": "iso8859-2", "LATIN3": "iso8859-3",
+    "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+    "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15",
+    "LATIN10": "iso8859-16", "ISO_8859_5": "iso8859-5", "ISO_8859_6": "iso8859-6",
+    "ISO_8859_7": "iso8859-7", "ISO_8859_8": "iso8859-8", "WIN866": "cp866",
+    "WIN874": "cp874", "KOI8R": "koi8-r", "KOI8U": "koi8-u", "UHC": "cp949",
+    "SJIS": "shift_jis", "SHIFT_JIS_2004": "shift_jis_2004", "EUC_JIS_2004": "euc_jis_2004",
+    "EUC_JP": "euc_jp", "EUC_KR": "euc_kr", "EUC_CN": "gb2312", "JOHAB": "johab",
+}  # fmt: skip
+
+
+def _python_codec(name: str) -> str:
+    """The Python codec of a PostgreSQL client encoding (WIN1252 -> cp1252, ...); UTF-8
+    when Python has none (the statement is then recorded as unreadable)."""
+    upper = name.upper()
+    if upper.startswith("WIN") and upper[3:].isdigit():
+        return "cp" + upper[3:]
+    codec = _CODECS.get(upper, name)
+    try:
+        return codecs.lookup(codec).name
+    except LookupError:
+        return "utf-8"
 
 
 class _Splicer:

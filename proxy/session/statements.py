@@ -40,7 +40,7 @@ Layout = tuple[SubjectColumn, ...]
 
 @dataclass(slots=True)
 class _InFlight:
-    kind: str  # "query", "execute", "describe", "parse", "sync", "call"
+    kind: str  # "query", "execute", "describe", "parse", "bind", "close", "sync", "call"
     fields: dict[str, object] | None = None
     started: int = 0
     layout: Layout = ()
@@ -60,8 +60,11 @@ class _InFlight:
     # tables whose subject column was in every result set so far (None: none seen)
     keyed: set[str] | None = None
     data_rows: int = 0  # DataRows seen (counted only while they are captured)
-    # a Parse's (name, what it registered, what that name held before)
-    parsed: tuple[bytes, _Prepared, _Prepared | None] | None = None
+    # a Parse's, Bind's or Close's (registry, name, what it left there (None: nothing),
+    # what the name held before): put back when the server refuses or skips the message
+    parsed: tuple[dict[bytes, Any], bytes, object, object] | None = None
+    # the names a query's DEALLOCATE / CLOSE / DISCARD removed: put back if it fails
+    undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = ()
     running: int = 0  # the number of its `running` event, once its rows began to go out
 
 
@@ -118,8 +121,14 @@ class StatementLog:
 
     # ---- frontend ----------------------------------------------------------------------
 
-    def query(self, fields: dict[str, object] | None) -> None:
-        self._push(_InFlight("query", fields, self._clock()))
+    def query(
+        self,
+        fields: dict[str, object] | None,
+        undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = (),
+    ) -> None:
+        """A simple-protocol Query; `undo`: what its drops removed (see `drop`), put back
+        when it fails (a DEALLOCATE in an aborted transaction leaves the statement)."""
+        self._push(_InFlight("query", fields, self._clock(), undo=undo))
 
     def parse(self, name: bytes, fields: dict[str, object] | None) -> None:
         previous = self._statements.get(name)
@@ -128,7 +137,7 @@ class StatementLog:
             self._push(_InFlight("parse"))
             return
         registered = self._statements[name] = _Prepared(fields)
-        self._push(_InFlight("parse", parsed=(name, registered, previous)))
+        self._push(_InFlight("parse", parsed=(self._statements, name, registered, previous)))
 
     # SQL PREPARE / DECLARE / EXECUTE / FETCH name the protocol's statements and portals
 
@@ -157,27 +166,44 @@ class StatementLog:
         elif key not in self._portals:  # so does DECLARE (42P03)
             self._portals[key] = _Portal(fields, _Prepared(fields), [])
 
-    def drop(self, name: str) -> None:
+    def drop(self, name: str) -> list[tuple[dict[bytes, Any], bytes, object]]:
+        """Forget a SQL-level name ("statement:p", "cursor:c", "*" for all); returns what
+        was removed, for `query` to put back if the statement fails."""
         kind, _, text = name.partition(":")
         table: dict[bytes, Any] = self._statements if kind == "statement" else self._portals
         if text == "*":
+            removed = [(table, key, value) for key, value in table.items()]
             table.clear()
-        else:
-            table.pop(text.encode(), None)
+            return removed
+        previous = table.pop(text.encode(), None)
+        return [(table, text.encode(), previous)] if previous is not None else []
 
     def bind(self, body: bytes) -> None:
         end = body.index(b"\0")
         portal = body[:end]
         name = body[end + 1 : body.index(b"\0", end + 1)]
+        previous = self._portals.get(portal)
+        if portal and previous is not None:
+            # the server refuses to bind a named portal in use (42P03): the old one stays
+            self._push(_InFlight("bind"))
+            return
         stmt = self._statements.get(name)
+        registered: _Portal | None = None
         if stmt is None or stmt.fields is None:
             self._portals.pop(portal, None)
-            return
-        named = stmt.fields.get("_subject_keys", ())
-        assert isinstance(named, tuple)
-        wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
-        formats, params = _bind_values(body, wanted)
-        self._portals[portal] = _Portal(stmt.fields, stmt, formats, params=params)
+        else:
+            named = stmt.fields.get("_subject_keys", ())
+            assert isinstance(named, tuple)
+            wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
+            formats, params = _bind_values(body, wanted)
+            registered = self._portals[portal] = _Portal(stmt.fields, stmt, formats, params=params)
+        # a Bind that fails leaves what the name held (the statement is looked up first)
+        self._push(_InFlight("bind", parsed=(self._portals, portal, registered, previous)))
+
+    def note_failing_bind(self) -> None:
+        """A Bind that will fail (refused by pgveil): it has its place in the queue, and
+        changes no name."""
+        self._push(_InFlight("bind"))
 
     def describe(self, body: bytes) -> None:
         name = body[1:-1]
@@ -198,13 +224,18 @@ class StatementLog:
                 self._want_rows(entry, bool(entry.layout))
 
     def close(self, body: bytes) -> None:
-        (self._statements if body[0] == ord("S") else self._portals).pop(body[1:-1], None)
+        """Close of a statement or portal: forgotten now (a Parse right behind it may reuse
+        the name), put back if the server skips the Close after an error."""
+        registry: dict[bytes, Any] = self._statements if body[0] == ord("S") else self._portals
+        name = body[1:-1]
+        previous = registry.pop(name, None)
+        self._push(_InFlight("close", parsed=(registry, name, None, previous)))
 
     def sync(self) -> None:
         self._push(_InFlight("sync"))
 
-    def function_call(self) -> None:
-        self._push(_InFlight("call"))
+    def function_call(self, fields: dict[str, object] | None = None) -> None:
+        self._push(_InFlight("call", fields, self._clock()))
 
     def _push(self, entry: _InFlight) -> None:
         if entry.fields is not None:
@@ -246,6 +277,12 @@ class StatementLog:
         elif typ == m.PARSE_COMPLETE:
             if head.kind == "parse":
                 fifo.popleft()
+        elif typ == m.BIND_COMPLETE:
+            if head.kind == "bind":
+                fifo.popleft()
+        elif typ == m.CLOSE_COMPLETE:
+            if head.kind == "close":
+                fifo.popleft()
         elif typ == m.COPY_IN_RESPONSE:
             # the server ignores a Sync that arrives during COPY FROM STDIN (libpq sends one
             # right after the Execute): it gets no ReadyForQuery of its own
@@ -281,7 +318,10 @@ class StatementLog:
         elif typ == m.READY_FOR_QUERY:
             while fifo:
                 entry = fifo.popleft()
-                if entry.kind in ("query", "execute"):
+                if entry.undo and entry.outcome != "ok":
+                    for registry, name, previous in reversed(entry.undo):
+                        registry.setdefault(name, previous)
+                if entry.kind in ("query", "execute", "call"):
                     self._finish(entry)
                 if entry.kind in ("sync", "query", "call"):
                     break
@@ -358,22 +398,25 @@ class StatementLog:
         # that run is the one that failed (or never ran because an earlier message failed)
         fifo = self._fifo
         failed = False
+        skipped: list[tuple[dict[bytes, Any], bytes, object, object]] = []
         while fifo and fifo[0].kind != "sync":
             entry = fifo.popleft()
             if entry.parsed is not None:
-                # that Parse failed, or was skipped: its name holds what it held before
-                name, registered, previous = entry.parsed
-                if self._statements.get(name) is registered:
-                    if previous is None:
-                        del self._statements[name]
-                    else:
-                        self._statements[name] = previous
+                skipped.append(entry.parsed)
             if entry.kind == "execute" and not failed:
                 entry.outcome = code
                 self._finish(entry)
                 failed = True
             else:
                 self.rows_in_flight -= entry.wants_rows
+        # the Parse, Bind and Close messages that failed or were skipped: each name gets
+        # back what it held, the latest change undone first
+        for registry, name, left, previous in reversed(skipped):
+            if registry.get(name) is left:
+                if previous is None:
+                    registry.pop(name, None)
+                else:
+                    registry[name] = previous
 
     def _finish(self, entry: _InFlight) -> None:
         if entry.fields is None:
@@ -407,7 +450,12 @@ class StatementLog:
                 t: sorted(keys)[: self._limit] for t, keys in entry.subjects.items()
             }
             event["subjects_total"] = {t: len(keys) for t, keys in entry.subjects.items()}
-        event["subjects_complete"] = not entry.undecodable and _covers(entry, covered)
+        # subjects are known only as far as the analysis went
+        event["subjects_complete"] = (
+            not entry.undecodable
+            and event.get("analysis_complete") is not False
+            and _covers(entry, covered)
+        )
         if entry.running:
             event["running"] = entry.running
         self._emit(event)

@@ -704,7 +704,7 @@ def test_a_prepared_statement_is_refused_while_the_file_fails(
         stop_unlimited(p)
 
 
-def test_a_statement_pipelined_behind_the_startup_packet_is_recorded(
+def test_a_statement_pipelined_behind_the_startup_packet_is_refused(
     shared: tuple[ProxyProcess, Path],
 ) -> None:
     """An unmasked client sends its StartupMessage and a Query on personal data in one
