@@ -7,7 +7,6 @@ whatever happens to the audit sinks.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
@@ -16,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,79 +26,28 @@ from audit.files import rotated_files, verify_files
 from proxy.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from tests.conftest import TRUST_USER, Certs
+from tests.integration.audit_wire import (
+    audit_env,
+    events,
+    query_message,
+    read_until,
+    rules_file,
+    start_audited,
+    wait_for,
+)
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,
-    HASH_KEY,
     HELPDESK,
     HELPDESK_PW,
-    RULES,
     dsn,
 )
 from tests.support import ProxyProcess, RawClient, wait_port
 
 PERSONAL = "SELECT i_customer, name FROM billing.customers ORDER BY 1"
-Messages = list[tuple[str, bytes]]
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def _env(pg: EmbeddedPostgres) -> dict[str, str]:
-    return {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
-
-
-def _rules(tmp: Path) -> Path:
-    rules = tmp / "rules.yaml"
-    rules.write_text(RULES)
-    return rules
-
-
-def start_audited(pg: EmbeddedPostgres, tmp: Path, *extra: str) -> ProxyProcess:
-    return ProxyProcess(
-        pg.port, "--upstream-sslmode", "disable", "--rules", str(_rules(tmp)),
-        "--catalog-user", pg.superuser, "--audit-file", str(tmp / "audit.jsonl"), *extra,
-        env=_env(pg),
-    )  # fmt: skip
-
-
-def events(path: Path, app: str | None = None, kind: str = "access") -> list[dict[str, Any]]:
-    """Complete lines only: a reader may catch a write half done."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = data[: data.rfind(b"\n") + 1].splitlines()
-    found = [json.loads(line) for line in lines if line.strip()]
-    return [e for e in found if e["type"] == kind and app in (None, e.get("application_name"))]
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def query_message(sql: str) -> bytes:
-    return m.message(ord("Q"), sql.encode() + b"\0")
-
-
-def read_until(client: RawClient, readies: int, timeout: float = 10) -> Messages:
-    """Messages until `readies` ReadyForQuery (or a FATAL, or the timeout)."""
-    client.sock.settimeout(timeout)
-    out: Messages = []
-    seen = 0
-    try:
-        while seen < readies:
-            typ, body = client.recv_message()
-            out.append((typ, body))
-            if typ == "Z":
-                seen += 1
-            if typ == "E" and m.severity_of(body) == "FATAL":
-                break
-    except (TimeoutError, ConnectionError):
-        pass
-    return out
 
 
 def raw_bytes(port: int, payload: bytes, readies: int) -> bytes:
@@ -425,7 +373,7 @@ def test_a_closed_stdout_withholds_results_without_reordering(
     args = [
         sys.executable, "-m", "proxy.cli", "proxy", "--listen", f"127.0.0.1:{port}",
         "--upstream", f"127.0.0.1:{pg.port}", "--upstream-sslmode", "disable",
-        "--rules", str(_rules(tmp_path)), "--catalog-user", pg.superuser, "--audit-stdout", "true",
+        "--rules", str(rules_file(tmp_path)), "--catalog-user", pg.superuser, "--audit-stdout", "true",
         "--audit-block-timeout", "1",
     ]  # fmt: skip
     with open(log, "wb") as out:
@@ -433,7 +381,7 @@ def test_a_closed_stdout_withholds_results_without_reordering(
             args,
             stdin=subprocess.DEVNULL,
             stderr=out,
-            env={**os.environ, **_env(pg)},
+            env={**os.environ, **audit_env(pg)},
             preexec_fn=lambda: os.close(1),  # the child only closes fd 1
         )
     try:

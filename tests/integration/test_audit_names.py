@@ -38,23 +38,25 @@ from tests.conftest import (
     TRUST_USER,
     Certs,
 )
-from tests.integration.masking_fixture import AGENT, AGENT_PW, NAME
-from tests.integration.test_audit_withheld import (
-    MASKED_USER,
-    PERSONAL,
+from tests.integration.audit_wire import (
     SYNC,
     Messages,
     bind,
     describe_portal,
     events,
     execute,
-    limit_file,
     parse,
     query_message,
     read_until,
     start_audited,
-    stop_unlimited,
     wait_for,
+)
+from tests.integration.masking_fixture import AGENT, AGENT_PW, NAME
+from tests.integration.test_audit_withheld import (
+    MASKED_USER,
+    PERSONAL,
+    limit_file,
+    stop_unlimited,
 )
 from tests.support import ProxyProcess, RawClient
 

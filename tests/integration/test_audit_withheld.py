@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,22 @@ from proxy.audit_cli import who
 from proxy.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from tests.conftest import TRUST_USER, Certs
-from tests.integration.masking_fixture import HASH_KEY, NAME, RULES
+from tests.integration.audit_wire import (
+    SYNC,
+    Messages,
+    all_events,
+    audit_env,
+    bind,
+    describe_portal,
+    events,
+    execute,
+    parse,
+    query_message,
+    read_until,
+    start_audited,
+    wait_for,
+)
+from tests.integration.masking_fixture import NAME, RULES
 from tests.support import ProxyProcess, RawClient, wait_port
 
 MASKED_USER = "masked_trust"  # masked (member of cc_staff), trust authentication
@@ -51,86 +66,9 @@ STREAMED = (
     f"SELECT c.i_customer, c.name, repeat('x', {PAD}) AS pad "
     f"FROM billing.customers c, generate_series(1, {BIG}) g"
 )
-Messages = list[tuple[str, bytes]]
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def _env(pg: EmbeddedPostgres) -> dict[str, str]:
-    return {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
-
-
-def start_audited(pg: EmbeddedPostgres, tmp: Path, *extra: str) -> ProxyProcess:
-    rules = tmp / "rules.yaml"
-    rules.write_text(RULES)
-    return ProxyProcess(
-        pg.port, "--upstream-sslmode", "disable", "--rules", str(rules),
-        "--catalog-user", pg.superuser, "--audit-file", str(tmp / "audit.jsonl"),
-        "--log-level", "error", *extra,
-        env=_env(pg),
-    )  # fmt: skip
-
-
-def all_events(path: Path) -> list[dict[str, Any]]:
-    """Complete lines only: a reader may catch a write half done."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = data[: data.rfind(b"\n") + 1].splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def events(path: Path, app: str, kind: str = "access") -> list[dict[str, Any]]:
-    return [e for e in all_events(path) if e["type"] == kind and e.get("application_name") == app]
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def query_message(sql: str) -> bytes:
-    return m.message(ord("Q"), sql.encode() + b"\0")
-
-
-def parse(sql: str, name: bytes = b"") -> bytes:
-    return m.message(ord("P"), name + b"\0" + sql.encode() + b"\0\0\0")
-
-
-def bind(portal: bytes = b"", statement: bytes = b"") -> bytes:
-    return m.message(ord("B"), portal + b"\0" + statement + b"\0\0\0\0\0\0\0")
-
-
-def execute(portal: bytes = b"", max_rows: int = 0) -> bytes:
-    return m.message(ord("E"), portal + b"\0" + struct.pack("!i", max_rows))
-
-
-def describe_portal(portal: bytes = b"") -> bytes:
-    return m.message(ord("D"), b"P" + portal + b"\0")
-
-
-SYNC = m.message(ord("S"))
-
-
-def read_until(client: RawClient, readies: int, timeout: float = 10) -> Messages:
-    """Messages until `readies` ReadyForQuery (or a FATAL, the end, or the timeout)."""
-    client.sock.settimeout(timeout)
-    out: Messages = []
-    seen = 0
-    try:
-        while seen < readies:
-            typ, body = client.recv_message()
-            out.append((typ, body))
-            if typ == "Z":
-                seen += 1
-            if typ == "E" and m.severity_of(body) == "FATAL":
-                break
-    except (TimeoutError, ConnectionError, OSError):
-        pass
-    return out
 
 
 def read_to(client: RawClient, types: str, timeout: float = 10) -> Messages:
@@ -786,7 +724,7 @@ def test_a_stalled_stdout_reader_does_not_freeze_the_proxy(
     with open(tmp_path / "pgveil.log", "wb") as log:
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=write_end, stderr=log,
-            env={**os.environ, **_env(pg)},
+            env={**os.environ, **audit_env(pg)},
         )  # fmt: skip
     os.close(write_end)
     try:
