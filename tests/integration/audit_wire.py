@@ -3,10 +3,11 @@ with an audit file, the events in that file, and raw frontend messages."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,17 @@ def start_audited(pg: EmbeddedPostgres, tmp: Path, *extra: str) -> ProxyProcess:
         "--log-level", "error", *extra,
         env=audit_env(pg),
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def audited_proxy(
+    pg: EmbeddedPostgres, tmp: Path, *extra: str
+) -> Iterator[tuple[ProxyProcess, Path]]:
+    """`start_audited` for a module's shared fixture: the proxy and its audit file; the
+    proxy must not have logged a traceback by the end."""
+    with start_audited(pg, tmp, *extra) as p:
+        yield p, tmp / "audit.jsonl"
+    assert "Traceback" not in p.log(), p.log()
 
 
 def all_events(path: Path) -> list[dict[str, Any]]:

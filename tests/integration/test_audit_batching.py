@@ -28,6 +28,7 @@ from proxy.wire import messages as m
 from tests.conftest import TRUST_USER, Certs
 from tests.integration.audit_wire import (
     audit_env,
+    audited_proxy,
     events,
     query_message,
     read_until,
@@ -103,10 +104,8 @@ class Load:
 def shared(
     pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path_factory: Any
 ) -> Iterator[tuple[ProxyProcess, Path]]:
-    d = tmp_path_factory.mktemp("audit-batching")
-    with start_audited(pg, d) as p:
-        yield p, d / "audit.jsonl"
-    assert "Traceback" not in p.log(), p.log()
+    with audited_proxy(pg, tmp_path_factory.mktemp("audit-batching")) as shared_proxy:
+        yield shared_proxy
 
 
 # ---- guards: what works -------------------------------------------------------------------

@@ -41,6 +41,7 @@ from tests.conftest import (
 from tests.integration.audit_wire import (
     SYNC,
     Messages,
+    audited_proxy,
     bind,
     describe_portal,
     events,
@@ -71,11 +72,9 @@ def audited(
     pg: EmbeddedPostgres, billing: ProxyProcess, certs: Certs, tmp_path_factory: Any
 ) -> Iterator[tuple[ProxyProcess, Path]]:
     """An audited pgveil with TLS for clients."""
-    d = tmp_path_factory.mktemp("review4")
     tls = ("--tls-cert", str(certs.cert), "--tls-key", str(certs.key))
-    with start_audited(pg, d, *tls) as p:
-        yield p, d / "audit.jsonl"
-    assert "Traceback" not in p.log(), p.log()
+    with audited_proxy(pg, tmp_path_factory.mktemp("review4"), *tls) as shared_proxy:
+        yield shared_proxy
 
 
 def close_statement(name: bytes) -> bytes:

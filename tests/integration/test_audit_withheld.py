@@ -43,6 +43,7 @@ from tests.integration.audit_wire import (
     Messages,
     all_events,
     audit_env,
+    audited_proxy,
     bind,
     describe_portal,
     events,
@@ -185,10 +186,8 @@ def ts_between(a: str, b: str) -> str:
 def shared(
     pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path_factory: Any
 ) -> Iterator[tuple[ProxyProcess, Path]]:
-    d = tmp_path_factory.mktemp("audit-withheld")
-    with start_audited(pg, d) as p:
-        yield p, d / "audit.jsonl"
-    assert "Traceback" not in p.log(), p.log()
+    with audited_proxy(pg, tmp_path_factory.mktemp("audit-withheld")) as shared_proxy:
+        yield shared_proxy
 
 
 # ---- guards: running events for streamed results ----------------------------------------
