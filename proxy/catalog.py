@@ -155,6 +155,7 @@ async def read_catalog(conn: Any) -> Catalog:
     }
     system = frozenset(r["relname"] for r in await conn.fetch(SYSTEM_RELATIONS_SQL))
     column_names = frozenset(r["attname"] for r in await conn.fetch(COLUMN_NAMES_SQL))
+    version = int(await conn.fetchval("SELECT pg_catalog.current_setting('server_version_num')"))
     return Catalog(
         relations=relations,
         system_relations=system,
@@ -165,6 +166,7 @@ async def read_catalog(conn: Any) -> Catalog:
         builtin_operators=frozenset(builtin_o),
         user_operators=frozenset(user_o - builtin_o),
         view_sources=view_sources,
+        server_version_num=version,
     )
 
 

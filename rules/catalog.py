@@ -62,6 +62,9 @@ class Catalog:
     # every column and composite-type field name in the database, system ones included
     column_names: frozenset[str] = frozenset()
     by_oid: Mapping[int, Relation] = field(default_factory=dict)
+    # the server's server_version_num; 0 when unknown (then syntax that newer servers read
+    # differently from older ones is refused, see rules.grammar)
+    server_version_num: int = 0
 
     def __post_init__(self) -> None:
         if not self.by_oid:

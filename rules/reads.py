@@ -1,0 +1,716 @@
+"""The walk over a masked role's statement, and the read rewrite.
+
+`ReadRewrite.visit` is the one way into a node: it refuses classes the grammar table
+(`rules.grammar`) does not allow, hands classes that need special treatment to their
+handler, and walks every other field by the table. A handler treats the fields the table
+marks as its own and calls `rest` for the others, so no field is left unvisited by
+forgetting: an unknown field, a node where the table says none can be, or a handler that did
+not call `rest` is a refusal.
+
+The read rewrite: every protected relation in a reading position (FROM, JOIN, subqueries,
+CTEs, COPY t TO, TABLESAMPLE) becomes a subquery with the same alias and columns in which each
+personal column is its mask (DESIGN.md section 2). Functions and operators are checked
+against the allow-list and built-in calls are pinned to pg_catalog.
+
+Pure: no I/O, no logging. Reasons never quote literals from the statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pglast.ast
+from pglast import parse_sql
+
+from rules import grammar
+from rules.catalog import Protected
+from rules.denied import (
+    DENIED_FUNCTIONS,
+    DENIED_PREFIXES,
+    DENIED_RELATIONS,
+    DENIED_SETTINGS,
+    SYSTEM_COLUMNS,
+    Refusal,
+)
+from rules.masks import sql_expr
+
+if TYPE_CHECKING:
+    from rules.analyzer import Analyzer
+
+# The AST is walked generically (attributes by name, optional everywhere); typing it node by
+# node would cost more casts than it would catch.
+ast: Any = pglast.ast
+
+_NAME_NODES = (ast.String, ast.A_Star)
+# Classes that only make sense where a handler puts them (FROM items, clauses of a statement):
+# met anywhere else, a statement is not what pgveil thinks it is.
+_PLACED = frozenset(
+    {
+        "RangeVar", "JoinExpr", "RangeSubselect", "RangeFunction", "RangeTableSample",
+        "RangeTableFunc", "JsonTable", "WithClause", "CommonTableExpr", "OnConflictClause",
+        "ReturningClause", "RawStmt", "IntoClause",
+    }
+)  # fmt: skip
+
+
+def parse_one(sql: str) -> Any:
+    """The AST of pgveil's own single-statement SQL."""
+    return parse_sql(sql)[0].stmt
+
+
+def name_of(n: Any) -> str:
+    return str(n.sval) if isinstance(n, ast.String) else ""
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _server_name(version: int) -> str:
+    return f"PostgreSQL {version // 10000}"
+
+
+@dataclass
+class ReadRewrite:
+    an: Analyzer
+    changes: int = 0
+    touched: set[str] = field(default_factory=set)
+    masked_columns: set[str] = field(default_factory=set)
+    uses_hash: bool = False
+    ctes: list[set[str]] = field(default_factory=list)
+    # (schema, relname) of replaced references -> alias, for 3-part column references
+    replaced: dict[tuple[str, str], str] = field(default_factory=dict)
+    generated: set[int] = field(default_factory=set)  # id() of pgveil's masking subqueries
+    # names the statement mentions (None: it may use every column, e.g. through *)
+    references: frozenset[str] | None = None
+    qualified: frozenset[tuple[str, str]] = frozenset()  # `q.name` references: (q, name)
+    unknown: set[str] = field(default_factory=set)
+    temp: set[str] = field(default_factory=set)
+    defined_names: frozenset[str] = frozenset()  # output and column aliases of the statement
+    rested: set[int] = field(default_factory=set)  # id() of nodes whose fields were walked
+
+    def tables(self) -> tuple[str, ...]:
+        return tuple(sorted(self.touched))
+
+    @property
+    def server_version(self) -> int:
+        return self.an.catalog.server_version_num
+
+    # ---- the walk ----------------------------------------------------------------------
+
+    def rule_of(self, node: Any) -> grammar.NodeRule:
+        """The grammar rule of an allowed node; refuses any other."""
+        cls = type(node).__name__
+        rule = grammar.ALLOWED.get(cls)
+        if rule is None:
+            raise Refusal(grammar.refusal_reason(cls))
+        if rule.since > self.server_version:
+            raise Refusal(
+                f"this syntax ({cls}) is read differently by servers older than "
+                f"{_server_name(rule.since)}; the server runs an older version"
+            )
+        return rule
+
+    def statement(self, node: Any) -> Any:
+        """A statement, anywhere one can stand (top level, CTE, EXPLAIN, PREPARE, ...)."""
+        return self.visit(node)
+
+    def visit(self, node: Any) -> Any:
+        """Analyse one node met in an expression or clause position; returns the node to
+        stand in its place."""
+        cls = type(node).__name__
+        rule = self.rule_of(node)
+        if cls in _PLACED:
+            raise Refusal(f"pgveil does not expect {cls} in this position")
+        handler: Callable[[Any], Any] | None = getattr(self, _HANDLERS.get(cls, ""), None)
+        if handler is None:
+            self.rest(node, rule)
+            return node
+        result = handler(node)
+        if id(node) not in self.rested:
+            # a handler that forgot its node's other fields: never pass it unanalysed
+            raise Refusal(f"pgveil did not analyse every field of {cls}; the statement is refused")
+        return result
+
+    def rest(self, node: Any, rule: grammar.NodeRule | None = None) -> None:
+        """Walk every field of `node` that its handler does not treat itself, by the
+        grammar table; refuse what the table does not know."""
+        if rule is None:
+            rule = self.rule_of(node)
+        self.rested.add(id(node))
+        cls = type(node).__name__
+        fields = rule.fields
+        for attr in node:
+            kind = fields.get(attr)
+            value = getattr(node, attr)
+            if kind is None:
+                if value is None or value == () or value is False:
+                    continue  # pglast knows a field the table does not, but it is unset
+                raise Refusal(f"pgveil does not know the field {attr} of {cls}")
+            if isinstance(kind, grammar.Expr):
+                if isinstance(value, ast.Node):
+                    setattr(node, attr, self.visit(value))
+                elif isinstance(value, tuple | list):
+                    setattr(node, attr, self._visit_all(value))
+            elif isinstance(kind, grammar.Inert):
+                if _holds_node(value):
+                    raise Refusal(f"pgveil does not expect an expression in {cls}.{attr}")
+            elif isinstance(kind, grammar.Names):
+                self.check_names(value, cls, attr)
+            elif isinstance(kind, grammar.Relations):
+                for rv in _flat(value):
+                    self.relation_named(rv)
+            # grammar.Handled: the handler's
+
+    def _visit_all(self, items: Iterable[Any]) -> tuple[Any, ...]:
+        out = []
+        for item in items:
+            if isinstance(item, ast.Node):
+                out.append(self.visit(item))
+            elif isinstance(item, tuple | list):
+                out.append(self._visit_all(item))
+            else:
+                out.append(item)
+        return tuple(out)
+
+    @staticmethod
+    def check_names(value: Any, cls: str, attr: str) -> None:
+        for n in _flat(value):
+            if isinstance(n, ast.Node) and not isinstance(n, _NAME_NODES):
+                raise Refusal(f"pgveil does not expect an expression in {cls}.{attr}")
+
+    def relation_named(self, rv: Any) -> None:
+        """A relation named without its values being read (LOCK, TRUNCATE, a parent)."""
+        if not isinstance(rv, ast.RangeVar):
+            raise Refusal(f"pgveil does not expect {type(rv).__name__} where a table is named")
+        self.rest(rv)
+        self.protected_of(rv, cte_scope=False)
+
+    # ---- statements --------------------------------------------------------------------
+
+    def nested_query(self, node: Any) -> Any:
+        """PREPARE, DECLARE, CREATE TABLE AS, CREATE VIEW: a query and what it defines."""
+        node.query = self.statement(node.query)
+        if isinstance(node, ast.CreateTableAsStmt):
+            node.into = self.into_clause(node.into)
+        elif isinstance(node, ast.ViewStmt):
+            self.rest(node.view)
+            self.created(node.view)
+        stores_sql = isinstance(node, ast.ViewStmt) or (
+            isinstance(node, ast.CreateTableAsStmt) and node.objtype == 23  # OBJECT_MATVIEW
+        )
+        if stores_sql and self.uses_hash:
+            # the view's stored definition (pg_get_viewdef) would show the mask's key
+            raise Refusal("a view over hash-masked columns would expose the masking key")
+        self.rest(node)
+        return node
+
+    def explain(self, node: Any) -> Any:
+        inner = node.query
+        if isinstance(inner, ast.CreateTableAsStmt):
+            inner = inner.query
+        if isinstance(inner, ast.ExecuteStmt):
+            # the prepared statement may carry hash masks; its plan would show the key
+            raise Refusal("EXPLAIN of a prepared statement is not allowed for masked roles")
+        node.query = self.statement(node.query)
+        if self.uses_hash:
+            raise Refusal("EXPLAIN of a statement that reads hash-masked columns")
+        self.rest(node)
+        return node
+
+    def create_table(self, node: Any) -> Any:
+        self.rest(node.relation)
+        self.created(node.relation)
+        self.rest(node)
+        return node
+
+    def into_clause(self, into: Any) -> Any:
+        if not isinstance(into, ast.IntoClause):
+            raise Refusal("pgveil does not expect this in place of a new table")
+        self.rule_of(into)
+        self.rest(into.rel)
+        self.created(into.rel)
+        self.rest(into)
+        return into
+
+    def created(self, rv: Any) -> None:
+        """A relation the statement creates: temporary ones are the session's own."""
+        if rv is None:
+            return
+        if rv.relpersistence == "t" or rv.schemaname == "pg_temp":
+            self.temp.add(rv.relname)
+        # a permanent one is unknown to pgveil until the catalog is read again
+
+    def variable_set(self, node: Any) -> Any:
+        name = (node.name or "").lower()
+        if name == "search_path":
+            schemas = [
+                a.val.sval
+                for a in node.args or ()
+                if isinstance(a, ast.A_Const) and isinstance(a.val, ast.String)
+            ]
+            if "pg_temp" in schemas[1:] or any("pg_temp" in x and x != "pg_temp" for x in schemas):
+                # temporary relations must win name resolution, as they do by default
+                raise Refusal("masked roles may list pg_temp only first in search_path")
+        self.rest(node)
+        if name in DENIED_SETTINGS or name.startswith("session_authorization"):
+            if name == "role" and node.kind == 4:  # RESET role: back to the login, harmless
+                return node
+            raise Refusal(f"masked roles may not change {name}")
+        return node
+
+    def constraints_set(self, node: Any) -> Any:
+        """SET CONSTRAINTS names constraints (as RangeVar nodes); nothing is read."""
+        for rv in _flat(node.constraints):
+            if not isinstance(rv, ast.RangeVar):
+                raise Refusal("pgveil does not expect an expression in SET CONSTRAINTS")
+            self.rest(rv)
+        self.rest(node)
+        return node
+
+    def copy(self, node: Any) -> Any:
+        if node.filename is not None or node.is_program:
+            raise Refusal(
+                "COPY to or from a server file or program is not allowed for masked roles"
+            )
+        self.rest(node)  # options, and COPY ... FROM ... WHERE (it can call functions)
+        if node.is_from:
+            if node.relation is not None:
+                self.rest(node.relation)
+                self.protected_of(node.relation, record=True, cte_scope=False)
+            return node
+        if node.query is not None:
+            node.query = self.statement(node.query)
+            return node
+        rv = node.relation
+        self.rest(rv)
+        found = self.protected_of(rv)
+        if found is None:
+            return node
+        # COPY t [(cols)] TO ...  =>  COPY (SELECT cols FROM t) TO ...
+        cols = ", ".join(quote_ident(name_of(a)) for a in (node.attlist or ())) or "*"
+        query = parse_one(f"SELECT {cols} FROM {self._rv_text(rv)}")
+        self.select(query)
+        node.relation = None
+        node.attlist = None
+        node.query = query
+        self.changes += 1
+        return node
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def with_clause(self, clause: Any) -> None:
+        """Rewrite the CTEs of a WITH clause with PostgreSQL's scoping, and push their names
+        for the statement's body: a CTE sees the ones before it (all of them under
+        RECURSIVE), never itself otherwise, so `WITH t AS (SELECT * FROM t)` reads table t.
+        The caller pops the scope when the statement ends."""
+        self.rule_of(clause)
+        self.rest(clause)
+        scope: set[str] = set()
+        if clause.recursive:
+            scope.update(c.ctename for c in clause.ctes)
+        self.ctes.append(scope)
+        for cte in clause.ctes:
+            if not isinstance(cte, ast.CommonTableExpr):
+                raise Refusal("pgveil does not expect this in a WITH clause")
+            self.rest(cte)
+            cte.ctequery = self.statement(cte.ctequery)
+            scope.add(cte.ctename)
+
+    def select(self, node: Any) -> Any:
+        pushed = False
+        if node.withClause is not None:
+            self.with_clause(node.withClause)
+            pushed = True
+        try:
+            if node.fromClause:
+                node.fromClause = tuple(self.from_item(i) for i in node.fromClause)
+            if node.larg is not None:
+                node.larg = self.statement(node.larg)
+            if node.rarg is not None:
+                node.rarg = self.statement(node.rarg)
+            if node.intoClause is not None:
+                node.intoClause = self.into_clause(node.intoClause)
+            self.rest(node)
+        finally:
+            if pushed:
+                self.ctes.pop()
+        return node
+
+    def locking_clause(self, node: Any) -> Any:
+        """FOR UPDATE OF a, b: names of FROM items, not relations read."""
+        for rv in _flat(node.lockedRels):
+            if not isinstance(rv, ast.RangeVar):
+                raise Refusal("pgveil does not expect an expression in FOR UPDATE OF")
+            self.rest(rv)
+        self.rest(node)
+        return node
+
+    def from_item(self, item: Any) -> Any:
+        """A FROM (or USING, or JOIN) item; relations read here become masking subqueries."""
+        if id(item) in self.generated:
+            return item  # pgveil's own masking subquery
+        self.rule_of(item)
+        if isinstance(item, ast.RangeVar):
+            self.rest(item)
+            return self.maybe_mask(item)
+        if isinstance(item, ast.JoinExpr):
+            item.larg = self.from_item(item.larg)
+            item.rarg = self.from_item(item.rarg)
+            self.rest(item)
+            return item
+        if isinstance(item, ast.RangeSubselect):
+            item.subquery = self.statement(item.subquery)
+            self.rest(item)
+            return item
+        if isinstance(item, ast.RangeTableSample):
+            rv = item.relation
+            if not isinstance(rv, ast.RangeVar):
+                raise Refusal("pgveil does not expect this as the relation of TABLESAMPLE")
+            self.rest(rv)
+            found = self.protected_of(rv)
+            self.rest(item)
+            if found is None:
+                return item
+            return self.masking_subquery(found, rv, sample=item)
+        if isinstance(item, ast.RangeFunction | ast.RangeTableFunc | ast.JsonTable):
+            self.rest(item)
+            return item
+        raise Refusal(f"pgveil does not expect {type(item).__name__} in FROM")
+
+    def is_cte(self, rv: Any) -> bool:
+        return rv.schemaname is None and any(rv.relname in s for s in self.ctes)
+
+    def protected_of(
+        self, rv: Any, record: bool = True, cte_scope: bool = True
+    ) -> Protected | None:
+        """The protected relation `rv` denotes, None when it is not protected; refuses
+        relations that are never readable and ambiguous unqualified names."""
+        name = rv.relname
+        if name in DENIED_RELATIONS:
+            raise Refusal(
+                f"{name} exposes column values or query text and is not available to masked roles"
+            )
+        if cte_scope and self.is_cte(rv):
+            return None
+        self.note_unknown(rv)
+        rel = self.an.catalog.relations.get((rv.schemaname, name)) if rv.schemaname else None
+        if rel is not None and rel.kind in ("v", "m") and rv.schemaname is not None:
+            self.check_view(rel.schema, rel.name)
+        if rv.schemaname is None:
+            for (schema, rname), r in self.an.catalog.relations.items():
+                if rname == name and r.kind in ("v", "m"):
+                    self.check_view(schema, rname)
+        candidates = self.an.pmap.lookup(rv.schemaname, name)
+        if not candidates:
+            return None
+        for c in candidates:
+            broken = self.an.pmap.broken.get((c.relation.schema, c.relation.name))
+            if broken is not None:
+                raise Refusal(broken)
+        first = candidates[0]
+        shape = [(c.name, c.type) for c in first.relation.columns]
+        for other in candidates[1:]:
+            if [
+                (c.name, c.type) for c in other.relation.columns
+            ] != shape or other.masks != first.masks:
+                raise Refusal(
+                    f"the unqualified name {name} may denote several protected tables; "
+                    "qualify it with its schema"
+                )
+        if record:
+            self.touched.add(first.rule_table)
+        return first
+
+    def note_unknown(self, rv: Any) -> None:
+        cat = self.an.catalog
+        schema, name = rv.schemaname, rv.relname
+        if schema in ("pg_catalog", "information_schema") or (
+            schema is None and name in cat.system_relations
+        ):
+            return
+        if schema is not None:
+            if (schema, name) not in cat.relations:
+                self.unknown.add(name if schema == "pg_temp" else f"{schema}.{name}")
+        elif not any(n == name for _, n in cat.relations):
+            self.unknown.add(name)
+
+    def check_view(self, schema: str, name: str) -> None:
+        if (schema, name) in self.an.pmap.by_name:
+            return  # rules of its own, or masks derived from its definition
+        sources = self.an.catalog.view_sources.get((schema, name), ())
+        for src in sources:
+            if self.an.pmap.lookup(src[0], src[1]):
+                raise Refusal(
+                    f"view {schema}.{name} reads protected table {src[0]}.{src[1]} and has "
+                    "no masking rules of its own"
+                )
+
+    def maybe_mask(self, rv: Any) -> Any:
+        found = self.protected_of(rv)
+        if found is None:
+            return rv
+        return self.masking_subquery(found, rv)
+
+    def _rv_text(self, rv: Any) -> str:
+        parts = [rv.schemaname, rv.relname] if rv.schemaname else [rv.relname]
+        return ("" if rv.inh else "ONLY ") + ".".join(quote_ident(p) for p in parts)
+
+    def masking_subquery(self, p: Protected, rv: Any, sample: Any = None) -> Any:
+        keys = self.an.policy.keys
+        cols = []
+        refs = self.references
+        alias_name = rv.alias.aliasname if rv.alias is not None else rv.relname
+        # a whole-row reference uses all: `c`, and `c.f` where f is not a column of c
+        # (PostgreSQL reads that as f(c), a function of the whole row)
+        names = {c.name for c in p.relation.columns} | SYSTEM_COLUMNS
+        everything = (
+            refs is None
+            or alias_name in refs
+            or any(q == alias_name and f not in names for q, f in self.qualified)
+            # `c(a, b, ...)` renames the columns: names no longer say which ones are read
+            or (rv.alias is not None and bool(rv.alias.colnames))
+        )
+        for c in p.relation.columns:
+            spec = p.masks.get(c.name)
+            ident = quote_ident(c.name)
+            if spec is None:
+                cols.append(ident)
+            elif not everything and refs is not None and c.name not in refs:
+                # not mentioned: NULL keeps the column list (and the planner's work) small
+                cols.append(f"CAST(NULL AS {c.type.formatted}) AS {ident}")
+            else:
+                cols.append(f"{sql_expr(spec, ident, c.type, keys)} AS {ident}")
+                self.masked_columns.add(f"{p.rule_table}.{c.name}")
+                self.uses_hash = self.uses_hash or spec.name == "hash"
+        sub = parse_one(f"SELECT {', '.join(cols)} FROM {self._rv_text(rv)}")
+        if sample is not None:
+            inner = sub.fromClause[0]
+            sample.relation = inner
+            sub.fromClause = (sample,)
+        alias = rv.alias if rv.alias is not None else ast.Alias(aliasname=rv.relname)
+        if rv.alias is None:
+            # `billing.customers.name` must keep resolving, also when FROM said `customers`
+            self.replaced[(p.relation.schema, rv.relname)] = alias.aliasname
+        self.generated.add(id(sub))
+        self.changes += 1
+        return ast.RangeSubselect(lateral=False, subquery=sub, alias=alias)
+
+    # ---- expressions -------------------------------------------------------------------
+
+    def function(self, node: Any) -> Any:
+        self.check_names(node.funcname, "FuncCall", "funcname")
+        self.check_function(node.funcname)
+        self.pin_builtin(node)
+        if name_of(node.funcname[-1]).lower() == "set_config":
+            self.check_set_config(node.args)
+        self.rest(node)
+        return node
+
+    def operator(self, node: Any) -> Any:
+        self.check_names(node.name, "A_Expr", "name")
+        self.check_operator(node.name)
+        self.rest(node)
+        return node
+
+    def sublink(self, node: Any) -> Any:
+        """`x op ANY (SELECT ...)`: the operator is checked like any other."""
+        self.check_names(node.operName, "SubLink", "operName")
+        self.check_operator(node.operName)
+        self.rest(node)
+        return node
+
+    def sort_by(self, node: Any) -> Any:
+        """ORDER BY x USING op: the operator is checked like any other."""
+        self.check_names(node.useOp, "SortBy", "useOp")
+        self.check_operator(node.useOp)
+        self.rest(node)
+        return node
+
+    def constraint(self, node: Any) -> Any:
+        """A constraint of a table the session creates."""
+        for pair in node.exclusions or ():
+            # EXCLUDE (element WITH operator, ...): the operator runs on every new row
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise Refusal("pgveil does not expect this in an EXCLUDE constraint")
+            elem, opname = pair
+            self.visit(elem)
+            self.check_names(opname, "Constraint", "exclusions")
+            self.check_operator(opname)
+        if node.pktable is not None:
+            self.rest(node.pktable)
+            found = self.protected_of(node.pktable, cte_scope=False)
+            if found is not None:
+                # a row of the new table is accepted only if the key exists there: an oracle
+                raise Refusal(
+                    f"a foreign key to protected table {found.rule_table} could confirm "
+                    "values of its columns"
+                )
+        self.rest(node)
+        return node
+
+    def column_ref(self, node: Any) -> Any:
+        fields = node.fields
+        self.check_names(fields, "ColumnRef", "fields")
+        names = [name_of(f) for f in fields]
+        # `t.f` may call f(t) (attribute notation): f must pass the function checks, and a
+        # name that is no column pgveil knows may be a function created since it looked
+        if len(names) >= 2 and isinstance(fields[-1], ast.String):
+            last = names[-1]
+            if any(n == last for _, n in self.an.catalog.user_functions):
+                self.check_function((ast.String(sval=last),))
+            elif (
+                self.an.catalog.column_names
+                and last not in self.an.catalog.column_names
+                and last not in self.defined_names
+                and last not in SYSTEM_COLUMNS
+            ):
+                self.unknown.add(f"column or function {last}")
+        if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
+            key = (names[-3], names[-2])
+            alias = self.replaced.get(key)
+            if alias is not None:
+                node.fields = (ast.String(sval=alias), fields[-1])
+                self.changes += 1
+        col = names[-1] if names else ""
+        if col:
+            # by name, whatever the qualifier: an alias may denote any touched relation
+            for p in self.all_touched():
+                spec = p.masks.get(col)
+                if spec is not None and spec.name == "deny":
+                    raise Refusal(f"column {p.rule_table}.{col} is not available to masked roles")
+        self.rest(node)
+        return node
+
+    def all_touched(self) -> Iterator[Protected]:
+        for table in self.touched:
+            schema, _, name = table.partition(".")
+            p = self.an.pmap.by_name.get((schema, name))
+            if p is not None:
+                yield p
+
+    def check_function(self, funcname: Iterable[Any]) -> None:
+        parts = [name_of(x) for x in funcname]
+        # exact: the parser already folded unquoted names; "Lower" is not lower
+        name = parts[-1]
+        schema = parts[-2] if len(parts) >= 2 else None
+        cat = self.an.catalog
+        if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
+            raise Refusal(f"function {name} can read data pgveil cannot mask")
+        if name == "set_config":
+            return  # its arguments are checked by check_set_config at the call site
+        allowed = self.an.policy.allowed_functions
+        if schema is not None and schema != "pg_catalog":
+            if (schema, name) not in allowed:
+                raise Refusal(f"function {schema}.{name} is not allowed for masked roles")
+            return
+        if schema is None:
+            defined = {s for s, n in cat.user_functions if n == name}
+            if defined and not all((s, name) in allowed for s in defined):
+                raise Refusal(f"function {name} is not allowed for masked roles")
+            if not defined and name not in cat.builtin_functions:
+                raise Refusal(f"function {name} is not allowed for masked roles")
+
+    def pin_builtin(self, node: Any) -> None:
+        """`upper(x)` => `pg_catalog.upper(x)`: an overload created since pgveil read the
+        catalog (public.upper(bigint), say) can then never be chosen instead."""
+        if len(node.funcname) != 1:
+            return
+        name = name_of(node.funcname[0])
+        if name not in self.an.catalog.builtin_functions:
+            return
+        if any(n == name for _, n in self.an.policy.allowed_functions):
+            return  # an allow-listed function of that name may be the one meant
+        node.funcname = (ast.String(sval="pg_catalog"), ast.String(sval=name))
+        self.changes += 1
+
+    def check_set_config(self, args: Any) -> None:
+        first = args[0] if args else None
+        setting = None
+        if isinstance(first, ast.A_Const) and isinstance(first.val, ast.String):
+            setting = first.val.sval.lower()
+        if setting is None:
+            raise Refusal("set_config with a computed setting name is not allowed for masked roles")
+        if setting in DENIED_SETTINGS:
+            raise Refusal(f"masked roles may not change {setting}")
+
+    def check_operator(self, opname: Any) -> None:
+        if not opname:
+            return
+        parts = [name_of(x) for x in opname]
+        if len(parts) >= 2 and parts[-2] != "pg_catalog":
+            raise Refusal(
+                f"operator {parts[-1]} outside pg_catalog is not allowed for masked roles"
+            )
+        if parts[-1] in self.an.catalog.user_operators:
+            raise Refusal(f"operator {parts[-1]} is not allowed for masked roles")
+
+
+# node class -> the ReadRewrite (or subclass) method that handles it in `visit`
+_HANDLERS = {
+    "SelectStmt": "select",
+    "InsertStmt": "write",
+    "UpdateStmt": "write",
+    "DeleteStmt": "write",
+    "CopyStmt": "copy",
+    "ExplainStmt": "explain",
+    "PrepareStmt": "nested_query",
+    "DeclareCursorStmt": "nested_query",
+    "CreateTableAsStmt": "nested_query",
+    "ViewStmt": "nested_query",
+    "VariableSetStmt": "variable_set",
+    "CreateStmt": "create_table",
+    "ConstraintsSetStmt": "constraints_set",
+    "LockingClause": "locking_clause",
+    "FuncCall": "function",
+    "A_Expr": "operator",
+    "SubLink": "sublink",
+    "SortBy": "sort_by",
+    "Constraint": "constraint",
+    "ColumnRef": "column_ref",
+}
+HANDLERS = dict(_HANDLERS)
+"""For the coverage test: which method handles which node class in `visit`."""
+
+
+def _flat(value: Any) -> Iterator[Any]:
+    if isinstance(value, tuple | list):
+        for v in value:
+            yield from _flat(v)
+    elif value is not None:
+        yield value
+
+
+def _holds_node(value: Any) -> bool:
+    return any(isinstance(v, ast.Node) for v in _flat(value))
+
+
+def children(node: Any) -> Iterator[Any]:
+    if node is None:
+        return
+    if isinstance(node, tuple | list):
+        for item in node:
+            if isinstance(item, ast.Node):
+                yield item
+            elif isinstance(item, tuple | list):
+                yield from children(item)
+        return
+    if isinstance(node, ast.Node):
+        for attr in node:
+            value = getattr(node, attr)
+            if isinstance(value, ast.Node):
+                yield value
+            elif isinstance(value, tuple | list):
+                yield from children(value)
+
+
+def descendants(node: Any, skip_selects: bool = False) -> Iterator[Any]:
+    stack = list(children(node)) if not isinstance(node, ast.Node) else [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        if skip_selects and isinstance(n, ast.SelectStmt):
+            continue
+        stack.extend(children(n))

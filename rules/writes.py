@@ -1,0 +1,283 @@
+"""The write rewrite of masked sessions: INSERT, UPDATE and DELETE.
+
+What a write reads of its target (WHERE, SET expressions, RETURNING, ON CONFLICT) is masked;
+a new value or an assignment subscript computed from a personal column is refused (it would
+copy the raw value somewhere the masks do not cover); writing back the exact masked value the
+client was shown keeps the stored original (DESIGN.md section 2).
+
+Pure: no I/O, no logging. Reasons never quote literals from the statement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pglast.stream import RawStream
+
+from rules.catalog import Protected
+from rules.denied import SYSTEM_COLUMNS, Refusal
+from rules.masks import sql_expr
+from rules.reads import ReadRewrite, ast, descendants, name_of, parse_one, quote_ident
+
+_READS_PERSONAL = "a write whose new values read personal columns is refused"
+
+
+@dataclass
+class Target:
+    """The relation a write modifies, as the statement refers to it."""
+
+    protected: Protected
+    alias: str
+    schema: str | None
+    name: str
+    # qualifiers that denote the target's row besides its alias: PostgreSQL 18's OLD and
+    # NEW in RETURNING
+    row_names: tuple[str, ...] = ()
+
+    def denotes(self, qualifier: str) -> bool:
+        return qualifier in (self.alias, self.name) or qualifier in self.row_names
+
+
+class Rewriter(ReadRewrite):
+    """The read rewrite plus the write rewrite: what the analyser runs."""
+
+    def write(self, node: Any) -> Any:
+        if node.withClause is not None:
+            self.with_clause(node.withClause)
+        try:
+            rv = node.relation
+            if not isinstance(rv, ast.RangeVar):
+                raise Refusal("pgveil does not expect this as the target of a write")
+            self.rule_of(rv)
+            self.rest(rv)
+            found = self.protected_of(rv, cte_scope=False)  # a write target is never a CTE
+            target = None
+            if found is not None:
+                alias = rv.alias.aliasname if rv.alias is not None else rv.relname
+                rows = ("old", "new") if self.server_version >= 180000 else ()
+                target = Target(found, alias, rv.schemaname, rv.relname, rows)
+            if isinstance(node, ast.InsertStmt):
+                self.insert(node, target)
+            elif isinstance(node, ast.UpdateStmt):
+                self.update(node, target)
+            else:
+                if node.usingClause:
+                    node.usingClause = tuple(self.from_item(i) for i in node.usingClause)
+                self.target_exprs(node, "whereClause", target)
+            rc = node.returningClause
+            if rc is not None:
+                self.rule_of(rc)
+                if rc.options:
+                    raise Refusal(
+                        "RETURNING WITH (OLD/NEW AS ...) is not supported for masked roles"
+                    )
+                self.rest(rc)
+                if rc.exprs:
+                    rc.exprs = self.returning(rc.exprs, target)
+            self.rest(node)
+        finally:
+            if node.withClause is not None:
+                self.ctes.pop()
+        return node
+
+    def insert(self, node: Any, target: Target | None) -> None:
+        if node.cols:
+            # INSERT INTO t (col[subscript], ...): the subscripts decide where values go
+            node.cols = tuple(self.assignment(rt, None, insert=True) for rt in node.cols)
+        if node.selectStmt is not None:
+            before = set(self.masked_columns)
+            node.selectStmt = self.statement(node.selectStmt)
+            if self.reads_personal(node.selectStmt, before):
+                raise Refusal(_READS_PERSONAL)
+        occ = node.onConflictClause
+        if occ is not None:
+            self.rule_of(occ)
+            self.rest(occ)  # the arbiter inference: index expressions, their predicate
+            if occ.targetList:
+                occ.targetList = tuple(
+                    self.assignment(rt, target, excluded_ok=True) for rt in occ.targetList
+                )
+            self.target_exprs(occ, "whereClause", target)
+
+    def update(self, node: Any, target: Target | None) -> None:
+        if node.fromClause:
+            node.fromClause = tuple(self.from_item(i) for i in node.fromClause)
+        node.targetList = tuple(self.assignment(rt, target) for rt in node.targetList)
+        self.target_exprs(node, "whereClause", target)
+
+    def reads_personal(self, node: Any, masked_before: set[str]) -> bool:
+        new = self.masked_columns - masked_before
+        if not new:
+            return False
+        personal = {c.rpartition(".")[2] for c in new}
+        known = {c.name for p in self.all_touched() for c in p.relation.columns}
+        for n in descendants(node):
+            if isinstance(n, ast.ColumnRef):
+                last = n.fields[-1]
+                if isinstance(last, ast.A_Star) or name_of(last) in personal:
+                    return True
+                if len(n.fields) == 1 and name_of(last) not in known:
+                    return True  # may be a whole-row reference to a protected relation
+        return False
+
+    def assignment(
+        self,
+        rt: Any,
+        target: Target | None,
+        *,
+        excluded_ok: bool = False,
+        insert: bool = False,
+    ) -> Any:
+        """One assignment of a write: `col[subscripts].field = value` of UPDATE and
+        ON CONFLICT DO UPDATE, or a column of INSERT's list (no value). The value and the
+        subscripts are new data: neither may read a personal column."""
+        if not isinstance(rt, ast.ResTarget):
+            raise Refusal("pgveil does not expect this as an assignment")
+        self.rule_of(rt)
+        before = set(self.masked_columns)
+        parts = (rt.val, rt.indirection)
+        if target is not None and any(self.refers_to_personal(p, target) for p in parts):
+            raise Refusal(_READS_PERSONAL)
+        self.rest(rt)  # the value and the subscripts, walked like reads
+        if any(self.reads_personal(p, before) for p in parts):
+            raise Refusal(_READS_PERSONAL)
+        if insert or target is None or rt.name not in target.protected.masks:
+            return rt
+        if rt.indirection:
+            # SET col[...] / col.field: the write-back would copy the whole stored
+            # value into a part of it that the mask may not cover
+            raise Refusal("assigning to a part of a personal column is refused")
+        if isinstance(rt.val, ast.MultiAssignRef):
+            raise Refusal("multiple-column assignment to personal columns is refused")
+        if excluded_ok and _is_excluded(rt.val):
+            return rt
+        rt.val = self.write_back(rt.name, rt.val, target)
+        return rt
+
+    def write_back(self, col: str, value: Any, target: Target) -> Any:
+        """SET col = v  =>  col = CASE WHEN v IS NOT DISTINCT FROM mask(col) THEN col ELSE v END"""
+        c = target.protected.relation.column(col)
+        spec = target.protected.masks[col]
+        assert c is not None
+        ref = f"{quote_ident(target.alias)}.{quote_ident(col)}"
+        masked = sql_expr(spec, ref, c.type, self.an.policy.keys)
+        self.uses_hash = self.uses_hash or spec.name == "hash"
+        v = RawStream()(value)
+        case = f"CASE WHEN ({v}) IS NOT DISTINCT FROM {masked} THEN {ref} ELSE ({v}) END"
+        expr = parse_one(f"SELECT {case}").targetList[0].val
+        self.changes += 1
+        return expr
+
+    def refers_to_personal(self, node: Any, target: Target) -> bool:
+        return any(self.personal_ref(n, target) is not None for n in descendants(node))
+
+    def personal_ref(self, n: Any, target: Target) -> str | None:
+        if not isinstance(n, ast.ColumnRef):
+            return None
+        names = [name_of(f) for f in n.fields]
+        if len(names) == 1 and names[0] in target.protected.masks:
+            return names[0]
+        if len(names) >= 2 and target.denotes(names[-2]):
+            if names[-1] in target.protected.masks:
+                return names[-1]
+            columns = {c.name for c in target.protected.relation.columns}
+            if names[-1] not in columns and names[-1] not in SYSTEM_COLUMNS:
+                return "*"  # `c.f`, f no column of c: PostgreSQL reads f(c), the whole row
+        if len(names) == 1 and target.denotes(names[0]):
+            return "*"  # whole-row reference to the target
+        if isinstance(n.fields[-1], ast.A_Star) and (len(names) == 1 or target.denotes(names[-2])):
+            return "*"
+        return None
+
+    def target_exprs(self, owner: Any, attr: str, target: Target | None) -> None:
+        """Mask the target's personal columns where a write reads them (WHERE, ON CONFLICT)."""
+        expr = getattr(owner, attr)
+        if expr is None:
+            return
+        expr = self.visit(expr)  # before masking: pgveil's own mask expressions need no checks
+        if target is not None:
+            expr = self.mask_target_refs(expr, target)
+        setattr(owner, attr, expr)
+
+    def mask_target_refs(self, node: Any, target: Target) -> Any:
+        if isinstance(node, ast.ColumnRef):
+            col = self.personal_ref(node, target)
+            if col == "*":
+                raise Refusal("a whole-row reference to a protected table in a write is refused")
+            if col is not None:
+                spec = target.protected.masks[col]
+                if spec.name == "deny":
+                    table = target.protected.rule_table
+                    raise Refusal(f"column {table}.{col} is not available to masked roles")
+                # at any depth: in `RETURNING (SELECT name)` the name is the target's; where
+                # it is really an inner table's, masking it changes a result, never leaks
+                return self.masked_target_expr(col, target)
+            return node
+        if isinstance(node, ast.Node):
+            if id(node) in self.generated:
+                return node  # pgveil's own masking subquery: its names are its table's
+            for attr in node:
+                value = getattr(node, attr)
+                if isinstance(value, ast.Node):
+                    setattr(node, attr, self.mask_target_refs(value, target))
+                elif isinstance(value, tuple):
+                    setattr(node, attr, tuple(self.mask_target_refs(v, target) for v in value))
+        return node
+
+    def masked_target_expr(self, col: str, target: Target) -> Any:
+        c = target.protected.relation.column(col)
+        assert c is not None
+        spec = target.protected.masks[col]
+        ref = f"{quote_ident(target.alias)}.{quote_ident(col)}"
+        self.masked_columns.add(f"{target.protected.rule_table}.{col}")
+        self.uses_hash = self.uses_hash or spec.name == "hash"
+        self.changes += 1
+        return (
+            parse_one(f"SELECT {sql_expr(spec, ref, c.type, self.an.policy.keys)}")
+            .targetList[0]
+            .val
+        )
+
+    def returning(self, items: Any, target: Target | None) -> Any:
+        out = []
+        for rt in items:
+            if not isinstance(rt, ast.ResTarget):
+                raise Refusal("pgveil does not expect this in RETURNING")
+            self.rule_of(rt)
+            if target is None:
+                self.rest(rt)
+                out.append(rt)
+                continue
+            val = rt.val
+            if isinstance(val, ast.ColumnRef) and isinstance(val.fields[-1], ast.A_Star):
+                self.rest(rt)  # `*` or `t.*`: every column of the target, the personal masked
+                for c in target.protected.relation.columns:
+                    expr: Any = ast.ColumnRef(
+                        fields=(ast.String(sval=target.alias), ast.String(sval=c.name))
+                    )
+                    if c.name in target.protected.masks:
+                        expr = self.masked_target_expr(c.name, target)
+                    out.append(ast.ResTarget(name=c.name, val=expr))
+                self.changes += 1
+                continue
+            name = rt.name
+            if (
+                name is None
+                and isinstance(val, ast.ColumnRef)
+                and isinstance(val.fields[-1], ast.String)
+            ):
+                name = name_of(val.fields[-1])  # the output column keeps the name it had
+            self.rest(rt)
+            rt.val = self.mask_target_refs(rt.val, target)
+            rt.name = name
+            out.append(rt)
+        return tuple(out)
+
+
+def _is_excluded(value: Any) -> bool:
+    return (
+        isinstance(value, ast.ColumnRef)
+        and len(value.fields) == 2
+        and name_of(value.fields[0]).lower() == "excluded"
+    )
