@@ -206,6 +206,9 @@ class _Database:
     loaded: float
     role_names: frozenset[str]
     roles: dict[str, frozenset[str]] = field(default_factory=dict)
+    # the problems last logged, and when (see MaskingManager._report)
+    reported: tuple[Problem, ...] = ()
+    reported_at: float = 0.0
 
 
 class MaskingManager:
@@ -229,7 +232,7 @@ class MaskingManager:
                 policy, old.catalog, roles=db.role_names, database=name
             )
             db.roles.clear()  # classification depends on the rules
-            self._report(name, db.holder.context)
+            self._report(name, db, always=True)
         self._preload = True
 
     def contexts(self) -> list[MaskingContext]:
@@ -335,13 +338,22 @@ class MaskingManager:
                 current.role_names = role_names
                 current.roles.clear()
             log.info("catalog.loaded", database=database, relations=len(catalog.relations))
-            self._report(database, context)
+            self._report(database, current)
             return current
 
-    @staticmethod
-    def _report(database: str, context: MaskingContext) -> None:
-        """A loud line per problem, each time the rules are checked: what it closes is in
-        `closes`. Names the rule and what is missing, never a value."""
+    def _report(self, database: str, db: _Database, always: bool = False) -> None:
+        """A loud line per problem (what it closes in `closes`), when the rules are checked
+        against a catalog: after a reload, whenever the problems change, and otherwise at
+        most every catalog_refresh seconds (a broken catalog is re-read more often). Names
+        the rule and what is missing, never a value."""
+        context = db.holder.context
+        now = time.monotonic()
+        same = not always and context.problems == db.reported
+        if same and (not context.problems or now - db.reported_at < self.config.catalog_refresh):
+            return
+        if db.reported and not context.problems:
+            log.info("rules.matched", database=database, detail="the rules match the database")
+        db.reported, db.reported_at = context.problems, now
         closes = {
             "masked": "masked sessions on this database",
             "default": "logins unmasked only by roles.default"

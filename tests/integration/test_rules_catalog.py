@@ -453,6 +453,7 @@ def test_table_renamed_or_dropped_after_start_is_caught_at_the_next_read(
             else:
                 _create_scratch(pg)
             _wait(lambda: p.metric("pgveil_rules_problems", database="postgres") == 0, "fixed")
+            assert [e["database"] for e in _events(p, "rules.matched")] == ["postgres"]
             assert open_session.execute(QUERY).fetchone() != (NAME,)
             assert open_session.execute(prepared, [1], prepare=True).fetchone() != (NAME,)
             _masked_works(pg, p)
