@@ -160,8 +160,8 @@ async def _check_rules(config: ProxyConfig, policy: Policy) -> int:
     warnings = len(found) - errors
     if errors:
         print(
-            f"rules: {errors} error(s), {warnings} warning(s); pgveil would refuse sessions "
-            "until they are fixed"
+            f"rules: {errors} error(s), {warnings} warning(s); pgveil refuses what they close "
+            "(see the README, 'Rules checked against the database') until they are fixed"
         )
         return 1
     checked = ", ".join(databases) if databases else "none"
