@@ -50,6 +50,8 @@ class Catalog:
     # pg_catalog function and operator names; names also defined in other schemas
     builtin_functions: frozenset[str] = frozenset()
     user_functions: frozenset[tuple[str, str]] = frozenset()
+    # (schema, name) of functions in information_schema (never called unqualified)
+    system_functions: frozenset[tuple[str, str]] = frozenset()
     builtin_operators: frozenset[str] = frozenset()
     user_operators: frozenset[str] = frozenset()
     # views and materialized views -> the tables they read, transitively
