@@ -76,6 +76,36 @@ OPERATORS_SQL = """
 SELECT n.nspname, o.oprname FROM pg_catalog.pg_operator o
   JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
 """
+# Functions written in SQL or a procedural language, outside pg_catalog, that the server
+# calls without a statement naming them: casts, type support and domain constraints,
+# operators (and their estimators), operator class support. C and internal functions are
+# server or extension code, installed by a superuser.
+HIDDEN_CODE_SQL = """
+SELECT DISTINCT
+       CASE WHEN d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+            THEN (SELECT 'domain ' || pg_catalog.format_type(c.contypid, NULL) || ' (constraint '
+                         || c.conname || ')'
+                    FROM pg_catalog.pg_constraint c WHERE c.oid = d.objid)
+            ELSE pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) END AS what,
+       n.nspname, p.proname
+  FROM pg_catalog.pg_depend d
+  JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+ WHERE d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND l.lanname NOT IN ('c', 'internal')
+   AND (d.classid IN ('pg_catalog.pg_cast'::pg_catalog.regclass,
+                      'pg_catalog.pg_type'::pg_catalog.regclass,
+                      'pg_catalog.pg_operator'::pg_catalog.regclass,
+                      'pg_catalog.pg_amproc'::pg_catalog.regclass,
+                      'pg_catalog.pg_conversion'::pg_catalog.regclass,
+                      'pg_catalog.pg_transform'::pg_catalog.regclass)
+        OR (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+            AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+                         WHERE c.oid = d.objid AND c.contypid <> 0)))
+ ORDER BY 1, 2, 3
+"""
 ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
 DATABASES_SQL = """
 SELECT datname FROM pg_catalog.pg_database
@@ -182,6 +212,9 @@ async def read_catalog(conn: Any) -> Catalog:
     system = frozenset(r["relname"] for r in await conn.fetch(SYSTEM_RELATIONS_SQL))
     column_names = frozenset(r["attname"] for r in await conn.fetch(COLUMN_NAMES_SQL))
     version = int(await conn.fetchval("SELECT pg_catalog.current_setting('server_version_num')"))
+    hidden = tuple(
+        (r["what"], r["nspname"], r["proname"]) for r in await conn.fetch(HIDDEN_CODE_SQL)
+    )
     return Catalog(
         relations=relations,
         system_relations=system,
@@ -194,6 +227,7 @@ async def read_catalog(conn: Any) -> Catalog:
         user_operators=frozenset(user_o - builtin_o),
         view_sources=view_sources,
         server_version_num=version,
+        hidden_code=hidden,
     )
 
 

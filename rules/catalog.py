@@ -67,6 +67,10 @@ class Catalog:
     # the server's server_version_num; 0 when unknown (then syntax that newer servers read
     # differently from older ones is refused, see rules.grammar)
     server_version_num: int = 0
+    # (what, schema, function): functions written in SQL or a procedural language that the
+    # server calls without a statement naming them (a cast, a type's support function, a
+    # domain's CHECK, an operator, an operator class's support function)
+    hidden_code: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.by_oid:

@@ -1,7 +1,9 @@
 """The rules checked against one database: every name in the rules that the database does
 not have. A rule naming a table, a column, a subject column or a function that does not
 exist protects nothing; a masked role that does not exist classifies nobody. Either is a
-misconfiguration to refuse on, never a rule to skip.
+misconfiguration to refuse on, never a rule to skip. So is user code the server would call
+for a masked role without a statement naming it (a cast, a type's or a domain's function,
+an operator, an operator class) when its function is not on the allow list.
 
 One implementation for every caller: the proxy whenever it reads a catalog (start,
 refresh, rules reload), `pgveil proxy --check-config` and `pgveil rules check --dsn`.
@@ -59,6 +61,7 @@ def check_policy(
     if database is None or policy.covers(database):
         problems += _tables(policy, catalog)
         problems += _functions(policy, catalog)
+        problems += _hidden_code(policy, catalog)
     if roles is not None:
         problems += _roles(policy, roles)
     return tuple(problems)
@@ -102,6 +105,22 @@ def _functions(policy: Policy, catalog: Catalog) -> list[Problem]:
             ) in catalog.system_functions
         if not exists:
             out.append(Problem("functions.allow", f"function {schema}.{name} does not exist"))
+    return out
+
+
+def _hidden_code(policy: Policy, catalog: Catalog) -> list[Problem]:
+    """User code a masked role could run without naming it: a function that an explicit
+    call would need on the allow list must be on it to be reachable any other way too."""
+    out: list[Problem] = []
+    for what, schema, name in catalog.hidden_code:
+        if (schema, name) not in policy.allowed_functions:
+            out.append(
+                Problem(
+                    "functions.allow",
+                    f"{what} calls function {schema}.{name}, which is not allowed: masked "
+                    "roles could run it without naming it; allow it or drop it",
+                )
+            )
     return out
 
 

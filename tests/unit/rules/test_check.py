@@ -213,3 +213,22 @@ def test_renamed_table_is_a_problem_even_though_its_masks_carry_over() -> None:
     after = MaskingContext(policy(), renamed, before.pmap, roles=ROLES, database="billing")
     assert after.pmap.drift  # the masks follow the table
     assert after.refusal is not None and "tables.billing.accounts:" in after.refusal
+
+
+def test_code_the_server_runs_unnamed_must_be_allowed() -> None:
+    from dataclasses import replace
+
+    catalog = replace(
+        CATALOG,
+        hidden_code=(
+            ("cast from inet to integer", "billing", "to_int"),
+            ("operator billing.=(integer,text)", "billing", "invoice_total"),
+        ),
+    )
+    (problem,) = check_policy(policy(), catalog, ROLES)
+    assert problem == Problem(
+        "functions.allow",
+        "cast from inet to integer calls function billing.to_int, which is not allowed: "
+        "masked roles could run it without naming it; allow it or drop it",
+    )
+    assert problem.effect == "masked"  # the operator's function is allow-listed: no problem
