@@ -37,7 +37,8 @@ from tests.integration.test_attack_corpus import AsyncpgClient, PsycopgClient, r
 from tests.support import ProxyProcess
 
 C1 = "WHERE i_customer = 1"
-SHOW_APP = "SHOW application_name"  # psql prints no ParameterStatus: ask for it
+# psql prints no ParameterStatus, and a ROLLBACK takes the setting back: ask for it before
+SHOW_APP = "SHOW application_name"
 REFUSED = "pgveil:"
 
 ADMIN_TEARDOWN = """
@@ -160,7 +161,7 @@ LEAKS: list[Case] = [
     # ---- user expressions moved inside pgveil's own masking subquery -------------------------
     Case(
         "tablesample_arg_reads_update_target_returning",
-        (
+        _tx(
             f"UPDATE billing.customers c SET balance = balance {C1} RETURNING "
             "(SELECT count(*) FROM billing.xdrs TABLESAMPLE BERNOULLI "
             f"({_announce('c.name || c.email')}))",
@@ -173,7 +174,7 @@ LEAKS: list[Case] = [
     ),
     Case(
         "tablesample_arg_reads_update_target_where",
-        (
+        _tx(
             f"UPDATE billing.customers c SET balance = balance {C1} AND EXISTS "
             "(SELECT FROM billing.xdrs TABLESAMPLE BERNOULLI "
             f"({_announce(PHONE_LOGIN)}))",
@@ -184,7 +185,7 @@ LEAKS: list[Case] = [
     ),
     Case(
         "tablesample_repeatable_reads_on_conflict_target",
-        (
+        _tx(
             "INSERT INTO billing.customers AS t (i_customer, name) VALUES (1, 'x') "
             "ON CONFLICT (i_customer) DO UPDATE SET balance = t.balance "
             "WHERE (SELECT count(*) FROM billing.accounts TABLESAMPLE SYSTEM (0) "
@@ -280,7 +281,7 @@ GUARDS: list[Case] = [
     ),
     Case(
         "tablesample_select_outer_row_is_masked",
-        (
+        _tx(
             "SELECT (SELECT count(*) FROM billing.xdrs TABLESAMPLE BERNOULLI "
             f"({_announce('c.name || c.email')})) FROM billing.customers c "
             "WHERE c.i_customer = 1",
@@ -291,7 +292,7 @@ GUARDS: list[Case] = [
     ),
     Case(
         "tablesample_update_set_value_is_refused",
-        (
+        _tx(
             "UPDATE billing.customers c SET notes = (SELECT count(*) FROM billing.xdrs "
             f"TABLESAMPLE BERNOULLI ({_announce('c.name || c.email')}))::text "
             "WHERE c.i_customer = 1",
