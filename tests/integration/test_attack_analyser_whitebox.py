@@ -214,6 +214,17 @@ LEAKS: list[Case] = [
         "hash mask's HMAC pads in it)",
     ),
     Case(
+        "field_notation_denied_function_with_own_alias",
+        (
+            "SELECT q.ts_stat AS ts_stat FROM pg_catalog.btrim('SELECT to_tsvector(''simple'', "
+            "name || '' '' || email) FROM billing.customers') AS q",
+        ),
+        note="q.f on a scalar function's range variable is f(q): column_ref() checks f only "
+        "when it is a user function's name, and lets any other name through when the "
+        "statement defines it (_defined_names: `AS ts_stat`); DENIED_FUNCTIONS is never "
+        "consulted for t.f",
+    ),
+    Case(
         "attribute_notation_unlisted_user_function",
         ("SET search_path = billing, public", "SELECT (1::bigint).atk_wb_contact AS c"),
         note="an administrator's function that is not on the allow-list, called as (x).f",
