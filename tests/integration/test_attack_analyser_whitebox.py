@@ -47,7 +47,8 @@ DO $$ BEGIN
 EXCEPTION WHEN others THEN NULL;
 END $$;
 DROP TABLE IF EXISTS public.atk_wb_net;
-DROP VIEW IF EXISTS billing.atk_wb_account_owner, billing.atk_wb_leak_view;
+DROP VIEW IF EXISTS billing.atk_wb_account_owner, billing.atk_wb_leak_view,
+    billing.atk_wb_renamed;
 DROP OPERATOR IF EXISTS public.= (bigint, public.atk_wb_contact_t);
 DROP DOMAIN IF EXISTS public.atk_wb_checked;
 DROP CAST IF EXISTS (bigint AS public.atk_wb_contact_t);
@@ -86,10 +87,12 @@ CREATE VIEW billing.atk_wb_account_owner AS
                AS owner_email
       FROM billing.accounts a;
 CREATE VIEW billing.atk_wb_leak_view AS SELECT n FROM billing.leak() AS n;
+CREATE VIEW billing.atk_wb_renamed AS
+    SELECT c.i, c.n, c.e FROM billing.customers AS c(i, k, n, e);
 CREATE TABLE public.atk_wb_net (ip inet, mac macaddr);
 ALTER TABLE billing.accounts INHERIT public.atk_wb_net;
-GRANT SELECT ON billing.atk_wb_account_owner, billing.atk_wb_leak_view, public.atk_wb_net
-    TO helpdesk;
+GRANT SELECT ON billing.atk_wb_account_owner, billing.atk_wb_leak_view, billing.atk_wb_renamed,
+    public.atk_wb_net TO helpdesk;
 """
 
 # another session (of the superuser) whose last statement holds a personal value
@@ -256,6 +259,13 @@ LEAKS: list[Case] = [
         note="rules.views._personal_refs resolves c.name inside a scalar subquery against "
         "the outer FROM only (c is not a source there): the view column gets no mask and the "
         "masking subquery selects it raw",
+    ),
+    Case(
+        "view_column_alias_list_not_derived",
+        ("SELECT n, e FROM billing.atk_wb_renamed",),
+        note="rules.views: the view reads billing.customers AS c(i, k, n, e); "
+        "_personal_refs looks c.n up by its new name n among the table's masks and finds "
+        "none, so the view columns n and e (name and email) are selected raw",
     ),
     Case(
         "view_over_unlisted_function",
