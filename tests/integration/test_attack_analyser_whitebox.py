@@ -431,6 +431,7 @@ def test_guard_holds(sessions: Sessions, case: Case, client: str) -> None:
 # ---- relations created after pgveil read the catalog -------------------------------------------
 
 LATE = "atk_wb_xdrs_late"  # a partition of billing.xdrs an admin adds while sessions are open
+LATE_SYSTEM_NAME = "pg_seclabels"  # another one, named like a pg_catalog view
 
 WINDOW_VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     # the name is registered as the session's temporary relation when the CREATE is analysed
@@ -475,6 +476,12 @@ WINDOW_VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
         ),
         "",
     ),
+    # ReadRewrite.note_unknown never reports an unqualified name that a pg_catalog relation
+    # has, although search_path may put pg_catalog after the schema that now holds one
+    "system_relation_name": (
+        ("SET search_path = billing, pg_catalog", f"SELECT cli FROM {LATE_SYSTEM_NAME}"),
+        "",
+    ),
     # nor does the startup packet (startup_refusal only looks for role settings)
     "startup_options_pg_temp_last": (
         (f"CREATE TEMP TABLE {LATE} (x int)", f"SELECT cli FROM {LATE}"),
@@ -485,8 +492,8 @@ WINDOW_VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
 
 @pytest.fixture
 def late_partition(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyProcess]:
-    """A pgveil that has read the catalog, then a partition of billing.xdrs added by the admin
-    (granted to helpdesk, holding a phone number in cli). The refresh interval is long, so
+    """A pgveil that has read the catalog, then two partitions of billing.xdrs added by the
+    admin (granted to helpdesk, each holding a phone number in cli). The refresh interval is long, so
     only a statement that names an unknown relation makes pgveil read the catalog again."""
     env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
     proxy = ProxyProcess(
@@ -504,14 +511,17 @@ def late_partition(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[Prox
         pg.psql(
             f"CREATE TABLE billing.{LATE} PARTITION OF billing.xdrs "
             "FOR VALUES FROM (2000000) TO (3000000);"
-            f"GRANT SELECT ON billing.{LATE} TO helpdesk;"
+            f"CREATE TABLE billing.{LATE_SYSTEM_NAME} PARTITION OF billing.xdrs "
+            "FOR VALUES FROM (3000000) TO (4000000);"
+            f"GRANT SELECT ON billing.{LATE}, billing.{LATE_SYSTEM_NAME} TO helpdesk;"
             "INSERT INTO billing.xdrs (i_xdr, i_account, cli, cld, charged) "
-            f"VALUES (2000001, 10, '{PHONE}', '+18005550100', 1);"
+            f"VALUES (2000001, 10, '{PHONE}', '+18005550100', 1), "
+            f"(3000001, 10, '{PHONE}', '+18005550100', 1);"
         )
         yield proxy
     finally:
         proxy.stop()
-        pg.psql(f"DROP TABLE IF EXISTS billing.{LATE}")
+        pg.psql(f"DROP TABLE IF EXISTS billing.{LATE}, billing.{LATE_SYSTEM_NAME}")
 
 
 @pytest.mark.parametrize("variant", list(WINDOW_VARIANTS))
