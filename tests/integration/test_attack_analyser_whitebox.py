@@ -32,7 +32,15 @@ import psycopg
 import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
-from tests.integration.masking_fixture import HASH_KEY, NAME, PHONE, dsn, leaks, masking_proxy
+from tests.integration.masking_fixture import (
+    EMAIL,
+    HASH_KEY,
+    NAME,
+    PHONE,
+    dsn,
+    leaks,
+    masking_proxy,
+)
 from tests.integration.test_attack_corpus import AsyncpgClient, PsycopgClient, run_psql
 from tests.support import ProxyProcess
 
@@ -426,6 +434,27 @@ def test_guard_holds(sessions: Sessions, case: Case, client: str) -> None:
     assert any(e in received for e in case.expect), (
         f"{case.id} via {client}: unexpected answer\n{received[:3000]}"
     )
+
+
+# ---- a unique personal column answers guesses ---------------------------------------------------
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_unique_personal_column_is_no_oracle(sessions: Sessions, client: str) -> None:
+    """billing.customers.email is UNIQUE: an INSERT ... ON CONFLICT (email) DO NOTHING (or a
+    plain INSERT, or the write-back of UPDATE ... SET email = guess, failing with a unique
+    violation) tells whether a guessed raw e-mail exists. pgveil refuses a foreign key to a
+    protected table for exactly this reason (Constraint.pktable in ReadRewrite.constraint),
+    but lets writes compare new values with the raw ones through unique indexes."""
+    guess = (
+        "BEGIN",
+        "INSERT INTO billing.customers (i_customer, name, email) VALUES (990, 'x', '{}') "
+        "ON CONFLICT (email) DO NOTHING RETURNING i_customer",
+        "ROLLBACK",
+    )
+    right = sessions.run(client, tuple(s.format(EMAIL) for s in guess))
+    wrong = sessions.run(client, tuple(s.format("nobody@example.invalid") for s in guess))
+    assert right == wrong, f"the answer tells the raw e-mail exists: {right!r} vs {wrong!r}"
 
 
 # ---- relations created after pgveil read the catalog -------------------------------------------
