@@ -389,3 +389,17 @@ def test_a_message_begun_before_the_login_ends_reaches_the_masked_filter() -> No
     assert out[-1] == SendToClient(AFTER_AUTH) and s.phase is Phase.READY
     (rewritten,) = s.client_data(QUERY[4:])
     assert isinstance(rewritten, SendToServer) and b"FROM (SELECT" in rewritten.data
+
+
+def test_startup_parameters_as_the_server_reads_them() -> None:
+    packet = m.StartupMessage(
+        m.PROTOCOL_3_0, {"user": "alice", "database": "", "Role": "x"}
+    ).encode()
+    # an empty database means the user's name, as on the server
+    s = Session(SessionSettings())
+    s.client_data(packet)
+    assert s.info.database == "alice"
+    # repeated keys are kept, in order: the server applies each one
+    body = b"\0\3\0\0user\0alice\0role\0a\0role\0b\0\0"
+    twice = (len(body) + 4).to_bytes(4, "big") + body
+    assert m.startup_parameters(twice) == [("user", "alice"), ("role", "a"), ("role", "b")]
