@@ -24,16 +24,18 @@ from audit.events import new_id
 from audit.sinks import FileSink, StdoutSink, SyncSink, TableSink
 from audit.writer import AuditWriter
 from proxy import logs
-from proxy.catalog import MaskingManager, MaskingUnavailable
+from proxy.catalog import MaskingManager
 from proxy.config import ConfigError, ProxyConfig
 from proxy.logs import log
 from proxy.metrics import LiveSession, Metrics, MetricsServer, Stats
 from proxy.session.engine import (
     JUST_FORWARD,
     Action,
+    ClassifyLogin,
     CloseSession,
     ConnectUpstream,
     Phase,
+    RecordSessionStart,
     SendCancel,
     SendToClient,
     SendToServer,
@@ -43,11 +45,11 @@ from proxy.session.engine import (
     _Forward,
 )
 from proxy.wire.messages import SSLRequest
-from rules.context import MaskingContext
+from rules.context import ContextHolder, MaskingContext
 from rules.loader import RulesError
 from rules.model import Policy
 
-_STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.READY)
+_STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.CLASSIFYING, Phase.READY)
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
 _SSL_REQUEST = SSLRequest().encode()
@@ -225,6 +227,7 @@ class ClientConnection(_Pipe, LiveSession):
         self.sid = new_id()
         self.classification = "unclassified"
         self.audited = False
+        self._session_started = False  # session.start recorded: session.end is owed
         self._who: dict[str, object] | None = None  # the audit events' who, once known
         self._audit_wait: bytearray | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -328,6 +331,13 @@ class ClientConnection(_Pipe, LiveSession):
                 self.close(action.reason)
             elif isinstance(action, ConnectUpstream):
                 self._spawn(self._connect(action.startup_packet))
+            elif isinstance(action, ClassifyLogin):
+                self._spawn(self._classify(action.user))
+            elif isinstance(action, RecordSessionStart):
+                self._session_started = True
+                # no result waits for it: the login's answers go out even when it cannot
+                # be written (statements on personal data are what the audit blocks)
+                self.audit_event("session.start", {}, owned=False)
             elif isinstance(action, StartClientTLS):
                 if audit is not None and audit.holding:
                     audit.release()  # the 'S' answer goes out before the handshake starts
@@ -363,32 +373,10 @@ class ClientConnection(_Pipe, LiveSession):
         self.server.stats.tls_handshakes += 1
 
     async def _connect(self, startup_packet: bytes) -> None:
-        masking = self.server.masking
-        if masking is not None:
-            info = self.session.info
-            try:
-                ctx = await masking.context_for(info.user, info.database)
-            except MaskingUnavailable as exc:
-                log.error("session.unclassified", peer=self.peer, user=info.user, error=str(exc))
-                self.run(self.session.masking_unavailable(str(exc)), b"", to_server=False)
-                return
-            if ctx is not None:
-                self.server.stats.masked_sessions += 1
-            self.classification = "masked" if ctx is not None else "unmasked"
-            self.run(self.session.set_masking(ctx), b"", to_server=False)
-            if self._closed:
-                return
-            if self.server.audit is not None:
-                self.audited = True
-                if self.session.masked is not None:
-                    self.session.masked.attach_audit(self)
-                else:
-                    # unmasked: record which protected tables each statement touches
-                    holder = await masking.holder_for(info.database)
-                    self.session.record(holder, self)
-        else:
+        # Nothing is looked up before the server has authenticated the client: with rules,
+        # the login is classified once the server accepted it (ClassifyLogin).
+        if not self.session.gated:
             self.classification = "unmasked"  # no rules: every session is relayed
-        self.audit_event("session.start", {})
         try:
             transport, proto = await open_upstream(self.server, self)
         except UpstreamError as exc:
@@ -413,8 +401,50 @@ class ClientConnection(_Pipe, LiveSession):
         )
         self.run(actions, b"", to_server=True)
 
-    def audit_event(self, event_type: str, fields: dict[str, object]) -> bool:
-        """Record an event about this session; False when it could not be recorded."""
+    async def _classify(self, user: str) -> None:
+        """Classify a login the server has accepted: masked or unmasked (from the rules
+        and the role's memberships), with the catalog its statements are analysed with.
+        Whatever goes wrong, the client learns only that the session cannot be
+        classified; the reason goes to the log."""
+        masking = self.server.masking
+        info = self.session.info
+        masked: ContextHolder | None = None
+        recorded: ContextHolder | None = None
+        try:
+            if masking is not None:
+                masked = await masking.context_for(user, info.database)
+                if masked is None and self.server.audit is not None:
+                    # unmasked: record which protected tables each statement touches
+                    recorded = await masking.holder_for(info.database)
+        except Exception as exc:  # fail closed on anything, never on a guess
+            cause = exc.__cause__
+            log.error(
+                "session.unclassified",
+                peer=self.peer,
+                user=user,
+                database=info.database,
+                error=str(exc) or type(exc).__name__,
+                cause=f"{type(cause).__name__}: {cause}" if cause is not None else None,
+            )
+            self.server.stats.reject("unclassified")
+            self.run(self.session.login_unclassifiable(), b"", to_server=False)
+            return
+        if self._closed:
+            return
+        self.classification = "masked" if masked is not None else "unmasked"
+        if masked is not None:
+            self.server.stats.masked_sessions += 1
+        hook = None
+        if masking is not None and self.server.audit is not None:
+            self.audited = True
+            hook = self
+        self.run(self.session.login_classified(masked, recorded, hook), b"", to_server=False)
+
+    def audit_event(
+        self, event_type: str, fields: dict[str, object], *, owned: bool = True
+    ) -> bool:
+        """Record an event about this session; False when it could not be recorded.
+        `owned`: what this client is sent next waits for the event (see batch_writes)."""
         writer = self.server.audit
         if writer is None:
             return True
@@ -430,7 +460,7 @@ class ClientConnection(_Pipe, LiveSession):
                 "database": info.database,
                 "tls": info.client_tls,
             }
-        return writer.submit(event_type, fields, who, self.transport)
+        return writer.submit(event_type, fields, who, self.transport if owned else None)
 
     def close(self, reason: str) -> None:
         if self._closed:
@@ -451,7 +481,7 @@ class ClientConnection(_Pipe, LiveSession):
             duration = time.monotonic() - self.started
             self.server.metrics.session_duration.observe(duration)
             self.server.stats.absorb(self.session, self.client_bytes, self.server_bytes)
-            if info.user and self.classification != "unclassified":
+            if self._session_started:
                 self.audit_event(
                     "session.end",
                     {
@@ -525,6 +555,7 @@ class ProxyServer:
             tls_available=self.client_tls is not None,
             max_message_size=self.config.max_message_size,
             admit=self._admit,
+            classify=lambda: self.masking is not None,
         )
 
     def _admit(self) -> tuple[str, str] | None:

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from pglast import parse_sql
@@ -25,9 +25,9 @@ from rules.catalog import Catalog, ProtectionMap
 from rules.check import check_policy, summary
 from rules.masks import ColumnType, mask_json_value, py_mask
 from rules.model import Classification, Policy
+from rules.startup import masked_refusal
 
 CACHE_SIZE = 10_000
-_STARTUP_DENIED = ("role", "session_authorization")
 _LITERAL_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"})
 _PLACEHOLDER_BASE = 900_000  # $900000+: far above any parameter number a client uses
 _PLACEHOLDER = re.compile(r"\$(9\d{5})(?!\d)")
@@ -517,20 +517,15 @@ class MaskingContext:
             cache.clear()  # simple and bounded; a hot working set refills at once
         cache[key] = value
 
-    def startup_refusal(self, parameters: Mapping[str, str]) -> str | None:
-        """Why a masked login may not start with these startup parameters, if it may not."""
-        if parameters.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-            return "replication connections are not allowed for masked roles"
-        # client_encoding and standard_conforming_strings are reported by the server
-        # (ParameterStatus) and checked once the login completes; the role is not.
-        for name in parameters:
-            if name.lower() in _STARTUP_DENIED:
-                return f"masked roles may not set {name.lower()}"
-        options = parameters.get("options", "").lower()
-        for denied in _STARTUP_DENIED:
-            if denied in options or denied.replace("_", "-") in options:
-                return f"masked roles may not set {denied} in the startup options"
-        return None
+    def startup_refusal(self, parameters: Sequence[tuple[str, str]]) -> str | None:
+        """Why a masked login may not start with these startup parameters (the packet's
+        key/value pairs, in order), if it may not: each setting is judged as the same
+        setting made with SET (see rules.startup)."""
+        return masked_refusal(parameters, self._set_refusal)
+
+    def _set_refusal(self, sql: str) -> str | None:
+        d = self.analyzer.analyze(sql)
+        return (d.reason or "refused") if d.action == "refuse" else None
 
     def notification_payload(self, channel: str, payload: str) -> str | None:
         """The payload a masked session may see, or None to withhold the notification."""

@@ -1,9 +1,16 @@
 """The per-connection protocol engine: events in, actions out, no sockets.
 
 One `Session` follows one client connection and its upstream connection through the
-protocol phases (startup, TLS, upstream connect, authentication, ready, closing). The shell
-(`proxy.server`) feeds it the bytes it reads and the things that happen to the transports,
-and carries out the actions it returns, in order.
+protocol phases (startup, TLS, upstream connect, authentication, classification, ready,
+closing). The shell (`proxy.server`) feeds it the bytes it reads and the things that happen
+to the transports, and carries out the actions it returns, in order.
+
+Nothing before authentication: with masking rules the login is gated. The client may send
+only whole password messages until the server has authenticated it; the server's answers
+after AuthenticationOk are held until its ReadyForQuery, when the engine asks the shell to
+classify the login (ClassifyLogin) and then refuses it or installs the masked or recording
+filter and releases them (login_classified). Whatever the server says before that, a
+failed authentication or a missing database, reaches the client as the server said it.
 
 The hot path is `client_data`/`server_data` in the READY phase: the scanners only track
 message boundaries and the engine answers with the shared `FORWARD` action, meaning "write
@@ -17,6 +24,7 @@ beyond what a decision needs; bodies may hold personal data.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -86,8 +94,19 @@ class CloseSession(Action):
     reason: str
 
 
-class _StatementBeforeLogin(Exception):
-    pass
+@dataclass(frozen=True, slots=True)
+class ClassifyLogin(Action):
+    """The server accepted the login (its ReadyForQuery arrived): classify `user` (the
+    session user the server reports) and answer with `Session.login_classified` or
+    `Session.login_unclassifiable`. Until then the server's answers are held."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSessionStart(Action):
+    """The login completed and its classification is known: record the session's start
+    (audit) before anything that follows reaches the client."""
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -97,6 +116,8 @@ class Phase(enum.Enum):
     STARTUP = "startup"  # reading SSLRequest / GSSENCRequest / StartupMessage / CancelRequest
     CONNECTING = "connecting"  # upstream connection being opened
     AUTHENTICATING = "authenticating"  # relaying the authentication exchange
+    # authenticated; the server's answers held until the shell has classified the login
+    CLASSIFYING = "classifying"
     READY = "ready"  # normal operation
     CLOSED = "closed"
 
@@ -110,6 +131,8 @@ _CLIENT_CAPTURE: Final = capture_mask(bytes((m.TERMINATE,)))
 # statements with their outcomes (proxy/session/statements.py).
 _CLIENT_CAPTURE_RECORDED: Final = capture_mask(b"XQPBDESCF")
 _CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAGE)))
+_TOO_MUCH_BEFORE_LOGIN: Final = "pgveil: too much data sent before the login completed"
+_NOT_A_PASSWORD: Final = "pgveil: expected a password message during authentication"
 # ReadyForQuery is not captured: its status byte is read in place (see server_data).
 _SERVER_CAPTURE_READY: Final = capture_mask(bytes((m.ERROR_RESPONSE, m.PARAMETER_STATUS)))
 _Z: Final = m.READY_FOR_QUERY
@@ -128,6 +151,16 @@ _SERVER_CAPTURE_MASKED_ROWS: Final = capture_mask(b"ENATSZCIsn123GD")
 _SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GD")
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
+_HEADER: Final = struct.Struct("!BI")
+_SERVER_MESSAGE_LIMIT: Final = 1 << 30
+# Authentication messages after which the server reads no response (the others ask for one)
+_AUTH_NO_RESPONSE: Final = frozenset((m.AUTH_OK, m.AUTH_SASL_FINAL))
+UNCLASSIFIED: Final = "pgveil: cannot classify this session as masked or unmasked; see pgveil's log"
+
+
+def _holds_a_message(data: bytes) -> bool:
+    """Whether `data` (starting at a message boundary) holds at least one whole message."""
+    return len(data) >= 5 and 1 + _HEADER.unpack_from(data, 0)[1] <= len(data)
 
 
 @dataclass(slots=True)
@@ -138,6 +171,9 @@ class SessionSettings:
     # refuses it with that FATAL. Asking then, not at accept time, means a port probe that
     # never logs in does not take a slot.
     admit: Callable[[], tuple[str, str] | None] = lambda: None
+    # Asked when the StartupMessage arrives: True when logins must be classified (masking
+    # rules are configured). The login is then gated: see Session.login_classified.
+    classify: Callable[[], bool] = lambda: False
 
 
 @dataclass(slots=True)
@@ -180,7 +216,22 @@ class Session:
         self.masked: MaskedFilter | None = None
         # unmasked sessions with auditing: statements are analysed to be recorded only
         self.recorder: RecordingFilter | None = None
-        self._startup_params: dict[str, str] = {}
+        self._startup_params: list[tuple[str, str]] = []
+        # A gated login (rules are configured): the client may send only whole password
+        # messages until the server has authenticated it; from AuthenticationOk on, the
+        # server's answers are held until the shell has classified the login. Login bytes
+        # are framed here, not by the scanners, which start fresh once the session is READY.
+        self.gated = False
+        self._server_tail = b""  # an incomplete server message of the login
+        self._client_tail = b""  # an incomplete client message of the login
+        self._client_held: bytearray | None = None  # client bytes from a non-password on
+        self._login_held = bytearray()  # the server's answers after AuthenticationOk
+        self._after_login = bytearray()  # server bytes after the login's ReadyForQuery
+        self._login_ready = False  # the login's ReadyForQuery arrived (held)
+        self._login_failed = False  # the server ended the login with a FATAL
+        # authentication messages that ask the client for a response (passwords answer
+        # them: client_counts[PASSWORD_MESSAGE] counts those forwarded)
+        self._auth_requests = 0
 
     # ---- client -> proxy ---------------------------------------------------------------
 
@@ -211,9 +262,7 @@ class Session:
                     return (SendToServer(out), CloseSession("client terminated"))
                 self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
                 return (SendToServer(out),) if out else _NOTHING
-            if phase is Phase.AUTHENTICATING and recorder is not None:
-                return self._masked_login_data(data)  # recorded: statements come after login
-            if phase is _READY or phase is Phase.AUTHENTICATING:
+            if phase is _READY or (phase is Phase.AUTHENTICATING and not self.gated):
                 try:
                     captured = self._client.feed(data)
                 except m.ProtocolViolation as exc:
@@ -232,15 +281,19 @@ class Session:
             if masked.statements is not None:
                 self._row_capture(masked.statements, _SERVER_CAPTURE_MASKED_ROWS)
             return (SendToServer(out),) if out else _NOTHING
-        elif phase is Phase.AUTHENTICATING:
-            return self._masked_login_data(data)
+        if phase is Phase.AUTHENTICATING or phase is Phase.CLASSIFYING:
+            return self._login_client_data(data)  # a gated login
         if phase is Phase.STARTUP:
             return self._startup_data(data)
         if phase is Phase.CONNECTING:
-            try:
-                self._client.feed(data)
-            except m.ProtocolViolation as exc:
-                return self._fatal_to_client("08P01", str(exc))
+            if self.gated:
+                if len(self._early_client_data) + len(data) > self.settings.max_message_size:
+                    return self._fatal_to_client("08P01", _TOO_MUCH_BEFORE_LOGIN)
+            else:
+                try:
+                    self._client.feed(data)
+                except m.ProtocolViolation as exc:
+                    return self._fatal_to_client("08P01", str(exc))
             self._early_client_data += data
             return _NOTHING
         return _NOTHING
@@ -259,39 +312,68 @@ class Session:
             return (FORWARD, CloseSession("client terminated"))
         return _JUST_FORWARD
 
-    def _masked_login_data(self, data: bytes) -> Sequence[Action]:
-        """A masked client during login: only whole password messages go on. Anything
-        incomplete is held back by the splicer, so a message begun now cannot spill, half
-        seen, into the statements that follow the login."""
-        analysed = self.masked if self.masked is not None else self.recorder
-        assert analysed is not None
-        passwords: list[bytes] = []
+    def _login_client_data(self, data: bytes) -> Sequence[Action]:
+        """The client during a gated login: whole password messages (and Terminate) go to
+        the server; from the first other message on, everything is held until the login
+        is classified (see login_classified). After AuthenticationOk nothing goes on: the
+        server reads no more passwords. A message other than a password while the server
+        waits for one ends the login (the server would end it too)."""
+        held = self._client_held
+        if held is not None:
+            held += data
+            if len(held) > self.settings.max_message_size:
+                return self._refuse_login("08P01", _TOO_MUCH_BEFORE_LOGIN)
+            return _NOTHING
+        buf = self._client_tail + data if self._client_tail else data
+        n = len(buf)
+        pos = 0
+        out = bytearray()
         terminate = False
-
-        def only_passwords(typ: int, body: bytes, raw: bytes) -> bytes:
-            nonlocal terminate
-            if typ == m.PASSWORD_MESSAGE:
-                passwords.append(body)
-                return raw
+        limit = self.settings.max_message_size
+        while pos < n:
+            typ = buf[pos]
+            if not FRONTEND_TYPES[typ]:
+                return self._refuse_login("08P01", f"invalid message type 0x{typ:02x}")
+            if (typ != m.PASSWORD_MESSAGE and typ != m.TERMINATE) or (
+                self.phase is Phase.CLASSIFYING
+            ):
+                if self._awaiting_password():
+                    # the server would read this message as the answer to its request and
+                    # end the login: pgveil ends it itself, passing nothing on
+                    return self._refuse_login("08P01", _NOT_A_PASSWORD)
+                self._client_held = bytearray(buf[pos:])
+                pos = n
+                if len(self._client_held) > limit:
+                    return self._refuse_login("08P01", _TOO_MUCH_BEFORE_LOGIN)
+                break
+            if n - pos < 5:
+                break
+            length = _HEADER.unpack_from(buf, pos)[1]
+            if length < 4 or length > limit:
+                return self._refuse_login("08P01", f"invalid message length {length}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            self.client_counts[typ] += 1
             if typ == m.TERMINATE:
                 terminate = True
-                return raw
-            raise _StatementBeforeLogin
-
-        try:
-            out = analysed.login_data(self._client, data, only_passwords)
-        except m.ProtocolViolation as exc:
-            return self._fatal_to_client("08P01", str(exc))
-        except _StatementBeforeLogin:
-            return self._fatal_to_client("08P01", self._before_login())
-        for body in passwords:
-            refusal = self._check_sasl_initial_response(body)
-            if refusal is not None:
-                return refusal
+            else:
+                refusal = self._check_sasl_initial_response(buf[pos + 5 : end])
+                if refusal is not None:
+                    return refusal
+            out += buf[pos:end]
+            pos = end
+            if terminate:
+                break
+        self._client_tail = buf[pos:]
         if terminate:
             self.phase = Phase.CLOSED
-            return (SendToServer(out), CloseSession("client terminated"))
-        return (SendToServer(out),) if out else _NOTHING
+            return (SendToServer(bytes(out)), CloseSession("client terminated"))
+        return (SendToServer(bytes(out)),) if out else _NOTHING
+
+    def _awaiting_password(self) -> bool:
+        """Whether the server waits for an authentication response not yet forwarded."""
+        return self._auth_requests > self.client_counts[m.PASSWORD_MESSAGE]
 
     def _startup_data(self, data: bytes) -> Sequence[Action]:
         try:
@@ -319,7 +401,7 @@ class Session:
             return (SendCancel(packet), CloseSession("cancel request"))
         assert isinstance(request, m.StartupMessage)
         params = request.parameters
-        self._startup_params = dict(params)
+        self._startup_params = m.startup_parameters(packet)
         self.info.user = request.user
         self.info.database = request.database
         self.info.application_name = params.get("application_name", "")
@@ -334,6 +416,7 @@ class Session:
             return self._fatal_to_client(*refusal)
         if self.draining:
             return self._fatal_to_client("57P03", "the database system is shutting down")
+        self.gated = self.settings.classify()
         self.phase = Phase.CONNECTING
         actions: list[Action] = [ConnectUpstream(packet)]
         if rest:
@@ -345,36 +428,13 @@ class Session:
     def client_closed(self) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
             return _NOTHING
-        was_ready = self.phase in (Phase.READY, Phase.AUTHENTICATING)
+        was_ready = self.phase in (Phase.READY, Phase.AUTHENTICATING, Phase.CLASSIFYING)
         self.phase = Phase.CLOSED
         if was_ready and self._client.at_boundary:
             return (SendToServer(m.TERMINATE_MESSAGE), CloseSession("client closed"))
         return (CloseSession("client closed"),)
 
     # ---- upstream ----------------------------------------------------------------------
-
-    def set_masking(self, ctx: MaskingContext | ContextHolder | None) -> Sequence[Action]:
-        """The shell classified the login: `ctx` when it is a masked role. Called before
-        the upstream connection is opened."""
-        if ctx is None or self.phase is Phase.CLOSED:
-            return _NOTHING
-        refusal = ContextHolder.of(ctx).context.startup_refusal(self._startup_params)
-        if refusal is not None:
-            return self._fatal_to_client("42501", f"pgveil: {refusal}")
-        self.masked = MaskedFilter(ctx, self.info.user, self.error_classes)
-        # during login every message is looked at: statements must wait for READY
-        self._client.capture = _CAPTURE_ALL
-        if self._early_client_data:
-            probe = MessageScanner(_CAPTURE_ALL, [0] * 256, self.settings.max_message_size)
-            try:
-                early = probe.feed(bytes(self._early_client_data))
-            except m.ProtocolViolation as exc:
-                return self._fatal_to_client("08P01", str(exc))
-            if any(t != m.PASSWORD_MESSAGE for t, _ in early) or not probe.at_boundary:
-                return self._fatal_to_client(
-                    "08P01", "pgveil: masked sessions may not send statements before login"
-                )
-        return _NOTHING
 
     def upstream_connected(
         self, *, tls: bool = False, same_certificate: bool = False
@@ -393,27 +453,100 @@ class Session:
         if self._early_client_data:
             data = bytes(self._early_client_data)
             self._early_client_data.clear()
-            if self.masked is not None or self.recorder is not None:
-                # analysed sessions: only password messages may come before the login
-                probe = MessageScanner(_CAPTURE_ALL, [0] * 256, self.settings.max_message_size)
-                try:
-                    early = probe.feed(data)
-                except m.ProtocolViolation as exc:
-                    return self._fatal_to_client("08P01", str(exc))
-                if any(t != m.PASSWORD_MESSAGE for t, _ in early) or not probe.at_boundary:
-                    return self._fatal_to_client("08P01", self._before_login())
+            if self.gated:
+                return self._login_client_data(data)
             return (SendToServer(data),)
         return _NOTHING
 
-    def _before_login(self) -> str:
-        who = "masked" if self.masked is not None else "audited"
-        return f"pgveil: {who} sessions may not send statements before login"
+    def login_classified(
+        self,
+        masked: MaskingContext | ContextHolder | None,
+        recorded: MaskingContext | ContextHolder | None = None,
+        audit: AuditHook | None = None,
+    ) -> Sequence[Action]:
+        """The shell classified the login (after ClassifyLogin): `masked` is the context of
+        a masked role, else None; `recorded` the context an unmasked session's statements
+        are recorded with (auditing), else None; `audit` the hook events go to.
 
-    def masking_unavailable(self, reason: str) -> Sequence[Action]:
-        """The login could not be classified: refuse rather than guess."""
-        if self.phase is Phase.CLOSED:
+        A masked login whose startup parameters set what a masked session may not (see
+        MaskingContext.startup_refusal) is refused, and so is an analysed one (masked or
+        recorded) that sent a whole message other than a password before the login
+        completed; any other gets its filter, the server's held answers, and what the
+        client sent meanwhile (a message it only began goes through the filter)."""
+        if self.phase is not Phase.CLASSIFYING or self._login_failed or not self._login_ready:
             return _NOTHING
-        return self._fatal_to_client("42501", reason)
+        actions: list[Action] = [RecordSessionStart()]
+        if audit is None:
+            recorded = None  # nothing to record to
+        analysed = masked is not None or recorded is not None
+        if masked is not None:
+            refusal = ContextHolder.of(masked).context.startup_refusal(self._startup_params)
+            if refusal is not None:
+                return [*actions, *self._refuse_login("42501", f"pgveil: {refusal}")]
+        client = self._client_tail + bytes(self._client_held or b"")
+        self._client_tail = b""
+        self._client_held = None
+        if analysed and _holds_a_message(client):
+            # a statement the client sent before the login completed: analysed sessions
+            # must wait for it (a message only begun may go on: it reaches the filter)
+            who = "masked" if masked is not None else "audited"
+            text = f"pgveil: {who} sessions may not send statements before login"
+            return [*actions, *self._refuse_login("08P01", text)]
+        if masked is not None:
+            login = self.info.parameters.get("session_authorization") or self.info.user
+            self.masked = MaskedFilter(masked, login, self.error_classes)
+            if audit is not None:
+                self.masked.attach_audit(audit)
+            try:
+                for name, value in self.info.parameters.items():
+                    self.masked.check_parameter(name, value)
+            except SessionEnded as exc:
+                return [*actions, *self._end_masked(str(exc))]
+            self._server.capture = _SERVER_CAPTURE_MASKED
+            self._client.capture = _CLIENT_CAPTURE_MASKED
+        elif recorded is not None:
+            assert audit is not None
+            self.recorder = RecordingFilter(recorded, audit)
+            self.recorder.observer = self._observe_server
+            encoding = self.info.parameters.get("client_encoding")
+            if encoding is not None:
+                self.recorder.client_encoding(encoding)
+            self._server.capture = _SERVER_CAPTURE_RECORDED
+            self._client.capture = _CLIENT_CAPTURE_RECORDED
+        else:
+            self._server.capture = _SERVER_CAPTURE_READY
+            self._client.capture = _CLIENT_CAPTURE
+        self.phase = Phase.READY
+        actions.append(SendToClient(bytes(self._login_held)))
+        self._login_held.clear()
+        after = bytes(self._after_login)
+        self._after_login.clear()
+        if after:
+            actions += self._replayed(self.server_data(after), after, to_client=True)
+        if client and self.phase is Phase.READY:
+            # held, so never seen by the server: it goes through the session as if sent now
+            actions += self._replayed(self.client_data(client), client, to_client=False)
+        if self.phase is Phase.READY and self.draining and self.is_idle():
+            actions += self._terminate_for_shutdown()
+        return actions
+
+    def login_unclassifiable(self) -> Sequence[Action]:
+        """The login could not be classified (the reason went to the shell's log): refuse
+        it with one message that says nothing about why, rather than guess."""
+        if self.phase is not Phase.CLASSIFYING or self._login_failed:
+            return _NOTHING
+        return self._refuse_login("42501", UNCLASSIFIED)
+
+    @staticmethod
+    def _replayed(actions: Sequence[Action], data: bytes, *, to_client: bool) -> list[Action]:
+        """Actions for bytes the engine fed itself: FORWARD names them explicitly."""
+        out: list[Action] = []
+        for a in actions:
+            if a is FORWARD:
+                out.append(SendToClient(data) if to_client else SendToServer(data))
+            else:
+                out.append(a)
+        return out
 
     def upstream_failed(self, reason: str) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
@@ -428,14 +561,6 @@ class Session:
             self._server.capture = (
                 _SERVER_CAPTURE_MASKED if self.masked is not None else _SERVER_CAPTURE_RECORDED
             )
-
-    def record(self, ctx: MaskingContext | ContextHolder, hook: AuditHook) -> None:
-        """Audit this unmasked session: its statements are analysed to be recorded."""
-        self.recorder = RecordingFilter(ctx, hook)
-        self.recorder.observer = self._observe_server
-        if self.phase is not _READY:
-            # during login every message is looked at: statements must wait for READY
-            self._client.capture = _CAPTURE_ALL
 
     def server_data(self, data: bytes) -> Sequence[Action]:
         if self.phase is _READY:
@@ -463,8 +588,8 @@ class Session:
                 if self.draining and self.is_idle():
                     return (FORWARD, *self._terminate_for_shutdown())
             return _JUST_FORWARD
-        if self.phase is Phase.AUTHENTICATING:
-            return self._authentication_data(data)
+        if self.phase is Phase.AUTHENTICATING or self.phase is Phase.CLASSIFYING:
+            return self._login_server_data(data)
         return _NOTHING
 
     def _masked_server_data(self, data: bytes) -> Sequence[Action]:
@@ -571,61 +696,97 @@ class Session:
         self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
         self._last_server_fatal = m.severity_of(body) in ("FATAL", "PANIC")
 
-    def _authentication_data(self, data: bytes) -> Sequence[Action]:
-        try:
-            captured = self._server.feed(data)
-        except m.ProtocolViolation as exc:
-            return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
+    def _login_server_data(self, data: bytes) -> Sequence[Action]:
+        """The server during the login, message by message up to its ReadyForQuery (bytes
+        after it wait for the READY phase). A gated login's answers after
+        AuthenticationOk are held until it is classified (login_classified), unless the
+        server ends the login itself: then they go on as they are, its own answer."""
+        buf = self._server_tail + data if self._server_tail else data
+        n = len(buf)
+        pos = 0
         out = bytearray()
-        for typ, body in captured:
-            if (
-                typ == m.AUTHENTICATION
-                and m.auth_code(body) == m.AUTH_SASL
-                and not self._channel_binding_passes()
-            ):
-                # Channel binding ties SCRAM to the server certificate of the TLS session
-                # it runs in; the client's session is with pgveil, so a '-PLUS' exchange
-                # can only verify when both present the same certificate.
-                self._sasl_offered = True
-                mechanisms = [x for x in m.sasl_mechanisms(body) if not x.endswith("-PLUS")]
-                out += m.authentication_sasl(mechanisms)
+        actions: list[Action] = []
+        while n - pos >= 5:
+            typ, length = _HEADER.unpack_from(buf, pos)
+            if length < 4 or length > _SERVER_MESSAGE_LIMIT:
+                return self._fatal_to_client(
+                    "08P01", f"invalid message from server: invalid message length {length}"
+                )
+            end = pos + 1 + length
+            if end > n:
+                break
+            raw = buf[pos:end]
+            pos = end
+            if self._login_ready:
+                self._after_login += raw  # for the session, once it is classified
                 continue
-            if typ == m.BACKEND_KEY_DATA:
+            self.server_counts[typ] += 1
+            body = raw[5:]
+            if typ == m.AUTHENTICATION:
+                code = m.auth_code(body)
+                if code == m.AUTH_SASL and not self._channel_binding_passes():
+                    # Channel binding ties SCRAM to the server certificate of the TLS
+                    # session it runs in; the client's session is with pgveil, so a
+                    # '-PLUS' exchange can only verify when both present the same
+                    # certificate.
+                    self._sasl_offered = True
+                    mechanisms = [x for x in m.sasl_mechanisms(body) if not x.endswith("-PLUS")]
+                    raw = m.authentication_sasl(mechanisms)
+                if code not in _AUTH_NO_RESPONSE:
+                    self._auth_requests += 1
+                    if self._client_held is not None and self._awaiting_password():
+                        # the server would read the held message as the response
+                        return self._refuse_login("08P01", _NOT_A_PASSWORD)
+                if code == m.AUTH_OK and self.gated:
+                    out += raw
+                    self.phase = Phase.CLASSIFYING
+                    continue
+            elif typ == m.BACKEND_KEY_DATA:
                 self.info.backend_pid = m.backend_key_data(body)[0]
             elif typ == m.PARAMETER_STATUS:
                 name, value = m.parameter_status(body)
                 self.info.parameters[name] = value
             elif typ == m.ERROR_RESPONSE:
                 self._count_error(body)
+                if self._last_server_fatal and self.phase is Phase.CLASSIFYING:
+                    # the server refused the login after authenticating it (no such
+                    # database, a setting it rejects...): its own answer goes out as is
+                    self._login_failed = True
+                    out += self._login_held
+                    self._login_held.clear()
             elif typ == m.READY_FOR_QUERY:
-                self.phase = Phase.READY
                 self.tx_status = body[0] if body else m.TX_IDLE
-                if self.masked is not None:
-                    self._server.capture = _SERVER_CAPTURE_MASKED
-                    self._client.capture = _CLIENT_CAPTURE_MASKED
-                    try:
-                        for name, value in self.info.parameters.items():
-                            self.masked.check_parameter(name, value)
-                    except SessionEnded as exc:
-                        return list(self._end_masked(str(exc)))
-                else:
-                    self._server.capture = _SERVER_CAPTURE_READY
-                    self._client.capture = _CLIENT_CAPTURE
-                    if self.recorder is not None:
-                        if not self._client.at_boundary:
-                            # a message begun during login would be read from its middle:
-                            # statements could pass unrecorded
-                            return list(
-                                self._fatal_to_client(
-                                    "08P01", "pgveil: a message spans the end of the login"
-                                )
-                            )
-                        self._client.capture = _CLIENT_CAPTURE_RECORDED
-                        self._server.capture = _SERVER_CAPTURE_RECORDED
-            out += m.message(typ, body)
-        actions: list[Action] = [SendToClient(bytes(out))] if out else []
-        if self.phase is Phase.READY and self.draining and self.is_idle():
-            actions += self._terminate_for_shutdown()
+                if self.gated:
+                    if self.phase is not Phase.CLASSIFYING or self._login_failed:
+                        # never released unclassified: a gated login starts only here
+                        return self._fatal_to_client(
+                            "08P01", "invalid message from server: ReadyForQuery before login"
+                        )
+                    self._login_held += raw
+                    self._login_ready = True
+                    user = self.info.parameters.get("session_authorization") or self.info.user
+                    actions.append(ClassifyLogin(user))
+                    continue
+                # not gated: the session starts now
+                out += raw
+                self.phase = Phase.READY
+                self._server.capture = _SERVER_CAPTURE_READY
+                self._client.capture = _CLIENT_CAPTURE
+                rest = buf[pos:]
+                self._server_tail = b""
+                done: list[Action] = [RecordSessionStart(), SendToClient(bytes(out))]
+                if rest:
+                    done += self._replayed(self.server_data(rest), rest, to_client=True)
+                if self.phase is Phase.READY and self.draining and self.is_idle():
+                    done += self._terminate_for_shutdown()
+                return done
+            if self.phase is Phase.CLASSIFYING and not self._login_failed:
+                self._login_held += raw
+            else:
+                out += raw
+        self._server_tail = buf[pos:]
+        if out:
+            actions.insert(0, SendToClient(bytes(out)))
         return actions
 
     def _channel_binding_passes(self) -> bool:
@@ -655,7 +816,7 @@ class Session:
         phase = self.phase
         self.phase = Phase.CLOSED
         if (
-            phase in (Phase.READY, Phase.AUTHENTICATING)
+            phase in (Phase.READY, Phase.AUTHENTICATING, Phase.CLASSIFYING)
             and self._server.at_boundary
             and not self._last_server_fatal
         ):
@@ -725,6 +886,20 @@ class Session:
         ]
 
     # ---- helpers -----------------------------------------------------------------------
+
+    def _refuse_login(self, code: str, text: str) -> list[Action]:
+        """End a gated login: a FATAL to the client (login bytes reach it as whole
+        messages, so it is at a boundary), and Terminate to a server that has completed
+        the login (during authentication it is closed without a word, as a client that
+        gives up would: the server does not log that)."""
+        actions: list[Action] = []
+        if self.phase is Phase.CLASSIFYING:
+            actions.append(SendToServer(m.TERMINATE_MESSAGE))
+        self.phase = Phase.CLOSED
+        self.close_reason = text
+        actions.append(SendToClient(m.error_response(code, text, severity="FATAL")))
+        actions.append(CloseSession(text))
+        return actions
 
     def _fatal_to_client(self, code: str, text: str, hint: str | None = None) -> Sequence[Action]:
         self.phase = Phase.CLOSED

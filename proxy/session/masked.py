@@ -117,12 +117,6 @@ class StatementFilter:
             self._holder, functools.partial(hook.record, "access"), hook.subjects_limit
         )
 
-    def login_data(
-        self, scanner: MessageScanner, chunk: bytes, handle: Callable[[int, bytes, bytes], bytes]
-    ) -> bytes:
-        """Client bytes during login, through the same splicer as statements later."""
-        return self._client.splice(scanner, chunk, handle, "from client")
-
     @property
     def ctx(self) -> MaskingContext:
         return self._holder.context

@@ -151,7 +151,8 @@ class StartupMessage:
 
     @property
     def database(self) -> str:
-        return self.parameters.get("database", self.user)
+        # as the server reads it: a missing or empty database means the user's name
+        return self.parameters.get("database") or self.user
 
     def encode(self) -> bytes:
         body = bytearray(_I32.pack(self.protocol))
@@ -185,6 +186,23 @@ class GSSENCRequest:
 StartupPacket = StartupMessage | CancelRequest | SSLRequest | GSSENCRequest
 
 
+def startup_parameters(packet: bytes) -> list[tuple[str, str]]:
+    """The key/value pairs of a StartupMessage packet (length prefix included), in order
+    and with repeated keys kept: the server applies every setting it names, in order."""
+    body = packet[8:]
+    if not body.endswith(b"\0"):
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
+    parts = body[:-1].split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    if len(parts) % 2:
+        raise ProtocolViolation("invalid startup packet layout: odd number of strings")
+    try:
+        return [(parts[i].decode(), parts[i + 1].decode()) for i in range(0, len(parts), 2)]
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("invalid startup packet: parameters are not UTF-8") from exc
+
+
 def decode_startup_packet(packet: bytes) -> StartupPacket:
     """Decode a complete untyped startup-phase packet (length prefix included)."""
     if len(packet) < 8:
@@ -204,20 +222,7 @@ def decode_startup_packet(packet: bytes) -> StartupPacket:
             f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
             "server supports 3.0 to 3.0"
         )
-    body = packet[8:]
-    if not body.endswith(b"\0"):
-        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
-    parts = body[:-1].split(b"\0")
-    if parts and parts[-1] == b"":
-        parts.pop()
-    if len(parts) % 2:
-        raise ProtocolViolation("invalid startup packet layout: odd number of strings")
-    params: dict[str, str] = {}
-    try:
-        for i in range(0, len(parts), 2):
-            params[parts[i].decode()] = parts[i + 1].decode()
-    except UnicodeDecodeError as exc:
-        raise ProtocolViolation("invalid startup packet: parameters are not UTF-8") from exc
+    params = dict(startup_parameters(packet))
     if not params.get("user"):
         raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
     return StartupMessage(code, params)

@@ -229,8 +229,9 @@ def test_notifications_masked_or_withheld(pg: EmbeddedPostgres, billing: ProxyPr
 
 
 def test_masked_startup_role_option_refused(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    # cc_agent is a member of cc_staff: the server would run the session as cc_staff
     with pytest.raises(psycopg.OperationalError, match="pgveil: masked roles may not set role"):
-        psycopg.connect(dsn(pg, billing.port) + " options='-c role=billing_admin'")
+        psycopg.connect(dsn(pg, billing.port, AGENT, AGENT_PW) + " options='-c role=cc_staff'")
     with pytest.raises(psycopg.OperationalError, match="replication"):
         psycopg.connect(dsn(pg, billing.port) + " replication=database")
 

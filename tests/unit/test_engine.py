@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from proxy.session.engine import (
     FORWARD,
     JUST_FORWARD,
+    UNCLASSIFIED,
+    ClassifyLogin,
     CloseSession,
     ConnectUpstream,
     Phase,
+    RecordSessionStart,
     SendCancel,
     SendToClient,
     SendToServer,
@@ -16,6 +25,9 @@ from proxy.session.engine import (
     StartClientTLS,
 )
 from proxy.wire import messages as m
+from rules.context import MaskingContext
+from rules.loader import parse_rules
+from tests.unit.rules.fixtures import CATALOG, RULES
 
 STARTUP = m.StartupMessage(
     m.PROTOCOL_3_0, {"user": "alice", "database": "db", "application_name": "app"}
@@ -34,7 +46,7 @@ def ready_session(**settings: object) -> Session:
     assert actions == [ConnectUpstream(STARTUP.encode())]
     assert s.upstream_connected() == ()
     out = s.server_data(LOGIN_OK)
-    assert out == [SendToClient(LOGIN_OK)]
+    assert out == [RecordSessionStart(), SendToClient(LOGIN_OK)]
     assert s.phase is Phase.READY
     assert (
         s.info.backend_pid == 1234 and s.info.user == "alice" and s.info.application_name == "app"
@@ -179,3 +191,215 @@ def test_status_unknown_when_ready_is_not_last_in_chunk() -> None:
     s.client_data(m.message(m.QUERY, b"SELECT 2\0"))
     actions = s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query())
     assert isinstance(actions[-1], CloseSession)  # ... until a chunk ends with ReadyForQuery
+
+
+# ---- a gated login (rules configured): nothing before authentication ----------------------
+
+AUTH_OK = m.message(m.AUTHENTICATION, b"\0\0\0\0")
+AFTER_AUTH = LOGIN_OK[len(AUTH_OK) :]
+QUERY = m.message(m.QUERY, b"SELECT name FROM billing.customers\0")
+
+
+def _context() -> MaskingContext:
+    return MaskingContext(parse_rules(RULES, "r", {"K": "k" * 32}), CATALOG)
+
+
+def gated(startup: m.StartupMessage = STARTUP, early: bytes = b"") -> Session:
+    s = Session(SessionSettings(classify=lambda: True))
+    assert s.client_data(startup.encode() + early) == [ConnectUpstream(startup.encode())]
+    assert s.gated
+    return s
+
+
+def _fatal(actions: Sequence[object]) -> dict[str, str]:
+    sent = [a.data for a in actions if isinstance(a, SendToClient)]
+    assert sent and sent[-1][:1] == b"E", actions
+    return m.decode_fields(sent[-1][5:])
+
+
+def test_gated_login_holds_the_servers_answers_until_classified() -> None:
+    s = gated()
+    assert s.upstream_connected() == ()
+    # AuthenticationOk goes on; the rest waits, and the shell is asked to classify
+    assert s.server_data(LOGIN_OK) == [SendToClient(AUTH_OK), ClassifyLogin("alice")]
+    assert s.phase is Phase.CLASSIFYING and s.info.backend_pid == 1234
+    out = s.login_classified(None)
+    assert out == [RecordSessionStart(), SendToClient(AFTER_AUTH)]
+    assert s.phase is Phase.READY
+    assert s.client_data(m.message(m.QUERY, b"SELECT 1\0")) is JUST_FORWARD
+    assert s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query()) is (
+        JUST_FORWARD
+    )
+    assert s.pending == 0 and s.is_idle()
+
+
+def test_gated_login_classifies_the_user_the_server_reports() -> None:
+    s = gated()
+    s.upstream_connected()
+    status = m.message(m.PARAMETER_STATUS, b"session_authorization\0alice@db\0")
+    out = s.server_data(AUTH_OK + status + m.ready_for_query())
+    assert out[-1] == ClassifyLogin("alice@db")
+
+
+def test_gated_login_split_byte_by_byte() -> None:
+    s = gated()
+    s.upstream_connected()
+    got: list[object] = []
+    for i in range(len(LOGIN_OK)):
+        got += s.server_data(LOGIN_OK[i : i + 1])
+    assert got == [SendToClient(AUTH_OK), ClassifyLogin("alice")]
+    assert s.login_classified(None)[-1] == SendToClient(AFTER_AUTH)
+
+
+def test_a_fatal_after_authentication_is_the_servers_own_answer() -> None:
+    s = gated()
+    s.upstream_connected()
+    fatal = m.error_response("3D000", 'database "db" does not exist', severity="FATAL")
+    status = m.message(m.PARAMETER_STATUS, b"a\0b\0")
+    assert s.server_data(AUTH_OK + status) == [SendToClient(AUTH_OK)]
+    assert s.server_data(fatal) == [SendToClient(status + fatal)]
+    assert s.login_classified(None) == ()  # nothing to classify any more
+    assert s.login_unclassifiable() == ()
+    assert s.server_closed() == (CloseSession("server closed"),)
+
+
+def test_unclassifiable_login_gets_one_generic_refusal() -> None:
+    s = gated()
+    s.upstream_connected()
+    s.server_data(LOGIN_OK)
+    out = s.login_unclassifiable()
+    assert out[0] == SendToServer(m.TERMINATE_MESSAGE) and isinstance(out[-1], CloseSession)
+    fields = _fatal(out)
+    assert fields["C"] == "42501" and fields["M"] == UNCLASSIFIED
+    assert not any(isinstance(a, RecordSessionStart) for a in out)
+
+
+def test_masked_startup_role_refused_after_authentication() -> None:
+    startup = m.StartupMessage(
+        m.PROTOCOL_3_0, {"user": "helpdesk", "database": "db", "options": r"-c r\ole=admin"}
+    )
+    s = gated(startup)
+    s.upstream_connected()
+    # the server authenticates first: a wrong password would be its answer, not pgveil's
+    assert s.server_data(AUTH_OK)[0] == SendToClient(AUTH_OK)
+    s.server_data(AFTER_AUTH)
+    out = s.login_classified(_context())
+    assert out[0] == RecordSessionStart() and out[1] == SendToServer(m.TERMINATE_MESSAGE)
+    fields = _fatal(out)
+    assert (
+        fields["C"] == "42501" and fields["M"] == "pgveil: masked roles may not set role at login"
+    )
+    assert s.phase is Phase.CLOSED
+
+
+def test_masked_login_checks_the_reported_parameters() -> None:
+    s = gated()
+    s.upstream_connected()
+    latin = m.message(m.PARAMETER_STATUS, b"client_encoding\0LATIN1\0")
+    s.server_data(AUTH_OK + latin + m.ready_for_query())
+    fields = _fatal(s.login_classified(_context()))
+    assert fields["C"] == "42501" and "client_encoding UTF8" in fields["M"]
+
+
+def test_statement_pipelined_behind_the_startup_is_held() -> None:
+    # trust authentication: the client does not wait for the server before its query
+    for masked, relayed in ((None, True), (_context(), False)):
+        s = gated(early=QUERY)
+        assert s.upstream_connected() == ()  # held: nothing reaches the server
+        s.server_data(LOGIN_OK)
+        out = s.login_classified(masked)
+        if relayed:  # an unmasked, unaudited session: the query goes on after the login
+            assert out == [RecordSessionStart(), SendToClient(AFTER_AUTH), SendToServer(QUERY)]
+            assert s.client_counts[m.QUERY] == 1 and s.pending == 1
+        else:
+            assert _fatal(out)["C"] == "08P01" and SendToServer(QUERY) not in out
+
+
+def test_passwords_pass_during_a_gated_login_and_nothing_else() -> None:
+    s = gated()
+    s.upstream_connected()
+    md5 = m.message(m.AUTHENTICATION, (5).to_bytes(4, "big") + b"salt")
+    assert s.server_data(md5) == [SendToClient(md5)]
+    password = m.message(m.PASSWORD_MESSAGE, b"md5abc\0")
+    assert s.client_data(password[:3]) == ()  # only whole messages go on
+    assert s.client_data(password[3:] + QUERY) == (SendToServer(password),)
+    s.server_data(LOGIN_OK)
+    assert _fatal(s.login_classified(_context()))["C"] == "08P01"
+
+
+def test_a_statement_instead_of_a_password_is_refused() -> None:
+    s = gated()
+    s.upstream_connected()
+    s.server_data(m.message(m.AUTHENTICATION, (3).to_bytes(4, "big")))  # cleartext password
+    out = s.client_data(QUERY)
+    assert _fatal(out)["C"] == "08P01" and not any(isinstance(a, SendToServer) for a in out)
+
+
+def test_a_held_statement_then_an_authentication_request_is_refused() -> None:
+    s = gated(early=QUERY)
+    s.upstream_connected()
+    out = s.server_data(m.message(m.AUTHENTICATION, (3).to_bytes(4, "big")))
+    assert _fatal(out)["C"] == "08P01" and not any(isinstance(a, SendToServer) for a in out)
+
+
+def test_ready_for_query_without_authentication_is_a_violation() -> None:
+    s = gated()
+    s.upstream_connected()
+    out = s.server_data(m.ready_for_query())
+    assert _fatal(out)["C"] == "08P01" and s.phase is Phase.CLOSED
+
+
+def test_server_bytes_after_the_logins_ready_for_query_go_through_the_session() -> None:
+    s = gated()
+    s.upstream_connected()
+    note = m.message(m.PARAMETER_STATUS, b"client_encoding\0LATIN1\0")
+    s.server_data(LOGIN_OK + note)  # a reload changed it while the login was classified
+    out = s.login_classified(_context())
+    fields = _fatal(out)  # the masked session sees it through its filter: ended
+    assert fields["C"] == "42501" and "client_encoding" in fields["M"]
+    s = gated()
+    s.upstream_connected()
+    s.server_data(LOGIN_OK + note)
+    assert s.login_classified(None)[-1] == SendToClient(note)
+
+
+@settings(max_examples=60)
+@given(cuts=st.lists(st.integers(0, len(LOGIN_OK)), max_size=6))
+def test_gated_login_any_chunking(cuts: list[int]) -> None:
+    s = gated()
+    s.upstream_connected()
+    got: list[object] = []
+    bounds = [0, *sorted(cuts), len(LOGIN_OK)]
+    for a, b in itertools.pairwise(bounds):
+        got += s.server_data(LOGIN_OK[a:b])
+    sent = b"".join(a.data for a in got if isinstance(a, SendToClient))
+    assert sent == AUTH_OK and got[-1] == ClassifyLogin("alice")
+    out = s.login_classified(None)
+    assert sent + b"".join(a.data for a in out if isinstance(a, SendToClient)) == LOGIN_OK
+
+
+def test_a_message_begun_before_the_login_ends_reaches_the_masked_filter() -> None:
+    s = gated()
+    s.upstream_connected()
+    s.server_data(m.message(m.AUTHENTICATION, (3).to_bytes(4, "big")))
+    password = m.message(m.PASSWORD_MESSAGE, b"secret\0")
+    assert s.client_data(password + QUERY[:4]) == (SendToServer(password),)
+    s.server_data(LOGIN_OK)
+    out = s.login_classified(_context())
+    assert out[-1] == SendToClient(AFTER_AUTH) and s.phase is Phase.READY
+    (rewritten,) = s.client_data(QUERY[4:])
+    assert isinstance(rewritten, SendToServer) and b"FROM (SELECT" in rewritten.data
+
+
+def test_startup_parameters_as_the_server_reads_them() -> None:
+    packet = m.StartupMessage(
+        m.PROTOCOL_3_0, {"user": "alice", "database": "", "Role": "x"}
+    ).encode()
+    # an empty database means the user's name, as on the server
+    s = Session(SessionSettings())
+    s.client_data(packet)
+    assert s.info.database == "alice"
+    # repeated keys are kept, in order: the server applies each one
+    body = b"\0\3\0\0user\0alice\0role\0a\0role\0b\0\0"
+    twice = (len(body) + 4).to_bytes(4, "big") + body
+    assert m.startup_parameters(twice) == [("user", "alice"), ("role", "a"), ("role", "b")]
