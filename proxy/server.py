@@ -24,7 +24,7 @@ from audit.events import new_id
 from audit.sinks import FileSink, StdoutSink, SyncSink, TableSink
 from audit.writer import AuditWriter
 from proxy import logs
-from proxy.catalog import MaskingManager
+from proxy.catalog import MaskingManager, RulesMismatch
 from proxy.config import ConfigError, ProxyConfig
 from proxy.logs import log
 from proxy.metrics import LiveSession, Metrics, MetricsServer, Stats
@@ -416,6 +416,13 @@ class ClientConnection(_Pipe, LiveSession):
                 if masked is None and self.server.audit is not None:
                     # unmasked: record which protected tables each statement touches
                     recorded = await masking.holder_for(info.database)
+        except RulesMismatch as exc:  # refused by the rules: the client may know why
+            log.error(
+                "session.refused", peer=self.peer, user=user, database=info.database,
+                reason=str(exc),
+            )  # fmt: skip
+            self.run(self.session.login_refused(str(exc)), b"", to_server=False)
+            return
         except Exception as exc:  # fail closed on anything, never on a guess
             cause = exc.__cause__
             log.error(

@@ -530,6 +530,14 @@ class Session:
             actions += self._terminate_for_shutdown()
         return actions
 
+    def login_refused(self, message: str) -> Sequence[Action]:
+        """The rules refuse this login (they do not match the database, say): `message`
+        names the rule, never a value, and the server has authenticated the client, so it
+        may say why."""
+        if self.phase is not Phase.CLASSIFYING or self._login_failed:
+            return _NOTHING
+        return [RecordSessionStart(), *self._refuse_login("42501", message)]
+
     def login_unclassifiable(self) -> Sequence[Action]:
         """The login could not be classified (the reason went to the shell's log): refuse
         it with one message that says nothing about why, rather than guess."""
