@@ -9,6 +9,11 @@ fields from the analysis, the rows returned or affected (from CommandComplete), 
 table's `subject` column in the rows returned, decoded from that column alone. Subject keys
 are identifiers; no other value of a row is ever decoded here.
 
+The same pairing tells the masked filter which statement caused each ErrorResponse and
+NoticeResponse (`cause`): the statement of a Query the server is at (counted by its
+CommandCompletes), the Parse, or the statement behind a Bind's or Execute's portal with that
+Bind's parameter values. It is kept for every masked session, audited or not.
+
 No I/O; nothing from a row but subject keys leaves this module.
 """
 
@@ -39,6 +44,30 @@ Layout = tuple[SubjectColumn, ...]
 
 
 @dataclass(slots=True)
+class Source:
+    """A statement as the client sent it, for the masked filter's error scrubbing: its text,
+    the text the server got instead when pgveil rewrote it, and (protocol statements) its
+    parameter types: those the Parse declared (0: the server infers it), and those the
+    server resolved once a Describe of the statement told them (ParameterDescription)."""
+
+    sql: str
+    sent: str | None = None
+    declared: tuple[int, ...] = ()
+    types: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """The statement an ErrorResponse or NoticeResponse belongs to: `index` counts the
+    statements of a Query before it (the one the server is at); `bind` is the body of the
+    Bind whose portal runs it, for its parameter values."""
+
+    source: Source
+    index: int = 0
+    bind: bytes | None = None
+
+
+@dataclass(slots=True)
 class _InFlight:
     kind: str  # "query", "execute", "describe", "parse", "bind", "close", "sync", "call"
     fields: dict[str, object] | None = None
@@ -66,6 +95,9 @@ class _InFlight:
     # the names a query's DEALLOCATE / CLOSE / DISCARD removed: put back if it fails
     undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = ()
     running: int = 0  # the number of its `running` event, once its rows began to go out
+    source: Source | None = None  # what it runs, for `cause`
+    bind: bytes | None = None  # the Bind of the portal it runs (a Bind's own body)
+    done: int = 0  # a Query's statements completed so far
 
 
 @dataclass(slots=True)
@@ -75,6 +107,7 @@ class _Portal:
     formats: list[int]
     layout: Layout | None = None  # from a Describe of the portal itself
     params: dict[int, str] = field(default_factory=dict)  # those that carry subject keys
+    bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
 
     def resolve(self, log: StatementLog) -> Layout:
         if self.layout is None:
@@ -88,6 +121,7 @@ class _Prepared:
     fields: dict[str, object] | None
     # the statement's own RowDescription body (text formats), to apply Bind's formats to
     described: bytes | None = None
+    source: Source | None = None
 
 
 class StatementLog:
@@ -114,6 +148,11 @@ class StatementLog:
         self._running = 0  # `running` events recorded in this session
         self._with_subject: frozenset[str] = frozenset()
 
+    def attach(self, emit: Callable[[dict[str, object]], object], subjects_limit: int) -> None:
+        """Events go to `emit` from now on (auditing began for the session)."""
+        self._emit = emit
+        self._limit = subjects_limit
+
     @property
     def in_flight(self) -> bool:
         """Whether anything sent awaits its answer."""
@@ -125,19 +164,31 @@ class StatementLog:
         self,
         fields: dict[str, object] | None,
         undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = (),
+        source: Source | None = None,
     ) -> None:
         """A simple-protocol Query; `undo`: what its drops removed (see `drop`), put back
         when it fails (a DEALLOCATE in an aborted transaction leaves the statement)."""
-        self._push(_InFlight("query", fields, self._clock(), undo=undo))
+        self._push(_InFlight("query", fields, self._clock(), undo=undo, source=source))
 
-    def parse(self, name: bytes, fields: dict[str, object] | None) -> None:
+    def parse(
+        self, name: bytes, fields: dict[str, object] | None, source: Source | None = None
+    ) -> None:
         previous = self._statements.get(name)
         if name and previous is not None:
             # the server refuses to redefine a named statement (42P05): the old one stays
-            self._push(_InFlight("parse"))
+            self._push(_InFlight("parse", source=source))
             return
-        registered = self._statements[name] = _Prepared(fields)
-        self._push(_InFlight("parse", parsed=(self._statements, name, registered, previous)))
+        if source is not None and previous is not None and previous.source is not None:
+            # the same text with the same declared types, parsed again under the same name
+            # (asyncpg describes the unnamed statement, then parses it again to run it):
+            # the server resolves its parameters as it did
+            old = previous.source
+            if old.sql == source.sql and old.declared == source.declared:
+                source.types = old.types
+        registered = self._statements[name] = _Prepared(fields, source=source)
+        self._push(
+            _InFlight("parse", parsed=(self._statements, name, registered, previous), source=source)
+        )
 
     # SQL PREPARE / DECLARE / EXECUTE / FETCH name the protocol's statements and portals
 
@@ -183,22 +234,33 @@ class StatementLog:
         portal = body[:end]
         name = body[end + 1 : body.index(b"\0", end + 1)]
         previous = self._portals.get(portal)
+        stmt = self._statements.get(name)
+        source = stmt.source if stmt is not None else None
         if portal and previous is not None:
             # the server refuses to bind a named portal in use (42P03): the old one stays
-            self._push(_InFlight("bind"))
+            self._push(_InFlight("bind", source=source, bind=body))
             return
-        stmt = self._statements.get(name)
         registered: _Portal | None = None
-        if stmt is None or stmt.fields is None:
+        if stmt is None:
             self._portals.pop(portal, None)
+        elif stmt.fields is None:
+            # nothing to record of it: kept for what its errors may show (`cause`)
+            registered = self._portals[portal] = _Portal(None, stmt, [], bind=body)
         else:
             named = stmt.fields.get("_subject_keys", ())
             assert isinstance(named, tuple)
             wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
             formats, params = _bind_values(body, wanted)
-            registered = self._portals[portal] = _Portal(stmt.fields, stmt, formats, params=params)
+            registered = self._portals[portal] = _Portal(
+                stmt.fields, stmt, formats, params=params, bind=body
+            )
         # a Bind that fails leaves what the name held (the statement is looked up first)
-        self._push(_InFlight("bind", parsed=(self._portals, portal, registered, previous)))
+        self._push(
+            _InFlight(
+                "bind", parsed=(self._portals, portal, registered, previous), source=source,
+                bind=body,
+            )
+        )  # fmt: skip
 
     def note_failing_bind(self) -> None:
         """A Bind that will fail (refused by pgveil): it has its place in the queue, and
@@ -207,8 +269,17 @@ class StatementLog:
 
     def describe(self, body: bytes) -> None:
         name = body[1:-1]
-        target = self._statements.get(name) if body[0] == ord("S") else self._portals.get(name)
-        self._push(_InFlight("describe", target=target))
+        target: _Prepared | _Portal | None
+        if body[0] == ord("S"):
+            target = self._statements.get(name)
+            entry = _InFlight("describe", target=target)
+            entry.source = target.source if target is not None else None
+        else:
+            target = self._portals.get(name)
+            entry = _InFlight("describe", target=target)
+            if target is not None:
+                entry.source, entry.bind = target.statement.source, target.bind
+        self._push(entry)
 
     def execute(self, body: bytes) -> None:
         portal = self._portals.get(body[: body.index(b"\0")])
@@ -217,8 +288,11 @@ class StatementLog:
         else:
             entry = _InFlight("execute", portal.fields, self._clock(), portal=portal)
             entry.params = portal.params
+            entry.source, entry.bind = portal.statement.source, portal.bind
             self._push(entry)
-            if portal.layout is not None or portal.statement.described is not None:
+            if portal.fields is not None and (
+                portal.layout is not None or portal.statement.described is not None
+            ):
                 # described already: its rows are looked at only if they carry subjects
                 self._resolve(entry)
                 self._want_rows(entry, bool(entry.layout))
@@ -267,6 +341,21 @@ class StatementLog:
 
     # ---- backend -----------------------------------------------------------------------
 
+    def cause(self) -> Cause | None:
+        """The statement that an ErrorResponse or NoticeResponse arriving now belongs to, as
+        the server pairs them (to be asked before the message goes to `server_message`):
+        the statement of a Query that the server is at, a Parse's statement, the statement
+        behind a Bind's, Describe's or Execute's portal with that Bind's body. None when
+        nothing sent is being answered (an asynchronous notice), or when what is answered
+        is no statement (a Sync committing, a Close, a FunctionCall)."""
+        fifo = self._fifo
+        if not fifo:
+            return None
+        head = fifo[0]
+        if head.source is None:
+            return None
+        return Cause(head.source, head.done, head.bind)
+
     def server_message(self, typ: int, body: bytes) -> None:
         fifo = self._fifo
         if not fifo:
@@ -291,6 +380,8 @@ class StatementLog:
                     del fifo[1]
         elif typ == m.COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
             head.rows += _row_count(body) if typ == m.COMMAND_COMPLETE else 0
+            # one per statement of a Query (the server's EndCommand for each raw statement)
+            head.done += 1
             if head.raw:
                 _decode_keys(head)
             head.layout = ()
@@ -313,6 +404,12 @@ class StatementLog:
         elif typ == m.NO_DATA:
             if head.kind == "describe":
                 fifo.popleft()
+        elif typ == m.PARAMETER_DESCRIPTION:
+            # a statement's Describe: its parameter types as the server resolved them
+            target = head.target if head.kind == "describe" else None
+            if isinstance(target, _Prepared) and target.source is not None:
+                (count,) = struct.unpack_from("!h", body, 0)
+                target.source.types = struct.unpack_from(f"!{count}I", body, 2)
         elif typ == m.ERROR_RESPONSE:
             self._error(head, body)
         elif typ == m.READY_FOR_QUERY:
@@ -485,7 +582,7 @@ class StatementLog:
         if isinstance(target, _Prepared):
             if target.fields is not None:
                 target.described = body
-        elif target is not None:
+        elif target is not None and target.fields is not None:
             target.layout = self._layout(body, None)
 
     def _layout(self, body: bytes, formats: list[int] | None) -> Layout:
@@ -598,6 +695,59 @@ def _bind_values(body: bytes, wanted: set[int]) -> tuple[list[int], dict[int, st
         pos += 4 + max(n, 0)
     (nres,) = struct.unpack_from("!h", body, pos)
     return list(struct.unpack_from(f"!{nres}h", body, pos + 2)), params
+
+
+# binary parameters whose text form is plain: integers, text-like types, uuid, json
+_TEXT_FORM = frozenset((25, 1043, 1042, 19, 705, 114))  # text, varchar, bpchar, name, unknown, json
+_JSONB = 3802
+
+
+def bind_parameters(body: bytes, types: Sequence[int]) -> list[str]:
+    """The parameter values of a Bind message as text, the way the server reads them:
+    text-format values decoded from UTF-8 (masked sessions use it); binary ones only where
+    `types` (the statement's parameter types) says how they read as text. A NULL, or a value
+    that does not read, is left out."""
+    pos = body.index(b"\0", body.index(b"\0") + 1) + 1
+    (nfmt,) = struct.unpack_from("!h", body, pos)
+    formats = struct.unpack_from(f"!{nfmt}h", body, pos + 2)
+    pos += 2 + 2 * nfmt
+    (nparams,) = struct.unpack_from("!h", body, pos)
+    pos += 2
+    values: list[str] = []
+    for i in range(nparams):
+        (n,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if n < 0:
+            continue
+        raw = body[pos : pos + n]
+        pos += n
+        fmt = formats[0] if nfmt == 1 else (formats[i] if nfmt else 0)
+        type_oid = types[i] if i < len(types) else 0
+        value = _param_text(raw, type_oid) if fmt == 1 else _utf8(raw)
+        if value is not None:
+            values.append(value)
+    return values
+
+
+def _param_text(raw: bytes, type_oid: int) -> str | None:
+    """A binary parameter's text form, for the types whose binary form says it exactly."""
+    code = _INT.get(type_oid)
+    if code is not None:
+        return str(struct.unpack(code, raw)[0]) if len(raw) == struct.calcsize(code) else None
+    if type_oid in _TEXT_FORM:
+        return _utf8(raw)
+    if type_oid == _JSONB:
+        return _utf8(raw[1:]) if raw[:1] == b"\x01" else None
+    if type_oid == _UUID:
+        return str(uuid.UUID(bytes=raw)) if len(raw) == 16 else None
+    return None
+
+
+def _utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _row_count(body: bytes) -> int:

@@ -50,9 +50,9 @@ def psql_error(pg: EmbeddedPostgres, port: int, sql: str) -> str:
     psql = shutil.which("psql") or str(pg.bindir / "psql")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(PGPASSWORD=HELPDESK_PW, PGCLIENTENCODING="UTF8", PGSSLMODE="disable")
+    argv = [psql, "-X", "-h", "127.0.0.1", "-p", str(port), "-U", HELPDESK, "-d", "postgres"]
     done = subprocess.run(
-        [psql, "-X", "-h", "127.0.0.1", "-p", str(port), "-U", HELPDESK, "-d", "postgres"]
-        + ["-c", sql],
+        [*argv, "-c", sql],
         capture_output=True,
         text=True,
         env=env,
@@ -236,7 +236,7 @@ def test_guess_in_a_copy_statement_comment_confirms_nothing(
 ) -> None:
     for guess in GUESSES:
         with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
-            with pytest.raises(psycopg.Error) as info:  # noqa: PT012
+            with pytest.raises(psycopg.Error) as info:
                 with c.cursor().copy(f"COPY ({ROW}) TO STDOUT /* {guess} */") as cp:
                     for _ in cp:
                         pass
@@ -314,7 +314,7 @@ def test_each_portal_has_its_own_parameters(raw: RawClient) -> None:
 
 def test_own_literal_in_copy_is_shown(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
     with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
-        with pytest.raises(psycopg.Error) as info:  # noqa: PT012
+        with pytest.raises(psycopg.Error) as info:
             with c.cursor().copy("COPY (SELECT 'abc'::text::int) TO STDOUT") as cp:
                 for _ in cp:
                     pass
