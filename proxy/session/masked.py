@@ -216,7 +216,8 @@ class StatementFilter:
         log = self.statements
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
         # the same names) named: the tables are theirs
-        sources = [f for f in (log.named(u) for u in d.uses) if f] if log is not None else []
+        uses = d.uses
+        sources = [f for f in (log.named(u) for u in uses) if f] if log and uses else []
         if audit is not None and (
             action == "refuse" or d.tables or d.action == "refuse" or sources
         ):
@@ -242,7 +243,7 @@ class StatementFilter:
                 audit.record("refused", {**fields, "decision": "refused", "reason": value})
                 fields = None
         self._undo = ()
-        if log is not None and action != "refuse":
+        if log is not None and action != "refuse" and (d.drops or d.defines):
             undo = [removed for name in d.drops for removed in log.drop(name)]
             self._undo = tuple(undo)
             for name in d.defines:

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.wire import messages as m
@@ -36,7 +36,14 @@ _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
 _UUID = 2950
 _BY_LENGTH = {2: 21, 4: 23, 8: 20, 16: _UUID}
 _INT32 = struct.Struct("!i")
+_DATA_ROW = m.DATA_ROW
+_PARSE_COMPLETE = m.PARSE_COMPLETE
+_BIND_COMPLETE = m.BIND_COMPLETE
+_READY_FOR_QUERY = m.READY_FOR_QUERY
+_COMMAND_COMPLETE = m.COMMAND_COMPLETE
+_ROW_DESCRIPTION = m.ROW_DESCRIPTION
 _LAYOUTS = 256  # RowDescriptions remembered per session
+_NO_PARAMS: dict[int, str] = {}  # never changed
 
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
@@ -67,15 +74,18 @@ class Cause:
     bind: bytes | None = None
 
 
-@dataclass(slots=True)
 class _InFlight:
+    """A message that awaits its answer. Most attributes keep their class default: an entry
+    is made for every Parse, Bind, Describe and Execute of a masked session, audited or
+    not, so it sets only what differs."""
+
     kind: str  # "query", "execute", "describe", "parse", "bind", "close", "sync", "call"
     fields: dict[str, object] | None = None
     started: int = 0
     layout: Layout = ()
     rows: int = 0
     outcome: str = "ok"
-    subjects: dict[str, set[str]] = field(default_factory=dict)
+    subjects: dict[str, set[str]] | None = None  # created when the first key is read
     # the raw subject-key bytes of the current result set, a set per layout column:
     # decoded once per distinct key when the result set ends
     raw: tuple[set[bytes], ...] = ()
@@ -85,7 +95,7 @@ class _InFlight:
     # name before the answer arrives
     target: _Prepared | _Portal | None = None
     portal: _Portal | None = None  # an Execute's: its layout may be described later
-    params: dict[int, str] = field(default_factory=dict)  # its subject-key parameters
+    params: dict[int, str] | None = None  # its subject-key parameters
     # tables whose subject column was in every result set so far (None: none seen)
     keyed: set[str] | None = None
     data_rows: int = 0  # DataRows seen (counted only while they are captured)
@@ -99,6 +109,31 @@ class _InFlight:
     bind: bytes | None = None  # the Bind of the portal it runs (a Bind's own body)
     done: int = 0  # a Query's statements completed so far
 
+    def __init__(
+        self,
+        kind: str,
+        fields: dict[str, object] | None = None,
+        started: int = 0,
+        *,
+        parsed: tuple[dict[bytes, Any], bytes, object, object] | None = None,
+        source: Source | None = None,
+        bind: bytes | None = None,
+    ) -> None:
+        self.kind = kind
+        if fields is not None:
+            self.fields = fields
+        if started:
+            self.started = started
+        if parsed is not None:
+            self.parsed = parsed
+        if source is not None:
+            self.source = source
+        if bind is not None:
+            self.bind = bind
+
+
+_SYNC = _InFlight("sync")
+
 
 @dataclass(slots=True)
 class _Portal:
@@ -106,7 +141,7 @@ class _Portal:
     statement: _Prepared
     formats: list[int]
     layout: Layout | None = None  # from a Describe of the portal itself
-    params: dict[int, str] = field(default_factory=dict)  # those that carry subject keys
+    params: dict[int, str] | None = None  # those that carry subject keys
     bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
 
     def resolve(self, log: StatementLog) -> Layout:
@@ -168,7 +203,9 @@ class StatementLog:
     ) -> None:
         """A simple-protocol Query; `undo`: what its drops removed (see `drop`), put back
         when it fails (a DEALLOCATE in an aborted transaction leaves the statement)."""
-        self._push(_InFlight("query", fields, self._clock(), undo=undo, source=source))
+        entry = _InFlight("query", fields, self._clock(), source=source)
+        entry.undo = undo
+        self._push(entry)
 
     def parse(
         self, name: bytes, fields: dict[str, object] | None, source: Source | None = None
@@ -176,7 +213,7 @@ class StatementLog:
         previous = self._statements.get(name)
         if name and previous is not None:
             # the server refuses to redefine a named statement (42P05): the old one stays
-            self._push(_InFlight("parse", source=source))
+            self._fifo.append(_InFlight("parse", source=source))
             return
         if source is not None and previous is not None and previous.source is not None:
             # the same text with the same declared types, parsed again under the same name
@@ -186,7 +223,7 @@ class StatementLog:
             if old.sql == source.sql and old.declared == source.declared:
                 source.types = old.types
         registered = self._statements[name] = _Prepared(fields, source=source)
-        self._push(
+        self._fifo.append(
             _InFlight("parse", parsed=(self._statements, name, registered, previous), source=source)
         )
 
@@ -238,7 +275,7 @@ class StatementLog:
         source = stmt.source if stmt is not None else None
         if portal and previous is not None:
             # the server refuses to bind a named portal in use (42P03): the old one stays
-            self._push(_InFlight("bind", source=source, bind=body))
+            self._fifo.append(_InFlight("bind", source=source, bind=body))
             return
         registered: _Portal | None = None
         if stmt is None:
@@ -255,7 +292,7 @@ class StatementLog:
                 stmt.fields, stmt, formats, params=params, bind=body
             )
         # a Bind that fails leaves what the name held (the statement is looked up first)
-        self._push(
+        self._fifo.append(
             _InFlight(
                 "bind", parsed=(self._portals, portal, registered, previous), source=source,
                 bind=body,
@@ -265,29 +302,31 @@ class StatementLog:
     def note_failing_bind(self) -> None:
         """A Bind that will fail (refused by pgveil): it has its place in the queue, and
         changes no name."""
-        self._push(_InFlight("bind"))
+        self._fifo.append(_InFlight("bind"))
 
     def describe(self, body: bytes) -> None:
         name = body[1:-1]
         target: _Prepared | _Portal | None
         if body[0] == ord("S"):
             target = self._statements.get(name)
-            entry = _InFlight("describe", target=target)
-            entry.source = target.source if target is not None else None
+            entry = _InFlight("describe")
+            if target is not None:
+                entry.target, entry.source = target, target.source
         else:
             target = self._portals.get(name)
-            entry = _InFlight("describe", target=target)
+            entry = _InFlight("describe")
             if target is not None:
+                entry.target = target
                 entry.source, entry.bind = target.statement.source, target.bind
-        self._push(entry)
+        self._fifo.append(entry)  # never has fields: _push is for entries with events
 
     def execute(self, body: bytes) -> None:
         portal = self._portals.get(body[: body.index(b"\0")])
         if portal is None:
             self._push(_InFlight("execute", started=self._clock()))
         else:
-            entry = _InFlight("execute", portal.fields, self._clock(), portal=portal)
-            entry.params = portal.params
+            entry = _InFlight("execute", portal.fields, self._clock())
+            entry.portal, entry.params = portal, portal.params
             entry.source, entry.bind = portal.statement.source, portal.bind
             self._push(entry)
             if portal.fields is not None and (
@@ -303,10 +342,10 @@ class StatementLog:
         registry: dict[bytes, Any] = self._statements if body[0] == ord("S") else self._portals
         name = body[1:-1]
         previous = registry.pop(name, None)
-        self._push(_InFlight("close", parsed=(registry, name, None, previous)))
+        self._fifo.append(_InFlight("close", parsed=(registry, name, None, previous)))
 
     def sync(self) -> None:
-        self._push(_InFlight("sync"))
+        self._fifo.append(_SYNC)  # one entry for all: nothing in a Sync's entry changes
 
     def function_call(self, fields: dict[str, object] | None = None) -> None:
         self._push(_InFlight("call", fields, self._clock()))
@@ -361,14 +400,16 @@ class StatementLog:
         if not fifo:
             return
         head = fifo[0]
-        if typ == m.DATA_ROW:
+        if typ == _DATA_ROW:
             self.data_row(body)
-        elif typ == m.PARSE_COMPLETE:
+        elif typ == _PARSE_COMPLETE:
             if head.kind == "parse":
                 fifo.popleft()
-        elif typ == m.BIND_COMPLETE:
+        elif typ == _BIND_COMPLETE:
             if head.kind == "bind":
                 fifo.popleft()
+        elif typ == _READY_FOR_QUERY:
+            self._ready()
         elif typ == m.CLOSE_COMPLETE:
             if head.kind == "close":
                 fifo.popleft()
@@ -378,13 +419,14 @@ class StatementLog:
             if head.kind == "execute":
                 while len(fifo) > 1 and fifo[1].kind == "sync":
                     del fifo[1]
-        elif typ == m.COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
-            head.rows += _row_count(body) if typ == m.COMMAND_COMPLETE else 0
+        elif typ == _COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
             # one per statement of a Query (the server's EndCommand for each raw statement)
             head.done += 1
-            if head.raw:
-                _decode_keys(head)
-            head.layout = ()
+            if head.fields is not None:  # counted and read for its event only
+                head.rows += _row_count(body) if typ == _COMMAND_COMPLETE else 0
+                if head.raw:
+                    _decode_keys(head)
+                head.layout = ()
             if head.kind == "execute":
                 self._finish(fifo.popleft())
         elif typ == m.PORTAL_SUSPENDED:
@@ -392,7 +434,7 @@ class StatementLog:
                 # no count in the message: the DataRows seen, when they were all looked at
                 head.rows = head.data_rows if head.wants_rows else -1
                 self._finish(fifo.popleft())
-        elif typ == m.ROW_DESCRIPTION:
+        elif typ == _ROW_DESCRIPTION:
             if head.kind == "describe":
                 self._described(fifo.popleft(), body)
             elif head.kind in ("query", "execute") and head.fields is not None:
@@ -412,16 +454,20 @@ class StatementLog:
                 target.source.types = struct.unpack_from(f"!{count}I", body, 2)
         elif typ == m.ERROR_RESPONSE:
             self._error(head, body)
-        elif typ == m.READY_FOR_QUERY:
-            while fifo:
-                entry = fifo.popleft()
-                if entry.undo and entry.outcome != "ok":
-                    for registry, name, previous in reversed(entry.undo):
-                        registry.setdefault(name, previous)
-                if entry.kind in ("query", "execute", "call"):
-                    self._finish(entry)
-                if entry.kind in ("sync", "query", "call"):
-                    break
+
+    def _ready(self) -> None:
+        """ReadyForQuery: the request it ends (up to its Sync, Query or FunctionCall) is
+        answered."""
+        fifo = self._fifo
+        while fifo:
+            entry = fifo.popleft()
+            if entry.undo and entry.outcome != "ok":
+                for registry, name, previous in reversed(entry.undo):
+                    registry.setdefault(name, previous)
+            if entry.kind in ("query", "execute", "call"):
+                self._finish(entry)
+            if entry.kind in ("sync", "query", "call"):
+                break
 
     def data_row(self, body: bytes) -> None:
         """One DataRow of the statement at the head: counted, and its subject keys read."""
@@ -532,10 +578,13 @@ class StatementLog:
             for table, keys, integer in named:
                 if table in covered:
                     continue  # the rows returned say it exactly
-                resolved = [k if isinstance(k, str) else entry.params.get(k) for k in keys]
+                params = entry.params or _NO_PARAMS
+                resolved = [k if isinstance(k, str) else params.get(k) for k in keys]
                 if all(k is not None for k in resolved):
                     covered.add(table)
                     if entry.rows:
+                        if entry.subjects is None:
+                            entry.subjects = {}
                         entry.subjects[table] = {
                             integer_key(k) if integer else k for k in resolved if k is not None
                         }
@@ -628,6 +677,8 @@ def _decode_keys(entry: _InFlight) -> None:
     for (_index, table, type_oid, fmt), raws in zip(entry.layout, entry.raw, strict=True):
         if not raws:
             continue
+        if entry.subjects is None:
+            entry.subjects = {}
         keys = entry.subjects.setdefault(table, set())
         if fmt == 0:
             # text: one decode for all (NUL cannot occur in a text value)
