@@ -487,7 +487,7 @@ class MaskedFilter(StatementFilter):
             fields = {k: v for k, v in fields.items() if k in "SVCP"}
             fields["M"] = "pgveil: a message raised by server-side code is withheld"
         scrubbed: dict[str, str] = {}
-        judge = _Judge(self.ctx.identifiers, cause)
+        judge = _Judge(self.ctx, cause)
         for code, value in fields.items():
             if code not in _KEEP_FIELDS:
                 continue
@@ -533,14 +533,15 @@ def _no_event(fields: dict[str, object]) -> None:
 class _Judge:
     """Which quoted values of one error or notice are shown: the empty string, names of the
     catalog, and what the statement that caused the message spelled out: its literals'
-    values, its parameter values and its names (a qualified name such as `c.name` when each
-    part is such a name). Everything else quoted is masked with the default partial mask.
-    The statement's words are read only when a quoted value needs them."""
+    values, its parameter values and its names. Everything else quoted is masked with the
+    default partial mask. The statement's words are read only when a quoted value needs
+    them."""
 
-    __slots__ = ("_cause", "_identifiers", "_words")
+    __slots__ = ("_cause", "_ctx", "_identifiers", "_words")
 
-    def __init__(self, identifiers: frozenset[str], cause: Cause | None) -> None:
-        self._identifiers = identifiers
+    def __init__(self, ctx: MaskingContext, cause: Cause | None) -> None:
+        self._ctx = ctx
+        self._identifiers = ctx.identifiers
         self._cause = cause
         self._words: Words | None = None if cause is not None else NO_WORDS
 
@@ -564,11 +565,29 @@ class _Judge:
         words = self._words if self._words is not None else self._read()
         if inner in words.values or inner in words.names:
             return inner
-        if "." in inner and all(
-            part in self._identifiers or part in words.names for part in inner.split(".")
-        ):
-            return inner  # a qualified name the server prints (`c.name`, `billing.customers`)
+        if "." in inner and self._qualified(inner.split("."), words.names):
+            return inner
         return py_mask(_PARTIAL, inner, _TEXT, {}) or ""
+
+    def _qualified(self, parts: list[str], names: frozenset[str]) -> bool:
+        """A qualified name the server prints: made of the statement's names, a name of the
+        statement then a column (`c.name`: an alias), or a path in the catalog
+        (`billing.customers`, `customers.name`, `billing.customers.name`). Not any dotted
+        run of catalog names: a role that may create tables named `198`, `51`, ... must not
+        make every address an error echoes readable."""
+        if all(part in names for part in parts[:-1]):
+            return parts[-1] in names or parts[-1] in self._identifiers
+        relations = self._ctx.catalog.relations
+        if len(parts) == 3:
+            found = relations.get((parts[0], parts[1]))
+            return found is not None and any(c.name == parts[2] for c in found.columns)
+        if len(parts) != 2:
+            return False
+        first, second = parts
+        return (first, second) in relations or any(
+            name == first and any(c.name == second for c in relation.columns)
+            for (_schema, name), relation in relations.items()
+        )
 
     def _read(self) -> Words:
         cause = self._cause

@@ -12,10 +12,11 @@ from proxy.session.masked import MaskedFilter, _Judge
 from proxy.session.statements import Cause, Source
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
+from rules.catalog import Catalog
 from rules.context import MaskingContext
 from rules.literals import statement_words
 from rules.loader import parse_rules
-from tests.unit.rules.fixtures import CATALOG, RULES
+from tests.unit.rules.fixtures import CATALOG, RULES, rel
 
 ECHO = 'invalid input syntax for type integer: "{}"'
 TEXT, INT4 = 25, 23
@@ -272,9 +273,11 @@ def test_text_parameters_null_and_undecodable() -> None:
 # ---- the judgement ----------------------------------------------------------------------------
 
 
+CONTEXT = MaskingContext(parse_rules(RULES, "r", {"K": "k" * 32}), CATALOG)
+
+
 def judge(sql: str, text: str, index: int = 0, sent: str | None = None) -> str:
-    identifiers = frozenset({"billing", "customers", "name"})
-    return _Judge(identifiers, Cause(Source(sql, sent), index)).scrub(text)
+    return _Judge(CONTEXT, Cause(Source(sql, sent), index)).scrub(text)
 
 
 def test_literal_values_as_the_server_reads_them_whole() -> None:
@@ -290,13 +293,17 @@ def test_literal_values_as_the_server_reads_them_whole() -> None:
 
 
 def test_names_of_the_statement_and_the_catalog_and_qualified_names_of_them() -> None:
-    sql = "SELECT c.nosuch, \"Quoted\", Folded FROM billing.customers c WHERE c.x = '198'"
-    for value in ("nosuch", "Quoted", "folded", "c.name", "billing.customers", "c.x"):
+    sql = 'SELECT c.nosuch, "Quoted", Folded, "9" FROM billing.customers c WHERE c.x = \'198\''
+    kept = ("nosuch", "Quoted", "folded", "c.nosuch", "c.x", "c.name", "9.name", "name", "balance")
+    kept += ("billing.customers", "customers.email", "billing.accounts.ip", "accounts.ip")
+    for value in kept:
         assert judge(sql, f'"{value}"') == f'"{value}"', value
-    for value in ("Folded", "quoted", "198.51", "d.name", "billing."):
+    masked = ("Folded", "quoted", "198.51", "d.name", "billing.", "name.customers", "x.d")
+    masked += ("billing.customers.zzz", "accounts.email", "accounts.name", "name.name")
+    for value in masked:
         assert judge(sql, f'"{value}"') != f'"{value}"', value
     # no statement: the catalog's names only
-    assert _Judge(frozenset({"name"}), None).scrub('"name" "nosuch"') == '"name" "n****h"'
+    assert _Judge(CONTEXT, None).scrub('"name" "nosuch"') == '"name" "n****h"'
 
 
 def test_comments_are_no_statement_s_words() -> None:
@@ -361,3 +368,20 @@ def test_an_audited_masked_session_pairs_with_the_same_log() -> None:
     s.send(query("SELECT name FROM billing.customers WHERE name = 'xyz'"))
     assert s.answer(echo("xyz"), READY) == [shown("xyz")]
     assert [e["outcome"] for _t, e in hook.events] == ["22P02"]
+
+
+def test_dotted_runs_of_catalog_names_are_no_qualified_name() -> None:
+    """A role that may create tables must not make every IPv4 address an error echoes
+    readable by naming tables `0` ... `255`: only real catalog paths count."""
+    octets = {
+        ("public", str(i)): rel(900 + i, "public", str(i), [(str(i), "int4", "integer")])
+        for i in (51, 173, 198, 222)
+    }
+    catalog = Catalog(relations={**CATALOG.relations, **octets})
+    ctx = MaskingContext(parse_rules(RULES, "r", {"K": "k" * 32}), catalog)
+    cause = Cause(Source("SELECT ip FROM billing.accounts"))
+    for value in ("198.51.173.222", "198.51", "198.51.173"):
+        assert _Judge(ctx, cause).scrub(f'"{value}"') != f'"{value}"', value
+    # the real paths among them still read
+    for value in ("198", "public.198", "198.198", "public.198.198"):
+        assert _Judge(ctx, cause).scrub(f'"{value}"') == f'"{value}"', value
