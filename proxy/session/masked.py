@@ -8,7 +8,9 @@ would. FunctionCall is refused the same way. Nothing is forwarded before the who
 has been analysed.
 
 Server -> client: ErrorResponse and NoticeResponse lose detail, context and internal-query
-fields, and quoted values in the message that the client did not send itself are masked;
+fields, and a quoted value in the message or hint is masked unless the statement that caused
+the message spelled it out (a literal's value or a parameter value of that very statement,
+paired as the server pairs them: proxy/session/statements.py) or it is a name;
 NotificationResponses are masked per the rules or withheld; a RowDescription that still
 points at a raw personal column (the rewrite missed something) ends the session; a change of
 session_authorization, client_encoding or standard_conforming_strings ends it too. DataRows
@@ -26,16 +28,16 @@ import hashlib
 import re
 import secrets
 import struct
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.session.statements import StatementLog
+from proxy.session.statements import Cause, Source, StatementLog, bind_parameters
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
 from rules.analyzer import Decision
 from rules.context import ContextHolder, MaskingContext, redact
+from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
 from rules.model import MaskSpec
 
@@ -113,9 +115,11 @@ class StatementFilter:
     def attach_audit(self, hook: AuditHook) -> None:
         self.audit = hook
         # completed statements go straight to the hook (one call per event on the hot path)
-        self.statements = StatementLog(
-            self._holder, functools.partial(hook.record, "access"), hook.subjects_limit
-        )
+        emit = functools.partial(hook.record, "access")
+        if self.statements is None:
+            self.statements = StatementLog(self._holder, emit, hook.subjects_limit)
+        else:
+            self.statements.attach(emit, hook.subjects_limit)
 
     @property
     def ctx(self) -> MaskingContext:
@@ -206,7 +210,8 @@ class StatementFilter:
         log = self.statements
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
         # the same names) named: the tables are theirs
-        sources = [f for f in (log.named(u) for u in d.uses) if f] if log is not None else []
+        uses = d.uses
+        sources = [f for f in (log.named(u) for u in uses) if f] if log and uses else []
         if audit is not None and (
             action == "refuse" or d.tables or d.action == "refuse" or sources
         ):
@@ -232,7 +237,7 @@ class StatementFilter:
                 audit.record("refused", {**fields, "decision": "refused", "reason": value})
                 fields = None
         self._undo = ()
-        if log is not None and action != "refuse":
+        if log is not None and action != "refuse" and (d.drops or d.defines):
             undo = [removed for name in d.drops for removed in log.drop(name)]
             self._undo = tuple(undo)
             for name in d.defines:
@@ -283,7 +288,7 @@ class StatementFilter:
         action, value, fields = self._decide(sql)
         if self.statements is not None:
             # what DEALLOCATE / CLOSE / DISCARD removed comes back if the query fails
-            self.statements.query(fields, self._undo)
+            self.statements.query(fields, self._undo, self._source(sql, action, value, b""))
         if action == "pass":
             return original
         if action == "rewrite":
@@ -300,13 +305,17 @@ class StatementFilter:
             return self._undecodable(m.PARSE, name, original)
         action, value, fields = self._decide(sql)
         if self.statements is not None:
-            self.statements.parse(statement, fields)
+            self.statements.parse(statement, fields, self._source(sql, action, value, rest))
         if action == "pass":
             return original
         if action == "rewrite":
             assert value is not None
             return m.message(m.PARSE, name + value.encode() + b"\0" + rest)
         return m.message(m.PARSE, name + self._refuse(value or "refused") + b"\0\0")
+
+    def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
+        """What the masked filter keeps of a statement for its errors (nothing here)."""
+        return None
 
     def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
         """A statement that is not UTF-8: no statement is recorded for it."""
@@ -382,8 +391,22 @@ class MaskedFilter(StatementFilter):
         super().__init__(ctx)
         self.login = login
         self.error_classes = error_classes if error_classes is not None else {}
-        self._recent_sql: deque[str] = deque(maxlen=64)
         self._bind_refused = False  # a Bind refused since the last Sync
+        # pairs each error and notice with its statement, audited or not (events, if any,
+        # go to the audit hook once it is attached)
+        self.statements = StatementLog(self._holder, _no_event)
+
+    def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
+        # the client's text (its literals are what it may see again); the rewritten text
+        # only to check that statements pair one to one
+        oids: tuple[int, ...] = ()
+        if len(types) > 2 and types[:2] != b"\0\0":
+            try:
+                (count,) = struct.unpack_from("!h", types, 0)
+                oids = struct.unpack_from(f"!{max(count, 0)}I", types, 2)
+            except struct.error:
+                pass  # the server refuses the Parse; its types do not matter
+        return Source(sql, value if action == "rewrite" else None, oids, oids)
 
     def _function_call(self, raw: bytes) -> bytes:
         if self.statements is not None:
@@ -434,10 +457,6 @@ class MaskedFilter(StatementFilter):
             return m.message(m.QUERY, refusal)
         return m.message(m.PARSE, name + refusal + b"\0\0")
 
-    def _decide(self, sql: str) -> tuple[str, str | None, dict[str, object] | None]:
-        self._recent_sql.append(sql)
-        return super()._decide(sql)
-
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         d = self.ctx.analyze(sql)
         if d.action == "refuse":
@@ -456,10 +475,13 @@ class MaskedFilter(StatementFilter):
     # ---- server -> client --------------------------------------------------------------
 
     def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
-        if self.statements is not None:
-            self.statements.server_message(typ, body)
+        log = self.statements
+        assert log is not None
         if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
-            return self._error(typ, body)
+            cause = log.cause()  # before the log moves past what failed
+            log.server_message(typ, body)
+            return self._error(typ, body, cause)
+        log.server_message(typ, body)
         if typ == m.NOTIFICATION_RESPONSE:
             return self._notification(body)
         if typ == m.ROW_DESCRIPTION:
@@ -468,7 +490,6 @@ class MaskedFilter(StatementFilter):
             self.check_parameter(*m.parameter_status(body))
         elif typ == m.READY_FOR_QUERY:
             self.tx_status = body[0] if body else m.TX_IDLE
-            self._recent_sql.clear()
         return raw
 
     def check_parameter(self, name: str, value: str) -> None:
@@ -481,7 +502,7 @@ class MaskedFilter(StatementFilter):
         if name == "standard_conforming_strings" and value != "on":
             raise SessionEnded("pgveil: masked sessions need standard_conforming_strings on")
 
-    def _error(self, typ: int, body: bytes) -> bytes:
+    def _error(self, typ: int, body: bytes, cause: Cause | None) -> bytes:
         fields = m.decode_fields(body)
         if typ == m.ERROR_RESPONSE:
             code = fields.get("C", "")
@@ -498,34 +519,16 @@ class MaskedFilter(StatementFilter):
             fields = {k: v for k, v in fields.items() if k in "SVCP"}
             fields["M"] = "pgveil: a message raised by server-side code is withheld"
         scrubbed: dict[str, str] = {}
+        judge = _Judge(self.ctx, cause)
         for code, value in fields.items():
             if code not in _KEEP_FIELDS:
                 continue
             if code in "MH":
-                value = self._scrub(value)
+                value = judge.scrub(value)
             scrubbed[code] = value
         if "D" in fields:
             scrubbed["D"] = "pgveil: detail withheld from masked roles"
         return encode_fields(typ, scrubbed)
-
-    def _scrub(self, text: str) -> str:
-        # `...: "VALUE"` at the end (input syntax errors): VALUE may itself hold quotes,
-        # so it is judged whole rather than split at them
-        tail = _TRAILING_VALUE.match(text)
-        if tail is not None:
-            head, inner = tail.group(1), tail.group(2)
-            return _QUOTED.sub(self._quoted, head) + '"' + self._judge(inner) + '"'
-        return _QUOTED.sub(self._quoted, text)
-
-    def _judge(self, inner: str) -> str:
-        if not inner or inner in self.ctx.identifiers or any(inner in s for s in self._recent_sql):
-            return inner
-        return py_mask(_PARTIAL, inner, _TEXT, {}) or ""
-
-    def _quoted(self, match: re.Match[str]) -> str:
-        inner = match.group(1) if match.group(1) is not None else match.group(2)
-        quote = '"' if match.group(1) is not None else "'"
-        return quote + self._judge(inner) + quote
 
     def _notification(self, body: bytes) -> bytes:
         pid = body[:4]
@@ -553,6 +556,91 @@ class MaskedFilter(StatementFilter):
                     "pgveil: a result would have carried an unmasked personal column; "
                     "the session is closed"
                 )
+
+
+def _no_event(fields: dict[str, object]) -> None:
+    """Where a masked session's completed statements go while it is not audited."""
+
+
+class _Judge:
+    """Which quoted values of one error or notice are shown: the empty string, names of the
+    catalog, and what the statement that caused the message spelled out: its literals'
+    values, its parameter values and its names. Everything else quoted is masked with the
+    default partial mask. The statement's words are read only when a quoted value needs
+    them."""
+
+    __slots__ = ("_cause", "_ctx", "_identifiers", "_words")
+
+    def __init__(self, ctx: MaskingContext, cause: Cause | None) -> None:
+        self._ctx = ctx
+        self._identifiers = ctx.identifiers
+        self._cause = cause
+        self._words: Words | None = None if cause is not None else NO_WORDS
+
+    def scrub(self, text: str) -> str:
+        # `...: "VALUE"` at the end (input syntax errors): VALUE may itself hold quotes,
+        # so it is judged whole rather than split at them
+        tail = _TRAILING_VALUE.match(text)
+        if tail is not None:
+            head, inner = tail.group(1), tail.group(2)
+            return _QUOTED.sub(self._quoted, head) + '"' + self._judge(inner) + '"'
+        return _QUOTED.sub(self._quoted, text)
+
+    def _quoted(self, match: re.Match[str]) -> str:
+        inner = match.group(1) if match.group(1) is not None else match.group(2)
+        quote = '"' if match.group(1) is not None else "'"
+        return quote + self._judge(inner) + quote
+
+    def _judge(self, inner: str) -> str:
+        if not inner or inner in self._identifiers:
+            return inner
+        words = self._words if self._words is not None else self._read()
+        if inner in words.values or inner in words.names:
+            return inner
+        if "." in inner and self._qualified(inner.split("."), words.names):
+            return inner
+        return py_mask(_PARTIAL, inner, _TEXT, {}) or ""
+
+    def _qualified(self, parts: list[str], names: frozenset[str]) -> bool:
+        """A qualified name the server prints: made of the statement's names, a name of the
+        statement then a column (`c.name`: an alias), or a path in the catalog
+        (`billing.customers`, `customers.name`, `billing.customers.name`). Not any dotted
+        run of catalog names: a role that may create tables named `198`, `51`, ... must not
+        make every address an error echoes readable."""
+        if all(part in names for part in parts[:-1]):
+            return parts[-1] in names or parts[-1] in self._identifiers
+        relations = self._ctx.catalog.relations
+        if len(parts) == 3:
+            found = relations.get((parts[0], parts[1]))
+            return found is not None and any(c.name == parts[2] for c in found.columns)
+        if len(parts) != 2:
+            return False
+        first, second = parts
+        return (first, second) in relations or any(
+            name == first and any(c.name == second for c in relation.columns)
+            for (_schema, name), relation in relations.items()
+        )
+
+    def _read(self) -> Words:
+        cause = self._cause
+        assert cause is not None
+        self._words = NO_WORDS
+        source = cause.source
+        statements = statement_words(source.sql)
+        if source.sent is not None and len(statement_words(source.sent)) != len(statements):
+            # the rewrite would not pair statement for statement with the server's answers
+            return NO_WORDS
+        if cause.index >= len(statements):
+            return NO_WORDS
+        words = statements[cause.index]
+        if cause.bind is not None:
+            try:
+                parameters = bind_parameters(cause.bind, source.types)
+            except (ValueError, IndexError, struct.error):
+                parameters = []  # a Bind the server refuses as malformed shows nothing of it
+            words = Words(words.values | frozenset(parameters), words.names)
+        self._words = words
+        return words
 
 
 class RecordingFilter(StatementFilter):

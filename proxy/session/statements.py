@@ -9,6 +9,11 @@ fields from the analysis, the rows returned or affected (from CommandComplete), 
 table's `subject` column in the rows returned, decoded from that column alone. Subject keys
 are identifiers; no other value of a row is ever decoded here.
 
+The same pairing tells the masked filter which statement caused each ErrorResponse and
+NoticeResponse (`cause`): the statement of a Query the server is at (counted by its
+CommandCompletes), the Parse, or the statement behind a Bind's or Execute's portal with that
+Bind's parameter values. It is kept for every masked session, audited or not.
+
 No I/O; nothing from a row but subject keys leaves this module.
 """
 
@@ -19,7 +24,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.wire import messages as m
@@ -31,7 +36,14 @@ _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
 _UUID = 2950
 _BY_LENGTH = {2: 21, 4: 23, 8: 20, 16: _UUID}
 _INT32 = struct.Struct("!i")
+_DATA_ROW = m.DATA_ROW
+_PARSE_COMPLETE = m.PARSE_COMPLETE
+_BIND_COMPLETE = m.BIND_COMPLETE
+_READY_FOR_QUERY = m.READY_FOR_QUERY
+_COMMAND_COMPLETE = m.COMMAND_COMPLETE
+_ROW_DESCRIPTION = m.ROW_DESCRIPTION
 _LAYOUTS = 256  # RowDescriptions remembered per session
+_NO_PARAMS: dict[int, str] = {}  # never changed
 
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
@@ -39,14 +51,41 @@ Layout = tuple[SubjectColumn, ...]
 
 
 @dataclass(slots=True)
+class Source:
+    """A statement as the client sent it, for the masked filter's error scrubbing: its text,
+    the text the server got instead when pgveil rewrote it, and (protocol statements) its
+    parameter types: those the Parse declared (0: the server infers it), and those the
+    server resolved once a Describe of the statement told them (ParameterDescription)."""
+
+    sql: str
+    sent: str | None = None
+    declared: tuple[int, ...] = ()
+    types: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """The statement an ErrorResponse or NoticeResponse belongs to: `index` counts the
+    statements of a Query before it (the one the server is at); `bind` is the body of the
+    Bind whose portal runs it, for its parameter values."""
+
+    source: Source
+    index: int = 0
+    bind: bytes | None = None
+
+
 class _InFlight:
+    """A message that awaits its answer. Most attributes keep their class default: an entry
+    is made for every Parse, Bind, Describe and Execute of a masked session, audited or
+    not, so it sets only what differs."""
+
     kind: str  # "query", "execute", "describe", "parse", "bind", "close", "sync", "call"
     fields: dict[str, object] | None = None
     started: int = 0
     layout: Layout = ()
     rows: int = 0
     outcome: str = "ok"
-    subjects: dict[str, set[str]] = field(default_factory=dict)
+    subjects: dict[str, set[str]] | None = None  # created when the first key is read
     # the raw subject-key bytes of the current result set, a set per layout column:
     # decoded once per distinct key when the result set ends
     raw: tuple[set[bytes], ...] = ()
@@ -56,7 +95,7 @@ class _InFlight:
     # name before the answer arrives
     target: _Prepared | _Portal | None = None
     portal: _Portal | None = None  # an Execute's: its layout may be described later
-    params: dict[int, str] = field(default_factory=dict)  # its subject-key parameters
+    params: dict[int, str] | None = None  # its subject-key parameters
     # tables whose subject column was in every result set so far (None: none seen)
     keyed: set[str] | None = None
     data_rows: int = 0  # DataRows seen (counted only while they are captured)
@@ -66,6 +105,34 @@ class _InFlight:
     # the names a query's DEALLOCATE / CLOSE / DISCARD removed: put back if it fails
     undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = ()
     running: int = 0  # the number of its `running` event, once its rows began to go out
+    source: Source | None = None  # what it runs, for `cause`
+    bind: bytes | None = None  # the Bind of the portal it runs (a Bind's own body)
+    done: int = 0  # a Query's statements completed so far
+
+    def __init__(
+        self,
+        kind: str,
+        fields: dict[str, object] | None = None,
+        started: int = 0,
+        *,
+        parsed: tuple[dict[bytes, Any], bytes, object, object] | None = None,
+        source: Source | None = None,
+        bind: bytes | None = None,
+    ) -> None:
+        self.kind = kind
+        if fields is not None:
+            self.fields = fields
+        if started:
+            self.started = started
+        if parsed is not None:
+            self.parsed = parsed
+        if source is not None:
+            self.source = source
+        if bind is not None:
+            self.bind = bind
+
+
+_SYNC = _InFlight("sync")
 
 
 @dataclass(slots=True)
@@ -74,7 +141,8 @@ class _Portal:
     statement: _Prepared
     formats: list[int]
     layout: Layout | None = None  # from a Describe of the portal itself
-    params: dict[int, str] = field(default_factory=dict)  # those that carry subject keys
+    params: dict[int, str] | None = None  # those that carry subject keys
+    bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
 
     def resolve(self, log: StatementLog) -> Layout:
         if self.layout is None:
@@ -88,6 +156,7 @@ class _Prepared:
     fields: dict[str, object] | None
     # the statement's own RowDescription body (text formats), to apply Bind's formats to
     described: bytes | None = None
+    source: Source | None = None
 
 
 class StatementLog:
@@ -114,6 +183,11 @@ class StatementLog:
         self._running = 0  # `running` events recorded in this session
         self._with_subject: frozenset[str] = frozenset()
 
+    def attach(self, emit: Callable[[dict[str, object]], object], subjects_limit: int) -> None:
+        """Events go to `emit` from now on (auditing began for the session)."""
+        self._emit = emit
+        self._limit = subjects_limit
+
     @property
     def in_flight(self) -> bool:
         """Whether anything sent awaits its answer."""
@@ -125,19 +199,33 @@ class StatementLog:
         self,
         fields: dict[str, object] | None,
         undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = (),
+        source: Source | None = None,
     ) -> None:
         """A simple-protocol Query; `undo`: what its drops removed (see `drop`), put back
         when it fails (a DEALLOCATE in an aborted transaction leaves the statement)."""
-        self._push(_InFlight("query", fields, self._clock(), undo=undo))
+        entry = _InFlight("query", fields, self._clock(), source=source)
+        entry.undo = undo
+        self._push(entry)
 
-    def parse(self, name: bytes, fields: dict[str, object] | None) -> None:
+    def parse(
+        self, name: bytes, fields: dict[str, object] | None, source: Source | None = None
+    ) -> None:
         previous = self._statements.get(name)
         if name and previous is not None:
             # the server refuses to redefine a named statement (42P05): the old one stays
-            self._push(_InFlight("parse"))
+            self._fifo.append(_InFlight("parse", source=source))
             return
-        registered = self._statements[name] = _Prepared(fields)
-        self._push(_InFlight("parse", parsed=(self._statements, name, registered, previous)))
+        if source is not None and previous is not None and previous.source is not None:
+            # the same text with the same declared types, parsed again under the same name
+            # (asyncpg describes the unnamed statement, then parses it again to run it):
+            # the server resolves its parameters as it did
+            old = previous.source
+            if old.sql == source.sql and old.declared == source.declared:
+                source.types = old.types
+        registered = self._statements[name] = _Prepared(fields, source=source)
+        self._fifo.append(
+            _InFlight("parse", parsed=(self._statements, name, registered, previous), source=source)
+        )
 
     # SQL PREPARE / DECLARE / EXECUTE / FETCH name the protocol's statements and portals
 
@@ -183,42 +271,67 @@ class StatementLog:
         portal = body[:end]
         name = body[end + 1 : body.index(b"\0", end + 1)]
         previous = self._portals.get(portal)
+        stmt = self._statements.get(name)
+        source = stmt.source if stmt is not None else None
         if portal and previous is not None:
             # the server refuses to bind a named portal in use (42P03): the old one stays
-            self._push(_InFlight("bind"))
+            self._fifo.append(_InFlight("bind", source=source, bind=body))
             return
-        stmt = self._statements.get(name)
         registered: _Portal | None = None
-        if stmt is None or stmt.fields is None:
+        if stmt is None:
             self._portals.pop(portal, None)
+        elif stmt.fields is None:
+            # nothing to record of it: kept for what its errors may show (`cause`)
+            registered = self._portals[portal] = _Portal(None, stmt, [], bind=body)
         else:
             named = stmt.fields.get("_subject_keys", ())
             assert isinstance(named, tuple)
             wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
             formats, params = _bind_values(body, wanted)
-            registered = self._portals[portal] = _Portal(stmt.fields, stmt, formats, params=params)
+            registered = self._portals[portal] = _Portal(
+                stmt.fields, stmt, formats, params=params, bind=body
+            )
         # a Bind that fails leaves what the name held (the statement is looked up first)
-        self._push(_InFlight("bind", parsed=(self._portals, portal, registered, previous)))
+        self._fifo.append(
+            _InFlight(
+                "bind", parsed=(self._portals, portal, registered, previous), source=source,
+                bind=body,
+            )
+        )  # fmt: skip
 
     def note_failing_bind(self) -> None:
         """A Bind that will fail (refused by pgveil): it has its place in the queue, and
         changes no name."""
-        self._push(_InFlight("bind"))
+        self._fifo.append(_InFlight("bind"))
 
     def describe(self, body: bytes) -> None:
         name = body[1:-1]
-        target = self._statements.get(name) if body[0] == ord("S") else self._portals.get(name)
-        self._push(_InFlight("describe", target=target))
+        target: _Prepared | _Portal | None
+        if body[0] == ord("S"):
+            target = self._statements.get(name)
+            entry = _InFlight("describe")
+            if target is not None:
+                entry.target, entry.source = target, target.source
+        else:
+            target = self._portals.get(name)
+            entry = _InFlight("describe")
+            if target is not None:
+                entry.target = target
+                entry.source, entry.bind = target.statement.source, target.bind
+        self._fifo.append(entry)  # never has fields: _push is for entries with events
 
     def execute(self, body: bytes) -> None:
         portal = self._portals.get(body[: body.index(b"\0")])
         if portal is None:
             self._push(_InFlight("execute", started=self._clock()))
         else:
-            entry = _InFlight("execute", portal.fields, self._clock(), portal=portal)
-            entry.params = portal.params
+            entry = _InFlight("execute", portal.fields, self._clock())
+            entry.portal, entry.params = portal, portal.params
+            entry.source, entry.bind = portal.statement.source, portal.bind
             self._push(entry)
-            if portal.layout is not None or portal.statement.described is not None:
+            if portal.fields is not None and (
+                portal.layout is not None or portal.statement.described is not None
+            ):
                 # described already: its rows are looked at only if they carry subjects
                 self._resolve(entry)
                 self._want_rows(entry, bool(entry.layout))
@@ -229,10 +342,10 @@ class StatementLog:
         registry: dict[bytes, Any] = self._statements if body[0] == ord("S") else self._portals
         name = body[1:-1]
         previous = registry.pop(name, None)
-        self._push(_InFlight("close", parsed=(registry, name, None, previous)))
+        self._fifo.append(_InFlight("close", parsed=(registry, name, None, previous)))
 
     def sync(self) -> None:
-        self._push(_InFlight("sync"))
+        self._fifo.append(_SYNC)  # one entry for all: nothing in a Sync's entry changes
 
     def function_call(self, fields: dict[str, object] | None = None) -> None:
         self._push(_InFlight("call", fields, self._clock()))
@@ -267,19 +380,36 @@ class StatementLog:
 
     # ---- backend -----------------------------------------------------------------------
 
+    def cause(self) -> Cause | None:
+        """The statement that an ErrorResponse or NoticeResponse arriving now belongs to, as
+        the server pairs them (to be asked before the message goes to `server_message`):
+        the statement of a Query that the server is at, a Parse's statement, the statement
+        behind a Bind's, Describe's or Execute's portal with that Bind's body. None when
+        nothing sent is being answered (an asynchronous notice), or when what is answered
+        is no statement (a Sync committing, a Close, a FunctionCall)."""
+        fifo = self._fifo
+        if not fifo:
+            return None
+        head = fifo[0]
+        if head.source is None:
+            return None
+        return Cause(head.source, head.done, head.bind)
+
     def server_message(self, typ: int, body: bytes) -> None:
         fifo = self._fifo
         if not fifo:
             return
         head = fifo[0]
-        if typ == m.DATA_ROW:
+        if typ == _DATA_ROW:
             self.data_row(body)
-        elif typ == m.PARSE_COMPLETE:
+        elif typ == _PARSE_COMPLETE:
             if head.kind == "parse":
                 fifo.popleft()
-        elif typ == m.BIND_COMPLETE:
+        elif typ == _BIND_COMPLETE:
             if head.kind == "bind":
                 fifo.popleft()
+        elif typ == _READY_FOR_QUERY:
+            self._ready()
         elif typ == m.CLOSE_COMPLETE:
             if head.kind == "close":
                 fifo.popleft()
@@ -289,11 +419,14 @@ class StatementLog:
             if head.kind == "execute":
                 while len(fifo) > 1 and fifo[1].kind == "sync":
                     del fifo[1]
-        elif typ == m.COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
-            head.rows += _row_count(body) if typ == m.COMMAND_COMPLETE else 0
-            if head.raw:
-                _decode_keys(head)
-            head.layout = ()
+        elif typ == _COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
+            # one per statement of a Query (the server's EndCommand for each raw statement)
+            head.done += 1
+            if head.fields is not None:  # counted and read for its event only
+                head.rows += _row_count(body) if typ == _COMMAND_COMPLETE else 0
+                if head.raw:
+                    _decode_keys(head)
+                head.layout = ()
             if head.kind == "execute":
                 self._finish(fifo.popleft())
         elif typ == m.PORTAL_SUSPENDED:
@@ -301,7 +434,7 @@ class StatementLog:
                 # no count in the message: the DataRows seen, when they were all looked at
                 head.rows = head.data_rows if head.wants_rows else -1
                 self._finish(fifo.popleft())
-        elif typ == m.ROW_DESCRIPTION:
+        elif typ == _ROW_DESCRIPTION:
             if head.kind == "describe":
                 self._described(fifo.popleft(), body)
             elif head.kind in ("query", "execute") and head.fields is not None:
@@ -313,18 +446,28 @@ class StatementLog:
         elif typ == m.NO_DATA:
             if head.kind == "describe":
                 fifo.popleft()
+        elif typ == m.PARAMETER_DESCRIPTION:
+            # a statement's Describe: its parameter types as the server resolved them
+            target = head.target if head.kind == "describe" else None
+            if isinstance(target, _Prepared) and target.source is not None:
+                (count,) = struct.unpack_from("!h", body, 0)
+                target.source.types = struct.unpack_from(f"!{count}I", body, 2)
         elif typ == m.ERROR_RESPONSE:
             self._error(head, body)
-        elif typ == m.READY_FOR_QUERY:
-            while fifo:
-                entry = fifo.popleft()
-                if entry.undo and entry.outcome != "ok":
-                    for registry, name, previous in reversed(entry.undo):
-                        registry.setdefault(name, previous)
-                if entry.kind in ("query", "execute", "call"):
-                    self._finish(entry)
-                if entry.kind in ("sync", "query", "call"):
-                    break
+
+    def _ready(self) -> None:
+        """ReadyForQuery: the request it ends (up to its Sync, Query or FunctionCall) is
+        answered."""
+        fifo = self._fifo
+        while fifo:
+            entry = fifo.popleft()
+            if entry.undo and entry.outcome != "ok":
+                for registry, name, previous in reversed(entry.undo):
+                    registry.setdefault(name, previous)
+            if entry.kind in ("query", "execute", "call"):
+                self._finish(entry)
+            if entry.kind in ("sync", "query", "call"):
+                break
 
     def data_row(self, body: bytes) -> None:
         """One DataRow of the statement at the head: counted, and its subject keys read."""
@@ -435,10 +578,13 @@ class StatementLog:
             for table, keys, integer in named:
                 if table in covered:
                     continue  # the rows returned say it exactly
-                resolved = [k if isinstance(k, str) else entry.params.get(k) for k in keys]
+                params = entry.params or _NO_PARAMS
+                resolved = [k if isinstance(k, str) else params.get(k) for k in keys]
                 if all(k is not None for k in resolved):
                     covered.add(table)
                     if entry.rows:
+                        if entry.subjects is None:
+                            entry.subjects = {}
                         entry.subjects[table] = {
                             integer_key(k) if integer else k for k in resolved if k is not None
                         }
@@ -485,7 +631,7 @@ class StatementLog:
         if isinstance(target, _Prepared):
             if target.fields is not None:
                 target.described = body
-        elif target is not None:
+        elif target is not None and target.fields is not None:
             target.layout = self._layout(body, None)
 
     def _layout(self, body: bytes, formats: list[int] | None) -> Layout:
@@ -531,6 +677,8 @@ def _decode_keys(entry: _InFlight) -> None:
     for (_index, table, type_oid, fmt), raws in zip(entry.layout, entry.raw, strict=True):
         if not raws:
             continue
+        if entry.subjects is None:
+            entry.subjects = {}
         keys = entry.subjects.setdefault(table, set())
         if fmt == 0:
             # text: one decode for all (NUL cannot occur in a text value)
@@ -598,6 +746,59 @@ def _bind_values(body: bytes, wanted: set[int]) -> tuple[list[int], dict[int, st
         pos += 4 + max(n, 0)
     (nres,) = struct.unpack_from("!h", body, pos)
     return list(struct.unpack_from(f"!{nres}h", body, pos + 2)), params
+
+
+# binary parameters whose text form is plain: integers, text-like types, uuid, json
+_TEXT_FORM = frozenset((25, 1043, 1042, 19, 705, 114))  # text, varchar, bpchar, name, unknown, json
+_JSONB = 3802
+
+
+def bind_parameters(body: bytes, types: Sequence[int]) -> list[str]:
+    """The parameter values of a Bind message as text, the way the server reads them:
+    text-format values decoded from UTF-8 (masked sessions use it); binary ones only where
+    `types` (the statement's parameter types) says how they read as text. A NULL, or a value
+    that does not read, is left out."""
+    pos = body.index(b"\0", body.index(b"\0") + 1) + 1
+    (nfmt,) = struct.unpack_from("!h", body, pos)
+    formats = struct.unpack_from(f"!{nfmt}h", body, pos + 2)
+    pos += 2 + 2 * nfmt
+    (nparams,) = struct.unpack_from("!h", body, pos)
+    pos += 2
+    values: list[str] = []
+    for i in range(nparams):
+        (n,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if n < 0:
+            continue
+        raw = body[pos : pos + n]
+        pos += n
+        fmt = formats[0] if nfmt == 1 else (formats[i] if nfmt else 0)
+        type_oid = types[i] if i < len(types) else 0
+        value = _param_text(raw, type_oid) if fmt == 1 else _utf8(raw)
+        if value is not None:
+            values.append(value)
+    return values
+
+
+def _param_text(raw: bytes, type_oid: int) -> str | None:
+    """A binary parameter's text form, for the types whose binary form says it exactly."""
+    code = _INT.get(type_oid)
+    if code is not None:
+        return str(struct.unpack(code, raw)[0]) if len(raw) == struct.calcsize(code) else None
+    if type_oid in _TEXT_FORM:
+        return _utf8(raw)
+    if type_oid == _JSONB:
+        return _utf8(raw[1:]) if raw[:1] == b"\x01" else None
+    if type_oid == _UUID:
+        return str(uuid.UUID(bytes=raw)) if len(raw) == 16 else None
+    return None
+
+
+def _utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _row_count(body: bytes) -> int:
