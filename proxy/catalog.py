@@ -55,9 +55,11 @@ SELECT DISTINCT r.ev_class AS view, d.refobjid AS source
  WHERE d.refobjid <> r.ev_class
 """
 SYSTEM_RELATIONS_SQL = """
-SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+SELECT n.nspname, c.relname
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname IN ('pg_catalog', 'information_schema')
 """
+KEYWORDS_SQL = "SELECT word, catcode::text AS catcode FROM pg_catalog.pg_get_keywords()"
 COLUMN_NAMES_SQL = """
 SELECT DISTINCT a.attname FROM pg_catalog.pg_attribute a
   JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
@@ -209,7 +211,12 @@ async def read_catalog(conn: Any) -> Catalog:
         for r in await conn.fetch(VIEW_DEFINITIONS_SQL)
         if r["definition"]
     }
-    system = frozenset(r["relname"] for r in await conn.fetch(SYSTEM_RELATIONS_SQL))
+    system_rows = await conn.fetch(SYSTEM_RELATIONS_SQL)
+    system = frozenset(r["relname"] for r in system_rows)
+    pg_catalog_relations = frozenset(
+        r["relname"] for r in system_rows if r["nspname"] == "pg_catalog"
+    )
+    keywords = {r["word"]: r["catcode"] for r in await conn.fetch(KEYWORDS_SQL)}
     column_names = frozenset(r["attname"] for r in await conn.fetch(COLUMN_NAMES_SQL))
     version = int(await conn.fetchval("SELECT pg_catalog.current_setting('server_version_num')"))
     hidden = tuple(
@@ -218,6 +225,8 @@ async def read_catalog(conn: Any) -> Catalog:
     return Catalog(
         relations=relations,
         system_relations=system,
+        pg_catalog_relations=pg_catalog_relations,
+        keywords=keywords,
         column_names=column_names,
         view_definitions=definitions,
         builtin_functions=frozenset(builtin_f),

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pglast import parse_sql
-from pglast.parser import ParseError
+from pglast.parser import ParseError, scan
 from pglast.stream import RawStream
 
 from rules.catalog import ProtectionMap
 from rules.denied import Refusal
+from rules.grammar import misread_words
 from rules.reads import ast, descendants, name_of
 from rules.subjects import SubjectKeys, integer_key, subject_keys
 from rules.writes import Rewriter
@@ -72,12 +73,20 @@ class Analyzer:
         self.pmap = pmap
         self.policy = pmap.policy
         self.catalog = pmap.catalog
+        self.misread = misread_words(self.catalog.keywords)
 
     def analyze(self, sql: str) -> Decision:
         try:
             stmts = parse_sql(sql)
         except ParseError:
             return Decision("refuse", reason="pgveil cannot parse the statement")
+        word = self.misread_word(sql)
+        if word is not None:
+            return Decision(
+                "refuse",
+                reason=f"the server reads the word {word} differently from pgveil's parser "
+                "(a keyword in only one of them); quote it if it is a name",
+            )
         if not stmts:
             return Decision("pass")
         out: list[str] = []
@@ -125,6 +134,20 @@ class Analyzer:
             uses=uses,
             drops=drops,
         )
+
+    def misread_word(self, sql: str) -> str | None:
+        """The first word of `sql` that the server and pgveil's parser read differently
+        (see rules.grammar.misread_words), outside quotes, strings and comments."""
+        if not self.misread:
+            return None
+        lowered = sql.lower()
+        if not any(w in lowered for w in self.misread):
+            return None  # the common case: no need to tokenise
+        for token in scan(sql):
+            text = sql[token.start : token.end + 1]
+            if text[:1] != '"' and text.lower() in self.misread:
+                return text.lower()
+        return None
 
 
 def _sql_names(stmts: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:

@@ -61,6 +61,10 @@ class Catalog:
     view_definitions: Mapping[tuple[str, str], str] = field(default_factory=dict)
     # relation names in pg_catalog and information_schema (always known)
     system_relations: frozenset[str] = frozenset()
+    pg_catalog_relations: frozenset[str] = frozenset()  # those of them in pg_catalog
+    # the server's keywords (pg_get_keywords): word -> category U, C, T or R; empty when
+    # unknown (then the parser's keywords are taken to be the server's)
+    keywords: Mapping[str, str] = field(default_factory=dict)
     # every column and composite-type field name in the database, system ones included
     column_names: frozenset[str] = frozenset()
     by_oid: Mapping[int, Relation] = field(default_factory=dict)
@@ -148,13 +152,46 @@ class ProtectionMap:
                     f"{rel.qualified} was {prev.relation.qualified}: update the rules"
                 )
                 self._add(Protected(rel, masks, prev.rule_table, prev.subject))
-        from rules.views import derive_view_masks
+        self._protect_ancestors(catalog)
+        from rules.views import derive_view_masks, view_code_refusals
 
+        # views that call code masked roles may not run (a function not on the allow list,
+        # one that runs SQL text): refused whether or not they read protected tables
+        self.view_refusals = view_code_refusals(catalog, policy)
         known = {k: dict(p.masks) for k, p in self.by_name.items()}
         self.derived_views = derive_view_masks(catalog, known)
         for key, masks in self.derived_views.items():
             rel = catalog.relations[key]
             self._add(Protected(rel, masks, rel.qualified, None))
+
+    def _protect_ancestors(self, catalog: Catalog) -> None:
+        """A parent of a protected table shows the child's rows (inheritance): it masks the
+        columns it shares with its protected descendants as they do, or is refused when
+        they mask a column differently."""
+        found: dict[tuple[str, str], list[Protected]] = {}
+        for p in list(self.by_name.values()):
+            for parent in p.relation.parents:
+                if parent not in self.by_name:
+                    found.setdefault(parent, []).append(p)
+        for key, descendants in found.items():
+            rel = catalog.relations.get(key)
+            if rel is None:
+                continue
+            masks: dict[str, MaskSpec] = {}
+            for d in descendants:
+                for col, spec in d.masks.items():
+                    if rel.column(col) is None:
+                        continue
+                    if masks.get(col, spec) != spec:
+                        self.broken[key] = (
+                            f"{rel.qualified} is a parent of protected tables that mask its "
+                            f"column {col} differently; give it rules of its own"
+                        )
+                    masks[col] = spec
+            if masks:
+                tables = sorted({d.rule_table for d in descendants})
+                rule_table = tables[0] if len(tables) == 1 else rel.qualified
+                self._add(Protected(rel, masks, rule_table, None))
 
     def _add(self, p: Protected) -> None:
         key = (p.relation.schema, p.relation.name)

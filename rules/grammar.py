@@ -28,9 +28,12 @@ Pure data: no I/O, no analysis.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
+
+import pglast.keywords
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,10 @@ _ALLOWED: dict[str, NodeRule] = {
     ),
     "A_ArrayExpr": _rule(elements=EXPR, list_start=LOC, list_end=LOC, location=LOC),
     "A_Indices": _rule(is_slice=FLAG, lidx=EXPR, uidx=EXPR),
-    "A_Indirection": _rule(arg=EXPR, indirection=EXPR),
+    "A_Indirection": _rule(
+        arg=EXPR,
+        indirection=Handled("indirection", "(x).f may call f(x): checked like a function"),
+    ),
     "BoolExpr": _rule(boolop=FLAG, args=EXPR, location=LOC),
     "BooleanTest": _rule(arg=EXPR, booltesttype=FLAG, location=LOC),
     "NullTest": _rule(arg=EXPR, nulltesttype=FLAG, argisrow=ANALYSED, location=LOC),
@@ -781,3 +787,34 @@ def refusal_reason(cls: str) -> str:
         return reason
     # NOT_RAW, or a class newer than this table: never guessed at
     return f"pgveil cannot analyse {cls} nodes; the statement is refused"
+
+
+# ---- keywords ------------------------------------------------------------------------------
+
+_PARSER_KEYWORDS: Final = MappingProxyType(
+    {
+        **{w: "U" for w in pglast.keywords.UNRESERVED_KEYWORDS},
+        **{w: "C" for w in pglast.keywords.COL_NAME_KEYWORDS},
+        **{w: "T" for w in pglast.keywords.TYPE_FUNC_NAME_KEYWORDS},
+        **{w: "R" for w in pglast.keywords.RESERVED_KEYWORDS},
+    }
+)
+
+
+def misread_words(server: Mapping[str, str]) -> frozenset[str]:
+    """Words the server and pglast read differently wherever they stand: reserved by one
+    of them and not by the other (SYSTEM_USER is reserved syntax from PostgreSQL 16 on, a
+    plain identifier to PostgreSQL 15), or a keyword of the server's that pglast takes for
+    an identifier (a server newer than pglast's grammar). Words that are keywords of pglast
+    only but not reserved (`json`, ...) are identifiers to both wherever pglast builds an
+    ordinary node; where it builds syntax of its own (SQL/JSON), `since` refuses the node.
+
+    `server`: pg_get_keywords() as word -> category (U, C, T, R); empty when unknown."""
+    if not server:
+        return frozenset()
+    out = set()
+    for word in set(_PARSER_KEYWORDS) | set(server):
+        ours, theirs = _PARSER_KEYWORDS.get(word), server.get(word)
+        if (ours == "R") != (theirs == "R") or (theirs in ("C", "T", "R") and ours in (None, "U")):
+            out.add(word)
+    return frozenset(out)

@@ -83,6 +83,9 @@ class ReadRewrite:
     # (schema, relname) of replaced references -> alias, for 3-part column references
     replaced: dict[tuple[str, str], str] = field(default_factory=dict)
     generated: set[int] = field(default_factory=set)  # id() of pgveil's masking subqueries
+    # a masking subquery's TABLESAMPLE clause: the client's, moved inside (its arguments may
+    # refer to rows outside, which the write rewrite must still see)
+    samples: dict[int, Any] = field(default_factory=dict)
     # names the statement mentions (None: it may use every column, e.g. through *)
     references: frozenset[str] | None = None
     qualified: frozenset[tuple[str, str]] = frozenset()  # `q.name` references: (q, name)
@@ -244,16 +247,9 @@ class ReadRewrite:
         # a permanent one is unknown to pgveil until the catalog is read again
 
     def variable_set(self, node: Any) -> Any:
+        # search_path is free: unqualified names the catalog does not know are pinned to
+        # pg_temp, system relations to pg_catalog, built-in functions to pg_catalog
         name = (node.name or "").lower()
-        if name == "search_path":
-            schemas = [
-                a.val.sval
-                for a in node.args or ()
-                if isinstance(a, ast.A_Const) and isinstance(a.val, ast.String)
-            ]
-            if "pg_temp" in schemas[1:] or any("pg_temp" in x and x != "pg_temp" for x in schemas):
-                # temporary relations must win name resolution, as they do by default
-                raise Refusal("masked roles may list pg_temp only first in search_path")
         self.rest(node)
         if name in DENIED_SETTINGS or name.startswith("session_authorization"):
             if name == "role" and node.kind == 4:  # RESET role: back to the login, harmless
@@ -425,19 +421,34 @@ class ReadRewrite:
         return first
 
     def note_unknown(self, rv: Any) -> None:
+        """Record a relation the catalog does not know, and pin an unqualified name the
+        server could resolve to one: to pg_catalog when it is a system relation's name, to
+        pg_temp otherwise. Whatever search_path says, the name then denotes the system
+        relation or the session's own temporary relation, never one created since pgveil
+        read the catalog (a new partition of a protected table, say). Unknown names are
+        refused by the session unless they are its temporary relations."""
         cat = self.an.catalog
         schema, name = rv.schemaname, rv.relname
-        if schema in ("pg_catalog", "information_schema") or (
-            schema is None and name in cat.system_relations
-        ):
+        if schema in ("pg_catalog", "information_schema"):
+            return
+        if schema == "pg_temp":
+            self.unknown.add(name)
             return
         if schema is not None:
             if (schema, name) not in cat.relations:
-                self.unknown.add(name if schema == "pg_temp" else f"{schema}.{name}")
-        elif not any(n == name for _, n in cat.relations):
+                self.unknown.add(f"{schema}.{name}")
+            return
+        if any(n == name for _, n in cat.relations):
+            return  # known: the protection map decides, whatever schema wins
+        rv.schemaname = "pg_catalog" if name in cat.pg_catalog_relations else "pg_temp"
+        self.changes += 1
+        if rv.schemaname == "pg_temp":
             self.unknown.add(name)
 
     def check_view(self, schema: str, name: str) -> None:
+        refusal = self.an.pmap.view_refusals.get((schema, name))
+        if refusal is not None:
+            raise Refusal(refusal)
         if (schema, name) in self.an.pmap.by_name:
             return  # rules of its own, or masks derived from its definition
         sources = self.an.catalog.view_sources.get((schema, name), ())
@@ -495,6 +506,8 @@ class ReadRewrite:
             # `billing.customers.name` must keep resolving, also when FROM said `customers`
             self.replaced[(p.relation.schema, rv.relname)] = alias.aliasname
         self.generated.add(id(sub))
+        if sample is not None:
+            self.samples[id(sub)] = sample
         self.changes += 1
         return ast.RangeSubselect(lateral=False, subquery=sub, alias=alias)
 
@@ -555,19 +568,8 @@ class ReadRewrite:
         fields = node.fields
         self.check_names(fields, "ColumnRef", "fields")
         names = [name_of(f) for f in fields]
-        # `t.f` may call f(t) (attribute notation): f must pass the function checks, and a
-        # name that is no column pgveil knows may be a function created since it looked
         if len(names) >= 2 and isinstance(fields[-1], ast.String):
-            last = names[-1]
-            if any(n == last for _, n in self.an.catalog.user_functions):
-                self.check_function((ast.String(sval=last),))
-            elif (
-                self.an.catalog.column_names
-                and last not in self.an.catalog.column_names
-                and last not in self.defined_names
-                and last not in SYSTEM_COLUMNS
-            ):
-                self.unknown.add(f"column or function {last}")
+            self.field_selection(names[-1])
         if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
             key = (names[-3], names[-2])
             alias = self.replaced.get(key)
@@ -581,6 +583,34 @@ class ReadRewrite:
                 spec = p.masks.get(col)
                 if spec is not None and spec.name == "deny":
                     raise Refusal(f"column {p.rule_table}.{col} is not available to masked roles")
+        self.rest(node)
+        return node
+
+    def field_selection(self, name: str) -> None:
+        """`t.f`, `(x).f`: PostgreSQL reads f(t) when f is no field of t (attribute
+        notation), so f must pass the checks of a function call; a name that is no column
+        pgveil knows may be a function created since it read the catalog."""
+        if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
+            raise Refusal(f"function {name} can read data pgveil cannot mask")
+        cat = self.an.catalog
+        if any(n == name for _, n in cat.user_functions):
+            self.check_function((ast.String(sval=name),))
+        elif (
+            cat.column_names
+            and name not in cat.column_names
+            and name not in self.defined_names
+            and name not in SYSTEM_COLUMNS
+        ):
+            self.unknown.add(f"column or function {name}")
+
+    def indirection(self, node: Any) -> Any:
+        """`(x).f`, `(x)[i]`, `(x).*`: a field name may be a function call (see
+        field_selection)."""
+        for part in node.indirection or ():
+            if isinstance(part, ast.String):
+                self.field_selection(name_of(part))
+        if node.indirection:
+            node.indirection = self._visit_all(node.indirection)  # subscripts: expressions
         self.rest(node)
         return node
 
@@ -670,6 +700,7 @@ _HANDLERS = {
     "SortBy": "sort_by",
     "Constraint": "constraint",
     "ColumnRef": "column_ref",
+    "A_Indirection": "indirection",
 }
 HANDLERS = dict(_HANDLERS)
 """For the coverage test: which method handles which node class in `visit`."""

@@ -4,7 +4,10 @@ A view column that is a plain reference to a personal column gets that column's 
 column computed from exactly one personal column gets the same mask when it fits the view
 column's type; any other column computed from personal data gets NULL. Views whose
 definition is not a plain SELECT over tables and views (set operations, CTEs, subqueries in
-FROM, VALUES, functions in FROM) are not derived: the analyser refuses them, naming the view.
+FROM or in the select list, VALUES, functions in FROM, relations with renamed columns) are
+not derived: the analyser refuses them, naming the view. Views that call code masked roles
+may not run (a user function not on the allow list, a built-in that runs SQL text) are
+refused whatever they read (`view_code_refusals`).
 
 Pure: no I/O. Works on the definition text the catalog reader fetched (pg_get_viewdef).
 """
@@ -19,8 +22,9 @@ from pglast import parse_sql
 from pglast.parser import ParseError
 
 from rules.catalog import Catalog
+from rules.denied import DENIED_FUNCTIONS, DENIED_PREFIXES
 from rules.masks import fits
-from rules.model import MaskSpec
+from rules.model import MaskSpec, Policy
 
 ast: Any = pglast.ast
 
@@ -62,6 +66,63 @@ def derive_view_masks(
     return derived
 
 
+def view_code_refusals(catalog: Catalog, policy: Policy) -> dict[tuple[str, str], str]:
+    """Why each view (or materialized view) that calls code masked roles may not run is
+    refused: a user function not on the allow list, or a built-in that reads data behind
+    the rewriter's back (`query_to_xml('SELECT ...')`). A view over such a view too."""
+    direct: dict[tuple[str, str], str] = {}
+    for key, text in catalog.view_definitions.items():
+        reason = _code_refusal(text, catalog, policy)
+        if reason is not None:
+            direct[key] = f"view {key[0]}.{key[1]} {reason}"
+    out = dict(direct)
+    for key, sources in catalog.view_sources.items():
+        if key in out:
+            continue
+        for src in sources:
+            if src in direct:
+                out[key] = f"view {key[0]}.{key[1]} reads {direct[src]}"
+                break
+    return out
+
+
+def _code_refusal(text: str, catalog: Catalog, policy: Policy) -> str | None:
+    try:
+        stmts = parse_sql(text)
+    except ParseError:
+        return "has a definition pgveil cannot parse"
+    for n in _nodes(stmts):
+        if not isinstance(n, ast.FuncCall):
+            continue
+        parts = [f.sval for f in n.funcname if isinstance(f, ast.String)]
+        name = parts[-1]
+        schema = parts[-2] if len(parts) >= 2 else None
+        denied = name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES)
+        if denied and schema in (None, "pg_catalog"):
+            return f"calls {name}, which can read data pgveil cannot mask"
+        if schema is not None and schema != "pg_catalog":
+            if (schema, name) not in policy.allowed_functions:
+                return f"calls function {schema}.{name}, which is not allowed for masked roles"
+        elif schema is None:
+            defined = {s for s, f in catalog.user_functions if f == name}
+            if defined and not all((s, name) in policy.allowed_functions for s in defined):
+                return f"calls function {name}, which is not allowed for masked roles"
+    return None
+
+
+def _nodes(root: Any) -> list[Any]:
+    out: list[Any] = []
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.Node):
+            out.append(n)
+            stack.extend(getattr(n, attr) for attr in n)
+        elif isinstance(n, tuple | list):
+            stack.extend(n)
+    return out
+
+
 def _derive(
     catalog: Catalog, key: tuple[str, str], known: Mapping[tuple[str, str], Masks]
 ) -> Masks | None:
@@ -80,6 +141,9 @@ def _derive(
         if not _collect_sources(item, sources, catalog):
             return None
     if len(sel.targetList or ()) != len(rel.columns):
+        return None
+    if any(isinstance(n, ast.SubLink) for n in _nodes(sel.targetList)):
+        # a scalar subquery reads relations of its own, resolved in its own scope
         return None
     masks: Masks = {}
     for col, target in zip(rel.columns, sel.targetList, strict=True):
@@ -102,6 +166,8 @@ def _collect_sources(item: Any, out: dict[str, tuple[str, str]], catalog: Catalo
             if len(matches) != 1:
                 return False
             schema = matches[0][0]
+        if item.alias is not None and item.alias.colnames:
+            return False  # `t(a, b)` renames the columns: names no longer find masks
         alias = item.alias.aliasname if item.alias is not None else item.relname
         out[alias] = (schema, item.relname)
         return True

@@ -150,8 +150,8 @@ class Rewriter(ReadRewrite):
             raise Refusal("assigning to a part of a personal column is refused")
         if isinstance(rt.val, ast.MultiAssignRef):
             raise Refusal("multiple-column assignment to personal columns is refused")
-        if excluded_ok and _is_excluded(rt.val):
-            return rt
+        if (excluded_ok and _is_excluded(rt.val)) or isinstance(rt.val, ast.SetToDefault):
+            return rt  # the incoming row's value, or the column's default: no echo to keep
         rt.val = self.write_back(rt.name, rt.val, target)
         return rt
 
@@ -216,7 +216,14 @@ class Rewriter(ReadRewrite):
             return node
         if isinstance(node, ast.Node):
             if id(node) in self.generated:
-                return node  # pgveil's own masking subquery: its names are its table's
+                # pgveil's own masking subquery: its names are its table's, but for the
+                # client's TABLESAMPLE arguments moved into it, which may name the target
+                sample = self.samples.get(id(node))
+                if sample is not None:
+                    sample.args = tuple(self.mask_target_refs(a, target) for a in sample.args)
+                    if sample.repeatable is not None:
+                        sample.repeatable = self.mask_target_refs(sample.repeatable, target)
+                return node
             for attr in node:
                 value = getattr(node, attr)
                 if isinstance(value, ast.Node):

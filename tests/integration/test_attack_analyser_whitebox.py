@@ -11,16 +11,15 @@ that does not leak directly proves nothing.
   (extended protocol, binary): the pass-through path forwards the client's own bytes, so the
   protocol matters.
 * `GUARDS`: the same tricks in positions pgveil does handle; they must keep not leaking.
+* Server-side code reached without a function call (casts, domain checks, operators named
+  like built-ins) is a rules problem that closes the database's masked sessions: see
+  test_hidden_code.py and the position corpus.
 * `test_unknown_relation_window`: the session's own temporary-relation names let a relation
   created after pgveil read the catalog (a new partition of a protected table) through,
   unmasked, on a pgveil whose catalog refresh has not come yet.
 
-Admin-side objects (functions, a cast, a domain, an operator, views, an inheritance parent;
-all named atk_wb_*) are created as the superuser before this module's pgveil reads the
-catalog, and removed afterwards. The cases on them show server-side code that runs for a
-masked role although no function call in the statement names it: the function allow-list is
-the boundary the README promises for such code.
-"""
+Admin-side objects (a function, views, an inheritance parent; all named atk_wb_*) are created as the superuser before this module's pgveil reads the
+catalog, and removed afterwards."""
 
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import (
-    EMAIL,
     HASH_KEY,
     NAME,
     PHONE,
@@ -57,14 +55,7 @@ END $$;
 DROP TABLE IF EXISTS public.atk_wb_net;
 DROP VIEW IF EXISTS billing.atk_wb_account_owner, billing.atk_wb_leak_view,
     billing.atk_wb_renamed;
-DROP OPERATOR IF EXISTS public.= (bigint, public.atk_wb_contact_t);
-DROP DOMAIN IF EXISTS public.atk_wb_checked;
-DROP CAST IF EXISTS (bigint AS public.atk_wb_contact_t);
-DROP FUNCTION IF EXISTS public.atk_wb_eq(bigint, public.atk_wb_contact_t);
-DROP FUNCTION IF EXISTS public.atk_wb_announce(bigint);
-DROP FUNCTION IF EXISTS public.atk_wb_contact_cast(bigint);
 DROP FUNCTION IF EXISTS billing.atk_wb_contact(bigint);
-DROP TYPE IF EXISTS public.atk_wb_contact_t;
 """
 
 # An administrator's objects. None of the functions is on the rules' allow-list
@@ -72,22 +63,6 @@ DROP TYPE IF EXISTS public.atk_wb_contact_t;
 ADMIN_SETUP = """
 CREATE FUNCTION billing.atk_wb_contact(bigint) RETURNS text LANGUAGE sql STABLE
     AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = $1 $$;
-CREATE TYPE public.atk_wb_contact_t AS (v text);
-CREATE FUNCTION public.atk_wb_contact_cast(bigint) RETURNS public.atk_wb_contact_t
-    LANGUAGE sql STABLE
-    AS $$ SELECT ROW(name || ' ' || email)::public.atk_wb_contact_t
-            FROM billing.customers WHERE i_customer = $1 $$;
-CREATE CAST (bigint AS public.atk_wb_contact_t)
-    WITH FUNCTION public.atk_wb_contact_cast(bigint);
-CREATE FUNCTION public.atk_wb_announce(bigint) RETURNS boolean LANGUAGE sql VOLATILE
-    AS $$ SELECT pg_catalog.set_config('application_name',
-            (SELECT name || ' ' || email FROM billing.customers WHERE i_customer = $1),
-            false) IS NOT NULL $$;
-CREATE DOMAIN public.atk_wb_checked AS bigint CHECK (public.atk_wb_announce(VALUE));
-CREATE FUNCTION public.atk_wb_eq(bigint, public.atk_wb_contact_t) RETURNS boolean
-    LANGUAGE sql VOLATILE AS $$ SELECT public.atk_wb_announce($1) $$;
-CREATE OPERATOR public.= (LEFTARG = bigint, RIGHTARG = public.atk_wb_contact_t,
-                          FUNCTION = public.atk_wb_eq);
 CREATE VIEW billing.atk_wb_account_owner AS
     SELECT a.i_account,
            (SELECT c.name FROM billing.customers c WHERE c.i_customer = a.i_customer) AS owner,
@@ -239,26 +214,6 @@ LEAKS: list[Case] = [
         "attribute_notation_unlisted_user_function",
         ("SET search_path = billing, public", "SELECT (1::bigint).atk_wb_contact AS c"),
         note="an administrator's function that is not on the allow-list, called as (x).f",
-    ),
-    # ---- server-side code reached without a function call in the statement -----------------
-    Case(
-        "cast_with_unlisted_function",
-        ("SELECT CAST(1::bigint AS public.atk_wb_contact_t)::text AS c",),
-        note="TypeCast: grammar marks TypeName.names as a name (QNAME); the cast's function "
-        "(pg_cast.castfunc, CREATE CAST ... WITH FUNCTION) is never checked against the "
-        "allow-list; implicit and assignment casts run with no syntax at all",
-    ),
-    Case(
-        "domain_check_unlisted_function",
-        ("SELECT 1::bigint::public.atk_wb_checked AS d", SHOW_APP),
-        note="a domain's CHECK constraint runs its function on every value cast to it",
-    ),
-    Case(
-        "operator_overloading_builtin_name",
-        ("SELECT 1::bigint = ROW('x')::public.atk_wb_contact_t AS eq", SHOW_APP),
-        note="proxy.catalog.read_catalog keeps user_operators = user_o - builtin_o: an "
-        "operator outside pg_catalog whose name a built-in operator also has (=) is never "
-        "refused; check_operator() passes it and its function runs",
     ),
     # ---- views and inheritance --------------------------------------------------------------
     Case(
@@ -434,27 +389,6 @@ def test_guard_holds(sessions: Sessions, case: Case, client: str) -> None:
     assert any(e in received for e in case.expect), (
         f"{case.id} via {client}: unexpected answer\n{received[:3000]}"
     )
-
-
-# ---- a unique personal column answers guesses ---------------------------------------------------
-
-
-@pytest.mark.parametrize("client", CLIENTS)
-def test_unique_personal_column_is_no_oracle(sessions: Sessions, client: str) -> None:
-    """billing.customers.email is UNIQUE: an INSERT ... ON CONFLICT (email) DO NOTHING (or a
-    plain INSERT, or the write-back of UPDATE ... SET email = guess, failing with a unique
-    violation) tells whether a guessed raw e-mail exists. pgveil refuses a foreign key to a
-    protected table for exactly this reason (Constraint.pktable in ReadRewrite.constraint),
-    but lets writes compare new values with the raw ones through unique indexes."""
-    guess = (
-        "BEGIN",
-        "INSERT INTO billing.customers (i_customer, name, email) VALUES (990, 'x', '{}') "
-        "ON CONFLICT (email) DO NOTHING RETURNING i_customer",
-        "ROLLBACK",
-    )
-    right = sessions.run(client, tuple(s.format(EMAIL) for s in guess))
-    wrong = sessions.run(client, tuple(s.format("nobody@example.invalid") for s in guess))
-    assert right == wrong, f"the answer tells the raw e-mail exists: {right!r} vs {wrong!r}"
 
 
 # ---- relations created after pgveil read the catalog -------------------------------------------
