@@ -1,0 +1,1154 @@
+"""Attack corpus by expression position: every place in a statement where PostgreSQL evaluates
+an expression (or runs code) is a way for a masked role to read personal data.
+
+Each case puts a read of personal data into one grammar position: an assignment subscript,
+a partition bound, a column default, a window frame offset, a TABLESAMPLE argument, a CALL
+argument, ... Each runs
+
+* directly against PostgreSQL as the masked role `helpdesk`, where it MUST leak (else the
+  case proves nothing and fails as broken);
+* through pgveil with psql, psycopg and asyncpg (`attack_clients`), where nothing any client
+  receives may contain a secret (`leaks()`), and where pgveil's answer must be the one the
+  case expects: `Refused(reason)` (SQLSTATE 42501 and a message `pgveil: ...` that names the
+  reason) or `Masked(text)` (the statement ran on masked data: `text`, the masked value, is
+  what came back). The expectation keeps a case from passing because of some unrelated
+  failure.
+
+How the secret reaches the client directly, by position:
+
+* where subqueries may stand, `SPY` reads customer 1's name in a subquery and stores it in
+  a custom setting (`set_config('atk.v', ...)`); `SEEN` reads it back. Through pgveil the
+  subquery reads the masked name, and `SEEN` shows the mask (`Masked`).
+* where PostgreSQL allows no subquery (defaults, checks, generated columns, partition bounds
+  and keys, index predicates, CALL and EXECUTE arguments, COPY FROM WHERE), the read is user
+  code an administrator installed (`SECURITY DEFINER`, reading raw data, not on the
+  allow-list) or a built-in that reads a relation by name (`query_to_xml`): the value comes
+  back stored (a default read back, a partition bound shown by `pg_get_expr`), in a cast
+  error, or in the custom setting `atk.spy` that the user code `public.atk_spy()` writes.
+  Through pgveil these are refused.
+* user operators (ORDER BY ... USING, `op ANY (SELECT ...)`, EXCLUDE) run `atk_spy()` too.
+* user code the statement reaches without naming a function or a non-built-in operator runs
+  `atk_spy()` as well: a cast's function, a domain's CHECK, a type's typmod input function
+  (a type modifier), an operator class's support function (EXCLUDE, PARTITION BY), an
+  operator that has a built-in operator's name (`=`) for argument types no built-in covers
+  (plain, `IN (SELECT ...)`, `= ANY (ARRAY ...)`, `CASE x WHEN`).
+* SQL/JSON syntax of PostgreSQL 16 and 17 is a plain function call to PostgreSQL 15: the
+  administrator's `public.json_array()` and friends return raw data.
+
+`ORACLES` are existence oracles: a right and a wrong guess of a personal value get different
+answers directly (errors by SQLSTATE), and the same answer through pgveil. The guesses are
+written ROT13-encoded in the statements, so that no statement carries a secret itself.
+
+The administrator's objects are created for this module (and dropped after it), and the
+module runs its own pgveil, started after they exist, with the shared rules plus one
+allow-listed procedure (`public.atk_echo`, harmless: it hands back its argument) so that the
+CALL cases test the argument position and not the procedure. Objects a case creates are
+temporary, or named `atk_*` and rolled back.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.attack_clients import (
+    CLIENTS,
+    Clients,
+    CopyIn,
+    Statements,
+    errors_in,
+    open_clients,
+    text_of,
+)
+from tests.integration.masking_fixture import ADMIN, EMAIL, HELPDESK, RULES, leaks, masking_proxy
+from tests.support import ProxyProcess
+
+C1 = "WHERE i_customer = 1"
+SUB = f"(SELECT name FROM billing.customers {C1})"
+# an integer expression that reads customer 1's name and keeps it in a custom setting
+SET_V = f"set_config('atk.v', {SUB}, false)"
+SPY = f"length({SET_V})"
+SEEN = "SELECT current_setting('atk.v', true)"
+# what the administrator's user code `public.atk_spy()` read
+SPIED = "SELECT current_setting('atk.spy', true)"
+QUERY_TO_XML = "query_to_xml('SELECT name, email FROM billing.customers', true, false, '')::text"
+# how pgveil shows customer 1's name (partial mask: first and last symbol)
+MASKED_NAME = "Z*****************t"
+
+# ---- the administrator's objects (created as the superuser; user code owned by an admin) ----
+
+ADMIN_SETUP = f"""
+GRANT CREATE ON SCHEMA public TO {ADMIN};
+GRANT REFERENCES ON billing.customers TO {HELPDESK};
+SET ROLE {ADMIN};
+-- user code that reads raw data, not on the allow-list
+CREATE FUNCTION public.atk_peek(i bigint) RETURNS text LANGUAGE sql STABLE SECURITY DEFINER
+    AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = i $$;
+CREATE FUNCTION public.atk_peek_imm(i bigint) RETURNS text LANGUAGE sql IMMUTABLE
+    SECURITY DEFINER
+    AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = i $$;
+CREATE FUNCTION public.atk_spy() RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER
+    AS $$ SELECT set_config('atk.spy',
+        (SELECT name || ' ' || email FROM billing.customers WHERE i_customer = 1), false)
+        IS NOT NULL $$;
+CREATE FUNCTION public.atk_eq(a int, b int) RETURNS boolean LANGUAGE sql VOLATILE
+    SECURITY DEFINER AS $$ SELECT public.atk_spy() AND a = b $$;
+CREATE FUNCTION public.atk_lt(a int, b int) RETURNS boolean LANGUAGE sql VOLATILE
+    SECURITY DEFINER AS $$ SELECT public.atk_spy() AND a < b $$;
+CREATE FUNCTION public.atk_cmp(a int, b int) RETURNS int LANGUAGE sql VOLATILE
+    SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN btint4cmp(a, b) END $$;
+CREATE FUNCTION public.atk_cmp2(a int2, b int2) RETURNS int LANGUAGE sql VOLATILE
+    SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN btint2cmp(a, b) END $$;
+CREATE FUNCTION public.atk_hash(a int) RETURNS int LANGUAGE sql VOLATILE SECURITY DEFINER
+    AS $$ SELECT CASE WHEN public.atk_spy() THEN 0 END $$;  -- one bucket: ==== always runs
+CREATE FUNCTION public.atk_eq_int_text(a int, b text) RETURNS boolean LANGUAGE sql VOLATILE
+    SECURITY DEFINER AS $$ SELECT public.atk_spy() AND a::text = b $$;
+CREATE FUNCTION public.atk_inet_int(a inet) RETURNS int LANGUAGE sql VOLATILE SECURITY DEFINER
+    AS $$ SELECT CASE WHEN public.atk_spy() THEN 1 END $$;
+CREATE FUNCTION public.atk_tm_typmod(a cstring[]) RETURNS int LANGUAGE sql STABLE
+    SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN 7 END $$;
+-- SQL/JSON syntax of PostgreSQL 16/17 is a function call to PostgreSQL 15
+CREATE FUNCTION public.json_array(VARIADIC a int[]) RETURNS text LANGUAGE sql STABLE
+    SECURITY DEFINER AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = 1 $$;
+CREATE FUNCTION public.json_array() RETURNS text LANGUAGE sql STABLE SECURITY DEFINER
+    AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = 1 $$;
+CREATE FUNCTION public.json_object() RETURNS text LANGUAGE sql STABLE SECURITY DEFINER
+    AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = 1 $$;
+CREATE FUNCTION public.json_scalar(a int) RETURNS text LANGUAGE sql STABLE SECURITY DEFINER
+    AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = a $$;
+CREATE FUNCTION public.json_serialize(a int) RETURNS text LANGUAGE sql STABLE SECURITY DEFINER
+    AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = a $$;
+CREATE FUNCTION public.json(a int) RETURNS text LANGUAGE sql STABLE SECURITY DEFINER
+    AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = a $$;
+CREATE FUNCTION public.json_query(a int, p text) RETURNS text LANGUAGE sql STABLE
+    SECURITY DEFINER AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = a $$;
+CREATE FUNCTION public.json_value(a int, p text) RETURNS text LANGUAGE sql STABLE
+    SECURITY DEFINER AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = a $$;
+CREATE FUNCTION public.json_exists(a int, p text) RETURNS text LANGUAGE sql STABLE
+    SECURITY DEFINER AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = a $$;
+CREATE FUNCTION public.json_arrayagg(a int) RETURNS text LANGUAGE sql STABLE SECURITY DEFINER
+    AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = a $$;
+-- allow-listed (rules below): hands back its argument, reads nothing
+CREATE PROCEDURE public.atk_echo(IN v text, INOUT r text) LANGUAGE sql AS $$ SELECT v $$;
+RESET ROLE;
+-- operators, operator classes, a cast, a domain, types: superuser only
+CREATE OPERATOR public.==== (LEFTARG = int, RIGHTARG = int, FUNCTION = public.atk_eq,
+    COMMUTATOR = ====);
+CREATE OPERATOR public.<<<< (LEFTARG = int, RIGHTARG = int, FUNCTION = public.atk_lt);
+-- a user operator with a built-in operator's name, for a pair of types no built-in covers
+CREATE OPERATOR public.= (LEFTARG = int, RIGHTARG = text, FUNCTION = public.atk_eq_int_text);
+CREATE OPERATOR CLASS public.atk_hash_ops FOR TYPE int USING hash AS
+    OPERATOR 1 ====, FUNCTION 1 public.atk_hash(int);
+CREATE OPERATOR CLASS public.atk_btree_ops FOR TYPE int USING btree AS
+    OPERATOR 1 <<<<, OPERATOR 3 ====, FUNCTION 1 public.atk_cmp(int, int);
+-- built-in operators, user comparison function (int2: no other case sorts or joins on it)
+CREATE OPERATOR CLASS public.atk_int2_ops FOR TYPE int2 USING btree AS
+    OPERATOR 1 <, OPERATOR 2 <=, OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >,
+    FUNCTION 1 public.atk_cmp2(int2, int2);
+CREATE CAST (inet AS int) WITH FUNCTION public.atk_inet_int(inet) AS ASSIGNMENT;
+CREATE DOMAIN public.atk_dom AS int CHECK (public.atk_spy());
+CREATE TYPE public.atk_rec AS (f jsonb, g int[]);
+CREATE TYPE public.atk_tm;
+CREATE FUNCTION public.atk_tm_in(cstring) RETURNS public.atk_tm LANGUAGE internal IMMUTABLE
+    STRICT AS 'int4in';
+CREATE FUNCTION public.atk_tm_out(public.atk_tm) RETURNS cstring LANGUAGE internal IMMUTABLE
+    STRICT AS 'int4out';
+CREATE TYPE public.atk_tm (INPUT = public.atk_tm_in, OUTPUT = public.atk_tm_out,
+    TYPMOD_IN = public.atk_tm_typmod, INTERNALLENGTH = 4, PASSEDBYVALUE, ALIGNMENT = int4);
+"""
+
+ADMIN_TEARDOWN = f"""
+DROP TABLE IF EXISTS public.atk_fk;
+DROP CAST IF EXISTS (inet AS int);
+DROP OPERATOR FAMILY IF EXISTS public.atk_hash_ops USING hash CASCADE;
+DROP OPERATOR FAMILY IF EXISTS public.atk_btree_ops USING btree CASCADE;
+DROP OPERATOR FAMILY IF EXISTS public.atk_int2_ops USING btree CASCADE;
+DROP OPERATOR IF EXISTS public.==== (int, int), public.<<<< (int, int), public.= (int, text);
+DROP DOMAIN IF EXISTS public.atk_dom;
+DROP TYPE IF EXISTS public.atk_rec;
+DROP TYPE IF EXISTS public.atk_tm CASCADE;
+DROP FUNCTION IF EXISTS public.atk_peek(bigint), public.atk_peek_imm(bigint),
+    public.atk_eq(int, int), public.atk_lt(int, int), public.atk_cmp(int, int),
+    public.atk_cmp2(int2, int2), public.atk_hash(int), public.atk_eq_int_text(int, text),
+    public.atk_inet_int(inet), public.atk_tm_typmod(cstring[]), public.atk_spy(),
+    public.json_array(VARIADIC int[]), public.json_array(), public.json_object(),
+    public.json_scalar(int), public.json_serialize(int), public.json(int),
+    public.json_query(int, text), public.json_value(int, text), public.json_exists(int, text),
+    public.json_arrayagg(int);
+DROP PROCEDURE IF EXISTS public.atk_echo(text, text);
+REVOKE REFERENCES ON billing.customers FROM {HELPDESK};
+REVOKE CREATE ON SCHEMA public FROM {ADMIN};
+"""
+
+RULES_WITH_ECHO = RULES.replace(
+    "allow: [billing.invoice_total]", "allow: [billing.invoice_total, public.atk_echo]"
+)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """pgveil refuses the statement: SQLSTATE 42501, `pgveil: ...` naming `reason`."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Masked:
+    """pgveil runs the statement on masked data: `shown` (a masked value) comes back."""
+
+    shown: str = MASKED_NAME
+
+
+Expectation = Refused | Masked
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    sql: Statements
+    expect: Expectation
+
+
+READS = Refused("a write whose new values read personal columns is refused")
+QX_DENIED = Refused("function query_to_xml can read data pgveil cannot mask")
+MASKED = Masked()
+
+
+def not_allowed(function: str) -> Refused:
+    return Refused(f"function {function} is not allowed for masked roles")
+
+
+def operator_refused(op: str) -> Refused:
+    return Refused(f"operator {op} is not allowed for masked roles")
+
+
+def newer_syntax(node: str, version: int) -> Refused:
+    return Refused(
+        f"this syntax ({node}) is read differently by servers older than PostgreSQL {version}"
+    )
+
+
+# user code reached without naming a function or an operator that is not built-in: what
+# pgveil should say is for the lead to decide; any refusal of non-allow-listed code would do
+USER_CODE = Refused("is not allowed for masked roles")
+
+W = "CREATE TEMP TABLE atk_w (id int PRIMARY KEY, j jsonb, a int[], m int[], r public.atk_rec, c text, d text)"
+W_ROW = "INSERT INTO atk_w VALUES (1, '{}', '{1}', '{{1,2},{3,4}}', ROW('{}', '{1}'), 'c', 'd')"
+READ_W = "SELECT j::text, a::text, m::text, r::text, c, d FROM atk_w"
+# the keys of customer 1's `extra` that the fixture did not put there (the json mask masks
+# the value of `dl`; keys are shown as they are)
+NEW_KEYS = (
+    f"SELECT k FROM billing.customers, jsonb_object_keys(extra) k {C1} AND k NOT IN ('dl', 'tier')"
+)
+PART_BOUND = "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname LIKE 'atk_p%'"
+
+
+def _tx(*items: str) -> tuple[str, ...]:
+    """Statements in a transaction that is rolled back (writes to the fixture's tables)."""
+    return ("BEGIN", *items, "ROLLBACK")
+
+
+CASES: list[Case] = [
+    # ---- assignment targets: subscripts are new data, and decide where a value goes -------
+    Case(
+        "insert_cols_jsonb_subscript",
+        (W, f"INSERT INTO atk_w (id, j[{SUB}]) VALUES (2, '1')", READ_W),
+        READS,
+    ),
+    Case(
+        "insert_cols_array_subscript",
+        (W, f"INSERT INTO atk_w (id, a[{SPY}]) VALUES (2, 7)", SEEN),
+        READS,
+    ),
+    Case(
+        "insert_cols_subscript_protected_target",
+        _tx(
+            "INSERT INTO billing.customers (i_customer, name, extra[(SELECT email FROM "
+            f"billing.customers {C1})]) VALUES (99, 'x', '1')",
+            "SELECT extra::text FROM billing.customers WHERE i_customer = 99",
+        ),
+        READS,
+    ),
+    Case(
+        "update_set_jsonb_subscript",
+        (W, W_ROW, f"UPDATE atk_w SET j[{SUB}] = '2'", READ_W),
+        READS,
+    ),
+    Case(
+        "update_set_array_subscript",
+        (W, W_ROW, f"UPDATE atk_w SET a[{SPY}] = 2", SEEN),
+        READS,
+    ),
+    Case(
+        "update_set_array_slice",
+        (W, W_ROW, f"UPDATE atk_w SET a[1:{SPY} - 18] = '{{5}}'", SEEN),
+        READS,
+    ),
+    Case(
+        "update_set_nested_jsonb_subscript",
+        (W, W_ROW, f"UPDATE atk_w SET j['k'][{SUB}] = '3'", READ_W),
+        READS,
+    ),
+    Case(
+        "update_set_nested_array_subscript",
+        (W, W_ROW, f"UPDATE atk_w SET m[{SPY} - 18][1] = 9", SEEN),
+        READS,
+    ),
+    Case(
+        "update_set_field_jsonb_subscript",
+        (W, W_ROW, f"UPDATE atk_w SET r.f[{SUB}] = '1'", READ_W),
+        READS,
+    ),
+    Case(
+        "update_set_field_array_subscript",
+        (W, W_ROW, f"UPDATE atk_w SET r.g[{SPY}] = 5", SEEN),
+        READS,
+    ),
+    Case(
+        "update_set_multiple_columns_subquery",
+        (
+            W,
+            W_ROW,
+            f"UPDATE atk_w SET (c, d) = (SELECT name, email FROM billing.customers {C1})",
+            READ_W,
+        ),
+        READS,
+    ),
+    Case(
+        # `extra` has a json mask for its key `dl` only: a new key would be shown as it is
+        "update_set_subscript_reads_target",
+        _tx(
+            f"UPDATE billing.customers SET extra[name] = '1' {C1}",
+            NEW_KEYS,
+        ),
+        READS,
+    ),
+    Case(
+        "update_set_subscript_reads_target_qualified",
+        _tx(
+            f"UPDATE billing.customers c SET extra[c.email] = '1' {C1}",
+            NEW_KEYS,
+        ),
+        READS,
+    ),
+    Case(
+        "on_conflict_set_jsonb_subscript",
+        (
+            W,
+            W_ROW,
+            f"INSERT INTO atk_w (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET j[{SUB}] = '4'",
+            READ_W,
+        ),
+        READS,
+    ),
+    Case(
+        "on_conflict_set_array_subscript",
+        (
+            W,
+            W_ROW,
+            f"INSERT INTO atk_w (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET a[{SPY}] = 4",
+            SEEN,
+        ),
+        READS,
+    ),
+    Case(
+        "on_conflict_set_subscript_reads_target",
+        _tx(
+            "INSERT INTO billing.customers (i_customer, name) VALUES (1, 'x') "
+            "ON CONFLICT (i_customer) DO UPDATE SET extra[billing.customers.phone] = '1'",
+            NEW_KEYS,
+        ),
+        READS,
+    ),
+    Case(
+        # the planner folds immutable calls of constants, also in the arbiter inference
+        "on_conflict_inference_expression",
+        (
+            W,
+            "INSERT INTO atk_w (id) VALUES (1) "
+            "ON CONFLICT ((public.atk_peek_imm(1)::int)) DO NOTHING",
+        ),
+        not_allowed("public.atk_peek_imm"),
+    ),
+    Case(
+        "on_conflict_inference_where",
+        (
+            W,
+            "INSERT INTO atk_w (id) VALUES (1) "
+            "ON CONFLICT (id) WHERE public.atk_peek_imm(1)::int > 0 DO NOTHING",
+        ),
+        not_allowed("public.atk_peek_imm"),
+    ),
+    Case(
+        "on_conflict_update_where",
+        (
+            W,
+            W_ROW,
+            "INSERT INTO atk_w (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET c = 'x' "
+            f"WHERE {SPY} > 0",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "returning_subquery_insert",
+        (W, f"INSERT INTO atk_w (id) VALUES (2) RETURNING {SUB}"),
+        MASKED,
+    ),
+    Case(
+        "returning_subquery_update",
+        (W, W_ROW, f"UPDATE atk_w SET c = 'x' RETURNING {SPY}", SEEN),
+        MASKED,
+    ),
+    Case("returning_subquery_delete", (W, W_ROW, f"DELETE FROM atk_w RETURNING {SUB}"), MASKED),
+    # ---- table definitions: evaluated at CREATE, or for every row the session writes --------
+    Case(
+        "partition_bound_list",
+        (
+            "CREATE TEMP TABLE atk_pl (k text) PARTITION BY LIST (k)",
+            "CREATE TEMP TABLE atk_pl_1 PARTITION OF atk_pl FOR VALUES IN (public.atk_peek(1))",
+            PART_BOUND,
+        ),
+        not_allowed("public.atk_peek"),
+    ),
+    Case(
+        "partition_bound_list_query_to_xml",
+        (
+            "CREATE TEMP TABLE atk_pl (k text) PARTITION BY LIST (k)",
+            f"CREATE TEMP TABLE atk_pl_1 PARTITION OF atk_pl FOR VALUES IN ({QUERY_TO_XML})",
+            PART_BOUND,
+        ),
+        QX_DENIED,
+    ),
+    Case(
+        "partition_bound_range_from",
+        (
+            "CREATE TEMP TABLE atk_pr (k text) PARTITION BY RANGE (k)",
+            "CREATE TEMP TABLE atk_pr_1 PARTITION OF atk_pr "
+            "FOR VALUES FROM (atk_peek(1)) TO (MAXVALUE)",
+            PART_BOUND,
+        ),
+        not_allowed("atk_peek"),
+    ),
+    Case(
+        "partition_bound_range_to",
+        (
+            "CREATE TEMP TABLE atk_pr (k text) PARTITION BY RANGE (k)",
+            "CREATE TEMP TABLE atk_pr_1 PARTITION OF atk_pr "
+            f"FOR VALUES FROM (MINVALUE) TO ({QUERY_TO_XML})",
+            PART_BOUND,
+        ),
+        QX_DENIED,
+    ),
+    Case(
+        "partition_key_expression",
+        (
+            "CREATE TEMP TABLE atk_pk (i bigint) PARTITION BY LIST ((atk_peek_imm(i)::int))",
+            "CREATE TEMP TABLE atk_pk_d PARTITION OF atk_pk DEFAULT",
+            "INSERT INTO atk_pk VALUES (1)",
+        ),
+        not_allowed("atk_peek_imm"),
+    ),
+    Case(
+        # the operator class's comparison function is user code: it runs for every bound
+        # and every row routed, though the statement names no function and no operator
+        "partition_key_operator_class",
+        (
+            "CREATE TEMP TABLE atk_po (a int2) PARTITION BY RANGE (a public.atk_int2_ops)",
+            "CREATE TEMP TABLE atk_po_1 PARTITION OF atk_po FOR VALUES FROM (1) TO (10)",
+            "INSERT INTO atk_po VALUES (2)",
+            SPIED,
+        ),
+        USER_CODE,
+    ),
+    Case(
+        "column_default",
+        (
+            "CREATE TEMP TABLE atk_d (i int, a text DEFAULT atk_peek(1))",
+            "INSERT INTO atk_d (i) VALUES (1)",
+            "SELECT a FROM atk_d",
+        ),
+        not_allowed("atk_peek"),
+    ),
+    Case(
+        "column_default_query_to_xml",
+        (
+            f"CREATE TEMP TABLE atk_d (i int, a text DEFAULT {QUERY_TO_XML})",
+            "INSERT INTO atk_d (i) VALUES (1)",
+            "SELECT a FROM atk_d",
+        ),
+        QX_DENIED,
+    ),
+    Case(
+        "column_check",
+        (
+            "CREATE TEMP TABLE atk_c (i int CHECK (public.atk_spy()))",
+            "INSERT INTO atk_c VALUES (1)",
+            SPIED,
+        ),
+        not_allowed("public.atk_spy"),
+    ),
+    Case(
+        "table_check",
+        (
+            f"CREATE TEMP TABLE atk_c (i int, CHECK (({QUERY_TO_XML})::int > i))",
+            "INSERT INTO atk_c VALUES (1)",
+        ),
+        QX_DENIED,
+    ),
+    Case(
+        "generated_column",
+        (
+            "CREATE TEMP TABLE atk_g (i bigint, a text GENERATED ALWAYS AS (atk_peek_imm(i)) STORED)",
+            "INSERT INTO atk_g (i) VALUES (1)",
+            "SELECT a FROM atk_g",
+        ),
+        not_allowed("atk_peek_imm"),
+    ),
+    Case(
+        "exclude_operator",
+        (
+            "CREATE TEMP TABLE atk_x (a int, EXCLUDE USING hash (a public.atk_hash_ops WITH ====))",
+            "INSERT INTO atk_x VALUES (1), (2)",
+            SPIED,
+        ),
+        operator_refused("===="),
+    ),
+    Case(
+        "exclude_operator_qualified",
+        (
+            "CREATE TEMP TABLE atk_x (a int, EXCLUDE USING hash "
+            "(a public.atk_hash_ops WITH OPERATOR(public.====)))",
+            "INSERT INTO atk_x VALUES (1), (2)",
+            SPIED,
+        ),
+        Refused("operator ==== outside pg_catalog is not allowed for masked roles"),
+    ),
+    Case(
+        "exclude_predicate",
+        (
+            "CREATE TEMP TABLE atk_x (a int, EXCLUDE USING btree (a WITH =) "
+            "WHERE (public.atk_peek_imm(a)::int > 0))",
+            "INSERT INTO atk_x VALUES (1)",
+        ),
+        not_allowed("public.atk_peek_imm"),
+    ),
+    Case(
+        "exclude_element_expression",
+        (
+            "CREATE TEMP TABLE atk_x (a int, EXCLUDE USING btree ((atk_peek_imm(a)::int) WITH =))",
+            "INSERT INTO atk_x VALUES (1)",
+        ),
+        not_allowed("atk_peek_imm"),
+    ),
+    Case(
+        # built-in operator, user operator class: its comparison function runs on insert
+        "exclude_operator_class",
+        (
+            "CREATE TEMP TABLE atk_x (a int2, EXCLUDE USING btree (a public.atk_int2_ops WITH =))",
+            "INSERT INTO atk_x VALUES (1), (2)",
+            SPIED,
+        ),
+        USER_CODE,
+    ),
+    Case(
+        # a type modifier is a constant, but the type's typmod_in is user code
+        "typmod_user_type_cast",
+        ("SELECT NULL::public.atk_tm(5)", SPIED),
+        USER_CODE,
+    ),
+    Case(
+        "typmod_user_type_column",
+        ("CREATE TEMP TABLE atk_t (a public.atk_tm(3))", SPIED),
+        USER_CODE,
+    ),
+    # ---- clauses of queries ----------------------------------------------------------------
+    Case("limit_count", (f"SELECT 1 LIMIT {SPY}", SEEN), MASKED),
+    Case("offset_count", (f"SELECT 1 OFFSET {SPY} - 19", SEEN), MASKED),
+    Case("fetch_first_count", (f"SELECT 1 FETCH FIRST {SPY} ROWS ONLY", SEEN), MASKED),
+    Case(
+        "fetch_first_with_ties",
+        (
+            f"SELECT i FROM generate_series(1, 2) i ORDER BY i FETCH FIRST {SPY} ROWS WITH TIES",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "window_rows_start",
+        (
+            f"SELECT sum(i) OVER (ORDER BY i ROWS BETWEEN {SPY} PRECEDING AND CURRENT ROW) "
+            "FROM generate_series(1, 2) i",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "window_range_end",
+        (
+            f"SELECT sum(i) OVER (ORDER BY i RANGE BETWEEN CURRENT ROW AND {SPY} FOLLOWING) "
+            "FROM generate_series(1, 2) i",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "window_groups_start_and_end",
+        (
+            f"SELECT sum(i) OVER (ORDER BY i GROUPS BETWEEN {SPY} PRECEDING AND {SPY} FOLLOWING) "
+            "FROM generate_series(1, 2) i",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "named_window_partition",
+        (
+            f"SELECT sum(i) OVER w FROM generate_series(1, 2) i WINDOW w AS (PARTITION BY {SPY})",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "named_window_order_and_frame",
+        (
+            "SELECT sum(i) OVER (w ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING) "
+            f"FROM generate_series(1, 2) i WINDOW w AS (ORDER BY {SPY})",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "tablesample_argument",
+        (f"SELECT count(*) FROM billing.customer_classes TABLESAMPLE SYSTEM ({SPY})", SEEN),
+        MASKED,
+    ),
+    Case(
+        "tablesample_repeatable",
+        (
+            "SELECT count(*) FROM billing.customer_classes TABLESAMPLE BERNOULLI (100) "
+            f"REPEATABLE ({SPY})",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "tablesample_of_protected_table",
+        (
+            "SELECT name FROM billing.customers TABLESAMPLE BERNOULLI (100) "
+            f"REPEATABLE ({SPY}) {C1}",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "order_by_using_user_operator",
+        ("SELECT i FROM generate_series(1, 3) i ORDER BY i USING <<<<", SPIED),
+        operator_refused("<<<<"),
+    ),
+    Case(
+        "any_subquery_user_operator",
+        ("SELECT 1 WHERE 1 ==== ANY (SELECT 1)", SPIED),
+        operator_refused("===="),
+    ),
+    Case(
+        "all_subquery_qualified_user_operator",
+        ("SELECT 1 WHERE 1 OPERATOR(public.====) ALL (SELECT 1)", SPIED),
+        Refused("operator ==== outside pg_catalog is not allowed for masked roles"),
+    ),
+    Case(
+        "any_array_user_operator",
+        ("SELECT 1 WHERE 1 ==== ANY (ARRAY[1])", SPIED),
+        operator_refused("===="),
+    ),
+    Case(
+        "aggregate_filter",
+        (f"SELECT count(*) FILTER (WHERE {SPY} > 0) FROM generate_series(1, 2)", SEEN),
+        MASKED,
+    ),
+    Case(
+        "aggregate_order_by",
+        (f"SELECT string_agg('x', ',' ORDER BY {SPY}) FROM generate_series(1, 2)", SEEN),
+        MASKED,
+    ),
+    Case(
+        "aggregate_within_group",
+        (f"SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY {SPY})", SEEN),
+        MASKED,
+    ),
+    Case(
+        "grouping_sets",
+        (
+            f"SELECT count(*) FROM generate_series(1, 2) i GROUP BY GROUPING SETS ((i), ({SPY}))",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "grouping_cube",
+        (f"SELECT count(*) FROM generate_series(1, 2) i GROUP BY CUBE (i, {SPY})", SEEN),
+        MASKED,
+    ),
+    Case(
+        "grouping_rollup",
+        (f"SELECT count(*) FROM generate_series(1, 2) i GROUP BY ROLLUP (i, {SPY})", SEEN),
+        MASKED,
+    ),
+    Case("having", (f"SELECT 1 FROM generate_series(1, 2) HAVING {SPY} > 0", SEEN), MASKED),
+    Case("distinct_on", (f"SELECT DISTINCT ON ({SPY}) 1", SEEN), MASKED),
+    Case("subscript_of_expression", (f"SELECT (ARRAY[1, 2])[{SPY} - 18]", SEEN), MASKED),
+    Case("named_argument", (f"SELECT make_interval(secs => {SPY})", SEEN), MASKED),
+    Case(
+        "xmltable_row_expression",
+        (
+            f"SELECT * FROM XMLTABLE(('/r' || left({SET_V}, 0)) PASSING '<r/>' "
+            "COLUMNS a text PATH '.')",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "xmltable_column_path",
+        (
+            "SELECT * FROM XMLTABLE('/r' PASSING '<r/>' "
+            f"COLUMNS a text PATH ('.' || left({SET_V}, 0)))",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "xmltable_column_default",
+        (f"SELECT * FROM XMLTABLE('/r' PASSING '<r/>' COLUMNS a text PATH '@x' DEFAULT {SUB})",),
+        MASKED,
+    ),
+    Case(
+        "xmltable_passing",
+        (
+            f"SELECT * FROM XMLTABLE('/r' PASSING (('<r>' || {SUB} || '</r>')::xml) "
+            "COLUMNS a text PATH '.')",
+        ),
+        MASKED,
+    ),
+    Case(
+        "xmltable_namespaces",
+        (
+            f"SELECT * FROM XMLTABLE(XMLNAMESPACES({SET_V} AS n), '/r' PASSING '<r/>' "
+            "COLUMNS a text PATH '.')",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case("rows_from", (f"SELECT * FROM ROWS FROM ({SET_V}, generate_series(1, 2))",), MASKED),
+    Case(
+        "rows_from_user_function",
+        ("SELECT * FROM ROWS FROM (public.atk_peek(1)) WITH ORDINALITY",),
+        not_allowed("public.atk_peek"),
+    ),
+    Case("values_list", (f"SELECT * FROM (VALUES (1, {SUB})) v(a, b)",), MASKED),
+    Case("values_limit", (f"VALUES (1), (2) ORDER BY 1 LIMIT {SPY}", SEEN), MASKED),
+    Case("set_operation_limit", (f"SELECT 1 UNION SELECT 2 LIMIT {SPY}", SEEN), MASKED),
+    Case(
+        "lateral_subquery",
+        (f"SELECT l.x FROM generate_series(1, 1) g, LATERAL (SELECT {SUB} AS x OFFSET g - 1) l",),
+        MASKED,
+    ),
+    Case(
+        "lateral_rows_from",
+        (f"SELECT l.* FROM generate_series(1, 1) g, LATERAL ROWS FROM ({SET_V}) l",),
+        MASKED,
+    ),
+    Case(
+        "lateral_function_argument",
+        (
+            f"SELECT count(*) FROM generate_series(1, 1) g, LATERAL generate_series(g, {SPY}) h",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "lateral_xmltable",
+        (
+            "SELECT x.* FROM generate_series(1, 1) g, LATERAL XMLTABLE('/r' PASSING '<r/>' "
+            f"COLUMNS a text PATH '@x' DEFAULT {SUB}) x",
+        ),
+        MASKED,
+    ),
+    Case(
+        "cte_search_sequence_column",
+        (
+            f"WITH RECURSIVE t(n, s) AS (SELECT 1, {SUB} UNION ALL SELECT n + 1, s FROM t "
+            "WHERE n < 2) SEARCH DEPTH FIRST BY s SET ord SELECT ord::text FROM t",
+        ),
+        MASKED,
+    ),
+    Case(
+        "cte_search_breadth_first_table",
+        (
+            "WITH RECURSIVE t(n, s) AS (SELECT 1, c.name FROM billing.customers c "
+            f"{C1} UNION ALL SELECT n + 1, s FROM t WHERE n < 2) "
+            "SEARCH BREADTH FIRST BY s SET ord SELECT ord::text FROM t",
+        ),
+        MASKED,
+    ),
+    Case(
+        "cte_cycle_path_column",
+        (
+            f"WITH RECURSIVE t(n, s) AS (SELECT 1, {SUB} UNION ALL SELECT n + 1, s FROM t "
+            "WHERE n < 2) CYCLE s SET is_cycle USING path SELECT path::text FROM t",
+        ),
+        MASKED,
+    ),
+    # ---- statements around queries ------------------------------------------------------------
+    Case(
+        "call_argument_query_to_xml",
+        (f"CALL public.atk_echo({QUERY_TO_XML}, NULL)",),
+        QX_DENIED,
+    ),
+    Case(
+        "call_argument_user_function",
+        ("CALL public.atk_echo(public.atk_peek(1), NULL)",),
+        not_allowed("public.atk_peek"),
+    ),
+    Case(
+        "execute_parameter_query_to_xml",
+        ("PREPARE atk_e(text) AS SELECT $1", f"EXECUTE atk_e({QUERY_TO_XML})"),
+        QX_DENIED,
+    ),
+    Case(
+        "execute_parameter_user_function",
+        ("PREPARE atk_e(text) AS SELECT $1", "EXECUTE atk_e(atk_peek(1))"),
+        not_allowed("atk_peek"),
+    ),
+    Case(
+        "copy_from_where_user_function",
+        (
+            "CREATE TEMP TABLE atk_cw (a int)",
+            CopyIn("COPY atk_cw FROM STDIN WHERE public.atk_spy()", "1\n"),
+            SPIED,
+        ),
+        not_allowed("public.atk_spy"),
+    ),
+    Case(
+        "copy_from_where_query_to_xml",
+        (
+            "CREATE TEMP TABLE atk_cw (a int)",
+            CopyIn(
+                f"COPY atk_cw FROM STDIN WHERE length(set_config('atk.v', {QUERY_TO_XML}, false)) > a",
+                "1\n",
+            ),
+            SEEN,
+        ),
+        QX_DENIED,
+    ),
+    Case(
+        "explain_analyze_limit",
+        (f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT 1 LIMIT {SPY}", SEEN),
+        MASKED,
+    ),
+    Case(
+        "explain_analyze_window_frame",
+        (
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT sum(i) OVER "
+            f"(ORDER BY i ROWS BETWEEN {SPY} PRECEDING AND CURRENT ROW) FROM generate_series(1, 2) i",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "explain_analyze_insert_subscript",
+        (
+            W,
+            f"EXPLAIN (ANALYZE, COSTS OFF) INSERT INTO atk_w (id, j[{SUB}]) VALUES (2, '1')",
+            READ_W,
+        ),
+        READS,
+    ),
+    Case(
+        "explain_analyze_create_table_as",
+        (
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) "
+            f"CREATE TEMP TABLE atk_ea AS SELECT 1 AS a OFFSET {SPY} - 19",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        # no ANALYZE: the planner still folds immutable calls of constants
+        "explain_plan_folds_constants",
+        ("EXPLAIN SELECT 1 WHERE public.atk_peek_imm(1)::int > 0",),
+        not_allowed("public.atk_peek_imm"),
+    ),
+    Case(
+        "create_table_as_offset",
+        (f"CREATE TEMP TABLE atk_ctas AS SELECT 1 AS a OFFSET {SPY} - 19", SEEN),
+        MASKED,
+    ),
+    Case(
+        "select_into_filter",
+        (
+            f"SELECT count(*) FILTER (WHERE {SPY} > 0) INTO TEMP atk_si FROM generate_series(1, 2)",
+            SEEN,
+        ),
+        MASKED,
+    ),
+    Case(
+        "create_temp_view_limit",
+        (f"CREATE TEMP VIEW atk_v AS SELECT 1 AS a LIMIT {SPY}", "SELECT * FROM atk_v", SEEN),
+        MASKED,
+    ),
+    Case(
+        "declare_cursor_window",
+        (
+            "BEGIN",
+            f"DECLARE atk_cur CURSOR FOR SELECT sum(i) OVER w FROM generate_series(1, 2) i "
+            f"WINDOW w AS (PARTITION BY {SPY})",
+            "FETCH ALL FROM atk_cur",
+            SEEN,
+            "ROLLBACK",
+        ),
+        MASKED,
+    ),
+    Case(
+        "prepare_limit",
+        (f"PREPARE atk_pl AS SELECT 1 LIMIT {SPY}", "EXECUTE atk_pl", SEEN),
+        MASKED,
+    ),
+    # ---- SQL/JSON syntax that PostgreSQL 15 reads as a call of the administrator's function --
+    Case("json_array", ("SELECT JSON_ARRAY(1, 2)",), newer_syntax("JsonArrayConstructor", 16)),
+    Case("json_array_empty", ("SELECT JSON_ARRAY()",), newer_syntax("JsonArrayConstructor", 16)),
+    Case("json_object_empty", ("SELECT JSON_OBJECT()",), newer_syntax("JsonObjectConstructor", 16)),
+    Case(
+        "json_arrayagg",
+        ("SELECT JSON_ARRAYAGG(i) FROM generate_series(1, 1) i",),
+        newer_syntax("JsonArrayAgg", 16),
+    ),
+    Case("json_scalar", ("SELECT JSON_SCALAR(1)",), newer_syntax("JsonScalarExpr", 17)),
+    Case("json_serialize", ("SELECT JSON_SERIALIZE(1)",), newer_syntax("JsonSerializeExpr", 17)),
+    Case("json_parse", ("SELECT JSON(1)",), newer_syntax("JsonParseExpr", 17)),
+    Case("json_query", ("SELECT JSON_QUERY(1, 'x')",), newer_syntax("JsonFuncExpr", 17)),
+    Case("json_value", ("SELECT JSON_VALUE(1, 'x')",), newer_syntax("JsonFuncExpr", 17)),
+    Case("json_exists", ("SELECT JSON_EXISTS(1, 'x')",), newer_syntax("JsonFuncExpr", 17)),
+    Case(
+        "json_array_in_column_default",
+        (
+            "CREATE TEMP TABLE atk_d (i int, a text DEFAULT JSON_ARRAY())",
+            "INSERT INTO atk_d (i) VALUES (1)",
+            "SELECT a FROM atk_d",
+        ),
+        newer_syntax("JsonArrayConstructor", 16),
+    ),
+    Case(
+        "json_object_in_limit",
+        ("SELECT 1 LIMIT (JSON_OBJECT())::int",),
+        newer_syntax("JsonObjectConstructor", 16),
+    ),
+    # ---- user code reached without naming a function or a non-built-in operator ------------
+    Case("cast_user_function", ("SELECT '192.0.2.1'::inet::int", SPIED), USER_CODE),
+    Case(
+        "cast_assignment_user_function",
+        (
+            "CREATE TEMP TABLE atk_ci (i int)",
+            "INSERT INTO atk_ci VALUES ('192.0.2.1'::inet)",
+            SPIED,
+        ),
+        USER_CODE,
+    ),
+    Case("domain_check_user_function", ("SELECT 1::public.atk_dom", SPIED), USER_CODE),
+    Case("builtin_named_user_operator", ("SELECT 1 = 'x'::text", SPIED), USER_CODE),
+    Case(
+        "builtin_named_user_operator_in_subquery",
+        ("SELECT 1 IN (SELECT 'x'::text)", SPIED),
+        USER_CODE,
+    ),
+    Case(
+        "builtin_named_user_operator_any_array",
+        ("SELECT 1 = ANY (ARRAY['x'::text])", SPIED),
+        USER_CODE,
+    ),
+    Case(
+        "builtin_named_user_operator_case",
+        ("SELECT CASE 1 WHEN 'x'::text THEN 1 END", SPIED),
+        USER_CODE,
+    ),
+]
+
+
+def _rot13(value: str) -> str:
+    """SQL that computes `value` from its ROT13 form: the statement never spells it."""
+    abc = "abcdefghijklmnopqrstuvwxyz"
+    return f"translate('{codecs.encode(value, 'rot13')}', '{abc}', '{abc[13:] + abc[:13]}')"
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """Whether a guessed personal value exists: `hit` guesses right, `miss` wrong."""
+
+    id: str
+    hit: tuple[str, ...]
+    miss: tuple[str, ...]
+    expect: Refused | None  # None: pgveil may run it, as long as the answers do not differ
+
+
+def _fk_oracle(create: str, guess: str) -> tuple[str, ...]:
+    return _tx(create, f"INSERT INTO public.atk_fk VALUES ({guess})")
+
+
+FK_COLUMN = "CREATE TABLE public.atk_fk (e text REFERENCES billing.customers (email))"
+FK_TABLE = (
+    "CREATE TABLE public.atk_fk (e text, FOREIGN KEY (e) REFERENCES billing.customers (email))"
+)
+FK_REFUSED = Refused(
+    "a foreign key to protected table billing.customers could confirm values of its columns"
+)
+RIGHT, WRONG = _rot13(EMAIL), _rot13("nobody@example.invalid")
+UNIQUE_INSERT = "INSERT INTO billing.customers (i_customer, name, email) VALUES (99, 'x', {})"
+
+ORACLES = [
+    Oracle(
+        "foreign_key_column_constraint",
+        _fk_oracle(FK_COLUMN, RIGHT),
+        _fk_oracle(FK_COLUMN, WRONG),
+        FK_REFUSED,
+    ),
+    Oracle(
+        "foreign_key_table_constraint",
+        _fk_oracle(FK_TABLE, RIGHT),
+        _fk_oracle(FK_TABLE, WRONG),
+        FK_REFUSED,
+    ),
+    Oracle(
+        # the same oracle as a foreign key, through the unique constraint of the column
+        "unique_constraint_insert",
+        _tx(UNIQUE_INSERT.format(RIGHT)),
+        _tx(UNIQUE_INSERT.format(WRONG)),
+        None,
+    ),
+]
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def positions_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyProcess]:
+    """The administrator's objects, and a pgveil started after them (it reads the catalog
+    once at start: it knows every function and operator created above)."""
+    pg.psql(ADMIN_SETUP)
+    d = Path(tempfile.mkdtemp(prefix="pgveil-positions-"))
+    rules = d / "rules.yaml"
+    rules.write_text(RULES_WITH_ECHO)
+    p = masking_proxy(pg, rules)
+    try:
+        yield p
+    finally:
+        p.stop()
+        os.unlink(rules)
+        os.rmdir(d)
+        pg.psql(ADMIN_TEARDOWN)
+
+
+@pytest.fixture(scope="module")
+def clients(pg: EmbeddedPostgres, positions_proxy: ProxyProcess) -> Iterator[Clients]:
+    with open_clients(pg, positions_proxy.port) as c:
+        yield c
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+def _ids(items: list[Case] | list[Oracle]) -> list[str]:
+    return [c.id for c in items]
+
+
+def test_cases_are_well_formed() -> None:
+    ids = _ids(CASES) + _ids(ORACLES)
+    assert len(ids) == len(set(ids)), "duplicate case ids"
+    for c in CASES:
+        # the statements themselves must not carry a secret, or every client "leaks" it
+        assert leaks(text_of(c.sql)) == [], c.id
+    for o in ORACLES:
+        assert leaks(text_of(o.hit + o.miss)) == [], o.id
+
+
+def _refusals(received: str) -> list[str]:
+    return [message for sqlstate, message in errors_in(received) if sqlstate == "42501"]
+
+
+def check_expectation(expect: Expectation | None, received: str) -> None:
+    if isinstance(expect, Refused):
+        refusals = _refusals(received)
+        assert any(m.startswith("pgveil: ") and expect.reason in m for m in refusals), (
+            f"expected a refusal (42501) naming {expect.reason!r}; refusals: {refusals}; "
+            f"received:\n{received[:3000]}"
+        )
+    elif isinstance(expect, Masked):
+        assert expect.shown in received, (
+            f"expected the statement to run on masked data ({expect.shown!r}); "
+            f"received:\n{received[:3000]}"
+        )
+
+
+@pytest.mark.parametrize(
+    ("case", "client"),
+    [(c, client) for c in CASES for client in CLIENTS],
+    ids=[f"{c.id}-{client}" for c in CASES for client in CLIENTS],
+)
+def test_position_does_not_leak_through_pgveil(clients: Clients, case: Case, client: str) -> None:
+    received = clients.run(client, case.sql)
+    assert leaks(received) == [], f"{case.id} via {client} leaked; received:\n{received[:3000]}"
+    check_expectation(case.expect, received)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_position_leaks_directly(clients: Clients, case: Case) -> None:
+    received = clients.run("direct", case.sql)
+    assert leaks(received) != [], (
+        f"{case.id} does not leak even without pgveil (a broken case); received:\n{received[:3000]}"
+    )
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_allowed_procedure_runs_through_pgveil(clients: Clients, client: str) -> None:
+    """The CALL cases are refused for their arguments: the procedure itself may run."""
+    received = clients.run(client, ("CALL public.atk_echo('through' || 'pgveil', NULL)",))
+    assert "throughpgveil" in received and errors_in(received) == [], received
+
+
+def _answer(received: str) -> list[str]:
+    """What an oracle's probe answered: the SQLSTATE of each error, in order."""
+    return [sqlstate for sqlstate, _ in errors_in(received)]
+
+
+@pytest.mark.parametrize("oracle", ORACLES, ids=_ids(ORACLES))
+def test_oracle_answers_directly(clients: Clients, oracle: Oracle) -> None:
+    hit, miss = clients.run("direct", oracle.hit), clients.run("direct", oracle.miss)
+    assert _answer(hit) != _answer(miss), (
+        f"{oracle.id} tells nothing even without pgveil (a broken case):\n{hit}\n---\n{miss}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("oracle", "client"),
+    [(o, client) for o in ORACLES for client in CLIENTS],
+    ids=[f"{o.id}-{client}" for o in ORACLES for client in CLIENTS],
+)
+def test_oracle_does_not_answer_through_pgveil(
+    clients: Clients, oracle: Oracle, client: str
+) -> None:
+    hit, miss = clients.run(client, oracle.hit), clients.run(client, oracle.miss)
+    assert _answer(hit) == _answer(miss), (
+        f"{oracle.id} via {client} tells a right guess from a wrong one:\n{hit}\n---\n{miss}"
+    )
+    check_expectation(oracle.expect, hit)
+
+
+def test_proxy_survives(positions_proxy: ProxyProcess) -> None:
+    assert positions_proxy.proc.poll() is None, positions_proxy.log()[-3000:]
+    assert "Traceback" not in positions_proxy.log()
