@@ -4,6 +4,13 @@
 `MaskingContext` for a masked one. The catalog of each database is cached and re-read every
 `catalog_refresh` seconds and on reload. When the catalog cannot be read, the answer is a
 `MaskingUnavailable` error and the session is refused: never a guess.
+
+Whenever a catalog is read or the rules are reloaded, the rules are checked against it
+(`rules.check`): each problem is logged (`rules.problem`, error level), counted in
+`pgveil_rules_problems`, and closes what it must (masked logins and statements on that
+database, or logins unmasked only by `roles.default`) until the rules or the database are
+fixed; meanwhile that catalog is re-read every few seconds, so a fix takes effect soon.
+`check_rules` runs the same check for `pgveil proxy --check-config`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import asyncpg
 from proxy.config import ProxyConfig
 from proxy.logs import log
 from rules.catalog import Catalog, Column, Relation
+from rules.check import Problem, check_policy
 from rules.context import ContextHolder, MaskingContext
 from rules.masks import ColumnType
 from rules.model import Policy
@@ -68,6 +76,42 @@ OPERATORS_SQL = """
 SELECT n.nspname, o.oprname FROM pg_catalog.pg_operator o
   JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
 """
+# Functions written in SQL or a procedural language, outside pg_catalog, that the server
+# calls without a statement naming them: casts, type support and domain constraints,
+# operators (and their estimators), operator class support. C and internal functions are
+# server or extension code, installed by a superuser.
+HIDDEN_CODE_SQL = """
+SELECT DISTINCT
+       CASE WHEN d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+            THEN (SELECT 'domain ' || pg_catalog.format_type(c.contypid, NULL) || ' (constraint '
+                         || c.conname || ')'
+                    FROM pg_catalog.pg_constraint c WHERE c.oid = d.objid)
+            ELSE pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) END AS what,
+       n.nspname, p.proname
+  FROM pg_catalog.pg_depend d
+  JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+ WHERE d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND l.lanname NOT IN ('c', 'internal')
+   AND (d.classid IN ('pg_catalog.pg_cast'::pg_catalog.regclass,
+                      'pg_catalog.pg_type'::pg_catalog.regclass,
+                      'pg_catalog.pg_operator'::pg_catalog.regclass,
+                      'pg_catalog.pg_amproc'::pg_catalog.regclass,
+                      'pg_catalog.pg_conversion'::pg_catalog.regclass,
+                      'pg_catalog.pg_transform'::pg_catalog.regclass)
+        OR (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+            AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+                         WHERE c.oid = d.objid AND c.contypid <> 0)))
+ ORDER BY 1, 2, 3
+"""
+ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
+DATABASES_SQL = """
+SELECT datname FROM pg_catalog.pg_database
+ WHERE datallowconn AND NOT datistemplate AND has_database_privilege(oid, 'CONNECT')
+ ORDER BY datname
+"""
 ROLES_SQL = """
 WITH RECURSIVE r(oid) AS (
     SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1
@@ -75,10 +119,19 @@ WITH RECURSIVE r(oid) AS (
 SELECT rolname FROM pg_catalog.pg_roles WHERE oid IN (SELECT oid FROM r)
 """
 _SYSTEM = ("pg_catalog", "information_schema")
+# while the rules do not match a database, its catalog is re-read this often (at most), so
+# that sessions resume soon after the rules or the database are fixed
+PROBLEM_REFRESH = 5.0
 
 
 class MaskingUnavailable(Exception):
     """The catalog could not be read; the text is safe to show the client."""
+
+
+class RulesMismatch(MaskingUnavailable):
+    """The login is refused because the rules do not match the database (or a masked role
+    of the rules does not exist); the text, `pgveil: ...`, names the rule and is safe to
+    show the client: names only, never a value."""
 
 
 async def read_catalog(conn: Any) -> Catalog:
@@ -139,11 +192,14 @@ async def read_catalog(conn: Any) -> Catalog:
             )
     builtin_f: set[str] = set()
     user_f: set[tuple[str, str]] = set()
+    system_f: set[tuple[str, str]] = set()
     for r in await conn.fetch(FUNCTIONS_SQL):
         if r["nspname"] == "pg_catalog":
             builtin_f.add(r["proname"])
         elif r["nspname"] not in _SYSTEM:
             user_f.add((r["nspname"], r["proname"]))
+        else:
+            system_f.add((r["nspname"], r["proname"]))
     builtin_o: set[str] = set()
     user_o: set[str] = set()
     for r in await conn.fetch(OPERATORS_SQL):
@@ -156,6 +212,9 @@ async def read_catalog(conn: Any) -> Catalog:
     system = frozenset(r["relname"] for r in await conn.fetch(SYSTEM_RELATIONS_SQL))
     column_names = frozenset(r["attname"] for r in await conn.fetch(COLUMN_NAMES_SQL))
     version = int(await conn.fetchval("SELECT pg_catalog.current_setting('server_version_num')"))
+    hidden = tuple(
+        (r["what"], r["nspname"], r["proname"]) for r in await conn.fetch(HIDDEN_CODE_SQL)
+    )
     return Catalog(
         relations=relations,
         system_relations=system,
@@ -163,18 +222,29 @@ async def read_catalog(conn: Any) -> Catalog:
         view_definitions=definitions,
         builtin_functions=frozenset(builtin_f),
         user_functions=frozenset(user_f),
+        system_functions=frozenset(system_f),
         builtin_operators=frozenset(builtin_o),
         user_operators=frozenset(user_o - builtin_o),
         view_sources=view_sources,
         server_version_num=version,
+        hidden_code=hidden,
     )
+
+
+async def read_role_names(conn: Any) -> frozenset[str]:
+    """Every role of the cluster: what the rules' role lists are checked against."""
+    return frozenset(r["rolname"] for r in await conn.fetch(ROLE_NAMES_SQL))
 
 
 @dataclass
 class _Database:
     holder: ContextHolder
     loaded: float
+    role_names: frozenset[str]
     roles: dict[str, frozenset[str]] = field(default_factory=dict)
+    # the problems last logged, and when (see MaskingManager._report)
+    reported: tuple[Problem, ...] = ()
+    reported_at: float = 0.0
 
 
 class MaskingManager:
@@ -183,26 +253,57 @@ class MaskingManager:
         self.policy = policy
         self._dbs: dict[str, _Database] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # logins refused because the rules do not match, per database (a counter)
+        self.refused: dict[str, int] = {}
+        self._preload = True  # read the catalogs of the rules' `databases` without waiting
 
     def reload(self, config: ProxyConfig, policy: Policy) -> None:
-        """New rules apply at once, to open sessions too (they hold the holders)."""
+        """New rules apply at once, to open sessions too (they hold the holders), and are
+        checked against each catalog read so far."""
         self.config = config
         self.policy = policy
-        for db in self._dbs.values():
+        for name, db in self._dbs.items():
             old = db.holder.context
-            db.holder.context = MaskingContext(policy, old.catalog)
+            db.holder.context = MaskingContext(
+                policy, old.catalog, roles=db.role_names, database=name
+            )
             db.roles.clear()  # classification depends on the rules
+            self._report(name, db, always=True)
+        self._preload = True
 
     def contexts(self) -> list[MaskingContext]:
         return [d.holder.context for d in self._dbs.values()]
 
+    def problems(self) -> dict[str, int]:
+        """Per database read so far: how many problems of the rules close something."""
+        return {
+            name: sum(1 for p in db.holder.context.problems if p.effect != "none")
+            for name, db in self._dbs.items()
+        }
+
+    def _interval(self, db: _Database) -> float:
+        refresh = self.config.catalog_refresh
+        if any(p.effect != "none" for p in db.holder.context.problems):
+            return min(refresh, PROBLEM_REFRESH)
+        return refresh
+
     async def refresh_forever(self, tick: float = 0.5) -> None:
         """Re-read each database's catalog every catalog_refresh seconds, or at once when a
-        session met a relation the catalog does not know. Open sessions see the result."""
+        session met a relation the catalog does not know. Open sessions see the result.
+        The databases the rules name (`databases`) are read at start and after a reload,
+        so their problems are reported before anyone logs in."""
         while True:
+            if self._preload:
+                self._preload = False
+                for name in self.policy.databases or ():
+                    if name not in self._dbs:
+                        try:
+                            await self._load(name, None)
+                        except MaskingUnavailable as exc:
+                            log.error("catalog.read_failed", database=name, error=str(exc))
             await asyncio.sleep(tick)
             for name, db in list(self._dbs.items()):
-                due = time.monotonic() - db.loaded >= self.config.catalog_refresh
+                due = time.monotonic() - db.loaded >= self._interval(db)
                 if due or db.holder.stale:
                     try:
                         await self._load(name, db)
@@ -231,9 +332,20 @@ class MaskingManager:
 
     async def _database(self, database: str) -> _Database:
         db = self._dbs.get(database)
-        if db is not None and time.monotonic() - db.loaded < self.config.catalog_refresh:
+        if db is not None and time.monotonic() - db.loaded < self._interval(db):
             return db
         return await self._load(database, db)
+
+    async def _read(self, database: str) -> tuple[Catalog, frozenset[str]]:
+        conn = await self._connect(database)
+        try:
+            return await read_catalog(conn), await read_role_names(conn)
+        except asyncpg.PostgresError as exc:
+            raise MaskingUnavailable(
+                f"pgveil cannot read the catalog ({type(exc).__name__})"
+            ) from exc
+        finally:
+            await conn.close()
 
     async def _load(self, database: str, db: _Database | None) -> _Database:
         lock = self._locks.setdefault(database, asyncio.Lock())
@@ -242,32 +354,58 @@ class MaskingManager:
             if (
                 current is not None
                 and current is not db
-                and time.monotonic() - current.loaded < self.config.catalog_refresh
+                and time.monotonic() - current.loaded < self._interval(current)
             ):
                 return current
-            conn = await self._connect(database)
-            try:
-                catalog = await read_catalog(conn)
-            except asyncpg.PostgresError as exc:
-                raise MaskingUnavailable(
-                    f"pgveil cannot read the catalog ({type(exc).__name__})"
-                ) from exc
-            finally:
-                await conn.close()
+            catalog, role_names = await self._read(database)
             previous = current.holder.context.pmap if current is not None else None
-            context = MaskingContext(self.policy, catalog, previous)
+            context = MaskingContext(
+                self.policy, catalog, previous, roles=role_names, database=database
+            )
             for warning in context.pmap.drift:
                 log.warning("rules.drift", database=database, detail=warning)
             if current is None:
-                current = _Database(ContextHolder(context), time.monotonic())
+                current = _Database(ContextHolder(context), time.monotonic(), role_names)
                 self._dbs[database] = current
             else:
                 current.holder.context = context
                 current.holder.stale = False
                 current.loaded = time.monotonic()
+                current.role_names = role_names
                 current.roles.clear()
             log.info("catalog.loaded", database=database, relations=len(catalog.relations))
+            self._report(database, current)
             return current
+
+    def _report(self, database: str, db: _Database, always: bool = False) -> None:
+        """A loud line per problem (what it closes in `closes`), when the rules are checked
+        against a catalog: after a reload, whenever the problems change, and otherwise at
+        most every catalog_refresh seconds (a broken catalog is re-read more often). Names
+        the rule and what is missing, never a value."""
+        context = db.holder.context
+        now = time.monotonic()
+        same = not always and context.problems == db.reported
+        if same and (not context.problems or now - db.reported_at < self.config.catalog_refresh):
+            return
+        if db.reported and not context.problems:
+            log.info("rules.matched", database=database, detail="the rules match the database")
+        db.reported, db.reported_at = context.problems, now
+        closes = {
+            "masked": "masked sessions on this database",
+            "default": "logins unmasked only by roles.default"
+            if context.policy.default == "unmasked"
+            else "nothing (roles.default is masked)",
+            "none": "nothing",
+        }
+        for p in context.problems:
+            report = log.warning if p.effect == "none" else log.error
+            report(
+                "rules.problem",
+                database=database,
+                rule=p.path,
+                problem=p.message,
+                closes=closes[p.effect],
+            )
 
     async def roles_of(self, user: str, database: str) -> frozenset[str]:
         db = await self._database(database)
@@ -286,7 +424,53 @@ class MaskingManager:
         return (await self._database(database)).holder
 
     async def context_for(self, user: str, database: str) -> ContextHolder | None:
+        """None for an unmasked login, the database's holder for a masked one; a
+        `RulesMismatch` when the login may not start while the rules do not match."""
         roles = await self.roles_of(user, database)
-        if self.policy.classify(roles) == "unmasked":
-            return None
-        return (await self._database(database)).holder
+        holder = (await self._database(database)).holder
+        classification, refusal = holder.context.admission(roles)
+        if refusal is not None:
+            self.refused[database] = self.refused.get(database, 0) + 1
+            raise RulesMismatch(f"pgveil: {refusal}")
+        return None if classification == "unmasked" else holder
+
+
+async def check_rules(
+    config: ProxyConfig, policy: Policy
+) -> tuple[list[str], list[tuple[str, Problem]]]:
+    """The rules checked against the databases they are for, read as the catalog user
+    (what `pgveil proxy --check-config` reports): the databases under `databases`, or
+    else every database that user may connect to (the rules are then for all of them).
+    Answers the databases checked and the problems, each with its database; the roles'
+    problems (the same in every database) come once, with the first database. Raises
+    MaskingUnavailable when a catalog cannot be read."""
+    manager = MaskingManager(config, policy)
+    names = list(policy.databases) if policy.databases is not None else None
+    if names is None:
+        names = await _connectable(manager)
+    out: list[tuple[str, Problem]] = []
+    roles_done = False
+    for name in names:
+        catalog, role_names = await manager._read(name)
+        for p in check_policy(policy, catalog, None if roles_done else role_names, name):
+            out.append((name, p))
+        roles_done = True
+    return names, out
+
+
+async def _connectable(manager: MaskingManager) -> list[str]:
+    """The databases the catalog user may connect to, asked of the first of `postgres`
+    and `template1` it can log in to (as libpq's tools do)."""
+    failure: MaskingUnavailable | None = None
+    for maintenance in ("postgres", "template1"):
+        try:
+            conn = await manager._connect(maintenance)
+        except MaskingUnavailable as exc:
+            failure = failure or exc
+            continue
+        try:
+            return [r["datname"] for r in await conn.fetch(DATABASES_SQL)]
+        finally:
+            await conn.close()
+    assert failure is not None
+    raise failure

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration, connect to the upstream once, and exit",
+        help="validate the configuration, connect to the upstream, check the rules against "
+        "the databases they are for, and exit",
     )
     for s in SETTINGS:
         # every setting is a string here; config.load_config parses and validates it, so
@@ -131,11 +132,43 @@ def _run_proxy(ns: argparse.Namespace) -> int:
             server = ProxyServer(config)
             ok = await server.upstream_reachable()
             state = "reachable" if ok else "UNREACHABLE"
-            print(f"configuration ok; upstream {config.upstream} {state}")
-            return 0 if ok else 1
+            if not ok or policy is None:
+                print(f"configuration ok; upstream {config.upstream} {state}")
+                return 0 if ok else 1
+            return await _check_rules(config, policy)
 
         return asyncio.run(check())
     _event_loop_run(serve(config, load, load_policy))
+    return 0
+
+
+async def _check_rules(config: ProxyConfig, policy: Policy) -> int:
+    """`--check-config` with rules: the rules checked against the databases they are for
+    (see `proxy.catalog.check_rules`); one line per problem, exit 1 on any error."""
+    from proxy.catalog import MaskingUnavailable, check_rules
+
+    try:
+        databases, found = await check_rules(config, policy)
+    except MaskingUnavailable as exc:
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        text = f"{exc}{cause}".removeprefix("pgveil ").replace("\n", " ")
+        raise ConfigError(text) from exc
+    for database, p in found:
+        where = "" if p.path.startswith("roles.") else f"database {database}: "
+        print(f"{p.level}: {where}{p}")
+    errors = sum(1 for _, p in found if p.level == "error")
+    warnings = len(found) - errors
+    if errors:
+        print(
+            f"rules: {errors} error(s), {warnings} warning(s); pgveil refuses what they close "
+            "(see the README, 'Rules checked against the database') until they are fixed"
+        )
+        return 1
+    checked = ", ".join(databases) if databases else "none"
+    print(
+        f"configuration ok; upstream {config.upstream} reachable; rules checked against "
+        f"database(s) {checked}: {warnings} warning(s)"
+    )
     return 0
 
 

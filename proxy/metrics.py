@@ -22,6 +22,7 @@ from proxy.wire.messages import BACKEND_NAMES, FRONTEND_NAMES
 
 if TYPE_CHECKING:
     from audit.writer import AuditWriter
+    from proxy.catalog import MaskingManager
     from proxy.session.engine import Session
     from rules.context import MaskingContext
 
@@ -244,6 +245,32 @@ class AuditCollector(Collector):
         )
 
 
+class RulesCollector(Collector):
+    """The rules checked against each database's catalog (labels: database names)."""
+
+    def __init__(self, manager: Callable[[], MaskingManager | None]) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        m = self.manager()
+        problems = GaugeMetricFamily(
+            "pgveil_rules_problems",
+            "Problems of the rules against the database's catalog that refuse sessions",
+            labels=["database"],
+        )
+        for database, n in sorted((m.problems() if m is not None else {}).items()):
+            problems.add_metric([database], n)
+        yield problems
+        refused = CounterMetricFamily(
+            "pgveil_rules_refused_sessions",
+            "Logins refused because the rules do not match the database",
+            labels=["database"],
+        )
+        for database, n in sorted((m.refused if m is not None else {}).items()):
+            refused.add_metric([database], n)
+        yield refused
+
+
 class Metrics:
     def __init__(
         self,
@@ -251,10 +278,12 @@ class Metrics:
         live: Callable[[], Iterable[LiveSession]],
         contexts: Callable[[], Iterable[MaskingContext]] = list,
         audit: Callable[[], AuditWriter | None] = lambda: None,
+        rules: Callable[[], MaskingManager | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ProxyCollector(stats, live, contexts))
         self.registry.register(AuditCollector(audit))
+        self.registry.register(RulesCollector(rules))
         self.session_duration = Histogram(
             "pgveil_session_duration_seconds",
             "Lifetime of client sessions",

@@ -10,11 +10,12 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 
 from audit.sinks import connect
-from proxy.catalog import read_catalog
+from proxy.catalog import read_catalog, read_role_names
 from rules.catalog import Catalog
 from rules.discovery import check, discover, suggest
 from rules.loader import RulesError, json_schema, load_rules
@@ -27,10 +28,19 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def read(dsn: str) -> tuple[Catalog, dict[tuple[str, str, str], list[str]]]:
+class Database(NamedTuple):
+    name: str
+    catalog: Catalog
+    roles: frozenset[str]
+    samples: dict[tuple[str, str, str], list[str]]
+
+
+async def read(dsn: str) -> Database:
     conn = await connect(dsn)
     try:
         catalog = await read_catalog(conn)
+        roles = await read_role_names(conn)
+        name = str(await conn.fetchval("SELECT pg_catalog.current_database()"))
         samples: dict[tuple[str, str, str], list[str]] = {}
         for (schema, table), rel in catalog.relations.items():
             if rel.kind not in ("r", "p", "m"):
@@ -47,7 +57,7 @@ async def read(dsn: str) -> tuple[Catalog, dict[tuple[str, str, str], list[str]]
                 except asyncpg.PostgresError:
                     continue  # no privilege to sample: judged by name only
                 samples[(schema, table, col.name)] = [r[0] for r in rows]
-        return catalog, samples
+        return Database(name, catalog, roles, samples)
     finally:
         await conn.close()
 
@@ -60,8 +70,8 @@ def run(command: str, rules: Path | None, dsn: str | None) -> int:
         if not dsn:
             sys.stderr.write("pgveil: error: rules suggest needs --dsn\n")
             return 2
-        catalog, samples = asyncio.run(read(dsn))
-        sys.stdout.write(suggest(catalog, samples))
+        db = asyncio.run(read(dsn))
+        sys.stdout.write(suggest(db.catalog, db.samples))
         return 0
     if rules is None:
         sys.stderr.write("pgveil: error: rules check needs --rules FILE\n")
@@ -76,15 +86,15 @@ def run(command: str, rules: Path | None, dsn: str | None) -> int:
         print(f"{rules}: valid ({n} tables); give --dsn to check it against a database")
         return 0
     try:
-        catalog, samples = asyncio.run(read(dsn))
+        db = asyncio.run(read(dsn))
     except (OSError, asyncpg.PostgresError) as exc:
         sys.stderr.write(f"pgveil: error: cannot read the database: {exc}\n")
         return 2
-    findings = check(policy, catalog, samples)
+    findings = check(policy, db.catalog, db.samples, db.roles, db.name)
     for f in findings:
         print(f)
     errors = sum(1 for f in findings if f.level == "error")
     warnings = len(findings) - errors
-    personal = len(discover(catalog, samples))
+    personal = len(discover(db.catalog, db.samples))
     print(f"{rules}: {errors} error(s), {warnings} warning(s); {personal} column(s) look personal")
     return 1 if errors else 0

@@ -485,7 +485,9 @@ class ProxyServer:
         self._load_policy: Callable[[ProxyConfig], Policy | None] | None = None
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
-        self.metrics = Metrics(self.stats, self._live, self._contexts, lambda: self.audit)
+        self.metrics = Metrics(
+            self.stats, self._live, self._contexts, lambda: self.audit, lambda: self.masking
+        )
         self.client_tls = client_tls_context(config)
         self.client_cert_der = _certificate_der(config)
         self.upstream_tls = upstream_tls_context(config)

@@ -50,6 +50,8 @@ class Catalog:
     # pg_catalog function and operator names; names also defined in other schemas
     builtin_functions: frozenset[str] = frozenset()
     user_functions: frozenset[tuple[str, str]] = frozenset()
+    # (schema, name) of functions in information_schema (never called unqualified)
+    system_functions: frozenset[tuple[str, str]] = frozenset()
     builtin_operators: frozenset[str] = frozenset()
     user_operators: frozenset[str] = frozenset()
     # views and materialized views -> the tables they read, transitively
@@ -65,6 +67,10 @@ class Catalog:
     # the server's server_version_num; 0 when unknown (then syntax that newer servers read
     # differently from older ones is refused, see rules.grammar)
     server_version_num: int = 0
+    # (what, schema, function): functions written in SQL or a procedural language that the
+    # server calls without a statement naming them (a cast, a type's support function, a
+    # domain's CHECK, an operator, an operator class's support function)
+    hidden_code: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.by_oid:

@@ -2,7 +2,9 @@
 map, the identifiers that are safe to show in error messages, and the startup checks.
 
 One `MaskingContext` per (policy version, database catalog); shared by the sessions of that
-database. Pure: no I/O.
+database. It also holds the rules checked against that catalog (`rules.check`): while they
+do not match, masked logins and every statement of a masked session are refused.
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from pglast import parse_sql
@@ -20,8 +22,9 @@ from pglast.parser import normalize as normalize_literals
 
 from rules.analyzer import Analyzer, Decision, SubjectKeys, integer_key
 from rules.catalog import Catalog, ProtectionMap
+from rules.check import check_policy, summary
 from rules.masks import ColumnType, mask_json_value, py_mask
-from rules.model import Policy
+from rules.model import Classification, Policy
 
 CACHE_SIZE = 10_000
 _STARTUP_DENIED = ("role", "session_authorization")
@@ -340,11 +343,27 @@ class ContextHolder:
 
 class MaskingContext:
     def __init__(
-        self, policy: Policy, catalog: Catalog, previous: ProtectionMap | None = None
+        self,
+        policy: Policy,
+        catalog: Catalog,
+        previous: ProtectionMap | None = None,
+        *,
+        roles: Collection[str] | None = None,
+        database: str | None = None,
     ) -> None:
+        """`roles`: every role name of the cluster (checked against the rules' roles when
+        given); `database`: the database `catalog` was read from."""
         self.policy = policy
         self.catalog = catalog
+        self.database = database
         self.pmap = ProtectionMap(policy, catalog, previous)
+        # the rules checked against this catalog: while a problem closes masked sessions,
+        # every statement of a masked session is refused (open sessions too: they hold the
+        # holder, which gets this context), never analysed against rules that protect less
+        # than they say
+        self.problems = check_policy(policy, catalog, roles, database)
+        self.refusal = self._masked_refusal()
+        self.default_refusal = self._default_refusal()
         self.analyzer = Analyzer(self.pmap)
         self._cache: dict[str, Decision] = {}
         self._audit_cache: dict[str, Decision] = {}  # audit-only decisions (no rewritten text)
@@ -359,6 +378,45 @@ class MaskingContext:
             names.update(c.name for c in r.columns)
         self.identifiers = frozenset(names)
 
+    def _masked_refusal(self) -> str | None:
+        db = self.database
+        if db is not None and not self.policy.covers(db):
+            listed = ", ".join(self.policy.databases or ())
+            return (
+                f"the rules are not for database {db} (databases: {listed}); masked roles "
+                "may not use it"
+            )
+        closing = [p for p in self.problems if p.effect == "masked"]
+        if not closing:
+            return None
+        where = f"database {db}" if db is not None else "the database"
+        return (
+            f"the rules do not match {where}: {summary(closing)}; masked sessions are "
+            "refused until the rules are fixed"
+        )
+
+    def _default_refusal(self) -> str | None:
+        missing = [p for p in self.problems if p.effect == "default"]
+        if not missing or self.policy.default != "unmasked":
+            return None
+        return (
+            f"{summary(missing)}; logins that only roles.default makes unmasked are refused "
+            "until the rules are fixed"
+        )
+
+    def admission(self, roles: frozenset[str]) -> tuple[Classification, str | None]:
+        """How a login is classified (`roles`: itself and every role it belongs to,
+        transitively), and why it may not log in on this database, if it may not: a
+        masked login while the rules do not match the database; a login that is unmasked
+        only by `roles.default` while a masked role of the rules does not exist (it may be
+        the misspelling of one of its roles). Logins listed as unmasked always go on."""
+        classification = self.policy.classify(roles)
+        if classification == "masked":
+            return classification, self.refusal
+        if self.default_refusal is not None and not roles & self.policy.unmasked_roles:
+            return classification, self.default_refusal
+        return classification, None
+
     def analyze(self, sql: str, *, audit_only: bool = False) -> Decision:
         """The decision for `sql`, from the cache when possible. Statements that differ
         only in literals share one analysis: it is done once on the text with literals
@@ -367,7 +425,12 @@ class MaskingContext:
         statement is analysed as it is.
 
         `audit_only`: the caller records the statement and sends it as it is (an unmasked
-        session): a rewrite's text is not built, and the decision's `sql` is None."""
+        session): a rewrite's text is not built, and the decision's `sql` is None.
+
+        While the rules do not match the catalog (`refusal`), every statement that is not
+        `audit_only` is refused with that reason."""
+        if self.refusal is not None and not audit_only:
+            return with_audit_text(Decision("refuse", reason=self.refusal), sql)
         d = self._cache.get(sql)
         if d is not None:
             self.cache_hits += 1

@@ -7,10 +7,11 @@ tables, columns, masks and value *categories*; they never quote a sampled value.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from rules.catalog import Catalog, ProtectionMap, Relation
+from rules.check import check_policy
 from rules.masks import SUPPORTED, fits
 from rules.model import MaskSpec, Policy
 
@@ -18,7 +19,7 @@ from rules.model import MaskSpec, Policy
 @dataclass(frozen=True, order=True)
 class Finding:
     level: str  # "error" or "warning"
-    where: str  # schema.table[.column]
+    where: str  # the rule's key path (tables.schema.table...), or schema.table[.column]
     message: str
 
     def __str__(self) -> str:
@@ -130,29 +131,37 @@ def check(
     policy: Policy,
     catalog: Catalog,
     samples: Mapping[tuple[str, str, str], list[str]] | None = None,
+    roles: Collection[str] | None = None,
+    database: str | None = None,
 ) -> list[Finding]:
-    findings: list[Finding] = []
+    """What `pgveil rules check --dsn` reports: the problems the proxy refuses on (from
+    `rules.check`, the same check), masks that do not fit their column's type, views over
+    protected tables, and columns that look personal but have no rule."""
+    findings = [
+        Finding(p.level, p.path, p.message) for p in check_policy(policy, catalog, roles, database)
+    ]
+    if database is not None and not policy.covers(database):
+        findings.append(
+            Finding(
+                "warning",
+                "databases",
+                f"database {database} is not listed: the rules are not for it, and pgveil "
+                "refuses masked roles on it",
+            )
+        )
     pmap = ProtectionMap(policy, catalog)
     for (schema, table), rule in policy.tables.items():
         rel = catalog.relations.get((schema, table))
-        where = f"{schema}.{table}"
         if rel is None:
-            findings.append(Finding("error", where, "no such table or view in the database"))
             continue
-        if rule.subject is not None and rel.column(rule.subject) is None:
-            findings.append(
-                Finding("error", where, f"subject column {rule.subject} does not exist")
-            )
         for col, spec in rule.columns.items():
             c = rel.column(col)
-            if c is None:
-                findings.append(Finding("error", f"{where}.{col}", "no such column"))
-            elif not fits(spec, c.type.name):
+            if c is not None and not fits(spec, c.type.name):
                 allowed = ", ".join(sorted(SUPPORTED[spec.name] - {"other"}))
                 findings.append(
                     Finding(
                         "error",
-                        f"{where}.{col}",
+                        f"tables.{rule.qualified}.columns.{col}",
                         f"mask {spec.name} does not fit type {c.type.formatted} "
                         f"(it fits: {allowed}); masked roles would get NULL",
                     )

@@ -21,7 +21,7 @@ import yaml
 from rules.masks import MASK_NAMES, MASK_PARAMS
 from rules.model import ChannelRule, MaskSpec, Policy, TableRule
 
-TOP_KEYS = ("roles", "keys", "functions", "channels", "tables")
+TOP_KEYS = ("databases", "roles", "keys", "functions", "channels", "tables")
 MIN_KEY_BYTES = 16
 
 
@@ -106,6 +106,22 @@ def parse_rules(
     if "tables" not in sections:
         raise ctx.fail(root, "", "missing 'tables': which columns are personal")
 
+    databases: tuple[str, ...] | None = None
+    if "databases" in sections:
+        node = sections["databases"]
+        names = ctx.str_list(node, "databases")
+        if not names:
+            raise ctx.fail(
+                node, "databases", "expected at least one database; leave the key out for all"
+            )
+        for i, db in enumerate(names):
+            item = node.value[i]
+            if not db:
+                raise ctx.fail(item, f"databases[{i}]", "expected a database name")
+            if db in names[:i]:
+                raise ctx.fail(item, f"databases[{i}]", f"database {db} is listed twice")
+        databases = tuple(names)
+
     unmasked: list[str] = []
     masked: list[str] = []
     default = "masked"
@@ -165,6 +181,7 @@ def parse_rules(
         keys=keys,
         version=version,
         source=source,
+        databases=databases,
     )
 
 
@@ -323,6 +340,12 @@ def json_schema() -> dict[str, Any]:
         "required": ["tables"],
         "$defs": {"mask": {"oneOf": [mask_names, mask_obj]}},
         "properties": {
+            "databases": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1},
+                "minItems": 1,
+                "uniqueItems": True,
+            },
             "roles": {
                 "type": "object",
                 "additionalProperties": False,

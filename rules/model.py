@@ -63,6 +63,8 @@ class Policy:
     keys: Mapping[str, bytes] = field(repr=False)
     version: str = ""
     source: Path | None = None
+    # the databases the table rules are for (`databases:`); None: every database
+    databases: tuple[str, ...] | None = None
 
     def classify(self, roles: set[str] | frozenset[str]) -> Classification:
         """Classification of a login given itself and every role it belongs to
@@ -76,3 +78,7 @@ class Policy:
 
     def table(self, schema: str, name: str) -> TableRule | None:
         return self.tables.get((schema, name))
+
+    def covers(self, database: str) -> bool:
+        """Whether the rules are for this database (masked roles may use it)."""
+        return self.databases is None or database in self.databases

@@ -389,11 +389,49 @@ class MaskedFilter(StatementFilter):
         self.login = login
         self.error_classes = error_classes if error_classes is not None else {}
         self._recent_sql: deque[str] = deque(maxlen=64)
+        self._bind_refused = False  # a Bind refused since the last Sync
 
     def _function_call(self, raw: bytes) -> bytes:
         if self.statements is not None:
             self.statements.function_call()
         return m.message(m.QUERY, self._refuse("FunctionCall is not allowed for masked roles"))
+
+    def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.BIND or typ == m.EXECUTE:
+            if typ == m.EXECUTE and self._bind_refused:
+                # the server skips everything up to Sync after the refused Bind: this
+                # Execute never runs (and is no statement of its own to record)
+                return raw
+            refusal = self.ctx.refusal
+            if refusal is not None:
+                return self._refuse_prepared(typ, body, refusal)
+        elif typ == m.SYNC:
+            self._bind_refused = False
+        return super()._client_message(typ, body, raw)
+
+    def _refuse_prepared(self, typ: int, body: bytes, reason: str) -> bytes:
+        """While the rules do not match the database (`MaskingContext.refusal`: new
+        statements are refused by the analysis), a statement or portal prepared before is
+        refused too: the refusal token goes where its name was, as when the audit stream
+        is unavailable."""
+        log = self.statements
+        end = body.index(b"\0")
+        if typ == m.BIND:
+            name_end = body.index(b"\0", end + 1)
+            fields = log.statement_fields(body[end + 1 : name_end]) if log is not None else None
+            if log is not None:
+                log.note_failing_bind()
+            token = self._refuse_recorded(fields, reason)
+            self._bind_refused = True
+            return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
+        fields = log.portal_fields(body[:end]) if log is not None else None
+        return m.message(m.EXECUTE, self._refuse_recorded(fields, reason) + body[end + 1 :])
+
+    def _refuse_recorded(self, fields: dict[str, object] | None, reason: str) -> bytes:
+        if self.audit is not None and fields is not None:
+            event = {k: v for k, v in fields.items() if k != "_subject_keys"}
+            self.audit.record("refused", {**event, "decision": "refused", "reason": reason})
+        return self._refuse(reason)
 
     def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
         super()._undecodable(typ, name, original)

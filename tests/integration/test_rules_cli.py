@@ -49,6 +49,8 @@ def test_check_reports_errors(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_p
     )
     rules = tmp_path / "rules.yaml"
     rules.write_text(
+        "roles: {masked: [helpdsk], unmasked: [reportng]}\n"
+        "functions: {allow: [billing.nope_fn]}\n"
         "tables:\n"
         "  billing.nope: {columns: {a: partial}}\n"
         "  billing.customers:\n"
@@ -58,10 +60,23 @@ def test_check_reports_errors(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_p
     r = _cli("check", "--rules", str(rules), "--dsn", _dsn(pg))
     assert r.returncode == 1
     out = r.stdout
-    assert "error: billing.nope: no such table or view in the database" in out
-    assert "error: billing.customers: subject column id_missing does not exist" in out
-    assert "error: billing.customers.ghost: no such column" in out
-    assert "error: billing.customers.balance: mask email does not fit type numeric(12,2)" in out
+    # the problems the proxy refuses on, from the same check (rules.check)
+    assert "error: tables.billing.nope: relation billing.nope does not exist" in out
+    assert (
+        "error: tables.billing.customers.subject: subject column id_missing of "
+        "billing.customers does not exist" in out
+    )
+    assert (
+        "error: tables.billing.customers.columns.ghost: column ghost of billing.customers "
+        "does not exist" in out
+    )
+    assert "error: functions.allow: function billing.nope_fn does not exist" in out
+    assert "error: roles.masked: role helpdsk does not exist" in out
+    assert "warning: roles.unmasked: role reportng does not exist" in out
+    assert (
+        "error: tables.billing.customers.columns.balance: mask email does not fit type "
+        "numeric(12,2)" in out
+    )
     assert "info: billing.peek: masked from its definition (columns: name)" in out
     assert (
         "warning: billing.peek2: view reads protected billing.customers and has no rules of its own"
@@ -74,6 +89,19 @@ def test_check_reports_errors(pg: EmbeddedPostgres, billing: ProxyProcess, tmp_p
     )
     assert not leaks(out + r.stderr)
     pg.psql("DROP VIEW billing.peek, billing.peek2")
+
+
+def test_check_says_when_the_database_is_not_listed(
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("databases: [billing_prod]\n" + RULES)
+    r = _cli("check", "--rules", str(rules), "--dsn", _dsn(pg))
+    assert r.returncode == 0, r.stdout
+    assert (
+        "warning: databases: database postgres is not listed: the rules are not for it, and "
+        "pgveil refuses masked roles on it" in r.stdout
+    )
 
 
 def test_check_invalid_file(tmp_path: Path) -> None:

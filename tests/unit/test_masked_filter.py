@@ -76,3 +76,36 @@ def test_trailing_value_with_injected_quotes_is_masked_whole() -> None:
     assert "Zebulon" not in fields["M"] and fields["M"].startswith(
         "invalid input syntax for type integer: "
     )
+
+
+def test_prepared_statements_refused_while_the_rules_do_not_match() -> None:
+    """A statement prepared while the rules matched: once a catalog read finds a problem
+    (the holder gets a context with a `refusal`), its Bind is refused by name; the Execute
+    behind it in the same batch is left for the server to skip; after Sync a portal bound
+    earlier is refused by its Execute; once fixed, both go through unchanged."""
+    from rules.context import ContextHolder
+
+    policy = parse_rules(RULES, "r", {"K": "k" * 32})
+    holder = ContextHolder(MaskingContext(policy, CATALOG))
+    f = MaskedFilter(holder, "helpdesk")
+    client = MessageScanner(capture_mask(b"QPFSBEDCXHcf"), [0] * 256, 1 << 20)
+    server = MessageScanner(capture_mask(b"ENATSZ"), [0] * 256, 1 << 30)
+    bind = m.message(m.BIND, b"\0s1\0\0\0\0\0\0\0")
+    execute = m.message(m.EXECUTE, b"\0\0\0\0\0")
+    sync = m.message(m.SYNC)
+    assert f.client(client, bind + execute + sync) == bind + execute + sync
+    broken_rules = RULES.replace("billing.accounts:", "billing.acounts:")
+    holder.context = MaskingContext(parse_rules(broken_rules, "r", {"K": "k" * 32}), CATALOG)
+    out = f.client(client, bind + execute + sync)
+    assert out.endswith(execute + sync) and REFUSAL_TOKEN.encode() in out[: -len(execute + sync)]
+    token = out[5 + 1 : out.index(b"\0", 6)].decode()
+    err = m.error_response("26000", f'prepared statement "{token}" does not exist')
+    fields = m.decode_fields(f.server(server, err)[5:])
+    assert fields["C"] == "42501"
+    assert fields["M"].startswith("pgveil: the rules do not match the database: ")
+    assert "tables.billing.acounts: relation billing.acounts does not exist" in fields["M"]
+    out = f.client(client, execute + sync)  # after Sync: an Execute of its own is refused
+    assert out.startswith(b"E") and REFUSAL_TOKEN.encode() in out and out.endswith(sync)
+    assert f.counters.refused == 2
+    holder.context = MaskingContext(policy, CATALOG)
+    assert f.client(client, bind + execute + sync) == bind + execute + sync

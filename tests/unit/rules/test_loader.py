@@ -60,7 +60,7 @@ def test_the_documented_example_loads() -> None:
     [
         (
             "tables: {}\nrole: {}\n",
-            "rules.yaml:2 at 'role': unknown key 'role'; allowed: roles, keys, functions, channels, tables",
+            "rules.yaml:2 at 'role': unknown key 'role'; allowed: databases, roles, keys, functions, channels, tables",
         ),
         (
             "roles: {default: maybe}\ntables: {}\n",
