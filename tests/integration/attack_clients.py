@@ -16,7 +16,12 @@ gets one line `ERROR [SQLSTATE] message` in the same form for all clients (`erro
 that tests can tell a refusal (42501, `pgveil: <reason>`) from any other failure.
 
 Shared sessions (psycopg, asyncpg, direct) are reset between cases with ROLLBACK and
-DISCARD ALL, and reopened when pgveil closed them.
+DISCARD ALL (unless a module asks to keep them as they are), and reopened when pgveil
+closed them. A refused login gets one line `LOGIN FAILED [SQLSTATE] message` (`logins_in`;
+libpq keeps no SQLSTATE of a failed connection, so psql and psycopg show `?????`). psql
+always writes that line; psycopg and asyncpg only when a module asks (`record_logins`) and
+otherwise raise, so that a corpus that only looks for leaks cannot pass on sessions that
+never ran.
 
 Test helpers only: no assertions here, and nothing that decides what counts as a leak
 (that is `masking_fixture.leaks`).
@@ -56,11 +61,16 @@ Statements = str | tuple[Statement, ...]
 # the direct PostgreSQL port, for attacks that open their own connection (dblink)
 PGPORT = "@PGPORT@"
 CLIENTS = ("psql", "psycopg", "asyncpg")
+# what a shared session runs before each case
+RESET_SQL = ("ROLLBACK", "DISCARD ALL")
 CHANNELS = ("other_channel", "invoice_events")
 _COPY_OUT = re.compile(r"^\s*COPY\b.*\bTO\s+STDOUT\b", re.IGNORECASE | re.DOTALL)
 _ERROR_LINE = re.compile(r"^ERROR \[([0-9A-Z]{5})\] (.*)$", re.MULTILINE)
 # psql's verbose error line: "ERROR:  42501: pgveil: ..." (FATAL too)
 _PSQL_ERROR = re.compile(r"^(?:psql:[^\n]*?)?(?:ERROR|FATAL):  ([0-9A-Z]{5}): (.*)$", re.MULTILINE)
+_LOGIN_LINE = re.compile(r"^LOGIN FAILED \[([0-9A-Z?]{5})\] (.*)$", re.MULTILINE)
+# libpq's text of a refused connection: "connection to server at ... failed: FATAL:  ..."
+_LIBPQ_FATAL = re.compile(r"failed: FATAL:  (.*)$", re.MULTILINE)
 
 
 def statements(sql: Statements, port: int) -> tuple[Statement, ...]:
@@ -98,8 +108,21 @@ def errors_in(received: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in _ERROR_LINE.finditer(received)]
 
 
+def logins_in(received: str) -> list[tuple[str, str]]:
+    """(SQLSTATE or `?????`, message) of every failed login a client received, in order."""
+    return [(m.group(1), m.group(2)) for m in _LOGIN_LINE.finditer(received)]
+
+
 def _error_line(sqlstate: str | None, message: str | None) -> str:
     return f"ERROR [{sqlstate or '?????'}] {message or ''}"
+
+
+def _login_line(sqlstate: str | None, message: str | None) -> str:
+    return f"LOGIN FAILED [{sqlstate or '?????'}] {message or ''}"
+
+
+def _libpq_login_lines(text: str) -> list[str]:
+    return [_login_line(None, m.group(1)) for m in _LIBPQ_FATAL.finditer(text)]
 
 
 _DIAG_FIELDS = (
@@ -124,7 +147,9 @@ def _diag(d: Any) -> str:
     return repr({f: getattr(d, f, None) for f in _DIAG_FIELDS})
 
 
-def run_psql(pg: EmbeddedPostgres, port: int, items: tuple[Statement, ...]) -> str:
+def run_psql(
+    pg: EmbeddedPostgres, port: int, items: tuple[Statement, ...], dbname: str = "postgres"
+) -> str:
     """One psql session running the statements as a script (errors do not stop it)."""
     psql = shutil.which("psql") or str(pg.bindir / "psql")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -138,7 +163,7 @@ def run_psql(pg: EmbeddedPostgres, port: int, items: tuple[Statement, ...]) -> s
             "-v",
             "VERBOSITY=verbose",
             *("-h", "127.0.0.1", "-p", str(port)),
-            *("-U", HELPDESK, "-d", "postgres"),
+            *("-U", HELPDESK, "-d", dbname),
         ],
         input=script(items),
         capture_output=True,
@@ -149,6 +174,8 @@ def run_psql(pg: EmbeddedPostgres, port: int, items: tuple[Statement, ...]) -> s
         timeout=60,
     )
     errors = [_error_line(m.group(1), m.group(2)) for m in _PSQL_ERROR.finditer(p.stderr)]
+    if p.stderr.startswith("psql: error: "):  # psql could not connect
+        errors += _libpq_login_lines(p.stderr)
     return "\n".join([p.stdout, p.stderr, *errors])
 
 
@@ -157,7 +184,8 @@ class PsycopgClient:
     """One autocommit session, reopened when it was closed; simple protocol, text format."""
 
     conninfo: str
-    reset_sql: tuple[str, ...] = ("ROLLBACK", "DISCARD ALL")
+    reset_sql: tuple[str, ...] = RESET_SQL
+    record_logins: bool = False
     conn: psycopg.Connection[Any] | None = None
     sink: list[str] | None = None
 
@@ -183,7 +211,12 @@ class PsycopgClient:
         return self.conn
 
     def run(self, items: tuple[Statement, ...]) -> str:
-        conn = self.reset()
+        try:
+            conn = self.reset()
+        except psycopg.OperationalError as exc:
+            if not self.record_logins:
+                raise
+            return "\n".join([f"{type(exc).__name__}: {exc}", *_libpq_login_lines(str(exc))])
         out: list[str] = []
         self.sink = out
         try:
@@ -226,6 +259,9 @@ class AsyncpgClient:
 
     port: int
     loop: asyncio.AbstractEventLoop
+    database: str = "postgres"
+    reset_sql: tuple[str, ...] = RESET_SQL
+    record_logins: bool = False
     conn: asyncpg.Connection | None = None
     sink: list[str] | None = None
     _listeners: list[Callable[..., None]] = field(default_factory=list)
@@ -240,7 +276,7 @@ class AsyncpgClient:
             port=self.port,
             user=HELPDESK,
             password=HELPDESK_PW,
-            database="postgres",
+            database=self.database,
             ssl=False,
             statement_cache_size=0,
             # asyncpg's own startup parameter is client_encoding='utf-8' (quotes included),
@@ -257,8 +293,8 @@ class AsyncpgClient:
     async def _reset(self) -> asyncpg.Connection:
         if self.conn is not None and not self.conn.is_closed():
             try:
-                await self.conn.execute("ROLLBACK")
-                await self.conn.execute("DISCARD ALL")
+                for sql in self.reset_sql:
+                    await self.conn.execute(sql)
                 return self.conn
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 self.conn.terminate()
@@ -266,7 +302,13 @@ class AsyncpgClient:
         return self.conn
 
     async def _run(self, items: tuple[Statement, ...]) -> str:
-        conn = await self._reset()
+        try:
+            conn = await self._reset()
+        except asyncpg.PostgresError as exc:
+            if not self.record_logins:
+                raise
+            message = exc.as_dict().get("message")
+            return "\n".join([f"{type(exc).__name__}: {exc}", _login_line(exc.sqlstate, message)])
         out: list[str] = []
         self.sink = out
 
@@ -324,11 +366,12 @@ class Clients:
     psycopg: PsycopgClient
     asyncpg: AsyncpgClient
     direct: PsycopgClient
+    dbname: str = "postgres"
 
     def run(self, client: str, sql: Statements) -> str:
         items = statements(sql, self.pg.port)
         if client == "psql":
-            return run_psql(self.pg, self.proxy_port, items)
+            return run_psql(self.pg, self.proxy_port, items, self.dbname)
         if client == "psycopg":
             return self.psycopg.run(items)
         if client == "asyncpg":
@@ -338,18 +381,33 @@ class Clients:
 
 
 @contextmanager
-def open_clients(pg: EmbeddedPostgres, proxy_port: int) -> Iterator[Clients]:
-    """The clients of a module: through the pgveil at `proxy_port`, and direct."""
+def open_clients(
+    pg: EmbeddedPostgres,
+    proxy_port: int,
+    *,
+    dbname: str = "postgres",
+    reset_sql: tuple[str, ...] = RESET_SQL,
+    record_logins: bool = False,
+) -> Iterator[Clients]:
+    """The clients of a module: through the pgveil at `proxy_port`, and direct, on database
+    `dbname`. `reset_sql` runs on the sessions through pgveil before each case (an empty
+    tuple keeps them as they are); `record_logins`: see the module docstring."""
     loop = asyncio.new_event_loop()
+    on_db = f" dbname={dbname}"  # the last dbname of a conninfo string is the one used
     c = Clients(
         pg=pg,
         proxy_port=proxy_port,
-        psycopg=PsycopgClient(dsn(pg, proxy_port)),
-        asyncpg=AsyncpgClient(proxy_port, loop),
+        psycopg=PsycopgClient(
+            dsn(pg, proxy_port) + on_db, reset_sql=reset_sql, record_logins=record_logins
+        ),
+        asyncpg=AsyncpgClient(
+            proxy_port, loop, database=dbname, reset_sql=reset_sql, record_logins=record_logins
+        ),
         direct=PsycopgClient(
-            dsn(pg, pg.port),
+            dsn(pg, pg.port) + on_db,
             reset_sql=("ROLLBACK", "DISCARD ALL", "RESET client_encoding"),
         ),
+        dbname=dbname,
     )
     try:
         yield c
