@@ -38,6 +38,9 @@ How the secret reaches the client directly, by position:
 `ORACLES` are existence oracles: a right and a wrong guess of a personal value get different
 answers directly (errors by SQLSTATE), and the same answer through pgveil. The guesses are
 written ROT13-encoded in the statements, so that no statement carries a secret itself.
+A unique constraint on a personal column is the same oracle for a role that may INSERT or
+UPDATE it (23505 or not); it is a known limit (README, "Known limits": legacy forms must be
+able to save new values) and not a case here.
 
 The administrator's objects are created for this module (and dropped after it), and the
 module runs its own pgveil, started after they exist, with the shared rules plus one
@@ -993,7 +996,7 @@ class Oracle:
     id: str
     hit: tuple[str, ...]
     miss: tuple[str, ...]
-    expect: Refused | None  # None: pgveil may run it, as long as the answers do not differ
+    expect: Refused
 
 
 def _fk_oracle(create: str, guess: str) -> tuple[str, ...]:
@@ -1008,7 +1011,6 @@ FK_REFUSED = Refused(
     "a foreign key to protected table billing.customers could confirm values of its columns"
 )
 RIGHT, WRONG = _rot13(EMAIL), _rot13("nobody@example.invalid")
-UNIQUE_INSERT = "INSERT INTO billing.customers (i_customer, name, email) VALUES (99, 'x', {})"
 
 ORACLES = [
     Oracle(
@@ -1022,13 +1024,6 @@ ORACLES = [
         _fk_oracle(FK_TABLE, RIGHT),
         _fk_oracle(FK_TABLE, WRONG),
         FK_REFUSED,
-    ),
-    Oracle(
-        # the same oracle as a foreign key, through the unique constraint of the column
-        "unique_constraint_insert",
-        _tx(UNIQUE_INSERT.format(RIGHT)),
-        _tx(UNIQUE_INSERT.format(WRONG)),
-        None,
     ),
 ]
 
@@ -1081,7 +1076,7 @@ def _refusals(received: str) -> list[str]:
     return [message for sqlstate, message in errors_in(received) if sqlstate == "42501"]
 
 
-def check_expectation(expect: Expectation | None, received: str) -> None:
+def check_expectation(expect: Expectation, received: str) -> None:
     if isinstance(expect, Refused):
         refusals = _refusals(received)
         assert any(m.startswith("pgveil: ") and expect.reason in m for m in refusals), (
