@@ -27,11 +27,22 @@ How the secret reaches the client directly, by position:
   error, or in the custom setting `atk.spy` that the user code `public.atk_spy()` writes.
   Through pgveil these are refused.
 * user operators (ORDER BY ... USING, `op ANY (SELECT ...)`, EXCLUDE) run `atk_spy()` too.
+  Their functions are on this module's allow-list (else, see below, their mere existence
+  would close every masked session on the database): these cases test that a statement
+  naming a user operator is refused all the same.
 * user code the statement reaches without naming a function or a non-built-in operator runs
-  `atk_spy()` as well: a cast's function, a domain's CHECK, a type's typmod input function
-  (a type modifier), an operator class's support function (EXCLUDE, PARTITION BY), an
-  operator that has a built-in operator's name (`=`) for argument types no built-in covers
-  (plain, `IN (SELECT ...)`, `= ANY (ARRAY ...)`, `CASE x WHEN`).
+  `atk_spy()` as well (`HIDDEN_CASES`): a cast's function, a domain's CHECK, a type's typmod
+  input function (a type modifier), an operator class's support function (EXCLUDE,
+  PARTITION BY), an operator that has a built-in operator's name (`=`) for argument types
+  no built-in covers (plain, `IN (SELECT ...)`, `= ANY (ARRAY ...)`, `CASE x WHEN`). pgveil
+  treats such code whose function is not allowed as a rules problem: every masked session
+  on that database is refused. So these cases run in a database of their own
+  (`HIDDEN_DB`, with a minimal copy of the canary data) with a pgveil of its own; each
+  creates its code, proves the leak directly, checks that through pgveil a statement of a
+  session opened before and a new login of each client are refused (42501, naming the
+  object and its function) and that nothing leaks, and drops the code again. One more case
+  allows the function (harmless, reads nothing): the statement that needs it runs, on
+  masked data.
 * SQL/JSON syntax of PostgreSQL 16 and 17 is a plain function call to PostgreSQL 15: the
   administrator's `public.json_array()` and friends return raw data.
 
@@ -45,8 +56,11 @@ able to save new values) and not a case here.
 The administrator's objects are created for this module (and dropped after it), and the
 module runs its own pgveil, started after they exist, with the shared rules plus one
 allow-listed procedure (`public.atk_echo`, harmless: it hands back its argument) so that the
-CALL cases test the argument position and not the procedure. Objects a case creates are
-temporary, or named `atk_*` and rolled back.
+CALL cases test the argument position and not the procedure, and the user operators'
+functions. Objects a case creates are temporary, or named `atk_*` and rolled back. When the
+module ends, no code the server runs unnamed may be left in `postgres` (the other modules'
+proxies would refuse every masked session there): its teardown checks that, and waits
+until the shared proxy finds no rules problem there.
 """
 
 from __future__ import annotations
@@ -54,12 +68,14 @@ from __future__ import annotations
 import codecs
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from proxy.catalog import HIDDEN_CODE_SQL
 from proxy.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import (
     CLIENTS,
@@ -67,10 +83,19 @@ from tests.integration.attack_clients import (
     CopyIn,
     Statements,
     errors_in,
+    logins_in,
     open_clients,
     text_of,
 )
-from tests.integration.masking_fixture import ADMIN, EMAIL, HELPDESK, RULES, leaks, masking_proxy
+from tests.integration.masking_fixture import (
+    ADMIN,
+    EMAIL,
+    HELPDESK,
+    NAME,
+    RULES,
+    leaks,
+    masking_proxy,
+)
 from tests.support import ProxyProcess
 
 C1 = "WHERE i_customer = 1"
@@ -107,16 +132,8 @@ CREATE FUNCTION public.atk_lt(a int, b int) RETURNS boolean LANGUAGE sql VOLATIL
     SECURITY DEFINER AS $$ SELECT public.atk_spy() AND a < b $$;
 CREATE FUNCTION public.atk_cmp(a int, b int) RETURNS int LANGUAGE sql VOLATILE
     SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN btint4cmp(a, b) END $$;
-CREATE FUNCTION public.atk_cmp2(a int2, b int2) RETURNS int LANGUAGE sql VOLATILE
-    SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN btint2cmp(a, b) END $$;
 CREATE FUNCTION public.atk_hash(a int) RETURNS int LANGUAGE sql VOLATILE SECURITY DEFINER
     AS $$ SELECT CASE WHEN public.atk_spy() THEN 0 END $$;  -- one bucket: ==== always runs
-CREATE FUNCTION public.atk_eq_int_text(a int, b text) RETURNS boolean LANGUAGE sql VOLATILE
-    SECURITY DEFINER AS $$ SELECT public.atk_spy() AND a::text = b $$;
-CREATE FUNCTION public.atk_inet_int(a inet) RETURNS int LANGUAGE sql VOLATILE SECURITY DEFINER
-    AS $$ SELECT CASE WHEN public.atk_spy() THEN 1 END $$;
-CREATE FUNCTION public.atk_tm_typmod(a cstring[]) RETURNS int LANGUAGE sql STABLE
-    SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN 7 END $$;
 -- SQL/JSON syntax of PostgreSQL 16/17 is a function call to PostgreSQL 15
 CREATE FUNCTION public.json_array(VARIADIC a int[]) RETURNS text LANGUAGE sql STABLE
     SECURITY DEFINER AS $$ SELECT name || ' ' || email FROM billing.customers WHERE i_customer = 1 $$;
@@ -141,46 +158,29 @@ CREATE FUNCTION public.json_arrayagg(a int) RETURNS text LANGUAGE sql STABLE SEC
 -- allow-listed (rules below): hands back its argument, reads nothing
 CREATE PROCEDURE public.atk_echo(IN v text, INOUT r text) LANGUAGE sql AS $$ SELECT v $$;
 RESET ROLE;
--- operators, operator classes, a cast, a domain, types: superuser only
+-- operators and operator classes: superuser only. Their functions are on this module's
+-- allow-list (RULES_POSITIONS): else their mere existence closes masked sessions on the
+-- database (see the hidden-code cases below); allowed, what the cases here test is that a
+-- statement naming a user operator is refused all the same
 CREATE OPERATOR public.==== (LEFTARG = int, RIGHTARG = int, FUNCTION = public.atk_eq,
     COMMUTATOR = ====);
 CREATE OPERATOR public.<<<< (LEFTARG = int, RIGHTARG = int, FUNCTION = public.atk_lt);
--- a user operator with a built-in operator's name, for a pair of types no built-in covers
-CREATE OPERATOR public.= (LEFTARG = int, RIGHTARG = text, FUNCTION = public.atk_eq_int_text);
 CREATE OPERATOR CLASS public.atk_hash_ops FOR TYPE int USING hash AS
     OPERATOR 1 ====, FUNCTION 1 public.atk_hash(int);
 CREATE OPERATOR CLASS public.atk_btree_ops FOR TYPE int USING btree AS
     OPERATOR 1 <<<<, OPERATOR 3 ====, FUNCTION 1 public.atk_cmp(int, int);
--- built-in operators, user comparison function (int2: no other case sorts or joins on it)
-CREATE OPERATOR CLASS public.atk_int2_ops FOR TYPE int2 USING btree AS
-    OPERATOR 1 <, OPERATOR 2 <=, OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >,
-    FUNCTION 1 public.atk_cmp2(int2, int2);
-CREATE CAST (inet AS int) WITH FUNCTION public.atk_inet_int(inet) AS ASSIGNMENT;
-CREATE DOMAIN public.atk_dom AS int CHECK (public.atk_spy());
 CREATE TYPE public.atk_rec AS (f jsonb, g int[]);
-CREATE TYPE public.atk_tm;
-CREATE FUNCTION public.atk_tm_in(cstring) RETURNS public.atk_tm LANGUAGE internal IMMUTABLE
-    STRICT AS 'int4in';
-CREATE FUNCTION public.atk_tm_out(public.atk_tm) RETURNS cstring LANGUAGE internal IMMUTABLE
-    STRICT AS 'int4out';
-CREATE TYPE public.atk_tm (INPUT = public.atk_tm_in, OUTPUT = public.atk_tm_out,
-    TYPMOD_IN = public.atk_tm_typmod, INTERNALLENGTH = 4, PASSEDBYVALUE, ALIGNMENT = int4);
 """
 
 ADMIN_TEARDOWN = f"""
 DROP TABLE IF EXISTS public.atk_fk;
-DROP CAST IF EXISTS (inet AS int);
 DROP OPERATOR FAMILY IF EXISTS public.atk_hash_ops USING hash CASCADE;
 DROP OPERATOR FAMILY IF EXISTS public.atk_btree_ops USING btree CASCADE;
-DROP OPERATOR FAMILY IF EXISTS public.atk_int2_ops USING btree CASCADE;
-DROP OPERATOR IF EXISTS public.==== (int, int), public.<<<< (int, int), public.= (int, text);
-DROP DOMAIN IF EXISTS public.atk_dom;
+DROP OPERATOR IF EXISTS public.==== (int, int), public.<<<< (int, int);
 DROP TYPE IF EXISTS public.atk_rec;
-DROP TYPE IF EXISTS public.atk_tm CASCADE;
 DROP FUNCTION IF EXISTS public.atk_peek(bigint), public.atk_peek_imm(bigint),
     public.atk_eq(int, int), public.atk_lt(int, int), public.atk_cmp(int, int),
-    public.atk_cmp2(int2, int2), public.atk_hash(int), public.atk_eq_int_text(int, text),
-    public.atk_inet_int(inet), public.atk_tm_typmod(cstring[]), public.atk_spy(),
+    public.atk_hash(int), public.atk_spy(),
     public.json_array(VARIADIC int[]), public.json_array(), public.json_object(),
     public.json_scalar(int), public.json_serialize(int), public.json(int),
     public.json_query(int, text), public.json_value(int, text), public.json_exists(int, text),
@@ -190,8 +190,11 @@ REVOKE REFERENCES ON billing.customers FROM {HELPDESK};
 REVOKE CREATE ON SCHEMA public FROM {ADMIN};
 """
 
-RULES_WITH_ECHO = RULES.replace(
-    "allow: [billing.invoice_total]", "allow: [billing.invoice_total, public.atk_echo]"
+# the shared rules, plus the procedure of the CALL cases and the functions of the user
+# operators (see ADMIN_SETUP)
+ALLOWED_HERE = "public.atk_echo, public.atk_eq, public.atk_lt, public.atk_cmp, public.atk_hash"
+RULES_POSITIONS = RULES.replace(
+    "allow: [billing.invoice_total]", f"allow: [billing.invoice_total, {ALLOWED_HERE}]"
 )
 
 
@@ -237,10 +240,6 @@ def newer_syntax(node: str, version: int) -> Refused:
         f"this syntax ({node}) is read differently by servers older than PostgreSQL {version}"
     )
 
-
-# user code reached without naming a function or an operator that is not built-in: what
-# pgveil should say is for the lead to decide; any refusal of non-allow-listed code would do
-USER_CODE = Refused("is not allowed for masked roles")
 
 W = "CREATE TEMP TABLE atk_w (id int PRIMARY KEY, j jsonb, a int[], m int[], r public.atk_rec, c text, d text)"
 W_ROW = "INSERT INTO atk_w VALUES (1, '{}', '{1}', '{{1,2},{3,4}}', ROW('{}', '{1}'), 'c', 'd')"
@@ -460,18 +459,6 @@ CASES: list[Case] = [
         not_allowed("atk_peek_imm"),
     ),
     Case(
-        # the operator class's comparison function is user code: it runs for every bound
-        # and every row routed, though the statement names no function and no operator
-        "partition_key_operator_class",
-        (
-            "CREATE TEMP TABLE atk_po (a int2) PARTITION BY RANGE (a public.atk_int2_ops)",
-            "CREATE TEMP TABLE atk_po_1 PARTITION OF atk_po FOR VALUES FROM (1) TO (10)",
-            "INSERT INTO atk_po VALUES (2)",
-            SPIED,
-        ),
-        USER_CODE,
-    ),
-    Case(
         "column_default",
         (
             "CREATE TEMP TABLE atk_d (i int, a text DEFAULT atk_peek(1))",
@@ -550,27 +537,6 @@ CASES: list[Case] = [
             "INSERT INTO atk_x VALUES (1)",
         ),
         not_allowed("atk_peek_imm"),
-    ),
-    Case(
-        # built-in operator, user operator class: its comparison function runs on insert
-        "exclude_operator_class",
-        (
-            "CREATE TEMP TABLE atk_x (a int2, EXCLUDE USING btree (a public.atk_int2_ops WITH =))",
-            "INSERT INTO atk_x VALUES (1), (2)",
-            SPIED,
-        ),
-        USER_CODE,
-    ),
-    Case(
-        # a type modifier is a constant, but the type's typmod_in is user code
-        "typmod_user_type_cast",
-        ("SELECT NULL::public.atk_tm(5)", SPIED),
-        USER_CODE,
-    ),
-    Case(
-        "typmod_user_type_column",
-        ("CREATE TEMP TABLE atk_t (a public.atk_tm(3))", SPIED),
-        USER_CODE,
     ),
     # ---- clauses of queries ----------------------------------------------------------------
     Case("limit_count", (f"SELECT 1 LIMIT {SPY}", SEEN), MASKED),
@@ -952,34 +918,6 @@ CASES: list[Case] = [
         ("SELECT 1 LIMIT (JSON_OBJECT())::int",),
         newer_syntax("JsonObjectConstructor", 16),
     ),
-    # ---- user code reached without naming a function or a non-built-in operator ------------
-    Case("cast_user_function", ("SELECT '192.0.2.1'::inet::int", SPIED), USER_CODE),
-    Case(
-        "cast_assignment_user_function",
-        (
-            "CREATE TEMP TABLE atk_ci (i int)",
-            "INSERT INTO atk_ci VALUES ('192.0.2.1'::inet)",
-            SPIED,
-        ),
-        USER_CODE,
-    ),
-    Case("domain_check_user_function", ("SELECT 1::public.atk_dom", SPIED), USER_CODE),
-    Case("builtin_named_user_operator", ("SELECT 1 = 'x'::text", SPIED), USER_CODE),
-    Case(
-        "builtin_named_user_operator_in_subquery",
-        ("SELECT 1 IN (SELECT 'x'::text)", SPIED),
-        USER_CODE,
-    ),
-    Case(
-        "builtin_named_user_operator_any_array",
-        ("SELECT 1 = ANY (ARRAY['x'::text])", SPIED),
-        USER_CODE,
-    ),
-    Case(
-        "builtin_named_user_operator_case",
-        ("SELECT CASE 1 WHEN 'x'::text THEN 1 END", SPIED),
-        USER_CODE,
-    ),
 ]
 
 
@@ -1028,6 +966,206 @@ ORACLES = [
 ]
 
 
+# ---- user code the server runs without a statement naming it ---------------------------------
+#
+# A cast, a type's typmod function, a domain's CHECK, an operator (also one named like a
+# built-in) and an operator class's support function run user code that no statement names.
+# While such code whose function is not allowed exists in a database, pgveil refuses every
+# masked session on it (a rules problem): the objects live in a database of their own, with
+# a pgveil of its own, and each case creates its code, checks, and drops it again.
+
+HIDDEN_DB = "pgveil_positions_hidden"
+HIDDEN_SETUP = f"""
+CREATE SCHEMA billing;
+CREATE TABLE billing.customers (i_customer bigint PRIMARY KEY, name text NOT NULL, email text);
+INSERT INTO billing.customers VALUES (1, '{NAME}', '{EMAIL}'), (2, 'Ann Other', 'ann@ex.org');
+GRANT USAGE ON SCHEMA billing TO {HELPDESK};
+GRANT SELECT ON billing.customers TO {HELPDESK};
+-- what the hidden code runs: reads raw data (not on the allow-list, never named below)
+CREATE FUNCTION public.atk_spy() RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER
+    AS $$ SELECT set_config('atk.spy',
+        (SELECT name || ' ' || email FROM billing.customers WHERE i_customer = 1), false)
+        IS NOT NULL $$;
+-- allow-listed: compares a number with a text, reads nothing
+CREATE FUNCTION public.atk_same(a bigint, b text) RETURNS boolean LANGUAGE sql IMMUTABLE
+    AS $$ SELECT a::text = b $$;
+"""
+HIDDEN_RULES = f"""
+databases: [{HIDDEN_DB}]
+roles:
+  unmasked: [{ADMIN}]
+  masked: [{HELPDESK}]
+  default: unmasked
+functions:
+  allow: [public.atk_same]
+tables:
+  billing.customers:
+    subject: i_customer
+    columns:
+      name: partial
+      email: email
+"""
+NAME_SQL = f"SELECT name FROM billing.customers {C1}"
+
+
+@dataclass(frozen=True)
+class UserCode:
+    """Objects whose function the server calls unnamed; `what` calls `function`, as pgveil
+    names them in its refusal."""
+
+    create: str
+    drop: str
+    what: str
+    function: str
+
+
+TYPMOD = UserCode(
+    """
+    CREATE FUNCTION public.atk_tm_typmod(a cstring[]) RETURNS int LANGUAGE sql STABLE
+        SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN 7 END $$;
+    CREATE TYPE public.atk_tm;
+    CREATE FUNCTION public.atk_tm_in(cstring) RETURNS public.atk_tm LANGUAGE internal
+        IMMUTABLE STRICT AS 'int4in';
+    CREATE FUNCTION public.atk_tm_out(public.atk_tm) RETURNS cstring LANGUAGE internal
+        IMMUTABLE STRICT AS 'int4out';
+    CREATE TYPE public.atk_tm (INPUT = public.atk_tm_in, OUTPUT = public.atk_tm_out,
+        TYPMOD_IN = public.atk_tm_typmod, INTERNALLENGTH = 4, PASSEDBYVALUE, ALIGNMENT = int4);
+    """,
+    """
+    DROP TYPE IF EXISTS public.atk_tm CASCADE;
+    DROP FUNCTION IF EXISTS public.atk_tm_typmod(cstring[]);
+    """,
+    "type atk_tm",
+    "public.atk_tm_typmod",
+)
+CAST = UserCode(
+    """
+    CREATE FUNCTION public.atk_inet_int(a inet) RETURNS int LANGUAGE sql VOLATILE
+        SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN 1 END $$;
+    CREATE CAST (inet AS int) WITH FUNCTION public.atk_inet_int(inet) AS ASSIGNMENT;
+    """,
+    """
+    DROP CAST IF EXISTS (inet AS int);
+    DROP FUNCTION IF EXISTS public.atk_inet_int(inet);
+    """,
+    "cast from inet to integer",
+    "public.atk_inet_int",
+)
+DOMAIN = UserCode(
+    "CREATE DOMAIN public.atk_dom AS int CHECK (public.atk_spy());",
+    "DROP DOMAIN IF EXISTS public.atk_dom;",
+    "domain atk_dom (constraint atk_dom_check)",
+    "public.atk_spy",
+)
+# built-in operators, user comparison function
+OPERATOR_CLASS = UserCode(
+    """
+    CREATE FUNCTION public.atk_cmp2(a int2, b int2) RETURNS int LANGUAGE sql VOLATILE
+        SECURITY DEFINER AS $$ SELECT CASE WHEN public.atk_spy() THEN btint2cmp(a, b) END $$;
+    CREATE OPERATOR CLASS public.atk_int2_ops FOR TYPE int2 USING btree AS
+        OPERATOR 1 <, OPERATOR 2 <=, OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >,
+        FUNCTION 1 public.atk_cmp2(int2, int2);
+    """,
+    """
+    DROP OPERATOR FAMILY IF EXISTS public.atk_int2_ops USING btree CASCADE;
+    DROP FUNCTION IF EXISTS public.atk_cmp2(int2, int2);
+    """,
+    "function 1 (smallint, smallint) of operator family atk_int2_ops for access method btree: "
+    "atk_cmp2(smallint,smallint)",
+    "public.atk_cmp2",
+)
+# a user operator with a built-in operator's name, for a pair of types no built-in covers
+BUILTIN_NAMED_OPERATOR = UserCode(
+    """
+    CREATE FUNCTION public.atk_eq_int_text(a int, b text) RETURNS boolean LANGUAGE sql
+        VOLATILE SECURITY DEFINER AS $$ SELECT public.atk_spy() AND a::text = b $$;
+    CREATE OPERATOR public.= (LEFTARG = int, RIGHTARG = text,
+        FUNCTION = public.atk_eq_int_text);
+    """,
+    """
+    DROP OPERATOR IF EXISTS public.= (int, text);
+    DROP FUNCTION IF EXISTS public.atk_eq_int_text(int, text);
+    """,
+    "operator =(integer,text)",
+    "public.atk_eq_int_text",
+)
+# the same kind of operator, its function allow-listed (and harmless): the DBA's consent
+ALLOWED_OPERATOR = UserCode(
+    "CREATE OPERATOR public.= (LEFTARG = bigint, RIGHTARG = text, FUNCTION = public.atk_same);",
+    "DROP OPERATOR IF EXISTS public.= (bigint, text);",
+    "operator =(bigint,text)",
+    "public.atk_same",
+)
+
+
+@dataclass(frozen=True)
+class HiddenCase:
+    id: str
+    code: UserCode
+    sql: Statements
+
+
+HIDDEN_CASES = [
+    # a type modifier is a constant, but the type's typmod_in is user code
+    HiddenCase("typmod_user_type_cast", TYPMOD, ("SELECT NULL::public.atk_tm(5)", SPIED)),
+    HiddenCase(
+        "typmod_user_type_column", TYPMOD, ("CREATE TEMP TABLE atk_t (a public.atk_tm(3))", SPIED)
+    ),
+    HiddenCase("cast_user_function", CAST, ("SELECT '192.0.2.1'::inet::int", SPIED)),
+    HiddenCase(
+        "cast_assignment_user_function",
+        CAST,
+        (
+            "CREATE TEMP TABLE atk_ci (i int)",
+            "INSERT INTO atk_ci VALUES ('192.0.2.1'::inet)",
+            SPIED,
+        ),
+    ),
+    HiddenCase("domain_check_user_function", DOMAIN, ("SELECT 1::public.atk_dom", SPIED)),
+    HiddenCase(
+        # built-in operator, user operator class: its comparison function runs on insert
+        "exclude_operator_class",
+        OPERATOR_CLASS,
+        (
+            "CREATE TEMP TABLE atk_x (a int2, EXCLUDE USING btree (a public.atk_int2_ops WITH =))",
+            "INSERT INTO atk_x VALUES (1), (2)",
+            SPIED,
+        ),
+    ),
+    HiddenCase(
+        # the comparison function runs for every bound and every row routed
+        "partition_key_operator_class",
+        OPERATOR_CLASS,
+        (
+            "CREATE TEMP TABLE atk_po (a int2) PARTITION BY RANGE (a public.atk_int2_ops)",
+            "CREATE TEMP TABLE atk_po_1 PARTITION OF atk_po FOR VALUES FROM (1) TO (10)",
+            "INSERT INTO atk_po VALUES (2)",
+            SPIED,
+        ),
+    ),
+    HiddenCase(
+        "builtin_named_user_operator", BUILTIN_NAMED_OPERATOR, ("SELECT 1 = 'x'::text", SPIED)
+    ),
+    HiddenCase(
+        "builtin_named_user_operator_in_subquery",
+        BUILTIN_NAMED_OPERATOR,
+        ("SELECT 1 IN (SELECT 'x'::text)", SPIED),
+    ),
+    HiddenCase(
+        "builtin_named_user_operator_any_array",
+        BUILTIN_NAMED_OPERATOR,
+        ("SELECT 1 = ANY (ARRAY['x'::text])", SPIED),
+    ),
+    HiddenCase(
+        "builtin_named_user_operator_case",
+        BUILTIN_NAMED_OPERATOR,
+        ("SELECT CASE 1 WHEN 'x'::text THEN 1 END", SPIED),
+    ),
+]
+# runs only through the allowed operator (the built-in `=` takes no bigint and text)
+ALLOWED_SQL = "SELECT name FROM billing.customers WHERE i_customer = '1'::text"
+
+
 # ---- fixtures ---------------------------------------------------------------------------------
 
 
@@ -1038,7 +1176,7 @@ def positions_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[Pro
     pg.psql(ADMIN_SETUP)
     d = Path(tempfile.mkdtemp(prefix="pgveil-positions-"))
     rules = d / "rules.yaml"
-    rules.write_text(RULES_WITH_ECHO)
+    rules.write_text(RULES_POSITIONS)
     p = masking_proxy(pg, rules)
     try:
         yield p
@@ -1047,12 +1185,88 @@ def positions_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[Pro
         os.unlink(rules)
         os.rmdir(d)
         pg.psql(ADMIN_TEARDOWN)
+        _no_hidden_code_left(pg, billing)
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _no_hidden_code_left(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    """Code the server runs unnamed, left in `postgres`, would close every masked session
+    of the other modules' proxies on it (their rules allow none of it)."""
+    left = pg.psql(HIDDEN_CODE_SQL).strip()
+    assert left == "", f"hidden code left in database postgres:\n{left}"
+    # the shared proxy may have read the catalog while this module's operators existed:
+    # until its next read it refuses masked sessions on postgres
+    wait_for(
+        lambda: billing.metric("pgveil_rules_problems", database="postgres") == 0,
+        "the shared proxy to find no rules problem in database postgres",
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
 def clients(pg: EmbeddedPostgres, positions_proxy: ProxyProcess) -> Iterator[Clients]:
     with open_clients(pg, positions_proxy.port) as c:
         yield c
+
+
+@dataclass
+class Hidden:
+    """The database of the hidden-code cases, its pgveil and clients."""
+
+    pg: EmbeddedPostgres
+    proxy: ProxyProcess
+    clients: Clients
+
+    def problems(self) -> float:
+        return self.proxy.metric("pgveil_rules_problems", database=HIDDEN_DB)
+
+    def reread(self) -> None:
+        """Until pgveil has read the catalog after now (the second read from now on: the
+        first may have begun before)."""
+        reads = self._reads()
+        wait_for(lambda: self._reads() >= reads + 2, "pgveil to re-read the catalog")
+
+    def _reads(self) -> int:
+        # this pgveil serves one database only
+        return self.proxy.log().count('"event":"catalog.loaded"')
+
+
+@pytest.fixture(scope="module")
+def hidden(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[Hidden]:
+    """The database, and a pgveil that re-reads its catalog at every tick (a case waits for
+    the read after it created or dropped its code). Sessions through it are not reset
+    between statements: a statement of an open session is one of the things checked.
+    `billing` creates the roles."""
+    pg.psql(f"DROP DATABASE IF EXISTS {HIDDEN_DB}")
+    pg.psql(f"CREATE DATABASE {HIDDEN_DB}")
+    d = Path(tempfile.mkdtemp(prefix="pgveil-positions-hidden-"))
+    rules = d / "rules.yaml"
+    rules.write_text(HIDDEN_RULES)
+    try:
+        pg.psql(HIDDEN_SETUP, dbname=HIDDEN_DB)
+        p = ProxyProcess(
+            pg.port,
+            "--upstream-sslmode", "disable",
+            "--rules", str(rules),
+            "--catalog-user", pg.superuser,
+            "--catalog-refresh", "0.1",
+            env={"PGVEIL_CATALOG_PASSWORD": pg.password},
+        )  # fmt: skip
+        try:
+            with open_clients(pg, p.port, dbname=HIDDEN_DB, reset_sql=(), record_logins=True) as c:
+                yield Hidden(pg, p, c)
+        finally:
+            p.stop()
+    finally:
+        os.unlink(rules)
+        os.rmdir(d)
+        pg.psql(f"DROP DATABASE IF EXISTS {HIDDEN_DB} WITH (FORCE)")
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -1147,3 +1361,81 @@ def test_oracle_does_not_answer_through_pgveil(
 def test_proxy_survives(positions_proxy: ProxyProcess) -> None:
     assert positions_proxy.proc.poll() is None, positions_proxy.log()[-3000:]
     assert "Traceback" not in positions_proxy.log()
+
+
+# ---- user code the server runs without a statement naming it ----------------------------------
+
+
+def _refused_naming(code: UserCode, refusals: list[tuple[str, str]], sqlstates: set[str]) -> bool:
+    reason = (
+        f"pgveil: the rules do not match database {HIDDEN_DB}: functions.allow: {code.what} "
+        f"calls function {code.function}, which is not allowed"
+    )
+    return any(st in sqlstates and m.startswith(reason) for st, m in refusals)
+
+
+@pytest.mark.parametrize("case", HIDDEN_CASES, ids=[c.id for c in HIDDEN_CASES])
+def test_hidden_code_closes_masked_sessions(hidden: Hidden, case: HiddenCase) -> None:
+    """Directly the case leaks. Through pgveil, once it has read the catalog with the code
+    in it, a statement of a session opened before is refused (42501), and so is a new login
+    (libpq keeps no SQLSTATE of a failed connection: psql and psycopg are checked by text),
+    each naming the object and its function; nothing leaks anywhere."""
+    c = hidden.clients
+    assert leaks(text_of(case.sql)) == [], case.id
+    for client in ("psycopg", "asyncpg"):  # opened while the database has no such code
+        received = c.run(client, NAME_SQL)
+        assert MASKED_NAME in received and leaks(received) == [], received
+    hidden.pg.psql(case.code.create, dbname=HIDDEN_DB)
+    try:
+        received = c.run("direct", case.sql)
+        assert leaks(received) != [], (
+            f"{case.id} does not leak even without pgveil (a broken case):\n{received[:3000]}"
+        )
+        c.direct.reset()  # drops its temporary tables: they depend on the code
+        hidden.reread()
+        failures = []
+        for client in ("psycopg", "asyncpg"):
+            received = c.run(client, case.sql)
+            if leaks(received) or not _refused_naming(case.code, errors_in(received), {"42501"}):
+                failures.append(f"{client}, open session (leaks: {leaks(received)}):\n{received}")
+        c.psycopg.close()
+        c.asyncpg.close()
+        for client in CLIENTS:
+            received = c.run(client, case.sql)
+            # asyncpg has the SQLSTATE of a refused login; libpq does not keep it
+            sqlstates = {"42501"} if client == "asyncpg" else {"?????"}
+            if leaks(received) or not _refused_naming(case.code, logins_in(received), sqlstates):
+                failures.append(f"{client}, new login (leaks: {leaks(received)}):\n{received}")
+        log = hidden.proxy.log()
+        if f"calls function {case.code.function}, which is not allowed" not in log:
+            failures.append("pgveil logged no rules problem naming the function")
+        if leaks(log):
+            failures.append(f"pgveil's log leaked: {leaks(log)}")
+        assert not failures, f"{case.id}: through pgveil\n" + "\n".join(f[:3000] for f in failures)
+    finally:
+        hidden.pg.psql(case.code.drop, dbname=HIDDEN_DB)
+        hidden.reread()
+    assert hidden.problems() == 0, "pgveil still finds a rules problem after the code was dropped"
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_hidden_code_runs_when_its_function_is_allowed(hidden: Hidden, client: str) -> None:
+    """The documented consent: a DBA who allows the function lets masked roles reach it.
+    This one reads nothing, and the statement that needs it runs on masked data."""
+    c = hidden.clients
+    hidden.pg.psql(ALLOWED_OPERATOR.create, dbname=HIDDEN_DB)
+    try:
+        assert NAME in c.run("direct", ALLOWED_SQL)  # only the user operator runs it
+        hidden.reread()
+        assert hidden.problems() == 0, hidden.proxy.log()[-3000:]
+        received = c.run(client, ALLOWED_SQL)
+        assert MASKED_NAME in received and leaks(received) == [], received
+        assert errors_in(received) == [] and logins_in(received) == [], received
+    finally:
+        hidden.pg.psql(ALLOWED_OPERATOR.drop, dbname=HIDDEN_DB)
+        hidden.reread()
+
+
+def test_hidden_proxy_survives(hidden: Hidden) -> None:
+    assert hidden.proxy.proc.poll() is None, hidden.proxy.log()[-3000:]
+    assert "Traceback" not in hidden.proxy.log()
