@@ -10,41 +10,34 @@ Every case in `ATTACKS` runs
   directly proves nothing and is a broken case.
 
 A case is one SQL string (one client request; it may hold several statements) or a tuple of
-strings sent one after the other on the same session. psql gets them all in one script and
-goes on after errors. Destructive writes are wrapped in BEGIN ... ROLLBACK so that the
-fixture data stays the same for every case. Objects a case creates are temporary or named
+strings sent one after the other on the same session (the clients are in `attack_clients`).
+psql gets them all in one script and goes on after errors. Destructive writes are wrapped in
+BEGIN ... ROLLBACK so that the fixture data stays the same for every case. Objects a case creates are temporary or named
 `atk_*` in public and dropped by the case and at the end of the module.
-
-Shared sessions (one per client per module) are reset between cases with ROLLBACK and
-DISCARD ALL, and reopened when pgveil closed them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
-import shutil
-import subprocess
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
 
-import asyncpg
 import psycopg
 import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
-from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, NAME, dsn, leaks
+from tests.integration.attack_clients import (
+    CLIENTS,
+    PGPORT,
+    Clients,
+    Statements,
+    open_clients,
+    text_of,
+)
+from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, NAME, leaks
 from tests.support import ProxyProcess
-
-Statements = str | tuple[str, ...]
 
 C1 = "WHERE i_customer = 1"
 # an idle session of another user whose last query holds a personal value (pg_stat_activity)
 ACTIVITY_MARK = "canary_activity"
-# the direct PostgreSQL port, for attacks that open their own connection (dblink)
-PGPORT = "@PGPORT@"
 DBLINK = (
     f"'host=127.0.0.1 port={PGPORT} user={HELPDESK} password={HELPDESK_PW} "
     "dbname=postgres sslmode=disable'"
@@ -1181,244 +1174,6 @@ ATTACKS: list[tuple[str, Statements]] = [
     ("login_hash_column", "SELECT login FROM billing.customers"),
 ]
 
-CLIENTS = ("psql", "psycopg", "asyncpg")
-CHANNELS = ("other_channel", "invoice_events")
-_COPY_OUT = re.compile(r"^\s*COPY\b.*\bTO\s+STDOUT\b", re.IGNORECASE | re.DOTALL)
-
-
-def _statements(sql: Statements, port: int) -> tuple[str, ...]:
-    items = (sql,) if isinstance(sql, str) else sql
-    return tuple(s.replace(PGPORT, str(port)) for s in items)
-
-
-def _script(statements: tuple[str, ...]) -> str:
-    # the separator on a line of its own: a statement may end with a -- comment
-    return "".join(s.strip().rstrip(";") + "\n;\n" for s in statements)
-
-
-_DIAG_FIELDS = (
-    "severity",
-    "sqlstate",
-    "message_primary",
-    "message_detail",
-    "message_hint",
-    "statement_position",
-    "internal_position",
-    "internal_query",
-    "context",
-    "schema_name",
-    "table_name",
-    "column_name",
-    "datatype_name",
-    "constraint_name",
-)
-
-
-def _diag(d: Any) -> str:
-    return repr({f: getattr(d, f, None) for f in _DIAG_FIELDS})
-
-
-# ---- clients ----------------------------------------------------------------------------------
-
-
-def run_psql(pg: EmbeddedPostgres, port: int, statements: tuple[str, ...]) -> str:
-    psql = shutil.which("psql") or str(pg.bindir / "psql")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSWORD=HELPDESK_PW, PGCLIENTENCODING="UTF8", PGSSLMODE="disable")
-    p = subprocess.run(
-        [
-            psql,
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=0",
-            *("-h", "127.0.0.1", "-p", str(port)),
-            *("-U", HELPDESK, "-d", "postgres"),
-        ],
-        input=_script(statements),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        env=env,
-        timeout=60,
-    )
-    return p.stdout + "\n" + p.stderr
-
-
-@dataclass
-class PsycopgClient:
-    """One autocommit session, reopened when it was closed; simple protocol, text format."""
-
-    conninfo: str
-    reset_sql: tuple[str, ...] = ("ROLLBACK", "DISCARD ALL")
-    conn: psycopg.Connection[Any] | None = None
-    sink: list[str] | None = None
-
-    def _connect(self) -> psycopg.Connection[Any]:
-        c = psycopg.connect(self.conninfo, autocommit=True, prepare_threshold=None)
-        c.add_notice_handler(lambda d: self._got(f"NOTICE {_diag(d)}"))
-        c.add_notify_handler(lambda n: self._got(f"NOTIFY {n.channel} {n.payload}"))
-        return c
-
-    def _got(self, text: str) -> None:
-        if self.sink is not None:
-            self.sink.append(text)
-
-    def reset(self) -> psycopg.Connection[Any]:
-        if self.conn is not None and not self.conn.closed:
-            try:
-                for s in self.reset_sql:
-                    self.conn.execute(s)
-                return self.conn
-            except psycopg.Error:
-                self.conn.close()
-        self.conn = self._connect()
-        return self.conn
-
-    def run(self, statements: tuple[str, ...]) -> str:
-        conn = self.reset()
-        out: list[str] = []
-        self.sink = out
-        try:
-            for s in statements:
-                if conn.closed:
-                    out.append("[session closed]")
-                    break
-                try:
-                    if _COPY_OUT.match(s):
-                        with conn.cursor().copy(s) as cp:
-                            out.extend(bytes(chunk).decode("latin-1") for chunk in cp)
-                    else:
-                        cur = conn.execute(s)
-                        while True:
-                            if cur.description is not None:
-                                out.append(repr(cur.fetchall()))
-                            if not cur.nextset():
-                                break
-                except psycopg.Error as exc:
-                    out.append(f"{type(exc).__name__}: {exc}")
-                    out.append(_diag(exc.diag))
-            if not conn.closed:
-                out.append(f"application_name={conn.info.parameter_status('application_name')!r}")
-        finally:
-            self.sink = None
-        return "\n".join(out)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-
-
-@dataclass
-class AsyncpgClient:
-    """One session, reopened when it was closed; extended protocol, binary format."""
-
-    port: int
-    loop: asyncio.AbstractEventLoop
-    conn: asyncpg.Connection | None = None
-    sink: list[str] | None = None
-    _listeners: list[Callable[..., None]] = field(default_factory=list)
-
-    def _got(self, text: str) -> None:
-        if self.sink is not None:
-            self.sink.append(text)
-
-    async def _connect(self) -> asyncpg.Connection:
-        c = await asyncpg.connect(
-            host="127.0.0.1",
-            port=self.port,
-            user=HELPDESK,
-            password=HELPDESK_PW,
-            database="postgres",
-            ssl=False,
-            statement_cache_size=0,
-            # asyncpg's own startup parameter is client_encoding='utf-8' (quotes included),
-            # which pgveil refuses for masked roles; a second, plain value gets the session up
-            server_settings={"client_encoding": "UTF8"},
-        )
-        c.add_log_listener(lambda _c, msg: self._got(f"NOTICE {msg!s} {msg.as_dict()!r}"))
-        for ch in CHANNELS:
-            await c.add_listener(
-                ch, lambda _c, _pid, chan, payload: self._got(f"NOTIFY {chan} {payload}")
-            )
-        return c
-
-    async def _reset(self) -> asyncpg.Connection:
-        if self.conn is not None and not self.conn.is_closed():
-            try:
-                await self.conn.execute("ROLLBACK")
-                await self.conn.execute("DISCARD ALL")
-                return self.conn
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                self.conn.terminate()
-        self.conn = await self._connect()
-        return self.conn
-
-    async def _run(self, statements: tuple[str, ...]) -> str:
-        conn = await self._reset()
-        out: list[str] = []
-        self.sink = out
-
-        async def copy_sink(data: bytes) -> None:
-            out.append(bytes(data).decode("latin-1"))
-
-        try:
-            for s in statements:
-                if conn.is_closed():
-                    out.append("[session closed]")
-                    break
-                try:
-                    if _COPY_OUT.match(s):
-                        await conn._copy_out(s, copy_sink, 30)
-                        continue
-                    try:
-                        rows = await conn.fetch(s)
-                    except asyncpg.PostgresSyntaxError as exc:
-                        if "cannot insert multiple commands" not in str(exc):
-                            raise
-                        out.append(await conn.execute(s))  # several statements: simple protocol
-                        continue
-                    out.append(repr([tuple(r) for r in rows]))
-                except asyncpg.PostgresError as exc:
-                    out.append(f"{type(exc).__name__}: {exc}")
-                    out.append(repr(exc.as_dict()))
-                except (asyncpg.InterfaceError, OSError) as exc:
-                    out.append(f"{type(exc).__name__}: {exc}")
-            if not conn.is_closed():
-                app = conn.get_settings().application_name
-                out.append(f"application_name={app!r}")
-        finally:
-            self.sink = None
-        return "\n".join(out)
-
-    def run(self, statements: tuple[str, ...]) -> str:
-        return self.loop.run_until_complete(self._run(statements))
-
-    def close(self) -> None:
-        if self.conn is not None and not self.conn.is_closed():
-            self.loop.run_until_complete(self.conn.close())
-
-
-@dataclass
-class Clients:
-    pg: EmbeddedPostgres
-    proxy_port: int
-    psycopg: PsycopgClient
-    asyncpg: AsyncpgClient
-    direct: PsycopgClient
-
-    def run(self, client: str, sql: Statements) -> str:
-        statements = _statements(sql, self.pg.port)
-        if client == "psql":
-            return run_psql(self.pg, self.proxy_port, statements)
-        if client == "psycopg":
-            return self.psycopg.run(statements)
-        if client == "asyncpg":
-            return self.asyncpg.run(statements)
-        assert client == "direct"
-        return self.direct.run(statements)
-
-
 # ---- fixtures ---------------------------------------------------------------------------------
 
 
@@ -1447,24 +1202,8 @@ def attack_env(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def clients(pg: EmbeddedPostgres, billing: ProxyProcess, attack_env: None) -> Iterator[Clients]:
-    loop = asyncio.new_event_loop()
-    c = Clients(
-        pg=pg,
-        proxy_port=billing.port,
-        psycopg=PsycopgClient(dsn(pg, billing.port)),
-        asyncpg=AsyncpgClient(billing.port, loop),
-        direct=PsycopgClient(
-            dsn(pg, pg.port),
-            reset_sql=("ROLLBACK", "DISCARD ALL", "RESET client_encoding"),
-        ),
-    )
-    try:
+    with open_clients(pg, billing.port) as c:
         yield c
-    finally:
-        c.psycopg.close()
-        c.direct.close()
-        c.asyncpg.close()
-        loop.close()
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -1476,7 +1215,7 @@ def test_corpus_is_well_formed() -> None:
     assert len(ids) >= 120
     for cid, sql in ATTACKS:
         # the statements themselves must not carry a secret, or every client "leaks" it
-        assert leaks(_script(_statements(sql, 5432))) == [], cid
+        assert leaks(text_of(sql)) == [], cid
 
 
 @pytest.mark.parametrize(

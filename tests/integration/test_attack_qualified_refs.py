@@ -24,8 +24,8 @@ import psycopg
 import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.attack_clients import PsycopgClient
 from tests.integration.masking_fixture import ADMIN, ADMIN_PW, EMAIL, NAME, dsn, leaks
-from tests.integration.test_attack_corpus import PsycopgClient
 from tests.integration.test_audit_events import Audited, audited
 from tests.support import ProxyProcess
 

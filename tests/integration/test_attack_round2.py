@@ -29,8 +29,8 @@ import pytest
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from rules.masks import hmac_pads
+from tests.integration.attack_clients import PsycopgClient
 from tests.integration.masking_fixture import HASH_KEY, HELPDESK, HELPDESK_PW, dsn, leaks
-from tests.integration.test_attack_corpus import PsycopgClient
 from tests.support import ProxyProcess, RawClient
 
 _IPAD, _OPAD = hmac_pads(HASH_KEY.encode())

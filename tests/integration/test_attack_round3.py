@@ -21,8 +21,8 @@ import psycopg
 import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.attack_clients import PsycopgClient
 from tests.integration.masking_fixture import HASH_KEY, HELPDESK, HELPDESK_PW, dsn, leaks
-from tests.integration.test_attack_corpus import PsycopgClient
 from tests.integration.test_attack_round2 import leaks2
 from tests.support import ProxyProcess
 
