@@ -102,10 +102,35 @@ SELECT DISTINCT
                       'pg_catalog.pg_operator'::pg_catalog.regclass,
                       'pg_catalog.pg_amproc'::pg_catalog.regclass,
                       'pg_catalog.pg_conversion'::pg_catalog.regclass,
-                      'pg_catalog.pg_transform'::pg_catalog.regclass)
+                      'pg_catalog.pg_transform'::pg_catalog.regclass,
+                      'pg_catalog.pg_event_trigger'::pg_catalog.regclass)
         OR (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
             AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
                          WHERE c.oid = d.objid AND c.contypid <> 0)))
+ ORDER BY 1, 2, 3
+"""
+# The same for code attached to tables, which runs when their rows are written: triggers,
+# column defaults and generated columns, table CHECK constraints, row security policies,
+# rewrite rules other than views'. Part of the schema a DBA designed: reported, not refused.
+TABLE_CODE_SQL = """
+SELECT DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) AS what,
+       n.nspname, p.proname
+  FROM pg_catalog.pg_depend d
+  JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+ WHERE d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND l.lanname NOT IN ('c', 'internal')
+   AND (d.classid IN ('pg_catalog.pg_trigger'::pg_catalog.regclass,
+                      'pg_catalog.pg_attrdef'::pg_catalog.regclass,
+                      'pg_catalog.pg_policy'::pg_catalog.regclass)
+        OR (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+            AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+                         WHERE c.oid = d.objid AND c.conrelid <> 0))
+        OR (d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+            AND EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
+                         WHERE r.oid = d.objid AND r.rulename <> '_RETURN')))
  ORDER BY 1, 2, 3
 """
 ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
@@ -222,6 +247,9 @@ async def read_catalog(conn: Any) -> Catalog:
     hidden = tuple(
         (r["what"], r["nspname"], r["proname"]) for r in await conn.fetch(HIDDEN_CODE_SQL)
     )
+    table_code = tuple(
+        (r["what"], r["nspname"], r["proname"]) for r in await conn.fetch(TABLE_CODE_SQL)
+    )
     return Catalog(
         relations=relations,
         system_relations=system,
@@ -237,6 +265,7 @@ async def read_catalog(conn: Any) -> Catalog:
         view_sources=view_sources,
         server_version_num=version,
         hidden_code=hidden,
+        table_code=table_code,
     )
 
 

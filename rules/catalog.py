@@ -75,6 +75,9 @@ class Catalog:
     # server calls without a statement naming them (a cast, a type's support function, a
     # domain's CHECK, an operator, an operator class's support function)
     hidden_code: tuple[tuple[str, str, str], ...] = ()
+    # (what, schema, function): the same for code attached to tables (triggers, defaults,
+    # CHECK constraints, policies, rules), which runs when a masked role writes their rows
+    table_code: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.by_oid:

@@ -121,6 +121,16 @@ def _hidden_code(policy: Policy, catalog: Catalog) -> list[Problem]:
                     "roles could run it without naming it; allow it or drop it",
                 )
             )
+    for what, schema, name in catalog.table_code:
+        if (schema, name) not in policy.allowed_functions:
+            out.append(
+                Problem(
+                    "functions.allow",
+                    f"{what} calls function {schema}.{name}, which is not allowed: masked "
+                    "roles' writes run it; allow it once you have checked what it does",
+                    "none",
+                )
+            )
     return out
 
 

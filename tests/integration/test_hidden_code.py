@@ -68,6 +68,13 @@ CASES = {
         "shop.eq",
         "operator shop.=(integer,text)",
     ),
+    "event_trigger": (
+        "CREATE FUNCTION shop.on_ddl() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER "
+        "AS $$ BEGIN PERFORM shop.spy(); END $$;"
+        "CREATE EVENT TRIGGER shop_on_ddl ON ddl_command_end EXECUTE FUNCTION shop.on_ddl();",
+        "shop.on_ddl",
+        "event trigger shop_on_ddl",
+    ),
     "operator_class_support": (
         "CREATE FUNCTION shop.cmp(int2, int2) RETURNS int LANGUAGE sql SECURITY DEFINER "
         "AS $$ SELECT btint2cmp($1, $2) + 0 * length(shop.spy()) $$;"
@@ -91,6 +98,7 @@ def database(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[None]:
 
 @pytest.fixture
 def shop(pg: EmbeddedPostgres, database: None) -> Iterator[None]:
+    pg.psql("DROP EVENT TRIGGER IF EXISTS shop_on_ddl", dbname=DB)
     pg.psql(
         "DROP SCHEMA IF EXISTS shop CASCADE; CREATE SCHEMA shop;"
         "CREATE TABLE shop.people (id int PRIMARY KEY, name text);"
@@ -100,6 +108,7 @@ def shop(pg: EmbeddedPostgres, database: None) -> Iterator[None]:
         dbname=DB,
     )
     yield
+    pg.psql("DROP EVENT TRIGGER IF EXISTS shop_on_ddl", dbname=DB)
     pg.psql("DROP SCHEMA IF EXISTS shop CASCADE", dbname=DB)
 
 
@@ -112,6 +121,19 @@ def _proxy(pg: EmbeddedPostgres, tmp_path: Path, allow: str) -> ProxyProcess:
         "--rules", str(rules),
         "--catalog-user", pg.superuser,
         env={"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password},
+    )  # fmt: skip
+
+
+def _check_config(pg: EmbeddedPostgres, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable, "-m", "proxy.cli", "proxy", "--check-config",
+            "--upstream", f"127.0.0.1:{pg.port}", "--upstream-sslmode", "disable",
+            "--rules", str(tmp_path / "rules.yaml"), "--catalog-user", pg.superuser,
+        ],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PGVEIL_TEST_HASH_KEY": HASH_KEY,
+             "PGVEIL_CATALOG_PASSWORD": pg.password},
     )  # fmt: skip
 
 
@@ -135,16 +157,7 @@ def test_code_reached_without_its_name_closes_masked_sessions_until_allowed(
         assert f"pgveil: the rules do not match database {DB}: functions.allow: " in message
         assert what in message and f"calls function {function}, which is not allowed" in message
         assert not leaks(message) and SECRET not in message + p.log()
-    check = subprocess.run(
-        [
-            sys.executable, "-m", "proxy.cli", "proxy", "--check-config",
-            "--upstream", f"127.0.0.1:{pg.port}", "--upstream-sslmode", "disable",
-            "--rules", str(tmp_path / "rules.yaml"), "--catalog-user", pg.superuser,
-        ],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PGVEIL_TEST_HASH_KEY": HASH_KEY,
-             "PGVEIL_CATALOG_PASSWORD": pg.password},
-    )  # fmt: skip
+    check = _check_config(pg, tmp_path)
     assert check.returncode == 1, check.stdout + check.stderr
     assert f"calls function {function}, which is not allowed" in check.stdout
     # allowed: the DBA has said masked roles may run it
@@ -164,3 +177,26 @@ def test_a_database_without_such_code_serves_masked_sessions(
     )
     with _proxy(pg, tmp_path, "shop.spy") as p:
         assert _masked_name(pg, p.port) == "H********************a"
+
+
+def test_code_attached_to_tables_is_reported_not_refused(
+    pg: EmbeddedPostgres, tmp_path: Path, shop: None
+) -> None:
+    """A trigger or a column default runs when a masked role writes the table: part of the
+    schema the DBA designed, so it is reported (a warning) and masked sessions go on."""
+    pg.psql(
+        "CREATE FUNCTION shop.touch() RETURNS trigger LANGUAGE plpgsql "
+        "AS $$ BEGIN RETURN NEW; END $$;"
+        "CREATE TRIGGER people_touch BEFORE UPDATE ON shop.people "
+        "FOR EACH ROW EXECUTE FUNCTION shop.touch();",
+        dbname=DB,
+    )
+    with _proxy(pg, tmp_path, "shop.spy") as p:
+        assert _masked_name(pg, p.port) == "H********************a"
+    check = _check_config(pg, tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert (
+        "warning: database pgveil_hidden: functions.allow: trigger people_touch on table "
+        "shop.people calls function shop.touch, which is not allowed: masked roles' writes "
+        "run it" in check.stdout
+    )
