@@ -31,6 +31,7 @@ import psycopg
 import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.attack_clients import AsyncpgClient, PsycopgClient, run_psql
 from tests.integration.masking_fixture import (
     HASH_KEY,
     NAME,
@@ -39,7 +40,6 @@ from tests.integration.masking_fixture import (
     leaks,
     masking_proxy,
 )
-from tests.integration.test_attack_corpus import AsyncpgClient, PsycopgClient, run_psql
 from tests.support import ProxyProcess
 
 C1 = "WHERE i_customer = 1"
