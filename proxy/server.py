@@ -293,7 +293,9 @@ class ClientConnection(_Pipe, LiveSession):
         return writer is None or writer.accepting()
 
     def record(self, event_type: str, fields: dict[str, object]) -> bool:
-        return self.audit_event(event_type, fields)
+        # a refusal's answer is an error that carries no data: it need not wait for its
+        # event (queued all the same); an access's results do
+        return self.audit_event(event_type, fields, owned=event_type != "refused")
 
     def eof_received(self) -> bool | None:
         return None
