@@ -270,17 +270,21 @@ def test_kill_9_at_random_points_then_resume(db: Db, tmp_path: Path) -> None:
             else:
                 wait_backend(db, present=True)
                 time.sleep(rng.uniform(0.0, 0.4))
-                deadline = time.monotonic() + 10
-                while i % 3 != 2 and p.poll() is None and not in_batch(db):
-                    assert time.monotonic() < deadline
-                    time.sleep(0.002)
+            # two of three kills aim at a batch: the kill follows the query that saw it
+            # running (asking again would let a batch end between the two questions)
+            landed = in_batch(db)
+            deadline = time.monotonic() + 10
+            while i % 3 != 2 and i > 0 and p.poll() is None and not landed:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+                landed = in_batch(db)
             if p.poll() is not None:
                 break  # it finished before the kill
-            if in_batch(db):
+            p.send_signal(signal.SIGKILL)
+            if landed:
                 mid_batch += 1
             else:
                 anywhere += 1
-            p.send_signal(signal.SIGKILL)
             p.communicate()
             wait_backend(db, present=False)
         states = {s for s, _ in jobs(db).values()}
