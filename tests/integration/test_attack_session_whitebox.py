@@ -21,13 +21,17 @@ Bypasses found (FAILING until pgveil is fixed; each test names the code path):
   input is not ignored; StatementLog (proxy/session/statements.py) models neither, so every
   later error is judged against the statement before it, and access events get another
   statement's outcome and subjects, or none at all.
+* `test_guess_in_a_portal_of_an_earlier_transaction_*`, `test_portal_name_reused_*`: named
+  portals end with their transaction, StatementLog's never do; a Bind that reuses the name
+  is taken for one the server refuses, so errors are judged, and accesses recorded (not at
+  all), as the old portal's statement.
 * `test_statement_prepared_before_a_rules_reload_*`: a statement (or SQL PREPARE) analysed
   under the old rules keeps running unmasked after a reload, and the exit check never sees it
   when the client does not Describe (Bind/Execute get no RowDescription).
 
 Guards (attacks that did not work, kept passing): a message begun before AuthenticationOk and
 finished after it, a missing database under trust authentication, the extended-protocol COPY
-whose Sync the server swallows, the exit check with Describe and with SQL EXECUTE, a DEBUG
+whose Sync the server swallows, a guess in a portal of another name, the exit check with Describe and with SQL EXECUTE, a DEBUG
 notice without a misaligning literal, and a same-shape set_config that turns
 standard_conforming_strings off."""
 
@@ -73,6 +77,7 @@ from tests.integration.test_error_scrub import (
     ROW,
     SYNC,
     bind,
+    execute,
     parse,
 )
 from tests.support import ProxyProcess, RawClient, errors_in
@@ -319,6 +324,50 @@ def test_extended_copy_whose_sync_the_server_swallows_keeps_the_pairing(
         c.close()
 
 
+def portal_error(c: RawClient, *, first_portal: str, second_portal: str) -> str:
+    """A named portal of a harmless statement holding the guess, committed (autocommit: the
+    Sync ends the transaction, and with it the portal); then the error statement bound to a
+    portal and executed."""
+    guess = parse(f"SELECT '{RIGHT}' AS guess", name="wb2_guess")
+    c.send_raw(guess + bind(stmt="wb2_guess", portal=first_portal) + SYNC)
+    assert errors_in(c.until_ready()) == []
+    row = parse(ROW, name="wb2_row") + bind(stmt="wb2_row", portal=second_portal)
+    c.send_raw(row + execute(second_portal) + SYNC)
+    (error,) = errors_in(c.until_ready())
+    return error["M"]
+
+
+@pytest.mark.parametrize("where", ["direct", "pgveil"])
+def test_guess_in_a_portal_of_an_earlier_transaction_confirms(
+    pg: EmbeddedPostgres, billing: ProxyProcess, where: str
+) -> None:
+    """A named portal lasts until the end of its transaction; StatementLog keeps it forever
+    (nothing drops `_portals` at COMMIT or ROLLBACK). A Bind that reuses the name in a later
+    transaction is taken for one the server refuses (StatementLog.bind: "the server refuses
+    to bind a named portal in use"), so the name keeps the old portal, and the Execute's
+    error is judged against the old portal's statement (`cause()`): the guess it spelled
+    confirms the value."""
+    c = RawClient(pg.port if where == "direct" else billing.port, user=MASKED_TRUST)
+    try:
+        message = portal_error(c, first_portal="wb2_p", second_portal="wb2_p")
+    finally:
+        c.close()
+    if where == "direct":
+        assert message == ECHO.format(RIGHT)
+    else:
+        assert message == MASKED
+
+
+def test_guess_in_a_portal_of_another_name_confirms_nothing(billing: ProxyProcess) -> None:
+    """Guard: the same with two portal names: the error is judged against its own statement
+    (the direct answer is in the test above)."""
+    c = RawClient(billing.port, user=MASKED_TRUST)
+    try:
+        assert portal_error(c, first_portal="wb2_p1", second_portal="wb2_p2") == MASKED
+    finally:
+        c.close()
+
+
 # ---- accesses the audit records wrongly, or not at all ----------------------------------------
 
 
@@ -418,6 +467,25 @@ def test_copy_failing_before_it_reads_leaves_later_statements_unrecorded(
     accesses = [e for e in events if e["type"] == "access"]
     assert accesses, f"the read of customer 1 was not recorded: {json.dumps(events)[:1500]}"
     assert who_touched_customer_1(events) == ["yes"]
+
+
+def test_portal_name_reused_in_a_new_transaction_runs_unrecorded(audited: AuditFile) -> None:
+    """The stale portal of the test above, for the audit: the Bind of a read of customer 1
+    to a portal name an earlier (ended) transaction used is not registered, the Execute runs
+    under the old portal's fields (None: it read nothing protected), and no access event is
+    written for a read of a raw personal column by an unmasked role."""
+    app = "wb2-audit-portal"
+    c = RawClient(audited.proxy.port, user=TRUST_USER, application_name=app)
+    try:
+        c.send_raw(parse("SELECT 1", name="wb2_one") + bind(stmt="wb2_one", portal="wb2_p") + SYNC)
+        assert errors_in(c.until_ready()) == []
+        read = parse(READ_1, name="wb2_read") + bind(stmt="wb2_read", portal="wb2_p")
+        c.send_raw(read + execute("wb2_p") + SYNC)
+        assert NAME.encode() in rows(c.until_ready())  # the raw name went out
+    finally:
+        c.close()
+    events = audited.session(app)
+    assert who_touched_customer_1(events) == ["yes"], json.dumps(events)[:1500]
 
 
 # ---- the exit check, and statements analysed under rules that are no longer in force ----------
