@@ -21,10 +21,11 @@ Bypasses found (FAILING until pgveil is fixed; each test names the code path):
   input is not ignored; StatementLog (proxy/session/statements.py) models neither, so every
   later error is judged against the statement before it, and access events get another
   statement's outcome and subjects, or none at all.
-* `test_guess_in_a_portal_of_an_earlier_transaction_*`, `test_portal_name_reused_*`: named
-  portals end with their transaction, StatementLog's never do; a Bind that reuses the name
-  is taken for one the server refuses, so errors are judged, and accesses recorded (not at
-  all), as the old portal's statement.
+* `test_guess_in_a_portal_of_an_earlier_transaction_*`, `test_portal_name_reused_*`,
+  `test_cursor_name_reused_*`: named portals and SQL cursors end with their transaction,
+  StatementLog's never do; a Bind or DECLARE that reuses the name is taken for one the server
+  refuses, so errors are judged, and accesses recorded (not at all), as the old one's
+  statement.
 * `test_statement_prepared_before_a_rules_reload_*`: a statement (or SQL PREPARE) analysed
   under the old rules keeps running unmasked after a reload, and the exit check never sees it
   when the client does not Describe (Bind/Execute get no RowDescription).
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 
 from audit.files import read_events
@@ -61,12 +63,15 @@ from proxy.wire import messages as m
 from rules.masks import hmac_pads
 from tests.conftest import TRUST_USER
 from tests.integration.masking_fixture import (
+    ADMIN,
+    ADMIN_PW,
     HASH_KEY,
     HELPDESK,
     HELPDESK_PW,
     LOGIN,
     NAME,
     RULES,
+    dsn,
     leaks,
 )
 from tests.integration.test_error_scrub import (
@@ -486,6 +491,45 @@ def test_portal_name_reused_in_a_new_transaction_runs_unrecorded(audited: AuditF
         c.close()
     events = audited.session(app)
     assert who_touched_customer_1(events) == ["yes"], json.dumps(events)[:1500]
+
+
+def fetch_through_cursor(
+    pg: EmbeddedPostgres, audited: AuditFile, app: str, *, stale: bool
+) -> list[str]:
+    """An unmasked login (billing_admin) reads customer 1 through an SQL cursor, by psycopg
+    (simple protocol); with `stale`, a cursor of the same name was used by an earlier
+    transaction. What `audit who --subject 1` says of the session."""
+    conninfo = dsn(pg, audited.proxy.port, ADMIN, ADMIN_PW) + f" application_name={app}"
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        if stale:
+            c.execute("BEGIN")
+            c.execute("DECLARE wb2_c CURSOR FOR SELECT 1")
+            c.execute("COMMIT")
+        c.execute("BEGIN")
+        c.execute(f"DECLARE wb2_c CURSOR FOR {READ_1}")
+        fetched = c.execute("FETCH ALL FROM wb2_c").fetchall()
+        c.execute("COMMIT")
+    assert fetched == [(1, NAME)]  # the raw name went out
+    return who_touched_customer_1(audited.session(app))
+
+
+def test_fetch_from_a_cursor_is_recorded_with_its_subject(
+    pg: EmbeddedPostgres, audited: AuditFile
+) -> None:
+    """Guard (and premise): the FETCH's event carries the DECLARE's tables and the subjects
+    of the rows it returned."""
+    assert fetch_through_cursor(pg, audited, "wb2-audit-cursor", stale=False) == ["yes"]
+
+
+def test_cursor_name_reused_in_a_new_transaction_hides_the_fetch(
+    pg: EmbeddedPostgres, audited: AuditFile
+) -> None:
+    """The same gap with SQL cursors, from any client: StatementLog.define keeps the first
+    DECLARE of a name ("so does DECLARE (42P03)") although the server dropped that cursor
+    when its transaction ended. The second DECLARE is recorded with no rows (so `audit who`
+    takes it as proof the subject was not touched), and the FETCH, which read the name, gets
+    the old cursor's fields (none) and no event."""
+    assert fetch_through_cursor(pg, audited, "wb2-audit-cursor-reused", stale=True) == ["yes"]
 
 
 # ---- the exit check, and statements analysed under rules that are no longer in force ----------
