@@ -28,7 +28,9 @@ Bypasses found (FAILING until pgveil is fixed; each test names the code path):
   statement.
 * `test_statement_prepared_before_a_rules_reload_*`: a statement (or SQL PREPARE) analysed
   under the old rules keeps running unmasked after a reload, and the exit check never sees it
-  when the client does not Describe (Bind/Execute get no RowDescription).
+  when the client does not Describe (Bind/Execute get no RowDescription); a view the
+  administrator redefines to read a personal column is re-planned by the server under a
+  statement prepared before, and no Describe helps.
 
 Guards (attacks that did not work, kept passing): a message begun before AuthenticationOk and
 finished after it, a missing database under trust authentication, the extended-protocol COPY
@@ -674,6 +676,69 @@ def test_exit_check_closes_sql_execute_of_a_statement_prepared_before_the_reload
         c.close()
     assert NOTES_VALUE not in rows(out)
     assert [(e["S"], e["C"]) for e in errors_in(out)] == [("FATAL", "42501")]
+
+
+@pytest.fixture
+def refreshing(
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path
+) -> Iterator[ProxyProcess]:
+    """A pgveil that re-reads the catalog every second, and an administrator's view that
+    reads no protected table (yet)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    pg.psql(
+        "CREATE VIEW billing.wb2_labels AS "
+        "SELECT i_customer_class, name FROM billing.customer_classes;"
+        "GRANT SELECT ON billing.wb2_labels TO cc_staff;"
+    )
+    env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
+    try:
+        with ProxyProcess(
+            pg.port, "--upstream-sslmode", "disable", "--rules", str(rules),
+            "--catalog-user", pg.superuser, "--catalog-refresh", "1", metrics=False, env=env,
+        ) as p:  # fmt: skip
+            yield p
+    finally:
+        pg.psql("DROP VIEW IF EXISTS billing.wb2_labels")
+
+
+LABEL = "SELECT name FROM billing.wb2_labels WHERE i_customer_class = 1"
+
+
+def test_statement_prepared_before_a_view_is_redefined_reads_raw_even_described(
+    pg: EmbeddedPostgres, refreshing: ProxyProcess
+) -> None:
+    """The administrator redefines a view so that it reads a personal column (same column
+    type). Once pgveil has read the catalog again, new statements on the view are refused
+    ("reads protected table ... and has no masking rules of its own"); a statement prepared
+    before it is re-planned by the server with the new definition and returns the raw name.
+    The exit check cannot help even with a Describe: RowDescription names the view's column
+    (the origin stops at the view), and a refused view is in no protection map."""
+    c = RawClient(refreshing.port, user=MASKED_TRUST)
+    try:
+        c.send_raw(parse(LABEL, name="wb2_l") + describe("S", "wb2_l") + SYNC)
+        assert errors_in(c.until_ready()) == []
+        loaded = refreshing.log().count("catalog.loaded")
+        pg.psql(
+            "CREATE OR REPLACE VIEW billing.wb2_labels AS SELECT cc.i_customer_class, "
+            "(SELECT c.name::text FROM billing.customers c "
+            " WHERE c.i_customer_class = cc.i_customer_class ORDER BY c.i_customer LIMIT 1) "
+            "AS name FROM billing.customer_classes cc"
+        )
+        deadline = time.monotonic() + 20
+        while refreshing.log().count("catalog.loaded") < loaded + 2:
+            assert time.monotonic() < deadline, "the catalog was not read again"
+            time.sleep(0.05)
+        fresh = RawClient(refreshing.port, user=MASKED_TRUST)
+        try:
+            assert [e["C"] for e in errors_in(fresh.query(LABEL))] == ["42501"]
+        finally:
+            fresh.close()
+        c.send_raw(bind(stmt="wb2_l") + describe("P") + EXECUTE + SYNC)
+        got = rows(c.until_ready())
+    finally:
+        c.close()
+    assert NAME.encode() not in got, got
 
 
 # ---- the login gate ---------------------------------------------------------------------------
