@@ -26,6 +26,9 @@ Bypasses found (FAILING until pgveil is fixed; each test names the code path):
   StatementLog's never do; a Bind or DECLARE that reuses the name is taken for one the server
   refuses, so errors are judged, and accesses recorded (not at all), as the old one's
   statement.
+* `test_a_message_instead_of_a_password_*` (low): before authentication, a gated login
+  answers a protocol violation with pgveil's own FATAL, not the server's: an
+  unauthenticated client learns that masking rules are configured.
 * `test_statement_prepared_before_a_rules_reload_*`: a statement (or SQL PREPARE) analysed
   under the old rules keeps running unmasked after a reload, and the exit check never sees it
   when the client does not Describe (Bind/Execute get no RowDescription); a view the
@@ -788,6 +791,38 @@ def test_missing_database_under_trust_is_the_servers_answer_byte_for_byte(
         finally:
             c.close()
     assert answers[0] == answers[1] and b"3D000" in answers[0]
+
+
+def answer_to_a_query_instead_of_a_password(port: int) -> bytes:
+    """Before authentication: a StartupMessage for a SCRAM login, then a Query where the
+    SASL response belongs; every byte the client gets after the SASL request."""
+    c = RawClient(port, connect=False)
+    try:
+        startup = m.StartupMessage(m.PROTOCOL_3_0, {"user": HELPDESK, "database": "postgres"})
+        c.send_raw(startup.encode())
+        typ, _ = c.recv_message()
+        assert typ == "R"
+        c.send_raw(query("SELECT 1"))
+        assert c.closed_by_peer()
+        return c.buf
+    finally:
+        c.close()
+
+
+def test_a_message_instead_of_a_password_gets_the_servers_answer(
+    pg: EmbeddedPostgres, billing: ProxyProcess, proxy: ProxyProcess
+) -> None:
+    """Before authentication, pgveil should answer as the server does. With rules, a login
+    is gated (SessionSettings.classify), and _login_client_data refuses a message other than
+    a password while the server waits for one with its own FATAL ("pgveil: expected a
+    password message during authentication", no F/L/R fields); without rules the server's
+    answer goes through. An unauthenticated client thus learns that a masking pgveil is in
+    front (low severity: nothing about roles, databases or what the rules say; the server
+    would read only the message type and end the login, so the message could go on)."""
+    direct = answer_to_a_query_instead_of_a_password(pg.port)
+    assert b"expected SASL response" in direct
+    assert answer_to_a_query_instead_of_a_password(proxy.port) == direct  # no rules
+    assert answer_to_a_query_instead_of_a_password(billing.port) == direct
 
 
 # ---- the statement-shape cache ----------------------------------------------------------------
