@@ -44,6 +44,7 @@ class Stats:
         self.masked_sessions = 0
         self.statements = {"pass": 0, "rewrite": 0, "refuse": 0}
         self.notifications_withheld = 0
+        self.notices_withheld = 0
         self.exit_check_violations = 0
 
     def reject(self, reason: str) -> None:
@@ -67,6 +68,7 @@ class Stats:
             self.statements["rewrite"] += f.counters.rewritten
             self.statements["refuse"] += f.counters.refused
             self.notifications_withheld += f.counters.notifications_withheld
+            self.notices_withheld += f.counters.notices_withheld
             self.exit_check_violations += f.counters.exit_check_violations
 
 
@@ -170,6 +172,7 @@ def _masking_families(
 ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     statements = dict(s.statements)
     withheld = s.notifications_withheld
+    notices = s.notices_withheld
     violations = s.exit_check_violations
     for conn in live:
         f = conn.session.masked
@@ -178,6 +181,7 @@ def _masking_families(
             statements["rewrite"] += f.counters.rewritten
             statements["refuse"] += f.counters.refused
             withheld += f.counters.notifications_withheld
+            notices += f.counters.notices_withheld
             violations += f.counters.exit_check_violations
     yield CounterMetricFamily(
         "pgveil_masked_sessions", "Sessions classified as masked", value=s.masked_sessions
@@ -204,6 +208,11 @@ def _masking_families(
         "pgveil_notifications_withheld",
         "Notifications withheld from masked sessions (channel without rules)",
         value=withheld,
+    )
+    yield CounterMetricFamily(
+        "pgveil_notices_withheld",
+        "DEBUG and LOG notices withheld from masked sessions (they echo statement text)",
+        value=notices,
     )
     yield CounterMetricFamily(
         "pgveil_exit_check_violations",

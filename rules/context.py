@@ -28,6 +28,7 @@ from rules.model import Classification, Policy
 from rules.startup import masked_refusal
 
 CACHE_SIZE = 10_000
+LARGE_STATEMENT = 64 * 1024  # characters; longer statements skip the shape and text caches
 _LITERAL_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"})
 _PLACEHOLDER_BASE = 900_000  # $900000+: far above any parameter number a client uses
 _PLACEHOLDER = re.compile(r"\$(9\d{5})(?!\d)")
@@ -431,6 +432,11 @@ class MaskingContext:
         `audit_only` is refused with that reason."""
         if self.refusal is not None and not audit_only:
             return with_audit_text(Decision("refuse", reason=self.refusal), sql)
+        if len(sql) > LARGE_STATEMENT:
+            # a bulk statement: analysed as it is, never cached (the caches hold statements
+            # by count, and reading literals back compiles a pattern of the whole text)
+            self.cache_misses += 1
+            return with_audit_text(self.analyzer.analyze(sql), sql)
         d = self._cache.get(sql)
         if d is not None:
             self.cache_hits += 1

@@ -132,7 +132,6 @@ _CLIENT_CAPTURE: Final = capture_mask(bytes((m.TERMINATE,)))
 _CLIENT_CAPTURE_RECORDED: Final = capture_mask(b"XQPBDESCF")
 _CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAGE)))
 _TOO_MUCH_BEFORE_LOGIN: Final = "pgveil: too much data sent before the login completed"
-_NOT_A_PASSWORD: Final = "pgveil: expected a password message during authentication"
 # ReadyForQuery is not captured: its status byte is read in place (see server_data).
 _SERVER_CAPTURE_READY: Final = capture_mask(bytes((m.ERROR_RESPONSE, m.PARAMETER_STATUS)))
 _Z: Final = m.READY_FOR_QUERY
@@ -227,6 +226,7 @@ class Session:
         self._server_tail = b""  # an incomplete server message of the login
         self._client_tail = b""  # an incomplete client message of the login
         self._client_held: bytearray | None = None  # client bytes from a non-password on
+        self._to_the_server = False  # a non-password answered an auth request: the server ends it
         self._login_held = bytearray()  # the server's answers after AuthenticationOk
         self._after_login = bytearray()  # server bytes after the login's ReadyForQuery
         self._login_ready = False  # the login's ReadyForQuery arrived (held)
@@ -320,6 +320,8 @@ class Session:
         is classified (see login_classified). After AuthenticationOk nothing goes on: the
         server reads no more passwords. A message other than a password while the server
         waits for one ends the login (the server would end it too)."""
+        if self._to_the_server:
+            return (SendToServer(data),)  # the server is ending the login (see below)
         held = self._client_held
         if held is not None:
             held += data
@@ -340,9 +342,14 @@ class Session:
                 self.phase is Phase.CLASSIFYING
             ):
                 if self._awaiting_password():
-                    # the server would read this message as the answer to its request and
-                    # end the login: pgveil ends it itself, passing nothing on
-                    return self._refuse_login("08P01", _NOT_A_PASSWORD)
+                    # the server reads this message as the answer to its request and ends
+                    # the login with its own error (it reads no further than the message
+                    # type): passed on, so the client gets the server's answer, not one that
+                    # would tell it pgveil masks
+                    self._client_tail = b""
+                    self._to_the_server = True
+                    out += buf[pos:]
+                    return (SendToServer(bytes(out)),)
                 self._client_held = bytearray(buf[pos:])
                 pos = n
                 if len(self._client_held) > limit:
@@ -519,8 +526,11 @@ class Session:
             self._server.capture = _SERVER_CAPTURE_READY
             self._client.capture = _CLIENT_CAPTURE
         self.phase = Phase.READY
-        actions.append(SendToClient(bytes(self._login_held)))
+        held = bytes(self._login_held)
         self._login_held.clear()
+        if self.masked is not None:
+            held = self.masked.login_messages(held)
+        actions.append(SendToClient(held))
         after = bytes(self._after_login)
         self._after_login.clear()
         if after:
@@ -745,8 +755,12 @@ class Session:
                 if code not in _AUTH_NO_RESPONSE:
                     self._auth_requests += 1
                     if self._client_held is not None and self._awaiting_password():
-                        # the server would read the held message as the response
-                        return self._refuse_login("08P01", _NOT_A_PASSWORD)
+                        # the server reads the held message as the response and ends the
+                        # login with its own error: it goes on, after the request
+                        held = bytes(self._client_held)
+                        self._client_held = None
+                        self._to_the_server = True
+                        actions.append(SendToServer(held))
                 if code == m.AUTH_OK and self.gated:
                     out += raw
                     self.phase = Phase.CLASSIFYING

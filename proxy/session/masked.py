@@ -48,6 +48,7 @@ _TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
 _TEXT = ColumnType("text", "text")
 _PARTIAL = MaskSpec("partial")
 _KEEP_FIELDS = frozenset("SVCMHPsctdnFLR")
+_SERVER_LOG = frozenset(("DEBUG", "DEBUG1", "DEBUG2", "DEBUG3", "DEBUG4", "DEBUG5", "LOG"))
 _DATA_ROW = m.DATA_ROW
 _READY_FOR_QUERY = m.READY_FOR_QUERY
 _ERROR_RESPONSE = m.ERROR_RESPONSE
@@ -61,6 +62,7 @@ class MaskedCounters:
     rewritten: int = 0
     refused: int = 0
     notifications_withheld: int = 0
+    notices_withheld: int = 0  # DEBUG and LOG notices: they echo pgveil's rewritten text
     exit_check_violations: int = 0
     refusal_reasons: list[str] = field(default_factory=list)
 
@@ -508,7 +510,13 @@ class MaskedFilter(StatementFilter):
             code = fields.get("C", "")
             cls = code[:2] if len(code) == 5 else "unknown"
             self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
-        if self._refusals:
+        if typ == m.NOTICE_RESPONSE and fields.get("V", fields.get("S", "")) in _SERVER_LOG:
+            # DEBUG and LOG messages echo statements as the server received them: pgveil's
+            # rewritten text, with the hash mask's key pads in it. Masked roles get none.
+            self.counters.notices_withheld += 1
+            return b""
+        if typ == m.ERROR_RESPONSE and self._refusals:
+            # only the error of the refused statement is its answer (a notice may quote it)
             refusal = self._refusal(body)
             if refusal is not None:
                 return refusal
@@ -529,6 +537,23 @@ class MaskedFilter(StatementFilter):
         if "D" in fields:
             scrubbed["D"] = "pgveil: detail withheld from masked roles"
         return encode_fields(typ, scrubbed)
+
+    def login_messages(self, data: bytes) -> bytes:
+        """The server's answers between AuthenticationOk and the login's ReadyForQuery
+        (whole messages, held until the login was classified), as a masked session may see
+        them: notices scrubbed like any other, the rest as they are."""
+        out = bytearray()
+        pos = 0
+        while pos + 5 <= len(data):
+            typ = data[pos]
+            (length,) = struct.unpack_from("!i", data, pos + 1)
+            end = pos + 1 + length
+            if typ == m.NOTICE_RESPONSE:
+                out += self._error(typ, data[pos + 5 : end], None)
+            else:
+                out += data[pos:end]
+            pos = end
+        return bytes(out)
 
     def _notification(self, body: bytes) -> bytes:
         pid = body[:4]
@@ -562,6 +587,23 @@ def _no_event(fields: dict[str, object]) -> None:
     """Where a masked session's completed statements go while it is not audited."""
 
 
+_DOUBLE_QUOTED = re.compile(r'"[^"]*"')
+
+
+def _stray_quote(text: str) -> int | None:
+    """Where the quotes of a message stop pairing up: the first `"` when there is an odd
+    number of them, or the first `'` outside double-quoted runs when there is an odd number
+    of those (an apostrophe inside `"it's"` is part of that value)."""
+    if text.count('"') % 2:
+        return text.index('"')
+    outside = [m.start() for m in re.finditer("'", _DOUBLE_QUOTED.sub(_blank, text))]
+    return outside[0] if len(outside) % 2 else None
+
+
+def _blank(match: re.Match[str]) -> str:
+    return " " * len(match.group(0))
+
+
 class _Judge:
     """Which quoted values of one error or notice are shown: the empty string, names of the
     catalog, and what the statement that caused the message spelled out: its literals'
@@ -583,8 +625,35 @@ class _Judge:
         tail = _TRAILING_VALUE.match(text)
         if tail is not None:
             head, inner = tail.group(1), tail.group(2)
-            return _QUOTED.sub(self._quoted, head) + '"' + self._judge(inner) + '"'
-        return _QUOTED.sub(self._quoted, text)
+            return self._pairs(head) + '"' + self._judge(inner) + '"'
+        return self._pairs(text)
+
+    def _pairs(self, text: str) -> str:
+        """Quoted runs judged one by one. A quote left without its pair means the pairing
+        cannot be trusted (a quote inside a value shifts every pair after it, `E'\''`):
+        from the first quote of a kind that occurs an odd number of times, or the first
+        stray one, the text is masked whole."""
+        cut = _stray_quote(text)
+        if cut is not None:
+            return self._pairs(text[:cut]) + (py_mask(_PARTIAL, text[cut:], _TEXT, {}) or "")
+        out: list[str] = []
+        pos = 0
+        for match in _QUOTED.finditer(text):
+            gap = text[pos : match.start()]
+            if "'" in gap or '"' in gap:
+                break
+            out.append(gap)
+            out.append(self._quoted(match))
+            pos = match.end()
+        rest = text[pos:]
+        if "'" in rest or '"' in rest:
+            # unbalanced from here: nothing after the first stray quote is shown as is
+            cut = min(i for i in (rest.find("'"), rest.find('"')) if i >= 0)
+            out.append(rest[:cut])
+            out.append(py_mask(_PARTIAL, rest[cut:], _TEXT, {}) or "")
+        else:
+            out.append(rest)
+        return "".join(out)
 
     def _quoted(self, match: re.Match[str]) -> str:
         inner = match.group(1) if match.group(1) is not None else match.group(2)

@@ -327,19 +327,25 @@ def test_passwords_pass_during_a_gated_login_and_nothing_else() -> None:
     assert _fatal(s.login_classified(_context()))["C"] == "08P01"
 
 
-def test_a_statement_instead_of_a_password_is_refused() -> None:
+def test_a_statement_instead_of_a_password_goes_to_the_server_which_ends_the_login() -> None:
+    # the server reads it as the answer to its request and refuses the login itself: the
+    # client gets the server's own answer, not one that says pgveil is in between
     s = gated()
     s.upstream_connected()
     s.server_data(m.message(m.AUTHENTICATION, (3).to_bytes(4, "big")))  # cleartext password
     out = s.client_data(QUERY)
-    assert _fatal(out)["C"] == "08P01" and not any(isinstance(a, SendToServer) for a in out)
+    assert out == (SendToServer(QUERY),)
+    fatal = m.error_response("08P01", "expected password response", severity="FATAL")
+    assert s.server_data(fatal) == [SendToClient(fatal)]
+    assert s.phase is not Phase.READY
 
 
-def test_a_held_statement_then_an_authentication_request_is_refused() -> None:
+def test_a_held_statement_then_an_authentication_request_goes_to_the_server() -> None:
     s = gated(early=QUERY)
     s.upstream_connected()
-    out = s.server_data(m.message(m.AUTHENTICATION, (3).to_bytes(4, "big")))
-    assert _fatal(out)["C"] == "08P01" and not any(isinstance(a, SendToServer) for a in out)
+    request = m.message(m.AUTHENTICATION, (3).to_bytes(4, "big"))
+    out = s.server_data(request)
+    assert SendToClient(request) in out and SendToServer(QUERY) in out
 
 
 def test_ready_for_query_without_authentication_is_a_violation() -> None:

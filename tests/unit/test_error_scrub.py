@@ -385,3 +385,13 @@ def test_dotted_runs_of_catalog_names_are_no_qualified_name() -> None:
     # the real paths among them still read
     for value in ("198", "public.198", "198.198", "public.198.198"):
         assert _Judge(ctx, cause).scrub(f'"{value}"') == f'"{value}"', value
+
+
+def test_a_stray_quote_masks_everything_after_it() -> None:
+    # a quote inside a value the server printed would shift every pair after it: the
+    # client's own E'\'' must not turn pgveil's quoted hex into text "outside quotes"
+    sql = "SELECT E'\\'' AS q, 'x'"
+    text = "parse: SELECT E'\\'' AS q, '5c5c5c5c' AS a, 'x'"
+    got = judge(sql, text)
+    assert "5c5c5c5c" not in got and got.startswith("parse: SELECT E")
+    assert judge("SELECT 1", 'column "name" of "customers"') == 'column "name" of "customers"'

@@ -81,3 +81,14 @@ def test_placeholder_spelled_by_unicode_escape_never_receives_a_literal(
     (raw,) = parse_sql(d.sql)
     where = raw.stmt.whereClause
     assert type(where).__name__ == "NullTest" and type(where.arg).__name__ == "A_Const"
+
+
+def test_a_bulk_statement_is_analysed_as_it_is_and_not_cached(ctx: MaskingContext) -> None:
+    from rules.context import LARGE_STATEMENT
+
+    rows = ", ".join(f"({i}, 'x{i}')" for i in range(LARGE_STATEMENT // 8))
+    sql = f"INSERT INTO public.notes (id, body) VALUES {rows}"
+    assert len(sql) > LARGE_STATEMENT
+    assert ctx.analyze(sql).action == "pass"
+    assert ctx.analyze(sql).action == "pass"
+    assert ctx.cache_hits == 0 and sql not in ctx._cache
