@@ -32,7 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.session.statements import Cause, Source, StatementLog, bind_parameters
+from proxy.session.statements import (
+    UNKNOWN,
+    Cause,
+    Decided,
+    Named,
+    Source,
+    StatementLog,
+    bind_parameters,
+)
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
 from rules.analyzer import Decision
@@ -43,6 +51,12 @@ from rules.model import MaskSpec
 
 REFUSAL_TOKEN = "pgveil_refusal_"
 AUDIT_UNAVAILABLE = "the audit stream is unavailable; statements on personal data must wait for it"
+RULES_CHANGED = (
+    "the masking rules changed since this statement was prepared (or this cursor or portal "
+    "was opened); prepare it again"
+)
+NOT_UTF8 = "the statement is not valid UTF-8"
+UNTRACKED = "pgveil cannot tell what this statement runs; prepare it again"
 _QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
 _TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
 _TEXT = ColumnType("text", "text")
@@ -110,6 +124,10 @@ class StatementFilter:
         self.tx_status: int | None = None  # from the latest ReadyForQuery
 
     raw_columns = False  # whether the personal columns a statement returns reach it raw
+    _skipping = False  # see MaskedFilter
+    # whether each name's text and decision are kept, to re-check them when the context
+    # is replaced (masked sessions: see MaskedFilter._runs_now)
+    _tracks = False
     _observing = False  # the message is only looked at: it goes on unchanged
     # sees every ErrorResponse and ParameterStatus from the server (the engine's counters)
     observer: Callable[[int, bytes], None] | None = None
@@ -157,7 +175,9 @@ class StatementFilter:
                         log.note_failing_bind()
                         token = self._refuse_unrecorded(fields)
                         return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
-                log.bind(body)
+                reason = log.bind(body)
+                if reason is not None:
+                    return self._refuse_prepared(typ, body, reason)
             elif typ == m.EXECUTE:
                 if self._audit_down():
                     end = body.index(b"\0")
@@ -165,11 +185,15 @@ class StatementFilter:
                     if fields is not None:
                         token = self._refuse_unrecorded(fields)
                         return m.message(m.EXECUTE, token + body[end + 1 :])
-                log.execute(body)
+                reason = log.execute(body)
+                if reason is not None:
+                    return self._refuse_prepared(typ, body, reason)
             elif typ == m.SYNC:
                 log.sync()
             elif typ == m.DESCRIBE:
-                log.describe(body)
+                reason = log.describe(body)
+                if reason is not None:
+                    return self._refuse_prepared(typ, body, reason)
             elif typ == m.CLOSE:
                 log.close(body)
         return raw
@@ -191,6 +215,47 @@ class StatementFilter:
         event = {k: v for k, v in fields.items() if k != "_subject_keys"}
         self.audit.record("refused", {**event, "decision": "refused", "reason": AUDIT_UNAVAILABLE})
         return self._refuse(AUDIT_UNAVAILABLE)
+
+    def _refuse_prepared(self, typ: int, body: bytes, reason: str) -> bytes:
+        """A statement or portal prepared before that may not run now: while the rules do
+        not match the database (`MaskingContext.refusal`: new statements are refused by the
+        analysis), or once they decide its text otherwise. The refusal token goes where
+        its name was, as when the audit stream is unavailable: the server's error keeps
+        the pipeline's order, and it skips what follows up to Sync."""
+        log = self.statements
+        assert log is not None
+        self._skipping = True
+        named = log.used(typ, body)
+        fields = named.fields if named is not None else None
+        if fields is None and named is not None and reason == RULES_CHANGED:
+            # nothing protected when it was prepared, something now: its event says what
+            fields = self._fields_now(named, reason)
+        token = self._refuse_recorded(fields, reason)
+        end = body.index(b"\0")
+        if typ == m.BIND:
+            name_end = body.index(b"\0", end + 1)
+            log.note_failing_bind()
+            return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
+        if typ == m.DESCRIBE:
+            refused = body[:1] + token
+            log.describe(refused)  # answered by the error, like any Describe
+            return m.message(m.DESCRIBE, refused)
+        return m.message(m.EXECUTE, token + body[end + 1 :])
+
+    def _fields_now(self, named: Named, reason: str) -> dict[str, object] | None:
+        """The audit fields of what a name holds, analysed under the current context."""
+        if self.audit is None:
+            return None
+        for d in named.decided:
+            if d.action != "refuse" and d is not UNKNOWN:
+                return self._event_fields(d.sql, self.ctx.analyze(d.sql), "refuse", reason)
+        return None
+
+    def _refuse_recorded(self, fields: dict[str, object] | None, reason: str) -> bytes:
+        if self.audit is not None and fields is not None:
+            event = {k: v for k, v in fields.items() if k != "_subject_keys"}
+            self.audit.record("refused", {**event, "decision": "refused", "reason": reason})
+        return self._refuse(reason)
 
     def _refuse(self, reason: str) -> bytes:
         nonce = secrets.token_hex(8)
@@ -242,8 +307,10 @@ class StatementFilter:
         if log is not None and action != "refuse" and (d.drops or d.defines):
             undo = [removed for name in d.drops for removed in log.drop(name)]
             self._undo = tuple(undo)
+            # what a PREPARE or DECLARE leaves under its name: the whole text, as sent
+            decided = Decided(sql, action, value) if self._tracks else None
             for name in d.defines:
-                log.define(name, fields)
+                log.define(name, fields, decided)
         if action == "rewrite":
             self.counters.rewritten += 1
         elif action == "pass":
@@ -307,7 +374,9 @@ class StatementFilter:
             return self._undecodable(m.PARSE, name, original)
         action, value, fields = self._decide(sql)
         if self.statements is not None:
-            self.statements.parse(statement, fields, self._source(sql, action, value, rest))
+            source = self._source(sql, action, value, rest)
+            decided = Decided(sql, action, value) if self._tracks else None
+            self.statements.parse(statement, fields, source, decided)
         if action == "pass":
             return original
         if action == "rewrite":
@@ -325,7 +394,8 @@ class StatementFilter:
             if typ == m.QUERY:
                 self.statements.query(None)
             else:
-                self.statements.parse(name[:-1], None)
+                unreadable = Decided("", "refuse", NOT_UTF8) if self._tracks else None
+                self.statements.parse(name[:-1], None, None, unreadable)
         return original
 
     # ---- server -> client --------------------------------------------------------------
@@ -384,6 +454,8 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
 
 
 class MaskedFilter(StatementFilter):
+    _tracks = True
+
     def __init__(
         self,
         ctx: MaskingContext | ContextHolder,
@@ -393,10 +465,14 @@ class MaskedFilter(StatementFilter):
         super().__init__(ctx)
         self.login = login
         self.error_classes = error_classes if error_classes is not None else {}
-        self._bind_refused = False  # a Bind refused since the last Sync
+        # a Bind, Execute or Describe refused since the last Sync: the server skips what
+        # follows up to Sync
+        self._skipping = False
+        self._checking: set[int] = set()  # the names being checked now (see _runs_now)
         # pairs each error and notice with its statement, audited or not (events, if any,
         # go to the audit hook once it is attached)
         self.statements = StatementLog(self._holder, _no_event)
+        self.statements.vet = self._vet
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         # the client's text (its literals are what it may see again); the rewritten text
@@ -417,44 +493,77 @@ class MaskedFilter(StatementFilter):
 
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if typ == m.BIND or typ == m.EXECUTE:
-            if typ == m.EXECUTE and self._bind_refused:
-                # the server skips everything up to Sync after the refused Bind: this
-                # Execute never runs (and is no statement of its own to record)
-                return raw
-            refusal = self.ctx.refusal
-            if refusal is not None:
-                return self._refuse_prepared(typ, body, refusal)
+            if self._skipping:
+                if typ == m.EXECUTE:
+                    # the server skips everything up to Sync after the refused message:
+                    # this Execute never runs (and is no statement of its own to record)
+                    return raw
+            else:
+                refusal = self.ctx.refusal
+                if refusal is not None:
+                    return self._refuse_prepared(typ, body, refusal)
         elif typ == m.SYNC:
-            self._bind_refused = False
+            self._skipping = False
+        # a name decided under another context is checked by the statement log (`_vet`)
         return super()._client_message(typ, body, raw)
 
-    def _refuse_prepared(self, typ: int, body: bytes, reason: str) -> bytes:
-        """While the rules do not match the database (`MaskingContext.refusal`: new
-        statements are refused by the analysis), a statement or portal prepared before is
-        refused too: the refusal token goes where its name was, as when the audit stream
-        is unavailable."""
-        log = self.statements
-        end = body.index(b"\0")
-        if typ == m.BIND:
-            name_end = body.index(b"\0", end + 1)
-            fields = log.statement_fields(body[end + 1 : name_end]) if log is not None else None
-            if log is not None:
-                log.note_failing_bind()
-            token = self._refuse_recorded(fields, reason)
-            self._bind_refused = True
-            return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
-        fields = log.portal_fields(body[:end]) if log is not None else None
-        return m.message(m.EXECUTE, self._refuse_recorded(fields, reason) + body[end + 1 :])
+    def _vet(self, named: Named) -> str | None:
+        """The statement log's check of the statement or portal that a Bind, Execute or
+        Describe names, when it was decided under another context (a catalog refresh, a
+        rules reload): what the server holds runs only if the rules now decide it alike."""
+        if self._skipping:
+            return None  # the server skips the message: nothing runs
+        return self._runs_now(named)
 
-    def _refuse_recorded(self, fields: dict[str, object] | None, reason: str) -> bytes:
-        if self.audit is not None and fields is not None:
-            event = {k: v for k, v in fields.items() if k != "_subject_keys"}
-            self.audit.record("refused", {**event, "decision": "refused", "reason": reason})
-        return self._refuse(reason)
+    def _runs_now(self, named: Named) -> str | None:
+        """Why what a statement or portal name holds may not run under the current
+        context, or None (it is then current: the next use costs nothing). Each text the
+        name may hold is analysed again (cached per context, so a catalog refresh that
+        changes nothing costs one cache look-up per name) and must be sent exactly as it
+        was: the same action, the same rewritten text. A text pgveil refused (or could not
+        read) is not analysed again: it never reached the server, whose own error answers
+        a use of the name it was refused under."""
+        ctx = self._holder.context
+        if ctx.refusal is not None:
+            return ctx.refusal
+        key = id(named)
+        if key in self._checking:
+            # its own text uses it (PREPARE p AS ...; EXECUTE p): the check under way
+            # decides for both
+            return None
+        if not named.decided:
+            return UNTRACKED
+        self._checking.add(key)
+        try:
+            for d in named.decided:
+                if d.action == "refuse":
+                    continue
+                if d is UNKNOWN:
+                    return RULES_CHANGED
+                _, action, value = self._analyse(d.sql)
+                if action != d.action or value != d.value:
+                    return RULES_CHANGED
+        finally:
+            self._checking.discard(key)
+        named.current = ctx
+        return None
+
+    def _used_refusal(self, uses: tuple[str, ...]) -> str | None:
+        """Why a statement's EXECUTE or FETCH of a name may not run now, or None."""
+        log = self.statements
+        assert log is not None
+        ctx = self._holder.context
+        for name in uses:
+            named = log.entry(name)
+            if named is not None and named.current is not ctx:
+                reason = self._runs_now(named)
+                if reason is not None:
+                    return reason
+        return None
 
     def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
         super()._undecodable(typ, name, original)
-        refusal = self._refuse("the statement is not valid UTF-8")
+        refusal = self._refuse(NOT_UTF8)
         if typ == m.QUERY:
             return m.message(m.QUERY, refusal)
         return m.message(m.PARSE, name + refusal + b"\0\0")
@@ -469,6 +578,12 @@ class MaskedFilter(StatementFilter):
             self._holder.stale = True
             what = unknown[0] if unknown[0].startswith("column") else f"relation {unknown[0]}"
             return d, "refuse", f"{what} is not known to pgveil yet; try again shortly"
+        if d.uses:
+            # EXECUTE / FETCH run what the server prepared: it must still be what the
+            # rules decide
+            reason = self._used_refusal(d.uses)
+            if reason is not None:
+                return d, "refuse", reason
         self.temp_relations.update(d.temp_relations)
         if d.action == "rewrite":
             return d, "rewrite", d.sql

@@ -14,6 +14,13 @@ NoticeResponse (`cause`): the statement of a Query the server is at (counted by 
 CommandCompletes), the Parse, or the statement behind a Bind's or Execute's portal with that
 Bind's parameter values. It is kept for every masked session, audited or not.
 
+Its names are also where a masked session keeps what each statement and portal runs: the
+client's text and the decision it was sent under (`Decided`), and the context under which
+that decision was last made or confirmed (`current`): the masked filter re-checks a name
+whose context was replaced before it lets it run (proxy/session/masked.py). Where the
+server's answer alone tells which of two texts a name holds (a Parse, PREPARE, DECLARE or
+Bind of a name the log thinks in use), the name keeps both, and both are checked.
+
 No I/O; nothing from a row but subject keys leaves this module.
 """
 
@@ -38,6 +45,8 @@ _BY_LENGTH = {2: 21, 4: 23, 8: 20, 16: _UUID}
 _INT32 = struct.Struct("!i")
 _DATA_ROW = m.DATA_ROW
 _PARSE_COMPLETE = m.PARSE_COMPLETE
+_BIND = m.BIND
+_EXECUTE = m.EXECUTE
 _BIND_COMPLETE = m.BIND_COMPLETE
 _READY_FOR_QUERY = m.READY_FOR_QUERY
 _COMMAND_COMPLETE = m.COMMAND_COMPLETE
@@ -48,6 +57,38 @@ _NO_PARAMS: dict[int, str] = {}  # never changed
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
 Layout = tuple[SubjectColumn, ...]
+
+
+_CANDIDATES = 8  # texts a name may hold at once (see _merge)
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What the masked filter sent for one client text: `action` "pass", "rewrite" or
+    "refuse" (the server got a statement that fails instead: nothing of it runs), with the
+    rewritten text or the refusal's reason in `value`. `UNKNOWN` stands for texts the log
+    no longer tells apart: it is never confirmed under another context."""
+
+    sql: str
+    action: str
+    value: str | None = None
+
+
+UNKNOWN = Decided("", "unknown")
+
+
+def _merge(held: tuple[Decided, ...], more: tuple[Decided, ...]) -> tuple[Decided, ...]:
+    """The texts a name may hold when one more was sent under it: refused texts never
+    reach the server; past a few, `UNKNOWN` (refused once the context changes)."""
+    if held == (UNKNOWN,):
+        return held
+    out = list(held)
+    for d in more:
+        if d.action != "refuse" and d not in out:
+            out.append(d)
+    if len(out) > _CANDIDATES:
+        return (UNKNOWN,)
+    return tuple(out)
 
 
 @dataclass(slots=True)
@@ -143,6 +184,10 @@ class _Portal:
     layout: Layout | None = None  # from a Describe of the portal itself
     params: dict[int, str] | None = None  # those that carry subject keys
     bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
+    # what it runs (its statement's texts, or a DECLARE's), and the context under which
+    # that was last decided or confirmed (None: not to be trusted without a check)
+    decided: tuple[Decided, ...] = ()
+    current: object = None
 
     def resolve(self, log: StatementLog) -> Layout:
         if self.layout is None:
@@ -157,6 +202,11 @@ class _Prepared:
     # the statement's own RowDescription body (text formats), to apply Bind's formats to
     described: bytes | None = None
     source: Source | None = None
+    decided: tuple[Decided, ...] = ()  # see _Portal
+    current: object = None
+
+
+Named = _Prepared | _Portal  # what a statement or portal name holds
 
 
 class StatementLog:
@@ -182,6 +232,9 @@ class StatementLog:
         self._layouts_of: object = None
         self._running = 0  # `running` events recorded in this session
         self._with_subject: frozenset[str] = frozenset()
+        # the masked filter's check of a name that a Bind, Execute or Describe uses, when
+        # it was decided under another context: None to let it run, or why not
+        self.vet: Callable[[Named], str | None] | None = None
 
     def attach(self, emit: Callable[[dict[str, object]], object], subjects_limit: int) -> None:
         """Events go to `emit` from now on (auditing began for the session)."""
@@ -208,11 +261,19 @@ class StatementLog:
         self._push(entry)
 
     def parse(
-        self, name: bytes, fields: dict[str, object] | None, source: Source | None = None
+        self,
+        name: bytes,
+        fields: dict[str, object] | None,
+        source: Source | None = None,
+        decided: Decided | None = None,
     ) -> None:
+        """A Parse; `decided`: what the masked filter sent for it."""
+        texts = (decided,) if decided is not None else ()
         previous = self._statements.get(name)
         if name and previous is not None:
-            # the server refuses to redefine a named statement (42P05): the old one stays
+            # the server refuses to redefine a named statement (42P05): the old one stays;
+            # unless the log kept a name the server no longer has: it may hold either
+            previous.decided = _merge(previous.decided, texts)
             self._fifo.append(_InFlight("parse", source=source))
             return
         if source is not None and previous is not None and previous.source is not None:
@@ -222,7 +283,9 @@ class StatementLog:
             old = previous.source
             if old.sql == source.sql and old.declared == source.declared:
                 source.types = old.types
-        registered = self._statements[name] = _Prepared(fields, source=source)
+        registered = self._statements[name] = _Prepared(
+            fields, source=source, decided=texts, current=self._stamp(texts)
+        )
         self._fifo.append(
             _InFlight("parse", parsed=(self._statements, name, registered, previous), source=source)
         )
@@ -245,14 +308,49 @@ class StatementLog:
         found = self._portals.get(name)
         return found.fields if found is not None else None
 
-    def define(self, name: str, fields: dict[str, object] | None) -> None:
+    def entry(self, name: str) -> Named | None:
+        """What a SQL-level name ("statement:N", "portal:N") holds."""
         kind, _, text = name.partition(":")
         key = text.encode()
+        return self._statements.get(key) if kind == "statement" else self._portals.get(key)
+
+    def used(self, typ: int, body: bytes) -> Named | None:
+        """The statement a Bind names, the portal an Execute names, the statement or portal
+        a Describe names (None: a name the log does not hold)."""
+        if typ == _BIND:
+            start = body.index(b"\0") + 1
+            return self._statements.get(body[start : body.index(b"\0", start)])
+        if typ == _EXECUTE:
+            return self._portals.get(body[: body.index(b"\0")])
+        registry = self._statements if body[:1] == b"S" else self._portals
+        return registry.get(body[1:-1])
+
+    def _stamp(self, texts: tuple[Decided, ...]) -> object:
+        """The context a name just decided is current under (none for a name whose text
+        the masked filter does not know)."""
+        return self._holder.context if texts else None
+
+    def define(
+        self, name: str, fields: dict[str, object] | None, decided: Decided | None = None
+    ) -> None:
+        """A PREPARE or DECLARE; `decided`: what the masked filter sent for its query."""
+        kind, _, text = name.partition(":")
+        key = text.encode()
+        texts = (decided,) if decided is not None else ()
         if kind == "statement":
-            if key not in self._statements:  # PREPARE of a name in use fails (42P05)
-                self._statements[key] = _Prepared(fields)
-        elif key not in self._portals:  # so does DECLARE (42P03)
-            self._portals[key] = _Portal(fields, _Prepared(fields), [])
+            held = self._statements.get(key)
+            if held is None:
+                self._statements[key] = _Prepared(fields, decided=texts, current=self._stamp(texts))
+            else:  # PREPARE of a name in use fails (42P05), if the server still has it
+                held.decided = _merge(held.decided, texts)
+            return
+        portal = self._portals.get(key)
+        if portal is None:
+            current = self._stamp(texts)
+            statement = _Prepared(fields, decided=texts, current=current)
+            self._portals[key] = _Portal(fields, statement, [], decided=texts, current=current)
+        else:  # so does DECLARE (42P03); cursors end with their transaction
+            portal.decided = _merge(portal.decided, texts)
 
     def drop(self, name: str) -> list[tuple[dict[bytes, Any], bytes, object]]:
         """Forget a SQL-level name ("statement:p", "cursor:c", "*" for all); returns what
@@ -266,31 +364,43 @@ class StatementLog:
         previous = table.pop(text.encode(), None)
         return [(table, text.encode(), previous)] if previous is not None else []
 
-    def bind(self, body: bytes) -> None:
+    def bind(self, body: bytes) -> str | None:
+        """A Bind; or, when `vet` refuses its statement, the reason (nothing is noted: the
+        caller refuses the message)."""
         end = body.index(b"\0")
         portal = body[:end]
         name = body[end + 1 : body.index(b"\0", end + 1)]
-        previous = self._portals.get(portal)
         stmt = self._statements.get(name)
+        if stmt is not None and self.vet is not None and stmt.current is not self._holder.context:
+            reason = self.vet(stmt)
+            if reason is not None:
+                return reason
+        previous = self._portals.get(portal)
         source = stmt.source if stmt is not None else None
         if portal and previous is not None:
-            # the server refuses to bind a named portal in use (42P03): the old one stays
+            # the server refuses to bind a named portal in use (42P03): the old one stays;
+            # unless it ended with its transaction: the name may hold either
+            if stmt is not None:
+                previous.decided = _merge(previous.decided, stmt.decided)
             self._fifo.append(_InFlight("bind", source=source, bind=body))
-            return
+            return None
         registered: _Portal | None = None
         if stmt is None:
             self._portals.pop(portal, None)
         elif stmt.fields is None:
             # nothing to record of it: kept for what its errors may show (`cause`)
-            registered = self._portals[portal] = _Portal(None, stmt, [], bind=body)
+            registered = self._portals[portal] = _Portal(
+                None, stmt, [], bind=body, decided=stmt.decided, current=stmt.current
+            )
         else:
             named = stmt.fields.get("_subject_keys", ())
             assert isinstance(named, tuple)
             wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
             formats, params = _bind_values(body, wanted)
             registered = self._portals[portal] = _Portal(
-                stmt.fields, stmt, formats, params=params, bind=body
-            )
+                stmt.fields, stmt, formats, params=params, bind=body, decided=stmt.decided,
+                current=stmt.current,
+            )  # fmt: skip
         # a Bind that fails leaves what the name held (the statement is looked up first)
         self._fifo.append(
             _InFlight(
@@ -298,43 +408,59 @@ class StatementLog:
                 bind=body,
             )
         )  # fmt: skip
+        return None
 
     def note_failing_bind(self) -> None:
         """A Bind that will fail (refused by pgveil): it has its place in the queue, and
         changes no name."""
         self._fifo.append(_InFlight("bind"))
 
-    def describe(self, body: bytes) -> None:
+    def describe(self, body: bytes) -> str | None:
+        """A Describe; or, when `vet` refuses what it names, the reason (see `bind`)."""
         name = body[1:-1]
         target: _Prepared | _Portal | None
-        if body[0] == ord("S"):
-            target = self._statements.get(name)
+        target = (self._statements if body[0] == ord("S") else self._portals).get(name)
+        if (
+            target is not None
+            and self.vet is not None
+            and target.current is not self._holder.context
+        ):
+            reason = self.vet(target)
+            if reason is not None:
+                return reason
+        if isinstance(target, _Prepared):
             entry = _InFlight("describe")
             if target is not None:
                 entry.target, entry.source = target, target.source
         else:
-            target = self._portals.get(name)
             entry = _InFlight("describe")
             if target is not None:
                 entry.target = target
                 entry.source, entry.bind = target.statement.source, target.bind
         self._fifo.append(entry)  # never has fields: _push is for entries with events
+        return None
 
-    def execute(self, body: bytes) -> None:
+    def execute(self, body: bytes) -> str | None:
+        """An Execute; or, when `vet` refuses its portal, the reason (see `bind`)."""
         portal = self._portals.get(body[: body.index(b"\0")])
         if portal is None:
             self._push(_InFlight("execute", started=self._clock()))
-        else:
-            entry = _InFlight("execute", portal.fields, self._clock())
-            entry.portal, entry.params = portal, portal.params
-            entry.source, entry.bind = portal.statement.source, portal.bind
-            self._push(entry)
-            if portal.fields is not None and (
-                portal.layout is not None or portal.statement.described is not None
-            ):
-                # described already: its rows are looked at only if they carry subjects
-                self._resolve(entry)
-                self._want_rows(entry, bool(entry.layout))
+            return None
+        if self.vet is not None and portal.current is not self._holder.context:
+            reason = self.vet(portal)
+            if reason is not None:
+                return reason
+        entry = _InFlight("execute", portal.fields, self._clock())
+        entry.portal, entry.params = portal, portal.params
+        entry.source, entry.bind = portal.statement.source, portal.bind
+        self._push(entry)
+        if portal.fields is not None and (
+            portal.layout is not None or portal.statement.described is not None
+        ):
+            # described already: its rows are looked at only if they carry subjects
+            self._resolve(entry)
+            self._want_rows(entry, bool(entry.layout))
+        return None
 
     def close(self, body: bytes) -> None:
         """Close of a statement or portal: forgotten now (a Parse right behind it may reuse
