@@ -464,13 +464,33 @@ class MaskingManager:
     async def context_for(self, user: str, database: str) -> ContextHolder | None:
         """None for an unmasked login, the database's holder for a masked one; a
         `RulesMismatch` when the login may not start while the rules do not match."""
+        return (await self.admit(user, database))[0]
+
+    async def admit(self, user: str, database: str) -> tuple[ContextHolder | None, frozenset[str]]:
+        """`context_for`, and the roles the login was classified with (the session keeps
+        them: a rules reload classifies it again with them, see `reclassification`)."""
         roles = await self.roles_of(user, database)
         holder = (await self._database(database)).holder
         classification, refusal = holder.context.admission(roles)
         if refusal is not None:
             self.refused[database] = self.refused.get(database, 0) + 1
             raise RulesMismatch(f"pgveil: {refusal}")
-        return None if classification == "unmasked" else holder
+        return (None if classification == "unmasked" else holder), roles
+
+    def reclassification(self, roles: frozenset[str], database: str, masked: bool) -> str | None:
+        """Why an open session, masked or not at its login (with these roles), must end
+        under the rules in force, or None: they classify it otherwise, or they refuse an
+        unmasked login (see MaskingContext.admission). A masked session whose database the
+        rules do not match goes on: its statements are refused until they do."""
+        db = self._dbs.get(database)
+        if db is None:
+            return "its database's catalog is not read"
+        classification, refusal = db.holder.context.admission(roles)
+        if (classification == "masked") != masked:
+            return f"the session's role is now {classification}"
+        if not masked and refusal is not None:
+            return f"the login is now refused: {refusal}"
+        return None
 
 
 async def check_rules(

@@ -49,7 +49,7 @@ from rules.context import ContextHolder, MaskingContext
 from rules.loader import RulesError
 from rules.model import Policy
 
-_STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.CLASSIFYING, Phase.READY)
+_STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.CLASSIFYING, Phase.READY, Phase.ENDING)
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
 _SSL_REQUEST = SSLRequest().encode()
@@ -226,6 +226,8 @@ class ClientConnection(_Pipe, LiveSession):
         self.peer = ""
         self.sid = new_id()
         self.classification = "unclassified"
+        # the login's roles, as the rules classified it (None: never classified by rules)
+        self.roles: frozenset[str] | None = None
         self.audited = False
         self._session_started = False  # session.start recorded: session.end is owed
         self._who: dict[str, object] | None = None  # the audit events' who, once known
@@ -412,9 +414,11 @@ class ClientConnection(_Pipe, LiveSession):
         info = self.session.info
         masked: ContextHolder | None = None
         recorded: ContextHolder | None = None
+        policy = None
         try:
             if masking is not None:
-                masked = await masking.context_for(user, info.database)
+                masked, self.roles = await masking.admit(user, info.database)
+                policy = masking.policy  # the rules it was classified by
                 if masked is None and self.server.audit is not None:
                     # unmasked: record which protected tables each statement touches
                     recorded = await masking.holder_for(info.database)
@@ -448,6 +452,56 @@ class ClientConnection(_Pipe, LiveSession):
             self.audited = True
             hook = self
         self.run(self.session.login_classified(masked, recorded, hook), b"", to_server=False)
+        if self.server.masking is not masking or (
+            masking is not None and masking.policy is not policy
+        ):
+            # the rules were reloaded while the login was being classified
+            self.reclassify(self.server.masking)
+
+    def reclassify(self, masking: MaskingManager | None) -> None:
+        """The rules were reloaded: a session they classify otherwise than at its login
+        (masked <-> unmasked; an unmasked login they now refuse) ends, with a FATAL that
+        says so; its session.end event and log line carry the reason. Others go on."""
+        if self._closed or self.session.phase is not Phase.READY:
+            return
+        if self.classification == "masked" or self.classification == "unmasked":
+            was_masked = self.classification == "masked"
+            if masking is None:
+                why = "masking is off" if was_masked else None  # every session is relayed
+            elif self.roles is None:
+                # classified without rules (none were configured at its login)
+                self._spawn(self._reclassify_unclassified(masking))
+                return
+            else:
+                why = masking.reclassification(self.roles, self.session.info.database, was_masked)
+            if why is not None:
+                self._end_reclassified(why)
+
+    async def _reclassify_unclassified(self, masking: MaskingManager) -> None:
+        """A session relayed without rules, once rules are configured: its roles are looked
+        up as at a login; if they cannot be, it ends (never a guess)."""
+        info = self.session.info
+        user = info.parameters.get("session_authorization") or info.user
+        try:
+            roles = await masking.roles_of(user, info.database)
+            why = masking.reclassification(roles, info.database, masked=False)
+        except Exception as exc:  # fail closed on anything
+            log.error("session.unclassified", peer=self.peer, user=user, error=str(exc))
+            why = "the session cannot be classified"
+        if self.server.masking is not masking:
+            return  # reloaded again meanwhile: that reload judges it
+        self.roles = roles if why is None else self.roles
+        if why is not None and not self._closed and self.session.phase is Phase.READY:
+            self._end_reclassified(why)
+
+    def _end_reclassified(self, why: str) -> None:
+        info = self.session.info
+        log.warning(
+            "session.reclassified", peer=self.peer, user=info.user, database=info.database,
+            classification=self.classification, reason=why,
+        )  # fmt: skip
+        text = f"pgveil: the masking rules were reloaded and {why}; reconnect"
+        self.run(self.session.reclassified(text), b"", to_server=False)
 
     def audit_event(
         self, event_type: str, fields: dict[str, object], *, owned: bool = True
@@ -679,6 +733,7 @@ class ProxyServer:
             else:
                 self.masking.reload(new, policy)
             log.info("rules.reloaded", version=policy.version, tables=len(policy.tables))
+            self._reclassify()
             if self.audit is not None:
                 self.audit.submit(
                     "rules.reload",
@@ -690,9 +745,15 @@ class ProxyServer:
         elif self.masking is not None and self._load_policy is not None:
             log.warning("rules.removed", detail="no rules file configured: masking is off")
             self.masking = None
+            self._reclassify()
         self.upstream_tls = upstream_tls
         logs.configure(new.log_format, new.log_level)
         log.info("config.reloaded", file=str(new.config_file) if new.config_file else None)
+
+    def _reclassify(self) -> None:
+        """After a rules reload: open sessions the new rules classify otherwise end."""
+        for conn in list(self.connections):
+            conn.reclassify(self.masking)
 
     def request_shutdown(self, why: str = "") -> None:
         if self.draining:

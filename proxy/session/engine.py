@@ -119,6 +119,9 @@ class Phase(enum.Enum):
     # authenticated; the server's answers held until the shell has classified the login
     CLASSIFYING = "classifying"
     READY = "ready"  # normal operation
+    # a rules reload classifies the login otherwise: the session ends at the server's next
+    # message boundary, nothing more is forwarded (see Session.reclassified)
+    ENDING = "ending"
     CLOSED = "closed"
 
 
@@ -437,7 +440,9 @@ class Session:
     def client_closed(self) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
             return _NOTHING
-        was_ready = self.phase in (Phase.READY, Phase.AUTHENTICATING, Phase.CLASSIFYING)
+        was_ready = self.phase in (
+            Phase.READY, Phase.ENDING, Phase.AUTHENTICATING, Phase.CLASSIFYING
+        )  # fmt: skip
         self.phase = Phase.CLOSED
         if was_ready and self._client.at_boundary:
             return (SendToServer(m.TERMINATE_MESSAGE), CloseSession("client closed"))
@@ -610,7 +615,50 @@ class Session:
             return _JUST_FORWARD
         if self.phase is Phase.AUTHENTICATING or self.phase is Phase.CLASSIFYING:
             return self._login_server_data(data)
+        if self.phase is Phase.ENDING:
+            return self._ending_server_data(data)
         return _NOTHING
+
+    def _ending_server_data(self, data: bytes) -> Sequence[Action]:
+        """The server's bytes while the session ends (see `reclassified`): the rest of the
+        message under way goes to the client as it would have, then the FATAL; what the
+        server sent after that message is dropped."""
+        cut = self._server.boundary_in(data)
+        head = data if cut is None else data[:cut]
+        self.phase = _READY
+        actions = self._replayed(self.server_data(head), head, to_client=True) if head else []
+        if self.phase is not _READY:
+            return actions  # ended otherwise meanwhile (the server's FATAL, a violation)
+        if cut is None:
+            self.phase = Phase.ENDING
+            return actions
+        return actions + self._end_reclassified()
+
+    def reclassified(self, text: str) -> Sequence[Action]:
+        """A rules reload classifies this session's login otherwise than at its start
+        (masked <-> unmasked): it ends with a FATAL 57P01 carrying `text`. At once when the
+        client is at a boundary of the server's messages; otherwise the message that has
+        begun reaching it is completed first. Nothing the client sends from now on is
+        forwarded: its statements would run under the classification that no longer holds."""
+        if self.phase is not _READY:
+            return _NOTHING
+        self.close_reason = text
+        if self._server.at_boundary:
+            return self._end_reclassified()
+        self.phase = Phase.ENDING
+        return _NOTHING
+
+    def _end_reclassified(self) -> list[Action]:
+        text = self.close_reason
+        actions: list[Action] = []
+        if self._client.at_boundary:
+            # else the server holds part of a client message: Terminate would be read as
+            # its rest; closing the connection ends that backend just as well
+            actions.append(SendToServer(m.TERMINATE_MESSAGE))
+        self.phase = Phase.CLOSED
+        actions.append(SendToClient(m.error_response("57P01", text, severity="FATAL")))
+        actions.append(CloseSession(text))
+        return actions
 
     def _masked_server_data(self, data: bytes) -> Sequence[Action]:
         assert self.masked is not None
@@ -839,6 +887,10 @@ class Session:
             return _NOTHING
         phase = self.phase
         self.phase = Phase.CLOSED
+        if phase is Phase.ENDING and self._server.at_boundary and not self._last_server_fatal:
+            text = self.close_reason  # the reason it was ending for
+            fatal = m.error_response("57P01", text, severity="FATAL")
+            return (SendToClient(fatal), CloseSession(text))
         if (
             phase in (Phase.READY, Phase.AUTHENTICATING, Phase.CLASSIFYING)
             and self._server.at_boundary

@@ -117,6 +117,21 @@ class MessageScanner:
         header is half-read inside the scanner (an uncaptured body to skip is fine)."""
         return not (self._hdr or self._cap_type >= 0)
 
+    def boundary_in(self, data: bytes) -> int | None:
+        """How many bytes of `data` (the next chunk) complete the message under way: 0 at a
+        boundary, None when `data` ends before that message does. Nothing is fed."""
+        if self._cap_type >= 0:
+            need = self._cap_need
+        elif self._hdr:
+            missing = 5 - len(self._hdr)
+            if len(data) < missing:
+                return None
+            length = _HEADER.unpack(self._hdr + data[:missing])[1]
+            need = missing + max(length - 4, 0)
+        else:
+            need = self._skip
+        return need if need <= len(data) else None
+
     def feed(self, data: bytes) -> list[Captured]:
         n = len(data)
         skip = self._skip
