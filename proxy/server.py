@@ -482,6 +482,7 @@ class ClientConnection(_Pipe, LiveSession):
         up as at a login; if they cannot be, it ends (never a guess)."""
         info = self.session.info
         user = info.parameters.get("session_authorization") or info.user
+        roles: frozenset[str] | None = None
         try:
             roles = await masking.roles_of(user, info.database)
             why = masking.reclassification(roles, info.database, masked=False)
@@ -490,8 +491,9 @@ class ClientConnection(_Pipe, LiveSession):
             why = "the session cannot be classified"
         if self.server.masking is not masking:
             return  # reloaded again meanwhile: that reload judges it
-        self.roles = roles if why is None else self.roles
-        if why is not None and not self._closed and self.session.phase is Phase.READY:
+        if why is None:
+            self.roles = roles  # classified now: the next reload judges it as any other
+        elif not self._closed and self.session.phase is Phase.READY:
             self._end_reclassified(why)
 
     def _end_reclassified(self, why: str) -> None:

@@ -145,6 +145,10 @@ class _InFlight:
     parsed: tuple[dict[bytes, Any], bytes, object, object] | None = None
     # the names a query's DEALLOCATE / CLOSE / DISCARD removed: put back if it fails
     undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = ()
+    # names defined again while the log held them (registry, name, what it holds, the new
+    # definition): the server refuses a name in use, unless it no longer had it (a cursor
+    # its transaction closed); its success says which, and then the new one is in place
+    replace: tuple[tuple[dict[bytes, Any], bytes, object, object], ...] = ()
     running: int = 0  # the number of its `running` event, once its rows began to go out
     source: Source | None = None  # what it runs, for `cause`
     bind: bytes | None = None  # the Bind of the portal it runs (a Bind's own body)
@@ -235,6 +239,9 @@ class StatementLog:
         # the masked filter's check of a name that a Bind, Execute or Describe uses, when
         # it was decided under another context: None to let it run, or why not
         self.vet: Callable[[Named], str | None] | None = None
+        # definitions of names the log held, made by the statement being decided: taken by
+        # the Query that carries them (see _InFlight.replace)
+        self._replacing: list[tuple[dict[bytes, Any], bytes, object, object]] = []
 
     def attach(self, emit: Callable[[dict[str, object]], object], subjects_limit: int) -> None:
         """Events go to `emit` from now on (auditing began for the session)."""
@@ -258,6 +265,9 @@ class StatementLog:
         when it fails (a DEALLOCATE in an aborted transaction leaves the statement)."""
         entry = _InFlight("query", fields, self._clock(), source=source)
         entry.undo = undo
+        if self._replacing:
+            entry.replace = tuple(self._replacing)
+            self._replacing.clear()
         self._push(entry)
 
     def parse(
@@ -268,13 +278,20 @@ class StatementLog:
         decided: Decided | None = None,
     ) -> None:
         """A Parse; `decided`: what the masked filter sent for it."""
+        # a PREPARE or DECLARE parsed here defines its name only when it runs: until then
+        # the name keeps what it held, and may hold either
+        self._replacing.clear()
         texts = (decided,) if decided is not None else ()
         previous = self._statements.get(name)
         if name and previous is not None:
             # the server refuses to redefine a named statement (42P05): the old one stays;
-            # unless the log kept a name the server no longer has: it may hold either
+            # unless the log kept a name the server no longer has: it may hold either, and
+            # its ParseComplete says it holds the new one
             previous.decided = _merge(previous.decided, texts)
-            self._fifo.append(_InFlight("parse", source=source))
+            entry = _InFlight("parse", source=source)
+            fresh = _Prepared(fields, source=source, decided=texts, current=self._stamp(texts))
+            entry.replace = ((self._statements, name, previous, fresh),)
+            self._fifo.append(entry)
             return
         if source is not None and previous is not None and previous.source is not None:
             # the same text with the same declared types, parsed again under the same name
@@ -337,20 +354,21 @@ class StatementLog:
         kind, _, text = name.partition(":")
         key = text.encode()
         texts = (decided,) if decided is not None else ()
-        if kind == "statement":
-            held = self._statements.get(key)
-            if held is None:
-                self._statements[key] = _Prepared(fields, decided=texts, current=self._stamp(texts))
-            else:  # PREPARE of a name in use fails (42P05), if the server still has it
-                held.decided = _merge(held.decided, texts)
-            return
-        portal = self._portals.get(key)
-        if portal is None:
-            current = self._stamp(texts)
-            statement = _Prepared(fields, decided=texts, current=current)
-            self._portals[key] = _Portal(fields, statement, [], decided=texts, current=current)
-        else:  # so does DECLARE (42P03); cursors end with their transaction
-            portal.decided = _merge(portal.decided, texts)
+        current = self._stamp(texts)
+        registry: dict[bytes, Any] = self._statements if kind == "statement" else self._portals
+        statement = _Prepared(fields, decided=texts, current=current)
+        fresh: Named = statement
+        if kind != "statement":
+            fresh = _Portal(fields, statement, [], decided=texts, current=current)
+        held: Named | None = registry.get(key)
+        if held is None:
+            registry[key] = fresh
+        else:
+            # PREPARE of a name in use fails (42P05), and DECLARE (42P03), if the server
+            # still has it (a cursor ends with its transaction): the name may hold either
+            # until the query succeeds
+            held.decided = _merge(held.decided, texts)
+            self._replacing.append((registry, key, held, fresh))
 
     def drop(self, name: str) -> list[tuple[dict[bytes, Any], bytes, object]]:
         """Forget a SQL-level name ("statement:p", "cursor:c", "*" for all); returns what
@@ -377,19 +395,12 @@ class StatementLog:
                 return reason
         previous = self._portals.get(portal)
         source = stmt.source if stmt is not None else None
-        if portal and previous is not None:
-            # the server refuses to bind a named portal in use (42P03): the old one stays;
-            # unless it ended with its transaction: the name may hold either
-            if stmt is not None:
-                previous.decided = _merge(previous.decided, stmt.decided)
-            self._fifo.append(_InFlight("bind", source=source, bind=body))
-            return None
         registered: _Portal | None = None
         if stmt is None:
-            self._portals.pop(portal, None)
+            pass
         elif stmt.fields is None:
             # nothing to record of it: kept for what its errors may show (`cause`)
-            registered = self._portals[portal] = _Portal(
+            registered = _Portal(
                 None, stmt, [], bind=body, decided=stmt.decided, current=stmt.current
             )
         else:
@@ -397,10 +408,24 @@ class StatementLog:
             assert isinstance(named, tuple)
             wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
             formats, params = _bind_values(body, wanted)
-            registered = self._portals[portal] = _Portal(
+            registered = _Portal(
                 stmt.fields, stmt, formats, params=params, bind=body, decided=stmt.decided,
                 current=stmt.current,
             )  # fmt: skip
+        if portal and previous is not None:
+            # the server refuses to bind a named portal in use (42P03): the old one stays;
+            # unless it ended with its transaction: the name may hold either, and its
+            # BindComplete says it holds the new one
+            entry = _InFlight("bind", source=source, bind=body)
+            if registered is not None:
+                previous.decided = _merge(previous.decided, registered.decided)
+                entry.replace = ((self._portals, portal, previous, registered),)
+            self._fifo.append(entry)
+            return None
+        if registered is None:
+            self._portals.pop(portal, None)
+        else:
+            self._portals[portal] = registered
         # a Bind that fails leaves what the name held (the statement is looked up first)
         self._fifo.append(
             _InFlight(
@@ -530,10 +555,10 @@ class StatementLog:
             self.data_row(body)
         elif typ == _PARSE_COMPLETE:
             if head.kind == "parse":
-                fifo.popleft()
+                _replace(fifo.popleft())
         elif typ == _BIND_COMPLETE:
             if head.kind == "bind":
-                fifo.popleft()
+                _replace(fifo.popleft())
         elif typ == _READY_FOR_QUERY:
             self._ready()
         elif typ == m.CLOSE_COMPLETE:
@@ -590,6 +615,8 @@ class StatementLog:
             if entry.undo and entry.outcome != "ok":
                 for registry, name, previous in reversed(entry.undo):
                     registry.setdefault(name, previous)
+            if entry.replace and entry.outcome == "ok":
+                _replace(entry)
             if entry.kind in ("query", "execute", "call"):
                 self._finish(entry)
             if entry.kind in ("sync", "query", "call"):
@@ -796,6 +823,13 @@ class StatementLog:
                         fmt = _format_of(formats, i)
                     found.append((i, p.rule_table, type_oid, fmt))
         return tuple(found)
+
+
+def _replace(entry: _InFlight) -> None:
+    """The server accepted a definition of a name the log held: the new one is in place."""
+    for registry, name, held, fresh in entry.replace:
+        if registry.get(name) is held:
+            registry[name] = fresh
 
 
 def _decode_keys(entry: _InFlight) -> None:

@@ -25,6 +25,7 @@ RULES_C = RULES.replace("      name: partial\n", "      name: {mask: partial, ke
 NOTES = "SELECT body FROM public.notes WHERE id = $1"
 NAMES = "SELECT name FROM billing.customers WHERE i_customer = $1"
 SYNC = m.message(m.SYNC)
+IN_TX = ord("T")
 TOKEN = re.compile(rb"pgveil_refusal_[0-9a-f]{16}")
 
 
@@ -277,15 +278,42 @@ def test_refused_and_unreadable_statements_never_run() -> None:
 
 
 def test_a_name_that_may_hold_either_text_is_checked_for_both() -> None:
-    """The log kept a name the server may no longer have (a cursor closed by its
-    transaction's end): a DECLARE of the name may have replaced it, or failed. Both texts
-    are checked once the context changes."""
+    """The log keeps a cursor its transaction closed: a DECLARE of the name again may
+    replace it (the server no longer has it) or fail (42P03, the old one stays). Until the
+    server answers, and when it fails, both texts are checked once the context changes;
+    when it succeeds, the new one is in place."""
+    ok = [
+        m.message(m.COMMAND_COMPLETE, b"DECLARE CURSOR\0"),
+        m.ready_for_query(IN_TX),
+    ]
+    duplicate = [
+        m.error_response("42P03", 'cursor "c" already exists'),
+        m.ready_for_query(ord("E")),
+    ]
+    for answer, refused in ((ok, False), (duplicate, True)):
+        s = Session()
+        s.send(query("BEGIN"), query("DECLARE c CURSOR FOR SELECT body FROM public.notes"))
+        s.send(query("COMMIT"), query("BEGIN"))
+        for _ in range(4):  # each query done
+            s.answer(m.message(m.COMMAND_COMPLETE, b"X\0"), m.ready_for_query(IN_TX))
+        s.send(query("DECLARE c CURSOR FOR SELECT i_customer FROM billing.customers"))
+        s.answer(*answer)
+        s.reload(RULES_B)
+        assert bool(tokens(s.send(query("FETCH c")))) is refused
+
+
+def test_a_named_portal_bound_again_is_the_new_one_once_bound() -> None:
     s = Session()
-    s.send(query("BEGIN"), query("DECLARE c CURSOR FOR SELECT name FROM billing.customers"))
-    s.send(query("COMMIT"), query("BEGIN"))
-    s.send(query("DECLARE c CURSOR FOR SELECT body FROM public.notes"))
+    prepared(s, NOTES, "old")
+    prepared(s, "SELECT 1", "new")
+    s.send(query("BEGIN"), bind("old", "p"), SYNC)
+    s.answer(m.message(m.COMMAND_COMPLETE, b"BEGIN\0"), m.ready_for_query(IN_TX))
+    s.answer(m.message(m.BIND_COMPLETE), m.ready_for_query(IN_TX))
+    s.send(query("COMMIT"), bind("new", "p"), SYNC)  # the server closed p at COMMIT
+    s.answer(m.message(m.COMMAND_COMPLETE, b"COMMIT\0"), m.ready_for_query())
+    s.answer(m.message(m.BIND_COMPLETE), m.ready_for_query(IN_TX))
     s.reload(RULES_B)
-    assert tokens(s.send(query("FETCH c")))
+    assert s.send(execute("p"), SYNC) == execute("p") + SYNC
 
 
 def test_too_many_texts_under_one_name_are_refused_after_a_change() -> None:
