@@ -169,6 +169,12 @@ def test_asyncpg_statement_cache(proxy: Proxy) -> None:
             value = await statement.fetchval(1)
             assert masked(value), value
             seen.append(str(value))
+            # the statement cache keeps the refused one until it is dropped
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval(BY_PARAM, 1)
+            await conn.reload_schema_state()
+            value = await conn.fetchval(BY_PARAM, 1)
+            assert masked(value), value
             return seen
         finally:
             await conn.close()
@@ -406,3 +412,38 @@ def test_sessions_classified_otherwise_by_a_reload_are_ended(
     assert outcomes[1][2].endswith("the session's role is now unmasked; reconnect")
     logged = proxy.events("session.reclassified")
     assert sorted(e["user"] for e in logged) == sorted([ADMIN, HELPDESK])
+
+
+def test_rules_configured_by_a_reload_classify_the_sessions_relayed_before(
+    pg: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """Started without rules, every session is relayed; once a reload configures rules, an
+    open session of a role they mask ends (its roles are looked up as at a login), the
+    others go on."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES_A)
+    config = tmp_path / "pgveil.yaml"
+    config.write_text(f"upstream_sslmode: disable\ncatalog_user: {pg.superuser}\n")
+    env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
+    p = ProxyProcess(pg.port, "--config", str(config), env=env)
+    name_sql = "SELECT name FROM billing.customers WHERE i_customer = 1"
+    try:
+        helpdesk = psycopg.connect(dsn(pg, p.port), autocommit=True)
+        admin = psycopg.connect(dsn(pg, p.port, ADMIN, ADMIN_PW), autocommit=True)
+        try:
+            assert helpdesk.execute(name_sql).fetchone() == (NAME,)  # no rules: relayed
+            config.write_text(config.read_text() + f"rules: {rules}\n")
+            p.signal(signal.SIGHUP)
+            wait(lambda: "session.reclassified" in p.log(), "session.reclassified")
+            with pytest.raises(psycopg.OperationalError, match="role is now masked"):
+                helpdesk.execute(name_sql)
+            assert admin.execute(name_sql).fetchone() == (NAME,)
+            with psycopg.connect(dsn(pg, p.port), autocommit=True) as c:
+                assert c.execute(name_sql).fetchone() != (NAME,)  # masked from now on
+        finally:
+            helpdesk.close()
+            admin.close()
+    finally:
+        log = p.log()
+        p.stop()
+        assert "Traceback" not in log, log
