@@ -2,7 +2,8 @@
 
 `MaskingManager.context_for(user, database)` answers None for an unmasked login and a
 `MaskingContext` for a masked one. The catalog of each database is cached and re-read every
-`catalog_refresh` seconds and on reload. When the catalog cannot be read, the answer is a
+`catalog_refresh` seconds and on reload; a read that finds nothing changed keeps the
+database's context (its cached decisions), a change makes a new one. When the catalog cannot be read, the answer is a
 `MaskingUnavailable` error and the session is refused: never a guess.
 
 Whenever a catalog is read or the rules are reloaded, the rules are checked against it
@@ -396,12 +397,27 @@ class MaskingManager:
             ):
                 return current
             catalog, role_names = await self._read(database)
-            previous = current.holder.context.pmap if current is not None else None
-            context = MaskingContext(
-                self.policy, catalog, previous, roles=role_names, database=database
-            )
-            for warning in context.pmap.drift:
-                log.warning("rules.drift", database=database, detail=warning)
+            old = current.holder.context if current is not None else None
+            if (
+                old is not None
+                and current is not None
+                and old.policy is self.policy
+                and current.role_names == role_names
+                and old.catalog == catalog
+            ):
+                # nothing it is made of changed: the context stays, with its cached
+                # decisions (and what open sessions prepared needs no second look)
+                context = old
+            else:
+                context = MaskingContext(
+                    self.policy,
+                    catalog,
+                    old.pmap if old is not None else None,
+                    roles=role_names,
+                    database=database,
+                )
+                for warning in context.pmap.drift:
+                    log.warning("rules.drift", database=database, detail=warning)
             if current is None:
                 current = _Database(ContextHolder(context), time.monotonic(), role_names)
                 self._dbs[database] = current

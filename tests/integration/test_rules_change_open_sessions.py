@@ -307,8 +307,10 @@ def test_raw_protocol_pipeline(proxy: Proxy) -> None:
 def test_a_refresh_or_reload_that_changes_nothing_keeps_prepared_statements(
     pg: EmbeddedPostgres, tmp_path: Path
 ) -> None:
-    """Every catalog refresh makes a new context: statements prepared before it go on,
-    with the same (masked) results; so does a reload of the same rules."""
+    """A catalog refresh that finds nothing changed keeps the context (its cached
+    decisions: the analysis cache's hits go on counting); a reload of the same rules makes
+    a new one, under which each prepared statement is analysed again and found alike.
+    Either way statements prepared before go on, with the same (masked) results."""
     proxy = Proxy(pg, tmp_path, RULES_B, "--catalog-refresh", "1")
     try:
 
@@ -330,11 +332,15 @@ def test_a_refresh_or_reload_that_changes_nothing_keeps_prepared_statements(
                     try:
                         raw.send_raw(parse(BY_KEY, b"s1") + SYNC)
                         read_until(raw, 1)
+                        hits = proxy.p.metric("pgveil_analysis_cache_total", result="hit")
                         loaded = len(proxy.events("catalog.loaded"))
                         wait(
                             lambda: len(proxy.events("catalog.loaded")) >= loaded + 2,
                             "two catalog refreshes",
                         )
+                        assert await conn.fetchval(NAME_BY_KEY, 1) == name
+                        kept = proxy.p.metric("pgveil_analysis_cache_total", result="hit")
+                        assert kept >= hits > 0  # the same context: its counts go on
                         proxy.reload(RULES_B)
                         for _ in range(2):
                             assert await conn.fetchval(NAME_BY_KEY, 1) == name
