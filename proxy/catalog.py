@@ -3,8 +3,9 @@
 `MaskingManager.context_for(user, database)` answers None for an unmasked login and a
 `MaskingContext` for a masked one. The catalog of each database is cached and re-read every
 `catalog_refresh` seconds and on reload; a read that finds nothing changed keeps the
-database's context (its cached decisions), a change makes a new one. When the catalog cannot be read, the answer is a
-`MaskingUnavailable` error and the session is refused: never a guess.
+database's context (its cached decisions), a change makes a new one. When the catalog
+cannot be read, the answer is a `MaskingUnavailable` error and the session is refused:
+never a guess.
 
 Whenever a catalog is read or the rules are reloaded, the rules are checked against it
 (`rules.check`): each problem is logged (`rules.problem`, error level), counted in

@@ -50,6 +50,9 @@ class Decision:
     defines: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
     drops: tuple[str, ...] = ()
+    # cursors a MOVE positions: it reads no rows but counts them, so the session checks
+    # what they run as it checks a FETCH's (not an access of its own for the audit)
+    moves: tuple[str, ...] = ()
     # the statement as audit events show it (see rules.context.redact), and its hash:
     # filled in by the context, once per statement shape
     redacted: str = ""
@@ -95,7 +98,7 @@ class Analyzer:
         rewriter.references, rewriter.qualified = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
         keys = subject_keys(self.pmap, stmts) if len(stmts) == 1 else ()
-        defines, uses, drops = _sql_names(stmts)
+        defines, uses, drops, moves = _sql_names(stmts)
         try:
             changed = False
             for raw in stmts:
@@ -119,6 +122,7 @@ class Analyzer:
                 defines=defines,
                 uses=uses,
                 drops=drops,
+                moves=moves,
             )
         return Decision(
             "rewrite",
@@ -133,6 +137,7 @@ class Analyzer:
             defines=defines,
             uses=uses,
             drops=drops,
+            moves=moves,
         )
 
     def misread_word(self, sql: str) -> str | None:
@@ -150,13 +155,17 @@ class Analyzer:
         return None
 
 
-def _sql_names(stmts: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def _sql_names(
+    stmts: Any,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """SQL-level names of prepared statements and cursors, which are the protocol's
-    statements and portals: (defined, used, dropped), as "statement:NAME" / "portal:NAME"
-    ("statement:*" / "portal:*" for DEALLOCATE ALL / CLOSE ALL), over every statement."""
+    statements and portals: (defined, used, dropped, moved), as "statement:NAME" /
+    "portal:NAME" ("statement:*" / "portal:*" for DEALLOCATE ALL / CLOSE ALL), over every
+    statement."""
     defined: list[str] = []
     used: list[str] = []
     dropped: list[str] = []
+    moved: list[str] = []
     for raw in stmts:
         node = raw.stmt
         inner = getattr(node, "query", None)
@@ -170,15 +179,15 @@ def _sql_names(stmts: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str,
             defined.append(f"portal:{node.portalname}")
         elif isinstance(node, ast.ExecuteStmt):
             used.append(f"statement:{node.name}")
-        elif isinstance(node, ast.FetchStmt) and not node.ismove:
-            used.append(f"portal:{node.portalname}")
+        elif isinstance(node, ast.FetchStmt):
+            (moved if node.ismove else used).append(f"portal:{node.portalname}")
         elif isinstance(node, ast.DeallocateStmt):
             dropped.append(
                 "statement:*" if node.isall or not node.name else f"statement:{node.name}"
             )
         elif isinstance(node, ast.ClosePortalStmt):
             dropped.append(f"portal:{node.portalname}" if node.portalname else "portal:*")
-    return tuple(defined), tuple(used), tuple(dropped)
+    return tuple(defined), tuple(used), tuple(dropped), tuple(moved)
 
 
 def _defined_names(stmts: Any) -> frozenset[str]:

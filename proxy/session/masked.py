@@ -578,10 +578,10 @@ class MaskedFilter(StatementFilter):
             self._holder.stale = True
             what = unknown[0] if unknown[0].startswith("column") else f"relation {unknown[0]}"
             return d, "refuse", f"{what} is not known to pgveil yet; try again shortly"
-        if d.uses:
-            # EXECUTE / FETCH run what the server prepared: it must still be what the
-            # rules decide
-            reason = self._used_refusal(d.uses)
+        if d.uses or d.moves:
+            # EXECUTE / FETCH / MOVE run what the server prepared: it must still be what
+            # the rules decide
+            reason = self._used_refusal(d.uses + d.moves)
             if reason is not None:
                 return d, "refuse", reason
         self.temp_relations.update(d.temp_relations)
