@@ -389,7 +389,7 @@ class StatementLog:
         portal = body[:end]
         name = body[end + 1 : body.index(b"\0", end + 1)]
         stmt = self._statements.get(name)
-        if stmt is not None and self.vet is not None and stmt.current is not self._holder.context:
+        if stmt is not None and stmt.current is not self._holder.context and self.vet is not None:
             reason = self.vet(stmt)
             if reason is not None:
                 return reason
@@ -471,7 +471,7 @@ class StatementLog:
         if portal is None:
             self._push(_InFlight("execute", started=self._clock()))
             return None
-        if self.vet is not None and portal.current is not self._holder.context:
+        if portal.current is not self._holder.context and self.vet is not None:
             reason = self.vet(portal)
             if reason is not None:
                 return reason
@@ -555,10 +555,14 @@ class StatementLog:
             self.data_row(body)
         elif typ == _PARSE_COMPLETE:
             if head.kind == "parse":
-                _replace(fifo.popleft())
+                fifo.popleft()
+                if head.replace:
+                    _replace(head)
         elif typ == _BIND_COMPLETE:
             if head.kind == "bind":
-                _replace(fifo.popleft())
+                fifo.popleft()
+                if head.replace:
+                    _replace(head)
         elif typ == _READY_FOR_QUERY:
             self._ready()
         elif typ == m.CLOSE_COMPLETE:
