@@ -30,12 +30,12 @@ import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from proxy.session.statements import Cause, Source, StatementLog, bind_parameters
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.analyzer import Decision
+from rules.analyzer import Decision, Effects
 from rules.context import ContextHolder, MaskingContext, redact
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
@@ -103,8 +103,8 @@ class StatementFilter:
         self._refusals: dict[str, str] = {}
         # audit fields per statement shape (analysis, action): see _decide
         self._templates: dict[tuple[object, ...], dict[str, object]] = {}
-        # what the statement being decided dropped (DEALLOCATE ...): see StatementLog.query
-        self._undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = ()
+        # what the statement being decided does to names (see StatementLog.query)
+        self._effects: Effects | None = ()
         self._client = _Splicer()
         self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
@@ -172,6 +172,8 @@ class StatementFilter:
                 log.describe(body)
             elif typ == m.CLOSE:
                 log.close(body)
+            elif typ == m.COPY_DONE or typ == m.COPY_FAIL:
+                log.copy_end()
         return raw
 
     def _function_call(self, raw: bytes) -> bytes:
@@ -188,7 +190,7 @@ class StatementFilter:
         """The refusal of a prepared statement or portal on personal data that would run
         unrecorded: its event says so, the token goes where its name was."""
         assert self.audit is not None
-        event = {k: v for k, v in fields.items() if k != "_subject_keys"}
+        event = {k: v for k, v in fields.items() if not k.startswith("_")}
         self.audit.record("refused", {**event, "decision": "refused", "reason": AUDIT_UNAVAILABLE})
         return self._refuse(AUDIT_UNAVAILABLE)
 
@@ -211,13 +213,12 @@ class StatementFilter:
         fields = None
         log = self.statements
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
-        # the same names) named: the tables are theirs
+        # the same names) named: the statement log adds their tables when it runs (it
+        # knows which statement or cursor the name holds then)
         uses = d.uses
-        sources = [f for f in (log.named(u) for u in uses) if f] if log and uses else []
-        if audit is not None and (
-            action == "refuse" or d.tables or d.action == "refuse" or sources
-        ):
-            if action != "refuse" and not sources and d.redacted:
+        touches = action == "refuse" or bool(d.tables) or d.action == "refuse"
+        if audit is not None and (touches or uses):
+            if action != "refuse" and d.redacted:
                 # the same for every statement of this shape: built once
                 key = (d.redacted, d.kinds, d.tables, d.columns, action, d.action)
                 template = self._templates.get(key)
@@ -227,23 +228,26 @@ class StatementFilter:
                     template = self._templates[key] = self._event_fields(sql, d, action, value)
                 fields = template.copy()
             else:
-                fields = self._event_fields(sql, d, action, value, sources)
+                fields = self._event_fields(sql, d, action, value)
             if d.subject_keys and action != "refuse":
                 # for the statement log only (subject keys named by the statement)
                 fields["_subject_keys"] = d.subject_keys
+            # what the names read as far as can be told now: for the refusals' events
+            sources = [f for f in (log.named(u) for u in uses) if f] if log and uses else []
             if action == "refuse":
-                audit.record("refused", fields)
+                audit.record("refused", _with_sources(fields, sources))
                 fields = None
-            elif not self._observing and not audit.ready():
+            elif not self._observing and not audit.ready() and (touches or sources):
                 action, value = "refuse", AUDIT_UNAVAILABLE
-                audit.record("refused", {**fields, "decision": "refused", "reason": value})
+                refused = _with_sources(fields, sources)
+                audit.record("refused", {**refused, "decision": "refused", "reason": value})
                 fields = None
-        self._undo = ()
-        if log is not None and action != "refuse" and (d.drops or d.defines):
-            undo = [removed for name in d.drops for removed in log.drop(name)]
-            self._undo = tuple(undo)
-            for name in d.defines:
-                log.define(name, fields)
+            elif not touches:
+                # recorded only if what it names reads something protected
+                fields["_optional"] = True
+        # what the statements do to names and the transaction, once they run (a refused
+        # statement does not run)
+        self._effects = () if action == "refuse" else d.effects
         if action == "rewrite":
             self.counters.rewritten += 1
         elif action == "pass":
@@ -251,12 +255,7 @@ class StatementFilter:
         return action, value, fields
 
     def _event_fields(
-        self,
-        sql: str,
-        d: Decision,
-        action: str,
-        value: str | None,
-        sources: list[dict[str, object]] | None = None,
+        self, sql: str, d: Decision, action: str, value: str | None
     ) -> dict[str, object]:
         fields = event_fields(sql, d, action, value)
         # a masked-role refusal stops the analyser's walk: the tables may be more
@@ -273,11 +272,8 @@ class StatementFilter:
                         raw += [f"{found.rule_table}.{column}" for column in found.masks]
             fields["columns_raw"], fields["columns_masked"] = raw, []
         for key in ("tables", "columns_masked", "columns_raw"):
-            merged = set(_names(fields.get(key)))
-            for source in sources or ():
-                merged.update(_names(source.get(key)))
-            if key in fields or merged:
-                fields[key] = sorted(merged)
+            if key in fields:
+                fields[key] = sorted(set(_names(fields[key])))
         return fields
 
     _encoding = "utf-8"  # the session's client_encoding, as a Python codec
@@ -289,8 +285,7 @@ class StatementFilter:
             return self._undecodable(m.QUERY, b"", original)
         action, value, fields = self._decide(sql)
         if self.statements is not None:
-            # what DEALLOCATE / CLOSE / DISCARD removed comes back if the query fails
-            self.statements.query(fields, self._undo, self._source(sql, action, value, b""))
+            self.statements.query(fields, self._source(sql, action, value, b""), self._effects)
         if action == "pass":
             return original
         if action == "rewrite":
@@ -307,7 +302,8 @@ class StatementFilter:
             return self._undecodable(m.PARSE, name, original)
         action, value, fields = self._decide(sql)
         if self.statements is not None:
-            self.statements.parse(statement, fields, self._source(sql, action, value, rest))
+            source = self._source(sql, action, value, rest)
+            self.statements.parse(statement, fields, source, self._effects)
         if action == "pass":
             return original
         if action == "rewrite":
@@ -361,6 +357,19 @@ class StatementFilter:
 
 def _names(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -> dict[str, object]:
+    """A refusal's event fields: the statement's, with the tables and columns of what its
+    EXECUTE / FETCH name (as far as can be told before it runs)."""
+    merged = {k: v for k, v in fields.items() if not k.startswith("_")}
+    for key in ("tables", "columns_masked", "columns_raw"):
+        names = set(_names(fields.get(key)))
+        for source in sources:
+            names.update(_names(source.get(key)))
+        if key in fields or names:
+            merged[key] = sorted(names)
+    return merged
 
 
 def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
@@ -448,7 +457,7 @@ class MaskedFilter(StatementFilter):
 
     def _refuse_recorded(self, fields: dict[str, object] | None, reason: str) -> bytes:
         if self.audit is not None and fields is not None:
-            event = {k: v for k, v in fields.items() if k != "_subject_keys"}
+            event = {k: v for k, v in fields.items() if not k.startswith("_")}
             self.audit.record("refused", {**event, "decision": "refused", "reason": reason})
         return self._refuse(reason)
 
@@ -480,10 +489,14 @@ class MaskedFilter(StatementFilter):
         log = self.statements
         assert log is not None
         if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
-            cause = log.cause()  # before the log moves past what failed
+            cause = log.cause(typ)  # before the log moves past what failed
             log.server_message(typ, body)
+            if log.lost is not None:
+                raise SessionEnded(lost_pairing(log.lost))
             return self._error(typ, body, cause)
         log.server_message(typ, body)
+        if log.lost is not None:
+            raise SessionEnded(lost_pairing(log.lost))
         if typ == m.NOTIFICATION_RESPONSE:
             return self._notification(body)
         if typ == m.ROW_DESCRIPTION:
@@ -585,6 +598,15 @@ class MaskedFilter(StatementFilter):
 
 def _no_event(fields: dict[str, object]) -> None:
     """Where a masked session's completed statements go while it is not audited."""
+
+
+def lost_pairing(reason: str) -> str:
+    """The FATAL message of a session whose answers the statement log can no longer pair
+    with what was sent (error scrubbing and the audit depend on the pairing)."""
+    return (
+        "pgveil: the server's answers can no longer be paired with the statements sent "
+        f"({reason}); the session is closed"
+    )
 
 
 _DOUBLE_QUOTED = re.compile(r'"[^"]*"')
@@ -748,10 +770,11 @@ class RecordingFilter(StatementFilter):
         anything."""
         if self.statements is not None:
             fields = _unanalysed("unknown", "(not readable in the client encoding)")
+            # what it does to names cannot be known either
             if typ == m.QUERY:
-                self.statements.query(fields)
+                self.statements.query(fields, None, None)
             else:
-                self.statements.parse(name[:-1], fields)
+                self.statements.parse(name[:-1], fields, None, None)
         return original
 
     def observe_client(self, typ: int, body: bytes) -> None:
