@@ -1018,7 +1018,10 @@ class StatementLog:
 
     def _completed(self, head: _InFlight, index: int, tag: bytes) -> None:
         """A statement of the head completed: what it did to names is confirmed."""
-        deviated = head.skipped or head.fail_at == index
+        # a statement predicted to fail (a FETCH of no cursor pgveil knows, a name in use)
+        # ran: what it read cannot be told
+        uncertain = head.skipped or head.fail_at == index
+        rebuild = uncertain
         if head.unknown:
             self._confirmed.all_unknown()
         ops = head.ops
@@ -1029,12 +1032,11 @@ class StatementLog:
                 if op[0] != index:
                     continue
                 self._apply(names, head, position, tag, False)
-                if op[1] in _EXITS and tag == b"ROLLBACK" and not op[1].startswith("rollback"):
-                    deviated = True  # a COMMIT that rolled back: predicted as a commit
-        if deviated:
-            # a statement predicted to fail (a FETCH of no cursor pgveil knows, a name in
-            # use) ran: what it read cannot be told
+                if tag == b"ROLLBACK" and op[1] in _EXITS:
+                    rebuild = True  # a COMMIT that rolled back: predicted as one may not be
+        if uncertain:
             head.uncertain = True
+        if rebuild:
             self._rebuild()
         if head is self._copy_head:
             self._copy_head = None
