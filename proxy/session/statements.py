@@ -213,7 +213,8 @@ class _Names:
             self.maybe = maybe
             self.hold = set()
             self.depth = {}
-        self.savepoints = []
+        if self.savepoints:
+            self.savepoints = []
         self.tx = "I"
         self.failed = False
 
@@ -593,6 +594,7 @@ class StatementLog:
         head = self._copy_head
         if (
             head is not None
+            and self._fifo
             and self._copy_ends == head.copy_ends + head.copies
             and (self._fifo[-1] is head or self._fifo[-1].provisional)
         ):
@@ -695,11 +697,11 @@ class StatementLog:
     ) -> None:
         """A Query from its statement `start` on: a Query drops the unnamed statement and
         portal, runs its statements, and ends an implicit transaction."""
-        names.statements.pop(b"", None)
-        names.drop_portal(b"")
         if names.skipping:
             entry.skipped = True  # the server skips it (no ReadyForQuery either)
             return
+        names.statements.pop(b"", None)
+        names.drop_portal(b"")
         if entry.unknown:
             names.all_unknown()
         entry.fail_at = -1
@@ -768,6 +770,7 @@ class StatementLog:
 
     def _predict_describe(self, names: _Names, entry: _InFlight, replay: bool) -> None:
         entry.skipped = names.skipping
+        entry.fail_at = -1
         if entry.skipped:
             return
         name = entry.name[1:]
@@ -976,6 +979,8 @@ class StatementLog:
                     self._rebuild()
                 self._finish(fifo.popleft())
         elif typ == _ROW_DESCRIPTION:
+            if head.kind != "describe" and (head.skipped or head.fail_at == head.done):
+                self._ran(head)
             if head.kind == "describe":
                 self._described(fifo.popleft(), body)
             elif head.kind in ("query", "execute") and head.fields is not None:
@@ -995,6 +1000,14 @@ class StatementLog:
                 target.source.types = struct.unpack_from(f"!{count}I", body, 2)
         elif typ == _ERROR_RESPONSE:
             self._error(head, body)
+
+    @staticmethod
+    def _ran(head: _InFlight) -> None:
+        """Rows of a statement predicted not to run (a FETCH or Execute of a name pgveil
+        does not know): what it reads cannot be told; its `running` event says so before
+        the rows go out (the prediction is rebuilt when it completes)."""
+        if head.kind in ("query", "execute"):
+            head.uncertain = True
 
     def _parse_complete(self, entry: _InFlight) -> None:
         self._confirmed.statements[entry.name] = entry.obj
@@ -1055,6 +1068,8 @@ class StatementLog:
         terminator = None
         while fifo:
             entry = fifo.popleft()
+            if entry is self._copy_head:
+                self._copy_head = None
             if entry.kind in ("query", "execute", "call"):
                 self._finish(entry)
             if entry.kind in ("sync", "query", "call"):
@@ -1182,6 +1197,8 @@ class StatementLog:
             if settled is None:
                 return
             head = settled
+        if head.skipped or head.fail_at == head.done:
+            self._ran(head)
         head.data_rows += len(bodies)
         if head.portal is not None:
             self._resolve(head)
