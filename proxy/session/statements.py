@@ -891,9 +891,12 @@ class StatementLog:
                 return
             statement = names.statements.get(entry.statement_name)
             if statement is not entry.resolved:
+                # sent against another statement: its own errors keep nothing (`cause`);
+                # the portal it makes is this statement's, as far as the answers so far
+                # tell (they are checked as they come)
                 entry.uncertain = True
                 entry.resolved = statement
-                entry.obj = _unknown_portal()
+                entry.obj = self._new_portal(statement, entry.bind or b"")
                 entry.source = None
             self._predict_bind(names, entry)
         elif kind == "describe":
@@ -1015,7 +1018,8 @@ class StatementLog:
             self._rebuild()  # the prediction had it refused or skipped
 
     def _bind_complete(self, entry: _InFlight) -> None:
-        portal = entry.obj if not entry.uncertain and entry.obj is not None else _unknown_portal()
+        # (a Bind predicted to fail for a statement pgveil does not know has an unknown one)
+        portal = entry.obj if entry.obj is not None else _unknown_portal()
         self._confirmed.add_portal(entry.name, portal)
         if entry.skipped or entry.fail_at == 0:
             self._rebuild()

@@ -222,6 +222,7 @@ READ = "SELECT i_customer, name FROM billing.customers"
 KEYED = READ + " WHERE i_customer = 1"
 IDLE, BLOCK, FAILED = (m.ready_for_query(s) for s in (m.TX_IDLE, m.TX_IN_BLOCK, m.TX_FAILED))
 PARSED, BOUND = m.message(m.PARSE_COMPLETE), m.message(m.BIND_COMPLETE)
+CLOSED = m.message(m.CLOSE_COMPLETE)
 COPY_IN = m.message(m.COPY_IN_RESPONSE, b"\0\0\0")
 KEY_ROW = row_description(("i_customer", CUSTOMERS, 1, TEXT, 0), ("name", CUSTOMERS, 2, TEXT, 0))
 
@@ -607,3 +608,26 @@ def test_a_masked_error_is_judged_against_the_portal_of_its_own_transaction() ->
     f.server(server, PARSED + BOUND + IDLE + PARSED + BOUND)
     cause = log.cause(m.ERROR_RESPONSE)
     assert isinstance(cause, Cause) and cause.source.sql.startswith("SELECT notes")
+
+
+def test_a_pipelined_bind_refuted_by_an_error_leaves_no_unknown_names_behind() -> None:
+    """An error skips the Close and the Parse that would have replaced `s`; the Bind
+    pipelined behind them was sent against the new `s` and binds the old one: that
+    request's event cannot say what it read, but the names are as the answers prove them:
+    the next request is recorded for sure."""
+    s = Names()
+    s.send(parse(KEYED, "s"), SYNC)
+    s.answer(PARSED, IDLE)
+    s.send(parse("SELECT nosuch", "x"), close("S", "s"), parse("SELECT 1", "s"), SYNC)
+    s.send(bind("s", "p"), execute("p"), SYNC)
+    s.send(bind("s", "q"), execute("q"), SYNC)
+    first, second = s.answer(
+        error("42703"), IDLE,
+        BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE,
+        BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE,
+    )  # fmt: skip
+    # both were sent against the harmless new `s`: neither can say what it read
+    assert first["tables"] == second["tables"] == [] and not certain(first)
+    s.send(bind("s", "p"), execute("p"), SYNC)
+    (event,) = s.answer(BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE)
+    assert said(event) == read_of("1") and certain(event)
