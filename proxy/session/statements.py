@@ -70,6 +70,8 @@ _READY_FOR_QUERY = m.READY_FOR_QUERY
 _COMMAND_COMPLETE = m.COMMAND_COMPLETE
 _ROW_DESCRIPTION = m.ROW_DESCRIPTION
 _ERROR_RESPONSE = m.ERROR_RESPONSE
+_IDLE = m.TX_IDLE
+_STATEMENT = ord("S")  # Describe and Close of a statement (else a portal)
 _LAYOUTS = 256  # RowDescriptions remembered per session
 _NO_PARAMS: dict[int, str] = {}  # never changed
 # Backend messages that answer something the client sent (all but the asynchronous
@@ -199,7 +201,14 @@ class _Names:
         """The transaction ends, committed (True), rolled back (False) or one of the two
         (None): only held cursors stay, and the WITH HOLD cursors it declared if it
         commits (not known: uncertain)."""
-        if self.portals:
+        if self.portals and not self.held and not self.hold:
+            # the common case: only portals of this transaction
+            self.portals = {}
+            if self.maybe:
+                self.maybe = set()
+            if self.depth:
+                self.depth = {}
+        elif self.portals:
             portals = self.portals
             kept = {name: portals[name] for name in self.held if name in portals}
             maybe = {name for name in self.maybe if name in kept}
@@ -225,6 +234,9 @@ class _Names:
 
     def add_portal(self, name: bytes, portal: _Portal, hold: bool = False) -> None:
         self.portals[name] = portal
+        # (a portal has a depth only while savepoints are open)
+        if not (hold or self.held or self.hold or self.maybe or self.savepoints or self.depth):
+            return  # the common case: nothing else to keep
         if name in self.held:
             self.held.discard(name)
         if name in self.maybe:
@@ -374,7 +386,7 @@ class _InFlight:
     fail_at: int = -1  # the statement (Query) predicted to fail; 0 for other messages
     skipped: bool = False  # predicted to be skipped (an earlier message fails)
     uncertain: bool = False  # what it runs cannot be told for sure
-    expect: str = ""  # Sync, Query, FunctionCall: the transaction status predicted after it
+    expect: str = "I"  # Sync, Query, FunctionCall: the transaction status predicted after it
     # -- COPY FROM STDIN
     copy_ends: int = 0  # CopyDone and CopyFail messages the client had sent before it
     copies: int = 0  # copies of this statement completed so far
@@ -398,6 +410,20 @@ class _InFlight:
             self.source = source
         if bind is not None:
             self.bind = bind
+
+
+# The entry of a Sync that ends an implicit transaction and has nothing else to it (the
+# common case), shared: whatever would change in it gets an entry of its own instead
+_SYNC = _InFlight("sync")
+_SYNC_PROBE = _InFlight("sync")  # (what a shared Sync would predict: see _rebuild)
+
+
+def _own_sync(fifo: deque[_InFlight], i: int) -> _InFlight:
+    """The Sync at `i` of the queue, with an entry of its own."""
+    entry = fifo[i]
+    if entry is _SYNC:
+        entry = fifo[i] = _InFlight("sync")
+    return entry
 
 
 class StatementLog:
@@ -457,11 +483,21 @@ class StatementLog:
             entry.unknown = True
         elif effects:
             entry.ops = self._ops(effects, fields)
-        entry.copy_ends = self._copy_ends
+        if self._copy_ends:
+            entry.copy_ends = self._copy_ends
         if self.lost is not None:
             entry.uncertain = True
-        self._predict_query(self._predicted, entry, 0)
-        self._merge(entry)
+        names = self._predicted
+        if entry.ops or entry.unknown or names.skipping or names.tx != "I":
+            self._predict_query(names, entry, 0)
+            self._merge(entry)
+        else:
+            # the common case: a statement outside a transaction block that names nothing
+            # (the unnamed statement and portal go, the implicit transaction ends)
+            if names.statements:
+                names.statements.pop(b"", None)
+            if names.portals or names.failed or names.savepoints:
+                names.end(not names.failed)
         self._push(entry)
 
     def parse(
@@ -482,13 +518,16 @@ class StatementLog:
             old = previous.source
             if old.sql == source.sql and old.declared == source.declared:
                 source.types = old.types
-        own: tuple[Effect, ...] | None
+        own: tuple[Effect, ...] | None = ()
         if effects is None:
             own = None
-        else:
+        elif effects:
             own = tuple(effect for statement in effects for effect in statement)
-        entry.obj = _Prepared(fields, source=source, effects=own)
-        self._predict_parse(names, entry)
+        prepared = entry.obj = _Prepared(fields, source=source, effects=own)
+        if names.skipping or (name and previous is not None and not previous.uncertain):
+            self._predict_parse(names, entry)
+        else:
+            names.statements[name] = prepared  # the common case
         self._fifo.append(entry)
 
     # SQL PREPARE / DECLARE / EXECUTE / FETCH name the protocol's statements and portals
@@ -522,14 +561,33 @@ class StatementLog:
     def bind(self, body: bytes) -> None:
         end = body.index(b"\0")
         entry = _InFlight("bind", bind=body)
-        entry.name = body[:end]
+        portal_name = entry.name = body[:end]
         entry.statement_name = body[end + 1 : body.index(b"\0", end + 1)]
-        statement = self._predicted.statements.get(entry.statement_name)
-        entry.resolved = statement
-        entry.obj = self._new_portal(statement, body)
-        if statement is not None and not statement.uncertain:
+        names = self._predicted
+        statement = entry.resolved = names.statements.get(entry.statement_name)
+        if statement is None or statement.uncertain:
+            portal = entry.obj = _unknown_portal()
+        else:
+            fields = statement.fields
+            if fields is None:
+                # nothing to record of it: kept for what its errors may show (`cause`)
+                portal = entry.obj = _Portal(None, statement, [], bind=body)
+            else:
+                named = fields.get("_subject_keys", ())
+                assert isinstance(named, tuple)
+                wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
+                formats, params = _bind_values(body, wanted)
+                portal = entry.obj = _Portal(fields, statement, formats, params=params, bind=body)
             entry.source = statement.source
-        self._predict_bind(self._predicted, entry)
+            if not names.skipping and not (portal_name and names.in_use(portal_name)):
+                # the common case
+                if names.held or names.hold or names.maybe or names.savepoints:
+                    names.add_portal(portal_name, portal)
+                else:
+                    names.portals[portal_name] = portal
+                self._fifo.append(entry)
+                return
+        self._predict_bind(names, entry)
         self._fifo.append(entry)
 
     def note_failing_bind(self) -> None:
@@ -544,8 +602,26 @@ class StatementLog:
 
     def describe(self, body: bytes) -> None:
         entry = _InFlight("describe")
-        entry.name = body[:-1]
-        self._predict_describe(self._predicted, entry, replay=False)
+        key = entry.name = body[:-1]
+        names = self._predicted
+        if not names.skipping:
+            # the common case: a name pgveil knows for sure
+            target: _Prepared | _Portal | None
+            if key[0] == _STATEMENT:
+                target = names.statements.get(key[1:])
+                if target is not None and not target.uncertain:
+                    entry.resolved = entry.target = target
+                    entry.source = target.source
+                    self._fifo.append(entry)
+                    return
+            else:
+                target = names.portals.get(key[1:])
+                if target is not None and not target.uncertain:
+                    entry.resolved = entry.target = target
+                    entry.source, entry.bind = target.statement.source, target.bind
+                    self._fifo.append(entry)
+                    return
+        self._predict_describe(names, entry, replay=False)
         self._fifo.append(entry)  # never has fields: _push is for entries with events
 
     def execute(self, body: bytes) -> None:
@@ -559,16 +635,20 @@ class StatementLog:
             entry.portal, entry.params = portal, portal.params
             entry.source, entry.bind = portal.statement.source, portal.bind
             effects = portal.statement.effects
-            if effects is None:
-                entry.unknown = True
-            elif effects:
-                entry.ops = self._ops((effects,), portal.fields)
-        elif portal is not None:
-            entry.uncertain = True
-            entry.unknown = True  # what its statement does cannot be known either
-            entry.fields = _unknown_fields("execute")
-        self._predict_execute(names, entry, replay=False)
-        self._merge(entry)
+            if effects is None or effects:
+                if effects is None:
+                    entry.unknown = True
+                else:
+                    entry.ops = self._ops((effects,), portal.fields)
+                self._predict_execute(names, entry, replay=False)
+                if entry.targets is not None:
+                    self._merge(entry)
+        else:
+            if portal is not None:
+                entry.uncertain = True
+                entry.unknown = True  # what its statement does cannot be known either
+                entry.fields = _unknown_fields("execute")
+            self._predict_execute(names, entry, replay=False)
         self._push(entry)
         if (
             portal is not None
@@ -589,8 +669,25 @@ class StatementLog:
         self._fifo.append(entry)
 
     def sync(self) -> None:
+        names = self._predicted
+        if (
+            self._copy_head is None
+            and not self._copy_ends
+            and names.tx == "I"
+            and not names.skipping
+            and not names.failed
+        ):
+            # the common case: the implicit transaction ends, with the portals of it
+            if names.portals:
+                if names.held or names.hold or names.maybe or names.depth or names.savepoints:
+                    names.end(True)
+                else:
+                    names.portals = {}
+            self._fifo.append(_SYNC)
+            return
         entry = _InFlight("sync")
-        entry.copy_ends = self._copy_ends
+        if self._copy_ends:
+            entry.copy_ends = self._copy_ends
         head = self._copy_head
         if (
             head is not None
@@ -601,7 +698,14 @@ class StatementLog:
             # sent right behind the statement whose copy data the server reads now
             entry.provisional = True
             self._eatable += 1
-        self._predict_end(self._predicted, entry)
+        if names.tx != "I" or names.skipping or names.failed:
+            self._predict_end(names, entry)
+        elif names.portals:
+            # the common case: the implicit transaction ends, with the portals of it
+            if names.held or names.hold or names.maybe or names.depth or names.savepoints:
+                names.end(True)
+            else:
+                names.portals = {}
         self._fifo.append(entry)
 
     def function_call(self, fields: dict[str, object] | None = None) -> None:
@@ -609,6 +713,7 @@ class StatementLog:
         names = self._predicted
         if names.skipping:
             entry.skipped = True
+            entry.expect = ""  # (a ReadyForQuery for it refutes the prediction)
         else:
             self._predict_end(names, entry)
         self._push(entry)
@@ -699,6 +804,7 @@ class StatementLog:
         portal, runs its statements, and ends an implicit transaction."""
         if names.skipping:
             entry.skipped = True  # the server skips it (no ReadyForQuery either)
+            entry.expect = ""  # (one that comes refutes the prediction)
             return
         names.statements.pop(b"", None)
         names.drop_portal(b"")
@@ -719,17 +825,22 @@ class StatementLog:
 
     def _predict_end(self, names: _Names, entry: _InFlight) -> None:
         """The end of a request (Sync, Query, FunctionCall): an implicit transaction ends."""
-        names.skipping = False
+        if names.skipping:
+            names.skipping = False
         if names.tx == "I":
-            names.end(not names.failed)
-        entry.expect = names.tx
+            if names.portals or names.failed or names.savepoints:
+                names.end(not names.failed)
+            entry.expect = "I"
+        else:
+            entry.expect = names.tx
 
     def _predict_parse(self, names: _Names, entry: _InFlight) -> None:
         name = entry.name
         previous = names.statements.get(name)
-        entry.skipped = names.skipping
-        entry.fail_at = -1
-        if entry.skipped:
+        if entry.skipped or entry.fail_at != -1:
+            entry.skipped, entry.fail_at = False, -1  # (predicted again)
+        if names.skipping:
+            entry.skipped = True
             return
         if name and previous is not None and not previous.uncertain:
             # the server refuses to redefine a named statement (42P05): the old one stays
@@ -752,9 +863,10 @@ class StatementLog:
         return _Portal(statement.fields, statement, formats, params=params, bind=body)
 
     def _predict_bind(self, names: _Names, entry: _InFlight) -> None:
-        entry.skipped = names.skipping
-        entry.fail_at = -1
-        if entry.skipped:
+        if entry.skipped or entry.fail_at != -1:
+            entry.skipped, entry.fail_at = False, -1  # (predicted again)
+        if names.skipping:
+            entry.skipped = True
             return
         statement = entry.resolved
         if statement is not None and statement.uncertain:
@@ -769,13 +881,14 @@ class StatementLog:
         names.add_portal(entry.name, entry.obj)
 
     def _predict_describe(self, names: _Names, entry: _InFlight, replay: bool) -> None:
-        entry.skipped = names.skipping
-        entry.fail_at = -1
-        if entry.skipped:
+        if entry.skipped or entry.fail_at != -1:
+            entry.skipped, entry.fail_at = False, -1  # (predicted again)
+        if names.skipping:
+            entry.skipped = True
             return
         name = entry.name[1:]
         target: _Prepared | _Portal | None
-        if entry.name[0] == ord("S"):
+        if entry.name[0] == _STATEMENT:
             target = names.statements.get(name)
         else:
             target = names.portals.get(name)
@@ -797,9 +910,10 @@ class StatementLog:
                 entry.source, entry.bind = target.statement.source, target.bind
 
     def _predict_execute(self, names: _Names, entry: _InFlight, replay: bool) -> None:
-        entry.skipped = names.skipping
-        entry.fail_at = -1
-        if entry.skipped:
+        if entry.skipped or entry.fail_at != -1:
+            entry.skipped, entry.fail_at = False, -1  # (predicted again)
+        if names.skipping:
+            entry.skipped = True
             return
         portal = names.portals.get(entry.name)
         if replay and portal is not entry.resolved:
@@ -832,10 +946,10 @@ class StatementLog:
 
     def _predict_close(self, names: _Names, entry: _InFlight) -> None:
         entry.skipped = names.skipping
-        if entry.skipped:
+        if names.skipping:
             return
         name = entry.name[1:]
-        if entry.name[0] == ord("S"):
+        if entry.name[0] == _STATEMENT:
             names.statements.pop(name, None)
         else:
             names.drop_portal(name)
@@ -868,7 +982,14 @@ class StatementLog:
         and mark what was sent against names that now read otherwise."""
         names = self._confirmed.copy()
         names.skipping = False
-        for entry in self._fifo:
+        fifo = self._fifo
+        for i in range(len(fifo)):
+            entry = fifo[i]
+            if entry is _SYNC:
+                self._predict_end(names, _SYNC_PROBE)
+                if _SYNC_PROBE.expect != "I":
+                    _own_sync(fifo, i).expect = _SYNC_PROBE.expect
+                continue
             self._replay(names, entry)
         self._predicted = names
 
@@ -880,7 +1001,9 @@ class StatementLog:
             self._predict_end(names, entry)
         elif kind == "call":
             entry.skipped = names.skipping
-            if not entry.skipped:
+            if entry.skipped:
+                entry.expect = ""
+            else:
                 self._predict_end(names, entry)
         elif kind == "parse":
             self._predict_parse(names, entry)
@@ -945,10 +1068,23 @@ class StatementLog:
             self.data_row(body)
         elif typ == _PARSE_COMPLETE:
             if head.kind == "parse":
-                self._parse_complete(fifo.popleft())
+                fifo.popleft()
+                self._confirmed.statements[head.name] = head.obj
+                if head.skipped or head.fail_at == 0:
+                    self._rebuild()  # the prediction had it refused or skipped
         elif typ == _BIND_COMPLETE:
             if head.kind == "bind":
-                self._bind_complete(fifo.popleft())
+                fifo.popleft()
+                # (a Bind predicted to fail for a statement pgveil does not know has an
+                # unknown portal)
+                portal = head.obj if head.obj is not None else _unknown_portal()
+                names = self._confirmed
+                if names.held or names.hold or names.maybe or names.savepoints:
+                    names.add_portal(head.name, portal)
+                else:
+                    names.portals[head.name] = portal
+                if head.skipped or head.fail_at == 0:
+                    self._rebuild()
         elif typ == _READY_FOR_QUERY:
             self._ready(body[0] if body else ord("I"))
         elif typ == m.CLOSE_COMPLETE:
@@ -968,7 +1104,14 @@ class StatementLog:
                 if head.raw:
                     _decode_keys(head)
                 head.layout = ()
-            self._completed(head, index, body[:-1] if typ == _COMMAND_COMPLETE else b"")
+            if (
+                head.ops
+                or head.unknown
+                or head.skipped
+                or head.fail_at == index
+                or head is self._copy_head
+            ):
+                self._completed(head, index, body[:-1] if typ == _COMMAND_COMPLETE else b"")
             if head.kind == "execute":
                 self._finish(fifo.popleft())
                 if self._eatable and head.copies:
@@ -1012,21 +1155,9 @@ class StatementLog:
         if head.kind in ("query", "execute"):
             head.uncertain = True
 
-    def _parse_complete(self, entry: _InFlight) -> None:
-        self._confirmed.statements[entry.name] = entry.obj
-        if entry.skipped or entry.fail_at == 0:
-            self._rebuild()  # the prediction had it refused or skipped
-
-    def _bind_complete(self, entry: _InFlight) -> None:
-        # (a Bind predicted to fail for a statement pgveil does not know has an unknown one)
-        portal = entry.obj if entry.obj is not None else _unknown_portal()
-        self._confirmed.add_portal(entry.name, portal)
-        if entry.skipped or entry.fail_at == 0:
-            self._rebuild()
-
     def _close_complete(self, entry: _InFlight) -> None:
         name = entry.name[1:]
-        if entry.name[0] == ord("S"):
+        if entry.name[0] == _STATEMENT:
             self._confirmed.statements.pop(name, None)
         else:
             self._confirmed.drop_portal(name)
@@ -1072,13 +1203,17 @@ class StatementLog:
         terminator = None
         while fifo:
             entry = fifo.popleft()
-            if entry is self._copy_head:
-                self._copy_head = None
-            if entry.kind in ("query", "execute", "call"):
-                self._finish(entry)
-            if entry.kind in ("sync", "query", "call"):
+            kind = entry.kind
+            if kind == "sync":
                 terminator = entry
                 break
+            if entry is self._copy_head:
+                self._copy_head = None
+            if kind == "query" or kind == "execute" or kind == "call":
+                self._finish(entry)
+                if kind != "execute":
+                    terminator = entry
+                    break
         if terminator is None:
             self._desync("a ReadyForQuery that answers nothing sent")
             return
@@ -1086,7 +1221,8 @@ class StatementLog:
             self._eatable = 0  # every Sync of the run had its answer
         names = self._confirmed
         if terminator.kind == "query":
-            names.statements.pop(b"", None)
+            if names.statements:
+                names.statements.pop(b"", None)
             if b"" in names.portals:
                 if terminator.outcome != "ok" and terminator.done == 0:
                     # failed before its first statement began (the old unnamed portal
@@ -1096,16 +1232,21 @@ class StatementLog:
                     names.drop_portal(b"")
             if terminator.unknown:
                 names.all_unknown()
-        state = chr(status)
-        if state == "I":
+        if status == _IDLE:
             # the transaction ended, if one was open: committed unless it failed
-            if names.tx == "T":
-                names.end(None)  # ended by something the log did not see
-            else:
-                names.end(names.tx != "E" and not names.failed)
-        else:
-            names.tx = state
-            names.failed = False
+            if names.tx != "I" or names.failed or names.savepoints:
+                names.end(None if names.tx == "T" else names.tx != "E" and not names.failed)
+            elif names.portals:
+                if names.held or names.hold or names.maybe or names.depth:
+                    names.end(True)
+                else:
+                    names.portals = {}  # the common case
+            if terminator.expect != "I":
+                self._rebuild()
+            return
+        state = chr(status)
+        names.tx = state
+        names.failed = False
         if state != terminator.expect:
             self._rebuild()
 
@@ -1120,7 +1261,7 @@ class StatementLog:
             if entry.kind != "sync" or entry.copy_ends != ends:
                 break
             if not entry.provisional:
-                entry.provisional = True
+                _own_sync(fifo, i).provisional = True
                 self._eatable += 1
 
     def _swallowed(self, head: _InFlight | None) -> None:
@@ -1180,7 +1321,8 @@ class StatementLog:
         if self.lost is None:
             self.lost = reason
         for entry in self._fifo:
-            entry.uncertain = True
+            if entry is not _SYNC:
+                entry.uncertain = True
         self._confirmed.all_unknown()
         self._predicted.all_unknown()
 
@@ -1306,7 +1448,8 @@ class StatementLog:
         self._rebuild()
 
     def _finish(self, entry: _InFlight) -> None:
-        fields = self._fields_of(entry)
+        uncertain = entry.uncertain or self.lost is not None
+        fields = self._fields_of(entry) if uncertain else entry.fields
         if fields is None:
             return
         self.rows_in_flight -= entry.wants_rows
@@ -1317,7 +1460,6 @@ class StatementLog:
         assert isinstance(named, tuple)
         if entry.portal is not None:
             self._resolve(entry)
-        uncertain = entry.uncertain or self.lost is not None
         # the rows tell a table's subjects exactly when every result set carried its key
         covered = set(entry.keyed or ())
         if entry.outcome == "ok" and not uncertain:
