@@ -163,8 +163,9 @@ class StatementFilter:
                     end = body.index(b"\0")
                     fields = log.portal_fields(body[:end])
                     if fields is not None:
-                        token = self._refuse_unrecorded(fields)
-                        return m.message(m.EXECUTE, token + body[end + 1 :])
+                        refused = self._refuse_unrecorded(fields) + body[end + 1 :]
+                        log.execute(refused)  # (a portal that cannot exist: it fails)
+                        return m.message(m.EXECUTE, refused)
                 log.execute(body)
             elif typ == m.SYNC:
                 log.sync()
@@ -453,7 +454,10 @@ class MaskedFilter(StatementFilter):
             self._bind_refused = True
             return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
         fields = log.portal_fields(body[:end]) if log is not None else None
-        return m.message(m.EXECUTE, self._refuse_recorded(fields, reason) + body[end + 1 :])
+        refused = self._refuse_recorded(fields, reason) + body[end + 1 :]
+        if log is not None:
+            log.execute(refused)  # (a portal that cannot exist: it fails)
+        return m.message(m.EXECUTE, refused)
 
     def _refuse_recorded(self, fields: dict[str, object] | None, reason: str) -> bytes:
         if self.audit is not None and fields is not None:
