@@ -7,8 +7,8 @@ from __future__ import annotations
 import struct
 
 from proxy.session.engine import _CLIENT_CAPTURE_RECORDED, _SERVER_CAPTURE_RECORDED_ROWS
-from proxy.session.masked import RecordingFilter
-from proxy.session.statements import StatementLog
+from proxy.session.masked import MaskedFilter, RecordingFilter
+from proxy.session.statements import Cause, StatementLog
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, capture_mask
 from rules.context import ContextHolder, MaskingContext
@@ -594,9 +594,6 @@ def test_pipelined_requests_after_an_error_are_uncertain_only_where_names_read_o
 def test_a_masked_error_is_judged_against_the_portal_of_its_own_transaction() -> None:
     """The masked filter's scrubbing uses the same pairing (`cause`): the guess spelled in
     a portal of an ended transaction is not the new portal's literal."""
-    from proxy.session.masked import MaskedFilter
-    from proxy.session.statements import Cause
-
     f = MaskedFilter(context(), "helpdesk")
     client = MessageScanner(capture_mask(b"QPBDESCcf"), [0] * 256, 1 << 20)
     server = MessageScanner(capture_mask(b"ENATSZCIsn123Gt"), [0] * 256, 1 << 30)
