@@ -25,7 +25,17 @@ from rules.reads import ast, descendants, name_of
 from rules.subjects import SubjectKeys, integer_key, subject_keys
 from rules.writes import Rewriter
 
-__all__ = ["Analyzer", "Decision", "Refusal", "SubjectKeys", "integer_key"]
+__all__ = ["Analyzer", "Decision", "Effect", "Effects", "Refusal", "SubjectKeys", "integer_key"]
+
+# An effect on the session's names or transaction: (kind, name), name "" when it has none.
+# kinds: begin, commit, commit_chain, rollback, rollback_chain, prepare_transaction,
+# savepoint, release, rollback_to (a savepoint name); declare, declare_hold, close, fetch,
+# move (a cursor: the protocol's portals); close_all; prepare, deallocate, execute (a prepared
+# statement); deallocate_all, discard_all; copy_in (COPY ... FROM STDIN: the server reads
+# the client's messages as copy data); unknown_tx (CALL, DO: code that may end the
+# transaction it runs in)
+Effect = tuple[str, str]
+Effects = tuple[tuple[Effect, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -45,13 +55,17 @@ class Decision:
     # `subject = k` / `subject IN (...)` (top-level AND), or an INSERT's VALUES. A key is
     # the literal's text, or the number of the parameter that carries it.
     subject_keys: tuple[SubjectKeys, ...] = ()
-    # SQL-level names: what PREPARE / DECLARE defines ("prepare:p", "cursor:c"), and what
-    # EXECUTE / FETCH uses, so the session can tell which statement an EXECUTE runs
-    defines: tuple[str, ...] = ()
+    # What each statement does to the session's names and transaction, for the statement log
+    # (proxy/session/statements.py): one tuple of effects per statement, in order, or () when
+    # no statement has any; None when they cannot be known (the text does not parse as the
+    # server parses it: an unmasked session's statement that still runs)
+    effects: Effects | None = ()
+    # the names EXECUTE / FETCH use ("statement:NAME", "portal:NAME"), for the decision made
+    # before the statement is sent
     uses: tuple[str, ...] = ()
-    drops: tuple[str, ...] = ()
-    # cursors a MOVE positions: it reads no rows but counts them, so the session checks
-    # what they run as it checks a FETCH's (not an access of its own for the audit)
+    # the cursors MOVE positions ("portal:NAME"): it reads no rows but counts them, so a
+    # masked session checks what they run as it checks a FETCH's (no access of its own for
+    # the audit)
     moves: tuple[str, ...] = ()
     # the statement as audit events show it (see rules.context.redact), and its hash:
     # filled in by the context, once per statement shape
@@ -82,13 +96,14 @@ class Analyzer:
         try:
             stmts = parse_sql(sql)
         except ParseError:
-            return Decision("refuse", reason="pgveil cannot parse the statement")
+            return Decision("refuse", reason="pgveil cannot parse the statement", effects=None)
         word = self.misread_word(sql)
         if word is not None:
             return Decision(
                 "refuse",
                 reason=f"the server reads the word {word} differently from pgveil's parser "
                 "(a keyword in only one of them); quote it if it is a name",
+                effects=None,
             )
         if not stmts:
             return Decision("pass")
@@ -98,7 +113,8 @@ class Analyzer:
         rewriter.references, rewriter.qualified = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
         keys = subject_keys(self.pmap, stmts) if len(stmts) == 1 else ()
-        defines, uses, drops, moves = _sql_names(stmts)
+        effects = _effects(stmts)
+        uses, moves = _uses(effects)
         try:
             changed = False
             for raw in stmts:
@@ -108,7 +124,15 @@ class Analyzer:
                 changed = changed or rewriter.changes != before
                 out.append(RawStream()(raw.stmt))
         except Refusal as r:
-            return Decision("refuse", reason=r.reason, kinds=tuple(kinds), tables=rewriter.tables())
+            return Decision(
+                "refuse",
+                reason=r.reason,
+                kinds=tuple(kinds),
+                tables=rewriter.tables(),
+                effects=effects,
+                uses=uses,
+                moves=moves,
+            )
         unknown = tuple(sorted(rewriter.unknown - rewriter.temp))
         temp = tuple(sorted(rewriter.temp))
         if not changed:
@@ -119,9 +143,8 @@ class Analyzer:
                 unknown_relations=unknown,
                 temp_relations=temp,
                 subject_keys=keys,
-                defines=defines,
+                effects=effects,
                 uses=uses,
-                drops=drops,
                 moves=moves,
             )
         return Decision(
@@ -134,9 +157,8 @@ class Analyzer:
             unknown_relations=unknown,
             temp_relations=temp,
             subject_keys=keys,
-            defines=defines,
+            effects=effects,
             uses=uses,
-            drops=drops,
             moves=moves,
         )
 
@@ -155,39 +177,79 @@ class Analyzer:
         return None
 
 
-def _sql_names(
-    stmts: Any,
-) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """SQL-level names of prepared statements and cursors, which are the protocol's
-    statements and portals: (defined, used, dropped, moved), as "statement:NAME" /
-    "portal:NAME" ("statement:*" / "portal:*" for DEALLOCATE ALL / CLOSE ALL), over every
-    statement."""
-    defined: list[str] = []
-    used: list[str] = []
-    dropped: list[str] = []
-    moved: list[str] = []
-    for raw in stmts:
-        node = raw.stmt
-        inner = getattr(node, "query", None)
-        if isinstance(node, ast.CreateTableAsStmt | ast.ExplainStmt) and isinstance(
-            inner, ast.ExecuteStmt
-        ):
-            node = inner
-        if isinstance(node, ast.PrepareStmt):
-            defined.append(f"statement:{node.name}")
-        elif isinstance(node, ast.DeclareCursorStmt):
-            defined.append(f"portal:{node.portalname}")
-        elif isinstance(node, ast.ExecuteStmt):
-            used.append(f"statement:{node.name}")
-        elif isinstance(node, ast.FetchStmt):
-            (moved if node.ismove else used).append(f"portal:{node.portalname}")
-        elif isinstance(node, ast.DeallocateStmt):
-            dropped.append(
-                "statement:*" if node.isall or not node.name else f"statement:{node.name}"
-            )
-        elif isinstance(node, ast.ClosePortalStmt):
-            dropped.append(f"portal:{node.portalname}" if node.portalname else "portal:*")
-    return tuple(defined), tuple(used), tuple(dropped), tuple(moved)
+_TX_KINDS = {
+    "TRANS_STMT_BEGIN": "begin",
+    "TRANS_STMT_START": "begin",
+    "TRANS_STMT_COMMIT": "commit",
+    "TRANS_STMT_ROLLBACK": "rollback",
+    "TRANS_STMT_SAVEPOINT": "savepoint",
+    "TRANS_STMT_RELEASE": "release",
+    "TRANS_STMT_ROLLBACK_TO": "rollback_to",
+    "TRANS_STMT_PREPARE": "prepare_transaction",
+}
+_CURSOR_OPT_HOLD = 0x0020  # parsenodes.h
+
+
+def _effects(stmts: Any) -> Effects:
+    """What each statement does to the session's names (prepared statements and cursors,
+    which are the protocol's statements and portals) and to its transaction; () when none
+    does anything (the common case)."""
+    found: list[tuple[Effect, ...]] = [_statement_effects(raw.stmt) for raw in stmts]
+    return tuple(found) if any(found) else ()
+
+
+def _statement_effects(node: Any) -> tuple[Effect, ...]:
+    inner = getattr(node, "query", None)
+    if isinstance(node, ast.CreateTableAsStmt | ast.ExplainStmt) and isinstance(
+        inner, ast.ExecuteStmt
+    ):
+        node = inner
+    if isinstance(node, ast.TransactionStmt):
+        kind = _TX_KINDS.get(node.kind.name)
+        if kind is None:
+            return ()  # COMMIT PREPARED, ROLLBACK PREPARED: another session's transaction
+        if kind in ("commit", "rollback") and node.chain:
+            kind += "_chain"
+        return ((kind, node.savepoint_name or ""),)
+    if isinstance(node, ast.DeclareCursorStmt):
+        hold = (node.options or 0) & _CURSOR_OPT_HOLD
+        return (("declare_hold" if hold else "declare", node.portalname),)
+    if isinstance(node, ast.ClosePortalStmt):
+        return (("close", node.portalname),) if node.portalname else (("close_all", ""),)
+    if isinstance(node, ast.PrepareStmt):
+        return (("prepare", node.name),)
+    if isinstance(node, ast.DeallocateStmt):
+        if getattr(node, "isall", False) or not node.name:
+            return (("deallocate_all", ""),)
+        return (("deallocate", node.name),)
+    if isinstance(node, ast.DiscardStmt):
+        return (("discard_all", ""),) if node.target.name == "DISCARD_ALL" else ()
+    if isinstance(node, ast.ExecuteStmt):
+        return (("execute", node.name),)
+    if isinstance(node, ast.FetchStmt):
+        return ((("move" if node.ismove else "fetch"), node.portalname),)
+    if isinstance(node, ast.CopyStmt):
+        reads_client = node.is_from and node.filename is None and not node.is_program
+        return (("copy_in", ""),) if reads_client else ()
+    if isinstance(node, ast.CallStmt | ast.DoStmt):
+        return (("unknown_tx", ""),)
+    return ()
+
+
+def _uses(effects: Effects) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names EXECUTE and FETCH use, and the cursors MOVE positions, as
+    "statement:NAME" / "portal:NAME"."""
+    uses: list[str] = []
+    moves: list[str] = []
+    for statement in effects:
+        for kind, name in statement:
+            if kind == "execute":
+                uses.append(f"statement:{name}")
+            elif kind == "fetch":
+                uses.append(f"portal:{name}")
+            elif kind == "move":
+                moves.append(f"portal:{name}")
+    return tuple(uses), tuple(moves)
 
 
 def _defined_names(stmts: Any) -> frozenset[str]:

@@ -29,7 +29,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from proxy.session.masked import AuditHook, MaskedFilter, RecordingFilter, SessionEnded
+from proxy.session.masked import (
+    AuditHook,
+    MaskedFilter,
+    RecordingFilter,
+    SessionEnded,
+    ending,
+    lost_pairing,
+)
 from proxy.session.statements import StatementLog
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
@@ -132,7 +139,8 @@ FRONTEND_TYPES: Final = capture_mask(bytes(m.FRONTEND_NAMES))
 _CLIENT_CAPTURE: Final = capture_mask(bytes((m.TERMINATE,)))
 # Audited unmasked sessions: every message that gets an answer of its own, to pair
 # statements with their outcomes (proxy/session/statements.py).
-_CLIENT_CAPTURE_RECORDED: Final = capture_mask(b"XQPBDESCF")
+# CopyDone and CopyFail too: a Sync sent before them may be swallowed by COPY FROM STDIN.
+_CLIENT_CAPTURE_RECORDED: Final = capture_mask(b"XQPBDESCFcf")
 _CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAGE)))
 _TOO_MUCH_BEFORE_LOGIN: Final = "pgveil: too much data sent before the login completed"
 # ReadyForQuery is not captured: its status byte is read in place (see server_data).
@@ -669,6 +677,10 @@ class Session:
             return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
         except SessionEnded as exc:
             return self._end_masked(str(exc))
+        ended = ending(self.masked.statements) if self.masked.statements is not None else None
+        if ended is not None:
+            # (what the chunk answers goes nowhere)
+            return self._end_masked(ended)
         if self.masked.tx_status is not None:
             self.tx_status = self.masked.tx_status
         if self.masked.statements is not None:
@@ -693,10 +705,16 @@ class Session:
         recorder = self.recorder
         assert recorder is not None
         before = self._rows_seen()
+        log = recorder.statements
         try:
-            return self._recorded_chunk(recorder, data)
-        finally:
-            self._released_rows(recorder.statements, before)
+            actions = self._recorded_chunk(recorder, data)
+        except SessionEnded as exc:
+            return self._end_masked(str(exc))
+        if log is not None and log.lost is not None:
+            # what the chunk answers cannot be paired with a statement: it goes nowhere
+            return self._end_masked(lost_pairing(log.lost))
+        self._released_rows(log, before)
+        return actions
 
     def _recorded_chunk(self, recorder: RecordingFilter, data: bytes) -> Sequence[Action]:
         if not recorder.holding and (recorder.forwards_unchanged() or not self._server.can_locate):

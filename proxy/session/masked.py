@@ -30,20 +30,20 @@ import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from proxy.session.statements import (
-    UNKNOWN,
     Cause,
     Decided,
     Named,
     Source,
     StatementLog,
+    audit_fields,
     bind_parameters,
 )
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.analyzer import Decision
+from rules.analyzer import Decision, Effects
 from rules.context import ContextHolder, MaskingContext, redact
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
@@ -117,8 +117,8 @@ class StatementFilter:
         self._refusals: dict[str, str] = {}
         # audit fields per statement shape (analysis, action): see _decide
         self._templates: dict[tuple[object, ...], dict[str, object]] = {}
-        # what the statement being decided dropped (DEALLOCATE ...): see StatementLog.query
-        self._undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = ()
+        # what the statement being decided does to names (see StatementLog.query)
+        self._effects: Effects | None = ()
         self._client = _Splicer()
         self._server = _Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
@@ -183,8 +183,9 @@ class StatementFilter:
                     end = body.index(b"\0")
                     fields = log.portal_fields(body[:end])
                     if fields is not None:
-                        token = self._refuse_unrecorded(fields)
-                        return m.message(m.EXECUTE, token + body[end + 1 :])
+                        refused = self._refuse_unrecorded(fields) + body[end + 1 :]
+                        log.execute(refused)  # (a portal that cannot exist: it fails)
+                        return m.message(m.EXECUTE, refused)
                 reason = log.execute(body)
                 if reason is not None:
                     return self._refuse_prepared(typ, body, reason)
@@ -196,6 +197,8 @@ class StatementFilter:
                     return self._refuse_prepared(typ, body, reason)
             elif typ == m.CLOSE:
                 log.close(body)
+            elif typ == m.COPY_DONE or typ == m.COPY_FAIL:
+                log.copy_end()
         return raw
 
     def _function_call(self, raw: bytes) -> bytes:
@@ -212,7 +215,7 @@ class StatementFilter:
         """The refusal of a prepared statement or portal on personal data that would run
         unrecorded: its event says so, the token goes where its name was."""
         assert self.audit is not None
-        event = {k: v for k, v in fields.items() if k != "_subject_keys"}
+        event = {k: v for k, v in fields.items() if not k.startswith("_")}
         self.audit.record("refused", {**event, "decision": "refused", "reason": AUDIT_UNAVAILABLE})
         return self._refuse(AUDIT_UNAVAILABLE)
 
@@ -226,7 +229,7 @@ class StatementFilter:
         assert log is not None
         self._skipping = True
         named = log.used(typ, body)
-        fields = named.fields if named is not None else None
+        fields = audit_fields(named) if named is not None else None
         if fields is None and named is not None and reason == RULES_CHANGED:
             # nothing protected when it was prepared, something now: its event says what
             fields = self._fields_now(named, reason)
@@ -240,20 +243,20 @@ class StatementFilter:
             refused = body[:1] + token
             log.describe(refused)  # answered by the error, like any Describe
             return m.message(m.DESCRIBE, refused)
-        return m.message(m.EXECUTE, token + body[end + 1 :])
+        refused = token + body[end + 1 :]
+        log.execute(refused)  # (a portal that cannot exist: it fails)
+        return m.message(m.EXECUTE, refused)
 
     def _fields_now(self, named: Named, reason: str) -> dict[str, object] | None:
-        """The audit fields of what a name holds, analysed under the current context."""
-        if self.audit is None:
+        """The audit fields of what a name runs, analysed under the current context."""
+        d = named.decided
+        if self.audit is None or named.uncertain or d is None or d.action == "refuse":
             return None
-        for d in named.decided:
-            if d.action != "refuse" and d is not UNKNOWN:
-                return self._event_fields(d.sql, self.ctx.analyze(d.sql), "refuse", reason)
-        return None
+        return self._event_fields(d.sql, self.ctx.analyze(d.sql), "refuse", reason)
 
     def _refuse_recorded(self, fields: dict[str, object] | None, reason: str) -> bytes:
         if self.audit is not None and fields is not None:
-            event = {k: v for k, v in fields.items() if k != "_subject_keys"}
+            event = {k: v for k, v in fields.items() if not k.startswith("_")}
             self.audit.record("refused", {**event, "decision": "refused", "reason": reason})
         return self._refuse(reason)
 
@@ -276,13 +279,12 @@ class StatementFilter:
         fields = None
         log = self.statements
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
-        # the same names) named: the tables are theirs
+        # the same names) named: the statement log adds their tables when it runs (it
+        # knows which statement or cursor the name holds then)
         uses = d.uses
-        sources = [f for f in (log.named(u) for u in uses) if f] if log and uses else []
-        if audit is not None and (
-            action == "refuse" or d.tables or d.action == "refuse" or sources
-        ):
-            if action != "refuse" and not sources and d.redacted:
+        touches = action == "refuse" or bool(d.tables) or d.action == "refuse"
+        if audit is not None and (touches or uses):
+            if action != "refuse" and d.redacted:
                 # the same for every statement of this shape: built once
                 key = (d.redacted, d.kinds, d.tables, d.columns, action, d.action)
                 template = self._templates.get(key)
@@ -292,25 +294,26 @@ class StatementFilter:
                     template = self._templates[key] = self._event_fields(sql, d, action, value)
                 fields = template.copy()
             else:
-                fields = self._event_fields(sql, d, action, value, sources)
+                fields = self._event_fields(sql, d, action, value)
             if d.subject_keys and action != "refuse":
                 # for the statement log only (subject keys named by the statement)
                 fields["_subject_keys"] = d.subject_keys
+            # what the names read as far as can be told now: for the refusals' events
+            sources = [f for f in (log.named(u) for u in uses) if f] if log and uses else []
             if action == "refuse":
-                audit.record("refused", fields)
+                audit.record("refused", _with_sources(fields, sources))
                 fields = None
-            elif not self._observing and not audit.ready():
+            elif not self._observing and not audit.ready() and (touches or sources):
                 action, value = "refuse", AUDIT_UNAVAILABLE
-                audit.record("refused", {**fields, "decision": "refused", "reason": value})
+                refused = _with_sources(fields, sources)
+                audit.record("refused", {**refused, "decision": "refused", "reason": value})
                 fields = None
-        self._undo = ()
-        if log is not None and action != "refuse" and (d.drops or d.defines):
-            undo = [removed for name in d.drops for removed in log.drop(name)]
-            self._undo = tuple(undo)
-            # what a PREPARE or DECLARE leaves under its name: the whole text, as sent
-            decided = Decided(sql, action, value) if self._tracks else None
-            for name in d.defines:
-                log.define(name, fields, decided)
+            elif not touches:
+                # recorded only if what it names reads something protected
+                fields["_optional"] = True
+        # what the statements do to names and the transaction, once they run (a refused
+        # statement does not run)
+        self._effects = () if action == "refuse" else d.effects
         if action == "rewrite":
             self.counters.rewritten += 1
         elif action == "pass":
@@ -318,12 +321,7 @@ class StatementFilter:
         return action, value, fields
 
     def _event_fields(
-        self,
-        sql: str,
-        d: Decision,
-        action: str,
-        value: str | None,
-        sources: list[dict[str, object]] | None = None,
+        self, sql: str, d: Decision, action: str, value: str | None
     ) -> dict[str, object]:
         fields = event_fields(sql, d, action, value)
         # a masked-role refusal stops the analyser's walk: the tables may be more
@@ -340,11 +338,8 @@ class StatementFilter:
                         raw += [f"{found.rule_table}.{column}" for column in found.masks]
             fields["columns_raw"], fields["columns_masked"] = raw, []
         for key in ("tables", "columns_masked", "columns_raw"):
-            merged = set(_names(fields.get(key)))
-            for source in sources or ():
-                merged.update(_names(source.get(key)))
-            if key in fields or merged:
-                fields[key] = sorted(merged)
+            if key in fields:
+                fields[key] = sorted(set(_names(fields[key])))
         return fields
 
     _encoding = "utf-8"  # the session's client_encoding, as a Python codec
@@ -356,8 +351,10 @@ class StatementFilter:
             return self._undecodable(m.QUERY, b"", original)
         action, value, fields = self._decide(sql)
         if self.statements is not None:
-            # what DEALLOCATE / CLOSE / DISCARD removed comes back if the query fails
-            self.statements.query(fields, self._undo, self._source(sql, action, value, b""))
+            source = self._source(sql, action, value, b"")
+            # what a PREPARE or DECLARE in it leaves under its name: the whole text, as sent
+            decided = Decided(sql, action, value) if self._tracks else None
+            self.statements.query(fields, source, self._effects, decided)
         if action == "pass":
             return original
         if action == "rewrite":
@@ -375,8 +372,9 @@ class StatementFilter:
         action, value, fields = self._decide(sql)
         if self.statements is not None:
             source = self._source(sql, action, value, rest)
+            # what the name holds: the whole text, as sent (masked sessions)
             decided = Decided(sql, action, value) if self._tracks else None
-            self.statements.parse(statement, fields, source, decided)
+            self.statements.parse(statement, fields, source, self._effects, decided)
         if action == "pass":
             return original
         if action == "rewrite":
@@ -395,7 +393,7 @@ class StatementFilter:
                 self.statements.query(None)
             else:
                 unreadable = Decided("", "refuse", NOT_UTF8) if self._tracks else None
-                self.statements.parse(name[:-1], None, None, unreadable)
+                self.statements.parse(name[:-1], None, None, (), unreadable)
         return original
 
     # ---- server -> client --------------------------------------------------------------
@@ -431,6 +429,19 @@ class StatementFilter:
 
 def _names(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -> dict[str, object]:
+    """A refusal's event fields: the statement's, with the tables and columns of what its
+    EXECUTE / FETCH name (as far as can be told before it runs)."""
+    merged = {k: v for k, v in fields.items() if not k.startswith("_")}
+    for key in ("tables", "columns_masked", "columns_raw"):
+        names = set(_names(fields.get(key)))
+        for source in sources:
+            names.update(_names(source.get(key)))
+        if key in fields or names:
+            merged[key] = sorted(names)
+    return merged
 
 
 def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
@@ -473,6 +484,7 @@ class MaskedFilter(StatementFilter):
         # go to the audit hook once it is attached)
         self.statements = StatementLog(self._holder, _no_event)
         self.statements.vet = self._vet
+        self.statements.recheck = self._runs_now
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         # the client's text (its literals are what it may see again); the rewritten text
@@ -516,13 +528,14 @@ class MaskedFilter(StatementFilter):
         return self._runs_now(named)
 
     def _runs_now(self, named: Named) -> str | None:
-        """Why what a statement or portal name holds may not run under the current
-        context, or None (it is then current: the next use costs nothing). Each text the
-        name may hold is analysed again (cached per context, so a catalog refresh that
-        changes nothing costs one cache look-up per name) and must be sent exactly as it
-        was: the same action, the same rewritten text. A text pgveil refused (or could not
-        read) is not analysed again: it never reached the server, whose own error answers
-        a use of the name it was refused under."""
+        """Why what a statement or portal name runs may not run under the current context,
+        or None (it is then current: the next use costs nothing). Its text is analysed
+        again (cached per context, so a catalog refresh that changes nothing costs one
+        cache look-up per name) and must be sent exactly as it was: the same action, the
+        same rewritten text. A text pgveil refused (or could not read) is not analysed
+        again: it never reached the server, whose own error answers a use of the name it
+        was refused under. A name whose text the statement log cannot tell (uncertain) is
+        refused."""
         ctx = self._holder.context
         if ctx.refusal is not None:
             return ctx.refusal
@@ -531,20 +544,19 @@ class MaskedFilter(StatementFilter):
             # its own text uses it (PREPARE p AS ...; EXECUTE p): the check under way
             # decides for both
             return None
-        if not named.decided:
+        if named.uncertain:
+            return RULES_CHANGED
+        d = named.decided
+        if d is None:
             return UNTRACKED
-        self._checking.add(key)
-        try:
-            for d in named.decided:
-                if d.action == "refuse":
-                    continue
-                if d is UNKNOWN:
-                    return RULES_CHANGED
+        if d.action != "refuse":
+            self._checking.add(key)
+            try:
                 _, action, value = self._analyse(d.sql)
-                if action != d.action or value != d.value:
-                    return RULES_CHANGED
-        finally:
-            self._checking.discard(key)
+            finally:
+                self._checking.discard(key)
+            if action != d.action or value != d.value:
+                return RULES_CHANGED
         named.current = ctx
         return None
 
@@ -595,10 +607,14 @@ class MaskedFilter(StatementFilter):
         log = self.statements
         assert log is not None
         if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
-            cause = log.cause()  # before the log moves past what failed
+            cause = log.cause(typ)  # before the log moves past what failed
             log.server_message(typ, body)
+            if log.lost is not None or log.refuted is not None:
+                raise SessionEnded(ending(log) or "")
             return self._error(typ, body, cause)
         log.server_message(typ, body)
+        if log.lost is not None or log.refuted is not None:
+            raise SessionEnded(ending(log) or "")
         if typ == m.NOTIFICATION_RESPONSE:
             return self._notification(body)
         if typ == m.ROW_DESCRIPTION:
@@ -700,6 +716,30 @@ class MaskedFilter(StatementFilter):
 
 def _no_event(fields: dict[str, object]) -> None:
     """Where a masked session's completed statements go while it is not audited."""
+
+
+def ending(log: StatementLog) -> str | None:
+    """The FATAL message of a session whose statement log says it cannot go on (None: it
+    can): the answers can no longer be paired with what was sent, or they proved that a
+    message already sent runs what may not run under the current context (see
+    StatementLog.refuted)."""
+    if log.lost is not None:
+        return lost_pairing(log.lost)
+    if log.refuted is not None:
+        return (
+            "pgveil: a statement already sent turned out to run what was prepared under "
+            "masking rules that no longer apply; the session is closed"
+        )
+    return None
+
+
+def lost_pairing(reason: str) -> str:
+    """The FATAL message of a session whose answers the statement log can no longer pair
+    with what was sent (error scrubbing and the audit depend on the pairing)."""
+    return (
+        "pgveil: the server's answers can no longer be paired with the statements sent "
+        f"({reason}); the session is closed"
+    )
 
 
 _DOUBLE_QUOTED = re.compile(r'"[^"]*"')
@@ -863,10 +903,11 @@ class RecordingFilter(StatementFilter):
         anything."""
         if self.statements is not None:
             fields = _unanalysed("unknown", "(not readable in the client encoding)")
+            # what it does to names cannot be known either
             if typ == m.QUERY:
-                self.statements.query(fields)
+                self.statements.query(fields, None, None)
             else:
-                self.statements.parse(name[:-1], fields)
+                self.statements.parse(name[:-1], fields, None, None)
         return original
 
     def observe_client(self, typ: int, body: bytes) -> None:

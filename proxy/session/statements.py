@@ -1,31 +1,64 @@
 """Pairs each statement a session runs with its answer, for audit events with outcomes.
 
-Fed with the frontend messages that get an answer of their own (Query, Describe, Execute,
-Sync, FunctionCall) and the backend messages that answer them, in stream order, it keeps a
-FIFO of what is in flight, like the server's own queue. When a statement that touched
-protected tables completes, it calls `emit` once with what the audit event says of it: its
-fields from the analysis, the rows returned or affected (from CommandComplete), the outcome
-(`ok` or the SQLSTATE), the duration, and the data subjects: the values of each protected
-table's `subject` column in the rows returned, decoded from that column alone. Subject keys
-are identifiers; no other value of a row is ever decoded here.
+Fed with the frontend messages that get an answer of their own (Query, Parse, Bind, Describe,
+Execute, Close, Sync, FunctionCall), the client's CopyDone and CopyFail, and the backend
+messages that answer them, in stream order, it keeps a FIFO of what is in flight, like the
+server's own queue. When a statement that touched protected tables completes, it calls `emit`
+once with what the audit event says of it: its fields from the analysis, the rows returned
+or affected (from CommandComplete), the outcome (`ok` or the SQLSTATE), the duration, and the
+data subjects: the values of each protected table's `subject` column in the rows returned,
+decoded from that column alone. Subject keys are identifiers; no other value of a row is ever
+decoded here.
 
 The same pairing tells the masked filter which statement caused each ErrorResponse and
 NoticeResponse (`cause`): the statement of a Query the server is at (counted by its
 CommandCompletes), the Parse, or the statement behind a Bind's or Execute's portal with that
 Bind's parameter values. It is kept for every masked session, audited or not.
 
-Its names are also where a masked session keeps what each statement and portal runs: the
-client's text and the decision it was sent under (`Decided`), and the context under which
-that decision was last made or confirmed (`current`): the masked filter re-checks a name
-whose context was replaced before it lets it run (proxy/session/masked.py). Where the
-server's answer alone tells which of two texts a name holds (a Parse, PREPARE, DECLARE or
-Bind of a name the log thinks in use), the name keeps both, and both are checked.
+Names. Prepared statements and portals (SQL PREPARE and DECLARE name the same things) are
+looked up when a message is sent, before the server has answered what was sent before it.
+So the log keeps two pictures of them: the server's as its answers so far prove it
+(`_confirmed`), and the one a message sent now meets (`_predicted`: the confirmed picture
+with every message in flight applied as the server would apply it). Both follow the
+server's rules: a portal ends with its transaction unless it is a WITH HOLD cursor whose
+transaction commits; ROLLBACK TO SAVEPOINT drops what was declared after the savepoint;
+CLOSE ALL, DEALLOCATE ALL and DISCARD ALL drop names; a Query drops the unnamed statement
+and portal; after an error the server skips to Sync. When an answer departs from the
+prediction (an error, a name accepted that the prediction had in use, a transaction status
+other than predicted, a Sync swallowed by COPY), the prediction is rebuilt from the
+confirmed picture, and every message in flight whose names now read otherwise is marked
+uncertain. What cannot be known is uncertain too: a name the server has that pgveil did not
+see defined, a portal after CALL or DO (code that may end the transaction). An uncertain
+statement's audit event says so (no tables, analysis and subjects incomplete) and its errors
+keep no literal (`cause` is None): nothing is attributed to a guess.
+
+Rules. The names are also where a masked session keeps what each statement and portal runs:
+the client's text and the decision it was sent under (`Decided`, on the statement; a portal
+runs its statement's, a cursor its DECLARE's), and the context under which that decision was
+made or last confirmed (`current`). A Bind, Describe or Execute (and, through the masked
+filter, an EXECUTE, FETCH or MOVE) of a name whose context was replaced is first re-checked
+(`vet`: proxy/session/masked.py), and refused when the rules now decide its text otherwise.
+The check is made against what the prediction says the name holds; when the answers refute
+it, the message already sent is checked again against what they prove it reads (`recheck`),
+and if that fails, `refuted` says why and the filter ends the session before the message's
+answers reach the client. A name whose text cannot be told (uncertain) keeps the context of
+what it replaced, or of when it became known to exist: it is refused once that context is
+replaced.
+
+COPY FROM STDIN. The server ignores a Sync that arrives while it reads copy data, and only
+its answers tell whether a Sync sent after a COPY statement came then: the CopyInResponse
+makes the Syncs sent right behind the statement, before the client's CopyDone or CopyFail,
+provisional; a copy that completes swallowed them all; one that fails may have swallowed the
+first few, and the answers that follow tell how many (a Sync's only answer is
+ReadyForQuery). Where no answer can tell, the pairing is lost: `lost` says why, and the
+filter ends the session rather than pair errors and events with guesses.
 
 No I/O; nothing from a row but subject keys leaves this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 import uuid
@@ -35,7 +68,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.wire import messages as m
-from rules.analyzer import integer_key
+from rules.analyzer import Effect, Effects, integer_key
 from rules.context import ContextHolder
 
 _INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
@@ -45,50 +78,30 @@ _BY_LENGTH = {2: 21, 4: 23, 8: 20, 16: _UUID}
 _INT32 = struct.Struct("!i")
 _DATA_ROW = m.DATA_ROW
 _PARSE_COMPLETE = m.PARSE_COMPLETE
-_BIND = m.BIND
-_EXECUTE = m.EXECUTE
 _BIND_COMPLETE = m.BIND_COMPLETE
 _READY_FOR_QUERY = m.READY_FOR_QUERY
 _COMMAND_COMPLETE = m.COMMAND_COMPLETE
 _ROW_DESCRIPTION = m.ROW_DESCRIPTION
+_ERROR_RESPONSE = m.ERROR_RESPONSE
+_BIND = m.BIND
+_EXECUTE = m.EXECUTE
+_IDLE = m.TX_IDLE
+_STATEMENT = ord("S")  # Describe and Close of a statement (else a portal)
 _LAYOUTS = 256  # RowDescriptions remembered per session
 _NO_PARAMS: dict[int, str] = {}  # never changed
+# Backend messages that answer something the client sent (all but the asynchronous
+# NoticeResponse, NotificationResponse and ParameterStatus; ErrorResponse apart: it may also
+# end a session on its own)
+_ANSWERS = frozenset(b"123CDGHIVWZcdnsTt")
+_EXITS = frozenset(("commit", "commit_chain", "rollback", "rollback_chain", "prepare_transaction"))
+_UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
 
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
 Layout = tuple[SubjectColumn, ...]
-
-
-_CANDIDATES = 8  # texts a name may hold at once (see _merge)
-
-
-@dataclass(frozen=True, slots=True)
-class Decided:
-    """What the masked filter sent for one client text: `action` "pass", "rewrite" or
-    "refuse" (the server got a statement that fails instead: nothing of it runs), with the
-    rewritten text or the refusal's reason in `value`. `UNKNOWN` stands for texts the log
-    no longer tells apart: it is never confirmed under another context."""
-
-    sql: str
-    action: str
-    value: str | None = None
-
-
-UNKNOWN = Decided("", "unknown")
-
-
-def _merge(held: tuple[Decided, ...], more: tuple[Decided, ...]) -> tuple[Decided, ...]:
-    """The texts a name may hold when one more was sent under it: refused texts never
-    reach the server; past a few, `UNKNOWN` (refused once the context changes)."""
-    if held == (UNKNOWN,):
-        return held
-    out = list(held)
-    for d in more:
-        if d.action != "refuse" and d not in out:
-            out.append(d)
-    if len(out) > _CANDIDATES:
-        return (UNKNOWN,)
-    return tuple(out)
+# what a message does to names, in order: (statement index, effect kind, name, the statement
+# or portal it defines)
+_Op = tuple[int, str, bytes, Any]
 
 
 @dataclass(slots=True)
@@ -105,6 +118,17 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True)
+class Decided:
+    """What the masked filter sent for one client text: `action` "pass", "rewrite" or
+    "refuse" (the server got a statement that fails instead: nothing of it runs), with the
+    rewritten text or the refusal's reason in `value`."""
+
+    sql: str
+    action: str
+    value: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Cause:
     """The statement an ErrorResponse or NoticeResponse belongs to: `index` counts the
     statements of a Query before it (the one the server is at); `bind` is the body of the
@@ -113,6 +137,264 @@ class Cause:
     source: Source
     index: int = 0
     bind: bytes | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Prepared:
+    fields: dict[str, object] | None
+    # the statement's own RowDescription body (text formats), to apply Bind's formats to
+    described: bytes | None = None
+    source: Source | None = None
+    # what running it does to names and the transaction (None: not known)
+    effects: tuple[Effect, ...] | None = ()
+    uncertain: bool = False  # a name the server has, holding pgveil does not know what
+    # masked sessions: the text and what was sent for it (None: not known), and the context
+    # under which that was decided or last confirmed (None: checked before any use)
+    decided: Decided | None = None
+    current: object = None
+
+
+@dataclass(slots=True, eq=False)
+class _Portal:
+    fields: dict[str, object] | None
+    statement: _Prepared
+    formats: list[int]
+    layout: Layout | None = None  # from a Describe of the portal itself
+    params: dict[int, str] | None = None  # those that carry subject keys
+    bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
+    uncertain: bool = False
+
+    def resolve(self, log: StatementLog) -> Layout:
+        if self.layout is None:
+            described = self.statement.described
+            self.layout = log._layout(described, self.formats) if described is not None else ()
+        return self.layout
+
+
+# what a statement or portal name runs: a portal its statement's text, a cursor its DECLARE's
+Named = _Prepared
+
+
+def _unknown_statement(current: object) -> _Prepared:
+    """A statement the server has, holding pgveil cannot tell what; `current`: the context
+    after whose replacement a use of it is refused (see the module docstring)."""
+    return _Prepared(None, effects=None, uncertain=True, current=current)
+
+
+def _unknown_portal(current: object) -> _Portal:
+    return _Portal(None, _unknown_statement(current), [], uncertain=True)
+
+
+def _runs(named: _Prepared | _Portal | None) -> Named | None:
+    """What a statement or portal runs."""
+    return named.statement if isinstance(named, _Portal) else named
+
+
+def audit_fields(named: Named) -> dict[str, object] | None:
+    """The audit fields of what a name runs (None: nothing protected)."""
+    return _UNCERTAIN_FIELDS if named.uncertain else named.fields
+
+
+class _Names:
+    """The session's prepared statements and portals, and what decides how long a portal
+    lives: the transaction status ('I' outside a transaction block, 'T' in one, 'E' in a
+    failed one, as ReadyForQuery reports it), its savepoints, whether the implicit
+    transaction failed. `skipping`: an error is predicted, the server skips to Sync."""
+
+    __slots__ = (
+        "depth", "failed", "held", "hold", "maybe", "portals", "savepoints", "skipping",
+        "statements", "tx",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.statements: dict[bytes, _Prepared] = {}
+        self.portals: dict[bytes, _Portal] = {}
+        self.held: set[bytes] = set()  # cursors held over from a committed transaction
+        self.hold: set[bytes] = set()  # WITH HOLD cursors of the current transaction
+        # portals that may be gone (CALL or DO may have ended their transaction): if the
+        # server still has one, it is the one kept here. A Bind or DECLARE of the name is
+        # predicted to succeed, an Execute or FETCH to run it; the answer tells.
+        self.maybe: set[bytes] = set()
+        self.depth: dict[bytes, int] = {}  # savepoints open when a portal was made (if any)
+        self.savepoints: list[bytes] = []
+        self.tx = "I"
+        self.failed = False
+        self.skipping = False
+
+    def copy(self) -> _Names:
+        n = _Names.__new__(_Names)
+        n.statements = dict(self.statements)
+        n.portals = dict(self.portals)
+        n.held = set(self.held)
+        n.hold = set(self.hold)
+        n.maybe = set(self.maybe)
+        n.depth = dict(self.depth)
+        n.savepoints = list(self.savepoints)
+        n.tx = self.tx
+        n.failed = self.failed
+        n.skipping = self.skipping
+        return n
+
+    def fail(self) -> None:
+        """An error: a transaction block fails, an implicit transaction rolls back at its
+        end."""
+        if self.tx == "T":
+            self.tx = "E"
+        elif self.tx == "I":
+            self.failed = True
+
+    def end(self, commit: bool | None) -> None:
+        """The transaction ends, committed (True), rolled back (False) or one of the two
+        (None): only held cursors stay, and the WITH HOLD cursors it declared if it
+        commits (not known: uncertain)."""
+        if self.portals and not self.held and not self.hold:
+            # the common case: only portals of this transaction
+            self.portals = {}
+            if self.maybe:
+                self.maybe = set()
+            if self.depth:
+                self.depth = {}
+        elif self.portals:
+            portals = self.portals
+            kept = {name: portals[name] for name in self.held if name in portals}
+            maybe = {name for name in self.maybe if name in kept}
+            for name in self.hold:
+                if commit is not False and name in portals:
+                    kept[name] = portals[name]
+                    if commit is None:
+                        maybe.add(name)
+            self.portals = kept
+            self.held = set(kept)
+            self.maybe = maybe
+            self.hold = set()
+            self.depth = {}
+        if self.savepoints:
+            self.savepoints = []
+        self.tx = "I"
+        self.failed = False
+
+    def in_use(self, name: bytes) -> bool:
+        """Whether a Bind or DECLARE of the name is refused (42P03), as far as known."""
+        portal = self.portals.get(name)
+        return portal is not None and not portal.uncertain and name not in self.maybe
+
+    def add_portal(self, name: bytes, portal: _Portal, hold: bool = False) -> None:
+        self.portals[name] = portal
+        # (a portal has a depth only while savepoints are open)
+        if not (hold or self.held or self.hold or self.maybe or self.savepoints or self.depth):
+            return  # the common case: nothing else to keep
+        if name in self.held:
+            self.held.discard(name)
+        if name in self.maybe:
+            self.maybe.discard(name)
+        if hold:
+            self.hold.add(name)
+        elif name in self.hold:
+            self.hold.discard(name)
+        if self.savepoints:
+            self.depth[name] = len(self.savepoints)
+        elif self.depth:
+            self.depth.pop(name, None)
+
+    def drop_portal(self, name: bytes) -> None:
+        if self.portals.pop(name, None) is not None:
+            self.held.discard(name)
+            self.hold.discard(name)
+            self.maybe.discard(name)
+            self.depth.pop(name, None)
+
+    def drop_all_portals(self) -> None:
+        self.portals = {}
+        self.held = set()
+        self.hold = set()
+        self.maybe = set()
+        self.depth = {}
+
+    def all_unknown(self) -> None:
+        """Anything may have happened to every name."""
+        # (each keeps the context of what it held: a use once that is replaced is refused)
+        self.statements = {
+            name: _unknown_statement(held.current) for name, held in self.statements.items()
+        }
+        self.portals = {
+            name: _unknown_portal(held.statement.current) for name, held in self.portals.items()
+        }
+
+    def maybe_ended(self) -> None:
+        """Code that may have ended the transaction it ran in (CALL, DO outside a block):
+        its portals may be gone or not."""
+        if self.tx == "I":
+            self.maybe.update(name for name in self.portals if name not in self.held)
+
+    def effect(self, kind: str, name: bytes, obj: Any, tag: bytes | None) -> bool:
+        """One effect of a statement that runs; `tag` is its CommandComplete tag when the
+        server says it completed (None: predicted). False when the server refuses it (a
+        name in use: predicted only)."""
+        if kind == "declare" or kind == "declare_hold":
+            if tag is None and self.in_use(name):
+                return False  # 42P03
+            self.add_portal(name, obj, hold=kind == "declare_hold")
+        elif kind == "close":
+            self.drop_portal(name)
+        elif kind == "close_all":
+            self.drop_all_portals()
+        elif kind == "prepare":
+            current_statement = self.statements.get(name)
+            if tag is None and current_statement is not None and not current_statement.uncertain:
+                return False  # 42P05
+            self.statements[name] = obj
+        elif kind == "deallocate":
+            self.statements.pop(name, None)
+        elif kind == "deallocate_all" or kind == "discard_all":
+            # the unnamed statement is no prepared statement of the SQL level
+            unnamed = self.statements.get(b"")
+            self.statements = {b"": unnamed} if unnamed is not None else {}
+            if kind == "discard_all":
+                self.drop_all_portals()
+        elif kind == "begin":
+            if self.tx == "I":
+                self.tx = "T"
+        elif kind in _EXITS:
+            if kind == "rollback" or kind == "rollback_chain":
+                commit = False
+            else:
+                # COMMIT of a failed transaction rolls it back (its tag says ROLLBACK)
+                commit = self.tx != "E" and not self.failed and tag != b"ROLLBACK"
+            self.end(commit)
+            if kind.endswith("_chain"):
+                self.tx = "T"
+        elif kind == "savepoint":
+            if self.tx == "T":
+                self.savepoints.append(name)
+        elif kind == "release" or kind == "rollback_to":
+            return self._to_savepoint(name, kind == "rollback_to")
+        elif kind == "unknown_tx":
+            self.maybe_ended()
+        return True
+
+    def _to_savepoint(self, name: bytes, rollback: bool) -> bool:
+        points = self.savepoints
+        for i in range(len(points) - 1, -1, -1):
+            if points[i] == name:
+                break
+        else:
+            return False  # no such savepoint: the statement fails (3B001)
+        level = i + 1  # portals made while this savepoint (or a later one) was open
+        for portal, depth in list(self.depth.items()):
+            if depth < level:
+                continue
+            if rollback:
+                self.drop_portal(portal)
+            elif i:
+                self.depth[portal] = i
+            else:
+                del self.depth[portal]
+        if rollback:
+            del points[level:]  # the savepoint itself stays
+            self.tx = "T"
+        else:
+            del points[i:]
+        return True
 
 
 class _InFlight:
@@ -140,19 +422,26 @@ class _InFlight:
     # tables whose subject column was in every result set so far (None: none seen)
     keyed: set[str] | None = None
     data_rows: int = 0  # DataRows seen (counted only while they are captured)
-    # a Parse's, Bind's or Close's (registry, name, what it left there (None: nothing),
-    # what the name held before): put back when the server refuses or skips the message
-    parsed: tuple[dict[bytes, Any], bytes, object, object] | None = None
-    # the names a query's DEALLOCATE / CLOSE / DISCARD removed: put back if it fails
-    undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = ()
-    # names defined again while the log held them (registry, name, what it holds, the new
-    # definition): the server refuses a name in use, unless it no longer had it (a cursor
-    # its transaction closed); its success says which, and then the new one is in place
-    replace: tuple[tuple[dict[bytes, Any], bytes, object, object], ...] = ()
     running: int = 0  # the number of its `running` event, once its rows began to go out
     source: Source | None = None  # what it runs, for `cause`
     bind: bytes | None = None  # the Bind of the portal it runs (a Bind's own body)
     done: int = 0  # a Query's statements completed so far
+    # -- names: what the message names, and what it defines (see StatementLog._replay)
+    name: bytes = b""  # Parse, Bind: the name it defines; Describe, Close: kind and name
+    statement_name: bytes = b""  # Bind: the statement it binds
+    obj: Any = None  # Parse: its statement; Bind: its portal
+    resolved: Any = None  # Bind: the statement; Execute: the portal it was sent against
+    ops: tuple[_Op, ...] = ()  # what it does to names, by statement
+    targets: list[Any] | None = None  # what its EXECUTE / FETCH name (by op), as predicted
+    unknown: bool = False  # what it does to names cannot be known
+    fail_at: int = -1  # the statement (Query) predicted to fail; 0 for other messages
+    skipped: bool = False  # predicted to be skipped (an earlier message fails)
+    uncertain: bool = False  # what it runs cannot be told for sure
+    expect: str = "I"  # Sync, Query, FunctionCall: the transaction status predicted after it
+    # -- COPY FROM STDIN
+    copy_ends: int = 0  # CopyDone and CopyFail messages the client had sent before it
+    copies: int = 0  # copies of this statement completed so far
+    provisional: bool = False  # a Sync the server may have swallowed
 
     def __init__(
         self,
@@ -160,7 +449,6 @@ class _InFlight:
         fields: dict[str, object] | None = None,
         started: int = 0,
         *,
-        parsed: tuple[dict[bytes, Any], bytes, object, object] | None = None,
         source: Source | None = None,
         bind: bytes | None = None,
     ) -> None:
@@ -169,48 +457,24 @@ class _InFlight:
             self.fields = fields
         if started:
             self.started = started
-        if parsed is not None:
-            self.parsed = parsed
         if source is not None:
             self.source = source
         if bind is not None:
             self.bind = bind
 
 
+# The entry of a Sync that ends an implicit transaction and has nothing else to it (the
+# common case), shared: whatever would change in it gets an entry of its own instead
 _SYNC = _InFlight("sync")
+_SYNC_PROBE = _InFlight("sync")  # (what a shared Sync would predict: see _rebuild)
 
 
-@dataclass(slots=True)
-class _Portal:
-    fields: dict[str, object] | None
-    statement: _Prepared
-    formats: list[int]
-    layout: Layout | None = None  # from a Describe of the portal itself
-    params: dict[int, str] | None = None  # those that carry subject keys
-    bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
-    # what it runs (its statement's texts, or a DECLARE's), and the context under which
-    # that was last decided or confirmed (None: not to be trusted without a check)
-    decided: tuple[Decided, ...] = ()
-    current: object = None
-
-    def resolve(self, log: StatementLog) -> Layout:
-        if self.layout is None:
-            described = self.statement.described
-            self.layout = log._layout(described, self.formats) if described is not None else ()
-        return self.layout
-
-
-@dataclass(slots=True)
-class _Prepared:
-    fields: dict[str, object] | None
-    # the statement's own RowDescription body (text formats), to apply Bind's formats to
-    described: bytes | None = None
-    source: Source | None = None
-    decided: tuple[Decided, ...] = ()  # see _Portal
-    current: object = None
-
-
-Named = _Prepared | _Portal  # what a statement or portal name holds
+def _own_sync(fifo: deque[_InFlight], i: int) -> _InFlight:
+    """The Sync at `i` of the queue, with an entry of its own."""
+    entry = fifo[i]
+    if entry is _SYNC:
+        entry = fifo[i] = _InFlight("sync")
+    return entry
 
 
 class StatementLog:
@@ -226,8 +490,8 @@ class StatementLog:
         self._limit = subjects_limit
         self._clock = clock
         self._fifo: deque[_InFlight] = deque()
-        self._statements: dict[bytes, _Prepared] = {}
-        self._portals: dict[bytes, _Portal] = {}
+        self._confirmed = _Names()
+        self._predicted = _Names()
         # DataRows are looked at only while a statement on a table with a subject column is
         # in flight
         self.rows_in_flight = 0
@@ -236,12 +500,22 @@ class StatementLog:
         self._layouts_of: object = None
         self._running = 0  # `running` events recorded in this session
         self._with_subject: frozenset[str] = frozenset()
-        # the masked filter's check of a name that a Bind, Execute or Describe uses, when
-        # it was decided under another context: None to let it run, or why not
+        self._copy_ends = 0  # CopyDone and CopyFail messages the client sent
+        self._copy_head: _InFlight | None = None  # whose copy data the server reads now
+        # Syncs at the head of the queue the server may have swallowed (see _settle)
+        self._eatable = 0
+        # an extended-protocol COPY failed with provisional Syncs behind it: the server skips
+        # to the first Sync it reads outside the copy (see _ready)
+        self._skip_ambiguous = False
+        self.lost: str | None = None  # why the pairing cannot go on, once it cannot
+        # masked sessions: the check of what a Bind, Describe or Execute names, when it was
+        # decided under another context (None to let it run, or why not), at the time it
+        # is sent (`vet`) and when the answers prove it reads another (`recheck`)
         self.vet: Callable[[Named], str | None] | None = None
-        # definitions of names the log held, made by the statement being decided: taken by
-        # the Query that carries them (see _InFlight.replace)
-        self._replacing: list[tuple[dict[bytes, Any], bytes, object, object]] = []
+        self.recheck: Callable[[Named], str | None] | None = None
+        # why a message already sent reads what may not run under the current context (the
+        # answers refuted what it was checked against): the session must end
+        self.refuted: str | None = None
 
     def attach(self, emit: Callable[[dict[str, object]], object], subjects_limit: int) -> None:
         """Events go to `emit` from now on (auditing began for the session)."""
@@ -258,16 +532,33 @@ class StatementLog:
     def query(
         self,
         fields: dict[str, object] | None,
-        undo: tuple[tuple[dict[bytes, Any], bytes, object], ...] = (),
         source: Source | None = None,
+        effects: Effects | None = (),
+        decided: Decided | None = None,
     ) -> None:
-        """A simple-protocol Query; `undo`: what its drops removed (see `drop`), put back
-        when it fails (a DEALLOCATE in an aborted transaction leaves the statement)."""
+        """A simple-protocol Query; `effects`: what its statements do to names and the
+        transaction, in order (None: not known); `decided`: what the masked filter sent for
+        it (what its PREPAREs and DECLAREs hold)."""
         entry = _InFlight("query", fields, self._clock(), source=source)
-        entry.undo = undo
-        if self._replacing:
-            entry.replace = tuple(self._replacing)
-            self._replacing.clear()
+        if effects is None:
+            entry.unknown = True
+        elif effects:
+            entry.ops = self._ops(effects, fields, decided, self._stamp(decided))
+        if self._copy_ends:
+            entry.copy_ends = self._copy_ends
+        if self.lost is not None:
+            entry.uncertain = True
+        names = self._predicted
+        if entry.ops or entry.unknown or names.skipping or names.tx != "I":
+            self._predict_query(names, entry, 0)
+            self._merge(entry)
+        else:
+            # the common case: a statement outside a transaction block that names nothing
+            # (the unnamed statement and portal go, the implicit transaction ends)
+            if names.statements:
+                names.statements.pop(b"", None)
+            if names.portals or names.failed or names.savepoints:
+                names.end(not names.failed)
         self._push(entry)
 
     def parse(
@@ -275,24 +566,14 @@ class StatementLog:
         name: bytes,
         fields: dict[str, object] | None,
         source: Source | None = None,
+        effects: Effects | None = (),
         decided: Decided | None = None,
     ) -> None:
         """A Parse; `decided`: what the masked filter sent for it."""
-        # a PREPARE or DECLARE parsed here defines its name only when it runs: until then
-        # the name keeps what it held, and may hold either
-        self._replacing.clear()
-        texts = (decided,) if decided is not None else ()
-        previous = self._statements.get(name)
-        if name and previous is not None:
-            # the server refuses to redefine a named statement (42P05): the old one stays;
-            # unless the log kept a name the server no longer has: it may hold either, and
-            # its ParseComplete says it holds the new one
-            previous.decided = _merge(previous.decided, texts)
-            entry = _InFlight("parse", source=source)
-            fresh = _Prepared(fields, source=source, decided=texts, current=self._stamp(texts))
-            entry.replace = ((self._statements, name, previous, fresh),)
-            self._fifo.append(entry)
-            return
+        names = self._predicted
+        entry = _InFlight("parse", source=source)
+        entry.name = name
+        previous = names.statements.get(name)
         if source is not None and previous is not None and previous.source is not None:
             # the same text with the same declared types, parsed again under the same name
             # (asyncpg describes the unnamed statement, then parses it again to run it):
@@ -300,187 +581,227 @@ class StatementLog:
             old = previous.source
             if old.sql == source.sql and old.declared == source.declared:
                 source.types = old.types
-        registered = self._statements[name] = _Prepared(
-            fields, source=source, decided=texts, current=self._stamp(texts)
+        own: tuple[Effect, ...] | None = ()
+        if effects is None:
+            own = None
+        elif effects:
+            own = tuple(effect for statement in effects for effect in statement)
+        prepared = entry.obj = _Prepared(
+            fields, source=source, effects=own, decided=decided, current=self._stamp(decided)
         )
-        self._fifo.append(
-            _InFlight("parse", parsed=(self._statements, name, registered, previous), source=source)
-        )
+        if names.skipping or (name and previous is not None and not previous.uncertain):
+            self._predict_parse(names, entry)
+        else:
+            names.statements[name] = prepared  # the common case
+        self._fifo.append(entry)
 
     # SQL PREPARE / DECLARE / EXECUTE / FETCH name the protocol's statements and portals
 
     def named(self, name: str) -> dict[str, object] | None:
-        """The audit fields of what a statement or portal name runs ("statement:N")."""
+        """The audit fields of what a statement or portal name runs ("statement:N"), as far
+        as can be told before the statement is sent (None: nothing protected, or no such
+        name)."""
         kind, _, text = name.partition(":")
         key = text.encode()
-        found = self._statements.get(key) if kind == "statement" else self._portals.get(key)
-        return found.fields if found is not None else None
+        names = self._predicted
+        found: _Prepared | _Portal | None
+        found = names.statements.get(key) if kind == "statement" else names.portals.get(key)
+        if found is None:
+            return None
+        return _UNCERTAIN_FIELDS if found.uncertain else found.fields
+
+    def entry(self, name: str) -> Named | None:
+        """What a SQL-level name ("statement:N", "portal:N") runs, as far as can be told
+        before the statement is sent."""
+        kind, _, text = name.partition(":")
+        key = text.encode()
+        names = self._predicted
+        if kind == "statement":
+            return names.statements.get(key)
+        portal = names.portals.get(key)
+        return portal.statement if portal is not None else None
+
+    def used(self, typ: int, body: bytes) -> Named | None:
+        """What the statement a Bind names, the portal an Execute names, the statement or
+        portal a Describe names runs (None: a name the log does not hold)."""
+        names = self._predicted
+        if typ == _BIND:
+            start = body.index(b"\0") + 1
+            return names.statements.get(body[start : body.index(b"\0", start)])
+        if typ == _EXECUTE:
+            portal = names.portals.get(body[: body.index(b"\0")])
+        elif body[:1] == b"S":
+            return names.statements.get(body[1:-1])
+        else:
+            portal = names.portals.get(body[1:-1])
+        return portal.statement if portal is not None else None
+
+    def _stamp(self, decided: Decided | None) -> object:
+        """The context a name just decided is current under (none for a name whose text
+        the masked filter does not know)."""
+        return self._holder.context if decided is not None else None
+
+    def _rechecked(self, named: Named | None) -> None:
+        """A message already sent reads `named` after all (the answers refuted what it was
+        checked against): if that may not run under the current context, the session must
+        end before the message's answers reach the client (`refuted`)."""
+        if self.recheck is None or named is None or named.current is self._holder.context:
+            return  # (unmasked sessions; the common case: decided under the context in force)
+        reason = self.recheck(named)
+        if reason is not None and self.refuted is None:
+            self.refuted = reason
 
     def statement_fields(self, name: bytes) -> dict[str, object] | None:
         """The audit fields of a protocol statement name (None: nothing protected)."""
-        found = self._statements.get(name)
-        return found.fields if found is not None else None
+        found = self._predicted.statements.get(name)
+        if found is None:
+            return None
+        return _UNCERTAIN_FIELDS if found.uncertain else found.fields
 
     def portal_fields(self, name: bytes) -> dict[str, object] | None:
-        found = self._portals.get(name)
-        return found.fields if found is not None else None
-
-    def entry(self, name: str) -> Named | None:
-        """What a SQL-level name ("statement:N", "portal:N") holds."""
-        kind, _, text = name.partition(":")
-        key = text.encode()
-        return self._statements.get(key) if kind == "statement" else self._portals.get(key)
-
-    def used(self, typ: int, body: bytes) -> Named | None:
-        """The statement a Bind names, the portal an Execute names, the statement or portal
-        a Describe names (None: a name the log does not hold)."""
-        if typ == _BIND:
-            start = body.index(b"\0") + 1
-            return self._statements.get(body[start : body.index(b"\0", start)])
-        if typ == _EXECUTE:
-            return self._portals.get(body[: body.index(b"\0")])
-        registry = self._statements if body[:1] == b"S" else self._portals
-        return registry.get(body[1:-1])
-
-    def _stamp(self, texts: tuple[Decided, ...]) -> object:
-        """The context a name just decided is current under (none for a name whose text
-        the masked filter does not know)."""
-        return self._holder.context if texts else None
-
-    def define(
-        self, name: str, fields: dict[str, object] | None, decided: Decided | None = None
-    ) -> None:
-        """A PREPARE or DECLARE; `decided`: what the masked filter sent for its query."""
-        kind, _, text = name.partition(":")
-        key = text.encode()
-        texts = (decided,) if decided is not None else ()
-        current = self._stamp(texts)
-        registry: dict[bytes, Any] = self._statements if kind == "statement" else self._portals
-        statement = _Prepared(fields, decided=texts, current=current)
-        fresh: Named = statement
-        if kind != "statement":
-            fresh = _Portal(fields, statement, [], decided=texts, current=current)
-        held: Named | None = registry.get(key)
-        if held is None:
-            registry[key] = fresh
-        else:
-            # PREPARE of a name in use fails (42P05), and DECLARE (42P03), if the server
-            # still has it (a cursor ends with its transaction): the name may hold either
-            # until the query succeeds
-            held.decided = _merge(held.decided, texts)
-            self._replacing.append((registry, key, held, fresh))
-
-    def drop(self, name: str) -> list[tuple[dict[bytes, Any], bytes, object]]:
-        """Forget a SQL-level name ("statement:p", "cursor:c", "*" for all); returns what
-        was removed, for `query` to put back if the statement fails."""
-        kind, _, text = name.partition(":")
-        table: dict[bytes, Any] = self._statements if kind == "statement" else self._portals
-        if text == "*":
-            removed = [(table, key, value) for key, value in table.items()]
-            table.clear()
-            return removed
-        previous = table.pop(text.encode(), None)
-        return [(table, text.encode(), previous)] if previous is not None else []
+        found = self._predicted.portals.get(name)
+        if found is None:
+            return None
+        return _UNCERTAIN_FIELDS if found.uncertain else found.fields
 
     def bind(self, body: bytes) -> str | None:
         """A Bind; or, when `vet` refuses its statement, the reason (nothing is noted: the
         caller refuses the message)."""
         end = body.index(b"\0")
-        portal = body[:end]
-        name = body[end + 1 : body.index(b"\0", end + 1)]
-        stmt = self._statements.get(name)
-        if stmt is not None and stmt.current is not self._holder.context and self.vet is not None:
-            reason = self.vet(stmt)
+        statement_name = body[end + 1 : body.index(b"\0", end + 1)]
+        names = self._predicted
+        statement = names.statements.get(statement_name)
+        if (
+            self.vet is not None
+            and statement is not None
+            and statement.current is not self._holder.context
+        ):
+            reason = self.vet(statement)
             if reason is not None:
                 return reason
-        previous = self._portals.get(portal)
-        source = stmt.source if stmt is not None else None
-        registered: _Portal | None = None
-        if stmt is None:
-            pass
-        elif stmt.fields is None:
-            # nothing to record of it: kept for what its errors may show (`cause`)
-            registered = _Portal(
-                None, stmt, [], bind=body, decided=stmt.decided, current=stmt.current
-            )
+        entry = _InFlight("bind", bind=body)
+        portal_name = entry.name = body[:end]
+        entry.statement_name = statement_name
+        entry.resolved = statement
+        if statement is None or statement.uncertain:
+            # (a statement the log does not hold: the server's to answer until the context
+            # is replaced)
+            current = statement.current if statement is not None else self._holder.context
+            portal = entry.obj = _unknown_portal(current)
         else:
-            named = stmt.fields.get("_subject_keys", ())
-            assert isinstance(named, tuple)
-            wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
-            formats, params = _bind_values(body, wanted)
-            registered = _Portal(
-                stmt.fields, stmt, formats, params=params, bind=body, decided=stmt.decided,
-                current=stmt.current,
-            )  # fmt: skip
-        if portal and previous is not None:
-            # the server refuses to bind a named portal in use (42P03): the old one stays;
-            # unless it ended with its transaction: the name may hold either, and its
-            # BindComplete says it holds the new one
-            entry = _InFlight("bind", source=source, bind=body)
-            if registered is not None:
-                previous.decided = _merge(previous.decided, registered.decided)
-                entry.replace = ((self._portals, portal, previous, registered),)
-            self._fifo.append(entry)
-            return None
-        if registered is None:
-            self._portals.pop(portal, None)
-        else:
-            self._portals[portal] = registered
-        # a Bind that fails leaves what the name held (the statement is looked up first)
-        self._fifo.append(
-            _InFlight(
-                "bind", parsed=(self._portals, portal, registered, previous), source=source,
-                bind=body,
-            )
-        )  # fmt: skip
+            fields = statement.fields
+            if fields is None:
+                # nothing to record of it: kept for what its errors may show (`cause`)
+                portal = entry.obj = _Portal(None, statement, [], bind=body)
+            else:
+                named = fields.get("_subject_keys", ())
+                assert isinstance(named, tuple)
+                wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
+                formats, params = _bind_values(body, wanted)
+                portal = entry.obj = _Portal(fields, statement, formats, params=params, bind=body)
+            entry.source = statement.source
+            if not names.skipping and not (portal_name and names.in_use(portal_name)):
+                # the common case
+                if names.held or names.hold or names.maybe or names.savepoints:
+                    names.add_portal(portal_name, portal)
+                else:
+                    names.portals[portal_name] = portal
+                self._fifo.append(entry)
+                return None
+        self._predict_bind(names, entry)
+        self._fifo.append(entry)
         return None
 
     def note_failing_bind(self) -> None:
         """A Bind that will fail (refused by pgveil): it has its place in the queue, and
         changes no name."""
-        self._fifo.append(_InFlight("bind"))
+        entry = _InFlight("bind")
+        entry.fail_at = 0
+        entry.skipped = True  # (its portal name is not looked at)
+        self._predicted.fail()
+        self._predicted.skipping = True
+        self._fifo.append(entry)
 
     def describe(self, body: bytes) -> str | None:
         """A Describe; or, when `vet` refuses what it names, the reason (see `bind`)."""
-        name = body[1:-1]
-        target: _Prepared | _Portal | None
-        target = (self._statements if body[0] == ord("S") else self._portals).get(name)
-        if (
-            target is not None
-            and self.vet is not None
-            and target.current is not self._holder.context
-        ):
-            reason = self.vet(target)
-            if reason is not None:
-                return reason
-        if isinstance(target, _Prepared):
-            entry = _InFlight("describe")
-            if target is not None:
-                entry.target, entry.source = target, target.source
-        else:
-            entry = _InFlight("describe")
-            if target is not None:
-                entry.target = target
-                entry.source, entry.bind = target.statement.source, target.bind
+        names = self._predicted
+        if self.vet is not None:
+            named = self.used(m.DESCRIBE, body)
+            if named is not None and named.current is not self._holder.context:
+                reason = self.vet(named)
+                if reason is not None:
+                    return reason
+        entry = _InFlight("describe")
+        key = entry.name = body[:-1]
+        if not names.skipping:
+            # the common case: a name pgveil knows for sure
+            target: _Prepared | _Portal | None
+            if key[0] == _STATEMENT:
+                target = names.statements.get(key[1:])
+                if target is not None and not target.uncertain:
+                    entry.resolved = entry.target = target
+                    entry.source = target.source
+                    self._fifo.append(entry)
+                    return None
+            else:
+                target = names.portals.get(key[1:])
+                if target is not None and not target.uncertain:
+                    entry.resolved = entry.target = target
+                    entry.source, entry.bind = target.statement.source, target.bind
+                    self._fifo.append(entry)
+                    return None
+        self._predict_describe(names, entry, replay=False)
         self._fifo.append(entry)  # never has fields: _push is for entries with events
         return None
 
     def execute(self, body: bytes) -> str | None:
         """An Execute; or, when `vet` refuses its portal, the reason (see `bind`)."""
-        portal = self._portals.get(body[: body.index(b"\0")])
-        if portal is None:
-            self._push(_InFlight("execute", started=self._clock()))
-            return None
-        if portal.current is not self._holder.context and self.vet is not None:
-            reason = self.vet(portal)
+        names = self._predicted
+        name = body[: body.index(b"\0")]
+        portal = names.portals.get(name)
+        if (
+            self.vet is not None
+            and portal is not None
+            and portal.statement.current is not self._holder.context
+        ):
+            # (checked even where an error is predicted before it: the prediction may be
+            # refuted, and a refusal the server skips changes nothing)
+            reason = self.vet(portal.statement)
             if reason is not None:
                 return reason
-        entry = _InFlight("execute", portal.fields, self._clock())
-        entry.portal, entry.params = portal, portal.params
-        entry.source, entry.bind = portal.statement.source, portal.bind
+        entry = _InFlight("execute", started=self._clock())
+        entry.name = name
+        if names.skipping:
+            portal = None
+        entry.resolved = portal
+        if portal is not None and not portal.uncertain:
+            entry.fields = portal.fields
+            entry.portal, entry.params = portal, portal.params
+            entry.source, entry.bind = portal.statement.source, portal.bind
+            effects = portal.statement.effects
+            if effects is None or effects:
+                if effects is None:
+                    entry.unknown = True
+                else:
+                    statement = portal.statement
+                    entry.ops = self._ops(
+                        (effects,), portal.fields, statement.decided, statement.current
+                    )
+                self._predict_execute(names, entry, replay=False)
+                if entry.targets is not None:
+                    self._merge(entry)
+        else:
+            if portal is not None:
+                entry.uncertain = True
+                entry.unknown = True  # what its statement does cannot be known either
+                entry.fields = _unknown_fields("execute")
+            self._predict_execute(names, entry, replay=False)
         self._push(entry)
-        if portal.fields is not None and (
-            portal.layout is not None or portal.statement.described is not None
+        if (
+            portal is not None
+            and not entry.uncertain
+            and entry.fields is not None
+            and (portal.layout is not None or portal.statement.described is not None)
         ):
             # described already: its rows are looked at only if they carry subjects
             self._resolve(entry)
@@ -489,17 +810,65 @@ class StatementLog:
 
     def close(self, body: bytes) -> None:
         """Close of a statement or portal: forgotten now (a Parse right behind it may reuse
-        the name), put back if the server skips the Close after an error."""
-        registry: dict[bytes, Any] = self._statements if body[0] == ord("S") else self._portals
-        name = body[1:-1]
-        previous = registry.pop(name, None)
-        self._fifo.append(_InFlight("close", parsed=(registry, name, None, previous)))
+        the name), kept by the confirmed picture until the server's CloseComplete."""
+        entry = _InFlight("close")
+        entry.name = body[:-1]
+        self._predict_close(self._predicted, entry)
+        self._fifo.append(entry)
 
     def sync(self) -> None:
-        self._fifo.append(_SYNC)  # one entry for all: nothing in a Sync's entry changes
+        names = self._predicted
+        if (
+            self._copy_head is None
+            and not self._copy_ends
+            and names.tx == "I"
+            and not names.skipping
+            and not names.failed
+        ):
+            # the common case: the implicit transaction ends, with the portals of it
+            if names.portals:
+                if names.held or names.hold or names.maybe or names.depth or names.savepoints:
+                    names.end(True)
+                else:
+                    names.portals = {}
+            self._fifo.append(_SYNC)
+            return
+        entry = _InFlight("sync")
+        if self._copy_ends:
+            entry.copy_ends = self._copy_ends
+        head = self._copy_head
+        if (
+            head is not None
+            and self._fifo
+            and self._copy_ends == head.copy_ends + head.copies
+            and (self._fifo[-1] is head or self._fifo[-1].provisional)
+        ):
+            # sent right behind the statement whose copy data the server reads now
+            entry.provisional = True
+            self._eatable += 1
+        if names.tx != "I" or names.skipping or names.failed:
+            self._predict_end(names, entry)
+        elif names.portals:
+            # the common case: the implicit transaction ends, with the portals of it
+            if names.held or names.hold or names.maybe or names.depth or names.savepoints:
+                names.end(True)
+            else:
+                names.portals = {}
+        self._fifo.append(entry)
 
     def function_call(self, fields: dict[str, object] | None = None) -> None:
-        self._push(_InFlight("call", fields, self._clock()))
+        entry = _InFlight("call", fields, self._clock())
+        names = self._predicted
+        if names.skipping:
+            entry.skipped = True
+            entry.expect = ""  # (a ReadyForQuery for it refutes the prediction)
+        else:
+            self._predict_end(names, entry)
+        self._push(entry)
+
+    def copy_end(self) -> None:
+        """The client's CopyDone or CopyFail: a Sync after it is no copy's."""
+        self._copy_ends += 1
 
     def _push(self, entry: _InFlight) -> None:
         if entry.fields is not None:
@@ -529,67 +898,407 @@ class StatementLog:
             )
         return self._with_subject
 
+    # ---- names: what the server will do with each message --------------------------------
+
+    @staticmethod
+    def _ops(
+        effects: Effects,
+        fields: dict[str, object] | None,
+        decided: Decided | None = None,
+        current: object = None,
+    ) -> tuple[_Op, ...]:
+        """A message's effects, with the statements and cursors they define (whose audit
+        fields are the statement's own: what an EXECUTE or FETCH of them reads; whose text,
+        for a masked session's checks, is the message's whole text, decided under
+        `current`)."""
+        own = None if fields is None or fields.get("_optional") else fields
+        ops: list[_Op] = []
+        for index, statement in enumerate(effects):
+            for kind, name in statement:
+                obj: Any = None
+                if kind == "declare" or kind == "declare_hold":
+                    obj = _Portal(own, _Prepared(own, decided=decided, current=current), [])
+                elif kind == "prepare":
+                    obj = _Prepared(own, decided=decided, current=current)
+                ops.append((index, kind, name.encode(), obj))
+        return tuple(ops)
+
+    def _apply(
+        self, names: _Names, entry: _InFlight, position: int, tag: bytes | None, replay: bool
+    ) -> bool:
+        """The op at `position` of the entry, predicted (`tag` None) or confirmed; an
+        EXECUTE or FETCH is resolved when predicted. False: the statement fails."""
+        _index, kind, name, obj = entry.ops[position]
+        if kind == "fetch" or kind == "execute" or kind == "move":
+            found: _Portal | _Prepared | None
+            found = names.statements.get(name) if kind == "execute" else names.portals.get(name)
+            if tag is None:
+                self._target(entry, position, found, replay)
+            if found is None:
+                return False  # no such cursor or statement (34000, 26000)
+            if isinstance(found, _Prepared) and found.effects != ():
+                names.all_unknown()  # EXECUTE of a statement that itself names things
+            return True
+        return names.effect(kind, name, obj, tag)
+
+    def _target(self, entry: _InFlight, position: int, found: Any, replay: bool) -> None:
+        targets = entry.targets
+        if targets is None:
+            targets = entry.targets = [None] * len(entry.ops)
+        if replay:
+            if targets[position] is not found:
+                entry.uncertain = True  # it was sent reading another
+                self._rechecked(_runs(found))
+        else:
+            # (the masked filter checked what the name held before the statement: one
+            # before it in the same Query may have changed that)
+            self._rechecked(_runs(found))
+        targets[position] = found
+        if found is not None and found.uncertain:
+            entry.uncertain = True
+
+    def _predict_query(
+        self, names: _Names, entry: _InFlight, start: int, replay: bool = False
+    ) -> None:
+        """A Query from its statement `start` on: a Query drops the unnamed statement and
+        portal, runs its statements, and ends an implicit transaction."""
+        if names.skipping:
+            entry.skipped = True  # the server skips it (no ReadyForQuery either)
+            entry.expect = ""  # (one that comes refutes the prediction)
+            return
+        names.statements.pop(b"", None)
+        names.drop_portal(b"")
+        if entry.unknown:
+            names.all_unknown()
+        entry.fail_at = -1
+        if entry.outcome == "ok":
+            ops = entry.ops
+            for position in range(len(ops)):
+                index = ops[position][0]
+                if index < start:
+                    continue
+                if not self._apply(names, entry, position, None, replay):
+                    entry.fail_at = index
+                    names.fail()
+                    break
+        self._predict_end(names, entry)
+
+    def _predict_end(self, names: _Names, entry: _InFlight) -> None:
+        """The end of a request (Sync, Query, FunctionCall): an implicit transaction ends."""
+        if names.skipping:
+            names.skipping = False
+        if names.tx == "I":
+            if names.portals or names.failed or names.savepoints:
+                names.end(not names.failed)
+            entry.expect = "I"
+        else:
+            entry.expect = names.tx
+
+    def _predict_parse(self, names: _Names, entry: _InFlight) -> None:
+        name = entry.name
+        previous = names.statements.get(name)
+        if entry.skipped or entry.fail_at != -1:
+            entry.skipped, entry.fail_at = False, -1  # (predicted again)
+        if names.skipping:
+            entry.skipped = True
+            return
+        if name and previous is not None and not previous.uncertain:
+            # the server refuses to redefine a named statement (42P05): the old one stays
+            entry.fail_at = 0
+            names.fail()
+            names.skipping = True
+            return
+        names.statements[name] = entry.obj
+
+    def _new_portal(self, statement: _Prepared | None, body: bytes) -> _Portal:
+        if statement is None or statement.uncertain:
+            current = statement.current if statement is not None else self._holder.context
+            return _unknown_portal(current)
+        if statement.fields is None:
+            # nothing to record of it: kept for what its errors may show (`cause`)
+            return _Portal(None, statement, [], bind=body)
+        named = statement.fields.get("_subject_keys", ())
+        assert isinstance(named, tuple)
+        wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
+        formats, params = _bind_values(body, wanted)
+        return _Portal(statement.fields, statement, formats, params=params, bind=body)
+
+    def _predict_bind(self, names: _Names, entry: _InFlight) -> None:
+        if entry.skipped or entry.fail_at != -1:
+            entry.skipped, entry.fail_at = False, -1  # (predicted again)
+        if names.skipping:
+            entry.skipped = True
+            return
+        statement = entry.resolved
+        if statement is not None and statement.uncertain:
+            entry.uncertain = True
+        if statement is None or (entry.name and names.in_use(entry.name)):
+            # the server refuses a Bind to a statement it does not have (26000), or to a
+            # named portal in use (42P03): the old portal stays
+            entry.fail_at = 0
+            names.fail()
+            names.skipping = True
+            return
+        names.add_portal(entry.name, entry.obj)
+
+    def _predict_describe(self, names: _Names, entry: _InFlight, replay: bool) -> None:
+        if entry.skipped or entry.fail_at != -1:
+            entry.skipped, entry.fail_at = False, -1  # (predicted again)
+        if names.skipping:
+            entry.skipped = True
+            return
+        name = entry.name[1:]
+        target: _Prepared | _Portal | None
+        if entry.name[0] == _STATEMENT:
+            target = names.statements.get(name)
+        else:
+            target = names.portals.get(name)
+        if replay and target is not entry.resolved:
+            entry.uncertain = True
+            entry.target = entry.source = entry.bind = None
+            self._rechecked(_runs(target))  # it describes this one after all
+        entry.resolved = target
+        if target is None:
+            entry.fail_at = 0  # no such statement or portal
+            names.fail()
+            names.skipping = True
+        elif target.uncertain:
+            entry.uncertain = True
+        elif not entry.uncertain:
+            entry.target = target
+            if isinstance(target, _Prepared):
+                entry.source = target.source
+            else:
+                entry.source, entry.bind = target.statement.source, target.bind
+
+    def _predict_execute(self, names: _Names, entry: _InFlight, replay: bool) -> None:
+        if entry.skipped or entry.fail_at != -1:
+            entry.skipped, entry.fail_at = False, -1  # (predicted again)
+        if names.skipping:
+            entry.skipped = True
+            return
+        portal = names.portals.get(entry.name)
+        if replay and portal is not entry.resolved:
+            # sent against another portal: its event and errors cannot be told for sure,
+            # what it does to names is what this one's statement does
+            entry.uncertain = True
+            entry.resolved = portal
+            entry.targets = None
+            entry.ops = ()
+            entry.unknown = portal is not None and (
+                portal.uncertain or portal.statement.effects is None
+            )
+            if portal is not None:
+                statement = portal.statement
+                self._rechecked(statement)  # it runs this one after all
+                if not entry.unknown and statement.effects:
+                    entry.ops = self._ops(
+                        (statement.effects,), portal.fields, statement.decided, statement.current
+                    )
+        if portal is None:
+            entry.fail_at = 0  # no such portal (34000)
+            names.fail()
+            names.skipping = True
+            return
+        if portal.uncertain:
+            entry.uncertain = True
+        if entry.unknown:
+            names.all_unknown()
+        for position in range(len(entry.ops)):
+            if not self._apply(names, entry, position, None, replay):
+                entry.fail_at = 0
+                names.fail()
+                names.skipping = True
+                return
+
+    def _predict_close(self, names: _Names, entry: _InFlight) -> None:
+        entry.skipped = names.skipping
+        if names.skipping:
+            return
+        name = entry.name[1:]
+        if entry.name[0] == _STATEMENT:
+            names.statements.pop(name, None)
+        else:
+            names.drop_portal(name)
+
+    def _merge(self, entry: _InFlight) -> None:
+        """The audit fields of a statement that runs what EXECUTE / FETCH name: its own
+        tables and columns and theirs."""
+        fields = entry.fields
+        if fields is None or (entry.targets is None and "_optional" not in fields):
+            return
+        # (a cursor MOVE positions is not read: no access of the statement's)
+        sources = [
+            t.fields
+            for t, op in zip(entry.targets or (), entry.ops, strict=False)
+            if t is not None and not t.uncertain and t.fields is not None and op[1] != "move"
+        ]
+        if not sources and not entry.uncertain and fields.get("_optional"):
+            entry.fields = None  # it reads nothing protected
+            return
+        merged = {k: v for k, v in fields.items() if k != "_optional"}
+        for key in ("tables", "columns_masked", "columns_raw"):
+            names = set(_names(fields.get(key)))
+            for source in sources:
+                names.update(_names(source.get(key)))
+            if key in fields or names:
+                merged[key] = sorted(names)
+        entry.fields = merged
+
+    def _rebuild(self) -> None:
+        """The answers departed from the prediction: predict again from what they proved,
+        and mark what was sent against names that now read otherwise."""
+        names = self._confirmed.copy()
+        names.skipping = False
+        fifo = self._fifo
+        for i in range(len(fifo)):
+            entry = fifo[i]
+            if entry is _SYNC:
+                self._predict_end(names, _SYNC_PROBE)
+                if _SYNC_PROBE.expect != "I":
+                    _own_sync(fifo, i).expect = _SYNC_PROBE.expect
+                continue
+            self._replay(names, entry)
+        self._predicted = names
+
+    def _replay(self, names: _Names, entry: _InFlight) -> None:
+        kind = entry.kind
+        if kind == "query":
+            self._predict_query(names, entry, entry.done, replay=True)
+        elif kind == "sync":
+            self._predict_end(names, entry)
+        elif kind == "call":
+            entry.skipped = names.skipping
+            if entry.skipped:
+                entry.expect = ""
+            else:
+                self._predict_end(names, entry)
+        elif kind == "parse":
+            self._predict_parse(names, entry)
+        elif kind == "bind":
+            if entry.obj is None:  # a Bind pgveil refused: it fails
+                names.fail()
+                names.skipping = True
+                return
+            statement = names.statements.get(entry.statement_name)
+            if statement is not entry.resolved:
+                # sent against another statement: its own errors keep nothing (`cause`);
+                # the portal it makes is this statement's, as far as the answers so far
+                # tell (they are checked as they come)
+                entry.uncertain = True
+                entry.resolved = statement
+                entry.obj = self._new_portal(statement, entry.bind or b"")
+                entry.source = None
+                self._predict_bind(names, entry)
+                if not entry.skipped and entry.fail_at == -1:
+                    self._rechecked(statement)  # it binds this one after all
+                return
+            self._predict_bind(names, entry)
+        elif kind == "describe":
+            self._predict_describe(names, entry, replay=True)
+        elif kind == "execute":
+            self._predict_execute(names, entry, replay=True)
+        elif kind == "close":
+            self._predict_close(names, entry)
+
     # ---- backend -----------------------------------------------------------------------
 
-    def cause(self) -> Cause | None:
-        """The statement that an ErrorResponse or NoticeResponse arriving now belongs to, as
-        the server pairs them (to be asked before the message goes to `server_message`):
-        the statement of a Query that the server is at, a Parse's statement, the statement
-        behind a Bind's, Describe's or Execute's portal with that Bind's body. None when
-        nothing sent is being answered (an asynchronous notice), or when what is answered
-        is no statement (a Sync committing, a Close, a FunctionCall)."""
+    def cause(self, typ: int = _ERROR_RESPONSE) -> Cause | None:
+        """The statement that an ErrorResponse or NoticeResponse (`typ`) arriving now
+        belongs to, as the server pairs them (to be asked before the message goes to
+        `server_message`): the statement of a Query that the server is at, a Parse's
+        statement, the statement behind a Bind's, Describe's or Execute's portal with that
+        Bind's body. None when nothing sent is being answered (an asynchronous notice), when
+        what is answered is no statement (a Sync committing, a Close, a FunctionCall), and
+        when it cannot be told for sure."""
         fifo = self._fifo
-        if not fifo:
+        if typ == _ERROR_RESPONSE and self._eatable and fifo and fifo[0].kind == "sync":
+            self._settle()
+        if not fifo or self.lost is not None:
             return None
         head = fifo[0]
-        if head.source is None:
+        if head.source is None or head.uncertain:
             return None
         return Cause(head.source, head.done, head.bind)
 
     def server_message(self, typ: int, body: bytes) -> None:
         fifo = self._fifo
         if not fifo:
+            if typ in _ANSWERS:
+                self._desync("the server answered with nothing in flight")
             return
         head = fifo[0]
+        if head.kind == "sync" and typ != _READY_FOR_QUERY and typ != _DATA_ROW:
+            if typ == _ERROR_RESPONSE and not self._eatable:
+                pass  # the Sync's own: its commit failed
+            elif typ in _ANSWERS or typ == _ERROR_RESPONSE:
+                settled = self._settle()
+                if settled is None:
+                    return
+                head = settled
         if typ == _DATA_ROW:
             self.data_row(body)
         elif typ == _PARSE_COMPLETE:
             if head.kind == "parse":
                 fifo.popleft()
-                if head.replace:
-                    _replace(head)
+                self._confirmed.statements[head.name] = head.obj
+                if head.skipped or head.fail_at == 0:
+                    self._rebuild()  # the prediction had it refused or skipped
         elif typ == _BIND_COMPLETE:
             if head.kind == "bind":
                 fifo.popleft()
-                if head.replace:
-                    _replace(head)
+                # (a Bind predicted to fail for a statement pgveil does not know has an
+                # unknown portal)
+                portal = head.obj if head.obj is not None else self._unknown_portal()
+                names = self._confirmed
+                if names.held or names.hold or names.maybe or names.savepoints:
+                    names.add_portal(head.name, portal)
+                else:
+                    names.portals[head.name] = portal
+                if head.skipped or head.fail_at == 0:
+                    self._rebuild()
         elif typ == _READY_FOR_QUERY:
-            self._ready()
+            self._ready(body[0] if body else ord("I"))
         elif typ == m.CLOSE_COMPLETE:
             if head.kind == "close":
-                fifo.popleft()
+                self._close_complete(fifo.popleft())
         elif typ == m.COPY_IN_RESPONSE:
-            # the server ignores a Sync that arrives during COPY FROM STDIN (libpq sends one
-            # right after the Execute): it gets no ReadyForQuery of its own
-            if head.kind == "execute":
-                while len(fifo) > 1 and fifo[1].kind == "sync":
-                    del fifo[1]
+            if head.kind in ("query", "execute"):
+                self._copy_in(head)
+            else:
+                self._desync("a CopyInResponse that answers no statement")
         elif typ == _COMMAND_COMPLETE or typ == m.EMPTY_QUERY_RESPONSE:
             # one per statement of a Query (the server's EndCommand for each raw statement)
+            index = head.done
             head.done += 1
             if head.fields is not None:  # counted and read for its event only
                 head.rows += _row_count(body) if typ == _COMMAND_COMPLETE else 0
                 if head.raw:
                     _decode_keys(head)
                 head.layout = ()
+            if (
+                head.ops
+                or head.unknown
+                or head.skipped
+                or head.fail_at == index
+                or head is self._copy_head
+            ):
+                self._completed(head, index, body[:-1] if typ == _COMMAND_COMPLETE else b"")
             if head.kind == "execute":
                 self._finish(fifo.popleft())
+                if self._eatable and head.copies:
+                    self._swallowed(None)
         elif typ == m.PORTAL_SUSPENDED:
             if head.kind == "execute":
                 # no count in the message: the DataRows seen, when they were all looked at
                 head.rows = head.data_rows if head.wants_rows else -1
+                if head.skipped or head.fail_at == 0:
+                    head.uncertain = True  # a portal pgveil did not know ran
+                    self._rebuild()
                 self._finish(fifo.popleft())
         elif typ == _ROW_DESCRIPTION:
+            if head.kind != "describe" and (head.skipped or head.fail_at == head.done):
+                self._ran(head)
             if head.kind == "describe":
                 self._described(fifo.popleft(), body)
             elif head.kind in ("query", "execute") and head.fields is not None:
@@ -600,31 +1309,194 @@ class StatementLog:
                 self._want_rows(head, bool(head.layout))
         elif typ == m.NO_DATA:
             if head.kind == "describe":
-                fifo.popleft()
+                self._described(fifo.popleft(), None)
         elif typ == m.PARAMETER_DESCRIPTION:
             # a statement's Describe: its parameter types as the server resolved them
             target = head.target if head.kind == "describe" else None
             if isinstance(target, _Prepared) and target.source is not None:
                 (count,) = struct.unpack_from("!h", body, 0)
                 target.source.types = struct.unpack_from(f"!{count}I", body, 2)
-        elif typ == m.ERROR_RESPONSE:
+        elif typ == _ERROR_RESPONSE:
             self._error(head, body)
 
-    def _ready(self) -> None:
+    @staticmethod
+    def _ran(head: _InFlight) -> None:
+        """Rows of a statement predicted not to run (a FETCH or Execute of a name pgveil
+        does not know): what it reads cannot be told; its `running` event says so before
+        the rows go out (the prediction is rebuilt when it completes)."""
+        if head.kind in ("query", "execute"):
+            head.uncertain = True
+
+    def _close_complete(self, entry: _InFlight) -> None:
+        name = entry.name[1:]
+        if entry.name[0] == _STATEMENT:
+            self._confirmed.statements.pop(name, None)
+        else:
+            self._confirmed.drop_portal(name)
+        if entry.skipped:
+            self._rebuild()
+
+    def _completed(self, head: _InFlight, index: int, tag: bytes) -> None:
+        """A statement of the head completed: what it did to names is confirmed."""
+        # a statement predicted to fail (a FETCH of no cursor pgveil knows, a name in use)
+        # ran: what it read cannot be told
+        uncertain = head.skipped or head.fail_at == index
+        rebuild = uncertain
+        if head.unknown:
+            self._confirmed.all_unknown()
+        ops = head.ops
+        if ops:
+            names = self._confirmed
+            for position in range(len(ops)):
+                op = ops[position]
+                if op[0] != index:
+                    continue
+                self._apply(names, head, position, tag, False)
+                if tag == b"ROLLBACK" and op[1] in _EXITS:
+                    rebuild = True  # a COMMIT that rolled back: predicted as one may not be
+        if uncertain:
+            head.uncertain = True
+        if rebuild:
+            self._rebuild()
+        if head is self._copy_head:
+            self._copy_head = None
+            head.copies += 1
+            if head.kind == "query":
+                self._swallowed(head)
+
+    def _ready(self, status: int) -> None:
         """ReadyForQuery: the request it ends (up to its Sync, Query or FunctionCall) is
         answered."""
         fifo = self._fifo
+        if self._skip_ambiguous:
+            self._skip_ambiguous = False
+            if self._skip_unprovable():
+                return
+        terminator = None
         while fifo:
             entry = fifo.popleft()
-            if entry.undo and entry.outcome != "ok":
-                for registry, name, previous in reversed(entry.undo):
-                    registry.setdefault(name, previous)
-            if entry.replace and entry.outcome == "ok":
-                _replace(entry)
-            if entry.kind in ("query", "execute", "call"):
-                self._finish(entry)
-            if entry.kind in ("sync", "query", "call"):
+            kind = entry.kind
+            if kind == "sync":
+                terminator = entry
                 break
+            if entry is self._copy_head:
+                self._copy_head = None
+            if kind == "query" or kind == "execute" or kind == "call":
+                self._finish(entry)
+                if kind != "execute":
+                    terminator = entry
+                    break
+        if terminator is None:
+            self._desync("a ReadyForQuery that answers nothing sent")
+            return
+        if self._eatable and (not fifo or fifo[0].kind != "sync"):
+            self._eatable = 0  # every Sync of the run had its answer
+        names = self._confirmed
+        if terminator.kind == "query":
+            if names.statements:
+                names.statements.pop(b"", None)
+            if b"" in names.portals:
+                if terminator.outcome != "ok" and terminator.done == 0:
+                    # failed before its first statement began (the old unnamed portal
+                    # stays), or in it (it replaced it)
+                    names.maybe.add(b"")
+                else:
+                    names.drop_portal(b"")
+            if terminator.unknown:
+                names.all_unknown()
+        if status == _IDLE:
+            # the transaction ended, if one was open: committed unless it failed
+            if names.tx != "I" or names.failed or names.savepoints:
+                names.end(None if names.tx == "T" else names.tx != "E" and not names.failed)
+            elif names.portals:
+                if names.held or names.hold or names.maybe or names.depth:
+                    names.end(True)
+                else:
+                    names.portals = {}  # the common case
+            if terminator.expect != "I":
+                self._rebuild()
+            return
+        state = chr(status)
+        names.tx = state
+        names.failed = False
+        if state != terminator.expect:
+            self._rebuild()
+
+    def _copy_in(self, head: _InFlight) -> None:
+        """CopyInResponse: the server reads copy data for the head now. The Syncs the
+        client sent right behind it before ending this copy arrive during it."""
+        self._copy_head = head
+        ends = head.copy_ends + head.copies
+        fifo = self._fifo
+        for i in range(1, len(fifo)):
+            entry = fifo[i]
+            if entry.kind != "sync" or entry.copy_ends != ends:
+                break
+            if not entry.provisional:
+                _own_sync(fifo, i).provisional = True
+                self._eatable += 1
+
+    def _swallowed(self, head: _InFlight | None) -> None:
+        """The copy completed: it read the client's CopyDone, and every Sync sent during it
+        was swallowed. They are right behind `head` (a Query), or at the head of the queue
+        (an Execute, already answered)."""
+        fifo = self._fifo
+        at = 1 if head is not None else 0
+        removed = 0
+        while len(fifo) > at and fifo[at].provisional:
+            del fifo[at]
+            removed += 1
+        if removed:
+            self._eatable = max(self._eatable - removed, 0)
+            self._rebuild()  # predicted as Syncs that end a transaction
+
+    def _settle(self) -> _InFlight | None:
+        """A request's answer arrived while Syncs are at the head of the queue: a Sync's
+        only answer is ReadyForQuery, so the server swallowed them (a copy read them)."""
+        fifo = self._fifo
+        run = 0
+        for entry in fifo:
+            if entry.kind != "sync":
+                break
+            run += 1
+        if run > self._eatable or run == len(fifo):
+            self._desync("an answer where only ReadyForQuery could come")
+            return None
+        for _ in range(run):
+            fifo.popleft()
+        self._eatable = 0
+        self._rebuild()
+        return fifo[0]
+
+    def _skip_unprovable(self) -> bool:
+        """After an extended-protocol COPY failed, the server skips to the first Sync it
+        reads outside the copy: one the copy did not swallow, or the first after the
+        client's CopyDone. If messages other than Syncs stand between the two and a Sync
+        follows them, no answer can tell whether the server skipped them."""
+        fifo = self._fifo
+        i = 0
+        while i < len(fifo) and fifo[i].kind == "sync" and fifo[i].provisional:
+            i += 1
+        if i == 0 or i == len(fifo) or fifo[i].kind == "sync":
+            return False
+        if any(entry.kind == "sync" for entry in list(fifo)[i:]):
+            self._desync(
+                "a COPY failed with Syncs sent during it and other messages after them: "
+                "which of them the server skipped cannot be told"
+            )
+            return True
+        return False
+
+    def _desync(self, reason: str) -> None:
+        """The answers cannot be paired with what was sent any more: from now on nothing
+        is attributed (every statement uncertain, every name unknown)."""
+        if self.lost is None:
+            self.lost = reason
+        for entry in self._fifo:
+            if entry is not _SYNC:
+                entry.uncertain = True
+        self._confirmed.all_unknown()
+        self._predicted.all_unknown()
 
     def data_row(self, body: bytes) -> None:
         """One DataRow of the statement at the head: counted, and its subject keys read."""
@@ -635,8 +1507,16 @@ class StatementLog:
         their subject keys kept (decoded once per distinct key, when the result ends)."""
         fifo = self._fifo
         if not fifo:
+            self._desync("the server answered with nothing in flight")
             return
         head = fifo[0]
+        if head.kind == "sync":
+            settled = self._settle()
+            if settled is None:
+                return
+            head = settled
+        if head.skipped or head.fail_at == head.done:
+            self._ran(head)
         head.data_rows += len(bodies)
         if head.portal is not None:
             self._resolve(head)
@@ -674,11 +1554,12 @@ class StatementLog:
         if not fifo:
             return
         head = fifo[0]
-        if head.fields is None or head.running or head.kind not in ("query", "execute"):
+        fields = self._fields_of(head)
+        if fields is None or head.running or head.kind not in ("query", "execute"):
             return
         self._running += 1
         head.running = self._running
-        event = dict(head.fields)
+        event = dict(fields)
         event.pop("_subject_keys", None)
         event["rows"] = None
         event["outcome"] = "running"
@@ -687,51 +1568,103 @@ class StatementLog:
         event["running"] = head.running
         self._emit(event)
 
+    def _fields_of(self, entry: _InFlight) -> dict[str, object] | None:
+        """What the entry's event says of the statement: its fields, or when what it ran
+        cannot be told for sure, only what is certain (no tables: any may have been
+        read)."""
+        fields = entry.fields
+        if not (entry.uncertain or self.lost is not None):
+            return fields
+        if fields is None:
+            if entry.kind not in ("query", "execute", "call"):
+                return None
+            fields = _unknown_fields(entry.kind)
+        uncertain = {k: v for k, v in fields.items() if k != "_subject_keys"}
+        uncertain["tables"] = []
+        uncertain["analysis_complete"] = False
+        return uncertain
+
     def _error(self, head: _InFlight, body: bytes) -> None:
         code = m.sqlstate_of(body) or "XX000"
         if m.severity_of(body) not in ("ERROR", "FATAL", "PANIC"):
             return
+        self._confirmed.fail()
+        if code == "42P03" or code == "42P05":
+            self._in_use(head, code == "42P03")
+        if head is self._copy_head:
+            # the copy ended before the client's CopyDone (or at its CopyFail): the Syncs
+            # sent during it may have come before or after the error
+            self._copy_head = None
+            head.copies += 1
+            if head.kind == "execute" and len(self._fifo) > 1 and self._fifo[1].provisional:
+                self._skip_ambiguous = True
         if head.kind in ("query", "call"):
             head.outcome = code  # finished at ReadyForQuery
+            self._rebuild()
             return
         # extended protocol: the server skips everything up to Sync; the first Execute in
         # that run is the one that failed (or never ran because an earlier message failed)
         fifo = self._fifo
+        names = self._confirmed
+        if head.kind == "parse" and not head.name and not head.skipped:
+            names.statements.pop(b"", None)  # dropped before the new one failed
+        elif head.kind == "bind" and not head.name and not head.skipped and b"" in names.portals:
+            names.maybe.add(b"")  # the old one stays unless the new one replaced it
         failed = False
-        skipped: list[tuple[dict[bytes, Any], bytes, object, object]] = []
         while fifo and fifo[0].kind != "sync":
             entry = fifo.popleft()
-            if entry.parsed is not None:
-                skipped.append(entry.parsed)
             if entry.kind == "execute" and not failed:
                 entry.outcome = code
                 self._finish(entry)
                 failed = True
             else:
                 self.rows_in_flight -= entry.wants_rows
-        # the Parse, Bind and Close messages that failed or were skipped: each name gets
-        # back what it held, the latest change undone first
-        for registry, name, left, previous in reversed(skipped):
-            if registry.get(name) is left:
-                if previous is None:
-                    registry.pop(name, None)
-                else:
-                    registry[name] = previous
+        self._rebuild()
+
+    def _in_use(self, head: _InFlight, portal: bool) -> None:
+        """The server refused to define a name in use (42P03: a portal or cursor, 42P05: a
+        prepared statement): it has that name. Where the answers so far did not prove it,
+        it holds something pgveil cannot tell (what the prediction missed: server-side
+        code, say)."""
+        kind = head.kind
+        if kind == "bind" or kind == "parse":
+            taken = [head.name] if (kind == "bind") == portal else []
+        elif kind == "query" or kind == "execute":
+            index = head.done if kind == "query" else 0
+            kinds = ("declare", "declare_hold") if portal else ("prepare",)
+            taken = [name for i, k, name, _obj in head.ops if i == index and k in kinds]
+        else:
+            return
+        names = self._confirmed
+        for name in taken:
+            if not name:
+                continue  # (the unnamed statement and portal are replaced, never in use)
+            if portal and name not in names.portals:
+                names.add_portal(name, self._unknown_portal())
+            elif not portal and name not in names.statements:
+                names.statements[name] = _unknown_statement(self._holder.context)
+
+    def _unknown_portal(self) -> _Portal:
+        """A portal the server has that the log did not see made: unchecked, as names the
+        log does not hold, until the context is replaced."""
+        return _unknown_portal(self._holder.context)
 
     def _finish(self, entry: _InFlight) -> None:
-        if entry.fields is None:
+        uncertain = entry.uncertain or self.lost is not None
+        fields = self._fields_of(entry) if uncertain else entry.fields
+        if fields is None:
             return
         self.rows_in_flight -= entry.wants_rows
         if entry.raw:
             _decode_keys(entry)
-        event = dict(entry.fields)
+        event = dict(fields)
         named = event.pop("_subject_keys", ())
         assert isinstance(named, tuple)
         if entry.portal is not None:
             self._resolve(entry)
         # the rows tell a table's subjects exactly when every result set carried its key
         covered = set(entry.keyed or ())
-        if entry.outcome == "ok":
+        if entry.outcome == "ok" and not uncertain:
             for table, keys, integer in named:
                 if table in covered:
                     continue  # the rows returned say it exactly
@@ -748,14 +1681,15 @@ class StatementLog:
         event["rows"] = entry.rows if entry.rows >= 0 else None  # None: not known
         event["outcome"] = entry.outcome
         event["duration_ms"] = round((self._clock() - entry.started) / 1e6, 3)
-        if entry.subjects:
+        if entry.subjects and not uncertain:
             event["subjects"] = {
                 t: sorted(keys)[: self._limit] for t, keys in entry.subjects.items()
             }
             event["subjects_total"] = {t: len(keys) for t, keys in entry.subjects.items()}
         # subjects are known only as far as the analysis went
         event["subjects_complete"] = (
-            not entry.undecodable
+            not uncertain
+            and not entry.undecodable
             and event.get("analysis_complete") is not False
             and _covers(entry, covered)
         )
@@ -783,7 +1717,13 @@ class StatementLog:
         tables = {table for _i, table, _t, _f in entry.layout}
         entry.keyed = tables if entry.keyed is None else entry.keyed & tables
 
-    def _described(self, entry: _InFlight, body: bytes) -> None:
+    def _described(self, entry: _InFlight, body: bytes | None) -> None:
+        """A Describe's RowDescription (None: NoData)."""
+        if entry.skipped or entry.fail_at == 0:
+            self._rebuild()  # predicted to fail, or to be skipped: it was not
+            return
+        if body is None:
+            return
         target = entry.target
         if isinstance(target, _Prepared):
             if target.fields is not None:
@@ -829,11 +1769,26 @@ class StatementLog:
         return tuple(found)
 
 
-def _replace(entry: _InFlight) -> None:
-    """The server accepted a definition of a name the log held: the new one is in place."""
-    for registry, name, held, fresh in entry.replace:
-        if registry.get(name) is held:
-            registry[name] = fresh
+def _unknown_fields(kind: str) -> dict[str, object]:
+    """The audit fields of a statement pgveil cannot tell: it may have read any table."""
+    return {
+        "kinds": [kind],
+        "statement": _UNKNOWN_TEXT,
+        "fingerprint": hashlib.sha256(_UNKNOWN_TEXT.encode()).hexdigest()[:16],
+        "tables": [],
+        "columns_masked": [],
+        "decision": "passed",
+        "analysis_complete": False,
+    }
+
+
+# what `named`, `statement_fields` and `portal_fields` give for a name whose statement
+# cannot be told: it may read anything (refused while the audit stream is down)
+_UNCERTAIN_FIELDS: dict[str, object] = _unknown_fields("unknown")
+
+
+def _names(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _decode_keys(entry: _InFlight) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 import struct
 
-from proxy.session.masked import REFUSAL_TOKEN, RULES_CHANGED, MaskedFilter
-from proxy.session.statements import UNKNOWN
+import pytest
+
+from proxy.session.engine import _CLIENT_CAPTURE_MASKED, _SERVER_CAPTURE_MASKED
+from proxy.session.masked import REFUSAL_TOKEN, RULES_CHANGED, MaskedFilter, SessionEnded
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, capture_mask
 from rules.context import ContextHolder, MaskingContext
@@ -57,8 +59,9 @@ class Session:
         self.hook = Hook()
         if audited:
             self.filter.attach_audit(self.hook)
-        self.client = MessageScanner(capture_mask(b"QPFSBEDCXHcf"), [0] * 256, 1 << 20)
-        self.server = MessageScanner(capture_mask(b"ENATSZ12n3"), [0] * 256, 1 << 30)
+        # (the engine's capture masks: the log follows names from CommandComplete too)
+        self.client = MessageScanner(_CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
+        self.server = MessageScanner(_SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
 
     def send(self, *messages: bytes) -> bytes:
         return self.filter.client(self.client, b"".join(messages))
@@ -160,7 +163,7 @@ def test_another_rewrite_is_refused_too() -> None:
     s = Session()
     out = s.send(parse(NAMES, "s1"), SYNC)
     assert b"FROM (SELECT" in out
-    s.send(bind("s1", "p1") + SYNC)
+    s.send(query("BEGIN"), bind("s1", "p1") + SYNC)  # (p1 lives until the block ends)
     s.reload(RULES_C)
     for message in (bind("s1"), execute("p1"), describe("S", "s1"), describe("P", "p1")):
         out = s.send(message)
@@ -171,13 +174,17 @@ def test_another_rewrite_is_refused_too() -> None:
 def test_a_portal_opened_under_the_old_rules_is_refused_at_execute() -> None:
     s = Session()
     prepared(s)
-    assert s.send(bind("s1", "p1"), SYNC) == bind("s1", "p1") + SYNC
-    s.answer(m.message(m.BIND_COMPLETE), m.ready_for_query())
+    # (in a transaction block: a named portal ends with its transaction)
+    assert (
+        s.send(query("BEGIN"), bind("s1", "p1"), SYNC) == query("BEGIN") + bind("s1", "p1") + SYNC
+    )
+    s.answer(m.message(m.COMMAND_COMPLETE, b"BEGIN\0"), m.ready_for_query(IN_TX))
+    s.answer(m.message(m.BIND_COMPLETE), m.ready_for_query(IN_TX))
     s.reload(RULES_B)
     out = s.send(execute("p1"), SYNC)
     (token,) = tokens(out)
     assert out.startswith(m.message(m.EXECUTE, token.encode() + b"\0\0\0\0\0"))
-    errors = s.answer(missing(token, "portal"), m.ready_for_query())
+    errors = s.answer(missing(token, "portal"), m.ready_for_query(ord("E")))
     assert [e["C"] for e in errors] == ["42501"] and RULES_CHANGED in errors[0]["M"]
 
 
@@ -196,18 +203,21 @@ def test_describe_of_a_statement_decided_otherwise_is_refused() -> None:
 
 def test_sql_execute_and_fetch_of_what_the_old_rules_allowed_are_refused() -> None:
     s = Session()
-    for sql in (
-        "PREPARE p AS SELECT body FROM public.notes",
-        "BEGIN",
-        "DECLARE c CURSOR FOR SELECT body FROM public.notes",
+    for sql, tag, status in (
+        ("PREPARE p AS SELECT body FROM public.notes", b"PREPARE", m.TX_IDLE),
+        ("BEGIN", b"BEGIN", IN_TX),
+        ("DECLARE c CURSOR FOR SELECT body FROM public.notes", b"DECLARE CURSOR", IN_TX),
     ):
         assert s.send(query(sql)) == query(sql)
+        answer = (m.message(m.COMMAND_COMPLETE, tag + b"\0"), m.ready_for_query(status))
+        assert s.answer(*answer) == []
     s.reload(RULES_B)
     for sql in ("EXECUTE p", "FETCH 1 FROM c", "CREATE TEMP TABLE t AS EXECUTE p"):
         out = s.send(query(sql))
         (token,) = tokens(out)
         assert out == m.message(m.QUERY, token.encode() + b"\0")
-        errors = s.answer(m.error_response("42601", f'syntax error at "{token}"'))
+        syntax = m.error_response("42601", f'syntax error at "{token}"')
+        errors = s.answer(syntax, m.ready_for_query(ord("E")))
         assert errors[0]["M"] == f"pgveil: {RULES_CHANGED}"
     # MOVE reads no rows but counts them: refused too
     assert tokens(s.send(query("MOVE ALL IN c")))
@@ -317,15 +327,44 @@ def test_a_named_portal_bound_again_is_the_new_one_once_bound() -> None:
     assert s.send(execute("p"), SYNC) == execute("p") + SYNC
 
 
-def test_too_many_texts_under_one_name_are_refused_after_a_change() -> None:
-    s = Session()
-    for i in range(12):
-        s.send(query(f"DECLARE c CURSOR WITH HOLD FOR SELECT {i}"))
-    named = s.filter.statements.entry("portal:c") if s.filter.statements else None
-    assert named is not None and named.decided == (UNKNOWN,)
-    assert s.send(query("FETCH c")) == query("FETCH c")  # the same context: as it was
-    s.reload()
-    assert tokens(s.send(query("FETCH c")))
+def test_many_texts_under_one_name_are_told_apart_by_the_prediction() -> None:
+    """Twelve DECLAREs of one WITH HOLD cursor in flight: the server keeps the first (it
+    refuses the others, 42P03), and the log predicts so; a FETCH after the context changed
+    is checked against that text, whatever the others read."""
+    first_reads_notes = ["SELECT body FROM public.notes"] + ["SELECT 1"] * 11
+    others_read_notes = ["SELECT 1"] + ["SELECT body FROM public.notes"] * 11
+    for texts, refused in ((first_reads_notes, True), (others_read_notes, False)):
+        s = Session()
+        for text in texts:
+            s.send(query(f"DECLARE c CURSOR WITH HOLD FOR {text}"))
+        named = s.filter.statements.entry("portal:c") if s.filter.statements else None
+        assert named is not None and named.decided is not None
+        assert named.decided.sql == f"DECLARE c CURSOR WITH HOLD FOR {texts[0]}"
+        assert s.send(query("FETCH c")) == query("FETCH c")  # the same context: as it was
+        s.reload(RULES_B)
+        assert bool(tokens(s.send(query("FETCH c")))) is refused
+
+
+def test_a_use_checked_against_a_refuted_prediction_is_checked_again() -> None:
+    """The FETCH was checked against the cursor the prediction named when it was sent;
+    the answers refute it (the first DECLARE failed: a WITH HOLD cursor's query runs at its
+    commit), and the second DECLARE, decided under the old rules, is what it reads. That
+    text is checked when the answers tell: if the rules now decide it otherwise, the session
+    ends before the FETCH's answers reach the client; if alike, it goes on."""
+    for second, ends in (("SELECT body FROM public.notes", True), ("SELECT 2", False)):
+        s = Session()
+        s.send(query("DECLARE c CURSOR WITH HOLD FOR SELECT 1/0"))
+        s.send(query(f"DECLARE c CURSOR WITH HOLD FOR {second}"))
+        s.reload(RULES_B)
+        assert s.send(query("FETCH c")) == query("FETCH c")  # SELECT 1/0: decided alike
+        failed = (m.error_response("22012", "division by zero"), m.ready_for_query())
+        if ends:
+            with pytest.raises(SessionEnded, match="no longer apply"):
+                s.answer(*failed)
+        else:
+            assert [e["C"] for e in s.answer(*failed)] == ["22012"]
+            log = s.filter.statements
+            assert log is not None and log.refuted is None
 
 
 def test_names_unknown_to_the_log_are_the_servers_to_answer() -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import struct
 
-from proxy.session.masked import RecordingFilter
-from proxy.session.statements import StatementLog
+from proxy.session.engine import _CLIENT_CAPTURE_RECORDED, _SERVER_CAPTURE_RECORDED_ROWS
+from proxy.session.masked import MaskedFilter, RecordingFilter
+from proxy.session.statements import Cause, StatementLog
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, capture_mask
 from rules.context import ContextHolder, MaskingContext
@@ -206,3 +207,424 @@ def test_rows_released_before_completion_are_recorded_first() -> None:
     assert [r["touched"] for r in who(both[:1], "billing.customers", "2", None, None)] == [
         "possibly"
     ]
+
+
+# ---- names: the log's picture follows the server's ----------------------------------------------
+#
+# The server's answers below are what PostgreSQL sends for these requests (each case is run
+# against the real server in tests/integration/test_statement_names.py). Requests are sent
+# together where it matters: the log then names portals and cursors before any answer, from
+# its prediction of what the server does with the requests before them.
+
+READ = "SELECT i_customer, name FROM billing.customers"
+# an Execute sent without Describe gets no RowDescription: its subjects are the ones the
+# statement names
+KEYED = READ + " WHERE i_customer = 1"
+IDLE, BLOCK, FAILED = (m.ready_for_query(s) for s in (m.TX_IDLE, m.TX_IN_BLOCK, m.TX_FAILED))
+PARSED, BOUND = m.message(m.PARSE_COMPLETE), m.message(m.BIND_COMPLETE)
+CLOSED = m.message(m.CLOSE_COMPLETE)
+COPY_IN = m.message(m.COPY_IN_RESPONSE, b"\0\0\0")
+KEY_ROW = row_description(("i_customer", CUSTOMERS, 1, TEXT, 0), ("name", CUSTOMERS, 2, TEXT, 0))
+
+
+def parse(sql: str, name: str = "") -> bytes:
+    return m.message(m.PARSE, name.encode() + b"\0" + sql.encode() + b"\0\0\0")
+
+
+def bind(stmt: str = "", portal: str = "") -> bytes:
+    return m.message(m.BIND, portal.encode() + b"\0" + stmt.encode() + b"\0" + b"\0" * 6)
+
+
+def execute(portal: str = "") -> bytes:
+    return m.message(m.EXECUTE, portal.encode() + b"\0" + b"\0" * 4)
+
+
+def close(kind: str, name: str) -> bytes:
+    return m.message(m.CLOSE, kind.encode() + name.encode() + b"\0")
+
+
+def query(sql: str) -> bytes:
+    return m.message(m.QUERY, sql.encode() + b"\0")
+
+
+def error(code: str) -> bytes:
+    return m.error_response(code, "failed")
+
+
+SYNC = m.message(m.SYNC)
+COPY_DONE = m.message(m.COPY_DONE)
+
+
+def customer(key: bytes) -> bytes:
+    """A result row of READ (no RowDescription: an Execute without Describe gets none)."""
+    return data_row(key, b"x")
+
+
+class Names(Session):
+    """A recording filter fed requests and answers as the engine feeds an audited unmasked
+    session (its capture masks); `answer` returns the events they made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client = MessageScanner(_CLIENT_CAPTURE_RECORDED, [0] * 256, 1 << 20)
+        self.server = MessageScanner(_SERVER_CAPTURE_RECORDED_ROWS, [0] * 256, 1 << 30)
+
+    def send(self, *messages: bytes) -> None:
+        self.filter.client(self.client, b"".join(messages))
+
+    def answer(self, *messages: bytes) -> list[dict[str, object]]:
+        before = len(self.hook.events)
+        data = b"".join(messages)
+        assert self.filter.server(self.server, data) == data
+        return [fields for _t, fields in self.hook.events[before:]]
+
+    @property
+    def lost(self) -> str | None:
+        log = self.filter.statements
+        assert log is not None
+        return log.lost
+
+
+def read_of(*keys: str) -> dict[str, object]:
+    return {"tables": ["billing.customers"], "subjects": {"billing.customers": list(keys)}}
+
+
+def said(event: dict[str, object]) -> dict[str, object]:
+    return {k: event.get(k) for k in ("tables", "subjects")}
+
+
+def certain(event: dict[str, object]) -> bool:
+    return event.get("analysis_complete") is not False and event["subjects_complete"] is True
+
+
+def test_a_named_portal_ends_with_the_implicit_transaction_of_its_request() -> None:
+    """Both requests sent at once: the second Bind of `p` is predicted to succeed (the
+    first request's Sync ended its transaction), so its Execute runs the read."""
+    s = Names()
+    s.send(parse("SELECT 1", "one"), bind("one", "p"), SYNC)
+    s.send(parse(KEYED, "read"), bind("read", "p"), execute("p"), SYNC)
+    assert s.answer(PARSED, BOUND, IDLE) == []
+    (event,) = s.answer(PARSED, BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE)
+    assert said(event) == read_of("1") and certain(event)
+
+
+def test_portals_and_cursors_live_until_the_block_ends() -> None:
+    s = Names()
+    s.send(query(f"BEGIN; DECLARE c CURSOR FOR {READ}"))
+    s.send(parse("SELECT 1", "one"), bind("one", "p"), SYNC)
+    s.answer(complete(b"BEGIN"), complete(b"DECLARE CURSOR"), BLOCK, PARSED, BOUND, BLOCK)
+    # in the block both names are taken: the server refuses the Bind, the Execute after it
+    # is skipped (it would have run the harmless old portal: no event)
+    s.send(parse(KEYED, "read"), bind("read", "p"), execute("p"), SYNC)
+    assert s.answer(PARSED, error("42P03"), FAILED) == []
+    s.send(query("ROLLBACK"))
+    s.answer(complete(b"ROLLBACK"), IDLE)
+    # the block ended: both names are free, a new DECLARE and Bind take them
+    s.send(query("BEGIN; DECLARE c CURSOR FOR SELECT 2"), query("FETCH ALL FROM c"))
+    s.send(bind("read", "p"), execute("p"), SYNC)
+    events = s.answer(
+        complete(b"BEGIN"), complete(b"DECLARE CURSOR"), BLOCK,
+        complete(b"FETCH 1"), BLOCK,
+        BOUND, customer(b"1"), complete(b"SELECT 1"), BLOCK,
+    )  # fmt: skip
+    assert [said(e) for e in events] == [read_of("1")] and certain(events[0])
+
+
+def test_with_hold_cursors_outlive_a_commit_not_a_rollback() -> None:
+    s = Names()
+    s.send(query(f"BEGIN; DECLARE h CURSOR WITH HOLD FOR {READ}; COMMIT"))
+    s.send(query(f"BEGIN; DECLARE g CURSOR WITH HOLD FOR {READ}; ROLLBACK"))
+    s.send(query("BEGIN; DECLARE g CURSOR FOR SELECT 1; FETCH ALL FROM g; ROLLBACK"))
+    s.send(query("FETCH ALL FROM h"))
+    tx = (complete(b"BEGIN"), complete(b"DECLARE CURSOR"))
+    events = s.answer(
+        *tx, complete(b"COMMIT"), IDLE,
+        *tx, complete(b"ROLLBACK"), IDLE,
+        *tx, complete(b"FETCH 0"), complete(b"ROLLBACK"), IDLE,  # g was free: no event
+        KEY_ROW, data_row(b"3", b"x"), complete(b"FETCH 1"), IDLE,  # h outlived ROLLBACK
+    )  # fmt: skip
+    assert len(events) == 3  # the two DECLAREs and the FETCH of h: g was free
+    assert said(events[2]) == read_of("3") and all(certain(e) for e in events)
+
+
+def test_commit_of_a_failed_block_rolls_back_its_with_hold_cursors() -> None:
+    requests = [
+        (query(f"BEGIN; DECLARE h CURSOR WITH HOLD FOR {READ}"),
+         complete(b"BEGIN") + complete(b"DECLARE CURSOR") + BLOCK),
+        (query("SELECT 1/0"), error("22012") + FAILED),
+        (query("COMMIT"), complete(b"ROLLBACK") + IDLE),  # the failed block's COMMIT
+        (query("DECLARE h CURSOR WITH HOLD FOR SELECT 1"), complete(b"DECLARE CURSOR") + IDLE),
+        (query("FETCH ALL FROM h"), complete(b"FETCH 1") + IDLE),
+    ]  # fmt: skip
+    # one at a time: the new h is harmless, the FETCH of it is no event
+    s = Names()
+    events = []
+    for request, answer in requests:
+        s.send(request)
+        events += s.answer(answer)
+    assert [str(e["statement"]).split()[0] for e in events] == ["BEGIN"]
+    assert all(certain(e) for e in events)
+    # all at once: when the FETCH was sent, h was predicted to be the held read (the
+    # error was not known yet); the answers refute it: its event does not say it read
+    # billing.customers, nor that it did not
+    s = Names()
+    s.send(*(request for request, _ in requests))
+    declare, fetch = s.answer(*(answer for _, answer in requests))
+    assert certain(declare) and fetch["statement"] == "FETCH ALL FROM h"
+    assert fetch["tables"] == [] and fetch["analysis_complete"] is False
+
+
+def test_rollback_to_savepoint_drops_what_was_declared_after_it() -> None:
+    s = Names()
+    s.send(query(f"BEGIN; DECLARE a CURSOR FOR {READ}; SAVEPOINT s"))
+    s.send(query("DECLARE b CURSOR FOR SELECT 1; SAVEPOINT t; DECLARE c CURSOR FOR SELECT 2"))
+    s.send(query("ROLLBACK TO s"), query(f"DECLARE b CURSOR FOR {READ}"))
+    s.send(query("FETCH ALL FROM b"), query("FETCH ALL FROM a"))
+    s.send(query(f"SAVEPOINT u; DECLARE d CURSOR FOR {READ}; RELEASE u"))
+    s.send(query("FETCH ALL FROM d"), query("COMMIT"))
+    fetch = (KEY_ROW, data_row(b"4", b"x"), complete(b"FETCH 1"), BLOCK)
+    events = s.answer(
+        complete(b"BEGIN"), complete(b"DECLARE CURSOR"), complete(b"SAVEPOINT"), BLOCK,
+        complete(b"DECLARE CURSOR"), complete(b"SAVEPOINT"), complete(b"DECLARE CURSOR"), BLOCK,
+        complete(b"ROLLBACK"), BLOCK,
+        complete(b"DECLARE CURSOR"), BLOCK,  # b was free again
+        *fetch, *fetch,
+        complete(b"SAVEPOINT"), complete(b"DECLARE CURSOR"), complete(b"RELEASE"), BLOCK,
+        *fetch,  # d outlived its released savepoint
+        complete(b"COMMIT"), IDLE,
+    )  # fmt: skip
+    fetches = [e for e in events if str(e["statement"]).startswith("FETCH")]
+    assert [said(e) for e in fetches] == [read_of("4")] * 3
+    assert all(certain(e) for e in events)
+
+
+def test_close_all_frees_the_names_of_protocol_portals() -> None:
+    s = Names()
+    s.send(parse(KEYED, "s1"), SYNC, query("BEGIN"), bind("s1", "p"), SYNC)
+    s.send(query("CLOSE ALL"), parse("SELECT 1", "one"), bind("one", "p"), execute("p"), SYNC)
+    events = s.answer(
+        PARSED, IDLE, complete(b"BEGIN"), BLOCK, BOUND, BLOCK,
+        complete(b"CLOSE CURSOR ALL"), BLOCK, PARSED, BOUND, complete(b"SELECT 1"), BLOCK,
+    )  # fmt: skip
+    assert events == []  # p was free: the harmless statement ran, not the read
+    s.send(query("CLOSE ALL"), bind("s1", "p"), execute("p"), SYNC)
+    (event,) = s.answer(
+        complete(b"CLOSE CURSOR ALL"), BLOCK, BOUND, customer(b"1"), complete(b"SELECT 1"), BLOCK
+    )
+    assert said(event) == read_of("1") and certain(event)
+
+
+def test_deallocate_all_and_discard_all_free_the_names_of_statements() -> None:
+    for statement, tag in (("DEALLOCATE ALL", b"DEALLOCATE ALL"), ("DISCARD ALL", b"DISCARD ALL")):
+        s = Names()
+        s.send(parse(KEYED, "s1"), SYNC)
+        s.send(query(statement), parse("SELECT 1", "s1"), bind("s1"), execute(), SYNC)
+        events = s.answer(PARSED, IDLE, complete(tag), IDLE, PARSED, BOUND, complete(b"SELECT 1"))
+        assert events == [] and s.answer(IDLE) == [], statement  # the new s1 ran
+
+
+def test_deallocate_all_keeps_the_unnamed_statement() -> None:
+    s = Names()
+    s.send(parse(KEYED), parse("DEALLOCATE ALL", "d"), bind("d"), execute(), bind(), execute())
+    s.send(SYNC)
+    (event,) = s.answer(
+        PARSED, PARSED, BOUND, complete(b"DEALLOCATE ALL"),
+        BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE,
+    )  # fmt: skip
+    assert said(event) == read_of("1") and certain(event)
+
+
+def test_a_query_and_a_failed_unnamed_parse_drop_the_unnamed_statement() -> None:
+    s = Names()
+    s.send(parse(READ), SYNC, query("SELECT 1"), bind(), execute(), SYNC)
+    s.send(parse(READ), SYNC, parse("SELECT nosuch"), SYNC, bind(), execute(), SYNC)
+    events = s.answer(
+        PARSED, IDLE, complete(b"SELECT 1"), IDLE, error("26000"), IDLE,
+        PARSED, IDLE, error("42703"), IDLE, error("26000"), IDLE,
+    )  # fmt: skip
+    assert events == []  # no Execute ran: nothing is attributed to the dropped statement
+
+
+def test_a_multi_statement_query_is_one_implicit_transaction() -> None:
+    s = Names()
+    s.send(query(f"DECLARE c CURSOR FOR {READ}; FETCH ALL FROM c"))
+    s.send(query("BEGIN; DECLARE c CURSOR FOR SELECT 1; FETCH ALL FROM c; COMMIT"))
+    events = s.answer(
+        complete(b"DECLARE CURSOR"), KEY_ROW, data_row(b"8", b"x"), complete(b"FETCH 1"), IDLE,
+        complete(b"BEGIN"), complete(b"DECLARE CURSOR"), complete(b"FETCH 1"),
+        complete(b"COMMIT"), IDLE,
+    )  # fmt: skip
+    assert [said(e) for e in events] == [read_of("8")] and certain(events[0])
+
+
+def test_prepare_transaction_ends_the_portals_of_its_transaction() -> None:
+    s = Names()
+    s.send(query(f"BEGIN; DECLARE c CURSOR FOR {READ}; PREPARE TRANSACTION 'x'"))
+    s.send(query("BEGIN; DECLARE c CURSOR FOR SELECT 1; FETCH ALL FROM c; COMMIT"))
+    events = s.answer(
+        complete(b"BEGIN"), complete(b"DECLARE CURSOR"), complete(b"PREPARE TRANSACTION"),
+        IDLE,
+        complete(b"BEGIN"), complete(b"DECLARE CURSOR"), complete(b"FETCH 1"),
+        complete(b"COMMIT"), IDLE,
+    )  # fmt: skip
+    assert len(events) == 1 and all(certain(e) for e in events)  # the first DECLARE's
+
+
+def test_call_may_end_its_transaction_and_the_answers_tell() -> None:
+    """CALL outside a block may commit: a Bind reusing a portal name bound before it is
+    predicted to succeed; if the server refuses it (the procedure did not commit), the old
+    portal is still there and its Execute runs it, as the answers show."""
+    s = Names()
+    s.send(parse(KEYED, "read"), parse("SELECT 1", "one"), parse("CALL p()", "call"), SYNC)
+    s.answer(PARSED, PARSED, PARSED, IDLE)
+    # committed: p is free, the second Bind takes it
+    s.send(bind("one", "p"), bind("call"), execute(), bind("read", "p"), execute("p"), SYNC)
+    call, event = s.answer(
+        BOUND, BOUND, complete(b"CALL"), BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE
+    )
+    assert call["kinds"] == ["call"]  # (recorded as code pgveil does not analyse)
+    assert said(event) == read_of("1") and certain(event)
+    # did not commit: p is still the read, the Bind of it fails, the Execute is skipped:
+    # it never ran, nothing is attributed to it
+    s.send(bind("read", "p"), bind("call"), execute(), bind("one", "p"), execute("p"), SYNC)
+    (call,) = s.answer(BOUND, BOUND, complete(b"CALL"), error("42P03"), IDLE)
+    assert call["kinds"] == ["call"]
+
+
+# ---- COPY FROM STDIN: the Syncs it swallows ------------------------------------------------
+
+
+def test_a_sync_sent_during_copy_is_swallowed() -> None:
+    s = Names()
+    s.send(query("COPY t FROM STDIN"))
+    assert s.answer(COPY_IN) == []
+    s.send(SYNC, m.message(m.COPY_DATA, b"1\n"), COPY_DONE, query(READ))
+    events = s.answer(
+        complete(b"COPY 1"), IDLE, KEY_ROW, data_row(b"10", b"x"), complete(b"SELECT 1"), IDLE
+    )
+    assert [said(e) for e in events] == [read_of("10")] and certain(events[0])
+    assert s.lost is None
+
+
+def test_a_copy_that_fails_before_reading_leaves_its_sync_to_the_server() -> None:
+    s = Names()
+    s.send(parse("COPY v FROM STDIN"), bind(), execute(), SYNC, query(READ))
+    events = s.answer(
+        PARSED, BOUND, COPY_IN, error("42809"), IDLE,
+        KEY_ROW, data_row(b"11", b"x"), complete(b"SELECT 1"), IDLE,
+    )  # fmt: skip
+    assert [said(e) for e in events] == [read_of("11")] and certain(events[0])
+
+
+def test_a_copy_that_fails_on_its_data_swallowed_the_syncs_before_the_error() -> None:
+    """The answers tell how many of the Syncs sent during the copy it read (none or all
+    here): a Sync's only answer is ReadyForQuery."""
+    for not_swallowed in (0, 1, 2):
+        s = Names()
+        s.send(query("COPY t FROM STDIN"))
+        s.answer(COPY_IN)
+        s.send(SYNC, m.message(m.COPY_DATA, b"x\n"), SYNC, COPY_DONE, query(READ))
+        events = s.answer(
+            error("22P02"), IDLE, *(IDLE,) * not_swallowed,
+            KEY_ROW, data_row(b"12", b"x"), complete(b"SELECT 1"), IDLE,
+        )  # fmt: skip
+        assert [said(e) for e in events] == [read_of("12")], not_swallowed
+        assert certain(events[0]) and s.lost is None
+
+
+def test_libpq_s_extended_copy_with_a_sync_before_and_after_it() -> None:
+    for outcome in (complete(b"COPY 1"), error("22P02")):
+        s = Names()
+        s.send(parse("COPY t FROM STDIN"), bind(), execute(), SYNC)
+        s.answer(PARSED, BOUND, COPY_IN)
+        s.send(m.message(m.COPY_DATA, b"1\n"), COPY_DONE, SYNC, query(READ))
+        events = s.answer(
+            outcome, IDLE, KEY_ROW, data_row(b"13", b"x"), complete(b"SELECT 1"), IDLE
+        )
+        assert [said(e) for e in events] == [read_of("13")] and certain(events[0])
+
+
+def test_an_extended_copy_failure_that_no_answer_can_place_loses_the_pairing() -> None:
+    """A Sync during the copy, then a Bind and a Sync after CopyDone: a copy that failed on
+    its data may have swallowed the first Sync (the server then skipped the Bind) or not.
+    Both give the same answers: the pairing is lost, and nothing is attributed."""
+    s = Names()
+    s.send(parse(KEYED, "read"), SYNC)
+    s.answer(PARSED, IDLE)
+    s.send(parse("COPY t FROM STDIN"), bind(), execute(), SYNC)
+    s.answer(PARSED, BOUND, COPY_IN)
+    s.send(m.message(m.COPY_DATA, b"x\n"), COPY_DONE, bind("read"), execute(), SYNC)
+    assert s.answer(error("22P02"), IDLE) == []
+    assert s.lost is not None
+    events = s.answer(BOUND, customer(b"14"), complete(b"SELECT 1"), IDLE)
+    assert all(e["tables"] == [] and not certain(e) for e in events)
+
+
+def test_an_answer_with_nothing_in_flight_loses_the_pairing() -> None:
+    s = Names()
+    s.answer(complete(b"SELECT 1"))
+    assert s.lost is not None
+
+
+# ---- pipelines: predictions the answers refute --------------------------------------------------
+
+
+def test_pipelined_requests_after_an_error_are_uncertain_only_where_names_read_otherwise() -> None:
+    """Three requests at once. The first fails before its Close of the held cursor `h`:
+    the server skips the Close, and the cursor the third request's Execute was predicted
+    not to find runs. The second request's Execute reads the same portal as predicted."""
+    s = Names()
+    s.send(query(f"DECLARE h CURSOR WITH HOLD FOR {READ}"), parse(KEYED, "read"), SYNC)
+    s.answer(complete(b"DECLARE CURSOR"), IDLE, PARSED, IDLE)
+    s.send(parse("SELECT nosuch"), close("P", "h"), SYNC)
+    s.send(bind("read", "p"), execute("p"), SYNC)
+    s.send(execute("h"), SYNC)
+    events = s.answer(
+        error("42703"), IDLE,
+        BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE,
+        customer(b"16"), complete(b"SELECT 1"), IDLE,
+    )  # fmt: skip
+    second, third = events
+    assert said(second) == read_of("1") and certain(second)
+    # sent against a picture the error refuted: what it read cannot be told
+    assert third["tables"] == [] and third["analysis_complete"] is False
+    assert third["subjects_complete"] is False and "subjects" not in third
+
+
+def test_a_masked_error_is_judged_against_the_portal_of_its_own_transaction() -> None:
+    """The masked filter's scrubbing uses the same pairing (`cause`): the guess spelled in
+    a portal of an ended transaction is not the new portal's literal."""
+    f = MaskedFilter(context(), "helpdesk")
+    client = MessageScanner(capture_mask(b"QPBDESCcf"), [0] * 256, 1 << 20)
+    server = MessageScanner(capture_mask(b"ENATSZCIsn123Gt"), [0] * 256, 1 << 30)
+    f.client(client, parse("SELECT 'guess' AS g", "g") + bind("g", "p") + SYNC)
+    f.client(client, parse("SELECT notes::int FROM billing.customers", "r"))
+    f.client(client, bind("r", "p") + execute("p") + SYNC)
+    log = f.statements
+    assert log is not None
+    f.server(server, PARSED + BOUND + IDLE + PARSED + BOUND)
+    cause = log.cause(m.ERROR_RESPONSE)
+    assert isinstance(cause, Cause) and cause.source.sql.startswith("SELECT notes")
+
+
+def test_a_pipelined_bind_refuted_by_an_error_leaves_no_unknown_names_behind() -> None:
+    """An error skips the Close and the Parse that would have replaced `s`; the Bind
+    pipelined behind them was sent against the new `s` and binds the old one: that
+    request's event cannot say what it read, but the names are as the answers prove them:
+    the next request is recorded for sure."""
+    s = Names()
+    s.send(parse(KEYED, "s"), SYNC)
+    s.answer(PARSED, IDLE)
+    s.send(parse("SELECT nosuch", "x"), close("S", "s"), parse("SELECT 1", "s"), SYNC)
+    s.send(bind("s", "p"), execute("p"), SYNC)
+    s.send(bind("s", "q"), execute("q"), SYNC)
+    first, second = s.answer(
+        error("42703"), IDLE,
+        BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE,
+        BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE,
+    )  # fmt: skip
+    # both were sent against the harmless new `s`: neither can say what it read
+    assert first["tables"] == second["tables"] == [] and not certain(first)
+    s.send(bind("s", "p"), execute("p"), SYNC)
+    (event,) = s.answer(BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE)
+    assert said(event) == read_of("1") and certain(event)

@@ -163,3 +163,19 @@ def test_builtin_calls_are_pinned_to_pg_catalog() -> None:
         d.action == "rewrite"
         and d.sql == "SELECT pg_catalog.upper(body), pg_catalog.count(*) FROM notes"
     )
+
+
+def test_execute_fetch_and_move_name_what_they_use_in_the_effects() -> None:
+    """`uses` (EXECUTE, FETCH) and `moves` (MOVE: it reads no rows, but a masked session
+    checks the cursor it positions as a FETCH's) come from the statement's effects, which
+    the statement log follows names with (a MOVE of no such cursor fails, as a FETCH)."""
+    d = AN.analyze("EXECUTE p; FETCH 2 FROM c; MOVE ALL IN c; CREATE TEMP TABLE t AS EXECUTE q")
+    assert d.effects == (
+        (("execute", "p"),),
+        (("fetch", "c"),),
+        (("move", "c"),),
+        (("execute", "q"),),
+    )
+    assert d.uses == ("statement:p", "portal:c", "statement:q")
+    assert d.moves == ("portal:c",)
+    assert AN.analyze("SELECT 1").moves == ()
