@@ -57,6 +57,8 @@ SCRATCH_RULE = f"""  {SCRATCH}:
 """
 RULES_A = "databases: [postgres]\n" + RULES  # the scratch table is not protected
 RULES_B = RULES_A + SCRATCH_RULE  # it is
+# it is, its last three letters shown (rules B hide them)
+RULES_KEEP = RULES_A + SCRATCH_RULE.replace("partial", "{mask: partial, keep_last: 3}")
 # helpdesk unmasked, billing_admin masked: the fixture's classification swapped
 RULES_SWAPPED = RULES_A.replace(
     "  unmasked: [billing_admin]\n  masked: [helpdesk, cc_staff]\n",
@@ -299,6 +301,54 @@ def test_raw_protocol_pipeline(proxy: Proxy) -> None:
         assert HIDDEN.encode() not in b"".join(body for _, body in got)
     finally:
         c.close()
+
+
+def test_a_pipelined_use_that_the_answers_prove_reads_an_old_text_ends_the_session(
+    pg: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """A pipeline sent while the server waits on an advisory lock: two DECLAREs of one WITH
+    HOLD cursor under rules that show the secret's last three letters, the first bound to
+    fail (1/0). pgveil predicts that the first holds the name; the rules change (the partial
+    mask hides the last letters too) and a FETCH of it is sent: it is checked against the
+    harmless first one and goes on. When the answers tell that the second one holds the
+    name, decided under the old rules and decided otherwise now, the session ends (FATAL
+    42501) before the FETCH's rows, masked the old way, reach the client."""
+    proxy = Proxy(pg, tmp_path, RULES_KEEP)
+    c = RawClient(proxy.port, user="masked_trust")
+    pipeline = (
+        f"SELECT pg_advisory_lock({LOCK})",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1/0",
+        f"DECLARE c CURSOR WITH HOLD FOR SELECT secret FROM {SCRATCH}",
+    )
+    try:
+        with psycopg.connect(pg.dsn(), autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (LOCK,))
+            try:
+                c.send_raw(b"".join(m.message(ord("Q"), sql.encode() + b"\0") for sql in pipeline))
+
+                def waiting() -> bool:
+                    row = holder.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                        " AND objid = %s AND NOT granted",
+                        (LOCK,),
+                    ).fetchone()
+                    return row is not None and row[0] == 1
+
+                wait(waiting, "the session waiting on the advisory lock")
+                proxy.reload(RULES_B)
+                c.send_raw(m.message(ord("Q"), b"FETCH ALL FROM c\0"))
+            finally:
+                holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK,))
+        got = read_until(c, 4)
+    finally:
+        c.close()
+        proxy.close()
+    fatal = [m.decode_fields(body) for typ, body in got if typ == "E"]
+    fatal = [f for f in fatal if f["S"] == "FATAL"]
+    assert len(fatal) == 1 and fatal[0]["C"] == "42501", got
+    assert "masking rules that no longer apply" in fatal[0]["M"]
+    everything = b"".join(body for _, body in got)
+    assert SECRET[-3:].encode() not in everything and SECRET.encode() not in everything
 
 
 # ---- nothing changed: prepared statements go on -------------------------------------------
