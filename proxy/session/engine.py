@@ -677,10 +677,10 @@ class Session:
             return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
         except SessionEnded as exc:
             return self._end_masked(str(exc))
-        ended = ending(self.masked.statements) if self.masked.statements is not None else None
-        if ended is not None:
+        log = self.masked.statements
+        if log is not None and (log.lost is not None or log.refuted is not None):
             # (what the chunk answers goes nowhere)
-            return self._end_masked(ended)
+            return self._end_masked(ending(log) or "")
         if self.masked.tx_status is not None:
             self.tx_status = self.masked.tx_status
         if self.masked.statements is not None:
