@@ -15,6 +15,7 @@ import pytest
 
 from audit.files import read_events
 from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.audit_wire import all_events
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,
@@ -37,7 +38,7 @@ class Audited:
         """Events written since the last call (waits for at least `count` of `role`)."""
         deadline = time.monotonic() + 10
         while True:
-            events = list(read_events(self.path))[self.seen :] if self.path.exists() else []
+            events = all_events(self.path)[self.seen :]  # complete lines: a write may be under way
             # a `running` event precedes a statement whose rows went out in several reads
             # (possible for any result when the machine is busy): it is not one of these
             mine = [
