@@ -158,6 +158,15 @@ class AuditFile:
         self._f.close()
 
 
+def read_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(line number, event or None for a line that is not one), blank lines skipped: what
+    `verify` walks, so that one bad line is reported, not the end of the reading."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                yield n, _parse(raw)
+
+
 def read_events(path: Path) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
         for n, line in enumerate(f, 1):

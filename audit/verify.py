@@ -2,7 +2,7 @@
 against the anchors the auditor holds. Pure: the caller reads the files or the table.
 
 A chain is proven complete when it starts at its genesis (or at a hash the auditor knows:
-`--after`, or an anchored checkpoint), every event links to the one before it, every
+`--after`), every event links to the one before it, every
 checkpoint's seal verifies with a key the auditor gives, checkpoints are no further apart
 than they say (`every`), and the chain reaches the newest anchor found outside it. What
 is found is a list of findings, each with its kind:
@@ -11,7 +11,8 @@ is found is a list of findings, each with its kind:
 - `modified`: an event whose content does not match its hash;
 - `deleted inside`, `missing file`, `reordered or inserted`: a link that does not hold,
   inside a file or between two files (seq numbers say how many events are missing);
-- `begins after a gap`: the first event is not a genesis nor follows a known hash;
+- `begins after a gap`: the first event is not a genesis nor follows the hash the auditor
+  gives (`--after`, for files removed on purpose): a file or events removed at the start;
 - `recorded gap`: events missing where pgveil itself recorded, at a restart, that its file
   or table had lost them (`audit.gap`);
 - `re-hashed`: a seal that does not verify, an anchored event replaced, a sequence number
@@ -130,8 +131,8 @@ def verify_chain(
             continue
         usable.append(a)
     wanted = {a.seq for a in usable}
-    anchor_by_hash = {a.hash: a for a in usable}
     seen: dict[int, str] = {}  # seq -> hash, at the anchored seqs only
+    lost: list[tuple[int, int]] = []  # seq ranges already reported missing
     chains: set[str] = set()
     unsealed = 0
     unknown_keys: set[str] = set()
@@ -178,20 +179,19 @@ def verify_chain(
                         find("modified", where, f"a genesis (prev 0...0) with seq {seq}, not 1")
                 elif after is not None and prev == after:
                     r.start = f"the hash given ({after[:16]}...)"
-                elif prev in anchor_by_hash:
-                    a = anchor_by_hash[prev]
-                    r.start = f"anchored seq {a.seq} ({a.source})"
                 else:
                     before = f"{seq - 1} event(s) (seq 1..{seq - 1})" if seq else "events"
                     find(
                         "begins after a gap",
                         where,
-                        f"{before} before it are not here; it follows hash {prev[:16]}..., "
-                        "which is neither the genesis nor a known anchor (give the older "
-                        "files, or --after HASH)",
+                        f"{before} before it are not here; it follows hash {prev}, which "
+                        "is not the genesis (give the older files too, or, when they were "
+                        "removed on purpose, --after HASH: the last hash they held)",
                     )
             elif prev_hash is not None and prev != prev_hash:
                 missing = seq - prev_seq - 1 if seq is not None and prev_seq is not None else None
+                if missing and missing > 0 and prev_seq is not None:
+                    lost.append((prev_seq + 1, prev_seq + missing))
                 span = (
                     f"seq {prev_seq + 1}..{seq - 1} ({missing} event(s))"
                     if missing and missing > 0 and prev_seq is not None and seq is not None
@@ -292,7 +292,10 @@ def verify_chain(
             continue
         got = seen.get(a.seq)
         if got is None:
-            find("deleted inside", f"seq {a.seq}", f"the anchored event ({a.source}) is missing")
+            if not any(lo <= a.seq <= hi for lo, hi in lost):  # else reported already
+                find(
+                    "deleted inside", f"seq {a.seq}", f"the anchored event ({a.source}) is missing"
+                )
         elif got != a.hash:
             find(
                 "re-hashed",
@@ -339,9 +342,7 @@ def _gap_text(e: Mapping[str, Any]) -> str:
     if isinstance(found, dict):
         for sink, f in sorted(found.items()):
             if isinstance(f, dict):
-                parts.append(
-                    f"the {sink} {f.get('problem', 'differs')} (it ended at seq {f.get('seq')})"
-                )
+                parts.append(f"the {sink} {f.get('problem', 'differed')}")
     head = (
         f"expected seq {expected.get('seq')} from the {expected.get('from')}"
         if isinstance(expected, dict) and expected

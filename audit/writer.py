@@ -271,9 +271,9 @@ class AuditWriter:
                 self.dropped += 1
             return False
         event, line = self.chain.link_line(event_type, fields, who=who)
-        self._deliver(event, line, owner)
         self.written += 1
-        self._since += 1
+        self._since += 1  # before a rotation's checkpoint after it, which counts from 0
+        self._deliver(event, line, owner)
         if self._since >= self.checkpoint_every:
             self.checkpoint("count")
         return True

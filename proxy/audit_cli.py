@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from audit.anchors import Anchor, is_checkpoint, key_id, load_key, parse_key_ref, read_anchors
-from audit.files import AuditFileError, read_events, rotated_files
+from audit.files import AuditFileError, read_events, read_numbered, rotated_files
 from audit.sinks import read_table, read_table_rows
 from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
 from proxy.config import ConfigError
@@ -62,7 +62,7 @@ def verify(
         sys.stderr.write(f"pgveil: error: no such file: {missing[0]}\n")
         return 2
     ordered = _order(list(dict.fromkeys(paths)))
-    parts = [(str(p), _numbered(p)) for p in ordered]
+    parts = [(str(p), read_numbered(p)) for p in ordered]
     report = verify_chain(parts, f"{len(ordered)} file(s)", anchors, keys, after)
     if ordered != paths:
         report.notes.append(
@@ -77,24 +77,12 @@ def verify(
     return report.exit_code
 
 
-def _numbered(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                event = None
-            yield n, event if isinstance(event, dict) else None
-
-
 def _order(paths: list[Path]) -> list[Path]:
     """By the sequence number of each file's first event; as given when a file has none
     (empty, unreadable, or written before events were numbered)."""
     firsts: list[int] = []
     for p in paths:
-        seq = next((e.get("seq") for _n, e in _numbered(p) if e is not None), None)
+        seq = next((e.get("seq") for _n, e in read_numbered(p) if e is not None), None)
         if type(seq) is not int:
             return paths
         firsts.append(seq)
