@@ -82,6 +82,7 @@ class AuditWriter:
         self._table_queue: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
         self._failing: set[str] = set()
         self._wake = asyncio.Event()
+        self._table_lock = asyncio.Lock()
         self.written = 0
         self.dropped = 0
         self.failures = 0
@@ -405,6 +406,12 @@ class AuditWriter:
             await self._drain_table()
 
     async def _drain_table(self) -> None:
+        # one drain at a time: close() drains while run() may be in the middle of one, and
+        # two writes on one connection would fail both (the shutdown checkpoint lost)
+        async with self._table_lock:
+            await self._drain_table_locked()
+
+    async def _drain_table_locked(self) -> None:
         table = self.table
         while table is not None and self._table_queue:
             batch = [self._table_queue[i] for i in range(min(TABLE_BATCH, len(self._table_queue)))]

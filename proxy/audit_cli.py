@@ -45,7 +45,7 @@ def verify_table(
         label = f"table chain {name}"
         report = verify_chain([(label, rows)], label, anchors, keys, after)
         for text in report.lines():
-            print(text.replace(f"{label} line ", "row "))
+            print(text.replace(f"{label} line ", f"{label} row "))
         worst = max(worst, report.exit_code, key=EXIT_ORDER.index)
     return worst
 
