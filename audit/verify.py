@@ -134,7 +134,8 @@ def verify_chain(
     seen: dict[int, str] = {}  # seq -> hash, at the anchored seqs only
     lost: list[tuple[int, int]] = []  # seq ranges already reported missing
     chains: set[str] = set()
-    unsealed = 0
+    unsealed = 0  # checkpoints without a seal since the last verified one
+    unproved_anchor = False
     unknown_keys: set[str] = set()
     prev_hash: str | None = None  # None: unknown (after an unreadable line)
     prev_seq: int | None = None
@@ -238,7 +239,7 @@ def verify_chain(
                     chains.add(c)
                 sealed = sealed_by(e, keys)
                 if "mac" not in e:
-                    unsealed += 1
+                    unsealed += kind == CHECKPOINT
                 elif sealed is None:
                     unknown_keys.add(str(e.get("key")))
                 elif not sealed:
@@ -251,6 +252,7 @@ def verify_chain(
                 else:
                     r.sealed_ok += 1
                     r.key_ids.add(str(e.get("key")))
+                    unsealed = 0
             if kind == CHECKPOINT:
                 n = e.get("every")
                 every = n if type(n) is int and n > 0 else None
@@ -302,6 +304,8 @@ def verify_chain(
                 f"seq {a.seq}",
                 f"the event there is not the anchored one ({a.source}): the chain was rebuilt",
             )
+        elif sealed_by(a.event, keys) is not True:
+            unproved_anchor = True  # it matches, but proves nothing: anyone can write one
         elif r.head is None or a.seq >= r.head.seq:
             r.head = a
     if r.head is not None and r.last_seq is not None:
@@ -310,13 +314,16 @@ def verify_chain(
         r.unproven.append("there are no events")
         return r
     # what could not be proven
+    # a verified seal covers every event before it (a rebuild changes its `prev`): unsealed
+    # checkpoints matter only after the last one
     if unsealed or (not r.sealed_ok and not unknown_keys):
         r.unproven.append(
             "no checkpoint in it is sealed with a key (pgveil ran without --audit-key, or "
             "this is not its proxy stream): a chain rebuilt after a removal cannot be told "
             "from the original"
             if not r.sealed_ok
-            else f"{unsealed} checkpoint(s) are not sealed (written without --audit-key)"
+            else f"{unsealed} checkpoint(s) after the last sealed one are not sealed "
+            "(written without --audit-key)"
         )
     if unknown_keys:
         given = ", ".join(sorted(keys)) or "none"
@@ -324,14 +331,17 @@ def verify_chain(
             f"checkpoints are sealed with key id(s) {', '.join(sorted(unknown_keys))}, "
             f"not given (given: {given}): give that key with --key"
         )
-    if r.head is None:
+    if r.head is None and unproved_anchor:
+        r.unproven.append(
+            "the anchors it reaches are not sealed with a key given (written without a key, "
+            "or with another)"
+        )
+    elif r.head is None:
         last = f" after seq {r.last_checkpoint}" if r.last_checkpoint is not None else ""
         r.unproven.append(
             "nothing outside the chain anchors its end: events at the end" + last + " could "
             "have been removed undetected (give --anchor FILE, or the table with --dsn)"
         )
-    elif "mac" not in r.head.event:
-        r.unproven.append("the anchors it reaches are not sealed (written without a key)")
     return r
 
 

@@ -317,8 +317,8 @@ class AuditWriter:
         if self._anchor is None:
             self._anchor_pending.clear()
             return
-        if self._failing.intersection(s.name for s in self.sinks):
-            return  # the anchor must not run ahead of the file
+        if self._unwritten or self._failing.intersection(s.name for s in self.sinks):
+            return  # the anchor must not run ahead of the file: release() comes back here
         try:
             self._anchor.append(self._anchor_pending)
         except OSError as exc:
@@ -395,7 +395,8 @@ class AuditWriter:
             if self._failing:
                 wait = min(wait, 1.0)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(wait, 0.001))
+                async with asyncio.timeout(max(wait, 0.001)):  # no task per wake-up
+                    await self._wake.wait()
             self._wake.clear()
             if self._since and time.monotonic() - self._checkpoint_at >= self.checkpoint_interval:
                 self.checkpoint("interval")

@@ -464,3 +464,23 @@ def test_canonical_line_of_a_sealed_event_verifies(tmp_path: Path) -> None:
     (cp,) = [e for e in events(tmp_path / "audit.jsonl") if e["type"] == CHECKPOINT]
     assert canonical({k: v for k, v in cp.items() if k != "hash"})
     assert cp["mac"] == mac(KEY, cp) and cp["every"] == EVERY and cp["chain"]
+
+
+def test_a_key_given_later_seals_everything_before_it(tmp_path: Path) -> None:
+    """Checkpoints written before the key was configured are unsealed; the first sealed
+    one covers every event before it (a rebuild would change its `prev`)."""
+    write(tmp_path, 7, key=None)
+    assert check(tmp_path).exit_code == 3
+    write(tmp_path, 2)
+    r = check(tmp_path)
+    assert r.exit_code == 0, r.lines()
+    rebuild([tmp_path / "audit.jsonl"], drop=2)  # in the unsealed part
+    assert "re-hashed" in kinds(check(tmp_path))
+
+
+def test_unsealed_anchors_prove_nothing(tmp_path: Path) -> None:
+    write(tmp_path, 7, key=None)
+    r = check(tmp_path)
+    assert any("anchors it reaches are not sealed" in u for u in r.unproven), r.unproven
+    drop_lines(tmp_path / "audit.jsonl", -2)  # but a cut below them still shows
+    assert kinds(check(tmp_path)) == ["truncated after anchor"]
