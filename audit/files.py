@@ -111,7 +111,7 @@ class AuditFile:
         file is unbuffered), or one per file when the batch holds a ROTATE."""
         pending: list[bytes] = []
         for encoded in lines:
-            if encoded is ROTATE or not encoded:
+            if not encoded:  # ROTATE
                 self._write(pending)
                 pending = []
                 self.rotate()

@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from audit.events import CHECKPOINT, GAP, Chain, canonical
-from audit.files import ROTATE, AuditFile
+from audit.files import AuditFile
 
 _ASYNCPG_KEYS = {"dbname": "database", "connect_timeout": "timeout"}
 
@@ -124,7 +124,7 @@ class StdoutSink:
             sys.stdout.flush()
             self._fd = sys.stdout.fileno()
             os.set_blocking(self._fd, False)
-        data = self._backlog + b"".join(line + b"\n" for line in lines if line is not ROTATE)
+        data = self._backlog + b"".join(line + b"\n" for line in lines if line)  # not ROTATE
         self._backlog = b""
         view = memoryview(data)
         while view:
