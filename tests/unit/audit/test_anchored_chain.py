@@ -484,3 +484,28 @@ def test_unsealed_anchors_prove_nothing(tmp_path: Path) -> None:
     assert any("anchors it reaches are not sealed" in u for u in r.unproven), r.unproven
     drop_lines(tmp_path / "audit.jsonl", -2)  # but a cut below them still shows
     assert kinds(check(tmp_path)) == ["truncated after anchor"]
+
+
+def test_events_are_checkpointed_within_the_interval(tmp_path: Path) -> None:
+    """Few events (far below `every`): the writer's timer seals them, so the window no
+    anchor covers is bounded in time too."""
+
+    async def go() -> list[str]:
+        w = AuditWriter(
+            [FileSink(tmp_path / "audit.jsonl")],
+            key=KEY,
+            anchor=tmp_path / "audit.anchor",
+            checkpoint_every=1000,
+            checkpoint_interval=0.2,
+        )
+        await w.start()
+        task = asyncio.ensure_future(w.run())
+        w.submit("access", {"tables": ["billing.customers"]})
+        while w.checkpoints == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await w.close()  # nothing since: no shutdown checkpoint
+        return [e["reason"] for e in events(tmp_path / "audit.anchor")]
+
+    assert asyncio.run(go()) == ["interval"]
+    assert check(tmp_path).exit_code == 0
