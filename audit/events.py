@@ -1,10 +1,14 @@
 """Audit events and their tamper-evident chain.
 
-An event is a flat JSON object, schema-versioned. Each carries `prev`, the SHA-256 of the
-canonical encoding of the event before it (the first event of a chain carries 64 zeros),
-and `hash`, the SHA-256 of its own canonical encoding without `hash`. Canonical encoding:
-JSON with sorted keys, no insignificant whitespace, UTF-8. `verify` walks a sequence of
-events and names the first one that was modified, deleted, reordered or inserted.
+An event is a flat JSON object, schema-versioned. Each carries `seq`, its position in the
+chain (1 for the first), `prev`, the SHA-256 of the canonical encoding of the event before
+it (the first event of a chain, its genesis, carries 64 zeros and seq 1), and `hash`, the
+SHA-256 of its own canonical encoding without `hash`. Canonical encoding: JSON with sorted
+keys, no insignificant whitespace, UTF-8. `verify` walks a sequence of events and names the
+first one that was modified, deleted, reordered or inserted; audit/verify.py judges a whole
+chain (its start, its end, its keyed checkpoints). Sealed events (`audit.checkpoint`,
+`audit.gap`) also carry `mac`, an HMAC made with the audit key (audit/anchors.py), so that
+a chain re-hashed without the key cannot reproduce them.
 
 Events never carry literals from statements or values from rows: the proxy builds them from
 normalised statement text, table and column names and subject keys only. This module is
@@ -18,15 +22,26 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `seq`, and the audit.* events of the chain itself
 GENESIS = "0" * 64
-EVENT_TYPES = ("session.start", "session.end", "access", "refused", "rules.reload", "erasure")
+CHECKPOINT = "audit.checkpoint"
+GAP = "audit.gap"
+EVENT_TYPES = (
+    "session.start",
+    "session.end",
+    "access",
+    "refused",
+    "rules.reload",
+    "erasure",
+    CHECKPOINT,
+    GAP,
+)
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -84,15 +99,30 @@ def utc_timestamp(now_ns: int | None = None) -> str:
 
 
 class Chain:
-    """Links events: fills in `v`, `ts`, `id`, `prev` and `hash`."""
+    """Links events: fills in `v`, `ts`, `id`, `seq`, `prev` and `hash`. `seq`: the last
+    linked event's (0 before the genesis)."""
 
-    def __init__(self, last_hash: str = GENESIS) -> None:
+    def __init__(self, last_hash: str = GENESIS, seq: int = 0) -> None:
         self.last_hash = last_hash
+        self.seq = seq
+
+    @classmethod
+    def following(cls, event: Mapping[str, Any] | None) -> Chain:
+        """The chain that goes on after `event` (a new chain after None). An event of
+        schema 1 has no `seq`: the chain goes on from its hash, counting from 0."""
+        if event is None:
+            return cls()
+        seq = event.get("seq")
+        return cls(str(event["hash"]), seq if type(seq) is int else 0)
 
     def link(
-        self, event_type: str, fields: Mapping[str, Any], now_ns: int | None = None
+        self,
+        event_type: str,
+        fields: Mapping[str, Any],
+        now_ns: int | None = None,
+        seal: Callable[[Mapping[str, Any]], str] | None = None,
     ) -> dict[str, Any]:
-        return self.link_line(event_type, fields, now_ns)[0]
+        return self.link_line(event_type, fields, now_ns, seal=seal)[0]
 
     def link_line(
         self,
@@ -100,13 +130,16 @@ class Chain:
         fields: Mapping[str, Any],
         now_ns: int | None = None,
         who: Mapping[str, Any] | None = None,
+        seal: Callable[[Mapping[str, Any]], str] | None = None,
     ) -> tuple[dict[str, Any], bytes]:
         """The linked event and its JSON line, encoded once: the canonical body with `hash`
         appended (a reader re-canonicalises to verify, so key order in the line is free).
-        `who`: fields that come before `fields` (a session's), merged here in one copy."""
+        `who`: fields that come before `fields` (a session's), merged here in one copy.
+        `seal`: computes the event's `mac` from its other fields (sealed events only)."""
         if event_type not in EVENT_TYPES:
             raise ValueError(f"unknown audit event type {event_type}")
         ns = now_ns if now_ns is not None else time.time_ns()
+        seq = self.seq + 1
         event: dict[str, Any] = {
             "v": SCHEMA_VERSION,
             "ts": utc_timestamp(ns),
@@ -114,10 +147,14 @@ class Chain:
             "type": event_type,
             **(who or {}),
             **fields,
+            "seq": seq,
             "prev": self.last_hash,
         }
+        if seal is not None:
+            event["mac"] = seal(event)
         body = canonical(event)
         event["hash"] = self.last_hash = hashlib.sha256(body).hexdigest()
+        self.seq = seq
         return event, body[:-1] + b',"hash":"' + event["hash"].encode() + b'"}'
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import asyncpg
 
-from audit.events import GENESIS, Chain, canonical
-from audit.files import AuditFile, last_hash
+from audit.events import CHECKPOINT, GAP, Chain, canonical
+from audit.files import AuditFile
 
 _ASYNCPG_KEYS = {"dbname": "database", "connect_timeout": "timeout"}
 
@@ -84,15 +84,18 @@ async def connect(dsn: str, timeout: float = 10) -> asyncpg.Connection:
 class FileSink:
     name = "file"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, max_bytes: int = 100 * 1024**2, max_age_s: float = 86400
+    ) -> None:
         self.path = path
-        self._file = AuditFile(path)
+        self._file = AuditFile(path, max_bytes, max_age_s)
 
-    def last_hash(self) -> str:
-        return last_hash(self.path)
+    def due(self, extra: int) -> bool:
+        """The file is to be rotated once `extra` more bytes are in it."""
+        return self._file.due(extra)
 
     def write(self, lines: Sequence[bytes]) -> None:
-        self._file.write_lines(lines)
+        self._file.write_lines(lines)  # rotates at each ROTATE among them
 
     def close(self) -> None:
         self._file.close()
@@ -121,7 +124,7 @@ class StdoutSink:
             sys.stdout.flush()
             self._fd = sys.stdout.fileno()
             os.set_blocking(self._fd, False)
-        data = self._backlog + b"".join(line + b"\n" for line in lines)
+        data = self._backlog + b"".join(line + b"\n" for line in lines if line)  # not ROTATE
         self._backlog = b""
         view = memoryview(data)
         while view:
@@ -221,14 +224,21 @@ class TableSink:
                 )
         self._partitions.add(day)
 
-    async def last_hash(self) -> str:
+    async def tail(self) -> tuple[dict[str, Any] | None, str | None]:
+        """This chain's last event in the table (None when it has none), and the chain id
+        of its newest checkpoint or gap (None when it has none)."""
         conn = await self._connection()
-        value = await conn.fetchval(
-            f"SELECT event->>'hash' FROM {self.relation} WHERE chain = $1 "
-            "ORDER BY seq DESC LIMIT 1",
+        line = await conn.fetchval(
+            f"SELECT line FROM {self.relation} WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
             self.chain,
         )
-        return str(value) if value is not None else GENESIS
+        chain_id = await conn.fetchval(
+            f"SELECT event->>'chain' FROM {self.relation} WHERE chain = $1 "
+            "AND type = ANY($2::text[]) ORDER BY seq DESC LIMIT 1",
+            self.chain,
+            [CHECKPOINT, GAP],
+        )
+        return (json.loads(line) if line is not None else None), chain_id
 
     async def write(self, events: Sequence[tuple[Mapping[str, Any], bytes]]) -> None:
         conn = await self._connection()
@@ -258,12 +268,11 @@ class TableSink:
                 out = [dict(fields) for _type, fields in events]
                 rows = [(e, canonical(e)) for e in out]
             else:
-                prev = await conn.fetchval(
-                    f"SELECT event->>'hash' FROM {self.relation} WHERE chain = $1 "
-                    "ORDER BY seq DESC LIMIT 1",
+                last = await conn.fetchval(
+                    f"SELECT line FROM {self.relation} WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
                     self.chain,
                 )
-                chain = Chain(str(prev) if prev is not None else GENESIS)
+                chain = Chain.following(json.loads(last) if last is not None else None)
                 rows = [chain.link_line(t, fields) for t, fields in events]
                 out = [e for e, _line in rows]
             await self._insert(conn, rows)
@@ -300,7 +309,8 @@ def _ts(event: Mapping[str, Any]) -> dt.datetime:
 async def read_table(
     dsn: str, table: str, chain: str | None = None
 ) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Every chain in the table with its events in order: [(chain, events)]."""
+    """Every chain in the table with its events in order (of insertion): [(chain,
+    events)]."""
     schema, name = split_table_name(table)
     conn = await connect(dsn)
     try:
@@ -314,4 +324,31 @@ async def read_table(
     chains: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         chains.setdefault(r["chain"], []).append(json.loads(r["line"]))
+    return list(chains.items())
+
+
+async def read_table_rows(
+    dsn: str, table: str, chain: str | None = None
+) -> list[tuple[str, list[tuple[int, dict[str, Any] | None]]]]:
+    """For `verify`: every chain with its rows in order, as (the row's `seq` column, the
+    event, or None for a line that is not one)."""
+    schema, name = split_table_name(table)
+    conn = await connect(dsn)
+    try:
+        rows = await conn.fetch(
+            f"SELECT chain, seq, line FROM {_quote(schema)}.{_quote(name)} "
+            "WHERE $1::text IS NULL OR chain = $1 ORDER BY chain, seq",
+            chain,
+        )
+    finally:
+        await conn.close()
+    chains: dict[str, list[tuple[int, dict[str, Any] | None]]] = {}
+    for r in rows:
+        try:
+            event = json.loads(r["line"])
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            event = None
+        chains.setdefault(r["chain"], []).append((int(r["seq"]), event))
     return list(chains.items())

@@ -9,6 +9,14 @@ and with `on_failure: block` statements that touch personal data are refused rat
 run unrecorded. With `on_failure: drop` events that cannot be queued are dropped and
 counted. Nothing here sees statement literals or row values: callers pass only what audit
 events may hold.
+
+The writer also keeps the chain provable (audit/anchors.py): it seals a checkpoint every
+`checkpoint_every` events, every `checkpoint_interval` seconds while events come, as the
+last event of a file before it is rotated, at start when a chain goes on, and at shutdown;
+each goes into the chain and to the anchor file (after the file sink has taken it, so the
+anchor never runs ahead of the file) and to the log. At start it checks the ends of the
+file and of the table against the newest anchor (audit/resume.py) and records an
+`audit.gap` before going on when they fall short.
 """
 
 from __future__ import annotations
@@ -19,11 +27,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from audit.events import GENESIS, Chain
+from audit import resume
+from audit.anchors import AnchorFile, key_id, newest_anchor, seal_with
+from audit.events import CHECKPOINT, GAP, Chain
+from audit.files import ROTATE
 from audit.sinks import FileSink, SinkBacklogged, SyncSink, TableSink
 
 _log = logging.getLogger("pgveil.audit")
@@ -37,6 +49,10 @@ class AuditWriter:
         table: TableSink | None = None,
         on_failure: str = "block",
         queue_size: int = 10_000,
+        key: bytes | None = None,
+        anchor: Path | None = None,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 10.0,
     ) -> None:
         if not sinks and table is None:
             raise ValueError("an audit writer needs at least one sink")
@@ -44,13 +60,29 @@ class AuditWriter:
         self.table = table
         self.on_failure = on_failure
         self.queue_size = queue_size
-        self.chain = Chain(GENESIS)
+        self.chain = Chain()
+        self.chain_id = ""  # set by start()
+        self.key_id = key_id(key) if key is not None else None
+        self._key = key
+        self._sealer = seal_with(key) if key is not None else None
+        self.anchor_path = anchor
+        self._anchor: AnchorFile | None = None
+        self._anchor_pending: list[bytes] = []
+        self._anchor_failing = False
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
+        self._since = 0  # events linked since the last checkpoint
+        self._checkpoint_at = time.monotonic()
+        self.checkpoints = 0
+        self.gaps = 0
+        self._file = next((s for s in sinks if isinstance(s, FileSink)), None)
         self._pending: dict[str, collections.deque[bytes]] = {
             s.name: collections.deque() for s in sinks
         }
         self._table_queue: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
         self._failing: set[str] = set()
         self._wake = asyncio.Event()
+        self._table_lock = asyncio.Lock()
         self.written = 0
         self.dropped = 0
         self.failures = 0
@@ -108,7 +140,7 @@ class AuditWriter:
         written = True
         if self._unwritten:
             lines, self._unwritten = self._unwritten, []
-            written = self._write_sinks(lines)
+            written = self._write_linked(lines)
         stranded = self._stranded
         for transport, data, upstream in held:
             withheld = stranded.get(transport)
@@ -143,14 +175,73 @@ class AuditWriter:
             transport.abort()
 
     async def start(self) -> None:
-        """Resume the chain where the first sink's last event left it (the file if there is
-        one). Raises when the table sink cannot be reached: fail loudly at start."""
-        for s in self.sinks:
-            if isinstance(s, FileSink):
-                self.chain.last_hash = s.last_hash()
-                return
+        """Check the ends of the file and the table against the newest anchor and go on
+        from the furthest one known, recording a gap first when a copy falls short (see
+        audit/resume.py). Raises when the table sink cannot be reached: fail loudly."""
+        anchor = None
+        if self.anchor_path is not None:
+            anchor, forged = newest_anchor(self.anchor_path, self._key)
+            for problem in forged:
+                _log.error("audit.anchor_forged", extra={"fields": {"problem": problem}})
+        file_state = None
+        if self._file is not None:
+            file_state = resume.check_file(self._file.path, anchor)
+        table_end, table_chain = None, None
         if self.table is not None:
-            self.chain.last_hash = await self.table.last_hash()
+            last, table_chain = await self.table.tail()
+            if last is not None:
+                seq = last.get("seq")
+                table_end = resume.End(seq if type(seq) is int else 0, str(last["hash"]))
+        plan = resume.plan(anchor, file_state, table_end, self.table is not None, table_chain)
+        self.chain = Chain(plan.hash, plan.seq)
+        self.chain_id = plan.chain
+        if self.anchor_path is not None:
+            self._anchor = AnchorFile(self.anchor_path)
+        if plan.gap is not None:
+            self.gaps += 1
+            _log.error(
+                "audit.gap",
+                extra={"fields": {"expected": plan.gap["expected"], "found": plan.gap["found"]}},
+            )
+            self._deliver(*self._seal(GAP, plan.gap), None)
+        if plan.resumed:
+            self.checkpoint("start")
+
+    def _seal(self, event_type: str, fields: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """Link a sealed event (a checkpoint or a gap): with the key's id and `mac` when
+        there is a key. Checkpoints wait to go to the anchor file."""
+        if self.key_id is not None:
+            fields = {**fields, "key": self.key_id}
+        event, line = self.chain.link_line(event_type, fields, seal=self._sealer)
+        if event_type == CHECKPOINT:
+            self._anchor_pending.append(line)
+            self._checkpointed(event)
+        return event, line
+
+    def checkpoint(self, reason: str) -> None:
+        """Seal a checkpoint: into the chain, the anchor file (once the file sink has
+        taken it) and the log."""
+        event, line = self._seal(CHECKPOINT, self._checkpoint_fields(reason))
+        self._deliver(event, line, None)
+
+    def _checkpoint_fields(self, reason: str) -> dict[str, Any]:
+        return {"chain": self.chain_id, "reason": reason, "every": self.checkpoint_every}
+
+    def _checkpointed(self, event: Mapping[str, Any]) -> None:
+        self._since = 0
+        self._checkpoint_at = time.monotonic()
+        self.checkpoints += 1
+        _log.info(
+            "audit.checkpoint",
+            extra={
+                "fields": {
+                    "chain": self.chain_id,
+                    "seq": event["seq"],
+                    "hash": event["hash"],
+                    "reason": event["reason"],
+                }
+            },
+        )
 
     @property
     def failing(self) -> bool:
@@ -181,18 +272,67 @@ class AuditWriter:
                 self.dropped += 1
             return False
         event, line = self.chain.link_line(event_type, fields, who=who)
+        self.written += 1
+        self._since += 1  # before a rotation's checkpoint after it, which counts from 0
+        self._deliver(event, line, owner)
+        if self._since >= self.checkpoint_every:
+            self.checkpoint("count")
+        return True
+
+    def _deliver(self, event: dict[str, Any], line: bytes, owner: asyncio.Transport | None) -> None:
         if self._loop is not None and self.sinks:
             self._unwritten.append(line)
             if owner is not None:
                 self._owners.add(owner)
             self._schedule()
         else:
-            self._write_sinks((line,))
+            self._write_linked([line])
         if self.table is not None:
             self._table_queue.append((event, line))
             self._wake.set()
-        self.written += 1
-        return True
+
+    def _write_linked(self, lines: list[bytes]) -> bool:
+        """Write linked lines to the file and stdout sinks; when the file is due for
+        rotation after them, seal a checkpoint as its last event and rotate there."""
+        f = self._file
+        if (
+            f is not None
+            and f.name not in self._failing
+            and f.due(sum(map(len, lines)) + len(lines))
+        ):
+            event, line = self._seal(CHECKPOINT, self._checkpoint_fields("rotation"))
+            if self.table is not None:
+                self._table_queue.append((event, line))
+                self._wake.set()
+            lines = [*lines, line, ROTATE]
+        written = self._write_sinks(lines)
+        if written:
+            self._write_anchors()
+        return written
+
+    def _write_anchors(self) -> None:
+        """Checkpoints to the anchor file, once every file and stdout sink took them."""
+        if not self._anchor_pending:
+            return
+        if self._anchor is None:
+            self._anchor_pending.clear()
+            return
+        if self._unwritten or self._failing.intersection(s.name for s in self.sinks):
+            return  # the anchor must not run ahead of the file: release() comes back here
+        try:
+            self._anchor.append(self._anchor_pending)
+        except OSError as exc:
+            if not self._anchor_failing:
+                self._anchor_failing = True
+                _log.error(
+                    "audit.anchor_failed",
+                    extra={"fields": {"file": str(self._anchor.path), "error": _error_text(exc)}},
+                )
+            return
+        self._anchor_pending.clear()
+        if self._anchor_failing:
+            self._anchor_failing = False
+            _log.info("audit.anchor_recovered", extra={"fields": {"file": str(self._anchor.path)}})
 
     def _write_sinks(self, lines: Sequence[bytes]) -> bool:
         """True when every file and stdout sink took the lines (else they stay queued)."""
@@ -226,6 +366,7 @@ class AuditWriter:
             return False
         queue.clear()
         self._recover(sink.name)
+        self._write_anchors()
         return True
 
     def _fail(self, name: str, error: str) -> None:
@@ -248,12 +389,17 @@ class AuditWriter:
     async def run(self) -> None:
         """Deliver to the table sink and retry failed sinks, until cancelled."""
         while True:
+            wait = self.checkpoint_interval
+            if self._since:
+                wait -= time.monotonic() - self._checkpoint_at
             if self._failing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
-            else:
-                await self._wake.wait()
+                wait = min(wait, 1.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wait, 0.001)):  # no task per wake-up
+                    await self._wake.wait()
             self._wake.clear()
+            if self._since and time.monotonic() - self._checkpoint_at >= self.checkpoint_interval:
+                self.checkpoint("interval")
             for sink in self.sinks:
                 if sink.name in self._failing:
                     self._flush(sink)
@@ -261,6 +407,12 @@ class AuditWriter:
             await self._drain_table()
 
     async def _drain_table(self) -> None:
+        # one drain at a time: close() drains while run() may be in the middle of one, and
+        # two writes on one connection would fail both (the shutdown checkpoint lost)
+        async with self._table_lock:
+            await self._drain_table_locked()
+
+    async def _drain_table_locked(self) -> None:
         table = self.table
         while table is not None and self._table_queue:
             batch = [self._table_queue[i] for i in range(min(TABLE_BATCH, len(self._table_queue)))]
@@ -274,7 +426,10 @@ class AuditWriter:
             self._recover("table")
 
     async def close(self) -> None:
-        """Write what is queued (shutdown flushes everything), then close the sinks."""
+        """Seal a checkpoint after the last event, write what is queued (shutdown flushes
+        everything), then close the sinks."""
+        if self._since:
+            self.checkpoint("shutdown")
         self.release()
         for sink in self.sinks:
             if self._pending[sink.name]:
@@ -287,6 +442,15 @@ class AuditWriter:
                 _log.error(
                     "audit.close_failed",
                     extra={"fields": {"sink": sink.name, "error": _error_text(exc)}},
+                )
+        self._write_anchors()
+        if self._anchor is not None:
+            try:
+                self._anchor.close()
+            except OSError as exc:
+                _log.error(
+                    "audit.close_failed",
+                    extra={"fields": {"sink": "anchor", "error": _error_text(exc)}},
                 )
         if self.table is not None:
             await self._drain_table()

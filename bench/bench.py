@@ -900,9 +900,10 @@ def report_audit(results: Results, reps: int, duration: int, events: int) -> str
         "# pgveil benchmark: audit cost",
         "",
         f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, all on loopback",
-        "- two pgveil processes with the same rules, one with `--audit-file` (every statement "
-        "of the helpdesk script touches personal data, so each one is an audit event with its "
-        "data subjects), one without; data and script as in the masking part",
+        "- two pgveil processes with the same rules, one with `--audit-file` and `--audit-key` "
+        "(every statement of the helpdesk script touches personal data, so each one is an "
+        "audit event with its data subjects; sealed checkpoints at the default cadence), one "
+        "without; data and script as in the masking part",
         f"- {reps} repetitions, interleaved; pgbench runs of {duration} s; "
         f"{events:,} audit events written in all",
         "",
@@ -950,9 +951,15 @@ def run_audit_part(
         load_billing(db)
     rules, script = write_helpdesk_files(workdir)
     audit_file = workdir / "audit.jsonl"
+    key = workdir / "audit.key"  # checkpoints sealed as in production (default cadence)
+    key.write_text(os.urandom(32).hex())
     plain, plain_port = start_pgveil(db, workdir, rules, label="audit-off")
     audited, audited_port = start_pgveil(
-        db, workdir, rules, ("--audit-file", str(audit_file)), label="audit-on"
+        db,
+        workdir,
+        rules,
+        ("--audit-file", str(audit_file), "--audit-key", f"file:{key}"),
+        label="audit-on",
     )
     for service, port in ((plain, plain_port), (audited, audited_port)):
         services.append(service)

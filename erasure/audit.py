@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from audit.events import Chain, canonical
-from audit.files import last_hash
+from audit.files import last_event
 from audit.sinks import TableSink
 from erasure.model import AuditSettings
 
@@ -52,7 +52,7 @@ class ErasureAudit:
                 try:
                     if redelivery:
                         events = [e for e in events if not _near_end(f, str(e["job"]))]
-                    chain = Chain(last_hash(path))
+                    chain = Chain.following(last_event(path))
                     linked = [chain.link("erasure", e) for e in events]
                     f.write(b"".join(canonical(e) + b"\n" for e in linked))
                     f.flush()

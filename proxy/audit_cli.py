@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,43 +18,105 @@ from typing import Any
 
 import asyncpg
 
-from audit.events import verify as verify_chain
-from audit.files import AuditFileError, read_events, rotated_files, verify_files
-from audit.sinks import read_table
+from audit.anchors import Anchor, is_checkpoint, key_id, load_key, parse_key_ref, read_anchors
+from audit.files import AuditFileError, read_events, read_numbered, rotated_files
+from audit.sinks import read_table, read_table_rows
+from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
 from proxy.config import ConfigError
 
+EXIT_ORDER = (EXIT_INTACT, EXIT_UNPROVEN, EXIT_BROKEN)  # the worst of several chains wins
 
-def verify_table(dsn: str, table: str) -> int:
-    """Every chain in the table sink, each on its own."""
-    chains = asyncio.run(read_table(dsn, table))
-    broken = 0
-    for chain, events in chains:
-        brk = verify_chain(events)
-        if brk is not None:
-            broken += 1
-            print(f"BROKEN: chain {chain}: {brk}")
-        else:
-            print(f"intact: chain {chain}: {len(events)} event(s)")
+
+def verify_table(
+    dsn: str,
+    table: str,
+    keys: Mapping[str, bytes],
+    anchors: list[Anchor],
+    after: str | None,
+    chain: str | None,
+) -> int:
+    """Every chain in the table sink (or one), each on its own."""
+    chains = asyncio.run(read_table_rows(dsn, table, chain))
     if not chains:
-        print("no events")
-    return 1 if broken else 0
+        print("no events" if chain is None else f"no events in chain {chain}")
+        return EXIT_UNPROVEN
+    worst = EXIT_INTACT
+    for name, rows in chains:
+        label = f"table chain {name}"
+        report = verify_chain([(label, rows)], label, anchors, keys, after)
+        for text in report.lines():
+            print(text.replace(f"{label} line ", f"{label} row "))
+        worst = max(worst, report.exit_code, key=EXIT_ORDER.index)
+    return worst
 
 
-def verify(paths: list[Path]) -> int:
+def verify(
+    paths: list[Path],
+    keys: Mapping[str, bytes],
+    anchors: list[Anchor],
+    after: str | None,
+) -> int:
+    """Audit files as one chain, in the order of their events' sequence numbers."""
     missing = [p for p in paths if not p.is_file()]
     if missing:
         sys.stderr.write(f"pgveil: error: no such file: {missing[0]}\n")
         return 2
-    try:
-        total, brk, where = verify_files(paths)
-    except AuditFileError as exc:
-        print(f"BROKEN: {exc}")
-        return 1
-    if brk is not None:
-        print(f"BROKEN: {where}: {brk}; {total} event(s) before it are intact")
-        return 1
-    print(f"intact: {total} event(s) in {len(paths)} file(s)")
-    return 0
+    ordered = _order(list(dict.fromkeys(paths)))
+    parts = [(str(p), read_numbered(p)) for p in ordered]
+    report = verify_chain(parts, f"{len(ordered)} file(s)", anchors, keys, after)
+    if ordered != paths:
+        report.notes.append(
+            "files taken in the order of their events: " + " ".join(map(str, ordered))
+        )
+    if any(f.kind == "begins after a gap" for f in report.findings):
+        older = [p for p in rotated_files(ordered[0]) if p not in ordered] if ordered else []
+        if older:
+            report.notes.append(f"{len(older)} rotated file(s) beside {ordered[0]} were not given")
+    for text in report.lines():
+        print(text)
+    return report.exit_code
+
+
+def _order(paths: list[Path]) -> list[Path]:
+    """By the sequence number of each file's first event; as given when a file has none
+    (empty, unreadable, or written before events were numbered)."""
+    firsts: list[int] = []
+    for p in paths:
+        seq = next((e.get("seq") for _n, e in read_numbered(p) if e is not None), None)
+        if type(seq) is not int:
+            return paths
+        firsts.append(seq)
+    return [p for _s, _i, p in sorted(zip(firsts, range(len(paths)), paths, strict=True))]
+
+
+def _keys(refs: list[str] | None) -> dict[str, bytes]:
+    if not refs:
+        env = os.environ.get("PGVEIL_AUDIT_KEY")
+        refs = [env] if env else []
+    out = {}
+    for text in refs:
+        try:
+            key = load_key(parse_key_ref(text))
+        except ValueError as exc:
+            raise ConfigError(f"--key: {exc}") from exc
+        out[key_id(key)] = key
+    return out
+
+
+def _anchors(files: list[Path] | None, dsn: str | None, table: str) -> list[Anchor]:
+    out: list[Anchor] = []
+    for path in files or []:
+        if not path.is_file():
+            raise ConfigError(f"--anchor: no such file: {path}")
+        out += read_anchors(path)
+    if dsn is not None:
+        for chain, rows in asyncio.run(read_table_rows(dsn, table)):
+            out += [
+                Anchor(e, f"table chain {chain} row {n}")
+                for n, e in rows
+                if e is not None and is_checkpoint(e)
+            ]
+    return out
 
 
 def line(e: Mapping[str, Any]) -> str:
@@ -226,11 +289,23 @@ def run(ns: argparse.Namespace) -> int:
     if ns.audit_command == "tail":
         return tail(ns.file, ns.follow, ns.role, ns.table)
     if ns.audit_command == "verify":
+        keys = _keys(ns.key)
         if ns.files:
-            return verify(ns.files)
-        if ns.dsn is None:
+            if ns.chain is not None:
+                raise ConfigError("--chain is for the table sink (--dsn without FILEs)")
+            return _from_table(
+                lambda: verify(
+                    ns.files, keys, _anchors(ns.anchor, ns.dsn, ns.audit_table), ns.after
+                )
+            )
+        dsn = ns.dsn or os.environ.get("PGVEIL_AUDIT_TABLE_DSN")
+        if dsn is None:
             raise ConfigError("give audit files, or --dsn for the table sink")
-        return _from_table(lambda: verify_table(ns.dsn, ns.audit_table))
+        return _from_table(
+            lambda: verify_table(
+                dsn, ns.audit_table, keys, _anchors(ns.anchor, None, ""), ns.after, ns.chain
+            )
+        )
     if not ns.file and ns.dsn is None:
         raise ConfigError("give --file FILE or --dsn DSN (the table sink)")
     since, until = _utc(ns.since, "--since"), _utc(ns.until, "--until")

@@ -65,10 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     asub.required = True
     av = asub.add_parser(
-        "verify", help="check the hash chain of audit files (oldest first) or of the table sink"
+        "verify",
+        help="check that audit files (in any order) or the table sink's chains are complete "
+        "and unchanged; exit 0 intact, 1 broken, 2 usage error, 3 unproven",
     )
     av.add_argument("files", type=Path, nargs="*", metavar="FILE")
-    _table_source(av)
+    av.add_argument(
+        "--key",
+        action="append",
+        metavar="REF",
+        help="the audit key, env:NAME or file:PATH (repeat for older keys; default: the "
+        "reference in $PGVEIL_AUDIT_KEY)",
+    )
+    av.add_argument(
+        "--anchor",
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="checkpoints kept outside the chain: the anchor file (a copy shipped elsewhere), "
+        "or any JSON-lines file holding them (repeatable)",
+    )
+    av.add_argument(
+        "--after",
+        metavar="HASH",
+        help="the hash the first event follows, when older files were removed on purpose",
+    )
+    av.add_argument("--chain", metavar="NAME", help="with --dsn: only this chain")
+    _table_source(av, from_env=False)
     aw = asub.add_parser("who", help="who accessed one data subject's personal data, and when")
     aw.add_argument("--table", required=True, metavar="SCHEMA.TABLE", help="protected table")
     aw.add_argument("--subject", required=True, metavar="KEY", help="its subject column's value")
@@ -89,12 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _table_source(p: argparse.ArgumentParser) -> None:
+def _table_source(p: argparse.ArgumentParser, from_env: bool = True) -> None:
     p.add_argument(
         "--dsn",
         metavar="DSN",
-        default=os.environ.get("PGVEIL_AUDIT_TABLE_DSN"),
-        help="read the table sink in this database (default: $PGVEIL_AUDIT_TABLE_DSN)",
+        default=os.environ.get("PGVEIL_AUDIT_TABLE_DSN") if from_env else None,
+        help="read the table sink in this database (default"
+        + (": " if from_env else " without FILEs: ")
+        + "$PGVEIL_AUDIT_TABLE_DSN"
+        + ("" if from_env else "; with FILEs, its checkpoints anchor them")
+        + ")",
     )
     p.add_argument(
         "--audit-table", default="pgveil.audit_events", metavar="SCHEMA.TABLE", help="its table"

@@ -4,7 +4,9 @@ environment variables and command-line flags (later sources win).
 Every setting is declared once in `SETTINGS`; the CLI flags, the environment variable names,
 the YAML keys and the README's reference are all derived from it. Validation is strict: an
 unknown YAML key or a malformed value is a `ConfigError` whose text names the source, the key
-and what is allowed. This module does no I/O beyond reading the config file.
+and what is allowed. This module does no I/O beyond reading the config file, checking
+that the files it names exist, and reading the audit key once to check it (never keeping,
+logging or printing it: messages name where it is, not what it is).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from audit.anchors import KeyRef, load_key, parse_key_ref
 
 
 class ConfigError(Exception):
@@ -166,6 +170,40 @@ SETTINGS: tuple[Setting, ...] = (
         "this instance's hash chain in the table sink (default: host name and listen port)",
     ),
     Setting(
+        "audit_key",
+        parse_key_ref,
+        None,
+        "seals the audit checkpoints: env:NAME or file:PATH holding at least 32 bytes, never "
+        "the key itself (without one the chain's end and rebuilds cannot be proven)",
+        False,
+    ),
+    Setting(
+        "audit_anchor_file",
+        _path,
+        None,
+        "where checkpoints go outside the chain (default: the audit file's name + .anchor); "
+        "keep or ship it apart from the audit file",
+        False,
+    ),
+    Setting(
+        "audit_checkpoint_every",
+        _positive_int,
+        1000,
+        "audit events between two checkpoints, at most",
+        False,
+    ),
+    Setting(
+        "audit_checkpoint_interval",
+        _positive_float,
+        10.0,
+        "seconds between two checkpoints while events come, at most",
+        False,
+    ),
+    Setting("audit_rotate_size", parse_size, "100MB", "audit file size before rotation", False),
+    Setting(
+        "audit_rotate_age", _positive_float, 86400.0, "audit file age (s) before rotation", False
+    ),
+    Setting(
         "audit_block_timeout",
         _positive_float,
         5.0,
@@ -228,6 +266,12 @@ class ProxyConfig:
     audit_table_dsn: str | None
     audit_table: str
     audit_chain: str | None
+    audit_key: KeyRef | None
+    audit_anchor_file: Path | None
+    audit_checkpoint_every: int
+    audit_checkpoint_interval: float
+    audit_rotate_size: int
+    audit_rotate_age: float
     audit_block_timeout: float
     audit_subjects_limit: int
     tls_cert: Path | None
@@ -325,7 +369,27 @@ def load_config(
             raise ConfigError(f"{label}: {exc}") from exc
     config = ProxyConfig(**values, config_file=config_file)
     _check(config)
+    if config.audit_key is not None:
+        if not audited(config):
+            raise ConfigError("--audit-key: no audit sink is configured")
+        try:
+            load_key(config.audit_key, environ)  # checked now: a bad key is a loud error
+        except ValueError as exc:
+            raise ConfigError(f"--audit-key {exc}") from exc
     return config
+
+
+def audited(config: ProxyConfig) -> bool:
+    return bool(config.audit_file or config.audit_stdout or config.audit_table_dsn)
+
+
+def anchor_file(config: ProxyConfig) -> Path | None:
+    """The anchor file: as configured, else beside the audit file (none without one)."""
+    if config.audit_anchor_file is not None:
+        return config.audit_anchor_file
+    if config.audit_file is not None:
+        return config.audit_file.with_name(config.audit_file.name + ".anchor")
+    return None
 
 
 def _check(config: ProxyConfig) -> None:
@@ -345,6 +409,14 @@ def _check(config: ProxyConfig) -> None:
         )
     if config.audit_file is not None and not config.audit_file.parent.is_dir():
         raise ConfigError(f"--audit-file: directory does not exist: {config.audit_file.parent}")
+    anchor = config.audit_anchor_file
+    if anchor is not None:
+        if not audited(config):
+            raise ConfigError("--audit-anchor-file: no audit sink is configured")
+        if not anchor.parent.is_dir():
+            raise ConfigError(f"--audit-anchor-file: directory does not exist: {anchor.parent}")
+        if config.audit_file is not None and anchor.resolve() == config.audit_file.resolve():
+            raise ConfigError("--audit-anchor-file: must not be the audit file")
 
 
 def reference_table() -> str:

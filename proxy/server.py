@@ -20,12 +20,14 @@ from typing import Any, cast
 
 import asyncpg
 
+from audit.anchors import load_key
 from audit.events import new_id
+from audit.files import AuditFileError
 from audit.sinks import FileSink, StdoutSink, SyncSink, TableSink
 from audit.writer import AuditWriter
 from proxy import logs
 from proxy.catalog import MaskingManager, RulesMismatch
-from proxy.config import ConfigError, ProxyConfig
+from proxy.config import ConfigError, ProxyConfig, anchor_file
 from proxy.logs import log
 from proxy.metrics import LiveSession, Metrics, MetricsServer, Stats
 from proxy.session.engine import (
@@ -665,6 +667,17 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
+        if self.audit is not None:
+            # before the first client: the chain's position is known before any event
+            try:
+                await self.audit.start()
+            except AuditFileError as exc:
+                raise ConfigError(f"the audit file cannot be read: {exc}") from exc
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                raise ConfigError(f"the audit table sink cannot be reached: {exc}") from exc
+            except OSError as exc:
+                target = exc.filename or "the audit table sink"
+                raise ConfigError(f"{target}: {exc.strerror or exc}") from exc
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             listen.host,
@@ -675,11 +688,6 @@ class ProxyServer:
         if self.masking is not None:
             self.spawn(self._refresh_catalogs())
         if self.audit is not None:
-            try:
-                await self.audit.start()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                self._server.close()
-                raise ConfigError(f"the audit table sink cannot be reached: {exc}") from exc
             self.spawn(self.audit.run())
             self.audit.batch_writes(asyncio.get_running_loop(), self.config.audit_block_timeout)
         if self.config.metrics is not None:
@@ -798,7 +806,7 @@ def audit_writer(config: ProxyConfig) -> AuditWriter | None:
     """The audit writer for the configured sinks, or None when auditing is off."""
     sinks: list[SyncSink] = []
     if config.audit_file is not None:
-        sinks.append(FileSink(config.audit_file))
+        sinks.append(FileSink(config.audit_file, config.audit_rotate_size, config.audit_rotate_age))
     if config.audit_stdout:
         sinks.append(StdoutSink())
     table = None
@@ -807,7 +815,35 @@ def audit_writer(config: ProxyConfig) -> AuditWriter | None:
         table = TableSink(config.audit_table_dsn, config.audit_table, chain)
     if not sinks and table is None:
         return None
-    return AuditWriter(sinks, table, config.audit_on_failure, config.audit_queue_size)
+    key = None
+    if config.audit_key is not None:
+        try:
+            key = load_key(config.audit_key)
+        except ValueError as exc:
+            raise ConfigError(f"--audit-key {exc}") from exc
+    else:
+        log.warning(
+            "audit.unsealed",
+            detail="no --audit-key: checkpoints are not sealed, so `pgveil audit verify` "
+            "cannot tell a rebuilt chain from the original, nor prove its end",
+        )
+    anchor = anchor_file(config)
+    if anchor is None:
+        log.warning(
+            "audit.unanchored",
+            detail="no --audit-anchor-file: checkpoints go into the chain and the log only; "
+            "a cut at the end of the chain shows only against the table sink or the log",
+        )
+    return AuditWriter(
+        sinks,
+        table,
+        config.audit_on_failure,
+        config.audit_queue_size,
+        key=key,
+        anchor=anchor,
+        checkpoint_every=config.audit_checkpoint_every,
+        checkpoint_interval=config.audit_checkpoint_interval,
+    )
 
 
 async def serve(

@@ -98,7 +98,11 @@ def test_table_sink_who_verify_and_canary_sweep(
         p.stop()
     env = {"PGVEIL_AUDIT_TABLE_DSN": sinkdb.dsn(), "PATH": "/usr/bin:/bin"}
     verified = pgveil("audit", "verify", env=env)
-    assert verified.returncode == 0 and "intact: chain test-instance" in verified.stdout
+    # without an audit key nothing is sealed: no break, but unproven (exit 3)
+    assert verified.returncode == 3, verified.stdout
+    assert (
+        verified.stdout.startswith("UNPROVEN: ") and "table chain test-instance" in verified.stdout
+    )
 
     def who(*source: str) -> list[dict[str, Any]]:
         out = pgveil(
@@ -134,7 +138,8 @@ def test_table_sink_who_verify_and_canary_sweep(
         "WHERE seq = (SELECT min(seq) FROM pgveil.audit_events WHERE type = 'access')"
     )
     broken = pgveil("audit", "verify", env=env)
-    assert broken.returncode == 1 and "BROKEN: chain test-instance" in broken.stdout
+    assert broken.returncode == 1, broken.stdout
+    assert broken.stdout.startswith("BROKEN: modified: table chain test-instance row ")
 
 
 def test_stopped_table_sink_blocks_then_recovers(
@@ -181,4 +186,4 @@ def test_stopped_table_sink_blocks_then_recovers(
     assert len(access) == 4 and all(e["outcome"] == "ok" for e in access)
     assert {e["role"] for e in refused} <= {HELPDESK, ADMIN}
     verified = pgveil("audit", "verify", "--dsn", sinkdb.dsn())
-    assert verified.returncode == 0, verified.stdout
+    assert verified.returncode == 3 and "no break found" in verified.stdout, verified.stdout

@@ -121,6 +121,7 @@ def test_systemd_unit_is_hardened_and_runs_the_proxy() -> None:
     assert argv[0].endswith("/pgveil")
     assert build_parser().parse_args(argv[1:]).command == "proxy"
     assert svc["DynamicUser"] == "yes" and svc["NoNewPrivileges"] == "yes"
+    assert "audit-key:/etc/pgveil/audit.key" in (ROOT / "deploy/pgveil.service").read_text()
     assert svc["ProtectSystem"] == "strict" and svc["CapabilityBoundingSet"] == ""
     # the stop timeout leaves room for the drain (shutdown_timeout)
     assert float(svc["TimeoutStopSec"]) > float(BY_NAME["shutdown_timeout"].default)
@@ -142,11 +143,16 @@ def test_kubernetes_example_loads_with_pgveil_itself(tmp_path: Path) -> None:
     assert settings["rules"] == "/etc/pgveil/rules.yaml"
     config_file = tmp_path / "pgveil.yaml"
     config_file.write_text(yaml.safe_dump({**settings, "rules": str(rules)}))
-    env = {"PGVEIL_CATALOG_PASSWORD": "x", "PGVEIL_HASH_KEY": "k" * 32}
+    env = {
+        "PGVEIL_CATALOG_PASSWORD": "x",
+        "PGVEIL_HASH_KEY": "k" * 32,
+        "PGVEIL_AUDIT_SEAL_KEY": "a" * 64,
+    }
     config = load_config({}, environ=env, config_file=config_file)
+    assert config.audit_key is not None and config.audit_key.ref == "PGVEIL_AUDIT_SEAL_KEY"
     assert load_rules(rules, environ=env).masked_roles == {"helpdesk"}
     secret_envs = {e["name"] for e in container["env"]}
-    assert {"PGVEIL_CATALOG_PASSWORD", "PGVEIL_HASH_KEY"} <= secret_envs
+    assert {"PGVEIL_CATALOG_PASSWORD", "PGVEIL_HASH_KEY", "PGVEIL_AUDIT_SEAL_KEY"} <= secret_envs
     assert pod["terminationGracePeriodSeconds"] > config.shutdown_timeout
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"postgres": config.listen.port, "metrics": config.metrics.port}  # type: ignore[union-attr]

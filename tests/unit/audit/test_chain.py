@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audit.events import GENESIS, Chain, canonical, verify
-from audit.files import AuditFile, last_hash, read_events, rotated_files, verify_files
+from audit.files import (
+    ROTATE,
+    AuditFile,
+    last_event,
+    last_hash,
+    read_events,
+    rotated_files,
+    verify_files,
+)
 
 
 def events(n: int = 5) -> list[dict[str, object]]:
@@ -29,7 +37,8 @@ def test_intact_chain_and_fields() -> None:
     evs = events()
     assert verify(evs) is None
     assert evs[0]["prev"] == GENESIS and evs[1]["prev"] == evs[0]["hash"]
-    assert evs[0]["v"] == 1 and str(evs[0]["ts"]).endswith("Z") and len(str(evs[0]["ts"])) == 27
+    assert evs[0]["v"] == 2 and str(evs[0]["ts"]).endswith("Z") and len(str(evs[0]["ts"])) == 27
+    assert [e["seq"] for e in evs] == [1, 2, 3, 4, 5]
     ids = [e["id"] for e in evs]
     assert ids == sorted(ids) or len(set(ids)) == len(ids)
 
@@ -60,14 +69,16 @@ def test_file_rotation_keeps_one_chain(tmp_path: Path) -> None:
     f = AuditFile(path, max_bytes=600)
     chain = Chain(last_hash(path))
     for i in range(20):
-        f.write([chain.link("access", {"n": i, "tables": ["t"]})])
+        line = canonical(chain.link("access", {"n": i, "tables": ["t"]}))
+        f.write_lines([line, ROTATE] if f.due(len(line) + 1) else [line])
     f.close()
+    (tmp_path / "audit.jsonl.anchor").write_text("")  # not a rotated file
     files = rotated_files(path)
-    assert len(files) > 2
+    assert len(files) > 2 and all(".anchor" not in p.name for p in files)
     total, brk, _ = verify_files(files)
     assert brk is None and total == 20
     # resuming continues the chain
-    chain2 = Chain(last_hash(path))
+    chain2 = Chain.following(last_event(path))
     f2 = AuditFile(path)
     f2.write([chain2.link("session.end", {"session": "x"})])
     f2.close()
@@ -91,7 +102,8 @@ def test_cli_verify_and_tail(tmp_path: Path) -> None:
         )
 
     r = cli("verify", str(path))
-    assert r.returncode == 0 and "intact: 3 event(s)" in r.stdout
+    # links hold, but nothing sealed them: unproven (exit 3), not intact
+    assert r.returncode == 3 and "UNPROVEN: 3 event(s), seq 1..3" in r.stdout, r.stdout
     r = cli("tail", str(path), "--table", "billing.customers")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3 and "helpdesk" in r.stdout
     lines = path.read_text().splitlines()
@@ -100,7 +112,7 @@ def test_cli_verify_and_tail(tmp_path: Path) -> None:
     lines[1] = json.dumps(forged)
     path.write_text("\n".join(lines) + "\n")
     r = cli("verify", str(path))
-    assert r.returncode == 1 and "BROKEN" in r.stdout and "event 2" in r.stdout
+    assert r.returncode == 1 and "BROKEN: modified" in r.stdout and "line 2" in r.stdout
     assert cli("verify", str(tmp_path / "nope")).returncode == 2
     assert list(read_events(path))
 
