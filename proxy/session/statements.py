@@ -95,6 +95,11 @@ _NO_PARAMS: dict[int, str] = {}  # never changed
 _ANSWERS = frozenset(b"123CDGHIVWZcdnsTt")
 _EXITS = frozenset(("commit", "commit_chain", "rollback", "rollback_chain", "prepare_transaction"))
 _UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
+# The server keeps and compares the first NAMEDATALEN-1 bytes of a protocol statement or
+# portal name (the hash tables of prepared statements and portals have keys of NAMEDATALEN
+# bytes): two longer names that share those bytes are one name to it. SQL names are
+# truncated by the scanner already (pglast does the same).
+_NAME_BYTES = 63
 
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
@@ -163,6 +168,10 @@ class _Portal:
     params: dict[int, str] | None = None  # those that carry subject keys
     bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
     uncertain: bool = False
+    # the first Execute sent of a portal whose statement names others (FETCH c, EXECUTE p):
+    # the server runs that statement once, at the first Execute, and later Executes hand
+    # out the rows it kept (a cursor or statement of that name made since is not read)
+    first: _InFlight | None = None
 
     def resolve(self, log: StatementLog) -> Layout:
         if self.layout is None:
@@ -442,6 +451,7 @@ class _InFlight:
     copy_ends: int = 0  # CopyDone and CopyFail messages the client had sent before it
     copies: int = 0  # copies of this statement completed so far
     provisional: bool = False  # a Sync the server may have swallowed
+    finished: bool = False  # answered, not skipped: it ran (see _Portal.first)
 
     def __init__(
         self,
@@ -570,6 +580,7 @@ class StatementLog:
         decided: Decided | None = None,
     ) -> None:
         """A Parse; `decided`: what the masked filter sent for it."""
+        name = name[:_NAME_BYTES]
         names = self._predicted
         entry = _InFlight("parse", source=source)
         entry.name = name
@@ -627,13 +638,13 @@ class StatementLog:
         names = self._predicted
         if typ == _BIND:
             start = body.index(b"\0") + 1
-            return names.statements.get(body[start : body.index(b"\0", start)])
+            return names.statements.get(body[start : body.index(b"\0", start)][:_NAME_BYTES])
         if typ == _EXECUTE:
-            portal = names.portals.get(body[: body.index(b"\0")])
+            portal = names.portals.get(body[: body.index(b"\0")][:_NAME_BYTES])
         elif body[:1] == b"S":
-            return names.statements.get(body[1:-1])
+            return names.statements.get(body[1:-1][:_NAME_BYTES])
         else:
-            portal = names.portals.get(body[1:-1])
+            portal = names.portals.get(body[1:-1][:_NAME_BYTES])
         return portal.statement if portal is not None else None
 
     def _stamp(self, decided: Decided | None) -> object:
@@ -653,13 +664,13 @@ class StatementLog:
 
     def statement_fields(self, name: bytes) -> dict[str, object] | None:
         """The audit fields of a protocol statement name (None: nothing protected)."""
-        found = self._predicted.statements.get(name)
+        found = self._predicted.statements.get(name[:_NAME_BYTES])
         if found is None:
             return None
         return _UNCERTAIN_FIELDS if found.uncertain else found.fields
 
     def portal_fields(self, name: bytes) -> dict[str, object] | None:
-        found = self._predicted.portals.get(name)
+        found = self._predicted.portals.get(name[:_NAME_BYTES])
         if found is None:
             return None
         return _UNCERTAIN_FIELDS if found.uncertain else found.fields
@@ -668,7 +679,7 @@ class StatementLog:
         """A Bind; or, when `vet` refuses its statement, the reason (nothing is noted: the
         caller refuses the message)."""
         end = body.index(b"\0")
-        statement_name = body[end + 1 : body.index(b"\0", end + 1)]
+        statement_name = body[end + 1 : body.index(b"\0", end + 1)][:_NAME_BYTES]
         names = self._predicted
         statement = names.statements.get(statement_name)
         if (
@@ -680,7 +691,7 @@ class StatementLog:
             if reason is not None:
                 return reason
         entry = _InFlight("bind", bind=body)
-        portal_name = entry.name = body[:end]
+        portal_name = entry.name = body[:end][:_NAME_BYTES]
         entry.statement_name = statement_name
         entry.resolved = statement
         if statement is None or statement.uncertain:
@@ -732,7 +743,7 @@ class StatementLog:
                 if reason is not None:
                     return reason
         entry = _InFlight("describe")
-        key = entry.name = body[:-1]
+        key = entry.name = body[: _NAME_BYTES + 1] if len(body) > _NAME_BYTES + 1 else body[:-1]
         if not names.skipping:
             # the common case: a name pgveil knows for sure
             target: _Prepared | _Portal | None
@@ -757,7 +768,7 @@ class StatementLog:
     def execute(self, body: bytes) -> str | None:
         """An Execute; or, when `vet` refuses its portal, the reason (see `bind`)."""
         names = self._predicted
-        name = body[: body.index(b"\0")]
+        name = body[: body.index(b"\0")][:_NAME_BYTES]
         portal = names.portals.get(name)
         if (
             self.vet is not None
@@ -769,6 +780,14 @@ class StatementLog:
             reason = self.vet(portal.statement)
             if reason is not None:
                 return reason
+        if self.vet is not None and portal is not None and portal.first is not None:
+            # a later Execute hands out what the first one's FETCH or EXECUTE read
+            for target in portal.first.targets or ():
+                named = _runs(target)
+                if named is not None and named.current is not self._holder.context:
+                    reason = self.vet(named)
+                    if reason is not None:
+                        return reason
         entry = _InFlight("execute", started=self._clock())
         entry.name = name
         if names.skipping:
@@ -779,7 +798,16 @@ class StatementLog:
             entry.portal, entry.params = portal, portal.params
             entry.source, entry.bind = portal.statement.source, portal.bind
             effects = portal.statement.effects
-            if effects is None or effects:
+            first = portal.first
+            if first is not None and (first.finished or first in self._fifo):
+                # the server does not run the statement again: this Execute hands out the
+                # rest of what the first one read (which may still be in flight: then
+                # what it read is not known yet)
+                entry.fields = first.fields
+                entry.uncertain = first.uncertain or not first.finished
+            elif effects is None or effects:
+                if effects:
+                    portal.first = entry
                 if effects is None:
                     entry.unknown = True
                 else:
@@ -812,7 +840,7 @@ class StatementLog:
         """Close of a statement or portal: forgotten now (a Parse right behind it may reuse
         the name), kept by the confirmed picture until the server's CloseComplete."""
         entry = _InFlight("close")
-        entry.name = body[:-1]
+        entry.name = body[: _NAME_BYTES + 1] if len(body) > _NAME_BYTES + 1 else body[:-1]
         self._predict_close(self._predicted, entry)
         self._fifo.append(entry)
 
@@ -1650,6 +1678,7 @@ class StatementLog:
         return _unknown_portal(self._holder.context)
 
     def _finish(self, entry: _InFlight) -> None:
+        entry.finished = True
         uncertain = entry.uncertain or self.lost is not None
         fields = self._fields_of(entry) if uncertain else entry.fields
         if fields is None:

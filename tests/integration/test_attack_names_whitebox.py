@@ -1,0 +1,202 @@
+"""White-box attacks on the statement log's names (proxy/session/statements.py), issue 12
+item 2: an insider who has read the code tries to make a statement, portal or cursor name
+mean one thing to pgveil and another to the server, so that what the server runs is
+recorded on the wrong table, or not at all.
+
+Every case runs against the real server through an audited pgveil, as an unmasked role
+(superuser `trust_user`), with raw protocol messages. The server's answers show what ran
+(a customer's name in the rows); the session's access events must say so, or say that what
+ran cannot be told (`analysis_complete: false`, which `audit who` lists as `possibly`).
+A marker read of customer 2 ends each case: the events before it are all the case made.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from proxy.wire import messages as m
+from tests.conftest import TRUST_USER
+from tests.integration.masking_fixture import NAME
+from tests.integration.test_audit_events import Audited, audited  # noqa: F401
+from tests.integration.test_error_scrub import SYNC, bind, parse
+from tests.support import RawClient, errors_in
+
+CUSTOMERS = "billing.customers"
+READ_1 = "SELECT i_customer, name FROM billing.customers WHERE i_customer = 1"
+HARMLESS = "SELECT 1 AS one"
+MARKER = "SELECT i_customer FROM billing.customers WHERE i_customer = 2"
+
+Messages = list[tuple[str, bytes]]
+
+
+def query(sql: str) -> bytes:
+    return m.message(m.QUERY, sql.encode() + b"\0")
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return m.message(m.EXECUTE, portal.encode() + b"\0" + struct.pack("!i", max_rows))
+
+
+def close(kind: str, name: str) -> bytes:
+    return m.message(m.CLOSE, kind.encode() + name.encode() + b"\0")
+
+
+def describe(kind: str, name: str) -> bytes:
+    return m.message(m.DESCRIBE, kind.encode() + name.encode() + b"\0")
+
+
+def codes(got: Messages) -> list[str]:
+    return [e["C"] for e in errors_in(got)]
+
+
+def read_name(got: Messages) -> bool:
+    return any(typ == "D" and NAME.encode() in body for typ, body in got)
+
+
+def rows(got: Messages) -> int:
+    return sum(1 for typ, _ in got if typ == "D")
+
+
+class Attacker:
+    """One unmasked session through the audited pgveil."""
+
+    def __init__(self, audited: Audited) -> None:  # noqa: F811
+        self.audited = audited
+        audited.new_events()  # earlier tests' events
+        self.c = RawClient(audited.proxy.port, TRUST_USER)
+
+    def q(self, sql: str) -> Messages:
+        return self.c.query(sql)
+
+    def batch(self, *messages: bytes) -> Messages:
+        """Messages sent in one write; the answers up to each request's ReadyForQuery."""
+        self.c.send_raw(b"".join(messages))
+        got: Messages = []
+        for _ in range(sum(1 for x in messages if x[0] in (m.SYNC, m.QUERY))):
+            got += self.c.until_ready()
+        return got
+
+    def events(self) -> list[dict[str, Any]]:
+        """The session's access events up to the marker (which is not among them)."""
+        assert codes(self.q(MARKER)) == []
+        found: list[dict[str, Any]] = []
+        while not any(e["statement"].startswith("SELECT i_customer FROM") for e in found):
+            found += [e for e in self.audited.new_events(TRUST_USER, 1) if e["type"] == "access"]
+        return found[:-1]
+
+    def close(self) -> None:
+        self.c.close()
+
+
+@pytest.fixture
+def attacker(audited: Audited) -> Iterator[Attacker]:  # noqa: F811
+    a = Attacker(audited)
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+def read_of_customers(events: list[dict[str, Any]]) -> bool:
+    """Some event says customer 1's row was read (or may have been: its subjects are not
+    complete), or that what ran cannot be told: `audit who` lists it for customer 1."""
+    return any(
+        (
+            CUSTOMERS in e["tables"]
+            and e["outcome"] == "ok"
+            and (
+                "1" in (e.get("subjects") or {}).get(CUSTOMERS, [])
+                or e["subjects_complete"] is False
+            )
+        )
+        or (e.get("analysis_complete") is False and e["tables"] == [])
+        for e in events
+    )
+
+
+# ---- NAMEDATALEN: the server keeps the first 63 bytes of a protocol name ----------------------
+
+LONG = "n" * 63  # NAMEDATALEN - 1: what the server keeps of a longer name
+
+
+def test_long_statement_names_are_the_same_name_to_the_server(attacker: Attacker) -> None:
+    """Parse, Close and Bind name a prepared statement by up to 63 bytes: the server's hash
+    of prepared statements compares no more. `LONG+"1"` and `LONG+"2"` are one statement
+    to it; if pgveil kept them apart, a Bind of `LONG+"1"` would run what `LONG+"3"`
+    prepared while pgveil records `LONG+"1"`'s harmless text."""
+    got = attacker.batch(
+        parse(HARMLESS, name=LONG + "1"),
+        close("S", LONG + "2"),  # closes LONG+"1" on the server
+        parse(READ_1, name=LONG + "3"),  # free again: it takes the name
+        SYNC,
+    )
+    assert codes(got) == []
+    got = attacker.batch(bind(stmt=LONG + "1"), execute(), SYNC)
+    assert codes(got) == [] and read_name(got)  # the server ran READ_1
+    assert read_of_customers(attacker.events())
+
+
+def test_long_portal_names_are_the_same_name_to_the_server(attacker: Attacker) -> None:
+    """The same for portals (the portal hash keeps 63 bytes too)."""
+    attacker.q("BEGIN")
+    got = attacker.batch(
+        parse(HARMLESS, name="wb_harmless"),
+        parse(READ_1, name="wb_read"),
+        bind(stmt="wb_harmless", portal=LONG + "1"),
+        close("P", LONG + "2"),
+        bind(stmt="wb_read", portal=LONG + "3"),
+        SYNC,
+    )
+    assert codes(got) == []
+    got = attacker.batch(execute(LONG + "1"), SYNC)
+    assert codes(got) == [] and read_name(got)
+    attacker.q("COMMIT")
+    assert read_of_customers(attacker.events())
+
+
+# ---- a portal of FETCH or EXECUTE holds its rows from its first Execute -----------------------
+
+
+def test_a_suspended_fetch_portal_reads_the_cursor_it_first_ran(attacker: Attacker) -> None:
+    """A portal of `FETCH ALL c` runs the FETCH at its first Execute and keeps the rows;
+    later Executes only hand them out. If pgveil resolved `c` again at each Execute, a
+    cursor `c` closed and declared anew over nothing protected would make the rest of the
+    customers' rows go out with no event."""
+    attacker.q(
+        "BEGIN; DECLARE wb_c CURSOR FOR SELECT i_customer, name FROM billing.customers "
+        "ORDER BY i_customer DESC"
+    )
+    got = attacker.batch(parse("FETCH ALL wb_c", name="wb_f"), bind(stmt="wb_f", portal="wb_fp"),
+                         execute("wb_fp", 1), SYNC)  # fmt: skip
+    assert codes(got) == [] and rows(got) == 1 and not read_name(got)  # customer 2 first
+    first = attacker.events()
+    attacker.q(f"CLOSE wb_c; DECLARE wb_c CURSOR FOR {HARMLESS}")
+    got = attacker.batch(execute("wb_fp"), SYNC)
+    assert codes(got) == [] and read_name(got)  # the old cursor's rows
+    attacker.q("COMMIT")
+    later = attacker.events()
+    assert first and read_of_customers(later), later
+
+
+def test_a_suspended_execute_portal_reads_the_statement_it_first_ran(
+    attacker: Attacker,
+) -> None:
+    """The same with `EXECUTE p` in a portal, and `p` prepared anew in between."""
+    attacker.q(
+        "PREPARE wb_p AS SELECT i_customer, name FROM billing.customers ORDER BY i_customer DESC"
+    )
+    attacker.q("BEGIN")
+    got = attacker.batch(parse("EXECUTE wb_p", name="wb_e"), bind(stmt="wb_e", portal="wb_ep"),
+                         execute("wb_ep", 1), SYNC)  # fmt: skip
+    assert codes(got) == [] and rows(got) == 1 and not read_name(got)
+    attacker.events()
+    attacker.q(f"DEALLOCATE wb_p; PREPARE wb_p AS {HARMLESS}")
+    got = attacker.batch(execute("wb_ep"), SYNC)
+    assert codes(got) == [] and read_name(got)
+    attacker.q("COMMIT; DEALLOCATE wb_p")
+    later = attacker.events()
+    assert read_of_customers(later), later
