@@ -890,6 +890,10 @@ class RecordingFilter(StatementFilter):
         """The server reported the session's client_encoding: statements are read in it
         (masked sessions must use UTF8; unmasked ones may use any)."""
         self._encoding = _python_codec(name)
+        if self.statements is not None:
+            # the server (UTF-8) converts protocol names too, unless they are SQL_ASCII
+            plain = self._encoding == "utf-8" or name.upper() == "SQL_ASCII"
+            self.statements.name_codec = None if plain else self._encoding
 
     def _function_call(self, raw: bytes) -> bytes:
         # the function and its arguments are not analysed: recorded as an access that

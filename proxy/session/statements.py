@@ -58,6 +58,7 @@ No I/O; nothing from a row but subject keys leaves this module.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 import time
@@ -96,9 +97,9 @@ _ANSWERS = frozenset(b"123CDGHIVWZcdnsTt")
 _EXITS = frozenset(("commit", "commit_chain", "rollback", "rollback_chain", "prepare_transaction"))
 _UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
 # The server keeps and compares the first NAMEDATALEN-1 bytes of a protocol statement or
-# portal name (the hash tables of prepared statements and portals have keys of NAMEDATALEN
-# bytes): two longer names that share those bytes are one name to it. SQL names are
-# truncated by the scanner already (pglast does the same).
+# portal name, converted to the server encoding (the hash tables of prepared statements and
+# portals have keys of NAMEDATALEN bytes): two longer names that share those bytes are one
+# name to it. SQL names are truncated by the scanner already (pglast does the same).
 _NAME_BYTES = 63
 
 # a result column that carries a subject key: (field index, table, type oid, format)
@@ -452,6 +453,7 @@ class _InFlight:
     copies: int = 0  # copies of this statement completed so far
     provisional: bool = False  # a Sync the server may have swallowed
     finished: bool = False  # answered, not skipped: it ran (see _Portal.first)
+    empty: bool = False  # a Query with no statement (EmptyQueryResponse): it makes no portal
 
     def __init__(
         self,
@@ -526,6 +528,19 @@ class StatementLog:
         # why a message already sent reads what may not run under the current context (the
         # answers refuted what it was checked against): the session must end
         self.refuted: str | None = None
+        # the Python codec of the client encoding when the server converts protocol names
+        # from it (None: they reach it as sent: UTF-8, or SQL_ASCII)
+        self.name_codec: str | None = None
+
+    def _name(self, raw: bytes) -> bytes:
+        """A protocol name as the server keys it: in its encoding (UTF-8), at most
+        NAMEDATALEN-1 bytes."""
+        codec = self.name_codec
+        if codec is not None and not raw.isascii():
+            # (a name that does not convert: the server refuses the message, never keeps it)
+            with contextlib.suppress(UnicodeError):
+                raw = raw.decode(codec).encode()
+        return raw[:_NAME_BYTES]
 
     def attach(self, emit: Callable[[dict[str, object]], object], subjects_limit: int) -> None:
         """Events go to `emit` from now on (auditing began for the session)."""
@@ -580,7 +595,7 @@ class StatementLog:
         decided: Decided | None = None,
     ) -> None:
         """A Parse; `decided`: what the masked filter sent for it."""
-        name = name[:_NAME_BYTES]
+        name = self._name(name)
         names = self._predicted
         entry = _InFlight("parse", source=source)
         entry.name = name
@@ -638,13 +653,13 @@ class StatementLog:
         names = self._predicted
         if typ == _BIND:
             start = body.index(b"\0") + 1
-            return names.statements.get(body[start : body.index(b"\0", start)][:_NAME_BYTES])
+            return names.statements.get(self._name(body[start : body.index(b"\0", start)]))
         if typ == _EXECUTE:
-            portal = names.portals.get(body[: body.index(b"\0")][:_NAME_BYTES])
+            portal = names.portals.get(self._name(body[: body.index(b"\0")]))
         elif body[:1] == b"S":
-            return names.statements.get(body[1:-1][:_NAME_BYTES])
+            return names.statements.get(self._name(body[1:-1]))
         else:
-            portal = names.portals.get(body[1:-1][:_NAME_BYTES])
+            portal = names.portals.get(self._name(body[1:-1]))
         return portal.statement if portal is not None else None
 
     def _stamp(self, decided: Decided | None) -> object:
@@ -664,13 +679,13 @@ class StatementLog:
 
     def statement_fields(self, name: bytes) -> dict[str, object] | None:
         """The audit fields of a protocol statement name (None: nothing protected)."""
-        found = self._predicted.statements.get(name[:_NAME_BYTES])
+        found = self._predicted.statements.get(self._name(name))
         if found is None:
             return None
         return _UNCERTAIN_FIELDS if found.uncertain else found.fields
 
     def portal_fields(self, name: bytes) -> dict[str, object] | None:
-        found = self._predicted.portals.get(name[:_NAME_BYTES])
+        found = self._predicted.portals.get(self._name(name))
         if found is None:
             return None
         return _UNCERTAIN_FIELDS if found.uncertain else found.fields
@@ -679,7 +694,7 @@ class StatementLog:
         """A Bind; or, when `vet` refuses its statement, the reason (nothing is noted: the
         caller refuses the message)."""
         end = body.index(b"\0")
-        statement_name = body[end + 1 : body.index(b"\0", end + 1)][:_NAME_BYTES]
+        statement_name = self._name(body[end + 1 : body.index(b"\0", end + 1)])
         names = self._predicted
         statement = names.statements.get(statement_name)
         if (
@@ -691,7 +706,7 @@ class StatementLog:
             if reason is not None:
                 return reason
         entry = _InFlight("bind", bind=body)
-        portal_name = entry.name = body[:end][:_NAME_BYTES]
+        portal_name = entry.name = self._name(body[:end])
         entry.statement_name = statement_name
         entry.resolved = statement
         if statement is None or statement.uncertain:
@@ -743,7 +758,7 @@ class StatementLog:
                 if reason is not None:
                     return reason
         entry = _InFlight("describe")
-        key = entry.name = body[: _NAME_BYTES + 1] if len(body) > _NAME_BYTES + 1 else body[:-1]
+        key = entry.name = body[:1] + self._name(body[1:-1])
         if not names.skipping:
             # the common case: a name pgveil knows for sure
             target: _Prepared | _Portal | None
@@ -768,7 +783,7 @@ class StatementLog:
     def execute(self, body: bytes) -> str | None:
         """An Execute; or, when `vet` refuses its portal, the reason (see `bind`)."""
         names = self._predicted
-        name = body[: body.index(b"\0")][:_NAME_BYTES]
+        name = self._name(body[: body.index(b"\0")])
         portal = names.portals.get(name)
         if (
             self.vet is not None
@@ -840,7 +855,7 @@ class StatementLog:
         """Close of a statement or portal: forgotten now (a Parse right behind it may reuse
         the name), kept by the confirmed picture until the server's CloseComplete."""
         entry = _InFlight("close")
-        entry.name = body[: _NAME_BYTES + 1] if len(body) > _NAME_BYTES + 1 else body[:-1]
+        entry.name = body[:1] + self._name(body[1:-1])
         self._predict_close(self._predicted, entry)
         self._fifo.append(entry)
 
@@ -995,7 +1010,14 @@ class StatementLog:
             entry.expect = ""  # (one that comes refutes the prediction)
             return
         names.statements.pop(b"", None)
-        names.drop_portal(b"")
+        if b"" in names.portals:
+            # each statement of a Query runs in the unnamed portal, which replaces the old
+            # one: a Query with no statement, or one whose first statement failed before
+            # it began (a syntax error, say), leaves it (the answers tell)
+            if not replay or not (entry.empty or (entry.outcome != "ok" and entry.done == 0)):
+                names.drop_portal(b"")
+            elif not entry.empty:
+                names.maybe.add(b"")
         if entry.unknown:
             names.all_unknown()
         entry.fail_at = -1
@@ -1316,6 +1338,9 @@ class StatementLog:
                 self._finish(fifo.popleft())
                 if self._eatable and head.copies:
                     self._swallowed(None)
+            elif typ == m.EMPTY_QUERY_RESPONSE and head.kind == "query":
+                head.empty = True  # predicted to replace the unnamed portal: it does not
+                self._rebuild()
         elif typ == m.PORTAL_SUSPENDED:
             if head.kind == "execute":
                 # no count in the message: the DataRows seen, when they were all looked at
@@ -1423,7 +1448,7 @@ class StatementLog:
         if terminator.kind == "query":
             if names.statements:
                 names.statements.pop(b"", None)
-            if b"" in names.portals:
+            if b"" in names.portals and not terminator.empty:
                 if terminator.outcome != "ok" and terminator.done == 0:
                     # failed before its first statement began (the old unnamed portal
                     # stays), or in it (it replaced it)

@@ -200,3 +200,32 @@ def test_a_suspended_execute_portal_reads_the_statement_it_first_ran(
     attacker.q("COMMIT; DEALLOCATE wb_p")
     later = attacker.events()
     assert read_of_customers(later), later
+
+
+def test_names_are_compared_in_the_servers_encoding(audited: Audited) -> None:  # noqa: F811
+    """The server converts a protocol name from the client encoding before it keeps its
+    first 63 bytes: 32 LATIN1 `é` and a digit are 65 bytes in UTF-8, so the names that
+    differ only in that digit are one name to it, though each is 33 bytes as sent."""
+    audited.new_events()
+    a = Attacker(audited)
+    a.c.close()
+    a.c = RawClient(audited.proxy.port, TRUST_USER, client_encoding="LATIN1")
+    try:
+        stem = b"\xe9" * 32
+
+        def named_parse(sql: str, name: bytes) -> bytes:
+            return m.message(m.PARSE, name + b"\0" + sql.encode() + b"\0\0\0")
+
+        got = a.batch(
+            named_parse(HARMLESS, stem + b"1"),
+            m.message(m.CLOSE, b"S" + stem + b"2\0"),
+            named_parse(READ_1, stem + b"3"),
+            SYNC,
+        )
+        assert codes(got) == []
+        body = b"\0" + stem + b"1\0" + struct.pack("!hhh", 0, 0, 0)
+        got = a.batch(m.message(m.BIND, body), execute(), SYNC)
+        assert codes(got) == [] and read_name(got)
+        assert read_of_customers(a.events())
+    finally:
+        a.close()
