@@ -560,17 +560,29 @@ class MaskedFilter(StatementFilter):
         named.current = ctx
         return None
 
-    def _used_refusal(self, uses: tuple[str, ...]) -> str | None:
-        """Why a statement's EXECUTE or FETCH of a name may not run now, or None."""
+    def _used_refusal(self, d: Decision) -> str | None:
+        """Why a statement's EXECUTE, FETCH or MOVE of a name may not run now, or None. A
+        prepared statement that pgveil's picture lacks and that no earlier statement of the
+        same text prepares is checked as one pgveil cannot tell (StatementLog.absent); a
+        cursor is not (an allow-listed function may open one: its name is the server's)."""
         log = self.statements
         assert log is not None
         ctx = self._holder.context
-        for name in uses:
-            named = log.entry(name)
-            if named is not None and named.current is not ctx:
-                reason = self._runs_now(named)
-                if reason is not None:
-                    return reason
+        defined: set[str] = set()
+        for statement in d.effects or ():
+            for kind, name in statement:
+                if kind == "prepare":
+                    defined.add(f"statement:{name}")
+                elif kind == "execute" or kind == "fetch" or kind == "move":
+                    use = f"{'statement' if kind == 'execute' else 'portal'}:{name}"
+                    named = log.entry(use)
+                    reason = None
+                    if named is not None and named.current is not ctx:
+                        reason = self._runs_now(named)
+                    elif named is None and kind == "execute" and use not in defined:
+                        reason = log.absent()
+                    if reason is not None:
+                        return reason
         return None
 
     def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
@@ -593,7 +605,7 @@ class MaskedFilter(StatementFilter):
         if d.uses or d.moves:
             # EXECUTE / FETCH / MOVE run what the server prepared: it must still be what
             # the rules decide
-            reason = self._used_refusal(d.uses + d.moves)
+            reason = self._used_refusal(d)
             if reason is not None:
                 return d, "refuse", reason
         self.temp_relations.update(d.temp_relations)

@@ -524,6 +524,10 @@ class StatementLog:
         # decided under another context (None to let it run, or why not), at the time it
         # is sent (`vet`) and when the answers prove it reads another (`recheck`)
         self.vet: Callable[[Named], str | None] | None = None
+        # the context the session began under: a name pgveil's picture lacks (the server
+        # refuses its use, unless the picture is wrong) may hold a text decided under any
+        # context since, and is checked as one pgveil cannot tell (see `absent`)
+        self.origin: object = holder.context
         self.recheck: Callable[[Named], str | None] | None = None
         # why a message already sent reads what may not run under the current context (the
         # answers refuted what it was checked against): the session must end
@@ -662,6 +666,15 @@ class StatementLog:
             portal = names.portals.get(self._name(body[1:-1]))
         return portal.statement if portal is not None else None
 
+    def absent(self) -> str | None:
+        """The check of a name pgveil's picture lacks, used by a masked session (None: it
+        may run). The server refuses such a use unless the picture missed what it holds:
+        then it holds what was decided under some context since the session began, and
+        runs only while that is the current one."""
+        if self.vet is None or self.origin is self._holder.context:
+            return None
+        return self.vet(_unknown_statement(self.origin))
+
     def _stamp(self, decided: Decided | None) -> object:
         """The context a name just decided is current under (none for a name whose text
         the masked filter does not know)."""
@@ -697,14 +710,15 @@ class StatementLog:
         statement_name = self._name(body[end + 1 : body.index(b"\0", end + 1)])
         names = self._predicted
         statement = names.statements.get(statement_name)
-        if (
-            self.vet is not None
-            and statement is not None
-            and statement.current is not self._holder.context
-        ):
-            reason = self.vet(statement)
-            if reason is not None:
-                return reason
+        if self.vet is not None:
+            if statement is not None and statement.current is not self._holder.context:
+                reason = self.vet(statement)
+                if reason is not None:
+                    return reason
+            elif statement is None and not names.skipping:
+                reason = self.absent()
+                if reason is not None:
+                    return reason
         entry = _InFlight("bind", bind=body)
         portal_name = entry.name = self._name(body[:end])
         entry.statement_name = statement_name
@@ -793,6 +807,10 @@ class StatementLog:
             # (checked even where an error is predicted before it: the prediction may be
             # refuted, and a refusal the server skips changes nothing)
             reason = self.vet(portal.statement)
+            if reason is not None:
+                return reason
+        if self.vet is not None and portal is None and not names.skipping:
+            reason = self.absent()
             if reason is not None:
                 return reason
         if self.vet is not None and portal is not None and portal.first is not None:

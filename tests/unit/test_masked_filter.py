@@ -89,10 +89,13 @@ def test_prepared_statements_refused_while_the_rules_do_not_match() -> None:
     holder = ContextHolder(MaskingContext(policy, CATALOG))
     f = MaskedFilter(holder, "helpdesk")
     client = MessageScanner(capture_mask(b"QPFSBEDCXHcf"), [0] * 256, 1 << 20)
-    server = MessageScanner(capture_mask(b"ENATSZ"), [0] * 256, 1 << 30)
+    server = MessageScanner(capture_mask(b"ENATSZ1"), [0] * 256, 1 << 30)
     bind = m.message(m.BIND, b"\0s1\0\0\0\0\0\0\0")
     execute = m.message(m.EXECUTE, b"\0\0\0\0\0")
     sync = m.message(m.SYNC)
+    prepare = m.message(m.PARSE, b"s1\0SELECT 1\0\0\0")
+    assert f.client(client, prepare + sync) == prepare + sync
+    f.server(server, m.message(m.PARSE_COMPLETE) + m.ready_for_query())
     assert f.client(client, bind + execute + sync) == bind + execute + sync
     broken_rules = RULES.replace("billing.accounts:", "billing.acounts:")
     holder.context = MaskingContext(parse_rules(broken_rules, "r", {"K": "k" * 32}), CATALOG)
