@@ -74,3 +74,24 @@ def test_an_empty_query_keeps_the_unnamed_portal(proxy: Proxy, masked_client: Ra
     got = send(c, execute(), SYNC)
     assert nothing_hidden(got), got
     assert SECRET.encode() not in b"".join(body for _, body in got)
+
+
+def test_a_suspended_fetch_portal_is_checked_against_the_cursor_it_read(
+    proxy: Proxy, masked_client: RawClient
+) -> None:
+    """A portal of `FETCH ALL c` read its cursor at its first Execute and hands out the
+    rest at the next ones. Declared anew over nothing after the reload, `c` would pass the
+    check of the FETCH's text; the rows come from the old cursor, decided under rules A."""
+    c = masked_client
+    declare = f"DECLARE wb_c CURSOR FOR SELECT 'first' UNION ALL SELECT secret FROM {SCRATCH}"
+    got = send(c, query("BEGIN"), query(declare))
+    assert [t for t, _ in got if t == "E"] == []
+    got = send(c, parse("FETCH ALL wb_c", b"wb_f"), bind(b"wb_fp", b"wb_f"),
+               execute(b"wb_fp", 1), SYNC)  # fmt: skip
+    assert [t for t, _ in got] == ["1", "2", "D", "s", "Z"], got
+    proxy.reload(RULES_B)
+    got = send(c, query("CLOSE wb_c"), query("DECLARE wb_c CURSOR FOR SELECT 'harmless'"))
+    assert [t for t, _ in got if t == "E"] == []
+    got = send(c, execute(b"wb_fp"), SYNC)
+    assert nothing_hidden(got), got
+    assert [m.decode_fields(b)["C"] for t, b in got if t == "E"] == ["42501"]
