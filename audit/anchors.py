@@ -116,6 +116,8 @@ class Anchor:
 
     event: dict[str, Any]
     source: str  # "FILE line N", "table chain NAME"
+    # from a store several writers share (the table sink): it holds other chains too
+    shared: bool = False
 
     @property
     def seq(self) -> int:

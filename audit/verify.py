@@ -18,7 +18,10 @@ is found is a list of findings, each with its kind:
 - `re-hashed`: a seal that does not verify, an anchored event replaced, a sequence number
   that jumps under an intact link, checkpoints missing: the chain was rebuilt;
 - `truncated after anchor`: the chain ends before an anchored checkpoint;
-- `forged anchor`: an anchor whose seal does not verify.
+- `forged anchor`: an anchor whose seal does not verify;
+- `missing chain`: an anchor file given holds, beside this chain's checkpoints, sealed
+  checkpoints of another chain whose events are not given (the whole history removed,
+  and pgveil started anew).
 
 Any finding makes the chain BROKEN (exit 1). Without one it is `intact` (exit 0) only when
 nothing is left unproven; else UNPROVEN (exit 3) says what could not be checked (no key,
@@ -277,6 +280,22 @@ def verify_chain(
     others = {a.chain for a in usable if a not in mine and a.chain}
     if others and not mine:
         r.notes.append(f"the anchors given belong to other chains ({', '.join(sorted(others))})")
+    elif others:
+        # an anchor file (not a store several writers share) holds this chain and another
+        # whose events are not here: pgveil begins a new chain only when it finds neither
+        # its audit files nor its anchor file, so the events of the other were removed
+        foreign = [
+            a for a in usable if a not in mine and not a.shared and sealed_by(a.event, keys) is True
+        ]
+        for c in sorted({a.chain for a in foreign if a.chain}):
+            newest = max((a for a in foreign if a.chain == c), key=lambda a: a.seq)
+            find(
+                "missing chain",
+                newest.source,
+                f"the anchors given also hold chain {c} (up to seq {newest.seq}), and none "
+                "of its events are here: its files and anchor file were removed and a new "
+                "chain begun (give its files too), or these anchors are another instance's",
+            )
     beyond = [a for a in mine if r.last_seq is not None and a.seq > r.last_seq]
     if beyond and r.last_seq is not None:
         newest = max(beyond, key=lambda a: a.seq)

@@ -112,7 +112,7 @@ def _anchors(files: list[Path] | None, dsn: str | None, table: str) -> list[Anch
     if dsn is not None:
         for chain, rows in asyncio.run(read_table_rows(dsn, table)):
             out += [
-                Anchor(e, f"table chain {chain} row {n}")
+                Anchor(e, f"table chain {chain} row {n}", shared=True)
                 for n, e in rows
                 if e is not None and is_checkpoint(e)
             ]
