@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit.events import CHECKPOINT, canonical
+from audit.events import CHECKPOINT, canonical, load_event
 
 MIN_KEY_BYTES = 32
 _MAC_CONTEXT = b"pgveil audit checkpoint\0"
@@ -150,7 +149,7 @@ def read_anchors(path: Path) -> Iterator[Anchor]:
             if b'"audit.checkpoint"' not in line:
                 continue
             try:
-                event = json.loads(line)
+                event = load_event(line)
             except ValueError:
                 continue
             if isinstance(event, dict) and is_checkpoint(event):

@@ -73,6 +73,20 @@ def _plain_float(value: float) -> bool:
     return value == 0 or 1e-4 <= abs(value) < 1e16
 
 
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a key named twice")
+    return out
+
+
+def load_event(line: bytes | str) -> Any:
+    """A line of the audit stream, parsed. A key named twice in one object is refused
+    (ValueError): readers differ on which value it has (Python keeps the last, others the
+    first), so an event could hash as one thing and read as another."""
+    return json.loads(line, object_pairs_hook=_unique)
+
+
 def digest(event: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in event.items() if k != "hash"})).hexdigest()
 

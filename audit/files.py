@@ -11,7 +11,6 @@ only; the proxy calls it from its writer, never on the data path.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
@@ -19,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from audit.events import GENESIS, ChainBreak, canonical, verify
+from audit.events import GENESIS, ChainBreak, canonical, load_event, verify
 
 ROTATE = b""  # among the lines given to write_lines: rotate here
 _ROTATED = re.compile(r"\.\d{8}T\d{6}(\.\d+)?$")  # NAME.<UTC time>[.n]
@@ -66,7 +65,7 @@ def read_back(path: Path, block: int = 1 << 16) -> Iterator[dict[str, Any] | Non
 
 def _parse(line: bytes) -> dict[str, Any] | None:
     try:
-        event = json.loads(line)
+        event = load_event(line)
     except ValueError:
         return None
     return event if isinstance(event, dict) and isinstance(event.get("hash"), str) else None
@@ -173,7 +172,7 @@ def read_events(path: Path) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                event = json.loads(line)
+                event = load_event(line)
             except ValueError as exc:
                 raise AuditFileError(f"{path}:{n}: not a JSON object") from exc
             if not isinstance(event, dict):

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from audit.events import CHECKPOINT, GAP, Chain, canonical
+from audit.events import CHECKPOINT, GAP, Chain, canonical, load_event
 from audit.files import AuditFile
 
 _ASYNCPG_KEYS = {"dbname": "database", "connect_timeout": "timeout"}
@@ -323,7 +323,7 @@ async def read_table(
         await conn.close()
     chains: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        chains.setdefault(r["chain"], []).append(json.loads(r["line"]))
+        chains.setdefault(r["chain"], []).append(load_event(r["line"]))
     return list(chains.items())
 
 
@@ -345,7 +345,7 @@ async def read_table_rows(
     chains: dict[str, list[tuple[int, dict[str, Any] | None]]] = {}
     for r in rows:
         try:
-            event = json.loads(r["line"])
+            event = load_event(r["line"])
         except ValueError:
             event = None
         if not isinstance(event, dict):

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from audit.anchors import Anchor, is_checkpoint, key_id, load_key, parse_key_ref, read_anchors
+from audit.events import load_event
 from audit.files import AuditFileError, read_events, read_numbered, rotated_files
 from audit.sinks import read_table, read_table_rows
 from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
@@ -160,7 +161,7 @@ def tail(path: Path, follow: bool, role: str | None, table: str | None) -> int:
                 if not raw:
                     time.sleep(0.2)
                     continue
-                e = json.loads(raw)
+                e = load_event(raw)
                 if wanted(e):
                     print(line(e), flush=True)
     except AuditFileError as exc:

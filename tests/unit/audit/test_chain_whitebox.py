@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from audit.anchors import read_anchors
-from audit.files import read_numbered, rotated_files
+from audit.files import AuditFileError, read_events, read_numbered, rotated_files
 from audit.verify import Report, verify_chain
-from tests.unit.audit.test_anchored_chain import KEYS, kinds, write
+from tests.unit.audit.test_anchored_chain import KEYS, check, kinds, write
 
 
 def ship(d: Path, shipped: Path) -> None:
@@ -58,3 +60,21 @@ def test_the_whole_history_replaced_by_a_new_chain(tmp_path: Path) -> None:
     r = judged(d, shipped)
     assert kinds(r) == ["missing chain"], r.lines()
     assert r.exit_code == 1
+
+
+def test_a_key_written_twice_in_one_line(tmp_path: Path) -> None:
+    """A JSON object may name a key twice: Python's reader keeps the last value, other
+    readers (a log shipper, a SIEM) the first. An event with `"tables":[]` put in front of
+    its real `tables` hashes as the real one, so verify would say intact while such a
+    reader sees no table. Such a line is not an audit event."""
+    write(tmp_path, 6)
+    path = tmp_path / "audit.jsonl"
+    raw = path.read_bytes().split(b"\n")
+    line = next(i for i, x in enumerate(raw) if b'"type":"access"' in x)
+    assert raw[line].startswith(b"{")
+    raw[line] = b'{"tables":[],' + raw[line][1:]
+    path.write_bytes(b"\n".join(raw))
+    r = check(tmp_path)
+    assert kinds(r) == ["unreadable"], r.lines()
+    with pytest.raises(AuditFileError):
+        list(read_events(path))
