@@ -229,3 +229,22 @@ def test_names_are_compared_in_the_servers_encoding(audited: Audited) -> None:  
         assert read_of_customers(a.events())
     finally:
         a.close()
+
+
+# ---- a message sent during COPY FROM STDIN ---------------------------------------------------
+
+
+def test_a_query_sent_during_copy_in_ends_the_session(attacker: Attacker) -> None:
+    """During COPY FROM STDIN the server reads the client's messages as copy data. A Query
+    there would be consumed without an answer, and every answer after it would pair with
+    the statement before; the server does not go on, though: it ends the connection (it
+    lost track of the protocol), so nothing can be paired wrongly."""
+    a = attacker
+    assert codes(a.q("CREATE TEMP TABLE wb_copy (x int)")) == []
+    a.c.send_raw(query("COPY wb_copy FROM STDIN"))
+    got: Messages = []
+    while not got or got[-1][0] != "G":
+        got.append(a.c.recv_message())
+    got = a.batch(query(READ_1))
+    assert [(e["S"], e["C"]) for e in errors_in(got)] == [("ERROR", "08P01"), ("FATAL", "08P01")]
+    assert not read_name(got) and a.c.closed_by_peer()
