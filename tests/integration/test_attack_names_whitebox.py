@@ -248,3 +248,100 @@ def test_a_query_sent_during_copy_in_ends_the_session(attacker: Attacker) -> Non
     got = a.batch(query(READ_1))
     assert [(e["S"], e["C"]) for e in errors_in(got)] == [("ERROR", "08P01"), ("FATAL", "08P01")]
     assert not read_name(got) and a.c.closed_by_peer()
+
+
+# ---- transactions and names: cases that hold --------------------------------------------------
+
+
+def certain(events: list[dict[str, Any]], subject: str = "1") -> bool:
+    """Some event says for sure that the customer's row was read."""
+    return any(
+        e["tables"] == [CUSTOMERS]
+        and (e.get("subjects") or {}).get(CUSTOMERS) == [subject]
+        and e.get("analysis_complete") is not False
+        for e in events
+    )
+
+
+def test_a_prepare_outlives_the_failure_of_its_query(attacker: Attacker) -> None:
+    """Prepared statements are not transactional: a PREPARE in a Query that fails later
+    stays, a DEALLOCATE in one stays done."""
+    a = attacker
+    assert codes(a.q(f"PREPARE wb_kept AS {READ_1}; SELECT 1/0")) == ["22012"]
+    assert read_name(a.q("EXECUTE wb_kept"))
+    assert codes(a.q("DEALLOCATE wb_kept; SELECT 1/0")) == ["22012"]
+    assert codes(a.q(f"PREPARE wb_kept AS {HARMLESS}")) == []  # the name is free
+    assert not read_name(a.q("EXECUTE wb_kept"))
+    a.q("DEALLOCATE wb_kept")
+    events = a.events()
+    assert certain(events) and all(e.get("analysis_complete") is not False for e in events)
+
+
+def test_a_with_hold_cursor_is_not_kept_when_its_commit_fails(attacker: Attacker) -> None:
+    """A deferred constraint fails at COMMIT: the transaction rolls back, its WITH HOLD
+    cursor with it; the name is free for a cursor over the customers."""
+    a = attacker
+    a.q(
+        "CREATE TEMP TABLE wb_deferred (x int UNIQUE DEFERRABLE INITIALLY DEFERRED);"
+        "BEGIN; DECLARE wb_h CURSOR WITH HOLD FOR SELECT 1 AS one;"
+        "INSERT INTO wb_deferred VALUES (1), (1)"
+    )
+    assert codes(a.q("COMMIT")) == ["23505"]
+    a.q(f"BEGIN; DECLARE wb_h CURSOR FOR {READ_1}")
+    assert read_name(a.q("FETCH ALL wb_h"))
+    a.q("COMMIT")
+    assert certain(a.events())
+
+
+def test_an_implicit_commit_inside_a_query_holds_its_cursor(attacker: Attacker) -> None:
+    """COMMIT inside a multi-statement Query ends its implicit transaction: a WITH HOLD
+    cursor declared before it is held, and outlives the failure that follows."""
+    a = attacker
+    got = a.q(f"DECLARE wb_i CURSOR WITH HOLD FOR {READ_1}; COMMIT; SELECT 1/0")
+    assert codes(got) == ["22012"]
+    assert read_name(a.q("FETCH ALL wb_i"))
+    a.q("CLOSE wb_i")
+    assert certain(a.events())
+
+
+def test_discard_all_in_a_block_fails_and_drops_nothing(attacker: Attacker) -> None:
+    a = attacker
+    a.q(f"PREPARE wb_d AS {READ_1}")
+    assert codes(a.q("BEGIN; DISCARD ALL")) == ["25001"]
+    a.q("ROLLBACK")
+    assert read_name(a.q("EXECUTE wb_d"))
+    a.q("DEALLOCATE wb_d")
+    assert certain(a.events())
+
+
+def test_quoted_and_unquoted_names_are_the_servers(attacker: Attacker) -> None:
+    """`PREPARE "WB_Q"` keeps the case; `wb_q` is another name; U&"..." spells one; a
+    protocol Bind names it as it is written."""
+    a = attacker
+    a.q(f'PREPARE "WB_Q" AS {READ_1}; PREPARE wb_q AS {HARMLESS}')
+    assert read_name(a.q('EXECUTE U&"\\0057B_Q"'))
+    assert not read_name(a.q("EXECUTE WB_Q"))
+    got = a.batch(bind(stmt="WB_Q"), execute(), SYNC)
+    assert read_name(got)
+    a.q('DEALLOCATE "WB_Q"; DEALLOCATE wb_q')
+    events = a.events()
+    # (EXECUTE wb_q is recorded with the tables of the whole Query that prepared it: more,
+    # never less, than it read)
+    executes = [e for e in events if e["kinds"] == ["execute"]]
+    assert len(executes) == 2 and all(e["tables"] == [CUSTOMERS] for e in executes)
+    assert certain(events) and all(e.get("analysis_complete") is not False for e in events)
+
+
+def test_rollback_to_savepoint_drops_a_protocol_portal_bound_after_it(
+    attacker: Attacker,
+) -> None:
+    a = attacker
+    a.q("BEGIN; SAVEPOINT wb_s")
+    got = a.batch(parse(HARMLESS, name="wb_rh"), bind(stmt="wb_rh", portal="wb_rp"), SYNC)
+    assert codes(got) == []
+    a.q("ROLLBACK TO wb_s")
+    got = a.batch(parse(READ_1, name="wb_rr"), bind(stmt="wb_rr", portal="wb_rp"),
+                  execute("wb_rp"), SYNC)  # fmt: skip
+    assert codes(got) == [] and read_name(got)
+    a.q("COMMIT")
+    assert certain(a.events())
