@@ -199,11 +199,14 @@ def _effects(stmts: Any) -> Effects:
 
 
 def _statement_effects(node: Any) -> tuple[Effect, ...]:
+    # EXPLAIN EXECUTE p, CREATE TABLE t AS EXECUTE p, EXPLAIN ANALYZE CREATE TABLE t AS
+    # EXECUTE p: each runs p
     inner = getattr(node, "query", None)
-    if isinstance(node, ast.CreateTableAsStmt | ast.ExplainStmt) and isinstance(
-        inner, ast.ExecuteStmt
+    while isinstance(node, ast.CreateTableAsStmt | ast.ExplainStmt) and isinstance(
+        inner, ast.CreateTableAsStmt | ast.ExplainStmt | ast.ExecuteStmt
     ):
         node = inner
+        inner = getattr(node, "query", None)
     if isinstance(node, ast.TransactionStmt):
         kind = _TX_KINDS.get(node.kind.name)
         if kind is None:

@@ -345,3 +345,20 @@ def test_rollback_to_savepoint_drops_a_protocol_portal_bound_after_it(
     assert codes(got) == [] and read_name(got)
     a.q("COMMIT")
     assert certain(a.events())
+
+
+def test_explain_analyze_of_create_table_as_execute_reads_the_statement(
+    attacker: Attacker,
+) -> None:
+    """`EXPLAIN ANALYZE CREATE TABLE t AS EXECUTE p` runs p and keeps its rows in t: what
+    p reads is recorded, as for `CREATE TABLE t AS EXECUTE p` (the EXECUTE is two
+    statements deep; the masked analyser refuses it, so its event says the analysis is
+    not complete, and names p's table rather than none)."""
+    a = attacker
+    a.q(f"PREPARE wb_x AS {READ_1}")
+    assert codes(a.q("EXPLAIN ANALYZE CREATE TEMP TABLE wb_x1 AS EXECUTE wb_x")) == []
+    assert read_name(a.q("SELECT * FROM wb_x1"))
+    a.q("DEALLOCATE wb_x")
+    events = a.events()
+    explain = [e for e in events if e["kinds"] == ["explain"]]
+    assert explain and explain[0]["tables"] == [CUSTOMERS], events
