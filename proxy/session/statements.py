@@ -707,7 +707,12 @@ class StatementLog:
         """A Bind; or, when `vet` refuses its statement, the reason (nothing is noted: the
         caller refuses the message)."""
         end = body.index(b"\0")
-        statement_name = self._name(body[end + 1 : body.index(b"\0", end + 1)])
+        statement_name = body[end + 1 : body.index(b"\0", end + 1)]
+        portal_name = body[:end]
+        if self.name_codec is not None or len(statement_name) > _NAME_BYTES:
+            statement_name = self._name(statement_name)
+        if self.name_codec is not None or end > _NAME_BYTES:
+            portal_name = self._name(portal_name)
         names = self._predicted
         statement = names.statements.get(statement_name)
         if self.vet is not None:
@@ -720,7 +725,7 @@ class StatementLog:
                 if reason is not None:
                     return reason
         entry = _InFlight("bind", bind=body)
-        portal_name = entry.name = self._name(body[:end])
+        entry.name = portal_name
         entry.statement_name = statement_name
         entry.resolved = statement
         if statement is None or statement.uncertain:
@@ -797,7 +802,10 @@ class StatementLog:
     def execute(self, body: bytes) -> str | None:
         """An Execute; or, when `vet` refuses its portal, the reason (see `bind`)."""
         names = self._predicted
-        name = self._name(body[: body.index(b"\0")])
+        end = body.index(b"\0")
+        name = body[:end]
+        if self.name_codec is not None or end > _NAME_BYTES:
+            name = self._name(name)
         portal = names.portals.get(name)
         if (
             self.vet is not None
