@@ -67,9 +67,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.session.reading import Reading, ReadingTracker
 from proxy.wire import messages as m
 from rules.analyzer import Effect, Effects, integer_key
 from rules.context import ContextHolder
+from rules.settings import SettingOp
 
 _INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
 _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
@@ -83,6 +85,7 @@ _READY_FOR_QUERY = m.READY_FOR_QUERY
 _COMMAND_COMPLETE = m.COMMAND_COMPLETE
 _ROW_DESCRIPTION = m.ROW_DESCRIPTION
 _ERROR_RESPONSE = m.ERROR_RESPONSE
+_PARAMETER_STATUS = m.PARAMETER_STATUS
 _BIND = m.BIND
 _EXECUTE = m.EXECUTE
 _IDLE = m.TX_IDLE
@@ -93,6 +96,7 @@ _NO_PARAMS: dict[int, str] = {}  # never changed
 # NoticeResponse, NotificationResponse and ParameterStatus; ErrorResponse apart: it may also
 # end a session on its own)
 _ANSWERS = frozenset(b"123CDGHIVWZcdnsTt")
+_REQUESTS = frozenset(("sync", "query", "call"))  # what ReadyForQuery answers
 _EXITS = frozenset(("commit", "commit_chain", "rollback", "rollback_chain", "prepare_transaction"))
 _UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
 
@@ -152,6 +156,8 @@ class _Prepared:
     # under which that was decided or last confirmed (None: checked before any use)
     decided: Decided | None = None
     current: object = None
+    # what running it does to the settings the server reads text by (None: not known)
+    settings: tuple[SettingOp, ...] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -438,6 +444,11 @@ class _InFlight:
     skipped: bool = False  # predicted to be skipped (an earlier message fails)
     uncertain: bool = False  # what it runs cannot be told for sure
     expect: str = "I"  # Sync, Query, FunctionCall: the transaction status predicted after it
+    # -- how its text was read (unmasked sessions: proxy/session/reading.py)
+    sensitive: int = 0  # what its reading depends on, while that waits to be checked
+    base: Reading | None = None  # ... what its request was predicted to begin under
+    # a Query whose text depends on a setting: what it was predicted to leave in force
+    after: tuple[Reading, int] | None = None
     # -- COPY FROM STDIN
     copy_ends: int = 0  # CopyDone and CopyFail messages the client had sent before it
     copies: int = 0  # copies of this statement completed so far
@@ -516,6 +527,10 @@ class StatementLog:
         # why a message already sent reads what may not run under the current context (the
         # answers refuted what it was checked against): the session must end
         self.refuted: str | None = None
+        # unmasked sessions: what each message's text is read under (the client encoding
+        # and standard_conforming_strings may change; masked sessions end if they do)
+        self.reading: ReadingTracker | None = None
+        self._unverified = 0  # entries whose reading waits for the server's report
 
     def attach(self, emit: Callable[[dict[str, object]], object], subjects_limit: int) -> None:
         """Events go to `emit` from now on (auditing began for the session)."""
@@ -535,10 +550,14 @@ class StatementLog:
         source: Source | None = None,
         effects: Effects | None = (),
         decided: Decided | None = None,
+        sensitive: int = 0,
+        settings: tuple[SettingOp, ...] | None = None,
     ) -> None:
         """A simple-protocol Query; `effects`: what its statements do to names and the
         transaction, in order (None: not known); `decided`: what the masked filter sent for
-        it (what its PREPAREs and DECLAREs hold)."""
+        it (what its PREPAREs and DECLAREs hold); `sensitive`: which reading settings its
+        text depends on, `settings`: what it does to them (unmasked sessions: see
+        `reading`)."""
         entry = _InFlight("query", fields, self._clock(), source=source)
         if effects is None:
             entry.unknown = True
@@ -548,6 +567,16 @@ class StatementLog:
             entry.copy_ends = self._copy_ends
         if self.lost is not None:
             entry.uncertain = True
+        tracker = self.reading
+        if tracker is not None:
+            if sensitive and not self._read_for_sure(entry, tracker, sensitive):
+                entry.uncertain = True  # what it reads cannot be told
+                entry.unknown = True  # nor what it does to names
+            tracker.query(settings)
+            if sensitive:
+                # checked when it ends: a setting that changed unforeseen (a reload of the
+                # server's configuration) may have changed before it was read
+                entry.after = (tracker.now(), sensitive)
         names = self._predicted
         if entry.ops or entry.unknown or names.skipping or names.tx != "I":
             self._predict_query(names, entry, 0)
@@ -568,8 +597,11 @@ class StatementLog:
         source: Source | None = None,
         effects: Effects | None = (),
         decided: Decided | None = None,
+        sensitive: int = 0,
+        settings: tuple[SettingOp, ...] | None = None,
     ) -> None:
-        """A Parse; `decided`: what the masked filter sent for it."""
+        """A Parse; `decided`: what the masked filter sent for it; `sensitive`, `settings`:
+        as for `query`."""
         names = self._predicted
         entry = _InFlight("parse", source=source)
         entry.name = name
@@ -589,11 +621,32 @@ class StatementLog:
         prepared = entry.obj = _Prepared(
             fields, source=source, effects=own, decided=decided, current=self._stamp(decided)
         )
+        tracker = self.reading
+        if tracker is not None:
+            if sensitive and not self._read_for_sure(entry, tracker, sensitive):
+                prepared.uncertain = True  # what it reads cannot be told
+                prepared.effects = None
+            prepared.settings = settings
         if names.skipping or (name and previous is not None and not previous.uncertain):
             self._predict_parse(names, entry)
         else:
             names.statements[name] = prepared  # the common case
         self._fifo.append(entry)
+
+    def _read_for_sure(self, entry: _InFlight, tracker: ReadingTracker, sensitive: int) -> bool:
+        """Whether the text of a Query or Parse sent now, which depends on the reading
+        settings `sensitive` names, was read as the server reads it: for sure (nothing
+        unforeseen can have changed them), or once the server reports what its request began
+        under (it waits for that). False: it cannot be known (code ran since the request
+        began, and nothing will be reported in between)."""
+        if not tracker.settled(sensitive):
+            return False
+        if tracker.base_exact:
+            return True
+        entry.sensitive = sensitive
+        entry.base = tracker.base
+        self._unverified += 1
+        return True
 
     # SQL PREPARE / DECLARE / EXECUTE / FETCH name the protocol's statements and portals
 
@@ -679,6 +732,9 @@ class StatementLog:
             reason = self.vet(statement)
             if reason is not None:
                 return reason
+        if self.reading is not None:
+            known = statement is not None and not statement.uncertain and not names.skipping
+            self.reading.bind(statement.settings if known and statement is not None else None)
         entry = _InFlight("bind", bind=body)
         portal_name = entry.name = body[:end]
         entry.statement_name = statement_name
@@ -769,6 +825,9 @@ class StatementLog:
             reason = self.vet(portal.statement)
             if reason is not None:
                 return reason
+        if self.reading is not None:
+            known = portal is not None and not portal.uncertain and not names.skipping
+            self.reading.execute(portal.statement.settings if known and portal else None)
         entry = _InFlight("execute", started=self._clock())
         entry.name = name
         if names.skipping:
@@ -817,6 +876,8 @@ class StatementLog:
         self._fifo.append(entry)
 
     def sync(self) -> None:
+        if self.reading is not None:
+            self.reading.sync()
         names = self._predicted
         if (
             self._copy_head is None
@@ -857,6 +918,8 @@ class StatementLog:
         self._fifo.append(entry)
 
     def function_call(self, fields: dict[str, object] | None = None) -> None:
+        if self.reading is not None:
+            self.reading.function_call()
         entry = _InFlight("call", fields, self._clock())
         names = self._predicted
         if names.skipping:
@@ -1222,6 +1285,10 @@ class StatementLog:
         return Cause(head.source, head.done, head.bind)
 
     def server_message(self, typ: int, body: bytes) -> None:
+        if typ == _PARAMETER_STATUS:
+            if self.reading is not None:
+                self.reading.reported(*m.parameter_status(body))
+            return
         fifo = self._fifo
         if not fifo:
             if typ in _ANSWERS:
@@ -1367,6 +1434,11 @@ class StatementLog:
     def _ready(self, status: int) -> None:
         """ReadyForQuery: the request it ends (up to its Sync, Query or FunctionCall) is
         answered."""
+        self._answered(status)
+        if self.reading is not None and self.lost is None:
+            self._reported(status)
+
+    def _answered(self, status: int) -> None:
         fifo = self._fifo
         if self._skip_ambiguous:
             self._skip_ambiguous = False
@@ -1381,6 +1453,8 @@ class StatementLog:
                 break
             if entry is self._copy_head:
                 self._copy_head = None
+            if entry.after is not None:
+                self._unforeseen(entry)
             if kind == "query" or kind == "execute" or kind == "call":
                 self._finish(entry)
                 if kind != "execute":
@@ -1422,6 +1496,73 @@ class StatementLog:
         if state != terminator.expect:
             self._rebuild()
 
+    def _reported(self, status: int) -> None:
+        """After a ReadyForQuery: what the server reported (ParameterStatus comes before it)
+        is what the next request begins under. The Queries and Parses of that request whose
+        text depends on a setting predicted otherwise were misread. When the client's
+        current request is the next one, the prediction starts again from the report."""
+        tracker = self.reading
+        assert tracker is not None
+        server = tracker.server
+        in_flight = False
+        if self._unverified:
+            for entry in self._fifo:
+                if entry.sensitive:
+                    self._unverified -= 1
+                    assert entry.base is not None
+                    if entry.base.differs(server, entry.sensitive):
+                        self._misread(entry)
+                    entry.sensitive = 0
+                if entry.kind == "sync" or entry.kind == "query" or entry.kind == "call":
+                    in_flight = True
+                    break
+        else:
+            in_flight = any(e.kind in _REQUESTS for e in self._fifo)
+        if not in_flight:
+            tracker.confirm(status)
+
+    def _unforeseen(self, entry: _InFlight) -> None:
+        """A Query whose text depends on a setting ends: if the server reports a value the
+        prediction did not foresee, what changed it (code, or a reload of the server's
+        configuration) may have changed it before the Query was read."""
+        assert entry.after is not None and self.reading is not None
+        predicted, sensitive = entry.after
+        if predicted.differs(self.reading.server, sensitive):
+            entry.uncertain = True
+            entry.unknown = True
+
+    def _misread(self, entry: _InFlight) -> None:
+        """A Query or Parse was read under what the server did not have: what it reads, and
+        what it does to names, cannot be told; nor what a portal of its statement runs."""
+        if entry.kind == "query":
+            entry.uncertain = True
+            entry.unknown = True
+        elif entry.kind == "parse" and isinstance(entry.obj, _Prepared):
+            statement = entry.obj
+            names_things = statement.effects != ()
+            statement.uncertain = True
+            statement.effects = None
+            portals = [
+                *self._confirmed.portals.values(),
+                *self._predicted.portals.values(),
+                *(e.obj for e in self._fifo if e.kind == "bind"),
+            ]
+            for portal in portals:
+                if isinstance(portal, _Portal) and portal.statement is statement:
+                    portal.uncertain = True
+            for e in self._fifo:
+                target = e.resolved
+                if e.kind == "bind" and target is statement:
+                    e.uncertain = True
+                elif (
+                    e.kind == "execute"
+                    and isinstance(target, _Portal)
+                    and target.statement is statement
+                ):
+                    e.uncertain = True
+                    e.unknown = e.unknown or names_things
+        self._rebuild()
+
     def _copy_in(self, head: _InFlight) -> None:
         """CopyInResponse: the server reads copy data for the head now. The Syncs the
         client sent right behind it before ending this copy arrive during it."""
@@ -1448,6 +1589,7 @@ class StatementLog:
             removed += 1
         if removed:
             self._eatable = max(self._eatable - removed, 0)
+            self._regrouped()
             self._rebuild()  # predicted as Syncs that end a transaction
 
     def _settle(self) -> _InFlight | None:
@@ -1465,6 +1607,7 @@ class StatementLog:
         for _ in range(run):
             fifo.popleft()
         self._eatable = 0
+        self._regrouped()
         self._rebuild()
         return fifo[0]
 
@@ -1487,6 +1630,17 @@ class StatementLog:
             return True
         return False
 
+    def _regrouped(self) -> None:
+        """Syncs the server swallowed (a copy read them): the requests are not what the
+        readings waiting for a report were predicted in; none of them can be checked."""
+        if not self._unverified:
+            return
+        for entry in self._fifo:
+            if entry.sensitive:
+                entry.sensitive = 0
+                self._misread(entry)
+        self._unverified = 0
+
     def _desync(self, reason: str) -> None:
         """The answers cannot be paired with what was sent any more: from now on nothing
         is attributed (every statement uncertain, every name unknown)."""
@@ -1495,6 +1649,8 @@ class StatementLog:
         for entry in self._fifo:
             if entry is not _SYNC:
                 entry.uncertain = True
+                entry.sensitive = 0
+        self._unverified = 0
         self._confirmed.all_unknown()
         self._predicted.all_unknown()
 
