@@ -917,6 +917,9 @@ class RecordingFilter(StatementFilter):
         tracker = self.statements.reading if self.statements is not None else None
         if tracker is None:
             return super()._text(raw)
+        if raw.isascii() and b"\\" not in raw:
+            self._sensitive = 0  # the common case: it reads alike under every reading
+            return raw.decode("ascii")
         self._sensitive = sensitivity(raw)
         return statement_text(raw, tracker.now())
 

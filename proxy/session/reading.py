@@ -421,6 +421,7 @@ def _dollar_end(s: str, i: int) -> int:
 
 _PARAMETERS: Final = (CLIENT_ENCODING, CONFORMING)
 _BOOLEAN: Final = {"on": True, "off": False}
+_JUST_CODE: Final = (CODE,)
 
 
 class _Values:
@@ -428,7 +429,7 @@ class _Values:
     unless its transaction rolls back, SET LOCAL until its transaction ends, a rollback to
     a savepoint undoes what followed it. Values are canonical ("" when not known)."""
 
-    __slots__ = ("block", "login", "marks", "now", "session", "start", "touched")
+    __slots__ = ("block", "changed", "login", "marks", "now", "session", "start", "touched")
 
     def __init__(self, login: dict[str, str]) -> None:
         self.login = login
@@ -438,8 +439,10 @@ class _Values:
         self.marks: list[tuple[str, dict[str, str], dict[str, str]]] = []  # savepoints
         self.block = False  # in a transaction block (BEGIN)
         self.touched: set[str] = set()  # set since the current request began
+        self.changed = False  # an operation applied since the last transaction's end
 
     def apply(self, op: SettingOp) -> None:
+        self.changed = True
         kind, setting, value = op
         if kind == "set" or kind == "local":
             if value == DEFAULT:
@@ -476,6 +479,9 @@ class _Values:
     def end(self, commit: bool) -> bool:
         """The transaction ends (an implicit one at its request's end, if it succeeds);
         whether that changed the values in force."""
+        if not self.changed and not self.block:
+            return False  # the common case: nothing was set
+        self.changed = False
         if not commit and self.session != self.start:
             self.session = dict(self.start)
         changed = self.now != self.session
@@ -492,6 +498,9 @@ class _Values:
     def confirm(self, truth: dict[str, str], block: bool) -> bool:
         """The server's values at the start of the current request: what was not set since
         is theirs. Whether that changed the values in force."""
+        if self.now == truth and self.block == block and not self.marks:
+            return False  # the common case: as predicted
+        self.changed = True
         changed = False
         for setting in _PARAMETERS:
             value = truth[setting]
@@ -573,7 +582,7 @@ class ReadingTracker:
     def query(self, ops: tuple[SettingOp, ...] | None) -> None:
         """A Query, read now; its statements run (an unknown statement: as if it changed
         nothing, which the server's report checks), and its request ends."""
-        if ops:
+        if ops and ops != _JUST_CODE:  # (code matters within a request only)
             self._apply(ops)
         self._request_ends()
 

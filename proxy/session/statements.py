@@ -1503,9 +1503,9 @@ class StatementLog:
         current request is the next one, the prediction starts again from the report."""
         tracker = self.reading
         assert tracker is not None
-        server = tracker.server
         in_flight = False
         if self._unverified:
+            server = tracker.server
             for entry in self._fifo:
                 if entry.sensitive:
                     self._unverified -= 1
@@ -1516,6 +1516,8 @@ class StatementLog:
                 if entry.kind == "sync" or entry.kind == "query" or entry.kind == "call":
                     in_flight = True
                     break
+            else:
+                self._unverified = 0  # (every entry in flight was looked at)
         else:
             in_flight = any(e.kind in _REQUESTS for e in self._fifo)
         if not in_flight:
