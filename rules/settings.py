@@ -80,10 +80,11 @@ _TX = {
     "TRANS_STMT_PREPARE": "commit",
 }
 # statements that run no code of the database's (beyond the server's own): what they do to
-# the settings is all in their text
+# the settings is all in their text (CLOSE is not among them: closing a cursor shuts down
+# what its query was running)
 _NO_CODE = (
     ast.VariableShowStmt, ast.DeallocateStmt, ast.PrepareStmt, ast.ListenStmt,
-    ast.UnlistenStmt, ast.NotifyStmt, ast.ClosePortalStmt,
+    ast.UnlistenStmt, ast.NotifyStmt,
 )  # fmt: skip
 
 

@@ -295,6 +295,29 @@ def test_off_from_asyncpg_server_settings(
     assert len(found) == 2 and all(exact(e, HIDE) for e in found)
 
 
+def test_backslash_quote_only_refuses(audited: tuple[ProxyProcess, Path]) -> None:
+    """backslash_quote (off, or safe_encoding in a client-only encoding) changes no reading:
+    the server refuses a text with \\' in an escape string; pgveil records what it would
+    have read, with the error."""
+    p, path = audited
+    for app, params in (
+        (
+            "reading-bq-off",
+            {"options": "-c standard_conforming_strings=off -c backslash_quote=off"},
+        ),
+        (
+            "reading-bq-sjis",
+            {"options": "-c standard_conforming_strings=off", "client_encoding": "SJIS"},
+        ),
+    ):
+        c = session(p.port, app, **params)
+        got = exchange(c, query(HIDE), 1)
+        assert not leaked(got)
+        assert [m.sqlstate_of(b) for t, b in got if t == "E"] == ["22P06"]
+        (event,) = statement_events(path, app, c)
+        assert event["tables"] == [CUSTOMERS] and event["outcome"] == "22P06"
+
+
 # ---- standard_conforming_strings changed during the session --------------------------------
 
 

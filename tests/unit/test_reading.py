@@ -50,6 +50,8 @@ CE = "client_encoding"
         ("DISCARD PLANS", []),
         ("SET search_path = public", []),
         ("SHOW standard_conforming_strings", []),
+        ("PREPARE p AS SELECT 1; DEALLOCATE p; LISTEN c; NOTIFY c", []),
+        ("CLOSE c", [CODE]),
         (
             "BEGIN; SAVEPOINT a; RELEASE a; ROLLBACK TO a; ROLLBACK",
             [
@@ -107,6 +109,8 @@ def test_statement_text_decodes_as_the_server_converts() -> None:
     assert sjis is not None and "\\" not in sjis and "(SELECT name FROM t)" in sjis
     # 0x5C alone is a backslash for the server, a yen sign for Python's shift_jis_2004
     assert statement_text(b"SELECT E'\\\\'", Reading("SHIFT_JIS_2004")) == "SELECT E'\\\\'"
+    # ... and 0x81 0x5F a backslash for both (a character that reads as ASCII: not read)
+    assert statement_text(b"SELECT E'\x81\x5f'", Reading("SHIFT_JIS_2004")) is None
     # a lead byte whose second byte is the quote: the server takes both (and refuses them)
     assert statement_text(b"SELECT '\xa0'", Reading("SJIS")) is None
     assert statement_text(b"SELECT '\xff'", Reading()) is None
