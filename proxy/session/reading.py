@@ -211,8 +211,8 @@ def _reads_alike(text: str, marks: list[tuple[int, bool]]) -> bool:
             if before.name != "NCHAR" or before.end != mark - 2:
                 return False
             continue
-        if before.end == mark - 2 and word in ("b", "B", "x", "X", "e", "E"):
-            return False  # it was B'...', X'...' or E'...' in the text the server reads
+        if before.end == mark - 2 and word in ("b", "B", "x", "X", "e", "E", "n", "N"):
+            return False  # B'...', X'...', E'...', N'...' in the text the server reads
         if word == "&" and before.end == mark - 2 and i >= 2:
             u = tokens[i - 2]
             if u.end == before.start - 1 and text[u.start : u.end + 1] in ("u", "U"):

@@ -298,3 +298,25 @@ def test_a_misread_parse_makes_its_portals_uncertain() -> None:
     assert function["statement"] == "SELECT public . f ( )"
     for event in (first, second):
         assert event["analysis_complete"] is False and event["tables"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "mark"),
+    [
+        ("SELECT N E'a\\b'", 9),  # N'...' in the server's text: NCHAR, not an identifier
+        ("SELECT e E'a\\b'", 9),  # E'...': already an escape string
+        ("SELECT X E'a\\b'", 9),  # X'...': a bit string
+        ("SELECT U& E'a\\b'", 10),  # U&'...'
+        ("SELECT 'a'\n E'b\\c'", 12),  # the quote continued the string before it
+        ("SELECT /* E'a\\b' */ 1", 10),  # not a token where the E was put
+        ("SELECT  E'a\\b', 'c\\d'", 8),  # a plain string with a backslash is left
+    ],
+)
+def test_the_check_refuses_a_rewriting_the_server_reads_otherwise(text: str, mark: int) -> None:
+    """nonconforming_text's rewriting is checked with pgveil's lexer: whatever proposed it,
+    an E put where the server's text would not have begun a plain string fails."""
+    from proxy.session.reading import _reads_alike
+
+    assert text[mark : mark + 2] == "E'"
+    assert not _reads_alike(text, [(mark, False)])
+    assert _reads_alike("SELECT  E'a\\b'", [(8, False)])
