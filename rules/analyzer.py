@@ -22,6 +22,7 @@ from rules.catalog import ProtectionMap
 from rules.denied import Refusal
 from rules.grammar import misread_words
 from rules.reads import ast, descendants, name_of
+from rules.settings import SettingOp, settings_of
 from rules.subjects import SubjectKeys, integer_key, subject_keys
 from rules.writes import Rewriter
 
@@ -71,6 +72,10 @@ class Decision:
     # filled in by the context, once per statement shape
     redacted: str = ""
     fingerprint: str = ""
+    # what the statements do to the settings that decide how the server reads later
+    # messages (rules.settings), in order; None when the text does not parse as the
+    # server's does
+    settings: tuple[SettingOp, ...] | None = ()
 
 
 _KIND = {
@@ -96,7 +101,9 @@ class Analyzer:
         try:
             stmts = parse_sql(sql)
         except ParseError:
-            return Decision("refuse", reason="pgveil cannot parse the statement", effects=None)
+            return Decision(
+                "refuse", reason="pgveil cannot parse the statement", effects=None, settings=None
+            )
         word = self.misread_word(sql)
         if word is not None:
             return Decision(
@@ -104,6 +111,7 @@ class Analyzer:
                 reason=f"the server reads the word {word} differently from pgveil's parser "
                 "(a keyword in only one of them); quote it if it is a name",
                 effects=None,
+                settings=None,
             )
         if not stmts:
             return Decision("pass")
@@ -114,6 +122,7 @@ class Analyzer:
         rewriter.defined_names = _defined_names(stmts)
         keys = subject_keys(self.pmap, stmts) if len(stmts) == 1 else ()
         effects = _effects(stmts)
+        settings = settings_of(stmts, sql)
         uses, moves = _uses(effects)
         try:
             changed = False
@@ -132,6 +141,7 @@ class Analyzer:
                 effects=effects,
                 uses=uses,
                 moves=moves,
+                settings=settings,
             )
         unknown = tuple(sorted(rewriter.unknown - rewriter.temp))
         temp = tuple(sorted(rewriter.temp))
@@ -146,6 +156,7 @@ class Analyzer:
                 effects=effects,
                 uses=uses,
                 moves=moves,
+                settings=settings,
             )
         return Decision(
             "rewrite",
@@ -160,6 +171,7 @@ class Analyzer:
             effects=effects,
             uses=uses,
             moves=moves,
+            settings=settings,
         )
 
     def misread_word(self, sql: str) -> str | None:

@@ -92,12 +92,14 @@ def _literal_keys(keys: tuple[SubjectKeys, ...], literals: list[str]) -> tuple[S
 
 def _agree(shaped: Decision, direct: Decision) -> bool:
     """Whether the decision from a shape is the one the statement gets analysed as it is:
-    the same action, tables, columns and subjects, and a rewrite that parses the same."""
-    if (shaped.action, shaped.tables, shaped.columns, shaped.subject_keys) != (
+    the same action, tables, columns, subjects and settings (`SET client_encoding = $1`
+    cannot say which encoding), and a rewrite that parses the same."""
+    if (shaped.action, shaped.tables, shaped.columns, shaped.subject_keys, shaped.settings) != (
         direct.action,
         direct.tables,
         direct.columns,
         direct.subject_keys,
+        direct.settings,
     ):
         return False
     if shaped.action != "rewrite":

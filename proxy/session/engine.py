@@ -530,9 +530,9 @@ class Session:
             assert audit is not None
             self.recorder = RecordingFilter(recorded, audit)
             self.recorder.observer = self._observe_server
-            encoding = self.info.parameters.get("client_encoding")
-            if encoding is not None:
-                self.recorder.client_encoding(encoding)
+            # what the server reported at login (startup options, role and database
+            # settings included): what statements are read under until it changes
+            self.recorder.login_parameters(dict(self.info.parameters))
             self._server.capture = _SERVER_CAPTURE_RECORDED
             self._client.capture = _CLIENT_CAPTURE_RECORDED
         else:
@@ -773,8 +773,6 @@ class Session:
         elif typ == m.PARAMETER_STATUS:
             name, value = m.parameter_status(body)
             self.info.parameters[name] = value
-            if name == "client_encoding" and self.recorder is not None:
-                self.recorder.client_encoding(value)
 
     def _count_error(self, body: bytes) -> None:
         code = m.sqlstate_of(body)

@@ -22,7 +22,7 @@ towards the client.
 
 from __future__ import annotations
 
-import codecs
+import dataclasses
 import functools
 import hashlib
 import re
@@ -32,6 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import pglast
+
+from proxy.session.reading import ReadingTracker, sensitivity, statement_text
 from proxy.session.statements import (
     Cause,
     Decided,
@@ -48,6 +51,7 @@ from rules.context import ContextHolder, MaskingContext, redact
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
 from rules.model import MaskSpec
+from rules.settings import SettingOp
 
 REFUSAL_TOKEN = "pgveil_refusal_"
 AUDIT_UNAVAILABLE = "the audit stream is unavailable; statements on personal data must wait for it"
@@ -314,6 +318,7 @@ class StatementFilter:
         # what the statements do to names and the transaction, once they run (a refused
         # statement does not run)
         self._effects = () if action == "refuse" else d.effects
+        self._settings = () if action == "refuse" else d.settings
         if action == "rewrite":
             self.counters.rewritten += 1
         elif action == "pass":
@@ -342,19 +347,31 @@ class StatementFilter:
                 fields[key] = sorted(set(_names(fields[key])))
         return fields
 
-    _encoding = "utf-8"  # the session's client_encoding, as a Python codec
+    # of the statement being decided: which reading settings its text depends on, and what
+    # it does to them (unmasked sessions: proxy/session/reading.py)
+    _sensitive = 0
+    _settings: tuple[SettingOp, ...] | None = ()
+
+    def _text(self, raw: bytes) -> str | None:
+        """A statement's text as the server reads it (None: pgveil cannot read it so).
+        Masked sessions use UTF-8 and standard_conforming_strings on (they end otherwise)."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
 
     def _query(self, body: bytes, original: bytes) -> bytes:
-        try:
-            sql = body[:-1].decode(self._encoding)
-        except UnicodeDecodeError:
+        sql = self._text(body[:-1])
+        if sql is None:
             return self._undecodable(m.QUERY, b"", original)
         action, value, fields = self._decide(sql)
         if self.statements is not None:
             source = self._source(sql, action, value, b"")
             # what a PREPARE or DECLARE in it leaves under its name: the whole text, as sent
             decided = Decided(sql, action, value) if self._tracks else None
-            self.statements.query(fields, source, self._effects, decided)
+            self.statements.query(
+                fields, source, self._effects, decided, self._sensitive, self._settings
+            )
         if action == "pass":
             return original
         if action == "rewrite":
@@ -365,16 +382,17 @@ class StatementFilter:
     def _parse(self, body: bytes, original: bytes) -> bytes:
         statement, query, rest = m.parse_message(body)
         name = statement + b"\0"
-        try:
-            sql = query.decode(self._encoding)
-        except UnicodeDecodeError:
+        sql = self._text(query)
+        if sql is None:
             return self._undecodable(m.PARSE, name, original)
         action, value, fields = self._decide(sql)
         if self.statements is not None:
             source = self._source(sql, action, value, rest)
             # what the name holds: the whole text, as sent (masked sessions)
             decided = Decided(sql, action, value) if self._tracks else None
-            self.statements.parse(statement, fields, source, self._effects, decided)
+            self.statements.parse(
+                statement, fields, source, self._effects, decided, self._sensitive, self._settings
+            )
         if action == "pass":
             return original
         if action == "rewrite":
@@ -898,14 +916,24 @@ class RecordingFilter(StatementFilter):
         forwards chunks as they are and only shows the messages to `observe_*`."""
         return not self._refusals and (self.audit is None or self.audit.ready())
 
-    def client_encoding(self, name: str) -> None:
-        """The server reported the session's client_encoding: statements are read in it
-        (masked sessions must use UTF8; unmasked ones may use any)."""
-        self._encoding = _python_codec(name)
-        if self.statements is not None:
-            # the server (UTF-8) converts protocol names too, unless they are SQL_ASCII
-            plain = self._encoding == "utf-8" or name.upper() == "SQL_ASCII"
-            self.statements.name_codec = None if plain else self._encoding
+    def login_parameters(self, reported: dict[str, str]) -> None:
+        """What the server reported at login (ParameterStatus): the client encoding and
+        standard_conforming_strings statements are read under until they change, and what
+        RESET and DISCARD ALL bring them back to."""
+        assert self.statements is not None
+        self.statements.reading = ReadingTracker(reported)
+
+    def _text(self, raw: bytes) -> str | None:
+        # as the server reads it: under the client encoding and standard_conforming_strings
+        # predicted for this message (see proxy/session/reading.py)
+        tracker = self.statements.reading if self.statements is not None else None
+        if tracker is None:
+            return super()._text(raw)
+        if raw.isascii() and b"\\" not in raw:
+            self._sensitive = 0  # the common case: it reads alike under every reading
+            return raw.decode("ascii")
+        self._sensitive = sensitivity(raw)
+        return statement_text(raw, tracker.now())
 
     def _function_call(self, raw: bytes) -> bytes:
         # the function and its arguments are not analysed: recorded as an access that
@@ -921,9 +949,9 @@ class RecordingFilter(StatementFilter):
             fields = _unanalysed("unknown", "(not readable in the client encoding)")
             # what it does to names cannot be known either
             if typ == m.QUERY:
-                self.statements.query(fields, None, None)
+                self.statements.query(fields, None, None, sensitive=self._sensitive)
             else:
-                self.statements.parse(name[:-1], fields, None, None)
+                self.statements.parse(name[:-1], fields, None, None, sensitive=self._sensitive)
         return original
 
     def observe_client(self, typ: int, body: bytes) -> None:
@@ -948,7 +976,21 @@ class RecordingFilter(StatementFilter):
                 self._refusal(body)  # a refusal read mid-message: its token is spent
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
-        return self.ctx.analyze(sql, audit_only=True), "pass", None
+        d = self.ctx.analyze(sql, audit_only=True)
+        if d.action == "refuse" and d.kinds == ("set",) and _lone_set(sql):
+            # a SET masked roles may not make (standard_conforming_strings, the role...):
+            # the analysis stopped at it, but it reads nothing; an unmasked session may
+            d = dataclasses.replace(d, action="pass", reason=None)
+        return d, "pass", None
+
+
+def _lone_set(sql: str) -> bool:
+    """Whether the text is one SET statement (its values are constants: it reads nothing)."""
+    try:
+        stmts = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return False
+    return len(stmts) == 1 and isinstance(stmts[0].stmt, pglast.ast.VariableSetStmt)
 
 
 def _unanalysed(kind: str, text: str) -> dict[str, object]:
@@ -963,33 +1005,6 @@ def _unanalysed(kind: str, text: str) -> dict[str, object]:
         "decision": "passed",
         "analysis_complete": False,
     }
-
-
-# PostgreSQL's client encodings whose Python codec has another name
-_CODECS = {
-    "SQL_ASCII": "latin-1",  # no conversion: bytes as they are
-    "LATIN1": "iso8859-1", "LATIN2": "iso8859-2", "LATIN3": "iso8859-3",
-    "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
-    "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15",
-    "LATIN10": "iso8859-16", "ISO_8859_5": "iso8859-5", "ISO_8859_6": "iso8859-6",
-    "ISO_8859_7": "iso8859-7", "ISO_8859_8": "iso8859-8", "WIN866": "cp866",
-    "WIN874": "cp874", "KOI8R": "koi8-r", "KOI8U": "koi8-u", "UHC": "cp949",
-    "SJIS": "shift_jis", "SHIFT_JIS_2004": "shift_jis_2004", "EUC_JIS_2004": "euc_jis_2004",
-    "EUC_JP": "euc_jp", "EUC_KR": "euc_kr", "EUC_CN": "gb2312", "JOHAB": "johab",
-}  # fmt: skip
-
-
-def _python_codec(name: str) -> str:
-    """The Python codec of a PostgreSQL client encoding (WIN1252 -> cp1252, ...); UTF-8
-    when Python has none (the statement is then recorded as unreadable)."""
-    upper = name.upper()
-    if upper.startswith("WIN") and upper[3:].isdigit():
-        return "cp" + upper[3:]
-    codec = _CODECS.get(upper, name)
-    try:
-        return codecs.lookup(codec).name
-    except LookupError:
-        return "utf-8"
 
 
 class _Splicer:

@@ -58,7 +58,6 @@ No I/O; nothing from a row but subject keys leaves this module.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import struct
 import time
@@ -68,9 +67,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.session.reading import Reading, ReadingTracker, server_name
 from proxy.wire import messages as m
 from rules.analyzer import Effect, Effects, integer_key
 from rules.context import ContextHolder
+from rules.settings import SettingOp
 
 _INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
 _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
@@ -84,6 +85,7 @@ _READY_FOR_QUERY = m.READY_FOR_QUERY
 _COMMAND_COMPLETE = m.COMMAND_COMPLETE
 _ROW_DESCRIPTION = m.ROW_DESCRIPTION
 _ERROR_RESPONSE = m.ERROR_RESPONSE
+_PARAMETER_STATUS = m.PARAMETER_STATUS
 _BIND = m.BIND
 _EXECUTE = m.EXECUTE
 _IDLE = m.TX_IDLE
@@ -94,6 +96,7 @@ _NO_PARAMS: dict[int, str] = {}  # never changed
 # NoticeResponse, NotificationResponse and ParameterStatus; ErrorResponse apart: it may also
 # end a session on its own)
 _ANSWERS = frozenset(b"123CDGHIVWZcdnsTt")
+_REQUESTS = frozenset(("sync", "query", "call"))  # what ReadyForQuery answers
 _EXITS = frozenset(("commit", "commit_chain", "rollback", "rollback_chain", "prepare_transaction"))
 _UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
 # The server keeps and compares the first NAMEDATALEN-1 bytes of a protocol statement or
@@ -158,6 +161,8 @@ class _Prepared:
     # under which that was decided or last confirmed (None: checked before any use)
     decided: Decided | None = None
     current: object = None
+    # what running it does to the settings the server reads text by (None: not known)
+    settings: tuple[SettingOp, ...] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -448,6 +453,11 @@ class _InFlight:
     skipped: bool = False  # predicted to be skipped (an earlier message fails)
     uncertain: bool = False  # what it runs cannot be told for sure
     expect: str = "I"  # Sync, Query, FunctionCall: the transaction status predicted after it
+    # -- how its text was read (unmasked sessions: proxy/session/reading.py)
+    sensitive: int = 0  # what its reading depends on, while that waits to be checked
+    base: Reading | None = None  # ... what its request was predicted to begin under
+    # a Query whose text depends on a setting: what it was predicted to leave in force
+    after: tuple[Reading, int] | None = None
     # -- COPY FROM STDIN
     copy_ends: int = 0  # CopyDone and CopyFail messages the client had sent before it
     copies: int = 0  # copies of this statement completed so far
@@ -532,18 +542,16 @@ class StatementLog:
         # why a message already sent reads what may not run under the current context (the
         # answers refuted what it was checked against): the session must end
         self.refuted: str | None = None
-        # the Python codec of the client encoding when the server converts protocol names
-        # from it (None: they reach it as sent: UTF-8, or SQL_ASCII)
-        self.name_codec: str | None = None
+        # unmasked sessions: what each message's text is read under (the client encoding
+        # and standard_conforming_strings may change; masked sessions end if they do)
+        self.reading: ReadingTracker | None = None
+        self._unverified = 0  # entries whose reading waits for the server's report
 
     def _name(self, raw: bytes) -> bytes:
-        """A protocol name as the server keys it: in its encoding (UTF-8), at most
-        NAMEDATALEN-1 bytes."""
-        codec = self.name_codec
-        if codec is not None and not raw.isascii():
-            # (a name that does not convert: the server refuses the message, never keeps it)
-            with contextlib.suppress(UnicodeError):
-                raw = raw.decode(codec).encode()
+        """A protocol name as the server keys it: converted to its encoding (UTF-8) from
+        the client encoding predicted for the message, at most NAMEDATALEN-1 bytes."""
+        if not raw.isascii() and self.reading is not None:
+            raw = server_name(raw, self.reading.now())
         return raw[:_NAME_BYTES]
 
     def attach(self, emit: Callable[[dict[str, object]], object], subjects_limit: int) -> None:
@@ -564,10 +572,14 @@ class StatementLog:
         source: Source | None = None,
         effects: Effects | None = (),
         decided: Decided | None = None,
+        sensitive: int = 0,
+        settings: tuple[SettingOp, ...] | None = None,
     ) -> None:
         """A simple-protocol Query; `effects`: what its statements do to names and the
         transaction, in order (None: not known); `decided`: what the masked filter sent for
-        it (what its PREPAREs and DECLAREs hold)."""
+        it (what its PREPAREs and DECLAREs hold); `sensitive`: which reading settings its
+        text depends on, `settings`: what it does to them (unmasked sessions: see
+        `reading`)."""
         entry = _InFlight("query", fields, self._clock(), source=source)
         if effects is None:
             entry.unknown = True
@@ -577,6 +589,16 @@ class StatementLog:
             entry.copy_ends = self._copy_ends
         if self.lost is not None:
             entry.uncertain = True
+        tracker = self.reading
+        if tracker is not None:
+            if sensitive and not self._read_for_sure(entry, tracker, sensitive):
+                entry.uncertain = True  # what it reads cannot be told
+                entry.unknown = True  # nor what it does to names
+            tracker.query(settings)
+            if sensitive:
+                # checked when it ends: a setting that changed unforeseen (a reload of the
+                # server's configuration) may have changed before it was read
+                entry.after = (tracker.now(), sensitive)
         names = self._predicted
         if entry.ops or entry.unknown or names.skipping or names.tx != "I":
             self._predict_query(names, entry, 0)
@@ -597,8 +619,11 @@ class StatementLog:
         source: Source | None = None,
         effects: Effects | None = (),
         decided: Decided | None = None,
+        sensitive: int = 0,
+        settings: tuple[SettingOp, ...] | None = None,
     ) -> None:
-        """A Parse; `decided`: what the masked filter sent for it."""
+        """A Parse; `decided`: what the masked filter sent for it; `sensitive`, `settings`:
+        as for `query`."""
         name = self._name(name)
         names = self._predicted
         entry = _InFlight("parse", source=source)
@@ -619,11 +644,32 @@ class StatementLog:
         prepared = entry.obj = _Prepared(
             fields, source=source, effects=own, decided=decided, current=self._stamp(decided)
         )
+        tracker = self.reading
+        if tracker is not None:
+            if sensitive and not self._read_for_sure(entry, tracker, sensitive):
+                prepared.uncertain = True  # what it reads cannot be told
+                prepared.effects = None
+            prepared.settings = settings
         if names.skipping or (name and previous is not None and not previous.uncertain):
             self._predict_parse(names, entry)
         else:
             names.statements[name] = prepared  # the common case
         self._fifo.append(entry)
+
+    def _read_for_sure(self, entry: _InFlight, tracker: ReadingTracker, sensitive: int) -> bool:
+        """Whether the text of a Query or Parse sent now, which depends on the reading
+        settings `sensitive` names, was read as the server reads it: for sure (nothing
+        unforeseen can have changed them), or once the server reports what its request began
+        under (it waits for that). False: it cannot be known (code ran since the request
+        began, and nothing will be reported in between)."""
+        if not tracker.settled(sensitive):
+            return False
+        if tracker.base_exact:
+            return True
+        entry.sensitive = sensitive
+        entry.base = tracker.base
+        self._unverified += 1
+        return True
 
     # SQL PREPARE / DECLARE / EXECUTE / FETCH name the protocol's statements and portals
 
@@ -709,9 +755,9 @@ class StatementLog:
         end = body.index(b"\0")
         statement_name = body[end + 1 : body.index(b"\0", end + 1)]
         portal_name = body[:end]
-        if self.name_codec is not None or len(statement_name) > _NAME_BYTES:
+        if not statement_name.isascii() or len(statement_name) > _NAME_BYTES:
             statement_name = self._name(statement_name)
-        if self.name_codec is not None or end > _NAME_BYTES:
+        if end > _NAME_BYTES or not body[:end].isascii():
             portal_name = self._name(portal_name)
         names = self._predicted
         statement = names.statements.get(statement_name)
@@ -724,6 +770,9 @@ class StatementLog:
                 reason = self.absent()
                 if reason is not None:
                     return reason
+        if self.reading is not None:
+            known = statement is not None and not statement.uncertain and not names.skipping
+            self.reading.bind(statement.settings if known and statement is not None else None)
         entry = _InFlight("bind", bind=body)
         entry.name = portal_name
         entry.statement_name = statement_name
@@ -804,7 +853,7 @@ class StatementLog:
         names = self._predicted
         end = body.index(b"\0")
         name = body[:end]
-        if self.name_codec is not None or end > _NAME_BYTES:
+        if end > _NAME_BYTES or not body[:end].isascii():
             name = self._name(name)
         portal = names.portals.get(name)
         if (
@@ -829,6 +878,9 @@ class StatementLog:
                     reason = self.vet(named)
                     if reason is not None:
                         return reason
+        if self.reading is not None:
+            known = portal is not None and not portal.uncertain and not names.skipping
+            self.reading.execute(portal.statement.settings if known and portal else None)
         entry = _InFlight("execute", started=self._clock())
         entry.name = name
         if names.skipping:
@@ -886,6 +938,8 @@ class StatementLog:
         self._fifo.append(entry)
 
     def sync(self) -> None:
+        if self.reading is not None:
+            self.reading.sync()
         names = self._predicted
         if (
             self._copy_head is None
@@ -926,6 +980,8 @@ class StatementLog:
         self._fifo.append(entry)
 
     def function_call(self, fields: dict[str, object] | None = None) -> None:
+        if self.reading is not None:
+            self.reading.function_call()
         entry = _InFlight("call", fields, self._clock())
         names = self._predicted
         if names.skipping:
@@ -1298,6 +1354,10 @@ class StatementLog:
         return Cause(head.source, head.done, head.bind)
 
     def server_message(self, typ: int, body: bytes) -> None:
+        if typ == _PARAMETER_STATUS:
+            if self.reading is not None:
+                self.reading.reported(*m.parameter_status(body))
+            return
         fifo = self._fifo
         if not fifo:
             if typ in _ANSWERS:
@@ -1446,6 +1506,11 @@ class StatementLog:
     def _ready(self, status: int) -> None:
         """ReadyForQuery: the request it ends (up to its Sync, Query or FunctionCall) is
         answered."""
+        self._answered(status)
+        if self.reading is not None and self.lost is None:
+            self._reported(status)
+
+    def _answered(self, status: int) -> None:
         fifo = self._fifo
         if self._skip_ambiguous:
             self._skip_ambiguous = False
@@ -1460,6 +1525,8 @@ class StatementLog:
                 break
             if entry is self._copy_head:
                 self._copy_head = None
+            if entry.after is not None:
+                self._unforeseen(entry)
             if kind == "query" or kind == "execute" or kind == "call":
                 self._finish(entry)
                 if kind != "execute":
@@ -1501,6 +1568,75 @@ class StatementLog:
         if state != terminator.expect:
             self._rebuild()
 
+    def _reported(self, status: int) -> None:
+        """After a ReadyForQuery: what the server reported (ParameterStatus comes before it)
+        is what the next request begins under. The Queries and Parses of that request whose
+        text depends on a setting predicted otherwise were misread. When the client's
+        current request is the next one, the prediction starts again from the report."""
+        tracker = self.reading
+        assert tracker is not None
+        in_flight = False
+        if self._unverified:
+            server = tracker.server
+            for entry in self._fifo:
+                if entry.sensitive:
+                    self._unverified -= 1
+                    assert entry.base is not None
+                    if entry.base.differs(server, entry.sensitive):
+                        self._misread(entry)
+                    entry.sensitive = 0
+                if entry.kind == "sync" or entry.kind == "query" or entry.kind == "call":
+                    in_flight = True
+                    break
+            else:
+                self._unverified = 0  # (every entry in flight was looked at)
+        else:
+            in_flight = any(e.kind in _REQUESTS for e in self._fifo)
+        if not in_flight:
+            tracker.confirm(status)
+
+    def _unforeseen(self, entry: _InFlight) -> None:
+        """A Query whose text depends on a setting ends: if the server reports a value the
+        prediction did not foresee, what changed it (code, or a reload of the server's
+        configuration) may have changed it before the Query was read."""
+        assert entry.after is not None and self.reading is not None
+        predicted, sensitive = entry.after
+        if predicted.differs(self.reading.server, sensitive):
+            entry.uncertain = True
+            entry.unknown = True
+
+    def _misread(self, entry: _InFlight) -> None:
+        """A Query or Parse was read under what the server did not have: what it reads, and
+        what it does to names, cannot be told; nor what a portal of its statement runs."""
+        if entry.kind == "query":
+            entry.uncertain = True
+            entry.unknown = True
+        elif entry.kind == "parse" and isinstance(entry.obj, _Prepared):
+            statement = entry.obj
+            names_things = statement.effects != ()
+            statement.uncertain = True
+            statement.effects = None
+            portals = [
+                *self._confirmed.portals.values(),
+                *self._predicted.portals.values(),
+                *(e.obj for e in self._fifo if e.kind == "bind"),
+            ]
+            for portal in portals:
+                if isinstance(portal, _Portal) and portal.statement is statement:
+                    portal.uncertain = True
+            for e in self._fifo:
+                target = e.resolved
+                if e.kind == "bind" and target is statement:
+                    e.uncertain = True
+                elif (
+                    e.kind == "execute"
+                    and isinstance(target, _Portal)
+                    and target.statement is statement
+                ):
+                    e.uncertain = True
+                    e.unknown = e.unknown or names_things
+        self._rebuild()
+
     def _copy_in(self, head: _InFlight) -> None:
         """CopyInResponse: the server reads copy data for the head now. The Syncs the
         client sent right behind it before ending this copy arrive during it."""
@@ -1527,6 +1663,7 @@ class StatementLog:
             removed += 1
         if removed:
             self._eatable = max(self._eatable - removed, 0)
+            self._regrouped()
             self._rebuild()  # predicted as Syncs that end a transaction
 
     def _settle(self) -> _InFlight | None:
@@ -1544,6 +1681,7 @@ class StatementLog:
         for _ in range(run):
             fifo.popleft()
         self._eatable = 0
+        self._regrouped()
         self._rebuild()
         return fifo[0]
 
@@ -1566,6 +1704,17 @@ class StatementLog:
             return True
         return False
 
+    def _regrouped(self) -> None:
+        """Syncs the server swallowed (a copy read them): the requests are not what the
+        readings waiting for a report were predicted in; none of them can be checked."""
+        if not self._unverified:
+            return
+        for entry in self._fifo:
+            if entry.sensitive:
+                entry.sensitive = 0
+                self._misread(entry)
+        self._unverified = 0
+
     def _desync(self, reason: str) -> None:
         """The answers cannot be paired with what was sent any more: from now on nothing
         is attributed (every statement uncertain, every name unknown)."""
@@ -1574,6 +1723,8 @@ class StatementLog:
         for entry in self._fifo:
             if entry is not _SYNC:
                 entry.uncertain = True
+                entry.sensitive = 0
+        self._unverified = 0
         self._confirmed.all_unknown()
         self._predicted.all_unknown()
 
