@@ -615,3 +615,52 @@ def test_raw_parameters(
 
 def _execute() -> bytes:
     return m.message(m.EXECUTE, b"\0" + struct.pack("!i", 0))
+
+
+# ---- what a name runs, and texts of several statements ----------------------------------
+
+TEXTS: dict[str, tuple[str, list[str] | None, bool]] = {
+    "execute of a prepared read returning its key": (
+        "PREPARE p1 AS SELECT i_customer, email FROM billing.customers WHERE i_customer = $1;"
+        " EXECUTE p1(2)",
+        ["2"], True,
+    ),
+    "execute of a prepared self-join": (
+        "PREPARE p2 AS SELECT c.i_customer, d.email FROM billing.customers c "
+        "JOIN billing.customers d ON d.i_customer <> c.i_customer; EXECUTE p2",
+        None, False,
+    ),
+    "fetch from a cursor returning its key": (
+        "BEGIN; DECLARE k1 CURSOR FOR SELECT i_customer, email FROM billing.customers "
+        "ORDER BY 1; FETCH ALL FROM k1",
+        ["1", "2"], True,
+    ),
+    "fetch from a cursor over a window": (
+        "BEGIN; DECLARE k2 CURSOR FOR SELECT i_customer, lag(email) OVER (ORDER BY i_customer)"
+        " FROM billing.customers ORDER BY 1 DESC LIMIT 1; FETCH ALL FROM k2",
+        None, False,
+    ),
+    "two reads returning their keys": (
+        "SELECT i_customer, email FROM billing.customers WHERE i_customer = 1; "
+        "SELECT i_customer, email FROM billing.customers WHERE i_customer = 2",
+        ["1", "2"], True,
+    ),
+    "a write without its key beside a read of another key": (
+        "BEGIN; UPDATE billing.customers SET notes = notes WHERE i_customer = 2; "
+        "SELECT i_customer FROM billing.customers WHERE i_customer = 1",
+        None, False,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("role", list(ROLES))
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_texts_and_names(audit: Audit, sessions: Sessions, name: str, role: str) -> None:
+    """Each text is one Query (psycopg, simple protocol); the last access event on
+    billing.customers is the statement that read through the name, or the text."""
+    sql, subjects, complete = TEXTS[name]
+    audit.mark()
+    sessions.run("psycopg", role, sql)
+    sessions.run("psycopg", role, "DEALLOCATE ALL")
+    event = audit.accesses(CUSTOMERS)[-1]
+    check(event, CUSTOMERS, subjects, complete)
