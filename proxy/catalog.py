@@ -82,6 +82,16 @@ OPERATORS_SQL = """
 SELECT n.nspname, o.oprname FROM pg_catalog.pg_operator o
   JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
 """
+# Types outside pg_catalog named like a built-in type (a search path that puts their schema
+# first makes `x::int8` mean them)
+SHADOWING_TYPES_SQL = """
+SELECT DISTINCT t.typname FROM pg_catalog.pg_type t
+  JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND EXISTS (SELECT 1 FROM pg_catalog.pg_type b
+                WHERE b.typname = t.typname
+                  AND b.typnamespace = 'pg_catalog'::pg_catalog.regnamespace)
+"""
 # Functions written in SQL or a procedural language, outside pg_catalog, that the server
 # calls without a statement naming them: casts, type support and domain constraints,
 # operators (and their estimators), operator class support. C and internal functions are
@@ -238,6 +248,7 @@ async def read_catalog(conn: Any) -> Catalog:
             system_f.add((r["nspname"], r["proname"]))
     builtin_o: set[str] = set()
     user_o: set[str] = set()
+    shadowing_types = frozenset(r["typname"] for r in await conn.fetch(SHADOWING_TYPES_SQL))
     for r in await conn.fetch(OPERATORS_SQL):
         (builtin_o if r["nspname"] == "pg_catalog" else user_o).add(r["oprname"])
     definitions = {
@@ -272,6 +283,7 @@ async def read_catalog(conn: Any) -> Catalog:
         builtin_operators=frozenset(builtin_o),
         user_operators=frozenset(user_o - builtin_o),
         shadowing_operators=frozenset(user_o & builtin_o),
+        shadowing_types=shadowing_types,
         view_sources=view_sources,
         server_version_num=version,
         hidden_code=hidden,

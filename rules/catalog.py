@@ -60,6 +60,8 @@ class Catalog:
     # built-in operator names also defined in another schema (the search path may pick
     # that one: `=` is then not the built-in equality)
     shadowing_operators: frozenset[str] = frozenset()
+    # built-in type names also defined in another schema (`x::int8` may then mean that one)
+    shadowing_types: frozenset[str] = frozenset()
     # views and materialized views -> the tables they read, transitively
     view_sources: Mapping[tuple[str, str], tuple[tuple[str, str], ...]] = field(
         default_factory=dict

@@ -94,9 +94,13 @@ class KeyColumn:
         return int(found.group(1)) if found and self.type in ("varchar", "bpchar") else None
 
 
-def type_name(names: tuple[str, ...]) -> str | None:
-    """The built-in type a cast names (`pg_catalog.int4`, `int4`, `uuid`), or None."""
+def type_name(names: tuple[str, ...], shadowed: frozenset[str] = frozenset()) -> str | None:
+    """The built-in type a cast names (`pg_catalog.int4`, `int4`, `uuid`), or None; an
+    unqualified name in `shadowed` (a type of that name exists in another schema, which the
+    search path may put first) is None too."""
     if not 1 <= len(names) <= 2 or (len(names) == 2 and names[0] != "pg_catalog"):
+        return None
+    if len(names) == 1 and names[0] in shadowed:
         return None
     return _TYPE_NAMES.get(names[-1])
 

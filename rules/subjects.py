@@ -113,7 +113,10 @@ def statement_subjects(
     them proves so (None of either when a statement cannot be told). Read before the
     rewrite changes the tree."""
     index = _index(pmap)
-    touched: set[str] = set()
+    if pmap.catalog.hidden_code:
+        # code the server runs without a statement naming it (a cast, an operator written
+        # in SQL) may read any row: no statement proves its subjects
+        return (), ()
     proven: set[str] = set()
     unproven: set[str] = set()
     named: tuple[NamedKeys, ...] = ()
@@ -129,7 +132,6 @@ def statement_subjects(
         if walk.unsure:
             return (), ()
         tables = walk.tables()
-        touched |= tables
         rows = walk.rows()
         proven |= rows
         unproven |= tables - rows
@@ -244,7 +246,8 @@ class _Walk:
                 self.mixed = True
             rows = list(node.fromClause or ())
         else:
-            if node.withClause is not None:
+            if node.withClause is not None or self.catalog.table_code:
+                # (triggers, defaults, rules may change the key or write other rows)
                 self.unsure = True
                 return
             rows = [node.relation]
@@ -498,7 +501,7 @@ def _item(node: Any, catalog: Any) -> Item | None:
         t = node.typeName
         if t.typmods or t.arrayBounds or t.setof or t.pct_type:
             return None
-        op = type_name(tuple(name_of(n) for n in t.names))
+        op = type_name(tuple(name_of(n) for n in t.names), catalog.shadowing_types)
         inner = node.arg
     elif (
         isinstance(node, ast.A_Expr)

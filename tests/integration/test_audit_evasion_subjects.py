@@ -664,3 +664,103 @@ def test_texts_and_names(audit: Audit, sessions: Sessions, name: str, role: str)
     sessions.run("psycopg", role, "DEALLOCATE ALL")
     event = audit.accesses(CUSTOMERS)[-1]
     check(event, CUSTOMERS, subjects, complete)
+
+
+# ---- names the search path can give another meaning -------------------------------------
+
+# `=` for (bigint, integer), or a type `bool`, in a schema a session can put before
+# pg_catalog: the built-in functions behind them are C code, so nothing here is code the
+# server runs without a statement naming it (which would close masked sessions). Each in a
+# database of its own, with a pgveil of its own.
+SHADOWS = {
+    "operator": "CREATE OPERATOR shadow.= "
+    "(LEFTARG = bigint, RIGHTARG = integer, FUNCTION = pg_catalog.int84ne);",
+    "type": "CREATE DOMAIN shadow.bool AS integer;",
+}
+SHADOW_RULES = """
+databases: [{db}]
+roles:
+  unmasked: [{admin}]
+  masked: [{helpdesk}]
+  default: unmasked
+tables:
+  s.people:
+    subject: id
+    columns:
+      secret: partial
+"""
+SHADOW_SCHEMA = f"""
+CREATE SCHEMA s;
+CREATE TABLE s.people (id bigint PRIMARY KEY, secret text);
+INSERT INTO s.people VALUES (1, 'secret-1'), (2, 'secret-2'), (3, 'secret-3');
+CREATE SCHEMA shadow;
+GRANT USAGE ON SCHEMA s, shadow TO {ADMIN}, {HELPDESK};
+GRANT SELECT ON s.people TO {ADMIN}, {HELPDESK};
+"""
+
+
+@pytest.fixture(scope="module", params=list(SHADOWS))
+def shadowed(
+    request: pytest.FixtureRequest,
+    pg: EmbeddedPostgres,
+    billing: ProxyProcess,
+    tmp_path_factory: Any,
+) -> Iterator[tuple[str, str, Audit]]:
+    # (`billing` creates the roles these rules name)
+    kind = request.param
+    db = f"pgveil_subjects_{kind}"
+    pg.psql(f"DROP DATABASE IF EXISTS {db}")
+    pg.psql(f"CREATE DATABASE {db}")
+    pg.psql(SHADOW_SCHEMA + SHADOWS[kind], dbname=db)
+    d = tmp_path_factory.mktemp("audit-shadowed")
+    rules = d / "rules.yaml"
+    rules.write_text(SHADOW_RULES.format(db=db, admin=ADMIN, helpdesk=HELPDESK))
+    with ProxyProcess(
+        pg.port, "--upstream-sslmode", "disable", "--rules", str(rules),
+        "--catalog-user", pg.superuser, "--audit-file", str(d / "audit.jsonl"),
+        "--log-level", "error", env=audit_env(pg),
+    ) as p:  # fmt: skip
+        yield kind, db, Audit(p, d / "audit.jsonl")
+        assert "Traceback" not in p.log(), p.log()
+    pg.psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+SHADOWED = {
+    "returned": "SELECT id, secret FROM s.people ORDER BY 1",
+    "equality": "SELECT secret FROM s.people WHERE id = 2",
+    "cast": "SELECT secret FROM s.people WHERE id = (3::bool::int4)::int8",
+}
+# (shadow, statement) -> rows the server returns, and the event's subjects and completeness
+EXPECTED: dict[tuple[str, str], tuple[int, list[str] | None, bool]] = {
+    # the rows returned prove their keys, whatever the names mean
+    ("operator", "returned"): (3, ["1", "2", "3"], True),
+    ("type", "returned"): (3, ["1", "2", "3"], True),
+    # `=` (bigint, integer) is shadow.=: every person but 2
+    ("operator", "equality"): (2, None, False),
+    ("type", "equality"): (1, ["2"], True),
+    # (3::boolean::int4) is 1 ... but pgveil's catalog shows a `=` it cannot tell from the
+    # built-in one, so it trusts no `=`
+    ("operator", "cast"): (1, None, False),
+    # ... and 3 where `bool` is shadow.bool (a domain over integer)
+    ("type", "cast"): (1, None, False),
+}
+
+
+@pytest.mark.parametrize("role", list(ROLES))
+@pytest.mark.parametrize("case", list(SHADOWED))
+def test_shadowed_names(
+    pg: EmbeddedPostgres, shadowed: tuple[str, str, Audit], role: str, case: str
+) -> None:
+    """A session puts a schema of its own before pg_catalog: an operator or a type named
+    like a built-in then means another thing than the statement's text says to pgveil.
+    What pgveil's catalog shows of such names, it does not trust."""
+    kind, db, audit = shadowed
+    read, subjects, complete = EXPECTED[(kind, case)]
+    user, password = ROLES[role]
+    conninfo = dsn(pg, audit.proxy.port, user, password) + f" dbname={db}"
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        c.execute("SET search_path = shadow, pg_catalog")
+        audit.mark()
+        rows = c.execute(SHADOWED[case]).fetchall()
+    assert len(rows) == read, rows  # what the server read, not what the text says to pgveil
+    check(the_event(audit, "s.people"), "s.people", subjects, complete)
