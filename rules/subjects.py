@@ -276,6 +276,8 @@ class _Walk:
                 return
             if isinstance(node, ast.RangeVar):
                 self._relation(node, id(node) in row_vars)
+                if node.alias is not None:
+                    stack.append((node.alias, depth))
                 continue
             if isinstance(node, ast.SelectStmt) and node is not root:
                 if node.withClause is not None:
@@ -357,18 +359,18 @@ class _Walk:
             returning = node.returningClause
             if returning is None or not returning.exprs:
                 return frozenset()
-        moved = self._moved_key()
+        moved = self._moved_keys()
         proven = set()
         for table in self.tables():
             refs = [r for r in self.refs if table in r.direct or table in r.via]
-            if len(refs) != 1 or not refs[0].row or table == moved:
+            if len(refs) != 1 or not refs[0].row or table in moved:
                 continue  # read twice, inside something else, or its key moved
             if table in refs[0].direct and table not in refs[0].via:
                 proven.add(table)
         return frozenset(proven)
 
-    def _moved_key(self) -> str | None:
-        """The table whose key column an UPDATE (or an upsert's DO UPDATE) sets."""
+    def _moved_keys(self) -> set[str]:
+        """The tables whose key column an UPDATE (or an upsert's DO UPDATE) may set."""
         node = self.node
         targets: tuple[Any, ...] = ()
         if isinstance(node, ast.UpdateStmt):
@@ -376,13 +378,13 @@ class _Walk:
         elif isinstance(node, ast.InsertStmt) and node.onConflictClause is not None:
             targets = node.onConflictClause.targetList or ()
         if not targets:
-            return None
-        p = self.index.protected(node.relation)
-        if p is None:
-            return None
-        if p.subject is None or any(t.name == p.subject for t in targets):
-            return p.rule_table
-        return None
+            return set()
+        rv = node.relation
+        return {
+            p.rule_table
+            for p in self.index.pmap.lookup(rv.schemaname, rv.relname)
+            if p.subject is None or any(t.name == p.subject for t in targets)
+        }
 
     def named(self) -> tuple[NamedKeys, ...]:
         """The keys the statement names (see the module docstring)."""
@@ -404,6 +406,8 @@ class _Walk:
             return ()
         if not isinstance(rv, ast.RangeVar) or not self._alone(rv):
             return ()
+        if rv.alias is not None and rv.alias.colnames:
+            return ()  # `customers c(name, i_customer)`: the names say other columns
         p = self.index.protected(rv)
         if p is None or p.subject is None:
             return ()

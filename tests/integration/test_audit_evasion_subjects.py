@@ -385,6 +385,10 @@ CASES: dict[str, Case] = {
         "VALUES (31, 1, 'x', 'ann@example.org') ON CONFLICT (email) DO UPDATE SET notes = 'n'",
         CUSTOMERS, None, False, roles=("unmasked",), write=True,
     ),
+    "a column renamed to the key's name": Case(
+        "SELECT email FROM billing.customers c(k, i_customer) WHERE c.i_customer = 1",
+        CUSTOMERS, None, False,
+    ),
     "a function that reads the table": Case(
         "SELECT i_customer, billing.leak() FROM billing.customers WHERE i_customer = 1",
         CUSTOMERS, None, False, roles=("unmasked",),

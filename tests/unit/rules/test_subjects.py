@@ -123,6 +123,8 @@ def test_named_keys(sql: str, keys: tuple[object, ...]) -> None:
         "WITH x AS (SELECT 1) SELECT email FROM billing.customers WHERE i_customer = 1",
         "SELECT email FROM billing.customers WHERE i_customer = 1 "
         "UNION ALL SELECT email FROM billing.customers WHERE i_customer = 2",
+        # the key column renamed: `i_customer` is the name column here
+        "SELECT email FROM billing.customers c(name, i_customer) WHERE c.i_customer = '2'",
         # keys pgveil cannot read as the server does
         "SELECT email FROM billing.customers WHERE i_customer = 2::float8",
         "SELECT email FROM billing.customers WHERE i_customer = '2'::text",
@@ -178,6 +180,7 @@ def test_nothing_named(sql: str) -> None:
             (C,),
         ),
         ("PREPARE p AS SELECT i_customer, email FROM billing.customers", (C,)),
+        ("SELECT c.k, c.e FROM billing.customers c(k, e)", (C,)),
         ("DECLARE k CURSOR FOR SELECT i_customer, email FROM billing.customers", (C,)),
         (
             "BEGIN; SELECT i_customer FROM billing.customers; SELECT i_account "
@@ -298,3 +301,20 @@ def test_a_shape_does_not_carry_one_statements_keys_to_another() -> None:
     # the same shape with literals whose types make the server compare as numeric
     assert [n.keys for n in ctx.analyze(shape.format("'2.0'", "2.5")).subject_keys] == [("2",)]
     assert ctx.analyze(shape.format("'x'", "2")).subject_keys == ()
+
+
+def test_a_key_moved_in_a_table_named_without_its_schema() -> None:
+    """Two protected tables named `customers`: the search path says which one an UPDATE
+    writes; the key it sets may be either's."""
+    relations = dict(CAT.relations)
+    base = relations[("billing", "customers")]
+    relations[("archive", "customers")] = dataclasses.replace(base, oid=200, schema="archive")
+    catalog = dataclasses.replace(CAT, relations=relations, by_oid={})
+    rules = (
+        RULES + "  archive.customers:\n    subject: i_customer\n    columns:\n      name: partial\n"
+    )
+    protection = ProtectionMap(parse_rules(rules, "r", {"K": "k" * 32}), catalog)
+    moved = "UPDATE customers SET i_customer = i_customer + 1 RETURNING i_customer"
+    kept = "UPDATE customers SET name = 'x' RETURNING i_customer"
+    assert statement_subjects(protection, parse_sql(moved))[1] == ()
+    assert statement_subjects(protection, parse_sql(kept))[1] == ("archive.customers", C)
