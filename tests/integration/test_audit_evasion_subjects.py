@@ -58,7 +58,7 @@ CREATE TABLE subj.ci_keys (k text COLLATE subj.ci PRIMARY KEY, secret text);
 CREATE TABLE subj.uuid_keys (k uuid PRIMARY KEY, secret text);
 CREATE TABLE subj.char_keys (k char(6) PRIMARY KEY, secret text);
 CREATE TABLE subj.num_keys (k numeric PRIMARY KEY, secret text);
-INSERT INTO subj.text_keys VALUES ('Ab', 'secret-ab'), ('cd', 'secret-cd');
+INSERT INTO subj.text_keys VALUES ('Ab', 'secret-ab'), ('cd', 'secret-cd'), ('é', 'secret-é');
 INSERT INTO subj.ci_keys VALUES ('AB', 'secret-AB'), ('cd', 'secret-cd');
 INSERT INTO subj.uuid_keys VALUES ('{U1}', 'secret-u1'), ('{U2}', 'secret-u2');
 INSERT INTO subj.char_keys VALUES ('ab', 'secret-ab'), ('cd', 'secret-cd');
@@ -768,3 +768,20 @@ def test_shadowed_names(
         rows = c.execute(SHADOWED[case]).fetchall()
     assert len(rows) == read, rows  # what the server read, not what the text says to pgveil
     check(the_event(audit, "s.people"), "s.people", subjects, complete)
+
+
+def test_text_keys_are_read_in_the_sessions_encoding(pg: EmbeddedPostgres, audit: Audit) -> None:
+    """An unmasked session in LATIN1: the key returned (and the key named) is the text the
+    server compares, not its bytes read as UTF-8."""
+    conninfo = dsn(pg, audit.proxy.port, ADMIN, ADMIN_PW) + " options='-c client_encoding=LATIN1'"
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        assert c.info.encoding == "iso8859-1"
+        for sql, complete in (
+            ("SELECT k, secret FROM subj.text_keys WHERE k > 'd'", True),
+            ("SELECT secret FROM subj.text_keys WHERE k = 'é'", True),
+            ("SELECT secret FROM subj.text_keys WHERE k = %s", True),
+        ):
+            audit.mark()
+            rows = c.execute(sql, ["é"] if "%s" in sql else None).fetchall()
+            assert len(rows) == 1, rows
+            check(the_event(audit, TEXT_KEYS), TEXT_KEYS, ["é"], complete)
