@@ -409,7 +409,8 @@ class _Walk:
         if rv.alias is not None and rv.alias.colnames:
             return ()  # `customers c(name, i_customer)`: the names say other columns
         p = self.index.protected(rv)
-        if p is None or p.subject is None:
+        if p is None or p.subject is None or p.subject in p.masks:
+            # (a masked session's `key = k` compares the masked key: it names no subject)
             return ()
         column = p.relation.column(p.subject)
         if column is None:

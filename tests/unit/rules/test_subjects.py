@@ -318,3 +318,12 @@ def test_a_key_moved_in_a_table_named_without_its_schema() -> None:
     kept = "UPDATE customers SET name = 'x' RETURNING i_customer"
     assert statement_subjects(protection, parse_sql(moved))[1] == ()
     assert statement_subjects(protection, parse_sql(kept))[1] == ("archive.customers", C)
+
+
+def test_a_masked_key_names_no_subject() -> None:
+    """A masked session's `login = 'x'` compares the masked (hashed) login: the literal is
+    no subject's key."""
+    rules = RULES.replace("subject: i_customer", "subject: login")
+    protection = ProtectionMap(parse_rules(rules, "r", {"K": "k" * 32}), CAT)
+    sql = "SELECT name FROM billing.customers WHERE login = 'x'"
+    assert statement_subjects(protection, parse_sql(sql))[0] == ()
