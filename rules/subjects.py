@@ -45,7 +45,6 @@ from rules.keys import (
     common_type,
     compare,
     number_literal,
-    operator,
     result_type,
     string_literal,
     token_value,
@@ -455,13 +454,15 @@ def key_column(column: Column) -> KeyColumn:
 def _row_items(item: Any) -> Iterator[Any]:
     """The relations whose rows a FROM item returns as they are (joins of them; a
     TABLESAMPLE of one)."""
-    if isinstance(item, ast.RangeVar):
-        yield item
-    elif isinstance(item, ast.RangeTableSample) and isinstance(item.relation, ast.RangeVar):
-        yield item.relation
-    elif isinstance(item, ast.JoinExpr):
-        yield from _row_items(item.larg)
-        yield from _row_items(item.rarg)
+    stack = [item]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.RangeVar):
+            yield node
+        elif isinstance(node, ast.RangeTableSample) and isinstance(node.relation, ast.RangeVar):
+            yield node.relation
+        elif isinstance(node, ast.JoinExpr):
+            stack += [node.rarg, node.larg]
 
 
 def _nodes(value: Any) -> Iterator[Any]:
@@ -484,47 +485,51 @@ Item = Value | ParamKey
 
 
 def _item(node: Any, catalog: Any) -> Item | None:
-    """A key expression: a literal, a parameter, with casts and unary signs."""
+    """A key expression: a literal, a parameter, with casts and unary signs (read from the
+    outside in, without recursion: a statement may nest them deeply)."""
+    ops: list[str] = []  # outermost first
+    while True:
+        if isinstance(node, ast.TypeCast):
+            t = node.typeName
+            if t.typmods or t.arrayBounds or t.setof or t.pct_type:
+                return None
+            found = type_name(tuple(name_of(n) for n in t.names), catalog.shadowing_types)
+            if found is None:
+                return None
+            ops.append(found)
+            node = node.arg
+        elif (
+            isinstance(node, ast.A_Expr)
+            and node.kind == A_Expr_Kind.AEXPR_OP
+            and node.lexpr is None
+            and [name_of(n) for n in node.name] in (["+"], ["-"])
+            and not _shadows(catalog, name_of(node.name[0]))
+        ):
+            ops.append(name_of(node.name[0]))
+            node = node.rexpr
+        else:
+            break
+    inner = tuple(reversed(ops))  # innermost first, as they apply
     if isinstance(node, ast.ParamRef):
-        return ParamKey(int(node.number))
-    if isinstance(node, ast.A_Const):
-        v = node.val
-        if node.isnull:
-            return None
-        if isinstance(v, ast.Integer):
-            return ("int4", int(v.ival))
-        if isinstance(v, ast.Float):
-            return number_literal(str(v.fval))
-        if isinstance(v, ast.String):
-            return string_literal(str(v.sval))
-        if isinstance(v, ast.Boolean):
-            return ("bool", bool(v.boolval))
+        return ParamKey(int(node.number), inner)
+    value = _constant(node)
+    return apply(value, inner) if value is not None else None
+
+
+def _constant(node: Any) -> Value | None:
+    """A literal in the type the parser gives it."""
+    if not isinstance(node, ast.A_Const) or node.isnull:
         return None
-    op: str | None = None
-    inner: Any = None
-    if isinstance(node, ast.TypeCast):
-        t = node.typeName
-        if t.typmods or t.arrayBounds or t.setof or t.pct_type:
-            return None
-        op = type_name(tuple(name_of(n) for n in t.names), catalog.shadowing_types)
-        inner = node.arg
-    elif (
-        isinstance(node, ast.A_Expr)
-        and node.kind == A_Expr_Kind.AEXPR_OP
-        and node.lexpr is None
-        and [name_of(n) for n in node.name] in (["+"], ["-"])
-        and not _shadows(catalog, name_of(node.name[0]))
-    ):
-        op = name_of(node.name[0])
-        inner = node.rexpr
-    if op is None or inner is None:
-        return None
-    found = _item(inner, catalog)
-    if found is None:
-        return None
-    if isinstance(found, ParamKey):
-        return ParamKey(found.number, (*found.ops, op))
-    return operator(op, found) if op in ("+", "-") else apply(found, (op,))
+    v = node.val
+    if isinstance(v, ast.Integer):
+        return ("int4", int(v.ival))
+    if isinstance(v, ast.Float):
+        return number_literal(str(v.fval))
+    if isinstance(v, ast.String):
+        return string_literal(str(v.sval))
+    if isinstance(v, ast.Boolean):
+        return ("bool", bool(v.boolval))
+    return None
 
 
 def _type_of(item: Item) -> str:
@@ -541,11 +546,14 @@ def _is_subject(node: Any, subject: str, alias: str) -> bool:
 
 
 def _conjuncts(where: Any) -> Iterator[Any]:
-    if isinstance(where, ast.BoolExpr) and where.boolop == BoolExprType.AND_EXPR:
-        for arg in where.args:
-            yield from _conjuncts(arg)
-    elif where is not None:
-        yield where
+    """The top-level AND terms, parenthesised ones too (without recursion)."""
+    stack = [where]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.AND_EXPR:
+            stack.extend(reversed(node.args))
+        elif node is not None:
+            yield node
 
 
 def _filtered(where: Any, subject: str, alias: str, catalog: Any) -> list[Item] | None:

@@ -327,3 +327,15 @@ def test_a_masked_key_names_no_subject() -> None:
     protection = ProtectionMap(parse_rules(rules, "r", {"K": "k" * 32}), CAT)
     sql = "SELECT name FROM billing.customers WHERE login = 'x'"
     assert statement_subjects(protection, parse_sql(sql))[0] == ()
+
+
+def test_deeply_nested_keys_are_read_without_recursion() -> None:
+    """(The analyser's own walk may still refuse such a statement: not this module's.)"""
+    sql = (
+        "SELECT name FROM billing.customers WHERE "
+        + "(" * 300
+        + "i_customer = " + "+ " * 2000 + "1" + "::int8" * 3000
+        + " AND true" + ")" * 300
+    )  # fmt: skip
+    named, _ = statement_subjects(pmap(), parse_sql(sql))
+    assert [n.keys for n in named] == [("1",)]
