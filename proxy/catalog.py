@@ -36,12 +36,14 @@ RELATIONS_SQL = """
 SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind, a.attname, a.attnum,
        coalesce(bt.typname, t.typname) AS typname,
        format_type(coalesce(nullif(t.typbasetype, 0), a.atttypid),
-                   CASE WHEN t.typbasetype <> 0 THEN t.typtypmod ELSE a.atttypmod END) AS formatted
+                   CASE WHEN t.typbasetype <> 0 THEN t.typtypmod ELSE a.atttypmod END) AS formatted,
+       coalesce(co.collisdeterministic, true) AS deterministic
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
   JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
   LEFT JOIN pg_catalog.pg_type bt ON bt.oid = t.typbasetype AND t.typtype = 'd'
+  LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
    AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
    AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
@@ -79,6 +81,16 @@ SELECT n.nspname, p.proname FROM pg_catalog.pg_proc p
 OPERATORS_SQL = """
 SELECT n.nspname, o.oprname FROM pg_catalog.pg_operator o
   JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+"""
+# Types outside pg_catalog named like a built-in type (a search path that puts their schema
+# first makes `x::int8` mean them)
+SHADOWING_TYPES_SQL = """
+SELECT DISTINCT t.typname FROM pg_catalog.pg_type t
+  JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND EXISTS (SELECT 1 FROM pg_catalog.pg_type b
+                WHERE b.typname = t.typname
+                  AND b.typnamespace = 'pg_catalog'::pg_catalog.regnamespace)
 """
 # Functions written in SQL or a procedural language, outside pg_catalog, that the server
 # calls without a statement naming them: casts, type support and domain constraints,
@@ -172,7 +184,12 @@ async def read_catalog(conn: Any) -> Catalog:
             {"schema": r["nspname"], "name": r["relname"], "kind": r["relkind"], "cols": []},
         )
         rel["cols"].append(
-            Column(r["attname"], r["attnum"], ColumnType(r["typname"], r["formatted"]))
+            Column(
+                r["attname"],
+                r["attnum"],
+                ColumnType(r["typname"], r["formatted"]),
+                r["deterministic"],
+            )
         )
     parents: dict[int, list[int]] = {}
     for r in await conn.fetch(INHERITS_SQL):
@@ -231,6 +248,7 @@ async def read_catalog(conn: Any) -> Catalog:
             system_f.add((r["nspname"], r["proname"]))
     builtin_o: set[str] = set()
     user_o: set[str] = set()
+    shadowing_types = frozenset(r["typname"] for r in await conn.fetch(SHADOWING_TYPES_SQL))
     for r in await conn.fetch(OPERATORS_SQL):
         (builtin_o if r["nspname"] == "pg_catalog" else user_o).add(r["oprname"])
     definitions = {
@@ -264,6 +282,8 @@ async def read_catalog(conn: Any) -> Catalog:
         system_functions=frozenset(system_f),
         builtin_operators=frozenset(builtin_o),
         user_operators=frozenset(user_o - builtin_o),
+        shadowing_operators=frozenset(user_o & builtin_o),
+        shadowing_types=shadowing_types,
         view_sources=view_sources,
         server_version_num=version,
         hidden_code=hidden,

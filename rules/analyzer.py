@@ -23,10 +23,10 @@ from rules.denied import Refusal
 from rules.grammar import misread_words
 from rules.reads import ast, descendants, name_of
 from rules.settings import SettingOp, settings_of
-from rules.subjects import SubjectKeys, integer_key, subject_keys
+from rules.subjects import SubjectKeys, statement_subjects
 from rules.writes import Rewriter
 
-__all__ = ["Analyzer", "Decision", "Effect", "Effects", "Refusal", "SubjectKeys", "integer_key"]
+__all__ = ["Analyzer", "Decision", "Effect", "Effects", "Refusal", "SubjectKeys"]
 
 # An effect on the session's names or transaction: (kind, name), name "" when it has none.
 # kinds: begin, commit, commit_chain, rollback, rollback_chain, prepare_transaction,
@@ -52,10 +52,13 @@ class Decision:
     # relations the statement creates: the session judges those against its own
     unknown_relations: tuple[str, ...] = ()
     temp_relations: tuple[str, ...] = ()
-    # data subjects named by the statement itself: a write's or a one-table read's
-    # `subject = k` / `subject IN (...)` (top-level AND), or an INSERT's VALUES. A key is
-    # the literal's text, or the number of the parameter that carries it.
+    # data subjects named by the statement itself, where its shape proves that it touches
+    # no other (rules.subjects): a write's or a one-table read's `subject = k` /
+    # `subject IN (...)` (top-level AND), or an INSERT's VALUES. A key is normalised by
+    # the key column's type, or the parameter that carries it.
     subject_keys: tuple[SubjectKeys, ...] = ()
+    # tables whose subjects the keys in the rows returned prove (rules.subjects)
+    row_subjects: tuple[str, ...] = ()
     # What each statement does to the session's names and transaction, for the statement log
     # (proxy/session/statements.py): one tuple of effects per statement, in order, or () when
     # no statement has any; None when they cannot be known (the text does not parse as the
@@ -120,7 +123,7 @@ class Analyzer:
         rewriter = Rewriter(self)
         rewriter.references, rewriter.qualified = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
-        keys = subject_keys(self.pmap, stmts) if len(stmts) == 1 else ()
+        keys, row_subjects = statement_subjects(self.pmap, stmts)
         effects = _effects(stmts)
         settings = settings_of(stmts, sql)
         uses, moves = _uses(effects)
@@ -153,6 +156,7 @@ class Analyzer:
                 unknown_relations=unknown,
                 temp_relations=temp,
                 subject_keys=keys,
+                row_subjects=row_subjects,
                 effects=effects,
                 uses=uses,
                 moves=moves,
@@ -168,6 +172,7 @@ class Analyzer:
             unknown_relations=unknown,
             temp_relations=temp,
             subject_keys=keys,
+            row_subjects=row_subjects,
             effects=effects,
             uses=uses,
             moves=moves,

@@ -22,6 +22,9 @@ class Column:
     name: str
     attnum: int
     type: ColumnType
+    # whether its collation is deterministic (equal only when the bytes are): under one that
+    # is not, `k = 'ab'` also selects 'AB', and a named key does not say which subject
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,11 @@ class Catalog:
     system_functions: frozenset[tuple[str, str]] = frozenset()
     builtin_operators: frozenset[str] = frozenset()
     user_operators: frozenset[str] = frozenset()
+    # built-in operator names also defined in another schema (the search path may pick
+    # that one: `=` is then not the built-in equality)
+    shadowing_operators: frozenset[str] = frozenset()
+    # built-in type names also defined in another schema (`x::int8` may then mean that one)
+    shadowing_types: frozenset[str] = frozenset()
     # views and materialized views -> the tables they read, transitively
     view_sources: Mapping[tuple[str, str], tuple[tuple[str, str], ...]] = field(
         default_factory=dict

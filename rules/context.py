@@ -20,12 +20,13 @@ from pglast import parse_sql
 from pglast.parser import ParseError, scan
 from pglast.parser import normalize as normalize_literals
 
-from rules.analyzer import Analyzer, Decision, SubjectKeys, integer_key
+from rules.analyzer import Analyzer, Decision, SubjectKeys
 from rules.catalog import Catalog, ProtectionMap
 from rules.check import check_policy, summary
 from rules.masks import ColumnType, mask_json_value, py_mask
 from rules.model import Classification, Policy
 from rules.startup import masked_refusal
+from rules.subjects import literal_keys
 
 CACHE_SIZE = 10_000
 LARGE_STATEMENT = 64 * 1024  # characters; longer statements skip the shape and text caches
@@ -73,20 +74,20 @@ def normalize(sql: str) -> tuple[str, list[str]] | None:
 
 
 def _literal_keys(keys: tuple[SubjectKeys, ...], literals: list[str]) -> tuple[SubjectKeys, ...]:
-    """Subject keys found on the placeholder text, with the literals put back."""
+    """Subject keys found on the placeholder text, with the literals put back (a table
+    whose literal cannot be read has none: its subjects are then not complete)."""
+
+    def token_of(number: int) -> str | None:
+        if number < _PLACEHOLDER_BASE:
+            return None  # a parameter of the client's
+        i = number - _PLACEHOLDER_BASE
+        return literals[i] if i < len(literals) else ""
+
     out = []
-    for table, found, integer in keys:
-        resolved: list[str | int] = []
-        for k in found:
-            if isinstance(k, int) and k >= _PLACEHOLDER_BASE:
-                text = _unquote(literals[k - _PLACEHOLDER_BASE])
-                if text is None:
-                    break
-                resolved.append(integer_key(text) if integer else text)
-            else:
-                resolved.append(k)
-        else:
-            out.append((table, tuple(resolved), integer))
+    for named in keys:
+        resolved = literal_keys(named, token_of)
+        if resolved is not None:
+            out.append(resolved)
     return tuple(out)
 
 
@@ -94,11 +95,19 @@ def _agree(shaped: Decision, direct: Decision) -> bool:
     """Whether the decision from a shape is the one the statement gets analysed as it is:
     the same action, tables, columns, subjects and settings (`SET client_encoding = $1`
     cannot say which encoding), and a rewrite that parses the same."""
-    if (shaped.action, shaped.tables, shaped.columns, shaped.subject_keys, shaped.settings) != (
+    if (
+        shaped.action,
+        shaped.tables,
+        shaped.columns,
+        shaped.subject_keys,
+        shaped.row_subjects,
+        shaped.settings,
+    ) != (
         direct.action,
         direct.tables,
         direct.columns,
         direct.subject_keys,
+        direct.row_subjects,
         direct.settings,
     ):
         return False
@@ -108,22 +117,6 @@ def _agree(shaped: Decision, direct: Decision) -> bool:
         return bool(parse_sql(shaped.sql or "") == parse_sql(direct.sql or ""))
     except ParseError:
         return False
-
-
-def _unquote(token: str) -> str | None:
-    """A literal token's value: integers as their value (0x1F, 1_000 and 007 name subject
-    31, 1000 and 7), other numbers as written, '...' strings unquoted; None for the other
-    string forms (E'', U&'', $$...$$), whose keys are then not listed."""
-    digits = token.replace("_", "")
-    if digits.isdigit():
-        return str(int(digits))
-    if re.fullmatch(r"0[xXoObB][0-9a-fA-F]+", digits):
-        return str(int(digits, 0))
-    if token[:1].isdigit() or token[:1] in "-.":
-        return token
-    if len(token) >= 2 and token[0] == token[-1] == "'":
-        return token[1:-1].replace("''", "'")
-    return None
 
 
 def placeholder_spans(sql: str) -> list[tuple[int, int, int]] | None:

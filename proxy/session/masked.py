@@ -302,6 +302,9 @@ class StatementFilter:
             if d.subject_keys and action != "refuse":
                 # for the statement log only (subject keys named by the statement)
                 fields["_subject_keys"] = d.subject_keys
+            if d.row_subjects and action != "refuse":
+                # for the statement log only (tables whose returned keys are proof)
+                fields["_row_subjects"] = d.row_subjects
             # what the names read as far as can be told now: for the refusals' events
             sources = [f for f in (log.named(u) for u in uses) if f] if log and uses else []
             if action == "refuse":
@@ -390,8 +393,17 @@ class StatementFilter:
             source = self._source(sql, action, value, rest)
             # what the name holds: the whole text, as sent (masked sessions)
             decided = Decided(sql, action, value) if self._tracks else None
+            # the parameter types, for the subject keys its parameters carry
+            declared = _declared(rest) if fields and "_subject_keys" in fields else ()
             self.statements.parse(
-                statement, fields, source, self._effects, decided, self._sensitive, self._settings
+                statement,
+                fields,
+                source,
+                self._effects,
+                decided,
+                self._sensitive,
+                self._settings,
+                declared,
             )
         if action == "pass":
             return original
@@ -447,6 +459,17 @@ class StatementFilter:
 
 def _names(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _declared(types: bytes) -> tuple[int, ...]:
+    """The parameter type OIDs a Parse declares (the end of its body)."""
+    if len(types) > 2 and types[:2] != b"\0\0":
+        try:
+            (count,) = struct.unpack_from("!h", types, 0)
+            return struct.unpack_from(f"!{max(count, 0)}I", types, 2)
+        except struct.error:
+            pass  # the server refuses the Parse; its types do not matter
+    return ()
 
 
 def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -> dict[str, object]:
@@ -507,13 +530,7 @@ class MaskedFilter(StatementFilter):
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         # the client's text (its literals are what it may see again); the rewritten text
         # only to check that statements pair one to one
-        oids: tuple[int, ...] = ()
-        if len(types) > 2 and types[:2] != b"\0\0":
-            try:
-                (count,) = struct.unpack_from("!h", types, 0)
-                oids = struct.unpack_from(f"!{max(count, 0)}I", types, 2)
-            except struct.error:
-                pass  # the server refuses the Parse; its types do not matter
+        oids = _declared(types)
         return Source(sql, value if action == "rewrite" else None, oids, oids)
 
     def _function_call(self, raw: bytes) -> bytes:

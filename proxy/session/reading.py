@@ -103,6 +103,16 @@ _HIGH_BYTES: Final = re.compile(rb"[\x80-\xff]+")
 _ASCII: Final = re.compile("[\x00-\x7f]")
 
 
+def python_codec(encoding: str) -> str:
+    """The Python codec that reads a value in a client encoding exactly as the server wrote
+    it ("ascii" where only ASCII text is read for sure: SQL_ASCII, and the encodings whose
+    characters Python's codecs map otherwise in places; "" for an unknown one: decoding
+    then fails)."""
+    if encoding == "SQL_ASCII" or encoding in _MULTIBYTE:
+        return "ascii"
+    return _CODECS.get(encoding, "")
+
+
 def server_name(raw: bytes, reading: Reading) -> bytes:
     """A protocol statement or portal name as the server keys it: converted from the client
     encoding to the server's (unchanged when either is SQL_ASCII, or they are equal, or the

@@ -7,8 +7,10 @@ server's own queue. When a statement that touched protected tables completes, it
 once with what the audit event says of it: its fields from the analysis, the rows returned
 or affected (from CommandComplete), the outcome (`ok` or the SQLSTATE), the duration, and the
 data subjects: the values of each protected table's `subject` column in the rows returned,
-decoded from that column alone. Subject keys are identifiers; no other value of a row is ever
-decoded here.
+decoded from that column alone (rules/keys.py), and the keys the statement names with its
+parameters as bound. They are complete only where the statement's shape proves it
+(rules/subjects.py: `_row_subjects`, `_subject_keys` in its fields). Subject keys are
+identifiers; no other value of a row is ever decoded here.
 
 The same pairing tells the masked filter which statement caused each ErrorResponse and
 NoticeResponse (`cause`): the statement of a Query the server is at (counted by its
@@ -67,16 +69,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.session.reading import Reading, ReadingTracker, server_name
+from proxy.session.reading import Reading, ReadingTracker, python_codec, server_name
 from proxy.wire import messages as m
-from rules.analyzer import Effect, Effects, integer_key
+from rules.analyzer import Effect, Effects
 from rules.context import ContextHolder
+from rules.keys import OID_TYPES, Value, parameter_value, row_key
 from rules.settings import SettingOp
+from rules.subjects import NamedKeys, ParamKey, bound_keys
 
 _INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
 _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
 _UUID = 2950
-_BY_LENGTH = {2: 21, 4: 23, 8: 20, 16: _UUID}
 _INT32 = struct.Struct("!i")
 _DATA_ROW = m.DATA_ROW
 _PARSE_COMPLETE = m.PARSE_COMPLETE
@@ -91,7 +94,7 @@ _EXECUTE = m.EXECUTE
 _IDLE = m.TX_IDLE
 _STATEMENT = ord("S")  # Describe and Close of a statement (else a portal)
 _LAYOUTS = 256  # RowDescriptions remembered per session
-_NO_PARAMS: dict[int, str] = {}  # never changed
+_NO_KEYS: dict[str, frozenset[str]] = {}  # never changed
 # Backend messages that answer something the client sent (all but the asynchronous
 # NoticeResponse, NotificationResponse and ParameterStatus; ErrorResponse apart: it may also
 # end a session on its own)
@@ -105,8 +108,8 @@ _UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
 # name to it. SQL names are truncated by the scanner already (pglast does the same).
 _NAME_BYTES = 63
 
-# a result column that carries a subject key: (field index, table, type oid, format)
-SubjectColumn = tuple[int, str, int, int]
+# a result column that carries a subject key: (field index, table, type name, format)
+SubjectColumn = tuple[int, str, str, int]
 Layout = tuple[SubjectColumn, ...]
 # what a message does to names, in order: (statement index, effect kind, name, the statement
 # or portal it defines)
@@ -156,6 +159,9 @@ class _Prepared:
     source: Source | None = None
     # what running it does to names and the transaction (None: not known)
     effects: tuple[Effect, ...] | None = ()
+    # its parameters' types: those the Parse declared (0: the server infers it), then
+    # those a Describe's ParameterDescription says the server resolved (for subject keys)
+    param_types: tuple[int, ...] = ()
     uncertain: bool = False  # a name the server has, holding pgveil does not know what
     # masked sessions: the text and what was sent for it (None: not known), and the context
     # under which that was decided or last confirmed (None: checked before any use)
@@ -171,7 +177,7 @@ class _Portal:
     statement: _Prepared
     formats: list[int]
     layout: Layout | None = None  # from a Describe of the portal itself
-    params: dict[int, str] | None = None  # those that carry subject keys
+    params: dict[str, frozenset[str]] | None = None  # the subject keys its parameters bind
     bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
     uncertain: bool = False
     # the first Execute sent of a portal whose statement names others (FETCH c, EXECUTE p):
@@ -433,7 +439,7 @@ class _InFlight:
     # name before the answer arrives
     target: _Prepared | _Portal | None = None
     portal: _Portal | None = None  # an Execute's: its layout may be described later
-    params: dict[int, str] | None = None  # its subject-key parameters
+    params: dict[str, frozenset[str]] | None = None  # the subject keys its parameters bind
     # tables whose subject column was in every result set so far (None: none seen)
     keyed: set[str] | None = None
     data_rows: int = 0  # DataRows seen (counted only while they are captured)
@@ -547,6 +553,17 @@ class StatementLog:
         self.reading: ReadingTracker | None = None
         self._unverified = 0  # entries whose reading waits for the server's report
 
+    @property
+    def encoding(self) -> str:
+        """The Python codec that text keys in rows and parameters are read in: the client
+        encoding, when the server's last report and pgveil's prediction agree on it; else
+        none ("": keys in text then read as nothing, and subjects are not complete)."""
+        reading = self.reading
+        if reading is None:
+            return "utf-8"  # masked sessions use UTF8, or end
+        now = reading.now().client_encoding
+        return python_codec(now) if now == reading.server.client_encoding else ""
+
     def _name(self, raw: bytes) -> bytes:
         """A protocol name as the server keys it: converted to its encoding (UTF-8) from
         the client encoding predicted for the message, at most NAMEDATALEN-1 bytes."""
@@ -621,14 +638,17 @@ class StatementLog:
         decided: Decided | None = None,
         sensitive: int = 0,
         settings: tuple[SettingOp, ...] | None = None,
+        declared: tuple[int, ...] = (),
     ) -> None:
         """A Parse; `decided`: what the masked filter sent for it; `sensitive`, `settings`:
-        as for `query`."""
+        as for `query`; `declared`: the parameter types it declares (for subject keys:
+        given when its fields name any)."""
         name = self._name(name)
         names = self._predicted
         entry = _InFlight("parse", source=source)
         entry.name = name
         previous = names.statements.get(name)
+        resolved = declared
         if source is not None and previous is not None and previous.source is not None:
             # the same text with the same declared types, parsed again under the same name
             # (asyncpg describes the unnamed statement, then parses it again to run it):
@@ -636,6 +656,7 @@ class StatementLog:
             old = previous.source
             if old.sql == source.sql and old.declared == source.declared:
                 source.types = old.types
+                resolved = previous.param_types or declared
         own: tuple[Effect, ...] | None = ()
         if effects is None:
             own = None
@@ -650,6 +671,8 @@ class StatementLog:
                 prepared.uncertain = True  # what it reads cannot be told
                 prepared.effects = None
             prepared.settings = settings
+        if resolved:
+            prepared.param_types = resolved
         if names.skipping or (name and previous is not None and not previous.uncertain):
             self._predict_parse(names, entry)
         else:
@@ -788,10 +811,7 @@ class StatementLog:
                 # nothing to record of it: kept for what its errors may show (`cause`)
                 portal = entry.obj = _Portal(None, statement, [], bind=body)
             else:
-                named = fields.get("_subject_keys", ())
-                assert isinstance(named, tuple)
-                wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
-                formats, params = _bind_values(body, wanted)
+                formats, params = self._bound(statement, fields, body)
                 portal = entry.obj = _Portal(fields, statement, formats, params=params, bind=body)
             entry.source = statement.source
             if not names.skipping and not (portal_name and names.in_use(portal_name)):
@@ -1149,11 +1169,43 @@ class StatementLog:
         if statement.fields is None:
             # nothing to record of it: kept for what its errors may show (`cause`)
             return _Portal(None, statement, [], bind=body)
-        named = statement.fields.get("_subject_keys", ())
-        assert isinstance(named, tuple)
-        wanted = {k for _table, keys, _int in named for k in keys if isinstance(k, int)}
-        formats, params = _bind_values(body, wanted)
+        formats, params = self._bound(statement, statement.fields, body)
         return _Portal(statement.fields, statement, formats, params=params, bind=body)
+
+    def _bound(
+        self, statement: _Prepared, fields: dict[str, object], body: bytes
+    ) -> tuple[list[int], dict[str, frozenset[str]] | None]:
+        """A Bind's result-column formats, and the subject keys its parameters carry, by
+        table (a table whose keys cannot be read is left out)."""
+        named = fields.get("_subject_keys", ())
+        assert isinstance(named, tuple)
+        wanted = {k.number for n in named for k in n.keys if isinstance(k, ParamKey)}
+        formats, raw = _bind_values(body, wanted)
+        if not wanted:
+            return formats, None
+        types = statement.param_types
+        found: dict[str, frozenset[str]] = {}
+        for n in named:
+            assert isinstance(n, NamedKeys)
+
+            def value_of(p: ParamKey, n: NamedKeys = n) -> Value | None:
+                value = raw.get(p.number)
+                if value is None:
+                    return None  # NULL, or no such parameter
+                fmt, data = value
+                oid = types[p.number - 1] if p.number <= len(types) else 0
+                if oid:
+                    typ = OID_TYPES.get(oid, "")
+                elif p.ops and p.ops[0] not in ("+", "-"):
+                    typ = p.ops[0]  # `$1::int8` makes the parameter an int8
+                else:
+                    typ = n.unknown_as  # the type the server infers from the comparison
+                return parameter_value(typ, data, fmt, self.encoding) if typ else None
+
+            keys = bound_keys(n, value_of)
+            if keys is not None:
+                found[n.table] = keys
+        return formats, found
 
     def _predict_bind(self, names: _Names, entry: _InFlight) -> None:
         if entry.skipped or entry.fail_at != -1:
@@ -1275,6 +1327,13 @@ class StatementLog:
                 names.update(_names(source.get(key)))
             if key in fields or names:
                 merged[key] = sorted(names)
+        # the rows prove a table's subjects where every statement that reads it proves so
+        proven = [
+            t
+            for t in _names(merged.get("tables"))
+            if all(t not in _names(f.get("tables")) or t in _proven(f) for f in (fields, *sources))
+        ]
+        merged["_row_subjects"] = tuple(proven)
         entry.fields = merged
 
     def _rebuild(self) -> None:
@@ -1410,7 +1469,7 @@ class StatementLog:
             if head.fields is not None:  # counted and read for its event only
                 head.rows += _row_count(body) if typ == _COMMAND_COMPLETE else 0
                 if head.raw:
-                    _decode_keys(head)
+                    _decode_keys(head, self.encoding)
                 head.layout = ()
             if (
                 head.ops
@@ -1442,7 +1501,7 @@ class StatementLog:
                 self._described(fifo.popleft(), body)
             elif head.kind in ("query", "execute") and head.fields is not None:
                 if head.raw:
-                    _decode_keys(head)
+                    _decode_keys(head, self.encoding)
                 self._set_layout(head, self._layout(body, None))
                 self._keyed(head)
                 self._want_rows(head, bool(head.layout))
@@ -1452,9 +1511,11 @@ class StatementLog:
         elif typ == m.PARAMETER_DESCRIPTION:
             # a statement's Describe: its parameter types as the server resolved them
             target = head.target if head.kind == "describe" else None
-            if isinstance(target, _Prepared) and target.source is not None:
+            if isinstance(target, _Prepared):
                 (count,) = struct.unpack_from("!h", body, 0)
-                target.source.types = struct.unpack_from(f"!{count}I", body, 2)
+                target.param_types = struct.unpack_from(f"!{count}I", body, 2)
+                if target.source is not None:
+                    target.source.types = target.param_types
         elif typ == _ERROR_RESPONSE:
             self._error(head, body)
 
@@ -1791,6 +1852,7 @@ class StatementLog:
         head.running = self._running
         event = dict(fields)
         event.pop("_subject_keys", None)
+        event.pop("_row_subjects", None)
         event["rows"] = None
         event["outcome"] = "running"
         event["duration_ms"] = round((self._clock() - head.started) / 1e6, 3)
@@ -1809,7 +1871,7 @@ class StatementLog:
             if entry.kind not in ("query", "execute", "call"):
                 return None
             fields = _unknown_fields(entry.kind)
-        uncertain = {k: v for k, v in fields.items() if k != "_subject_keys"}
+        uncertain = {k: v for k, v in fields.items() if k not in _PROOFS}
         uncertain["tables"] = []
         uncertain["analysis_complete"] = False
         return uncertain
@@ -1887,28 +1949,32 @@ class StatementLog:
             return
         self.rows_in_flight -= entry.wants_rows
         if entry.raw:
-            _decode_keys(entry)
+            _decode_keys(entry, self.encoding)
         event = dict(fields)
         named = event.pop("_subject_keys", ())
         assert isinstance(named, tuple)
+        row_subjects = event.pop("_row_subjects", ())
+        assert isinstance(row_subjects, tuple)
         if entry.portal is not None:
             self._resolve(entry)
         # the rows tell a table's subjects exactly when every result set carried its key
-        covered = set(entry.keyed or ())
+        # and the statement's shape proves that the key says whose values a row holds
+        covered = set(entry.keyed or ()).intersection(row_subjects)
         if entry.outcome == "ok" and not uncertain:
-            for table, keys, integer in named:
-                if table in covered:
+            for n in named:
+                assert isinstance(n, NamedKeys)
+                if n.table in covered:
                     continue  # the rows returned say it exactly
-                params = entry.params or _NO_PARAMS
-                resolved = [k if isinstance(k, str) else params.get(k) for k in keys]
-                if all(k is not None for k in resolved):
-                    covered.add(table)
+                if n.unknown_as:
+                    keys = (entry.params or _NO_KEYS).get(n.table)  # bound parameters
+                else:
+                    keys = frozenset(k for k in n.keys if isinstance(k, str))
+                if keys is not None:
+                    covered.add(n.table)
                     if entry.rows:
                         if entry.subjects is None:
                             entry.subjects = {}
-                        entry.subjects[table] = {
-                            integer_key(k) if integer else k for k in resolved if k is not None
-                        }
+                        entry.subjects.setdefault(n.table, set()).update(keys)
         event["rows"] = entry.rows if entry.rows >= 0 else None  # None: not known
         event["outcome"] = entry.outcome
         event["duration_ms"] = round((self._clock() - entry.started) / 1e6, 3)
@@ -1996,7 +2062,9 @@ class StatementLog:
                 if c.attnum == attnum and c.name == p.subject:
                     if formats is not None:
                         fmt = _format_of(formats, i)
-                    found.append((i, p.rule_table, type_oid, fmt))
+                    # (a domain's OID is not its base type's: the catalog says that)
+                    typ = OID_TYPES.get(type_oid) or c.type.name
+                    found.append((i, p.rule_table, typ, fmt))
         return tuple(found)
 
 
@@ -2022,25 +2090,32 @@ def _names(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
-def _decode_keys(entry: _InFlight) -> None:
-    """The subject keys of the result set that ends, decoded from the raw bytes kept."""
-    for (_index, table, type_oid, fmt), raws in zip(entry.layout, entry.raw, strict=True):
+def _decode_keys(entry: _InFlight, encoding: str) -> None:
+    """The subject keys of the result set that ends, decoded from the raw bytes kept, each
+    in its type's canonical form (rules/keys.py)."""
+    for (_index, table, typ, fmt), raws in zip(entry.layout, entry.raw, strict=True):
         if not raws:
             continue
         if entry.subjects is None:
             entry.subjects = {}
         keys = entry.subjects.setdefault(table, set())
-        if fmt == 0:
-            # text: one decode for all (NUL cannot occur in a text value)
-            keys.update(b"\0".join(raws).decode("utf-8", "replace").split("\0"))
-            continue
         for raw in raws:
-            key = _key(raw, type_oid, fmt)
+            key = row_key(typ, raw, fmt, encoding)
             if key is None:
                 entry.undecodable = True
             else:
                 keys.add(key)
     entry.raw = ()
+
+
+_PROOFS = ("_subject_keys", "_row_subjects")  # a statement's own: never in an event
+
+
+def _proven(fields: dict[str, object]) -> tuple[str, ...]:
+    """The tables whose subjects the rows of the statement with these fields prove."""
+    found = fields.get("_row_subjects", ())
+    assert isinstance(found, tuple)
+    return found
 
 
 def _covers(entry: _InFlight, covered: set[str]) -> bool:
@@ -2054,45 +2129,27 @@ def _covers(entry: _InFlight, covered: set[str]) -> bool:
     return all(t in covered for t in tables)
 
 
-def _key(raw: bytes, type_oid: int, fmt: int) -> str | None:
-    if fmt == 0:
-        return raw.decode("utf-8", "replace")
-    code = _INT.get(type_oid)
-    if code is not None and len(raw) == struct.calcsize(code):
-        return str(struct.unpack(code, raw)[0])
-    if type_oid in _TEXTUAL:
-        return raw.decode("utf-8", "replace")
-    if type_oid == _UUID and len(raw) == 16:
-        return str(uuid.UUID(bytes=raw))
-    return None
-
-
 def _format_of(formats: list[int], i: int) -> int:
     if not formats:
         return 0
     return formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
 
 
-def _bind_values(body: bytes, wanted: set[int]) -> tuple[list[int], dict[int, str]]:
+def _bind_values(body: bytes, wanted: set[int]) -> tuple[list[int], dict[int, tuple[int, bytes]]]:
     """A Bind message's result-column format codes, and the `wanted` parameters (numbered
-    from 1) as subject keys."""
+    from 1; NULLs left out): (format, value)."""
     pos = body.index(b"\0", body.index(b"\0") + 1) + 1
     (nfmt,) = struct.unpack_from("!h", body, pos)
     formats = struct.unpack_from(f"!{nfmt}h", body, pos + 2)
     pos += 2 + 2 * nfmt
     (nparams,) = struct.unpack_from("!h", body, pos)
     pos += 2
-    params: dict[int, str] = {}
+    params: dict[int, tuple[int, bytes]] = {}
     for i in range(nparams):
         (n,) = struct.unpack_from("!i", body, pos)
         if i + 1 in wanted and n >= 0:
-            raw = body[pos + 4 : pos + 4 + n]
             fmt = formats[0] if nfmt == 1 else (formats[i] if nfmt else 0)
-            # a binary parameter's type is in Parse, not here: 2, 4 and 8 bytes are taken
-            # for integers (subject keys are), anything else for text
-            key = _key(raw, _BY_LENGTH.get(n, 25), fmt)
-            if key is not None:
-                params[i + 1] = key
+            params[i + 1] = (fmt, body[pos + 4 : pos + 4 + n])
         pos += 4 + max(n, 0)
     (nres,) = struct.unpack_from("!h", body, pos)
     return list(struct.unpack_from(f"!{nres}h", body, pos + 2)), params

@@ -160,7 +160,7 @@ def test_row_descriptions_are_judged_again_under_a_new_context() -> None:
     holder = ContextHolder(context())
     log = StatementLog(holder, lambda fields: None)
     body = row_description(("i_customer", CUSTOMERS, 1, TEXT, 0))[5:]
-    assert log._layout(body, None) == ((0, "billing.customers", TEXT, 0),)
+    assert log._layout(body, None) == ((0, "billing.customers", "text", 0),)
     without_subject = RULES.replace("    subject: i_customer\n", "")
     holder.context = MaskingContext(parse_rules(without_subject, "r", {"K": "k" * 32}), CATALOG)
     assert log._layout(body, None) == ()

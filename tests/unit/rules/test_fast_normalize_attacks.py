@@ -589,8 +589,8 @@ def test_subject_keys_name_the_subject(ctx: MaskingContext, literal: str, key: s
     """The audit's subject keys of `i_customer = 0x1F` are those of subject 31 (as the full
     analysis says), not the text "0x1F"."""
     sql = f"SELECT name FROM billing.customers WHERE i_customer = {literal}"
-    assert ctx.analyzer.analyze(sql).subject_keys == (("billing.customers", (key,), True),)
-    assert ctx.analyze(sql).subject_keys == (("billing.customers", (key,), True),)
+    for d in (ctx.analyzer.analyze(sql), ctx.analyze(sql)):
+        assert [(n.table, n.keys) for n in d.subject_keys] == [("billing.customers", (key,))]
 
 
 def _reference(sql: str) -> tuple[str, list[str]] | None:

@@ -85,7 +85,7 @@ def test_signed_literals_take_the_tokenising_path() -> None:
 def test_repeated_shapes_are_analysed_once(ctx: MaskingContext) -> None:
     for k in range(50):
         d = ctx.analyze(f"SELECT name FROM billing.customers c WHERE c.i_customer = {k}")
-        assert d.subject_keys == (("billing.customers", (str(k),), True),)
+        assert [(n.table, n.keys) for n in d.subject_keys] == [("billing.customers", (str(k),))]
         assert d.redacted == "SELECT name FROM billing . customers c WHERE c . i_customer = ?"
     assert ctx.cache_misses == 1 and ctx.cache_hits == 49
 
