@@ -145,7 +145,7 @@ def tail(path: Path, follow: bool, role: str | None, table: str | None) -> int:
     def wanted(e: Mapping[str, Any]) -> bool:
         if role is not None and e.get("role") != role:
             return False
-        return table is None or table in (e.get("tables") or [])
+        return table is None or table in (e.get("tables") or []) or table in (e.get("views") or {})
 
     try:
         for e in read_events(path):
@@ -191,7 +191,10 @@ def who(
 ) -> list[dict[str, Any]]:
     """Who accessed the data of `subject` in `table`: every access event that lists it,
     every one that read the table without recording its subjects (`possibly`), and the
-    subject's erasure."""
+    subject's erasure. A table is read by an event that names it, or a view over it
+    (`views`); an event that pgveil could not fully analyse (`analysis_complete: false`)
+    and a notification delivered on a channel with rules may have read any table, whatever
+    tables they name."""
     rows: list[dict[str, Any]] = []
     window = [
         e
@@ -215,24 +218,50 @@ def who(
             if str(e.get("subject")) == subject and table in (e.get("tables") or {table: 0}):
                 rows.append(_who_row(e, "erased"))
             continue
+        if kind != "access":
+            continue
         tables = e.get("tables") or []
-        unanalysed = not tables and e.get("analysis_complete") is False
-        if kind != "access" or (table not in tables and not unanalysed):
-            continue  # (a statement pgveil could not analyse may have read any table)
-        listed = (e.get("subjects") or {}).get(table)
-        if listed is not None and subject in listed:
+        behind = _behind_view(e, table)
+        if table in tables:
+            behind = [table]
+        elif behind is None:
+            if not _anywhere(e):
+                continue
+            behind = [table]
+        subjects = e.get("subjects") or {}
+        if any(subject in (subjects.get(t) or ()) for t in behind):
             rows.append(_who_row(e, "yes"))
         elif (
-            # rows reached the client: an ok statement, or one whose rows went out before
-            # it failed (it has a `running` number)
-            (e.get("outcome", "ok") == "ok" or "running" in e) and not _excludes(e, table, listed)
+            # rows reached the client: an ok statement, one whose rows went out before it
+            # failed (it has a `running` number), or one whose end pgveil did not see
+            (e.get("outcome", "ok") in ("ok", "unknown") or "running" in e)
+            and not all(_excludes(e, t, subjects.get(t)) for t in behind)
         ):
             rows.append(_who_row(e, "possibly"))
     return rows
 
 
+def _behind_view(e: Mapping[str, Any], view: str) -> list[str] | None:
+    """The tables behind `view` when the event read it (`views`), else None."""
+    views = e.get("views")
+    if not isinstance(views, dict) or view not in views:
+        return None
+    return [str(t) for t in views[view] or ()] or [view]
+
+
+def _anywhere(e: Mapping[str, Any]) -> bool:
+    """Whether the event may have read any table: pgveil could not analyse all of it (a
+    function, a name it cannot resolve, ...), or it is a notification delivered on a
+    channel the rules name (its payload is not tied to a table)."""
+    if e.get("analysis_complete") is False:
+        return True
+    return "notification" in (e.get("kinds") or ()) and e.get("decision") != "withheld"
+
+
 def _excludes(e: Mapping[str, Any], table: str, listed: list[str] | None) -> bool:
     """True when the event proves the subject was not touched."""
+    if e.get("analysis_complete") is False:
+        return False  # (its subjects were judged over tables it may not name)
     if listed is None:
         return e.get("subjects_complete") is True
     total = (e.get("subjects_total") or {}).get(table, len(listed))

@@ -104,7 +104,9 @@ def run_psql(pg: EmbeddedPostgres, port: int, user: str, app: str, items: tuple[
     return p.stdout + p.stderr
 
 
-def run_psycopg(pg: EmbeddedPostgres, port: int, user: str, app: str, items: tuple[str, ...]) -> str:
+def run_psycopg(
+    pg: EmbeddedPostgres, port: int, user: str, app: str, items: tuple[str, ...]
+) -> str:
     out: list[str] = []
     conninfo = dsn(pg, port, user, PASSWORDS[user]) + f" application_name={app}"
     with psycopg.connect(conninfo, autocommit=True) as c:
