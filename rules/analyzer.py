@@ -71,6 +71,16 @@ class Decision:
     # filled in by the context, once per statement shape
     redacted: str = ""
     fingerprint: str = ""
+    # the audit: the views the statement reads, each with the protected tables behind it
+    # (which `tables` holds too); every relation name it reads or names, as written
+    # ("name", "schema.name"); the views it creates ("schema.name", "name" as written, or
+    # "pg_temp.name" for a temporary one), each with the protected tables its query reads
+    views: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    relations: tuple[str, ...] = ()
+    defines: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # a refusal made once the analysis had gone through the whole statement: `tables` are
+    # all it reads (a view a masked role may not read, say)
+    complete: bool = False
 
 
 _KIND = {
@@ -126,15 +136,30 @@ class Analyzer:
         except Refusal as r:
             return Decision(
                 "refuse",
-                reason=r.reason,
+                reason=rewriter.deferred or r.reason,
                 kinds=tuple(kinds),
                 tables=rewriter.tables(),
                 effects=effects,
                 uses=uses,
                 moves=moves,
+                **_audit_of(rewriter),
             )
         unknown = tuple(sorted(rewriter.unknown - rewriter.temp))
         temp = tuple(sorted(rewriter.temp))
+        if rewriter.deferred is not None:
+            return Decision(
+                "refuse",
+                reason=rewriter.deferred,
+                kinds=tuple(kinds),
+                tables=rewriter.tables(),
+                unknown_relations=unknown,
+                temp_relations=temp,
+                effects=effects,
+                uses=uses,
+                moves=moves,
+                complete=True,
+                **_audit_of(rewriter),
+            )
         if not changed:
             return Decision(
                 "pass",
@@ -146,6 +171,7 @@ class Analyzer:
                 effects=effects,
                 uses=uses,
                 moves=moves,
+                **_audit_of(rewriter),
             )
         return Decision(
             "rewrite",
@@ -160,6 +186,7 @@ class Analyzer:
             effects=effects,
             uses=uses,
             moves=moves,
+            **_audit_of(rewriter),
         )
 
     def misread_word(self, sql: str) -> str | None:
@@ -175,6 +202,17 @@ class Analyzer:
             if text[:1] != '"' and text.lower() in self.misread:
                 return text.lower()
         return None
+
+
+def _audit_of(rewriter: Rewriter) -> dict[str, Any]:
+    """What the audit keeps of the walk, beyond the tables (see Decision.views)."""
+    if not (rewriter.views or rewriter.defines):
+        return {"relations": tuple(sorted(rewriter.relations))} if rewriter.relations else {}
+    return {
+        "views": tuple(sorted(rewriter.views.items())),
+        "relations": tuple(sorted(rewriter.relations)),
+        "defines": tuple(sorted((k, tuple(sorted(v))) for k, v in rewriter.defines.items())),
+    }
 
 
 _TX_KINDS = {

@@ -111,6 +111,9 @@ class StatementFilter:
     def __init__(self, ctx: MaskingContext | ContextHolder) -> None:
         self._holder = ContextHolder.of(ctx)
         self.temp_relations: set[str] = set()  # created by this session (pg_temp)
+        # the audit: views this session created (see Decision.defines) -> the protected
+        # tables behind them, and whether what they read could not all be told
+        self.session_views: dict[str, tuple[frozenset[str], bool]] = {}
         self.audit: AuditHook | None = None
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
@@ -278,11 +281,15 @@ class StatementFilter:
         audit = self.audit
         fields = None
         log = self.statements
+        # views this session made, and names pgveil cannot resolve (see _session_reads)
+        extra = None
+        if action != "refuse" and (self.session_views or d.unknown_relations or d.defines):
+            extra = self._session_reads(d)
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
         # the same names) named: the statement log adds their tables when it runs (it
         # knows which statement or cursor the name holds then)
         uses = d.uses
-        touches = action == "refuse" or bool(d.tables) or d.action == "refuse"
+        touches = action == "refuse" or bool(d.tables) or d.action == "refuse" or extra is not None
         if audit is not None and (touches or uses):
             if action != "refuse" and d.redacted:
                 # the same for every statement of this shape: built once
@@ -295,6 +302,8 @@ class StatementFilter:
                 fields = template.copy()
             else:
                 fields = self._event_fields(sql, d, action, value)
+            if extra is not None:
+                fields = _with_session_reads(fields, *extra)
             if d.subject_keys and action != "refuse":
                 # for the statement log only (subject keys named by the statement)
                 fields["_subject_keys"] = d.subject_keys
@@ -324,8 +333,9 @@ class StatementFilter:
         self, sql: str, d: Decision, action: str, value: str | None
     ) -> dict[str, object]:
         fields = event_fields(sql, d, action, value)
-        # a masked-role refusal stops the analyser's walk: the tables may be more
-        fields["analysis_complete"] = d.action != "refuse"
+        # a masked-role refusal stops the analyser's walk (the tables may be more), unless
+        # it was made once the walk was done
+        fields["analysis_complete"] = d.action != "refuse" or d.complete
         if self.raw_columns:
             raw = list(d.columns)
             if d.action == "refuse":
@@ -341,6 +351,40 @@ class StatementFilter:
             if key in fields:
                 fields[key] = sorted(set(_names(fields[key])))
         return fields
+
+    def _session_reads(self, d: Decision) -> tuple[dict[str, list[str]], bool] | None:
+        """What the statement reads that the catalog pgveil read cannot tell: the views
+        this session created (temporary ones never are in the catalog; a permanent one
+        only once it is read again), each with the tables behind it, and whether it names
+        something pgveil cannot resolve (a relation, column or function created since the
+        catalog was read, by this session or any other): then it may have read anything.
+        None when it reads none of these. The views the statement creates are noted."""
+        views: dict[str, list[str]] = {}
+        uncertain = False
+        defined = self.session_views
+        if defined:
+            for name in d.relations:
+                for key in _matching(name, defined):
+                    tables, unsure = defined[key]
+                    views[key] = sorted(tables)
+                    uncertain = uncertain or unsure
+        for name in d.unknown_relations:
+            if name in self.temp_relations:
+                continue  # the session's own (a temporary view's reads are in `views`)
+            uncertain = True
+            self._holder.stale = True  # read the catalog again soon
+        for name, read in d.defines:
+            # (a view over the session's views reads theirs; a superset: all of them)
+            behind = frozenset(read).union(*(views.values()))
+            before = defined.get(name)
+            if before is not None:  # replaced, or defined again: either may be in force
+                behind, unsure = behind | before[0], before[1] or uncertain
+            else:
+                unsure = uncertain
+            defined[name] = (behind, unsure)
+        if not views and not uncertain:
+            return None
+        return views, uncertain
 
     _encoding = "utf-8"  # the session's client_encoding, as a Python codec
 
@@ -431,6 +475,39 @@ def _names(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
+def _matching(name: str, defined: dict[str, tuple[frozenset[str], bool]]) -> list[str]:
+    """The views of `defined` that a relation name as written may denote: the same name,
+    or the same relation name where either is unqualified (search_path decides; a
+    temporary one comes first)."""
+    if name in defined:
+        return [name]
+    schema, _, rel = name.rpartition(".")
+    found = []
+    for key in defined:
+        key_schema, _, key_rel = key.rpartition(".")
+        if key_rel == rel and (not schema or not key_schema or key_schema == schema):
+            found.append(key)
+    return found
+
+
+def _with_session_reads(
+    fields: dict[str, object], views: dict[str, list[str]], uncertain: bool
+) -> dict[str, object]:
+    """An event's fields with the reads of `_session_reads` (new containers: `fields` may
+    be a template's copy)."""
+    out = dict(fields)
+    if views:
+        tables = set(_names(fields.get("tables")))
+        for behind in views.values():
+            tables.update(behind)
+        out["tables"] = sorted(tables)
+        known = fields.get("views")
+        out["views"] = {**(known if isinstance(known, dict) else {}), **views}
+    if uncertain:
+        out["analysis_complete"] = False
+    return out
+
+
 def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -> dict[str, object]:
     """A refusal's event fields: the statement's, with the tables and columns of what its
     EXECUTE / FETCH name (as far as can be told before it runs)."""
@@ -441,6 +518,13 @@ def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -
             names.update(_names(source.get(key)))
         if key in fields or names:
             merged[key] = sorted(names)
+    views: dict[object, object] = {}
+    for read in (fields, *sources):
+        found = read.get("views")
+        if isinstance(found, dict):
+            views.update(found)
+    if views:
+        merged["views"] = views
     return merged
 
 
@@ -459,6 +543,8 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
         "columns_masked": list(d.columns),
         "decision": {"pass": "passed", "rewrite": "rewritten"}.get(action, "refused"),
     }
+    if d.views:
+        fields["views"] = {view: list(tables) for view, tables in d.views}
     if action == "refuse":
         fields["reason"] = reason
     return fields
@@ -932,7 +1018,10 @@ class RecordingFilter(StatementFilter):
                 self._refusal(body)  # a refusal read mid-message: its token is spent
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
-        return self.ctx.analyze(sql, audit_only=True), "pass", None
+        d = self.ctx.analyze(sql, audit_only=True)
+        if d.temp_relations:
+            self.temp_relations.update(d.temp_relations)  # (a superset: if it runs)
+        return d, "pass", None
 
 
 def _unanalysed(kind: str, text: str) -> dict[str, object]:

@@ -1143,6 +1143,13 @@ class StatementLog:
                 names.update(_names(source.get(key)))
             if key in fields or names:
                 merged[key] = sorted(names)
+        views: dict[object, object] = {}
+        for read in (fields, *sources):
+            found = read.get("views")
+            if isinstance(found, dict):
+                views.update(found)
+        if views:
+            merged["views"] = views
         entry.fields = merged
 
     def _rebuild(self) -> None:
@@ -1758,13 +1765,18 @@ class StatementLog:
             pos += 18
             if not table_oid:
                 continue
+            if formats is not None:
+                fmt = _format_of(formats, i)
+            shown = pmap.view_keys.get(table_oid)
+            if shown is not None:
+                # a view's column that shows the keys of tables behind it (rules.views)
+                for table in shown.get(attnum, ()):
+                    found.append((i, table, type_oid, fmt))
             p = pmap.by_oid.get(table_oid)
             if p is None or p.subject is None:
                 continue
             for c in p.relation.columns:
                 if c.attnum == attnum and c.name == p.subject:
-                    if formats is not None:
-                        fmt = _format_of(formats, i)
                     found.append((i, p.rule_table, type_oid, fmt))
         return tuple(found)
 

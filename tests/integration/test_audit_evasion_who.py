@@ -124,7 +124,7 @@ def run_asyncpg(port: int, user: str, app: str, items: tuple[str, ...]) -> str:
         notified = asyncio.Event()
         c = await asyncpg.connect(
             host="127.0.0.1", port=port, user=user, password=PASSWORDS[user],
-            database="postgres", ssl=False, statement_cache_size=0,
+            database="postgres", ssl=False,
             server_settings={"client_encoding": "UTF8", "application_name": app},
         )  # fmt: skip
         try:

@@ -1,0 +1,110 @@
+"""The reads an audited session makes through names the catalog pgveil read cannot tell:
+views the session created (temporary ones never are in the catalog), and relations created
+since the catalog was read (the event is then uncertain, and the catalog is read again)."""
+
+from __future__ import annotations
+
+from proxy.wire import messages as m
+from rules.context import ContextHolder
+from tests.unit.test_statement_log import (
+    CUSTOMERS,
+    TEXT,
+    Session,
+    complete,
+    context,
+    data_row,
+    row_description,
+)
+
+CUSTOMERS_TABLE = "billing.customers"
+ROWS = (
+    row_description(("name", CUSTOMERS + 1000, 2, TEXT, 0))  # a relation pgveil does not know
+    + data_row(b"x")
+    + complete(b"SELECT 1")
+)
+VIEW = "CREATE TEMP VIEW tv AS SELECT i_customer, name FROM billing.customers"
+
+
+class Recorder(Session):
+    def query_silent(self, sql: str, answer: bytes) -> None:
+        """A statement whose events (if any) stay in `hook.events`."""
+        self.filter.client(self.client, m.message(m.QUERY, sql.encode() + b"\0"))
+        self.filter.server(self.server, answer + m.ready_for_query())
+
+
+def test_a_read_through_a_temporary_view_is_a_read_of_the_tables_behind_it() -> None:
+    s = Recorder()
+    made = s.query(VIEW, complete(b"CREATE VIEW"))
+    assert made["tables"] == [CUSTOMERS_TABLE] and made["kinds"] == ["create_view"]
+    for sql in ("SELECT name FROM tv", "SELECT name FROM pg_temp.tv"):
+        event = s.query(sql, ROWS)
+        assert event["tables"] == [CUSTOMERS_TABLE]
+        assert event["views"] == {"pg_temp.tv": [CUSTOMERS_TABLE]}
+        assert event["analysis_complete"] is True
+        assert event["subjects_complete"] is False  # its rows name no table pgveil knows
+
+
+def test_a_view_over_the_sessions_view_reads_what_that_one_reads() -> None:
+    s = Recorder()
+    s.query(VIEW, complete(b"CREATE VIEW"))
+    s.query("CREATE TEMP VIEW outer_v AS SELECT name FROM tv", complete(b"CREATE VIEW"))
+    event = s.query("SELECT name FROM outer_v", ROWS)
+    assert event["tables"] == [CUSTOMERS_TABLE]
+
+
+def test_a_temporary_view_shadows_the_catalogs_relation_of_that_name() -> None:
+    s = Recorder()
+    s.query(
+        "CREATE TEMP VIEW notes AS SELECT i_customer AS id, name AS body FROM billing.customers",
+        complete(b"CREATE VIEW"),
+    )
+    event = s.query("SELECT body FROM notes", ROWS)  # (public.notes, unprotected, is known)
+    assert event["tables"] == [CUSTOMERS_TABLE] and "pg_temp.notes" in event["views"]
+
+
+def test_a_view_replaced_in_the_session_reads_what_either_definition_reads() -> None:
+    s = Recorder()
+    s.query(VIEW, complete(b"CREATE VIEW"))
+    s.query(
+        "CREATE OR REPLACE TEMP VIEW tv AS SELECT i_account AS i_customer, ip AS name "
+        "FROM billing.accounts",
+        complete(b"CREATE VIEW"),
+    )
+    event = s.query("SELECT name FROM tv", ROWS)
+    assert event["tables"] == ["billing.accounts", CUSTOMERS_TABLE]
+
+
+def test_a_temporary_table_of_the_session_is_no_uncertain_read() -> None:
+    s = Recorder()
+    s.query_silent("CREATE TEMP TABLE scratch (x int)", complete(b"CREATE TABLE"))
+    s.query_silent("SELECT x FROM scratch", complete(b"SELECT 0"))
+    assert s.hook.events == []
+
+
+def test_a_relation_pgveil_does_not_know_is_an_uncertain_read() -> None:
+    holder = ContextHolder(context())
+    s = Recorder(holder)
+    event = s.query("SELECT body FROM public.created_later", ROWS)
+    assert event["analysis_complete"] is False and event["tables"] == []
+    assert event["subjects_complete"] is False
+    assert holder.stale  # the catalog is read again soon
+    # a permanent view the session created: what it defined it over, and uncertain (the
+    # catalog may say otherwise once it is read again)
+    s.query(
+        "CREATE VIEW public.later AS SELECT name FROM billing.customers",
+        complete(b"CREATE VIEW"),
+    )
+    event = s.query("SELECT name FROM public.later", ROWS)
+    assert event["tables"] == [CUSTOMERS_TABLE] and event["analysis_complete"] is False
+
+
+def test_the_shape_shared_by_sessions_keeps_no_sessions_view() -> None:
+    """Audit fields are built once per statement shape and shared: one session's reading
+    through its own view must not show in another's event of the same text."""
+    ctx = context()
+    first, second = Recorder(ctx), Recorder(ctx)
+    first.query(VIEW, complete(b"CREATE VIEW"))
+    assert first.query("SELECT name FROM tv WHERE i_customer = 1", ROWS)["views"]
+    second.query_silent("CREATE TEMP TABLE tv (i_customer int, name text)", complete(b"CREATE"))
+    second.query_silent("SELECT name FROM tv WHERE i_customer = 1", ROWS)
+    assert second.hook.events == []
