@@ -452,6 +452,8 @@ class StatementFilter:
             self.statements.server_message(typ, body)
         if typ == m.READY_FOR_QUERY:
             self.tx_status = body[0] if body else m.TX_IDLE
+        elif typ == m.NOTIFICATION_RESPONSE:
+            self._notified(body, "passed")
         elif typ == m.ERROR_RESPONSE or typ == m.PARAMETER_STATUS:
             if self.observer is not None:
                 self.observer(typ, body)
@@ -460,6 +462,18 @@ class StatementFilter:
                 if refusal is not None:
                     return refusal
         return raw
+
+    def _notified(self, body: bytes, decision: str) -> None:
+        """A NotificationResponse on its way to the client: on a channel the rules name, its
+        payload is personal data, so its delivery is an access (never its payload:
+        `decision` says what the client got, `passed`, `masked` or `withheld`)."""
+        audit = self.audit
+        if audit is None:
+            return
+        end = body.index(b"\0", 4)
+        channel = body[4:end].decode("utf-8", "replace")
+        if channel in self.ctx.policy.channels:
+            audit.record("access", notification_fields(channel, decision))
 
     def _refusal(self, body: bytes) -> bytes | None:
         text = m.decode_fields(body).get("M", "")
@@ -526,6 +540,23 @@ def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -
     if views:
         merged["views"] = views
     return merged
+
+
+def notification_fields(channel: str, decision: str) -> dict[str, object]:
+    """What an audit event says of a notification delivered on a channel with rules: the
+    channel (a name of the rules) and what the client got; never the payload. Its subjects
+    cannot be told, nor the tables its payload came from."""
+    delivered = decision != "withheld"
+    return {
+        "kinds": ["notification"],
+        "channel": channel,
+        "tables": [],
+        "columns_masked": [],
+        "decision": decision,
+        "rows": 1 if delivered else 0,
+        "outcome": "ok",
+        "subjects_complete": not delivered,
+    }
 
 
 def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
@@ -778,6 +809,7 @@ class MaskedFilter(StatementFilter):
         channel = body[4:chan_end].decode("utf-8", "replace")
         payload = body[chan_end + 1 : -1].decode("utf-8", "replace")
         masked = self.ctx.notification_payload(channel, payload)
+        self._notified(body, "withheld" if masked is None else "masked")
         if masked is None:
             self.counters.notifications_withheld += 1
             return b""
@@ -1011,6 +1043,8 @@ class RecordingFilter(StatementFilter):
             self.statements.server_message(typ, body)
         if typ == _READY_FOR_QUERY:
             self.tx_status = body[0] if body else m.TX_IDLE
+        elif typ == m.NOTIFICATION_RESPONSE:
+            self._notified(body, "passed")
         elif typ in (_ERROR_RESPONSE, _PARAMETER_STATUS):
             if self.observer is not None:
                 self.observer(typ, body)
