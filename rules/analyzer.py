@@ -81,6 +81,10 @@ class Decision:
     # a refusal made once the analysis had gone through the whole statement: `tables` are
     # all it reads (a view a masked role may not read, say)
     complete: bool = False
+    # whether it may make relation names denote other relations than the catalog says: it
+    # creates or replaces a view that is not temporary, or renames, moves, alters, drops
+    # or rewrites (CREATE RULE) a relation the catalog has, or renames or drops a schema
+    moves_names: bool = False
 
 
 _KIND = {
@@ -125,6 +129,8 @@ class Analyzer:
         keys = subject_keys(self.pmap, stmts) if len(stmts) == 1 else ()
         effects = _effects(stmts)
         uses, moves = _uses(effects)
+        if _moves_names(stmts, self.catalog):
+            rewriter.moves_names = True
         try:
             changed = False
             for raw in stmts:
@@ -206,13 +212,61 @@ class Analyzer:
 
 def _audit_of(rewriter: Rewriter) -> dict[str, Any]:
     """What the audit keeps of the walk, beyond the tables (see Decision.views)."""
-    if not (rewriter.views or rewriter.defines):
-        return {"relations": tuple(sorted(rewriter.relations))} if rewriter.relations else {}
-    return {
-        "views": tuple(sorted(rewriter.views.items())),
-        "relations": tuple(sorted(rewriter.relations)),
-        "defines": tuple(sorted((k, tuple(sorted(v))) for k, v in rewriter.defines.items())),
-    }
+    out: dict[str, Any] = {"moves_names": True} if rewriter.moves_names else {}
+    if rewriter.relations:
+        out["relations"] = tuple(sorted(rewriter.relations))
+    if rewriter.views:
+        out["views"] = tuple(sorted(rewriter.views.items()))
+    if rewriter.defines:
+        out["defines"] = tuple(sorted((k, tuple(sorted(v))) for k, v in rewriter.defines.items()))
+    return out
+
+
+# what names a relation (or holds relations) among the objects DDL statements name
+_RELATION_OBJECTS = frozenset(
+    ("OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE", "OBJECT_COLUMN")
+)
+
+
+def _moves_names(stmts: Any, catalog: Any) -> bool:
+    """Whether a statement may make names denote other relations than `catalog` says (see
+    Decision.moves_names). A temporary relation, or one the catalog does not have, moves nothing
+    the catalog says (a name it does not have is uncertain in any case)."""
+
+    def known(rv: Any) -> bool:
+        if rv is None:
+            return True
+        if rv.schemaname is not None:
+            return (rv.schemaname, rv.relname) in catalog.relations
+        return rv.relpersistence != "t" and any(n == rv.relname for _s, n in catalog.relations)
+
+    for raw in stmts:
+        node = raw.stmt
+        if isinstance(node, ast.ViewStmt):
+            rv = node.view
+            if rv.relpersistence != "t" and rv.schemaname != "pg_temp":
+                return True
+        elif isinstance(node, ast.DropStmt):
+            kind = node.removeType.name
+            if kind == "OBJECT_SCHEMA":
+                return True
+            if kind in _RELATION_OBJECTS:
+                for obj in node.objects or ():
+                    names = [name_of(n) for n in (obj if isinstance(obj, tuple) else (obj,))]
+                    schema = names[-2] if len(names) >= 2 else None
+                    rel = ast.RangeVar(schemaname=schema, relname=names[-1], relpersistence="p")
+                    if known(rel):
+                        return True
+        elif isinstance(node, ast.RenameStmt):
+            kind = node.renameType.name
+            if kind == "OBJECT_SCHEMA" or (kind in _RELATION_OBJECTS and known(node.relation)):
+                return True
+        elif isinstance(node, ast.AlterObjectSchemaStmt):
+            if node.objectType.name in _RELATION_OBJECTS and known(node.relation):
+                return True
+        elif isinstance(node, ast.RuleStmt | ast.AlterTableStmt) and known(node.relation):
+            return True
+    return False
 
 
 _TX_KINDS = {

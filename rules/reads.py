@@ -113,6 +113,7 @@ class ReadRewrite:
     # a refusal for masked roles that leaves the walk going (the tables it reads are still
     # found: an unmasked session records them all); the first one is the reason
     deferred: str | None = None
+    moves_names: bool = False  # see Decision.moves_names
 
     def tables(self) -> tuple[str, ...]:
         """The protected tables the statement reads or writes, those behind the views it

@@ -114,6 +114,7 @@ class StatementFilter:
         # the audit: views this session created (see Decision.defines) -> the protected
         # tables behind them, and whether what they read could not all be told
         self.session_views: dict[str, tuple[frozenset[str], bool]] = {}
+        self._moving = False  # a statement that may move names, its transaction not ended
         self.audit: AuditHook | None = None
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
@@ -283,8 +284,22 @@ class StatementFilter:
         log = self.statements
         # views this session made, and names pgveil cannot resolve (see _session_reads)
         extra = None
-        if action != "refuse" and (self.session_views or d.unknown_relations or d.defines):
-            extra = self._session_reads(d)
+        if action != "refuse":
+            holder = self._holder
+            if (
+                self.session_views
+                or d.unknown_relations
+                or d.defines
+                or (holder.unsure and d.relations)
+                or (d.moves_names and len(d.kinds) > 1)
+            ):
+                extra = self._session_reads(d)
+            if d.moves_names:
+                # names may denote other relations than the catalog read says, for every
+                # session, until it is read again (see ContextHolder.names_moving); the
+                # statements after it in the same text too (see _session_reads)
+                holder.names_moving()
+                self._moving = True
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
         # the same names) named: the statement log adds their tables when it runs (it
         # knows which statement or cursor the name holds then)
@@ -373,6 +388,8 @@ class StatementFilter:
                 continue  # the session's own (a temporary view's reads are in `views`)
             uncertain = True
             self._holder.stale = True  # read the catalog again soon
+        if d.relations and (self._holder.unsure or (d.moves_names and len(d.kinds) > 1)):
+            uncertain = True  # names may have moved since the catalog was read
         for name, read in d.defines:
             # (a view over the session's views reads theirs; a superset: all of them)
             behind = frozenset(read).union(*(views.values()))
@@ -451,7 +468,7 @@ class StatementFilter:
         if self.statements is not None:
             self.statements.server_message(typ, body)
         if typ == m.READY_FOR_QUERY:
-            self.tx_status = body[0] if body else m.TX_IDLE
+            self._ready(body)
         elif typ == m.NOTIFICATION_RESPONSE:
             self._notified(body, "passed")
         elif typ == m.ERROR_RESPONSE or typ == m.PARAMETER_STATUS:
@@ -462,6 +479,14 @@ class StatementFilter:
                 if refusal is not None:
                     return refusal
         return raw
+
+    def _ready(self, body: bytes) -> None:
+        """ReadyForQuery: the transaction status; a transaction that may have moved names
+        ended (see ContextHolder.names_moved)."""
+        self.tx_status = status = body[0] if body else m.TX_IDLE
+        if self._moving and status == m.TX_IDLE:
+            self._moving = False
+            self._holder.names_moved()
 
     def _notified(self, body: bytes, decision: str) -> None:
         """A NotificationResponse on its way to the client: on a channel the rules name, its
@@ -739,7 +764,7 @@ class MaskedFilter(StatementFilter):
         elif typ == m.PARAMETER_STATUS:
             self.check_parameter(*m.parameter_status(body))
         elif typ == m.READY_FOR_QUERY:
-            self.tx_status = body[0] if body else m.TX_IDLE
+            self._ready(body)
         return raw
 
     def check_parameter(self, name: str, value: str) -> None:
@@ -1042,7 +1067,7 @@ class RecordingFilter(StatementFilter):
         if self.statements is not None:
             self.statements.server_message(typ, body)
         if typ == _READY_FOR_QUERY:
-            self.tx_status = body[0] if body else m.TX_IDLE
+            self._ready(body)
         elif typ == m.NOTIFICATION_RESPONSE:
             self._notified(body, "passed")
         elif typ in (_ERROR_RESPONSE, _PARAMETER_STATUS):

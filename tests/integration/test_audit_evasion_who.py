@@ -36,7 +36,7 @@ import pytest
 
 from proxy.audit_cli import who
 from proxy.embedded_pg import EmbeddedPostgres
-from tests.integration.audit_wire import all_events, audited_proxy
+from tests.integration.audit_wire import all_events, audited_proxy, wait_for
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,
@@ -68,6 +68,9 @@ CREATE VIEW evasion.unioned AS
 -- reads through a function pgveil does not see into
 CREATE VIEW evasion.via_function AS SELECT billing.leak() AS name;
 CREATE MATERIALIZED VIEW evasion.snapshot AS SELECT i_customer, name FROM billing.customers;
+-- swapped by name while pgveil holds the catalog read before
+CREATE VIEW evasion.swap_me AS SELECT c.i_customer, c.email FROM billing.customers c;
+CREATE VIEW evasion.swap_in AS SELECT a.i_account, a.ip FROM billing.accounts a;
 GRANT USAGE, CREATE ON SCHEMA evasion TO billing_admin;
 GRANT USAGE ON SCHEMA evasion TO helpdesk, cc_staff;
 GRANT SELECT ON ALL TABLES IN SCHEMA evasion TO billing_admin, helpdesk, cc_staff;
@@ -169,6 +172,19 @@ def access_events(path: Path, app: str) -> list[dict[str, Any]]:
         and e.get("application_name") == app
         and e.get("outcome") != "running"
     ]
+
+
+def settled(pg: EmbeddedPostgres, port: int, path: Path, app: str) -> None:
+    """Wait until pgveil has read the catalog after DDL that moved names: until then every
+    statement that names a relation leaves an uncertain event, one on an unprotected table
+    too."""
+
+    def probe() -> bool:
+        before = len(access_events(path, app))
+        run_psycopg(pg, port, ADMIN, app, ("SELECT count(*) FROM billing.customer_classes",))
+        return len(access_events(path, app)) == before
+
+    wait_for(probe, "pgveil to read the catalog again")
 
 
 def touched(path: Path, app: str, table: str, subject: str) -> list[str]:
@@ -395,7 +411,9 @@ def test_a_view_created_after_the_catalog_was_read(
     ))  # fmt: skip
     last = access_events(path, app)[-1]
     assert CUSTOMERS in last["tables"] and view in last["views"], last
-    assert touched(path, app, CUSTOMERS, "1") in (["yes"], ["possibly"])
+    assert last["kinds"] == ["select"]
+    assert touched(path, app, CUSTOMERS, "1")[-1] in ("yes", "possibly")
+    settled(pg, proxy.port, path, f"{app}-settled")
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -427,6 +445,31 @@ def test_a_relation_the_catalog_does_not_know_is_uncertain(
     else:
         assert last["analysis_complete"] is False, last
     assert touched(path, app, CUSTOMERS, "1")[-1] == "possibly"
+
+
+def test_views_swapped_by_name_in_another_session(
+    pg: EmbeddedPostgres, audited: tuple[ProxyProcess, Path]
+) -> None:
+    """One session renames views so that a name the catalog pgveil read has over customers
+    now denotes a view over accounts; reads of that name in other sessions are listed under
+    accounts: uncertain until pgveil has read the catalog again, then attributed as the
+    server now resolves the name. Never under customers alone."""
+    proxy, path = audited
+    pg.psql("ALTER VIEW evasion.swap_me OWNER TO billing_admin;"
+            "ALTER VIEW evasion.swap_in OWNER TO billing_admin")  # fmt: skip
+    run_psql(pg, proxy.port, ADMIN, "ew-swap-ddl", (
+        "BEGIN",
+        "ALTER VIEW evasion.swap_me RENAME TO swap_out",
+        "ALTER VIEW evasion.swap_in RENAME TO swap_me",
+        "COMMIT",
+    ))  # fmt: skip
+    for client in CLIENTS:
+        app = f"ew-swapped-{client}"
+        run(client, pg, proxy.port, ADMIN, app, ("SELECT * FROM evasion.swap_me",))
+        (event,) = access_events(path, app)
+        assert event["analysis_complete"] is False or event["tables"] == [ACCOUNTS], event
+        assert touched(path, app, ACCOUNTS, "10") in (["possibly"], ["yes"]), event
+    settled(pg, proxy.port, path, "ew-swap-settled")
 
 
 # ---- notifications --------------------------------------------------------------------------

@@ -108,3 +108,39 @@ def test_the_shape_shared_by_sessions_keeps_no_sessions_view() -> None:
     second.query_silent("CREATE TEMP TABLE tv (i_customer int, name text)", complete(b"CREATE"))
     second.query_silent("SELECT name FROM tv WHERE i_customer = 1", ROWS)
     assert second.hook.events == []
+
+
+def test_after_a_statement_that_moves_names_every_session_is_unsure_until_a_new_read() -> None:
+    """A rename (or a view replaced, a relation dropped) by one session: every session's
+    statements that name relations are uncertain until the shell has read the catalog in a
+    read that began after the rename's transaction ended."""
+    holder = ContextHolder(context())
+    mover, other = Recorder(holder), Recorder(holder)
+    other.query_silent("SELECT body FROM public.notes", ROWS)
+    assert other.hook.events == []  # nothing protected, names as the catalog says
+    mover.filter.client(
+        mover.client, m.message(m.QUERY, b"ALTER VIEW billing.customer_view RENAME TO x\0")
+    )
+    assert holder.unsure and holder.stale
+    holder.reads_begun += 1  # the shell begins a read (before the rename is committed)
+    other.query_silent("SELECT body FROM public.notes", ROWS)
+    (_, event), *_ = other.hook.events
+    assert event["analysis_complete"] is False and event["tables"] == []
+    mover.filter.server(mover.server, complete(b"ALTER VIEW") + m.ready_for_query())
+    holder.reads_done = holder.reads_begun  # that read is in: it may not show the rename
+    assert holder.unsure
+    holder.reads_begun += 1  # a read that began after the rename committed
+    holder.reads_done = holder.reads_begun
+    assert not holder.unsure
+    other.hook.events.clear()
+    other.query_silent("SELECT body FROM public.notes", ROWS)
+    assert other.hook.events == []
+
+
+def test_temporary_relations_move_no_names_of_the_catalog() -> None:
+    holder = ContextHolder(context())
+    s = Recorder(holder)
+    s.query_silent("CREATE TEMP TABLE scratch (x int)", complete(b"CREATE TABLE"))
+    s.query_silent("DROP TABLE scratch", complete(b"DROP TABLE"))
+    s.query_silent("CREATE TEMP VIEW w AS SELECT 1", complete(b"CREATE VIEW"))
+    assert not holder.unsure
