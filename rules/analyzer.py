@@ -85,6 +85,10 @@ class Decision:
     # creates or replaces a view that is not temporary, or renames, moves, alters, drops
     # or rewrites (CREATE RULE) a relation the catalog has, or renames or drops a schema
     moves_names: bool = False
+    # protected tables the statement reads more than once (a self-join, a subquery, a view
+    # over the table beside the table): the keys in its rows may be one occurrence's while
+    # its data is another's, so they cannot prove its subjects
+    repeated: tuple[str, ...] = ()
 
 
 _KIND = {
@@ -213,6 +217,9 @@ class Analyzer:
 def _audit_of(rewriter: Rewriter) -> dict[str, Any]:
     """What the audit keeps of the walk, beyond the tables (see Decision.views)."""
     out: dict[str, Any] = {"moves_names": True} if rewriter.moves_names else {}
+    repeated = tuple(sorted(t for t, n in rewriter.occurrences.items() if n > 1))
+    if repeated:
+        out["repeated"] = repeated
     if rewriter.relations:
         out["relations"] = tuple(sorted(rewriter.relations))
     if rewriter.views:

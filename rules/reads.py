@@ -114,6 +114,8 @@ class ReadRewrite:
     # found: an unmasked session records them all); the first one is the reason
     deferred: str | None = None
     moves_names: bool = False  # see Decision.moves_names
+    # how often the statement reads or writes each protected table, through views too
+    occurrences: dict[str, int] = field(default_factory=dict)
 
     def tables(self) -> tuple[str, ...]:
         """The protected tables the statement reads or writes, those behind the views it
@@ -449,7 +451,12 @@ class ReadRewrite:
                 )
         if record:
             self.touched.add(first.rule_table)
+            if first.relation.kind not in ("v", "m"):  # (a view's tables: check_view)
+                self.occurs(first.rule_table)
         return first
+
+    def occurs(self, table: str) -> None:
+        self.occurrences[table] = self.occurrences.get(table, 0) + 1
 
     def note_unknown(self, rv: Any) -> None:
         """Record a relation the catalog does not know, and pin an unqualified name the
@@ -485,6 +492,8 @@ class ReadRewrite:
             # (the audit: reading it reads the tables behind it)
             self.views[f"{schema}.{name}"] = reads.tables
             self.behind.update(reads.tables)
+            for table in reads.tables:
+                self.occurs(table)
             if not reads.own:
                 self.instead.add(f"{schema}.{name}")
         if (schema, name) in self.an.pmap.by_name:

@@ -322,6 +322,9 @@ class StatementFilter:
             if d.subject_keys and action != "refuse":
                 # for the statement log only (subject keys named by the statement)
                 fields["_subject_keys"] = d.subject_keys
+            if d.repeated and action != "refuse":
+                # for the statement log only: tables whose keys in the rows prove nothing
+                fields["_repeated"] = d.repeated
             # what the names read as far as can be told now: for the refusals' events
             sources = [f for f in (log.named(u) for u in uses) if f] if log and uses else []
             if action == "refuse":

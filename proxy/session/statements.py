@@ -1144,12 +1144,18 @@ class StatementLog:
             if key in fields or names:
                 merged[key] = sorted(names)
         views: dict[object, object] = {}
+        repeated: set[str] = set()
         for read in (fields, *sources):
             found = read.get("views")
             if isinstance(found, dict):
                 views.update(found)
+            again = read.get("_repeated")
+            if isinstance(again, tuple):
+                repeated.update(again)
         if views:
             merged["views"] = views
+        if repeated:
+            merged["_repeated"] = tuple(sorted(repeated))
         entry.fields = merged
 
     def _rebuild(self) -> None:
@@ -1568,6 +1574,7 @@ class StatementLog:
         head.running = self._running
         event = dict(fields)
         event.pop("_subject_keys", None)
+        event.pop("_repeated", None)
         event["rows"] = None
         event["outcome"] = "running"
         event["duration_ms"] = round((self._clock() - head.started) / 1e6, 3)
@@ -1586,7 +1593,7 @@ class StatementLog:
             if entry.kind not in ("query", "execute", "call"):
                 return None
             fields = _unknown_fields(entry.kind)
-        uncertain = {k: v for k, v in fields.items() if k != "_subject_keys"}
+        uncertain = {k: v for k, v in fields.items() if not k.startswith("_")}
         uncertain["tables"] = []
         uncertain["analysis_complete"] = False
         return uncertain
@@ -1667,6 +1674,8 @@ class StatementLog:
         event = dict(fields)
         named = event.pop("_subject_keys", ())
         assert isinstance(named, tuple)
+        repeated = event.pop("_repeated", ())
+        assert isinstance(repeated, tuple)
         if entry.portal is not None:
             self._resolve(entry)
         # the rows tell a table's subjects exactly when every result set carried its key
@@ -1685,6 +1694,10 @@ class StatementLog:
                         entry.subjects[table] = {
                             integer_key(k) if integer else k for k in resolved if k is not None
                         }
+        if repeated:
+            # read more than once: the keys returned may be one occurrence's, the data
+            # another's (rules.analyzer Decision.repeated)
+            covered.difference_update(repeated)
         event["rows"] = entry.rows if entry.rows >= 0 else None  # None: not known
         event["outcome"] = entry.outcome
         event["duration_ms"] = round((self._clock() - entry.started) / 1e6, 3)

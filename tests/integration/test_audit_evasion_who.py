@@ -309,6 +309,29 @@ CASES = [
         {"tables": [CUSTOMERS], "subjects_complete": False},
     ),
     Case(
+        # the key shown by the view is one occurrence's, the names are all customers'
+        "view_beside_its_table",
+        ADMIN,
+        ("SELECT v.i_customer, c.name FROM evasion.contacts v, billing.customers c",),
+        {(CUSTOMERS, "2"): ["yes"], (CUSTOMERS, "3"): ["possibly"]},
+        {"tables": [CUSTOMERS], "subjects_complete": False},
+    ),
+    Case(
+        "view_beside_its_table_masked_role",
+        HELPDESK,
+        ("SELECT v.i_customer, c.name FROM evasion.contacts v, billing.customers c",),
+        {(CUSTOMERS, "3"): ["possibly"]},
+        {"tables": [CUSTOMERS], "subjects_complete": False},
+    ),
+    Case(
+        # search_path finds the view by its name alone
+        "unqualified_view_name",
+        ADMIN,
+        ("SET search_path = evasion, public", "SELECT i_customer, email FROM contacts"),
+        {(CUSTOMERS, "1"): ["yes"]},
+        {"tables": [CUSTOMERS], "views": {"evasion.contacts": [CUSTOMERS]}},
+    ),
+    Case(
         # a materialized view holds a copy of its tables' rows: read, it is theirs
         "materialized_view",
         ADMIN,

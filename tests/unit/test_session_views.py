@@ -144,3 +144,19 @@ def test_temporary_relations_move_no_names_of_the_catalog() -> None:
     s.query_silent("DROP TABLE scratch", complete(b"DROP TABLE"))
     s.query_silent("CREATE TEMP VIEW w AS SELECT 1", complete(b"CREATE VIEW"))
     assert not holder.unsure
+
+
+def test_keys_returned_by_one_occurrence_of_a_table_read_twice_prove_nothing() -> None:
+    s = Recorder()
+    rows = (
+        row_description(("i_customer", CUSTOMERS, 1, TEXT, 0), ("name", CUSTOMERS, 2, TEXT, 0))
+        + data_row(b"1", b"x")
+        + complete(b"SELECT 1")
+    )
+    self_join = "SELECT a.i_customer, b.name FROM billing.customers a, billing.customers b"
+    event = s.query(self_join, rows)
+    assert event["subjects"] == {CUSTOMERS_TABLE: ["1"]}  # (1 was read: its key is there)
+    assert event["subjects_complete"] is False
+    assert "_repeated" not in event
+    one = s.query("SELECT i_customer, name FROM billing.customers", rows)
+    assert one["subjects_complete"] is True

@@ -248,3 +248,19 @@ def test_the_analysis_notes_the_views_a_statement_creates(pmap: ProtectionMap) -
     assert d.defines == (("public.v", ("billing.customers",)),)
     d = an.analyze("CREATE MATERIALIZED VIEW m AS SELECT ip FROM billing.accounts; SELECT 1")
     assert d.defines == (("m", ("billing.accounts",)),)
+
+
+def test_a_table_read_more_than_once_is_named_repeated(pmap: ProtectionMap) -> None:
+    an = Analyzer(pmap)
+    assert an.analyze("SELECT c.name FROM billing.customers c").repeated == ()
+    assert an.analyze(
+        "SELECT p.i_customer, c.name FROM billing.v_plain p, billing.customers c"
+    ).repeated == ("billing.customers",)
+    assert an.analyze(
+        "SELECT a.i_customer, b.name FROM billing.customers a, billing.customers b"
+    ).repeated == ("billing.customers",)
+    assert an.analyze(
+        "UPDATE billing.customers SET name = 'x' WHERE i_customer = 1 "
+        "RETURNING (SELECT max(c.name) FROM billing.customers c)"
+    ).repeated == ("billing.customers",)
+    assert an.analyze("SELECT i_customer FROM billing.v_both_keys").repeated == ()
