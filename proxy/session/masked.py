@@ -499,7 +499,8 @@ class StatementFilter:
         if audit is None:
             return
         end = body.index(b"\0", 4)
-        channel = body[4:end].decode("utf-8", "replace")
+        # (the server sends the name in the session's client encoding)
+        channel = body[4:end].decode(self._encoding, "replace")
         if channel in self.ctx.policy.channels:
             audit.record("access", notification_fields(channel, decision))
 

@@ -70,3 +70,24 @@ def test_a_masked_listener_gets_it_masked_or_not_at_all_and_both_are_recorded() 
         ("invoice_events", "withheld"),
     ]
     assert SECRET not in repr(hook.events)
+
+
+def test_the_channel_is_read_in_the_sessions_client_encoding() -> None:
+    ctx = MaskingContext(
+        parse_rules(
+            RULES + "channels:\n  kanäle: {payload: text, mask: partial}\n", "r", {"K": "k" * 32}
+        ),
+        CATALOG,
+    )
+    hook = Hook()
+    s = Session(SessionSettings(classify=lambda: True))
+    s.client_data(STARTUP.encode())
+    s.upstream_connected()
+    s.server_data(LOGIN_OK)
+    s.login_classified(None, ctx, hook)
+    assert s.recorder is not None
+    s.recorder.client_encoding("LATIN1")
+    hook.events.clear()
+    body = (1).to_bytes(4, "big") + "kanäle".encode("latin-1") + b"\0" + b"x\0"
+    assert s.server_data(m.message(m.NOTIFICATION_RESPONSE, body)) is JUST_FORWARD
+    assert [e["channel"] for _t, e in hook.events] == ["kanäle"]
