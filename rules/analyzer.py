@@ -81,9 +81,10 @@ class Decision:
     # a refusal made once the analysis had gone through the whole statement: `tables` are
     # all it reads (a view a masked role may not read, say)
     complete: bool = False
-    # whether it may make relation names denote other relations than the catalog says: it
-    # creates or replaces a view that is not temporary, or renames, moves, alters, drops
-    # or rewrites (CREATE RULE) a relation the catalog has, or renames or drops a schema
+    # whether it may make names denote other relations or functions than the catalog says:
+    # it creates or replaces a view that is not temporary or a function, renames or moves
+    # a function, renames, moves, alters, drops or rewrites (CREATE RULE) a relation the
+    # catalog has, or renames or drops a schema
     moves_names: bool = False
     # protected tables the statement reads more than once (a self-join, a subquery, a view
     # over the table beside the table): the keys in its rows may be one occurrence's while
@@ -233,6 +234,8 @@ def _audit_of(rewriter: Rewriter) -> dict[str, Any]:
 _RELATION_OBJECTS = frozenset(
     ("OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE", "OBJECT_COLUMN")
 )
+# functions (a new one may be called by a name the catalog gives a built-in)
+_FUNCTION_OBJECTS = frozenset(("OBJECT_FUNCTION", "OBJECT_PROCEDURE", "OBJECT_ROUTINE"))
 
 
 def _moves_names(stmts: Any, catalog: Any) -> bool:
@@ -253,6 +256,8 @@ def _moves_names(stmts: Any, catalog: Any) -> bool:
             rv = node.view
             if rv.relpersistence != "t" and rv.schemaname != "pg_temp":
                 return True
+        elif isinstance(node, ast.CreateFunctionStmt):
+            return True
         elif isinstance(node, ast.DropStmt):
             kind = node.removeType.name
             if kind == "OBJECT_SCHEMA":
@@ -266,10 +271,15 @@ def _moves_names(stmts: Any, catalog: Any) -> bool:
                         return True
         elif isinstance(node, ast.RenameStmt):
             kind = node.renameType.name
-            if kind == "OBJECT_SCHEMA" or (kind in _RELATION_OBJECTS and known(node.relation)):
+            if kind == "OBJECT_SCHEMA" or kind in _FUNCTION_OBJECTS:
+                return True
+            if kind in _RELATION_OBJECTS and known(node.relation):
                 return True
         elif isinstance(node, ast.AlterObjectSchemaStmt):
-            if node.objectType.name in _RELATION_OBJECTS and known(node.relation):
+            kind = node.objectType.name
+            if kind in _FUNCTION_OBJECTS:
+                return True
+            if kind in _RELATION_OBJECTS and known(node.relation):
                 return True
         elif isinstance(node, ast.RuleStmt | ast.AlterTableStmt) and known(node.relation):
             return True

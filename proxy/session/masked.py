@@ -115,6 +115,10 @@ class StatementFilter:
         # tables behind them, and whether what they read could not all be told
         self.session_views: dict[str, tuple[frozenset[str], bool]] = {}
         self._moving = False  # a statement that may move names, its transaction not ended
+        # unknown names this session asked the catalog to be read again for, and under
+        # which context (asked once per name until the context is replaced)
+        self._asked: set[str] = set()
+        self._asked_under: object = None
         self.audit: AuditHook | None = None
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
@@ -386,11 +390,21 @@ class StatementFilter:
                     tables, unsure = defined[key]
                     views[key] = sorted(tables)
                     uncertain = uncertain or unsure
-        for name in d.unknown_relations:
-            if name in self.temp_relations:
-                continue  # the session's own (a temporary view's reads are in `views`)
+        unknown = [n for n in d.unknown_relations if n not in self.temp_relations]
+        if len(unknown) < len(d.unknown_relations):
+            # it reads the session's own temporary relations (a temporary view's reads are
+            # in `views`): a `t.f` name pgveil does not know may be a column of theirs (a
+            # function created since the catalog was read moved names: see below)
+            unknown = [n for n in unknown if not n.startswith("column or function ")]
+        if unknown:
             uncertain = True
-            self._holder.stale = True  # read the catalog again soon
+            holder = self._holder
+            if self._asked_under is not holder.context or len(self._asked) > 1000:
+                self._asked_under = holder.context
+                self._asked.clear()
+            if not self._asked.issuperset(unknown):
+                self._asked.update(unknown)
+                holder.stale = True  # read the catalog again soon
         if d.relations and (self._holder.unsure or (d.moves_names and len(d.kinds) > 1)):
             uncertain = True  # names may have moved since the catalog was read
         for name, read in d.defines:

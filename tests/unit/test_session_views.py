@@ -4,8 +4,12 @@ since the catalog was read (the event is then uncertain, and the catalog is read
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from proxy.wire import messages as m
-from rules.context import ContextHolder
+from rules.context import ContextHolder, MaskingContext
+from rules.loader import parse_rules
+from tests.unit.rules.fixtures import CATALOG, RULES
 from tests.unit.test_statement_log import (
     CUSTOMERS,
     TEXT,
@@ -160,3 +164,28 @@ def test_keys_returned_by_one_occurrence_of_a_table_read_twice_prove_nothing() -
     assert "_repeated" not in event
     one = s.query("SELECT i_customer, name FROM billing.customers", rows)
     assert one["subjects_complete"] is True
+
+
+def test_a_column_of_the_sessions_temporary_table_is_no_unknown_name() -> None:
+    names = frozenset(c.name for r in CATALOG.relations.values() for c in r.columns)
+    catalog = replace(CATALOG, column_names=names)
+    s = Recorder(MaskingContext(parse_rules(RULES, "r", {"K": "k" * 32}), catalog))
+    s.query_silent("CREATE TEMP TABLE scratch (foo int)", complete(b"CREATE TABLE"))
+    s.query_silent("SELECT s.foo FROM scratch s", complete(b"SELECT 0"))
+    assert s.hook.events == []
+    # on a relation of the catalog the name is unknown: it may be a function created since
+    event = s.query("SELECT n.foo FROM public.notes n", complete(b"SELECT 0"))
+    assert event["analysis_complete"] is False
+
+
+def test_an_unknown_name_asks_for_one_catalog_read_per_catalog() -> None:
+    holder = ContextHolder(context())
+    s = Recorder(holder)
+    s.query("SELECT body FROM public.created_later", ROWS)
+    assert holder.stale
+    holder.stale = False  # the shell read the catalog: it does not have the name yet
+    s.query("SELECT body FROM public.created_later", ROWS)
+    assert not holder.stale
+    holder.context = context()  # a new catalog, without it still
+    s.query("SELECT body FROM public.created_later", ROWS)
+    assert holder.stale

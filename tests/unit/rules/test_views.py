@@ -264,3 +264,28 @@ def test_a_table_read_more_than_once_is_named_repeated(pmap: ProtectionMap) -> N
         "RETURNING (SELECT max(c.name) FROM billing.customers c)"
     ).repeated == ("billing.customers",)
     assert an.analyze("SELECT i_customer FROM billing.v_both_keys").repeated == ()
+
+
+@pytest.mark.parametrize(
+    ("sql", "moves"),
+    [
+        ("CREATE VIEW public.v AS SELECT 1", True),
+        ("CREATE OR REPLACE VIEW billing.customer_view AS SELECT 'x'::text AS name", True),
+        ("CREATE TEMP VIEW v AS SELECT 1", False),
+        ("DROP VIEW billing.customer_view", True),
+        ("DROP TABLE scratch", False),  # a name the catalog does not have
+        ("DROP SCHEMA billing CASCADE", True),
+        ("ALTER VIEW billing.customer_view RENAME TO x", True),
+        ("ALTER TABLE public.notes SET SCHEMA billing", True),
+        ("ALTER SCHEMA billing RENAME TO b", True),
+        ("ALTER TABLE billing.customers ATTACH PARTITION public.notes FOR VALUES IN (1)", True),
+        ("CREATE RULE r AS ON SELECT TO public.notes DO INSTEAD SELECT 1", True),
+        ("CREATE FUNCTION public.upper(bigint) RETURNS text LANGUAGE sql AS 'SELECT 1'", True),
+        ("ALTER FUNCTION public.f() RENAME TO upper", True),
+        ("ALTER TABLE pg_temp.x RENAME TO y", False),
+        ("SELECT 1", False),
+        ("DROP FUNCTION public.f()", False),
+    ],
+)
+def test_statements_that_may_move_names(pmap: ProtectionMap, sql: str, moves: bool) -> None:
+    assert Analyzer(pmap).analyze(sql).moves_names is moves
