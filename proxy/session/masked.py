@@ -11,7 +11,8 @@ Server -> client: ErrorResponse and NoticeResponse lose detail, context and inte
 fields, and a quoted value in the message or hint is masked unless the statement that caused
 the message spelled it out (a literal's value or a parameter value of that very statement,
 paired as the server pairs them: proxy/session/statements.py) or it is a name;
-NotificationResponses are masked per the rules or withheld; a RowDescription that still
+NotificationResponses are masked per the rules or withheld (and, on a channel with rules,
+recorded when audited); a RowDescription that still
 points at a raw personal column (the rewrite missed something) ends the session; a change of
 session_authorization, client_encoding or standard_conforming_strings ends it too. DataRows
 are never decoded: the database already computed them on masked values.
@@ -1030,10 +1031,11 @@ class _Judge:
 
 class RecordingFilter(StatementFilter):
     """An unmasked session's statements, analysed only to be recorded: which protected
-    tables each one touches goes to the audit stream with its outcome; every byte is
-    forwarded unchanged (a message split across reads is forwarded once it is whole). The
-    one exception: while the audit stream cannot take events, statements on personal data
-    are refused, as for masked roles."""
+    tables each one touches (through views too) goes to the audit stream with its outcome,
+    and so does each NotificationResponse on a channel with rules; every byte is forwarded
+    unchanged (a message split across reads is forwarded once it is whole). The one
+    exception: while the audit stream cannot take events, statements on personal data are
+    refused, as for masked roles."""
 
     def __init__(self, ctx: MaskingContext | ContextHolder, hook: AuditHook) -> None:
         super().__init__(ctx)
