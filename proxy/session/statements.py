@@ -7,8 +7,8 @@ server's own queue. When a statement that touched protected tables completes, it
 once with what the audit event says of it: its fields from the analysis, the rows returned
 or affected (from CommandComplete), the outcome (`ok` or the SQLSTATE), the duration, and the
 data subjects: the values of each protected table's `subject` column in the rows returned
-(or of a view's column that shows it: rules.views), decoded from that column alone. Subject keys are identifiers; no other value of a row is ever
-decoded here.
+(or of a view's column that shows it: rules.views), decoded from that column alone. Subject
+keys are identifiers; no other value of a row is ever decoded here.
 
 The same pairing tells the masked filter which statement caused each ErrorResponse and
 NoticeResponse (`cause`): the statement of a Query the server is at (counted by its
