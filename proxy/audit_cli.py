@@ -278,6 +278,11 @@ def _who_row(e: Mapping[str, Any], touched: str) -> dict[str, Any]:
         "client": e.get("client"),
         "application_name": e.get("application_name"),
         "kinds": e.get("kinds") or [e.get("type")],
+        # what the statement read through (views), the channel of a notification, and
+        # whether the event is uncertain (why a `possibly` may stand under any table)
+        "views": sorted(e.get("views") or {}),
+        "channel": e.get("channel"),
+        "analysis_complete": e.get("analysis_complete", True),
         "columns_raw": e.get("columns_raw", []),
         "columns_masked": e.get("columns_masked", []),
         "decision": e.get("decision"),
@@ -300,7 +305,7 @@ def print_who(rows: list[dict[str, Any]], as_json: bool) -> None:
             str(r["role"] or ""),
             str(r["classification"] or ""),
             str(r["client"] or ""),
-            ",".join(r["kinds"]),
+            _what(r),
             ",".join(c.rsplit(".", 1)[-1] for c in r["columns_raw"]) or "-",
             ",".join(c.rsplit(".", 1)[-1] for c in r["columns_masked"]) or "-",
             str(r["outcome"] or "-"),
@@ -311,6 +316,17 @@ def print_who(rows: list[dict[str, Any]], as_json: bool) -> None:
     for line_ in [head, *table]:
         print("  ".join(x.ljust(w) for x, w in zip(line_, widths, strict=True)).rstrip())
     print(f"({len(rows)} event(s))")
+
+
+def _what(r: Mapping[str, Any]) -> str:
+    what = ",".join(r["kinds"])
+    if r.get("channel"):
+        what += f" {r['channel']}"
+    if r.get("views"):
+        what += " via " + ",".join(r["views"])
+    if r.get("analysis_complete") is False:
+        what += " (uncertain)"
+    return what
 
 
 def run(ns: argparse.Namespace) -> int:

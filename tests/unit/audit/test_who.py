@@ -87,3 +87,22 @@ def test_notifications_are_listed_everywhere_unless_withheld() -> None:
     assert touched(delivered) == ["possibly"] and touched(delivered, ACCOUNTS) == ["possibly"]
     withheld = {**delivered, "decision": "withheld"}
     assert touched(withheld) == []
+
+
+def test_the_report_says_through_what_and_how_sure(capsys: Any) -> None:
+    from proxy.audit_cli import print_who
+
+    events = [
+        access(views={"billing.customer_contacts": [CUSTOMERS]}, subjects={CUSTOMERS: ["1"]}),
+        access(tables=[], analysis_complete=False, subjects_complete=False),
+        access(
+            kinds=["notification"], channel="invoice_events", tables=[], decision="passed",
+            subjects_complete=False,
+        ),
+    ]  # fmt: skip
+    print_who(who(events, CUSTOMERS, "1", None, None), as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert "yes" in lines[1] and "select via billing.customer_contacts" in lines[1]
+    assert "possibly" in lines[2] and "select (uncertain)" in lines[2]
+    assert "possibly" in lines[3] and "notification invoice_events" in lines[3]
+    assert lines[-1] == "(3 event(s))"
