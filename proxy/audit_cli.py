@@ -146,7 +146,7 @@ def tail(path: Path, follow: bool, role: str | None, table: str | None) -> int:
     def wanted(e: Mapping[str, Any]) -> bool:
         if role is not None and e.get("role") != role:
             return False
-        return table is None or table in (e.get("tables") or [])
+        return table is None or table in (e.get("tables") or []) or table in (e.get("views") or {})
 
     try:
         for e in read_events(path):
@@ -192,7 +192,10 @@ def who(
 ) -> list[dict[str, Any]]:
     """Who accessed the data of `subject` in `table`: every access event that lists it,
     every one that read the table without recording its subjects (`possibly`), and the
-    subject's erasure."""
+    subject's erasure. A table is read by an event that names it, or a view over it
+    (`views`); an event that pgveil could not fully analyse (`analysis_complete: false`)
+    and a notification delivered on a channel with rules may have read any table, whatever
+    tables they name."""
     rows: list[dict[str, Any]] = []
     window = [
         e
@@ -216,24 +219,50 @@ def who(
             if str(e.get("subject")) == subject and table in (e.get("tables") or {table: 0}):
                 rows.append(_who_row(e, "erased"))
             continue
+        if kind != "access":
+            continue
         tables = e.get("tables") or []
-        unanalysed = not tables and e.get("analysis_complete") is False
-        if kind != "access" or (table not in tables and not unanalysed):
-            continue  # (a statement pgveil could not analyse may have read any table)
-        listed = (e.get("subjects") or {}).get(table)
-        if listed is not None and subject in listed:
+        behind = _behind_view(e, table)
+        if table in tables:
+            behind = [table]
+        elif behind is None:
+            if not _anywhere(e):
+                continue
+            behind = [table]
+        subjects = e.get("subjects") or {}
+        if any(subject in (subjects.get(t) or ()) for t in behind):
             rows.append(_who_row(e, "yes"))
         elif (
-            # rows reached the client: an ok statement, or one whose rows went out before
-            # it failed (it has a `running` number)
-            (e.get("outcome", "ok") == "ok" or "running" in e) and not _excludes(e, table, listed)
+            # rows reached the client: an ok statement, one whose rows went out before it
+            # failed (it has a `running` number), or one whose end pgveil did not see
+            (e.get("outcome", "ok") in ("ok", "unknown") or "running" in e)
+            and not all(_excludes(e, t, subjects.get(t)) for t in behind)
         ):
             rows.append(_who_row(e, "possibly"))
     return rows
 
 
+def _behind_view(e: Mapping[str, Any], view: str) -> list[str] | None:
+    """The tables behind `view` when the event read it (`views`), else None."""
+    views = e.get("views")
+    if not isinstance(views, dict) or view not in views:
+        return None
+    return [str(t) for t in views[view] or ()] or [view]
+
+
+def _anywhere(e: Mapping[str, Any]) -> bool:
+    """Whether the event may have read any table: pgveil could not analyse all of it (a
+    function, a name it cannot resolve, ...), or it is a notification delivered on a
+    channel the rules name (its payload is not tied to a table)."""
+    if e.get("analysis_complete") is False:
+        return True
+    return "notification" in (e.get("kinds") or ()) and e.get("decision") != "withheld"
+
+
 def _excludes(e: Mapping[str, Any], table: str, listed: list[str] | None) -> bool:
     """True when the event proves the subject was not touched."""
+    if e.get("analysis_complete") is False:
+        return False  # (its subjects were judged over tables it may not name)
     if listed is None:
         return e.get("subjects_complete") is True
     total = (e.get("subjects_total") or {}).get(table, len(listed))
@@ -250,6 +279,11 @@ def _who_row(e: Mapping[str, Any], touched: str) -> dict[str, Any]:
         "client": e.get("client"),
         "application_name": e.get("application_name"),
         "kinds": e.get("kinds") or [e.get("type")],
+        # what the statement read through (views), the channel of a notification, and
+        # whether the event is uncertain (why a `possibly` may stand under any table)
+        "views": sorted(e.get("views") or {}),
+        "channel": e.get("channel"),
+        "analysis_complete": e.get("analysis_complete", True),
         "columns_raw": e.get("columns_raw", []),
         "columns_masked": e.get("columns_masked", []),
         "decision": e.get("decision"),
@@ -272,7 +306,7 @@ def print_who(rows: list[dict[str, Any]], as_json: bool) -> None:
             str(r["role"] or ""),
             str(r["classification"] or ""),
             str(r["client"] or ""),
-            ",".join(r["kinds"]),
+            _what(r),
             ",".join(c.rsplit(".", 1)[-1] for c in r["columns_raw"]) or "-",
             ",".join(c.rsplit(".", 1)[-1] for c in r["columns_masked"]) or "-",
             str(r["outcome"] or "-"),
@@ -283,6 +317,17 @@ def print_who(rows: list[dict[str, Any]], as_json: bool) -> None:
     for line_ in [head, *table]:
         print("  ".join(x.ljust(w) for x, w in zip(line_, widths, strict=True)).rstrip())
     print(f"({len(rows)} event(s))")
+
+
+def _what(r: Mapping[str, Any]) -> str:
+    what = ",".join(r["kinds"])
+    if r.get("channel"):
+        what += f" {r['channel']}"
+    if r.get("views"):
+        what += " via " + ",".join(r["views"])
+    if r.get("analysis_complete") is False:
+        what += " (uncertain)"
+    return what
 
 
 def run(ns: argparse.Namespace) -> int:

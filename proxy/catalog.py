@@ -417,7 +417,19 @@ class MaskingManager:
                 and time.monotonic() - current.loaded < self._interval(current)
             ):
                 return current
-            catalog, role_names = await self._read(database)
+            number = 0
+            stale = False
+            if current is not None:
+                # a request for a read made from now on is one this read may not answer
+                stale, current.holder.stale = current.holder.stale, False
+                current.holder.reads_begun += 1
+                number = current.holder.reads_begun
+            try:
+                catalog, role_names = await self._read(database)
+            except MaskingUnavailable:
+                if current is not None and stale:
+                    current.holder.stale = True  # (asked for still)
+                raise
             old = current.holder.context if current is not None else None
             if (
                 old is not None
@@ -444,7 +456,7 @@ class MaskingManager:
                 self._dbs[database] = current
             else:
                 current.holder.context = context
-                current.holder.stale = False
+                current.holder.reads_done = max(current.holder.reads_done, number)
                 current.loaded = time.monotonic()
                 current.role_names = role_names
                 current.roles.clear()

@@ -79,6 +79,21 @@ class Decision:
     # messages (rules.settings), in order; None when the text does not parse as the
     # server's does
     settings: tuple[SettingOp, ...] | None = ()
+    # the audit: the views the statement reads, each with the protected tables behind it
+    # (which `tables` holds too); every relation name it reads or names, as written
+    # ("name", "schema.name"); the views it creates ("schema.name", "name" as written, or
+    # "pg_temp.name" for a temporary one), each with the protected tables its query reads
+    views: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    relations: tuple[str, ...] = ()
+    defines: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # a refusal made once the analysis had gone through the whole statement: `tables` are
+    # all it reads (a view a masked role may not read, say)
+    complete: bool = False
+    # whether it may make names denote other relations or functions than the catalog says:
+    # it creates or replaces a view that is not temporary or a function, renames or moves
+    # a function, renames, moves, alters, drops or rewrites (CREATE RULE) a relation the
+    # catalog has, or renames or drops a schema
+    moves_names: bool = False
 
 
 _KIND = {
@@ -127,6 +142,8 @@ class Analyzer:
         effects = _effects(stmts)
         settings = settings_of(stmts, sql)
         uses, moves = _uses(effects)
+        if _moves_names(stmts, self.catalog):
+            rewriter.moves_names = True
         try:
             changed = False
             for raw in stmts:
@@ -138,16 +155,31 @@ class Analyzer:
         except Refusal as r:
             return Decision(
                 "refuse",
-                reason=r.reason,
+                reason=rewriter.deferred or r.reason,
                 kinds=tuple(kinds),
                 tables=rewriter.tables(),
                 effects=effects,
                 uses=uses,
                 moves=moves,
                 settings=settings,
+                **_audit_of(rewriter),
             )
         unknown = tuple(sorted(rewriter.unknown - rewriter.temp))
         temp = tuple(sorted(rewriter.temp))
+        if rewriter.deferred is not None:
+            return Decision(
+                "refuse",
+                reason=rewriter.deferred,
+                kinds=tuple(kinds),
+                tables=rewriter.tables(),
+                unknown_relations=unknown,
+                temp_relations=temp,
+                effects=effects,
+                uses=uses,
+                moves=moves,
+                complete=True,
+                **_audit_of(rewriter),
+            )
         if not changed:
             return Decision(
                 "pass",
@@ -161,6 +193,7 @@ class Analyzer:
                 uses=uses,
                 moves=moves,
                 settings=settings,
+                **_audit_of(rewriter),
             )
         return Decision(
             "rewrite",
@@ -177,6 +210,7 @@ class Analyzer:
             uses=uses,
             moves=moves,
             settings=settings,
+            **_audit_of(rewriter),
         )
 
     def misread_word(self, sql: str) -> str | None:
@@ -192,6 +226,74 @@ class Analyzer:
             if text[:1] != '"' and text.lower() in self.misread:
                 return text.lower()
         return None
+
+
+def _audit_of(rewriter: Rewriter) -> dict[str, Any]:
+    """What the audit keeps of the walk, beyond the tables (see Decision.views)."""
+    out: dict[str, Any] = {"moves_names": True} if rewriter.moves_names else {}
+    if rewriter.relations:
+        out["relations"] = tuple(sorted(rewriter.relations))
+    if rewriter.views:
+        out["views"] = tuple(sorted(rewriter.views.items()))
+    if rewriter.defines:
+        out["defines"] = tuple(sorted((k, tuple(sorted(v))) for k, v in rewriter.defines.items()))
+    return out
+
+
+# what names a relation (or holds relations) among the objects DDL statements name
+_RELATION_OBJECTS = frozenset(
+    ("OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE", "OBJECT_COLUMN")
+)
+# functions (a new one may be called by a name the catalog gives a built-in)
+_FUNCTION_OBJECTS = frozenset(("OBJECT_FUNCTION", "OBJECT_PROCEDURE", "OBJECT_ROUTINE"))
+
+
+def _moves_names(stmts: Any, catalog: Any) -> bool:
+    """Whether a statement may make names denote other relations than `catalog` says (see
+    Decision.moves_names). A temporary relation, or one the catalog does not have, moves nothing
+    the catalog says (a name it does not have is uncertain in any case)."""
+
+    def known(rv: Any) -> bool:
+        if rv is None:
+            return True
+        if rv.schemaname is not None:
+            return (rv.schemaname, rv.relname) in catalog.relations
+        return rv.relpersistence != "t" and any(n == rv.relname for _s, n in catalog.relations)
+
+    for raw in stmts:
+        node = raw.stmt
+        if isinstance(node, ast.ViewStmt):
+            rv = node.view
+            if rv.relpersistence != "t" and rv.schemaname != "pg_temp":
+                return True
+        elif isinstance(node, ast.CreateFunctionStmt):
+            return True
+        elif isinstance(node, ast.DropStmt):
+            kind = node.removeType.name
+            if kind == "OBJECT_SCHEMA":
+                return True
+            if kind in _RELATION_OBJECTS:
+                for obj in node.objects or ():
+                    names = [name_of(n) for n in (obj if isinstance(obj, tuple) else (obj,))]
+                    schema = names[-2] if len(names) >= 2 else None
+                    rel = ast.RangeVar(schemaname=schema, relname=names[-1], relpersistence="p")
+                    if known(rel):
+                        return True
+        elif isinstance(node, ast.RenameStmt):
+            kind = node.renameType.name
+            if kind == "OBJECT_SCHEMA" or kind in _FUNCTION_OBJECTS:
+                return True
+            if kind in _RELATION_OBJECTS and known(node.relation):
+                return True
+        elif isinstance(node, ast.AlterObjectSchemaStmt):
+            kind = node.objectType.name
+            if kind in _FUNCTION_OBJECTS:
+                return True
+            if kind in _RELATION_OBJECTS and known(node.relation):
+                return True
+        elif isinstance(node, ast.RuleStmt | ast.AlterTableStmt) and known(node.relation):
+            return True
+    return False
 
 
 _TX_KINDS = {

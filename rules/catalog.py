@@ -164,7 +164,7 @@ class ProtectionMap:
                 )
                 self._add(Protected(rel, masks, prev.rule_table, prev.subject))
         self._protect_ancestors(catalog)
-        from rules.views import derive_view_masks, view_code_refusals
+        from rules.views import derive_view_masks, view_code_refusals, view_reads
 
         # views that call code masked roles may not run (a function not on the allow list,
         # one that runs SQL text): refused whether or not they read protected tables
@@ -174,6 +174,14 @@ class ProtectionMap:
         for key, masks in self.derived_views.items():
             rel = catalog.relations[key]
             self._add(Protected(rel, masks, rel.qualified, None))
+        # what reading each view reads (the audit): the tables behind it, and the columns
+        # that show their subject keys (by the view's OID: result columns name it)
+        self.views = view_reads(catalog, self)
+        self.view_keys = {
+            catalog.relations[key].oid: reads.keys
+            for key, reads in self.views.items()
+            if reads.keys
+        }
 
     def _protect_ancestors(self, catalog: Catalog) -> None:
         """A parent of a protected table shows the child's rows (inheritance): it masks the

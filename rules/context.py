@@ -326,11 +326,40 @@ def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]
 class ContextHolder:
     """The current MaskingContext of a database. Sessions keep the holder, not the
     context, so a catalog refresh or a rules reload reaches sessions that are already open.
-    `stale` asks the shell for an early refresh (a statement named an unknown relation)."""
+    `stale` asks the shell for an early refresh (a statement named an unknown relation).
+
+    The audit also asks when relation names may no longer denote what the catalog read
+    says: a statement that creates or replaces a view, renames, moves or drops relations,
+    or runs code that may (DO, CALL) went to the server. Until a catalog read that began
+    after its transaction ended is in (`unsure`), every session's statements that name
+    relations are recorded as uncertain. The shell counts the reads (`reads_begun`, and
+    `reads_done`: the latest one whose result is in `context`)."""
 
     def __init__(self, context: MaskingContext) -> None:
         self.context = context
         self.stale = False
+        self.reads_begun = 0
+        self.reads_done = 0
+        self.moved_until = 0  # the read that must be in before names are certain again
+
+    @property
+    def unsure(self) -> bool:
+        """Whether names may denote what the current catalog does not say (see above)."""
+        return self.reads_done < self.moved_until
+
+    def names_moving(self) -> None:
+        """A statement that may move names is on its way to the server: unsure until a
+        read that begins from now on is in; the session calls `names_moved` once the
+        statement's transaction has ended (a read that began before that may not show
+        what it did)."""
+        self.moved_until = max(self.moved_until, self.reads_begun + 1)
+        self.stale = True
+
+    def names_moved(self) -> None:
+        """The transaction of a statement that may have moved names ended: unsure until a
+        read that begins from now on is in."""
+        self.moved_until = max(self.moved_until, self.reads_begun + 1)
+        self.stale = True
 
     @classmethod
     def of(cls, ctx: MaskingContext | ContextHolder) -> ContextHolder:

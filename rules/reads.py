@@ -68,6 +68,14 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _defined_name(rv: Any) -> str:
+    """The name of a relation a statement creates, as later statements name it:
+    "pg_temp.name" for a temporary one, else as written."""
+    if rv.relpersistence == "t" or rv.schemaname == "pg_temp":
+        return f"pg_temp.{rv.relname}"
+    return f"{rv.schemaname}.{rv.relname}" if rv.schemaname else str(rv.relname)
+
+
 def _server_name(version: int) -> str:
     return f"PostgreSQL {version // 10000}"
 
@@ -93,9 +101,26 @@ class ReadRewrite:
     temp: set[str] = field(default_factory=set)
     defined_names: frozenset[str] = frozenset()  # output and column aliases of the statement
     rested: set[int] = field(default_factory=set)  # id() of nodes whose fields were walked
+    # the audit: views read (qualified name -> the protected tables behind them), those
+    # tables, and the views that events name by those tables instead (see ViewReads.own)
+    views: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    behind: set[str] = field(default_factory=set)
+    instead: set[str] = field(default_factory=set)
+    # every relation name the statement reads or names, as written ("name", "schema.name")
+    relations: set[str] = field(default_factory=set)
+    # views the statement creates ("pg_temp.name" when temporary) -> the tables they read
+    defines: dict[str, set[str]] = field(default_factory=dict)
+    # a refusal for masked roles that leaves the walk going (the tables it reads are still
+    # found: an unmasked session records them all); the first one is the reason
+    deferred: str | None = None
+    moves_names: bool = False  # see Decision.moves_names
 
     def tables(self) -> tuple[str, ...]:
-        return tuple(sorted(self.touched))
+        """The protected tables the statement reads or writes, those behind the views it
+        reads included."""
+        if not self.views:
+            return tuple(sorted(self.touched))
+        return tuple(sorted((self.touched - self.instead) | self.behind))
 
     @property
     def server_version(self) -> int:
@@ -204,6 +229,11 @@ class ReadRewrite:
         stores_sql = isinstance(node, ast.ViewStmt) or (
             isinstance(node, ast.CreateTableAsStmt) and node.objtype == 23  # OBJECT_MATVIEW
         )
+        if stores_sql:
+            # (the audit: a read of it reads these; the statement's tables so far, a
+            # superset when an earlier statement of the same text read others)
+            rv = node.view if isinstance(node, ast.ViewStmt) else node.into.rel
+            self.defines[_defined_name(rv)] = set(self.tables())
         if stores_sql and self.uses_hash:
             # the view's stored definition (pg_get_viewdef) would show the mask's key
             raise Refusal("a view over hash-masked columns would expose the masking key")
@@ -391,14 +421,15 @@ class ReadRewrite:
             )
         if cte_scope and self.is_cte(rv):
             return None
+        self.relations.add(f"{rv.schemaname}.{name}" if rv.schemaname else name)
         self.note_unknown(rv)
         rel = self.an.catalog.relations.get((rv.schemaname, name)) if rv.schemaname else None
         if rel is not None and rel.kind in ("v", "m") and rv.schemaname is not None:
-            self.check_view(rel.schema, rel.name)
+            self.check_view(rel.schema, rel.name, record)
         if rv.schemaname is None:
             for (schema, rname), r in self.an.catalog.relations.items():
                 if rname == name and r.kind in ("v", "m"):
-                    self.check_view(schema, rname)
+                    self.check_view(schema, rname, record)
         candidates = self.an.pmap.lookup(rv.schemaname, name)
         if not candidates:
             return None
@@ -445,19 +476,34 @@ class ReadRewrite:
         if rv.schemaname == "pg_temp":
             self.unknown.add(name)
 
-    def check_view(self, schema: str, name: str) -> None:
+    def check_view(self, schema: str, name: str, record: bool = True) -> None:
         refusal = self.an.pmap.view_refusals.get((schema, name))
         if refusal is not None:
             raise Refusal(refusal)
+        reads = self.an.pmap.views.get((schema, name))
+        if reads is not None and record:
+            # (the audit: reading it reads the tables behind it)
+            self.views[f"{schema}.{name}"] = reads.tables
+            self.behind.update(reads.tables)
+            if not reads.own:
+                self.instead.add(f"{schema}.{name}")
         if (schema, name) in self.an.pmap.by_name:
             return  # rules of its own, or masks derived from its definition
         sources = self.an.catalog.view_sources.get((schema, name), ())
         for src in sources:
             if self.an.pmap.lookup(src[0], src[1]):
-                raise Refusal(
+                # nothing for a masked role to see: refused, once the walk has found every
+                # table the statement reads (its audit event names them)
+                self.defer(
                     f"view {schema}.{name} reads protected table {src[0]}.{src[1]} and has "
                     "no masking rules of its own"
                 )
+                return
+
+    def defer(self, reason: str) -> None:
+        """Refuse the statement once the walk is done (the first reason stands)."""
+        if self.deferred is None:
+            self.deferred = reason
 
     def maybe_mask(self, rv: Any) -> Any:
         found = self.protected_of(rv)

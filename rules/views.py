@@ -9,13 +9,23 @@ not derived: the analyser refuses them, naming the view. Views that call code ma
 may not run (a user function not on the allow list, a built-in that runs SQL text) are
 refused whatever they read (`view_code_refusals`).
 
+What reading a view reads (`view_reads`), for the audit: the protected tables behind it
+(through views over views and materialized views, whose rows are a copy of theirs), and
+which of its columns show the subject keys of those tables. A column shows a table's keys
+only when the view's definition returns each of its rows from rows of that table whose key
+it shows: a plain SELECT over tables and views (no set operation, CTE, grouping, window,
+or subquery), every occurrence of the table in it with its key column returned as it is.
+A self-join that returns one side's key carries the other side's data under it: no column
+of such a view is taken to show that table's keys.
+
 Pure: no I/O. Works on the definition text the catalog reader fetched (pg_get_viewdef).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pglast.ast
 from pglast import parse_sql
@@ -25,6 +35,9 @@ from rules.catalog import Catalog
 from rules.denied import DENIED_FUNCTIONS, DENIED_PREFIXES
 from rules.masks import fits
 from rules.model import MaskSpec, Policy
+
+if TYPE_CHECKING:
+    from rules.catalog import ProtectionMap
 
 ast: Any = pglast.ast
 
@@ -219,3 +232,205 @@ def _personal_refs(
         elif isinstance(n, tuple):
             stack.extend(v for v in n if isinstance(v, ast.Node | tuple))
     return found
+
+
+_TABLES = ("r", "p", "f")  # relations whose rows are their own (tables, partitioned, foreign)
+_VIEWS = ("v", "m")
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class ViewReads:
+    """What reading a view (or materialized view) reads of protected data."""
+
+    # the protected relations behind it, by the names of their rules (itself among them when
+    # `own`), for the audit events' `tables`
+    tables: tuple[str, ...]
+    # whether the view stands for data of its own: it has rules with a subject column of
+    # their own, or no protected table is behind it. Otherwise its rows are the data of the
+    # tables behind it, and events name those tables instead of the view.
+    own: bool
+    # attnum -> the tables whose subject keys the column shows (see the module docstring)
+    keys: Mapping[int, tuple[str, ...]]
+
+
+def view_reads(catalog: Catalog, pmap: ProtectionMap) -> dict[Key, ViewReads]:
+    """Every view and materialized view with protected data behind it: what reading it
+    reads."""
+    policy = pmap.policy
+    views = [k for k, rel in catalog.relations.items() if rel.kind in _VIEWS]
+    base: dict[Key, set[str]] = {}
+    for key in views:
+        found = set()
+        for src in catalog.view_sources.get(key, ()):
+            rel = catalog.relations.get(src)
+            p = pmap.by_name.get(src)
+            if rel is not None and rel.kind in _TABLES and p is not None:
+                found.add(p.rule_table)
+        base[key] = found
+
+    def own(key: Key) -> bool:
+        rule = policy.tables.get(key)
+        return not base[key] or (rule is not None and rule.subject is not None)
+
+    tables: dict[Key, set[str]] = {}
+    for key in views:
+        found = set(base[key])
+        for src in catalog.view_sources.get(key, ()):
+            rel = catalog.relations.get(src)
+            p = pmap.by_name.get(src)
+            if rel is not None and rel.kind in _VIEWS and p is not None and own(src):
+                found.add(p.rule_table)  # a view with rules of its own behind this one
+        p = pmap.by_name.get(key)
+        if p is not None and own(key):
+            found.add(p.rule_table)
+        tables[key] = found
+    keyed = _keyed_columns(catalog, pmap, tables)
+    out: dict[Key, ViewReads] = {}
+    for key in views:
+        if not tables[key]:
+            continue
+        shown = keyed.get(key, {})
+        keys: dict[int, tuple[str, ...]] = {}
+        for col in catalog.relations[key].columns:
+            carried = tuple(sorted(t for t, names in shown.items() if col.name in names))
+            if carried:
+                keys[col.attnum] = carried
+        out[key] = ViewReads(tuple(sorted(tables[key])), own(key), keys)
+    return out
+
+
+def _keyed_columns(
+    catalog: Catalog, pmap: ProtectionMap, tables: Mapping[Key, set[str]]
+) -> dict[Key, dict[str, set[str]]]:
+    """view -> table -> the view's columns that show that table's keys, for each table
+    behind the view whose every row in it comes with its key. Views over views are done
+    after the views they read."""
+    known: dict[Key, dict[str, set[str]]] = {}
+    pending = [k for k, found in tables.items() if found and k in catalog.view_definitions]
+    changed = True
+    while pending and changed:
+        changed = False
+        for key in list(pending):
+            if any(s in pending and s != key for s in catalog.view_sources.get(key, ())):
+                continue
+            pending.remove(key)
+            changed = True
+            known[key] = _keyed(catalog, pmap, key, tables, known)
+    return known  # (a view left pending shows no keys)
+
+
+def _keyed(
+    catalog: Catalog,
+    pmap: ProtectionMap,
+    key: Key,
+    tables: Mapping[Key, set[str]],
+    known: Mapping[Key, dict[str, set[str]]],
+) -> dict[str, set[str]]:
+    rel = catalog.relations[key]
+    sel = _simple_select(catalog.view_definitions[key])
+    if sel is None:
+        return {}
+    sources: dict[str, Key] = {}
+    for item in sel.fromClause or ():
+        if not _collect_sources(item, sources, catalog):
+            return {}
+    if len(sel.targetList or ()) != len(rel.columns):
+        return {}
+    refs: dict[str, tuple[str, str]] = {}  # view column -> (source alias, its column)
+    for col, target in zip(rel.columns, sel.targetList, strict=True):
+        ref = _plain_ref(target.val, sources, catalog)
+        if ref is not None:
+            refs[col.name] = ref
+    own = pmap.by_name.get(key)
+    out: dict[str, set[str]] = {}
+    for table in tables[key]:
+        if own is not None and own.rule_table == table:
+            continue  # its own subject column: the rows say it (rules.catalog by_oid)
+        carried: set[str] = set()
+        seen = 0
+        for alias, src in sources.items():
+            shows = _shows(catalog, pmap, src, table, tables, known)
+            if shows is None:
+                continue
+            seen += 1
+            exposing = {v for v, (a, c) in refs.items() if a == alias and c in shows}
+            if not exposing:
+                break  # rows of the table without their key
+            carried |= exposing
+        else:
+            if seen:
+                out[table] = carried
+    return out
+
+
+def _shows(
+    catalog: Catalog,
+    pmap: ProtectionMap,
+    src: Key,
+    table: str,
+    tables: Mapping[Key, set[str]],
+    known: Mapping[Key, dict[str, set[str]]],
+) -> set[str] | None:
+    """The columns of relation `src` that show the keys of `table` for all of its rows of
+    that table (empty: it holds such rows, not all with their key); None when it holds
+    none."""
+    rel = catalog.relations.get(src)
+    if rel is None:
+        return None
+    p = pmap.by_name.get(src)
+    if rel.kind in _TABLES:
+        if p is None or p.rule_table != table:
+            return None
+        return {p.subject} if p.subject is not None else set()
+    if rel.kind in _VIEWS and table in tables.get(src, ()):
+        if p is not None and p.rule_table == table:
+            return {p.subject} if p.subject is not None else set()
+        return known.get(src, {}).get(table, set())
+    return None
+
+
+def _simple_select(text: str) -> Any:
+    """The SELECT of a view's definition when each of its rows comes from one row of each
+    relation it reads (see the module docstring), else None."""
+    try:
+        stmts = parse_sql(text)
+    except ParseError:
+        return None
+    if len(stmts) != 1 or not isinstance(stmts[0].stmt, ast.SelectStmt):
+        return None
+    sel = stmts[0].stmt
+    if (
+        sel.withClause is not None
+        or sel.op != 0
+        or sel.valuesLists
+        or sel.groupClause
+        or sel.havingClause is not None
+        or sel.windowClause
+        or sel.intoClause is not None
+        or not sel.fromClause
+    ):
+        return None
+    for n in _nodes(stmts):
+        if isinstance(n, ast.SubLink | ast.RangeSubselect | ast.RangeFunction):
+            return None
+        if isinstance(n, ast.FuncCall) and n.over is not None:
+            return None  # a window function returns other rows' values
+    return sel
+
+
+def _plain_ref(expr: Any, sources: Mapping[str, Key], catalog: Catalog) -> tuple[str, str] | None:
+    """(source alias, column) when `expr` is a plain reference to a source's column."""
+    if not isinstance(expr, ast.ColumnRef) or not all(
+        isinstance(f, ast.String) for f in expr.fields
+    ):
+        return None
+    names = [f.sval for f in expr.fields]
+    if len(names) >= 2:
+        return (names[-2], names[-1]) if names[-2] in sources else None
+    found = [
+        alias
+        for alias, src in sources.items()
+        if (rel := catalog.relations.get(src)) is not None and rel.column(names[0]) is not None
+    ]
+    return (found[0], names[0]) if len(found) == 1 else None

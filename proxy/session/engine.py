@@ -157,10 +157,11 @@ _CLIENT_CAPTURE_MASKED: Final = capture_mask(bytes(t for t in m.FRONTEND_NAMES i
 # ParameterDescription ('t'): the parameter types that tell how binary parameters read as text
 # (an error may echo the client's own parameter: proxy/session/masked.py)
 _SERVER_CAPTURE_MASKED: Final = capture_mask(b"ENATSZCIsn123Gt")
-_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn123G")
+# NotificationResponse ('A'): its delivery on a channel with rules is an access
+_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn123GA")
 # while a statement on personal data is in flight, DataRows too: their subject column
 _SERVER_CAPTURE_MASKED_ROWS: Final = capture_mask(b"ENATSZCIsn123GtD")
-_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GD")
+_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GAD")
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
 _HEADER: Final = struct.Struct("!BI")

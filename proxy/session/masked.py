@@ -11,7 +11,8 @@ Server -> client: ErrorResponse and NoticeResponse lose detail, context and inte
 fields, and a quoted value in the message or hint is masked unless the statement that caused
 the message spelled it out (a literal's value or a parameter value of that very statement,
 paired as the server pairs them: proxy/session/statements.py) or it is a name;
-NotificationResponses are masked per the rules or withheld; a RowDescription that still
+NotificationResponses are masked per the rules or withheld (and, on a channel with rules,
+recorded when audited); a RowDescription that still
 points at a raw personal column (the rewrite missed something) ends the session; a change of
 session_authorization, client_encoding or standard_conforming_strings ends it too. DataRows
 are never decoded: the database already computed them on masked values.
@@ -115,6 +116,14 @@ class StatementFilter:
     def __init__(self, ctx: MaskingContext | ContextHolder) -> None:
         self._holder = ContextHolder.of(ctx)
         self.temp_relations: set[str] = set()  # created by this session (pg_temp)
+        # the audit: views this session created (see Decision.defines) -> the protected
+        # tables behind them, and whether what they read could not all be told
+        self.session_views: dict[str, tuple[frozenset[str], bool]] = {}
+        self._moving = False  # a statement that may move names, its transaction not ended
+        # unknown names this session asked the catalog to be read again for, and under
+        # which context (asked once per name until the context is replaced)
+        self._asked: set[str] = set()
+        self._asked_under: object = None
         self.audit: AuditHook | None = None
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
@@ -282,11 +291,29 @@ class StatementFilter:
         audit = self.audit
         fields = None
         log = self.statements
+        # views this session made, and names pgveil cannot resolve (see _session_reads)
+        extra = None
+        if action != "refuse":
+            holder = self._holder
+            if (
+                self.session_views
+                or d.unknown_relations
+                or d.defines
+                or (holder.unsure and d.relations)
+                or (d.moves_names and len(d.kinds) > 1)
+            ):
+                extra = self._session_reads(d)
+            if d.moves_names:
+                # names may denote other relations than the catalog read says, for every
+                # session, until it is read again (see ContextHolder.names_moving); the
+                # statements after it in the same text too (see _session_reads)
+                holder.names_moving()
+                self._moving = True
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
         # the same names) named: the statement log adds their tables when it runs (it
         # knows which statement or cursor the name holds then)
         uses = d.uses
-        touches = action == "refuse" or bool(d.tables) or d.action == "refuse"
+        touches = action == "refuse" or bool(d.tables) or d.action == "refuse" or extra is not None
         if audit is not None and (touches or uses):
             if action != "refuse" and d.redacted:
                 # the same for every statement of this shape: built once
@@ -299,6 +326,8 @@ class StatementFilter:
                 fields = template.copy()
             else:
                 fields = self._event_fields(sql, d, action, value)
+            if extra is not None:
+                fields = _with_session_reads(fields, *extra)
             if d.subject_keys and action != "refuse":
                 # for the statement log only (subject keys named by the statement)
                 fields["_subject_keys"] = d.subject_keys
@@ -332,8 +361,9 @@ class StatementFilter:
         self, sql: str, d: Decision, action: str, value: str | None
     ) -> dict[str, object]:
         fields = event_fields(sql, d, action, value)
-        # a masked-role refusal stops the analyser's walk: the tables may be more
-        fields["analysis_complete"] = d.action != "refuse"
+        # a masked-role refusal stops the analyser's walk (the tables may be more), unless
+        # it was made once the walk was done
+        fields["analysis_complete"] = d.action != "refuse" or d.complete
         if self.raw_columns:
             raw = list(d.columns)
             if d.action == "refuse":
@@ -362,6 +392,58 @@ class StatementFilter:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return None
+
+    def _session_reads(self, d: Decision) -> tuple[dict[str, list[str]], bool] | None:
+        """What the statement reads that the catalog pgveil read cannot tell: the views
+        this session created (temporary ones never are in the catalog; a permanent one
+        only once it is read again), each with the tables behind it, and whether it names
+        something pgveil cannot resolve (a relation, column or function created since the
+        catalog was read, by this session or any other): then it may have read anything.
+        None when it reads none of these. The views the statement creates are noted."""
+        views: dict[str, list[str]] = {}
+        uncertain = False
+        defined = self.session_views
+        if defined:
+            for name in d.relations:
+                for key in _matching(name, defined):
+                    tables, unsure = defined[key]
+                    views[key] = sorted(tables)
+                    uncertain = uncertain or unsure
+        unknown = [n for n in d.unknown_relations if n not in self.temp_relations]
+        if len(unknown) < len(d.unknown_relations):
+            # it reads the session's own temporary relations (a temporary view's reads are
+            # in `views`): a `t.f` name pgveil does not know may be a column of theirs (a
+            # function created since the catalog was read moved names: see below)
+            unknown = [n for n in unknown if not n.startswith("column or function ")]
+        if unknown:
+            uncertain = True
+            holder = self._holder
+            if self._asked_under is not holder.context or len(self._asked) > 1000:
+                self._asked_under = holder.context
+                self._asked.clear()
+            if not self._asked.issuperset(unknown):
+                self._asked.update(unknown)
+                holder.stale = True  # read the catalog again soon
+        if d.relations and (self._holder.unsure or (d.moves_names and len(d.kinds) > 1)):
+            uncertain = True  # names may have moved since the catalog was read
+        for name, read in d.defines:
+            # (a view over the session's views reads theirs; a superset: all of them)
+            behind = frozenset(read).union(*(views.values()))
+            before = defined.get(name)
+            if before is not None:  # replaced, or defined again: either may be in force
+                behind, unsure = behind | before[0], before[1] or uncertain
+            else:
+                unsure = uncertain
+            defined[name] = (behind, unsure)
+        if not views and not uncertain:
+            return None
+        return views, uncertain
+
+    @property
+    def _encoding(self) -> str:
+        """The Python codec of the session's client encoding ("" when pgveil cannot tell:
+        see StatementLog.encoding)."""
+        return self.statements.encoding if self.statements is not None else "utf-8"
 
     def _query(self, body: bytes, original: bytes) -> bytes:
         sql = self._text(body[:-1])
@@ -437,7 +519,9 @@ class StatementFilter:
         if self.statements is not None:
             self.statements.server_message(typ, body)
         if typ == m.READY_FOR_QUERY:
-            self.tx_status = body[0] if body else m.TX_IDLE
+            self._ready(body)
+        elif typ == m.NOTIFICATION_RESPONSE:
+            self._notified(body, "passed")
         elif typ == m.ERROR_RESPONSE or typ == m.PARAMETER_STATUS:
             if self.observer is not None:
                 self.observer(typ, body)
@@ -446,6 +530,27 @@ class StatementFilter:
                 if refusal is not None:
                     return refusal
         return raw
+
+    def _ready(self, body: bytes) -> None:
+        """ReadyForQuery: the transaction status; a transaction that may have moved names
+        ended (see ContextHolder.names_moved)."""
+        self.tx_status = status = body[0] if body else m.TX_IDLE
+        if self._moving and status == m.TX_IDLE:
+            self._moving = False
+            self._holder.names_moved()
+
+    def _notified(self, body: bytes, decision: str) -> None:
+        """A NotificationResponse on its way to the client: on a channel the rules name, its
+        payload is personal data, so its delivery is an access (never its payload:
+        `decision` says what the client got, `passed`, `masked` or `withheld`)."""
+        audit = self.audit
+        if audit is None:
+            return
+        end = body.index(b"\0", 4)
+        # (the server sends the name in the session's client encoding)
+        channel = body[4:end].decode(self._encoding, "replace")
+        if channel in self.ctx.policy.channels:
+            audit.record("access", notification_fields(channel, decision))
 
     def _refusal(self, body: bytes) -> bytes | None:
         text = m.decode_fields(body).get("M", "")
@@ -472,6 +577,39 @@ def _declared(types: bytes) -> tuple[int, ...]:
     return ()
 
 
+def _matching(name: str, defined: dict[str, tuple[frozenset[str], bool]]) -> list[str]:
+    """The views of `defined` that a relation name as written may denote: the same name,
+    or the same relation name where either is unqualified (search_path decides; a
+    temporary one comes first)."""
+    if name in defined:
+        return [name]
+    schema, _, rel = name.rpartition(".")
+    found = []
+    for key in defined:
+        key_schema, _, key_rel = key.rpartition(".")
+        if key_rel == rel and (not schema or not key_schema or key_schema == schema):
+            found.append(key)
+    return found
+
+
+def _with_session_reads(
+    fields: dict[str, object], views: dict[str, list[str]], uncertain: bool
+) -> dict[str, object]:
+    """An event's fields with the reads of `_session_reads` (new containers: `fields` may
+    be a template's copy)."""
+    out = dict(fields)
+    if views:
+        tables = set(_names(fields.get("tables")))
+        for behind in views.values():
+            tables.update(behind)
+        out["tables"] = sorted(tables)
+        known = fields.get("views")
+        out["views"] = {**(known if isinstance(known, dict) else {}), **views}
+    if uncertain:
+        out["analysis_complete"] = False
+    return out
+
+
 def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -> dict[str, object]:
     """A refusal's event fields: the statement's, with the tables and columns of what its
     EXECUTE / FETCH name (as far as can be told before it runs)."""
@@ -482,7 +620,31 @@ def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -
             names.update(_names(source.get(key)))
         if key in fields or names:
             merged[key] = sorted(names)
+    views: dict[object, object] = {}
+    for read in (fields, *sources):
+        found = read.get("views")
+        if isinstance(found, dict):
+            views.update(found)
+    if views:
+        merged["views"] = views
     return merged
+
+
+def notification_fields(channel: str, decision: str) -> dict[str, object]:
+    """What an audit event says of a notification delivered on a channel with rules: the
+    channel (a name of the rules) and what the client got; never the payload. Its subjects
+    cannot be told, nor the tables its payload came from."""
+    delivered = decision != "withheld"
+    return {
+        "kinds": ["notification"],
+        "channel": channel,
+        "tables": [],
+        "columns_masked": [],
+        "decision": decision,
+        "rows": 1 if delivered else 0,
+        "outcome": "ok",
+        "subjects_complete": not delivered,
+    }
 
 
 def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict[str, object]:
@@ -500,6 +662,8 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
         "columns_masked": list(d.columns),
         "decision": {"pass": "passed", "rewrite": "rewritten"}.get(action, "refused"),
     }
+    if d.views:
+        fields["views"] = {view: list(tables) for view, tables in d.views}
     if action == "refuse":
         fields["reason"] = reason
     return fields
@@ -669,7 +833,7 @@ class MaskedFilter(StatementFilter):
         elif typ == m.PARAMETER_STATUS:
             self.check_parameter(*m.parameter_status(body))
         elif typ == m.READY_FOR_QUERY:
-            self.tx_status = body[0] if body else m.TX_IDLE
+            self._ready(body)
         return raw
 
     def check_parameter(self, name: str, value: str) -> None:
@@ -739,6 +903,7 @@ class MaskedFilter(StatementFilter):
         channel = body[4:chan_end].decode("utf-8", "replace")
         payload = body[chan_end + 1 : -1].decode("utf-8", "replace")
         masked = self.ctx.notification_payload(channel, payload)
+        self._notified(body, "withheld" if masked is None else "masked")
         if masked is None:
             self.counters.notifications_withheld += 1
             return b""
@@ -916,10 +1081,11 @@ class _Judge:
 
 class RecordingFilter(StatementFilter):
     """An unmasked session's statements, analysed only to be recorded: which protected
-    tables each one touches goes to the audit stream with its outcome; every byte is
-    forwarded unchanged (a message split across reads is forwarded once it is whole). The
-    one exception: while the audit stream cannot take events, statements on personal data
-    are refused, as for masked roles."""
+    tables each one touches (through views too) goes to the audit stream with its outcome,
+    and so does each NotificationResponse on a channel with rules; every byte is forwarded
+    unchanged (a message split across reads is forwarded once it is whole). The one
+    exception: while the audit stream cannot take events, statements on personal data are
+    refused, as for masked roles."""
 
     def __init__(self, ctx: MaskingContext | ContextHolder, hook: AuditHook) -> None:
         super().__init__(ctx)
@@ -985,7 +1151,9 @@ class RecordingFilter(StatementFilter):
         if self.statements is not None:
             self.statements.server_message(typ, body)
         if typ == _READY_FOR_QUERY:
-            self.tx_status = body[0] if body else m.TX_IDLE
+            self._ready(body)
+        elif typ == m.NOTIFICATION_RESPONSE:
+            self._notified(body, "passed")
         elif typ in (_ERROR_RESPONSE, _PARAMETER_STATUS):
             if self.observer is not None:
                 self.observer(typ, body)
@@ -994,6 +1162,8 @@ class RecordingFilter(StatementFilter):
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         d = self.ctx.analyze(sql, audit_only=True)
+        if d.temp_relations:
+            self.temp_relations.update(d.temp_relations)  # (a superset: if it runs)
         if d.action == "refuse" and d.kinds == ("set",) and _lone_set(sql):
             # a SET masked roles may not make (standard_conforming_strings, the role...):
             # the analysis stopped at it, but it reads nothing; an unmasked session may

@@ -6,11 +6,12 @@ messages that answer them, in stream order, it keeps a FIFO of what is in flight
 server's own queue. When a statement that touched protected tables completes, it calls `emit`
 once with what the audit event says of it: its fields from the analysis, the rows returned
 or affected (from CommandComplete), the outcome (`ok` or the SQLSTATE), the duration, and the
-data subjects: the values of each protected table's `subject` column in the rows returned,
-decoded from that column alone (rules/keys.py), and the keys the statement names with its
-parameters as bound. They are complete only where the statement's shape proves it
-(rules/subjects.py: `_row_subjects`, `_subject_keys` in its fields). Subject keys are
-identifiers; no other value of a row is ever decoded here.
+data subjects: the values of each protected table's `subject` column in the rows returned
+(or of a view's column that shows it: rules.views), decoded from that column alone
+(rules/keys.py), and the keys the statement names with its parameters as bound. They are
+complete only where the statement's shape proves it (rules/subjects.py: `_row_subjects`,
+`_subject_keys` in its fields). Subject keys are identifiers; no other value of a row is
+ever decoded here.
 
 The same pairing tells the masked filter which statement caused each ErrorResponse and
 NoticeResponse (`cause`): the statement of a Query the server is at (counted by its
@@ -1334,6 +1335,13 @@ class StatementLog:
             if all(t not in _names(f.get("tables")) or t in _proven(f) for f in (fields, *sources))
         ]
         merged["_row_subjects"] = tuple(proven)
+        views: dict[object, object] = {}
+        for read in (fields, *sources):
+            found = read.get("views")
+            if isinstance(found, dict):
+                views.update(found)
+        if views:
+            merged["views"] = views
         entry.fields = merged
 
     def _rebuild(self) -> None:
@@ -1871,7 +1879,7 @@ class StatementLog:
             if entry.kind not in ("query", "execute", "call"):
                 return None
             fields = _unknown_fields(entry.kind)
-        uncertain = {k: v for k, v in fields.items() if k not in _PROOFS}
+        uncertain = {k: v for k, v in fields.items() if not k.startswith("_")}
         uncertain["tables"] = []
         uncertain["analysis_complete"] = False
         return uncertain
@@ -2055,13 +2063,20 @@ class StatementLog:
             pos += 18
             if not table_oid:
                 continue
+            if formats is not None:
+                fmt = _format_of(formats, i)
+            shown = pmap.view_keys.get(table_oid)
+            if shown is not None:
+                # a view's column that shows the keys of tables behind it (rules.views)
+                view_type = OID_TYPES.get(type_oid)
+                if view_type is not None:
+                    for table in shown.get(attnum, ()):
+                        found.append((i, table, view_type, fmt))
             p = pmap.by_oid.get(table_oid)
             if p is None or p.subject is None:
                 continue
             for c in p.relation.columns:
                 if c.attnum == attnum and c.name == p.subject:
-                    if formats is not None:
-                        fmt = _format_of(formats, i)
                     # (a domain's OID is not its base type's: the catalog says that)
                     typ = OID_TYPES.get(type_oid) or c.type.name
                     found.append((i, p.rule_table, typ, fmt))

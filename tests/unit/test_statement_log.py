@@ -496,7 +496,7 @@ def test_call_may_end_its_transaction_and_the_answers_tell() -> None:
 
 def test_a_sync_sent_during_copy_is_swallowed() -> None:
     s = Names()
-    s.send(query("COPY t FROM STDIN"))
+    s.send(query("COPY public.notes FROM STDIN"))
     assert s.answer(COPY_IN) == []
     s.send(SYNC, m.message(m.COPY_DATA, b"1\n"), COPY_DONE, query(READ))
     events = s.answer(
@@ -508,7 +508,7 @@ def test_a_sync_sent_during_copy_is_swallowed() -> None:
 
 def test_a_copy_that_fails_before_reading_leaves_its_sync_to_the_server() -> None:
     s = Names()
-    s.send(parse("COPY v FROM STDIN"), bind(), execute(), SYNC, query(READ))
+    s.send(parse("COPY public.notes FROM STDIN"), bind(), execute(), SYNC, query(READ))
     events = s.answer(
         PARSED, BOUND, COPY_IN, error("42809"), IDLE,
         KEY_ROW, data_row(b"11", b"x"), complete(b"SELECT 1"), IDLE,
@@ -521,7 +521,7 @@ def test_a_copy_that_fails_on_its_data_swallowed_the_syncs_before_the_error() ->
     here): a Sync's only answer is ReadyForQuery."""
     for not_swallowed in (0, 1, 2):
         s = Names()
-        s.send(query("COPY t FROM STDIN"))
+        s.send(query("COPY public.notes FROM STDIN"))
         s.answer(COPY_IN)
         s.send(SYNC, m.message(m.COPY_DATA, b"x\n"), SYNC, COPY_DONE, query(READ))
         events = s.answer(
@@ -535,7 +535,7 @@ def test_a_copy_that_fails_on_its_data_swallowed_the_syncs_before_the_error() ->
 def test_libpq_s_extended_copy_with_a_sync_before_and_after_it() -> None:
     for outcome in (complete(b"COPY 1"), error("22P02")):
         s = Names()
-        s.send(parse("COPY t FROM STDIN"), bind(), execute(), SYNC)
+        s.send(parse("COPY public.notes FROM STDIN"), bind(), execute(), SYNC)
         s.answer(PARSED, BOUND, COPY_IN)
         s.send(m.message(m.COPY_DATA, b"1\n"), COPY_DONE, SYNC, query(READ))
         events = s.answer(
@@ -551,7 +551,7 @@ def test_an_extended_copy_failure_that_no_answer_can_place_loses_the_pairing() -
     s = Names()
     s.send(parse(KEYED, "read"), SYNC)
     s.answer(PARSED, IDLE)
-    s.send(parse("COPY t FROM STDIN"), bind(), execute(), SYNC)
+    s.send(parse("COPY public.notes FROM STDIN"), bind(), execute(), SYNC)
     s.answer(PARSED, BOUND, COPY_IN)
     s.send(m.message(m.COPY_DATA, b"x\n"), COPY_DONE, bind("read"), execute(), SYNC)
     assert s.answer(error("22P02"), IDLE) == []

@@ -64,6 +64,33 @@ VIEWS = {
         "SELECT c.i_customer, c.balance FROM billing.customers c WHERE c.name <> ''",
         [("i_customer", "int8", "bigint"), ("balance", "numeric", "numeric")],
     ),
+    ("billing", "v_pairs"): (
+        "SELECT a.i_customer, b.name FROM billing.customers a "
+        "JOIN billing.customers b ON b.i_customer = a.i_customer + 1",
+        [("i_customer", "int8", "bigint"), ("name", "varchar", "varchar")],
+    ),
+    ("billing", "v_both_keys"): (
+        "SELECT a.i_account, c.i_customer AS owner, c.name FROM billing.accounts a "
+        "JOIN billing.customers c ON c.i_customer = a.i_customer",
+        [
+            ("i_account", "int8", "bigint"),
+            ("owner", "int8", "bigint"),
+            ("name", "varchar", "varchar"),
+        ],
+    ),
+    ("billing", "v_key_over_view"): (
+        "SELECT p.i_customer AS who, p.email FROM billing.v_plain p",
+        [("who", "int8", "bigint"), ("email", "text", "text")],
+    ),
+    ("billing", "v_window"): (
+        "SELECT c.i_customer, lag(c.name) OVER (ORDER BY c.i_customer) AS prev "
+        "FROM billing.customers c",
+        [("i_customer", "int8", "bigint"), ("prev", "varchar", "varchar")],
+    ),
+    ("billing", "v_grouped"): (
+        "SELECT c.i_customer, count(*) AS n FROM billing.customers c GROUP BY c.i_customer",
+        [("i_customer", "int8", "bigint"), ("n", "int8", "bigint")],
+    ),
 }
 
 
@@ -77,6 +104,9 @@ def pmap() -> ProtectionMap:
         defs[key] = sql
         sources[key] = (("billing", "customers"), ("billing", "accounts"))
     sources[("billing", "v_over_view")] = (("billing", "v_plain"), ("billing", "customers"))
+    sources[("billing", "v_key_over_view")] = (("billing", "v_plain"), ("billing", "customers"))
+    for name in ("v_plain", "v_pairs", "v_window", "v_grouped", "v_safe"):
+        sources[("billing", name)] = (("billing", "customers"),)
     for name in ("v_leak", "v_sql_text"):
         del sources[("billing", name)]  # no table behind them: only code
     sources[("billing", "v_over_leak")] = (("billing", "v_leak"),)
@@ -150,3 +180,71 @@ def test_a_parent_of_a_protected_table_masks_what_it_shares_with_it() -> None:
     assert parent.rule_table == "billing.customers"
     d = Analyzer(pmap).analyze("SELECT name, note FROM public.people")
     assert d.action == "rewrite" and d.columns == ("billing.customers.name",)
+
+
+# ---- what reading a view reads (the audit) --------------------------------------------------
+
+
+def test_a_view_is_read_as_the_tables_behind_it_with_the_keys_it_shows(
+    pmap: ProtectionMap,
+) -> None:
+    views = pmap.views
+    plain = views[("billing", "v_plain")]
+    assert plain.tables == ("billing.customers",) and not plain.own
+    assert plain.keys == {1: ("billing.customers",)}  # i_customer, as it is
+    both = views[("billing", "v_both_keys")]
+    assert both.tables == ("billing.accounts", "billing.customers")
+    assert both.keys == {1: ("billing.accounts",), 2: ("billing.customers",)}
+    # through a view over a view, under another name
+    assert views[("billing", "v_key_over_view")].keys == {1: ("billing.customers",)}
+    assert views[("billing", "v_safe")].keys == {1: ("billing.customers",)}
+    # a view read without rules of its own, or with none derived, is read all the same
+    assert views[("billing", "customer_view")].tables == ("billing.customers",)
+    assert views[("billing", "v_union")].tables == ("billing.accounts", "billing.customers")
+    assert pmap.view_keys[pmap.catalog.relations[("billing", "v_plain")].oid] == plain.keys
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        "v_pairs",  # a self-join: the key shown is one side's, the name the other's
+        "v_window",  # lag(): another row's value
+        "v_grouped",  # grouped rows
+        "v_union",  # a set operation
+        "v_scalar_subquery",  # another relation's rows in a subquery
+        "v_over_view",  # the key is not returned
+        "v_join",  # no key returned
+        "v_renamed",
+    ],
+)
+def test_a_view_whose_rows_may_carry_unkeyed_data_shows_no_keys(
+    pmap: ProtectionMap, view: str
+) -> None:
+    assert pmap.views[("billing", view)].keys == {}
+
+
+def test_the_analysis_names_the_tables_behind_the_views_read(pmap: ProtectionMap) -> None:
+    an = Analyzer(pmap)
+    d = an.analyze("SELECT p.name FROM billing.v_plain p JOIN billing.accounts a ON true")
+    assert d.tables == ("billing.accounts", "billing.customers")
+    assert d.views == (("billing.v_plain", ("billing.customers",)),)
+    assert d.relations == ("billing.accounts", "billing.v_plain")
+    # a view masked roles are refused: the walk went on, every table it reads is named
+    refused = an.analyze("SELECT name FROM billing.v_union JOIN billing.accounts ON true")
+    assert refused.action == "refuse" and refused.complete
+    assert refused.reason is not None and "billing.v_union" in refused.reason
+    assert refused.tables == ("billing.accounts", "billing.customers")
+    # ... unless something else stopped it first
+    stopped = an.analyze("SELECT billing.leak() FROM billing.v_union")
+    assert stopped.action == "refuse" and not stopped.complete
+    assert stopped.reason is not None and "billing.v_union" in stopped.reason
+
+
+def test_the_analysis_notes_the_views_a_statement_creates(pmap: ProtectionMap) -> None:
+    an = Analyzer(pmap)
+    d = an.analyze("CREATE TEMP VIEW t AS SELECT i_customer, name FROM billing.customers")
+    assert d.defines == (("pg_temp.t", ("billing.customers",)),)
+    d = an.analyze("CREATE VIEW public.v AS SELECT * FROM billing.v_plain")
+    assert d.defines == (("public.v", ("billing.customers",)),)
+    d = an.analyze("CREATE MATERIALIZED VIEW m AS SELECT ip FROM billing.accounts; SELECT 1")
+    assert d.defines == (("m", ("billing.accounts",)),)
