@@ -124,8 +124,9 @@ SELECT DISTINCT
  ORDER BY 1, 2, 3
 """
 # The same for code attached to tables, which runs when their rows are written: triggers,
-# column defaults and generated columns, table CHECK constraints, row security policies,
-# rewrite rules other than views'. Part of the schema a DBA designed: reported, not refused.
+# column defaults and generated columns, table CHECK constraints, row security policies
+# (which run on reads too), rewrite rules other than views', index expressions and partial
+# index predicates. Part of the schema a DBA designed: reported, not refused.
 TABLE_CODE_SQL = """
 SELECT DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) AS what,
        n.nspname, p.proname
@@ -144,7 +145,10 @@ SELECT DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) AS
                          WHERE c.oid = d.objid AND c.conrelid <> 0))
         OR (d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
             AND EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
-                         WHERE r.oid = d.objid AND r.rulename <> '_RETURN')))
+                         WHERE r.oid = d.objid AND r.rulename <> '_RETURN'))
+        OR (d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+            AND EXISTS (SELECT 1 FROM pg_catalog.pg_class i
+                         WHERE i.oid = d.objid AND i.relkind IN ('i', 'I'))))
  ORDER BY 1, 2, 3
 """
 ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"

@@ -92,7 +92,9 @@ class Decision:
     # whether it may make names denote other relations or functions than the catalog says:
     # it creates or replaces a view that is not temporary or a function, renames or moves
     # a function, renames, moves, alters, drops or rewrites (CREATE RULE) a relation the
-    # catalog has, or renames or drops a schema
+    # catalog has, or renames or drops a schema; or it attaches code the server runs
+    # unnamed (a trigger, policy or index of a relation the catalog has; a cast, operator,
+    # type or domain), which the catalog read must see (rules.subjects)
     moves_names: bool = False
 
 
@@ -246,6 +248,16 @@ _RELATION_OBJECTS = frozenset(
 )
 # functions (a new one may be called by a name the catalog gives a built-in)
 _FUNCTION_OBJECTS = frozenset(("OBJECT_FUNCTION", "OBJECT_PROCEDURE", "OBJECT_ROUTINE"))
+# code the server runs without a statement naming it, attached to a relation (runs on its
+# reads or writes) or to a type, cast or operator (anywhere): the catalog read says no
+# statement's subjects are proved while such code is there (rules.subjects), so a new one
+# must be read at once (an existing function needs no CREATE FUNCTION to be attached)
+_RELATION_CODE = (ast.CreateTrigStmt, ast.CreatePolicyStmt, ast.AlterPolicyStmt, ast.IndexStmt)
+_HIDDEN_CODE = (
+    ast.CreateCastStmt, ast.DefineStmt, ast.CreateDomainStmt, ast.AlterDomainStmt,
+    ast.CreateConversionStmt, ast.CreateTransformStmt, ast.CreateEventTrigStmt,
+    ast.CreateOpClassStmt, ast.AlterOperatorStmt, ast.CreateRangeStmt,
+)  # fmt: skip
 
 
 def _moves_names(stmts: Any, catalog: Any) -> bool:
@@ -266,8 +278,13 @@ def _moves_names(stmts: Any, catalog: Any) -> bool:
             rv = node.view
             if rv.relpersistence != "t" and rv.schemaname != "pg_temp":
                 return True
-        elif isinstance(node, ast.CreateFunctionStmt):
+        elif isinstance(node, (ast.CreateFunctionStmt, *_HIDDEN_CODE)):
             return True
+        elif isinstance(node, _RELATION_CODE):
+            policy = isinstance(node, ast.CreatePolicyStmt | ast.AlterPolicyStmt)
+            rv = node.table if policy else node.relation
+            if known(rv):
+                return True
         elif isinstance(node, ast.DropStmt):
             kind = node.removeType.name
             if kind == "OBJECT_SCHEMA":

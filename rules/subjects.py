@@ -112,9 +112,10 @@ def statement_subjects(
     them proves so (None of either when a statement cannot be told). Read before the
     rewrite changes the tree."""
     index = _index(pmap)
-    if pmap.catalog.hidden_code:
+    if pmap.catalog.hidden_code or _read_code(pmap.catalog.table_code):
         # code the server runs without a statement naming it (a cast, an operator written
-        # in SQL) may read any row: no statement proves its subjects
+        # in SQL, a row security policy's function, which runs for each row a read scans)
+        # may read any row and send it (a NOTICE): no statement proves its subjects
         return (), ()
     proven: set[str] = set()
     unproven: set[str] = set()
@@ -137,6 +138,13 @@ def statement_subjects(
         if len(stmts) == 1 and not isinstance(raw.stmt, ast.PrepareStmt | ast.DeclareCursorStmt):
             named = walk.named()
     return named, tuple(sorted(proven - unproven))
+
+
+def _read_code(table_code: tuple[tuple[str, str, str], ...]) -> bool:
+    """Whether tables have code that runs on their reads too: a row security policy (its
+    expression runs for the rows a SELECT scans). Triggers, defaults and indexes run on
+    writes only."""
+    return any(what.startswith("policy ") for what, _schema, _name in table_code)
 
 
 # ---- what the catalog says of names --------------------------------------------------------
