@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from audit.files import AuditFileError, read_events, read_numbered, rotated_file
 from audit.sinks import read_table, read_table_rows
 from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
 from proxy.config import ConfigError
+from rules.keys import canonical_number, input_value
 
 EXIT_ORDER = (EXIT_INTACT, EXIT_UNPROVEN, EXIT_BROKEN)  # the worst of several chains wins
 
@@ -197,6 +199,7 @@ def who(
     and a notification delivered on a channel with rules may have read any table, whatever
     tables they name."""
     rows: list[dict[str, Any]] = []
+    forms = subject_forms(subject)
     window = [
         e
         for e in events
@@ -230,7 +233,7 @@ def who(
                 continue
             behind = [table]
         subjects = e.get("subjects") or {}
-        if any(subject in (subjects.get(t) or ()) for t in behind):
+        if any(not forms.isdisjoint(subjects.get(t) or ()) for t in behind):
             rows.append(_who_row(e, "yes"))
         elif (
             # rows reached the client: an ok statement, one whose rows went out before it
@@ -240,6 +243,27 @@ def who(
         ):
             rows.append(_who_row(e, "possibly"))
     return rows
+
+
+def subject_forms(subject: str) -> frozenset[str]:
+    """The texts an event may record `subject` as: as given, and its canonical text in each
+    key type that reads it (events write keys so: `2` for `02` or `+2` of an integer key,
+    `2.5` for `2.50` of a numeric one, a uuid in lower case without braces, a char(n) key
+    without its padding). `who` does not know the key's type: a form of another type may
+    list an event of another subject (never leave one out)."""
+    forms = {subject, subject.rstrip(" ")}
+    for typ in ("int8", "numeric", "uuid"):
+        value = input_value(typ, subject)
+        if value is None:
+            continue
+        if typ == "numeric":
+            assert isinstance(value[1], Decimal)
+            text = canonical_number(value[1])
+        else:
+            text = str(value[1])
+        if text is not None:
+            forms.add(text)
+    return frozenset(forms)
 
 
 def _behind_view(e: Mapping[str, Any], view: str) -> list[str] | None:

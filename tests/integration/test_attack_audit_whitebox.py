@@ -15,6 +15,10 @@ subjects relies on not being there (README "Subjects: what complete means"):
 
 In each, the leak is shown first (the client got another subject's data in a NOTICE), then
 what the event must say: not complete, so that `audit who` lists it for the other subject.
+
+And `audit who --subject K` itself: events record each key in its type's one text (a uuid in
+lower case), but the compliance team types the key as they have it (upper case, braces,
+leading zeros): `who` must not answer "nobody" because the spelling differs.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import pytest
 
 from proxy.audit_cli import who
 from proxy.embedded_pg import EmbeddedPostgres
-from tests.integration.audit_wire import all_events, start_audited
-from tests.integration.masking_fixture import ADMIN, ADMIN_PW, NAME, dsn
+from tests.integration.audit_wire import all_events, audit_env, start_audited
+from tests.integration.masking_fixture import ADMIN, ADMIN_PW, NAME, RULES, dsn
+from tests.support import ProxyProcess
 
 CUSTOMERS, ACCOUNTS = "billing.customers", "billing.accounts"
 IP = "198.51.173.222"  # billing.accounts 10's (masking_fixture)
@@ -66,6 +71,10 @@ BEGIN
   RETURN NEW;
 END $f$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA wbaudit TO billing_admin;
+CREATE TABLE wbaudit.people (k uuid PRIMARY KEY, secret text);
+INSERT INTO wbaudit.people VALUES ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'secret-1'),
+  ('b1ffcd88-8d1a-4ef8-bb6d-6bb9bd380a22', 'secret-2');
+GRANT SELECT ON wbaudit.people TO billing_admin;
 """
 CLEANUP = """
 DROP POLICY IF EXISTS wbaudit_all ON billing.customers;
@@ -164,3 +173,37 @@ def test_a_trigger_created_through_pgveil_leaves_writes_incomplete(
         shape = "UPDATE billing . accounts SET id = ? WHERE i_account = ?"
         assert _event(path, shape)["subjects_complete"] is False
         assert _touched(path, ACCOUNTS, "10", shape) == ["possibly"]
+
+
+def test_who_finds_a_key_however_it_is_spelled(
+    pg: EmbeddedPostgres, schema: None, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        RULES + "  wbaudit.people:\n    subject: k\n    columns:\n      secret: partial\n"
+    )
+    with ProxyProcess(
+        pg.port, "--upstream-sslmode", "disable", "--rules", str(rules),
+        "--catalog-user", pg.superuser, "--audit-file", str(tmp_path / "audit.jsonl"),
+        "--log-level", "error", env=audit_env(pg),
+    ) as p:  # fmt: skip
+        _run(pg, p.port, "SELECT k, secret FROM wbaudit.people")
+        _run(
+            pg,
+            p.port,
+            "SELECT secret FROM wbaudit.people WHERE k = 'b1ffcd88-8d1a-4ef8-bb6d-6bb9bd380a22'",
+        )
+    path = tmp_path / "audit.jsonl"
+    by_rows = _event(path, "SELECT k , secret FROM wbaudit . people")
+    assert by_rows["subjects_complete"] is True
+    assert "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11" in by_rows["subjects"]["wbaudit.people"]
+    by_key = _event(path, "SELECT secret FROM wbaudit . people WHERE k = ?")
+    assert by_key["subjects"] == {"wbaudit.people": ["b1ffcd88-8d1a-4ef8-bb6d-6bb9bd380a22"]}
+    assert by_key["subjects_complete"] is True
+    for spelled in ("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "{a0eebc999c0b4ef8bb6d6bb9bd380a11}"):
+        found = who(all_events(path), "wbaudit.people", spelled, None, None)
+        assert [r["id"] for r in found if r["touched"] == "yes"] == [by_rows["id"]], spelled
+    found = who(
+        all_events(path), "wbaudit.people", "B1FFCD88-8D1A-4EF8-BB6D-6BB9BD380A22", None, None
+    )
+    assert {r["id"] for r in found if r["touched"] == "yes"} == {by_rows["id"], by_key["id"]}
