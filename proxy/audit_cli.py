@@ -222,13 +222,23 @@ def who(
         listed = (e.get("subjects") or {}).get(table)
         if listed is not None and subject in listed:
             rows.append(_who_row(e, "yes"))
-        elif (
-            # rows reached the client: an ok statement, or one whose rows went out before
-            # it failed (it has a `running` number)
-            (e.get("outcome", "ok") == "ok" or "running" in e) and not _excludes(e, table, listed)
-        ):
+        elif _delivered(e) and not _excludes(e, table, listed):
             rows.append(_who_row(e, "possibly"))
     return rows
+
+
+def _delivered(e: Mapping[str, Any]) -> bool:
+    """Whether the statement may have reached data: it completed, or its rows went out
+    before it failed (a `running` number, rows counted), or its error or notices may carry
+    values, or it was in flight when its session ended (outcome unknown)."""
+    outcome = e.get("outcome", "ok")
+    return (
+        outcome == "ok"
+        or outcome == "unknown"
+        or "running" in e
+        or bool(e.get("rows"))
+        or e.get("values_in_messages") is True
+    )
 
 
 def _excludes(e: Mapping[str, Any], table: str, listed: list[str] | None) -> bool:

@@ -548,6 +548,8 @@ class ClientConnection(_Pipe, LiveSession):
             duration = time.monotonic() - self.started
             self.server.metrics.session_duration.observe(duration)
             self.server.stats.absorb(self.session, self.client_bytes, self.server_bytes)
+            # statements in flight are recorded before the session's end: outcome unknown
+            self.session.ended(reason or self.session.close_reason or "closed")
             if self._session_started:
                 self.audit_event(
                     "session.end",

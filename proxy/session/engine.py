@@ -157,10 +157,11 @@ _CLIENT_CAPTURE_MASKED: Final = capture_mask(bytes(t for t in m.FRONTEND_NAMES i
 # ParameterDescription ('t'): the parameter types that tell how binary parameters read as text
 # (an error may echo the client's own parameter: proxy/session/masked.py)
 _SERVER_CAPTURE_MASKED: Final = capture_mask(b"ENATSZCIsn123Gt")
-_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn123G")
+# NoticeResponse ('N'): a notice may carry values (a RAISE NOTICE in a DO block, say)
+_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn123GN")
 # while a statement on personal data is in flight, DataRows too: their subject column
 _SERVER_CAPTURE_MASKED_ROWS: Final = capture_mask(b"ENATSZCIsn123GtD")
-_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GD")
+_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GND")
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
 _HEADER: Final = struct.Struct("!BI")
@@ -526,6 +527,7 @@ class Session:
                 return [*actions, *self._end_masked(str(exc))]
             self._server.capture = _SERVER_CAPTURE_MASKED
             self._client.capture = _CLIENT_CAPTURE_MASKED
+            self._count_rows(self.masked.statements)
         elif recorded is not None:
             assert audit is not None
             self.recorder = RecordingFilter(recorded, audit)
@@ -535,6 +537,7 @@ class Session:
                 self.recorder.client_encoding(encoding)
             self._server.capture = _SERVER_CAPTURE_RECORDED
             self._client.capture = _CLIENT_CAPTURE_RECORDED
+            self._count_rows(self.recorder.statements)
         else:
             self._server.capture = _SERVER_CAPTURE_READY
             self._client.capture = _CLIENT_CAPTURE
@@ -691,6 +694,14 @@ class Session:
             actions += self._terminate_for_shutdown()
         return actions
 
+    def _count_rows(self, log: StatementLog | None) -> None:
+        """The statement log counts every DataRow and CopyData the server sends, captured
+        or not: the scanner marks how many came before each message it captures (see
+        MessageScanner.marks), and the log gives them to the statement at the head."""
+        if log is not None:
+            self._server.marks = []
+            log.rows_to(self._rows_seen())
+
     def _rows_seen(self) -> int:
         counts = self.server_counts
         return counts[_D] + counts[_COPY_DATA]
@@ -698,8 +709,12 @@ class Session:
     def _released_rows(self, log: StatementLog | None, before: int) -> None:
         """After a server chunk: if it carried rows and a statement is still running, its
         rows go out before it completes (see StatementLog.rows_released)."""
-        if log is not None and log.in_flight and self._rows_seen() != before:
-            log.rows_released()
+        if log is not None:
+            seen = self._rows_seen()
+            if seen != before:
+                log.rows_to(seen)  # (those after the chunk's last captured message)
+                if log.in_flight:
+                    log.rows_released()
 
     def _recorded_server_data(self, data: bytes) -> Sequence[Action]:
         recorder = self.recorder
@@ -726,6 +741,8 @@ class Session:
             log = recorder.statements
             observe = recorder.observe_server
             rows: list[bytes] = []
+            marks = self._server.marks
+            mark = 0
             for typ, body in captured:
                 if typ == _D and log is not None:
                     rows.append(body)  # the bulk of a result: to its statement in one go
@@ -733,6 +750,9 @@ class Session:
                 if rows:
                     log.data_rows(rows)  # type: ignore[union-attr]
                     rows = []
+                if marks is not None and log is not None and typ != _COPY_DATA:
+                    log.rows_to(marks[mark])  # the rows sent before this message
+                    mark += 1
                 observe(typ, body)
             if rows:
                 log.data_rows(rows)  # type: ignore[union-attr]
@@ -919,6 +939,13 @@ class Session:
             )
             return (SendToClient(err), CloseSession("server closed"))
         return (CloseSession("server closed"),)
+
+    def ended(self, reason: str) -> None:
+        """The connection is gone (`reason`): the statements still in flight are recorded,
+        outcome unknown (see StatementLog.abandon)."""
+        for f in (self.masked, self.recorder):
+            if f is not None and f.statements is not None:
+                f.statements.abandon(reason)
 
     # ---- shutdown ----------------------------------------------------------------------
 

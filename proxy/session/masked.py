@@ -64,6 +64,7 @@ _PARTIAL = MaskSpec("partial")
 _KEEP_FIELDS = frozenset("SVCMHPsctdnFLR")
 _SERVER_LOG = frozenset(("DEBUG", "DEBUG1", "DEBUG2", "DEBUG3", "DEBUG4", "DEBUG5", "LOG"))
 _DATA_ROW = m.DATA_ROW
+_COPY = m.COPY_DATA
 _READY_FOR_QUERY = m.READY_FOR_QUERY
 _ERROR_RESPONSE = m.ERROR_RESPONSE
 _PARAMETER_STATUS = m.PARAMETER_STATUS
@@ -400,8 +401,11 @@ class StatementFilter:
 
     def server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
         log = self.statements
-        rows = log.data_rows if log is not None else None
-        return self._server.splice(scanner, chunk, self._server_message, "from server", rows)
+        if log is None:
+            return self._server.splice(scanner, chunk, self._server_message, "from server")
+        return self._server.splice(
+            scanner, chunk, self._server_message, "from server", log.data_rows, log.rows_to
+        )
 
     def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if self.statements is not None:
@@ -993,12 +997,17 @@ class _Splicer:
         handle: Callable[[int, bytes, bytes], bytes],
         side: str,
         rows: Callable[[list[bytes]], None] | None = None,
+        seen: Callable[[int], None] | None = None,
     ) -> bytes:
         """`rows`, when given, takes the DataRows (in order, in batches, before the message
-        that follows them is handled); they always go on unchanged."""
+        that follows them is handled); they always go on unchanged. `seen`, when given
+        (with the scanner's `marks` on), is told before each other message how many
+        DataRows and CopyData came before it, captured or not."""
         data = self.held + chunk if self.held else chunk
         try:
             located, hold = scanner.feed_located(data)
+            marks = scanner.marks if seen is not None else None
+            mark = 0
             out = bytearray()
             pos = 0
             batch: list[bytes] = []
@@ -1009,6 +1018,9 @@ class _Splicer:
                 if batch and rows is not None:
                     rows(batch)
                     batch = []
+                if marks is not None and seen is not None and typ != _DATA_ROW and typ != _COPY:
+                    seen(marks[mark])
+                    mark += 1
                 raw = data[start:end]
                 replaced = handle(typ, body, raw)
                 if replaced is raw:

@@ -58,7 +58,9 @@ No I/O; nothing from a row but subject keys leaves this module.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import re
 import struct
 import time
 import uuid
@@ -95,6 +97,18 @@ _NO_PARAMS: dict[int, str] = {}  # never changed
 _ANSWERS = frozenset(b"123CDGHIVWZcdnsTt")
 _EXITS = frozenset(("commit", "commit_chain", "rollback", "rollback_chain", "prepare_transaction"))
 _UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
+# SQLSTATE classes whose messages may quote what a statement read: data exceptions (22: a
+# cast error echoes the value), integrity constraint violations (23: the key, the failing
+# row), PL/pgSQL's RAISE and ASSERT (P0), routines and their exceptions (38, 39, 2F: any
+# text), internal errors (XX), foreign data wrappers (HV: the remote server's text)
+_VALUE_CLASSES = frozenset(("22", "23", "P0", "38", "39", "2F", "XX", "HV"))
+_NO_VALUES = frozenset(("22012",))  # division_by_zero: a fixed text
+_COMMITS = frozenset(("commit", "commit_chain", "prepare_transaction"))
+# statement kinds that change nothing of the database by themselves (a data-modifying WITH
+# or EXPLAIN ANALYZE of a write shows its words: see _may_write)
+_READS = frozenset(("select", "explain", "show", "fetch", "declare", "transaction", "set"))
+_WRITE_WORD = re.compile(r"\b(?:insert|update|delete|merge)\b", re.IGNORECASE)
+_COPY_OUT = re.compile(r"\bto\s+stdout\b", re.IGNORECASE)
 
 # a result column that carries a subject key: (field index, table, type oid, format)
 SubjectColumn = tuple[int, str, int, int]
@@ -422,7 +436,16 @@ class _InFlight:
     # tables whose subject column was in every result set so far (None: none seen)
     keyed: set[str] | None = None
     data_rows: int = 0  # DataRows seen (counted only while they are captured)
+    # DataRows and CopyData the server sent for it since its last CommandComplete, captured
+    # or not (see StatementLog.rows_to): the rows of a statement that fails before its count
+    sent: int = 0
     running: int = 0  # the number of its `running` event, once its rows began to go out
+    values: bool = False  # an error or notice of it may carry values (see _carries_values)
+    ended: str = ""  # why the session ended while it was in flight (outcome unknown)
+    # a Query whose statements up to a COMMIT were recorded on their own (see _split): the
+    # first statement this entry still records, and (a recorded part) the last one
+    first: int = 0
+    last: int = -1
     source: Source | None = None  # what it runs, for `cause`
     bind: bytes | None = None  # the Bind of the portal it runs (a Bind's own body)
     done: int = 0  # a Query's statements completed so far
@@ -499,6 +522,7 @@ class StatementLog:
         self._layouts: dict[object, Layout] = {}
         self._layouts_of: object = None
         self._running = 0  # `running` events recorded in this session
+        self._rows_total = 0  # DataRows and CopyData the server sent so far (see rows_to)
         self._with_subject: frozenset[str] = frozenset()
         self._copy_ends = 0  # CopyDone and CopyFail messages the client sent
         self._copy_head: _InFlight | None = None  # whose copy data the server reads now
@@ -1271,6 +1295,7 @@ class StatementLog:
             # one per statement of a Query (the server's EndCommand for each raw statement)
             index = head.done
             head.done += 1
+            head.sent = 0  # (counted by the tag)
             if head.fields is not None:  # counted and read for its event only
                 head.rows += _row_count(body) if typ == _COMMAND_COMPLETE else 0
                 if head.raw:
@@ -1290,8 +1315,8 @@ class StatementLog:
                     self._swallowed(None)
         elif typ == m.PORTAL_SUSPENDED:
             if head.kind == "execute":
-                # no count in the message: the DataRows seen, when they were all looked at
-                head.rows = head.data_rows if head.wants_rows else -1
+                # no count in the message: the DataRows it sent
+                head.rows, head.sent = head.sent, 0
                 if head.skipped or head.fail_at == 0:
                     head.uncertain = True  # a portal pgveil did not know ran
                     self._rebuild()
@@ -1318,6 +1343,13 @@ class StatementLog:
                 target.source.types = struct.unpack_from(f"!{count}I", body, 2)
         elif typ == _ERROR_RESPONSE:
             self._error(head, body)
+        elif (
+            typ == m.NOTICE_RESPONSE
+            and head.kind in ("query", "execute", "call")
+            and not head.values
+        ):
+            # a notice or warning of the statement running (a RAISE NOTICE, say)
+            head.values = _carries_values(m.decode_fields(body))
 
     @staticmethod
     def _ran(head: _InFlight) -> None:
@@ -1345,6 +1377,7 @@ class StatementLog:
         if head.unknown:
             self._confirmed.all_unknown()
         ops = head.ops
+        committed = False
         if ops:
             names = self._confirmed
             for position in range(len(ops)):
@@ -1354,8 +1387,12 @@ class StatementLog:
                 self._apply(names, head, position, tag, False)
                 if tag == b"ROLLBACK" and op[1] in _EXITS:
                     rebuild = True  # a COMMIT that rolled back: predicted as one may not be
+                elif op[1] in _COMMITS:
+                    committed = True
         if uncertain:
             head.uncertain = True
+        if committed and head.kind == "query":
+            self._split(head, index)
         if rebuild:
             self._rebuild()
         if head is self._copy_head:
@@ -1363,6 +1400,42 @@ class StatementLog:
             head.copies += 1
             if head.kind == "query":
                 self._swallowed(head)
+
+    def _split(self, head: _InFlight, last: int) -> None:
+        """Statement `last` of a Query committed (or prepared) its transaction and more
+        statements follow: what the Query did up to it stays done whatever the rest does,
+        so it is recorded now on its own, outcome ok (`statements`: which ones); the
+        Query's event records the rest."""
+        fields = head.fields
+        kinds = fields.get("kinds") if fields is not None else None
+        if not isinstance(kinds, list) or last + 1 >= len(kinds):
+            return  # the last statement: the Query's own event says it
+        part = copy.copy(head)
+        part.outcome = "ok"
+        part.last = last
+        part.wants_rows = False  # (the Query still counts in rows_in_flight)
+        self._finish(part)
+        head.first = last + 1
+        head.rows = head.sent = head.data_rows = 0
+        head.subjects = head.keyed = None
+        head.undecodable = head.values = False
+
+    def abandon(self, reason: str) -> None:
+        """The session ended (`reason`) with statements in flight: pgveil will not see
+        their answers. Each is recorded with outcome `unknown` (it may have run, and a
+        write may have committed: the server finishes a statement it is running, and
+        commits it outside a transaction block), or with the error it got before the end
+        (a FATAL that ended it)."""
+        fifo, self._fifo = self._fifo, deque()
+        for entry in fifo:
+            if entry is _SYNC or entry.kind not in ("query", "execute", "call"):
+                continue
+            if entry.outcome == "ok":
+                entry.outcome = "unknown"
+            entry.ended = reason
+            self._finish(entry)
+        self.rows_in_flight = 0
+        self._copy_head = None
 
     def _ready(self, status: int) -> None:
         """ReadyForQuery: the request it ends (up to its Sync, Query or FunctionCall) is
@@ -1498,6 +1571,19 @@ class StatementLog:
         self._confirmed.all_unknown()
         self._predicted.all_unknown()
 
+    def rows_to(self, total: int) -> None:
+        """The server has sent `total` DataRows and CopyData so far, captured or not (the
+        engine tells before each captured message, and at the end of each read): those
+        since the last call are the statement's at the head, where they counted before
+        the answers moved on (only the statement at the head sends rows)."""
+        sent = total - self._rows_total
+        if sent:
+            self._rows_total = total
+            for entry in self._fifo:
+                if entry.kind != "sync":  # (Syncs a COPY swallowed send nothing)
+                    entry.sent += sent
+                    break
+
     def data_row(self, body: bytes) -> None:
         """One DataRow of the statement at the head: counted, and its subject keys read."""
         self.data_rows((body,))
@@ -1585,9 +1671,11 @@ class StatementLog:
         return uncertain
 
     def _error(self, head: _InFlight, body: bytes) -> None:
-        code = m.sqlstate_of(body) or "XX000"
-        if m.severity_of(body) not in ("ERROR", "FATAL", "PANIC"):
+        fields = m.decode_fields(body)
+        code = fields.get("C") or "XX000"
+        if (fields.get("V") or fields.get("S", "")) not in ("ERROR", "FATAL", "PANIC"):
             return
+        values = _carries_values(fields)
         self._confirmed.fail()
         if code == "42P03" or code == "42P05":
             self._in_use(head, code == "42P03")
@@ -1600,6 +1688,7 @@ class StatementLog:
                 self._skip_ambiguous = True
         if head.kind in ("query", "call"):
             head.outcome = code  # finished at ReadyForQuery
+            head.values = head.values or values
             self._rebuild()
             return
         # extended protocol: the server skips everything up to Sync; the first Execute in
@@ -1615,6 +1704,7 @@ class StatementLog:
             entry = fifo.popleft()
             if entry.kind == "execute" and not failed:
                 entry.outcome = code
+                entry.values = entry.values or values
                 self._finish(entry)
                 failed = True
             else:
@@ -1660,11 +1750,14 @@ class StatementLog:
         event = dict(fields)
         named = event.pop("_subject_keys", ())
         assert isinstance(named, tuple)
+        # a statement that failed: the rows it sent before the error count too
+        entry.rows += entry.sent
+        entry.sent = 0
         if entry.portal is not None:
             self._resolve(entry)
         # the rows tell a table's subjects exactly when every result set carried its key
         covered = set(entry.keyed or ())
-        if entry.outcome == "ok" and not uncertain:
+        if (entry.outcome == "ok" or entry.outcome == "unknown") and not uncertain:
             for table, keys, integer in named:
                 if table in covered:
                     continue  # the rows returned say it exactly
@@ -1672,7 +1765,7 @@ class StatementLog:
                 resolved = [k if isinstance(k, str) else params.get(k) for k in keys]
                 if all(k is not None for k in resolved):
                     covered.add(table)
-                    if entry.rows:
+                    if entry.rows or entry.outcome == "unknown":
                         if entry.subjects is None:
                             entry.subjects = {}
                         entry.subjects[table] = {
@@ -1695,6 +1788,16 @@ class StatementLog:
         )
         if entry.running:
             event["running"] = entry.running
+        if entry.values:
+            event["values_in_messages"] = True
+        if entry.outcome == "unknown":
+            event["rows"] = None  # (what it did is not known)
+            event["reason"] = entry.ended
+            if _may_write(event):
+                event["may_have_committed"] = True
+        if entry.last >= 0 or entry.first:
+            last = entry.last if entry.last >= 0 else len(_names(event.get("kinds"))) - 1
+            event["statements"] = [entry.first + 1, last + 1]
         self._emit(event)
 
     # ---- subject columns ---------------------------------------------------------------
@@ -1814,10 +1917,18 @@ def _decode_keys(entry: _InFlight) -> None:
 
 def _covers(entry: _InFlight, covered: set[str]) -> bool:
     """Subjects are complete when the rows returned carry every protected table's subject
-    column or the statement names its subjects, or nothing was touched."""
+    column or the statement names its subjects, or nothing was touched. An error or notice
+    that may carry values names no subject: then they are not."""
     assert entry.fields is not None
-    if not entry.running and (entry.outcome != "ok" or (entry.rows == 0 and entry.data_rows == 0)):
-        return True  # nothing reached the client (rows that went out make it `running`)
+    if entry.values:
+        return False
+    if (
+        not entry.running
+        and entry.outcome != "unknown"
+        and entry.rows == 0
+        and entry.data_rows == 0
+    ):
+        return True  # nothing reached the client, nothing was changed
     tables = entry.fields.get("tables", [])
     assert isinstance(tables, list)
     return all(t in covered for t in tables)
@@ -1928,3 +2039,32 @@ def _row_count(body: bytes) -> int:
         return 0
     digits = tag[space + 1 :]
     return int(digits) if digits.isdigit() else 0
+
+
+def _carries_values(fields: dict[str, str]) -> bool:
+    """Whether an ErrorResponse or NoticeResponse may carry values the statement read: it
+    has a DETAIL (a key, a failing row), a CONTEXT or internal query (raised inside
+    server-side code, which may compose its text of anything), or an SQLSTATE of a class
+    whose messages quote values. The fields are looked at here only; nothing of them is
+    kept."""
+    if "D" in fields or "W" in fields or "q" in fields:
+        return True
+    code = fields.get("C", "")
+    return code[:2] in _VALUE_CLASSES and code not in _NO_VALUES
+
+
+def _may_write(event: dict[str, object]) -> bool:
+    """Whether a statement may have changed the database: not known to be a read only (its
+    kinds, and no INSERT, UPDATE, DELETE or MERGE in its text: a data-modifying WITH, EXPLAIN
+    ANALYZE of a write), or not analysed at all. A read through a function that writes is
+    not told."""
+    if event.get("analysis_complete") is False:
+        return True
+    text = str(event.get("statement", ""))
+    for kind in _names(event.get("kinds")):
+        if kind == "copy":
+            if not _COPY_OUT.search(text):
+                return True  # COPY FROM
+        elif kind not in _READS:
+            return True
+    return _WRITE_WORD.search(text) is not None
