@@ -897,16 +897,31 @@ class RecordingFilter(StatementFilter):
 
     def _function_call(self, raw: bytes) -> bytes:
         # the function and its arguments are not analysed: recorded as an access that
-        # may have read anything
+        # may have read anything, and refused while the audit stream is down
+        fields = _unanalysed("function_call", "FunctionCall")
+        if self._audit_down():
+            if self.statements is not None:
+                self.statements.function_call()  # (answered by the refusal's error)
+            return m.message(m.QUERY, self._refuse_unrecorded(fields))
         if self.statements is not None:
-            self.statements.function_call(_unanalysed("function_call", "FunctionCall"))
+            self.statements.function_call(fields)
         return raw
 
     def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
         """Not text in the session's encoding: recorded as an access that may have read
-        anything."""
+        anything, and refused while the audit stream is down."""
+        fields = _unanalysed("unknown", "(not readable in the client encoding)")
+        if self._audit_down():
+            refusal = self._refuse_unrecorded(fields)
+            if self.statements is not None:
+                if typ == m.QUERY:
+                    self.statements.query(None)
+                else:
+                    self.statements.parse(name[:-1], None, None, ())
+            if typ == m.QUERY:
+                return m.message(m.QUERY, refusal)
+            return m.message(m.PARSE, name + refusal + b"\0\0")
         if self.statements is not None:
-            fields = _unanalysed("unknown", "(not readable in the client encoding)")
             # what it does to names cannot be known either
             if typ == m.QUERY:
                 self.statements.query(fields, None, None)
