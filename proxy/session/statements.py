@@ -107,6 +107,9 @@ _COMMITS = frozenset(("commit", "commit_chain", "prepare_transaction"))
 # statement kinds that change nothing of the database by themselves (a data-modifying WITH
 # or EXPLAIN ANALYZE of a write shows its words: see _may_write)
 _READS = frozenset(("select", "explain", "show", "fetch", "declare", "transaction", "set"))
+# code that may commit the transaction it runs in and go on (CALL, DO outside a block): one
+# that fails may have committed part of its work
+_CODE = frozenset(("call", "DoStmt"))
 _WRITE_WORD = re.compile(r"\b(?:insert|update|delete|merge)\b", re.IGNORECASE)
 _COPY_OUT = re.compile(r"\bto\s+stdout\b", re.IGNORECASE)
 
@@ -1795,6 +1798,8 @@ class StatementLog:
             event["reason"] = entry.ended
             if _may_write(event):
                 event["may_have_committed"] = True
+        elif entry.outcome != "ok" and not _CODE.isdisjoint(_names(event.get("kinds"))):
+            event["may_have_committed"] = True
         if entry.last >= 0 or entry.first:
             last = entry.last if entry.last >= 0 else len(_names(event.get("kinds"))) - 1
             event["statements"] = [entry.first + 1, last + 1]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -60,7 +61,7 @@ from tests.integration.audit_wire import (
     start_audited,
     wait_for,
 )
-from tests.integration.masking_fixture import EMAIL, NAME
+from tests.integration.masking_fixture import EMAIL
 from tests.support import ProxyProcess, RawClient
 
 MASKED_USER = "masked_trust"  # masked (member of cc_staff), trust authentication
@@ -424,6 +425,29 @@ def test_a_notice_with_data_before_a_failure_is_an_access(
     assert [r["touched"] for r in who_for(path, app, "1")] == ["possibly"]
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_do_block_that_commits_then_fails_may_have_committed(
+    pg: EmbeddedPostgres, shared: tuple[ProxyProcess, Path], client: str
+) -> None:
+    """A DO block (outside a transaction block) may COMMIT and go on: its UPDATE stays
+    although the block fails. The failed event says it may have committed."""
+    p, path = shared
+    app = app_name("do-commit", client)
+    sql = (
+        f"DO $$ BEGIN UPDATE billing.customers SET notes = '{app}' WHERE i_customer = 2; "
+        "COMMIT; RAISE EXCEPTION 'after the commit'; END $$"
+    )
+    try:
+        out = run(client, pg, p.port, TRUST_USER, app, sql)
+        assert "after the commit" in out, out
+        assert committed(pg, app)
+    finally:
+        pg.psql("UPDATE billing.customers SET notes = NULL WHERE i_customer = 2")
+    (event,) = wait_done(path, app)
+    assert event["outcome"] == "P0001" and event["may_have_committed"] is True, event
+    assert [r["touched"] for r in who_for(path, app, "2")] == ["possibly"]
+
+
 @pytest.mark.parametrize("user", USERS)
 def test_an_error_without_values_is_not_an_access(
     pg: EmbeddedPostgres, shared: tuple[ProxyProcess, Path], user: str
@@ -739,43 +763,169 @@ def login(port: int, app: str) -> None:
     RawClient(port, TRUST_USER, application_name=app).close()
 
 
+LOCK = 4242  # an advisory lock that holds a statement back until the test lets it go
+HELD_BACK = (
+    "SELECT i_customer, name FROM billing.customers "
+    f"WHERE (SELECT pg_advisory_xact_lock_shared({LOCK})) IS NOT NULL ORDER BY 1"
+)
+# (what the client sends, the messages of its answer)
+IN_FLIGHT = {
+    "simple": (query_message(HELD_BACK), ["T", "D", "D", "C", "Z"]),
+    "extended": (parse(HELD_BACK) + bind() + execute() + SYNC, ["1", "2", "D", "D", "C", "Z"]),
+    "copy": (query_message(f"COPY ({HELD_BACK}) TO STDOUT"), ["H", "d", "d", "c", "C", "Z"]),
+    "fetch": (query_message("FETCH ALL FROM cur"), ["T", "D", "D", "C", "Z"]),
+}
+
+
+def waiting_for_lock(pg: EmbeddedPostgres) -> bool:
+    out = pg.psql(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+    )
+    return out.strip().endswith("1")
+
+
+@pytest.mark.parametrize("kind", list(IN_FLIGHT))
+@pytest.mark.parametrize("user", USERS)
 def test_block_a_result_whose_event_finds_the_queue_full_waits_for_its_event(
-    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path, user: str, kind: str
 ) -> None:
-    """on_failure block, queue size 2. A statement on personal data is running when the
-    file fails; logins fill the queue (their session.start and session.end events: no
-    result waits for them, they are dropped and counted once it is full). The statement's
-    event comes when the queue is full: the writer must take it anyway (or the result
-    would go out unrecorded), the result waits for the file, and goes out once the file
-    takes the event, which is then in it before anything later."""
+    """on_failure block, queue size 2. A statement on personal data (a Query, an Execute,
+    a COPY TO, a FETCH) is running when the file fails; logins fill the queue (their
+    session.start and session.end events: no result waits for them, they are dropped and
+    counted). The statement completes with the queue full: the writer must take its event
+    all the same (the queue goes beyond its bound) or the result would go out unrecorded;
+    the result waits for the file, and goes out once the file has taken the event."""
     path = tmp_path / "audit.jsonl"
     p = start_audited(pg, tmp_path, "--audit-queue-size", "2", "--audit-block-timeout", "10")
-    app = "queue-full"
-    c = RawClient(p.port, TRUST_USER, application_name=app)
+    app = app_name("queue-full", user, kind)
+    request, answer = IN_FLIGHT[kind]
+    c = RawClient(p.port, user, application_name=app)
+    holder = psycopg.connect(pg.dsn(), autocommit=True)
     try:
         assert [t for t, _ in c.query(PERSONAL)] == ["T", "D", "D", "C", "Z"]
-        wait_done(path, app)
-        c.send_raw(
-            query_message(
-                PERSONAL.replace("ORDER BY", "WHERE (SELECT pg_sleep(1)) IS NOT NULL ORDER BY")
-            )
-        )
+        if kind == "fetch":
+            assert c.query("BEGIN")[-1] == ("Z", b"T")
+            assert c.query(f"DECLARE cur CURSOR FOR {HELD_BACK}")[-1] == ("Z", b"T")
+        before = len(wait_done(path, app))
+        holder.execute(f"SELECT pg_advisory_lock({LOCK})")
+        c.send_raw(request)
+        wait_for(lambda: waiting_for_lock(pg), "the statement to wait for the lock")
         limit_file(p, path.stat().st_size)
-        for i in range(4):
+        for i in range(3):
             login(p.port, f"filler-{i}")
-        got = read_until(c, 1, timeout=2.5)
-        assert not any(NAME.encode() in b for _, b in got), (
-            "the result went out although its event was not taken"
+        wait_for(lambda: p.metric("pgveil_audit_queue_depth") == 2, "a full queue")
+        assert p.metric("pgveil_audit_events_dropped_total") >= 2
+        holder.execute(f"SELECT pg_advisory_unlock({LOCK})")
+        # the statement completes: its event is taken beyond the queue's bound
+        wait_for(lambda: p.metric("pgveil_audit_queue_depth") == 3, "the statement's event")
+        got = read_until(c, 1, timeout=0.5)
+        assert not [t for t, _ in got if t in "Dd"], (
+            f"the result went out although its event was not written: {got}"
         )
-        assert p.metric("pgveil_audit_events_dropped_total") >= 3
         limit_file(p, None)
         got += read_until(c, 1, timeout=10)
-        assert [t for t, _ in got] == ["T", "D", "D", "C", "Z"], got
-        second = done(path, app)[1]
-        assert second["outcome"] == "ok" and second["rows"] == 2, second
+        assert [t for t, _ in got] == answer, got
+        event = done(path, app)[before]
+        assert (event["outcome"], event["rows"]) == ("ok", 2), event
     finally:
+        holder.close()
         c.close()
         stop_unlimited(p)
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_block_a_streamed_result_waits_for_its_running_event_when_the_queue_is_full(
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path, user: str
+) -> None:
+    """As above, with a result that spans many reads: its `running` event, made when its
+    first rows arrive, finds the queue full; it is taken all the same and the rows wait
+    for it; the complete event follows."""
+    path = tmp_path / "audit.jsonl"
+    p = start_audited(pg, tmp_path, "--audit-queue-size", "2", "--audit-block-timeout", "10")
+    app = app_name("queue-full-streamed", user)
+    streamed = HELD_BACK.replace(
+        "SELECT i_customer, name FROM billing.customers",
+        "SELECT c.i_customer, c.name, repeat('x', 2000) FROM billing.customers c, "
+        "generate_series(1, 5000) g",
+    ).replace("ORDER BY 1", "")
+    c = RawClient(p.port, user, application_name=app)
+    holder = psycopg.connect(pg.dsn(), autocommit=True)
+    try:
+        holder.execute(f"SELECT pg_advisory_lock({LOCK})")
+        c.send_raw(query_message(streamed))
+        wait_for(lambda: waiting_for_lock(pg), "the statement to wait for the lock")
+        limit_file(p, path.stat().st_size)
+        for i in range(3):
+            login(p.port, f"filler-{i}")
+        wait_for(lambda: p.metric("pgveil_audit_queue_depth") == 2, "a full queue")
+        holder.execute(f"SELECT pg_advisory_unlock({LOCK})")
+        wait_for(lambda: p.metric("pgveil_audit_queue_depth") == 3, "the running event")
+        got = read_until(c, 1, timeout=0.5)
+        assert not [t for t, _ in got if t == "D"], "rows went out before their event"
+        limit_file(p, None)
+        got += read_until(c, 1, timeout=30)
+        assert [t for t, _ in got][-2:] == ["C", "Z"]
+        assert sum(1 for t, _ in got if t == "D") == 10000
+        wait_for(lambda: len(done(path, app)) == 1, "the complete event")
+        running = [e for e in events(path, app) if e["outcome"] == "running"]
+        assert len(running) == 1 and done(path, app)[0]["running"] == running[0]["running"]
+    finally:
+        holder.close()
+        c.close()
+        stop_unlimited(p)
+
+
+def test_block_with_a_stopped_table_sink_takes_the_event_of_a_statement_in_flight(
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path
+) -> None:
+    """The table sink alone, its database stopped, queue size 2, filled by logins: the
+    statement in flight completes and its event is taken beyond the bound (with only a
+    table sink the result goes out once the writer has the event); it is in the table
+    once the database is back. Events of the logins beyond the bound are counted as
+    dropped."""
+    sinkdb = EmbeddedPostgres().start()
+    app = "table-queue-full"
+    holder = psycopg.connect(pg.dsn(), autocommit=True)
+    try:
+        p = ProxyProcess(
+            pg.port, "--upstream-sslmode", "disable", "--rules", str(rules_file(tmp_path)),
+            "--catalog-user", pg.superuser, "--audit-chain", "outcomes",
+            "--audit-queue-size", "2", "--audit-block-timeout", "10", "--log-level", "error",
+            env={**audit_env(pg), "PGVEIL_AUDIT_TABLE_DSN": sinkdb.dsn()},
+        )  # fmt: skip
+        c = RawClient(p.port, TRUST_USER, application_name=app)
+        try:
+            assert [t for t, _ in c.query(PERSONAL)] == ["T", "D", "D", "C", "Z"]
+            wait_for(lambda: p.metric("pgveil_audit_queue_depth") == 0, "an empty queue")
+            holder.execute(f"SELECT pg_advisory_lock({LOCK})")
+            c.send_raw(query_message(HELD_BACK))
+            wait_for(lambda: waiting_for_lock(pg), "the statement to wait for the lock")
+            sinkdb.stop()
+            for i in range(3):
+                login(p.port, f"table-filler-{i}")
+            wait_for(lambda: p.metric("pgveil_audit_failing") == 1, "the failing sink")
+            wait_for(lambda: p.metric("pgveil_audit_queue_depth") == 2, "a full queue")
+            holder.execute(f"SELECT pg_advisory_unlock({LOCK})")
+            got = read_until(c, 1)
+            assert [t for t, _ in got] == ["T", "D", "D", "C", "Z"], got
+            assert p.metric("pgveil_audit_queue_depth") == 3  # taken beyond the bound
+            assert p.metric("pgveil_audit_events_dropped_total") >= 2
+            sinkdb.restart()
+            wait_for(lambda: p.metric("pgveil_audit_queue_depth") == 0, "the queue written", 30)
+        finally:
+            c.close()
+            p.stop()
+        lines = sinkdb.psql("SELECT line FROM pgveil.audit_events ORDER BY seq").split("\n")
+        mine = [
+            e
+            for e in (json.loads(line) for line in lines if line.strip())
+            if e.get("application_name") == app and e["type"] == "access"
+        ]
+        assert [(e["outcome"], e["rows"]) for e in mine] == [("ok", 2), ("ok", 2)], mine
+    finally:
+        holder.close()
+        sinkdb.cleanup()
 
 
 def test_block_refuses_every_path_while_the_file_fails(
