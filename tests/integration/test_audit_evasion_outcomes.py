@@ -77,7 +77,7 @@ KEYED_FAILS_AFTER_ONE_ROW = (
     "SELECT i_customer, email, 1 / (i_customer - 2) FROM "
     "(SELECT * FROM billing.customers ORDER BY i_customer) c"
 )
-CAST_ERROR = "SELECT email::int FROM billing.customers ORDER BY i_customer"
+CAST_ERROR = "SELECT email::int FROM billing.customers"
 PERSONAL = "SELECT i_customer, name FROM billing.customers ORDER BY 1"
 
 
@@ -311,10 +311,12 @@ def test_a_cast_error_echoing_a_value_is_an_access(
     app = app_name("cast-error", user, client)
     out = run(client, pg, p.port, user, app, CAST_ERROR)
     assert "22P02" in out or "invalid input syntax" in out, out
+    # the first e-mail the scan reaches (the table's physical order)
+    emails = (EMAIL, "ann@example.org")
     if user == TRUST_USER:
-        assert EMAIL in out  # what the unmasked role saw
+        assert any(e in out for e in emails), out  # what the unmasked role saw
     else:
-        assert EMAIL not in out
+        assert not any(e in out for e in emails), out
     (event,) = wait_done(path, app)
     assert event["outcome"] == "22P02" and event["values_in_messages"] is True, event
     assert event["subjects_complete"] is False, event
