@@ -97,12 +97,13 @@ _NO_PARAMS: dict[int, str] = {}  # never changed
 _ANSWERS = frozenset(b"123CDGHIVWZcdnsTt")
 _EXITS = frozenset(("commit", "commit_chain", "rollback", "rollback_chain", "prepare_transaction"))
 _UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
-# SQLSTATE classes whose messages may quote what a statement read: data exceptions (22: a
-# cast error echoes the value), integrity constraint violations (23: the key, the failing
-# row), PL/pgSQL's RAISE and ASSERT (P0), routines and their exceptions (38, 39, 2F: any
-# text), internal errors (XX), foreign data wrappers (HV: the remote server's text)
-_VALUE_CLASSES = frozenset(("22", "23", "P0", "38", "39", "2F", "XX", "HV"))
-_NO_VALUES = frozenset(("22012",))  # division_by_zero: a fixed text
+# Errors and notices known to carry nothing read from a table: fixed texts. Any other may
+# (see _carries_values): a value is quoted wherever the server converts or looks it up (a
+# cast, `::regclass`, current_setting(), a tsquery, ...), in nearly every class
+_FIXED_TEXT = frozenset((
+    "22012", "57014", "25P02", "25P01", "25001", "25006", "40001", "57P01", "57P02", "57P03",
+    "53100", "53200", "53300", "55P03",
+))  # fmt: skip
 _COMMITS = frozenset(("commit", "commit_chain", "prepare_transaction"))
 # statement kinds that change nothing of the database by themselves (a data-modifying WITH
 # or EXPLAIN ANALYZE of a write shows its words: see _may_write)
@@ -1352,7 +1353,7 @@ class StatementLog:
             and not head.values
         ):
             # a notice or warning of the statement running (a RAISE NOTICE, say)
-            head.values = _carries_values(m.decode_fields(body))
+            head.values = _carries_values(m.decode_fields(body), notice=True)
 
     @staticmethod
     def _ran(head: _InFlight) -> None:
@@ -2046,16 +2047,22 @@ def _row_count(body: bytes) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
-def _carries_values(fields: dict[str, str]) -> bool:
-    """Whether an ErrorResponse or NoticeResponse may carry values the statement read: it
-    has a DETAIL (a key, a failing row), a CONTEXT or internal query (raised inside
-    server-side code, which may compose its text of anything), or an SQLSTATE of a class
-    whose messages quote values. The fields are looked at here only; nothing of them is
-    kept."""
+def _carries_values(fields: dict[str, str], notice: bool = False) -> bool:
+    """Whether an ErrorResponse or NoticeResponse (`notice`) may carry values the statement
+    read. Yes when it has a DETAIL (a key, a failing row), a CONTEXT or an internal query
+    (raised inside server-side code, which may compose its text of anything); no when it
+    has a position in the statement (raised while the server parsed the statement's own
+    text, before it read anything) or a fixed text; yes otherwise: a value turns up in
+    errors of most classes (`invalid input syntax ...: "<value>"`, `relation "<value>"
+    does not exist`, `unrecognized configuration parameter "<value>"`). A notice of
+    successful completion without those fields is a utility command's (`... does not
+    exist, skipping`). The fields are looked at here only; nothing of them is kept."""
     if "D" in fields or "W" in fields or "q" in fields:
         return True
+    if "P" in fields:
+        return False
     code = fields.get("C", "")
-    return code[:2] in _VALUE_CLASSES and code not in _NO_VALUES
+    return code not in _FIXED_TEXT and not (notice and code == "00000")
 
 
 def _may_write(event: dict[str, object]) -> bool:

@@ -61,7 +61,7 @@ from tests.integration.audit_wire import (
     start_audited,
     wait_for,
 )
-from tests.integration.masking_fixture import EMAIL
+from tests.integration.masking_fixture import EMAIL, LOGIN
 from tests.support import ProxyProcess, RawClient
 
 MASKED_USER = "masked_trust"  # masked (member of cc_staff), trust authentication
@@ -320,6 +320,37 @@ def test_a_cast_error_echoing_a_value_is_an_access(
     (event,) = wait_done(path, app)
     assert event["outcome"] == "22P02" and event["values_in_messages"] is True, event
     assert event["subjects_complete"] is False, event
+    assert [r["touched"] for r in who_for(path, app, "1")] == ["possibly"]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # 0A000: `cross-database references are not implemented: "<e-mail>"`
+        "SELECT email::regclass FROM billing.customers WHERE i_customer = 1",
+        # 42P01: `relation "<login>" does not exist`
+        "SELECT nextval(login) FROM billing.customers WHERE i_customer = 1",
+        # 42704: `unrecognized configuration parameter "<e-mail>"`
+        "SELECT current_setting(email) FROM billing.customers WHERE i_customer = 1",
+        # 42704: `role "<login>" does not exist`
+        "SELECT login::regrole FROM billing.customers WHERE i_customer = 1",
+        # 3F000: `schema "<login>" does not exist`
+        "SELECT login::regnamespace FROM billing.customers WHERE i_customer = 1",
+    ],
+)
+def test_a_name_lookup_error_echoing_a_value_is_an_access(
+    pg: EmbeddedPostgres, shared: tuple[ProxyProcess, Path], sql: str
+) -> None:
+    """Errors outside the classes of data exceptions quote a value too when the value is
+    looked up as a name (a relation, a setting, a role, a schema): customer 1's e-mail or
+    login reaches the unmasked role in an error of class 0A, 42 or 3F. The event counts as
+    an access."""
+    p, path = shared
+    app = app_name("name-lookup", sql.split()[1])
+    out = run_psycopg(p.port, TRUST_USER, app, sql)
+    assert EMAIL in out or LOGIN in out, out
+    (event,) = wait_done(path, app)
+    assert event["outcome"] != "ok" and event["values_in_messages"] is True, event
     assert [r["touched"] for r in who_for(path, app, "1")] == ["possibly"]
 
 

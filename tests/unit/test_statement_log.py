@@ -690,30 +690,45 @@ def test_copy_data_before_an_error_and_a_portal_suspended_are_counted() -> None:
     assert (second["outcome"], second["rows"]) == ("ok", 2), second
 
 
+def response(typ: int, **fields: str) -> bytes:
+    """An ErrorResponse or NoticeResponse with these fields (one-letter codes)."""
+    body = b"".join(k.encode() + v.encode() + b"\0" for k, v in fields.items())
+    return m.message(typ, body + b"\0")
+
+
 def test_errors_and_notices_that_may_carry_values() -> None:
     s = Counted()
+    e, n = m.ERROR_RESPONSE, m.NOTICE_RESPONSE
     cases = [
-        (m.error_response("22P02", 'invalid input syntax for type integer: "v"'), True),
-        (m.error_response("23505", "duplicate key", detail="Key (email)=(v) exists"), True),
-        (m.error_response("P0001", "v"), True),
-        (m.error_response("22012", "division by zero"), False),
-        (m.error_response("42703", 'column "nosuch" does not exist'), False),
-        (m.notice_response("00000", "v") + m.error_response("22012", "division by zero"), False),
+        (response(e, S="ERROR", C="22P02", M='invalid input syntax for type integer: "v"'), True),
+        (response(e, S="ERROR", C="23505", M="duplicate key", D="Key (email)=(v) exists"), True),
+        (response(e, S="ERROR", C="P0001", M="v", W="PL/pgSQL function f() line 1 at RAISE"), True),
+        # a value looked up as a name: no data exception, a value all the same
+        (response(e, S="ERROR", C="42704", M='unrecognized configuration parameter "v"'), True),
+        (response(e, S="ERROR", C="0A000", M='cross-database references ...: "v"'), True),
+        # fixed texts
+        (response(e, S="ERROR", C="22012", M="division by zero"), False),
+        (response(e, S="ERROR", C="57014", M="canceling statement due to user request"), False),
+        # raised while the statement's own text was parsed (it has a position in it)
+        (response(e, S="ERROR", C="42703", M='column "nosuch" does not exist', P="8"), False),
+        (response(e, S="ERROR", C="22P02", M='invalid input syntax ...: "lit"', P="8"), False),
+        # notices: a utility command's, a warning with a value, one raised by code
+        (response(n, S="NOTICE", C="00000", M='table "t" does not exist, skipping'), False),
+        (response(n, S="WARNING", C="01000", M="PID 7 is not a PostgreSQL backend"), True),
+        (response(n, S="NOTICE", C="00000", M="v", W="PL/pgSQL function inline_code_block"), True),
     ]
-    for answer, values in cases:
+    for message, values in cases:
         s.send(m.message(m.QUERY, b"SELECT name FROM billing.customers\0"))
+        if message[0] == n:
+            answer = (
+                message + row_description(("name", CUSTOMERS, 2, TEXT, 0)) + complete(b"SELECT 0")
+            )
+        else:
+            answer = message
         (event,) = s.answer(answer + IDLE)
-        assert event.get("values_in_messages", False) is values, (answer, event)
-    # a notice raised by server-side code (it has a CONTEXT) may carry anything
-    notice = m.message(
-        m.NOTICE_RESPONSE,
-        b"SNOTICE\0VNOTICE\0C00000\0Mv\0WPL/pgSQL function inline_code_block line 1 at RAISE\0\0",
-    )
-    s.send(m.message(m.QUERY, b"SELECT name FROM billing.customers\0"))
-    (event,) = s.answer(notice + row_description(("name", CUSTOMERS, 2, TEXT, 0))
-                        + complete(b"SELECT 0") + IDLE)  # fmt: skip
-    assert event["outcome"] == "ok" and event["values_in_messages"] is True, event
-    assert event["subjects_complete"] is False
+        assert event.get("values_in_messages", False) is values, (message, event)
+        if values:
+            assert event["subjects_complete"] is False
 
 
 def test_a_commit_inside_a_query_records_the_part_before_it() -> None:
