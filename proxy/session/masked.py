@@ -95,8 +95,8 @@ class AuditHook(Protocol):
         ...
 
     def ready(self) -> bool:
-        """False while the audit stream cannot take events (statements on personal data
-        are then refused, under `on_failure: block`)."""
+        """False while statements on personal data must be refused: under `on_failure:
+        block`, while the audit stream cannot take events."""
         ...
 
     def record(self, event_type: str, fields: dict[str, object]) -> bool:

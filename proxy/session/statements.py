@@ -5,10 +5,14 @@ Execute, Close, Sync, FunctionCall), the client's CopyDone and CopyFail, and the
 messages that answer them, in stream order, it keeps a FIFO of what is in flight, like the
 server's own queue. When a statement that touched protected tables completes, it calls `emit`
 once with what the audit event says of it: its fields from the analysis, the rows returned
-or affected (from CommandComplete), the outcome (`ok` or the SQLSTATE), the duration, and the
-data subjects: the values of each protected table's `subject` column in the rows returned,
+or affected (from CommandComplete; a statement that fails, the DataRows and CopyData it sent
+before the error, counted through the scanner's marks: `rows_to`), the outcome (`ok` or the
+SQLSTATE), whether an error or notice of it may carry values, the duration, and the data
+subjects: the values of each protected table's `subject` column in the rows returned,
 decoded from that column alone. Subject keys are identifiers; no other value of a row is ever
-decoded here.
+decoded here. A Query whose COMMIT is followed by more statements is recorded in two parts
+(`_split`); a statement still in flight when the session ends is recorded with outcome
+`unknown` (`abandon`): every statement that touched a protected table ends in an event.
 
 The same pairing tells the masked filter which statement caused each ErrorResponse and
 NoticeResponse (`cause`): the statement of a Query the server is at (counted by its
