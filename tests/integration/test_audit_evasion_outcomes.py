@@ -32,6 +32,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -600,7 +601,7 @@ def assert_unknown(path: Path, app: str, reason: str) -> None:
     assert touched in ([("yes", "unknown")], [("possibly", "unknown")]), touched
 
 
-@pytest.mark.parametrize("client", ["raw", "psql", "asyncpg"])
+@pytest.mark.parametrize("client", ["raw", "psql", "psycopg", "asyncpg"])
 @pytest.mark.parametrize("user", USERS)
 def test_a_client_that_goes_away_during_its_update(
     pg: EmbeddedPostgres, shared: tuple[ProxyProcess, Path], user: str, client: str
@@ -625,6 +626,20 @@ def test_a_client_that_goes_away_during_its_update(
                 [psql, "-X", "-h", "127.0.0.1", "-p", str(p.port), "-U", user, "-d", "postgres",
                  "-c", sql],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
+            proc.kill()
+            proc.wait()
+        elif client == "psycopg":
+            # a process of its own, killed while psycopg waits for the answer
+            script = (
+                "import psycopg, sys\n"
+                "with psycopg.connect(sys.argv[1], autocommit=True) as c:\n"
+                "    c.execute(sys.argv[2])\n"
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-c", script, conninfo(p.port, user, app), sql],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
             proc.kill()
