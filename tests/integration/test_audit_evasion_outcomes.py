@@ -14,10 +14,12 @@ driver sends), and the event or `pgveil audit who` line that must result:
   its own, outcome `ok` (`statements: [first, last]`);
 * a statement in flight when the client, the server or pgveil goes away is recorded with
   outcome `unknown` (a write: `may_have_committed: true`), and `who` lists it;
-* while the audit sink fails with its queue full, under `on_failure: block` a result whose
-  event the writer did not take never reaches the client (it waits for the sink, or its
-  connection is closed), events no result waits for are dropped and counted; under `drop`
-  statements run and the events that cannot be queued are dropped and counted.
+* while the audit sink fails with its queue full, under `on_failure: block` the writer
+  still takes the event of a statement in flight (a Query, an Execute, a COPY, a FETCH, a
+  streamed result's `running` event) and its result waits until the event is written;
+  new statements on personal data (any path) are refused with 42501; events no result
+  waits for (session start and end) are dropped and counted; under `drop` statements run
+  and the events that cannot be queued are dropped and counted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -794,8 +797,6 @@ def test_a_read_in_flight_when_the_client_goes_away_is_unknown_not_a_write(
 
 def limit_file(p: ProxyProcess, size: int | None) -> None:
     """RLIMIT_FSIZE of the proxy: writes past `size` fail with EFBIG (a full disk)."""
-    import resource
-
     soft = resource.RLIM_INFINITY if size is None else size
     resource.prlimit(p.proc.pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
 
