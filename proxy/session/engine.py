@@ -709,12 +709,12 @@ class Session:
     def _released_rows(self, log: StatementLog | None, before: int) -> None:
         """After a server chunk: if it carried rows and a statement is still running, its
         rows go out before it completes (see StatementLog.rows_released)."""
-        if log is not None:
+        if log is not None and log.in_flight:
+            # (with nothing in flight the chunk ended with the answers: no row after them)
             seen = self._rows_seen()
             if seen != before:
                 log.rows_to(seen)  # (those after the chunk's last captured message)
-                if log.in_flight:
-                    log.rows_released()
+                log.rows_released()
 
     def _recorded_server_data(self, data: bytes) -> Sequence[Action]:
         recorder = self.recorder
@@ -743,6 +743,7 @@ class Session:
             rows: list[bytes] = []
             marks = self._server.marks
             mark = 0
+            told = log.rows_total if log is not None else 0
             for typ, body in captured:
                 if typ == _D and log is not None:
                     rows.append(body)  # the bulk of a result: to its statement in one go
@@ -751,8 +752,11 @@ class Session:
                     log.data_rows(rows)  # type: ignore[union-attr]
                     rows = []
                 if marks is not None and log is not None and typ != _COPY_DATA:
-                    log.rows_to(marks[mark])  # the rows sent before this message
+                    total = marks[mark]
                     mark += 1
+                    if total != told:
+                        log.rows_to(total)  # the rows sent before this message
+                        told = total
                 observe(typ, body)
             if rows:
                 log.data_rows(rows)  # type: ignore[union-attr]

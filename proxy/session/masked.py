@@ -404,8 +404,9 @@ class StatementFilter:
         if log is None:
             return self._server.splice(scanner, chunk, self._server_message, "from server")
         return self._server.splice(
-            scanner, chunk, self._server_message, "from server", log.data_rows, log.rows_to
-        )
+            scanner, chunk, self._server_message, "from server", log.data_rows, log.rows_to,
+            log.rows_total,
+        )  # fmt: skip
 
     def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if self.statements is not None:
@@ -1013,11 +1014,13 @@ class _Splicer:
         side: str,
         rows: Callable[[list[bytes]], None] | None = None,
         seen: Callable[[int], None] | None = None,
+        told: int = 0,
     ) -> bytes:
         """`rows`, when given, takes the DataRows (in order, in batches, before the message
         that follows them is handled); they always go on unchanged. `seen`, when given
         (with the scanner's `marks` on), is told before each other message how many
-        DataRows and CopyData came before it, captured or not."""
+        DataRows and CopyData came before it, captured or not, when that is not `told`
+        (what it was last told)."""
         data = self.held + chunk if self.held else chunk
         try:
             located, hold = scanner.feed_located(data)
@@ -1034,8 +1037,11 @@ class _Splicer:
                     rows(batch)
                     batch = []
                 if marks is not None and seen is not None and typ != _DATA_ROW and typ != _COPY:
-                    seen(marks[mark])
+                    total = marks[mark]
                     mark += 1
+                    if total != told:
+                        seen(total)
+                        told = total
                 raw = data[start:end]
                 replaced = handle(typ, body, raw)
                 if replaced is raw:

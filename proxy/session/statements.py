@@ -530,7 +530,7 @@ class StatementLog:
         self._layouts: dict[object, Layout] = {}
         self._layouts_of: object = None
         self._running = 0  # `running` events recorded in this session
-        self._rows_total = 0  # DataRows and CopyData the server sent so far (see rows_to)
+        self.rows_total = 0  # DataRows and CopyData the server sent so far (see rows_to)
         self._with_subject: frozenset[str] = frozenset()
         self._copy_ends = 0  # CopyDone and CopyFail messages the client sent
         self._copy_head: _InFlight | None = None  # whose copy data the server reads now
@@ -1584,9 +1584,9 @@ class StatementLog:
         engine tells before each captured message, and at the end of each read): those
         since the last call are the statement's at the head, where they counted before
         the answers moved on (only the statement at the head sends rows)."""
-        sent = total - self._rows_total
+        sent = total - self.rows_total
         if sent:
-            self._rows_total = total
+            self.rows_total = total
             for entry in self._fifo:
                 if entry.kind != "sync":  # (Syncs a COPY swallowed send nothing)
                     entry.sent += sent
