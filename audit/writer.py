@@ -6,9 +6,13 @@ operating system, microseconds; durable against a crash of pgveil). The table si
 events in batches from a background task. A sink that fails keeps its events queued and
 is retried every second; while any sink fails or a queue is full, `accepting()` is False,
 and with `on_failure: block` statements that touch personal data are refused rather than
-run unrecorded. With `on_failure: drop` events that cannot be queued are dropped and
-counted. Nothing here sees statement literals or row values: callers pass only what audit
-events may hold.
+run unrecorded (`blocks()`). An event that a result waits for (it has an `owner`) is never
+dropped under `block`: the queue takes it beyond its bound (the statements in flight when
+it filled are few: new ones are refused), and the result is withheld until the event is
+written. Other events (session start and end, refusals) that find the queue full are
+dropped and counted. With `on_failure: drop` statements run and every event that cannot
+be queued is dropped and counted; results are not withheld. Nothing here sees statement
+literals or row values: callers pass only what audit events may hold.
 
 The writer also keeps the chain provable (audit/anchors.py): it seals a checkpoint every
 `checkpoint_every` events, every `checkpoint_interval` seconds while events come, as the
@@ -142,9 +146,10 @@ class AuditWriter:
             lines, self._unwritten = self._unwritten, []
             written = self._write_linked(lines)
         stranded = self._stranded
+        block = self.on_failure == "block"  # (with drop, results go out regardless)
         for transport, data, upstream in held:
             withheld = stranded.get(transport)
-            if withheld is None and not written and transport in owners:
+            if withheld is None and not written and block and transport in owners:
                 withheld = stranded[transport] = _Withheld(upstream)
             if withheld is not None:
                 withheld.add(data)  # behind what is withheld already
@@ -257,6 +262,11 @@ class AuditWriter:
         # only the table sink's can be long
         return not self._failing and len(self._table_queue) < self.queue_size
 
+    def blocks(self) -> bool:
+        """Whether statements on personal data must wait for the audit stream now, and be
+        refused if it is not back in time: `on_failure: block` while it takes no events."""
+        return self.on_failure == "block" and not self.accepting()
+
     def submit(
         self,
         event_type: str,
@@ -264,12 +274,17 @@ class AuditWriter:
         who: Mapping[str, Any] | None = None,
         owner: asyncio.Transport | None = None,
     ) -> bool:
-        """Record one event. False when it was not queued (the caller refuses, under block).
-        `owner`: the client whose results wait for this event (see `batch_writes`)."""
+        """Record one event. False when it was dropped (counted): the queue is full and
+        no result waits for it, or `on_failure` is drop. `owner`: the client whose results
+        wait for this event (see `batch_writes`); under block such an event is always
+        taken, so that no result goes out without its event."""
         # while no sink fails the file and stdout queues are empty: only the table's counts
-        if (self._failing or self._table_queue) and self.depth >= self.queue_size:
-            if self.on_failure == "drop":
-                self.dropped += 1
+        if (
+            (self._failing or self._table_queue)
+            and self.depth >= self.queue_size
+            and (owner is None or self.on_failure == "drop")
+        ):
+            self.dropped += 1
             return False
         event, line = self.chain.link_line(event_type, fields, who=who)
         self.written += 1

@@ -235,12 +235,7 @@ def who(
         subjects = e.get("subjects") or {}
         if any(not forms.isdisjoint(subjects.get(t) or ()) for t in behind):
             rows.append(_who_row(e, "yes"))
-        elif (
-            # rows reached the client: an ok statement, one whose rows went out before it
-            # failed (it has a `running` number), or one whose end pgveil did not see
-            (e.get("outcome", "ok") in ("ok", "unknown") or "running" in e)
-            and not all(_excludes(e, t, subjects.get(t)) for t in behind)
-        ):
+        elif _delivered(e) and not all(_excludes(e, t, subjects.get(t)) for t in behind):
             rows.append(_who_row(e, "possibly"))
     return rows
 
@@ -281,6 +276,20 @@ def _anywhere(e: Mapping[str, Any]) -> bool:
     if e.get("analysis_complete") is False:
         return True
     return "notification" in (e.get("kinds") or ()) and e.get("decision") != "withheld"
+
+
+def _delivered(e: Mapping[str, Any]) -> bool:
+    """Whether the statement may have reached data: it completed, or its rows went out
+    before it failed (a `running` number, rows counted), or its error or notices may carry
+    values, or it was in flight when its session ended (outcome unknown)."""
+    outcome = e.get("outcome", "ok")
+    return (
+        outcome == "ok"
+        or outcome == "unknown"
+        or "running" in e
+        or bool(e.get("rows"))
+        or e.get("values_in_messages") is True
+    )
 
 
 def _excludes(e: Mapping[str, Any], table: str, listed: list[str] | None) -> bool:

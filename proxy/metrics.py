@@ -244,7 +244,8 @@ class AuditCollector(Collector):
         )
         yield CounterMetricFamily(
             "pgveil_audit_events_dropped",
-            "Audit events dropped (only with audit_on_failure: drop)",
+            "Audit events dropped: they found the queue full (with audit_on_failure block, "
+            "only events no result waits for: session start and end, refusals)",
             value=w.dropped if w else 0,
         )
         yield CounterMetricFamily(

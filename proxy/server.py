@@ -257,7 +257,7 @@ class ClientConnection(_Pipe, LiveSession):
             self._audit_wait += data
             return
         writer = self.server.audit
-        if writer is not None and self.audited and not writer.accepting():
+        if writer is not None and self.audited and writer.blocks():
             # the audit stream is down: statements wait for it (reading paused), and
             # those on personal data are refused if it is not back in time
             self._audit_wait = bytearray(data)
@@ -294,7 +294,7 @@ class ClientConnection(_Pipe, LiveSession):
 
     def ready(self) -> bool:
         writer = self.server.audit
-        return writer is None or writer.accepting()
+        return writer is None or not writer.blocks()
 
     def record(self, event_type: str, fields: dict[str, object]) -> bool:
         # a refusal's answer is an error that carries no data: it need not wait for its
@@ -548,6 +548,8 @@ class ClientConnection(_Pipe, LiveSession):
             duration = time.monotonic() - self.started
             self.server.metrics.session_duration.observe(duration)
             self.server.stats.absorb(self.session, self.client_bytes, self.server_bytes)
+            # statements in flight are recorded before the session's end: outcome unknown
+            self.session.ended(reason or self.session.close_reason or "closed")
             if self._session_started:
                 self.audit_event(
                     "session.end",
@@ -557,6 +559,7 @@ class ClientConnection(_Pipe, LiveSession):
                         "bytes_from_server": self.server_bytes,
                         "outcome": reason or self.session.close_reason or "closed",
                     },
+                    owned=False,  # no result waits for it: dropped (counted) if the queue is full
                 )
             if info.user:
                 log.info(

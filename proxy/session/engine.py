@@ -157,11 +157,12 @@ _CLIENT_CAPTURE_MASKED: Final = capture_mask(bytes(t for t in m.FRONTEND_NAMES i
 # ParameterDescription ('t'): the parameter types that tell how binary parameters read as text
 # (an error may echo the client's own parameter: proxy/session/masked.py)
 _SERVER_CAPTURE_MASKED: Final = capture_mask(b"ENATSZCIsn123Gt")
-# NotificationResponse ('A'): its delivery on a channel with rules is an access
-_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn123GA")
+# NotificationResponse ('A'): its delivery on a channel with rules is an access;
+# NoticeResponse ('N'): a notice may carry values (a RAISE NOTICE in a DO block, say)
+_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn123GAN")
 # while a statement on personal data is in flight, DataRows too: their subject column
 _SERVER_CAPTURE_MASKED_ROWS: Final = capture_mask(b"ENATSZCIsn123GtD")
-_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GAD")
+_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GAND")
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
 _HEADER: Final = struct.Struct("!BI")
@@ -527,6 +528,7 @@ class Session:
                 return [*actions, *self._end_masked(str(exc))]
             self._server.capture = _SERVER_CAPTURE_MASKED
             self._client.capture = _CLIENT_CAPTURE_MASKED
+            self._count_rows(self.masked.statements)
         elif recorded is not None:
             assert audit is not None
             self.recorder = RecordingFilter(recorded, audit)
@@ -536,6 +538,7 @@ class Session:
             self.recorder.login_parameters(dict(self.info.parameters))
             self._server.capture = _SERVER_CAPTURE_RECORDED
             self._client.capture = _CLIENT_CAPTURE_RECORDED
+            self._count_rows(self.recorder.statements)
         else:
             self._server.capture = _SERVER_CAPTURE_READY
             self._client.capture = _CLIENT_CAPTURE
@@ -692,6 +695,14 @@ class Session:
             actions += self._terminate_for_shutdown()
         return actions
 
+    def _count_rows(self, log: StatementLog | None) -> None:
+        """The statement log counts every DataRow and CopyData the server sends, captured
+        or not: the scanner marks how many came before each message it captures (see
+        MessageScanner.marks), and the log gives them to the statement at the head."""
+        if log is not None:
+            self._server.marks = []
+            log.rows_to(self._rows_seen())
+
     def _rows_seen(self) -> int:
         counts = self.server_counts
         return counts[_D] + counts[_COPY_DATA]
@@ -699,8 +710,12 @@ class Session:
     def _released_rows(self, log: StatementLog | None, before: int) -> None:
         """After a server chunk: if it carried rows and a statement is still running, its
         rows go out before it completes (see StatementLog.rows_released)."""
-        if log is not None and log.in_flight and self._rows_seen() != before:
-            log.rows_released()
+        if log is not None and log.in_flight:
+            # (with nothing in flight the chunk ended with the answers: no row after them)
+            seen = self._rows_seen()
+            if seen != before:
+                log.rows_to(seen)  # (those after the chunk's last captured message)
+                log.rows_released()
 
     def _recorded_server_data(self, data: bytes) -> Sequence[Action]:
         recorder = self.recorder
@@ -727,6 +742,9 @@ class Session:
             log = recorder.statements
             observe = recorder.observe_server
             rows: list[bytes] = []
+            marks = self._server.marks
+            mark = 0
+            told = log.rows_total if log is not None else 0
             for typ, body in captured:
                 if typ == _D and log is not None:
                     rows.append(body)  # the bulk of a result: to its statement in one go
@@ -734,6 +752,12 @@ class Session:
                 if rows:
                     log.data_rows(rows)  # type: ignore[union-attr]
                     rows = []
+                if marks is not None and log is not None and typ != _COPY_DATA:
+                    total = marks[mark]
+                    mark += 1
+                    if total != told:
+                        log.rows_to(total)  # the rows sent before this message
+                        told = total
                 observe(typ, body)
             if rows:
                 log.data_rows(rows)  # type: ignore[union-attr]
@@ -918,6 +942,13 @@ class Session:
             )
             return (SendToClient(err), CloseSession("server closed"))
         return (CloseSession("server closed"),)
+
+    def ended(self, reason: str) -> None:
+        """The connection is gone (`reason`): the statements still in flight are recorded,
+        outcome unknown (see StatementLog.abandon)."""
+        for f in (self.masked, self.recorder):
+            if f is not None and f.statements is not None:
+                f.statements.abandon(reason)
 
     # ---- shutdown ----------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ _PARTIAL = MaskSpec("partial")
 _KEEP_FIELDS = frozenset("SVCMHPsctdnFLR")
 _SERVER_LOG = frozenset(("DEBUG", "DEBUG1", "DEBUG2", "DEBUG3", "DEBUG4", "DEBUG5", "LOG"))
 _DATA_ROW = m.DATA_ROW
+_COPY = m.COPY_DATA
 _READY_FOR_QUERY = m.READY_FOR_QUERY
 _ERROR_RESPONSE = m.ERROR_RESPONSE
 _PARAMETER_STATUS = m.PARAMETER_STATUS
@@ -99,8 +100,8 @@ class AuditHook(Protocol):
         ...
 
     def ready(self) -> bool:
-        """False while the audit stream cannot take events (statements on personal data
-        are then refused, under `on_failure: block`)."""
+        """False while statements on personal data must be refused: under `on_failure:
+        block`, while the audit stream cannot take events."""
         ...
 
     def record(self, event_type: str, fields: dict[str, object]) -> bool:
@@ -512,8 +513,12 @@ class StatementFilter:
 
     def server(self, scanner: MessageScanner, chunk: bytes) -> bytes:
         log = self.statements
-        rows = log.data_rows if log is not None else None
-        return self._server.splice(scanner, chunk, self._server_message, "from server", rows)
+        if log is None:
+            return self._server.splice(scanner, chunk, self._server_message, "from server")
+        return self._server.splice(
+            scanner, chunk, self._server_message, "from server", log.data_rows, log.rows_to,
+            log.rows_total,
+        )  # fmt: skip
 
     def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if self.statements is not None:
@@ -1120,16 +1125,31 @@ class RecordingFilter(StatementFilter):
 
     def _function_call(self, raw: bytes) -> bytes:
         # the function and its arguments are not analysed: recorded as an access that
-        # may have read anything
+        # may have read anything, and refused while the audit stream is down
+        fields = _unanalysed("function_call", "FunctionCall")
+        if self._audit_down():
+            if self.statements is not None:
+                self.statements.function_call()  # (answered by the refusal's error)
+            return m.message(m.QUERY, self._refuse_unrecorded(fields))
         if self.statements is not None:
-            self.statements.function_call(_unanalysed("function_call", "FunctionCall"))
+            self.statements.function_call(fields)
         return raw
 
     def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
         """Not text in the session's encoding: recorded as an access that may have read
-        anything."""
+        anything, and refused while the audit stream is down."""
+        fields = _unanalysed("unknown", "(not readable in the client encoding)")
+        if self._audit_down():
+            refusal = self._refuse_unrecorded(fields)
+            if self.statements is not None:
+                if typ == m.QUERY:
+                    self.statements.query(None)
+                else:
+                    self.statements.parse(name[:-1], None, None, ())
+            if typ == m.QUERY:
+                return m.message(m.QUERY, refusal)
+            return m.message(m.PARSE, name + refusal + b"\0\0")
         if self.statements is not None:
-            fields = _unanalysed("unknown", "(not readable in the client encoding)")
             # what it does to names cannot be known either
             if typ == m.QUERY:
                 self.statements.query(fields, None, None, sensitive=self._sensitive)
@@ -1211,12 +1231,19 @@ class _Splicer:
         handle: Callable[[int, bytes, bytes], bytes],
         side: str,
         rows: Callable[[list[bytes]], None] | None = None,
+        seen: Callable[[int], None] | None = None,
+        told: int = 0,
     ) -> bytes:
         """`rows`, when given, takes the DataRows (in order, in batches, before the message
-        that follows them is handled); they always go on unchanged."""
+        that follows them is handled); they always go on unchanged. `seen`, when given
+        (with the scanner's `marks` on), is told before each other message how many
+        DataRows and CopyData came before it, captured or not, when that is not `told`
+        (what it was last told)."""
         data = self.held + chunk if self.held else chunk
         try:
             located, hold = scanner.feed_located(data)
+            marks = scanner.marks if seen is not None else None
+            mark = 0
             out = bytearray()
             pos = 0
             batch: list[bytes] = []
@@ -1227,6 +1254,12 @@ class _Splicer:
                 if batch and rows is not None:
                     rows(batch)
                     batch = []
+                if marks is not None and seen is not None and typ != _DATA_ROW and typ != _COPY:
+                    total = marks[mark]
+                    mark += 1
+                    if total != told:
+                        seen(total)
+                        told = total
                 raw = data[start:end]
                 replaced = handle(typ, body, raw)
                 if replaced is raw:

@@ -5,13 +5,18 @@ Execute, Close, Sync, FunctionCall), the client's CopyDone and CopyFail, and the
 messages that answer them, in stream order, it keeps a FIFO of what is in flight, like the
 server's own queue. When a statement that touched protected tables completes, it calls `emit`
 once with what the audit event says of it: its fields from the analysis, the rows returned
-or affected (from CommandComplete), the outcome (`ok` or the SQLSTATE), the duration, and the
-data subjects: the values of each protected table's `subject` column in the rows returned
-(or of a view's column that shows it: rules.views), decoded from that column alone
+or affected (from CommandComplete; a statement that fails, the DataRows and CopyData it sent
+before the error, counted through the scanner's marks: `rows_to`), the outcome (`ok` or the
+SQLSTATE), whether an error or notice of it may carry values, the duration, and the data
+subjects: the values of each protected table's `subject` column in the rows returned (or of
+a view's column that shows it: rules.views), decoded from that column alone
 (rules/keys.py), and the keys the statement names with its parameters as bound. They are
 complete only where the statement's shape proves it (rules/subjects.py: `_row_subjects`,
 `_subject_keys` in its fields). Subject keys are identifiers; no other value of a row is
-ever decoded here.
+ever decoded here. A Query whose COMMIT is followed by more statements is recorded in two
+parts (`_split`); a statement still in flight when the session ends is recorded with
+outcome `unknown` (`abandon`): every statement that touched a protected table ends in an
+event.
 
 The same pairing tells the masked filter which statement caused each ErrorResponse and
 NoticeResponse (`cause`): the statement of a Query the server is at (counted by its
@@ -61,7 +66,9 @@ No I/O; nothing from a row but subject keys leaves this module.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import re
 import struct
 import time
 import uuid
@@ -108,6 +115,22 @@ _UNKNOWN_TEXT = "(a statement pgveil cannot pair with its name)"
 # portals have keys of NAMEDATALEN bytes): two longer names that share those bytes are one
 # name to it. SQL names are truncated by the scanner already (pglast does the same).
 _NAME_BYTES = 63
+# Errors and notices known to carry nothing read from a table: fixed texts. Any other may
+# (see _carries_values): a value is quoted wherever the server converts or looks it up (a
+# cast, `::regclass`, current_setting(), a tsquery, ...), in nearly every class
+_FIXED_TEXT = frozenset((
+    "22012", "57014", "25P02", "25P01", "25001", "25006", "40001", "57P01", "57P02", "57P03",
+    "53100", "53200", "53300", "55P03",
+))  # fmt: skip
+_COMMITS = frozenset(("commit", "commit_chain", "prepare_transaction"))
+# statement kinds that change nothing of the database by themselves (a data-modifying WITH
+# or EXPLAIN ANALYZE of a write shows its words: see _may_write)
+_READS = frozenset(("select", "explain", "show", "fetch", "declare", "transaction", "set"))
+# code that may commit the transaction it runs in and go on (CALL, DO outside a block): one
+# that fails may have committed part of its work
+_CODE = frozenset(("call", "DoStmt"))
+_WRITE_WORD = re.compile(r"\b(?:insert|update|delete|merge)\b", re.IGNORECASE)
+_COPY_OUT = re.compile(r"\bto\s+stdout\b", re.IGNORECASE)
 
 # a result column that carries a subject key: (field index, table, type name, format)
 SubjectColumn = tuple[int, str, str, int]
@@ -444,7 +467,16 @@ class _InFlight:
     # tables whose subject column was in every result set so far (None: none seen)
     keyed: set[str] | None = None
     data_rows: int = 0  # DataRows seen (counted only while they are captured)
+    # DataRows and CopyData the server sent for it since its last CommandComplete, captured
+    # or not (see StatementLog.rows_to): the rows of a statement that fails before its count
+    sent: int = 0
     running: int = 0  # the number of its `running` event, once its rows began to go out
+    values: bool = False  # an error or notice of it may carry values (see _carries_values)
+    ended: str = ""  # why the session ended while it was in flight (outcome unknown)
+    # a Query whose statements up to a COMMIT were recorded on their own (see _split): the
+    # first statement this entry still records, and (a recorded part) the last one
+    first: int = 0
+    last: int = -1
     source: Source | None = None  # what it runs, for `cause`
     bind: bytes | None = None  # the Bind of the portal it runs (a Bind's own body)
     done: int = 0  # a Query's statements completed so far
@@ -528,6 +560,7 @@ class StatementLog:
         self._layouts: dict[object, Layout] = {}
         self._layouts_of: object = None
         self._running = 0  # `running` events recorded in this session
+        self.rows_total = 0  # DataRows and CopyData the server sent so far (see rows_to)
         self._with_subject: frozenset[str] = frozenset()
         self._copy_ends = 0  # CopyDone and CopyFail messages the client sent
         self._copy_head: _InFlight | None = None  # whose copy data the server reads now
@@ -1474,6 +1507,7 @@ class StatementLog:
             # one per statement of a Query (the server's EndCommand for each raw statement)
             index = head.done
             head.done += 1
+            head.sent = 0  # (counted by the tag)
             if head.fields is not None:  # counted and read for its event only
                 head.rows += _row_count(body) if typ == _COMMAND_COMPLETE else 0
                 if head.raw:
@@ -1496,8 +1530,8 @@ class StatementLog:
                 self._rebuild()
         elif typ == m.PORTAL_SUSPENDED:
             if head.kind == "execute":
-                # no count in the message: the DataRows seen, when they were all looked at
-                head.rows = head.data_rows if head.wants_rows else -1
+                # no count in the message: the DataRows it sent
+                head.rows, head.sent = head.sent, 0
                 if head.skipped or head.fail_at == 0:
                     head.uncertain = True  # a portal pgveil did not know ran
                     self._rebuild()
@@ -1526,6 +1560,13 @@ class StatementLog:
                     target.source.types = target.param_types
         elif typ == _ERROR_RESPONSE:
             self._error(head, body)
+        elif (
+            typ == m.NOTICE_RESPONSE
+            and head.kind in ("query", "execute", "call")
+            and not head.values
+        ):
+            # a notice or warning of the statement running (a RAISE NOTICE, say)
+            head.values = _carries_values(m.decode_fields(body), notice=True)
 
     @staticmethod
     def _ran(head: _InFlight) -> None:
@@ -1553,6 +1594,7 @@ class StatementLog:
         if head.unknown:
             self._confirmed.all_unknown()
         ops = head.ops
+        committed = False
         if ops:
             names = self._confirmed
             for position in range(len(ops)):
@@ -1562,8 +1604,12 @@ class StatementLog:
                 self._apply(names, head, position, tag, False)
                 if tag == b"ROLLBACK" and op[1] in _EXITS:
                     rebuild = True  # a COMMIT that rolled back: predicted as one may not be
+                elif op[1] in _COMMITS:
+                    committed = True
         if uncertain:
             head.uncertain = True
+        if committed and head.kind == "query":
+            self._split(head, index)
         if rebuild:
             self._rebuild()
         if head is self._copy_head:
@@ -1571,6 +1617,42 @@ class StatementLog:
             head.copies += 1
             if head.kind == "query":
                 self._swallowed(head)
+
+    def _split(self, head: _InFlight, last: int) -> None:
+        """Statement `last` of a Query committed (or prepared) its transaction and more
+        statements follow: what the Query did up to it stays done whatever the rest does,
+        so it is recorded now on its own, outcome ok (`statements`: which ones); the
+        Query's event records the rest."""
+        fields = head.fields
+        kinds = fields.get("kinds") if fields is not None else None
+        if not isinstance(kinds, list) or last + 1 >= len(kinds):
+            return  # the last statement: the Query's own event says it
+        part = copy.copy(head)
+        part.outcome = "ok"
+        part.last = last
+        part.wants_rows = False  # (the Query still counts in rows_in_flight)
+        self._finish(part)
+        head.first = last + 1
+        head.rows = head.sent = head.data_rows = 0
+        head.subjects = head.keyed = None
+        head.undecodable = head.values = False
+
+    def abandon(self, reason: str) -> None:
+        """The session ended (`reason`) with statements in flight: pgveil will not see
+        their answers. Each is recorded with outcome `unknown` (it may have run, and a
+        write may have committed: the server finishes a statement it is running, and
+        commits it outside a transaction block), or with the error it got before the end
+        (a FATAL that ended it)."""
+        fifo, self._fifo = self._fifo, deque()
+        for entry in fifo:
+            if entry is _SYNC or entry.kind not in ("query", "execute", "call"):
+                continue
+            if entry.outcome == "ok":
+                entry.outcome = "unknown"
+            entry.ended = reason
+            self._finish(entry)
+        self.rows_in_flight = 0
+        self._copy_head = None
 
     def _ready(self, status: int) -> None:
         """ReadyForQuery: the request it ends (up to its Sync, Query or FunctionCall) is
@@ -1797,6 +1879,19 @@ class StatementLog:
         self._confirmed.all_unknown()
         self._predicted.all_unknown()
 
+    def rows_to(self, total: int) -> None:
+        """The server has sent `total` DataRows and CopyData so far, captured or not (the
+        engine tells before each captured message, and at the end of each read): those
+        since the last call are the statement's at the head, where they counted before
+        the answers moved on (only the statement at the head sends rows)."""
+        sent = total - self.rows_total
+        if sent:
+            self.rows_total = total
+            for entry in self._fifo:
+                if entry.kind != "sync":  # (Syncs a COPY swallowed send nothing)
+                    entry.sent += sent
+                    break
+
     def data_row(self, body: bytes) -> None:
         """One DataRow of the statement at the head: counted, and its subject keys read."""
         self.data_rows((body,))
@@ -1885,9 +1980,11 @@ class StatementLog:
         return uncertain
 
     def _error(self, head: _InFlight, body: bytes) -> None:
-        code = m.sqlstate_of(body) or "XX000"
-        if m.severity_of(body) not in ("ERROR", "FATAL", "PANIC"):
+        fields = m.decode_fields(body)
+        code = fields.get("C") or "XX000"
+        if (fields.get("V") or fields.get("S", "")) not in ("ERROR", "FATAL", "PANIC"):
             return
+        values = _carries_values(fields)
         self._confirmed.fail()
         if code == "42P03" or code == "42P05":
             self._in_use(head, code == "42P03")
@@ -1900,6 +1997,7 @@ class StatementLog:
                 self._skip_ambiguous = True
         if head.kind in ("query", "call"):
             head.outcome = code  # finished at ReadyForQuery
+            head.values = head.values or values
             self._rebuild()
             return
         # extended protocol: the server skips everything up to Sync; the first Execute in
@@ -1915,6 +2013,7 @@ class StatementLog:
             entry = fifo.popleft()
             if entry.kind == "execute" and not failed:
                 entry.outcome = code
+                entry.values = entry.values or values
                 self._finish(entry)
                 failed = True
             else:
@@ -1963,12 +2062,15 @@ class StatementLog:
         assert isinstance(named, tuple)
         row_subjects = event.pop("_row_subjects", ())
         assert isinstance(row_subjects, tuple)
+        # a statement that failed: the rows it sent before the error count too
+        entry.rows += entry.sent
+        entry.sent = 0
         if entry.portal is not None:
             self._resolve(entry)
         # the rows tell a table's subjects exactly when every result set carried its key
         # and the statement's shape proves that the key says whose values a row holds
         covered = set(entry.keyed or ()).intersection(row_subjects)
-        if entry.outcome == "ok" and not uncertain:
+        if (entry.outcome == "ok" or entry.outcome == "unknown") and not uncertain:
             for n in named:
                 assert isinstance(n, NamedKeys)
                 if n.table in covered:
@@ -1979,7 +2081,7 @@ class StatementLog:
                     keys = frozenset(k for k in n.keys if isinstance(k, str))
                 if keys is not None:
                     covered.add(n.table)
-                    if entry.rows:
+                    if entry.rows or entry.outcome == "unknown":
                         if entry.subjects is None:
                             entry.subjects = {}
                         entry.subjects.setdefault(n.table, set()).update(keys)
@@ -2000,6 +2102,18 @@ class StatementLog:
         )
         if entry.running:
             event["running"] = entry.running
+        if entry.values:
+            event["values_in_messages"] = True
+        if entry.outcome == "unknown":
+            event["rows"] = None  # (what it did is not known)
+            event["reason"] = entry.ended
+            if _may_write(event):
+                event["may_have_committed"] = True
+        elif entry.outcome != "ok" and not _CODE.isdisjoint(_names(event.get("kinds"))):
+            event["may_have_committed"] = True
+        if entry.last >= 0 or entry.first:
+            last = entry.last if entry.last >= 0 else len(_names(event.get("kinds"))) - 1
+            event["statements"] = [entry.first + 1, last + 1]
         self._emit(event)
 
     # ---- subject columns ---------------------------------------------------------------
@@ -2135,10 +2249,18 @@ def _proven(fields: dict[str, object]) -> tuple[str, ...]:
 
 def _covers(entry: _InFlight, covered: set[str]) -> bool:
     """Subjects are complete when the rows returned carry every protected table's subject
-    column or the statement names its subjects, or nothing was touched."""
+    column or the statement names its subjects, or nothing was touched. An error or notice
+    that may carry values names no subject: then they are not."""
     assert entry.fields is not None
-    if not entry.running and (entry.outcome != "ok" or (entry.rows == 0 and entry.data_rows == 0)):
-        return True  # nothing reached the client (rows that went out make it `running`)
+    if entry.values:
+        return False
+    if (
+        not entry.running
+        and entry.outcome != "unknown"
+        and entry.rows == 0
+        and entry.data_rows == 0
+    ):
+        return True  # nothing reached the client, nothing was changed
     tables = entry.fields.get("tables", [])
     assert isinstance(tables, list)
     return all(t in covered for t in tables)
@@ -2231,3 +2353,38 @@ def _row_count(body: bytes) -> int:
         return 0
     digits = tag[space + 1 :]
     return int(digits) if digits.isdigit() else 0
+
+
+def _carries_values(fields: dict[str, str], notice: bool = False) -> bool:
+    """Whether an ErrorResponse or NoticeResponse (`notice`) may carry values the statement
+    read. Yes when it has a DETAIL (a key, a failing row), a CONTEXT or an internal query
+    (raised inside server-side code, which may compose its text of anything); no when it
+    has a position in the statement (raised while the server parsed the statement's own
+    text, before it read anything) or a fixed text; yes otherwise: a value turns up in
+    errors of most classes (`invalid input syntax ...: "<value>"`, `relation "<value>"
+    does not exist`, `unrecognized configuration parameter "<value>"`). A notice of
+    successful completion without those fields is a utility command's (`... does not
+    exist, skipping`). The fields are looked at here only; nothing of them is kept."""
+    if "D" in fields or "W" in fields or "q" in fields:
+        return True
+    if "P" in fields:
+        return False
+    code = fields.get("C", "")
+    return code not in _FIXED_TEXT and not (notice and code == "00000")
+
+
+def _may_write(event: dict[str, object]) -> bool:
+    """Whether a statement may have changed the database: not known to be a read only (its
+    kinds, and no INSERT, UPDATE, DELETE or MERGE in its text: a data-modifying WITH, EXPLAIN
+    ANALYZE of a write), or not analysed at all. A read through a function that writes is
+    not told."""
+    if event.get("analysis_complete") is False:
+        return True
+    text = str(event.get("statement", ""))
+    for kind in _names(event.get("kinds")):
+        if kind == "copy":
+            if not _COPY_OUT.search(text):
+                return True  # COPY FROM
+        elif kind not in _READS:
+            return True
+    return _WRITE_WORD.search(text) is not None

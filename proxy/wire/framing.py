@@ -22,6 +22,8 @@ from proxy.wire.messages import MAX_STARTUP_PACKET_LENGTH, ProtocolViolation
 
 _HEADER: Final = struct.Struct("!BI")
 _LEN: Final = struct.Struct("!I")
+_DATA_ROW: Final = ord("D")
+_COPY_DATA: Final = ord("d")
 
 Captured = tuple[int, bytes]
 """A complete captured message: (type byte, body without the 5-byte header)."""
@@ -70,6 +72,12 @@ class MessageScanner:
     `counts[type]` is incremented for every message header seen, and `last_type` is the
     type of the latest header. A message whose declared length is below 4 or above
     `max_length`, or whose type byte is not in `allowed`, raises ProtocolViolation.
+
+    `marks`, when set to a list, receives for every captured message other than a DataRow
+    or CopyData the number of DataRows and CopyData before it (counts['D'] + counts['d']),
+    in the order of the captured messages; each `feed` or `feed_located` starts it afresh. The
+    rows between two captured messages are then known without capturing them (an audited
+    session's statement log counts the rows a statement sent before it failed).
     """
 
     __slots__ = (
@@ -83,6 +91,7 @@ class MessageScanner:
         "capture",
         "counts",
         "last_type",
+        "marks",
         "max_length",
     )
 
@@ -105,6 +114,7 @@ class MessageScanner:
         self._cap_type = -1  # type of a captured message split across chunks
         self._cap_buf = bytearray()
         self._cap_need = 0  # body bytes of that message still to come
+        self.marks: list[int] | None = None
 
     @property
     def at_boundary(self) -> bool:
@@ -134,6 +144,9 @@ class MessageScanner:
 
     def feed(self, data: bytes) -> list[Captured]:
         n = len(data)
+        marks = self.marks
+        if marks:
+            marks.clear()
         skip = self._skip
         if skip:
             if skip >= n:
@@ -167,6 +180,8 @@ class MessageScanner:
                     if out is NO_MESSAGES:
                         out = []
                     out.append((typ, data[pos + 5 : end]))
+                    if marks is not None and typ != _DATA_ROW and typ != _COPY_DATA:
+                        marks.append(counts[_DATA_ROW] + counts[_COPY_DATA])
                 else:
                     self.last_type = typ
                     self._cap_type = typ
@@ -195,6 +210,9 @@ class MessageScanner:
         out: list[Located] = []
         n = len(data)
         pos = 0
+        marks = self.marks
+        if marks:
+            marks.clear()
         if self._skip:
             pos = min(self._skip, n)
             self._skip -= pos
@@ -212,6 +230,8 @@ class MessageScanner:
                 if end > n:
                     return out, pos
                 out.append((typ, data[pos + 5 : end], pos, end))
+                if marks is not None and typ != _DATA_ROW and typ != _COPY_DATA:
+                    marks.append(counts[_DATA_ROW] + counts[_COPY_DATA])
             elif end > n:
                 counts[typ] += 1
                 self.last_type = typ
@@ -234,6 +254,8 @@ class MessageScanner:
             if self._cap_need:
                 return -1
             out.append((self._cap_type, bytes(self._cap_buf)))
+            if self.marks is not None and self._cap_type not in (_DATA_ROW, _COPY_DATA):
+                self.marks.append(self.counts[_DATA_ROW] + self.counts[_COPY_DATA])
             self._cap_type = -1
             self._cap_buf = bytearray()
             return pos if pos < n else -1

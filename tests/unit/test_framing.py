@@ -170,3 +170,43 @@ def test_located_rewrite_reassembles_the_stream(
     for t, _ in msgs:
         expected[t] += 1
     assert counts == expected
+
+
+def _expected_marks(msgs: list[tuple[int, bytes]], captured: set[int]) -> list[int]:
+    """DataRows and CopyData before each captured message other than those."""
+    out, rows = [], 0
+    for t, _ in msgs:
+        if t in captured and t not in (ord("D"), ord("d")):
+            out.append(rows)
+        if t in (ord("D"), ord("d")):
+            rows += 1
+    return out
+
+
+@settings(max_examples=300)
+@given(
+    msgs=st.lists(message_st, max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=20000), max_size=40),
+    captured_types=st.sets(st.sampled_from(TYPES)),
+    located=st.booleans(),
+)
+def test_marks_count_the_rows_before_each_captured_message(
+    msgs: list[tuple[int, bytes]], cuts: list[int], captured_types: set[int], located: bool
+) -> None:
+    """However the stream is cut, and whether the rows are captured or not, the marks say
+    how many DataRows and CopyData came before each captured message (the rows a statement
+    sent before its error, counted without capturing them)."""
+    stream = b"".join(m.message(t, b) for t, b in msgs)
+    scanner = MessageScanner(capture_mask(bytes(captured_types)), [0] * 256, 1 << 20)
+    scanner.marks = []
+    marks: list[int] = []
+    held = b""
+    for chunk in _split(stream, cuts):
+        if located:
+            data = held + chunk
+            _, hold = scanner.feed_located(data)
+            held = data[hold:] if hold is not None else b""
+        else:
+            scanner.feed(chunk)
+        marks += scanner.marks
+    assert marks == _expected_marks(msgs, captured_types)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from proxy.session.engine import _CLIENT_CAPTURE_RECORDED, _SERVER_CAPTURE_RECORDED_ROWS
 from proxy.session.masked import MaskedFilter, RecordingFilter
 from proxy.session.statements import Cause, StatementLog
@@ -628,3 +630,162 @@ def test_a_pipelined_bind_refuted_by_an_error_leaves_no_unknown_names_behind() -
     s.send(bind("s", "p"), execute("p"), SYNC)
     (event,) = s.answer(BOUND, customer(b"1"), complete(b"SELECT 1"), IDLE)
     assert said(event) == read_of("1") and certain(event)
+
+
+# ---- outcomes: rows before an error, values in messages, commits, sessions that end ------
+
+
+class Counted(Names):
+    """As the engine feeds an audited session: DataRows captured only while a statement on
+    a table with a subject column is in flight, every row counted through the scanner's
+    marks (MessageScanner.marks)."""
+
+    def __init__(self, capture: bytes = b"ESTZCIsn123GN") -> None:
+        super().__init__()
+        self.server = MessageScanner(capture_mask(capture), [0] * 256, 1 << 30)
+        self.server.marks = []
+
+    def answer_in(self, data: bytes, step: int) -> list[dict[str, object]]:
+        """The answer cut into reads of `step` bytes; after each, the rows of the read go
+        to the statement at the head, as the engine's `_released_rows` does."""
+        before = len(self.hook.events)
+        log = self.filter.statements
+        assert log is not None
+        out = b""
+        for i in range(0, len(data), step):
+            out += self.filter.server(self.server, data[i : i + step])
+            log.rows_to(self.server.counts[m.DATA_ROW] + self.server.counts[m.COPY_DATA])
+        assert out == data
+        return [fields for _t, fields in self.hook.events[before:]]
+
+
+@pytest.mark.parametrize("step", [7, 64, 100_000])
+def test_rows_sent_before_an_error_are_counted_without_being_captured(step: int) -> None:
+    s = Counted()
+    s.send(m.message(m.QUERY, b"SELECT name FROM billing.customers; SELECT 1\0"))
+    answer = (
+        row_description(("name", CUSTOMERS, 2, TEXT, 0))
+        + b"".join(data_row(b"x") for _ in range(5))
+        + m.error_response("22012", "division by zero")
+        + IDLE
+    )
+    (event,) = s.answer_in(answer, step)
+    assert (event["outcome"], event["rows"]) == ("22012", 5), event
+    assert event["subjects_complete"] is False and "values_in_messages" not in event
+
+
+def test_copy_data_before_an_error_and_a_portal_suspended_are_counted() -> None:
+    s = Counted()
+    s.send(m.message(m.QUERY, b"COPY (SELECT name FROM billing.customers) TO STDOUT\0"))
+    s.send(parse("SELECT name FROM billing.customers") + bind() + execute() + SYNC)
+    copy_out = m.message(ord("H"), b"\0\0\0")
+    copied = b"".join(m.message(m.COPY_DATA, b"x\n") for _ in range(3))
+    first, second = s.answer_in(
+        copy_out + copied + m.error_response("22012", "division by zero") + IDLE
+        + PARSED + BOUND + data_row(b"x") + data_row(b"y") + m.message(m.PORTAL_SUSPENDED)
+        + IDLE,
+        11,
+    )  # fmt: skip
+    assert (first["kinds"], first["outcome"], first["rows"]) == (["copy"], "22012", 3), first
+    assert (second["outcome"], second["rows"]) == ("ok", 2), second
+
+
+def response(typ: int, **fields: str) -> bytes:
+    """An ErrorResponse or NoticeResponse with these fields (one-letter codes)."""
+    body = b"".join(k.encode() + v.encode() + b"\0" for k, v in fields.items())
+    return m.message(typ, body + b"\0")
+
+
+def test_errors_and_notices_that_may_carry_values() -> None:
+    s = Counted()
+    e, n = m.ERROR_RESPONSE, m.NOTICE_RESPONSE
+    cases = [
+        (response(e, S="ERROR", C="22P02", M='invalid input syntax for type integer: "v"'), True),
+        (response(e, S="ERROR", C="23505", M="duplicate key", D="Key (email)=(v) exists"), True),
+        (response(e, S="ERROR", C="P0001", M="v", W="PL/pgSQL function f() line 1 at RAISE"), True),
+        # a value looked up as a name: no data exception, a value all the same
+        (response(e, S="ERROR", C="42704", M='unrecognized configuration parameter "v"'), True),
+        (response(e, S="ERROR", C="0A000", M='cross-database references ...: "v"'), True),
+        # fixed texts
+        (response(e, S="ERROR", C="22012", M="division by zero"), False),
+        (response(e, S="ERROR", C="57014", M="canceling statement due to user request"), False),
+        # raised while the statement's own text was parsed (it has a position in it)
+        (response(e, S="ERROR", C="42703", M='column "nosuch" does not exist', P="8"), False),
+        (response(e, S="ERROR", C="22P02", M='invalid input syntax ...: "lit"', P="8"), False),
+        # notices: a utility command's, a warning with a value, one raised by code
+        (response(n, S="NOTICE", C="00000", M='table "t" does not exist, skipping'), False),
+        (response(n, S="WARNING", C="01000", M="PID 7 is not a PostgreSQL backend"), True),
+        (response(n, S="NOTICE", C="00000", M="v", W="PL/pgSQL function inline_code_block"), True),
+    ]
+    for message, values in cases:
+        s.send(m.message(m.QUERY, b"SELECT name FROM billing.customers\0"))
+        if message[0] == n:
+            answer = (
+                message + row_description(("name", CUSTOMERS, 2, TEXT, 0)) + complete(b"SELECT 0")
+            )
+        else:
+            answer = message
+        (event,) = s.answer(answer + IDLE)
+        assert event.get("values_in_messages", False) is values, (message, event)
+        if values:
+            assert event["subjects_complete"] is False
+
+
+def test_a_commit_inside_a_query_records_the_part_before_it() -> None:
+    s = Counted()
+    sql = "UPDATE billing.customers SET notes = 'n' WHERE i_customer = 2; COMMIT; SELECT 1/0"
+    s.send(m.message(m.QUERY, sql.encode() + b"\0"))
+    committed, rest = s.answer(complete(b"UPDATE 1") + complete(b"COMMIT") + error("22012") + IDLE)
+    assert (committed["outcome"], committed["rows"], committed["statements"]) == ("ok", 1, [1, 2])
+    assert (rest["outcome"], rest["rows"], rest["statements"]) == ("22012", 0, [3, 3])
+    # a COMMIT that rolled back (the transaction had failed) commits nothing: one event
+    s.send(m.message(m.QUERY, b"UPDATE billing.customers SET notes = 'n'; COMMIT; SELECT 1\0"))
+    (event,) = s.answer(complete(b"UPDATE 2") + complete(b"ROLLBACK") + error("22012") + IDLE)
+    assert "statements" not in event and event["outcome"] == "22012"
+    # the COMMIT last: the Query's own event says it
+    s.send(m.message(m.QUERY, b"UPDATE billing.customers SET notes = 'n'; COMMIT\0"))
+    (event,) = s.answer(complete(b"UPDATE 2") + complete(b"COMMIT") + IDLE)
+    assert "statements" not in event and (event["outcome"], event["rows"]) == ("ok", 2)
+
+
+def test_statements_in_flight_when_the_session_ends_are_unknown() -> None:
+    s = Counted()
+    s.send(m.message(m.QUERY, b"UPDATE billing.customers SET notes = 'n' WHERE i_customer = 2\0"))
+    s.send(parse(READ) + bind() + execute() + SYNC)
+    cte = b"WITH d AS (DELETE FROM billing.customers RETURNING *) SELECT * FROM d\0"
+    s.send(m.message(m.QUERY, cte))
+    # the UPDATE completed, the read is under way, the last one not begun
+    (update,) = s.answer(complete(b"UPDATE 1") + IDLE + PARSED + BOUND + customer(b"1"))
+    assert update["outcome"] == "ok"
+    log = s.filter.statements
+    assert log is not None
+    before = len(s.hook.events)
+    log.abandon("client closed")
+    read, deleted = [fields for _t, fields in s.hook.events[before:]]
+    assert (read["outcome"], read["rows"], read["reason"]) == ("unknown", None, "client closed")
+    assert "may_have_committed" not in read and read["subjects_complete"] is False
+    assert deleted["outcome"] == "unknown" and deleted["may_have_committed"] is True, deleted
+    assert not log.in_flight and log.rows_in_flight == 0
+
+
+def test_a_statement_ended_by_a_fatal_keeps_its_error() -> None:
+    s = Counted()
+    s.send(m.message(m.QUERY, b"UPDATE billing.customers SET notes = 'n' WHERE i_customer = 2\0"))
+    fatal = m.error_response("57P01", "terminating connection", severity="FATAL")
+    assert s.answer(fatal) == []  # (no ReadyForQuery comes after a FATAL)
+    log = s.filter.statements
+    assert log is not None
+    log.abandon("server closed")
+    ((_t, event),) = s.hook.events
+    assert event["outcome"] == "57P01" and "may_have_committed" not in event, event
+
+
+def test_an_update_in_flight_names_its_subjects() -> None:
+    s = Counted()
+    s.send(m.message(m.QUERY, b"UPDATE billing.customers SET notes = 'n' WHERE i_customer = 2\0"))
+    log = s.filter.statements
+    assert log is not None
+    log.abandon("server closed")
+    ((_t, event),) = s.hook.events
+    assert event["outcome"] == "unknown" and event["may_have_committed"] is True
+    assert event["subjects"] == {"billing.customers": ["2"]} and event["subjects_complete"]
