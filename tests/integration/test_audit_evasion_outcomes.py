@@ -221,9 +221,11 @@ def test_rows_with_their_key_sent_before_an_error_name_their_subject(
     run_psycopg(p.port, user, app, KEYED_FAILS_AFTER_ONE_ROW)
     (event,) = wait_done(path, app)
     assert (event["outcome"], event["rows"]) == ("22012", 1), event
-    assert event["subjects"] == {CUSTOMERS: ["1"]} and event["subjects_complete"], event
+    # (the subquery that orders the rows before the error keeps the shape from proving
+    # that the keys returned are all it read: rules/subjects.py)
+    assert event["subjects"] == {CUSTOMERS: ["1"]} and not event["subjects_complete"], event
     assert [r["touched"] for r in who_for(path, app, "1")] == ["yes"]
-    assert who_for(path, app, "2") == []  # the key of every row sent is known
+    assert [r["touched"] for r in who_for(path, app, "2")] == ["possibly"]
 
 
 @pytest.mark.parametrize("user", USERS)
