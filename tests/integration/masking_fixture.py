@@ -137,8 +137,11 @@ def leaks(text: str) -> list[str]:
     found = []
     hay = text
     for col, core in SECRETS.items():
+        # (the ip's core whole: any 6 characters of it, `51.173`, are also a log line's
+        # seconds and milliseconds)
+        size = len(core) if col == "ip" else 6
         for form in (core, core.upper(), core.lower(), core[::-1]):
-            windows = {form[i : i + 6] for i in range(max(1, len(form) - 5))}
+            windows = {form[i : i + size] for i in range(max(1, len(form) - size + 1))}
             if any(w in hay for w in windows):
                 found.append(col)
                 break
