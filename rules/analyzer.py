@@ -119,6 +119,19 @@ class Analyzer:
 
     def analyze(self, sql: str) -> Decision:
         try:
+            return self._analyze(sql)
+        except RecursionError:
+            # nesting deeper than the walk's stack (the server's own limit is higher):
+            # refused to masked roles; an unmasked one's is recorded as not analysed
+            return Decision(
+                "refuse",
+                reason="the statement is nested too deeply for pgveil to analyse",
+                effects=None,
+                settings=None,
+            )
+
+    def _analyze(self, sql: str) -> Decision:
+        try:
             stmts = parse_sql(sql)
         except ParseError:
             return Decision(
