@@ -77,7 +77,7 @@ class AuditWriter:
         self.checkpoint_interval = checkpoint_interval
         self._since = 0  # events linked since the last checkpoint
         self._checkpoint_at = time.monotonic()
-        self.checkpoints = 0
+        self.checkpointed = asyncio.Event()  # set by every checkpoint sealed
         self.gaps = 0
         self._file = next((s for s in sinks if isinstance(s, FileSink)), None)
         self._pending: dict[str, collections.deque[bytes]] = {
@@ -235,7 +235,7 @@ class AuditWriter:
     def _checkpointed(self, event: Mapping[str, Any]) -> None:
         self._since = 0
         self._checkpoint_at = time.monotonic()
-        self.checkpoints += 1
+        self.checkpointed.set()
         _log.info(
             "audit.checkpoint",
             extra={

@@ -68,7 +68,7 @@ def events(path: Path, app: str | None = None, kind: str = "access") -> list[dic
     ]
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

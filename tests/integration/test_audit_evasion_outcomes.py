@@ -37,7 +37,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -579,10 +579,31 @@ def test_a_write_in_an_extended_pipeline_before_a_failure_is_ok(
 
 # ---- 3d: a statement in flight when a side goes away -------------------------------------
 
+FLIGHT_LOCK = 4243  # an advisory lock that keeps a statement in flight while the test acts
 SLOW_UPDATE = (
     "UPDATE billing.customers SET notes = '{marker}' "
-    "WHERE i_customer = 2 AND (SELECT pg_sleep(1.5)) IS NOT NULL"
+    f"WHERE i_customer = 2 AND (SELECT pg_advisory_xact_lock_shared({FLIGHT_LOCK})) IS NOT NULL"
 )
+
+
+@contextlib.contextmanager
+def kept_in_flight(pg: EmbeddedPostgres) -> Iterator[Callable[[], None]]:
+    """Holds FLIGHT_LOCK: a statement that takes it waits, in flight, until the test calls
+    the function given (or the block ends)."""
+    holder = psycopg.connect(pg.dsn(), autocommit=True)
+    holder.execute(f"SELECT pg_advisory_lock({FLIGHT_LOCK})")
+    held = [True]
+
+    def release() -> None:
+        if held[0]:
+            held[0] = False
+            holder.execute(f"SELECT pg_advisory_unlock({FLIGHT_LOCK})")
+
+    try:
+        yield release
+    finally:
+        release()
+        holder.close()
 
 
 def running_on_server(pg: EmbeddedPostgres, marker: str) -> bool:
@@ -618,56 +639,66 @@ def test_a_client_that_goes_away_during_its_update(
     marker = app
     sql = SLOW_UPDATE.format(marker=marker)
     try:
-        if client == "raw":
-            c = RawClient(p.port, user, application_name=app)
-            c.send_raw(query_message(sql))
-            wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
-            c.close()
-        elif client == "psql":
-            psql = shutil.which("psql") or str(pg.bindir / "psql")
-            env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-            env.update(PGAPPNAME=app, PGSSLMODE="disable")
-            proc = subprocess.Popen(
-                [psql, "-X", "-h", "127.0.0.1", "-p", str(p.port), "-U", user, "-d", "postgres",
-                 "-c", sql],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
-            proc.kill()
-            proc.wait()
-        elif client == "psycopg":
-            # a process of its own, killed while psycopg waits for the answer
-            script = (
-                "import psycopg, sys\n"
-                "with psycopg.connect(sys.argv[1], autocommit=True) as c:\n"
-                "    c.execute(sys.argv[2])\n"
-            )
-            proc = subprocess.Popen(
-                [sys.executable, "-c", script, conninfo(p.port, user, app), sql],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
-            proc.kill()
-            proc.wait()
-        else:
-
-            async def go() -> None:
-                c = await asyncpg.connect(
-                    host="127.0.0.1", port=p.port, user=user, database="postgres", ssl=False,
-                    server_settings={"client_encoding": "UTF8", "application_name": app},
-                )  # fmt: skip
-                task = asyncio.ensure_future(c.execute(sql))
-                while not running_on_server(pg, marker):
-                    await asyncio.sleep(0.02)
-                c.terminate()
-                with pytest.raises(asyncpg.ConnectionDoesNotExistError):
-                    await task
-
-            asyncio.run(go())
+        with kept_in_flight(pg) as release:
+            gone(pg, p, user, app, client, sql, marker)
+            release()  # the server goes on to commit it
         wait_for(lambda: committed(pg, marker), "the server to commit the UPDATE")
         assert_unknown(path, app, "client")
     finally:
         pg.psql("UPDATE billing.customers SET notes = NULL WHERE i_customer = 2")
+
+
+def gone(
+    pg: EmbeddedPostgres, p: ProxyProcess, user: str, app: str, client: str, sql: str, marker: str
+) -> None:
+    """The client sends `sql` and goes away while it runs."""
+    if client == "raw":
+        c = RawClient(p.port, user, application_name=app)
+        c.send_raw(query_message(sql))
+        wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
+        c.close()
+    elif client == "psql":
+        psql = shutil.which("psql") or str(pg.bindir / "psql")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(PGAPPNAME=app, PGSSLMODE="disable")
+        proc = subprocess.Popen(
+            [psql, "-X", "-h", "127.0.0.1", "-p", str(p.port), "-U", user, "-d", "postgres",
+             "-c", sql],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
+        proc.kill()
+        proc.wait()
+    elif client == "psycopg":
+        # a process of its own, killed while psycopg waits for the answer
+        script = (
+            "import psycopg, sys\n"
+            "with psycopg.connect(sys.argv[1], autocommit=True) as c:\n"
+            "    c.execute(sys.argv[2])\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, conninfo(p.port, user, app), sql],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
+        proc.kill()
+        proc.wait()
+    else:
+
+        async def go() -> None:
+            c = await asyncpg.connect(
+                host="127.0.0.1", port=p.port, user=user, database="postgres", ssl=False,
+                server_settings={"client_encoding": "UTF8", "application_name": app},
+            )  # fmt: skip
+            task = asyncio.ensure_future(c.execute(sql))
+            await asyncio.to_thread(
+                wait_for, lambda: running_on_server(pg, marker), "the UPDATE to run"
+            )
+            c.terminate()
+            with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+                await task
+
+        asyncio.run(go())
 
 
 class Relay:
@@ -733,12 +764,14 @@ def test_the_server_connection_dies_during_an_update(
             env=audit_env(pg),
         )  # fmt: skip
         try:
-            c = RawClient(p.port, user, application_name=app)
-            c.send_raw(query_message(SLOW_UPDATE.format(marker=marker)))
-            wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
-            relay.cut()
-            assert c.closed_by_peer(), "pgveil kept the client of a dead server connection"
-            c.close()
+            with kept_in_flight(pg) as release:
+                c = RawClient(p.port, user, application_name=app)
+                c.send_raw(query_message(SLOW_UPDATE.format(marker=marker)))
+                wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
+                relay.cut()
+                assert c.closed_by_peer(), "pgveil kept the client of a dead server connection"
+                c.close()
+                release()
             wait_for(lambda: committed(pg, marker), "the server to commit the UPDATE")
             assert_unknown(path, app, "server")
         finally:
@@ -758,12 +791,14 @@ def test_pgveil_stopping_during_an_update(
     marker = app
     p = start_audited(pg, tmp_path, "--shutdown-timeout", "0.2")
     try:
-        c = RawClient(p.port, user, application_name=app)
-        c.send_raw(query_message(SLOW_UPDATE.format(marker=marker)))
-        wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
-        p.signal(signal.SIGTERM)
-        p.proc.wait(10)
-        c.close()
+        with kept_in_flight(pg) as release:
+            c = RawClient(p.port, user, application_name=app)
+            c.send_raw(query_message(SLOW_UPDATE.format(marker=marker)))
+            wait_for(lambda: running_on_server(pg, marker), "the UPDATE to run")
+            p.signal(signal.SIGTERM)
+            p.proc.wait(10)
+            c.close()
+            release()
         wait_for(lambda: committed(pg, marker), "the server to commit the UPDATE")
         assert "Traceback" not in p.log(), p.log()
         assert_unknown(tmp_path / "audit.jsonl", app, "shutdown")
@@ -780,16 +815,17 @@ def test_a_read_in_flight_when_the_client_goes_away_is_unknown_not_a_write(
     p, path = shared
     app = app_name("read-gone", user)
     marker = app
-    c = RawClient(p.port, user, application_name=app)
-    c.send_raw(
-        query_message(
-            f"SELECT i_customer, name, '{marker}' FROM billing.customers "
-            "WHERE (SELECT pg_sleep(1.5)) IS NOT NULL"
+    with kept_in_flight(pg):
+        c = RawClient(p.port, user, application_name=app)
+        c.send_raw(
+            query_message(
+                f"SELECT i_customer, name, '{marker}' FROM billing.customers "
+                f"WHERE (SELECT pg_advisory_xact_lock_shared({FLIGHT_LOCK})) IS NOT NULL"
+            )
         )
-    )
-    wait_for(lambda: running_on_server(pg, marker), "the SELECT to run")
-    c.close()
-    (event,) = wait_done(path, app)
+        wait_for(lambda: running_on_server(pg, marker), "the SELECT to run")
+        c.close()
+        (event,) = wait_done(path, app)
     assert event["outcome"] == "unknown" and "may_have_committed" not in event, event
     assert [r["touched"] for r in who_for(path, app, "1")] == ["possibly"]
 

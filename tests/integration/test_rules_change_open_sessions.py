@@ -21,8 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
-from tests.integration.audit_wire import SYNC, bind, execute, parse, read_until
+from tests.integration.audit_wire import SYNC, bind, execute, parse, read_until, wait_for
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,
@@ -119,7 +118,7 @@ class Proxy:
         before = len(self.events("rules.reloaded"))
         self.rules.write_text(rules)
         self.p.signal(signal.SIGHUP)
-        wait(lambda: len(self.events("rules.reloaded")) > before, "rules.reloaded")
+        wait_for(lambda: len(self.events("rules.reloaded")) > before, "rules.reloaded")
 
     def audit_events(self, kind: str) -> list[dict[str, Any]]:
         if not self.audit.exists():
@@ -139,13 +138,6 @@ def proxy(pg: EmbeddedPostgres, tmp_path: Path) -> Iterator[Proxy]:
     p = Proxy(pg, tmp_path, RULES_A)
     yield p
     p.close()
-
-
-def wait(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # ---- prepared under rules A, used under rules B ---------------------------------------------
@@ -244,7 +236,7 @@ COMMIT;
                 ).fetchone()
                 return row is not None and row[0] == 1
 
-            wait(waiting, "psql waiting on the advisory lock")
+            wait_for(waiting, "psql waiting on the advisory lock")
             proxy.reload(RULES_B)
             holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK,))
             assert proc.stdout is not None
@@ -334,7 +326,7 @@ def test_a_pipelined_use_that_the_answers_prove_reads_an_old_text_ends_the_sessi
                     ).fetchone()
                     return row is not None and row[0] == 1
 
-                wait(waiting, "the session waiting on the advisory lock")
+                wait_for(waiting, "the session waiting on the advisory lock")
                 proxy.reload(RULES_B)
                 c.send_raw(m.message(ord("Q"), b"FETCH ALL FROM c\0"))
             finally:
@@ -384,7 +376,7 @@ def test_a_refresh_or_reload_that_changes_nothing_keeps_prepared_statements(
                         read_until(raw, 1)
                         hits = proxy.p.metric("pgveil_analysis_cache_total", result="hit")
                         loaded = len(proxy.events("catalog.loaded"))
-                        wait(
+                        wait_for(
                             lambda: len(proxy.events("catalog.loaded")) >= loaded + 2,
                             "two catalog refreshes",
                         )
@@ -430,7 +422,7 @@ def test_sessions_classified_otherwise_by_a_reload_are_ended(
         admin.execute("BEGIN")  # unmasked, in a transaction
         assert admin.execute(name_sql).fetchone() == (NAME,)
         proxy.reload(RULES_SWAPPED)
-        wait(lambda: len(proxy.events("session.reclassified")) == 2, "two sessions ended")
+        wait_for(lambda: len(proxy.events("session.reclassified")) == 2, "two sessions ended")
         for conn, now in ((helpdesk, "unmasked"), (admin, "masked")):
             with pytest.raises(psycopg.OperationalError) as info:
                 conn.execute(name_sql).fetchone()
@@ -461,7 +453,7 @@ def test_sessions_classified_otherwise_by_a_reload_are_ended(
             if "rules were reloaded" in str(e.get("outcome"))
         ]  # fmt: skip
 
-    wait(lambda: len(ended()) == 2, "session.end events")
+    wait_for(lambda: len(ended()) == 2, "session.end events")
     outcomes = sorted((e["role"], e["classification"], e["outcome"]) for e in ended())
     assert [(role, cls) for role, cls, _ in outcomes] == [(ADMIN, "unmasked"), (HELPDESK, "masked")]
     assert outcomes[0][2].endswith("the session's role is now masked; reconnect")
@@ -490,7 +482,7 @@ def test_rules_configured_by_a_reload_classify_the_sessions_relayed_before(
             assert helpdesk.execute(name_sql).fetchone() == (NAME,)  # no rules: relayed
             config.write_text(config.read_text() + f"rules: {rules}\n")
             p.signal(signal.SIGHUP)
-            wait(lambda: "session.reclassified" in p.log(), "session.reclassified")
+            wait_for(lambda: "session.reclassified" in p.log(), "session.reclassified")
             with pytest.raises(psycopg.OperationalError, match="role is now masked"):
                 helpdesk.execute(name_sql)
             assert admin.execute(name_sql).fetchone() == (NAME,)

@@ -501,8 +501,7 @@ def test_events_are_checkpointed_within_the_interval(tmp_path: Path) -> None:
         await w.start()
         task = asyncio.ensure_future(w.run())
         w.submit("access", {"tables": ["billing.customers"]})
-        while w.checkpoints == 0:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(w.checkpointed.wait(), 10)
         task.cancel()
         await w.close()  # nothing since: no shutdown checkpoint
         return [e["reason"] for e in events(tmp_path / "audit.anchor")]
