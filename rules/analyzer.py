@@ -22,7 +22,7 @@ from rules.catalog import ProtectionMap
 from rules.denied import Refusal
 from rules.grammar import misread_words
 from rules.reads import ast, descendants, name_of
-from rules.settings import SettingOp, settings_of
+from rules.settings import TX_KINDS, SettingOp, settings_of
 from rules.subjects import SubjectKeys, statement_subjects
 from rules.writes import Rewriter
 
@@ -326,16 +326,6 @@ def _moves_names(stmts: Any, catalog: Any) -> bool:
     return False
 
 
-_TX_KINDS = {
-    "TRANS_STMT_BEGIN": "begin",
-    "TRANS_STMT_START": "begin",
-    "TRANS_STMT_COMMIT": "commit",
-    "TRANS_STMT_ROLLBACK": "rollback",
-    "TRANS_STMT_SAVEPOINT": "savepoint",
-    "TRANS_STMT_RELEASE": "release",
-    "TRANS_STMT_ROLLBACK_TO": "rollback_to",
-    "TRANS_STMT_PREPARE": "prepare_transaction",
-}
 _CURSOR_OPT_HOLD = 0x0020  # parsenodes.h
 
 
@@ -357,7 +347,7 @@ def _statement_effects(node: Any) -> tuple[Effect, ...]:
         node = inner
         inner = getattr(node, "query", None)
     if isinstance(node, ast.TransactionStmt):
-        kind = _TX_KINDS.get(node.kind.name)
+        kind = TX_KINDS.get(node.kind.name)
         if kind is None:
             return ()  # COMMIT PREPARED, ROLLBACK PREPARED: another session's transaction
         if kind in ("commit", "rollback") and node.chain:

@@ -18,7 +18,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from pglast import ast
 
@@ -68,7 +68,8 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 # letters at least: "o" is ambiguous), 1, 0
 _TRUE = ("true", "yes")
 _FALSE = ("false", "no")
-_TX = {
+# what each transaction statement does (rules.analyzer's statement kinds)
+TX_KINDS: Final = {
     "TRANS_STMT_BEGIN": "begin",
     "TRANS_STMT_START": "begin",
     "TRANS_STMT_COMMIT": "commit",
@@ -76,9 +77,10 @@ _TX = {
     "TRANS_STMT_SAVEPOINT": "savepoint",
     "TRANS_STMT_RELEASE": "release",
     "TRANS_STMT_ROLLBACK_TO": "rollback_to",
-    # PREPARE TRANSACTION ends the transaction as a commit does, for the settings
-    "TRANS_STMT_PREPARE": "commit",
+    "TRANS_STMT_PREPARE": "prepare_transaction",
 }
+# PREPARE TRANSACTION ends the transaction as a commit does, for the settings
+_TX = {**TX_KINDS, "TRANS_STMT_PREPARE": "commit"}
 # statements that run no code of the database's (beyond the server's own): what they do to
 # the settings is all in their text (CLOSE is not among them: closing a cursor shuts down
 # what its query was running)

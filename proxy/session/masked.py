@@ -44,6 +44,7 @@ from proxy.session.statements import (
     StatementLog,
     audit_fields,
     bind_parameters,
+    with_reads_of,
 )
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
@@ -618,21 +619,7 @@ def _with_session_reads(
 def _with_sources(fields: dict[str, object], sources: list[dict[str, object]]) -> dict[str, object]:
     """A refusal's event fields: the statement's, with the tables and columns of what its
     EXECUTE / FETCH name (as far as can be told before it runs)."""
-    merged = {k: v for k, v in fields.items() if not k.startswith("_")}
-    for key in ("tables", "columns_masked", "columns_raw"):
-        names = set(_names(fields.get(key)))
-        for source in sources:
-            names.update(_names(source.get(key)))
-        if key in fields or names:
-            merged[key] = sorted(names)
-    views: dict[object, object] = {}
-    for read in (fields, *sources):
-        found = read.get("views")
-        if isinstance(found, dict):
-            views.update(found)
-    if views:
-        merged["views"] = views
-    return merged
+    return with_reads_of(fields, sources, lambda k: not k.startswith("_"))
 
 
 def notification_fields(channel: str, decision: str) -> dict[str, object]:

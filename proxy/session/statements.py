@@ -1354,13 +1354,7 @@ class StatementLog:
         if not sources and not entry.uncertain and fields.get("_optional"):
             entry.fields = None  # it reads nothing protected
             return
-        merged = {k: v for k, v in fields.items() if k != "_optional"}
-        for key in ("tables", "columns_masked", "columns_raw"):
-            names = set(_names(fields.get(key)))
-            for source in sources:
-                names.update(_names(source.get(key)))
-            if key in fields or names:
-                merged[key] = sorted(names)
+        merged = with_reads_of(fields, sources, lambda k: k != "_optional")
         # the rows prove a table's subjects where every statement that reads it proves so
         proven = [
             t
@@ -1368,13 +1362,6 @@ class StatementLog:
             if all(t not in _names(f.get("tables")) or t in _proven(f) for f in (fields, *sources))
         ]
         merged["_row_subjects"] = tuple(proven)
-        views: dict[object, object] = {}
-        for read in (fields, *sources):
-            found = read.get("views")
-            if isinstance(found, dict):
-                views.update(found)
-        if views:
-            merged["views"] = views
         entry.fields = merged
 
     def _rebuild(self) -> None:
@@ -2195,6 +2182,28 @@ class StatementLog:
                     typ = OID_TYPES.get(type_oid) or c.type.name
                     found.append((i, p.rule_table, typ, fmt))
         return tuple(found)
+
+
+def with_reads_of(
+    fields: dict[str, object], sources: list[dict[str, object]], keep: Callable[[str], bool]
+) -> dict[str, object]:
+    """A statement's audit fields (those whose keys `keep` keeps) with the tables, columns
+    and views of what its EXECUTE / FETCH run (`sources`: their fields) added."""
+    merged = {k: v for k, v in fields.items() if keep(k)}
+    for key in ("tables", "columns_masked", "columns_raw"):
+        names = set(_names(fields.get(key)))
+        for source in sources:
+            names.update(_names(source.get(key)))
+        if key in fields or names:
+            merged[key] = sorted(names)
+    views: dict[object, object] = {}
+    for read in (fields, *sources):
+        found = read.get("views")
+        if isinstance(found, dict):
+            views.update(found)
+    if views:
+        merged["views"] = views
+    return merged
 
 
 def _unknown_fields(kind: str) -> dict[str, object]:
