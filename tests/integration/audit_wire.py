@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -111,3 +112,15 @@ def read_until(client: RawClient, readies: int, timeout: float = 10) -> Messages
     except (TimeoutError, ConnectionError, OSError):
         pass
     return out
+
+
+def limit_file(p: ProxyProcess, size: int | None) -> None:
+    """RLIMIT_FSIZE of the proxy: writes past `size` fail with EFBIG (a full disk)."""
+    soft = resource.RLIM_INFINITY if size is None else size
+    resource.prlimit(p.proc.pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
+
+
+def stop_unlimited(p: ProxyProcess) -> None:
+    if p.alive():
+        limit_file(p, None)
+    p.stop()

@@ -29,7 +29,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -58,11 +57,13 @@ from tests.integration.audit_wire import (
     bind,
     events,
     execute,
+    limit_file,
     parse,
     query_message,
     read_until,
     rules_file,
     start_audited,
+    stop_unlimited,
     wait_for,
 )
 from tests.integration.masking_fixture import EMAIL, LOGIN
@@ -831,18 +832,6 @@ def test_a_read_in_flight_when_the_client_goes_away_is_unknown_not_a_write(
 
 
 # ---- 5: no result without its event -------------------------------------------------------
-
-
-def limit_file(p: ProxyProcess, size: int | None) -> None:
-    """RLIMIT_FSIZE of the proxy: writes past `size` fail with EFBIG (a full disk)."""
-    soft = resource.RLIM_INFINITY if size is None else size
-    resource.prlimit(p.proc.pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
-
-
-def stop_unlimited(p: ProxyProcess) -> None:
-    if p.alive():
-        limit_file(p, None)
-    p.stop()
 
 
 def login(port: int, app: str) -> None:

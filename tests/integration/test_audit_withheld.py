@@ -18,7 +18,6 @@ import datetime as dt
 import fcntl
 import json
 import os
-import resource
 import signal
 import socket
 import ssl
@@ -48,10 +47,12 @@ from tests.integration.audit_wire import (
     describe_portal,
     events,
     execute,
+    limit_file,
     parse,
     query_message,
     read_until,
     start_audited,
+    stop_unlimited,
     wait_for,
 )
 from tests.integration.masking_fixture import NAME, RULES
@@ -98,18 +99,6 @@ def closed_within(client: RawClient, timeout: float) -> float | None:
             return time.monotonic() - start
         client.buf += chunk
     return None
-
-
-def limit_file(p: ProxyProcess, size: int | None) -> None:
-    """RLIMIT_FSIZE of the proxy: writes past `size` fail with EFBIG (a full disk)."""
-    soft = resource.RLIM_INFINITY if size is None else size
-    resource.prlimit(p.proc.pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
-
-
-def stop_unlimited(p: ProxyProcess) -> None:
-    if p.alive():
-        limit_file(p, None)
-    p.stop()
 
 
 def assert_running_then_complete(
