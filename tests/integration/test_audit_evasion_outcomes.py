@@ -642,6 +642,7 @@ def test_a_client_that_goes_away_during_its_update(
     try:
         with kept_in_flight(pg) as release:
             gone(pg, p, user, app, client, sql, marker)
+            wait_done(path, app)  # pgveil saw the client go while the UPDATE waited
             release()  # the server goes on to commit it
         wait_for(lambda: committed(pg, marker), "the server to commit the UPDATE")
         assert_unknown(path, app, "client")
@@ -772,6 +773,7 @@ def test_the_server_connection_dies_during_an_update(
                 relay.cut()
                 assert c.closed_by_peer(), "pgveil kept the client of a dead server connection"
                 c.close()
+                wait_done(path, app)
                 release()
             wait_for(lambda: committed(pg, marker), "the server to commit the UPDATE")
             assert_unknown(path, app, "server")
@@ -799,6 +801,7 @@ def test_pgveil_stopping_during_an_update(
             p.signal(signal.SIGTERM)
             p.proc.wait(10)
             c.close()
+            wait_done(tmp_path / "audit.jsonl", app)
             release()
         wait_for(lambda: committed(pg, marker), "the server to commit the UPDATE")
         assert "Traceback" not in p.log(), p.log()
