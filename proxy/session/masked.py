@@ -793,20 +793,6 @@ class MaskedFilter(StatementFilter):
             self._holder.stale = True
             what = unknown[0] if unknown[0].startswith("column") else f"relation {unknown[0]}"
             return d, "refuse", f"{what} is not known to pgveil yet; try again shortly"
-        if d.relations and self._holder.unsure:
-            # a statement through pgveil may have made a name denote something else (a
-            # view replaced, a table renamed): its rewrite from the catalog pgveil holds
-            # could read what the rules protect, unmasked. Until the catalog is read
-            # again (at once), relations are not read.
-            self._holder.stale = True
-            return (
-                d,
-                "refuse",
-                (
-                    "relation names may have changed (a view, table or function was created, "
-                    "replaced or moved) and pgveil is reading the catalog again; try again shortly"
-                ),
-            )
         if d.uses or d.moves:
             # EXECUTE / FETCH / MOVE run what the server prepared: it must still be what
             # the rules decide
