@@ -294,9 +294,11 @@ def start_pgveil(
     rules: Path | None = None,
     extra: tuple[str, ...] = (),
     label: str = "masked",
+    repo: Path = REPO,
 ) -> tuple[Service, int]:
     """pgveil in front of `db`: a plain relay, or with masking `rules` (reading the catalog
-    as the superuser, whose password goes in the environment, not on the command line)."""
+    as the superuser, whose password goes in the environment, not on the command line).
+    `repo`: the checkout whose code runs (another one: a baseline, see --baseline)."""
     port = free_port(HOST)
     argv = [
         sys.executable, "-m", "proxy.cli", "proxy",
@@ -306,12 +308,12 @@ def start_pgveil(
         "--log-level", "warning",
     ]  # fmt: skip
     if rules is None:
-        service = Service("pgveil", argv, workdir / "pgveil.log", cwd=REPO)
+        service = Service("pgveil", argv, workdir / "pgveil.log", cwd=repo)
     else:
         argv += ["--rules", str(rules), "--catalog-user", db.superuser, *extra]
         env = {**os.environ, "PGVEIL_CATALOG_PASSWORD": db.password}
         log = workdir / f"pgveil-{label}.log"
-        service = Service(f"pgveil ({label})", argv, log, cwd=REPO, env=env)
+        service = Service(f"pgveil ({label})", argv, log, cwd=repo, env=env)
     service.start()
     return service, port
 
@@ -944,9 +946,11 @@ def run_audit_part(
     reps: int,
     duration: int,
     seeded: bool,
+    baseline: Path | None = None,
 ) -> tuple[str, dict[str, object]]:
     """The masked part's data and script through pgveil with and without the audit file:
-    (report, raw numbers). `seeded`: the masked part already loaded the data."""
+    (report, raw numbers). `seeded`: the masked part already loaded the data. `baseline`:
+    another checkout whose pgveil runs audited too, interleaved with ours (before/after)."""
     if not seeded:
         load_billing(db)
     rules, script = write_helpdesk_files(workdir)
@@ -961,7 +965,15 @@ def run_audit_part(
         ("--audit-file", str(audit_file), "--audit-key", f"file:{key}"),
         label="audit-on",
     )
-    for service, port in ((plain, plain_port), (audited, audited_port)):
+    started = [(plain, plain_port), (audited, audited_port)]
+    if baseline is not None:
+        old_audit = ["--audit-file", str(workdir / "audit-baseline.jsonl")]
+        if baseline_has(baseline, "--audit-key"):  # (before the chain was sealed: none)
+            old_audit += ["--audit-key", f"file:{key}"]
+        started.append(
+            start_pgveil(db, workdir, rules, tuple(old_audit), label="baseline", repo=baseline)
+        )
+    for service, port in started:
         services.append(service)
         stack.callback(service.stop)
         service.wait_port(port)
@@ -972,6 +984,9 @@ def run_audit_part(
     ):
         targets.append(Target(f"{role} off", plain_port, plain, user, pw))
         targets.append(Target(f"{role} on", audited_port, audited, user, pw))
+        if baseline is not None:
+            old, old_port = started[2]
+            targets.append(Target(f"{role} baseline", old_port, old, user, pw))
     results = run_all(db, env, targets, reps, duration, masked_workloads(), ("-f", str(script)))
     events = 0
     for path in rotated_files(audit_file):  # rotated at 100 MB
@@ -982,7 +997,57 @@ def run_audit_part(
         "cpu_us_per_transaction": results.cpu_us,
         "audit_events": events,
     }
-    return report_audit(results, reps, duration, events), raw
+    text = report_audit(results, reps, duration, events)
+    if baseline is not None:
+        text += report_baseline(results, baseline)
+    return text, raw
+
+
+def baseline_has(repo: Path, option: str) -> bool:
+    """Whether the baseline checkout's `proxy` subcommand takes `option`."""
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "proxy", "--help"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode:
+        raise BenchError(f"the baseline in {repo} does not run: {done.stderr.strip()[-800:]}")
+    return option in done.stdout
+
+
+def report_baseline(results: Results, repo: Path) -> str:
+    """Audited pgveil against the baseline checkout's, both audited, run interleaved:
+    the paired ratio of tps (time: baseline/ours, so above 1 is faster either way)."""
+    rev = command_output(["git", "-C", str(repo), "log", "-1", "--format=%h %s"])
+    lines = [
+        "",
+        f"Audited pgveil against the baseline `{rev[:72]}` ({repo}), audited too, interleaved "
+        "in every repetition (ours/baseline: above 1 is faster):",
+        "",
+        "| workload | role | baseline | ours | ours/baseline | on/off baseline | on/off ours |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for row, v in results.values.items():
+        pgbench = not row.startswith("psql")
+        digits = 0 if pgbench else 3
+        for role in MASKED_VARIANTS:
+            off, on, old = v[f"{role} off"], v[f"{role} on"], v[f"{role} baseline"]
+            faster = paired_ratio(on, old) if pgbench else paired_ratio(old, on)
+            lines.append(
+                f"| {row} | {role} | {statistics.median(old):.{digits}f} "
+                f"| {statistics.median(on):.{digits}f} | {faster} "
+                f"| {paired_ratio(old, off)} | {paired_ratio(on, off)} |"
+            )
+    lines += ["", "pgveil CPU per transaction, audited (median): ", ""]
+    for row, cpu in results.cpu_us.items():
+        for role in MASKED_VARIANTS:
+            lines.append(
+                f"- `{row}` {role}: baseline {statistics.median(cpu[f'{role} baseline']):.0f} us, "
+                f"ours {statistics.median(cpu[f'{role} on']):.0f} us"
+            )
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1039,6 +1104,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=PARTS,
         help="run one part: relay (vs direct and pgbouncer), masked (masked vs unmasked "
         "role through pgveil with rules) or audit (audit file on vs off); default all",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="audit part: a checkout of another revision (git worktree) whose pgveil runs "
+        "audited too, interleaved with ours: before/after in one run, under the same noise",
     )
     ns = p.parse_args(argv)
     if ns.reps < 1 or ns.duration < 1:
@@ -1111,7 +1182,15 @@ def main(argv: list[str] | None = None) -> int:
         if "audit" in parts:
             print("--- audit part ---", file=sys.stderr)
             texts["audit"], raw["audit"] = run_audit_part(
-                db, env, workdir, stack, services, ns.reps, ns.duration, "masked" in parts
+                db,
+                env,
+                workdir,
+                stack,
+                services,
+                ns.reps,
+                ns.duration,
+                "masked" in parts,
+                ns.baseline.resolve() if ns.baseline else None,
             )
         write_outputs(texts, raw)
         print("\n".join(texts[p] for p in PARTS if p in texts), end="")
