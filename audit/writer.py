@@ -265,7 +265,10 @@ class AuditWriter:
     def blocks(self) -> bool:
         """Whether statements on personal data must wait for the audit stream now, and be
         refused if it is not back in time: `on_failure: block` while it takes no events."""
-        return self.on_failure == "block" and not self.accepting()
+        # (not accepting(), inlined: asked for every statement)
+        return self.on_failure == "block" and (
+            bool(self._failing) or len(self._table_queue) >= self.queue_size
+        )
 
     def submit(
         self,

@@ -544,6 +544,9 @@ class _Values:
         return changed
 
 
+_IDLE = ord("I")  # ReadyForQuery's status outside a transaction block
+
+
 class ReadingTracker:
     """Predicts the `Reading` of each message a session's client sends (see the module
     docstring). The statement log tells it what is sent and what the server answers."""
@@ -639,7 +642,8 @@ class ReadingTracker:
             self._now = None
         if values.touched:
             values.touched.clear()
-        self._base = self.now()
+        now = self._now  # (now(), inlined: run for every request)
+        self._base = now if now is not None else self.now()
         self.base_exact = False
         if self.unsure:
             self.unsure.clear()
@@ -660,7 +664,8 @@ class ReadingTracker:
     def confirm(self, tx_status: int) -> None:
         """The server answered every request but the client's current one: what it last
         reported is what that request began under."""
-        if self._values.confirm(self.truth, tx_status != ord("I")):
+        if self._values.confirm(self.truth, tx_status != _IDLE):
             self._now = None
-        self._base = self.server
+        server = self._server  # (server, inlined: run for every request)
+        self._base = server if server is not None else self.server
         self.base_exact = True

@@ -1728,7 +1728,7 @@ class StatementLog:
                     break
             else:
                 self._unverified = 0  # (every entry in flight was looked at)
-        else:
+        elif self._fifo:  # (the common case: nothing more in flight)
             in_flight = any(e.kind in _REQUESTS for e in self._fifo)
         if not in_flight:
             tracker.confirm(status)
@@ -2237,6 +2237,13 @@ def _decode_keys(entry: _InFlight, encoding: str) -> None:
         if entry.subjects is None:
             entry.subjects = {}
         keys = entry.subjects.setdefault(table, set())
+        if fmt == 0 and typ not in _TEXT_NORMALISED:
+            # text read as it is: one decode for all (no text value holds a NUL byte)
+            try:
+                keys.update(b"\0".join(raws).decode(encoding).split("\0"))
+                continue
+            except (UnicodeDecodeError, LookupError):
+                pass  # one at a time: those that cannot be read make the subjects unsure
         for raw in raws:
             key = row_key(typ, raw, fmt, encoding)
             if key is None:
@@ -2245,6 +2252,10 @@ def _decode_keys(entry: _InFlight, encoding: str) -> None:
                 keys.add(key)
     entry.raw = ()
 
+
+# key types whose text form row_key rewrites (numeric to its canonical number, bpchar without
+# its padding): every other type's text is its key as it is
+_TEXT_NORMALISED = frozenset(("numeric", "bpchar"))
 
 _PROOFS = ("_subject_keys", "_row_subjects")  # a statement's own: never in an event
 

@@ -180,7 +180,7 @@ class MessageScanner:
                     if out is NO_MESSAGES:
                         out = []
                     out.append((typ, data[pos + 5 : end]))
-                    if marks is not None and typ != _DATA_ROW and typ != _COPY_DATA:
+                    if typ != _DATA_ROW and marks is not None and typ != _COPY_DATA:  # (rows first)
                         marks.append(counts[_DATA_ROW] + counts[_COPY_DATA])
                 else:
                     self.last_type = typ
