@@ -278,7 +278,7 @@ def test_psycopg_copy_rows_in_binary(compat: Compat) -> None:
             copy.set_types(["int8", "int8", "text", "inet", "macaddr", "text", "bool", "numeric"])
             rows = list(copy.rows())
     assert len(rows) == 30 and all(r[5] is None for r in rows)
-    assert str(rows[0][3]) == "198.0.0.222"
+    assert "198.0.0.222" in {str(r[3]) for r in rows}
     assert_masked(repr(rows))
 
 

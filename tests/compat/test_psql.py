@@ -62,7 +62,7 @@ def test_describe_lists_the_schema(compat: Compat) -> None:
 
 
 def test_expanded_select(compat: Compat) -> None:
-    script = "\\x\nSELECT * FROM customers WHERE i_customer = 1;\nTABLE accounts LIMIT 2;\n"
+    script = "\\x\nSELECT * FROM customers WHERE i_customer = 1;\nSELECT * FROM accounts ORDER BY i_account LIMIT 2;\n"
     rc, masked = compat.psql("-v", "ON_ERROR_STOP=1", stdin=script)
     assert rc == 0, masked
     assert "-[ RECORD 1 ]" in masked and "name             | Z*****************t" in masked
