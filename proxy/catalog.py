@@ -64,10 +64,17 @@ SELECT n.nspname, c.relname
  WHERE n.nspname IN ('pg_catalog', 'information_schema')
 """
 KEYWORDS_SQL = "SELECT word, catcode::text AS catcode FROM pg_catalog.pg_get_keywords()"
+# also the output columns that functions declare (OUT, INOUT and TABLE arguments): `FROM
+# pg_partition_tree(c.oid) ppt ... ppt.isleaf` (psql's \dP+) names one
 COLUMN_NAMES_SQL = """
-SELECT DISTINCT a.attname FROM pg_catalog.pg_attribute a
+SELECT a.attname FROM pg_catalog.pg_attribute a
   JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
  WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
+UNION
+SELECT arg.name FROM pg_catalog.pg_proc p,
+       ROWS FROM (pg_catalog.unnest(p.proargnames), pg_catalog.unnest(p.proargmodes))
+         AS arg(name, mode)
+ WHERE arg.mode IN ('o', 'b', 't') AND arg.name <> ''
 """
 VIEW_DEFINITIONS_SQL = """
 SELECT n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid) AS definition
@@ -266,7 +273,7 @@ async def read_catalog(conn: Any) -> Catalog:
         r["relname"] for r in system_rows if r["nspname"] == "pg_catalog"
     )
     keywords = {r["word"]: r["catcode"] for r in await conn.fetch(KEYWORDS_SQL)}
-    column_names = frozenset(r["attname"] for r in await conn.fetch(COLUMN_NAMES_SQL))
+    column_names = frozenset(r[0] for r in await conn.fetch(COLUMN_NAMES_SQL))
     version = int(await conn.fetchval("SELECT pg_catalog.current_setting('server_version_num')"))
     hidden = tuple(
         (r["what"], r["nspname"], r["proname"]) for r in await conn.fetch(HIDDEN_CODE_SQL)
