@@ -830,4 +830,6 @@ def _unreachable(params: Params, hosts: list[tuple[str, int]], last: BaseExcepti
         why = last.strerror or str(last) or type(last).__name__
     else:
         why = type(last).__name__ if last is not None else "no host to try"
-    return f"cannot reach {where} (database {params.dbname} as {params.user}): {why}"
+    return (
+        f"cannot reach the database at {where} (database {params.dbname} as {params.user}): {why}"
+    )

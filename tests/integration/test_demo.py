@@ -452,7 +452,7 @@ def test_demo_on_an_existing_database_touches_only_its_own() -> None:
     [
         (["--scale", "0"], "--scale: expected a number above 0"),
         (["--reuse"], "--reuse needs --dsn"),
-        (["--dsn", "host=/var/run/postgresql"], "over TCP"),
+        (["--dsn", "host=a,b"], "the demo uses one server"),
         (["--dsn", "nonsense"], "expected key=value pairs or a URI"),
         (["--listen", "nowhere"], "--listen: expected HOST:PORT"),
     ],
