@@ -47,29 +47,43 @@ def _p(pattern: str, flags: int = 0) -> re.Pattern[str]:
 
 
 # column-name patterns -> (category, suggested mask), the most specific first: a card
-# holder is a name (never `digits`, which shows a name whole), a card number is not a phone
+# holder is a name (never `digits`, which shows a name whole), a card number is not a phone.
+# Short words match whole words of the name only (`_`-separated, digits after them allowed):
+# `i_phonebook` is no phone number, `voicemail` no e-mail, `capacity` no city, `classname`
+# no social security number, `private` no VAT number, `hmac` no MAC address.
+_W = r"(?:^|_)(?:{})(?:\d*$|_)"
+
+
+def _words(*words: str) -> str:
+    return _W.format("|".join(words))
+
+
 _NAME_PATTERNS: list[tuple[re.Pattern[str], str, MaskSpec]] = [
     (_p(r"card_?holder|holder_?name|name_on_card"), "name", _PARTIAL),
-    (_p(r"passw(or)?d|pass_?phrase|(^|_)pass$|(^|_)pwd($|_)|secret|(^|_)pin$|token|"
-        r"api_?key|credential|totp|otp_?seed"), "credential", _DENY),
-    (_p(r"e_?mail"), "e-mail", MaskSpec("email")),
+    (_p(r"passw(or)?d|pass_?phrase|secret|api_?key|credential|totp|otp_?seed|"
+        + _words("pass", "pwd", "pin", "token")), "credential", _DENY),
+    (_p(_words("e_?mails?", "email_?addr(ess)?")), "e-mail", MaskSpec("email")),
     (_p(r"card_?(number|num|no)$|credit_?card|^(cc|pan)$|^cc_?(number|num|no)$|_pan$"),
      "card number", _CARD),
-    (_p(r"iban|bank_?account|account_?(number|num|no)$|(^|_)bic$|swift"),
+    (_p(r"iban|bank_?account|account_?(number|num|no)$|swift|" + _words("bic")),
      "bank account", _ACCOUNT),
-    (_p(r"phone|mobile|fax|msisdn|^cli$|^cld$|_cli$|_cld$|^caller$|^callee$|"
-        r"calling_?(number|party)|called_?(number|party)"), "phone number", _KEEP_2),
-    (_p(r"imsi|imei|iccid"), "SIM or device identifier", _KEEP_2),
-    (_p(r"(^|_)ip(_|$)|ip_?addr|^ip$"), "IP address", _ADDRESS),
-    (_p(r"mac(_?addr)?$"), "MAC address", _ADDRESS),
-    (_p(r"birth|(^|_)dob$"), "date of birth", _BIRTH_TEXT),
+    (_p(_words("phone", "telephone", "tel", "mobile", "cell", "cellphone", "fax", "msisdn",
+               "cli", "cld", "caller", "callee") + r"|calling_?(number|party)|"
+        r"called_?(number|party)|phone_?(number|no)"), "phone number", _KEEP_2),
+    (_p(_words("imsi", "imei", "iccid")), "SIM or device identifier", _KEEP_2),
+    (_p(_words("ip", "ip_?addr(ess)?", "ipv[46]")), "IP address", _ADDRESS),
+    (_p(_words("mac", "mac_?addr(ess)?")), "MAC address", _ADDRESS),
+    (_p(r"birth|" + _words("dob")), "date of birth", _BIRTH_TEXT),
     (_p(r"login|user_?name"), "login", _PARTIAL),
     (_p(r"(first|last|middle|full|maiden|company|contact|person|given|family)_?name|"
-        r"^name$|surname|contact_?person|^holder$"), "name", _PARTIAL),
-    (_p(r"address|street|city|zip|postal|postcode|country"), "postal address", _PARTIAL),
-    (_p(r"ssn|passport|national_?id|tax_?id|vat|social_?security|(^|_)dl$|driv(er|ing)_?"
-        r"licen[cs]e|id_?card"), "personal identifier", _PARTIAL),
-    (_p(r"^notes?$|_notes?$|comment|remarks?$|memo$|transcript"), "free text", _REDACT),
+        r"surname|contact_?person|" + _words("name", "holder")), "name", _PARTIAL),
+    (_p(r"address|" + _words("street", "city", "zip", "zip_?code", "postal", "post_?code",
+                             "postcode", "country", "town")), "postal address", _PARTIAL),
+    (_p(r"passport|national_?id|tax_?id|social_?security|driv(er|ing)_?licen[cs]e|"
+        r"id_?card|vat_?(id|no|number)|" + _words("ssn", "vat", "dl")),
+     "personal identifier", _PARTIAL),
+    (_p(_words("notes?", "comments?", "remarks?", "memo", "transcript")), "free text",
+     _REDACT),
 ]  # fmt: skip
 
 # binary columns by name: recordings, pictures, documents

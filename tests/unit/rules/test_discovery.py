@@ -76,6 +76,15 @@ def test_each_category_mask_hides_its_example(category: str) -> None:
         assert core not in shown, (name, spec, shown)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["i_phonebook", "i_voicemail", "capacity", "classname", "private", "hmac", "i_account",
+     "bill_status", "team", "created_at", "filename", "hostname", "description"],
+)  # fmt: skip
+def test_short_words_match_whole_words_only(name: str) -> None:
+    assert name_category(name) is None
+
+
 def test_a_card_holder_is_a_name_and_a_card_number_is_not_a_phone() -> None:
     assert name_category("cardholder") == name_category("name")
     found = name_category("number", "customer_cards")
