@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -306,13 +306,13 @@ class ProxyConfig:
     metrics: HostPort | None
     rules: Path | None
     catalog_user: str | None
-    catalog_password: str | None
+    catalog_password: str | None = field(repr=False)
     catalog_refresh: float
     audit_file: Path | None
     audit_stdout: bool
     audit_on_failure: str
     audit_queue_size: int
-    audit_table_dsn: str | None
+    audit_table_dsn: str | None = field(repr=False)  # may hold a password
     audit_table: str
     audit_chain: str | None
     audit_key: KeyRef | None

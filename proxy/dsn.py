@@ -804,6 +804,10 @@ def _refused(
     text = f"cannot connect to {params.describe(host, port)}: {reason}"
     if code:
         text += f" ({code})"
+    for label in ("detail", "hint"):
+        extra = getattr(exc, label, None)
+        if extra:
+            text += f"; {label.upper()}: {' '.join(str(extra).split())}"
     if code == "28P01":
         if from_file:
             text += f'; the password came from the password file "{params.passfile}"'

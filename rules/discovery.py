@@ -15,7 +15,7 @@ from typing import Any
 
 from rules.catalog import Catalog, ProtectionMap, Relation
 from rules.check import check_policy
-from rules.masks import SUPPORTED, fits
+from rules.masks import SUPPORTED, ColumnType, fits, py_mask
 from rules.model import MaskSpec, Policy
 
 
@@ -174,8 +174,6 @@ def name_category(name: str, table: str = "") -> tuple[str, MaskSpec] | None:
 def hides(spec: MaskSpec, type_name: str, value: str) -> bool:
     """Whether the mask changes this value (the Python form of the mask, on its text).
     `digits` leaves a value without digits whole, `partial` a value that is all `char`."""
-    from rules.masks import ColumnType, py_mask
-
     try:
         out = py_mask(spec, value, ColumnType(type_name, type_name), {})
     except (ValueError, KeyError):

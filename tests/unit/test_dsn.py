@@ -286,7 +286,7 @@ def test_proxy_upstream_precedence(tmp_path: Path) -> None:
     uri = "postgresql://dsn-user:dsn-pw@[::1]:5435/?application_name=x"
     cfg = load_config({"upstream": uri}, env)
     assert cfg.upstream == HostPort("::1", 5435) and cfg.catalog_password == "dsn-pw"
-    assert "dsn-pw" not in repr(cfg.server)
+    assert "dsn-pw" not in repr(cfg) and "env-pw" not in repr(cfg)
 
 
 def test_proxy_require_with_a_root_certificate_verifies(tmp_path: Path) -> None:
