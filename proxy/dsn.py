@@ -46,6 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
 
@@ -458,7 +459,9 @@ class Params:
 
     @property
     def hosts(self) -> list[str]:
-        return self.get("host").split(",") if self.get("host") else [default_socket_dir()]
+        """One entry per host to try; an empty one is the default socket (as libpq)."""
+        given = self.get("host").split(",") if self.get("host") else [""]
+        return [h or default_socket_dir() for h in given]
 
     @property
     def port_texts(self) -> list[str]:
@@ -774,8 +777,6 @@ def _ssl(params: Params) -> str | bool:
 
 def _ssl_uri(params: Params) -> str:
     """The TLS files as a URI for asyncpg (it takes them no other way); only those set."""
-    from urllib.parse import urlencode
-
     keys = (
         "sslcert",
         "sslkey",
