@@ -23,62 +23,16 @@ import asyncpg
 
 from audit.events import CHECKPOINT, GAP, Chain, canonical, load_event
 from audit.files import AuditFile
-
-_ASYNCPG_KEYS = {"dbname": "database", "connect_timeout": "timeout"}
-
-
-def parse_conninfo(dsn: str) -> dict[str, str]:
-    """libpq `key=value` connection strings: values may be single-quoted, with `\\'` and
-    `\\\\` escapes inside."""
-    out: dict[str, str] = {}
-    i, n = 0, len(dsn)
-    while i < n:
-        while i < n and dsn[i].isspace():
-            i += 1
-        if i >= n:
-            break
-        eq = dsn.find("=", i)
-        if eq < 0:
-            raise ValueError(f"missing '=' after {dsn[i:].split()[0]!r} in connection string")
-        key = dsn[i:eq].strip()
-        i = eq + 1
-        while i < n and dsn[i].isspace():
-            i += 1
-        value = []
-        if i < n and dsn[i] == "'":
-            i += 1
-            while i < n and dsn[i] != "'":
-                if dsn[i] == "\\" and i + 1 < n:
-                    i += 1
-                value.append(dsn[i])
-                i += 1
-            if i >= n:
-                raise ValueError("unterminated quoted value in connection string")
-            i += 1
-        else:
-            while i < n and not dsn[i].isspace():
-                if dsn[i] == "\\" and i + 1 < n:
-                    i += 1
-                value.append(dsn[i])
-                i += 1
-        out[key] = "".join(value)
-    return out
+from proxy.dsn import connect as dsn_connect
 
 
 async def connect(dsn: str, timeout: float = 10) -> asyncpg.Connection:
-    """asyncpg connection from a libpq DSN (`key=value ...`) or a postgresql:// URI."""
-    if dsn.startswith(("postgres://", "postgresql://")):
-        return await asyncpg.connect(dsn, timeout=timeout)
-    kwargs: dict[str, object] = {"timeout": timeout}
-    for key, value in parse_conninfo(dsn).items():
-        kwargs[_ASYNCPG_KEYS.get(key, key)] = value
-    if "port" in kwargs:
-        kwargs["port"] = int(str(kwargs["port"]))
-    if "timeout" in kwargs:
-        kwargs["timeout"] = float(str(kwargs["timeout"]))
-    if kwargs.pop("sslmode", "disable") == "disable":
-        kwargs["ssl"] = False
-    return await asyncpg.connect(**kwargs)
+    """The table sink's connection, opened as libpq would from `dsn` (a connection string
+    or URI) and the PG* environment: see proxy.dsn."""
+    conn: asyncpg.Connection = await dsn_connect(
+        dsn, fallback_application_name="pgveil-audit", timeout=timeout
+    )
+    return conn
 
 
 class FileSink:

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser, parser_class: type[Any]) -> N
         "--dsn",
         default="",
         metavar="DSN",
-        help="libpq key=value or postgresql:// URI (default: the PG* environment)",
+        help="a libpq connection string or URI, completed from the PG* environment and the "
+        "password file (~/.pgpass, PGPASSFILE) as psql does (default: the PG* environment)",
     )
     common.add_argument(
         "--now",

@@ -1,18 +1,18 @@
 """The erasure worker's database access: connecting, reading the catalog, the job table.
 
-Every connection runs with `search_path = pg_catalog` (so unqualified functions and
-operators are the built-ins and `format_type` qualifies every other type), `TimeZone = UTC`,
-`application_name = pgveil-erasure`, and the configured `lock_timeout` and
-`statement_timeout`. Errors that leave this module carry table and
-column names, SQLSTATEs and counts only: server messages can quote row values, so they are
-never passed on.
+Connections are opened by proxy.dsn, as libpq would (connection string, PG* environment,
+password file). Every connection runs with `search_path = pg_catalog` (so unqualified
+functions and operators are the built-ins and `format_type` qualifies every other type),
+`TimeZone = UTC`, `application_name = pgveil-erasure` (unless the connection names
+another), and the configured `lock_timeout` and `statement_timeout`. Errors that leave this
+module carry table and column names, SQLSTATEs and counts only: server messages can quote
+row values, so they are never passed on (the server's reasons for refusing a connection
+name roles and databases, and are: no statement has run yet).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +20,10 @@ import asyncpg
 
 from erasure.catalog import Catalog, Column, Index, Relation
 from erasure.model import ErasureConfig, TableName
+from proxy.dsn import ConnectError, DsnError
+from proxy.dsn import connect as dsn_connect
+
+__all__ = ["ConnectError", "DsnError", "connect"]
 
 APPLICATION_NAME = "pgveil-erasure"
 # advisory lock class of erasure jobs: pg_try_advisory_lock(LOCK_CLASS, hashtext(subject key))
@@ -27,71 +31,21 @@ LOCK_CLASS = 0x70677665  # "pgve"
 SCHEMA_LOCK = 0  # the second key of the lock that serialises creating the job table
 
 
-class DsnError(Exception):
-    pass
-
-
-class ConnectError(Exception):
-    """No connection: the server is unreachable or refused us (message safe to print)."""
-
-
-_DSN_PAIR = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)")
-
-
-def parse_dsn(dsn: str) -> dict[str, str]:
-    """libpq `key=value` pairs (values optionally single-quoted, with \\' and \\\\)."""
-    out: dict[str, str] = {}
-    pos = 0
-    text = dsn.strip()
-    while pos < len(text):
-        m = _DSN_PAIR.match(text, pos)
-        if m is None:
-            raise DsnError(
-                "cannot read the DSN; write key=value pairs (host=... dbname=...) or a "
-                "postgresql:// URI"
-            )
-        value = m.group(2)
-        if value.startswith("'"):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        out[m.group(1)] = value
-        pos = m.end()
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-    return out
-
-
-def dsn_to_uri(dsn: str) -> str:
-    """A URI asyncpg understands, from a libpq DSN or URI (an empty one: libpq's PG* env)."""
-    if dsn.startswith(("postgres://", "postgresql://")):
-        return dsn
-    pairs = parse_dsn(dsn)
-    if "dbname" in pairs:
-        pairs["database"] = pairs.pop("dbname")
-    return "postgresql://?" + urllib.parse.urlencode(pairs) if pairs else "postgresql://"
-
-
 async def connect(dsn: str, lock_timeout_ms: int = 0, statement_timeout_ms: int = 0) -> Any:
-    """A worker connection. The timeouts bound every statement it runs; each batch is one
+    """A worker connection, opened as libpq would from `dsn` and the PG* environment
+    (proxy.dsn). The timeouts bound every statement it runs; each batch is one
     statement, so they bound every batch's transaction (0: the server's settings)."""
-    settings = {
-        "application_name": APPLICATION_NAME,
-        "search_path": "pg_catalog",
-        "TimeZone": "UTC",
-    }
+    settings = {"search_path": "pg_catalog", "TimeZone": "UTC"}
     if lock_timeout_ms:
         settings["lock_timeout"] = f"{int(lock_timeout_ms)}ms"
     if statement_timeout_ms:
         settings["statement_timeout"] = f"{int(statement_timeout_ms)}ms"
-    try:
-        conn = await asyncpg.connect(
-            dsn_to_uri(dsn), server_settings=settings, statement_cache_size=256
-        )
-    except OSError as exc:
-        raise ConnectError(
-            f"cannot reach the database: {exc.strerror or type(exc).__name__}"
-        ) from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ConnectError(f"the database refused the connection: {sqlstate_of(exc)}") from exc
+    conn = await dsn_connect(
+        dsn,
+        fallback_application_name=APPLICATION_NAME,
+        server_settings=settings,
+        statement_cache_size=256,
+    )
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     if conn.get_server_version().major >= 14:
         # a worker killed mid-statement: its backend stops within a second instead of

@@ -25,6 +25,7 @@ from audit.files import AuditFileError, read_events, read_numbered, rotated_file
 from audit.sinks import read_table, read_table_rows
 from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
 from proxy.config import ConfigError
+from proxy.dsn import DsnError
 from rules.keys import canonical_number, input_value
 
 EXIT_ORDER = (EXIT_INTACT, EXIT_UNPROVEN, EXIT_BROKEN)  # the worst of several chains wins
@@ -377,7 +378,7 @@ def run(ns: argparse.Namespace) -> int:
                     ns.files, keys, _anchors(ns.anchor, ns.dsn, ns.audit_table), ns.after
                 )
             )
-        dsn = ns.dsn or os.environ.get("PGVEIL_AUDIT_TABLE_DSN")
+        dsn = ns.dsn if ns.dsn is not None else os.environ.get("PGVEIL_AUDIT_TABLE_DSN")
         if dsn is None:
             raise ConfigError("give audit files, or --dsn for the table sink")
         return _from_table(
@@ -407,6 +408,8 @@ def _from_table(action: Callable[[], int]) -> int:
     except AuditFileError as exc:
         sys.stderr.write(f"pgveil: error: {exc}\n")
         return 1
+    except DsnError as exc:
+        raise ConfigError(f"--dsn: {exc}") from exc
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ConfigError(f"the audit table cannot be read: {exc}") from exc
 

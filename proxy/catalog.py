@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from proxy import dsn
 from proxy.config import ProxyConfig
 from proxy.logs import log
 from rules.catalog import Catalog, Column, Relation
@@ -383,22 +384,23 @@ class MaskingManager:
                         db.loaded = time.monotonic()  # keep the last good one; retry later
 
     async def _connect(self, database: str) -> Any:
+        """pgveil's own login to `database`, opened as libpq would (proxy.dsn): the
+        upstream, catalog user and TLS settings, else the PG* environment, and the password
+        file when no password is given. The text of the error is safe to show a client
+        (the database and the kind of failure); its cause has the details."""
         c = self.config
-        ssl: Any = False if c.upstream_sslmode == "disable" else c.upstream_sslmode
+        assert c.server is not None, "load_config resolves the server connection"
         try:
-            return await asyncpg.connect(
-                host=c.upstream.host,
-                port=c.upstream.port,
-                user=c.catalog_user,
-                password=c.catalog_password,
-                database=database,
-                ssl=ssl,
+            return await dsn.connect(
+                c.server,
+                dbname=database,
+                fallback_application_name="pgveil-catalog",
                 timeout=c.connect_timeout,
-                server_settings={"application_name": "pgveil-catalog"},
             )
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        except (dsn.ConnectError, dsn.DsnError) as exc:
+            kind = type(exc.__cause__ or exc).__name__
             raise MaskingUnavailable(
-                f"pgveil cannot read the catalog of database {database} ({type(exc).__name__})"
+                f"pgveil cannot read the catalog of database {database} ({kind})"
             ) from exc
 
     async def _database(self, database: str) -> _Database:

@@ -50,13 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     rsub.required = True
     rc = rsub.add_parser("check", help="validate a rules file, and against a database with --dsn")
     rc.add_argument("--rules", type=Path, required=True, metavar="FILE")
-    rc.add_argument("--dsn", metavar="DSN", help="libpq key=value or postgresql:// URI")
+    rc.add_argument(
+        "--dsn",
+        nargs="?",
+        const="",
+        metavar="DSN",
+        help=f"check against this database: {_DSN_HELP}; --dsn alone: the PG* environment",
+    )
     rs = rsub.add_parser("suggest", help="print a draft rules file from the database")
-    rs.add_argument("--dsn", metavar="DSN", required=True)
+    rs.add_argument("--dsn", default="", metavar="DSN", help=f"{_DSN_HELP} (default: PG*)")
+    rs.add_argument(
+        "--subject-table",
+        action="append",
+        metavar="SCHEMA.TABLE",
+        help="the table whose rows are the data subjects (repeatable; default: a table "
+        "named like customers, clients, users, ... that others reference)",
+    )
     rsub.add_parser("schema", help="print the JSON Schema of the rules format")
     d = sub.add_parser("demo", help="try pgveil on a generated billing database (fake data)")
     d.add_argument("--scale", type=float, default=1.0, help="1 = 10,000 customers, 1M xDRs")
-    d.add_argument("--dsn", help="use this database instead of a temporary PostgreSQL")
+    d.add_argument(
+        "--dsn",
+        nargs="?",
+        const="",
+        metavar="DSN",
+        help=f"use this database instead of a temporary PostgreSQL: {_DSN_HELP}; --dsn "
+        "alone: the PG* environment",
+    )
     d.add_argument("--keep", action="store_true", help="keep what the demo created on exit")
     d.add_argument("--reuse", action="store_true", help="with --dsn: reuse a kept demo schema")
     d.add_argument("--listen", metavar="HOST:PORT", help="proxy address (127.0.0.1:6432)")
@@ -112,12 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DSN_HELP = (
+    "a libpq connection string or URI, completed from the PG* environment and the "
+    "password file (~/.pgpass, PGPASSFILE) as psql does"
+)
+
+
 def _table_source(p: argparse.ArgumentParser, from_env: bool = True) -> None:
     p.add_argument(
         "--dsn",
+        nargs="?",
+        const="",
         metavar="DSN",
         default=os.environ.get("PGVEIL_AUDIT_TABLE_DSN") if from_env else None,
-        help="read the table sink in this database (default"
+        help="read the table sink in this database, "
+        + _DSN_HELP
+        + "; --dsn alone: the PG* environment (default"
         + (": " if from_env else " without FILEs: ")
         + "$PGVEIL_AUDIT_TABLE_DSN"
         + ("" if from_env else "; with FILEs, its checkpoints anchor them")
@@ -229,7 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "rules":
             from proxy.rules_cli import run
 
-            return run(ns.rules_command, getattr(ns, "rules", None), getattr(ns, "dsn", None))
+            return run(
+                ns.rules_command,
+                getattr(ns, "rules", None),
+                getattr(ns, "dsn", None),
+                getattr(ns, "subject_table", None),
+            )
     except ConfigError as exc:
         sys.stderr.write(f"pgveil: error: {exc}\n")
         return EXIT_USAGE

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from audit.anchors import KeyRef, load_key, parse_key_ref
+from proxy import dsn
 
 
 class ConfigError(Exception):
@@ -110,6 +111,29 @@ def _path(text: Any) -> Path:
     return Path(s)
 
 
+def _upstream(text: Any) -> str:
+    """HOST:PORT, or a libpq connection string or URI (checked here, read in
+    `_server_connection` with the options and the environment)."""
+    s = str(text).strip()
+    if dsn.is_dsn(s):
+        try:
+            dsn.parse(s)
+        except dsn.DsnError as exc:
+            raise ValueError(str(exc)) from exc
+        return s
+    parse_host_port(s)
+    return s
+
+
+def _conninfo(text: Any) -> str:
+    s = str(text).strip()
+    try:
+        dsn.parse(s)
+    except dsn.DsnError as exc:
+        raise ValueError(str(exc)) from exc
+    return s
+
+
 def _optional_host_port(text: Any) -> HostPort | None:
     s = str(text).strip()
     return None if s in ("", "off", "none") else parse_host_port(s)
@@ -136,16 +160,33 @@ SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", parse_host_port, "127.0.0.1:6432", "address clients connect to", False),
-    Setting("upstream", parse_host_port, "127.0.0.1:5432", "the PostgreSQL server", False),
+    Setting(
+        "upstream",
+        _upstream,
+        None,
+        "the PostgreSQL server: HOST:PORT, or a libpq connection string or URI (host, port, "
+        "sslmode, sslrootcert; its user, password and other keywords are for pgveil's own "
+        "catalog login); what it leaves out comes from the options below, then PGHOST, "
+        "PGPORT, PGUSER, PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, ... as libpq reads them, then "
+        "127.0.0.1:5432",
+        False,
+    ),
     Setting("metrics", _optional_host_port, None, "serve /metrics and /healthz here (off)", False),
     Setting("rules", _path, None, "masking rules file (YAML)"),
     Setting(
         "catalog_user",
         str,
         None,
-        "pgveil's own login, to read the catalog and role memberships (needed with rules)",
+        "pgveil's own login, to read the catalog and role memberships (needed with rules; "
+        "else the upstream connection string's user, else PGUSER)",
     ),
-    Setting("catalog_password", str, None, "its password (prefer PGVEIL_CATALOG_PASSWORD)"),
+    Setting(
+        "catalog_password",
+        str,
+        None,
+        "its password (prefer PGVEIL_CATALOG_PASSWORD, PGPASSWORD or a password file: "
+        "~/.pgpass or PGPASSFILE, as libpq)",
+    ),
     Setting("catalog_refresh", _positive_float, 60.0, "seconds before the catalog is re-read"),
     Setting("audit_file", _path, None, "audit stream file (JSON lines)"),
     Setting("audit_stdout", _bool, "false", "also write audit events to standard output"),
@@ -158,9 +199,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audit_queue_size", _positive_int, 10000, "audit events queued before that"),
     Setting(
         "audit_table_dsn",
-        str,
+        _conninfo,
         None,
-        "database for the audit table sink (libpq DSN; prefer PGVEIL_AUDIT_TABLE_DSN)",
+        "database for the audit table sink (libpq connection string or URI, completed from "
+        "the PG* environment and password file as libpq does; prefer PGVEIL_AUDIT_TABLE_DSN)",
     ),
     Setting("audit_table", str, "pgveil.audit_events", "the table sink's table (created)"),
     Setting(
@@ -220,10 +262,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "upstream_sslmode",
         _choice(*SSLMODES),
-        "prefer",
-        "TLS to the server, as libpq's sslmode: " + ", ".join(SSLMODES),
+        None,
+        "TLS to the server, as libpq's sslmode: " + ", ".join(SSLMODES) + " (else the "
+        "upstream connection string's, else PGSSLMODE, else prefer)",
     ),
-    Setting("upstream_sslrootcert", _path, None, "CA bundle to verify the server (verify-*)"),
+    Setting(
+        "upstream_sslrootcert",
+        _path,
+        None,
+        "CA bundle to verify the server (verify-*; else the connection string's, else "
+        "PGSSLROOTCERT, else ~/.postgresql/root.crt if it exists, as libpq)",
+    ),
     Setting("max_connections", _positive_int, 1000, "client connections; more get SQLSTATE 53300"),
     Setting("connect_timeout", _positive_float, 5.0, "seconds to open the upstream connection"),
     Setting(
@@ -257,13 +306,13 @@ class ProxyConfig:
     metrics: HostPort | None
     rules: Path | None
     catalog_user: str | None
-    catalog_password: str | None
+    catalog_password: str | None = field(repr=False)
     catalog_refresh: float
     audit_file: Path | None
     audit_stdout: bool
     audit_on_failure: str
     audit_queue_size: int
-    audit_table_dsn: str | None
+    audit_table_dsn: str | None = field(repr=False)  # may hold a password
     audit_table: str
     audit_chain: str | None
     audit_key: KeyRef | None
@@ -289,6 +338,9 @@ class ProxyConfig:
     log_format: str
     log_level: str
     config_file: Path | None = None
+    # pgveil's own connection to the server (the catalog reader), resolved as libpq would
+    # from `upstream`, the catalog and TLS options and the PG* environment (proxy.dsn)
+    server: dsn.Params | None = None
 
     def changed_restart_only(self, other: ProxyConfig) -> list[str]:
         """Names of settings that differ and only take effect after a restart."""
@@ -367,8 +419,15 @@ def load_config(
                 "default": setting.name,
             }.get(origin, f"{origin}: key '{setting.name}'")
             raise ConfigError(f"{label}: {exc}") from exc
-    config = ProxyConfig(**values, config_file=config_file)
+    origins = {s.name: _origin_label(s, sources) for s in SETTINGS}
+    values, server = _server_connection(values, origins, environ)
+    config = ProxyConfig(**values, config_file=config_file, server=server)
     _check(config)
+    if config.audit_table_dsn:
+        try:
+            dsn.resolve(config.audit_table_dsn, environ=environ)
+        except dsn.DsnError as exc:
+            raise ConfigError(f"{origins['audit_table_dsn']}: {exc}") from exc
     if config.audit_key is not None:
         if not audited(config):
             raise ConfigError("--audit-key: no audit sink is configured")
@@ -377,6 +436,82 @@ def load_config(
         except ValueError as exc:
             raise ConfigError(f"--audit-key {exc}") from exc
     return config
+
+
+def _origin_label(setting: Setting, sources: list[tuple[str, Mapping[str, Any]]]) -> str:
+    """How a message names where a setting was given: its flag, variable or file key."""
+    label = setting.flag
+    for source_name, source in sources:
+        key = setting.env if source_name == "environment" else setting.name
+        if key in source and source[key] is not None:
+            label = {"environment": setting.env, "command line": setting.flag}.get(
+                source_name, f"{source_name}: key '{setting.name}'"
+            )
+    return label
+
+
+DEFAULT_UPSTREAM = HostPort("127.0.0.1", 5432)
+
+
+def _server_connection(
+    values: dict[str, Any], origins: Mapping[str, str], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dsn.Params]:
+    """The server, TLS and catalog login, resolved as libpq would (proxy.dsn): the upstream
+    connection string's keywords, then the options (--upstream HOST:PORT, --catalog-user,
+    --catalog-password, --upstream-sslmode, --upstream-sslrootcert), then the service file
+    and the PG* environment, then the defaults (127.0.0.1:5432 here: pgveil listens and
+    connects over TCP unless told a socket directory)."""
+    upstream = values["upstream"]
+    text = upstream if upstream is not None and dsn.is_dsn(upstream) else ""
+    hp = parse_host_port(upstream) if upstream is not None and not text else None
+    rootcert = values["upstream_sslrootcert"]
+    options = {
+        "host": hp.host if hp else None,
+        "port": str(hp.port) if hp else None,
+        "user": values["catalog_user"],
+        "password": values["catalog_password"],
+        "sslmode": values["upstream_sslmode"],
+        "sslrootcert": str(rootcert) if rootcert is not None else None,
+    }
+    labels = {
+        "host": origins["upstream"],
+        "port": origins["upstream"],
+        "user": origins["catalog_user"],
+        "password": origins["catalog_password"],
+        "sslmode": origins["upstream_sslmode"],
+        "sslrootcert": origins["upstream_sslrootcert"],
+    }
+    try:
+        server = dsn.resolve(text, options, environ, labels)
+        if text:
+            given = dsn.parse(text)
+            for keyword in ("dbname", "target_session_attrs", "load_balance_hosts"):
+                if given.get(keyword):
+                    raise dsn.DsnError(
+                        f"{keyword}: pgveil reads every database the rules are for, through "
+                        "one server; leave it out"
+                    )
+        if len(server.hosts) > 1:
+            raise dsn.DsnError("pgveil forwards to one server: give one host")
+        host = server.get("host") or DEFAULT_UPSTREAM.host
+        port = server.ports[0] if server.get("port") else DEFAULT_UPSTREAM.port
+    except dsn.DsnError as exc:
+        raise ConfigError(f"{origins['upstream']}: {exc}") from exc
+    server = server.replace(host=host, port=str(port))
+    sslmode = server.get("sslmode")
+    root = server.get("sslrootcert")
+    if not root and sslmode in ("require", "verify-ca", "verify-full") and server.home:
+        default_root = Path(server.home) / ".postgresql" / "root.crt"
+        root = str(default_root) if default_root.is_file() else ""
+    if sslmode == "require" and root:
+        sslmode = "verify-ca"  # libpq: a root certificate makes require verify the server
+    out = dict(values)
+    out["upstream"] = HostPort(host, port)
+    out["upstream_sslmode"] = sslmode
+    out["upstream_sslrootcert"] = Path(root) if root else None
+    out["catalog_user"] = server.get("user") or None
+    out["catalog_password"] = server.password
+    return out, server
 
 
 def audited(config: ProxyConfig) -> bool:
@@ -398,14 +533,20 @@ def _check(config: ProxyConfig) -> None:
     for name in ("tls_cert", "tls_key", "upstream_sslrootcert", "rules"):
         path = getattr(config, name)
         if path is not None and not path.is_file():
-            raise ConfigError(f"{BY_NAME[name].flag}: no such file: {path}")
+            label = BY_NAME[name].flag
+            if name == "upstream_sslrootcert" and config.server is not None:
+                label = f"sslrootcert (from {config.server.where('sslrootcert')})"
+            raise ConfigError(f"{label}: no such file: {path}")
     if config.upstream_sslmode.startswith("verify") and config.upstream_sslrootcert is None:
         raise ConfigError(
-            f"--upstream-sslmode {config.upstream_sslmode} needs --upstream-sslrootcert"
+            f"sslmode {config.upstream_sslmode} needs a root certificate: "
+            "--upstream-sslrootcert, sslrootcert= in --upstream, PGSSLROOTCERT or "
+            "~/.postgresql/root.crt"
         )
     if config.rules is not None and not config.catalog_user:
         raise ConfigError(
-            "--rules needs --catalog-user: pgveil reads the catalog with its own login"
+            "--rules needs --catalog-user (or user= in --upstream, or PGUSER): pgveil reads "
+            "the catalog with its own login"
         )
     if config.audit_file is not None and not config.audit_file.parent.is_dir():
         raise ConfigError(f"--audit-file: directory does not exist: {config.audit_file.parent}")

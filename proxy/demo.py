@@ -30,12 +30,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import asyncpg
 
 from proxy import demo_data as data
-from proxy import logs
+from proxy import dsn, logs
 from proxy.config import ConfigError, HostPort, load_config, parse_host_port
 from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bindir, free_port
 from rules.loader import RulesError, load_rules
@@ -52,72 +52,47 @@ class DemoError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """The PostgreSQL server and database that hold the demo's schema."""
+    """The PostgreSQL server and database that hold the demo's schema: connection
+    parameters resolved as libpq would (proxy.dsn)."""
 
-    host: str
-    port: int
-    user: str
-    password: str | None
-    database: str
-    sslmode: str
+    params: dsn.Params
 
-    def connect_kwargs(self) -> dict[str, Any]:
-        ssl: Any = False if self.sslmode == "disable" else self.sslmode
-        return {
-            "host": self.host,
-            "port": self.port,
-            "user": self.user,
-            "password": self.password,
-            "database": self.database,
-            "ssl": ssl,
-            "timeout": 10,
-        }
+    @property
+    def host(self) -> str:
+        return self.params.hosts[0]
+
+    @property
+    def port(self) -> int:
+        return self.params.ports[0]
+
+    @property
+    def user(self) -> str:
+        return self.params.user
+
+    @property
+    def password(self) -> str | None:
+        return self.params.password
+
+    @property
+    def database(self) -> str:
+        return self.params.dbname
+
+    @property
+    def sslmode(self) -> str:
+        return self.params.get("sslmode")
 
 
-def parse_dsn(dsn: str) -> Target:
-    """A libpq key=value string or a postgresql:// URI, for a TCP server."""
-    values: dict[str, str] = {}
-    if dsn.startswith(("postgres://", "postgresql://")):
-        u = urlsplit(dsn)
-        try:
-            port = u.port
-        except ValueError as exc:
-            raise ConfigError(f"--dsn: bad port in {u.netloc.rpartition('@')[2]}") from exc
-        if u.hostname:
-            values["host"] = u.hostname
-        if port:
-            values["port"] = str(port)
-        if u.username:
-            values["user"] = unquote(u.username)
-        if u.password:
-            values["password"] = unquote(u.password)
-        if u.path.strip("/"):
-            values["dbname"] = unquote(u.path.strip("/"))
-        for part in u.query.split("&"):
-            key, _, value = part.partition("=")
-            if key:
-                values[key] = unquote(value)
-    else:
-        for part in dsn.split():
-            key, sep, value = part.partition("=")
-            if not sep:
-                raise ConfigError(f"--dsn: expected key=value pairs or a URI, got '{part}'")
-            values[key] = value.strip("'")
-    host = values.get("host") or os.environ.get("PGHOST") or "127.0.0.1"
-    if host.startswith("/"):
-        raise ConfigError("--dsn: pgveil connects to PostgreSQL over TCP; give host=HOST")
-    port_text = values.get("port") or os.environ.get("PGPORT") or "5432"
-    if not port_text.isdigit():
-        raise ConfigError(f"--dsn: bad port '{port_text}'")
-    user = values.get("user") or os.environ.get("PGUSER") or "postgres"
-    return Target(
-        host=host,
-        port=int(port_text),
-        user=user,
-        password=values.get("password") or os.environ.get("PGPASSWORD"),
-        database=values.get("dbname") or os.environ.get("PGDATABASE") or user,
-        sslmode=values.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer",
-    )
+def parse_dsn(text: str) -> Target:
+    """A libpq connection string or URI, completed from the PG* environment and the
+    password file as psql would (proxy.dsn); one server (the demo's proxy forwards to it,
+    over TCP or its Unix socket)."""
+    try:
+        params = dsn.resolve(text)
+        if len(params.hosts) > 1:
+            raise dsn.DsnError("the demo uses one server: give one host")
+    except dsn.DsnError as exc:
+        raise ConfigError(f"--dsn: {exc}") from exc
+    return Target(params)
 
 
 def _port_free(hp: HostPort) -> bool:
@@ -176,12 +151,9 @@ class Progress:
 
 async def _connect(target: Target) -> Any:
     try:
-        return await asyncpg.connect(**target.connect_kwargs())
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise DemoError(
-            f"cannot connect to {target.host}:{target.port} database {target.database} "
-            f"as {target.user}: {exc}"
-        ) from exc
+        return await dsn.connect(target.params, fallback_application_name="pgveil-demo", timeout=10)
+    except (dsn.ConnectError, dsn.DsnError) as exc:
+        raise DemoError(str(exc)) from exc
 
 
 async def _schema_state(conn: Any) -> str:
@@ -253,14 +225,16 @@ class Demo:
         self.say("starting PostgreSQL (initdb into the demo's directory)")
         self.cluster = EmbeddedPostgres(password=password, base=self.workdir / "pg").start()
         self.cluster.psql(f"CREATE DATABASE {DEMO_DATABASE}")
-        return Target(
-            self.cluster.host,
-            self.cluster.port,
-            self.cluster.superuser,
-            password,
-            DEMO_DATABASE,
-            "disable",
-        )
+        options = {
+            "host": self.cluster.host,
+            "port": str(self.cluster.port),
+            "user": self.cluster.superuser,
+            "password": password,
+            "dbname": DEMO_DATABASE,
+            "sslmode": "disable",
+        }
+        # the demo's own server: nothing of the PG* environment applies to it
+        return Target(dsn.resolve("", options, environ={"HOME": str(self.workdir)}))
 
     async def prepare(self, target: Target) -> int:
         """Schema, data and roles; answers how many customers are due for erasure."""
@@ -353,6 +327,7 @@ class Demo:
             {
                 "listen": str(self.listen),
                 "upstream": f"{target.host}:{target.port}",
+                "upstream_sslrootcert": target.params.get("sslrootcert") or None,
                 "metrics": str(self.metrics),
                 "rules": str(rules),
                 "catalog_user": data.CATALOG_ROLE,
@@ -436,7 +411,9 @@ class Demo:
                 target.database,
             )
         else:
-            direct = self.dsn or ""
+            # the connection string as given, without a password: erase reads it, as the
+            # demo did, from PGPASSWORD or the password file (or type it in again)
+            direct = dsn.without_password(self.dsn or "")
         assert self.workdir is not None
         lines += [
             f"  erasure:       {due} terminated customer(s) are past their class's retention;",
@@ -461,7 +438,7 @@ class Demo:
             loop.add_signal_handler(sig, task.cancel)  # until the proxy takes them over
         self.workdir = Path(tempfile.mkdtemp(prefix="pgveil-demo-"))
         try:
-            target = parse_dsn(self.dsn) if self.dsn else self.start_cluster()
+            target = parse_dsn(self.dsn) if self.dsn is not None else self.start_cluster()
             self.target = target
             due = await self.prepare(target)
             rules = self.write_rules()
@@ -479,7 +456,7 @@ class Demo:
                 self.cluster.stop("fast")
             self.say(f"kept {self.workdir}" + self._restart_hint())
             return
-        if self.dsn and self.target is not None and self.loaded:
+        if self.dsn is not None and self.target is not None and self.loaded:
             try:
                 await self.remove_schema(self.target)
             except DemoError as exc:
@@ -498,7 +475,7 @@ class Demo:
                 f"; start its PostgreSQL again with: {run_as}{pg_ctl} -D {self.cluster.datadir} "
                 f"-l {self.cluster.datadir / 'server.log'} start"
             )
-        if self.dsn and self.loaded:
+        if self.dsn is not None and self.loaded:
             return f" and schema {data.SCHEMA}: run again with --reuse"
         return ""
 
@@ -528,7 +505,7 @@ def run(
         raise ConfigError(
             "--scale: expected a number above 0 and at most 100 (1 = 10,000 customers)"
         )
-    if reuse and not dsn:
+    if reuse and dsn is None:
         raise ConfigError("--reuse needs --dsn: without it the demo starts a new PostgreSQL")
     if dsn is not None:
         parse_dsn(dsn)  # a malformed DSN is a usage error, before anything starts

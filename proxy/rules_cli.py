@@ -1,7 +1,10 @@
 """`pgveil rules check|suggest|schema`: the DBA's tools for the rules file.
 
-Reads the catalog and small value samples through asyncpg; prints findings that name
-tables, columns and value categories, never a sampled value.
+Connects as libpq would (proxy.dsn: a connection string or URI, the PG* environment, the
+password file), reads the catalog, the tables' keys and small value samples through
+asyncpg, and prints findings and drafts that name tables, columns, keys and value
+categories, never a sampled value. Connection problems are one `pgveil: error:` line and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -10,18 +13,47 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 
-from audit.sinks import connect
+from proxy import dsn
 from proxy.catalog import read_catalog, read_role_names
 from rules.catalog import Catalog
-from rules.discovery import check, discover, suggest
+from rules.discovery import ForeignKey, Keys, check, discover, suggest
 from rules.loader import RulesError, json_schema, load_rules
 from rules.masks import family_of
 
 SAMPLE_ROWS = 50
+# what is sampled: to tell personal values by their look, and to check that a mask hides
+# each of them (never printed)
+SAMPLED = ("text", "int", "json", "inet", "cidr", "mac", "mac8")
+APPLICATION_NAME = "pgveil-rules"
+
+# primary and foreign keys of user tables, each with its column names in key order
+KEYS_SQL = """
+SELECT n.nspname, c.relname, con.contype::text,
+       ARRAY(SELECT a.attname::text
+               FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, i)
+               JOIN pg_catalog.pg_attribute a
+                 ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+              ORDER BY k.i),
+       fn.nspname, f.relname,
+       ARRAY(SELECT a.attname::text
+               FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, i)
+               JOIN pg_catalog.pg_attribute a
+                 ON a.attrelid = con.confrelid AND a.attnum = k.attnum
+              ORDER BY k.i)
+  FROM pg_catalog.pg_constraint con
+  JOIN pg_catalog.pg_class c ON c.oid = con.conrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_catalog.pg_class f ON f.oid = con.confrelid
+  LEFT JOIN pg_catalog.pg_namespace fn ON fn.oid = f.relnamespace
+ WHERE con.contype IN ('p', 'f') AND NOT c.relispartition
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname NOT LIKE 'pg\\_%'
+ ORDER BY n.nspname, c.relname, con.conname
+"""
 
 
 def _quote(name: str) -> str:
@@ -33,20 +65,37 @@ class Database(NamedTuple):
     catalog: Catalog
     roles: frozenset[str]
     samples: dict[tuple[str, str, str], list[str]]
+    keys: Keys
 
 
-async def read(dsn: str) -> Database:
-    conn = await connect(dsn)
+async def read_keys(conn: Any) -> Keys:
+    primary: dict[tuple[str, str], tuple[str, ...]] = {}
+    foreign: dict[tuple[str, str], list[ForeignKey]] = {}
+    for schema, table, kind, cols, fschema, ftable, fcols in await conn.fetch(KEYS_SQL):
+        if kind == "p":
+            primary[(schema, table)] = tuple(cols)
+        else:
+            foreign.setdefault((schema, table), []).append(
+                ForeignKey(tuple(cols), (fschema, ftable), tuple(fcols))
+            )
+    return Keys(primary, {t: tuple(fks) for t, fks in foreign.items()})
+
+
+async def read(target: str) -> Database:
+    conn = await dsn.connect(target, fallback_application_name=APPLICATION_NAME)
     try:
         catalog = await read_catalog(conn)
         roles = await read_role_names(conn)
+        keys = await read_keys(conn)
         name = str(await conn.fetchval("SELECT pg_catalog.current_database()"))
         samples: dict[tuple[str, str, str], list[str]] = {}
         for (schema, table), rel in catalog.relations.items():
             if rel.kind not in ("r", "p", "m"):
                 continue
+            if any(p in catalog.relations for p in rel.parents):
+                continue  # a partition or child: its parent's sample holds its rows
             for col in rel.columns:
-                if family_of(col.type.name) not in ("text", "int"):
+                if family_of(col.type.name) not in SAMPLED:
                     continue
                 sql = (
                     f"SELECT {_quote(col.name)}::text FROM {_quote(schema)}.{_quote(table)} "
@@ -57,21 +106,63 @@ async def read(dsn: str) -> Database:
                 except asyncpg.PostgresError:
                     continue  # no privilege to sample: judged by name only
                 samples[(schema, table, col.name)] = [r[0] for r in rows]
-        return Database(name, catalog, roles, samples)
+        return Database(name, catalog, roles, samples, keys)
     finally:
         await conn.close()
 
 
-def run(command: str, rules: Path | None, dsn: str | None) -> int:
+def _read(target: str) -> Database | None:
+    """The database, or None after printing why it cannot be read."""
+    try:
+        return asyncio.run(read(target))
+    except dsn.DsnError as exc:
+        sys.stderr.write(f"pgveil: error: --dsn: {exc}\n")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # ConnectError (an OSError) says which server, database and user, and why
+        text = str(exc) if isinstance(exc, dsn.ConnectError) else type(exc).__name__
+        sys.stderr.write(f"pgveil: error: cannot read the database: {text}\n")
+    return None
+
+
+def _tables(names: list[str] | None) -> list[tuple[str, str]] | None:
+    if names is None:
+        return None
+    out = []
+    for n in names:
+        schema, dot, table = n.rpartition(".")
+        if not dot or not schema or not table:
+            raise ValueError(f"--subject-table {n}: expected SCHEMA.TABLE")
+        out.append((schema, table))
+    return out
+
+
+def run(
+    command: str,
+    rules: Path | None,
+    target: str | None,
+    subject_tables: list[str] | None = None,
+) -> int:
     if command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
     if command == "suggest":
-        if not dsn:
-            sys.stderr.write("pgveil: error: rules suggest needs --dsn\n")
+        try:
+            subjects = _tables(subject_tables)
+        except ValueError as exc:
+            sys.stderr.write(f"pgveil: error: {exc}\n")
             return 2
-        db = asyncio.run(read(dsn))
-        sys.stdout.write(suggest(db.catalog, db.samples))
+        db = _read(target or "")
+        if db is None:
+            return 2
+        if subjects is not None:
+            unknown = [f"{s}.{t}" for s, t in subjects if (s, t) not in db.catalog.relations]
+            if unknown:
+                sys.stderr.write(
+                    f"pgveil: error: --subject-table {unknown[0]}: no such table in database "
+                    f"{db.name}\n"
+                )
+                return 2
+        sys.stdout.write(suggest(db.catalog, db.samples, db.keys, subjects))
         return 0
     if rules is None:
         sys.stderr.write("pgveil: error: rules check needs --rules FILE\n")
@@ -81,14 +172,12 @@ def run(command: str, rules: Path | None, dsn: str | None) -> int:
     except RulesError as exc:
         print(f"error: {exc}")
         return 1
-    if not dsn:
+    if target is None:
         n = len(policy.tables)
         print(f"{rules}: valid ({n} tables); give --dsn to check it against a database")
         return 0
-    try:
-        db = asyncio.run(read(dsn))
-    except (OSError, asyncpg.PostgresError) as exc:
-        sys.stderr.write(f"pgveil: error: cannot read the database: {exc}\n")
+    db = _read(target)
+    if db is None:
         return 2
     findings = check(policy, db.catalog, db.samples, db.roles, db.name)
     for f in findings:
@@ -96,5 +185,8 @@ def run(command: str, rules: Path | None, dsn: str | None) -> int:
     errors = sum(1 for f in findings if f.level == "error")
     warnings = len(findings) - errors
     personal = len(discover(db.catalog, db.samples))
-    print(f"{rules}: {errors} error(s), {warnings} warning(s); {personal} column(s) look personal")
+    print(
+        f"{rules}: {errors} error(s), {warnings} warning(s); {personal} column(s) look "
+        f"personal (database {db.name})"
+    )
     return 1 if errors else 0

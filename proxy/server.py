@@ -178,13 +178,20 @@ class UpstreamConnection(_Pipe):
 async def open_upstream(
     server: ProxyServer, client: ClientConnection | None
 ) -> tuple[asyncio.Transport, UpstreamConnection]:
-    """TCP connect, then the SSLRequest exchange when the sslmode asks for TLS."""
+    """TCP connect, then the SSLRequest exchange when the sslmode asks for TLS; or the
+    server's Unix socket when the upstream host is a directory (no TLS there, as libpq)."""
     config = server.config
     loop = asyncio.get_running_loop()
+    host, port = config.upstream.host, config.upstream.port
     try:
         async with asyncio.timeout(config.connect_timeout):
+            if host.startswith("/"):
+                transport, proto = await loop.create_unix_connection(
+                    lambda: UpstreamConnection(client), f"{host}/.s.PGSQL.{port}"
+                )
+                return transport, proto
             transport, proto = await loop.create_connection(
-                lambda: UpstreamConnection(client), config.upstream.host, config.upstream.port
+                lambda: UpstreamConnection(client), host, port
             )
             _set_keepalive(transport, config)
             ctx = server.upstream_tls

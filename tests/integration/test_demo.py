@@ -34,7 +34,7 @@ PROMPT = "pgveil_demo=> "
 class Demo:
     """`pgveil demo ARGS` in the background; `ready()` parses what it printed."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.err_path = Path(tempfile.mkstemp(prefix="pgveil-demo-test-", suffix=".err")[1])
         self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
@@ -43,6 +43,7 @@ class Demo:
             stdout=subprocess.PIPE,
             stderr=self._err,
             text=True,
+            env=env,
         )
         self.out: list[str] = []
         self._ready = threading.Event()
@@ -451,7 +452,7 @@ def test_demo_on_an_existing_database_touches_only_its_own() -> None:
     [
         (["--scale", "0"], "--scale: expected a number above 0"),
         (["--reuse"], "--reuse needs --dsn"),
-        (["--dsn", "host=/var/run/postgresql"], "over TCP"),
+        (["--dsn", "host=a,b"], "the demo uses one server"),
         (["--dsn", "nonsense"], "expected key=value pairs or a URI"),
         (["--listen", "nowhere"], "--listen: expected HOST:PORT"),
     ],

@@ -170,7 +170,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["proxy", "--upstream-sslmode", "maybe"], "--upstream-sslmode: expected one of"),
         (["proxy", "--rules", "/nonexistent/rules.yaml"], "no such file: /nonexistent/rules.yaml"),
         (["proxy", "--tls-cert", "/etc/hostname"], "tls_cert and tls_key must be given together"),
-        (["proxy", "--upstream-sslmode", "verify-full"], "needs --upstream-sslrootcert"),
+        (["proxy", "--upstream-sslmode", "verify-full"], "needs a root certificate"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )

@@ -357,16 +357,19 @@ def test_check_config_cannot_read_the_catalog(pg: EmbeddedPostgres, tmp_path: Pa
     # the log lines on stderr are JSON; the error is one line of its own
     lines = [line for line in r.stderr.splitlines() if not line.startswith("{")]
     assert len(lines) == 1 and lines[0].startswith("pgveil: error: "), r.stderr
+    # the cause says which server, database and login (proxy.dsn), and the server's reason
     assert lines[0] == (
         "pgveil: error: cannot read the catalog of database rc_nowhere "
-        '(InvalidCatalogNameError): database "rc_nowhere" does not exist'
+        f"(InvalidCatalogNameError): cannot connect to 127.0.0.1:{pg.port} database "
+        'rc_nowhere as postgres: database "rc_nowhere" does not exist (3D000)'
     )
     r = _check_config(pg, _rules(tmp_path, GOOD), "--catalog-user", "nobody_here")
     lines = [line for line in r.stderr.splitlines() if not line.startswith("{")]
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert lines == [
         "pgveil: error: cannot read the catalog of database postgres (InvalidPasswordError): "
-        'password authentication failed for user "nobody_here"'
+        f"cannot connect to 127.0.0.1:{pg.port} database postgres as nobody_here: password "
+        'authentication failed for user "nobody_here" (28P01)'
     ]
 
 

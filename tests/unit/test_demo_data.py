@@ -91,7 +91,7 @@ def test_parse_dsn(dsn: str, expected: tuple[object, ...], monkeypatch: pytest.M
     assert (t.host, t.port, t.user, t.password, t.database, t.sslmode) == expected
 
 
-@pytest.mark.parametrize("dsn", ["host=/tmp", "just-words", "host=db port=five"])
+@pytest.mark.parametrize("dsn", ["host=a,b", "just-words", "host=db port=five", "hostaddr=1.2.3.4"])
 def test_parse_dsn_rejects(dsn: str) -> None:
     with pytest.raises(ConfigError):
         parse_dsn(dsn)
