@@ -7,6 +7,10 @@ Pure data: no I/O. Reasons never quote literals from a statement.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
 # Built-in functions that read data behind the rewriter's back: they run SQL text, read a
 # relation named by a value, read files or large objects, or show query text.
 DENIED_FUNCTIONS = frozenset(
@@ -44,6 +48,21 @@ DENIED_SETTINGS = frozenset(
     {"role", "session_authorization", "standard_conforming_strings", "client_encoding",
      "backslash_quote"}
 )  # fmt: skip
+# Of those, the ones pgveil reads statements under, with the value it reads them under (as
+# rules.settings.pinned_value names it). A SET, SET LOCAL or set_config of that very value,
+# as the server reads it, changes nothing and is allowed (libpq's PQsetClientEncoding sends
+# `set client_encoding to 'UTF8'`, drivers `SET standard_conforming_strings = on`).
+PINNED_SETTINGS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "client_encoding": "UTF8",
+        "standard_conforming_strings": "on",
+        "backslash_quote": "safe_encoding",
+    }
+)
+# ... and of those, the ones whose value at login the session checked (the server reports
+# them): RESET and SET ... TO DEFAULT return to that value, so they change nothing either
+# (backslash_quote's login value may be anything a role or database setting made it).
+REPORTED_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings"})
 
 # System columns: readable through the masking subquery's table, never personal.
 SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})

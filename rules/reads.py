@@ -35,6 +35,7 @@ from rules.denied import (
     Refusal,
 )
 from rules.masks import sql_expr
+from rules.settings import keeps_pinned, set_config_keeps_pinned
 
 if TYPE_CHECKING:
     from rules.analyzer import Analyzer
@@ -284,6 +285,8 @@ class ReadRewrite:
         if name in DENIED_SETTINGS or name.startswith("session_authorization"):
             if name == "role" and node.kind == 4:  # RESET role: back to the login, harmless
                 return node
+            if keeps_pinned(name, node):
+                return node  # the value the session has and must keep: nothing changes
             raise Refusal(f"masked roles may not change {name}")
         return node
 
@@ -709,7 +712,7 @@ class ReadRewrite:
             setting = first.val.sval.lower()
         if setting is None:
             raise Refusal("set_config with a computed setting name is not allowed for masked roles")
-        if setting in DENIED_SETTINGS:
+        if setting in DENIED_SETTINGS and not set_config_keeps_pinned(setting, args):
             raise Refusal(f"masked roles may not change {setting}")
 
     def check_operator(self, opname: Any) -> None:
