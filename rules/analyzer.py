@@ -104,8 +104,14 @@ _KIND = {
     "PrepareStmt": "prepare", "ExecuteStmt": "execute", "DeclareCursorStmt": "declare",
     "FetchStmt": "fetch", "CreateTableAsStmt": "create_table_as", "ViewStmt": "create_view",
     "VariableSetStmt": "set", "VariableShowStmt": "show", "TransactionStmt": "transaction",
-    "CallStmt": "call",
+    "CallStmt": "call", "VacuumStmt": "vacuum",
 }  # fmt: skip
+
+
+def _kind(stmt: Any) -> str:
+    if isinstance(stmt, ast.VacuumStmt) and not stmt.is_vacuumcmd:
+        return "analyze"
+    return _KIND.get(type(stmt).__name__, type(stmt).__name__)
 
 
 class Analyzer:
@@ -162,7 +168,7 @@ class Analyzer:
         try:
             changed = False
             for raw in stmts:
-                kinds.append(_KIND.get(type(raw.stmt).__name__, type(raw.stmt).__name__))
+                kinds.append(_kind(raw.stmt))
                 before = rewriter.changes
                 raw.stmt = rewriter.statement(raw.stmt)
                 changed = changed or rewriter.changes != before

@@ -178,6 +178,30 @@ def test_a_users_function_of_that_name_is_judged_as_one() -> None:
     assert d.action == "refuse" and "pg_stat_get_activity" in (d.reason or "")
 
 
+@pytest.mark.parametrize(
+    ("sql", "kinds", "tables"),
+    [
+        ("VACUUM", ("vacuum",), ()),
+        ("ANALYZE", ("analyze",), ()),
+        ("ANALYZE VERBOSE billing.customers (name)", ("analyze",), ("billing.customers",)),
+        (
+            "VACUUM (FULL, VERBOSE, ANALYZE, PARALLEL 2) billing.accounts, public.notes",
+            ("vacuum",),
+            ("billing.accounts",),
+        ),
+        ("VACUUM FREEZE billing.customers_eu", ("vacuum",), ("billing.customers",)),
+    ],
+)
+def test_vacuum_and_analyze_pass(sql: str, kinds: tuple[str, ...], tables: tuple[str, ...]) -> None:
+    d = AN.analyze(sql)
+    assert (d.action, d.kinds, d.tables) == ("pass", kinds, tables)
+
+
+def test_vacuum_of_a_denied_relation_is_refused_by_name() -> None:
+    d = AN.analyze("VACUUM pg_statistic")
+    assert d.action == "refuse" and "pg_statistic exposes" in (d.reason or "")
+
+
 def test_views_over_them_are_refused() -> None:
     definitions = {
         ("public", "activity"): "SELECT pid, query FROM pg_stat_activity",
