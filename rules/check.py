@@ -127,8 +127,8 @@ def _hidden_code(policy: Policy, catalog: Catalog) -> list[Problem]:
                 Problem(
                     "functions.allow",
                     f"{what} calls function {schema}.{name}, which is not allowed: masked "
-                    "roles' writes (and ANALYZE and VACUUM FULL, for an index's or extended "
-                    "statistics' expression) run it; allow it once you have checked what "
+                    "roles' writes run it (ANALYZE and VACUUM FULL too, an index's or "
+                    "extended statistics' expression); allow it once you have checked what "
                     "it does",
                     "none",
                 )
