@@ -78,7 +78,7 @@ _STATS_NULLED = "most_common_vals histogram_bounds most_common_elems elem_count_
 _ACTIVITY = (
     "datid pid leader_pid usesysid application_name client_addr client_hostname client_port "
     "backend_start xact_start query_start state_change wait_event_type wait_event state "
-    "backend_xid backend_xmin query_id backend_type"
+    "backend_xid backend_xmin backend_type"
 )
 _PREPARED = "name prepare_time parameter_types from_sql generic_plans custom_plans"
 _CURSORS = "name is_holdable is_binary is_scrollable creation_time"
@@ -87,13 +87,16 @@ _MEMORY = "name parent level total_bytes total_nblocks free_bytes free_chunks us
 # What a masked role reads of each (see README, "What a masked session gets"). Statement
 # text is NULL everywhere: it may hold literals of personal data (any session's, the
 # session's own included) and pgveil's own rewritten text, with the hash mask's key pads.
+# So is a statement's identifier (query_id, pg_stat_statements' queryid): PostgreSQL 15
+# computes a utility statement's (EXECUTE p('...'), DECLARE, COPY, CALL, SET, DO) as a hash of
+# its text, literals and comments included, which confirms a guessed value.
 # Statistics keep their numbers (fractions, widths, counts, frequencies, correlation) and
 # lose the values they were computed from. Who is connected from where (roles, client
 # addresses, application names, times, states) describes sessions, not data subjects, and
 # the server shows it only as its own privileges allow: kept.
 SYSTEM_VIEWS: Final[Mapping[str, SystemView]] = MappingProxyType(
     {
-        "pg_stat_activity": _view(f"{_ACTIVITY} datname usename", "query"),
+        "pg_stat_activity": _view(f"{_ACTIVITY} datname usename", "query query_id"),
         "pg_stats": _view(_STATS_KEPT, _STATS_NULLED),
         "pg_stats_ext": _view(
             "schemaname tablename statistics_schemaname statistics_name statistics_owner "
@@ -114,7 +117,7 @@ SYSTEM_VIEWS: Final[Mapping[str, SystemView]] = MappingProxyType(
         # umoptions: the foreign server's user name and password
         "pg_user_mappings": _view("umid srvid srvname umuser usename", "umoptions"),
         "pg_stat_statements": _view(
-            "userid dbid toplevel queryid plans total_plan_time min_plan_time max_plan_time "
+            "userid dbid toplevel plans total_plan_time min_plan_time max_plan_time "
             "mean_plan_time stddev_plan_time calls total_exec_time min_exec_time "
             "max_exec_time mean_exec_time stddev_exec_time rows shared_blks_hit "
             "shared_blks_read shared_blks_dirtied shared_blks_written local_blks_hit "
@@ -124,7 +127,7 @@ SYSTEM_VIEWS: Final[Mapping[str, SystemView]] = MappingProxyType(
             "jit_generation_time jit_inlining_count jit_inlining_time "
             "jit_optimization_count jit_optimization_time jit_emission_count "
             "jit_emission_time",
-            "query",
+            "query queryid",
             "pg_stat_statements",
         ),
         "pg_stat_statements_info": _view("dealloc stats_reset", "", "pg_stat_statements"),
@@ -137,7 +140,7 @@ SYSTEM_FUNCTIONS: Final[Mapping[str, SystemView]] = MappingProxyType(
         "pg_stat_get_activity": _view(
             f"{_ACTIVITY} ssl sslversion sslcipher sslbits ssl_client_dn ssl_client_serial "
             "ssl_issuer_dn gss_auth gss_princ gss_enc",
-            "query",
+            "query query_id",
         ),
         "pg_prepared_statement": _view(_PREPARED, "statement"),
         "pg_cursor": _view(_CURSORS, "statement"),
