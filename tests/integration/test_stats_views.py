@@ -67,6 +67,7 @@ CREATE TABLE public.st_people AS SELECT name, email FROM billing.customers;
 ALTER TABLE public.st_people OWNER TO {HELPDESK};
 CREATE STATISTICS public.st_names (mcv) ON name, email FROM public.st_people;
 CREATE STATISTICS public.st_lower ON (lower(name)) FROM public.st_people;
+CREATE INDEX st_lower_email ON public.st_people (lower(email));
 ANALYZE public.st_people;
 CREATE FOREIGN DATA WRAPPER st_fdw;
 CREATE SERVER st_server FOREIGN DATA WRAPPER st_fdw;
@@ -178,11 +179,36 @@ CASES: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("user_mappings", ("SELECT srvname, usename, umoptions FROM pg_user_mappings",)),
+    # ---- white-box: other ways to the same data
+    (
+        # an expression index's statistics (pg_stats names the index as the table; shown
+        # for the indexes of the role's own tables)
+        "stats_index_expression",
+        (
+            "SELECT attname, histogram_bounds::text FROM pg_stats WHERE tablename = 'st_lower_email'",
+        ),
+    ),
+    (
+        # the session's own row while it runs: pgveil's text, with the hash key's pads
+        "activity_own_active_row",
+        (
+            "SELECT (SELECT query FROM pg_stat_activity WHERE pid = pg_backend_pid()), "
+            "(SELECT string_agg(query, ',') FROM pg_stat_get_activity(pg_backend_pid())), "
+            "login FROM billing.customers",
+        ),
+    ),
+    (
+        "activity_joined_with_stats",
+        (
+            "SELECT a.query, s.histogram_bounds::text FROM pg_stat_activity a "
+            "CROSS JOIN pg_stats s WHERE s.tablename = 'customers'",
+        ),
+    ),
 ]
 # proven to leak directly only through pgveil's own text (the hash key's pads): the direct
 # session has no pgveil, so those cases are proven by the statement text (a prepared
 # statement, a cursor, a memory context naming it) read directly as the same role
-KEY_ONLY = {"activity_own_row"}
+KEY_ONLY = {"activity_own_row"}  # (activity_own_active_row leaks directly: login raw)
 
 
 @pytest.fixture(scope="module")
