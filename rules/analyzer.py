@@ -96,6 +96,10 @@ class Decision:
     # unnamed (a trigger, policy or index of a relation the catalog has; a cast, operator,
     # type or domain), which the catalog read must see (rules.subjects)
     moves_names: bool = False
+    # the system relations and functions read that show values or statement text
+    # (rules.denied.SYSTEM_VIEWS): rewritten for masked roles; an unmasked session reads
+    # them raw, and its event cannot name the tables whose values they show
+    exposes: tuple[str, ...] = ()
 
 
 _KIND = {
@@ -258,6 +262,8 @@ def _audit_of(rewriter: Rewriter) -> dict[str, Any]:
         out["views"] = tuple(sorted(rewriter.views.items()))
     if rewriter.defines:
         out["defines"] = tuple(sorted((k, tuple(sorted(v))) for k, v in rewriter.defines.items()))
+    if rewriter.exposes:
+        out["exposes"] = tuple(sorted(rewriter.exposes))
     return out
 
 

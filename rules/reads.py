@@ -118,6 +118,7 @@ class ReadRewrite:
     # found: an unmasked session records them all); the first one is the reason
     deferred: str | None = None
     moves_names: bool = False  # see Decision.moves_names
+    exposes: set[str] = field(default_factory=set)  # see Decision.exposes
 
     def tables(self) -> tuple[str, ...]:
         """The protected tables the statement reads or writes, those behind the views it
@@ -459,6 +460,7 @@ class ReadRewrite:
         if key is None:
             return None
         view = SYSTEM_VIEWS[key[1]]
+        self.exposes.add(key[1])
         source = f"{quote_ident(key[0])}.{quote_ident(key[1])}"
         sub = parse_one(
             f"SELECT {self._system_columns(view, self.an.catalog.system_columns.get(key), key[1])}"
@@ -504,6 +506,7 @@ class ReadRewrite:
             if value is not None and value != () and value is not False:
                 return None  # an aggregate's or window's clauses, VARIADIC: not a plain call
         columns = self._system_columns(view, cat.function_columns.get(name), name)
+        self.exposes.add(name)
         if item.ordinality:
             columns += ', "ordinality"'
         sub = parse_one(

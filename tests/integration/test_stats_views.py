@@ -30,7 +30,9 @@ import pytest
 from proxy.embedded_pg import EmbeddedPostgres
 from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
 from rules.masks import hmac_pads
+from tests.conftest import TRUST_USER
 from tests.integration.attack_clients import CLIENTS, Clients, errors_in, open_clients
+from tests.integration.audit_wire import audited_proxy, events, wait_for
 from tests.integration.masking_fixture import (
     HASH_KEY,
     HELPDESK,
@@ -42,7 +44,7 @@ from tests.integration.masking_fixture import (
     leaks,
     masking_proxy,
 )
-from tests.support import ProxyProcess
+from tests.support import ProxyProcess, RawClient
 
 MARK = "canary_stats_activity"
 # another session's last statement: a personal value in a comment (which pg_stat_statements
@@ -450,6 +452,41 @@ def test_views_over_them_are_refused(pg: EmbeddedPostgres, namesakes: ProxyProce
                 f"pgveil: view public.{view} reads {relation}, which exposes column "
                 "values or query text"
             )
+
+
+# ---- the audit ------------------------------------------------------------------------------------
+
+
+def test_an_unmasked_read_is_recorded_as_uncertain(
+    pg: EmbeddedPostgres, tmp_path: Path, stats_env: None
+) -> None:
+    """An unmasked session reads the statistics raw: values of protected tables it cannot
+    name, so its event says analysis_complete false (`audit who` lists it as possibly
+    touching every table), as when masked roles were refused these views; a masked
+    session's read shows nothing personal and needs no event."""
+    sql = (
+        "SELECT s.histogram_bounds::text, a.query FROM pg_stats s, pg_stat_activity a "
+        "WHERE s.tablename = 'customers'"
+    )
+    with audited_proxy(pg, tmp_path) as (p, audit):
+        for user in (TRUST_USER, "masked_trust"):
+            c = RawClient(p.port, user, application_name=f"st-{user}")
+            try:
+                got = c.query(sql)
+                assert not [b for t, b in got if t == "E"], got
+                assert (leaks(repr(got)) == []) is (user == "masked_trust")
+                c.query("SELECT 1 FROM billing.customers LIMIT 0")  # (an event after it)
+            finally:
+                c.close()
+        wait_for(lambda: len(events(audit, "st-masked_trust")) >= 1, "the masked events")
+        wait_for(lambda: len(events(audit, f"st-{TRUST_USER}")) >= 2, "the unmasked events")
+        unmasked = events(audit, f"st-{TRUST_USER}")
+        assert [e["kinds"] for e in unmasked] == [["select"], ["select"]]
+        assert unmasked[0]["analysis_complete"] is False and unmasked[0]["tables"] == []
+        assert unmasked[1]["tables"] == ["billing.customers"]
+        assert unmasked[1].get("analysis_complete", True) is True
+        masked = events(audit, "st-masked_trust")
+        assert [e["tables"] for e in masked] == [["billing.customers"]]
 
 
 # ---- the server's columns are the lists' -------------------------------------------------------
