@@ -465,8 +465,9 @@ def test_an_unmasked_read_is_recorded_as_uncertain(
     touching every table), as when masked roles were refused these views; a masked
     session's read shows nothing personal and needs no event."""
     sql = (
-        "SELECT s.histogram_bounds::text, a.query FROM pg_stats s, pg_stat_activity a "
-        "WHERE s.tablename = 'customers'"
+        # (qualified: the module's namesake public.pg_stats may exist)
+        "SELECT s.histogram_bounds::text, a.query FROM pg_catalog.pg_stats s, "
+        "pg_stat_activity a WHERE s.tablename = 'customers'"
     )
     with audited_proxy(pg, tmp_path) as (p, audit):
         for user in (TRUST_USER, "masked_trust"):
