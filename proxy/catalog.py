@@ -30,6 +30,7 @@ from proxy.logs import log
 from rules.catalog import Catalog, Column, Relation
 from rules.check import Problem, check_policy
 from rules.context import ContextHolder, MaskingContext
+from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
 from rules.masks import ColumnType
 from rules.model import Policy
 
@@ -134,7 +135,8 @@ SELECT DISTINCT
 # The same for code attached to tables, which runs when their rows are written: triggers,
 # column defaults and generated columns, table CHECK constraints, row security policies
 # (which run on reads too), rewrite rules other than views', index expressions and partial
-# index predicates. Part of the schema a DBA designed: reported, not refused.
+# index predicates, extended statistics' expressions (those two also run when the table is
+# analysed). Part of the schema a DBA designed: reported, not refused.
 TABLE_CODE_SQL = """
 SELECT DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) AS what,
        n.nspname, p.proname
@@ -147,7 +149,8 @@ SELECT DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) AS
    AND l.lanname NOT IN ('c', 'internal')
    AND (d.classid IN ('pg_catalog.pg_trigger'::pg_catalog.regclass,
                       'pg_catalog.pg_attrdef'::pg_catalog.regclass,
-                      'pg_catalog.pg_policy'::pg_catalog.regclass)
+                      'pg_catalog.pg_policy'::pg_catalog.regclass,
+                      'pg_catalog.pg_statistic_ext'::pg_catalog.regclass)
         OR (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
             AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
                          WHERE c.oid = d.objid AND c.conrelid <> 0))
@@ -158,6 +161,41 @@ SELECT DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) AS
             AND EXISTS (SELECT 1 FROM pg_catalog.pg_class i
                          WHERE i.oid = d.objid AND i.relkind IN ('i', 'I'))))
  ORDER BY 1, 2, 3
+"""
+# The columns of the system relations masked roles read rewritten (rules.denied.SYSTEM_VIEWS):
+# pg_catalog's, and those an extension created (with the extension's name, which must be
+# the one SYSTEM_VIEWS names). Types as SQL names them, schema-qualified.
+SYSTEM_COLUMNS_SQL = """
+SELECT n.nspname, c.relname, coalesce(e.extname, '') AS extname, a.attname,
+       pg_catalog.quote_ident(tn.nspname) || '.' || pg_catalog.quote_ident(t.typname) AS typ
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+  JOIN pg_catalog.pg_namespace tn ON tn.oid = t.typnamespace
+  LEFT JOIN pg_catalog.pg_depend d
+    ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objid = c.oid
+   AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.deptype = 'e'
+  LEFT JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
+ WHERE c.relname = ANY($1::pg_catalog.text[])
+   AND (n.nspname = 'pg_catalog' OR e.extname IS NOT NULL)
+ ORDER BY n.nspname, c.relname, a.attnum
+"""
+# The result columns of the pg_catalog functions in rules.denied.SYSTEM_FUNCTIONS (one
+# overload each; a name with several is left out, and masked roles' calls are refused)
+FUNCTION_COLUMNS_SQL = """
+SELECT p.proname, p.proargnames[i] AS name, pg_catalog.quote_ident(tn.nspname) || '.'
+       || pg_catalog.quote_ident(t.typname) AS typ
+  FROM pg_catalog.pg_proc p
+ CROSS JOIN LATERAL pg_catalog.generate_subscripts(p.proallargtypes, 1) AS i
+  JOIN pg_catalog.pg_type t ON t.oid = p.proallargtypes[i]
+  JOIN pg_catalog.pg_namespace tn ON tn.oid = t.typnamespace
+ WHERE p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace
+   AND p.proname = ANY($1::pg_catalog.text[])
+   AND p.proargmodes[i] OPERATOR(pg_catalog.=) ANY ('{o,t,b}'::pg_catalog."char"[])
+   AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc q
+         WHERE q.proname = p.proname AND q.pronamespace = p.pronamespace) = 1
+ ORDER BY p.proname, i
 """
 ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
 DATABASES_SQL = """
@@ -282,6 +320,19 @@ async def read_catalog(conn: Any) -> Catalog:
     table_code = tuple(
         (r["what"], r["nspname"], r["proname"]) for r in await conn.fetch(TABLE_CODE_SQL)
     )
+    system_columns: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+    for r in await conn.fetch(SYSTEM_COLUMNS_SQL, sorted(SYSTEM_VIEWS)):
+        view = SYSTEM_VIEWS[r["relname"]]
+        if (r["nspname"] == "pg_catalog") != (view.extension == "") or (
+            view.extension and r["extname"] != view.extension
+        ):
+            continue  # another extension's relation of that name: refused by name
+        found = (r["nspname"], r["relname"])
+        system_columns[found] = (*system_columns.get(found, ()), (r["attname"], r["typ"]))
+    function_columns: dict[str, tuple[tuple[str, str], ...]] = {}
+    for r in await conn.fetch(FUNCTION_COLUMNS_SQL, sorted(SYSTEM_FUNCTIONS)):
+        name = r["proname"]
+        function_columns[name] = (*function_columns.get(name, ()), (r["name"], r["typ"]))
     return Catalog(
         relations=relations,
         system_relations=system,
@@ -300,6 +351,8 @@ async def read_catalog(conn: Any) -> Catalog:
         server_version_num=version,
         hidden_code=hidden,
         table_code=table_code,
+        system_columns=system_columns,
+        function_columns=function_columns,
     )
 
 

@@ -96,6 +96,10 @@ class Decision:
     # unnamed (a trigger, policy or index of a relation the catalog has; a cast, operator,
     # type or domain), which the catalog read must see (rules.subjects)
     moves_names: bool = False
+    # the system relations and functions read that show values or statement text
+    # (rules.denied.SYSTEM_VIEWS): rewritten for masked roles; an unmasked session reads
+    # them raw, and its event cannot name the tables whose values they show
+    exposes: tuple[str, ...] = ()
 
 
 _KIND = {
@@ -104,8 +108,14 @@ _KIND = {
     "PrepareStmt": "prepare", "ExecuteStmt": "execute", "DeclareCursorStmt": "declare",
     "FetchStmt": "fetch", "CreateTableAsStmt": "create_table_as", "ViewStmt": "create_view",
     "VariableSetStmt": "set", "VariableShowStmt": "show", "TransactionStmt": "transaction",
-    "CallStmt": "call",
+    "CallStmt": "call", "VacuumStmt": "vacuum",
 }  # fmt: skip
+
+
+def _kind(stmt: Any) -> str:
+    if isinstance(stmt, ast.VacuumStmt) and not stmt.is_vacuumcmd:
+        return "analyze"
+    return _KIND.get(type(stmt).__name__, type(stmt).__name__)
 
 
 class Analyzer:
@@ -162,7 +172,7 @@ class Analyzer:
         try:
             changed = False
             for raw in stmts:
-                kinds.append(_KIND.get(type(raw.stmt).__name__, type(raw.stmt).__name__))
+                kinds.append(_kind(raw.stmt))
                 before = rewriter.changes
                 raw.stmt = rewriter.statement(raw.stmt)
                 changed = changed or rewriter.changes != before
@@ -252,6 +262,8 @@ def _audit_of(rewriter: Rewriter) -> dict[str, Any]:
         out["views"] = tuple(sorted(rewriter.views.items()))
     if rewriter.defines:
         out["defines"] = tuple(sorted((k, tuple(sorted(v))) for k, v in rewriter.defines.items()))
+    if rewriter.exposes:
+        out["exposes"] = tuple(sorted(rewriter.exposes))
     return out
 
 

@@ -84,8 +84,18 @@ class Catalog:
     # domain's CHECK, an operator, an operator class's support function)
     hidden_code: tuple[tuple[str, str, str], ...] = ()
     # (what, schema, function): the same for code attached to tables (triggers, defaults,
-    # CHECK constraints, policies, rules), which runs when a masked role writes their rows
+    # CHECK constraints, policies, rules, index and statistics expressions), which runs
+    # when a masked role writes their rows (or ANALYZEs them)
     table_code: tuple[tuple[str, str, str], ...] = ()
+    # the columns, in order, of the system relations masked roles read rewritten
+    # (rules.denied.SYSTEM_VIEWS), by (schema, name): pg_catalog's, and those an extension
+    # created where SYSTEM_VIEWS names that extension; and of the functions in
+    # SYSTEM_FUNCTIONS (their result columns), by name. Each column is (name, its type as
+    # SQL names it, schema-qualified: `"pg_catalog"."text"`, `"pg_catalog"."_text"`).
+    system_columns: Mapping[tuple[str, str], tuple[tuple[str, str], ...]] = field(
+        default_factory=dict
+    )
+    function_columns: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.by_oid:

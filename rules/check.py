@@ -127,7 +127,9 @@ def _hidden_code(policy: Policy, catalog: Catalog) -> list[Problem]:
                 Problem(
                     "functions.allow",
                     f"{what} calls function {schema}.{name}, which is not allowed: masked "
-                    "roles' writes run it; allow it once you have checked what it does",
+                    "roles' writes run it (ANALYZE and VACUUM FULL too, an index's or "
+                    "extended statistics' expression); allow it once you have checked what "
+                    "it does",
                     "none",
                 )
             )

@@ -32,9 +32,13 @@ from rules.denied import (
     DENIED_RELATIONS,
     DENIED_SETTINGS,
     SYSTEM_COLUMNS,
+    SYSTEM_FUNCTIONS,
+    SYSTEM_VIEWS,
     Refusal,
+    SystemView,
 )
 from rules.masks import sql_expr
+from rules.settings import keeps_pinned, set_config_keeps_pinned
 
 if TYPE_CHECKING:
     from rules.analyzer import Analyzer
@@ -114,6 +118,7 @@ class ReadRewrite:
     # found: an unmasked session records them all); the first one is the reason
     deferred: str | None = None
     moves_names: bool = False  # see Decision.moves_names
+    exposes: set[str] = field(default_factory=set)  # see Decision.exposes
 
     def tables(self) -> tuple[str, ...]:
         """The protected tables the statement reads or writes, those behind the views it
@@ -284,6 +289,8 @@ class ReadRewrite:
         if name in DENIED_SETTINGS or name.startswith("session_authorization"):
             if name == "role" and node.kind == 4:  # RESET role: back to the login, harmless
                 return node
+            if keeps_pinned(name, node):
+                return node  # the value the session has and must keep: nothing changes
             raise Refusal(f"masked roles may not change {name}")
         return node
 
@@ -312,7 +319,7 @@ class ReadRewrite:
             return node
         rv = node.relation
         self.rest(rv)
-        found = self.protected_of(rv)
+        found = self.protected_of(rv)  # (COPY of a view: the server refuses it)
         if found is None:
             return node
         # COPY t [(cols)] TO ...  =>  COPY (SELECT cols FROM t) TO ...
@@ -381,6 +388,9 @@ class ReadRewrite:
         self.rule_of(item)
         if isinstance(item, ast.RangeVar):
             self.rest(item)
+            system = self.system_view(item)
+            if system is not None:
+                return system
             return self.maybe_mask(item)
         if isinstance(item, ast.JoinExpr):
             item.larg = self.from_item(item.larg)
@@ -401,10 +411,147 @@ class ReadRewrite:
             if found is None:
                 return item
             return self.masking_subquery(found, rv, sample=item)
+        if isinstance(item, ast.RangeFunction):
+            system = self.system_function(item)
+            if system is not None:
+                return system
         if isinstance(item, ast.RangeFunction | ast.RangeTableFunc | ast.JsonTable):
             self.rest(item)
             return item
         raise Refusal(f"pgveil does not expect {type(item).__name__} in FROM")
+
+    # ---- system relations that show values or statement text ----------------------------
+
+    def system_key(self, rv: Any) -> tuple[str, str] | None:
+        """The (schema, name) of the system relation `rv` denotes when it is one of
+        SYSTEM_VIEWS that masked roles read rewritten, else None (the walk goes on, and
+        refuses the names of DENIED_RELATIONS). pg_catalog's is meant by its qualified name
+        or by its bare name when no relation of the catalog has that name (pg_catalog is
+        then searched first whatever search_path says, unless the session's temporary
+        relations take the name: the rewrite names pg_catalog's); an extension's by its
+        schema, or by its bare name when the catalog has no other relation of that name."""
+        name = rv.relname
+        view = SYSTEM_VIEWS.get(name)
+        if view is None or rv.catalogname is not None:
+            return None
+        schema = rv.schemaname
+        if schema is None and self.is_cte(rv):
+            return None
+        cat = self.an.catalog
+        if not view.extension:
+            if schema == "pg_catalog":
+                return ("pg_catalog", name)
+            if schema is None and not any(n == name for _, n in cat.relations):
+                return ("pg_catalog", name)
+            return None
+        if schema is not None:
+            key = (schema, name)
+            return key if key in cat.system_columns else None
+        named = [k for k in cat.relations if k[1] == name]
+        if len(named) == 1 and named[0] in cat.system_columns:
+            return named[0]
+        return None
+
+    def system_view(self, rv: Any) -> Any | None:
+        """A read of one of SYSTEM_VIEWS in FROM, as a subquery with the same alias in
+        which the columns that may show values or statement text are NULL; None when `rv`
+        denotes none of them."""
+        key = self.system_key(rv)
+        if key is None:
+            return None
+        view = SYSTEM_VIEWS[key[1]]
+        self.exposes.add(key[1])
+        source = f"{quote_ident(key[0])}.{quote_ident(key[1])}"
+        sub = parse_one(
+            f"SELECT {self._system_columns(view, self.an.catalog.system_columns.get(key), key[1])}"
+            f" FROM {source}"
+        )
+        self.relations.add(f"{rv.schemaname}.{key[1]}" if rv.schemaname else key[1])
+        alias = rv.alias if rv.alias is not None else ast.Alias(aliasname=rv.relname)
+        if rv.alias is None:
+            # `pg_catalog.pg_stats.attname` must keep resolving
+            self.replaced[key] = alias.aliasname
+        self.generated.add(id(sub))
+        self.changes += 1
+        return ast.RangeSubselect(lateral=False, subquery=sub, alias=alias)
+
+    def system_function(self, item: Any) -> Any | None:
+        """`FROM pg_stat_get_activity(...) [AS a[(...)]] [WITH ORDINALITY]`: a plain call of
+        one of SYSTEM_FUNCTIONS as a FROM item, read like its view (a LATERAL subquery:
+        its arguments may name earlier FROM items, as a function's may). None for anything
+        else (the walk then refuses the function, as everywhere else)."""
+        funcs: tuple[Any, ...] = tuple(item.functions or ())
+        if item.is_rowsfrom or item.coldeflist or len(funcs) != 1:
+            return None
+        pair = funcs[0]
+        if not isinstance(pair, tuple | list) or len(pair) != 2 or pair[1]:
+            return None
+        call = pair[0]
+        if not isinstance(call, ast.FuncCall):
+            return None
+        parts = [name_of(p) for p in call.funcname or ()]
+        if not parts or len(parts) > 2 or (len(parts) == 2 and parts[0] != "pg_catalog"):
+            return None
+        name = parts[-1]
+        view = SYSTEM_FUNCTIONS.get(name)
+        cat = self.an.catalog
+        if view is None or (len(parts) == 1 and any(n == name for _, n in cat.user_functions)):
+            return None  # (a function of that name elsewhere: the walk judges it as such)
+        for attr in call:
+            if attr in ("funcname", "args", "location"):
+                continue
+            value = getattr(call, attr)
+            if attr == "funcformat" and getattr(value, "name", "") == "COERCE_EXPLICIT_CALL":
+                continue
+            if value is not None and value != () and value is not False:
+                return None  # an aggregate's or window's clauses, VARIADIC: not a plain call
+        columns = self._system_columns(view, cat.function_columns.get(name), name)
+        self.exposes.add(name)
+        if item.ordinality:
+            columns += ', "ordinality"'
+        sub = parse_one(
+            f"SELECT {columns} FROM pg_catalog.{quote_ident(name)}() "
+            f"{'WITH ORDINALITY ' if item.ordinality else ''}AS {quote_ident(name)}"
+        )
+        self.rule_of(call)
+        self.rested.add(id(call))
+        inner = sub.fromClause[0]
+        args = self._visit_all(call.args or ())
+        inner.functions = (
+            (
+                ast.FuncCall(
+                    funcname=(ast.String(sval="pg_catalog"), ast.String(sval=name)),
+                    args=args or None,
+                    funcformat=call.funcformat,
+                    location=call.location,
+                ),
+                None,
+            ),
+        )
+        if item.alias is not None:
+            self.visit(item.alias)
+        alias = item.alias if item.alias is not None else ast.Alias(aliasname=name)
+        self.generated.add(id(sub))
+        self.changes += 1
+        return ast.RangeSubselect(lateral=True, subquery=sub, alias=alias)
+
+    @staticmethod
+    def _system_columns(
+        view: SystemView, columns: tuple[tuple[str, str], ...] | None, name: str
+    ) -> str:
+        """The select list of a rewritten system relation or function: its columns in the
+        server's order, those not kept NULL of their type."""
+        if not columns:
+            # (the catalog pgveil read lacks it: an older server, or a test catalog)
+            raise Refusal(
+                f"{name} exposes column values or query text, and pgveil has not read its "
+                "columns; it is not available to masked roles"
+            )
+        out = []
+        for column, typ in columns:
+            ident = quote_ident(column)
+            out.append(ident if column in view.kept else f"CAST(NULL AS {typ}) AS {ident}")
+        return ", ".join(out)
 
     def is_cte(self, rv: Any) -> bool:
         return rv.schemaname is None and any(rv.relname in s for s in self.ctes)
@@ -709,7 +856,7 @@ class ReadRewrite:
             setting = first.val.sval.lower()
         if setting is None:
             raise Refusal("set_config with a computed setting name is not allowed for masked roles")
-        if setting in DENIED_SETTINGS:
+        if setting in DENIED_SETTINGS and not set_config_keeps_pinned(setting, args):
             raise Refusal(f"masked roles may not change {setting}")
 
     def check_operator(self, opname: Any) -> None:

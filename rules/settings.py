@@ -12,6 +12,8 @@ deferred triggers) may change them unseen: it gets a `code` operation.
 
 Encoding names are read as the server reads them (src/common/encnames.c: only ASCII letters
 and digits count, case-insensitively), boolean values as parse_bool reads them.
+`keeps_pinned` and `set_config_keeps_pinned` tell the analyser which SETs of the settings
+masked sessions must keep leave them as they are (rules.denied.PINNED_SETTINGS).
 
 Pure: no I/O.
 """
@@ -21,6 +23,8 @@ from __future__ import annotations
 from typing import Any, Final
 
 from pglast import ast
+
+from rules.denied import PINNED_SETTINGS, REPORTED_SETTINGS
 
 # (kind, setting, value). kinds: set, local (SET LOCAL: until the transaction ends), reset_all
 # (RESET ALL, DISCARD ALL), begin, commit, rollback, savepoint, release, rollback_to (the
@@ -66,6 +70,8 @@ _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 # parse_bool_with_len: a prefix of true/false/yes/no (one letter at least), on, off (two
 # letters at least: "o" is ambiguous), 1, 0
+# backslash_quote's enumeration (guc_tables.c: backslash_quote_options, hidden ones too)
+_BACKSLASH_QUOTE = frozenset({"safe_encoding", "on", "off", "true", "false", "yes", "no", "1", "0"})
 _TRUE = ("true", "yes")
 _FALSE = ("false", "no")
 # what each transaction statement does (rules.analyzer's statement kinds)
@@ -114,6 +120,51 @@ def canonical(setting: str, value: str) -> str:
     if setting == CLIENT_ENCODING:
         return encoding_name(value)
     return boolean(value)
+
+
+def pinned_value(setting: str, value: str) -> str:
+    """The value of a setting the session guard pins (rules.denied.PINNED_SETTINGS) as the
+    server reads it: a reading setting's canonical value, backslash_quote's enumeration
+    name in lower case (the server compares those ignoring case); "" when none."""
+    if setting in READING:
+        return canonical(setting, value)
+    v = value.translate(_ASCII_LOWER)
+    return v if v in _BACKSLASH_QUOTE else ""
+
+
+def keeps_pinned(setting: str, node: Any) -> bool:
+    """Whether a SET statement (SET, SET LOCAL, SET SESSION, RESET; SET NAMES is
+    client_encoding) of a setting the guard pins leaves it at the value the guard requires,
+    which a masked session always has: it sets that very value, as the server reads it;
+    or it returns to the value at login, which the session checked (RESET, DEFAULT; only
+    for the settings the server reports); or it sets the value it has (FROM CURRENT)."""
+    required = PINNED_SETTINGS.get(setting)
+    if required is None:
+        return False
+    kind = getattr(node.kind, "name", "")
+    if kind == "VAR_SET_CURRENT":
+        return True
+    if kind in ("VAR_SET_DEFAULT", "VAR_RESET"):
+        return setting in REPORTED_SETTINGS
+    if kind != "VAR_SET_VALUE":
+        return False
+    args: tuple[Any, ...] = tuple(node.args or ())
+    value = _constant(args[0]) if len(args) == 1 else None
+    return value is not None and pinned_value(setting, value) == required
+
+
+def set_config_keeps_pinned(setting: str, args: Any) -> bool:
+    """The same for `set_config(setting, value, is_local)`: its value a constant that the
+    server reads as the required one, or NULL (the value at login, like RESET) for a
+    setting the server reports. Either scope keeps it."""
+    required = PINNED_SETTINGS.get(setting)
+    args = tuple(args or ())
+    if required is None or len(args) != 3 or not isinstance(args[1], ast.A_Const):
+        return False
+    if args[1].isnull:
+        return setting in REPORTED_SETTINGS
+    value = _constant(args[1])
+    return value is not None and pinned_value(setting, value) == required
 
 
 def settings_of(stmts: Any, sql: str) -> tuple[SettingOp, ...]:

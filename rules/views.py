@@ -6,8 +6,10 @@ column's type; any other column computed from personal data gets NULL. Views who
 definition is not a plain SELECT over tables and views (set operations, CTEs, subqueries in
 FROM or in the select list, VALUES, functions in FROM, relations with renamed columns) are
 not derived: the analyser refuses them, naming the view. Views that call code masked roles
-may not run (a user function not on the allow list, a built-in that runs SQL text) are
-refused whatever they read (`view_code_refusals`).
+may not run (a user function not on the allow list, a built-in that runs SQL text), or that
+read a relation that exposes values or statement text (pg_stat_activity, pg_stats, ...:
+rules.denied.DENIED_RELATIONS; masked roles read those rewritten, a view reads them raw),
+are refused whatever else they read (`view_code_refusals`).
 
 What reading a view reads (`view_reads`), for the audit: the protected tables behind it
 (through views over views and materialized views, whose rows are a copy of theirs), and
@@ -32,7 +34,7 @@ from pglast import parse_sql
 from pglast.parser import ParseError
 
 from rules.catalog import Catalog
-from rules.denied import DENIED_FUNCTIONS, DENIED_PREFIXES
+from rules.denied import DENIED_FUNCTIONS, DENIED_PREFIXES, DENIED_RELATIONS
 from rules.masks import fits
 from rules.model import MaskSpec, Policy
 
@@ -81,8 +83,9 @@ def derive_view_masks(
 
 def view_code_refusals(catalog: Catalog, policy: Policy) -> dict[tuple[str, str], str]:
     """Why each view (or materialized view) that calls code masked roles may not run is
-    refused: a user function not on the allow list, or a built-in that reads data behind
-    the rewriter's back (`query_to_xml('SELECT ...')`). A view over such a view too."""
+    refused: a user function not on the allow list, a built-in that reads data behind the
+    rewriter's back (`query_to_xml('SELECT ...')`), or a relation that exposes values or
+    statement text (`pg_stat_activity`). A view over such a view too."""
     direct: dict[tuple[str, str], str] = {}
     for key, text in catalog.view_definitions.items():
         reason = _code_refusal(text, catalog, policy)
@@ -105,6 +108,9 @@ def _code_refusal(text: str, catalog: Catalog, policy: Policy) -> str | None:
     except ParseError:
         return "has a definition pgveil cannot parse"
     for n in _nodes(stmts):
+        if isinstance(n, ast.RangeVar) and n.relname in DENIED_RELATIONS:
+            # its stored definition reads them raw: statement text, statistics' values
+            return f"reads {n.relname}, which exposes column values or query text"
         if not isinstance(n, ast.FuncCall):
             continue
         parts = [f.sval for f in n.funcname if isinstance(f, ast.String)]

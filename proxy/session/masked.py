@@ -315,7 +315,14 @@ class StatementFilter:
         # the same names) named: the statement log adds their tables when it runs (it
         # knows which statement or cursor the name holds then)
         uses = d.uses
-        touches = action == "refuse" or bool(d.tables) or d.action == "refuse" or extra is not None
+        touches = (
+            action == "refuse"
+            or bool(d.tables)
+            or d.action == "refuse"
+            or extra is not None
+            # statistics or statement text of any table, read raw (an unmasked session)
+            or (self.raw_columns and bool(d.exposes))
+        )
         if audit is not None and (touches or uses):
             if action != "refuse" and d.redacted:
                 # the same for every statement of this shape: built once
@@ -365,7 +372,10 @@ class StatementFilter:
         fields = event_fields(sql, d, action, value)
         # a masked-role refusal stops the analyser's walk (the tables may be more), unless
         # it was made once the walk was done
-        fields["analysis_complete"] = d.action != "refuse" or d.complete
+        fields["analysis_complete"] = (d.action != "refuse" or d.complete) and not (
+            # pg_stats, pg_stat_activity... read raw: values of tables it cannot name
+            self.raw_columns and bool(d.exposes)
+        )
         if self.raw_columns:
             raw = list(d.columns)
             if d.action == "refuse":

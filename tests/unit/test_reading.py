@@ -19,7 +19,15 @@ from proxy.session.reading import (
     statement_text,
 )
 from proxy.wire import messages as m
-from rules.settings import CODE, boolean, encoding_name, settings_of
+from rules.settings import (
+    CODE,
+    boolean,
+    encoding_name,
+    keeps_pinned,
+    pinned_value,
+    set_config_keeps_pinned,
+    settings_of,
+)
 from tests.unit.test_statement_log import CUSTOMERS, TEXT, Session, complete, data_row
 from tests.unit.test_statement_log import row_description as described
 
@@ -89,6 +97,77 @@ def test_encoding_names_and_booleans_as_the_server_reads_them() -> None:
     assert [boolean(v) for v in ("t", "TRU", "yes", "1", "on", "of", "No", "0", "o", " on")] == [
         "on", "on", "on", "on", "on", "off", "off", "off", "", "",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("sql", "keeps"),
+    [
+        ("set client_encoding to 'UTF8'", True),
+        ("SET NAMES 'utf-8'", True),
+        ("SET client_encoding = unicode", True),
+        ("SET LOCAL client_encoding TO 'U_T_F_8'", True),  # only letters and digits count
+        ("SET client_encoding TO DEFAULT", True),  # the login's value, checked at login
+        ("RESET client_encoding", True),
+        ("SET client_encoding FROM CURRENT", True),
+        ("SET client_encoding = 'LATIN1'", False),
+        ("SET client_encoding = 'UTF8', 'UTF8'", False),  # the server refuses it anyway
+        ("SET client_encoding = 8", False),
+        ("SET standard_conforming_strings = on", True),
+        ("SET standard_conforming_strings = TRUE", True),
+        ("SET standard_conforming_strings = 1", True),
+        ("SET standard_conforming_strings = 'y'", True),
+        ("SET standard_conforming_strings = 1.0", False),
+        ("SET standard_conforming_strings = 'o'", False),  # ambiguous: the server refuses it
+        ("SET standard_conforming_strings = off", False),
+        ("RESET standard_conforming_strings", True),
+        ("SET backslash_quote = SAFE_ENCODING", True),
+        ("SET backslash_quote = on", False),  # reads alike in UTF8, but is not the pinned value
+        ("SET backslash_quote TO DEFAULT", False),  # not reported: its login value is unknown
+        ("SET backslash_quote FROM CURRENT", True),
+        ("SET search_path = public", False),  # not pinned: not this guard's to judge
+    ],
+)
+def test_a_set_that_keeps_the_pinned_value(sql: str, keeps: bool) -> None:
+    node = parse_sql(sql)[0].stmt
+    assert keeps_pinned(node.name.lower(), node) is keeps
+
+
+@pytest.mark.parametrize(
+    ("sql", "keeps"),
+    [
+        ("SELECT set_config('client_encoding', 'utf8', false)", True),
+        ("SELECT set_config('client_encoding', 'utf8', random() > 0.5)", True),  # either scope
+        ("SELECT set_config('client_encoding', NULL, true)", True),  # (RESET)
+        ("SELECT set_config('backslash_quote', NULL, true)", False),
+        ("SELECT set_config('standard_conforming_strings', 'on', false)", True),
+        ("SELECT set_config('standard_conforming_strings', 'o' || 'n', false)", False),
+        ("SELECT set_config('standard_conforming_strings', 'on')", False),
+        ("SELECT set_config('client_encoding', 'SJIS', false)", False),
+    ],
+)
+def test_a_set_config_that_keeps_the_pinned_value(sql: str, keeps: bool) -> None:
+    call = parse_sql(sql)[0].stmt.targetList[0].val
+    setting = call.args[0].val.sval.lower()
+    assert set_config_keeps_pinned(setting, call.args) is keeps
+
+
+def test_pinned_values_as_the_server_reads_them() -> None:
+    assert pinned_value(CE, "Unicode") == "UTF8"
+    assert pinned_value(SCS, "YES") == "on"
+    assert pinned_value("backslash_quote", "Safe_Encoding") == "safe_encoding"
+    assert pinned_value("backslash_quote", "safe encoding") == ""
+
+
+def test_a_set_of_the_value_the_setting_has_leaves_the_reading_settled() -> None:
+    """No event is uncertain for a SET that changes nothing: within an extended-protocol
+    request, what follows it is read under the values it began with, for sure."""
+    t = tracker()
+    for sql in ("SET client_encoding TO 'UTF8'", "SET standard_conforming_strings = on"):
+        t.bind(ops(sql))
+        t.execute(ops(sql))
+        assert t.settled(BACKSLASH | ENCODING) and t.now() == Reading()
+    t.sync()
+    assert t.base == Reading()
 
 
 # ---- bytes read under a Reading -------------------------------------------------------------
