@@ -45,6 +45,11 @@ DENIED_SETTINGS = frozenset(
      "backslash_quote"}
 )  # fmt: skip
 
+# What pgveil's guard on a write into a deny column makes the server's error say, followed
+# by the column (rules.writes.Rewriter.deny_guard): the masked-session filter turns that
+# error into its refusal.
+DENY_WRITE_MARKER = "pgveil_deny_write"
+
 # System columns: readable through the masking subquery's table, never personal.
 SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
 

@@ -80,6 +80,59 @@ def _server_name(version: int) -> str:
     return f"PostgreSQL {version // 10000}"
 
 
+@dataclass(frozen=True)
+class RowUses:
+    """What a statement does with system columns and whole rows, wherever it does it:
+    `system`: the system columns it names, each with its qualifier (None when unqualified);
+    `singles`: the names it writes alone (a column, or a whole-row reference `c`);
+    `qualified`: its two-part names `q.f` (`f(q)` when f is no column of q);
+    `loose_star`: a `*` that is not a whole entry of a select or RETURNING list, a NATURAL
+    JOIN or a join alias (each may take every column of a relation)."""
+
+    system: frozenset[tuple[str | None, str]] = frozenset()
+    singles: frozenset[str] = frozenset()
+    qualified: frozenset[tuple[str, str]] = frozenset()
+    loose_star: bool = False
+
+
+def row_uses(stmts: Any) -> RowUses:
+    """See RowUses; no node is changed."""
+    system: set[tuple[str | None, str]] = set()
+    singles: set[str] = set()
+    qualified: set[tuple[str, str]] = set()
+    listed: set[int] = set()  # id() of star references that are whole list entries
+    loose = False
+    for n in descendants(stmts):
+        if isinstance(n, ast.SelectStmt | ast.ReturningClause):
+            items = n.targetList if isinstance(n, ast.SelectStmt) else n.exprs
+            for rt in items or ():
+                if isinstance(rt, ast.ResTarget) and isinstance(rt.val, ast.ColumnRef):
+                    listed.add(id(rt.val))
+        elif isinstance(n, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
+            # (before PostgreSQL 18's ReturningClause, RETURNING is a list of the statement)
+            items = getattr(n, "returningList", None)
+            for rt in items or ():
+                if isinstance(rt, ast.ResTarget) and isinstance(rt.val, ast.ColumnRef):
+                    listed.add(id(rt.val))
+        elif isinstance(n, ast.JoinExpr) and (n.isNatural or n.alias is not None):
+            loose = True
+        elif isinstance(n, ast.ColumnRef):
+            fields = n.fields
+            last = fields[-1]
+            if isinstance(last, ast.A_Star):
+                if id(n) not in listed:
+                    loose = True
+                continue
+            name = name_of(last)
+            if len(fields) == 1:
+                singles.add(name)
+            elif len(fields) >= 2:
+                qualified.add((name_of(fields[-2]), name))
+            if name in SYSTEM_COLUMNS:
+                system.add((name_of(fields[-2]) if len(fields) >= 2 else None, name))
+    return RowUses(frozenset(system), frozenset(singles), frozenset(qualified), loose)
+
+
 @dataclass
 class ReadRewrite:
     an: Analyzer
@@ -114,6 +167,12 @@ class ReadRewrite:
     # found: an unmasked session records them all); the first one is the reason
     deferred: str | None = None
     moves_names: bool = False  # see Decision.moves_names
+    # deny columns the statement names (read as NULL, or written): the audit says denied
+    denied: set[str] = field(default_factory=set)
+    # what the statement does with whole rows and system columns (see RowUses)
+    row_uses: RowUses = field(default_factory=lambda: RowUses())
+    # id() of masking subqueries that carry system columns -> (alias, the table's columns)
+    carrying: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
     def tables(self) -> tuple[str, ...]:
         """The protected tables the statement reads or writes, those behind the views it
@@ -305,7 +364,9 @@ class ReadRewrite:
         if node.is_from:
             if node.relation is not None:
                 self.rest(node.relation)
-                self.protected_of(node.relation, record=True, cte_scope=False)
+                found = self.protected_of(node.relation, record=True, cte_scope=False)
+                if found is not None:
+                    self.copy_into_denied(found, node.attlist)
             return node
         if node.query is not None:
             node.query = self.statement(node.query)
@@ -324,6 +385,19 @@ class ReadRewrite:
         node.query = query
         self.changes += 1
         return node
+
+    def copy_into_denied(self, p: Protected, attlist: Any) -> None:
+        """COPY ... FROM into deny columns: the rows are data pgveil does not read, so it
+        cannot tell that only NULL is written (see Rewriter.deny_guard): refused."""
+        named = [name_of(a) for a in attlist or ()] or [c.name for c in p.relation.columns]
+        for name in named:
+            spec = p.masks.get(name)
+            if spec is not None and spec.name == "deny":
+                self.denied.add(f"{p.rule_table}.{name}")
+                self.defer(
+                    f"column {p.rule_table}.{name} is not available to masked roles: COPY "
+                    "FROM cannot write it; list the columns without it"
+                )
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -360,6 +434,8 @@ class ReadRewrite:
             if node.intoClause is not None:
                 node.intoClause = self.into_clause(node.intoClause)
             self.rest(node)
+            if self.carrying and node.fromClause:
+                self.expand_stars(node)
         finally:
             if pushed:
                 self.ctes.pop()
@@ -405,6 +481,72 @@ class ReadRewrite:
             self.rest(item)
             return item
         raise Refusal(f"pgveil does not expect {type(item).__name__} in FROM")
+
+    def system_columns(self, p: Protected, rv: Any, alias_name: str, names: set[str]) -> list[str]:
+        """The system columns (`xmin`, `ctid`, ...) the statement reads of the masking
+        subquery of `p` named `alias_name`: the subquery carries them under their names
+        after the table's columns. They hold no personal data, but they are columns of the
+        subquery, so a whole-row reference to it (`c`, `to_json(c)`, `c.*` inside an
+        expression, a NATURAL JOIN) would see them too: refused together with them; a
+        `*` or `c.*` of a select list is spelled out (see expand_stars)."""
+        if p.relation.kind not in ("r", "p", "m"):
+            return []  # a view has no system columns: the server says so
+        uses = self.row_uses
+        wanted = sorted({s for q, s in uses.system if q is None or q == alias_name})
+        if not wanted:
+            return []
+        if (
+            uses.loose_star
+            or alias_name in uses.singles
+            or any(q == alias_name and f not in names for q, f in uses.qualified)
+            or (rv.alias is not None and bool(rv.alias.colnames))
+        ):
+            # (deferred: an unmasked session's audit still gets everything the walk finds)
+            self.defer(
+                f"system columns of protected table {p.rule_table} cannot be read together "
+                "with a reference to its whole row (the row itself, a * inside an "
+                "expression, renamed columns, a NATURAL JOIN); name its columns"
+            )
+            return []
+        return wanted
+
+    def expand_stars(self, node: Any) -> None:
+        """`*` and `c.*` in the select list of a SELECT whose FROM holds a masking subquery
+        that carries system columns: spelled out as that table's columns (what they denote
+        on the table itself), so the system columns appear only where they are named."""
+        carrying: dict[str, tuple[str, ...]] = {}
+        for item in _from_items(node.fromClause):
+            found = self.carrying.get(id(getattr(item, "subquery", None)))
+            if found is not None:
+                carrying[found[0]] = found[1]
+        if not carrying:
+            return
+        out: list[Any] = []
+        for rt in node.targetList or ():
+            val = rt.val if isinstance(rt, ast.ResTarget) else None
+            if not (isinstance(val, ast.ColumnRef) and isinstance(val.fields[-1], ast.A_Star)):
+                out.append(rt)
+                continue
+            if len(val.fields) == 1:
+                single = node.fromClause if len(node.fromClause) == 1 else ()
+                if not (single and isinstance(single[0], ast.RangeSubselect)):
+                    self.defer(
+                        "system columns of a protected table cannot be read together with "
+                        "* over several relations; name the columns"
+                    )
+                    out.append(rt)
+                    continue
+                alias = single[0].alias.aliasname
+            else:
+                alias = name_of(val.fields[-2])
+                if alias not in carrying:
+                    out.append(rt)
+                    continue
+            for column in carrying[alias]:
+                ref = ast.ColumnRef(fields=(ast.String(sval=alias), ast.String(sval=column)))
+                out.append(ast.ResTarget(val=ref))
+            self.changes += 1
+        node.targetList = tuple(out)
 
     def is_cte(self, rv: Any) -> bool:
         return rv.schemaname is None and any(rv.relname in s for s in self.ctes)
@@ -539,10 +681,17 @@ class ReadRewrite:
                 # not mentioned: NULL keeps the column list (and the planner's work) small
                 cols.append(f"CAST(NULL AS {c.type.formatted}) AS {ident}")
             else:
+                # (deny: NULL of the column's type, the audit says denied)
                 cols.append(f"{sql_expr(spec, ident, c.type, keys)} AS {ident}")
                 self.masked_columns.add(f"{p.rule_table}.{c.name}")
+                if spec.name == "deny":
+                    self.denied.add(f"{p.rule_table}.{c.name}")
                 self.uses_hash = self.uses_hash or spec.name == "hash"
+        system = self.system_columns(p, rv, alias_name, names)
+        cols.extend(quote_ident(s) for s in system)
         sub = parse_one(f"SELECT {', '.join(cols)} FROM {self._rv_text(rv)}")
+        if system:
+            self.carrying[id(sub)] = (alias_name, tuple(c.name for c in p.relation.columns))
         if sample is not None:
             inner = sub.fromClause[0]
             sample.relation = inner
@@ -622,13 +771,9 @@ class ReadRewrite:
             if alias is not None:
                 node.fields = (ast.String(sval=alias), fields[-1])
                 self.changes += 1
-        col = names[-1] if names else ""
-        if col:
-            # by name, whatever the qualifier: an alias may denote any touched relation
-            for p in self.all_touched():
-                spec = p.masks.get(col)
-                if spec is not None and spec.name == "deny":
-                    raise Refusal(f"column {p.rule_table}.{col} is not available to masked roles")
+        # a deny column is no exception here: where a name reads a protected relation's
+        # column, the masking subquery (or, for a write's own target, the write rewrite)
+        # gives NULL of its type, so predicates, sorting and functions only see NULL
         self.rest(node)
         return node
 
@@ -758,6 +903,15 @@ def _flat(value: Any) -> Iterator[Any]:
             yield from _flat(v)
     elif value is not None:
         yield value
+
+
+def _from_items(items: Any) -> Iterator[Any]:
+    """The items of a FROM list, those joined in JoinExprs included."""
+    for item in items or ():
+        if isinstance(item, ast.JoinExpr):
+            yield from _from_items((item.larg, item.rarg))
+        else:
+            yield item
 
 
 def _holds_node(value: Any) -> bool:

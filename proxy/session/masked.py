@@ -50,6 +50,7 @@ from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
 from rules.analyzer import Decision, Effects
 from rules.context import ContextHolder, MaskingContext, redact
+from rules.denied import DENY_WRITE_MARKER
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
 from rules.model import MaskSpec
@@ -63,6 +64,8 @@ RULES_CHANGED = (
 )
 NOT_UTF8 = "the statement is not valid UTF-8"
 UNTRACKED = "pgveil cannot tell what this statement runs; prepare it again"
+# the guard's error (rules.writes): `invalid input syntax for type integer: "<marker> t.c"`
+_DENY_WRITE = re.compile(r'"' + DENY_WRITE_MARKER + r' ([^"\s]+)"$')
 _QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
 _TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
 _TEXT = ColumnType("text", "text")
@@ -319,7 +322,7 @@ class StatementFilter:
         if audit is not None and (touches or uses):
             if action != "refuse" and d.redacted:
                 # the same for every statement of this shape: built once
-                key = (d.redacted, d.kinds, d.tables, d.columns, action, d.action)
+                key = (d.redacted, d.kinds, d.tables, d.columns, d.denied, action, d.action)
                 template = self._templates.get(key)
                 if template is None:
                     if len(self._templates) >= _TEMPLATES:
@@ -367,7 +370,9 @@ class StatementFilter:
         # it was made once the walk was done
         fields["analysis_complete"] = d.action != "refuse" or d.complete
         if self.raw_columns:
-            raw = list(d.columns)
+            # (deny columns too: nothing is denied to an unmasked role)
+            fields.pop("columns_denied", None)
+            raw = list(d.columns) + list(d.denied)
             if d.action == "refuse":
                 # the analysis stopped early (a write's whole-row reference, say): any
                 # personal column of the tables it reached may have been read
@@ -377,7 +382,7 @@ class StatementFilter:
                     if found is not None:
                         raw += [f"{found.rule_table}.{column}" for column in found.masks]
             fields["columns_raw"], fields["columns_masked"] = raw, []
-        for key in ("tables", "columns_masked", "columns_raw"):
+        for key in ("tables", "columns_masked", "columns_raw", "columns_denied"):
             if key in fields:
                 fields[key] = sorted(set(_names(fields[key])))
         return fields
@@ -651,9 +656,12 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
         "statement": text,
         "fingerprint": fingerprint,
         "tables": list(d.tables),
-        "columns_masked": list(d.columns),
+        "columns_masked": [c for c in d.columns if c not in d.denied],
         "decision": {"pass": "passed", "rewrite": "rewritten"}.get(action, "refused"),
     }
+    if d.denied:
+        # deny columns the statement named: read as NULL, or written (only NULL may be)
+        fields["columns_denied"] = list(d.denied)
     if d.views:
         fields["views"] = {view: list(tables) for view, tables in d.views}
     if action == "refuse":
@@ -854,6 +862,10 @@ class MaskedFilter(StatementFilter):
             refusal = self._refusal(body)
             if refusal is not None:
                 return refusal
+        if typ == m.ERROR_RESPONSE and DENY_WRITE_MARKER in fields.get("M", ""):
+            refusal = self._deny_write(fields["M"])
+            if refusal is not None:
+                return refusal
         context = fields.get("W", "")
         if "PL/pgSQL" in context or "at RAISE" in context:
             # the text was composed by server-side code (a trigger's RAISE, say): any value
@@ -871,6 +883,30 @@ class MaskedFilter(StatementFilter):
         if "D" in fields:
             scrubbed["D"] = "pgveil: detail withheld from masked roles"
         return encode_fields(typ, scrubbed)
+
+    def _deny_write(self, message: str) -> bytes | None:
+        """The error of pgveil's guard on a write into a deny column (see
+        rules.writes.Rewriter.deny_guard), as pgveil's refusal naming the column; None when
+        the message names no deny column of the rules (a statement can spell the marker
+        itself: its error then stays the server's, scrubbed)."""
+        found = _DENY_WRITE.search(message)
+        if found is None:
+            return None
+        table, _, column = found.group(1).rpartition(".")
+        schema, _, name = table.partition(".")
+        protected = self.ctx.pmap.by_name.get((schema, name))
+        if protected is None or protected.rule_table != table:
+            return None
+        spec = protected.masks.get(column)
+        if spec is None or spec.name != "deny":
+            return None
+        reason = (
+            f"column {table}.{column} is not available to masked roles; only NULL can be "
+            "written to it"
+        )
+        self.counters.refused += 1
+        self.counters.refusal_reasons.append(reason)
+        return m.error_response("42501", f"pgveil: {reason}")
 
     def login_messages(self, data: bytes) -> bytes:
         """The server's answers between AuthenticationOk and the login's ReadyForQuery
