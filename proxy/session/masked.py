@@ -66,6 +66,7 @@ NOT_UTF8 = "the statement is not valid UTF-8"
 UNTRACKED = "pgveil cannot tell what this statement runs; prepare it again"
 # the guard's error (rules.writes): `invalid input syntax for type integer: "<marker> t.c"`
 _DENY_WRITE = re.compile(r'"' + DENY_WRITE_MARKER + r' ([^"\s]+)"$')
+_DENY_WRITE_BYTES = DENY_WRITE_MARKER.encode()
 _QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
 _TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
 _TEXT = ColumnType("text", "text")
@@ -818,6 +819,9 @@ class MaskedFilter(StatementFilter):
         log = self.statements
         assert log is not None
         if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
+            if typ == m.ERROR_RESPONSE and _DENY_WRITE_BYTES in body:
+                # (before the log records the outcome: the refusal's SQLSTATE)
+                body = self._deny_write(body) or body
             cause = log.cause(typ)  # before the log moves past what failed
             log.server_message(typ, body)
             if log.lost is not None or log.refuted is not None:
@@ -862,10 +866,6 @@ class MaskedFilter(StatementFilter):
             refusal = self._refusal(body)
             if refusal is not None:
                 return refusal
-        if typ == m.ERROR_RESPONSE and DENY_WRITE_MARKER in fields.get("M", ""):
-            refusal = self._deny_write(fields["M"])
-            if refusal is not None:
-                return refusal
         context = fields.get("W", "")
         if "PL/pgSQL" in context or "at RAISE" in context:
             # the text was composed by server-side code (a trigger's RAISE, say): any value
@@ -884,12 +884,13 @@ class MaskedFilter(StatementFilter):
             scrubbed["D"] = "pgveil: detail withheld from masked roles"
         return encode_fields(typ, scrubbed)
 
-    def _deny_write(self, message: str) -> bytes | None:
+    def _deny_write(self, body: bytes) -> bytes | None:
         """The error of pgveil's guard on a write into a deny column (see
-        rules.writes.Rewriter.deny_guard), as pgveil's refusal naming the column; None when
-        the message names no deny column of the rules (a statement can spell the marker
-        itself: its error then stays the server's, scrubbed)."""
-        found = _DENY_WRITE.search(message)
+        rules.writes.Rewriter.deny_guard), as pgveil's refusal naming the column (an
+        ErrorResponse body); None when the message names no deny column of the rules (a
+        statement can spell the marker itself: its error then stays the server's, scrubbed
+        like any other)."""
+        found = _DENY_WRITE.search(m.decode_fields(body).get("M", ""))
         if found is None:
             return None
         table, _, column = found.group(1).rpartition(".")
@@ -906,7 +907,7 @@ class MaskedFilter(StatementFilter):
         )
         self.counters.refused += 1
         self.counters.refusal_reasons.append(reason)
-        return m.error_response("42501", f"pgveil: {reason}")
+        return m.error_response("42501", f"pgveil: {reason}")[5:]
 
     def login_messages(self, data: bytes) -> bytes:
         """The server's answers between AuthenticationOk and the login's ReadyForQuery

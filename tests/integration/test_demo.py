@@ -27,7 +27,8 @@ from proxy.embedded_pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[2]
 CUSTOMERS = "SELECT name, email, phone1 FROM billing.customers ORDER BY i_customer LIMIT 3"
-REFUSED = "SELECT password_hash FROM billing.selfcare_credentials LIMIT 1"
+DENIED = "SELECT i_customer, password_hash FROM billing.selfcare_credentials WHERE i_customer = 1"
+REFUSED = "SELECT query_to_xml('SELECT * FROM billing.customers', true, true, '')"
 PROMPT = "pgveil_demo=> "
 
 
@@ -174,15 +175,17 @@ def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
     assert rows(
         demo, helpdesk, "SELECT name, account_id FROM billing.customer_overview LIMIT 1"
     ) == ["C*************1|+1********01"]
-    # credentials: refused by name, NULL in SELECT *
-    r = psql(demo, helpdesk, REFUSED)
-    assert r.returncode == 1 and "ERROR:  42501: pgveil:" in r.stderr, r.stderr
-    assert "password_hash" in r.stderr
+    # credentials are deny: NULL by name and in SELECT * (the admin sees them)
+    assert rows(demo, helpdesk, DENIED) == ["1|"]
+    assert rows(demo, admin, DENIED)[0].startswith("1|$demo$")
     assert (
         rows(demo, helpdesk, "SELECT * FROM billing.selfcare_credentials LIMIT 1")[0].count("|")
         == 3
     )
-    assert rows(demo, admin, "SELECT password_hash FROM billing.selfcare_credentials LIMIT 1")[0]
+    # a function that runs SQL text is refused, with its reason
+    r = psql(demo, helpdesk, REFUSED)
+    assert r.returncode == 1 and "ERROR:  42501: pgveil:" in r.stderr, r.stderr
+    assert "query_to_xml" in r.stderr
 
     # the invoices are real PDFs (fixed-width fields keep the xref offsets right)
     pdf = base64.b64decode(
@@ -201,10 +204,15 @@ def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
         time.sleep(0.1)
     events = list(read_events(audit))
     refused = [e for e in events if e["type"] == "refused"]
-    assert [(e["role"], e["tables"]) for e in refused] == [
-        ("helpdesk", ["billing.selfcare_credentials"])
-    ]
-    assert "password_hash" in refused[0]["reason"]
+    assert [(e["role"], e["tables"]) for e in refused] == [("helpdesk", [])]
+    assert "query_to_xml" in refused[0]["reason"]
+    # the deny column's read is recorded as denied, not as masked
+    denied = [e for e in events if e.get("columns_denied")]
+    assert len(denied) == 2  # by name, and through SELECT *
+    assert {(e["role"], tuple(e["columns_denied"])) for e in denied} == {
+        ("helpdesk", ("billing.selfcare_credentials.password_hash",))
+    }
+    assert [e["columns_masked"] for e in denied] == [[], ["billing.selfcare_credentials.login"]]
     access = {(e["role"], e["classification"]) for e in events if e["type"] == "access"}
     assert {("admin", "unmasked"), ("helpdesk", "masked")} <= access
     assert verify_files([audit])[1] is None
