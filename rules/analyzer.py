@@ -157,6 +157,7 @@ class Analyzer:
         rewriter.references, rewriter.qualified = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
         rewriter.row_uses = row_uses(stmts)
+        rewriter.text = sql
         keys, row_subjects = statement_subjects(self.pmap, stmts)
         effects = _effects(stmts)
         settings = settings_of(stmts, sql)

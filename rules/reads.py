@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pglast.ast
+import pglast.enums
 from pglast import parse_sql
 
 from rules import grammar
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 ast: Any = pglast.ast
 
 _NAME_NODES = (ast.String, ast.A_Star)
+_EXPLICIT_CALL = pglast.enums.CoercionForm.COERCE_EXPLICIT_CALL
 # Classes that only make sense where a handler puts them (FROM items, clauses of a statement):
 # met anywhere else, a statement is not what pgveil thinks it is.
 _PLACED = frozenset(
@@ -167,6 +169,7 @@ class ReadRewrite:
     # found: an unmasked session records them all); the first one is the reason
     deferred: str | None = None
     moves_names: bool = False  # see Decision.moves_names
+    text: str = ""  # the statement text analysed (node locations point into it)
     # deny columns the statement names (read as NULL, or written): the audit says denied
     denied: set[str] = field(default_factory=set)
     # what the statement does with whole rows and system columns (see RowUses)
@@ -477,7 +480,11 @@ class ReadRewrite:
             if found is None:
                 return item
             return self.masking_subquery(found, rv, sample=item)
-        if isinstance(item, ast.RangeFunction | ast.RangeTableFunc | ast.JsonTable):
+        if isinstance(item, ast.RangeFunction):
+            self.expand_unnest(item)
+            self.rest(item)
+            return item
+        if isinstance(item, ast.RangeTableFunc | ast.JsonTable):
             self.rest(item)
             return item
         raise Refusal(f"pgveil does not expect {type(item).__name__} in FROM")
@@ -547,6 +554,35 @@ class ReadRewrite:
                 out.append(ast.ResTarget(val=ref))
             self.changes += 1
         node.targetList = tuple(out)
+
+    def expand_unnest(self, item: Any) -> None:
+        """`FROM unnest(a, b, ...)`: the SQL standard's UNNEST of several arrays, which the
+        server resolves only when the name is unqualified (parse_clause.c,
+        transformRangeFunction: an undecorated `unnest` call in FROM with more than one
+        argument), by turning it into `ROWS FROM (pg_catalog.unnest(a), pg_catalog.unnest(b),
+        ...)`. pgveil sends exactly that, so the pinned names resolve (pg_catalog.unnest of two
+        arrays does not exist) and no function of that name elsewhere is ever run."""
+        functions = []
+        changed = False
+        for pair in item.functions or ():
+            call: Any = pair[0] if isinstance(pair, tuple | list) and len(pair) == 2 else None
+            coldefs = pair[1] if call is not None else None
+            if not _standard_unnest(call) or coldefs:
+                functions.append(pair)
+                continue
+            for arg in call.args:
+                one = ast.FuncCall(
+                    funcname=(ast.String(sval="pg_catalog"), ast.String(sval="unnest")),
+                    args=(arg,),
+                    funcformat=call.funcformat,
+                    location=call.location,
+                )
+                functions.append((one, None))
+            changed = True
+        if changed:
+            item.functions = tuple(functions)
+            item.is_rowsfrom = True
+            self.changes += 1
 
     def is_cte(self, rv: Any) -> bool:
         return rv.schemaname is None and any(rv.relname in s for s in self.ctes)
@@ -712,6 +748,7 @@ class ReadRewrite:
         self.check_names(node.funcname, "FuncCall", "funcname")
         self.check_function(node.funcname)
         self.pin_builtin(node)
+        self.keep_grammar_pin(node)
         if name_of(node.funcname[-1]).lower() == "set_config":
             self.check_set_config(node.args)
         self.rest(node)
@@ -844,8 +881,45 @@ class ReadRewrite:
             return
         if any(n == name for _, n in self.an.policy.allowed_functions):
             return  # an allow-listed function of that name may be the one meant
+        if self.may_be_projection(node, name):
+            return
         node.funcname = (ast.String(sval="pg_catalog"), ast.String(sval=name))
         self.changes += 1
+
+    def keep_grammar_pin(self, node: Any) -> None:
+        """A call pglast's grammar qualified with pg_catalog although the statement wrote it
+        as a plain call (`json_object(...)`: PostgreSQL 16's grammar pins it, PostgreSQL
+        15's reads a call of whatever `json_object` the search path finds first): pgveil
+        sends its own text, where the name is qualified, never the statement's. (Calls in
+        the SQL standard's own syntax, `EXTRACT(... FROM ...)`, are pinned by every
+        server's grammar; they are built with COERCE_SQL_SYNTAX.)"""
+        if len(node.funcname) != 2 or name_of(node.funcname[0]) != "pg_catalog":
+            return
+        if node.funcformat != _EXPLICIT_CALL:
+            return
+        at = node.location if isinstance(node.location, int) else -1
+        written = self.text[at : at + 12].lower() if 0 <= at < len(self.text) else ""
+        if not written.startswith(("pg_catalog", '"pg_catalog"')):
+            self.changes += 1  # (the printer writes pg_catalog.name)
+
+    def may_be_projection(self, node: Any, name: str) -> bool:
+        """`f(c)`, c a whole row, f a column of it: the server reads the field c.f when no
+        function f takes c's row type (parse_func.c, ParseFuncOrColumn), and only for an
+        unqualified name; `pg_catalog.f(c)` would fail instead. Left as written when the
+        one argument names a whole row (`c`, `c.*`) and f is a column or field name: then
+        it is the field or the built-in, as the server chooses (a function of that name
+        created since pgveil read the catalog could be chosen too, until the next read)."""
+        if len(node.args or ()) != 1 or node.agg_order or node.agg_filter or node.over:
+            return False
+        if node.agg_star or node.agg_distinct or node.func_variadic:
+            return False
+        arg = node.args[0]
+        if not isinstance(arg, ast.ColumnRef):
+            return False  # (a named argument, or an expression: no row of a FROM item)
+        fields = arg.fields
+        whole_row = len(fields) == 1 or isinstance(fields[-1], ast.A_Star)
+        known = name in self.an.catalog.column_names or name in self.defined_names
+        return whole_row and known
 
     def check_set_config(self, args: Any) -> None:
         first = args[0] if args else None
@@ -903,6 +977,23 @@ def _flat(value: Any) -> Iterator[Any]:
             yield from _flat(v)
     elif value is not None:
         yield value
+
+
+def _standard_unnest(call: Any) -> bool:
+    """Whether a FROM function is the server's special form of `unnest` with several
+    arguments (see ReadRewrite.expand_unnest): the conditions of transformRangeFunction."""
+    return (
+        isinstance(call, ast.FuncCall)
+        and len(call.funcname) == 1
+        and name_of(call.funcname[0]) == "unnest"
+        and len(call.args or ()) > 1
+        and not call.agg_order
+        and call.agg_filter is None
+        and call.over is None
+        and not call.agg_star
+        and not call.agg_distinct
+        and not call.func_variadic
+    )
 
 
 def _from_items(items: Any) -> Iterator[Any]:
