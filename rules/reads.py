@@ -747,7 +747,11 @@ class ReadRewrite:
     def function(self, node: Any) -> Any:
         self.check_names(node.funcname, "FuncCall", "funcname")
         self.check_function(node.funcname)
-        self.pin_builtin(node)
+        field = self.pin_builtin(node)
+        if field is not None:
+            # a field in function notation: `(c).f`, analysed as such
+            self.rested.add(id(node))
+            return self.visit(field)
         self.keep_grammar_pin(node)
         if name_of(node.funcname[-1]).lower() == "set_config":
             self.check_set_config(node.args)
@@ -871,20 +875,23 @@ class ReadRewrite:
             if not defined and name not in cat.builtin_functions:
                 raise Refusal(f"function {name} is not allowed for masked roles")
 
-    def pin_builtin(self, node: Any) -> None:
+    def pin_builtin(self, node: Any) -> Any:
         """`upper(x)` => `pg_catalog.upper(x)`: an overload created since pgveil read the
-        catalog (public.upper(bigint), say) can then never be chosen instead."""
+        catalog (public.upper(bigint), say) can then never be chosen instead. Returns what
+        stands for a field in function notation instead (see projection), else None."""
         if len(node.funcname) != 1:
-            return
+            return None
         name = name_of(node.funcname[0])
         if name not in self.an.catalog.builtin_functions:
-            return
+            return None
         if any(n == name for _, n in self.an.policy.allowed_functions):
-            return  # an allow-listed function of that name may be the one meant
-        if self.may_be_projection(node, name):
-            return
+            return None  # an allow-listed function of that name may be the one meant
+        field = self.projection(node, name)
+        if field is not None:
+            return field
         node.funcname = (ast.String(sval="pg_catalog"), ast.String(sval=name))
         self.changes += 1
+        return None
 
     def keep_grammar_pin(self, node: Any) -> None:
         """A call pglast's grammar qualified with pg_catalog although the statement wrote it
@@ -902,24 +909,38 @@ class ReadRewrite:
         if not written.startswith(("pg_catalog", '"pg_catalog"')):
             self.changes += 1  # (the printer writes pg_catalog.name)
 
-    def may_be_projection(self, node: Any, name: str) -> bool:
-        """`f(c)`, c a whole row, f a column of it: the server reads the field c.f when no
-        function f takes c's row type (parse_func.c, ParseFuncOrColumn), and only for an
-        unqualified name; `pg_catalog.f(c)` would fail instead. Left as written when the
-        one argument names a whole row (`c`, `c.*`) and f is a column or field name: then
-        it is the field or the built-in, as the server chooses (a function of that name
-        created since pgveil read the catalog could be chosen too, until the next read)."""
+    def projection(self, node: Any, name: str) -> Any:
+        """`f(c)`, c a whole row (`c.*`, or a name no column has: a FROM item's), f no
+        built-in that takes a row: the server reads the field c.f (parse_func.c,
+        ParseFuncOrColumn), and only for an unqualified name (`pg_catalog.f(c)` would fail).
+        pgveil sends `(c).f`, which reads the field whatever functions exist. None when the
+        call is no such projection (then it is pinned)."""
         if len(node.args or ()) != 1 or node.agg_order or node.agg_filter or node.over:
-            return False
+            return None
         if node.agg_star or node.agg_distinct or node.func_variadic:
-            return False
+            return None
+        if name in self.an.catalog.row_functions:
+            return None  # the built-in takes the row: it is what the server calls, pinned
         arg = node.args[0]
         if not isinstance(arg, ast.ColumnRef):
-            return False  # (a named argument, or an expression: no row of a FROM item)
+            return None
         fields = arg.fields
-        whole_row = len(fields) == 1 or isinstance(fields[-1], ast.A_Star)
-        known = name in self.an.catalog.column_names or name in self.defined_names
-        return whole_row and known
+        if isinstance(fields[-1], ast.A_Star):
+            row = ast.ColumnRef(fields=fields[:-1]) if len(fields) == 2 else None
+        elif len(fields) == 1 and not self.may_be_column(name_of(fields[0])):
+            row = arg
+        else:
+            row = None
+        if row is None:
+            return None
+        self.changes += 1
+        return ast.A_Indirection(arg=row, indirection=(ast.String(sval=name),))
+
+    def may_be_column(self, name: str) -> bool:
+        """Whether a one-part name may be a column (it then reads as one, before a whole
+        row of that name)."""
+        cat = self.an.catalog
+        return not cat.column_names or name in cat.column_names or name in self.defined_names
 
     def check_set_config(self, args: Any) -> None:
         first = args[0] if args else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,4 +110,4 @@ def deny_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyPro
     p.audit_path = audit  # type: ignore[attr-defined]
     yield p
     p.stop()
-    os.unlink(rules)
+    shutil.rmtree(d)

@@ -29,7 +29,7 @@ from rules.catalog import ProtectionMap
 from rules.loader import parse_rules
 from tests.integration.attack_clients import Clients, errors_in, open_clients
 from tests.integration.deny_fixture import RULES, denied_leaks
-from tests.integration.masking_fixture import dsn
+from tests.integration.masking_fixture import CARD, dsn, leaks
 from tests.support import ProxyProcess
 
 # pseudo-types of arguments: the concrete type a call passes for them
@@ -295,13 +295,33 @@ def test_through_pgveil_as_psycopg_prepared(pg: EmbeddedPostgres, deny_proxy: Pr
 def test_function_notation_reads_a_masked_field(
     pg: EmbeddedPostgres, billing: ProxyProcess
 ) -> None:
-    """`name(c)` is the field c.name (no built-in name() takes a row): left as written, it
-    reads the masking subquery's name like `c.name`."""
+    """`name(c)` is the field c.name (no built-in name() takes a row): pgveil sends
+    `(c).name`, which reads the masking subquery's name like `c.name`, and which no function
+    created to take the row can turn into a call of it (directly, that function runs)."""
+    sql = "SELECT name(c), c.name, name(c.*) FROM billing.customers c WHERE i_customer = 1"
     with psycopg.connect(dsn(pg, billing.port)) as c:
-        row = c.execute(
-            "SELECT name(c), c.name, name(c.*) FROM billing.customers c WHERE i_customer = 1"
-        ).fetchone()
+        row = c.execute(sql).fetchone()
     assert row is not None and row[0] == row[1] == row[2] and row[0].startswith("Z*")
+    pg.psql(
+        "CREATE FUNCTION public.name(record) RETURNS text LANGUAGE plpgsql AS "
+        "$$ BEGIN RETURN (SELECT cc_number FROM billing.customers WHERE i_customer = 1); END $$;"
+        "GRANT EXECUTE ON FUNCTION public.name(record) TO PUBLIC"
+    )
+    try:
+        with psycopg.connect(dsn(pg, pg.port)) as c:
+            assert CARD in repr(c.execute(sql).fetchone())  # directly: the function runs
+        with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
+            try:
+                got = repr(c.execute(sql).fetchone())
+            except psycopg.errors.InsufficientPrivilege as exc:
+                # once pgveil has read the catalog again: a function of that name is refused
+                got = str(exc)
+                assert "function name is not allowed" in got, got
+            else:
+                assert "Z*" in got, got
+            assert CARD not in got and not leaks(got), got
+    finally:
+        pg.psql("DROP FUNCTION public.name(record)")
 
 
 def test_a_call_the_parser_pins_is_sent_pinned(

@@ -14,11 +14,17 @@ from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
 
 BUILTINS = CATALOG.builtin_functions | {"unnest", "generate_series", "json_object", "name"}
+ROW_FUNCTIONS = frozenset({"to_json", "row_to_json", "count"})
 COLUMNS = frozenset({"name", "email", "i_customer"})
 AN = Analyzer(
     ProtectionMap(
         parse_rules(RULES, "r", {"K": "k" * 32}),
-        dataclasses.replace(CATALOG, builtin_functions=BUILTINS, column_names=COLUMNS),
+        dataclasses.replace(
+            CATALOG,
+            builtin_functions=BUILTINS,
+            row_functions=ROW_FUNCTIONS,
+            column_names=COLUMNS,
+        ),
     )
 )
 
@@ -50,12 +56,14 @@ AN = Analyzer(
         ("SELECT unnest(ARRAY[1], ARRAY[2])", "SELECT pg_catalog.unnest(ARRAY[1], ARRAY[2])"),
         # pinned by the parser from a plain call: sent qualified
         ("SELECT json_object(ARRAY['a', 'b'])", "SELECT pg_catalog.json_object(ARRAY['a', 'b'])"),
-        # a field in function notation: as written (a built-in `name` takes no row)
-        ("SELECT name(c) FROM billing.customers c", "SELECT name(c) FROM (SELECT"),
-        ("SELECT name(c.*) FROM billing.customers c", "SELECT name(c.*) FROM (SELECT"),
-        # ... but not with an argument that is no whole row
+        # a field in function notation (no built-in `name` takes a row): the field
+        ("SELECT name(c) FROM billing.customers c", "SELECT ((c)).name FROM (SELECT"),
+        ("SELECT name(c.*) FROM billing.customers c", "SELECT ((c)).name FROM (SELECT"),
+        # ... but not with an argument that may be no whole row, nor a built-in taking rows
         ("SELECT name(c.email) FROM billing.customers c", "SELECT pg_catalog.name(c.email)"),
+        ("SELECT name(email) FROM billing.customers c", "SELECT pg_catalog.name(email)"),
         ("SELECT name('x')", "SELECT pg_catalog.name('x')"),
+        ("SELECT to_json(c) FROM billing.customers c", "SELECT pg_catalog.to_json(c)"),
     ],
 )
 def test_sent(sql: str, sent: str) -> None:
