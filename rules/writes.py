@@ -203,6 +203,16 @@ class Rewriter(ReadRewrite):
         query = node.selectStmt
         if not positions or query is None:
             return
+        if not node.cols:
+            # by position: the server maps values to the columns it has now, pgveil to those
+            # of its catalog read; a column dropped since would move a value into the deny
+            # column. Named, the columns are the ones guarded (or the server says one is gone).
+            width = max(
+                [len(row) for row in query.valuesLists or ()] or [len(query.targetList or ())]
+            )
+            columns = p.relation.columns[:width]
+            node.cols = tuple(ast.ResTarget(name=c.name) for c in columns)
+            self.changes += 1
         for i, name in positions:
             self.denied.add(f"{p.rule_table}.{name}")
             c = p.relation.column(name)

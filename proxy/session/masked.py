@@ -64,8 +64,9 @@ RULES_CHANGED = (
 )
 NOT_UTF8 = "the statement is not valid UTF-8"
 UNTRACKED = "pgveil cannot tell what this statement runs; prepare it again"
-# the guard's error (rules.writes): `invalid input syntax for type integer: "<marker> t.c"`
-_DENY_WRITE = re.compile(r'"' + DENY_WRITE_MARKER + r' ([^"\s]+)"$')
+# the guard's error (rules.writes): `invalid input syntax for type integer: "<marker> t.c"`,
+# in the server's language (lc_messages): the quotes around the value may be others
+_DENY_WRITE = re.compile(DENY_WRITE_MARKER + r" (\S+?)[\"'»«“”„]?$")
 _DENY_WRITE_BYTES = DENY_WRITE_MARKER.encode()
 _QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
 _TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
@@ -890,8 +891,9 @@ class MaskedFilter(StatementFilter):
         ErrorResponse body); None when the message names no deny column of the rules (a
         statement can spell the marker itself: its error then stays the server's, scrubbed
         like any other)."""
-        found = _DENY_WRITE.search(m.decode_fields(body).get("M", ""))
-        if found is None:
+        fields = m.decode_fields(body)
+        found = _DENY_WRITE.search(fields.get("M", ""))
+        if found is None or fields.get("C") != "22P02":  # (invalid_text_representation)
             return None
         table, _, column = found.group(1).rpartition(".")
         schema, _, name = table.partition(".")

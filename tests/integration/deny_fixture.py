@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,7 @@ CREATE VIEW dn.user_view AS SELECT id, login, secret FROM dn.users;
 CREATE TABLE dn.events (id int, payload text, at int) PARTITION BY RANGE (at);
 CREATE TABLE dn.events_1 PARTITION OF dn.events FOR VALUES FROM (0) TO (100);
 CREATE TABLE dn.events_2 PARTITION OF dn.events FOR VALUES FROM (100) TO (200);
+CREATE TABLE dn.wb (id int PRIMARY KEY, gone text, secret text);
 INSERT INTO dn.users VALUES
   (1, 'first.user', '{SECRET}', {PIN}, '{IP}', '{{"k": "{DOC}"}}', 'note one'),
   (2, 'second.user', '{SECRET2}', 1234, '198.51.100.9', '{{"k": "other"}}', 'note two');
@@ -77,7 +79,27 @@ tables:
   dn.events:
     columns:
       payload: deny
+  dn.wb:
+    columns:
+      secret: deny
 """
+
+
+# a right and a wrong guess of a deny value (dn.users.secret of user 1), for oracle cases:
+# `{g}` in a case stands for the guess
+RIGHT, WRONG = f"'{SECRET}'", "'S3cr3t-Wrong-Guess-00'"
+
+
+def with_guess(sql: Any, guess: str) -> Any:
+    """A case (one statement or a tuple of them) with `{g}` replaced by `guess`."""
+    if isinstance(sql, tuple):
+        return tuple(s.replace("{g}", guess) for s in sql)
+    return str(sql).replace("{g}", guess)
+
+
+def answer(text: str) -> str:
+    """What must be the same for a right and a wrong guess: everything but the guess."""
+    return text.replace(RIGHT.strip("'"), "<g>").replace(WRONG.strip("'"), "<g>")
 
 
 def denied_leaks(text: str) -> list[str]:

@@ -23,7 +23,18 @@ import pytest
 from audit.files import read_events
 from proxy.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import Clients, CopyIn, errors_in, open_clients
-from tests.integration.deny_fixture import DOC, IP, PIN, SECRET, SECRET2, denied_leaks
+from tests.integration.deny_fixture import (
+    DOC,
+    IP,
+    PIN,
+    RIGHT,
+    SECRET,
+    SECRET2,
+    WRONG,
+    answer,
+    denied_leaks,
+    with_guess,
+)
 from tests.integration.masking_fixture import ADMIN, ADMIN_PW, HELPDESK, HELPDESK_PW, dsn
 from tests.support import ProxyProcess
 
@@ -239,25 +250,12 @@ ORACLES: list[tuple[str, str]] = [
     ),
 ]
 
-RIGHT, WRONG = f"'{SECRET}'", "'S3cr3t-Wrong-Guess-00'"
-
-
-def _with(sql: Any, guess: str) -> Any:
-    if isinstance(sql, tuple):
-        return tuple(s.replace("{g}", guess) for s in sql)
-    return sql.replace("{g}", guess)
-
-
-def _answer(text: str) -> str:
-    # what is the same for a right and a wrong guess: everything but the guess itself
-    return text.replace(RIGHT.strip("'"), "<g>").replace(WRONG.strip("'"), "<g>")
-
 
 @pytest.mark.parametrize(("case_id", "sql"), ORACLES, ids=[c[0] for c in ORACLES])
 def test_oracle_answers_differ_directly(clients: Clients, case_id: str, sql: Any) -> None:
-    right = clients.run("direct", _with(sql, RIGHT))
-    wrong = clients.run("direct", _with(sql, WRONG))
-    assert _answer(right) != _answer(wrong), right
+    right = clients.run("direct", with_guess(sql, RIGHT))
+    wrong = clients.run("direct", with_guess(sql, WRONG))
+    assert answer(right) != answer(wrong), right
 
 
 @pytest.mark.parametrize("client", ["psycopg", "asyncpg"])
@@ -265,9 +263,9 @@ def test_oracle_answers_differ_directly(clients: Clients, case_id: str, sql: Any
 def test_oracle_answers_alike_through_pgveil(
     clients: Clients, client: str, case_id: str, sql: Any
 ) -> None:
-    right = clients.run(client, _with(sql, RIGHT))
-    wrong = clients.run(client, _with(sql, WRONG))
-    assert _answer(right) == _answer(wrong), (right, wrong)
+    right = clients.run(client, with_guess(sql, RIGHT))
+    wrong = clients.run(client, with_guess(sql, WRONG))
+    assert answer(right) == answer(wrong), (right, wrong)
     assert not denied_leaks(right.replace(SECRET, "")), right
 
 
