@@ -2,7 +2,7 @@
 file) in front of it: for the tests of deny columns read as NULL and of system columns.
 
 The deny columns hold canaries; `denied_leaks` finds any of them (or a common encoding of
-one) in what a client received. `dn.users.secret` has a unique index (writes could confirm a
+one) in what a client received. `dn.users.passcode` has a unique index (writes could confirm a
 guess), `dn.sessions` shares column names with `dn.users` (USING, NATURAL JOIN), a view reads
 the deny column (its mask is derived), and `dn.events` is partitioned (`tableoid`).
 """
@@ -23,8 +23,8 @@ from proxy.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import ADMIN, HASH_KEY, HELPDESK
 from tests.support import ProxyProcess
 
-SECRET = "S3cr3t-Canary-Value-77"  # dn.users.secret of user 1
-SECRET2 = "Aardvark-Other-Secret-5"  # of user 2 (sorts before SECRET)
+SECRET = "S3cr3t-Canary-Value-77"  # dn.users.passcode of user 1
+SECRET2 = "Aardvark-Other-Passkey-5"  # of user 2 (sorts before SECRET)
 PIN = 73914482  # dn.users.pin of user 1 (int4)
 IP = "203.0.113.77"  # dn.users.ip of user 1 (inet)
 DOC = "DocCanary99xq"  # in dn.users.doc of user 1 (jsonb)
@@ -37,18 +37,18 @@ CREATE SCHEMA dn;
 CREATE TABLE dn.users (
     id int PRIMARY KEY,
     login text,
-    secret text UNIQUE,
+    passcode text UNIQUE,
     pin int,
     ip inet,
     doc jsonb,
     note text
 );
-CREATE TABLE dn.sessions (id int PRIMARY KEY, user_id int, secret text, token uuid);
-CREATE VIEW dn.user_view AS SELECT id, login, secret FROM dn.users;
+CREATE TABLE dn.sessions (id int PRIMARY KEY, user_id int, passcode text, token uuid);
+CREATE VIEW dn.user_view AS SELECT id, login, passcode FROM dn.users;
 CREATE TABLE dn.events (id int, payload text, at int) PARTITION BY RANGE (at);
 CREATE TABLE dn.events_1 PARTITION OF dn.events FOR VALUES FROM (0) TO (100);
 CREATE TABLE dn.events_2 PARTITION OF dn.events FOR VALUES FROM (100) TO (200);
-CREATE TABLE dn.wb (id int PRIMARY KEY, gone text, secret text);
+CREATE TABLE dn.wb (id int PRIMARY KEY, gone text, passcode text);
 INSERT INTO dn.users VALUES
   (1, 'first.user', '{SECRET}', {PIN}, '{IP}', '{{"k": "{DOC}"}}', 'note one'),
   (2, 'second.user', '{SECRET2}', 1234, '198.51.100.9', '{{"k": "other"}}', 'note two');
@@ -68,24 +68,24 @@ tables:
     subject: id
     columns:
       login: partial
-      secret: deny
+      passcode: deny
       pin: deny
       ip: deny
       doc: deny
   dn.sessions:
     columns:
-      secret: deny
+      passcode: deny
       token: deny
   dn.events:
     columns:
       payload: deny
   dn.wb:
     columns:
-      secret: deny
+      passcode: deny
 """
 
 
-# a right and a wrong guess of a deny value (dn.users.secret of user 1), for oracle cases:
+# a right and a wrong guess of a deny value (dn.users.passcode of user 1), for oracle cases:
 # `{g}` in a case stands for the guess
 RIGHT, WRONG = f"'{SECRET}'", "'S3cr3t-Wrong-Guess-00'"
 

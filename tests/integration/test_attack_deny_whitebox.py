@@ -36,37 +36,43 @@ def clients(pg: EmbeddedPostgres, deny_proxy: ProxyProcess) -> Iterator[Clients]
 
 # what the server computes from a deny column, in places a review of the rewrite named
 ORACLES: list[tuple[str, Any]] = [
-    ("regex", "SELECT count(*) FROM dn.users WHERE secret ~ ('^' || left({g}, 9))"),
-    ("starts_with", "SELECT count(*) FROM dn.users WHERE starts_with(secret, left({g}, 9))"),
-    ("position", "SELECT max(position(left({g}, 9) IN secret)) FROM dn.users"),
-    ("distinct_from", "SELECT count(*) FROM dn.users WHERE secret IS NOT DISTINCT FROM {g}"),
-    ("coalesce", "SELECT count(*) FROM dn.users WHERE coalesce(secret, 'x') = {g}"),
-    ("nullif", "SELECT count(nullif(secret, {g})) FROM dn.users"),
+    ("regex", "SELECT count(*) FROM dn.users WHERE passcode ~ ('^' || left({g}, 9))"),
+    ("starts_with", "SELECT count(*) FROM dn.users WHERE starts_with(passcode, left({g}, 9))"),
+    ("position", "SELECT max(position(left({g}, 9) IN passcode)) FROM dn.users"),
+    ("distinct_from", "SELECT count(*) FROM dn.users WHERE passcode IS NOT DISTINCT FROM {g}"),
+    ("coalesce", "SELECT count(*) FROM dn.users WHERE coalesce(passcode, 'x') = {g}"),
+    ("nullif", "SELECT count(nullif(passcode, {g})) FROM dn.users"),
     (
         "greatest",
-        "SELECT count(*) FILTER (WHERE greatest(secret, {g}) = secret) FROM dn.users",
+        "SELECT count(*) FILTER (WHERE greatest(passcode, {g}) = passcode) FROM dn.users",
     ),
-    ("collate", 'SELECT count(*) FROM dn.users WHERE secret COLLATE "C" = {g}'),
-    ("bytea", "SELECT count(*) FROM dn.users WHERE secret::bytea = convert_to({g}, 'UTF8')"),
-    ("array_position", "SELECT array_position(array_agg(secret), {g}) FROM dn.users"),
-    ("percentile", "SELECT percentile_disc(1) WITHIN GROUP (ORDER BY secret = {g}) FROM dn.users"),
+    ("collate", 'SELECT count(*) FROM dn.users WHERE passcode COLLATE "C" = {g}'),
+    ("bytea", "SELECT count(*) FROM dn.users WHERE passcode::bytea = convert_to({g}, 'UTF8')"),
+    ("array_position", "SELECT array_position(array_agg(passcode), {g}) FROM dn.users"),
+    (
+        "percentile",
+        "SELECT percentile_disc(1) WITHIN GROUP (ORDER BY passcode = {g}) FROM dn.users",
+    ),
     (
         "window_partition",
-        "SELECT count(*) OVER (PARTITION BY secret = {g}) FROM dn.users ORDER BY id",
+        "SELECT count(*) OVER (PARTITION BY passcode = {g}) FROM dn.users ORDER BY id",
     ),
-    ("lag", "SELECT lag(secret) OVER (ORDER BY id) = {g} FROM dn.users ORDER BY id"),
-    ("rollup", "SELECT count(*) FROM dn.users GROUP BY ROLLUP (secret = {g}) ORDER BY 1"),
-    ("order_using", "SELECT id FROM dn.users ORDER BY secret = {g} USING <, id"),
-    ("lateral", "SELECT count(*) FROM dn.users u, LATERAL (SELECT u.secret AS x) s WHERE x = {g}"),
+    ("lag", "SELECT lag(passcode) OVER (ORDER BY id) = {g} FROM dn.users ORDER BY id"),
+    ("rollup", "SELECT count(*) FROM dn.users GROUP BY ROLLUP (passcode = {g}) ORDER BY 1"),
+    ("order_using", "SELECT id FROM dn.users ORDER BY passcode = {g} USING <, id"),
+    (
+        "lateral",
+        "SELECT count(*) FROM dn.users u, LATERAL (SELECT u.passcode AS x) s WHERE x = {g}",
+    ),
     (
         "correlated",
         "SELECT count(*) FROM dn.sessions s WHERE EXISTS "
-        "(SELECT 1 FROM dn.users u WHERE u.secret = s.secret AND u.secret = {g})",
+        "(SELECT 1 FROM dn.users u WHERE u.passcode = s.passcode AND u.passcode = {g})",
     ),
     (
         "tablesample",
         "SELECT count(*) FROM dn.sessions TABLESAMPLE BERNOULLI "
-        "(CASE WHEN (SELECT secret FROM dn.users WHERE id = 1) = {g} THEN 100 ELSE 0 END)",
+        "(CASE WHEN (SELECT passcode FROM dn.users WHERE id = 1) = {g} THEN 100 ELSE 0 END)",
     ),
     (
         "whole_row_md5",
@@ -74,20 +80,20 @@ ORACLES: list[tuple[str, Any]] = [
     ),
     (
         "json_path",
-        "SELECT count(*) FROM dn.users WHERE jsonb_path_exists(to_jsonb(secret), '$ ? (@ == $g)', jsonb_build_object('g', {g}))",
+        "SELECT count(*) FROM dn.users WHERE jsonb_path_exists(to_jsonb(passcode), '$ ? (@ == $g)', jsonb_build_object('g', {g}))",
     ),
     (
         "explain_analyze_rows",
-        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT * FROM dn.users WHERE secret = {g}",
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT * FROM dn.users WHERE passcode = {g}",
     ),
     (
         "view_cte_join",
-        "WITH v AS (SELECT * FROM dn.user_view) SELECT count(*) FROM v JOIN dn.sessions s USING (secret) WHERE s.secret = {g}",
+        "WITH v AS (SELECT * FROM dn.user_view) SELECT count(*) FROM v JOIN dn.sessions s USING (passcode) WHERE s.passcode = {g}",
     ),
     (
         "prepared_execute",
         (
-            "PREPARE q(text) AS SELECT count(*) FROM dn.users WHERE secret = $1",
+            "PREPARE q(text) AS SELECT count(*) FROM dn.users WHERE passcode = $1",
             "EXECUTE q({g})",
             "DEALLOCATE q",
         ),
@@ -96,7 +102,7 @@ ORACLES: list[tuple[str, Any]] = [
         "insert_select_where",
         (
             "BEGIN",
-            "INSERT INTO dn.sessions (id) SELECT 99 WHERE (SELECT secret FROM dn.users WHERE id = 1) = {g} RETURNING id",
+            "INSERT INTO dn.sessions (id) SELECT 99 WHERE (SELECT passcode FROM dn.users WHERE id = 1) = {g} RETURNING id",
             ROLLBACK,
         ),
     ),
@@ -104,7 +110,7 @@ ORACLES: list[tuple[str, Any]] = [
         "update_returning_subquery",
         (
             "BEGIN",
-            "UPDATE dn.sessions SET user_id = user_id WHERE id = 1 RETURNING (SELECT count(*) FROM dn.users WHERE secret = {g})",
+            "UPDATE dn.sessions SET user_id = user_id WHERE id = 1 RETURNING (SELECT count(*) FROM dn.users WHERE passcode = {g})",
             ROLLBACK,
         ),
     ),
@@ -112,19 +118,19 @@ ORACLES: list[tuple[str, Any]] = [
         "writable_cte_guess",
         (
             "BEGIN",
-            "WITH w AS (UPDATE dn.users SET secret = {g} WHERE id = 2 RETURNING id) SELECT * FROM w",
+            "WITH w AS (UPDATE dn.users SET passcode = {g} WHERE id = 2 RETURNING id) SELECT * FROM w",
             ROLLBACK,
         ),
     ),
     (
         "view_insert_guess",
-        ("BEGIN", "INSERT INTO dn.user_view (id, secret) VALUES (80, {g})", ROLLBACK),
+        ("BEGIN", "INSERT INTO dn.user_view (id, passcode) VALUES (80, {g})", ROLLBACK),
     ),
     (
         "prepared_write_guess",
         (
             "BEGIN",
-            "PREPARE w(text) AS INSERT INTO dn.users (id, secret) VALUES (81, $1)",
+            "PREPARE w(text) AS INSERT INTO dn.users (id, passcode) VALUES (81, $1)",
             "EXECUTE w({g})",
             ROLLBACK,
         ),
@@ -159,7 +165,7 @@ def test_a_column_dropped_since_the_catalog_read_moves_no_value_into_a_deny_colu
 ) -> None:
     """By position, `INSERT INTO t VALUES (...)` fills the columns the server has now:
     with `gone` dropped after pgveil read the catalog, the second value would go into the
-    deny column `secret` where pgveil's catalog still has `gone`. pgveil names the columns
+    deny column `passcode` where pgveil's catalog still has `gone`. pgveil names the columns
     it guards: the server then says `gone` does not exist (or, once pgveil has read the
     catalog again, the value is refused)."""
     pg.psql("ALTER TABLE dn.wb DROP COLUMN gone")
@@ -179,7 +185,7 @@ def test_the_marker_spelled_by_a_statement_names_what_it_names(clients: Clients)
     """A statement can make the server quote pgveil's marker itself: it gets pgveil's
     refusal for a deny column of the rules (text it chose, naming a column it names), and
     the server's (scrubbed) error for anything else; never a value."""
-    got = clients.run("psycopg", "SELECT 'pgveil_deny_write dn.users.secret'::int")
+    got = clients.run("psycopg", "SELECT 'pgveil_deny_write dn.users.passcode'::int")
     assert [e[0] for e in errors_in(got)] == ["42501"], got
     got = clients.run("psycopg", "SELECT 'pgveil_deny_write dn.users.login'::int")
     assert [e[0] for e in errors_in(got)] == ["22P02"] and not denied_leaks(got), got

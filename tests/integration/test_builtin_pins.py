@@ -208,7 +208,7 @@ UNQUALIFIED = [
     ),
     (
         "unnest_lateral_protected",
-        "SELECT u.id, x.* FROM dn.users u, unnest(ARRAY[u.id, 0], ARRAY[u.login, u.secret]) x "
+        "SELECT u.id, x.* FROM dn.users u, unnest(ARRAY[u.id, 0], ARRAY[u.login, u.passcode]) x "
         "ORDER BY 1, 2",
     ),
     ("django_inspectdb_indexes", ("SET search_path = dn, public", DJANGO_INDEXES)),
@@ -262,7 +262,7 @@ def test_a_function_named_like_the_special_form_never_runs(
     too; the function only runs when called otherwise."""
     pg.psql(
         "CREATE FUNCTION public.unnest(anyarray, anyarray) RETURNS SETOF text "
-        "LANGUAGE sql AS 'SELECT secret FROM dn.users';"
+        "LANGUAGE sql AS 'SELECT passcode FROM dn.users';"
         "GRANT EXECUTE ON FUNCTION public.unnest(anyarray, anyarray) TO PUBLIC"
     )
     try:
@@ -333,7 +333,7 @@ def test_a_call_the_parser_pins_is_sent_pinned(
     text[]. pgveil sends the call qualified, so the built-in runs."""
     pg.psql(
         "CREATE FUNCTION public.json_object(text) RETURNS text LANGUAGE sql "
-        "AS 'SELECT secret FROM dn.users WHERE id = 1';"
+        "AS 'SELECT passcode FROM dn.users WHERE id = 1';"
         "GRANT EXECUTE ON FUNCTION public.json_object(text) TO PUBLIC"
     )
     try:

@@ -51,7 +51,7 @@ def test_system_columns_read_as_on_the_table(
     )
     assert masked == direct
     with psycopg.connect(dsn(pg, deny_proxy.port)) as c:
-        rows = c.execute("SELECT ctid, secret, login, xmin FROM dn.users ORDER BY id").fetchall()
+        rows = c.execute("SELECT ctid, passcode, login, xmin FROM dn.users ORDER BY id").fetchall()
     assert [(r[1], r[2]) for r in rows] == [(None, "f********r"), (None, "s*********r")]
 
 
@@ -82,11 +82,11 @@ def test_star_beside_system_columns_keeps_its_columns(
     assert names == direct_names
     assert len(rows) == len(direct_rows) == 2
     for row, raw in zip(rows, direct_rows, strict=True):
-        personal = {names.index(c) for c in ("login", "secret", "pin", "ip", "doc")}
+        personal = {names.index(c) for c in ("login", "passcode", "pin", "ip", "doc")}
         assert [v for i, v in enumerate(row) if i not in personal] == [
             v for i, v in enumerate(raw) if i not in personal
         ]
-        assert [row[names.index(c)] for c in ("secret", "pin", "ip", "doc")] == [None] * 4
+        assert [row[names.index(c)] for c in ("passcode", "pin", "ip", "doc")] == [None] * 4
 
 
 @pytest.mark.parametrize(
