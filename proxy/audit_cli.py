@@ -320,6 +320,7 @@ def _who_row(e: Mapping[str, Any], touched: str) -> dict[str, Any]:
         "analysis_complete": e.get("analysis_complete", True),
         "columns_raw": e.get("columns_raw", []),
         "columns_masked": e.get("columns_masked", []),
+        "columns_denied": e.get("columns_denied", []),
         "decision": e.get("decision"),
         "rows": e.get("rows"),
         "outcome": e.get("outcome"),
@@ -342,7 +343,11 @@ def print_who(rows: list[dict[str, Any]], as_json: bool) -> None:
             str(r["client"] or ""),
             _what(r),
             ",".join(c.rsplit(".", 1)[-1] for c in r["columns_raw"]) or "-",
-            ",".join(c.rsplit(".", 1)[-1] for c in r["columns_masked"]) or "-",
+            ",".join(
+                [c.rsplit(".", 1)[-1] for c in r["columns_masked"]]
+                + [c.rsplit(".", 1)[-1] + "(denied)" for c in r["columns_denied"]]
+            )
+            or "-",
             str(r["outcome"] or "-"),
         ]
         for r in rows

@@ -83,8 +83,16 @@ SELECT n.nspname, c.relname, pg_catalog.pg_get_viewdef(c.oid) AS definition
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
+# (takes_row: its first argument takes a row: `f(c)` may call it rather than read c.f)
 FUNCTIONS_SQL = """
-SELECT n.nspname, p.proname FROM pg_catalog.pg_proc p
+SELECT n.nspname, p.proname,
+       p.pronargs > 0 AND p.proargtypes[0] IN (
+         'pg_catalog.record'::pg_catalog.regtype, 'pg_catalog.anyelement'::pg_catalog.regtype,
+         'pg_catalog.anynonarray'::pg_catalog.regtype,
+         'pg_catalog.anycompatible'::pg_catalog.regtype,
+         'pg_catalog.anycompatiblenonarray'::pg_catalog.regtype,
+         'pg_catalog."any"'::pg_catalog.regtype) AS takes_row
+  FROM pg_catalog.pg_proc p
   JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 """
 OPERATORS_SQL = """
@@ -287,11 +295,14 @@ async def read_catalog(conn: Any) -> Catalog:
                 sorted(x for x in (key(s) for s in closure(oid)) if x is not None)
             )
     builtin_f: set[str] = set()
+    row_f: set[str] = set()
     user_f: set[tuple[str, str]] = set()
     system_f: set[tuple[str, str]] = set()
     for r in await conn.fetch(FUNCTIONS_SQL):
         if r["nspname"] == "pg_catalog":
             builtin_f.add(r["proname"])
+            if r["takes_row"]:
+                row_f.add(r["proname"])
         elif r["nspname"] not in _SYSTEM:
             user_f.add((r["nspname"], r["proname"]))
         else:
@@ -341,6 +352,7 @@ async def read_catalog(conn: Any) -> Catalog:
         column_names=column_names,
         view_definitions=definitions,
         builtin_functions=frozenset(builtin_f),
+        row_functions=frozenset(row_f),
         user_functions=frozenset(user_f),
         system_functions=frozenset(system_f),
         builtin_operators=frozenset(builtin_o),

@@ -383,7 +383,10 @@ class Demo:
             "  and try, as both:",
             "    SELECT name, email, phone1 FROM billing.customers ORDER BY i_customer LIMIT 3;",
             "    SELECT * FROM billing.customer_overview LIMIT 3;",
-            "    SELECT password_hash FROM billing.selfcare_credentials LIMIT 1;"
+            "    SELECT i_customer, password_hash FROM billing.selfcare_credentials"
+            " WHERE i_customer = 1;"
+            "  -- helpdesk: NULL (deny)",
+            "    SELECT query_to_xml('SELECT * FROM billing.customers', true, true, '');"
             "  -- helpdesk: refused",
             "",
             f"  audit stream:  {audit}",

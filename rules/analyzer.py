@@ -21,7 +21,7 @@ from pglast.stream import RawStream
 from rules.catalog import ProtectionMap
 from rules.denied import Refusal
 from rules.grammar import misread_words
-from rules.reads import ast, descendants, name_of
+from rules.reads import ast, descendants, name_of, row_uses
 from rules.settings import TX_KINDS, SettingOp, settings_of
 from rules.subjects import SubjectKeys, statement_subjects
 from rules.writes import Rewriter
@@ -46,7 +46,10 @@ class Decision:
     reason: str | None = None
     kinds: tuple[str, ...] = ()  # select, insert, update, delete, copy, ...
     tables: tuple[str, ...] = ()  # protected relations the statement reads or writes
-    columns: tuple[str, ...] = ()  # personal columns returned masked (table.column)
+    columns: tuple[str, ...] = ()  # personal columns read, masked (table.column)
+    # those of them that are `deny` (read as NULL; or written, which only NULL may be):
+    # the audit lists them as denied, not masked; also on a refusal
+    denied: tuple[str, ...] = ()
     uses_hash: bool = False
     # relations the catalog does not know (created since it was read), and temporary
     # relations the statement creates: the session judges those against its own
@@ -163,6 +166,8 @@ class Analyzer:
         rewriter = Rewriter(self)
         rewriter.references, rewriter.qualified = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
+        rewriter.row_uses = row_uses(stmts)
+        rewriter.text = sql
         keys, row_subjects = statement_subjects(self.pmap, stmts)
         effects = _effects(stmts)
         settings = settings_of(stmts, sql)
@@ -256,6 +261,8 @@ class Analyzer:
 def _audit_of(rewriter: Rewriter) -> dict[str, Any]:
     """What the audit keeps of the walk, beyond the tables (see Decision.views)."""
     out: dict[str, Any] = {"moves_names": True} if rewriter.moves_names else {}
+    if rewriter.denied:
+        out["denied"] = tuple(sorted(rewriter.denied))
     if rewriter.relations:
         out["relations"] = tuple(sorted(rewriter.relations))
     if rewriter.views:

@@ -52,6 +52,9 @@ class Catalog:
     relations: Mapping[tuple[str, str], Relation]
     # pg_catalog function and operator names; names also defined in other schemas
     builtin_functions: frozenset[str] = frozenset()
+    # those of them whose first argument takes a row (record, anyelement, "any", ...): the
+    # server may call one for `f(c)`, c a whole row, instead of reading the field c.f
+    row_functions: frozenset[str] = frozenset()
     user_functions: frozenset[tuple[str, str]] = frozenset()
     # (schema, name) of functions in information_schema (never called unqualified)
     system_functions: frozenset[tuple[str, str]] = frozenset()

@@ -170,6 +170,11 @@ PINNED_SETTINGS: Final[Mapping[str, str]] = MappingProxyType(
 # (backslash_quote's login value may be anything a role or database setting made it).
 REPORTED_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings"})
 
+# What pgveil's guard on a write into a deny column makes the server's error say, followed
+# by the column (rules.writes.Rewriter.deny_guard): the masked-session filter turns that
+# error into its refusal.
+DENY_WRITE_MARKER = "pgveil_deny_write"
+
 # System columns: readable through the masking subquery's table, never personal.
 SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"})
 

@@ -113,7 +113,7 @@ _ALLOWED: dict[str, NodeRule] = {
     "ParamRef": _rule(number=VALUE, location=LOC),
     "Alias": _rule(aliasname=NAME, colnames=COLNAMES),
     "ColumnRef": _rule(
-        fields=Handled("column_ref", "deny columns, qualified names, attribute notation"),
+        fields=Handled("column_ref", "qualified names, attribute notation"),
         location=LOC,
     ),
     "TypeName": _rule(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pglast.ast
+import pglast.enums
 from pglast import parse_sql
 
 from rules import grammar
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 ast: Any = pglast.ast
 
 _NAME_NODES = (ast.String, ast.A_Star)
+_EXPLICIT_CALL = pglast.enums.CoercionForm.COERCE_EXPLICIT_CALL
 # Classes that only make sense where a handler puts them (FROM items, clauses of a statement):
 # met anywhere else, a statement is not what pgveil thinks it is.
 _PLACED = frozenset(
@@ -82,6 +84,59 @@ def _defined_name(rv: Any) -> str:
 
 def _server_name(version: int) -> str:
     return f"PostgreSQL {version // 10000}"
+
+
+@dataclass(frozen=True)
+class RowUses:
+    """What a statement does with system columns and whole rows, wherever it does it:
+    `system`: the system columns it names, each with its qualifier (None when unqualified);
+    `singles`: the names it writes alone (a column, or a whole-row reference `c`);
+    `qualified`: its two-part names `q.f` (`f(q)` when f is no column of q);
+    `loose_star`: a `*` that is not a whole entry of a select or RETURNING list, a NATURAL
+    JOIN or a join alias (each may take every column of a relation)."""
+
+    system: frozenset[tuple[str | None, str]] = frozenset()
+    singles: frozenset[str] = frozenset()
+    qualified: frozenset[tuple[str, str]] = frozenset()
+    loose_star: bool = False
+
+
+def row_uses(stmts: Any) -> RowUses:
+    """See RowUses; no node is changed."""
+    system: set[tuple[str | None, str]] = set()
+    singles: set[str] = set()
+    qualified: set[tuple[str, str]] = set()
+    listed: set[int] = set()  # id() of star references that are whole list entries
+    loose = False
+    for n in descendants(stmts):
+        if isinstance(n, ast.SelectStmt | ast.ReturningClause):
+            items = n.targetList if isinstance(n, ast.SelectStmt) else n.exprs
+            for rt in items or ():
+                if isinstance(rt, ast.ResTarget) and isinstance(rt.val, ast.ColumnRef):
+                    listed.add(id(rt.val))
+        elif isinstance(n, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
+            # (before PostgreSQL 18's ReturningClause, RETURNING is a list of the statement)
+            items = getattr(n, "returningList", None)
+            for rt in items or ():
+                if isinstance(rt, ast.ResTarget) and isinstance(rt.val, ast.ColumnRef):
+                    listed.add(id(rt.val))
+        elif isinstance(n, ast.JoinExpr) and (n.isNatural or n.alias is not None):
+            loose = True
+        elif isinstance(n, ast.ColumnRef):
+            fields = n.fields
+            last = fields[-1]
+            if isinstance(last, ast.A_Star):
+                if id(n) not in listed:
+                    loose = True
+                continue
+            name = name_of(last)
+            if len(fields) == 1:
+                singles.add(name)
+            elif len(fields) >= 2:
+                qualified.add((name_of(fields[-2]), name))
+            if name in SYSTEM_COLUMNS:
+                system.add((name_of(fields[-2]) if len(fields) >= 2 else None, name))
+    return RowUses(frozenset(system), frozenset(singles), frozenset(qualified), loose)
 
 
 @dataclass
@@ -119,6 +174,13 @@ class ReadRewrite:
     deferred: str | None = None
     moves_names: bool = False  # see Decision.moves_names
     exposes: set[str] = field(default_factory=set)  # see Decision.exposes
+    text: str = ""  # the statement text analysed (node locations point into it)
+    # deny columns the statement names (read as NULL, or written): the audit says denied
+    denied: set[str] = field(default_factory=set)
+    # what the statement does with whole rows and system columns (see RowUses)
+    row_uses: RowUses = field(default_factory=lambda: RowUses())
+    # id() of masking subqueries that carry system columns -> (alias, the table's columns)
+    carrying: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
     def tables(self) -> tuple[str, ...]:
         """The protected tables the statement reads or writes, those behind the views it
@@ -312,7 +374,9 @@ class ReadRewrite:
         if node.is_from:
             if node.relation is not None:
                 self.rest(node.relation)
-                self.protected_of(node.relation, record=True, cte_scope=False)
+                found = self.protected_of(node.relation, record=True, cte_scope=False)
+                if found is not None:
+                    self.copy_into_denied(found, node.attlist)
             return node
         if node.query is not None:
             node.query = self.statement(node.query)
@@ -331,6 +395,19 @@ class ReadRewrite:
         node.query = query
         self.changes += 1
         return node
+
+    def copy_into_denied(self, p: Protected, attlist: Any) -> None:
+        """COPY ... FROM into deny columns: the rows are data pgveil does not read, so it
+        cannot tell that only NULL is written (see Rewriter.deny_guard): refused."""
+        named = [name_of(a) for a in attlist or ()] or [c.name for c in p.relation.columns]
+        for name in named:
+            spec = p.masks.get(name)
+            if spec is not None and spec.name == "deny":
+                self.denied.add(f"{p.rule_table}.{name}")
+                self.defer(
+                    f"column {p.rule_table}.{name} is not available to masked roles: COPY "
+                    "FROM cannot write it; list the columns without it"
+                )
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -367,6 +444,8 @@ class ReadRewrite:
             if node.intoClause is not None:
                 node.intoClause = self.into_clause(node.intoClause)
             self.rest(node)
+            if self.carrying and node.fromClause:
+                self.expand_stars(node)
         finally:
             if pushed:
                 self.ctes.pop()
@@ -415,7 +494,10 @@ class ReadRewrite:
             system = self.system_function(item)
             if system is not None:
                 return system
-        if isinstance(item, ast.RangeFunction | ast.RangeTableFunc | ast.JsonTable):
+            self.expand_unnest(item)
+            self.rest(item)
+            return item
+        if isinstance(item, ast.RangeTableFunc | ast.JsonTable):
             self.rest(item)
             return item
         raise Refusal(f"pgveil does not expect {type(item).__name__} in FROM")
@@ -553,6 +635,101 @@ class ReadRewrite:
             out.append(ident if column in view.kept else f"CAST(NULL AS {typ}) AS {ident}")
         return ", ".join(out)
 
+    def system_columns(self, p: Protected, rv: Any, alias_name: str, names: set[str]) -> list[str]:
+        """The system columns (`xmin`, `ctid`, ...) the statement reads of the masking
+        subquery of `p` named `alias_name`: the subquery carries them under their names
+        after the table's columns. They hold no personal data, but they are columns of the
+        subquery, so a whole-row reference to it (`c`, `to_json(c)`, `c.*` inside an
+        expression, a NATURAL JOIN) would see them too: refused together with them; a
+        `*` or `c.*` of a select list is spelled out (see expand_stars)."""
+        if p.relation.kind not in ("r", "p", "m"):
+            return []  # a view has no system columns: the server says so
+        uses = self.row_uses
+        wanted = sorted({s for q, s in uses.system if q is None or q == alias_name})
+        if not wanted:
+            return []
+        if (
+            uses.loose_star
+            or alias_name in uses.singles
+            or any(q == alias_name and f not in names for q, f in uses.qualified)
+            or (rv.alias is not None and bool(rv.alias.colnames))
+        ):
+            # (deferred: an unmasked session's audit still gets everything the walk finds)
+            self.defer(
+                f"system columns of protected table {p.rule_table} cannot be read together "
+                "with a reference to its whole row (the row itself, a * inside an "
+                "expression, renamed columns, a NATURAL JOIN); name its columns"
+            )
+            return []
+        return wanted
+
+    def expand_stars(self, node: Any) -> None:
+        """`*` and `c.*` in the select list of a SELECT whose FROM holds a masking subquery
+        that carries system columns: spelled out as that table's columns (what they denote
+        on the table itself), so the system columns appear only where they are named."""
+        carrying: dict[str, tuple[str, ...]] = {}
+        for item in _from_items(node.fromClause):
+            found = self.carrying.get(id(getattr(item, "subquery", None)))
+            if found is not None:
+                carrying[found[0]] = found[1]
+        if not carrying:
+            return
+        out: list[Any] = []
+        for rt in node.targetList or ():
+            val = rt.val if isinstance(rt, ast.ResTarget) else None
+            if not (isinstance(val, ast.ColumnRef) and isinstance(val.fields[-1], ast.A_Star)):
+                out.append(rt)
+                continue
+            if len(val.fields) == 1:
+                single = node.fromClause if len(node.fromClause) == 1 else ()
+                if not (single and isinstance(single[0], ast.RangeSubselect)):
+                    self.defer(
+                        "system columns of a protected table cannot be read together with "
+                        "* over several relations; name the columns"
+                    )
+                    out.append(rt)
+                    continue
+                alias = single[0].alias.aliasname
+            else:
+                alias = name_of(val.fields[-2])
+                if alias not in carrying:
+                    out.append(rt)
+                    continue
+            for column in carrying[alias]:
+                ref = ast.ColumnRef(fields=(ast.String(sval=alias), ast.String(sval=column)))
+                out.append(ast.ResTarget(val=ref))
+            self.changes += 1
+        node.targetList = tuple(out)
+
+    def expand_unnest(self, item: Any) -> None:
+        """`FROM unnest(a, b, ...)`: the SQL standard's UNNEST of several arrays, which the
+        server resolves only when the name is unqualified (parse_clause.c,
+        transformRangeFunction: an undecorated `unnest` call in FROM with more than one
+        argument), by turning it into `ROWS FROM (pg_catalog.unnest(a), pg_catalog.unnest(b),
+        ...)`. pgveil sends exactly that, so the pinned names resolve (pg_catalog.unnest of two
+        arrays does not exist) and no function of that name elsewhere is ever run."""
+        functions = []
+        changed = False
+        for pair in item.functions or ():
+            call: Any = pair[0] if isinstance(pair, tuple | list) and len(pair) == 2 else None
+            coldefs = pair[1] if call is not None else None
+            if not _standard_unnest(call) or coldefs:
+                functions.append(pair)
+                continue
+            for arg in call.args:
+                one = ast.FuncCall(
+                    funcname=(ast.String(sval="pg_catalog"), ast.String(sval="unnest")),
+                    args=(arg,),
+                    funcformat=call.funcformat,
+                    location=call.location,
+                )
+                functions.append((one, None))
+            changed = True
+        if changed:
+            item.functions = tuple(functions)
+            item.is_rowsfrom = True
+            self.changes += 1
+
     def is_cte(self, rv: Any) -> bool:
         return rv.schemaname is None and any(rv.relname in s for s in self.ctes)
 
@@ -686,10 +863,17 @@ class ReadRewrite:
                 # not mentioned: NULL keeps the column list (and the planner's work) small
                 cols.append(f"CAST(NULL AS {c.type.formatted}) AS {ident}")
             else:
+                # (deny: NULL of the column's type, the audit says denied)
                 cols.append(f"{sql_expr(spec, ident, c.type, keys)} AS {ident}")
                 self.masked_columns.add(f"{p.rule_table}.{c.name}")
+                if spec.name == "deny":
+                    self.denied.add(f"{p.rule_table}.{c.name}")
                 self.uses_hash = self.uses_hash or spec.name == "hash"
+        system = self.system_columns(p, rv, alias_name, names)
+        cols.extend(quote_ident(s) for s in system)
         sub = parse_one(f"SELECT {', '.join(cols)} FROM {self._rv_text(rv)}")
+        if system:
+            self.carrying[id(sub)] = (alias_name, tuple(c.name for c in p.relation.columns))
         if sample is not None:
             inner = sub.fromClause[0]
             sample.relation = inner
@@ -709,7 +893,12 @@ class ReadRewrite:
     def function(self, node: Any) -> Any:
         self.check_names(node.funcname, "FuncCall", "funcname")
         self.check_function(node.funcname)
-        self.pin_builtin(node)
+        field = self.pin_builtin(node)
+        if field is not None:
+            # a field in function notation: `(c).f`, analysed as such
+            self.rested.add(id(node))
+            return self.visit(field)
+        self.keep_grammar_pin(node)
         if name_of(node.funcname[-1]).lower() == "set_config":
             self.check_set_config(node.args)
         self.rest(node)
@@ -769,13 +958,9 @@ class ReadRewrite:
             if alias is not None:
                 node.fields = (ast.String(sval=alias), fields[-1])
                 self.changes += 1
-        col = names[-1] if names else ""
-        if col:
-            # by name, whatever the qualifier: an alias may denote any touched relation
-            for p in self.all_touched():
-                spec = p.masks.get(col)
-                if spec is not None and spec.name == "deny":
-                    raise Refusal(f"column {p.rule_table}.{col} is not available to masked roles")
+        # a deny column is no exception here: where a name reads a protected relation's
+        # column, the masking subquery (or, for a write's own target, the write rewrite)
+        # gives NULL of its type, so predicates, sorting and functions only see NULL
         self.rest(node)
         return node
 
@@ -836,18 +1021,72 @@ class ReadRewrite:
             if not defined and name not in cat.builtin_functions:
                 raise Refusal(f"function {name} is not allowed for masked roles")
 
-    def pin_builtin(self, node: Any) -> None:
+    def pin_builtin(self, node: Any) -> Any:
         """`upper(x)` => `pg_catalog.upper(x)`: an overload created since pgveil read the
-        catalog (public.upper(bigint), say) can then never be chosen instead."""
+        catalog (public.upper(bigint), say) can then never be chosen instead. Returns what
+        stands for a field in function notation instead (see projection), else None."""
         if len(node.funcname) != 1:
-            return
+            return None
         name = name_of(node.funcname[0])
         if name not in self.an.catalog.builtin_functions:
-            return
+            return None
         if any(n == name for _, n in self.an.policy.allowed_functions):
-            return  # an allow-listed function of that name may be the one meant
+            return None  # an allow-listed function of that name may be the one meant
+        field = self.projection(node, name)
+        if field is not None:
+            return field
         node.funcname = (ast.String(sval="pg_catalog"), ast.String(sval=name))
         self.changes += 1
+        return None
+
+    def keep_grammar_pin(self, node: Any) -> None:
+        """A call pglast's grammar qualified with pg_catalog although the statement wrote it
+        as a plain call (`json_object(...)`: PostgreSQL 16's grammar pins it, PostgreSQL
+        15's reads a call of whatever `json_object` the search path finds first): pgveil
+        sends its own text, where the name is qualified, never the statement's. (Calls in
+        the SQL standard's own syntax, `EXTRACT(... FROM ...)`, are pinned by every
+        server's grammar; they are built with COERCE_SQL_SYNTAX.)"""
+        if len(node.funcname) != 2 or name_of(node.funcname[0]) != "pg_catalog":
+            return
+        if node.funcformat != _EXPLICIT_CALL:
+            return
+        at = node.location if isinstance(node.location, int) else -1
+        written = self.text[at : at + 12].lower() if 0 <= at < len(self.text) else ""
+        if not written.startswith(("pg_catalog", '"pg_catalog"')):
+            self.changes += 1  # (the printer writes pg_catalog.name)
+
+    def projection(self, node: Any, name: str) -> Any:
+        """`f(c)`, c a whole row (`c.*`, or a name no column has: a FROM item's), f no
+        built-in that takes a row: the server reads the field c.f (parse_func.c,
+        ParseFuncOrColumn), and only for an unqualified name (`pg_catalog.f(c)` would fail).
+        pgveil sends `(c).f`, which reads the field whatever functions exist. None when the
+        call is no such projection (then it is pinned)."""
+        if len(node.args or ()) != 1 or node.agg_order or node.agg_filter or node.over:
+            return None
+        if node.agg_star or node.agg_distinct or node.func_variadic:
+            return None
+        if name in self.an.catalog.row_functions:
+            return None  # the built-in takes the row: it is what the server calls, pinned
+        arg = node.args[0]
+        if not isinstance(arg, ast.ColumnRef):
+            return None
+        fields = arg.fields
+        if isinstance(fields[-1], ast.A_Star):
+            row = ast.ColumnRef(fields=fields[:-1]) if len(fields) == 2 else None
+        elif len(fields) == 1 and not self.may_be_column(name_of(fields[0])):
+            row = arg
+        else:
+            row = None
+        if row is None:
+            return None
+        self.changes += 1
+        return ast.A_Indirection(arg=row, indirection=(ast.String(sval=name),))
+
+    def may_be_column(self, name: str) -> bool:
+        """Whether a one-part name may be a column (it then reads as one, before a whole
+        row of that name)."""
+        cat = self.an.catalog
+        return not cat.column_names or name in cat.column_names or name in self.defined_names
 
     def check_set_config(self, args: Any) -> None:
         first = args[0] if args else None
@@ -905,6 +1144,32 @@ def _flat(value: Any) -> Iterator[Any]:
             yield from _flat(v)
     elif value is not None:
         yield value
+
+
+def _standard_unnest(call: Any) -> bool:
+    """Whether a FROM function is the server's special form of `unnest` with several
+    arguments (see ReadRewrite.expand_unnest): the conditions of transformRangeFunction."""
+    return (
+        isinstance(call, ast.FuncCall)
+        and len(call.funcname) == 1
+        and name_of(call.funcname[0]) == "unnest"
+        and len(call.args or ()) > 1
+        and not call.agg_order
+        and call.agg_filter is None
+        and call.over is None
+        and not call.agg_star
+        and not call.agg_distinct
+        and not call.func_variadic
+    )
+
+
+def _from_items(items: Any) -> Iterator[Any]:
+    """The items of a FROM list, those joined in JoinExprs included."""
+    for item in items or ():
+        if isinstance(item, ast.JoinExpr):
+            yield from _from_items((item.larg, item.rarg))
+        else:
+            yield item
 
 
 def _holds_node(value: Any) -> bool:

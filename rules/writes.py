@@ -16,8 +16,8 @@ from typing import Any
 from pglast.stream import RawStream
 
 from rules.catalog import Protected
-from rules.denied import SYSTEM_COLUMNS, Refusal
-from rules.masks import sql_expr
+from rules.denied import DENY_WRITE_MARKER, SYSTEM_COLUMNS, Refusal
+from rules.masks import sql_expr, sql_literal
 from rules.reads import ReadRewrite, ast, descendants, name_of, parse_one, quote_ident
 
 _READS_PERSONAL = "a write whose new values read personal columns is refused"
@@ -90,6 +90,8 @@ class Rewriter(ReadRewrite):
             node.selectStmt = self.statement(node.selectStmt)
             if self.reads_personal(node.selectStmt, before):
                 raise Refusal(_READS_PERSONAL)
+        if target is not None:
+            self.insert_deny(node, target)
         occ = node.onConflictClause
         if occ is not None:
             self.rule_of(occ)
@@ -150,10 +152,94 @@ class Rewriter(ReadRewrite):
             raise Refusal("assigning to a part of a personal column is refused")
         if isinstance(rt.val, ast.MultiAssignRef):
             raise Refusal("multiple-column assignment to personal columns is refused")
-        if (excluded_ok and _is_excluded(rt.val)) or isinstance(rt.val, ast.SetToDefault):
-            return rt  # the incoming row's value, or the column's default: no echo to keep
+        if isinstance(rt.val, ast.SetToDefault):
+            return rt  # the column's default: no echo to keep, nothing of the client's
+        if target.protected.masks[rt.name].name == "deny":
+            # only NULL, what the client was shown, may be written: it keeps the original
+            keep = f"{quote_ident(target.alias)}.{quote_ident(rt.name)}"
+            rt.val = self.deny_guard(target.protected, rt.name, rt.val, keep)
+            return rt
+        if excluded_ok and _is_excluded(rt.val):
+            return rt  # the incoming row's value: no echo to keep
         rt.val = self.write_back(rt.name, rt.val, target)
         return rt
+
+    def deny_guard(self, p: Protected, col: str, value: Any, keep: str) -> Any:
+        """The value written into deny column `col`: `keep` (the stored value, or NULL for
+        a new row) when the client's value is NULL, else an error that pgveil turns into
+        its refusal (proxy/session/masked.py, DENY_WRITE): a masked role may send back the
+        NULL it read, never a value of its own.
+
+        v  =>  CASE WHEN CAST((v) AS type) IS NULL THEN keep ELSE <error> END
+
+        The error is a cast of pgveil's marker to an integer, through a stable function so
+        that the planner never evaluates it before a row needs it (a constant would fail
+        the statement whatever the value)."""
+        c = p.relation.column(col)
+        assert c is not None
+        self.denied.add(f"{p.rule_table}.{col}")
+        typ = c.type.formatted
+        marker = sql_literal(f"{DENY_WRITE_MARKER} {p.rule_table}.{col}")
+        error = (
+            f"CASE WHEN CAST(pg_catalog.concat({marker}) AS pg_catalog.int4) IS NULL "
+            f"THEN CAST(NULL AS {typ}) END"
+        )
+        v = RawStream()(value)
+        guard = f"CASE WHEN CAST(({v}) AS {typ}) IS NULL THEN {keep} ELSE {error} END"
+        self.changes += 1
+        return parse_one(f"SELECT {guard}").targetList[0].val
+
+    def insert_deny(self, node: Any, target: Target) -> None:
+        """INSERT into a table with deny columns: each value for one of them is guarded (see
+        deny_guard); a value that cannot be told (a set operation, `*`) is refused."""
+        p = target.protected
+        # the INSERT's column list (ResTargets), or without one every column, in order
+        names = [c.name for c in (node.cols or p.relation.columns)]
+        positions = [
+            (i, name)
+            for i, name in enumerate(names)
+            if (spec := p.masks.get(name)) is not None and spec.name == "deny"
+        ]
+        query = node.selectStmt
+        if not positions or query is None:
+            return
+        if not node.cols:
+            # by position: the server maps values to the columns it has now, pgveil to those
+            # of its catalog read; a column dropped since would move a value into the deny
+            # column. Named, the columns are the ones guarded (or the server says one is gone).
+            width = max(
+                [len(row) for row in query.valuesLists or ()] or [len(query.targetList or ())]
+            )
+            columns = p.relation.columns[:width]
+            node.cols = tuple(ast.ResTarget(name=c.name) for c in columns)
+            self.changes += 1
+        for i, name in positions:
+            self.denied.add(f"{p.rule_table}.{name}")
+            c = p.relation.column(name)
+            assert c is not None
+            keep = f"CAST(NULL AS {c.type.formatted})"
+            if query.valuesLists:
+                rows = []
+                for row in query.valuesLists:
+                    items = list(row)
+                    if i < len(items) and not isinstance(items[i], ast.SetToDefault):
+                        items[i] = self.deny_guard(p, name, items[i], keep)
+                    rows.append(tuple(items))
+                query.valuesLists = tuple(rows)
+                continue
+            targets = list(query.targetList or ())
+            stars = any(
+                isinstance(rt.val, ast.ColumnRef) and isinstance(rt.val.fields[-1], ast.A_Star)
+                for rt in targets[: i + 1]
+                if isinstance(rt, ast.ResTarget)
+            )
+            if query.larg is not None or stars:
+                self.defer(
+                    f"column {p.rule_table}.{name} is not available to masked roles: pgveil "
+                    "cannot tell the values this INSERT writes into it; leave it out"
+                )
+            elif i < len(targets):
+                targets[i].val = self.deny_guard(p, name, targets[i].val, keep)
 
     def write_back(self, col: str, value: Any, target: Target) -> Any:
         """SET col = v  =>  col = CASE WHEN v IS NOT DISTINCT FROM mask(col) THEN col ELSE v END"""
@@ -206,12 +292,9 @@ class Rewriter(ReadRewrite):
             if col == "*":
                 raise Refusal("a whole-row reference to a protected table in a write is refused")
             if col is not None:
-                spec = target.protected.masks[col]
-                if spec.name == "deny":
-                    table = target.protected.rule_table
-                    raise Refusal(f"column {table}.{col} is not available to masked roles")
                 # at any depth: in `RETURNING (SELECT name)` the name is the target's; where
                 # it is really an inner table's, masking it changes a result, never leaks
+                # (a deny column reads as NULL of its type, as through a masking subquery)
                 return self.masked_target_expr(col, target)
             return node
         if isinstance(node, ast.Node):
@@ -238,6 +321,8 @@ class Rewriter(ReadRewrite):
         spec = target.protected.masks[col]
         ref = f"{quote_ident(target.alias)}.{quote_ident(col)}"
         self.masked_columns.add(f"{target.protected.rule_table}.{col}")
+        if spec.name == "deny":
+            self.denied.add(f"{target.protected.rule_table}.{col}")
         self.uses_hash = self.uses_hash or spec.name == "hash"
         self.changes += 1
         return (

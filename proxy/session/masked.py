@@ -50,6 +50,7 @@ from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
 from rules.analyzer import Decision, Effects
 from rules.context import ContextHolder, MaskingContext, redact
+from rules.denied import DENY_WRITE_MARKER
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
 from rules.model import MaskSpec
@@ -63,6 +64,10 @@ RULES_CHANGED = (
 )
 NOT_UTF8 = "the statement is not valid UTF-8"
 UNTRACKED = "pgveil cannot tell what this statement runs; prepare it again"
+# the guard's error (rules.writes): `invalid input syntax for type integer: "<marker> t.c"`,
+# in the server's language (lc_messages): the quotes around the value may be others
+_DENY_WRITE = re.compile(DENY_WRITE_MARKER + r" (\S+?)[\"'»«“”„]?$")
+_DENY_WRITE_BYTES = DENY_WRITE_MARKER.encode()
 _QUOTED = re.compile(r'"([^"]*)"|\'([^\']*)\'')
 _TRAILING_VALUE = re.compile(r'^(.*?: )"(.*)"$', re.DOTALL)
 _TEXT = ColumnType("text", "text")
@@ -326,7 +331,7 @@ class StatementFilter:
         if audit is not None and (touches or uses):
             if action != "refuse" and d.redacted:
                 # the same for every statement of this shape: built once
-                key = (d.redacted, d.kinds, d.tables, d.columns, action, d.action)
+                key = (d.redacted, d.kinds, d.tables, d.columns, d.denied, action, d.action)
                 template = self._templates.get(key)
                 if template is None:
                     if len(self._templates) >= _TEMPLATES:
@@ -377,7 +382,9 @@ class StatementFilter:
             self.raw_columns and bool(d.exposes)
         )
         if self.raw_columns:
-            raw = list(d.columns)
+            # (deny columns too: nothing is denied to an unmasked role)
+            fields.pop("columns_denied", None)
+            raw = list(d.columns) + list(d.denied)
             if d.action == "refuse":
                 # the analysis stopped early (a write's whole-row reference, say): any
                 # personal column of the tables it reached may have been read
@@ -387,7 +394,7 @@ class StatementFilter:
                     if found is not None:
                         raw += [f"{found.rule_table}.{column}" for column in found.masks]
             fields["columns_raw"], fields["columns_masked"] = raw, []
-        for key in ("tables", "columns_masked", "columns_raw"):
+        for key in ("tables", "columns_masked", "columns_raw", "columns_denied"):
             if key in fields:
                 fields[key] = sorted(set(_names(fields[key])))
         return fields
@@ -661,9 +668,12 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
         "statement": text,
         "fingerprint": fingerprint,
         "tables": list(d.tables),
-        "columns_masked": list(d.columns),
+        "columns_masked": [c for c in d.columns if c not in d.denied],
         "decision": {"pass": "passed", "rewrite": "rewritten"}.get(action, "refused"),
     }
+    if d.denied:
+        # deny columns the statement named: read as NULL, or written (only NULL may be)
+        fields["columns_denied"] = list(d.denied)
     if d.views:
         fields["views"] = {view: list(tables) for view, tables in d.views}
     if action == "refuse":
@@ -820,6 +830,9 @@ class MaskedFilter(StatementFilter):
         log = self.statements
         assert log is not None
         if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
+            if typ == m.ERROR_RESPONSE and _DENY_WRITE_BYTES in body:
+                # (before the log records the outcome: the refusal's SQLSTATE)
+                body = self._deny_write(body) or body
             cause = log.cause(typ)  # before the log moves past what failed
             log.server_message(typ, body)
             if log.lost is not None or log.refuted is not None:
@@ -881,6 +894,32 @@ class MaskedFilter(StatementFilter):
         if "D" in fields:
             scrubbed["D"] = "pgveil: detail withheld from masked roles"
         return encode_fields(typ, scrubbed)
+
+    def _deny_write(self, body: bytes) -> bytes | None:
+        """The error of pgveil's guard on a write into a deny column (see
+        rules.writes.Rewriter.deny_guard), as pgveil's refusal naming the column (an
+        ErrorResponse body); None when the message names no deny column of the rules (a
+        statement can spell the marker itself: its error then stays the server's, scrubbed
+        like any other)."""
+        fields = m.decode_fields(body)
+        found = _DENY_WRITE.search(fields.get("M", ""))
+        if found is None or fields.get("C") != "22P02":  # (invalid_text_representation)
+            return None
+        table, _, column = found.group(1).rpartition(".")
+        schema, _, name = table.partition(".")
+        protected = self.ctx.pmap.by_name.get((schema, name))
+        if protected is None or protected.rule_table != table:
+            return None
+        spec = protected.masks.get(column)
+        if spec is None or spec.name != "deny":
+            return None
+        reason = (
+            f"column {table}.{column} is not available to masked roles; only NULL can be "
+            "written to it"
+        )
+        self.counters.refused += 1
+        self.counters.refusal_reasons.append(reason)
+        return m.error_response("42501", f"pgveil: {reason}")[5:]
 
     def login_messages(self, data: bytes) -> bytes:
         """The server's answers between AuthenticationOk and the login's ReadyForQuery

@@ -2190,7 +2190,7 @@ def with_reads_of(
     """A statement's audit fields (those whose keys `keep` keeps) with the tables, columns
     and views of what its EXECUTE / FETCH run (`sources`: their fields) added."""
     merged = {k: v for k, v in fields.items() if keep(k)}
-    for key in ("tables", "columns_masked", "columns_raw"):
+    for key in ("tables", "columns_masked", "columns_raw", "columns_denied"):
         names = set(_names(fields.get(key)))
         for source in sources:
             names.update(_names(source.get(key)))

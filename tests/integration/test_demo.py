@@ -27,7 +27,8 @@ from proxy.embedded_pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[2]
 CUSTOMERS = "SELECT name, email, phone1 FROM billing.customers ORDER BY i_customer LIMIT 3"
-REFUSED = "SELECT password_hash FROM billing.selfcare_credentials LIMIT 1"
+DENIED = "SELECT i_customer, password_hash FROM billing.selfcare_credentials WHERE i_customer = 1"
+REFUSED = "SELECT query_to_xml('SELECT * FROM billing.customers', true, true, '')"
 PROMPT = "pgveil_demo=> "
 
 
@@ -175,15 +176,17 @@ def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
     assert rows(
         demo, helpdesk, "SELECT name, account_id FROM billing.customer_overview LIMIT 1"
     ) == ["C*************1|+1********01"]
-    # credentials: refused by name, NULL in SELECT *
-    r = psql(demo, helpdesk, REFUSED)
-    assert r.returncode == 1 and "ERROR:  42501: pgveil:" in r.stderr, r.stderr
-    assert "password_hash" in r.stderr
+    # credentials are deny: NULL by name and in SELECT * (the admin sees them)
+    assert rows(demo, helpdesk, DENIED) == ["1|"]
+    assert rows(demo, admin, DENIED)[0].startswith("1|$demo$")
     assert (
         rows(demo, helpdesk, "SELECT * FROM billing.selfcare_credentials LIMIT 1")[0].count("|")
         == 3
     )
-    assert rows(demo, admin, "SELECT password_hash FROM billing.selfcare_credentials LIMIT 1")[0]
+    # a function that runs SQL text is refused, with its reason
+    r = psql(demo, helpdesk, REFUSED)
+    assert r.returncode == 1 and "ERROR:  42501: pgveil:" in r.stderr, r.stderr
+    assert "query_to_xml" in r.stderr
 
     # the invoices are real PDFs (fixed-width fields keep the xref offsets right)
     pdf = base64.b64decode(
@@ -202,10 +205,15 @@ def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
         time.sleep(0.1)
     events = list(read_events(audit))
     refused = [e for e in events if e["type"] == "refused"]
-    assert [(e["role"], e["tables"]) for e in refused] == [
-        ("helpdesk", ["billing.selfcare_credentials"])
-    ]
-    assert "password_hash" in refused[0]["reason"]
+    assert [(e["role"], e["tables"]) for e in refused] == [("helpdesk", [])]
+    assert "query_to_xml" in refused[0]["reason"]
+    # the deny column's read is recorded as denied, not as masked
+    denied = [e for e in events if e.get("columns_denied")]
+    assert len(denied) == 2  # by name, and through SELECT *
+    assert {(e["role"], tuple(e["columns_denied"])) for e in denied} == {
+        ("helpdesk", ("billing.selfcare_credentials.password_hash",))
+    }
+    assert [e["columns_masked"] for e in denied] == [[], ["billing.selfcare_credentials.login"]]
     access = {(e["role"], e["classification"]) for e in events if e["type"] == "access"}
     assert {("admin", "unmasked"), ("helpdesk", "masked")} <= access
     assert verify_files([audit])[1] is None
@@ -310,15 +318,29 @@ def test_readme_tour_is_what_the_demo_does(demo: Demo) -> None:
     assert like and counts
     assert rows(demo, uris["helpdesk"], like.group(1)) == [counts.group(1)]
     assert rows(demo, uris["admin"], like.group(1)) == [counts.group(2)]
-    # the refused statement and its message
-    (block,) = [b for b in blocks if any(line.startswith("ERROR:") for line in b)]
+    # a deny column read: NULL
+    (block,) = [
+        b for b in blocks if any(x.startswith(PROMPT) and "password_hash FROM" in x for x in b)
+    ]
     r = subprocess.run(
         [demo.psql(), uris["helpdesk"], "-X", "-c", _statement(block)],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert r.returncode == 1
-    assert r.stderr.splitlines()[0] in block
-    # the audit lines and the refusal's event
+    assert r.returncode == 0, r.stderr
+    shown = [line for line in block if line and not line.startswith(PROMPT)]
+    assert [line.rstrip() for line in r.stdout.splitlines() if line] == shown
+    # the refused statements (a value written into a deny column; query_to_xml) and their
+    # messages
+    refused = [b for b in blocks if any(line.startswith("ERROR:") for line in b)]
+    assert len(refused) == 2
+    for block in refused:
+        r = subprocess.run(
+            [demo.psql(), uris["helpdesk"], "-X", "-c", _statement(block)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode == 1
+        assert r.stderr.splitlines()[0] in block
+    # the audit lines and the deny read's event
     audit = Path(demo.field("audit stream"))
     deadline = time.monotonic() + 10
     while not any(e["type"] == "refused" for e in read_events(audit)):
@@ -335,7 +357,11 @@ def test_readme_tour_is_what_the_demo_does(demo: Demo) -> None:
             assert any(t.endswith(line[1:]) for t in tail), (line, tail)
     (event_block,) = [b for b in blocks if b and b[0] == "{"]
     shown_event = json.loads("\n".join(event_block))
-    (event,) = [e for e in read_events(audit) if e["type"] == "refused"]
+    (event,) = [
+        e
+        for e in read_events(audit)
+        if e["type"] == "access" and e["statement"] == shown_event["statement"]
+    ]
     for key, value in shown_event.items():
         if key in ("prev", "hash"):
             assert isinstance(event[key], str) and len(event[key]) == 64

@@ -33,7 +33,7 @@ def test_pipelined_extended_with_refusal_mid_way(billing: ProxyProcess) -> None:
     c = RawClient(billing.port, user=USER)
     msgs = (
         m.message(m.PARSE, b"s1\0SELECT name FROM billing.customers\0\0\0")
-        + m.message(m.PARSE, b"s2\0SELECT cc_number FROM billing.customers\0\0\0")
+        + m.message(m.PARSE, b"s2\0SELECT * FROM billing.leak()\0\0\0")
         + m.message(m.BIND, b"\0s2\0\0\0\0\0\0\0")
         + m.message(m.EXECUTE, b"\0\0\0\0\0")
         + m.message(m.SYNC)

@@ -29,15 +29,56 @@ def test_query_split_across_chunks_is_held_then_rewritten() -> None:
 
 def test_refusal_round_trip() -> None:
     f, client, server = make()
-    out = f.client(client, m.message(m.QUERY, b"SELECT cc_number FROM billing.customers\0"))
+    out = f.client(client, m.message(m.QUERY, b"SELECT * FROM billing.leak()\0"))
     token = out[5:-1].decode()
     assert token.startswith(REFUSAL_TOKEN)
     err = m.error_response("42601", f'syntax error at or near "{token}"') + m.ready_for_query()
     back = f.server(server, err)
     fields = m.decode_fields(back[5 : back.index(b"Z")])
     assert fields["C"] == "42501" and fields["M"].startswith(
-        "pgveil: column billing.customers.cc_number"
+        "pgveil: function billing.leak is not allowed"
     )
+
+
+def _guard_error(
+    f: MaskedFilter, server: MessageScanner, column: str, quotes: str = '""'
+) -> dict[str, str]:
+    err = m.error_response(
+        "22P02",
+        f"invalid input syntax for type integer: {quotes[0]}pgveil_deny_write {column}{quotes[1]}",
+    )
+    back = f.server(server, err + m.ready_for_query())
+    return m.decode_fields(back[5 : back.index(b"Z")])
+
+
+def test_the_deny_write_guard_error_becomes_the_refusal() -> None:
+    """The server's error from pgveil's guard on a write into a deny column (rules.writes)
+    reaches the client as pgveil's 42501 naming the column."""
+    f, client, server = make()
+    out = f.client(client, m.message(m.QUERY, b"UPDATE billing.customers SET cc_number = 'x'\0"))
+    assert b"pgveil_deny_write billing.customers.cc_number" in out
+    # (the server's language decides the quotes: German's are » and «)
+    fields = _guard_error(f, server, "billing.customers.cc_number", "»«")
+    assert fields == {
+        "S": "ERROR",
+        "V": "ERROR",
+        "C": "42501",
+        "M": "pgveil: column billing.customers.cc_number is not available to masked roles; "
+        "only NULL can be written to it",
+    }
+
+
+@pytest.mark.parametrize(
+    "column", ["billing.customers.name", "billing.customers.nosuch", "public.notes.body", "x"]
+)
+def test_a_spelled_out_marker_naming_no_deny_column_stays_the_servers_error(column: str) -> None:
+    """A statement can make the server quote the marker itself: unless it names a deny
+    column of the rules, the error is the server's, scrubbed like any other (the quoted
+    text is no literal of the statement: masked)."""
+    f, client, server = make()
+    f.client(client, m.message(m.QUERY, b"SELECT 1\0"))
+    fields = _guard_error(f, server, column)
+    assert fields["C"] == "22P02" and "pgveil_deny_write" not in fields["M"]
 
 
 def test_errors_scrubbed_and_notifications_withheld() -> None:

@@ -276,12 +276,16 @@ def test_refused_and_unreadable_statements_never_run() -> None:
     """A statement pgveil refused never reached the server (it got one that fails): a use
     of its name is the server's to answer, under any rules; nothing is sent for it."""
     s = Session()
-    refused = "SELECT cc_number FROM billing.customers"  # deny: always refused
+    refused = "SELECT * FROM billing.leak()"  # not allowed until the reload allows it
     out = s.send(parse(refused, "r1"))
     assert tokens(out) and refused.encode() not in out
     bad = m.message(m.PARSE, b"u1\0SELECT '\xff'\0\0\0")
     assert tokens(s.send(bad))
-    s.reload(RULES.replace("      cc_number: deny\n", ""))
+    s.reload(
+        RULES.replace(
+            "allow: [billing.invoice_total]", "allow: [billing.invoice_total, billing.leak]"
+        )
+    )
     for name in ("r1", "u1"):
         out = s.send(bind(name))
         assert out == bind(name)  # the server's error: no such statement

@@ -94,8 +94,6 @@ def test_three_part_names_become_the_alias() -> None:
         ("SELECT set_config(current_setting('x'), 'y', false)", "computed setting name"),
         ("SET standard_conforming_strings = off", "standard_conforming_strings"),
         ("SET client_encoding = 'SJIS'", "client_encoding"),
-        ("SELECT cc_number FROM billing.customers", "not available"),
-        ("SELECT c.cc_number FROM billing.customers c", "not available"),
         ("SELECT lo_get(1234)", "lo_get"),
         ("SELECT current_query()", "current_query"),
         ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'", "not allowed"),
