@@ -112,16 +112,19 @@ def test_rewritten(sql: str, expected: str) -> None:
 
 def test_function_arguments_are_walked() -> None:
     """The arguments of a rewritten call are expressions like any: a protected table read
-    there is masked, a deny column refused."""
+    there is masked, a deny column read as NULL."""
     d = AN.analyze(
         "SELECT * FROM pg_stat_get_activity((SELECT length(name) FROM billing.customers LIMIT 1))"
     )
     assert d.action == "rewrite" and d.tables == ("billing.customers",)
     assert "FROM billing.customers) AS customers" in (d.sql or "")
-    refused = AN.analyze(
+    denied = AN.analyze(
         "SELECT * FROM pg_stat_get_activity((SELECT length(cc_number) FROM billing.customers))"
     )
-    assert refused.action == "refuse" and "cc_number" in (refused.reason or "")
+    assert denied.action == "rewrite" and "billing.customers.cc_number" in denied.denied
+    assert "NULL" in (denied.sql or "") and "FROM billing.customers) AS customers" in (
+        denied.sql or ""
+    )
 
 
 @pytest.mark.parametrize(
