@@ -36,8 +36,6 @@ from tests.compat.conftest import (
 from tests.integration.masking_fixture import LOGIN, NAME
 
 APP = "compat_models"
-ITEM1 = "issue 13 item 1: a deny column read by name is refused, so a model that lists it fails"
-ITEM2 = "issue 13 item 2: inspectdb's two-argument unnest is pinned as pg_catalog.unnest"
 
 
 def _settings_text(compat: Compat) -> str:
@@ -137,7 +135,6 @@ def test_inspectdb_as_unmasked_role_writes_a_model_per_table(models: ModuleType)
     assert {f.column for f in models.Accounts._meta.concrete_fields} >= {"sip_password", "ip"}
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM2)
 def test_inspectdb_as_masked_role_finds_every_table(models: ModuleType, django_dir: Path) -> None:
     masked = inspectdb(django_dir, "default")
     unmasked = inspectdb(django_dir, "admin")
@@ -151,7 +148,6 @@ def test_inspectdb_as_masked_role_finds_every_table(models: ModuleType, django_d
 # -- queries -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_filter_and_order_by(models: ModuleType) -> None:
     def run(db: str) -> list[Any]:
         qs = models.Customers.objects.using(db).filter(i_customer_class=1, balance__gte=3)
@@ -178,7 +174,6 @@ def test_filter_on_a_personal_column_compares_masked_values(models: ModuleType) 
     assert customers.filter(email__endswith="@canary-mail.example").count() == 1
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_join_through_foreign_keys(models: ModuleType) -> None:
     def run(db: str) -> list[Any]:
         qs = models.Accounts.objects.using(db).filter(
@@ -194,7 +189,6 @@ def test_join_through_foreign_keys(models: ModuleType) -> None:
     assert SIP_PASSWORD in dump(*unmasked)
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_select_related(models: ModuleType) -> None:
     def run(db: str) -> str:
         qs = models.Xdrs.objects.using(db).select_related("i_account__i_customer")
@@ -207,7 +201,6 @@ def test_select_related(models: ModuleType) -> None:
     assert_real(run("admin"))
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_prefetch_related(models: ModuleType) -> None:
     def run(db: str) -> str:
         qs = models.Customers.objects.using(db).prefetch_related("accounts_set")
@@ -220,7 +213,6 @@ def test_prefetch_related(models: ModuleType) -> None:
     assert_real(run("admin"))
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_paginator_and_slicing(models: ModuleType) -> None:
     from django.core.paginator import Paginator
     from django.db import connections
@@ -247,7 +239,6 @@ def test_paginator_over_a_table_without_deny_columns(models: ModuleType) -> None
     assert all(x.cli.startswith("+*") for x in page)
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_first_get_and_count(models: ModuleType) -> None:
     customers = models.Customers.objects
     first = customers.order_by("i_customer").first()
@@ -295,7 +286,6 @@ def test_defer_of_the_deny_columns(models: ModuleType) -> None:
 # -- writes ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_save_with_update_fields(models: ModuleType, compat: Compat) -> None:
     customer = models.Customers.objects.get(pk=3)
     customer.notes = "called back"
@@ -304,7 +294,6 @@ def test_save_with_update_fields(models: ModuleType, compat: Compat) -> None:
     assert stored == [("called back", "Customer 000003")]
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_save_of_every_field_keeps_the_personal_values(models: ModuleType, compat: Compat) -> None:
     """`save()` without `update_fields` writes every field back as it was read: the masked
     values and the NULL of a deny column must keep what is stored."""
@@ -340,7 +329,6 @@ def test_save_of_a_model_with_masked_columns_keeps_the_originals(
     assert stored == [("+420600000000", decimal.Decimal("2.7500"))]
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_refresh_from_db(models: ModuleType) -> None:
     account = models.Accounts.objects.get(pk=10)
     models.Accounts.objects.filter(pk=10).update(blocked=True)

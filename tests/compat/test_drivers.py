@@ -27,8 +27,6 @@ from tests.compat.conftest import (
     assert_real,
 )
 
-ITEM3 = "issue 13 item 3: a setting the session guard requires is refused even at its current value"
-ITEM1 = "issue 13 item 1: a deny column named in a statement is refused"
 CUSTOMERS = "SELECT * FROM billing.customers ORDER BY i_customer"
 
 
@@ -148,7 +146,6 @@ async def test_asyncpg_startup_settings_like_jdbc(compat: Compat) -> None:
         await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM3)
 async def test_asyncpg_set_of_a_guarded_setting_to_its_value(compat: Compat) -> None:
     conn = await asyncpg.connect(url(compat))
     try:
@@ -248,10 +245,7 @@ def test_psycopg_server_side_cursor(compat: Compat) -> None:
         "COPY (SELECT * FROM billing.customers c JOIN billing.accounts a USING (i_customer)) "
         "TO STDOUT (FORMAT csv, HEADER)",
         "COPY billing.accounts (i_account, ip, mac) TO STDOUT",
-        pytest.param(
-            "COPY billing.accounts (i_account, ip, mac, sip_password) TO STDOUT",
-            marks=pytest.mark.xfail(strict=True, reason=ITEM1),
-        ),
+        "COPY billing.accounts (i_account, ip, mac, sip_password) TO STDOUT",
         "COPY billing.xdrs_2024_01 TO STDOUT",
         "COPY (SELECT * FROM billing.customer_contacts) TO STDOUT (FORMAT binary)",
     ],
@@ -282,7 +276,6 @@ def test_psycopg_copy_rows_in_binary(compat: Compat) -> None:
     assert_masked(repr(rows))
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM3)
 def test_psycopg_set_of_a_guarded_setting_to_its_value(compat: Compat) -> None:
     with connect(compat) as conn:
         conn.execute("SET client_encoding TO 'UTF8'")

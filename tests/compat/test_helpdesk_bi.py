@@ -23,8 +23,6 @@ from tests.compat.conftest import (
     assert_real,
 )
 
-ITEM4 = "issue 13 item 4: system columns of a protected table fail through the masking subquery"
-ITEM5 = "issue 13 item 5: statistics and activity views and VACUUM/ANALYZE are refused whole"
 ITEM6 = "issue 13 item 6: pgveil's own refusal instead of the server's error"
 
 RELATIONS = [
@@ -249,7 +247,6 @@ def test_a_column_hint_names_the_column(compat: Compat, sql: str, hint: str) -> 
 # -- fixed elsewhere in issue 13 -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM4)
 def test_system_columns_and_xmin_as_a_concurrency_token(compat: Compat) -> None:
     with connect(compat) as conn:
         row = conn.execute(
@@ -275,7 +272,6 @@ def test_system_columns_and_xmin_as_a_concurrency_token(compat: Compat) -> None:
     assert_masked(repr(row) + repr(account))
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM5)
 def test_own_activity_row(compat: Compat) -> None:
     with connect(compat) as conn:
         row = conn.execute(
@@ -286,7 +282,6 @@ def test_own_activity_row(compat: Compat) -> None:
     assert row[4] is None  # the query text may hold literals of personal data
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM5)
 def test_pg_stats_without_values(compat: Compat) -> None:
     with connect(compat) as conn:
         stats = conn.execute(
@@ -299,7 +294,6 @@ def test_pg_stats_without_values(compat: Compat) -> None:
     assert_masked(repr(stats))
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM5)
 def test_vacuum_and_analyze_of_a_table_without_rules(compat: Compat) -> None:
     with connect(compat) as conn:
         conn.execute("ANALYZE billing.customer_classes")

@@ -14,23 +14,13 @@ import pytest
 from tests.compat.conftest import MASKED, SIP_PASSWORD, UNMASKED, Compat, assert_masked, assert_real
 from tests.integration.masking_fixture import EMAIL, NAME
 
-ITEM3 = (
-    "issue 13 item 3: SET client_encoding to the value it already has (psql's \\encoding, "
-    "libpq's PQsetClientEncoding) is refused"
-)
-
-ITEM5 = (
-    "issue 13 item 5: pg_user_mappings is refused whole (rules/denied.py), although only "
-    "umoptions can hold a secret"
-)
-
 META_COMMANDS = [
     "\\d", "\\d+", "\\dt", "\\dt+", "\\dt billing.*", "\\d customers", "\\d+ customers",
     "\\d accounts", "\\d+ xdrs", "\\d xdrs_2024_01", "\\d customer_contacts",
     "\\d+ customer_contacts", "\\d customers_pkey", "\\da", "\\dA", "\\dAc", "\\dAf btree",
     "\\dAo brin", "\\dAp brin", "\\db", "\\dc", "\\dC", "\\dd", "\\dD", "\\ddp", "\\dE",
     "\\des", "\\det",
-    pytest.param("\\deu", marks=pytest.mark.xfail(strict=True, reason=ITEM5)), "\\dew",
+    "\\deu", "\\dew",
     "\\df", "\\df+", "\\df billing.*", "\\dF", "\\dFd",
     "\\dFp", "\\dFt", "\\dg", "\\di", "\\di+", "\\dl", "\\dL", "\\dm", "\\dn", "\\dn+", "\\do",
     "\\dO", "\\dp", "\\dP", "\\dP+", "\\drds", "\\dRp", "\\dRs", "\\ds", "\\dT", "\\dT+",
@@ -114,7 +104,6 @@ def test_conninfo(compat: Compat) -> None:
     assert f'You are connected to database "compat" as user "{MASKED}"' in out, out
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM3)
 def test_encoding_set_to_the_current_encoding(compat: Compat) -> None:
     rc, out = compat.psql("-v", "ON_ERROR_STOP=1", "-c", "\\encoding UTF8", "-c", "\\encoding")
     assert rc == 0

@@ -32,11 +32,7 @@ from tests.compat.conftest import (
 )
 from tests.integration.masking_fixture import NAME
 
-ITEM1 = (
-    "issue 13 item 1: a deny column read by name is refused, so a select of the whole table fails"
-)
 TABLES = ["accounts", "customer_classes", "customers", "xdrs", "xdrs_2024_01", "xdrs_2024_02"]
-DENY_TABLES = {"customers", "accounts"}
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +121,7 @@ def _select_all(engine: sa.Engine, table: sa.Table) -> list[Any]:
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=ITEM1))
-        if t in DENY_TABLES
-        else t
-        for t in [*TABLES, "customer_contacts"]
-    ],
+    [*TABLES, "customer_contacts"],
 )
 def test_core_select_of_a_whole_table(
     engines: dict[str, sa.Engine], metadata: sa.MetaData, name: str
@@ -178,7 +169,6 @@ def automap(metadata: sa.MetaData) -> Any:
     return base
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_orm_get_and_relationships(engines: dict[str, sa.Engine], automap: Any) -> None:
     customers, classes = automap.classes.customers, automap.classes.customer_classes
 
@@ -229,7 +219,6 @@ def test_core_update_of_a_non_personal_column(
     assert stored == ("sa core", "Customer 000005")
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM1)
 def test_orm_update_of_a_non_personal_column(
     engines: dict[str, sa.Engine], automap: Any, compat: Compat
 ) -> None:
@@ -300,12 +289,7 @@ def test_pandas_read_sql_and_read_sql_query(engines: dict[str, sa.Engine]) -> No
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=ITEM1))
-        if t in DENY_TABLES
-        else t
-        for t in ["customers", "accounts", "xdrs", "customer_classes", "customer_contacts"]
-    ],
+    ["customers", "accounts", "xdrs", "customer_classes", "customer_contacts"],
 )
 def test_pandas_read_sql_table(engines: dict[str, sa.Engine], name: str) -> None:
     def run(engine: sa.Engine) -> pd.DataFrame:
