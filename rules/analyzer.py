@@ -26,7 +26,9 @@ from rules.settings import TX_KINDS, SettingOp, settings_of
 from rules.subjects import SubjectKeys, statement_subjects
 from rules.writes import Rewriter
 
-__all__ = ["Analyzer", "Decision", "Effect", "Effects", "Refusal", "SubjectKeys"]
+__all__ = ["NOT_PARSED", "Analyzer", "Decision", "Effect", "Effects", "Refusal", "SubjectKeys"]
+
+NOT_PARSED = "pgveil cannot parse the statement"
 
 # An effect on the session's names or transaction: (kind, name), name "" when it has none.
 # kinds: begin, commit, commit_chain, rollback, rollback_chain, prepare_transaction,
@@ -96,6 +98,10 @@ class Decision:
     # unnamed (a trigger, policy or index of a relation the catalog has; a cast, operator,
     # type or domain), which the catalog read must see (rules.subjects)
     moves_names: bool = False
+    # the text does not parse with pgveil's parser (a refusal): the masked filter lets the
+    # server's raw parser answer it with its own syntax error, in a form that cannot run
+    # (proxy/session/masked.py: the syntax probe)
+    syntax: bool = False
 
 
 _KIND = {
@@ -134,9 +140,7 @@ class Analyzer:
         try:
             stmts = parse_sql(sql)
         except ParseError:
-            return Decision(
-                "refuse", reason="pgveil cannot parse the statement", effects=None, settings=None
-            )
+            return Decision("refuse", reason=NOT_PARSED, effects=None, settings=None, syntax=True)
         word = self.misread_word(sql)
         if word is not None:
             return Decision(

@@ -7,6 +7,17 @@ order of pipelined answers and the transaction state exactly as PostgreSQL's own
 would. FunctionCall is refused the same way. Nothing is forwarded before the whole message
 has been analysed.
 
+A text pgveil's parser cannot read (a syntax error) is answered with the server's own
+error, from a syntax probe: the server gets `SELECT pgveil_refusal_<nonce>;` followed by the
+client's text, which can never run. The server parses the whole text of a Query or Parse
+before it analyses or runs anything of it, so where its parser fails too, its syntax error
+(message, hint, position) is what the client's text alone would have got, with the position
+moved back by the probe's length. Where the server's parser accepts what pgveil's cannot (a
+grammar of another PostgreSQL version), nothing runs either: a Query's first statement fails
+at analysis (no FROM, so the nonce's column cannot exist), and a statement of a Query is
+analysed and run only after those before it ran; a Parse of more than one statement is
+refused before any analysis. That answer is turned into pgveil's 42501 refusal.
+
 Server -> client: ErrorResponse and NoticeResponse lose detail, context and internal-query
 fields, and a quoted value in the message or hint is masked unless the statement that caused
 the message spelled it out (a literal's value or a parameter value of that very statement,
@@ -48,7 +59,7 @@ from proxy.session.statements import (
 )
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.analyzer import Decision, Effects
+from rules.analyzer import NOT_PARSED, Decision, Effects
 from rules.context import ContextHolder, MaskingContext, redact
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
@@ -56,6 +67,16 @@ from rules.model import MaskSpec
 from rules.settings import SettingOp
 
 REFUSAL_TOKEN = "pgveil_refusal_"
+# what precedes a text pgveil cannot parse when the server gets it (see the docstring)
+_PROBE = "SELECT " + REFUSAL_TOKEN + "{};"
+_PROBE_LENGTH = len(_PROBE.format("0" * 16))  # ASCII: characters and bytes alike
+# the server's answer to a Parse whose probe it parses whole
+_MULTIPLE_COMMANDS = "cannot insert multiple commands into a prepared statement"
+_PARSER = f"PostgreSQL {pglast.parser.get_postgresql_version()[0]}"
+PARSED_ONLY_BY_SERVER = (
+    f"pgveil's parser ({_PARSER}'s) cannot read this statement, which the server's parser "
+    "accepts; write it in a form both accept"
+)
 AUDIT_UNAVAILABLE = "the audit stream is unavailable; statements on personal data must wait for it"
 RULES_CHANGED = (
     "the masking rules changed since this statement was prepared (or this cursor or portal "
@@ -130,6 +151,9 @@ class StatementFilter:
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
+        # the nonce of the syntax probe the statement being decided is sent as (see the
+        # module docstring), None when it is sent otherwise
+        self._probing: str | None = None
         # audit fields per statement shape (analysis, action): see _decide
         self._templates: dict[tuple[object, ...], dict[str, object]] = {}
         # what the statement being decided does to names (see StatementLog.query)
@@ -282,6 +306,16 @@ class StatementFilter:
         self.counters.refusal_reasons.append(reason)
         return f"{REFUSAL_TOKEN}{nonce}\0".encode()
 
+    def _probe(self, reason: str) -> str:
+        """A syntax probe's nonce (see the module docstring): counted as a refusal (the
+        statement does not run); the server's answer that it parsed the probe whole becomes
+        pgveil's refusal."""
+        nonce = secrets.token_hex(8)
+        self._refusals[nonce] = PARSED_ONLY_BY_SERVER
+        self.counters.refused += 1
+        self.counters.refusal_reasons.append(reason)
+        return nonce
+
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         """(the analysis, "pass" | "rewrite" | "refuse", rewritten SQL or reason)."""
         d = self.ctx.analyze(sql)
@@ -352,6 +386,10 @@ class StatementFilter:
         # what the statements do to names and the transaction, once they run (a refused
         # statement does not run)
         self._effects = () if action == "refuse" else d.effects
+        # a text pgveil cannot parse: the server's parser answers it (a syntax probe)
+        self._probing = (
+            self._probe(value or NOT_PARSED) if action == "refuse" and d.syntax else None
+        )
         self._settings = () if action == "refuse" else d.settings
         if action == "rewrite":
             self.counters.rewritten += 1
@@ -464,6 +502,8 @@ class StatementFilter:
         if action == "rewrite":
             assert value is not None
             return m.message(m.QUERY, value.encode() + b"\0")
+        if self._probing is not None:
+            return m.message(m.QUERY, _PROBE.format(self._probing).encode() + body)
         return m.message(m.QUERY, self._refuse(value or "refused"))
 
     def _parse(self, body: bytes, original: bytes) -> bytes:
@@ -494,6 +534,9 @@ class StatementFilter:
         if action == "rewrite":
             assert value is not None
             return m.message(m.PARSE, name + value.encode() + b"\0" + rest)
+        if self._probing is not None:
+            probe = _PROBE.format(self._probing).encode()
+            return m.message(m.PARSE, name + probe + query + b"\0" + rest)
         return m.message(m.PARSE, name + self._refuse(value or "refused") + b"\0\0")
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
@@ -687,7 +730,8 @@ class MaskedFilter(StatementFilter):
         # the client's text (its literals are what it may see again); the rewritten text
         # only to check that statements pair one to one
         oids = _declared(types)
-        return Source(sql, value if action == "rewrite" else None, oids, oids)
+        sent = value if action == "rewrite" else None
+        return Source(sql, sent, oids, oids, self._probing)
 
     def _function_call(self, raw: bytes) -> bytes:
         if self.statements is not None:
@@ -854,6 +898,19 @@ class MaskedFilter(StatementFilter):
             refusal = self._refusal(body)
             if refusal is not None:
                 return refusal
+        source = cause.source if cause is not None else None
+        if source is not None and source.probe is not None and typ == m.ERROR_RESPONSE:
+            # the answer to a syntax probe (see the module docstring): the server's own
+            # syntax error, or the Parse it parsed whole (nothing ran)
+            self._refusals.pop(source.probe, None)
+            if fields.get("C") == "42601" and fields.get("M") == _MULTIPLE_COMMANDS:
+                return m.error_response("42501", f"pgveil: {PARSED_ONLY_BY_SERVER}")
+        if "P" in fields:
+            position = _client_position(fields["P"], source)
+            if position is None:
+                del fields["P"]
+            else:
+                fields["P"] = position
         context = fields.get("W", "")
         if "PL/pgSQL" in context or "at RAISE" in context:
             # the text was composed by server-side code (a trigger's RAISE, say): any value
@@ -862,10 +919,17 @@ class MaskedFilter(StatementFilter):
             fields["M"] = "pgveil: a message raised by server-side code is withheld"
         scrubbed: dict[str, str] = {}
         judge = _Judge(self.ctx, cause)
+        # the client's text from the error's position on (a syntax error quotes the token
+        # there)
+        at = None
+        if source is not None and fields.get("P", "").isdigit():
+            at = source.sql[int(fields["P"]) - 1 :]
         for code, value in fields.items():
             if code not in _KEEP_FIELDS:
                 continue
-            if code in "MH":
+            if code == "M":
+                value = judge.scrub(value, at)
+            elif code == "H":
                 value = judge.scrub(value)
             scrubbed[code] = value
         if "D" in fields:
@@ -963,22 +1027,59 @@ def _blank(match: re.Match[str]) -> str:
     return " " * len(match.group(0))
 
 
+def _client_position(position: str, source: Source | None) -> str | None:
+    """An error's position (P: 1-based, in characters) in the text the client sent, None
+    when it has none there. The server counts in the text it got: a syntax probe's begins
+    with the probe; a rewritten statement's is pgveil's text, whose positions are the
+    client's only as far as both texts are the same (beyond that, the position would point
+    into text the client never sent)."""
+    if source is None or (source.probe is None and source.sent is None):
+        return position
+    if not position.isdigit():
+        return None
+    index = int(position)
+    if source.probe is not None:
+        index -= _PROBE_LENGTH
+        return str(index) if index > 0 else None
+    sent, sql = source.sent or "", source.sql
+    if index > min(len(sent), len(sql)) or sent[:index] != sql[:index]:
+        return None
+    return position
+
+
+# the form of the scanner's errors: a fixed text, then the token where it failed
+_AT_OR_NEAR = re.compile(r'^([^"\']*) at or near "(.*)"$', re.DOTALL)
+
+
 class _Judge:
     """Which quoted values of one error or notice are shown: the empty string, names of the
     catalog, and what the statement that caused the message spelled out: its literals'
     values, its parameter values and its names. Everything else quoted is masked with the
     default partial mask. The statement's words are read only when a quoted value needs
-    them."""
+    them.
 
-    __slots__ = ("_cause", "_ctx", "_identifiers", "_words")
+    A syntax error (`... at or near "TOKEN"`) whose position in the client's text is where
+    that text reads TOKEN quotes the client's own text: it is shown as it is. The answer to
+    a syntax probe (see the module docstring) comes from the server's parser, which reads
+    nothing but the text: what it quotes of that text is shown as it is."""
+
+    __slots__ = ("_cause", "_ctx", "_identifiers", "_text", "_words")
 
     def __init__(self, ctx: MaskingContext, cause: Cause | None) -> None:
         self._ctx = ctx
         self._identifiers = ctx.identifiers
         self._cause = cause
         self._words: Words | None = None if cause is not None else NO_WORDS
+        probed = cause is not None and cause.source.probe is not None
+        self._text = cause.source.sql if cause is not None and probed else None
 
-    def scrub(self, text: str) -> str:
+    def scrub(self, text: str, at: str | None = None) -> str:
+        """`text` as the client may see it; `at`: the client's text from the message's
+        position on, when it has one there."""
+        if at is not None:
+            near = _AT_OR_NEAR.match(text)
+            if near is not None and at.startswith(near.group(2)):
+                return text
         # `...: "VALUE"` at the end (input syntax errors): VALUE may itself hold quotes,
         # so it is judged whole rather than split at them
         tail = _TRAILING_VALUE.match(text)
@@ -1022,6 +1123,8 @@ class _Judge:
     def _judge(self, inner: str) -> str:
         if not inner or inner in self._identifiers:
             return inner
+        if self._text is not None and inner in self._text:
+            return inner  # (a syntax probe's answer: see the class docstring)
         words = self._words if self._words is not None else self._read()
         if inner in words.values or inner in words.names:
             return inner
