@@ -86,6 +86,11 @@ class Catalog:
     # (what, schema, function): the same for code attached to tables (triggers, defaults,
     # CHECK constraints, policies, rules), which runs when a masked role writes their rows
     table_code: tuple[tuple[str, str, str], ...] = ()
+    # (schema, name) of every relation of any kind (sequences, indexes, composite types,
+    # TOAST tables too) outside pg_catalog, information_schema and temporary schemas: what
+    # tells that a name the analyser does not know names nothing (rules.missing); empty
+    # when not read
+    relation_names: frozenset[tuple[str, str]] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.by_oid:

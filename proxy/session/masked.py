@@ -63,6 +63,7 @@ from rules.analyzer import NOT_PARSED, Decision, Effects
 from rules.context import ContextHolder, MaskingContext, redact
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
+from rules.missing import COLUMN_OR_FUNCTION, created_here, missing_name
 from rules.model import MaskSpec
 from rules.settings import SettingOp
 
@@ -151,6 +152,10 @@ class StatementFilter:
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
+        # refusals answered with the server's error for a name that does not exist
+        # (rules.missing) rather than pgveil's 42501: the error's fields, by nonce
+        self._answers: dict[str, dict[str, str]] = {}
+        self._answer: dict[str, str] | None = None  # ... for the statement being decided
         # the nonce of the syntax probe the statement being decided is sent as (see the
         # module docstring), None when it is sent otherwise
         self._probing: str | None = None
@@ -186,12 +191,48 @@ class StatementFilter:
 
     @property
     def holding(self) -> bool:
-        return bool(self._client.held or self._server.held)
+        return bool(self._client.held or self._server.held or self._client.paused)
 
     # ---- client -> server --------------------------------------------------------------
 
     def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
         return self._client.splice(scanner, chunk, self._client_message, "from client")
+
+    # ---- waiting for a catalog read -----------------------------------------------------
+    # A masked session's statement that names a relation (or a `t.f` column or function)
+    # the catalog read does not have is not decided at once when the shell can wait
+    # (`waits`): the client's stream stops at it (nothing of it or after it goes on), the
+    # shell waits for a catalog read that began after it arrived (`awaiting`, bounded in
+    # time), and `resume` decides it under what that read found: a relation created since
+    # the last read is then known and read as the rules say, and a name still unknown did
+    # not exist: the client gets the server's error for it (rules.missing).
+
+    waits = False  # whether the shell can wait for a catalog read (the engine's can)
+    awaiting: int | None = None  # the catalog read the stream waits for (ContextHolder)
+    _asked_wait: int | None = None  # ... not yet asked of the shell (see take_wait)
+    _may_wait = False  # a client's Query or Parse is being decided
+    _fresh = 0  # the read the message being decided waited for (0: none)
+
+    def take_wait(self) -> int | None:
+        """The catalog read to wait for, once, when the stream just stopped at a message."""
+        read, self._asked_wait = self._asked_wait, None
+        return read
+
+    def resume(self, scanner: MessageScanner) -> bytes:
+        """The wait ended (the read is in, or the time is up): decide the message the stream
+        stopped at, and go on with what came after it."""
+        read, self.awaiting = self.awaiting, None
+        if read is None:
+            return b""
+        self._fresh = read
+        try:
+            return self._client.resume(scanner, self._client_message, "from client")
+        finally:
+            self._fresh = 0
+
+    @property
+    def holder(self) -> ContextHolder:
+        return self._holder
 
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if typ == m.QUERY:
@@ -302,6 +343,9 @@ class StatementFilter:
     def _refuse(self, reason: str) -> bytes:
         nonce = secrets.token_hex(8)
         self._refusals[nonce] = reason
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            self._answers[nonce] = answer
         self.counters.refused += 1
         self.counters.refusal_reasons.append(reason)
         return f"{REFUSAL_TOKEN}{nonce}\0".encode()
@@ -489,6 +533,7 @@ class StatementFilter:
         sql = self._text(body[:-1])
         if sql is None:
             return self._undecodable(m.QUERY, b"", original)
+        self._may_wait = True
         action, value, fields = self._decide(sql)
         if self.statements is not None:
             source = self._source(sql, action, value, b"")
@@ -512,6 +557,7 @@ class StatementFilter:
         sql = self._text(query)
         if sql is None:
             return self._undecodable(m.PARSE, name, original)
+        self._may_wait = True
         action, value, fields = self._decide(sql)
         if self.statements is not None:
             source = self._source(sql, action, value, rest)
@@ -602,17 +648,28 @@ class StatementFilter:
             audit.record("access", notification_fields(channel, decision))
 
     def _refusal(self, body: bytes) -> bytes | None:
-        text = m.decode_fields(body).get("M", "")
+        fields = m.decode_fields(body)
+        text = fields.get("M", "")
         if REFUSAL_TOKEN in text:
             for nonce in list(self._refusals):
                 if REFUSAL_TOKEN + nonce in text:
                     reason = self._refusals.pop(nonce)
+                    answer = self._answers.pop(nonce, None)
+                    if answer is not None:
+                        # the server's severity fields (in its lc_messages), pgveil's error
+                        severity = {k: v for k, v in fields.items() if k in "SV"}
+                        return encode_fields(m.ERROR_RESPONSE, {**severity, **answer})
                     return m.error_response("42501", f"pgveil: {reason}")
         return None
 
 
 def _names(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _unknown_name(name: str) -> str:
+    """An unknown name as the analyser records it, for a refusal's reason."""
+    return name if name.startswith(COLUMN_OR_FUNCTION) else f"relation {name}"
 
 
 def _declared(types: bytes) -> tuple[int, ...]:
@@ -828,14 +885,24 @@ class MaskedFilter(StatementFilter):
         return m.message(m.PARSE, name + refusal + b"\0\0")
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
+        # (only the client's own Query or Parse may wait, not the checks made for it)
+        may_wait, self._may_wait = self._may_wait, False
+        fresh, self._fresh = self._fresh, 0
         d = self.ctx.analyze(sql)
         if d.action == "refuse":
             return d, "refuse", d.reason or "refused"
         unknown = [r for r in d.unknown_relations if r not in self.temp_relations]
         if unknown:
-            # created after pgveil read the catalog: judge it once the catalog is re-read
-            self._holder.stale = True
-            what = unknown[0] if unknown[0].startswith("column") else f"relation {unknown[0]}"
+            holder = self._holder
+            if fresh and holder.reads_done >= fresh:
+                # a catalog read that began after the statement arrived does not have it
+                return d, "refuse", self._missing(sql, unknown)
+            holder.stale = True  # read the catalog again soon
+            if may_wait and self.waits:
+                # created since pgveil read the catalog, or never: wait for a read
+                self.awaiting = self._asked_wait = holder.reads_begun + 1
+                raise _Pause
+            what = _unknown_name(unknown[0])
             return d, "refuse", f"{what} is not known to pgveil yet; try again shortly"
         if d.uses or d.moves:
             # EXECUTE / FETCH / MOVE run what the server prepared: it must still be what
@@ -847,6 +914,37 @@ class MaskedFilter(StatementFilter):
         if d.action == "rewrite":
             return d, "rewrite", d.sql
         return d, "pass", None
+
+    def _missing(self, sql: str, unknown: list[str]) -> str:
+        """The refusal of a statement naming what a fresh catalog read does not have: the
+        server's error for it (`_answer`, see rules.missing), or pgveil's when what the
+        server would say cannot be told (the name exists as something pgveil does not
+        read, a sequence say)."""
+        ctx = self.ctx
+        found = missing_name(sql, unknown, ctx.catalog, ctx.database)
+        if found is None:
+            created = created_here(sql, unknown)
+            if created is not None:
+                return (
+                    f"relation {created} is created by the same statement text: pgveil can "
+                    "judge statements on it once it exists; send them separately"
+                )
+            what = _unknown_name(unknown[0])
+            if what.startswith("relation "):
+                return (
+                    f"{what} is no table, view, materialized view or foreign table pgveil "
+                    "knows; masked roles may not use it"
+                )
+            return f"{what} does not exist"
+        answer = {"C": found.code, "M": found.message}
+        if found.detail is not None:
+            answer["D"] = found.detail
+        if found.hint is not None:
+            answer["H"] = found.hint
+        if found.position is not None:
+            answer["P"] = str(found.position)
+        self._answer = answer
+        return found.message
 
     # ---- server -> client --------------------------------------------------------------
 
@@ -1304,15 +1402,35 @@ def _unanalysed(kind: str, text: str) -> dict[str, object]:
     }
 
 
+class _Pause(Exception):
+    """Raised by a client-side handler that cannot decide a message yet (see
+    StatementFilter.resume): the message and everything after it wait."""
+
+
+@dataclass(slots=True)
+class _Paused:
+    """Where a splice stopped: its data, the messages located in it, the first one not
+    handled yet, and where an incomplete message at its end begins (None: none)."""
+
+    data: bytes
+    located: list[tuple[int, bytes, int, int]]
+    index: int
+    hold: int | None
+
+
 class _Splicer:
     """Rebuilds one direction of the stream: uncaptured bytes pass through, each captured
     message is replaced by what the handler returns, and an incomplete captured message is
-    held back until the rest arrives."""
+    held back until the rest arrives. A client-side handler may pause the stream at a
+    message (`_Pause`): that message and everything after it, later chunks too, are kept
+    until `resume`."""
 
-    __slots__ = ("held",)
+    __slots__ = ("held", "later", "paused")
 
     def __init__(self) -> None:
         self.held = b""
+        self.paused: _Paused | None = None
+        self.later = bytearray()  # chunks that came while paused (not scanned yet)
 
     def splice(
         self,
@@ -1329,6 +1447,9 @@ class _Splicer:
         (with the scanner's `marks` on), is told before each other message how many
         DataRows and CopyData came before it, captured or not, when that is not `told`
         (what it was last told)."""
+        if self.paused is not None:
+            self.later += chunk
+            return b""
         data = self.held + chunk if self.held else chunk
         try:
             located, hold = scanner.feed_located(data)
@@ -1337,7 +1458,7 @@ class _Splicer:
             out = bytearray()
             pos = 0
             batch: list[bytes] = []
-            for typ, body, start, end in located:
+            for index, (typ, body, start, end) in enumerate(located):
                 if typ == _DATA_ROW and rows is not None:
                     batch.append(body)
                     continue
@@ -1351,7 +1472,14 @@ class _Splicer:
                         seen(total)
                         told = total
                 raw = data[start:end]
-                replaced = handle(typ, body, raw)
+                try:
+                    replaced = handle(typ, body, raw)
+                except _Pause:
+                    assert rows is None and seen is None  # (client side only)
+                    self.paused = _Paused(data, located, index, hold)
+                    self.held = b""  # (part of `data`)
+                    out += data[pos:start]
+                    return bytes(out)
                 if replaced is raw:
                     continue  # unchanged: it goes out with the bytes around it
                 out += data[pos:start]
@@ -1366,6 +1494,45 @@ class _Splicer:
         if pos == 0:
             return data if stop == len(data) else data[:stop]  # nothing changed: no copy
         out += data[pos:stop]
+        return bytes(out)
+
+    def resume(
+        self, scanner: MessageScanner, handle: Callable[[int, bytes, bytes], bytes], side: str
+    ) -> bytes:
+        """Handle what a pause kept, from the message it stopped at, then the chunks that
+        came meanwhile; it may pause again."""
+        paused = self.paused
+        if paused is None:
+            return b""
+        self.paused = None
+        later, self.later = self.later, bytearray()
+        data, located = paused.data, paused.located
+        out = bytearray()
+        pos = located[paused.index][2]
+        try:
+            for index in range(paused.index, len(located)):
+                typ, body, start, end = located[index]
+                raw = data[start:end]
+                try:
+                    replaced = handle(typ, body, raw)
+                except _Pause:
+                    self.paused = _Paused(data, located, index, paused.hold)
+                    self.later = later
+                    out += data[pos:start]
+                    return bytes(out)
+                if replaced is raw:
+                    continue
+                out += data[pos:start]
+                out += replaced
+                pos = end
+        except (ValueError, IndexError, struct.error) as exc:
+            raise m.ProtocolViolation(f"malformed message {side}") from exc
+        hold = paused.hold
+        stop = hold if hold is not None else len(data)
+        self.held = data[stop:] if hold is not None else b""
+        out += data[pos:stop]
+        if later:
+            out += self.splice(scanner, bytes(later), handle, side)
         return bytes(out)
 
 
