@@ -1031,7 +1031,10 @@ class MaskedFilter(StatementFilter):
                 value = judge.scrub(value)
             scrubbed[code] = value
         if "D" in fields:
-            scrubbed["D"] = "pgveil: detail withheld from masked roles"
+            shown = judge.detail(fields["D"])
+            scrubbed["D"] = (
+                shown if shown is not None else "pgveil: detail withheld from masked roles"
+            )
         return encode_fields(typ, scrubbed)
 
     def login_messages(self, data: bytes) -> bytes:
@@ -1147,6 +1150,50 @@ def _client_position(position: str, source: Source | None) -> str | None:
 
 # the form of the scanner's errors: a fixed text, then the token where it failed
 _AT_OR_NEAR = re.compile(r'^([^"\']*) at or near "(.*)"$', re.DOTALL)
+_NAME = '"[^"]*"'  # where the server quotes the name of a relation, column or constraint
+# Messages and hints whose every quoted part is such a name (the server's formats: a
+# constraint violated, a column suggested): shown as they are. Anchored at both ends: any
+# other text in them does not match.
+_NAMED = tuple(
+    re.compile("^" + form.format(n=_NAME) + r"\Z")
+    for form in (
+        r"duplicate key value violates unique constraint {n}",
+        r"conflicting key value violates exclusion constraint {n}",
+        r"insert or update on table {n} violates foreign key constraint {n}",
+        r"update or delete on table {n} violates foreign key constraint {n} on table {n}",
+        r"new row for relation {n} violates check constraint {n}",
+        r"new row for relation {n} violates partition constraint",
+        r"null value in column {n} of relation {n} violates not-null constraint",
+        r"no partition of relation {n} found for row",
+        r"new row violates check option for view {n}",
+        r"new row violates row-level security policy for table {n}",
+        r"new row violates row-level security policy {n} for table {n}",
+        r"value for domain [^\"\s]+ violates check constraint {n}",
+        r"could not create unique index {n}",
+        r"Perhaps you meant to reference the column {n}\.",
+        r"Perhaps you meant to reference the column {n} or the column {n}\.",
+        r"Perhaps you meant to reference the table alias {n}\.",
+        r"There is a column named {n} in table {n}, but it cannot be referenced from this "
+        r"part of the query\.",
+        r"There is an entry for table {n}, but it cannot be referenced from this part of the "
+        r"query\.",
+    )
+)
+# Details that name a key and its values. The columns (the key's definition, from the
+# catalog) come first and end at the first `)=(`, so no value can shift into them; the
+# values are shown only where they are the new row's (a unique or foreign key the
+# statement writes, a partition key) and the statement spelled them out, and masked
+# otherwise (a key still referenced, or duplicated in rows already there, is the rows').
+_KEY_DETAIL = re.compile(
+    r'^Key \((.*?)\)=\((.*)\) (already exists|is not present in table "[^"]*"|'
+    r'is still referenced from table "[^"]*"|is duplicated)\.\Z',
+    re.DOTALL,
+)
+_PARTITION_DETAIL = re.compile(
+    r"^Partition key of the failing row contains \((.*?)\) = \((.*)\)\.\Z", re.DOTALL
+)
+_KEYLESS_DETAIL = re.compile(r'^Key is (not present in|still referenced from) table "[^"]*"\.\Z')
+_NEW_ROW_KEYS = ("already exists", "is not present")
 
 
 class _Judge:
@@ -1178,6 +1225,8 @@ class _Judge:
             near = _AT_OR_NEAR.match(text)
             if near is not None and at.startswith(near.group(2)):
                 return text
+        if '"' in text and any(form.match(text) for form in _NAMED):
+            return text  # every quoted part is a name (see _NAMED)
         # `...: "VALUE"` at the end (input syntax errors): VALUE may itself hold quotes,
         # so it is judged whole rather than split at them
         tail = _TRAILING_VALUE.match(text)
@@ -1217,6 +1266,33 @@ class _Judge:
         inner = match.group(1) if match.group(1) is not None else match.group(2)
         quote = '"' if match.group(1) is not None else "'"
         return quote + self._judge(inner) + quote
+
+    def detail(self, text: str) -> str | None:
+        """A DETAIL as the client may see it: a key violated (its columns, its values
+        masked unless they are the new row's as the statement spelled them), or None: a
+        detail is withheld (a failing row, say, holds any value)."""
+        if _KEYLESS_DETAIL.match(text):
+            return text
+        key = _KEY_DETAIL.match(text)
+        if key is not None:
+            columns, values, end = key.groups()
+            new = end.startswith(_NEW_ROW_KEYS)
+            return f"Key ({self.scrub(columns)})=({self._value(values, new)}) {end}."
+        partition = _PARTITION_DETAIL.match(text)
+        if partition is not None:
+            columns, values = partition.groups()
+            shown = self._value(values, True)
+            return f"Partition key of the failing row contains ({self.scrub(columns)}) = ({shown})."
+        return None
+
+    def _value(self, values: str, new: bool) -> str:
+        """Key values, shown whole only when they are the new row's and the statement spelled
+        them out (a literal or parameter value of it)."""
+        if new and values:
+            words = self._words if self._words is not None else self._read()
+            if values in words.values:
+                return values
+        return py_mask(_PARTIAL, values, _TEXT, {}) or ""
 
     def _judge(self, inner: str) -> str:
         if not inner or inner in self._identifiers:
