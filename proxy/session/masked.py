@@ -1131,21 +1131,27 @@ def _blank(match: re.Match[str]) -> str:
 def _client_position(position: str, source: Source | None) -> str | None:
     """An error's position (P: 1-based, in characters) in the text the client sent, None
     when it has none there. The server counts in the text it got: a syntax probe's begins
-    with the probe; a rewritten statement's is pgveil's text, whose positions are the
-    client's only as far as both texts are the same (beyond that, the position would point
-    into text the client never sent)."""
+    with the probe; a rewritten statement's is pgveil's text, which is the client's only in
+    the part both begin with and the part both end with (`WHERE ...` after a masked table,
+    say): a position there is moved to the client's text, any other is dropped (it would
+    point into text the client never sent)."""
     if source is None or (source.probe is None and source.sent is None):
         return position
-    if not position.isdigit():
+    if not position.isdigit() or int(position) < 1:
         return None
-    index = int(position)
+    index = int(position) - 1  # 0-based
     if source.probe is not None:
         index -= _PROBE_LENGTH
-        return str(index) if index > 0 else None
+        return str(index + 1) if index >= 0 else None
     sent, sql = source.sent or "", source.sql
-    if index > min(len(sent), len(sql)) or sent[:index] != sql[:index]:
+    if index >= len(sent):
         return None
-    return position
+    if sent[: index + 1] == sql[: index + 1]:
+        return position
+    back = len(sent) - index  # characters from there to the end
+    if back <= len(sql) and sent[index:] == sql[len(sql) - back :]:
+        return str(len(sql) - back + 1)
+    return None
 
 
 # the form of the scanner's errors: a fixed text, then the token where it failed
