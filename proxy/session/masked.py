@@ -897,8 +897,9 @@ class MaskedFilter(StatementFilter):
             if fresh and holder.reads_done >= fresh:
                 # a catalog read that began after the statement arrived does not have it
                 return d, "refuse", self._missing(sql, unknown)
+            # (a statement that waited once and still has no read: refused as before)
             holder.stale = True  # read the catalog again soon
-            if may_wait and self.waits:
+            if may_wait and self.waits and not fresh:
                 # created since pgveil read the catalog, or never: wait for a read
                 self.awaiting = self._asked_wait = holder.reads_begun + 1
                 raise _Pause
