@@ -667,6 +667,11 @@ def _names(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
+def _masked(values: str) -> str:
+    """Values of a row, as the default partial mask shows them."""
+    return py_mask(_PARTIAL, values, _TEXT, {}) or ""
+
+
 def _unknown_name(name: str) -> str:
     """An unknown name as the analyser records it, for a refusal's reason."""
     return name if name.startswith(COLUMN_OR_FUNCTION) else f"relation {name}"
@@ -1188,9 +1193,8 @@ _NAMED = tuple(
 )
 # Details that name a key and its values. The columns (the key's definition, from the
 # catalog) come first and end at the first `)=(`, so no value can shift into them; the
-# values are shown only where they are the new row's (a unique or foreign key the
-# statement writes, a partition key) and the statement spelled them out, and masked
-# otherwise (a key still referenced, or duplicated in rows already there, is the rows').
+# values are masked whole (the stored row's key, or the new row's, which may equal a stored
+# one: never shown, even where the statement spelled it out).
 _KEY_DETAIL = re.compile(
     r'^Key \((.*?)\)=\((.*)\) (already exists|is not present in table "[^"]*"|'
     r'is still referenced from table "[^"]*"|is duplicated)\.\Z',
@@ -1200,7 +1204,6 @@ _PARTITION_DETAIL = re.compile(
     r"^Partition key of the failing row contains \((.*?)\) = \((.*)\)\.\Z", re.DOTALL
 )
 _KEYLESS_DETAIL = re.compile(r'^Key is (not present in|still referenced from) table "[^"]*"\.\Z')
-_NEW_ROW_KEYS = ("already exists", "is not present")
 
 
 class _Judge:
@@ -1276,30 +1279,19 @@ class _Judge:
 
     def detail(self, text: str) -> str | None:
         """A DETAIL as the client may see it: a key violated (its columns, its values
-        masked unless they are the new row's as the statement spelled them), or None: a
-        detail is withheld (a failing row, say, holds any value)."""
+        masked), or None: a detail is withheld (a failing row, say, holds any value)."""
         if _KEYLESS_DETAIL.match(text):
             return text
         key = _KEY_DETAIL.match(text)
         if key is not None:
             columns, values, end = key.groups()
-            new = end.startswith(_NEW_ROW_KEYS)
-            return f"Key ({self.scrub(columns)})=({self._value(values, new)}) {end}."
+            return f"Key ({self.scrub(columns)})=({_masked(values)}) {end}."
         partition = _PARTITION_DETAIL.match(text)
         if partition is not None:
             columns, values = partition.groups()
-            shown = self._value(values, True)
+            shown = _masked(values)
             return f"Partition key of the failing row contains ({self.scrub(columns)}) = ({shown})."
         return None
-
-    def _value(self, values: str, new: bool) -> str:
-        """Key values, shown whole only when they are the new row's and the statement spelled
-        them out (a literal or parameter value of it)."""
-        if new and values:
-            words = self._words if self._words is not None else self._read()
-            if values in words.values:
-                return values
-        return py_mask(_PARTIAL, values, _TEXT, {}) or ""
 
     def _judge(self, inner: str) -> str:
         if not inner or inner in self._identifiers:
