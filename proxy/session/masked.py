@@ -1161,7 +1161,7 @@ def _client_position(position: str, source: Source | None) -> str | None:
 
 
 # the form of the scanner's errors: a fixed text, then the token where it failed
-_AT_OR_NEAR = re.compile(r'^([^"\']*) at or near "(.*)"$', re.DOTALL)
+_AT_OR_NEAR = re.compile(r'^([^"\']*) at or near "(.*)"\Z', re.DOTALL)
 _NAME = '"[^"]*"'  # where the server quotes the name of a relation, column or constraint
 # Messages and hints whose every quoted part is such a name (the server's formats: a
 # constraint violated, a column suggested): shown as they are. Anchored at both ends: any
@@ -1182,6 +1182,8 @@ _NAMED = tuple(
         r"new row violates row-level security policy {n} for table {n}",
         r"value for domain [^\"\s]+ violates check constraint {n}",
         r"could not create unique index {n}",
+        r"currval of sequence {n} is not yet defined in this session",
+        r"nextval: reached (?:maximum|minimum) value of sequence {n} \(-?\d+\)",
         r"Perhaps you meant to reference the column {n}\.",
         r"Perhaps you meant to reference the column {n} or the column {n}\.",
         r"Perhaps you meant to reference the table alias {n}\.",

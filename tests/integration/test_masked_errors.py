@@ -573,6 +573,13 @@ def test_hints_name_catalog_columns_as_they_are(
     )
 
 
+def test_sequence_names_in_messages(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    sqls = ["SELECT currval('billing.xdrs_i_xdr_seq')"]
+    compare(pg, billing.port, "psycopg-simple", sqls)
+    via = psycopg_errors(billing.port, pg, sqls, False)
+    assert via[0][1] == 'currval of sequence "xdrs_i_xdr_seq" is not yet defined in this session'
+
+
 def test_key_violations_name_the_constraint_and_mask_the_values(
     pg: EmbeddedPostgres, billing: ProxyProcess, scratch: None
 ) -> None:

@@ -252,6 +252,8 @@ def judge(sql: str = "SELECT 1") -> _Judge:
         '"pg_class.relam".',
         'null value in column "b" of relation "t" violates not-null constraint',
         'update or delete on table "a" violates foreign key constraint "f" on table "b"',
+        'currval of sequence "xdrs_i_xdr_seq" is not yet defined in this session',
+        'nextval: reached maximum value of sequence "s" (2147483647)',
     ],
 )
 def test_names_in_the_servers_formats_are_shown(text: str) -> None:
