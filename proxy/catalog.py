@@ -205,6 +205,14 @@ SELECT p.proname, p.proargnames[i] AS name, pg_catalog.quote_ident(tn.nspname) |
          WHERE q.proname = p.proname AND q.pronamespace = p.pronamespace) = 1
  ORDER BY p.proname, i
 """
+# every relation's name, whatever its kind, outside the system and temporary schemas (see
+# Catalog.relation_names)
+RELATION_NAMES_SQL = """
+SELECT n.nspname, c.relname
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
+"""
 ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
 DATABASES_SQL = """
 SELECT datname FROM pg_catalog.pg_database
@@ -221,6 +229,9 @@ _SYSTEM = ("pg_catalog", "information_schema")
 # while the rules do not match a database, its catalog is re-read this often (at most), so
 # that sessions resume soon after the rules or the database are fixed
 PROBLEM_REFRESH = 5.0
+# how long a masked statement that names what the catalog read does not have waits for a
+# catalog read that began after it (proxy.session.engine.AwaitCatalog); then it is refused
+UNKNOWN_NAME_WAIT = 5.0
 
 
 class MaskingUnavailable(Exception):
@@ -344,8 +355,12 @@ async def read_catalog(conn: Any) -> Catalog:
     for r in await conn.fetch(FUNCTION_COLUMNS_SQL, sorted(SYSTEM_FUNCTIONS)):
         name = r["proname"]
         function_columns[name] = (*function_columns.get(name, ()), (r["name"], r["typ"]))
+    relation_names = frozenset(
+        (r["nspname"], r["relname"]) for r in await conn.fetch(RELATION_NAMES_SQL)
+    )
     return Catalog(
         relations=relations,
+        relation_names=relation_names,
         system_relations=system,
         pg_catalog_relations=pg_catalog_relations,
         keywords=keywords,
@@ -393,6 +408,7 @@ class MaskingManager:
         # logins refused because the rules do not match, per database (a counter)
         self.refused: dict[str, int] = {}
         self._preload = True  # read the catalogs of the rules' `databases` without waiting
+        self._read_done = asyncio.Condition()  # notified whenever a catalog read ends
 
     def reload(self, config: ProxyConfig, policy: Policy) -> None:
         """New rules apply at once, to open sessions too (they hold the holders), and are
@@ -423,6 +439,28 @@ class MaskingManager:
         if any(p.effect != "none" for p in db.holder.context.problems):
             return min(refresh, PROBLEM_REFRESH)
         return refresh
+
+    async def await_read(self, holder: ContextHolder, read: int, timeout: float) -> bool:
+        """Wait until `holder` has the result of its catalog read number `read` (asking
+        for it), at most `timeout` seconds; whether it has. Reads are made by
+        `refresh_forever`, at most one per tick and database, whoever asks."""
+        holder.stale = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._read_done:
+            while holder.reads_done < read:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self._read_done.wait(), remaining)
+                except TimeoutError:
+                    return holder.reads_done >= read
+        return True
+
+    async def _read_ended(self) -> None:
+        async with self._read_done:
+            self._read_done.notify_all()
 
     async def refresh_forever(self, tick: float = 0.5) -> None:
         """Re-read each database's catalog every catalog_refresh seconds, or at once when a
@@ -507,6 +545,7 @@ class MaskingManager:
             except MaskingUnavailable:
                 if current is not None and stale:
                     current.holder.stale = True  # (asked for still)
+                await self._read_ended()
                 raise
             old = current.holder.context if current is not None else None
             if (
@@ -540,6 +579,7 @@ class MaskingManager:
                 current.roles.clear()
             log.info("catalog.loaded", database=database, relations=len(catalog.relations))
             self._report(database, current)
+            await self._read_ended()
             return current
 
     def _report(self, database: str, db: _Database, always: bool = False) -> None:

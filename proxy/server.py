@@ -26,13 +26,14 @@ from audit.files import AuditFileError
 from audit.sinks import FileSink, StdoutSink, SyncSink, TableSink
 from audit.writer import AuditWriter
 from proxy import logs
-from proxy.catalog import MaskingManager, RulesMismatch
+from proxy.catalog import UNKNOWN_NAME_WAIT, MaskingManager, RulesMismatch
 from proxy.config import ConfigError, ProxyConfig, anchor_file
 from proxy.logs import log
 from proxy.metrics import LiveSession, Metrics, MetricsServer, Stats
 from proxy.session.engine import (
     JUST_FORWARD,
     Action,
+    AwaitCatalog,
     ClassifyLogin,
     CloseSession,
     ConnectUpstream,
@@ -358,6 +359,8 @@ class ClientConnection(_Pipe, LiveSession):
             elif isinstance(action, SendCancel):
                 # owned by the server: it must outlive this connection, which closes now
                 self.server.spawn(self.server.forward_cancel(action.request))
+            elif isinstance(action, AwaitCatalog):
+                self._spawn(self._await_catalog(action))
             else:  # pragma: no cover - every action type is handled above
                 raise TypeError(f"unknown action {action!r}")
 
@@ -365,6 +368,23 @@ class ClientConnection(_Pipe, LiveSession):
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _await_catalog(self, action: AwaitCatalog) -> None:
+        """A masked statement named what the catalog read does not have: the client's
+        stream waits (reading paused) until a catalog read that began after it is in, or
+        UNKNOWN_NAME_WAIT seconds have passed; then the statement is decided."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+        masking = self.server.masking
+        if masking is not None:
+            await masking.await_read(action.holder, action.read, UNKNOWN_NAME_WAIT)
+        if self._closed:
+            return
+        self.run(self.session.catalog_awaited(), b"", to_server=True)
+        masked = self.session.masked
+        waiting = masked is not None and masked.awaiting is not None
+        if self.transport is not None and self._audit_wait is None and not waiting:
+            self.transport.resume_reading()
 
     async def _start_tls(self) -> None:
         ctx = self.server.client_tls

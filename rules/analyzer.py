@@ -26,7 +26,9 @@ from rules.settings import TX_KINDS, SettingOp, settings_of
 from rules.subjects import SubjectKeys, statement_subjects
 from rules.writes import Rewriter
 
-__all__ = ["Analyzer", "Decision", "Effect", "Effects", "Refusal", "SubjectKeys"]
+__all__ = ["NOT_PARSED", "Analyzer", "Decision", "Effect", "Effects", "Refusal", "SubjectKeys"]
+
+NOT_PARSED = "pgveil cannot parse the statement"
 
 # An effect on the session's names or transaction: (kind, name), name "" when it has none.
 # kinds: begin, commit, commit_chain, rollback, rollback_chain, prepare_transaction,
@@ -103,6 +105,10 @@ class Decision:
     # (rules.denied.SYSTEM_VIEWS): rewritten for masked roles; an unmasked session reads
     # them raw, and its event cannot name the tables whose values they show
     exposes: tuple[str, ...] = ()
+    # the text does not parse with pgveil's parser (a refusal): the masked filter lets the
+    # server's raw parser answer it with its own syntax error, in a form that cannot run
+    # (proxy/session/masked.py: the syntax probe)
+    syntax: bool = False
 
 
 _KIND = {
@@ -147,9 +153,7 @@ class Analyzer:
         try:
             stmts = parse_sql(sql)
         except ParseError:
-            return Decision(
-                "refuse", reason="pgveil cannot parse the statement", effects=None, settings=None
-            )
+            return Decision("refuse", reason=NOT_PARSED, effects=None, settings=None, syntax=True)
         word = self.misread_word(sql)
         if word is not None:
             return Decision(

@@ -99,6 +99,11 @@ class Catalog:
         default_factory=dict
     )
     function_columns: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # (schema, name) of every relation of any kind (sequences, indexes, composite types,
+    # TOAST tables too) outside pg_catalog, information_schema and temporary schemas: what
+    # tells that a name the analyser does not know names nothing (rules.missing); empty
+    # when not read
+    relation_names: frozenset[tuple[str, str]] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.by_oid:

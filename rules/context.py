@@ -31,6 +31,7 @@ from rules.subjects import literal_keys
 CACHE_SIZE = 10_000
 LARGE_STATEMENT = 64 * 1024  # characters; longer statements skip the shape and text caches
 _LITERAL_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"})
+_WORD_TOKENS = frozenset({"IDENT", "UIDENT"})  # names (or, in a text that does not parse, values)
 _PLACEHOLDER_BASE = 900_000  # $900000+: far above any parameter number a client uses
 _PLACEHOLDER = re.compile(r"\$(9\d{5})(?!\d)")
 _FALLBACK = object()
@@ -139,11 +140,15 @@ def placeholder_spans(sql: str) -> list[tuple[int, int, int]] | None:
     return spans
 
 
-def redact(sql: str) -> str:
+def redact(sql: str, names: bool = True) -> str:
     """The statement as an audit event may show it: its tokens, every literal replaced by
     `?`, comments dropped. A text that cannot be tokenised is not shown at all. pgveil's own
     literal placeholders (see `normalize`) count as literals, so a statement and its shape
-    read the same."""
+    read the same.
+
+    `names` False (a text that does not parse: nothing tells a name from a value typed
+    without quotes, `WHERE name = Ann Smith`): only reserved keywords, operators and
+    punctuation are shown; every other word is `?` too."""
     try:
         tokens = scan(sql)
     except ParseError:
@@ -151,9 +156,9 @@ def redact(sql: str) -> str:
     out = []
     for t in tokens:
         text = sql[t.start : t.end + 1]
-        if t.name in _LITERAL_TOKENS or (t.name == "PARAM" and _is_placeholder(text)):
-            text = "?"
-        out.append(text)
+        literal = t.name in _LITERAL_TOKENS or (t.name == "PARAM" and _is_placeholder(text))
+        word = t.name in _WORD_TOKENS or t.kind not in ("RESERVED_KEYWORD", "NO_KEYWORD")
+        out.append("?" if literal or (word and not names) else text)
     return " ".join(out)
 
 
@@ -292,7 +297,7 @@ def _is_placeholder(param: str) -> bool:
 
 def with_audit_text(d: Decision, analysed: str) -> Decision:
     """`d` with the redacted text of the statement it was made for, and its fingerprint."""
-    text = redact(analysed)
+    text = redact(analysed, names=not d.syntax)
     return dataclasses.replace(d, redacted=text, fingerprint=_fingerprint(text))
 
 

@@ -111,6 +111,17 @@ class ClassifyLogin(Action):
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitCatalog(Action):
+    """A masked session's statement names what the catalog read does not have: wait (a
+    bounded time) until `holder` has the result of catalog read number `read` (one that
+    began after the statement arrived), then call `Session.catalog_awaited`. The client's
+    stream waits meanwhile (see StatementFilter.resume)."""
+
+    holder: ContextHolder
+    read: int
+
+
+@dataclass(frozen=True, slots=True)
 class RecordSessionStart(Action):
     """The login completed and its classification is known: record the session's start
     (audit) before anything that follows reaches the client."""
@@ -290,12 +301,7 @@ class Session:
                 out = masked.client(self._client, data)
             except m.ProtocolViolation as exc:
                 return self._fatal_to_client("08P01", str(exc))
-            if self._client.last_type == m.TERMINATE and not masked.holding:
-                self.phase = Phase.CLOSED
-                return (SendToServer(out), CloseSession("client terminated"))
-            if masked.statements is not None:
-                self._row_capture(masked.statements, _SERVER_CAPTURE_MASKED_ROWS)
-            return (SendToServer(out),) if out else _NOTHING
+            return self._masked_client_out(masked, out)
         if phase is Phase.AUTHENTICATING or phase is Phase.CLASSIFYING:
             return self._login_client_data(data)  # a gated login
         if phase is Phase.STARTUP:
@@ -312,6 +318,32 @@ class Session:
             self._early_client_data += data
             return _NOTHING
         return _NOTHING
+
+    def _masked_client_out(self, masked: MaskedFilter, out: bytes) -> Sequence[Action]:
+        """What the masked filter made of the client's bytes: sent on, with a wait for a
+        catalog read when the stream just stopped at a statement (see AwaitCatalog)."""
+        read = masked.take_wait()
+        if read is not None:
+            first = (SendToServer(out),) if out else ()
+            return (*first, AwaitCatalog(masked.holder, read))
+        if self._client.last_type == m.TERMINATE and not masked.holding:
+            self.phase = Phase.CLOSED
+            return (SendToServer(out), CloseSession("client terminated"))
+        if masked.statements is not None:
+            self._row_capture(masked.statements, _SERVER_CAPTURE_MASKED_ROWS)
+        return (SendToServer(out),) if out else _NOTHING
+
+    def catalog_awaited(self) -> Sequence[Action]:
+        """The wait of an AwaitCatalog ended (the read is in, or the time is up): the
+        statement it held is decided now, and what the client sent after it goes on."""
+        masked = self.masked
+        if masked is None or self.phase is not _READY:
+            return _NOTHING
+        try:
+            out = masked.resume(self._client)
+        except m.ProtocolViolation as exc:
+            return self._fatal_to_client("08P01", str(exc))
+        return self._masked_client_out(masked, out)
 
     def _client_messages(self, captured: list[tuple[int, bytes]]) -> Sequence[Action]:
         terminate = False
@@ -519,6 +551,7 @@ class Session:
         if masked is not None:
             login = self.info.parameters.get("session_authorization") or self.info.user
             self.masked = MaskedFilter(masked, login, self.error_classes)
+            self.masked.waits = True  # the shell carries out AwaitCatalog
             if audit is not None:
                 self.masked.attach_audit(audit)
             try:

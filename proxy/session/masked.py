@@ -7,6 +7,17 @@ order of pipelined answers and the transaction state exactly as PostgreSQL's own
 would. FunctionCall is refused the same way. Nothing is forwarded before the whole message
 has been analysed.
 
+A text pgveil's parser cannot read (a syntax error) is answered with the server's own
+error, from a syntax probe: the server gets `SELECT pgveil_refusal_<nonce>;` followed by the
+client's text, which can never run. The server parses the whole text of a Query or Parse
+before it analyses or runs anything of it, so where its parser fails too, its syntax error
+(message, hint, position) is what the client's text alone would have got, with the position
+moved back by the probe's length. Where the server's parser accepts what pgveil's cannot (a
+grammar of another PostgreSQL version), nothing runs either: a Query's first statement fails
+at analysis (no FROM, so the nonce's column cannot exist), and a statement of a Query is
+analysed and run only after those before it ran; a Parse of more than one statement is
+refused before any analysis. That answer is turned into pgveil's 42501 refusal.
+
 Server -> client: ErrorResponse and NoticeResponse lose detail, context and internal-query
 fields, and a quoted value in the message or hint is masked unless the statement that caused
 the message spelled it out (a literal's value or a parameter value of that very statement,
@@ -48,15 +59,26 @@ from proxy.session.statements import (
 )
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.analyzer import Decision, Effects
+from rules.analyzer import NOT_PARSED, Decision, Effects
 from rules.context import ContextHolder, MaskingContext, redact
 from rules.denied import DENY_WRITE_MARKER
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
+from rules.missing import COLUMN_OR_FUNCTION, created_here, missing_name
 from rules.model import MaskSpec
 from rules.settings import SettingOp
 
 REFUSAL_TOKEN = "pgveil_refusal_"
+# what precedes a text pgveil cannot parse when the server gets it (see the docstring)
+_PROBE = "SELECT " + REFUSAL_TOKEN + "{};"
+_PROBE_LENGTH = len(_PROBE.format("0" * 16))  # ASCII: characters and bytes alike
+# the server's answer to a Parse whose probe it parses whole
+_MULTIPLE_COMMANDS = "cannot insert multiple commands into a prepared statement"
+_PARSER = f"PostgreSQL {pglast.parser.get_postgresql_version()[0]}"
+PARSED_ONLY_BY_SERVER = (
+    f"pgveil's parser ({_PARSER}'s) cannot read this statement, which the server's parser "
+    "accepts; write it in a form both accept"
+)
 AUDIT_UNAVAILABLE = "the audit stream is unavailable; statements on personal data must wait for it"
 RULES_CHANGED = (
     "the masking rules changed since this statement was prepared (or this cursor or portal "
@@ -135,6 +157,13 @@ class StatementFilter:
         self.statements: StatementLog | None = None
         self.counters = MaskedCounters()
         self._refusals: dict[str, str] = {}
+        # refusals answered with the server's error for a name that does not exist
+        # (rules.missing) rather than pgveil's 42501: the error's fields, by nonce
+        self._answers: dict[str, dict[str, str]] = {}
+        self._answer: dict[str, str] | None = None  # ... for the statement being decided
+        # the nonce of the syntax probe the statement being decided is sent as (see the
+        # module docstring), None when it is sent otherwise
+        self._probing: str | None = None
         # audit fields per statement shape (analysis, action): see _decide
         self._templates: dict[tuple[object, ...], dict[str, object]] = {}
         # what the statement being decided does to names (see StatementLog.query)
@@ -167,12 +196,48 @@ class StatementFilter:
 
     @property
     def holding(self) -> bool:
-        return bool(self._client.held or self._server.held)
+        return bool(self._client.held or self._server.held or self._client.paused)
 
     # ---- client -> server --------------------------------------------------------------
 
     def client(self, scanner: MessageScanner, chunk: bytes) -> bytes:
         return self._client.splice(scanner, chunk, self._client_message, "from client")
+
+    # ---- waiting for a catalog read -----------------------------------------------------
+    # A masked session's statement that names a relation (or a `t.f` column or function)
+    # the catalog read does not have is not decided at once when the shell can wait
+    # (`waits`): the client's stream stops at it (nothing of it or after it goes on), the
+    # shell waits for a catalog read that began after it arrived (`awaiting`, bounded in
+    # time), and `resume` decides it under what that read found: a relation created since
+    # the last read is then known and read as the rules say, and a name still unknown did
+    # not exist: the client gets the server's error for it (rules.missing).
+
+    waits = False  # whether the shell can wait for a catalog read (the engine's can)
+    awaiting: int | None = None  # the catalog read the stream waits for (ContextHolder)
+    _asked_wait: int | None = None  # ... not yet asked of the shell (see take_wait)
+    _may_wait = False  # a client's Query or Parse is being decided
+    _fresh = 0  # the read the message being decided waited for (0: none)
+
+    def take_wait(self) -> int | None:
+        """The catalog read to wait for, once, when the stream just stopped at a message."""
+        read, self._asked_wait = self._asked_wait, None
+        return read
+
+    def resume(self, scanner: MessageScanner) -> bytes:
+        """The wait ended (the read is in, or the time is up): decide the message the stream
+        stopped at, and go on with what came after it."""
+        read, self.awaiting = self.awaiting, None
+        if read is None:
+            return b""
+        self._fresh = read
+        try:
+            return self._client.resume(scanner, self._client_message, "from client")
+        finally:
+            self._fresh = 0
+
+    @property
+    def holder(self) -> ContextHolder:
+        return self._holder
 
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if typ == m.QUERY:
@@ -283,9 +348,22 @@ class StatementFilter:
     def _refuse(self, reason: str) -> bytes:
         nonce = secrets.token_hex(8)
         self._refusals[nonce] = reason
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            self._answers[nonce] = answer
         self.counters.refused += 1
         self.counters.refusal_reasons.append(reason)
         return f"{REFUSAL_TOKEN}{nonce}\0".encode()
+
+    def _probe(self, reason: str) -> str:
+        """A syntax probe's nonce (see the module docstring): counted as a refusal (the
+        statement does not run); the server's answer that it parsed the probe whole becomes
+        pgveil's refusal."""
+        nonce = secrets.token_hex(8)
+        self._refusals[nonce] = PARSED_ONLY_BY_SERVER
+        self.counters.refused += 1
+        self.counters.refusal_reasons.append(reason)
+        return nonce
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         """(the analysis, "pass" | "rewrite" | "refuse", rewritten SQL or reason)."""
@@ -364,6 +442,10 @@ class StatementFilter:
         # what the statements do to names and the transaction, once they run (a refused
         # statement does not run)
         self._effects = () if action == "refuse" else d.effects
+        # a text pgveil cannot parse: the server's parser answers it (a syntax probe)
+        self._probing = (
+            self._probe(value or NOT_PARSED) if action == "refuse" and d.syntax else None
+        )
         self._settings = () if action == "refuse" else d.settings
         if action == "rewrite":
             self.counters.rewritten += 1
@@ -468,6 +550,7 @@ class StatementFilter:
         sql = self._text(body[:-1])
         if sql is None:
             return self._undecodable(m.QUERY, b"", original)
+        self._may_wait = True
         action, value, fields = self._decide(sql)
         if self.statements is not None:
             source = self._source(sql, action, value, b"")
@@ -481,6 +564,8 @@ class StatementFilter:
         if action == "rewrite":
             assert value is not None
             return m.message(m.QUERY, value.encode() + b"\0")
+        if self._probing is not None:
+            return m.message(m.QUERY, _PROBE.format(self._probing).encode() + body)
         return m.message(m.QUERY, self._refuse(value or "refused"))
 
     def _parse(self, body: bytes, original: bytes) -> bytes:
@@ -489,6 +574,7 @@ class StatementFilter:
         sql = self._text(query)
         if sql is None:
             return self._undecodable(m.PARSE, name, original)
+        self._may_wait = True
         action, value, fields = self._decide(sql)
         if self.statements is not None:
             source = self._source(sql, action, value, rest)
@@ -511,6 +597,9 @@ class StatementFilter:
         if action == "rewrite":
             assert value is not None
             return m.message(m.PARSE, name + value.encode() + b"\0" + rest)
+        if self._probing is not None:
+            probe = _PROBE.format(self._probing).encode()
+            return m.message(m.PARSE, name + probe + query + b"\0" + rest)
         return m.message(m.PARSE, name + self._refuse(value or "refused") + b"\0\0")
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
@@ -576,17 +665,33 @@ class StatementFilter:
             audit.record("access", notification_fields(channel, decision))
 
     def _refusal(self, body: bytes) -> bytes | None:
-        text = m.decode_fields(body).get("M", "")
+        fields = m.decode_fields(body)
+        text = fields.get("M", "")
         if REFUSAL_TOKEN in text:
             for nonce in list(self._refusals):
                 if REFUSAL_TOKEN + nonce in text:
                     reason = self._refusals.pop(nonce)
+                    answer = self._answers.pop(nonce, None)
+                    if answer is not None:
+                        # the server's severity fields (in its lc_messages), pgveil's error
+                        severity = {k: v for k, v in fields.items() if k in "SV"}
+                        return encode_fields(m.ERROR_RESPONSE, {**severity, **answer})
                     return m.error_response("42501", f"pgveil: {reason}")
         return None
 
 
 def _names(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _masked(values: str) -> str:
+    """Values of a row, as the default partial mask shows them."""
+    return py_mask(_PARTIAL, values, _TEXT, {}) or ""
+
+
+def _unknown_name(name: str) -> str:
+    """An unknown name as the analyser records it, for a refusal's reason."""
+    return name if name.startswith(COLUMN_OR_FUNCTION) else f"relation {name}"
 
 
 def _declared(types: bytes) -> tuple[int, ...]:
@@ -707,7 +812,8 @@ class MaskedFilter(StatementFilter):
         # the client's text (its literals are what it may see again); the rewritten text
         # only to check that statements pair one to one
         oids = _declared(types)
-        return Source(sql, value if action == "rewrite" else None, oids, oids)
+        sent = value if action == "rewrite" else None
+        return Source(sql, sent, oids, oids, self._probing)
 
     def _function_call(self, raw: bytes) -> bytes:
         if self.statements is not None:
@@ -804,14 +910,25 @@ class MaskedFilter(StatementFilter):
         return m.message(m.PARSE, name + refusal + b"\0\0")
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
+        # (only the client's own Query or Parse may wait, not the checks made for it)
+        may_wait, self._may_wait = self._may_wait, False
+        fresh, self._fresh = self._fresh, 0
         d = self.ctx.analyze(sql)
         if d.action == "refuse":
             return d, "refuse", d.reason or "refused"
         unknown = [r for r in d.unknown_relations if r not in self.temp_relations]
         if unknown:
-            # created after pgveil read the catalog: judge it once the catalog is re-read
-            self._holder.stale = True
-            what = unknown[0] if unknown[0].startswith("column") else f"relation {unknown[0]}"
+            holder = self._holder
+            if fresh and holder.reads_done >= fresh:
+                # a catalog read that began after the statement arrived does not have it
+                return d, "refuse", self._missing(sql, unknown)
+            # (a statement that waited once and still has no read: refused as before)
+            holder.stale = True  # read the catalog again soon
+            if may_wait and self.waits and not fresh:
+                # created since pgveil read the catalog, or never: wait for a read
+                self.awaiting = self._asked_wait = holder.reads_begun + 1
+                raise _Pause
+            what = _unknown_name(unknown[0])
             return d, "refuse", f"{what} is not known to pgveil yet; try again shortly"
         if d.uses or d.moves:
             # EXECUTE / FETCH / MOVE run what the server prepared: it must still be what
@@ -823,6 +940,37 @@ class MaskedFilter(StatementFilter):
         if d.action == "rewrite":
             return d, "rewrite", d.sql
         return d, "pass", None
+
+    def _missing(self, sql: str, unknown: list[str]) -> str:
+        """The refusal of a statement naming what a fresh catalog read does not have: the
+        server's error for it (`_answer`, see rules.missing), or pgveil's when what the
+        server would say cannot be told (the name exists as something pgveil does not
+        read, a sequence say)."""
+        ctx = self.ctx
+        found = missing_name(sql, unknown, ctx.catalog, ctx.database)
+        if found is None:
+            created = created_here(sql, unknown)
+            if created is not None:
+                return (
+                    f"relation {created} is created by the same statement text: pgveil can "
+                    "judge statements on it once it exists; send them separately"
+                )
+            what = _unknown_name(unknown[0])
+            if what.startswith("relation "):
+                return (
+                    f"{what} is no table, view, materialized view or foreign table pgveil "
+                    "knows; masked roles may not use it"
+                )
+            return f"{what} does not exist"
+        answer = {"C": found.code, "M": found.message}
+        if found.detail is not None:
+            answer["D"] = found.detail
+        if found.hint is not None:
+            answer["H"] = found.hint
+        if found.position is not None:
+            answer["P"] = str(found.position)
+        self._answer = answer
+        return found.message
 
     # ---- server -> client --------------------------------------------------------------
 
@@ -877,6 +1025,19 @@ class MaskedFilter(StatementFilter):
             refusal = self._refusal(body)
             if refusal is not None:
                 return refusal
+        source = cause.source if cause is not None else None
+        if source is not None and source.probe is not None and typ == m.ERROR_RESPONSE:
+            # the answer to a syntax probe (see the module docstring): the server's own
+            # syntax error, or the Parse it parsed whole (nothing ran)
+            self._refusals.pop(source.probe, None)
+            if fields.get("C") == "42601" and fields.get("M") == _MULTIPLE_COMMANDS:
+                return m.error_response("42501", f"pgveil: {PARSED_ONLY_BY_SERVER}")
+        if "P" in fields:
+            position = _client_position(fields["P"], source)
+            if position is None:
+                del fields["P"]
+            else:
+                fields["P"] = position
         context = fields.get("W", "")
         if "PL/pgSQL" in context or "at RAISE" in context:
             # the text was composed by server-side code (a trigger's RAISE, say): any value
@@ -885,14 +1046,24 @@ class MaskedFilter(StatementFilter):
             fields["M"] = "pgveil: a message raised by server-side code is withheld"
         scrubbed: dict[str, str] = {}
         judge = _Judge(self.ctx, cause)
+        # the client's text from the error's position on (a syntax error quotes the token
+        # there)
+        at = None
+        if source is not None and fields.get("P", "").isdigit():
+            at = source.sql[int(fields["P"]) - 1 :]
         for code, value in fields.items():
             if code not in _KEEP_FIELDS:
                 continue
-            if code in "MH":
+            if code == "M":
+                value = judge.scrub(value, at)
+            elif code == "H":
                 value = judge.scrub(value)
             scrubbed[code] = value
         if "D" in fields:
-            scrubbed["D"] = "pgveil: detail withheld from masked roles"
+            shown = judge.detail(fields["D"])
+            scrubbed["D"] = (
+                shown if shown is not None else "pgveil: detail withheld from masked roles"
+            )
         return encode_fields(typ, scrubbed)
 
     def _deny_write(self, body: bytes) -> bytes | None:
@@ -1012,22 +1183,111 @@ def _blank(match: re.Match[str]) -> str:
     return " " * len(match.group(0))
 
 
+def _client_position(position: str, source: Source | None) -> str | None:
+    """An error's position (P: 1-based, in characters) in the text the client sent, None
+    when it has none there. The server counts in the text it got: a syntax probe's begins
+    with the probe; a rewritten statement's is pgveil's text, which is the client's only in
+    the part both begin with and the part both end with (`WHERE ...` after a masked table,
+    say): a position there is moved to the client's text, any other is dropped (it would
+    point into text the client never sent)."""
+    if source is None or (source.probe is None and source.sent is None):
+        return position
+    if not position.isdigit() or int(position) < 1:
+        return None
+    index = int(position) - 1  # 0-based
+    if source.probe is not None:
+        index -= _PROBE_LENGTH
+        return str(index + 1) if index >= 0 else None
+    sent, sql = source.sent or "", source.sql
+    if index >= len(sent):
+        return None
+    if sent[: index + 1] == sql[: index + 1]:
+        return position
+    back = len(sent) - index  # characters from there to the end
+    if back <= len(sql) and sent[index:] == sql[len(sql) - back :]:
+        return str(len(sql) - back + 1)
+    return None
+
+
+# the form of the scanner's errors: a fixed text, then the token where it failed
+_AT_OR_NEAR = re.compile(r'^([^"\']*) at or near "(.*)"\Z', re.DOTALL)
+_NAME = '"[^"]*"'  # where the server quotes the name of a relation, column or constraint
+# Messages and hints whose every quoted part is such a name (the server's formats: a
+# constraint violated, a column suggested): shown as they are. Anchored at both ends: any
+# other text in them does not match.
+_NAMED = tuple(
+    re.compile("^" + form.format(n=_NAME) + r"\Z")
+    for form in (
+        r"duplicate key value violates unique constraint {n}",
+        r"conflicting key value violates exclusion constraint {n}",
+        r"insert or update on table {n} violates foreign key constraint {n}",
+        r"update or delete on table {n} violates foreign key constraint {n} on table {n}",
+        r"new row for relation {n} violates check constraint {n}",
+        r"new row for relation {n} violates partition constraint",
+        r"null value in column {n} of relation {n} violates not-null constraint",
+        r"no partition of relation {n} found for row",
+        r"new row violates check option for view {n}",
+        r"new row violates row-level security policy for table {n}",
+        r"new row violates row-level security policy {n} for table {n}",
+        r"value for domain [^\"\s]+ violates check constraint {n}",
+        r"could not create unique index {n}",
+        r"currval of sequence {n} is not yet defined in this session",
+        r"nextval: reached (?:maximum|minimum) value of sequence {n} \(-?\d+\)",
+        r"Perhaps you meant to reference the column {n}\.",
+        r"Perhaps you meant to reference the column {n} or the column {n}\.",
+        r"Perhaps you meant to reference the table alias {n}\.",
+        r"There is a column named {n} in table {n}, but it cannot be referenced from this "
+        r"part of the query\.",
+        r"There is an entry for table {n}, but it cannot be referenced from this part of the "
+        r"query\.",
+    )
+)
+# Details that name a key and its values. The columns (the key's definition, from the
+# catalog) come first and end at the first `)=(`, so no value can shift into them; the
+# values are masked whole (the stored row's key, or the new row's, which may equal a stored
+# one: never shown, even where the statement spelled it out).
+_KEY_DETAIL = re.compile(
+    r'^Key \((.*?)\)=\((.*)\) (already exists|is not present in table "[^"]*"|'
+    r'is still referenced from table "[^"]*"|is duplicated)\.\Z',
+    re.DOTALL,
+)
+_PARTITION_DETAIL = re.compile(
+    r"^Partition key of the failing row contains \((.*?)\) = \((.*)\)\.\Z", re.DOTALL
+)
+_KEYLESS_DETAIL = re.compile(r'^Key is (not present in|still referenced from) table "[^"]*"\.\Z')
+
+
 class _Judge:
     """Which quoted values of one error or notice are shown: the empty string, names of the
     catalog, and what the statement that caused the message spelled out: its literals'
     values, its parameter values and its names. Everything else quoted is masked with the
     default partial mask. The statement's words are read only when a quoted value needs
-    them."""
+    them.
 
-    __slots__ = ("_cause", "_ctx", "_identifiers", "_words")
+    A syntax error (`... at or near "TOKEN"`) whose position in the client's text is where
+    that text reads TOKEN quotes the client's own text: it is shown as it is. The answer to
+    a syntax probe (see the module docstring) comes from the server's parser, which reads
+    nothing but the text: what it quotes of that text is shown as it is."""
+
+    __slots__ = ("_cause", "_ctx", "_identifiers", "_text", "_words")
 
     def __init__(self, ctx: MaskingContext, cause: Cause | None) -> None:
         self._ctx = ctx
         self._identifiers = ctx.identifiers
         self._cause = cause
         self._words: Words | None = None if cause is not None else NO_WORDS
+        probed = cause is not None and cause.source.probe is not None
+        self._text = cause.source.sql if cause is not None and probed else None
 
-    def scrub(self, text: str) -> str:
+    def scrub(self, text: str, at: str | None = None) -> str:
+        """`text` as the client may see it; `at`: the client's text from the message's
+        position on, when it has one there."""
+        if at is not None:
+            near = _AT_OR_NEAR.match(text)
+            if near is not None and at.startswith(near.group(2)):
+                return text
+        if '"' in text and any(form.match(text) for form in _NAMED):
+            return text  # every quoted part is a name (see _NAMED)
         # `...: "VALUE"` at the end (input syntax errors): VALUE may itself hold quotes,
         # so it is judged whole rather than split at them
         tail = _TRAILING_VALUE.match(text)
@@ -1068,9 +1328,27 @@ class _Judge:
         quote = '"' if match.group(1) is not None else "'"
         return quote + self._judge(inner) + quote
 
+    def detail(self, text: str) -> str | None:
+        """A DETAIL as the client may see it: a key violated (its columns, its values
+        masked), or None: a detail is withheld (a failing row, say, holds any value)."""
+        if _KEYLESS_DETAIL.match(text):
+            return text
+        key = _KEY_DETAIL.match(text)
+        if key is not None:
+            columns, values, end = key.groups()
+            return f"Key ({self.scrub(columns)})=({_masked(values)}) {end}."
+        partition = _PARTITION_DETAIL.match(text)
+        if partition is not None:
+            columns, values = partition.groups()
+            shown = _masked(values)
+            return f"Partition key of the failing row contains ({self.scrub(columns)}) = ({shown})."
+        return None
+
     def _judge(self, inner: str) -> str:
         if not inner or inner in self._identifiers:
             return inner
+        if self._text is not None and inner in self._text:
+            return inner  # (a syntax probe's answer: see the class docstring)
         words = self._words if self._words is not None else self._read()
         if inner in words.values or inner in words.names:
             return inner
@@ -1250,15 +1528,35 @@ def _unanalysed(kind: str, text: str) -> dict[str, object]:
     }
 
 
+class _Pause(Exception):
+    """Raised by a client-side handler that cannot decide a message yet (see
+    StatementFilter.resume): the message and everything after it wait."""
+
+
+@dataclass(slots=True)
+class _Paused:
+    """Where a splice stopped: its data, the messages located in it, the first one not
+    handled yet, and where an incomplete message at its end begins (None: none)."""
+
+    data: bytes
+    located: list[tuple[int, bytes, int, int]]
+    index: int
+    hold: int | None
+
+
 class _Splicer:
     """Rebuilds one direction of the stream: uncaptured bytes pass through, each captured
     message is replaced by what the handler returns, and an incomplete captured message is
-    held back until the rest arrives."""
+    held back until the rest arrives. A client-side handler may pause the stream at a
+    message (`_Pause`): that message and everything after it, later chunks too, are kept
+    until `resume`."""
 
-    __slots__ = ("held",)
+    __slots__ = ("held", "later", "paused")
 
     def __init__(self) -> None:
         self.held = b""
+        self.paused: _Paused | None = None
+        self.later = bytearray()  # chunks that came while paused (not scanned yet)
 
     def splice(
         self,
@@ -1275,6 +1573,9 @@ class _Splicer:
         (with the scanner's `marks` on), is told before each other message how many
         DataRows and CopyData came before it, captured or not, when that is not `told`
         (what it was last told)."""
+        if self.paused is not None:
+            self.later += chunk
+            return b""
         data = self.held + chunk if self.held else chunk
         try:
             located, hold = scanner.feed_located(data)
@@ -1283,7 +1584,7 @@ class _Splicer:
             out = bytearray()
             pos = 0
             batch: list[bytes] = []
-            for typ, body, start, end in located:
+            for index, (typ, body, start, end) in enumerate(located):
                 if typ == _DATA_ROW and rows is not None:
                     batch.append(body)
                     continue
@@ -1297,7 +1598,14 @@ class _Splicer:
                         seen(total)
                         told = total
                 raw = data[start:end]
-                replaced = handle(typ, body, raw)
+                try:
+                    replaced = handle(typ, body, raw)
+                except _Pause:
+                    assert rows is None and seen is None  # (client side only)
+                    self.paused = _Paused(data, located, index, hold)
+                    self.held = b""  # (part of `data`)
+                    out += data[pos:start]
+                    return bytes(out)
                 if replaced is raw:
                     continue  # unchanged: it goes out with the bytes around it
                 out += data[pos:start]
@@ -1312,6 +1620,45 @@ class _Splicer:
         if pos == 0:
             return data if stop == len(data) else data[:stop]  # nothing changed: no copy
         out += data[pos:stop]
+        return bytes(out)
+
+    def resume(
+        self, scanner: MessageScanner, handle: Callable[[int, bytes, bytes], bytes], side: str
+    ) -> bytes:
+        """Handle what a pause kept, from the message it stopped at, then the chunks that
+        came meanwhile; it may pause again."""
+        paused = self.paused
+        if paused is None:
+            return b""
+        self.paused = None
+        later, self.later = self.later, bytearray()
+        data, located = paused.data, paused.located
+        out = bytearray()
+        pos = located[paused.index][2]
+        try:
+            for index in range(paused.index, len(located)):
+                typ, body, start, end = located[index]
+                raw = data[start:end]
+                try:
+                    replaced = handle(typ, body, raw)
+                except _Pause:
+                    self.paused = _Paused(data, located, index, paused.hold)
+                    self.later = later
+                    out += data[pos:start]
+                    return bytes(out)
+                if replaced is raw:
+                    continue
+                out += data[pos:start]
+                out += replaced
+                pos = end
+        except (ValueError, IndexError, struct.error) as exc:
+            raise m.ProtocolViolation(f"malformed message {side}") from exc
+        hold = paused.hold
+        stop = hold if hold is not None else len(data)
+        self.held = data[stop:] if hold is not None else b""
+        out += data[pos:stop]
+        if later:
+            out += self.splice(scanner, bytes(later), handle, side)
         return bytes(out)
 
 

@@ -143,14 +143,18 @@ _Op = tuple[int, str, bytes, Any]
 @dataclass(slots=True)
 class Source:
     """A statement as the client sent it, for the masked filter's error scrubbing: its text,
-    the text the server got instead when pgveil rewrote it, and (protocol statements) its
-    parameter types: those the Parse declared (0: the server infers it), and those the
-    server resolved once a Describe of the statement told them (ParameterDescription)."""
+    the text the server got instead when pgveil rewrote it (or probed it), and (protocol
+    statements) its parameter types: those the Parse declared (0: the server infers it),
+    and those the server resolved once a Describe of the statement told them
+    (ParameterDescription)."""
 
     sql: str
     sent: str | None = None
     declared: tuple[int, ...] = ()
     types: tuple[int, ...] = ()
+    # a text pgveil's parser cannot read: the nonce of the syntax probe the server got
+    # instead (proxy/session/masked.py), whose answer is the server's own syntax error
+    probe: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
