@@ -23,7 +23,6 @@ from tests.compat.conftest import (
     assert_real,
 )
 
-ITEM6 = "issue 13 item 6: pgveil's own refusal instead of the server's error"
 
 RELATIONS = [
     "accounts", "customer_classes", "customers", "xdrs", "xdrs_2024_01", "xdrs_2024_02",
@@ -310,7 +309,6 @@ def _error(compat: Compat, sql: str, port: int) -> psycopg.Error:
     raise AssertionError(f"no error for {sql}")
 
 
-@pytest.mark.xfail(strict=True, reason=ITEM6)
 @pytest.mark.parametrize(
     "sql",
     [
