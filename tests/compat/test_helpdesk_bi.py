@@ -23,7 +23,6 @@ from tests.compat.conftest import (
     assert_real,
 )
 
-
 RELATIONS = [
     "accounts", "customer_classes", "customers", "xdrs", "xdrs_2024_01", "xdrs_2024_02",
     "customer_contacts",
