@@ -93,12 +93,16 @@ class RowUses:
     `singles`: the names it writes alone (a column, or a whole-row reference `c`);
     `qualified`: its two-part names `q.f` (`f(q)` when f is no column of q);
     `loose_star`: a `*` that is not a whole entry of a select or RETURNING list, a NATURAL
-    JOIN or a join alias (each may take every column of a relation)."""
+    JOIN or a join alias (each may take every column of a relation);
+    `functions`: (name, function) of each function FROM item without a column alias list,
+    its alias (or the function's name) and each function it calls (the last part of the
+    name): `name.f` reads an output column f the function declares."""
 
     system: frozenset[tuple[str | None, str]] = frozenset()
     singles: frozenset[str] = frozenset()
     qualified: frozenset[tuple[str, str]] = frozenset()
     loose_star: bool = False
+    functions: frozenset[tuple[str, str]] = frozenset()
 
 
 def row_uses(stmts: Any) -> RowUses:
@@ -108,7 +112,10 @@ def row_uses(stmts: Any) -> RowUses:
     qualified: set[tuple[str, str]] = set()
     listed: set[int] = set()  # id() of star references that are whole list entries
     loose = False
+    functions: set[tuple[str, str]] = set()
     for n in descendants(stmts):
+        if isinstance(n, ast.RangeFunction):
+            functions |= _function_items(n)
         if isinstance(n, ast.SelectStmt | ast.ReturningClause):
             items = n.targetList if isinstance(n, ast.SelectStmt) else n.exprs
             for rt in items or ():
@@ -136,7 +143,29 @@ def row_uses(stmts: Any) -> RowUses:
                 qualified.add((name_of(fields[-2]), name))
             if name in SYSTEM_COLUMNS:
                 system.add((name_of(fields[-2]) if len(fields) >= 2 else None, name))
-    return RowUses(frozenset(system), frozenset(singles), frozenset(qualified), loose)
+    return RowUses(
+        frozenset(system), frozenset(singles), frozenset(qualified), loose, frozenset(functions)
+    )
+
+
+def _function_items(item: Any) -> set[tuple[str, str]]:
+    """See RowUses.functions."""
+    calls = [
+        pair[0]
+        for pair in item.functions or ()
+        if isinstance(pair, tuple | list) and pair and isinstance(pair[0], ast.FuncCall)
+    ]
+    names = [name_of(c.funcname[-1]) for c in calls if c.funcname]
+    alias = item.alias
+    if alias is not None and alias.colnames:
+        return set()  # the columns are renamed: those names are the statement's own
+    if alias is not None:
+        label = alias.aliasname
+    elif len(names) == 1 and not item.is_rowsfrom:
+        label = names[0]
+    else:
+        return set()
+    return {(label, name) for name in names}
 
 
 @dataclass
@@ -951,7 +980,7 @@ class ReadRewrite:
         self.check_names(fields, "ColumnRef", "fields")
         names = [name_of(f) for f in fields]
         if len(names) >= 2 and isinstance(fields[-1], ast.String):
-            self.field_selection(names[-1])
+            self.field_selection(names[-1], self.declared(names[-1], names[-2]))
         if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
             key = (names[-3], names[-2])
             alias = self.replaced.get(key)
@@ -964,10 +993,22 @@ class ReadRewrite:
         self.rest(node)
         return node
 
-    def field_selection(self, name: str) -> None:
+    def declared(self, name: str, qualifier: str | None = None, call: Any = None) -> bool:
+        """Whether `qualifier.name` (or `(call).name`) reads an output column that the
+        function of a FROM item named `qualifier` (or the function `call` calls) declares."""
+        outputs = self.an.catalog.function_outputs
+        if isinstance(call, ast.FuncCall) and call.funcname:
+            return name in outputs.get(name_of(call.funcname[-1]), ())
+        return qualifier is not None and any(
+            label == qualifier and name in outputs.get(function, ())
+            for label, function in self.row_uses.functions
+        )
+
+    def field_selection(self, name: str, declared: bool = False) -> None:
         """`t.f`, `(x).f`: PostgreSQL reads f(t) when f is no field of t (attribute
         notation), so f must pass the checks of a function call; a name that is no column
-        pgveil knows may be a function created since it read the catalog."""
+        pgveil knows may be a function created since it read the catalog. `declared`: f is
+        an output column of the function that t (or x) is the result of (see declared)."""
         if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
             raise Refusal(f"function {name} can read data pgveil cannot mask")
         cat = self.an.catalog
@@ -978,6 +1019,7 @@ class ReadRewrite:
             and name not in cat.column_names
             and name not in self.defined_names
             and name not in SYSTEM_COLUMNS
+            and not declared
         ):
             self.unknown.add(f"column or function {name}")
 
@@ -986,7 +1028,8 @@ class ReadRewrite:
         field_selection)."""
         for part in node.indirection or ():
             if isinstance(part, ast.String):
-                self.field_selection(name_of(part))
+                name = name_of(part)
+                self.field_selection(name, self.declared(name, call=node.arg))
         if node.indirection:
             node.indirection = self._visit_all(node.indirection)  # subscripts: expressions
         self.rest(node)
