@@ -35,7 +35,7 @@ from tests.integration.deny_fixture import (
     denied_leaks,
     with_guess,
 )
-from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn
+from tests.integration.masking_fixture import ADMIN, HELPDESK, HELPDESK_PW, dsn
 from tests.support import ProxyProcess
 
 ROLLBACK = "ROLLBACK"
@@ -312,8 +312,10 @@ CREATE INDEX wb13_users_lower ON dn.users (lower(login));
 CREATE STATISTICS dn.wb13_st (ndistinct, mcv) ON login, note FROM dn.users;
 CREATE STATISTICS dn.wb13_st_expr ON (upper(login)) FROM dn.users;
 """
-STATS_TEARDOWN = """
+# (the owner's privileges went with the table: helpdesk's grant is made again)
+STATS_TEARDOWN = f"""
 ALTER TABLE dn.users OWNER TO CURRENT_USER;
+GRANT SELECT, INSERT, UPDATE, DELETE ON dn.users TO {HELPDESK}, {ADMIN};
 DROP INDEX IF EXISTS dn.wb13_users_lower;
 DROP STATISTICS IF EXISTS dn.wb13_st, dn.wb13_st_expr;
 DELETE FROM dn.users WHERE id = 700;
