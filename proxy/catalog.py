@@ -66,14 +66,17 @@ SELECT n.nspname, c.relname
  WHERE n.nspname IN ('pg_catalog', 'information_schema')
 """
 KEYWORDS_SQL = "SELECT word, catcode::text AS catcode FROM pg_catalog.pg_get_keywords()"
-# also the output columns that functions declare (OUT, INOUT and TABLE arguments): `FROM
-# pg_partition_tree(c.oid) ppt ... ppt.isleaf` (psql's \dP+) names one
 COLUMN_NAMES_SQL = """
-SELECT a.attname FROM pg_catalog.pg_attribute a
+SELECT DISTINCT a.attname FROM pg_catalog.pg_attribute a
   JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
  WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
-UNION
-SELECT arg.name FROM pg_catalog.pg_proc p,
+"""
+# the output columns that functions declare (OUT, INOUT and TABLE arguments), by function
+# name: `FROM pg_partition_tree(c.oid) ppt ... ppt.isleaf` (psql's \dP+) names one. Known
+# only as fields of such a function (rules.reads.ReadRewrite.field_selection): elsewhere
+# `x.isleaf` calls a function isleaf(x), which may have been created since the catalog read.
+FUNCTION_OUTPUTS_SQL = """
+SELECT DISTINCT p.proname, arg.name FROM pg_catalog.pg_proc p,
        ROWS FROM (pg_catalog.unnest(p.proargnames), pg_catalog.unnest(p.proargmodes))
          AS arg(name, mode)
  WHERE arg.mode IN ('o', 'b', 't') AND arg.name <> ''
@@ -335,6 +338,9 @@ async def read_catalog(conn: Any) -> Catalog:
     )
     keywords = {r["word"]: r["catcode"] for r in await conn.fetch(KEYWORDS_SQL)}
     column_names = frozenset(r[0] for r in await conn.fetch(COLUMN_NAMES_SQL))
+    outputs: dict[str, set[str]] = {}
+    for r in await conn.fetch(FUNCTION_OUTPUTS_SQL):
+        outputs.setdefault(r["proname"], set()).add(r["name"])
     version = int(await conn.fetchval("SELECT pg_catalog.current_setting('server_version_num')"))
     hidden = tuple(
         (r["what"], r["nspname"], r["proname"]) for r in await conn.fetch(HIDDEN_CODE_SQL)
@@ -365,6 +371,7 @@ async def read_catalog(conn: Any) -> Catalog:
         pg_catalog_relations=pg_catalog_relations,
         keywords=keywords,
         column_names=column_names,
+        function_outputs={name: frozenset(names) for name, names in outputs.items()},
         view_definitions=definitions,
         builtin_functions=frozenset(builtin_f),
         row_functions=frozenset(row_f),

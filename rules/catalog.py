@@ -78,6 +78,9 @@ class Catalog:
     keywords: Mapping[str, str] = field(default_factory=dict)
     # every column and composite-type field name in the database, system ones included
     column_names: frozenset[str] = frozenset()
+    # function name (any schema, any overload) -> the output columns it declares (OUT,
+    # INOUT and TABLE arguments): `FROM f(...) x ... x.name` reads one of them
+    function_outputs: Mapping[str, frozenset[str]] = field(default_factory=dict)
     by_oid: Mapping[int, Relation] = field(default_factory=dict)
     # the server's server_version_num; 0 when unknown (then syntax that newer servers read
     # differently from older ones is refused, see rules.grammar)

@@ -59,21 +59,40 @@ class SystemView:
     construction). `nulled` names the columns known to carry values or statement text; a
     test checks that `kept | nulled` are exactly the server's columns, so a new column is
     looked at. `extension`: "" for pg_catalog's; else the relation is read only where that
-    extension created it (a relation of the same name elsewhere is refused)."""
+    extension created it (a relation of the same name elsewhere is refused).
+
+    `guarded` (some of `kept`): numbers computed from a relation's values, as the server has
+    them only in the rows of a relation pgveil knows to hold nothing personal (a table
+    without rules, or a protected table's column without a mask), NULL elsewhere: a
+    personal column's number of distinct values, frequencies, correlation or width answer
+    whether a value a masked role inserted equals, or sorts before, a stored one (an
+    ANALYZE, which autovacuum runs unasked, later). `keys`: the columns that name the
+    relation (schema, table) and, where there is one, the column of each row."""
 
     kept: frozenset[str]
     nulled: frozenset[str]
     extension: str = ""
+    guarded: frozenset[str] = frozenset()
+    keys: tuple[str, ...] = ()
 
 
-def _view(kept: str, nulled: str, extension: str = "") -> SystemView:
-    return SystemView(frozenset(kept.split()), frozenset(nulled.split()), extension)
+def _view(
+    kept: str, nulled: str, extension: str = "", guarded: str = "", keys: str = ""
+) -> SystemView:
+    return SystemView(
+        frozenset(kept.split()),
+        frozenset(nulled.split()),
+        extension,
+        frozenset(guarded.split()),
+        tuple(keys.split()),
+    )
 
 
-_STATS_KEPT = (
-    "schemaname tablename attname inherited null_frac avg_width n_distinct most_common_freqs "
-    "correlation most_common_elem_freqs"
+# (of pg_stats and pg_stats_ext_exprs: the numbers, kept only where guarded allows)
+_STATS_NUMBERS = (
+    "null_frac avg_width n_distinct most_common_freqs correlation most_common_elem_freqs"
 )
+_STATS_KEPT = f"schemaname tablename attname inherited {_STATS_NUMBERS}"
 _STATS_NULLED = "most_common_vals histogram_bounds most_common_elems elem_count_histogram"
 _ACTIVITY = (
     "datid pid leader_pid usesysid application_name client_addr client_hostname client_port "
@@ -90,25 +109,32 @@ _MEMORY = "name parent level total_bytes total_nblocks free_bytes free_chunks us
 # So is a statement's identifier (query_id, pg_stat_statements' queryid): PostgreSQL 15
 # computes a utility statement's (EXECUTE p('...'), DECLARE, COPY, CALL, SET, DO) as a hash of
 # its text, literals and comments included, which confirms a guessed value.
-# Statistics keep their numbers (fractions, widths, counts, frequencies, correlation) and
-# lose the values they were computed from. Who is connected from where (roles, client
-# addresses, application names, times, states) describes sessions, not data subjects, and
-# the server shows it only as its own privileges allow: kept.
+# Statistics lose the values they were computed from; they keep their numbers (fractions,
+# widths, counts, frequencies, correlation) only for relations and columns that hold nothing
+# personal (see SystemView.guarded: a personal column's numbers are an oracle). Who is
+# connected from where (roles, client addresses, application names, times, states)
+# describes sessions, not data subjects, and the server shows it only as its own privileges
+# allow: kept.
 SYSTEM_VIEWS: Final[Mapping[str, SystemView]] = MappingProxyType(
     {
         "pg_stat_activity": _view(f"{_ACTIVITY} datname usename", "query query_id"),
-        "pg_stats": _view(_STATS_KEPT, _STATS_NULLED),
+        "pg_stats": _view(
+            _STATS_KEPT, _STATS_NULLED, guarded=_STATS_NUMBERS, keys="schemaname tablename attname"
+        ),
         "pg_stats_ext": _view(
             "schemaname tablename statistics_schemaname statistics_name statistics_owner "
             "attnames exprs kinds inherited n_distinct dependencies most_common_freqs "
             "most_common_base_freqs",
             "most_common_vals most_common_val_nulls",
+            guarded="n_distinct dependencies most_common_freqs most_common_base_freqs",
+            keys="schemaname tablename",
         ),
         "pg_stats_ext_exprs": _view(
             "schemaname tablename statistics_schemaname statistics_name statistics_owner expr "
-            "inherited null_frac avg_width n_distinct most_common_freqs correlation "
-            "most_common_elem_freqs",
+            f"inherited {_STATS_NUMBERS}",
             _STATS_NULLED,
+            guarded=_STATS_NUMBERS,
+            keys="schemaname tablename",
         ),
         "pg_prepared_statements": _view(_PREPARED, "statement"),
         "pg_cursors": _view(_CURSORS, "statement"),

@@ -38,7 +38,7 @@ from rules.denied import (
     Refusal,
     SystemView,
 )
-from rules.masks import sql_expr
+from rules.masks import sql_expr, sql_literal
 from rules.settings import keeps_pinned, set_config_keeps_pinned
 
 if TYPE_CHECKING:
@@ -93,12 +93,16 @@ class RowUses:
     `singles`: the names it writes alone (a column, or a whole-row reference `c`);
     `qualified`: its two-part names `q.f` (`f(q)` when f is no column of q);
     `loose_star`: a `*` that is not a whole entry of a select or RETURNING list, a NATURAL
-    JOIN or a join alias (each may take every column of a relation)."""
+    JOIN or a join alias (each may take every column of a relation);
+    `functions`: (name, function) of each function FROM item without a column alias list,
+    its alias (or the function's name) and each function it calls (the last part of the
+    name): `name.f` reads an output column f the function declares."""
 
     system: frozenset[tuple[str | None, str]] = frozenset()
     singles: frozenset[str] = frozenset()
     qualified: frozenset[tuple[str, str]] = frozenset()
     loose_star: bool = False
+    functions: frozenset[tuple[str, str]] = frozenset()
 
 
 def row_uses(stmts: Any) -> RowUses:
@@ -108,7 +112,10 @@ def row_uses(stmts: Any) -> RowUses:
     qualified: set[tuple[str, str]] = set()
     listed: set[int] = set()  # id() of star references that are whole list entries
     loose = False
+    functions: set[tuple[str, str]] = set()
     for n in descendants(stmts):
+        if isinstance(n, ast.RangeFunction):
+            functions |= _function_items(n)
         if isinstance(n, ast.SelectStmt | ast.ReturningClause):
             items = n.targetList if isinstance(n, ast.SelectStmt) else n.exprs
             for rt in items or ():
@@ -136,7 +143,29 @@ def row_uses(stmts: Any) -> RowUses:
                 qualified.add((name_of(fields[-2]), name))
             if name in SYSTEM_COLUMNS:
                 system.add((name_of(fields[-2]) if len(fields) >= 2 else None, name))
-    return RowUses(frozenset(system), frozenset(singles), frozenset(qualified), loose)
+    return RowUses(
+        frozenset(system), frozenset(singles), frozenset(qualified), loose, frozenset(functions)
+    )
+
+
+def _function_items(item: Any) -> set[tuple[str, str]]:
+    """See RowUses.functions."""
+    calls = [
+        pair[0]
+        for pair in item.functions or ()
+        if isinstance(pair, tuple | list) and pair and isinstance(pair[0], ast.FuncCall)
+    ]
+    names = [name_of(c.funcname[-1]) for c in calls if c.funcname]
+    alias = item.alias
+    if alias is not None and alias.colnames:
+        return set()  # the columns are renamed: those names are the statement's own
+    if alias is not None:
+        label = alias.aliasname
+    elif len(names) == 1 and not item.is_rowsfrom:
+        label = names[0]
+    else:
+        return set()
+    return {(label, name) for name in names}
 
 
 @dataclass
@@ -544,10 +573,18 @@ class ReadRewrite:
         view = SYSTEM_VIEWS[key[1]]
         self.exposes.add(key[1])
         source = f"{quote_ident(key[0])}.{quote_ident(key[1])}"
-        sub = parse_one(
-            f"SELECT {self._system_columns(view, self.an.catalog.system_columns.get(key), key[1])}"
-            f" FROM {source}"
+        guarded = bool(view.guarded)
+        columns = self._system_columns(
+            view, self.an.catalog.system_columns.get(key), key[1], guarded=guarded
         )
+        if guarded:
+            # the guarded numbers as the server has them only where the row's relation (and
+            # column) is one pgveil knows to hold nothing personal
+            source = (
+                f"(SELECT *, {self.stats_readable(view)} AS {_READABLE} FROM {source}) "
+                f"AS {quote_ident(key[1])}"
+            )
+        sub = parse_one(f"SELECT {columns} FROM {source}")
         self.relations.add(f"{rv.schemaname}.{key[1]}" if rv.schemaname else key[1])
         alias = rv.alias if rv.alias is not None else ast.Alias(aliasname=rv.relname)
         if rv.alias is None:
@@ -556,6 +593,41 @@ class ReadRewrite:
         self.generated.add(id(sub))
         self.changes += 1
         return ast.RangeSubselect(lateral=False, subquery=sub, alias=alias)
+
+    def stats_readable(self, view: SystemView) -> str:
+        """SQL that is true in a row of a statistics view (SystemView.keys name its
+        relation and column) whose relation pgveil knows to hold nothing personal: a
+        pg_catalog or information_schema relation, a table, foreign table or materialized
+        view that no rule protects and that reads no protected table, or, where the row
+        names a column, a protected relation's column without a mask. False for anything
+        else: a personal column, an index (its expressions' statistics), a relation created
+        since pgveil read the catalog, a temporary table."""
+        cat, pmap = self.an.catalog, self.an.pmap
+        tables: list[str] = []
+        columns: list[str] = []
+        for k, rel in sorted(cat.relations.items()):
+            p = pmap.by_name.get(k)
+            if p is not None:
+                columns += [_stats_key(*k, c.name) for c in rel.columns if c.name not in p.masks]
+            elif rel.kind in ("r", "p", "f") or (
+                rel.kind == "m" and not any(s in pmap.by_name for s in cat.view_sources.get(k, ()))
+            ):
+                tables.append(_stats_key(*k))
+        schema, table = (quote_ident(c) for c in view.keys[:2])
+        key = (
+            f"pg_catalog.concat(pg_catalog.length(CAST({schema} AS pg_catalog.text)), '.', "
+            f"{schema}, '.', pg_catalog.length(CAST({table} AS pg_catalog.text)), '.', {table}"
+        )
+        out = [
+            f"CAST({schema} AS pg_catalog.text) OPERATOR(pg_catalog.=) ANY "
+            "(CAST(ARRAY['pg_catalog', 'information_schema'] AS pg_catalog.text[]))"
+        ]
+        if tables:
+            out.append(f"{key}) OPERATOR(pg_catalog.=) ANY ({_text_array(tables)})")
+        if columns and len(view.keys) > 2:
+            column = quote_ident(view.keys[2])
+            out.append(f"{key}, '.', {column}) OPERATOR(pg_catalog.=) ANY ({_text_array(columns)})")
+        return f"COALESCE({' OR '.join(f'({c})' for c in out)}, false)"
 
     def system_function(self, item: Any) -> Any | None:
         """`FROM pg_stat_get_activity(...) [AS a[(...)]] [WITH ORDINALITY]`: a plain call of
@@ -619,10 +691,15 @@ class ReadRewrite:
 
     @staticmethod
     def _system_columns(
-        view: SystemView, columns: tuple[tuple[str, str], ...] | None, name: str
+        view: SystemView,
+        columns: tuple[tuple[str, str], ...] | None,
+        name: str,
+        *,
+        guarded: bool = False,
     ) -> str:
         """The select list of a rewritten system relation or function: its columns in the
-        server's order, those not kept NULL of their type."""
+        server's order, those not kept NULL of their type; with `guarded`, those of
+        view.guarded NULL where the source's _READABLE column is not true."""
         if not columns:
             # (the catalog pgveil read lacks it: an older server, or a test catalog)
             raise Refusal(
@@ -632,7 +709,12 @@ class ReadRewrite:
         out = []
         for column, typ in columns:
             ident = quote_ident(column)
-            out.append(ident if column in view.kept else f"CAST(NULL AS {typ}) AS {ident}")
+            if column not in view.kept:
+                out.append(f"CAST(NULL AS {typ}) AS {ident}")
+            elif guarded and column in view.guarded:
+                out.append(f"CASE WHEN {_READABLE} THEN {ident} END AS {ident}")
+            else:
+                out.append(ident)
         return ", ".join(out)
 
     def system_columns(self, p: Protected, rv: Any, alias_name: str, names: set[str]) -> list[str]:
@@ -951,7 +1033,7 @@ class ReadRewrite:
         self.check_names(fields, "ColumnRef", "fields")
         names = [name_of(f) for f in fields]
         if len(names) >= 2 and isinstance(fields[-1], ast.String):
-            self.field_selection(names[-1])
+            self.field_selection(names[-1], self.declared(names[-1], names[-2]))
         if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
             key = (names[-3], names[-2])
             alias = self.replaced.get(key)
@@ -964,10 +1046,22 @@ class ReadRewrite:
         self.rest(node)
         return node
 
-    def field_selection(self, name: str) -> None:
+    def declared(self, name: str, qualifier: str | None = None, call: Any = None) -> bool:
+        """Whether `qualifier.name` (or `(call).name`) reads an output column that the
+        function of a FROM item named `qualifier` (or the function `call` calls) declares."""
+        outputs = self.an.catalog.function_outputs
+        if isinstance(call, ast.FuncCall) and call.funcname:
+            return name in outputs.get(name_of(call.funcname[-1]), ())
+        return qualifier is not None and any(
+            label == qualifier and name in outputs.get(function, ())
+            for label, function in self.row_uses.functions
+        )
+
+    def field_selection(self, name: str, declared: bool = False) -> None:
         """`t.f`, `(x).f`: PostgreSQL reads f(t) when f is no field of t (attribute
         notation), so f must pass the checks of a function call; a name that is no column
-        pgveil knows may be a function created since it read the catalog."""
+        pgveil knows may be a function created since it read the catalog. `declared`: f is
+        an output column of the function that t (or x) is the result of (see declared)."""
         if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
             raise Refusal(f"function {name} can read data pgveil cannot mask")
         cat = self.an.catalog
@@ -978,6 +1072,7 @@ class ReadRewrite:
             and name not in cat.column_names
             and name not in self.defined_names
             and name not in SYSTEM_COLUMNS
+            and not declared
         ):
             self.unknown.add(f"column or function {name}")
 
@@ -986,7 +1081,8 @@ class ReadRewrite:
         field_selection)."""
         for part in node.indirection or ():
             if isinstance(part, ast.String):
-                self.field_selection(name_of(part))
+                name = name_of(part)
+                self.field_selection(name, self.declared(name, call=node.arg))
         if node.indirection:
             node.indirection = self._visit_all(node.indirection)  # subscripts: expressions
         self.rest(node)
@@ -1144,6 +1240,22 @@ def _flat(value: Any) -> Iterator[Any]:
             yield from _flat(v)
     elif value is not None:
         yield value
+
+
+# the column of a rewritten statistics view's inner subquery that says whether its row's
+# numbers are shown (see ReadRewrite.stats_readable); no server column has a space
+_READABLE = '"pgveil readable"'
+
+
+def _stats_key(schema: str, table: str, column: str | None = None) -> str:
+    """A relation (and column) as ReadRewrite.stats_readable's SQL spells it: each name
+    after its length in characters, so that no two differ only in where a dot stands."""
+    key = f"{len(schema)}.{schema}.{len(table)}.{table}"
+    return key if column is None else f"{key}.{column}"
+
+
+def _text_array(items: list[str]) -> str:
+    return f"CAST(ARRAY[{', '.join(sql_literal(i) for i in items)}] AS pg_catalog.text[])"
 
 
 def _standard_unnest(call: Any) -> bool:

@@ -195,6 +195,16 @@ class Rewriter(ReadRewrite):
         p = target.protected
         # the INSERT's column list (ResTargets), or without one every column, in order
         names = [c.name for c in (node.cols or p.relation.columns)]
+        for rt in node.cols or ():
+            spec = p.masks.get(rt.name)
+            if rt.indirection and spec is not None and spec.name == "deny":
+                # `(doc['k'])` with NULL writes {"k": null}, `(arr[3])` an array of NULLs:
+                # the subscripts are the client's, written into the column
+                self.denied.add(f"{p.rule_table}.{rt.name}")
+                self.defer(
+                    f"column {p.rule_table}.{rt.name} is not available to masked roles: a "
+                    "part of it cannot be written; leave it out"
+                )
         positions = [
             (i, name)
             for i, name in enumerate(names)

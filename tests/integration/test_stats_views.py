@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,18 @@ KEY_ONLY = {"activity_own_row"}  # (activity_own_active_row leaks directly: logi
 @pytest.fixture(scope="module")
 def stats_env(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[None]:
     pg.psql(SETUP)
+    # pgveil shows statistics' numbers only of relations its catalog knows (a table without
+    # rules): it reads the catalog again when a statement names one it does not know yet
+    deadline = time.monotonic() + 30
+    with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
+        while True:
+            try:
+                c.execute("SELECT FROM public.st_people LIMIT 0")
+                break
+            except psycopg.errors.InsufficientPrivilege as exc:
+                assert "not known to pgveil yet" in str(exc), exc
+                assert time.monotonic() < deadline, exc
+                time.sleep(0.05)
     other = psycopg.connect(pg.dsn() + " sslmode=disable", autocommit=True)
     other.execute(SECRET_QUERY)
     try:
@@ -307,7 +320,14 @@ def test_stats_keep_their_numbers(
     with psycopg.connect(dsn(pg, billing.port)) as c:
         masked = c.execute(sql).fetchall()
     raw = _direct(pg, sql)
-    assert [r[:5] for r in masked] == [r[:5] for r in raw] and len(raw) == 10
+    # the numbers of a column without a mask, as the server has them; a personal column's
+    # are NULL (they would answer guesses: tests/integration/test_attack_issue13_whitebox.py)
+    plain = ("balance", "i_customer", "i_customer_class", "notes")
+    assert [r[:5] for r in masked if r[0] in plain] == [r[:5] for r in raw if r[0] in plain]
+    assert [r for r in masked if r[0] not in plain] == [
+        (r[0],) + (None,) * 8 for r in raw if r[0] not in plain
+    ]
+    assert len(raw) == 10 and any(r[3] is not None for r in raw if r[0] not in plain)
     assert all(r[5:] == (None, None, None, None) for r in masked)
     assert any(r[6] is not None for r in raw)  # (histogram bounds: the values)
 

@@ -125,6 +125,15 @@ def test_default_and_leaving_it_out_are_no_value(sql: str) -> None:
         ("UPDATE billing.customers SET cc_number = name", "read personal columns"),
         ("UPDATE billing.customers SET notes = cc_number", "read personal columns"),
         ("UPDATE billing.customers SET (name, cc_number) = ('a', 'b')", "multiple-column"),
+        # the subscripts are the client's: `doc['k']` with NULL writes {"k": null}
+        (
+            "INSERT INTO billing.customers (i_customer, cc_number[1]) VALUES (1, NULL)",
+            "a part of it cannot be written",
+        ),
+        (
+            "INSERT INTO billing.customers (i_customer, cc_number.f) VALUES (1, NULL)",
+            "a part of it cannot be written",
+        ),
     ],
 )
 def test_writes_pgveil_cannot_guard_are_refused(sql: str, reason: str) -> None:

@@ -16,14 +16,16 @@ from tests.unit.rules.fixtures import CATALOG, RULES
 BUILTINS = CATALOG.builtin_functions | {"unnest", "generate_series", "json_object", "name"}
 ROW_FUNCTIONS = frozenset({"to_json", "row_to_json", "count"})
 COLUMNS = frozenset({"name", "email", "i_customer"})
+OUTPUTS = {"pg_partition_tree": frozenset({"relid", "isleaf"}), "each": frozenset({"value"})}
 AN = Analyzer(
     ProtectionMap(
         parse_rules(RULES, "r", {"K": "k" * 32}),
         dataclasses.replace(
             CATALOG,
-            builtin_functions=BUILTINS,
+            builtin_functions=BUILTINS | {"pg_partition_tree"},
             row_functions=ROW_FUNCTIONS,
             column_names=COLUMNS,
+            function_outputs=OUTPUTS,
         ),
     )
 )
@@ -82,3 +84,25 @@ def test_sent(sql: str, sent: str) -> None:
 )
 def test_qualified_or_standard_syntax_is_sent_as_written(sql: str) -> None:
     assert AN.analyze(sql).action == "pass"
+
+
+@pytest.mark.parametrize(
+    ("sql", "known"),
+    [
+        # an output column of the function the FROM item calls: a field the server reads
+        ("SELECT ppt.isleaf FROM pg_partition_tree('t') ppt", True),
+        ("SELECT pg_partition_tree.isleaf FROM pg_partition_tree('t')", True),
+        ("SELECT (pg_partition_tree('t')).isleaf", True),
+        ("SELECT p.isleaf FROM ROWS FROM (pg_partition_tree('t'), generate_series(1, 2)) p", True),
+        # anywhere else the server reads isleaf(x): a function pgveil may not know yet
+        ("SELECT c.isleaf FROM billing.customers c", False),
+        ("SELECT c.isleaf FROM billing.customers c, pg_partition_tree('t') ppt", False),
+        ("SELECT ppt.isleaf FROM pg_partition_tree('t') ppt(a, b)", False),
+        ("SELECT ppt.value FROM pg_partition_tree('t') ppt", False),
+        ("SELECT (pg_partition_tree('t')).value", False),
+    ],
+)
+def test_function_output_names_are_fields_only_of_their_function(sql: str, known: bool) -> None:
+    d = AN.analyze(sql)
+    assert d.action != "refuse", d.reason
+    assert (d.unknown_relations == ()) is known, d.unknown_relations

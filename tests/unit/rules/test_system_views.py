@@ -78,11 +78,6 @@ AN = analyzer()
             f"SELECT 1 LIMIT (SELECT pg_catalog.count(*) FROM {ACTIVITY} AS pg_stat_activity)",
         ),
         (
-            "SELECT histogram_bounds FROM pg_stats",
-            "SELECT histogram_bounds FROM (SELECT tablename, null_frac, CAST(NULL AS "
-            "pg_catalog.anyarray) AS histogram_bounds FROM pg_catalog.pg_stats) AS pg_stats",
-        ),
-        (
             "SELECT query FROM ext.pg_stat_statements",
             f"SELECT query FROM {STATEMENTS} AS pg_stat_statements",
         ),
@@ -108,6 +103,26 @@ def test_rewritten(sql: str, expected: str) -> None:
     d = AN.analyze(sql)
     assert (d.action, d.reason) == ("rewrite", None)
     assert d.sql == expected
+
+
+def test_statistics_numbers_are_kept_only_where_nothing_personal_is() -> None:
+    """pg_stats' numbers are the server's only in rows whose relation (and column) holds
+    nothing personal (tests/integration/test_attack_issue13_whitebox.py runs it); their
+    values are NULL everywhere."""
+    d = AN.analyze("SELECT histogram_bounds, null_frac FROM pg_stats")
+    assert (d.action, d.reason) == ("rewrite", None)
+    sql = d.sql or ""
+    assert sql.startswith(
+        "SELECT histogram_bounds, null_frac FROM (SELECT tablename, CASE WHEN "
+        '"pgveil readable" THEN null_frac END AS null_frac, CAST(NULL AS pg_catalog.anyarray) '
+        "AS histogram_bounds FROM (SELECT *, COALESCE("
+    )
+    assert sql.endswith(
+        ', FALSE) AS "pgveil readable" FROM pg_catalog.pg_stats) AS pg_stats) AS pg_stats'
+    )
+    # a table without rules; a protected table's column without a mask; never a personal one
+    assert "'6.public.5.notes'" in sql and "'7.billing.9.customers.balance'" in sql
+    assert "customers.name'" not in sql and "customers'" not in sql
 
 
 def test_function_arguments_are_walked() -> None:
