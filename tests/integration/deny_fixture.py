@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration.attack_clients import Clients
 from tests.integration.masking_fixture import ADMIN, HASH_KEY, HELPDESK
 from tests.support import ProxyProcess
 
@@ -113,6 +114,23 @@ def denied_leaks(text: str) -> list[str]:
         if any(f in text or f.upper() in text for f in forms):
             found.append(value)
     return found
+
+
+def assert_guesses_differ_directly(clients: Clients, sql: Any) -> None:
+    """An oracle case: sent to the server directly, a right and a wrong guess of a deny
+    value get different answers (so the case can tell them apart)."""
+    right = clients.run("direct", with_guess(sql, RIGHT))
+    wrong = clients.run("direct", with_guess(sql, WRONG))
+    assert answer(right) != answer(wrong), right
+
+
+def assert_guesses_alike(clients: Clients, client: str, sql: Any) -> None:
+    """An oracle case through pgveil: a right and a wrong guess get the same answer, and
+    no deny value shows (the guess itself aside)."""
+    right = clients.run(client, with_guess(sql, RIGHT))
+    wrong = clients.run(client, with_guess(sql, WRONG))
+    assert answer(right) == answer(wrong), (right, wrong)
+    assert not denied_leaks(right.replace(SECRET, "")), right
 
 
 @pytest.fixture(scope="session")
