@@ -1036,9 +1036,12 @@ class ReadRewrite:
         self.check_names(fields, "ColumnRef", "fields")
         names = [name_of(f) for f in fields]
         if len(names) >= 2 and isinstance(fields[-1], ast.String):
-            self.field_selection(
-                names[-1], self.declared(names[-1], names[-2]), self.owner_columns(node)
-            )
+            columns = self.owner_columns(node)
+            call = self.row_function(names[-1], columns, fields[:-1], node.location)
+            if call is not None:
+                self.rested.add(id(node))
+                return self.visit(call)
+            self.field_selection(names[-1], self.declared(names[-1], names[-2]), columns)
         if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
             key = (names[-3], names[-2])
             alias = self.replaced.get(key)
@@ -1067,6 +1070,32 @@ class ReadRewrite:
         names, None when rules.fields cannot tell (or pgveil wrote the node)."""
         found = self.owners.get(id(node))
         return found[1] if found is not None and found[0] is node else None
+
+    def row_function(
+        self, name: str, columns: frozenset[str] | None, qualifier: Any, location: Any
+    ) -> Any:
+        """`t.f` (`(t).f`) where f is surely no column of t (see field_selection) and a
+        built-in that takes a row (`c.to_json`): the server calls f(t). pgveil sends
+        `pg_catalog.f(t.*)`, the call the server makes today, so that an overload created
+        since the catalog read (`public.to_json(the table's row type)`, a closer match) is
+        never the one called. None for anything else."""
+        if columns is None or name in columns:
+            return None
+        cat = self.an.catalog
+        if name not in cat.row_functions or any(n == name for _, n in cat.user_functions):
+            return None
+        if any(n == name for _, n in self.an.policy.allowed_functions):
+            return None  # an allow-listed function of that name may be the one meant
+        if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
+            return None  # (refused by field_selection)
+        self.changes += 1
+        row = ast.ColumnRef(fields=(*qualifier, ast.A_Star()), location=location)
+        return ast.FuncCall(
+            funcname=(ast.String(sval="pg_catalog"), ast.String(sval=name)),
+            args=(row,),
+            funcformat=_EXPLICIT_CALL,
+            location=location,
+        )
 
     def field_selection(
         self, name: str, declared: bool = False, columns: frozenset[str] | None = None
@@ -1101,6 +1130,18 @@ class ReadRewrite:
     def indirection(self, node: Any) -> Any:
         """`(x).f`, `(x)[i]`, `(x).*`: a field name may be a function call (see
         field_selection)."""
+        parts: tuple[Any, ...] = tuple(node.indirection or ())
+        if len(parts) == 1 and isinstance(parts[0], ast.String):
+            call = (
+                self.row_function(
+                    name_of(parts[0]), self.owner_columns(node), node.arg.fields, node.arg.location
+                )
+                if isinstance(node.arg, ast.ColumnRef)
+                else None
+            )
+            if call is not None:
+                self.rested.add(id(node))
+                return self.visit(call)
         for i, part in enumerate(node.indirection or ()):
             if isinstance(part, ast.String):
                 name = name_of(part)

@@ -196,3 +196,33 @@ def test_a_function_of_that_name_is_judged_as_a_function() -> None:
 )
 def test_the_servers_error_names_the_item_without_it(sql: str, expected: Missing) -> None:
     assert missing_name(sql, {UNKNOWN}, LISTED, "db") == expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "call"),
+    [
+        ("SELECT c.to_json FROM billing.customers c", "pg_catalog.to_json(c.*)"),
+        ("SELECT (c).to_json FROM billing.customers c", "pg_catalog.to_json(c.*)"),
+        (
+            "SELECT billing.customers.to_json FROM billing.customers",
+            "pg_catalog.to_json(customers.*)",
+        ),
+        ("SELECT n.row_to_json FROM public.notes n", "pg_catalog.row_to_json(n.*)"),
+    ],
+)
+def test_a_built_in_that_takes_the_row_is_called_pinned(sql: str, call: str) -> None:
+    """`c.to_json` where to_json is surely no column of c: the server calls to_json(c);
+    pgveil sends the pinned call, so an overload created since the catalog read (a
+    closer match for the row type) is never the one called."""
+    catalog = dataclasses.replace(LISTED, row_functions=frozenset({"to_json", "row_to_json"}))
+    policy = parse_rules(RULES, "rules.yaml", {"K": "k" * 32})
+    d = Analyzer(ProtectionMap(policy, catalog)).analyze(sql)
+    assert d.action == "rewrite", d.reason
+    assert d.sql is not None and d.sql.startswith(f"SELECT {call} FROM"), d.sql
+    assert not d.unknown_relations
+    # a column of that name is read as the column; a built-in not taking a row is unknown
+    d = Analyzer(ProtectionMap(policy, catalog)).analyze(
+        "SELECT s.to_json FROM (SELECT 1 AS to_json) s"
+    )
+    assert d.action == "pass"
+    assert "column or function upper" in _unknown("SELECT c.upper FROM billing.customers c")
