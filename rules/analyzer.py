@@ -20,6 +20,7 @@ from pglast.stream import RawStream
 
 from rules.catalog import ProtectionMap
 from rules.denied import Refusal
+from rules.fields import field_columns
 from rules.grammar import misread_words
 from rules.reads import ast, descendants, name_of, row_uses
 from rules.settings import TX_KINDS, SettingOp, settings_of
@@ -171,6 +172,7 @@ class Analyzer:
         rewriter.references, rewriter.qualified = _references(stmts)
         rewriter.defined_names = _defined_names(stmts)
         rewriter.row_uses = row_uses(stmts)
+        rewriter.owners = field_columns(stmts, self.catalog, self.catalog.server_version_num)
         rewriter.text = sql
         keys, row_subjects = statement_subjects(self.pmap, stmts)
         effects = _effects(stmts)

@@ -33,6 +33,7 @@ from pglast import parse_sql
 from pglast.parser import ParseError
 
 from rules.catalog import Catalog
+from rules.fields import Owners, field_columns
 
 ast: Any = pglast.ast
 
@@ -84,6 +85,7 @@ def missing_name(
     except ParseError:
         return None
     aliases = _aliases(statements)
+    owners = field_columns(statements, catalog, catalog.server_version_num)
     created, keys = _created(statements)
     # (one the text creates will exist when the statement on it runs: see created_here)
     absent = [name for name in unknown if name not in keys]
@@ -91,7 +93,7 @@ def missing_name(
         for node, at in _walk(raw.stmt, _Place(frozenset(), frozenset(), False)):
             if id(node) in created:
                 continue  # a relation the statement creates: no reference
-            found = _missing_at(node, at, absent, aliases)
+            found = _missing_at(node, at, absent, aliases, owners)
             if found is not None:
                 return _checked(found, node, catalog, database)
     return None
@@ -151,9 +153,12 @@ class _Place:
 
 
 def _missing_at(
-    node: Any, at: _Place, unknown: Collection[str], aliases: set[str]
+    node: Any, at: _Place, unknown: Collection[str], aliases: set[str], owners: Owners
 ) -> Missing | None:
-    """The error for `node` if it is a reference to a name in `unknown`."""
+    """The error for `node` if it is a reference to a name in `unknown` (a `t.f` whose f
+    is a column of the item t names, as rules.fields tells, is none)."""
+    owner = owners.get(id(node))
+    columns = owner[1] if owner is not None and owner[0] is node else None
     if isinstance(node, ast.RangeVar):
         if node.schemaname is None and node.relname in at.scope:
             return None  # a WITH query of the statement
@@ -179,7 +184,7 @@ def _missing_at(
         if len(fields) < 2 or not all(isinstance(f, ast.String) for f in fields):
             return None
         table, column = fields[-2].sval, fields[-1].sval
-        if COLUMN_OR_FUNCTION + column not in unknown:
+        if COLUMN_OR_FUNCTION + column not in unknown or column in (columns or ()):
             return None
         return _column(table, column, node.location, aliases)
     if isinstance(node, ast.A_Indirection):
@@ -187,7 +192,7 @@ def _missing_at(
         if not parts or not isinstance(parts[0], ast.String):
             return None
         field = parts[0].sval
-        if COLUMN_OR_FUNCTION + field not in unknown:
+        if COLUMN_OR_FUNCTION + field not in unknown or field in (columns or ()):
             return None
         if isinstance(arg, ast.ColumnRef) and len(arg.fields) == 1:
             first = arg.fields[0]

@@ -38,6 +38,7 @@ from rules.denied import (
     Refusal,
     SystemView,
 )
+from rules.fields import Owners
 from rules.masks import sql_expr, sql_literal
 from rules.settings import keeps_pinned, set_config_keeps_pinned
 
@@ -210,6 +211,8 @@ class ReadRewrite:
     row_uses: RowUses = field(default_factory=lambda: RowUses())
     # id() of masking subqueries that carry system columns -> (alias, the table's columns)
     carrying: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    # the columns of the item each `t.f` / `(t).f` of the statement names (rules.fields)
+    owners: Owners = field(default_factory=dict)
 
     def tables(self) -> tuple[str, ...]:
         """The protected tables the statement reads or writes, those behind the views it
@@ -1033,7 +1036,12 @@ class ReadRewrite:
         self.check_names(fields, "ColumnRef", "fields")
         names = [name_of(f) for f in fields]
         if len(names) >= 2 and isinstance(fields[-1], ast.String):
-            self.field_selection(names[-1], self.declared(names[-1], names[-2]))
+            columns = self.owner_columns(node)
+            call = self.row_function(names[-1], columns, fields[:-1], node.location)
+            if call is not None:
+                self.rested.add(id(node))
+                return self.visit(call)
+            self.field_selection(names[-1], self.declared(names[-1], names[-2]), columns)
         if len(fields) >= 3 and isinstance(fields[-1], ast.String | ast.A_Star):
             key = (names[-3], names[-2])
             alias = self.replaced.get(key)
@@ -1057,16 +1065,59 @@ class ReadRewrite:
             for label, function in self.row_uses.functions
         )
 
-    def field_selection(self, name: str, declared: bool = False) -> None:
+    def owner_columns(self, node: Any) -> frozenset[str] | None:
+        """The columns of the item the qualifier of `node` (a client's `t.f` or `(t).f`)
+        names, None when rules.fields cannot tell (or pgveil wrote the node)."""
+        found = self.owners.get(id(node))
+        return found[1] if found is not None and found[0] is node else None
+
+    def row_function(
+        self, name: str, columns: frozenset[str] | None, qualifier: Any, location: Any
+    ) -> Any:
+        """`t.f` (`(t).f`) where f is surely no column of t (see field_selection) and a
+        built-in that takes a row (`c.to_json`): the server calls f(t). pgveil sends
+        `pg_catalog.f(t.*)`, the call the server makes today, so that an overload created
+        since the catalog read (`public.to_json(the table's row type)`, a closer match) is
+        never the one called. None for anything else."""
+        if columns is None or name in columns:
+            return None
+        cat = self.an.catalog
+        if name not in cat.row_functions or any(n == name for _, n in cat.user_functions):
+            return None
+        if any(n == name for _, n in self.an.policy.allowed_functions):
+            return None  # an allow-listed function of that name may be the one meant
+        if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
+            return None  # (refused by field_selection)
+        self.changes += 1
+        row = ast.ColumnRef(fields=(*qualifier, ast.A_Star()), location=location)
+        return ast.FuncCall(
+            funcname=(ast.String(sval="pg_catalog"), ast.String(sval=name)),
+            args=(row,),
+            funcformat=_EXPLICIT_CALL,
+            location=location,
+        )
+
+    def field_selection(
+        self, name: str, declared: bool = False, columns: frozenset[str] | None = None
+    ) -> None:
         """`t.f`, `(x).f`: PostgreSQL reads f(t) when f is no field of t (attribute
-        notation), so f must pass the checks of a function call; a name that is no column
-        pgveil knows may be a function created since it read the catalog. `declared`: f is
-        an output column of the function that t (or x) is the result of (see declared)."""
+        notation), so f must pass the checks of a function call; a name that is no field
+        of t may be a function created since pgveil read the catalog: unknown, so the
+        statement waits for a catalog read begun after it (then f is judged as the
+        function it has become, or the client gets the server's 42703). `columns`: t's
+        columns where rules.fields can tell them (a relation's, a CTE's or subquery's
+        output names). Where it cannot (a function item without a column definition list,
+        `(x).f` of an expression, a relation the catalog does not know), f must be some
+        column or field name the catalog has, or `declared`: an output column of the
+        function that t (or x) is the result of (see declared)."""
         if name in DENIED_FUNCTIONS or name.startswith(DENIED_PREFIXES):
             raise Refusal(f"function {name} can read data pgveil cannot mask")
         cat = self.an.catalog
         if any(n == name for _, n in cat.user_functions):
             self.check_function((ast.String(sval=name),))
+        elif columns is not None:
+            if name not in columns:
+                self.unknown.add(f"column or function {name}")
         elif (
             cat.column_names
             and name not in cat.column_names
@@ -1079,10 +1130,24 @@ class ReadRewrite:
     def indirection(self, node: Any) -> Any:
         """`(x).f`, `(x)[i]`, `(x).*`: a field name may be a function call (see
         field_selection)."""
-        for part in node.indirection or ():
+        parts: tuple[Any, ...] = tuple(node.indirection or ())
+        if len(parts) == 1 and isinstance(parts[0], ast.String):
+            call = (
+                self.row_function(
+                    name_of(parts[0]), self.owner_columns(node), node.arg.fields, node.arg.location
+                )
+                if isinstance(node.arg, ast.ColumnRef)
+                else None
+            )
+            if call is not None:
+                self.rested.add(id(node))
+                return self.visit(call)
+        for i, part in enumerate(node.indirection or ()):
             if isinstance(part, ast.String):
                 name = name_of(part)
-                self.field_selection(name, self.declared(name, call=node.arg))
+                # (only the first field is one of t's: a later one is a field of a value)
+                columns = self.owner_columns(node) if i == 0 else None
+                self.field_selection(name, self.declared(name, call=node.arg), columns)
         if node.indirection:
             node.indirection = self._visit_all(node.indirection)  # subscripts: expressions
         self.rest(node)

@@ -431,7 +431,18 @@ def test_a_function_output_name_is_no_column_of_another_relation(
     after pgveil read the catalog ran, reading the table raw. Only the output columns of
     the function a FROM item calls are known fields of that item now."""
     with psycopg.connect(dsn(pg, deny_proxy.port), autocommit=True) as c:
-        c.execute("SELECT 1").fetchall()  # the catalog is read (before the function exists)
+        # the output columns of the function a FROM item calls are still fields (asked
+        # before the function exists: once pgveil's catalog has public.value, which the
+        # refusal below makes it read, `e.value` is judged as that function's name)
+        rows = c.execute(
+            "SELECT ppt.isleaf, ppt.level FROM pg_catalog.pg_partition_tree('dn.events') "
+            "ppt ORDER BY 2"
+        ).fetchall()
+        assert rows == [(False, 0), (True, 1), (True, 1)]
+        rows = c.execute("SELECT (pg_partition_tree('dn.events')).isleaf").fetchall()
+        assert sorted(rows) == [(False,), (True,), (True,)]
+        rows = c.execute("SELECT e.key, e.value FROM jsonb_each('{\"a\": 1}') e").fetchall()
+        assert rows == [("a", 1)]
         with _super(pg) as admin:
             admin.execute(
                 "CREATE FUNCTION public.value(anyelement) RETURNS text LANGUAGE sql STABLE "
@@ -444,18 +455,74 @@ def test_a_function_output_name_is_no_column_of_another_relation(
                 with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
                     c.execute("SELECT u.value FROM dn.users u").fetchall()
                 assert SECRET not in str(err.value)
-                # the output columns of the function a FROM item calls are still fields
-                rows = c.execute(
-                    "SELECT ppt.isleaf, ppt.level FROM pg_catalog.pg_partition_tree('dn.events') "
-                    "ppt ORDER BY 2"
-                ).fetchall()
-                assert rows == [(False, 0), (True, 1), (True, 1)]
-                rows = c.execute("SELECT (pg_partition_tree('dn.events')).isleaf").fetchall()
-                assert sorted(rows) == [(False,), (True,), (True,)]
-                rows = c.execute("SELECT e.key, e.value FROM jsonb_each('{\"a\": 1}') e").fetchall()
-                assert rows == [("a", 1)]
             finally:
                 admin.execute("DROP FUNCTION public.value(anyelement)")
+                # (pgveil reads the catalog again: a relation it does not know waits for it)
+                with pytest.raises(psycopg.errors.UndefinedTable):
+                    c.execute("SELECT * FROM dn.no_such_relation")
+
+
+# `name` is a column of other relations pgveil knows (the catalog-wide check accepted it), but
+# no column of the item each reference names: the server calls name(row)
+ATTRIBUTE_NOTATION = [
+    "SELECT u.name FROM dn.users u",
+    "SELECT users.name FROM dn.users",
+    "SELECT dn.users.name FROM dn.users",
+    'SELECT "U"."name" FROM dn.users "U"',
+    "SELECT (u).name FROM dn.users u",
+    "SELECT s.x FROM dn.users u, LATERAL (SELECT u.name AS x) s",
+    "SELECT (SELECT u.name FROM dn.sessions s WHERE s.user_id = u.id) FROM dn.users u",
+    "SELECT s.name FROM (SELECT id, login FROM dn.users) s",
+    "WITH w AS (SELECT * FROM dn.users) SELECT w.name FROM w",
+    "SELECT j.name FROM (dn.users u JOIN dn.sessions s ON s.user_id = u.id) j",
+]
+
+
+@pytest.fixture
+def name_function(pg: EmbeddedPostgres, clients: Clients) -> Iterator[None]:
+    """public.name(anyelement), reading a deny value raw, created after pgveil read the
+    catalog (a statement through it first), by a superuser session that does not go
+    through pgveil; dropped after the case, and pgveil made to read the catalog again (a
+    relation it does not know: the statement waits for a read begun after it)."""
+    assert errors_in(clients.run("psycopg", "SELECT u.login FROM dn.users u")) == []
+    with _super(pg) as admin:
+        admin.execute(
+            "CREATE FUNCTION public.name(anyelement) RETURNS text LANGUAGE sql STABLE "
+            "AS 'SELECT passcode FROM dn.users WHERE id = 1'"
+        )
+        try:
+            yield
+        finally:
+            admin.execute("DROP FUNCTION public.name(anyelement)")
+            got = clients.run("psycopg", "SELECT * FROM dn.no_such_relation")
+            assert [e[0] for e in errors_in(got)] == ["42P01"], got
+
+
+@pytest.mark.parametrize("sql", ATTRIBUTE_NOTATION)
+def test_attribute_notation_on_an_item_without_the_column(
+    clients: Clients, name_function: None, sql: str
+) -> None:
+    """The name is judged against the columns of the item it qualifies: unknown there, the
+    statement waits for a catalog read, which has the function (not allow-listed)."""
+    direct = clients.run("direct", sql)
+    assert SECRET in direct, direct
+    for client in ("psycopg", "asyncpg"):
+        got = clients.run(client, sql)
+        assert SECRET not in got, (client, got)
+        assert [e[0] for e in errors_in(got)] == ["42501"], (client, got)
+        assert "function name is not allowed for masked roles" in got, (client, got)
+
+
+@pytest.mark.parametrize("sql", ATTRIBUTE_NOTATION[:5])
+def test_attribute_notation_without_the_function_is_the_servers_error(
+    clients: Clients, sql: str
+) -> None:
+    """With no function of that name, the client gets what the server says of the
+    statement (after a catalog read begun after it), not a refusal of pgveil's own."""
+    direct = errors_in(clients.run("direct", sql))
+    assert [e[0] for e in direct] == ["42703"], direct
+    for client in ("psycopg", "asyncpg"):
+        assert errors_in(clients.run(client, sql)) == direct, client
 
 
 # ---- what holds: pinned settings and system views -----------------------------------------
