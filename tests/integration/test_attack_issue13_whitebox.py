@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +26,7 @@ import pytest
 from audit.files import read_events
 from proxy.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import Clients, errors_in, open_clients
+from tests.integration.audit_wire import wait_for
 from tests.integration.deny_fixture import (
     RIGHT,
     SECRET,
@@ -278,13 +278,12 @@ def test_a_refused_part_of_a_deny_column_is_audited_as_denied(
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute(f"INSERT INTO dn.users AS {marker} (id, doc['k']) VALUES (604, NULL)")
     path = deny_proxy.audit_path  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 10
-    while True:
-        events = [e for e in read_events(path) if marker in json.dumps(e.get("statement", ""))]
-        if events:
-            break
-        assert time.monotonic() < deadline, events
-        time.sleep(0.05)
+
+    def marked() -> list[dict[str, Any]]:
+        return [e for e in read_events(path) if marker in json.dumps(e.get("statement", ""))]
+
+    wait_for(lambda: bool(marked()), "the refusal's audit event")
+    events = marked()
     assert events[-1]["columns_denied"] == ["dn.users.doc"]
     assert events[-1]["decision"] == "refused"
 
