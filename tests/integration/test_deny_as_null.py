@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 from audit.files import read_events
 from proxy.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import Clients, CopyIn, errors_in, open_clients
+from tests.integration.audit_wire import wait_for
 from tests.integration.deny_fixture import (
     DOC,
     IP,
@@ -463,14 +463,16 @@ def test_audit_lists_deny_columns_as_denied(pg: EmbeddedPostgres, deny_proxy: Pr
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute(f"UPDATE dn.users AS {marker} SET pin = 1 WHERE id = 1")
     path = deny_proxy.audit_path  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 10
-    while True:
-        events = [e for e in read_events(path) if marker in json.dumps(e.get("statement", ""))]
-        if len(events) == 2 and all(e.get("outcome") not in (None, "running") for e in events):
-            break
-        assert time.monotonic() < deadline, events
-        time.sleep(0.05)
-    read, write = events
+
+    def marked() -> list[dict[str, Any]]:
+        return [e for e in read_events(path) if marker in json.dumps(e.get("statement", ""))]
+
+    def ended() -> bool:
+        events = marked()
+        return len(events) == 2 and all(e.get("outcome") not in (None, "running") for e in events)
+
+    wait_for(ended, "both statements' audit events")
+    read, write = marked()
     assert read["columns_denied"] == ["dn.users.passcode"]
     assert read["columns_masked"] == ["dn.users.login"]
     assert write["columns_denied"] == ["dn.users.pin"]

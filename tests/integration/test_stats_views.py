@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,16 +218,17 @@ def stats_env(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[None]:
     pg.psql(SETUP)
     # pgveil shows statistics' numbers only of relations its catalog knows (a table without
     # rules): it reads the catalog again when a statement names one it does not know yet
-    deadline = time.monotonic() + 30
     with psycopg.connect(dsn(pg, billing.port), autocommit=True) as c:
-        while True:
+
+        def known() -> bool:
             try:
                 c.execute("SELECT FROM public.st_people LIMIT 0")
-                break
             except psycopg.errors.InsufficientPrivilege as exc:
                 assert "not known to pgveil yet" in str(exc), exc
-                assert time.monotonic() < deadline, exc
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_for(known, "pgveil's catalog to know public.st_people")
     other = psycopg.connect(pg.dsn() + " sslmode=disable", autocommit=True)
     other.execute(SECRET_QUERY)
     try:
