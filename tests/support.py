@@ -41,14 +41,18 @@ class ProxyProcess:
 
     def __init__(
         self,
-        upstream_port: int,
+        upstream_port: int | None,
         *extra: str,
         metrics: bool = True,
         env: dict[str, str] | None = None,
+        inherit_env: bool = True,
     ) -> None:
+        """`upstream_port` None: no `--upstream` (pgveil takes it from the environment);
+        `inherit_env` False: `env` is the whole environment (the PG* variables tests)."""
         self.port = free_port()
         self.metrics_port = free_port() if metrics else None
         self.log_path = Path(tempfile.mkstemp(prefix="pgveil-log-", suffix=".jsonl")[1])
+        upstream = ["--upstream", f"127.0.0.1:{upstream_port}"] if upstream_port else []
         args = [
             sys.executable,
             "-m",
@@ -56,8 +60,7 @@ class ProxyProcess:
             "proxy",
             "--listen",
             f"127.0.0.1:{self.port}",
-            "--upstream",
-            f"127.0.0.1:{upstream_port}",
+            *upstream,
             "--log-level",
             "debug",
             *extra,
@@ -66,8 +69,9 @@ class ProxyProcess:
             args += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
         self.args = args
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        environment = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=environment
         )
         try:
             wait_port("127.0.0.1", self.port, proc=self.proc)

@@ -26,7 +26,7 @@ from proxy import dsn
 from proxy.embedded_pg import EmbeddedPostgres, free_port
 from tests.conftest import Certs
 from tests.integration.test_demo import Demo
-from tests.support import wait_port
+from tests.support import ProxyProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "dsn_user", "pa:ss\\wo rd"
@@ -253,43 +253,12 @@ tables:
 """
 
 
-class Proxy:
+class Proxy(ProxyProcess):
     """`pgveil proxy` with exactly the arguments and environment given (no --upstream
     unless given)."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.log_path = Path(tempfile.mkstemp(prefix="pgveil-dsn-", suffix=".log")[1])
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "proxy.cli",
-                "proxy",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                *args,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_port("127.0.0.1", self.port, proc=self.proc)
-        except RuntimeError:
-            self.stop()
-            raise RuntimeError(f"pgveil did not start: {self.log()}") from None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        self._log.close()
+        super().__init__(None, *args, metrics=False, env=env, inherit_env=False)
 
     def emails(self) -> list[str]:
         conninfo = f"host=127.0.0.1 port={self.port} user={USER2} password={PASSWORD2} dbname={DB} sslmode=disable"
