@@ -265,10 +265,7 @@ class AuditWriter:
     def blocks(self) -> bool:
         """Whether statements on personal data must wait for the audit stream now, and be
         refused if it is not back in time: `on_failure: block` while it takes no events."""
-        # (not accepting(), inlined: asked for every statement)
-        return self.on_failure == "block" and (
-            bool(self._failing) or len(self._table_queue) >= self.queue_size
-        )
+        return self.on_failure == "block" and not self.accepting()
 
     def submit(
         self,
