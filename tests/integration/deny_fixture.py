@@ -133,6 +133,11 @@ def assert_guesses_alike(clients: Clients, client: str, sql: Any) -> None:
     assert not denied_leaks(right.replace(SECRET, "")), right
 
 
+# the deny proxy while it runs: a module that leaves hidden code in database postgres for a
+# while waits until this proxy's catalog read no longer sees it (as for `billing`)
+LIVE: list[ProxyProcess] = []
+
+
 @pytest.fixture(scope="session")
 def deny_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyProcess]:
     """pgveil with the deny rules (and an audit file: `deny_proxy.audit_path`); the
@@ -148,6 +153,8 @@ def deny_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyPro
         "--catalog-user", pg.superuser, "--audit-file", str(audit), env=env,
     )  # fmt: skip
     p.audit_path = audit  # type: ignore[attr-defined]
+    LIVE.append(p)
     yield p
+    LIVE.remove(p)
     p.stop()
     shutil.rmtree(d)

@@ -77,6 +77,7 @@ import pytest
 
 from proxy.catalog import HIDDEN_CODE_SQL
 from proxy.embedded_pg import EmbeddedPostgres
+from tests.integration import deny_fixture
 from tests.integration.attack_clients import (
     CLIENTS,
     Clients,
@@ -1200,13 +1201,15 @@ def _no_hidden_code_left(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
     of the other modules' proxies on it (their rules allow none of it)."""
     left = pg.psql(HIDDEN_CODE_SQL).strip()
     assert left == "", f"hidden code left in database postgres:\n{left}"
-    # the shared proxy may have read the catalog while this module's operators existed:
-    # until its next read it refuses masked sessions on postgres
-    wait_for(
-        lambda: billing.metric("pgveil_rules_problems", database="postgres") == 0,
-        "the shared proxy to find no rules problem in database postgres",
-        timeout=60,
-    )
+    # the shared proxies (billing's, and the deny columns' if it runs) may have read the
+    # catalog while this module's operators existed: until their next read they refuse
+    # masked sessions on postgres
+    for proxy in (billing, *deny_fixture.LIVE):
+        wait_for(
+            lambda proxy=proxy: proxy.metric("pgveil_rules_problems", database="postgres") == 0,
+            "the shared proxies to find no rules problem in database postgres",
+            timeout=180,  # (a read comes every catalog_refresh, 60 s by default)
+        )
 
 
 @pytest.fixture(scope="module")
