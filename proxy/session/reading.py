@@ -568,6 +568,7 @@ class ReadingTracker:
         self.unsure: set[str] = set()
         self._now: Reading | None = self._base
         self._server: Reading | None = self._base
+        self._codec: str | None = None  # see codec(); None when _now or _server changed
 
     def _reading(self, values: dict[str, str]) -> Reading:
         return Reading(
@@ -606,7 +607,7 @@ class ReadingTracker:
             elif kind == "reset_all":
                 self.unsure.clear()
             self._values.apply(op)
-            self._now = None
+            self._now = self._codec = None
 
     def query(self, ops: tuple[SettingOp, ...] | None) -> None:
         """A Query, read now; its statements run (an unknown statement: as if it changed
@@ -624,7 +625,7 @@ class ReadingTracker:
 
     def execute(self, ops: tuple[SettingOp, ...] | None) -> None:
         """An Execute of a statement whose operations are `ops` (None: not known)."""
-        if ops is None:
+        if ops is None or ops == _JUST_CODE:  # (the common case: code, nothing set)
             self.unsure.update(_PARAMETERS)
         elif ops:
             self._apply(ops)
@@ -638,8 +639,9 @@ class ReadingTracker:
 
     def _request_ends(self) -> None:
         values = self._values
-        if not values.block and values.end(commit=True):
-            self._now = None
+        # (end() has nothing to do while nothing was set: the common case, not called)
+        if not values.block and values.changed and values.end(commit=True):
+            self._now = self._codec = None
         if values.touched:
             values.touched.clear()
         now = self._now  # (now(), inlined: run for every request)
@@ -652,7 +654,18 @@ class ReadingTracker:
         """A ParameterStatus."""
         if name in self.truth:
             self.truth[name] = canonical(name, value)
-            self._server = None
+            self._server = self._codec = None
+
+    def codec(self) -> str:
+        """The Python codec text keys in rows and parameters are read in: the client
+        encoding, when the server's last report and the prediction agree on it; else ""
+        (keys in text then read as nothing: subjects are not complete)."""
+        codec = self._codec
+        if codec is None:
+            now = self.now().client_encoding
+            codec = python_codec(now) if now == self.server.client_encoding else ""
+            self._codec = codec
+        return codec
 
     @property
     def server(self) -> Reading:
@@ -664,8 +677,13 @@ class ReadingTracker:
     def confirm(self, tx_status: int) -> None:
         """The server answered every request but the client's current one: what it last
         reported is what that request began under."""
-        if self._values.confirm(self.truth, tx_status != _IDLE):
-            self._now = None
+        values = self._values
+        block = tx_status != _IDLE
+        # (_Values.confirm's own first test, inlined: as predicted, the common case)
+        if (values.now != self.truth or values.block != block or values.marks) and values.confirm(
+            self.truth, block
+        ):
+            self._now = self._codec = None
         server = self._server  # (server, inlined: run for every request)
         self._base = server if server is not None else self.server
         self.base_exact = True

@@ -77,7 +77,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.session.reading import Reading, ReadingTracker, python_codec, server_name
+from proxy.session.reading import Reading, ReadingTracker, server_name
 from proxy.wire import messages as m
 from rules.analyzer import Effect, Effects
 from rules.context import ContextHolder
@@ -599,8 +599,7 @@ class StatementLog:
         reading = self.reading
         if reading is None:
             return "utf-8"  # masked sessions use UTF8, or end
-        now = reading.now().client_encoding
-        return python_codec(now) if now == reading.server.client_encoding else ""
+        return reading.codec()
 
     def _name(self, raw: bytes) -> bytes:
         """A protocol name as the server keys it: converted to its encoding (UTF-8) from

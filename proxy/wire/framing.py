@@ -167,6 +167,7 @@ class MessageScanner:
         limits = self._limits
         unpack = _HEADER.unpack_from
         limit = n - 5
+        row_limit = limits[_DATA_ROW]
         typ = self.last_type
         while pos <= limit:
             typ, length = unpack(data, pos)
@@ -180,7 +181,25 @@ class MessageScanner:
                     if out is NO_MESSAGES:
                         out = []
                     out.append((typ, data[pos + 5 : end]))
-                    if typ != _DATA_ROW and marks is not None and typ != _COPY_DATA:  # (rows first)
+                    if typ == _DATA_ROW:
+                        # the bulk of a result: the DataRows that follow whole in this
+                        # chunk, without the per-message bookkeeping (counted at once; a
+                        # bad or split one is left to the loop above)
+                        pos = end
+                        rows = 0
+                        append = out.append
+                        while pos <= limit:
+                            typ, length = unpack(data, pos)
+                            end = pos + 1 + length
+                            if typ != _DATA_ROW or length > row_limit or length < 4 or end > n:
+                                break
+                            append((typ, data[pos + 5 : end]))
+                            rows += 1
+                            pos = end
+                        counts[_DATA_ROW] += rows
+                        typ = _DATA_ROW
+                        continue
+                    if marks is not None and typ != _COPY_DATA:
                         marks.append(counts[_DATA_ROW] + counts[_COPY_DATA])
                 else:
                     self.last_type = typ
@@ -192,6 +211,20 @@ class MessageScanner:
                 self.last_type = typ
                 self._skip = end - n
                 return out
+            elif typ == _DATA_ROW:
+                # rows nobody reads here: the run is only counted (see above)
+                pos = end
+                rows = 0
+                while pos <= limit:
+                    typ, length = unpack(data, pos)
+                    end = pos + 1 + length
+                    if typ != _DATA_ROW or length > row_limit or length < 4 or end > n:
+                        break
+                    rows += 1
+                    pos = end
+                counts[_DATA_ROW] += rows
+                typ = _DATA_ROW
+                continue
             pos = end
         self.last_type = typ
         if pos < n:
@@ -230,7 +263,25 @@ class MessageScanner:
                 if end > n:
                     return out, pos
                 out.append((typ, data[pos + 5 : end], pos, end))
-                if marks is not None and typ != _DATA_ROW and typ != _COPY_DATA:
+                if typ == _DATA_ROW:
+                    # the DataRows that follow whole in this chunk, as in `feed`
+                    counts[typ] += 1
+                    pos = end
+                    rows = 0
+                    append = out.append
+                    row_limit = limits[_DATA_ROW]
+                    while pos <= n - 5:
+                        typ, length = unpack(data, pos)
+                        end = pos + 1 + length
+                        if typ != _DATA_ROW or length > row_limit or length < 4 or end > n:
+                            break
+                        append((typ, data[pos + 5 : end], pos, end))
+                        rows += 1
+                        pos = end
+                    counts[_DATA_ROW] += rows
+                    self.last_type = _DATA_ROW
+                    continue
+                if marks is not None and typ != _COPY_DATA:
                     marks.append(counts[_DATA_ROW] + counts[_COPY_DATA])
             elif end > n:
                 counts[typ] += 1
