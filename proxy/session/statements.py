@@ -680,7 +680,8 @@ class StatementLog:
         """A Parse; `decided`: what the masked filter sent for it; `sensitive`, `settings`:
         as for `query`; `declared`: the parameter types it declares (for subject keys:
         given when its fields name any)."""
-        name = self._name(name)
+        if len(name) > _NAME_BYTES or not name.isascii():
+            name = self._name(name)
         names = self._predicted
         entry = _InFlight("parse", source=source)
         entry.name = name
@@ -883,7 +884,10 @@ class StatementLog:
                 if reason is not None:
                     return reason
         entry = _InFlight("describe")
-        key = entry.name = body[:1] + self._name(body[1:-1])
+        raw = body[1:-1]
+        if len(raw) > _NAME_BYTES or not raw.isascii():
+            raw = self._name(raw)
+        key = entry.name = body[:1] + raw
         if not names.skipping:
             # the common case: a name pgveil knows for sure
             target: _Prepared | _Portal | None
@@ -913,28 +917,11 @@ class StatementLog:
         if end > _NAME_BYTES or not body[:end].isascii():
             name = self._name(name)
         portal = names.portals.get(name)
-        if (
-            self.vet is not None
-            and portal is not None
-            and portal.statement.current is not self._holder.context
-        ):
-            # (checked even where an error is predicted before it: the prediction may be
-            # refuted, and a refusal the server skips changes nothing)
-            reason = self.vet(portal.statement)
+        vet = self.vet
+        if vet is not None:
+            reason = self._vet_execute(vet, portal)
             if reason is not None:
                 return reason
-        if self.vet is not None and portal is None and not names.skipping:
-            reason = self.absent()
-            if reason is not None:
-                return reason
-        if self.vet is not None and portal is not None and portal.first is not None:
-            # a later Execute hands out what the first one's FETCH or EXECUTE read
-            for target in portal.first.targets or ():
-                named = _runs(target)
-                if named is not None and named.current is not self._holder.context:
-                    reason = self.vet(named)
-                    if reason is not None:
-                        return reason
         if self.reading is not None:
             known = portal is not None and not portal.uncertain and not names.skipping
             self.reading.execute(portal.statement.settings if known and portal else None)
@@ -984,6 +971,30 @@ class StatementLog:
             # described already: its rows are looked at only if they carry subjects
             self._resolve(entry)
             self._want_rows(entry, bool(entry.layout))
+        return None
+
+    def _vet_execute(
+        self, vet: Callable[[Named], str | None], portal: _Portal | None
+    ) -> str | None:
+        """What `vet` says of an Execute of `portal` (masked sessions)."""
+        if portal is not None and portal.statement.current is not self._holder.context:
+            # (checked even where an error is predicted before it: the prediction may be
+            # refuted, and a refusal the server skips changes nothing)
+            reason = vet(portal.statement)
+            if reason is not None:
+                return reason
+        if portal is None and not self._predicted.skipping:
+            reason = self.absent()
+            if reason is not None:
+                return reason
+        if portal is not None and portal.first is not None:
+            # a later Execute hands out what the first one's FETCH or EXECUTE read
+            for target in portal.first.targets or ():
+                named = _runs(target)
+                if named is not None and named.current is not self._holder.context:
+                    reason = vet(named)
+                    if reason is not None:
+                        return reason
         return None
 
     def close(self, body: bytes) -> None:
