@@ -74,7 +74,7 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 _BACKSLASH_QUOTE = frozenset({"safe_encoding", "on", "off", "true", "false", "yes", "no", "1", "0"})
 _TRUE = ("true", "yes")
 _FALSE = ("false", "no")
-# what each transaction statement does (rules.analyzer's statement kinds)
+# what each transaction statement does (rules.effects' effect kinds)
 TX_KINDS: Final = {
     "TRANS_STMT_BEGIN": "begin",
     "TRANS_STMT_START": "begin",

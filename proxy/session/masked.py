@@ -46,6 +46,7 @@ from typing import Protocol
 
 import pglast
 
+from audit.redaction import redact
 from proxy.session.reading import ReadingTracker, sensitivity, statement_text
 from proxy.session.statements import (
     Cause,
@@ -59,9 +60,10 @@ from proxy.session.statements import (
 )
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.analyzer import NOT_PARSED, Decision, Effects
-from rules.context import ContextHolder, MaskingContext, redact
+from rules.context import ContextHolder, MaskingContext
+from rules.decision import NOT_PARSED, Decision
 from rules.denied import DENY_WRITE_MARKER
+from rules.effects import Effects
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
 from rules.missing import COLUMN_OR_FUNCTION, created_here, missing_name

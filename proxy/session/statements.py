@@ -79,8 +79,8 @@ from typing import Any
 
 from proxy.session.reading import Reading, ReadingTracker, python_codec, server_name
 from proxy.wire import messages as m
-from rules.analyzer import Effect, Effects
 from rules.context import ContextHolder
+from rules.effects import Effect, Effects
 from rules.keys import OID_TYPES, Value, parameter_value, row_key
 from rules.settings import SettingOp
 from rules.subjects import NamedKeys, ParamKey, bound_keys
