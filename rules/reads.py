@@ -41,6 +41,7 @@ from rules.denied import (
 from rules.fields import Owners
 from rules.masks import sql_expr, sql_literal
 from rules.model import Policy
+from rules.nodes import descendants
 from rules.settings import keeps_pinned, set_config_keeps_pinned
 
 # The AST is walked generically (attributes by name, optional everywhere); typing it node by
@@ -1404,32 +1405,3 @@ def _from_items(items: Any) -> Iterator[Any]:
 
 def _holds_node(value: Any) -> bool:
     return any(isinstance(v, ast.Node) for v in _flat(value))
-
-
-def children(node: Any) -> Iterator[Any]:
-    if node is None:
-        return
-    if isinstance(node, tuple | list):
-        for item in node:
-            if isinstance(item, ast.Node):
-                yield item
-            elif isinstance(item, tuple | list):
-                yield from children(item)
-        return
-    if isinstance(node, ast.Node):
-        for attr in node:
-            value = getattr(node, attr)
-            if isinstance(value, ast.Node):
-                yield value
-            elif isinstance(value, tuple | list):
-                yield from children(value)
-
-
-def descendants(node: Any, skip_selects: bool = False) -> Iterator[Any]:
-    stack = list(children(node)) if not isinstance(node, ast.Node) else [node]
-    while stack:
-        n = stack.pop()
-        yield n
-        if skip_selects and isinstance(n, ast.SelectStmt):
-            continue
-        stack.extend(children(n))
