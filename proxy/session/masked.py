@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import re
 import secrets
 import struct
@@ -46,6 +45,7 @@ from typing import Protocol
 
 import pglast
 
+from audit.redaction import fingerprint as audit_fingerprint
 from audit.redaction import redact
 from proxy.session.reading import ReadingTracker, sensitivity, statement_text
 from proxy.session.statements import (
@@ -769,7 +769,7 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
         text, fingerprint = d.redacted, d.fingerprint  # computed once per statement shape
     else:
         text = redact(sql)
-        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        fingerprint = audit_fingerprint(text)
     fields: dict[str, object] = {
         "kinds": list(d.kinds),
         "statement": text,
@@ -1521,7 +1521,7 @@ def _unanalysed(kind: str, text: str) -> dict[str, object]:
     return {
         "kinds": [kind],
         "statement": text,
-        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "fingerprint": audit_fingerprint(text),
         "tables": [],
         "columns_masked": [],
         "columns_raw": [],

@@ -67,7 +67,6 @@ No I/O; nothing from a row but subject keys leaves this module.
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 import struct
 import time
@@ -77,6 +76,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from audit.redaction import fingerprint
 from proxy.session.reading import Reading, ReadingTracker, python_codec, server_name
 from proxy.wire import messages as m
 from rules.context import ContextHolder
@@ -2215,7 +2215,7 @@ def _unknown_fields(kind: str) -> dict[str, object]:
     return {
         "kinds": [kind],
         "statement": _UNKNOWN_TEXT,
-        "fingerprint": hashlib.sha256(_UNKNOWN_TEXT.encode()).hexdigest()[:16],
+        "fingerprint": fingerprint(_UNKNOWN_TEXT),
         "tables": [],
         "columns_masked": [],
         "decision": "passed",
