@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from rules.masks import ColumnType
 from rules.model import MaskSpec, Policy
+from rules.views import derive_view_masks, view_code_refusals, view_reads
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,6 @@ class ProtectionMap:
                 )
                 self._add(Protected(rel, masks, prev.rule_table, prev.subject))
         self._protect_ancestors(catalog)
-        from rules.views import derive_view_masks, view_code_refusals, view_reads
-
         # views that call code masked roles may not run (a function not on the allow list,
         # one that runs SQL text): refused whether or not they read protected tables
         self.view_refusals = view_code_refusals(catalog, policy)

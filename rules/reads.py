@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pglast.ast
 import pglast.enums
 from pglast import parse_sql
 
 from rules import grammar
-from rules.catalog import Protected
+from rules.catalog import Catalog, Protected, ProtectionMap
 from rules.denied import (
     DENIED_FUNCTIONS,
     DENIED_PREFIXES,
@@ -40,10 +40,9 @@ from rules.denied import (
 )
 from rules.fields import Owners
 from rules.masks import sql_expr, sql_literal
+from rules.model import Policy
+from rules.nodes import descendants
 from rules.settings import keeps_pinned, set_config_keeps_pinned
-
-if TYPE_CHECKING:
-    from rules.analyzer import Analyzer
 
 # The AST is walked generically (attributes by name, optional everywhere); typing it node by
 # node would cost more casts than it would catch.
@@ -169,9 +168,64 @@ def _function_items(item: Any) -> set[tuple[str, str]]:
     return {(label, name) for name in names}
 
 
+def names_defined(stmts: Any) -> frozenset[str]:
+    """Names the statement itself gives to columns: target aliases, column alias lists,
+    CTE column names, column definitions (of temp tables or function results)."""
+    names: set[str] = set()
+    for n in descendants(stmts):
+        if isinstance(n, ast.ResTarget) and n.name:
+            names.add(n.name)
+        elif isinstance(n, ast.Alias):
+            names.update(name_of(c) for c in n.colnames or ())
+        elif isinstance(n, ast.CommonTableExpr):
+            names.update(name_of(c) for c in n.aliascolnames or ())
+        elif isinstance(n, ast.ColumnDef) and n.colname:
+            names.add(n.colname)
+    return frozenset(names)
+
+
+def names_referenced(
+    stmts: Any,
+) -> tuple[frozenset[str] | None, frozenset[tuple[str, str]]]:
+    """Every name the statements mention in column references and USING lists (None when
+    they may use columns without naming them: *, NATURAL joins), and the two-part
+    references `q.name` as (q, name). `c.name` names the column `name` of `c`, not the
+    whole row of `c`, unless `name` is no column of c (see masking_subquery); in `a.b.c`
+    the middle part may be a table or a composite column, so only the first part of a
+    qualified name is left out of the names."""
+    names: set[str] = set()
+    qualified: set[tuple[str, str]] = set()
+    for n in descendants(stmts):
+        if isinstance(n, ast.A_Star):
+            return None, frozenset()
+        if isinstance(n, ast.JoinExpr):
+            if n.isNatural or n.alias is not None:
+                # a join alias names the row of the whole join: `j`, `j.f` may read all
+                return None, frozenset()
+            for u in n.usingClause or ():
+                names.add(name_of(u))
+        elif isinstance(n, ast.ColumnRef):
+            fields = n.fields
+            names.update(name_of(f) for f in (fields[1:] if len(fields) > 1 else fields))
+            if len(fields) == 2:
+                qualified.add((name_of(fields[0]), name_of(fields[1])))
+        elif isinstance(n, ast.CopyStmt) and n.relation is not None:
+            return None, frozenset()  # COPY t TO: every column
+    return frozenset(names), frozenset(qualified)
+
+
+class Analysis(Protocol):
+    """What the walk reads of the analyser that runs it (rules.analyzer.Analyzer): named by
+    what it needs, so that this module does not import the analyser that imports it."""
+
+    pmap: ProtectionMap
+    policy: Policy
+    catalog: Catalog
+
+
 @dataclass
 class ReadRewrite:
-    an: Analyzer
+    an: Analysis
     changes: int = 0
     touched: set[str] = field(default_factory=set)
     masked_columns: set[str] = field(default_factory=set)
@@ -1351,32 +1405,3 @@ def _from_items(items: Any) -> Iterator[Any]:
 
 def _holds_node(value: Any) -> bool:
     return any(isinstance(v, ast.Node) for v in _flat(value))
-
-
-def children(node: Any) -> Iterator[Any]:
-    if node is None:
-        return
-    if isinstance(node, tuple | list):
-        for item in node:
-            if isinstance(item, ast.Node):
-                yield item
-            elif isinstance(item, tuple | list):
-                yield from children(item)
-        return
-    if isinstance(node, ast.Node):
-        for attr in node:
-            value = getattr(node, attr)
-            if isinstance(value, ast.Node):
-                yield value
-            elif isinstance(value, tuple | list):
-                yield from children(value)
-
-
-def descendants(node: Any, skip_selects: bool = False) -> Iterator[Any]:
-    stack = list(children(node)) if not isinstance(node, ast.Node) else [node]
-    while stack:
-        n = stack.pop()
-        yield n
-        if skip_selects and isinstance(n, ast.SelectStmt):
-            continue
-        stack.extend(children(n))

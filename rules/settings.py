@@ -25,6 +25,7 @@ from typing import Any, Final
 from pglast import ast
 
 from rules.denied import PINNED_SETTINGS, REPORTED_SETTINGS
+from rules.nodes import descendants
 
 # (kind, setting, value). kinds: set, local (SET LOCAL: until the transaction ends), reset_all
 # (RESET ALL, DISCARD ALL), begin, commit, rollback, savepoint, release, rollback_to (the
@@ -74,7 +75,7 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 _BACKSLASH_QUOTE = frozenset({"safe_encoding", "on", "off", "true", "false", "yes", "no", "1", "0"})
 _TRUE = ("true", "yes")
 _FALSE = ("false", "no")
-# what each transaction statement does (rules.analyzer's statement kinds)
+# what each transaction statement does (rules.effects' effect kinds)
 TX_KINDS: Final = {
     "TRANS_STMT_BEGIN": "begin",
     "TRANS_STMT_START": "begin",
@@ -234,8 +235,6 @@ def _set_config_calls(node: Any) -> list[SettingOp]:
     """set_config(setting, value, is_local) calls with constant arguments on a reading
     setting, in the order they stand in the text (the order they run is the plan's: the
     session's prediction is checked against the server's report either way)."""
-    from rules.reads import descendants  # (rules.reads imports much: only when needed)
-
     found: list[tuple[int, SettingOp]] = []
     for n in descendants(node):
         if not isinstance(n, ast.FuncCall) or not n.funcname:

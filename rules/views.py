@@ -33,13 +33,12 @@ import pglast.ast
 from pglast import parse_sql
 from pglast.parser import ParseError
 
-from rules.catalog import Catalog
 from rules.denied import DENIED_FUNCTIONS, DENIED_PREFIXES, DENIED_RELATIONS
 from rules.masks import fits
 from rules.model import MaskSpec, Policy
 
 if TYPE_CHECKING:
-    from rules.catalog import ProtectionMap
+    from rules.catalog import Catalog, ProtectionMap
 
 ast: Any = pglast.ast
 

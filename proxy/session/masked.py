@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import re
 import secrets
 import struct
@@ -46,6 +45,8 @@ from typing import Protocol
 
 import pglast
 
+from audit.redaction import fingerprint as audit_fingerprint
+from audit.redaction import redact
 from proxy.session.reading import ReadingTracker, sensitivity, statement_text
 from proxy.session.statements import (
     Cause,
@@ -59,9 +60,10 @@ from proxy.session.statements import (
 )
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.analyzer import NOT_PARSED, Decision, Effects
-from rules.context import ContextHolder, MaskingContext, redact
+from rules.context import ContextHolder, MaskingContext
+from rules.decision import NOT_PARSED, Decision
 from rules.denied import DENY_WRITE_MARKER
+from rules.effects import Effects
 from rules.literals import NO_WORDS, Words, statement_words
 from rules.masks import ColumnType, py_mask
 from rules.missing import COLUMN_OR_FUNCTION, created_here, missing_name
@@ -767,7 +769,7 @@ def event_fields(sql: str, d: Decision, action: str, reason: str | None) -> dict
         text, fingerprint = d.redacted, d.fingerprint  # computed once per statement shape
     else:
         text = redact(sql)
-        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        fingerprint = audit_fingerprint(text)
     fields: dict[str, object] = {
         "kinds": list(d.kinds),
         "statement": text,
@@ -1519,7 +1521,7 @@ def _unanalysed(kind: str, text: str) -> dict[str, object]:
     return {
         "kinds": [kind],
         "statement": text,
-        "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "fingerprint": audit_fingerprint(text),
         "tables": [],
         "columns_masked": [],
         "columns_raw": [],

@@ -67,7 +67,6 @@ No I/O; nothing from a row but subject keys leaves this module.
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 import struct
 import time
@@ -77,10 +76,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from audit.redaction import fingerprint
 from proxy.session.reading import Reading, ReadingTracker, server_name
 from proxy.wire import messages as m
-from rules.analyzer import Effect, Effects
 from rules.context import ContextHolder
+from rules.effects import Effect, Effects
 from rules.keys import OID_TYPES, Value, parameter_value, row_key
 from rules.settings import SettingOp
 from rules.subjects import NamedKeys, ParamKey, bound_keys
@@ -2225,7 +2225,7 @@ def _unknown_fields(kind: str) -> dict[str, object]:
     return {
         "kinds": [kind],
         "statement": _UNKNOWN_TEXT,
-        "fingerprint": hashlib.sha256(_UNKNOWN_TEXT.encode()).hexdigest()[:16],
+        "fingerprint": fingerprint(_UNKNOWN_TEXT),
         "tables": [],
         "columns_masked": [],
         "decision": "passed",

@@ -207,7 +207,7 @@ LEAKS: list[Case] = [
         ),
         note="q.f on a scalar function's range variable is f(q): column_ref() checks f only "
         "when it is a user function's name, and lets any other name through when the "
-        "statement defines it (_defined_names: `AS ts_stat`); DENIED_FUNCTIONS is never "
+        "statement defines it (names_defined: `AS ts_stat`); DENIED_FUNCTIONS is never "
         "consulted for t.f",
     ),
     Case(

@@ -1,5 +1,5 @@
 """Attacks on qualified column references (`c.f`, `schema.table.f`), after the analyser
-stopped counting `c.name` as a whole-row reference to `c` (rules/analyzer.py, _references and
+stopped counting `c.name` as a whole-row reference to `c` (rules/reads.py, names_referenced and
 masking_subquery).
 
 PostgreSQL reads `c.f` as `f(c)` when f is no column of c: a function of the whole row

@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 
+from audit.redaction import redact
 from proxy.session.engine import _CLIENT_CAPTURE_MASKED, _SERVER_CAPTURE_MASKED
 from proxy.session.masked import (
     _PROBE_LENGTH,
@@ -21,7 +22,7 @@ from proxy.session.masked import (
 from proxy.session.statements import Cause, Source
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner
-from rules.context import ContextHolder, MaskingContext, redact
+from rules.context import ContextHolder, MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES, rel
 

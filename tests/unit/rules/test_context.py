@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rules.context import MaskingContext, normalize
+from rules.context import MaskingContext
 from rules.loader import parse_rules
+from rules.shapes import normalize
 from tests.unit.rules.fixtures import CATALOG, RULES
 
 
@@ -84,11 +85,11 @@ def test_placeholder_spelled_by_unicode_escape_never_receives_a_literal(
 
 
 def test_a_bulk_statement_is_analysed_as_it_is_and_not_cached(ctx: MaskingContext) -> None:
-    from rules.context import LARGE_STATEMENT
+    from rules.shapes import LARGE_STATEMENT
 
     rows = ", ".join(f"({i}, 'x{i}')" for i in range(LARGE_STATEMENT // 8))
     sql = f"INSERT INTO public.notes (id, body) VALUES {rows}"
     assert len(sql) > LARGE_STATEMENT
     assert ctx.analyze(sql).action == "pass"
     assert ctx.analyze(sql).action == "pass"
-    assert ctx.cache_hits == 0 and sql not in ctx._cache
+    assert ctx.cache_hits == 0 and sql not in ctx.decisions._cache

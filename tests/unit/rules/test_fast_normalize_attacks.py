@@ -26,17 +26,11 @@ from pglast import parse_sql
 from pglast.parser import ParseError, scan
 from pglast.parser import normalize as normalize_literals
 
-from rules.analyzer import Decision
-from rules.context import (
-    _LITERAL_TOKENS,
-    _PLACEHOLDER,
-    MaskingContext,
-    _glues,
-    _shape_text,
-    fast_normalize,
-    literals_of,
-)
+from audit.redaction import LITERAL_TOKENS
+from rules.context import MaskingContext
+from rules.decision import Decision
 from rules.loader import parse_rules
+from rules.shapes import _PLACEHOLDER, _glues, _shape_text, fast_normalize, literals_of
 from tests.unit.rules.fixtures import CATALOG, RULES
 
 _KEYWORD_CONSTANTS = frozenset({"NULL_P", "TRUE_P", "FALSE_P"})
@@ -76,7 +70,7 @@ def _assert_sound_normalisation(sql: str, shape: str, literals: list[str]) -> No
     for lit in literals:
         tokens = scan(lit)
         assert len(tokens) == 1, lit
-        assert tokens[0].name in _LITERAL_TOKENS | _KEYWORD_CONSTANTS, lit
+        assert tokens[0].name in LITERAL_TOKENS | _KEYWORD_CONSTANTS, lit
         assert (tokens[0].start, tokens[0].end) == (0, len(lit) - 1), lit
     original = scan(sql)
     shaped = scan(shape)

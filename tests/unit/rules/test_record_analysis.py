@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from pglast import parse_sql
 from pglast.parser import normalize
 
-from rules.context import MaskingContext, fast_normalize, literals_of
+from rules.context import MaskingContext
 from rules.loader import parse_rules
+from rules.shapes import fast_normalize, literals_of
 from tests.unit.rules.fixtures import CATALOG, RULES
 
 
