@@ -14,6 +14,7 @@ return a literal of the statement: a text that cannot be tokenised is not shown 
 from __future__ import annotations
 
 import hashlib
+from typing import Final
 
 from pglast.parser import ParseError, scan
 
@@ -24,6 +25,9 @@ _WORD_TOKENS = frozenset({"IDENT", "UIDENT"})  # names (or, in a text that does 
 # client uses
 PLACEHOLDER_BASE = 900_000
 NOT_SHOWN = "<not shown: cannot be tokenised>"
+
+
+_COMMENT_TOKENS: Final = frozenset(("C_COMMENT", "SQL_COMMENT"))  # (pglast's scan keeps them)
 
 
 def redact(sql: str, names: bool = True) -> str:
@@ -41,6 +45,8 @@ def redact(sql: str, names: bool = True) -> str:
         return NOT_SHOWN
     out = []
     for t in tokens:
+        if t.name in _COMMENT_TOKENS:
+            continue  # free text: a client may write anything there (an ORM tag, a name)
         text = sql[t.start : t.end + 1]
         literal = t.name in LITERAL_TOKENS or (t.name == "PARAM" and _is_placeholder(text))
         word = t.name in _WORD_TOKENS or t.kind not in ("RESERVED_KEYWORD", "NO_KEYWORD")

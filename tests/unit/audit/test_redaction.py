@@ -67,3 +67,22 @@ def test_a_decision_carries_the_redacted_text_and_its_fingerprint(sql: str) -> N
     for d in (ctx.analyze(sql), ctx.analyze(sql, audit_only=True)):
         assert d.redacted == redact(sql)
         assert d.fingerprint == fingerprint(d.redacted)
+
+
+@pytest.mark.parametrize("names", [True, False])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT name /* Ann Smith */ FROM t -- ann@example.com",
+        "/* controller='invoice',customer='Ann Smith' */ SELECT name FROM t",
+        "SELECT name FROM t /* outer /* nested Ann */ Smith */ WHERE id = 1",
+        "SELECT name -- Ann Smith\nFROM t",
+    ],
+)
+def test_comments_are_not_shown(sql: str, names: bool) -> None:
+    """A comment is free text (sqlcommenter tags, notes typed by hand): none of it may
+    reach an event, in either mode."""
+    shown = redact(sql, names=names)
+    for word in ("Ann", "Smith", "ann@example.com", "invoice", "nested", "outer", "/*", "--"):
+        assert word not in shown
+    assert shown.split()[0] in ("SELECT", "?") and "FROM" in shown
