@@ -2,7 +2,9 @@
 connections, TLS, cancel forwarding, backpressure, limits, graceful shutdown and reload.
 
 This is the only layer that touches sockets, TLS and signals. It holds no protocol logic:
-every protocol decision is the `Session` engine's; this module carries out its actions.
+every protocol decision is the `Session` engine's, and which client bytes wait for their
+audit events is the audit gate's (audit/gate.py); this module carries out both kinds of
+action through one table (HANDLERS, from action class to handler).
 It must not log message bodies (they may hold personal data).
 """
 
