@@ -14,6 +14,10 @@ dropped and counted. With `on_failure: drop` statements run and every event that
 be queued is dropped and counted; results are not withheld. Nothing here sees statement
 literals or row values: callers pass only what audit events may hold.
 
+Which client bytes wait for which events is decided by the result gate (audit/gate.py,
+sans I/O, sessions as opaque handles); the shell carries its decisions out. This module
+drives the queue and the sinks only: it must not touch a client or server connection.
+
 The writer also keeps the chain provable (audit/anchors.py): it seals a checkpoint every
 `checkpoint_every` events, every `checkpoint_interval` seconds while events come, as the
 last event of a file before it is rotated, at start when a chain goes on, and at shutdown;
@@ -30,7 +34,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from audit import resume
 from audit.anchors import AnchorFile, key_id, newest_anchor, seal_with
 from audit.events import CHECKPOINT, GAP, Chain
 from audit.files import ROTATE
+from audit.gate import Abort, GateAction, ResultGate
 from audit.sinks import FileSink, SinkBacklogged, SyncSink, TableSink
 
 _log = logging.getLogger("pgveil.audit")
@@ -91,45 +96,32 @@ class AuditWriter:
         self.dropped = 0
         self.failures = 0
         self.recovered = asyncio.Event()
-        # batching (see `batch_writes`): lines linked but not yet written, and the client
-        # bytes that must wait for them
+        # batching (see `batch_writes`): lines linked but not yet written; what becomes of
+        # the client bytes that wait for them is the gate's decision (audit/gate.py)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unwritten: list[bytes] = []
-        self._owners: set[asyncio.Transport] = set()  # clients whose results need them
-        self._held: list[tuple[asyncio.Transport, bytes, asyncio.Transport | None]] = []
         self._scheduled = False
-        # client bytes withheld because their events could not be written: released when
-        # the sinks are back, or their connections closed after `_hold_timeout` seconds
-        self._stranded: dict[asyncio.Transport, _Withheld] = {}
-        self._hold_timeout = 5.0
-        self.withheld = 0  # connections closed because their results could not be recorded
+        self.gate = ResultGate(on_failure == "block", self._schedule)
+        self._apply: Callable[[list[GateAction]], None] = _unapplied
 
-    def batch_writes(self, loop: asyncio.AbstractEventLoop, hold_timeout: float = 5.0) -> None:
-        """Write the file and stdout sinks once per event-loop iteration instead of once per
-        event. Results must then reach their clients after their events: the proxy hands
-        client bytes to `hold` while `holding` is True, and `release` (run once the
-        iteration's I/O callbacks are done) writes the events, then those bytes, in order.
-        When the events cannot be written, the bytes of the clients they belong to are
-        withheld (and everything after them for those clients) until the sinks take the
-        events; after `hold_timeout` seconds those connections are closed instead. So a
-        result never reaches its client before its event is handed to the operating
-        system."""
-        self._loop = loop
-        self._hold_timeout = hold_timeout
-
-    @property
-    def holding(self) -> bool:
-        """True while client bytes must go through `hold`: events of this iteration wait
-        for their write, or results are withheld."""
-        return bool(self._unwritten or self._stranded)
-
-    def hold(
-        self, transport: asyncio.Transport, data: bytes, upstream: asyncio.Transport | None = None
+    def batch_writes(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        apply: Callable[[list[GateAction]], None],
+        hold_timeout: float = 5.0,
     ) -> None:
-        """Client bytes that go out in `release`. `upstream`: where they come from, paused
-        while too much of them is withheld."""
-        self._held.append((transport, data, upstream))
-        self._schedule()
+        """Write the file and stdout sinks once per event-loop iteration instead of once per
+        event. Results must then reach their clients after their events: the shell hands
+        client bytes to `gate.hold` while `gate.holding` is True, and `release` (run once
+        the iteration's I/O callbacks are done) writes the events, then hands `apply` the
+        gate's decisions about those bytes, in order (see audit/gate.py): delivered,
+        withheld until the sinks take the events, or their connections aborted after
+        `hold_timeout` seconds. So a result never reaches its client before its event is
+        handed to the operating system. `apply` carries the decisions out; nothing here
+        touches a client connection."""
+        self._loop = loop
+        self._apply = apply
+        self.gate.hold_timeout = hold_timeout
 
     def _schedule(self) -> None:
         if not self._scheduled and self._loop is not None:
@@ -137,47 +129,32 @@ class AuditWriter:
             self._loop.call_soon(self.release)
 
     def release(self) -> None:
-        """Write the events of this iteration, then the client bytes held back for them."""
+        """Write the events of this iteration, then let the gate decide on the client bytes
+        held back for them."""
         self._scheduled = False
-        held, self._held = self._held, []
-        owners, self._owners = self._owners, set()
         written = True
         if self._unwritten:
             lines, self._unwritten = self._unwritten, []
             written = self._write_linked(lines)
-        stranded = self._stranded
-        block = self.on_failure == "block"  # (with drop, results go out regardless)
-        for transport, data, upstream in held:
-            withheld = stranded.get(transport)
-            if withheld is None and not written and block and transport in owners:
-                withheld = stranded[transport] = _Withheld(upstream)
-            if withheld is not None:
-                withheld.add(data)  # behind what is withheld already
-            elif not transport.is_closing():
-                transport.write(data)
+        actions = self.gate.release(written, time.monotonic())
+        if actions:
+            self._apply(actions)
 
-    def _release_stranded(self) -> None:
-        """The sinks took every queued event: what was withheld goes out, in order."""
-        stranded, self._stranded = self._stranded, {}
-        for transport, withheld in stranded.items():
-            if not transport.is_closing():
-                transport.write(b"".join(withheld.chunks))
-            withheld.resume()
-
-    def _expire_stranded(self) -> None:
-        """Withheld too long: the connections are closed; their results are never shown."""
-        now = time.monotonic()
-        expired = [t for t, w in self._stranded.items() if now - w.since >= self._hold_timeout]
-        if not expired:
+    def _expire_withheld(self) -> None:
+        """Withheld too long: the connections are aborted; their results are never shown."""
+        actions = self.gate.expire(time.monotonic())
+        if not actions:
             return
-        self.withheld += len(expired)
         _log.error(
             "audit.results_withheld",
-            extra={"fields": {"connections": len(expired), "reason": "audit sink failing"}},
+            extra={
+                "fields": {
+                    "connections": sum(isinstance(a, Abort) for a in actions),
+                    "reason": "audit sink failing",
+                }
+            },
         )
-        for transport in expired:
-            self._stranded.pop(transport).resume()
-            transport.abort()
+        self._apply(actions)
 
     async def start(self) -> None:
         """Check the ends of the file and the table against the newest anchor and go on
@@ -272,12 +249,13 @@ class AuditWriter:
         event_type: str,
         fields: Mapping[str, Any],
         who: Mapping[str, Any] | None = None,
-        owner: asyncio.Transport | None = None,
+        owner: Hashable | None = None,
     ) -> bool:
         """Record one event. False when it was dropped (counted): the queue is full and
         no result waits for it, or `on_failure` is drop. `owner`: the client whose results
         wait for this event (see `batch_writes`); under block such an event is always
-        taken, so that no result goes out without its event."""
+        taken, so that no result goes out without its event. The owner is an opaque handle
+        the shell chooses (audit/gate.py)."""
         # while no sink fails the file and stdout queues are empty: only the table's counts
         if (
             (self._failing or self._table_queue)
@@ -294,11 +272,10 @@ class AuditWriter:
             self.checkpoint("count")
         return True
 
-    def _deliver(self, event: dict[str, Any], line: bytes, owner: asyncio.Transport | None) -> None:
+    def _deliver(self, event: dict[str, Any], line: bytes, owner: Hashable | None) -> None:
         if self._loop is not None and self.sinks:
             self._unwritten.append(line)
-            if owner is not None:
-                self._owners.add(owner)
+            self.gate.linked(owner)
             self._schedule()
         else:
             self._write_linked([line])
@@ -398,8 +375,8 @@ class AuditWriter:
             _log.info("audit.recovered", extra={"fields": {"sink": name}})
             if not self._failing:
                 self.recovered.set()
-        if self._stranded and not any(s.name in self._failing for s in self.sinks):
-            self._release_stranded()
+        if self.gate.stranded and not any(s.name in self._failing for s in self.sinks):
+            self._apply(self.gate.recovered())
 
     async def run(self) -> None:
         """Deliver to the table sink and retry failed sinks, until cancelled."""
@@ -418,7 +395,7 @@ class AuditWriter:
             for sink in self.sinks:
                 if sink.name in self._failing:
                     self._flush(sink)
-            self._expire_stranded()
+            self._expire_withheld()
             await self._drain_table()
 
     async def _drain_table(self) -> None:
@@ -449,7 +426,7 @@ class AuditWriter:
         for sink in self.sinks:
             if self._pending[sink.name]:
                 self._flush(sink)  # what was withheld goes out if the sinks take it now
-        self._stranded.clear()  # else their connections close with the proxy
+        self.gate.clear()  # else their connections close with the proxy
         for sink in self.sinks:
             try:
                 sink.close()
@@ -476,31 +453,5 @@ def _error_text(exc: Exception) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
 
 
-WITHHELD_HIGH_WATER = 1 << 20  # withheld bytes per client before its server is paused
-
-
-class _Withheld:
-    """A client's bytes withheld until the events they follow are written."""
-
-    __slots__ = ("chunks", "paused", "since", "size", "upstream")
-
-    def __init__(self, upstream: asyncio.Transport | None) -> None:
-        self.since = time.monotonic()
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.upstream = upstream
-        self.paused = False
-
-    def add(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
-        upstream = self.upstream
-        if self.size > WITHHELD_HIGH_WATER and not self.paused and upstream is not None:
-            self.paused = not upstream.is_closing()
-            if self.paused:
-                upstream.pause_reading()  # the server waits, not pgveil's memory
-
-    def resume(self) -> None:
-        if self.paused and self.upstream is not None and not self.upstream.is_closing():
-            self.upstream.resume_reading()
-        self.paused = False
+def _unapplied(actions: list[GateAction]) -> None:
+    """Where the gate's decisions go before `batch_writes`: nowhere (nothing is held)."""

@@ -62,14 +62,14 @@ class Stats:
                     total[i] += c
         for cls, c in session.error_classes.items():
             self.error_classes[cls] = self.error_classes.get(cls, 0) + c
-        f = session.masked
-        if f is not None:
-            self.statements["pass"] += f.counters.passed
-            self.statements["rewrite"] += f.counters.rewritten
-            self.statements["refuse"] += f.counters.refused
-            self.notifications_withheld += f.counters.notifications_withheld
-            self.notices_withheld += f.counters.notices_withheld
-            self.exit_check_violations += f.counters.exit_check_violations
+        mc = session.filter.counters
+        if mc is not None:
+            self.statements["pass"] += mc.passed
+            self.statements["rewrite"] += mc.rewritten
+            self.statements["refuse"] += mc.refused
+            self.notifications_withheld += mc.notifications_withheld
+            self.notices_withheld += mc.notices_withheld
+            self.exit_check_violations += mc.exit_check_violations
 
 
 class LiveSession:
@@ -175,14 +175,14 @@ def _masking_families(
     notices = s.notices_withheld
     violations = s.exit_check_violations
     for conn in live:
-        f = conn.session.masked
-        if f is not None:
-            statements["pass"] += f.counters.passed
-            statements["rewrite"] += f.counters.rewritten
-            statements["refuse"] += f.counters.refused
-            withheld += f.counters.notifications_withheld
-            notices += f.counters.notices_withheld
-            violations += f.counters.exit_check_violations
+        c = conn.session.filter.counters
+        if c is not None:
+            statements["pass"] += c.passed
+            statements["rewrite"] += c.rewritten
+            statements["refuse"] += c.refused
+            withheld += c.notifications_withheld
+            notices += c.notices_withheld
+            violations += c.exit_check_violations
     yield CounterMetricFamily(
         "pgveil_masked_sessions", "Sessions classified as masked", value=s.masked_sessions
     )

@@ -2,7 +2,9 @@
 connections, TLS, cancel forwarding, backpressure, limits, graceful shutdown and reload.
 
 This is the only layer that touches sockets, TLS and signals. It holds no protocol logic:
-every protocol decision is the `Session` engine's; this module carries out its actions.
+every protocol decision is the `Session` engine's, and which client bytes wait for their
+audit events is the audit gate's (audit/gate.py); this module carries out both kinds of
+action through one table (HANDLERS, from action class to handler).
 It must not log message bodies (they may hold personal data).
 """
 
@@ -23,6 +25,7 @@ import asyncpg
 from audit.anchors import load_key
 from audit.events import new_id
 from audit.files import AuditFileError
+from audit.gate import Abort, Deliver, GateAction, PauseServer, ResumeServer
 from audit.sinks import FileSink, StdoutSink, SyncSink, TableSink
 from audit.writer import AuditWriter
 from proxy import logs
@@ -30,23 +33,21 @@ from proxy.catalog import UNKNOWN_NAME_WAIT, MaskingManager, RulesMismatch
 from proxy.config import ConfigError, ProxyConfig, anchor_file
 from proxy.logs import log
 from proxy.metrics import LiveSession, Metrics, MetricsServer, Stats
-from proxy.session.engine import (
+from proxy.session.actions import (
     JUST_FORWARD,
     Action,
     AwaitCatalog,
     ClassifyLogin,
     CloseSession,
     ConnectUpstream,
-    Phase,
+    Forward,
     RecordSessionStart,
     SendCancel,
     SendToClient,
     SendToServer,
-    Session,
-    SessionSettings,
     StartClientTLS,
-    _Forward,
 )
+from proxy.session.engine import Phase, Session, SessionSettings
 from proxy.wire.messages import SSLRequest
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import RulesError
@@ -155,9 +156,9 @@ class UpstreamConnection(_Pipe):
             if actions is JUST_FORWARD:
                 ct = client.transport
                 if ct is not None:
-                    audit = client.server.audit
-                    if audit is not None and audit.holding:
-                        audit.hold(ct, data, self.transport)  # after this turn's events
+                    gate = client.server.gate
+                    if gate is not None and gate.holding:
+                        gate.hold(client, data)  # after this iteration's events
                     else:
                         ct.write(data)
             else:
@@ -320,49 +321,90 @@ class ClientConnection(_Pipe, LiveSession):
     # -- actions ------------------------------------------------------------------------
 
     def run(self, actions: Sequence[Action], data: bytes, *, to_server: bool) -> None:
-        audit = self.server.audit
+        """Carry out the engine's actions in order (`data`: the chunk FORWARD means, sent
+        on towards the server when `to_server`), each by its handler in HANDLERS."""
         for action in actions:
-            if isinstance(action, _Forward):
-                target = self.upstream_transport if to_server else self.transport
-                if target is not None:
-                    if not to_server and audit is not None and audit.holding:
-                        audit.hold(target, data, self.upstream_transport)  # after events
-                    else:
-                        target.write(data)
-            elif isinstance(action, SendToClient):
-                if self.transport is not None and not self.transport.is_closing():
-                    if audit is not None and audit.holding:
-                        audit.hold(self.transport, action.data, self.upstream_transport)
-                    else:
-                        self.transport.write(action.data)
-            elif isinstance(action, SendToServer):
-                ut = self.upstream_transport
-                if ut is not None and not ut.is_closing():
-                    ut.write(action.data)
-            elif isinstance(action, CloseSession):
-                if audit is not None and audit.holding:
-                    audit.release()  # what the client is owed goes out before the close
-                self.close(action.reason)
-            elif isinstance(action, ConnectUpstream):
-                self._spawn(self._connect(action.startup_packet))
-            elif isinstance(action, ClassifyLogin):
-                self._spawn(self._classify(action.user))
-            elif isinstance(action, RecordSessionStart):
-                self._session_started = True
-                # no result waits for it: the login's answers go out even when it cannot
-                # be written (statements on personal data are what the audit blocks)
-                self.audit_event("session.start", {}, owned=False)
-            elif isinstance(action, StartClientTLS):
-                if audit is not None and audit.holding:
-                    audit.release()  # the 'S' answer goes out before the handshake starts
-                self._spawn(self._start_tls())
-            elif isinstance(action, SendCancel):
-                # owned by the server: it must outlive this connection, which closes now
-                self.server.spawn(self.server.forward_cancel(action.request))
-            elif isinstance(action, AwaitCatalog):
-                self._spawn(self._await_catalog(action))
-            else:  # pragma: no cover - every action type is handled above
-                raise TypeError(f"unknown action {action!r}")
+            HANDLERS[type(action)](self, action, data, to_server)
+
+    # Handlers: one per action class, engine's and audit gate's alike (see HANDLERS).
+
+    def _forward(self, action: Forward, data: bytes, to_server: bool) -> None:
+        if to_server:
+            ut = self.upstream_transport
+            if ut is not None:
+                ut.write(data)
+        else:
+            self._to_client(data)
+
+    def _send_to_client(self, action: SendToClient, data: bytes, to_server: bool) -> None:
+        self._to_client(action.data)
+
+    def _to_client(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            gate = self.server.gate
+            if gate is not None and gate.holding:
+                gate.hold(self, data)  # after this iteration's events (audit/gate.py)
+            else:
+                transport.write(data)
+
+    def _send_to_server(self, action: SendToServer, data: bytes, to_server: bool) -> None:
+        ut = self.upstream_transport
+        if ut is not None and not ut.is_closing():
+            ut.write(action.data)
+
+    def _close_session(self, action: CloseSession, data: bytes, to_server: bool) -> None:
+        self._release_held()  # what the client is owed goes out before the close
+        self.close(action.reason)
+
+    def _release_held(self) -> None:
+        gate = self.server.gate
+        if gate is not None and gate.holding and self.server.audit is not None:
+            self.server.audit.release()
+
+    def _connect_upstream(self, action: ConnectUpstream, data: bytes, to_server: bool) -> None:
+        self._spawn(self._connect(action.startup_packet))
+
+    def _classify_login(self, action: ClassifyLogin, data: bytes, to_server: bool) -> None:
+        self._spawn(self._classify(action.user))
+
+    def _record_session_start(
+        self, action: RecordSessionStart, data: bytes, to_server: bool
+    ) -> None:
+        self._session_started = True
+        # no result waits for it: the login's answers go out even when it cannot be
+        # written (statements on personal data are what the audit blocks)
+        self.audit_event("session.start", {}, owned=False)
+
+    def _start_client_tls(self, action: StartClientTLS, data: bytes, to_server: bool) -> None:
+        self._release_held()  # the 'S' answer goes out before the handshake starts
+        self._spawn(self._start_tls())
+
+    def _send_cancel(self, action: SendCancel, data: bytes, to_server: bool) -> None:
+        # owned by the server: it must outlive this connection, which closes now
+        self.server.spawn(self.server.forward_cancel(action.request))
+
+    def _await_catalog_action(self, action: AwaitCatalog, data: bytes, to_server: bool) -> None:
+        self._spawn(self._await_catalog(action))
+
+    def _deliver_held(self, action: Deliver, data: bytes, to_server: bool) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(action.data)
+
+    def _pause_server(self, action: PauseServer, data: bytes, to_server: bool) -> None:
+        ut = self.upstream_transport
+        if ut is not None and not ut.is_closing():
+            ut.pause_reading()  # the server waits, not pgveil's memory
+
+    def _resume_server(self, action: ResumeServer, data: bytes, to_server: bool) -> None:
+        ut = self.upstream_transport
+        if ut is not None and not ut.is_closing():
+            ut.resume_reading()
+
+    def _abort(self, action: Abort, data: bytes, to_server: bool) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -381,8 +423,7 @@ class ClientConnection(_Pipe, LiveSession):
         if self._closed:
             return
         self.run(self.session.catalog_awaited(), b"", to_server=True)
-        masked = self.session.masked
-        waiting = masked is not None and masked.awaiting is not None
+        waiting = self.session.awaiting_catalog
         if self.transport is not None and self._audit_wait is None and not waiting:
             self.transport.resume_reading()
 
@@ -554,7 +595,8 @@ class ClientConnection(_Pipe, LiveSession):
                 "database": info.database,
                 "tls": info.client_tls,
             }
-        return writer.submit(event_type, fields, who, self.transport if owned else None)
+        # the connection itself is the gate's handle for this session (audit/gate.py)
+        return writer.submit(event_type, fields, who, self if owned else None)
 
     def close(self, reason: str) -> None:
         if self._closed:
@@ -604,11 +646,38 @@ class ClientConnection(_Pipe, LiveSession):
                 )
 
 
+Handler = Callable[[ClientConnection, Any, bytes, bool], None]
+HANDLERS: dict[type, Handler] = {
+    # the engine's actions (proxy/session/actions.py)
+    Forward: ClientConnection._forward,
+    SendToClient: ClientConnection._send_to_client,
+    SendToServer: ClientConnection._send_to_server,
+    CloseSession: ClientConnection._close_session,
+    ConnectUpstream: ClientConnection._connect_upstream,
+    ClassifyLogin: ClientConnection._classify_login,
+    RecordSessionStart: ClientConnection._record_session_start,
+    StartClientTLS: ClientConnection._start_client_tls,
+    SendCancel: ClientConnection._send_cancel,
+    AwaitCatalog: ClientConnection._await_catalog_action,
+    # the audit gate's decisions (audit/gate.py)
+    Deliver: ClientConnection._deliver_held,
+    PauseServer: ClientConnection._pause_server,
+    ResumeServer: ClientConnection._resume_server,
+    Abort: ClientConnection._abort,
+}
+"""Every action the shell carries out, by class: one flat table (as mitmproxy's server
+maps commands), so no action is handled in two places and an unknown one fails loudly
+(KeyError)."""
+
+
 class ProxyServer:
     def __init__(self, config: ProxyConfig, policy: Policy | None = None) -> None:
         self.config = config
         self.masking = MaskingManager(config, policy) if policy is not None else None
         self.audit = audit_writer(config)
+        # which client bytes wait for audit events (audit/gate.py); its decisions are
+        # carried out by HANDLERS, as the engine's actions are
+        self.gate = self.audit.gate if self.audit is not None else None
         self._load_policy: Callable[[ProxyConfig], Policy | None] | None = None
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
@@ -640,6 +709,12 @@ class ProxyServer:
             while self.masking is masking and not self.draining:
                 await asyncio.sleep(0.5)
             task.cancel()
+
+    def apply_gate(self, actions: list[GateAction]) -> None:
+        """Carry out the audit gate's decisions, each on the connection it names."""
+        for action in actions:
+            conn = cast(ClientConnection, action.session)
+            HANDLERS[type(action)](conn, action, b"", False)
 
     def _contexts(self) -> list[MaskingContext]:
         return self.masking.contexts() if self.masking is not None else []
@@ -719,7 +794,9 @@ class ProxyServer:
             self.spawn(self._refresh_catalogs())
         if self.audit is not None:
             self.spawn(self.audit.run())
-            self.audit.batch_writes(asyncio.get_running_loop(), self.config.audit_block_timeout)
+            self.audit.batch_writes(
+                asyncio.get_running_loop(), self.apply_gate, self.config.audit_block_timeout
+            )
         if self.config.metrics is not None:
             self._metrics_server = MetricsServer(self.metrics, self.upstream_reachable)
             await self._metrics_server.start(self.config.metrics.host, self.config.metrics.port)

@@ -8,14 +8,18 @@ to the transports, and carries out the actions it returns, in order.
 Nothing before authentication: with masking rules the login is gated. The client may send
 only whole password messages until the server has authenticated it; the server's answers
 after AuthenticationOk are held until its ReadyForQuery, when the engine asks the shell to
-classify the login (ClassifyLogin) and then refuses it or installs the masked or recording
-filter and releases them (login_classified). Whatever the server says before that, a
-failed authentication or a missing database, reaches the client as the server said it.
+classify the login (ClassifyLogin) and then refuses it or installs the session's filter
+and releases them (login_classified). Whatever the server says before that, a failed
+authentication or a missing database, reaches the client as the server said it.
 
-The hot path is `client_data`/`server_data` in the READY phase: the scanners only track
-message boundaries and the engine answers with the shared `FORWARD` action, meaning "write
-the chunk you gave me to the other side unchanged". Nothing is decoded unless it is a
-message the engine must look at (ReadyForQuery, ErrorResponse, ParameterStatus, ...).
+In the READY phase the engine hands every chunk to its one filter (proxy/session/filters.py:
+pass-through, recording or masking), chosen once when the login is classified; the engine
+has no mode branches. It catches what ends a session (a protocol violation, SessionEnded)
+and checks a draining session for idleness in one place each. The hot path is the
+pass-through filter: the scanners only track message boundaries and it answers with the
+shared `FORWARD` action, meaning "write the chunk you gave me to the other side unchanged".
+Nothing is decoded unless it is a message the engine must look at (ReadyForQuery,
+ErrorResponse, ParameterStatus, ...).
 
 This module must not import asyncio or socket, and must not log or store message bodies
 beyond what a decision needs; bodies may hold personal data.
@@ -29,103 +33,51 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from proxy.session.masked import (
-    AuditHook,
-    MaskedFilter,
-    RecordingFilter,
-    SessionEnded,
-    ending,
-    lost_pairing,
+from proxy.session.actions import (
+    FORWARD,
+    JUST_FORWARD,
+    NOTHING,
+    Action,
+    AwaitCatalog,
+    ClassifyLogin,
+    CloseSession,
+    ConnectUpstream,
+    Forward,
+    RecordSessionStart,
+    SendCancel,
+    SendToClient,
+    SendToServer,
+    StartClientTLS,
 )
-from proxy.session.statements import StatementLog
+from proxy.session.filters import TX_UNKNOWN, Filter, Masking, PassThrough, Recording
+from proxy.session.masked import AuditHook, SessionEnded
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
 from rules.context import ContextHolder, MaskingContext
 
-# --- actions (imperative) --------------------------------------------------------------------
-
-
-class Action:
-    __slots__ = ()
-
-
-@dataclass(frozen=True, slots=True)
-class SendToClient(Action):
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SendToServer(Action):
-    data: bytes
-
-
-class _Forward(Action):
-    """Write the chunk just fed to the engine to the other side, unchanged."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "FORWARD"
-
-
-FORWARD: Final = _Forward()
-JUST_FORWARD: Final[tuple[Action, ...]] = (FORWARD,)
-"""The answer of the hot path; the shell may test for it by identity."""
+__all__ = [
+    "FORWARD",
+    "JUST_FORWARD",
+    "TX_UNKNOWN",
+    "UNCLASSIFIED",
+    "Action",
+    "AwaitCatalog",
+    "ClassifyLogin",
+    "CloseSession",
+    "ConnectUpstream",
+    "Forward",
+    "Phase",
+    "RecordSessionStart",
+    "SendCancel",
+    "SendToClient",
+    "SendToServer",
+    "Session",
+    "SessionInfo",
+    "SessionSettings",
+    "StartClientTLS",
+]
 _JUST_FORWARD = JUST_FORWARD
-_NOTHING: Final[tuple[Action, ...]] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class StartClientTLS(Action):
-    """Upgrade the client connection to TLS (after 'S' was written)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectUpstream(Action):
-    """Open the upstream connection and send it this startup packet."""
-
-    startup_packet: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SendCancel(Action):
-    """Deliver a CancelRequest to the upstream server on a connection of its own."""
-
-    request: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class CloseSession(Action):
-    """Flush what was written, then close both connections."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClassifyLogin(Action):
-    """The server accepted the login (its ReadyForQuery arrived): classify `user` (the
-    session user the server reports) and answer with `Session.login_classified` or
-    `Session.login_unclassifiable`. Until then the server's answers are held."""
-
-    user: str
-
-
-@dataclass(frozen=True, slots=True)
-class AwaitCatalog(Action):
-    """A masked session's statement names what the catalog read does not have: wait (a
-    bounded time) until `holder` has the result of catalog read number `read` (one that
-    began after the statement arrived), then call `Session.catalog_awaited`. The client's
-    stream waits meanwhile (see StatementFilter.resume)."""
-
-    holder: ContextHolder
-    read: int
-
-
-@dataclass(frozen=True, slots=True)
-class RecordSessionStart(Action):
-    """The login completed and its classification is known: record the session's start
-    (audit) before anything that follows reaches the client."""
-
+_NOTHING = NOTHING
 
 # --- state -----------------------------------------------------------------------------------
 
@@ -145,35 +97,9 @@ class Phase(enum.Enum):
 
 _READY: Final = Phase.READY  # a module global: one lookup fewer on the hot path
 FRONTEND_TYPES: Final = capture_mask(bytes(m.FRONTEND_NAMES))
-# In READY the engine looks at these frontend messages only; the rest are counted, skipped.
-# Requests are counted by the scanner, not captured, so the common chunk yields no list.
-_CLIENT_CAPTURE: Final = capture_mask(bytes((m.TERMINATE,)))
-# Audited unmasked sessions: every message that gets an answer of its own, to pair
-# statements with their outcomes (proxy/session/statements.py).
-# CopyDone and CopyFail too: a Sync sent before them may be swallowed by COPY FROM STDIN.
-_CLIENT_CAPTURE_RECORDED: Final = capture_mask(b"XQPBDESCFcf")
 _CLIENT_CAPTURE_AUTH: Final = capture_mask(bytes((m.TERMINATE, m.PASSWORD_MESSAGE)))
 _TOO_MUCH_BEFORE_LOGIN: Final = "pgveil: too much data sent before the login completed"
-# ReadyForQuery is not captured: its status byte is read in place (see server_data).
-_SERVER_CAPTURE_READY: Final = capture_mask(bytes((m.ERROR_RESPONSE, m.PARAMETER_STATUS)))
-_Z: Final = m.READY_FOR_QUERY
-_D: Final = m.DATA_ROW
-_COPY_DATA: Final = m.COPY_DATA
-TX_UNKNOWN: Final = 0
-"""tx_status when a ReadyForQuery was followed by more messages in the same chunk (e.g. a
-NotificationResponse): not known until the next chunk that ends with one. Never idle."""
 _CAPTURE_ALL: Final = capture_mask(everything=True)
-# Masked sessions: every frontend message but CopyData is looked at before it is forwarded.
-_CLIENT_CAPTURE_MASKED: Final = capture_mask(bytes(t for t in m.FRONTEND_NAMES if t != m.COPY_DATA))
-# ParameterDescription ('t'): the parameter types that tell how binary parameters read as text
-# (an error may echo the client's own parameter: proxy/session/masked.py)
-_SERVER_CAPTURE_MASKED: Final = capture_mask(b"ENATSZCIsn123Gt")
-# NotificationResponse ('A'): its delivery on a channel with rules is an access;
-# NoticeResponse ('N'): a notice may carry values (a RAISE NOTICE in a DO block, say)
-_SERVER_CAPTURE_RECORDED: Final = capture_mask(b"ESTZCIsn123GAN")
-# while a statement on personal data is in flight, DataRows too: their subject column
-_SERVER_CAPTURE_MASKED_ROWS: Final = capture_mask(b"ENATSZCIsn123GtD")
-_SERVER_CAPTURE_RECORDED_ROWS: Final = capture_mask(b"ESTZCIsn123GAND")
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
 _HEADER: Final = struct.Struct("!BI")
@@ -238,9 +164,12 @@ class Session:
         self._upstream_tls = False
         self._same_certificate = False
         self._sasl_offered = False
-        self.masked: MaskedFilter | None = None
-        # unmasked sessions with auditing: statements are analysed to be recorded only
-        self.recorder: RecordingFilter | None = None
+        # what the READY phase does with the bytes: chosen once, when the login is
+        # classified (login_classified); pass-through until then, and for good when no
+        # rules are configured (proxy/session/filters.py)
+        self.filter: Filter = PassThrough(self, self._client, self._server)
+        self._on_client = self.filter.client_data  # (one attribute lookup per chunk)
+        self._on_server = self.filter.server_data
         self._startup_params: list[tuple[str, str]] = []
         # A gated login (rules are configured): the client may send only whole password
         # messages until the server has authenticated it; from AuthenticationOk on, the
@@ -263,45 +192,17 @@ class Session:
 
     def client_data(self, data: bytes) -> Sequence[Action]:
         phase = self.phase
-        masked = self.masked
-        if masked is None:
-            recorder = self.recorder
-            if recorder is not None and phase is _READY:
-                if not recorder.holding and (
-                    recorder.forwards_unchanged() or not self._client.can_locate
-                ):
-                    # nothing can be refused now: look at the messages, forward the chunk
-                    try:
-                        captured = self._client.feed(data)
-                    except m.ProtocolViolation as exc:
-                        return self._fatal_to_client("08P01", str(exc))
-                    for typ, body in captured:
-                        recorder.observe_client(typ, body)
-                    self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
-                    return self._client_messages(captured) if captured else _JUST_FORWARD
-                try:
-                    out = recorder.client(self._client, data)
-                except m.ProtocolViolation as exc:
-                    return self._fatal_to_client("08P01", str(exc))
-                if self._client.last_type == m.TERMINATE and not recorder.holding:
-                    self.phase = Phase.CLOSED
-                    return (SendToServer(out), CloseSession("client terminated"))
-                self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
-                return (SendToServer(out),) if out else _NOTHING
-            if phase is _READY or (phase is Phase.AUTHENTICATING and not self.gated):
-                try:
-                    captured = self._client.feed(data)
-                except m.ProtocolViolation as exc:
-                    return self._fatal_to_client("08P01", str(exc))
-                if captured:
-                    return self._client_messages(captured)
-                return _JUST_FORWARD
-        elif phase is _READY:
+        if phase is _READY:
             try:
-                out = masked.client(self._client, data)
+                return self._on_client(data)
             except m.ProtocolViolation as exc:
                 return self._fatal_to_client("08P01", str(exc))
-            return self._masked_client_out(masked, out)
+        if phase is Phase.AUTHENTICATING and not self.gated:
+            try:
+                captured = self._client.feed(data)
+            except m.ProtocolViolation as exc:
+                return self._fatal_to_client("08P01", str(exc))
+            return self._client_messages(captured) if captured else _JUST_FORWARD
         if phase is Phase.AUTHENTICATING or phase is Phase.CLASSIFYING:
             return self._login_client_data(data)  # a gated login
         if phase is Phase.STARTUP:
@@ -319,31 +220,25 @@ class Session:
             return _NOTHING
         return _NOTHING
 
-    def _masked_client_out(self, masked: MaskedFilter, out: bytes) -> Sequence[Action]:
-        """What the masked filter made of the client's bytes: sent on, with a wait for a
-        catalog read when the stream just stopped at a statement (see AwaitCatalog)."""
-        read = masked.take_wait()
-        if read is not None:
-            first = (SendToServer(out),) if out else ()
-            return (*first, AwaitCatalog(masked.holder, read))
-        if self._client.last_type == m.TERMINATE and not masked.holding:
-            self.phase = Phase.CLOSED
-            return (SendToServer(out), CloseSession("client terminated"))
-        if masked.statements is not None:
-            self._row_capture(masked.statements, _SERVER_CAPTURE_MASKED_ROWS)
-        return (SendToServer(out),) if out else _NOTHING
-
     def catalog_awaited(self) -> Sequence[Action]:
         """The wait of an AwaitCatalog ended (the read is in, or the time is up): the
         statement it held is decided now, and what the client sent after it goes on."""
-        masked = self.masked
-        if masked is None or self.phase is not _READY:
+        if self.phase is not _READY:
             return _NOTHING
         try:
-            out = masked.resume(self._client)
+            return self.filter.catalog_awaited()
         except m.ProtocolViolation as exc:
             return self._fatal_to_client("08P01", str(exc))
-        return self._masked_client_out(masked, out)
+
+    @property
+    def awaiting_catalog(self) -> bool:
+        """The client's stream waits for a catalog read (its reading stays paused)."""
+        return self.filter.awaiting_catalog
+
+    def client_terminated(self, last: Action) -> Sequence[Action]:
+        """A filter's Terminate (see filters.Host): `last` carries it on, then the close."""
+        self.phase = Phase.CLOSED
+        return (last, CloseSession("client terminated"))
 
     def _client_messages(self, captured: list[tuple[int, bytes]]) -> Sequence[Action]:
         terminate = False
@@ -548,38 +443,31 @@ class Session:
             who = "masked" if masked is not None else "audited"
             text = f"pgveil: {who} sessions may not send statements before login"
             return [*actions, *self._refuse_login("08P01", text)]
+        # the one place the classification is looked at: the filter it gets
+        chosen: Filter
         if masked is not None:
             login = self.info.parameters.get("session_authorization") or self.info.user
-            self.masked = MaskedFilter(masked, login, self.error_classes)
-            self.masked.waits = True  # the shell carries out AwaitCatalog
-            if audit is not None:
-                self.masked.attach_audit(audit)
             try:
-                for name, value in self.info.parameters.items():
-                    self.masked.check_parameter(name, value)
+                chosen = Masking(
+                    self, self._client, self._server, masked, login, self.error_classes,
+                    audit, self.info.parameters,
+                )  # fmt: skip
             except SessionEnded as exc:
-                return [*actions, *self._end_masked(str(exc))]
-            self._server.capture = _SERVER_CAPTURE_MASKED
-            self._client.capture = _CLIENT_CAPTURE_MASKED
-            self._count_rows(self.masked.statements)
+                return [*actions, *self._session_ended(str(exc))]
         elif recorded is not None:
             assert audit is not None
-            self.recorder = RecordingFilter(recorded, audit)
-            self.recorder.observer = self._observe_server
-            # what the server reported at login (startup options, role and database
-            # settings included): what statements are read under until it changes
-            self.recorder.login_parameters(dict(self.info.parameters))
-            self._server.capture = _SERVER_CAPTURE_RECORDED
-            self._client.capture = _CLIENT_CAPTURE_RECORDED
-            self._count_rows(self.recorder.statements)
+            chosen = Recording(
+                self, self._client, self._server, recorded, audit, self.info.parameters
+            )
         else:
-            self._server.capture = _SERVER_CAPTURE_READY
-            self._client.capture = _CLIENT_CAPTURE
+            chosen = self.filter  # pass-through
+        self.filter = chosen
+        self._on_client = chosen.client_data
+        self._on_server = chosen.server_data
+        chosen.begin()
         self.phase = Phase.READY
-        held = bytes(self._login_held)
+        held = chosen.login_messages(bytes(self._login_held))
         self._login_held.clear()
-        if self.masked is not None:
-            held = self.masked.login_messages(held)
         actions.append(SendToClient(held))
         after = bytes(self._after_login)
         self._after_login.clear()
@@ -623,41 +511,17 @@ class Session:
             return _NOTHING
         return self._fatal_to_client("08006", f"pgveil could not connect to the server: {reason}")
 
-    def _row_capture(self, log: StatementLog | None, rows_mask: bytearray) -> None:
-        """Capture DataRows only while a statement on personal data is in flight."""
-        if log is not None and log.rows_in_flight:
-            self._server.capture = rows_mask
-        elif self._server.capture is rows_mask:
-            self._server.capture = (
-                _SERVER_CAPTURE_MASKED if self.masked is not None else _SERVER_CAPTURE_RECORDED
-            )
-
     def server_data(self, data: bytes) -> Sequence[Action]:
         if self.phase is _READY:
-            if self.masked is not None:
-                return self._masked_server_data(data)
-            if self.recorder is not None:
-                return self._recorded_server_data(data)
-        if self.phase is _READY:
-            counts = self.server_counts
-            ready_before = counts[_Z]
             try:
-                captured = self._server.feed(data)
+                actions = self._on_server(data)
             except m.ProtocolViolation as exc:
                 return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
-            if captured:
-                self._server_messages(captured)
-            if counts[_Z] != ready_before:
-                # Almost every response chunk ends with ReadyForQuery; then its status is
-                # the chunk's last byte, and copying the message out would be waste.
-                scanner = self._server
-                if scanner.last_type == _Z and scanner.at_boundary:
-                    self.tx_status = data[-1]
-                else:
-                    self.tx_status = TX_UNKNOWN
-                if self.draining and self.is_idle():
-                    return (FORWARD, *self._terminate_for_shutdown())
-            return _JUST_FORWARD
+            except SessionEnded as exc:
+                return self._session_ended(str(exc))
+            if self.draining and self.is_idle():
+                return (*actions, *self._terminate_for_shutdown())
+            return actions
         if self.phase is Phase.AUTHENTICATING or self.phase is Phase.CLASSIFYING:
             return self._login_server_data(data)
         if self.phase is Phase.ENDING:
@@ -705,114 +569,8 @@ class Session:
         actions.append(CloseSession(text))
         return actions
 
-    def _masked_server_data(self, data: bytes) -> Sequence[Action]:
-        assert self.masked is not None
-        before = self._rows_seen()
-        try:
-            out = self.masked.server(self._server, data)
-        except m.ProtocolViolation as exc:
-            return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
-        except SessionEnded as exc:
-            return self._end_masked(str(exc))
-        log = self.masked.statements
-        if log is not None and (log.lost is not None or log.refuted is not None):
-            # (what the chunk answers goes nowhere)
-            return self._end_masked(ending(log) or "")
-        if self.masked.tx_status is not None:
-            self.tx_status = self.masked.tx_status
-        if self.masked.statements is not None:
-            self._row_capture(self.masked.statements, _SERVER_CAPTURE_MASKED_ROWS)
-            self._released_rows(self.masked.statements, before)
-        actions: list[Action] = [SendToClient(out)] if out else []
-        if self.draining and self.is_idle():
-            actions += self._terminate_for_shutdown()
-        return actions
-
-    def _count_rows(self, log: StatementLog | None) -> None:
-        """The statement log counts every DataRow and CopyData the server sends, captured
-        or not: the scanner marks how many came before each message it captures (see
-        MessageScanner.marks), and the log gives them to the statement at the head."""
-        if log is not None:
-            self._server.marks = []
-            log.rows_to(self._rows_seen())
-
-    def _rows_seen(self) -> int:
-        counts = self.server_counts
-        return counts[_D] + counts[_COPY_DATA]
-
-    def _released_rows(self, log: StatementLog | None, before: int) -> None:
-        """After a server chunk: if it carried rows and a statement is still running, its
-        rows go out before it completes (see StatementLog.rows_released)."""
-        if log is not None and log.in_flight:
-            # (with nothing in flight the chunk ended with the answers: no row after them)
-            seen = self._rows_seen()
-            if seen != before:
-                log.rows_to(seen)  # (those after the chunk's last captured message)
-                log.rows_released()
-
-    def _recorded_server_data(self, data: bytes) -> Sequence[Action]:
-        recorder = self.recorder
-        assert recorder is not None
-        before = self._rows_seen()
-        log = recorder.statements
-        try:
-            actions = self._recorded_chunk(recorder, data)
-        except SessionEnded as exc:
-            return self._end_masked(str(exc))
-        if log is not None and log.lost is not None:
-            # what the chunk answers cannot be paired with a statement: it goes nowhere
-            return self._end_masked(lost_pairing(log.lost))
-        self._released_rows(log, before)
-        return actions
-
-    def _recorded_chunk(self, recorder: RecordingFilter, data: bytes) -> Sequence[Action]:
-        if not recorder.holding and (recorder.forwards_unchanged() or not self._server.can_locate):
-            # no refusal to turn into 42501: look at the messages, forward the chunk
-            try:
-                captured = self._server.feed(data)
-            except m.ProtocolViolation as exc:
-                return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
-            log = recorder.statements
-            observe = recorder.observe_server
-            rows: list[bytes] = []
-            marks = self._server.marks
-            mark = 0
-            told = log.rows_total if log is not None else 0
-            for typ, body in captured:
-                if typ == _D and log is not None:
-                    rows.append(body)  # the bulk of a result: to its statement in one go
-                    continue
-                if rows:
-                    log.data_rows(rows)  # type: ignore[union-attr]
-                    rows = []
-                if marks is not None and log is not None and typ != _COPY_DATA:
-                    total = marks[mark]
-                    mark += 1
-                    if total != told:
-                        log.rows_to(total)  # the rows sent before this message
-                        told = total
-                observe(typ, body)
-            if rows:
-                log.data_rows(rows)  # type: ignore[union-attr]
-            if recorder.tx_status is not None:
-                self.tx_status = recorder.tx_status
-            self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
-            if self.draining and self.is_idle():
-                return (FORWARD, *self._terminate_for_shutdown())
-            return _JUST_FORWARD
-        try:
-            out = recorder.server(self._server, data)
-        except m.ProtocolViolation as exc:
-            return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
-        if recorder.tx_status is not None:
-            self.tx_status = recorder.tx_status
-        self._row_capture(recorder.statements, _SERVER_CAPTURE_RECORDED_ROWS)
-        actions: list[Action] = [SendToClient(out)] if out else []
-        if self.draining and self.is_idle():
-            actions += self._terminate_for_shutdown()
-        return actions
-
-    def _end_masked(self, text: str) -> Sequence[Action]:
+    def _session_ended(self, text: str) -> Sequence[Action]:
+        """A filter ended the session (SessionEnded): a FATAL 42501 carrying `text`."""
         self.phase = Phase.CLOSED
         self.close_reason = text
         return (
@@ -821,11 +579,8 @@ class Session:
             CloseSession(text),
         )
 
-    def _server_messages(self, captured: list[tuple[int, bytes]]) -> None:
-        for typ, body in captured:
-            self._observe_server(typ, body)
-
-    def _observe_server(self, typ: int, body: bytes) -> None:
+    def observe_server(self, typ: int, body: bytes) -> None:
+        """Counts and settings from a server message (see filters.Host)."""
         if typ == m.ERROR_RESPONSE:
             self._count_error(body)
         elif typ == m.PARAMETER_STATUS:
@@ -916,8 +671,7 @@ class Session:
                 # not gated: the session starts now
                 out += raw
                 self.phase = Phase.READY
-                self._server.capture = _SERVER_CAPTURE_READY
-                self._client.capture = _CLIENT_CAPTURE
+                self.filter.begin()  # pass-through: not gated, never classified
                 rest = buf[pos:]
                 self._server_tail = b""
                 done: list[Action] = [RecordSessionStart(), SendToClient(bytes(out))]
@@ -979,9 +733,7 @@ class Session:
     def ended(self, reason: str) -> None:
         """The connection is gone (`reason`): the statements still in flight are recorded,
         outcome unknown (see StatementLog.abandon)."""
-        for f in (self.masked, self.recorder):
-            if f is not None and f.statements is not None:
-                f.statements.abandon(reason)
+        self.filter.ended(reason)
 
     # ---- shutdown ----------------------------------------------------------------------
 
@@ -1004,8 +756,7 @@ class Session:
             and self.pending == 0
             and self._client.at_boundary
             and self._server.at_boundary
-            and (self.masked is None or not self.masked.holding)
-            and (self.recorder is None or not self.recorder.holding)
+            and not self.filter.holding
             and self._client.last_type not in _REQUEST_OPEN
         )
 

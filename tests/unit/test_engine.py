@@ -24,6 +24,7 @@ from proxy.session.engine import (
     SessionSettings,
     StartClientTLS,
 )
+from proxy.session.filters import Masking, PassThrough, Recording
 from proxy.wire import messages as m
 from rules.context import MaskingContext
 from rules.loader import parse_rules
@@ -409,3 +410,118 @@ def test_startup_parameters_as_the_server_reads_them() -> None:
     body = b"\0\3\0\0user\0alice\0role\0a\0role\0b\0\0"
     twice = (len(body) + 4).to_bytes(4, "big") + body
     assert m.startup_parameters(twice) == [("user", "alice"), ("role", "a"), ("role", "b")]
+
+
+# ---- one filter per classification, chosen once ------------------------------------------
+
+
+class _Hook:
+    """The shell's audit hook, as a filter sees it: events kept in a list."""
+
+    subjects_limit = 100
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def ready(self) -> bool:
+        return True
+
+    def record(self, event_type: str, fields: dict[str, object]) -> bool:
+        self.events.append((event_type, fields))
+        return True
+
+
+def _classified(
+    masked: bool, recorded: bool, audit: _Hook | None
+) -> tuple[Session, Sequence[object]]:
+    s = gated()
+    s.upstream_connected()
+    s.server_data(LOGIN_OK)
+    ctx = _context()
+    out = s.login_classified(ctx if masked else None, ctx if recorded else None, audit)
+    return s, out
+
+
+def test_the_filter_is_chosen_by_the_classification() -> None:
+    hook = _Hook()
+    cases = [
+        ((False, False, None), PassThrough),
+        ((False, False, hook), PassThrough),  # unmasked, nothing to record with
+        ((False, True, None), PassThrough),  # recorded, but no hook to record to
+        ((False, True, hook), Recording),
+        ((True, False, None), Masking),
+        ((True, False, hook), Masking),
+    ]
+    for (masked, recorded, audit), kind in cases:
+        s, out = _classified(masked, recorded, audit)
+        assert type(s.filter) is kind, (masked, recorded, audit)
+        assert s.phase is Phase.READY and out[-1] == SendToClient(AFTER_AUTH)
+
+
+def test_a_session_without_rules_keeps_the_pass_through_filter() -> None:
+    s = ready_session()
+    assert type(s.filter) is PassThrough and s.filter.counters is None
+    assert s.client_data(QUERY) is JUST_FORWARD and s.server_data(m.ready_for_query()) is (
+        JUST_FORWARD
+    )
+
+
+def test_the_recording_filter_forwards_unchanged_and_records() -> None:
+    hook = _Hook()
+    s, _ = _classified(False, True, hook)
+    assert s.client_data(QUERY) is JUST_FORWARD  # nothing can be refused: the chunk as is
+    answer = m.message(m.COMMAND_COMPLETE, b"SELECT 0\0") + m.ready_for_query()
+    assert s.server_data(answer) is JUST_FORWARD
+    accesses = [f for t, f in hook.events if t == "access"]
+    assert len(accesses) == 1 and accesses[0]["outcome"] == "ok", hook.events
+    assert s.is_idle()
+
+
+def test_the_masking_filter_rewrites_and_counts() -> None:
+    s, _ = _classified(True, False, None)
+    (rewritten,) = s.client_data(QUERY)
+    assert isinstance(rewritten, SendToServer) and b"FROM (SELECT" in rewritten.data
+    counters = s.filter.counters
+    assert counters is not None and counters.rewritten == 1
+
+
+def test_a_filter_ends_the_session_through_the_engine() -> None:
+    """A filter raises SessionEnded (here: the exit check finds a raw personal column);
+    the engine answers with Terminate, the FATAL and the close, once, for every filter."""
+    s, _ = _classified(True, False, None)
+    s.client_data(m.message(m.QUERY, b"SELECT 1\0"))
+    column = b"name\0" + (100).to_bytes(4, "big") + (2).to_bytes(2, "big")
+    column += (25).to_bytes(4, "big") + b"\xff\xff\xff\xff\xff\xff\0\0"
+    out = s.server_data(m.message(m.ROW_DESCRIPTION, b"\0\1" + column))
+    assert out[0] == SendToServer(m.TERMINATE_MESSAGE) and isinstance(out[-1], CloseSession)
+    fields = _fatal(out)
+    assert fields["C"] == "42501" and "unmasked personal column" in fields["M"]
+    assert s.phase is Phase.CLOSED
+    assert s.server_data(m.ready_for_query()) == ()
+
+
+def test_a_protocol_violation_in_any_filter_is_a_fatal_08p01() -> None:
+    for masked, recorded in ((False, False), (False, True), (True, False)):
+        s, _ = _classified(masked, recorded, _Hook())
+        out = s.server_data(b"Z\0\0\0\1")  # a length below 4
+        fields = _fatal(out)
+        assert fields["C"] == "08P01" and fields["M"].startswith("invalid message from server")
+        assert isinstance(out[-1], CloseSession) and s.phase is Phase.CLOSED
+
+
+def test_a_draining_session_ends_at_its_next_idle_point_whatever_its_filter() -> None:
+    for masked, recorded in ((False, False), (False, True), (True, False)):
+        s, _ = _classified(masked, recorded, _Hook())
+        s.client_data(m.message(m.QUERY, b"SELECT 1\0"))
+        assert s.shutdown_requested() == ()  # a request is outstanding
+        out = s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query())
+        assert out[-1] == CloseSession("shutdown"), (masked, recorded, out)
+        assert _fatal(out)["C"] == "57P01" and s.phase is Phase.CLOSED
+
+
+def test_terminate_closes_whatever_the_filter() -> None:
+    for masked, recorded in ((False, False), (False, True), (True, False)):
+        s, _ = _classified(masked, recorded, _Hook())
+        out = s.client_data(m.TERMINATE_MESSAGE)
+        assert out[-1] == CloseSession("client terminated") and s.phase is Phase.CLOSED
+        assert out[0] in (FORWARD, SendToServer(m.TERMINATE_MESSAGE)), out

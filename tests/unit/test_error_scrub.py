@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 
-from proxy.session.engine import _CLIENT_CAPTURE_MASKED, _SERVER_CAPTURE_MASKED
+from proxy.session.filters import CLIENT_CAPTURE_MASKED, SERVER_CAPTURE_MASKED
 from proxy.session.masked import MaskedFilter, _Judge
 from proxy.session.statements import Cause, Source
 from proxy.wire import messages as m
@@ -29,15 +29,15 @@ class Session:
     def __init__(self) -> None:
         ctx = MaskingContext(parse_rules(RULES, "r", {"K": "k" * 32}), CATALOG)
         self.filter = MaskedFilter(ctx, "helpdesk")
-        self.client = MessageScanner(_CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
-        self.server = MessageScanner(_SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
+        self.client = MessageScanner(CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
+        self.server = MessageScanner(SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
 
     def send(self, *messages: bytes) -> None:
         self.filter.client(self.client, b"".join(messages))
 
     def answer(self, *messages: bytes) -> list[str]:
         out = self.filter.server(self.server, b"".join(messages))
-        scanner = MessageScanner(_SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
+        scanner = MessageScanner(SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
         return [
             m.decode_fields(body)["M"]
             for typ, body in scanner.feed(out)

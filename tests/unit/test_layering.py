@@ -122,3 +122,128 @@ def test_every_module_has_a_docstring() -> None:
         for f in (ROOT / pkg).rglob("*.py"):
             tree = ast.parse(f.read_text())
             assert ast.get_docstring(tree), f"{f.relative_to(ROOT)} has no module docstring"
+
+
+# ---- the engine has no mode branches ----------------------------------------------------
+# The session's filter (proxy/session/filters.py) is chosen once, in login_classified; the
+# rest of the engine calls it and must not ask which one it is.
+_FILTER_CLASSES = {"MaskedFilter", "RecordingFilter", "StatementFilter", "Masking", "Recording"}
+_MODE_ATTRIBUTES = {"masked", "recorder", "recorded"} | _FILTER_CLASSES
+_CHOOSES = "login_classified"
+
+
+def _mode_branches(source: str) -> list[str]:
+    """Where `source` (the engine) names a filter class or a mode attribute outside the
+    method that chooses the filter (import lines aside: they are checked on their own)."""
+    found: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == _CHOOSES:
+            return
+        if isinstance(node, ast.Name) and node.id in _FILTER_CLASSES:
+            found.append(f"line {node.lineno}: {node.id}")
+        elif isinstance(node, ast.Attribute) and node.attr in _MODE_ATTRIBUTES:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom):
+            statement_filters = {"MaskedFilter", "RecordingFilter", "StatementFilter"}
+            found.extend(
+                f"line {node.lineno}: imports {a.name}"
+                for a in node.names
+                if a.name in statement_filters
+            )
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source))
+    return found
+
+
+def test_the_engine_has_no_mode_branches() -> None:
+    found = _mode_branches((ROOT / "proxy/session/engine.py").read_text())
+    assert not found, f"proxy/session/engine.py branches on the session's mode: {found}"
+
+
+def test_the_mode_branch_check_finds_a_branch() -> None:
+    """The check above can fail: the shapes the engine had before its filters."""
+    branchy = (
+        "class Session:\n"
+        "    def login_classified(self, masked):\n"
+        "        self.filter = Masking(masked)\n"  # allowed: this is where it is chosen
+        "    def server_data(self, data):\n"
+        "        if self.masked is not None:\n"
+        "            return self._masked_server_data(data)\n"
+        "        if isinstance(self.filter, Recording):\n"
+        "            return self.filter.recorder.server(data)\n"
+    )
+    assert _mode_branches(branchy) == ["line 5: .masked", "line 7: Recording", "line 8: .recorder"]
+    assert _mode_branches("from proxy.session.masked import MaskedFilter\n") == [
+        "line 1: imports MaskedFilter"
+    ]
+    assert _mode_branches(branchy.split("    def server_data")[0]) == []
+
+
+# ---- audit/ touches no client connection ------------------------------------------------
+# Only the sinks do I/O in audit/ (the writer drives them); which client bytes wait for an
+# event is the gate's decision (audit/gate.py), carried out by the shell.
+_CONNECTION_NAMES = {
+    "Transport", "BaseTransport", "WriteTransport", "ReadTransport", "StreamWriter",
+    "StreamReader", "transport", "transports", "pause_reading", "resume_reading", "abort",
+    "is_closing", "get_extra_info", "write_eof", "sock_sendall", "open_connection",
+}  # fmt: skip
+_SINKS = "audit/sinks.py"
+
+
+def _connection_io(source: str) -> list[str]:
+    """Where `source` names a connection, a transport or what is done to one."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        name = None
+        if isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, ast.Name):
+            name = node.id
+        elif isinstance(node, ast.alias):
+            name = node.name.rsplit(".", 1)[-1]
+        elif isinstance(node, ast.arg):
+            name = node.arg
+        if name in _CONNECTION_NAMES:
+            found.append((getattr(node, "lineno", 0), name))
+    return [f"line {line}: {name}" for line, name in sorted(set(found))]
+
+
+def test_audit_touches_no_client_connection() -> None:
+    files = sorted((ROOT / "audit").rglob("*.py"))
+    assert any(f.name == "writer.py" for f in files) and any(f.name == "gate.py" for f in files)
+    for f in files:
+        if f.relative_to(ROOT).as_posix() == _SINKS:
+            continue
+        found = _connection_io(f.read_text())
+        assert not found, f"{f.relative_to(ROOT)} touches a connection: {found}"
+
+
+def test_the_connection_check_finds_client_io() -> None:
+    """The check above can fail: the shapes audit/writer.py had before the gate."""
+    before = (
+        "import asyncio\n"
+        "def release(held: list[tuple[asyncio.Transport, bytes]]) -> None:\n"
+        "    for transport, data in held:\n"
+        "        if not transport.is_closing():\n"
+        "            transport.write(data)\n"
+        "def expire(t, upstream):\n"
+        "    upstream.pause_reading()\n"
+        "    t.abort()\n"
+    )
+    assert _connection_io(before) == [
+        "line 2: Transport",
+        "line 3: transport",
+        "line 4: is_closing",
+        "line 4: transport",
+        "line 5: transport",
+        "line 7: pause_reading",
+        "line 8: abort",
+    ]
+
+
+def test_the_audit_gate_is_sans_io() -> None:
+    bad = _imports(ROOT / "audit/gate.py") & (FORBIDDEN | {"time", "logging", "proxy"})
+    assert not bad, f"audit/gate.py imports {sorted(bad)}"

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from audit.redaction import redact
-from proxy.session.engine import _CLIENT_CAPTURE_MASKED, _SERVER_CAPTURE_MASKED
+from proxy.session.filters import CLIENT_CAPTURE_MASKED, SERVER_CAPTURE_MASKED
 from proxy.session.masked import (
     _PROBE_LENGTH,
     PARSED_ONLY_BY_SERVER,
@@ -36,8 +36,8 @@ class Session:
         self.holder = ContextHolder(MaskingContext(POLICY, catalog))  # type: ignore[arg-type]
         self.filter = MaskedFilter(self.holder, "helpdesk")
         self.filter.waits = waits
-        self.client = MessageScanner(_CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
-        self.server = MessageScanner(_SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
+        self.client = MessageScanner(CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
+        self.server = MessageScanner(SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
 
     def send(self, *messages: bytes) -> bytes:
         return self.filter.client(self.client, b"".join(messages))
@@ -47,7 +47,7 @@ class Session:
 
     def answer(self, *messages: bytes) -> list[dict[str, str]]:
         out = self.filter.server(self.server, b"".join(messages))
-        scanner = MessageScanner(_SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
+        scanner = MessageScanner(SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
         return [
             m.decode_fields(body)
             for typ, body in scanner.feed(out)
@@ -65,7 +65,7 @@ def parse(sql: str, name: str = "") -> bytes:
 
 def texts(out: bytes) -> list[str]:
     """The texts of the Queries and Parses in `out`."""
-    scanner = MessageScanner(_CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
+    scanner = MessageScanner(CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
     found = []
     for typ, body in scanner.feed(out):
         if typ == m.QUERY:

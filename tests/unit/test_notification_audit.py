@@ -5,6 +5,7 @@ masked (payload masked or withheld). The event never holds the payload."""
 from __future__ import annotations
 
 from proxy.session.engine import JUST_FORWARD, SendToClient, Session, SessionSettings
+from proxy.session.filters import Recording
 from proxy.wire import messages as m
 from rules.context import MaskingContext
 from rules.loader import parse_rules
@@ -85,8 +86,10 @@ def test_the_channel_is_read_in_the_sessions_client_encoding() -> None:
     s.upstream_connected()
     s.server_data(LOGIN_OK)
     s.login_classified(None, ctx, hook)
-    assert s.recorder is not None
-    s.recorder.login_parameters({"client_encoding": "LATIN1", "server_encoding": "UTF8"})
+    assert isinstance(s.filter, Recording)
+    s.filter.statement_filter.login_parameters(
+        {"client_encoding": "LATIN1", "server_encoding": "UTF8"}
+    )
     hook.events.clear()
     body = (1).to_bytes(4, "big") + "kanäle".encode("latin-1") + b"\0" + b"x\0"
     assert s.server_data(m.message(m.NOTIFICATION_RESPONSE, body)) is JUST_FORWARD

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from proxy.session.engine import _CLIENT_CAPTURE_MASKED, _SERVER_CAPTURE_MASKED
+from proxy.session.filters import CLIENT_CAPTURE_MASKED, SERVER_CAPTURE_MASKED
 from proxy.session.masked import REFUSAL_TOKEN, RULES_CHANGED, MaskedFilter, SessionEnded
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, capture_mask
@@ -60,8 +60,8 @@ class Session:
         if audited:
             self.filter.attach_audit(self.hook)
         # (the engine's capture masks: the log follows names from CommandComplete too)
-        self.client = MessageScanner(_CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
-        self.server = MessageScanner(_SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
+        self.client = MessageScanner(CLIENT_CAPTURE_MASKED, [0] * 256, 1 << 20)
+        self.server = MessageScanner(SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
 
     def send(self, *messages: bytes) -> bytes:
         return self.filter.client(self.client, b"".join(messages))

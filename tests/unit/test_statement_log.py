@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from proxy.session.engine import _CLIENT_CAPTURE_RECORDED, _SERVER_CAPTURE_RECORDED_ROWS
+from proxy.session.filters import CLIENT_CAPTURE_RECORDED, SERVER_CAPTURE_RECORDED_ROWS
 from proxy.session.masked import MaskedFilter, RecordingFilter
 from proxy.session.statements import Cause, StatementLog
 from proxy.wire import messages as m
@@ -268,8 +268,8 @@ class Names(Session):
 
     def __init__(self) -> None:
         super().__init__()
-        self.client = MessageScanner(_CLIENT_CAPTURE_RECORDED, [0] * 256, 1 << 20)
-        self.server = MessageScanner(_SERVER_CAPTURE_RECORDED_ROWS, [0] * 256, 1 << 30)
+        self.client = MessageScanner(CLIENT_CAPTURE_RECORDED, [0] * 256, 1 << 20)
+        self.server = MessageScanner(SERVER_CAPTURE_RECORDED_ROWS, [0] * 256, 1 << 30)
 
     def send(self, *messages: bytes) -> None:
         self.filter.client(self.client, b"".join(messages))
