@@ -286,13 +286,14 @@ class Recording(_Analysing):
         client = self._client
         if not recorder.holding and (recorder.forwards_unchanged() or not client.can_locate):
             # nothing can be refused now: look at the messages, forward the chunk
-            captured = client.feed(data)
-            terminate = False
-            for typ, body in captured:
-                recorder.observe_client(typ, body)
-                terminate = terminate or typ == _TERMINATE
+            observe = recorder.observe_client
+            for typ, body in client.feed(data):
+                observe(typ, body)
             self._row_capture()
-            return self._host.client_terminated(FORWARD) if terminate else JUST_FORWARD
+            # (a Terminate is the last thing a client sends: it ends the chunk)
+            if client.last_type == _TERMINATE:
+                return self._host.client_terminated(FORWARD)
+            return JUST_FORWARD
         out = recorder.client(client, data)
         if client.last_type == _TERMINATE and not recorder.holding:
             return self._host.client_terminated(SendToServer(out))
@@ -317,26 +318,30 @@ class Recording(_Analysing):
             captured = server.feed(data)
             log = recorder.statements
             observe = recorder.observe_server
-            rows: list[bytes] = []
             marks = server.marks
-            mark = 0
-            told = log.rows_total if log is not None else 0
-            for typ, body in captured:
-                if typ == _D and log is not None:
-                    rows.append(body)  # the bulk of a result: to its statement in one go
-                    continue
+            if log is None:
+                for typ, body in captured:
+                    observe(typ, body)
+            else:
+                rows: list[bytes] = []
+                mark = 0
+                told = log.rows_total
+                for typ, body in captured:
+                    if typ == _D:
+                        rows.append(body)  # the bulk of a result: to its statement in one go
+                        continue
+                    if rows:
+                        log.data_rows(rows)
+                        rows = []
+                    if marks is not None and typ != _COPY_DATA:
+                        total = marks[mark]
+                        mark += 1
+                        if total != told:
+                            log.rows_to(total)  # the rows sent before this message
+                            told = total
+                    observe(typ, body)
                 if rows:
-                    log.data_rows(rows)  # type: ignore[union-attr]
-                    rows = []
-                if marks is not None and log is not None and typ != _COPY_DATA:
-                    total = marks[mark]
-                    mark += 1
-                    if total != told:
-                        log.rows_to(total)  # the rows sent before this message
-                        told = total
-                observe(typ, body)
-            if rows:
-                log.data_rows(rows)  # type: ignore[union-attr]
+                    log.data_rows(rows)
             if recorder.tx_status is not None:
                 self._host.tx_status = recorder.tx_status
             self._row_capture()
