@@ -1,0 +1,165 @@
+"""Instructions per transaction of pgveil's proxy, counted by callgrind: a measure of the
+hot path's cost that does not move with the machine's load.
+
+bench/run measures throughput and CPU time, which on a shared 2-core machine move by more
+than most changes (two runs of the same build differ by 10-30%). This script runs the
+helpdesk pgbench script (-c 1, a fixed number of transactions) through pgveil under
+`valgrind --tool=callgrind` with instrumentation switched on only around the measured
+transactions (start-up, imports, the catalog read and a warm-up are not counted), for this
+checkout and, with --baseline DIR, another one (a git worktree at an older commit), both
+against the same embedded PostgreSQL. Counts repeat within about 1%.
+
+It reports user-space instructions only: system calls (the writes of results and audit
+lines) cost the same per transaction either way and are not in the number. It is a tool
+for comparing builds, not a benchmark of pgveil against anything else, and it must not be
+used for timing (callgrind runs the proxy some fifty times slower).
+
+Usage: python bench/instructions.py [--baseline DIR] [--transactions N]
+                                    [--mode simple|extended] [--role unmasked|masked]
+                                    [--no-audit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # (the script's own folder is first)
+
+import bench as b
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def count(
+    db: b.EmbeddedPostgres,
+    workdir: Path,
+    repo: Path,
+    rules: Path,
+    script: Path,
+    args: argparse.Namespace,
+) -> int:
+    """Instructions the proxy of checkout `repo` ran for `args.transactions` transactions."""
+    label = repo.name
+    port = b.free_port(b.HOST)
+    out = workdir / f"callgrind.{label}.out"
+    argv = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "proxy",
+        "--listen",
+        f"{b.HOST}:{port}",
+        "--upstream",
+        f"{b.HOST}:{db.port}",
+        "--upstream-sslmode",
+        "disable",
+        "--log-level",
+        "warning",
+        "--rules",
+        str(rules),
+        "--catalog-user",
+        db.superuser,
+    ]
+    if not args.no_audit:
+        argv += ["--audit-file", str(workdir / f"audit-{label}.jsonl")]
+    env = {**os.environ, "PGVEIL_CATALOG_PASSWORD": db.password, "PYTHONPATH": str(repo)}
+    svc = b.Service(label, argv, workdir / f"{label}.log", cwd=repo, env=env)
+    svc.start()
+    try:
+        svc.wait_port(port, timeout=600)  # (imports under valgrind take a while)
+        user, pw = (
+            (b.UNMASKED_ROLE, b.UNMASKED_PW)
+            if args.role == "unmasked"
+            else (b.MASKED_ROLE, b.MASKED_PW)
+        )
+
+        def pgbench(transactions: int) -> None:
+            done = subprocess.run(
+                [b.tool(db, "pgbench"), "-n", "-h", b.HOST, "-p", str(port), "-U", user,
+                 "-f", str(script), "-c", "1", "-t", str(transactions), "-M", args.mode,
+                 b.DBNAME],
+                env={**os.environ, "PGPASSWORD": pw, "PGSSLMODE": "disable"},
+                capture_output=True,
+                text=True,
+                check=False,
+            )  # fmt: skip
+            wanted = f"processed: {transactions}/{transactions}"
+            if wanted not in done.stdout:
+                raise b.BenchError(
+                    f"pgbench through {label}: {done.stdout[-400:]}{done.stderr[-400:]}"
+                )
+
+        pgbench(20)  # warm: the shape cache, the catalog, the first events
+        subprocess.run(
+            ["callgrind_control", "-i", "on", str(svc.pid)], check=True, capture_output=True
+        )
+        pgbench(args.transactions)
+        subprocess.run(
+            ["callgrind_control", "-i", "off", str(svc.pid)], check=True, capture_output=True
+        )
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            os.kill(svc.pid, signal.SIGTERM)
+            svc.proc.wait(300)
+    text = subprocess.run(
+        ["callgrind_annotate", str(out)], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"([\d,]+)(?: \([\d.]+%\))?\s+PROGRAM TOTALS", text)
+    if found is None:
+        raise b.BenchError(f"no totals in callgrind's output for {label}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--baseline", type=Path, help="another checkout to count as well")
+    p.add_argument("--transactions", type=int, default=200)
+    p.add_argument("--mode", choices=("simple", "extended"), default="simple")
+    p.add_argument("--role", choices=("unmasked", "masked"), default="unmasked")
+    p.add_argument("--no-audit", action="store_true", help="run pgveil without auditing")
+    args = p.parse_args(argv)
+    for binary in ("valgrind", "callgrind_control", "callgrind_annotate"):
+        if shutil.which(binary) is None:
+            print(
+                f"instructions: {binary} is not installed (apt-get install valgrind)",
+                file=sys.stderr,
+            )
+            return 2
+    repos = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
+    counts: dict[Path, int] = {}
+    with contextlib.ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="pgveil-instructions-"))
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        db = b.EmbeddedPostgres(settings={"max_connections": "100"})
+        stack.callback(db.cleanup)
+        db.start()
+        b.load_billing(db)
+        rules, script = b.write_helpdesk_files(workdir)
+        for repo in repos:
+            counts[repo] = count(db, workdir, repo, rules, script, args)
+    audit = "without auditing" if args.no_audit else "audited"
+    print(f"k instructions per transaction ({args.role}, -M {args.mode}, {audit}, "
+          f"{args.transactions} transactions of the helpdesk script):")  # fmt: skip
+    for repo, total in counts.items():
+        print(f"  {repo}: {total / args.transactions / 1000:.0f}")
+    if args.baseline:
+        ours, base = counts[ROOT], counts[repos[1]]
+        print(f"  ours/baseline: {ours / base:.3f} (below 1 is cheaper)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
