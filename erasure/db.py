@@ -1,6 +1,6 @@
 """The erasure worker's database access: connecting, reading the catalog, the job table.
 
-Connections are opened by proxy.dsn, as libpq would (connection string, PG* environment,
+Connections are opened by shared.dsn, as libpq would (connection string, PG* environment,
 password file). Every connection runs with `search_path = pg_catalog` (so unqualified
 functions and operators are the built-ins and `format_type` qualifies every other type),
 `TimeZone = UTC`, `application_name = pgveil-erasure` (unless the connection names
@@ -20,8 +20,8 @@ import asyncpg
 
 from erasure.catalog import Catalog, Column, Index, Relation
 from erasure.model import ErasureConfig, TableName
-from proxy.dsn import ConnectError, DsnError
-from proxy.dsn import connect as dsn_connect
+from shared.dsn import ConnectError, DsnError
+from shared.dsn import connect as dsn_connect
 
 __all__ = ["ConnectError", "DsnError", "connect"]
 
@@ -33,7 +33,7 @@ SCHEMA_LOCK = 0  # the second key of the lock that serialises creating the job t
 
 async def connect(dsn: str, lock_timeout_ms: int = 0, statement_timeout_ms: int = 0) -> Any:
     """A worker connection, opened as libpq would from `dsn` and the PG* environment
-    (proxy.dsn). The timeouts bound every statement it runs; each batch is one
+    (shared.dsn). The timeouts bound every statement it runs; each batch is one
     statement, so they bound every batch's transaction (0: the server's settings)."""
     settings = {"search_path": "pg_catalog", "TimeZone": "UTC"}
     if lock_timeout_ms:

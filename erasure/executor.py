@@ -44,7 +44,7 @@ from erasure.audit import ErasureAudit
 from erasure.db import JOB_TABLE, LOCK_CLASS, sqlstate_of
 from erasure.model import ErasureConfig
 from erasure.planner import Plan, Step
-from proxy.logs import log
+from shared.logs import log
 
 T = TypeVar("T")
 

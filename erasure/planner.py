@@ -40,7 +40,8 @@ import hashlib
 from dataclasses import dataclass
 
 from erasure.catalog import INTEGER_TYPES, Catalog, Column, Relation
-from erasure.model import ColumnAction, ErasureConfig, TableName, TableSpec, quote_ident
+from erasure.model import ColumnAction, ErasureConfig, TableName, TableSpec
+from shared.quoting import quote_ident
 
 Q = quote_ident
 CLAIM_PARAMS = 4  # the executor's claim statement passes $1 (now) to $4 before `due_job`

@@ -35,7 +35,7 @@ from erasure.db import (
 from erasure.executor import Clock, Executor, Outcome, Stopped, worker_name
 from erasure.model import ErasureConfig
 from erasure.planner import Plan, build_plan
-from proxy.logs import log
+from shared.logs import log
 
 
 class Refused(Exception):

@@ -24,15 +24,15 @@ from typing import Any
 
 import asyncpg
 
-from proxy import dsn
 from proxy.config import ProxyConfig
-from proxy.logs import log
 from rules.catalog import Catalog, Column, Relation
 from rules.check import Problem, check_policy
 from rules.context import ContextHolder, MaskingContext
 from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
 from rules.masks import ColumnType
 from rules.model import Policy
+from shared import dsn
+from shared.logs import log
 
 RELATIONS_SQL = """
 SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind, a.attname, a.attnum,
@@ -494,7 +494,7 @@ class MaskingManager:
                         db.loaded = time.monotonic()  # keep the last good one; retry later
 
     async def _connect(self, database: str) -> Any:
-        """pgveil's own login to `database`, opened as libpq would (proxy.dsn): the
+        """pgveil's own login to `database`, opened as libpq would (shared.dsn): the
         upstream, catalog user and TLS settings, else the PG* environment, and the password
         file when no password is given. The text of the error is safe to show a client
         (the database and the kind of failure); its cause has the details."""

@@ -20,31 +20,12 @@ from typing import Any
 import yaml
 
 from audit.anchors import KeyRef, load_key, parse_key_ref
-from proxy import dsn
+from shared import dsn
+from shared.address import HostPort, parse_host_port
 
 
 class ConfigError(Exception):
     """A user error in flags, environment or config file; printed as one line, exit 2."""
-
-
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_host_port(text: str) -> HostPort:
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:6432")
-    return HostPort(host, int(port))
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -339,7 +320,7 @@ class ProxyConfig:
     log_level: str
     config_file: Path | None = None
     # pgveil's own connection to the server (the catalog reader), resolved as libpq would
-    # from `upstream`, the catalog and TLS options and the PG* environment (proxy.dsn)
+    # from `upstream`, the catalog and TLS options and the PG* environment (shared.dsn)
     server: dsn.Params | None = None
 
     def changed_restart_only(self, other: ProxyConfig) -> list[str]:
@@ -456,7 +437,7 @@ DEFAULT_UPSTREAM = HostPort("127.0.0.1", 5432)
 def _server_connection(
     values: dict[str, Any], origins: Mapping[str, str], environ: Mapping[str, str]
 ) -> tuple[dict[str, Any], dsn.Params]:
-    """The server, TLS and catalog login, resolved as libpq would (proxy.dsn): the upstream
+    """The server, TLS and catalog login, resolved as libpq would (shared.dsn): the upstream
     connection string's keywords, then the options (--upstream HOST:PORT, --catalog-user,
     --catalog-password, --upstream-sslmode, --upstream-sslrootcert), then the service file
     and the PG* environment, then the defaults (127.0.0.1:5432 here: pgveil listens and

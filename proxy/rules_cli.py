@@ -1,6 +1,6 @@
 """`pgveil rules check|suggest|schema`: the DBA's tools for the rules file.
 
-Connects as libpq would (proxy.dsn: a connection string or URI, the PG* environment, the
+Connects as libpq would (shared.dsn: a connection string or URI, the PG* environment, the
 password file), reads the catalog, the tables' keys and small value samples through
 asyncpg, and prints findings and drafts that name tables, columns, keys and value
 categories, never a sampled value. Connection problems are one `pgveil: error:` line and
@@ -17,12 +17,13 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from proxy import dsn
 from proxy.catalog import read_catalog, read_role_names
 from rules.catalog import Catalog
 from rules.discovery import ForeignKey, Keys, check, discover, suggest
 from rules.loader import RulesError, json_schema, load_rules
 from rules.masks import family_of
+from shared import dsn
+from shared.quoting import quote_ident
 
 SAMPLE_ROWS = 50
 # what is sampled: to tell personal values by their look, and to check that a mask hides
@@ -54,10 +55,6 @@ SELECT n.nspname, c.relname, con.contype::text,
    AND n.nspname NOT LIKE 'pg\\_%'
  ORDER BY n.nspname, c.relname, con.conname
 """
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 class Database(NamedTuple):
@@ -97,9 +94,10 @@ async def read(target: str) -> Database:
             for col in rel.columns:
                 if family_of(col.type.name) not in SAMPLED:
                     continue
+                column = quote_ident(col.name)
                 sql = (
-                    f"SELECT {_quote(col.name)}::text FROM {_quote(schema)}.{_quote(table)} "
-                    f"WHERE {_quote(col.name)} IS NOT NULL LIMIT {SAMPLE_ROWS}"
+                    f"SELECT {column}::text FROM {quote_ident(schema)}.{quote_ident(table)} "
+                    f"WHERE {column} IS NOT NULL LIMIT {SAMPLE_ROWS}"
                 )
                 try:
                     rows = await conn.fetch(sql)

@@ -41,6 +41,7 @@ from rules.denied import (
 from rules.fields import Owners
 from rules.masks import sql_expr, sql_literal
 from rules.settings import keeps_pinned, set_config_keeps_pinned
+from shared.quoting import quote_ident
 
 if TYPE_CHECKING:
     from rules.analyzer import Analyzer
@@ -69,10 +70,6 @@ def parse_one(sql: str) -> Any:
 
 def name_of(n: Any) -> str:
     return str(n.sval) if isinstance(n, ast.String) else ""
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _defined_name(rv: Any) -> str:

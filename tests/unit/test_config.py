@@ -8,12 +8,11 @@ import pytest
 
 from proxy.config import (
     ConfigError,
-    HostPort,
     load_config,
-    parse_host_port,
     parse_size,
     reference_table,
 )
+from shared.address import HostPort, parse_host_port
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
