@@ -20,15 +20,13 @@ import asyncpg
 
 from erasure.catalog import Catalog, Column, Index, Relation
 from erasure.model import ErasureConfig, TableName
+from erasure.planner import JOB_TABLE, LOCK_CLASS, SCHEMA_LOCK
 from shared.dsn import ConnectError, DsnError
 from shared.dsn import connect as dsn_connect
 
 __all__ = ["ConnectError", "DsnError", "connect"]
 
 APPLICATION_NAME = "pgveil-erasure"
-# advisory lock class of erasure jobs: pg_try_advisory_lock(LOCK_CLASS, hashtext(subject key))
-LOCK_CLASS = 0x70677665  # "pgve"
-SCHEMA_LOCK = 0  # the second key of the lock that serialises creating the job table
 
 
 async def connect(dsn: str, lock_timeout_ms: int = 0, statement_timeout_ms: int = 0) -> Any:
@@ -192,7 +190,6 @@ async def check_placeholders(conn: Any, config: ErasureConfig, catalog: Catalog)
 
 # -- the job table -------------------------------------------------------------------------
 
-JOB_TABLE = "pgveil.erasure_job"
 STATES = ("pending", "running", "done", "verified", "failed")
 
 _DDL = f"""
