@@ -3,8 +3,9 @@ environment variables and command-line flags (later sources win).
 
 Every setting is declared once in `SETTINGS`; the CLI flags, the environment variable names,
 the YAML keys and the README's reference are all derived from it. Validation is strict: an
-unknown YAML key or a malformed value is a `ConfigError` whose text names the source, the key
-and what is allowed. This module does no I/O beyond reading the config file, checking
+unknown YAML key, a key given twice or a malformed value is a `ConfigError` whose text
+names the source, the key and what is allowed (the file is read by shared.strict_yaml).
+This module does no I/O beyond reading the config file, checking
 that the files it names exist, and reading the audit key once to check it (never keeping,
 logging or printing it: messages name where it is, not what it is).
 """
@@ -17,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from audit.anchors import KeyRef, load_key, parse_key_ref
 from shared import dsn
 from shared.address import HostPort, parse_host_port
+from shared.strict_yaml import StrictYaml
 
 
 class ConfigError(Exception):
@@ -332,17 +332,20 @@ class ProxyConfig:
         ]
 
 
+class _ConfigYaml(StrictYaml):
+    error = ConfigError
+
+    def invalid_yaml(self, line: int | None, problem: object) -> Exception:
+        where = f" line {line}" if line is not None else ""
+        return ConfigError(f"{self.source}:{where} invalid YAML")
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML") from exc
+    data = _ConfigYaml(str(path)).load(text)
     if data is None:
         return {}
     if not isinstance(data, dict):
