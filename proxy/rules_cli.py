@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from proxy.catalog import read_catalog, read_role_names
 from rules.catalog import Catalog
+from rules.catalog_read import read_catalog, read_role_names
 from rules.discovery import ForeignKey, Keys, check, discover, suggest
 from rules.loader import RulesError, json_schema, load_rules
 from rules.masks import family_of
@@ -81,8 +81,8 @@ async def read_keys(conn: Any) -> Keys:
 async def read(target: str) -> Database:
     conn = await dsn.connect(target, fallback_application_name=APPLICATION_NAME)
     try:
-        catalog = await read_catalog(conn)
-        roles = await read_role_names(conn)
+        catalog = await read_catalog(conn.fetch)
+        roles = await read_role_names(conn.fetch)
         keys = await read_keys(conn)
         name = str(await conn.fetchval("SELECT pg_catalog.current_database()"))
         samples: dict[tuple[str, str, str], list[str]] = {}
