@@ -7,6 +7,7 @@ COPY proxy ./proxy
 COPY rules ./rules
 COPY audit ./audit
 COPY erasure ./erasure
+COPY shared ./shared
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # Run stage: no compiler, no sources, an unprivileged user. One image for every command:

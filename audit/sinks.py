@@ -23,12 +23,13 @@ import asyncpg
 
 from audit.events import CHECKPOINT, GAP, Chain, canonical, load_event
 from audit.files import AuditFile
-from proxy.dsn import connect as dsn_connect
+from shared.dsn import connect as dsn_connect
+from shared.quoting import quote_ident
 
 
 async def connect(dsn: str, timeout: float = 10) -> asyncpg.Connection:
     """The table sink's connection, opened as libpq would from `dsn` (a connection string
-    or URI) and the PG* environment: see proxy.dsn."""
+    or URI) and the PG* environment: see shared.dsn."""
     conn: asyncpg.Connection = await dsn_connect(
         dsn, fallback_application_name="pgveil-audit", timeout=timeout
     )
@@ -102,10 +103,6 @@ class StdoutSink:
 SyncSink = FileSink | StdoutSink
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def split_table_name(qualified: str) -> tuple[str, str]:
     """`schema.table` or `table` (schema `pgveil`); quoting is not accepted, names are
     taken literally."""
@@ -127,7 +124,7 @@ class TableSink:
 
     @property
     def relation(self) -> str:
-        return f"{_quote(self.schema)}.{_quote(self.table)}"
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -138,9 +135,10 @@ class TableSink:
 
     async def _create(self) -> None:
         assert self._conn is not None
+        schema = quote_ident(self.schema)
         await self._conn.execute(
             f"""
-            CREATE SCHEMA IF NOT EXISTS {_quote(self.schema)};
+            CREATE SCHEMA IF NOT EXISTS {schema};
             CREATE TABLE IF NOT EXISTS {self.relation} (
                 seq bigint GENERATED ALWAYS AS IDENTITY,
                 ts timestamptz NOT NULL,
@@ -150,9 +148,9 @@ class TableSink:
                 event jsonb NOT NULL,
                 line text NOT NULL
             ) PARTITION BY RANGE (ts);
-            CREATE TABLE IF NOT EXISTS {_quote(self.schema)}.{_quote(self.table + "_default")}
+            CREATE TABLE IF NOT EXISTS {schema}.{quote_ident(self.table + "_default")}
                 PARTITION OF {self.relation} DEFAULT;
-            CREATE INDEX IF NOT EXISTS {_quote(self.table + "_chain_seq")}
+            CREATE INDEX IF NOT EXISTS {quote_ident(self.table + "_chain_seq")}
                 ON {self.relation} (chain, seq);
             """
         )
@@ -161,10 +159,10 @@ class TableSink:
         if day in self._partitions:
             return
         assert self._conn is not None
-        name = _quote(f"{self.table}_{day:%Y%m%d}")
+        name = quote_ident(f"{self.table}_{day:%Y%m%d}")
         exists = await self._conn.fetchval(
             "SELECT to_regclass($1) IS NOT NULL",
-            f"{_quote(self.schema)}.{name}",
+            f"{quote_ident(self.schema)}.{name}",
         )
         if not exists:
             nxt = day + dt.timedelta(days=1)
@@ -172,7 +170,7 @@ class TableSink:
             # instance raced us): they stay there, which is still correct
             with contextlib.suppress(asyncpg.PostgresError):
                 await self._conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {_quote(self.schema)}.{name} "
+                    f"CREATE TABLE IF NOT EXISTS {quote_ident(self.schema)}.{name} "
                     f"PARTITION OF {self.relation} "
                     f"FOR VALUES FROM ('{day.isoformat()}') TO ('{nxt.isoformat()}')"
                 )
@@ -269,7 +267,7 @@ async def read_table(
     conn = await connect(dsn)
     try:
         rows = await conn.fetch(
-            f"SELECT chain, line FROM {_quote(schema)}.{_quote(name)} "
+            f"SELECT chain, line FROM {quote_ident(schema)}.{quote_ident(name)} "
             "WHERE $1::text IS NULL OR chain = $1 ORDER BY chain, seq",
             chain,
         )
@@ -290,7 +288,7 @@ async def read_table_rows(
     conn = await connect(dsn)
     try:
         rows = await conn.fetch(
-            f"SELECT chain, seq, line FROM {_quote(schema)}.{_quote(name)} "
+            f"SELECT chain, seq, line FROM {quote_ident(schema)}.{quote_ident(name)} "
             "WHERE $1::text IS NULL OR chain = $1 ORDER BY chain, seq",
             chain,
         )

@@ -92,7 +92,7 @@ def _parse_now(text: str | None) -> datetime:
 
 
 def main(ns: argparse.Namespace) -> int:
-    from proxy import logs
+    from shared import logs
 
     logs.configure("json", "info")
     try:
@@ -136,7 +136,7 @@ def _run(config: Any, ns: argparse.Namespace, clock: Any, out: TextIO) -> int:
     summary = RunSummary()
     if ns.metrics:
         from erasure import metrics
-        from proxy.config import parse_host_port
+        from shared.address import parse_host_port
 
         try:
             where = parse_host_port(ns.metrics)

@@ -1,6 +1,7 @@
-"""The erasure worker's database access: connecting, reading the catalog, the job table.
+"""The erasure worker's database access: connecting, reading the catalog (the queries are
+rules.catalog_read's, shared with the proxy), the job table.
 
-Connections are opened by proxy.dsn, as libpq would (connection string, PG* environment,
+Connections are opened by shared.dsn, as libpq would (connection string, PG* environment,
 password file). Every connection runs with `search_path = pg_catalog` (so unqualified
 functions and operators are the built-ins and `format_type` qualifies every other type),
 `TimeZone = UTC`, `application_name = pgveil-erasure` (unless the connection names
@@ -20,20 +21,19 @@ import asyncpg
 
 from erasure.catalog import Catalog, Column, Index, Relation
 from erasure.model import ErasureConfig, TableName
-from proxy.dsn import ConnectError, DsnError
-from proxy.dsn import connect as dsn_connect
+from erasure.planner import JOB_TABLE, LOCK_CLASS, SCHEMA_LOCK
+from rules.catalog_read import Table, read_tables
+from shared.dsn import ConnectError, DsnError
+from shared.dsn import connect as dsn_connect
 
 __all__ = ["ConnectError", "DsnError", "connect"]
 
 APPLICATION_NAME = "pgveil-erasure"
-# advisory lock class of erasure jobs: pg_try_advisory_lock(LOCK_CLASS, hashtext(subject key))
-LOCK_CLASS = 0x70677665  # "pgve"
-SCHEMA_LOCK = 0  # the second key of the lock that serialises creating the job table
 
 
 async def connect(dsn: str, lock_timeout_ms: int = 0, statement_timeout_ms: int = 0) -> Any:
     """A worker connection, opened as libpq would from `dsn` and the PG* environment
-    (proxy.dsn). The timeouts bound every statement it runs; each batch is one
+    (shared.dsn). The timeouts bound every statement it runs; each batch is one
     statement, so they bound every batch's transaction (0: the server's settings)."""
     settings = {"search_path": "pg_catalog", "TimeZone": "UTC"}
     if lock_timeout_ms:
@@ -62,36 +62,6 @@ def sqlstate_of(exc: BaseException) -> str:
 
 # -- catalog -------------------------------------------------------------------------------
 
-_RELATIONS = """
-SELECT c.oid, n.nspname, c.relname, c.relkind::text,
-       has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'UPDATE'),
-       has_table_privilege(c.oid, 'DELETE')
-  FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
- WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-"""
-_LEAVES = """
-SELECT t.relid::oid, n.nspname, c.relname
-  FROM pg_partition_tree($1::oid::regclass) AS t
-  JOIN pg_class AS c ON c.oid = t.relid JOIN pg_namespace AS n ON n.oid = c.relnamespace
- WHERE t.isleaf ORDER BY n.nspname, c.relname
-"""
-_COLUMNS = """
-SELECT a.attrelid, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid,
-       a.attnotnull
-  FROM pg_attribute AS a
- WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
- ORDER BY a.attrelid, a.attnum
-"""
-_TYPES = "SELECT oid, typname::text, typtype::text, typbasetype FROM pg_type WHERE oid = ANY($1)"
-_INDEXES = """
-SELECT i.indrelid, ic.relname::text, i.indisunique, i.indpred IS NOT NULL, am.amname::text,
-       i.indisvalid, i.indnkeyatts, i.indkey::int2[]
-  FROM pg_index AS i JOIN pg_class AS ic ON ic.oid = i.indexrelid
-  JOIN pg_am AS am ON am.oid = ic.relam
- WHERE i.indrelid = ANY($1::oid[])
- ORDER BY ic.relname
-"""
-
 
 def configured_names(config: ErasureConfig) -> set[TableName]:
     names = {config.subject.table, *(t.table for t in config.tables)}
@@ -101,71 +71,25 @@ def configured_names(config: ErasureConfig) -> set[TableName]:
 
 
 async def read_catalog(conn: Any, names: Iterable[TableName]) -> Catalog:
-    """The relations `names` (tables, with their columns, indexes and leaf partitions)."""
-    wanted = sorted(set(names))
-    rows = await conn.fetch(_RELATIONS, [n.schema for n in wanted], [n.name for n in wanted])
-    role = str(await conn.fetchval("SELECT current_user"))
-    kinds: dict[TableName, str] = {}
-    tables: list[tuple[int, TableName, str, frozenset[str]]] = []
-    for oid, schema, name, kind, sel, upd, dele in rows:
-        tname = TableName(schema, name)
-        if kind not in ("r", "p"):
-            kinds[tname] = kind
-            continue
-        privs = frozenset(p for p, ok in (("SELECT", sel), ("UPDATE", upd), ("DELETE", dele)) if ok)
-        tables.append((oid, tname, kind, privs))
-    leaves: dict[int, list[tuple[int, TableName]]] = {}
-    for oid, _tname, kind, _ in tables:
-        if kind == "p":
-            leaves[oid] = [(r[0], TableName(r[1], r[2])) for r in await conn.fetch(_LEAVES, oid)]
-    oids = [t[0] for t in tables] + [oid for ls in leaves.values() for oid, _ in ls]
-    columns: dict[int, dict[int, tuple[str, str, int, bool]]] = {}
-    for relid, attnum, attname, ftype, typid, notnull in await conn.fetch(_COLUMNS, oids):
-        columns.setdefault(relid, {})[attnum] = (attname, ftype, typid, notnull)
-    base = await _base_types(conn, {c[2] for cols in columns.values() for c in cols.values()})
-    indexes: dict[int, list[Index]] = {}
-    for relid, iname, unique, partial, am, valid, nkey, keys in await conn.fetch(_INDEXES, oids):
-        cols = columns.get(relid, {})
-        key_cols = tuple(cols[k][0] if k in cols else None for k in list(keys)[:nkey])
-        indexes.setdefault(relid, []).append(Index(iname, key_cols, unique, partial, am, valid))
+    """The relations `names` (tables, with their columns, indexes and leaf partitions), read
+    by rules.catalog_read as the worker's role."""
+    found = await read_tables(conn.fetch, ((n.schema, n.name) for n in names))
 
-    def relation(oid: int, tname: TableName, kind: str, privs: frozenset[str]) -> Relation:
-        cols = {
-            name: Column(name, ftype, base[typid], notnull)
-            for name, ftype, typid, notnull in columns.get(oid, {}).values()
-        }
+    def relation(t: Table) -> Relation:
         return Relation(
-            name=tname,
-            kind=kind,
-            columns=cols,
-            indexes=tuple(indexes.get(oid, [])),
-            leaves=tuple(relation(lo, ln, "r", privs) for lo, ln in leaves.get(oid, [])),
-            privileges=privs,
+            name=TableName(t.schema, t.name),
+            kind=t.kind,
+            columns={c.name: Column(c.name, c.type, c.base, c.not_null) for c in t.columns},
+            indexes=tuple(
+                Index(i.name, i.columns, i.unique, i.partial, i.method, i.valid) for i in t.indexes
+            ),
+            leaves=tuple(relation(leaf) for leaf in t.leaves),
+            privileges=t.privileges,
         )
 
-    relations = {t[1]: relation(*t) for t in tables}
-    return Catalog(relations=relations, role=role, kinds=kinds)
-
-
-async def _base_types(conn: Any, oids: set[int]) -> dict[int, str]:
-    """typname of each type, domains resolved to their base type."""
-    names: dict[int, str] = {}
-    pending = {o: o for o in oids}  # start -> current
-    for _ in range(16):
-        if not pending:
-            break
-        rows = {r[0]: r for r in await conn.fetch(_TYPES, list(set(pending.values())))}
-        nxt: dict[int, int] = {}
-        for start, cur in pending.items():
-            _, typname, typtype, basetype = rows[cur]
-            if typtype == "d":
-                nxt[start] = basetype
-            else:
-                names[start] = typname
-        pending = nxt
-    for start in pending:
-        names[start] = "unknown"
-    return names
+    relations = {TableName(t.schema, t.name): relation(t) for t in found.tables}
+    kinds = {TableName(schema, name): kind for schema, name, kind in found.others}
+    return Catalog(relations=relations, role=found.role, kinds=kinds)
 
 
 async def check_placeholders(conn: Any, config: ErasureConfig, catalog: Catalog) -> list[str]:
@@ -192,7 +116,6 @@ async def check_placeholders(conn: Any, config: ErasureConfig, catalog: Catalog)
 
 # -- the job table -------------------------------------------------------------------------
 
-JOB_TABLE = "pgveil.erasure_job"
 STATES = ("pending", "running", "done", "verified", "failed")
 
 _DDL = f"""

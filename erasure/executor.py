@@ -21,6 +21,9 @@ Guarantees, and how:
   the outcome and written afterwards (an outbox), so a worker dying in between leaves it
   to the next one, which writes it once.
 
+Every statement it runs is built by the pure planner (erasure.planner: the plan's and the
+job table's); this module binds their parameters, runs them and keeps the job in step.
+
 Nothing here logs, stores or audits a personal value: only subject keys, table and column
 names, counts, timings and SQLSTATEs.
 """
@@ -41,10 +44,31 @@ from typing import Any, TypeVar
 import asyncpg
 
 from erasure.audit import ErasureAudit
-from erasure.db import JOB_TABLE, LOCK_CLASS, sqlstate_of
+from erasure.db import sqlstate_of
 from erasure.model import ErasureConfig
-from erasure.planner import Plan, Step
-from proxy.logs import log
+from erasure.planner import (
+    AUDIT_EVENT_SQL,
+    CLEAR_EVENT_SQL,
+    CLEAR_EVENT_UNLOCK_SQL,
+    CLEAR_EVENTS_UNLOCK_SQL,
+    DATABASE_SQL,
+    FINISH_SQL,
+    JOB_ROW_SQL,
+    LOCK_CLASS,
+    RELEASE_SQL,
+    REQUEST_SQL,
+    TRY_LOCK_SQL,
+    UNLOCK_SQL,
+    Plan,
+    Step,
+    batch_sql,
+    claim_sql,
+    drop_not_due_sql,
+    enqueue_due_sql,
+    owners_sql,
+    rest_sql,
+)
+from shared.logs import log
 
 T = TypeVar("T")
 
@@ -131,52 +155,6 @@ class Job:
         )
 
 
-_JOB_COLUMNS = (
-    "subject_key, state, requested, step, owners, owner_pos, last_key, rows, seconds, "
-    "batches, longest_batch_ms, attempts, due_at, audit_event"
-)
-_J = ", ".join(f"j.{c.strip()}" for c in _JOB_COLUMNS.split(","))
-
-
-def _claim_sql(plan: Plan) -> str:
-    """The next job, its subject's advisory lock, and (if it is still to be erased) its
-    start, in one statement. A pending job is taken only while its subject is still due
-    (terminated, retention over) or was asked for. `l` is referenced twice, so it is
-    evaluated once: one lock attempt."""
-    assert plan.due_job.dynamic == 4
-    return f"""
-WITH c AS (
-    SELECT j.subject_key, j.state, j.requested FROM {JOB_TABLE} AS j
-     WHERE (j.state IN ('running', 'done') OR j.audit_event IS NOT NULL
-            OR (j.state = 'pending' AND (j.requested OR EXISTS ({plan.due_job.text}))))
-       AND j.due_at <= $1 AND j.subject_key <> ALL($2::text[])
-     ORDER BY j.due_at, j.subject_key
-     LIMIT 1
-       FOR UPDATE OF j SKIP LOCKED
-), l AS (
-    SELECT c.*, pg_try_advisory_lock({LOCK_CLASS}, hashtext(c.subject_key)) AS locked FROM c
-), u AS (
-    UPDATE {JOB_TABLE} AS j SET
-        state = CASE WHEN j.state = 'pending' OR j.plan_id IS DISTINCT FROM $4 THEN 'running'
-                     ELSE j.state END,
-        attempts = j.attempts + 1,
-        worker = $3,
-        started_at = coalesce(j.started_at, clock_timestamp()),
-        plan_id = $4,
-        step = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN 0 ELSE j.step END,
-        owners = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN NULL ELSE j.owners END,
-        owner_pos = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN 0 ELSE j.owner_pos END,
-        last_key = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN NULL ELSE j.last_key END,
-        updated_at = clock_timestamp()
-      FROM l
-     WHERE j.subject_key = l.subject_key AND l.locked
-       AND l.state IN ('pending', 'running', 'done') AND j.audit_event IS NULL
-    RETURNING {_J}
-)
-SELECT l.subject_key AS claimed, l.locked, u.* FROM l LEFT JOIN u ON true
-"""
-
-
 class Executor:
     """Erasure work on one connection (one job at a time)."""
 
@@ -200,7 +178,7 @@ class Executor:
         self.batch_ms: list[float] = []  # every batch statement's duration (for benchmarks)
         self._database: str | None = None
         self._sql: dict[tuple[str, int], str] = {}
-        self._claim = _claim_sql(plan)
+        self._claim = claim_sql(plan)
         self._outbox: list[tuple[str, dict[str, Any]]] = []  # recorded, not yet written
         self._outbox_since = 0.0
         self._next_batch = 0.0  # rate limit: when the next batch may start
@@ -239,23 +217,12 @@ class Executor:
     async def enqueue_due(self) -> int:
         """Creates a pending job for every subject that is due and has none, and drops the
         pending jobs of subjects no longer due (terminated no more, or a longer retention)."""
-        check = self.plan.due_job1
-        dropped = await self.conn.execute(
-            f"DELETE FROM {JOB_TABLE} AS j WHERE j.state = 'pending' AND NOT j.requested "
-            f"AND NOT EXISTS ({check.text})",
-            self.clock(),
-            *check.consts,
-        )
+        drop = drop_not_due_sql(self.plan)
+        dropped = await self.conn.execute(drop.text, self.clock(), *drop.consts)
         if dropped != "DELETE 0":
             log.info("erasure.jobs.not_due", dropped=int(str(dropped).rsplit(" ", 1)[-1]))
-        due = self.plan.due
-        status = await self.conn.execute(
-            f"INSERT INTO {JOB_TABLE} (subject_key, due_at) "
-            f"SELECT d.subject_key, d.due_at FROM ({due.text}) AS d "
-            "ON CONFLICT (subject_key) DO NOTHING",
-            self.clock(),
-            *due.consts,
-        )
+        due = enqueue_due_sql(self.plan)
+        status = await self.conn.execute(due.text, self.clock(), *due.consts)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def claim(self, skip: set[str]) -> Job | None:
@@ -274,11 +241,7 @@ class Executor:
             if not row["locked"]:
                 continue  # its worker is alive and at it
             if row["subject_key"] is None:  # a finished job: only its audit event is left
-                job = Job.of(
-                    await self.conn.fetchrow(
-                        f"SELECT {_JOB_COLUMNS} FROM {JOB_TABLE} WHERE subject_key = $1", key
-                    )
-                )
+                job = Job.of(await self.conn.fetchrow(JOB_ROW_SQL, key))
                 if job.audit_event is not None:
                     return job
                 await self._unlock(key)
@@ -286,15 +249,11 @@ class Executor:
             return Job.of(row)
 
     async def _try_lock(self, key: str) -> bool:
-        return bool(
-            await self.conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_CLASS, key
-            )
-        )
+        return bool(await self.conn.fetchval(TRY_LOCK_SQL, LOCK_CLASS, key))
 
     async def _unlock(self, key: str) -> None:
         if not self.conn.is_closed():
-            await self.conn.fetchval("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, key)
+            await self.conn.fetchval(UNLOCK_SQL, LOCK_CLASS, key)
 
     async def request(self, key: str) -> Job | None:
         """`erase subject KEY`: a job for KEY due now, restarted if it had ended, resumed if
@@ -303,43 +262,11 @@ class Executor:
         if not await self._try_lock(key):
             return None
         try:
-            row = await self.conn.fetchrow(
-                f"SELECT audit_event FROM {JOB_TABLE} WHERE subject_key = $1", key
-            )
+            row = await self.conn.fetchrow(AUDIT_EVENT_SQL, key)
             if row is not None and row["audit_event"] is not None:
                 await self._deliver(key, row["audit_event"], redelivery=True, unlock=False)
-            ended = "j.state IN ('verified', 'failed')"
-            restart = {
-                "step": "0",
-                "owners": "NULL",
-                "owner_pos": "0",
-                "last_key": "NULL",
-                "rows": "'{}'",
-                "seconds": "'{}'",
-                "batches": "0",
-                "longest_batch_ms": "0",
-                "failures": "0",
-                "erased_at": "NULL",
-            }
-            sets = ", ".join(
-                f"{c} = CASE WHEN {ended} OR j.plan_id IS DISTINCT FROM $4 THEN {v} ELSE j.{c} END"
-                for c, v in restart.items()
-            )
             row = await self.conn.fetchrow(
-                f"""
-                INSERT INTO {JOB_TABLE} AS j (subject_key, due_at, requested, state, plan_id,
-                                              attempts, worker, started_at)
-                VALUES ($1, $2, true, 'running', $4, 1, $3, clock_timestamp())
-                ON CONFLICT (subject_key) DO UPDATE SET
-                    {sets},
-                    state = CASE WHEN {ended} OR j.plan_id IS DISTINCT FROM $4
-                                      OR j.state = 'pending' THEN 'running' ELSE j.state END,
-                    requested = true, due_at = least(j.due_at, excluded.due_at), plan_id = $4,
-                    attempts = j.attempts + 1, worker = $3, error = NULL, remaining = NULL,
-                    finished_at = NULL, started_at = coalesce(j.started_at, clock_timestamp()),
-                    updated_at = clock_timestamp()
-                RETURNING {_J}
-                """,
+                REQUEST_SQL,
                 key,
                 self.clock(),
                 self.worker,
@@ -395,45 +322,10 @@ class Executor:
             for table in self.plan.rest_tables:
                 log.info("erasure.step.done", subject=job.subject, table=str(table))
 
-    def _progress(self, job: Job, i: int, finished_expr: str, base: int) -> str:
-        """The job-progress CTE `p` of a batch statement: `finished_expr` says (in SQL)
-        whether the statement finishes its owner; parameters from `$base`: subject, step,
-        owner position, number of owners, table, seconds so far, the previous statement's
-        milliseconds, number of phases."""
-        n = [f"${base + k}" for k in range(8)]
-        subject, step, pos, owners, table, seconds, prev_ms, phases = n
-        last_owner = f"({finished_expr} AND {pos}::int + 1 >= {owners}::int)"
-        new_step = f"(CASE WHEN {last_owner} THEN {step}::int + 1 ELSE {step}::int END)"
-        return (
-            f"p AS (UPDATE {JOB_TABLE} SET "
-            f"step = {new_step}, "
-            f"owner_pos = CASE WHEN {last_owner} THEN 0 WHEN {finished_expr} "
-            f"THEN {pos}::int + 1 ELSE {pos}::int END, "
-            f"last_key = CASE WHEN {finished_expr} THEN NULL ELSE (SELECT hi::text FROM r) END, "
-            f"owners = CASE WHEN {last_owner} THEN NULL ELSE owners END, "
-            f"rows = jsonb_set(rows, ARRAY[{table}::text], to_jsonb(coalesce((rows ->> "
-            f"{table}::text)::bigint, 0) + (SELECT count(*) FROM u))), "
-            f"seconds = {seconds}::jsonb, "
-            f"batches = batches + 1, "
-            f"longest_batch_ms = greatest(longest_batch_ms, {prev_ms}::float8), "
-            f"state = CASE WHEN {new_step} >= {phases}::int THEN 'done' ELSE state END, "
-            f"erased_at = CASE WHEN {new_step} >= {phases}::int THEN clock_timestamp() "
-            "ELSE erased_at END, "
-            f"updated_at = clock_timestamp() WHERE subject_key = {subject}::text RETURNING 1)"
-        )
-
-    def _batch_sql(self, job: Job, i: int, step: Step, first: bool) -> str:
-        sql = step.first_batch if first else step.next_batch
-        assert sql is not None
+    def _batch_sql(self, i: int, step: Step, first: bool) -> str:
         cache_key = ("first" if first else "next", i)
         if cache_key not in self._sql:
-            limit = "$2" if first else "$3"
-            finished = f"((SELECT n FROM r) < {limit}::bigint)"
-            self._sql[cache_key] = (
-                f"{sql.text}, {self._progress(job, i, finished, sql.nparams + 1)} "
-                "SELECT (SELECT hi::text FROM r) AS hi, (SELECT n FROM r) AS scanned, "
-                "(SELECT count(*) FROM u) AS changed"
-            )
+            self._sql[cache_key] = batch_sql(step, first)
         return self._sql[cache_key]
 
     async def _owners(self, job: Job, i: int, step: Step) -> list[str]:
@@ -442,22 +334,12 @@ class Executor:
         if step.owners is None:
             return [job.subject]
         q = step.owners
+        sql = owners_sql(step)
         phases = self.plan.phases
         owners: list[str] = await self._retrying(
             str(step.table),
             lambda: self.conn.fetchval(
-                f"WITH o AS MATERIALIZED ({q.text}), "
-                f"a AS (SELECT coalesce(array_agg(o), '{{}}') AS owners FROM o), "
-                f"p AS (UPDATE {JOB_TABLE} SET owners = (SELECT owners FROM a), owner_pos = 0, "
-                f"last_key = NULL, "
-                f"step = CASE WHEN (SELECT cardinality(owners) FROM a) = 0 "
-                f"THEN ${q.nparams + 2}::int + 1 ELSE ${q.nparams + 2}::int END, "
-                f"state = CASE WHEN (SELECT cardinality(owners) FROM a) = 0 "
-                f"AND ${q.nparams + 2}::int + 1 >= ${q.nparams + 3}::int THEN 'done' "
-                f"ELSE state END, "
-                f"updated_at = clock_timestamp() WHERE subject_key = ${q.nparams + 1}::text "
-                "RETURNING 1) "
-                "SELECT owners FROM a",
+                sql,
                 job.subject,
                 *q.consts,
                 job.subject,
@@ -488,7 +370,7 @@ class Executor:
             await self._flush_if_due()
             pos, after = job.owner_pos, job.last_key
             first = after is None
-            sql = self._batch_sql(job, i, step, first)
+            sql = self._batch_sql(i, step, first)
             dynamic: list[object] = [owners[pos]]
             if not first:
                 dynamic.append(after)
@@ -530,19 +412,7 @@ class Executor:
         rest = self.plan.rest
         assert rest is not None
         tables = [str(t) for t in self.plan.rest_tables]
-        base = rest.nparams
-        merges = ", ".join(
-            f"${base + 2 + k}::text, coalesce((rows ->> ${base + 2 + k}::text)::bigint, 0) "
-            f"+ (SELECT count(*) FROM s{k})"
-            for k in range(len(tables))
-        )
-        sql = (
-            f"{rest.text}, p AS (UPDATE {JOB_TABLE} SET step = ${base + 2 + len(tables)}::int, "
-            f"state = 'done', erased_at = clock_timestamp(), "
-            f"rows = rows || jsonb_build_object({merges}), updated_at = clock_timestamp() "
-            f"WHERE subject_key = ${base + 1}::text RETURNING 1) SELECT "
-            + ", ".join(f"(SELECT count(*) FROM s{k})" for k in range(len(tables)))
-        )
+        sql = rest_sql(self.plan)
         args = [job.subject, *rest.consts, job.subject, *tables, self.plan.phases]
         row, ms = await self._retrying(", ".join(tables), functools.partial(self._timed, sql, args))
         self.batch_ms.append(ms)
@@ -597,7 +467,7 @@ class Executor:
             )
         state = "verified" if verified else "failed"
         if self._database is None:
-            self._database = str(await self.conn.fetchval("SELECT current_database()"))
+            self._database = str(await self.conn.fetchval(DATABASE_SQL))
         names = self.plan.step_names()
         rows = {t: job.rows.get(t, 0) for t in names}
         event = {
@@ -621,10 +491,7 @@ class Executor:
             "duration_s": round(time.monotonic() - started, 3),
         }
         await self.conn.execute(
-            f"UPDATE {JOB_TABLE} SET state = $2, error = $3, remaining = $4, audit_event = $5, "
-            "rows = $6, seconds = $7, longest_batch_ms = greatest(longest_batch_ms, $8), "
-            "finished_at = clock_timestamp(), updated_at = clock_timestamp() "
-            "WHERE subject_key = $1",
+            FINISH_SQL,
             job.subject,
             state,
             error,
@@ -660,9 +527,7 @@ class Executor:
         await asyncio.to_thread(self.audit.write_many, [e for _, e in self._outbox], False)
         self._outbox.clear()
         await self.conn.execute(
-            f"WITH c AS (UPDATE {JOB_TABLE} SET audit_event = NULL "
-            "WHERE subject_key = ANY($1::text[])) "
-            f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(k)) FROM unnest($1::text[]) AS k",
+            CLEAR_EVENTS_UNLOCK_SQL,
             keys,
         )
 
@@ -671,19 +536,15 @@ class Executor:
     ) -> None:
         """Writes the audit event, then clears it from the job (and releases the subject)."""
         await asyncio.to_thread(self.audit.write, event, redelivery)
-        clear = f"UPDATE {JOB_TABLE} SET audit_event = NULL WHERE subject_key = $1"
         if unlock:
-            await self.conn.fetchval(
-                f"WITH c AS ({clear}) SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext($1))", key
-            )
+            await self.conn.fetchval(CLEAR_EVENT_UNLOCK_SQL, key)
         else:
-            await self.conn.execute(clear, key)
+            await self.conn.execute(CLEAR_EVENT_SQL, key)
 
     async def _release(self, job: Job, error: str) -> Outcome:
         """Back to the queue after lock or statement timeouts; failed after too many."""
         failures = await self.conn.fetchval(
-            f"UPDATE {JOB_TABLE} SET failures = failures + 1, error = $2, "
-            "updated_at = clock_timestamp() WHERE subject_key = $1 RETURNING failures",
+            RELEASE_SQL,
             job.subject,
             error,
         )

@@ -28,6 +28,7 @@ from erasure.model import (
     TableSpec,
     WorkerSettings,
 )
+from shared.strict_yaml import NULL_TAG, StrictYaml
 
 TOP_KEYS = ("subject", "tables", "worker", "audit")
 SUBJECT_KEYS = ("table", "key", "terminated_at", "retention")
@@ -54,61 +55,22 @@ _DURATION = re.compile(r"(\d+)\s*(ms|s|min|h)")
 _DURATION_MS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000}
 _INTERVAL_UNITS = "years?|months?|weeks?|days?|hours?|minutes?"
 _INTERVAL = re.compile(rf"\s*(\d+\s*({_INTERVAL_UNITS})\s*)+")
-_NULL_TAG = "tag:yaml.org,2002:null"
 
 
 class ErasureConfigError(Exception):
     """An erasure configuration is invalid; the message is safe to print and says the fix."""
 
 
-class _Ctx:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.lines: dict[str, int] = {}
-
-    def fail(self, node: yaml.Node | None, path: str, message: str) -> ErasureConfigError:
-        """An error at `path`: on its key's line when the key was read, else on `node`'s."""
-        if path in self.lines:
-            return self.fail_at(path, message)
-        line = f":{node.start_mark.line + 1}" if node is not None else ""
-        where = f" at '{path}'" if path else ""
-        return ErasureConfigError(f"{self.source}{line}{where}: {message}")
-
-    def mapping(
-        self, node: yaml.Node, path: str, allowed: tuple[str, ...] | None = None
-    ) -> dict[str, yaml.Node]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, path, "expected a mapping (key: value)")
-        out: dict[str, yaml.Node] = {}
-        for k, v in node.value:
-            if not isinstance(k, yaml.ScalarNode):
-                raise self.fail(k, path, "keys must be plain names")
-            key = str(k.value)
-            sub = f"{path}.{key}" if path else key
-            if key in out:
-                raise self.fail(k, sub, "duplicate key; give each key once")
-            if allowed is not None and key not in allowed:
-                raise self.fail(k, sub, f"unknown key '{key}'; allowed: {', '.join(allowed)}")
-            self.lines[sub] = k.start_mark.line + 1
-            out[key] = v
-        return out
-
-    def fail_at(self, path: str, message: str) -> ErasureConfigError:
-        """An error about a key already read: its line comes from the recorded lines."""
-        probe = path
-        while probe and probe not in self.lines:
-            probe = probe.rpartition(".")[0]
-        line = f":{self.lines[probe]}" if probe in self.lines else ""
-        return ErasureConfigError(f"{self.source}{line} at '{path}': {message}")
+class _Ctx(StrictYaml):
+    error = ErasureConfigError
+    EXPECTED_MAPPING = "expected a mapping (key: value)"
+    DUPLICATE_KEY = "duplicate key; give each key once"
+    NULL_IS_A_VALUE = False
+    KEY_LINES = True
 
     def require(self, given: dict[str, yaml.Node], node: yaml.Node, path: str, key: str) -> None:
         if key not in given:
             raise self.fail(node, path, f"missing '{key}'")
-
-    def scalar(self, node: yaml.Node, path: str) -> str:
-        if not isinstance(node, yaml.ScalarNode) or node.tag == _NULL_TAG:
-            raise self.fail(node, path, "expected a single value")
-        return str(node.value)
 
     def name(self, node: yaml.Node, path: str) -> str:
         text = self.scalar(node, path)
@@ -121,12 +83,6 @@ class _Ctx:
         if not schema or not name:
             raise self.fail(node, path, f"'{text}': write the table as schema.table")
         return TableName(schema, name)
-
-    def integer(self, node: yaml.Node, path: str, lo: int, hi: int) -> int:
-        text = self.scalar(node, path)
-        if not re.fullmatch(r"\d+", text) or not lo <= int(text) <= hi:
-            raise self.fail(node, path, f"expected a whole number from {lo} to {hi}")
-        return int(text)
 
     def boolean(self, node: yaml.Node, path: str) -> bool:
         text = self.scalar(node, path)
@@ -173,14 +129,7 @@ def load_config(path: Path) -> ErasureConfig:
 
 def parse_config(text: str, source: str = "<erasure>") -> ErasureConfig:
     ctx = _Ctx(source)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ErasureConfigError(
-            f"{source}{line}: invalid YAML: {getattr(exc, 'problem', None) or exc}"
-        ) from exc
+    root = ctx.compose(text)
     if root is None:
         raise ErasureConfigError(f"{source}: the file is empty; it needs 'subject' and 'tables'")
     top = ctx.mapping(root, "", TOP_KEYS)
@@ -414,7 +363,7 @@ def _owner(ctx: _Ctx, node: yaml.Node, path: str, subject: SubjectSpec) -> Owner
 
 
 def _column(ctx: _Ctx, node: yaml.Node, path: str, column: str) -> ColumnAction:
-    if isinstance(node, yaml.ScalarNode) and (node.tag == _NULL_TAG or node.value == "null"):
+    if isinstance(node, yaml.ScalarNode) and (node.tag == NULL_TAG or node.value == "null"):
         return ColumnAction(column, "null")
     hint = (
         "expected null, {placeholder: TEXT}, or {json_keys: [KEY, a.b]} "

@@ -1,7 +1,7 @@
 """The erasure configuration as immutable values: what the loader produces and the planner reads.
 
 Pure data: no I/O, no SQL. Names are kept exactly as written in the configuration (the
-catalog is case-sensitive); `quote_ident` is the one place that turns a name into SQL text.
+catalog is case-sensitive); `shared.quoting.quote_ident` turns a name into SQL text.
 """
 
 from __future__ import annotations
@@ -11,12 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
-def quote_ident(name: str) -> str:
-    """An SQL identifier, always double-quoted (like PostgreSQL's quote_ident, but always)."""
-    if "\0" in name:
-        raise ValueError("identifiers cannot contain NUL")
-    return '"' + name.replace('"', '""') + '"'
+from shared.quoting import quote_ident
 
 
 @dataclass(frozen=True, order=True)

@@ -30,8 +30,10 @@ Statement shapes (the executor passes the leading, dynamic parameters; constants
 - `Plan.due_job1`     $1 now, for a job row `j` (constants from $2)
 - `Plan.exists`       $1 subject key -> whether the subject exists
 
-The executor appends its own CTEs (the job's progress, recorded in the same statement, so
-atomically with the change) and parameters after `Sql.nparams`.
+The job table's statements are built here too (the last section: `claim_sql`,
+`batch_sql`, `owners_sql`, `rest_sql`, ...): they append the job's progress to a step's
+statement as CTEs (recorded in the same statement, so atomically with the change), with
+their parameters after `Sql.nparams`. The executor only binds and runs them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import hashlib
 from dataclasses import dataclass
 
 from erasure.catalog import INTEGER_TYPES, Catalog, Column, Relation
-from erasure.model import ColumnAction, ErasureConfig, TableName, TableSpec, quote_ident
+from erasure.model import ColumnAction, ErasureConfig, TableName, TableSpec
+from shared.quoting import quote_ident
 
 Q = quote_ident
 CLAIM_PARAMS = 4  # the executor's claim statement passes $1 (now) to $4 before `due_job`
@@ -416,3 +419,237 @@ class _Planner:
 def build_plan(config: ErasureConfig, catalog: Catalog) -> Plan:
     """The plan for every subject of `config` (the subject key is the parameter $1)."""
     return _Planner(config, catalog).plan()
+
+
+# -- the job table's statements ------------------------------------------------------------
+# What the executor runs around a plan: claiming a job, recording progress in the same
+# statement as each change (so atomically with it), finishing and releasing it. Built here,
+# from the plan, so that the executor only binds parameters and runs them.
+
+JOB_TABLE = "pgveil.erasure_job"
+# advisory lock class of erasure jobs: pg_try_advisory_lock(LOCK_CLASS, hashtext(subject key))
+LOCK_CLASS = 0x70677665  # "pgve"
+SCHEMA_LOCK = 0  # the second key of the lock that serialises creating the job table
+
+JOB_COLUMNS = (
+    "subject_key, state, requested, step, owners, owner_pos, last_key, rows, seconds, "
+    "batches, longest_batch_ms, attempts, due_at, audit_event"
+)
+_J = ", ".join(f"j.{c.strip()}" for c in JOB_COLUMNS.split(","))
+
+# $1 subject key -> the job row (JOB_COLUMNS)
+JOB_ROW_SQL = f"SELECT {JOB_COLUMNS} FROM {JOB_TABLE} WHERE subject_key = $1"
+DATABASE_SQL = "SELECT current_database()"  # (named in the audit event)
+# $1 lock class, $2 subject key
+TRY_LOCK_SQL = "SELECT pg_try_advisory_lock($1, hashtext($2))"
+UNLOCK_SQL = "SELECT pg_advisory_unlock($1, hashtext($2))"
+# $1 subject key -> the audit event a finished job still has to write
+AUDIT_EVENT_SQL = f"SELECT audit_event FROM {JOB_TABLE} WHERE subject_key = $1"
+# $1 subject key: its audit event is written
+CLEAR_EVENT_SQL = f"UPDATE {JOB_TABLE} SET audit_event = NULL WHERE subject_key = $1"
+# the same, and the subject's lock released
+CLEAR_EVENT_UNLOCK_SQL = (
+    f"WITH c AS ({CLEAR_EVENT_SQL}) SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext($1))"
+)
+# $1 subject keys: their audit events are written; their locks released
+CLEAR_EVENTS_UNLOCK_SQL = (
+    f"WITH c AS (UPDATE {JOB_TABLE} SET audit_event = NULL "
+    "WHERE subject_key = ANY($1::text[])) "
+    f"SELECT pg_advisory_unlock({LOCK_CLASS}, hashtext(k)) FROM unnest($1::text[]) AS k"
+)
+# $1 subject key, $2 state, $3 error, $4 remaining, $5 audit event, $6 rows, $7 seconds,
+# $8 longest batch (ms)
+FINISH_SQL = (
+    f"UPDATE {JOB_TABLE} SET state = $2, error = $3, remaining = $4, audit_event = $5, "
+    "rows = $6, seconds = $7, longest_batch_ms = greatest(longest_batch_ms, $8), "
+    "finished_at = clock_timestamp(), updated_at = clock_timestamp() "
+    "WHERE subject_key = $1"
+)
+# $1 subject key, $2 error -> the job's failures so far (this one included)
+RELEASE_SQL = (
+    f"UPDATE {JOB_TABLE} SET failures = failures + 1, error = $2, "
+    "updated_at = clock_timestamp() WHERE subject_key = $1 RETURNING failures"
+)
+
+_ENDED = "j.state IN ('verified', 'failed')"
+_RESTART = {
+    "step": "0",
+    "owners": "NULL",
+    "owner_pos": "0",
+    "last_key": "NULL",
+    "rows": "'{}'",
+    "seconds": "'{}'",
+    "batches": "0",
+    "longest_batch_ms": "0",
+    "failures": "0",
+    "erased_at": "NULL",
+}
+_RESTART_SETS = ", ".join(
+    f"{c} = CASE WHEN {_ENDED} OR j.plan_id IS DISTINCT FROM $4 THEN {v} ELSE j.{c} END"
+    for c, v in _RESTART.items()
+)
+# `erase subject KEY`: $1 subject key, $2 now, $3 worker, $4 plan id -> the job row (a job
+# due now, restarted if it had ended or its plan changed, resumed if not)
+REQUEST_SQL = f"""
+                INSERT INTO {JOB_TABLE} AS j (subject_key, due_at, requested, state, plan_id,
+                                              attempts, worker, started_at)
+                VALUES ($1, $2, true, 'running', $4, 1, $3, clock_timestamp())
+                ON CONFLICT (subject_key) DO UPDATE SET
+                    {_RESTART_SETS},
+                    state = CASE WHEN {_ENDED} OR j.plan_id IS DISTINCT FROM $4
+                                      OR j.state = 'pending' THEN 'running' ELSE j.state END,
+                    requested = true, due_at = least(j.due_at, excluded.due_at), plan_id = $4,
+                    attempts = j.attempts + 1, worker = $3, error = NULL, remaining = NULL,
+                    finished_at = NULL, started_at = coalesce(j.started_at, clock_timestamp()),
+                    updated_at = clock_timestamp()
+                RETURNING {_J}
+                """
+
+
+def claim_sql(plan: Plan) -> str:
+    """The next job, its subject's advisory lock, and (if it is still to be erased) its
+    start, in one statement. A pending job is taken only while its subject is still due
+    (terminated, retention over) or was asked for. `l` is referenced twice, so it is
+    evaluated once: one lock attempt. $1 now, $2 subject keys to skip, $3 worker, $4 plan
+    id, then `plan.due_job`'s constants."""
+    assert plan.due_job.dynamic == CLAIM_PARAMS
+    return f"""
+WITH c AS (
+    SELECT j.subject_key, j.state, j.requested FROM {JOB_TABLE} AS j
+     WHERE (j.state IN ('running', 'done') OR j.audit_event IS NOT NULL
+            OR (j.state = 'pending' AND (j.requested OR EXISTS ({plan.due_job.text}))))
+       AND j.due_at <= $1 AND j.subject_key <> ALL($2::text[])
+     ORDER BY j.due_at, j.subject_key
+     LIMIT 1
+       FOR UPDATE OF j SKIP LOCKED
+), l AS (
+    SELECT c.*, pg_try_advisory_lock({LOCK_CLASS}, hashtext(c.subject_key)) AS locked FROM c
+), u AS (
+    UPDATE {JOB_TABLE} AS j SET
+        state = CASE WHEN j.state = 'pending' OR j.plan_id IS DISTINCT FROM $4 THEN 'running'
+                     ELSE j.state END,
+        attempts = j.attempts + 1,
+        worker = $3,
+        started_at = coalesce(j.started_at, clock_timestamp()),
+        plan_id = $4,
+        step = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN 0 ELSE j.step END,
+        owners = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN NULL ELSE j.owners END,
+        owner_pos = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN 0 ELSE j.owner_pos END,
+        last_key = CASE WHEN j.plan_id IS DISTINCT FROM $4 THEN NULL ELSE j.last_key END,
+        updated_at = clock_timestamp()
+      FROM l
+     WHERE j.subject_key = l.subject_key AND l.locked
+       AND l.state IN ('pending', 'running', 'done') AND j.audit_event IS NULL
+    RETURNING {_J}
+)
+SELECT l.subject_key AS claimed, l.locked, u.* FROM l LEFT JOIN u ON true
+"""
+
+
+def drop_not_due_sql(plan: Plan) -> Sql:
+    """$1 now: drops the pending jobs of subjects no longer due (terminated no more, or a
+    longer retention), unless they were asked for."""
+    check = plan.due_job1
+    return Sql(
+        f"DELETE FROM {JOB_TABLE} AS j WHERE j.state = 'pending' AND NOT j.requested "
+        f"AND NOT EXISTS ({check.text})",
+        check.consts,
+    )
+
+
+def enqueue_due_sql(plan: Plan) -> Sql:
+    """$1 now: a pending job for every subject that is due and has none."""
+    return Sql(
+        f"INSERT INTO {JOB_TABLE} (subject_key, due_at) "
+        f"SELECT d.subject_key, d.due_at FROM ({plan.due.text}) AS d "
+        "ON CONFLICT (subject_key) DO NOTHING",
+        plan.due.consts,
+    )
+
+
+def _progress(finished_expr: str, base: int) -> str:
+    """The job-progress CTE `p` of a batch statement: `finished_expr` says (in SQL)
+    whether the statement finishes its owner; parameters from `$base`: subject, step,
+    owner position, number of owners, table, seconds so far, the previous statement's
+    milliseconds, number of phases."""
+    n = [f"${base + k}" for k in range(8)]
+    subject, step, pos, owners, table, seconds, prev_ms, phases = n
+    last_owner = f"({finished_expr} AND {pos}::int + 1 >= {owners}::int)"
+    new_step = f"(CASE WHEN {last_owner} THEN {step}::int + 1 ELSE {step}::int END)"
+    return (
+        f"p AS (UPDATE {JOB_TABLE} SET "
+        f"step = {new_step}, "
+        f"owner_pos = CASE WHEN {last_owner} THEN 0 WHEN {finished_expr} "
+        f"THEN {pos}::int + 1 ELSE {pos}::int END, "
+        f"last_key = CASE WHEN {finished_expr} THEN NULL ELSE (SELECT hi::text FROM r) END, "
+        f"owners = CASE WHEN {last_owner} THEN NULL ELSE owners END, "
+        f"rows = jsonb_set(rows, ARRAY[{table}::text], to_jsonb(coalesce((rows ->> "
+        f"{table}::text)::bigint, 0) + (SELECT count(*) FROM u))), "
+        f"seconds = {seconds}::jsonb, "
+        f"batches = batches + 1, "
+        f"longest_batch_ms = greatest(longest_batch_ms, {prev_ms}::float8), "
+        f"state = CASE WHEN {new_step} >= {phases}::int THEN 'done' ELSE state END, "
+        f"erased_at = CASE WHEN {new_step} >= {phases}::int THEN clock_timestamp() "
+        "ELSE erased_at END, "
+        f"updated_at = clock_timestamp() WHERE subject_key = {subject}::text RETURNING 1)"
+    )
+
+
+def batch_sql(step: Step, first: bool) -> str:
+    """A batch of `step` with its progress recorded: the step's first (or next) batch
+    statement's parameters, then (subject, step index, owner position, number of owners,
+    table, seconds so far, the previous batch's ms, number of phases) -> (hi, scanned,
+    changed)."""
+    sql = step.first_batch if first else step.next_batch
+    assert sql is not None
+    limit = "$2" if first else "$3"
+    finished = f"((SELECT n FROM r) < {limit}::bigint)"
+    return (
+        f"{sql.text}, {_progress(finished, sql.nparams + 1)} "
+        "SELECT (SELECT hi::text FROM r) AS hi, (SELECT n FROM r) AS scanned, "
+        "(SELECT count(*) FROM u) AS changed"
+    )
+
+
+def owners_sql(step: Step) -> str:
+    """The owners of the step's rows, recorded in the job (a resumed run walks the same
+    list; a step with none is finished at once): `step.owners`' parameters, then the
+    subject key, the step index and the number of phases -> the owners (text[])."""
+    q = step.owners
+    assert q is not None
+    return (
+        f"WITH o AS MATERIALIZED ({q.text}), "
+        f"a AS (SELECT coalesce(array_agg(o), '{{}}') AS owners FROM o), "
+        f"p AS (UPDATE {JOB_TABLE} SET owners = (SELECT owners FROM a), owner_pos = 0, "
+        f"last_key = NULL, "
+        f"step = CASE WHEN (SELECT cardinality(owners) FROM a) = 0 "
+        f"THEN ${q.nparams + 2}::int + 1 ELSE ${q.nparams + 2}::int END, "
+        f"state = CASE WHEN (SELECT cardinality(owners) FROM a) = 0 "
+        f"AND ${q.nparams + 2}::int + 1 >= ${q.nparams + 3}::int THEN 'done' "
+        f"ELSE state END, "
+        f"updated_at = clock_timestamp() WHERE subject_key = ${q.nparams + 1}::text "
+        "RETURNING 1) "
+        "SELECT owners FROM a"
+    )
+
+
+def rest_sql(plan: Plan) -> str:
+    """The tables that are not batched, erased with the job done in one statement:
+    `plan.rest`'s parameters, then the subject key, each of `plan.rest_tables` (as text)
+    and the number of phases -> the rows changed in each table."""
+    rest = plan.rest
+    assert rest is not None
+    count = len(plan.rest_tables)
+    base = rest.nparams
+    merges = ", ".join(
+        f"${base + 2 + k}::text, coalesce((rows ->> ${base + 2 + k}::text)::bigint, 0) "
+        f"+ (SELECT count(*) FROM s{k})"
+        for k in range(count)
+    )
+    return (
+        f"{rest.text}, p AS (UPDATE {JOB_TABLE} SET step = ${base + 2 + count}::int, "
+        f"state = 'done', erased_at = clock_timestamp(), "
+        f"rows = rows || jsonb_build_object({merges}), updated_at = clock_timestamp() "
+        f"WHERE subject_key = ${base + 1}::text RETURNING 1) SELECT "
+        + ", ".join(f"(SELECT count(*) FROM s{k})" for k in range(count))
+    )

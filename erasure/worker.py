@@ -22,8 +22,6 @@ import asyncpg
 from erasure.audit import ErasureAudit
 from erasure.catalog import check
 from erasure.db import (
-    JOB_TABLE,
-    LOCK_CLASS,
     ConnectError,
     check_placeholders,
     configured_names,
@@ -34,8 +32,8 @@ from erasure.db import (
 )
 from erasure.executor import Clock, Executor, Outcome, Stopped, worker_name
 from erasure.model import ErasureConfig
-from erasure.planner import Plan, build_plan
-from proxy.logs import log
+from erasure.planner import JOB_TABLE, LOCK_CLASS, Plan, build_plan
+from shared.logs import log
 
 
 class Refused(Exception):

@@ -1,7 +1,7 @@
 """pgveil's proxy: the PostgreSQL wire-protocol proxy and its command line.
 
 Layers (see DESIGN.md section 3): `proxy.wire` (sans-I/O codec) <- `proxy.session`
-(sans-I/O engine) <- the shell modules here (server, config, metrics, logs, cli), which are
+(sans-I/O engine) <- the shell modules here (server, config, metrics, cli), which are
 the only ones that touch sockets, TLS and signals.
 """
 

@@ -25,8 +25,8 @@ from audit.files import AuditFileError, read_events, read_numbered, rotated_file
 from audit.sinks import read_table, read_table_rows
 from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
 from proxy.config import ConfigError
-from proxy.dsn import DsnError
 from rules.keys import canonical_number, input_value
+from shared.dsn import DsnError
 
 EXIT_ORDER = (EXIT_INTACT, EXIT_UNPROVEN, EXIT_BROKEN)  # the worst of several chains wins
 

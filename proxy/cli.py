@@ -163,9 +163,9 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_proxy(ns: argparse.Namespace) -> int:
-    from proxy import logs
-    from proxy.logs import log
     from proxy.server import ProxyServer, serve
+    from shared import logs
+    from shared.logs import log
 
     flags = _flags(ns)
 

@@ -3,8 +3,9 @@ environment variables and command-line flags (later sources win).
 
 Every setting is declared once in `SETTINGS`; the CLI flags, the environment variable names,
 the YAML keys and the README's reference are all derived from it. Validation is strict: an
-unknown YAML key or a malformed value is a `ConfigError` whose text names the source, the key
-and what is allowed. This module does no I/O beyond reading the config file, checking
+unknown YAML key, a key given twice or a malformed value is a `ConfigError` whose text
+names the source, the key and what is allowed (the file is read by shared.strict_yaml).
+This module does no I/O beyond reading the config file, checking
 that the files it names exist, and reading the audit key once to check it (never keeping,
 logging or printing it: messages name where it is, not what it is).
 """
@@ -17,34 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from audit.anchors import KeyRef, load_key, parse_key_ref
-from proxy import dsn
+from shared import dsn
+from shared.address import HostPort, parse_host_port
+from shared.strict_yaml import StrictYaml
 
 
 class ConfigError(Exception):
     """A user error in flags, environment or config file; printed as one line, exit 2."""
-
-
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_host_port(text: str) -> HostPort:
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:6432")
-    return HostPort(host, int(port))
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -339,7 +320,7 @@ class ProxyConfig:
     log_level: str
     config_file: Path | None = None
     # pgveil's own connection to the server (the catalog reader), resolved as libpq would
-    # from `upstream`, the catalog and TLS options and the PG* environment (proxy.dsn)
+    # from `upstream`, the catalog and TLS options and the PG* environment (shared.dsn)
     server: dsn.Params | None = None
 
     def changed_restart_only(self, other: ProxyConfig) -> list[str]:
@@ -351,17 +332,20 @@ class ProxyConfig:
         ]
 
 
+class _ConfigYaml(StrictYaml):
+    error = ConfigError
+
+    def invalid_yaml(self, line: int | None, problem: object) -> Exception:
+        where = f" line {line}" if line is not None else ""
+        return ConfigError(f"{self.source}:{where} invalid YAML")
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML") from exc
+    data = _ConfigYaml(str(path)).load(text)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -456,7 +440,7 @@ DEFAULT_UPSTREAM = HostPort("127.0.0.1", 5432)
 def _server_connection(
     values: dict[str, Any], origins: Mapping[str, str], environ: Mapping[str, str]
 ) -> tuple[dict[str, Any], dsn.Params]:
-    """The server, TLS and catalog login, resolved as libpq would (proxy.dsn): the upstream
+    """The server, TLS and catalog login, resolved as libpq would (shared.dsn): the upstream
     connection string's keywords, then the options (--upstream HOST:PORT, --catalog-user,
     --catalog-password, --upstream-sslmode, --upstream-sslrootcert), then the service file
     and the PG* environment, then the defaults (127.0.0.1:5432 here: pgveil listens and

@@ -35,10 +35,11 @@ from urllib.parse import quote
 import asyncpg
 
 from proxy import demo_data as data
-from proxy import dsn, logs
-from proxy.config import ConfigError, HostPort, load_config, parse_host_port
+from proxy.config import ConfigError, load_config
 from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bindir, free_port
 from rules.loader import RulesError, load_rules
+from shared import dsn, logs
+from shared.address import HostPort, parse_host_port
 
 DEMO_DATABASE = "pgveil_demo"
 DEFAULT_LISTEN = HostPort("127.0.0.1", 6432)
@@ -53,7 +54,7 @@ class DemoError(Exception):
 @dataclass(frozen=True)
 class Target:
     """The PostgreSQL server and database that hold the demo's schema: connection
-    parameters resolved as libpq would (proxy.dsn)."""
+    parameters resolved as libpq would (shared.dsn)."""
 
     params: dsn.Params
 
@@ -84,7 +85,7 @@ class Target:
 
 def parse_dsn(text: str) -> Target:
     """A libpq connection string or URI, completed from the PG* environment and the
-    password file as psql would (proxy.dsn); one server (the demo's proxy forwards to it,
+    password file as psql would (shared.dsn); one server (the demo's proxy forwards to it,
     over TCP or its Unix socket)."""
     try:
         params = dsn.resolve(text)

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from proxy.logs import log
 from proxy.wire.messages import BACKEND_NAMES, FRONTEND_NAMES
+from shared.logs import log
 
 if TYPE_CHECKING:
     from audit.writer import AuditWriter

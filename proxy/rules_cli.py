@@ -1,6 +1,6 @@
 """`pgveil rules check|suggest|schema`: the DBA's tools for the rules file.
 
-Connects as libpq would (proxy.dsn: a connection string or URI, the PG* environment, the
+Connects as libpq would (shared.dsn: a connection string or URI, the PG* environment, the
 password file), reads the catalog, the tables' keys and small value samples through
 asyncpg, and prints findings and drafts that name tables, columns, keys and value
 categories, never a sampled value. Connection problems are one `pgveil: error:` line and
@@ -17,12 +17,13 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from proxy import dsn
-from proxy.catalog import read_catalog, read_role_names
 from rules.catalog import Catalog
+from rules.catalog_read import read_catalog, read_role_names
 from rules.discovery import ForeignKey, Keys, check, discover, suggest
 from rules.loader import RulesError, json_schema, load_rules
 from rules.masks import family_of
+from shared import dsn
+from shared.quoting import quote_ident
 
 SAMPLE_ROWS = 50
 # what is sampled: to tell personal values by their look, and to check that a mask hides
@@ -56,10 +57,6 @@ SELECT n.nspname, c.relname, con.contype::text,
 """
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 class Database(NamedTuple):
     name: str
     catalog: Catalog
@@ -84,8 +81,8 @@ async def read_keys(conn: Any) -> Keys:
 async def read(target: str) -> Database:
     conn = await dsn.connect(target, fallback_application_name=APPLICATION_NAME)
     try:
-        catalog = await read_catalog(conn)
-        roles = await read_role_names(conn)
+        catalog = await read_catalog(conn.fetch)
+        roles = await read_role_names(conn.fetch)
         keys = await read_keys(conn)
         name = str(await conn.fetchval("SELECT pg_catalog.current_database()"))
         samples: dict[tuple[str, str, str], list[str]] = {}
@@ -97,9 +94,10 @@ async def read(target: str) -> Database:
             for col in rel.columns:
                 if family_of(col.type.name) not in SAMPLED:
                     continue
+                column = quote_ident(col.name)
                 sql = (
-                    f"SELECT {_quote(col.name)}::text FROM {_quote(schema)}.{_quote(table)} "
-                    f"WHERE {_quote(col.name)} IS NOT NULL LIMIT {SAMPLE_ROWS}"
+                    f"SELECT {column}::text FROM {quote_ident(schema)}.{quote_ident(table)} "
+                    f"WHERE {column} IS NOT NULL LIMIT {SAMPLE_ROWS}"
                 )
                 try:
                     rows = await conn.fetch(sql)

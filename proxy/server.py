@@ -28,10 +28,8 @@ from audit.files import AuditFileError
 from audit.gate import Abort, Deliver, GateAction, PauseServer, ResumeServer
 from audit.sinks import FileSink, StdoutSink, SyncSink, TableSink
 from audit.writer import AuditWriter
-from proxy import logs
 from proxy.catalog import UNKNOWN_NAME_WAIT, MaskingManager, RulesMismatch
 from proxy.config import ConfigError, ProxyConfig, anchor_file
-from proxy.logs import log
 from proxy.metrics import LiveSession, Metrics, MetricsServer, Stats
 from proxy.session.actions import (
     JUST_FORWARD,
@@ -52,6 +50,8 @@ from proxy.wire.messages import SSLRequest
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import RulesError
 from rules.model import Policy
+from shared import logs
+from shared.logs import log
 
 _STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.CLASSIFYING, Phase.READY, Phase.ENDING)
 WRITE_HIGH_WATER = 1024 * 1024

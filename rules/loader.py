@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 
 from rules.masks import MASK_NAMES, MASK_PARAMS
 from rules.model import ChannelRule, MaskSpec, Policy, TableRule
+from shared.strict_yaml import StrictYaml
 
 TOP_KEYS = ("databases", "roles", "keys", "functions", "channels", "tables")
 MIN_KEY_BYTES = 16
@@ -29,53 +29,8 @@ class RulesError(Exception):
     """A rules file is invalid; the message is safe to print (no secrets, no values)."""
 
 
-class _Ctx:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, node: yaml.Node | None, path: str, message: str) -> RulesError:
-        line = f":{node.start_mark.line + 1}" if node is not None else ""
-        where = f" at '{path}'" if path else ""
-        return RulesError(f"{self.source}{line}{where}: {message}")
-
-    def mapping(
-        self, node: yaml.Node, path: str, allowed: tuple[str, ...] | None = None
-    ) -> list[tuple[str, yaml.Node, yaml.Node]]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, path, "expected a mapping")
-        out: list[tuple[str, yaml.Node, yaml.Node]] = []
-        seen = set()
-        for k, v in node.value:
-            if not isinstance(k, yaml.ScalarNode):
-                raise self.fail(k, path, "keys must be plain names")
-            key = str(k.value)
-            if key in seen:
-                raise self.fail(k, f"{path}.{key}".lstrip("."), "duplicate key")
-            seen.add(key)
-            if allowed is not None and key not in allowed:
-                raise self.fail(
-                    k,
-                    f"{path}.{key}".lstrip("."),
-                    f"unknown key '{key}'; allowed: {', '.join(allowed)}",
-                )
-            out.append((key, k, v))
-        return out
-
-    def scalar(self, node: yaml.Node, path: str) -> str:
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.fail(node, path, "expected a single value")
-        return str(node.value)
-
-    def str_list(self, node: yaml.Node, path: str) -> list[str]:
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, path, "expected a list, e.g. [a, b]")
-        return [self.scalar(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
-
-    def integer(self, node: yaml.Node, path: str, lo: int = 0, hi: int = 1000) -> int:
-        text = self.scalar(node, path)
-        if not re.fullmatch(r"\d+", text) or not lo <= int(text) <= hi:
-            raise self.fail(node, path, f"expected a whole number from {lo} to {hi}")
-        return int(text)
+class _Ctx(StrictYaml):
+    error = RulesError
 
 
 def load_rules(path: Path, environ: Mapping[str, str] | None = None) -> Policy:
@@ -94,15 +49,10 @@ def parse_rules(
 ) -> Policy:
     environ = os.environ if environ is None else environ
     ctx = _Ctx(name)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise RulesError(f"{name}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    root = ctx.compose(text)
     if root is None:
         raise RulesError(f"{name}: the rules file is empty; it needs at least 'tables'")
-    sections = {k: v for k, _, v in ctx.mapping(root, "", TOP_KEYS)}
+    sections = {k: v for k, _, v in ctx.entries(root, "", TOP_KEYS)}
     if "tables" not in sections:
         raise ctx.fail(root, "", "missing 'tables': which columns are personal")
 
@@ -126,7 +76,7 @@ def parse_rules(
     masked: list[str] = []
     default = "masked"
     if "roles" in sections:
-        for key, _k, v in ctx.mapping(
+        for key, _k, v in ctx.entries(
             sections["roles"], "roles", ("unmasked", "masked", "default")
         ):
             if key == "default":
@@ -145,12 +95,12 @@ def parse_rules(
 
     keys: dict[str, bytes] = {}
     if "keys" in sections:
-        for key, _k, v in ctx.mapping(sections["keys"], "keys"):
+        for key, _k, v in ctx.entries(sections["keys"], "keys"):
             keys[key] = _secret(ctx, v, f"keys.{key}", environ)
 
     functions: set[tuple[str, str]] = set()
     if "functions" in sections:
-        for _key, _k, v in ctx.mapping(sections["functions"], "functions", ("allow",)):
+        for _key, _k, v in ctx.entries(sections["functions"], "functions", ("allow",)):
             for i, fn in enumerate(ctx.str_list(v, "functions.allow")):
                 schema, _, fname = fn.rpartition(".")
                 if not schema or not fname:
@@ -159,11 +109,11 @@ def parse_rules(
 
     channels: dict[str, ChannelRule] = {}
     if "channels" in sections:
-        for chan, _k, v in ctx.mapping(sections["channels"], "channels"):
+        for chan, _k, v in ctx.entries(sections["channels"], "channels"):
             channels[chan] = _channel(ctx, v, f"channels.{chan}", keys)
 
     tables: dict[tuple[str, str], TableRule] = {}
-    for qname, knode, v in ctx.mapping(sections["tables"], "tables"):
+    for qname, knode, v in ctx.entries(sections["tables"], "tables"):
         schema, _, tname = qname.rpartition(".")
         if not schema:
             raise ctx.fail(knode, f"tables.{qname}", "table names must be schema-qualified")
@@ -186,7 +136,7 @@ def parse_rules(
 
 
 def _secret(ctx: _Ctx, node: yaml.Node, path: str, environ: Mapping[str, str]) -> bytes:
-    items = {k: (kn, v) for k, kn, v in ctx.mapping(node, path, ("env", "file"))}
+    items = {k: (kn, v) for k, kn, v in ctx.entries(node, path, ("env", "file"))}
     if len(items) != 1:
         raise ctx.fail(node, path, "give exactly one of 'env' or 'file'")
     ((kind, (_kn, v)),) = items.items()
@@ -211,7 +161,7 @@ def _mask(ctx: _Ctx, node: yaml.Node, path: str, keys: Mapping[str, bytes]) -> M
         params: dict[str, Any] = {}
         param_nodes: dict[str, yaml.Node] = {}
     else:
-        entries = ctx.mapping(node, path)
+        entries = ctx.entries(node, path)
         given = {k: v for k, _kn, v in entries}
         if "mask" not in given:
             raise ctx.fail(node, path, "a mask mapping needs 'mask', e.g. {mask: partial}")
@@ -264,7 +214,7 @@ def _json_keys(
     ctx: _Ctx, node: yaml.Node, path: str, keys: Mapping[str, bytes]
 ) -> dict[str, MaskSpec]:
     out: dict[str, MaskSpec] = {}
-    for key, _kn, v in ctx.mapping(node, path):
+    for key, _kn, v in ctx.entries(node, path):
         if not key or any(not part for part in key.split(".")):
             raise ctx.fail(
                 v, f"{path}.{key}", "expected a key or a dotted path, e.g. address.street"
@@ -277,7 +227,7 @@ def _json_keys(
 
 
 def _channel(ctx: _Ctx, node: yaml.Node, path: str, keys: Mapping[str, bytes]) -> ChannelRule:
-    given = {k: v for k, _kn, v in ctx.mapping(node, path, ("payload", "keys", "mask"))}
+    given = {k: v for k, _kn, v in ctx.entries(node, path, ("payload", "keys", "mask"))}
     payload = ctx.scalar(given["payload"], f"{path}.payload") if "payload" in given else "json"
     if payload not in ("json", "text"):
         raise ctx.fail(node, f"{path}.payload", "expected 'json' or 'text'")
@@ -297,12 +247,12 @@ def _channel(ctx: _Ctx, node: yaml.Node, path: str, keys: Mapping[str, bytes]) -
 def _table(
     ctx: _Ctx, node: yaml.Node, path: str, schema: str, name: str, keys: Mapping[str, bytes]
 ) -> TableRule:
-    given = {k: v for k, _kn, v in ctx.mapping(node, path, ("subject", "columns"))}
+    given = {k: v for k, _kn, v in ctx.entries(node, path, ("subject", "columns"))}
     subject = ctx.scalar(given["subject"], f"{path}.subject") if "subject" in given else None
     if "columns" not in given:
         raise ctx.fail(node, path, "missing 'columns': which columns are personal")
     columns: dict[str, MaskSpec] = {}
-    for col, _kn, v in ctx.mapping(given["columns"], f"{path}.columns"):
+    for col, _kn, v in ctx.entries(given["columns"], f"{path}.columns"):
         columns[col] = _mask(ctx, v, f"{path}.columns.{col}", keys)
     return TableRule(schema=schema, name=name, subject=subject, columns=columns)
 

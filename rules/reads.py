@@ -43,6 +43,7 @@ from rules.masks import sql_expr, sql_literal
 from rules.model import Policy
 from rules.nodes import descendants
 from rules.settings import keeps_pinned, set_config_keeps_pinned
+from shared.quoting import quote_ident
 
 # The AST is walked generically (attributes by name, optional everywhere); typing it node by
 # node would cost more casts than it would catch.
@@ -68,10 +69,6 @@ def parse_one(sql: str) -> Any:
 
 def name_of(n: Any) -> str:
     return str(n.sval) if isinstance(n, ast.String) else ""
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _defined_name(rv: Any) -> str:

@@ -19,7 +19,8 @@ from rules.catalog import Protected
 from rules.denied import DENY_WRITE_MARKER, SYSTEM_COLUMNS, Refusal
 from rules.masks import sql_expr, sql_literal
 from rules.nodes import descendants
-from rules.reads import ReadRewrite, ast, name_of, parse_one, quote_ident
+from rules.reads import ReadRewrite, ast, name_of, parse_one
+from shared.quoting import quote_ident
 
 _READS_PERSONAL = "a write whose new values read personal columns is refused"
 

@@ -75,8 +75,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.catalog import HIDDEN_CODE_SQL
 from proxy.embedded_pg import EmbeddedPostgres
+from rules.catalog_read import HIDDEN_CODE_SQL
 from tests.integration import deny_fixture
 from tests.integration.attack_clients import (
     CLIENTS,

@@ -22,10 +22,10 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.catalog import read_catalog
 from proxy.embedded_pg import EmbeddedPostgres
 from rules.analyzer import Analyzer
 from rules.catalog import ProtectionMap
+from rules.catalog_read import read_catalog
 from rules.loader import parse_rules
 from tests.integration.attack_clients import Clients, errors_in, open_clients
 from tests.integration.deny_fixture import RULES, denied_leaks
@@ -111,7 +111,7 @@ def _analyzer(pg: EmbeddedPostgres) -> Analyzer:
             database="postgres", ssl=False,
         )  # fmt: skip
         try:
-            return await read_catalog(conn)
+            return await read_catalog(conn.fetch)
         finally:
             await conn.close()
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy import dsn
 from proxy.embedded_pg import EmbeddedPostgres, free_port
+from shared import dsn
 from tests.conftest import Certs
 from tests.integration.test_demo import Demo
 from tests.support import ProxyProcess

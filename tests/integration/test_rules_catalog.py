@@ -357,7 +357,7 @@ def test_check_config_cannot_read_the_catalog(pg: EmbeddedPostgres, tmp_path: Pa
     # the log lines on stderr are JSON; the error is one line of its own
     lines = [line for line in r.stderr.splitlines() if not line.startswith("{")]
     assert len(lines) == 1 and lines[0].startswith("pgveil: error: "), r.stderr
-    # the cause says which server, database and login (proxy.dsn), and the server's reason
+    # the cause says which server, database and login (shared.dsn), and the server's reason
     assert lines[0] == (
         "pgveil: error: cannot read the catalog of database rc_nowhere "
         f"(InvalidCatalogNameError): cannot connect to 127.0.0.1:{pg.port} database "

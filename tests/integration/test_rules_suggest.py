@@ -18,10 +18,10 @@ import psycopg
 import pytest
 
 from proxy import demo_data as data
-from proxy import dsn
 from proxy.embedded_pg import EmbeddedPostgres
 from rules.loader import parse_rules
 from rules.model import Policy
+from shared import dsn
 from tests.integration.masking_fixture import HASH_KEY, RULES, SCHEMA, leaks, masking_proxy
 
 ROOT = Path(__file__).resolve().parents[2]

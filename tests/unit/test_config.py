@@ -8,12 +8,11 @@ import pytest
 
 from proxy.config import (
     ConfigError,
-    HostPort,
     load_config,
-    parse_host_port,
     parse_size,
     reference_table,
 )
+from shared.address import HostPort, parse_host_port
 
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
@@ -41,6 +40,9 @@ def test_config_file_from_env_and_proxy_section(tmp_path: Path) -> None:
         ("a: b: c\n", "invalid YAML"),
         ("tcp_keepalive: maybe\n", "expected true or false"),
         ("max_message_size: 12XB\n", "expected a size"),
+        # a key given twice is an error, not the last one winning
+        ("listen: 0.0.0.0:1\nlisten: 0.0.0.0:2\n", r"c.yaml:2 at 'listen': duplicate key"),
+        ("proxy:\n  max_connections: 7\n  max_connections: 8\n", "at 'proxy.max_connections'"),
     ],
 )
 def test_file_errors(tmp_path: Path, text: str, error: str) -> None:

@@ -1,4 +1,4 @@
-"""proxy.dsn reads connection strings, the environment and the password file as libpq does.
+"""shared.dsn reads connection strings, the environment and the password file as libpq does.
 
 The parser is compared with libpq's own (PQconninfoParse, through psycopg); precedence,
 the service file and the password file are compared with what libpq's code says (the
@@ -14,8 +14,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from proxy import dsn
-from proxy.config import ConfigError, HostPort, load_config
+from proxy.config import ConfigError, load_config
+from shared import dsn
+from shared.address import HostPort
 
 CONNINFOS = [
     "host=a port=5 dbname=x user=u password=p",

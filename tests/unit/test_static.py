@@ -21,7 +21,7 @@ def test_ruff_check() -> None:
 
 
 def test_ruff_format() -> None:
-    r = _run("ruff", "format", "--check", "proxy", "rules", "audit", "erasure", "tests")
+    r = _run("ruff", "format", "--check", "proxy", "rules", "audit", "erasure", "shared", "tests")
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -52,14 +52,12 @@ def test_children_before_the_tables_they_are_found_through() -> None:
     ]
     assert p.rest is not None
     assert p.rest.text.startswith(
-        'WITH s0 AS (DELETE FROM "billing"."call_recordings" AS t WHERE t."i_account" IN '
-        '(SELECT p0."i_account" FROM "billing"."accounts" AS p0 WHERE p0."i_customer" = '
+        "WITH s0 AS (DELETE FROM billing.call_recordings AS t WHERE t.i_account IN "
+        "(SELECT p0.i_account FROM billing.accounts AS p0 WHERE p0.i_customer = "
         "$1::text::bigint) RETURNING 1), "
-        's1 AS (UPDATE "billing"."accounts" AS t SET'
+        "s1 AS (UPDATE billing.accounts AS t SET"
     )
-    assert ', s2 AS (UPDATE "billing"."customers" AS t SET "name" = ($5::text)::text' in (
-        p.rest.text
-    )
+    assert ", s2 AS (UPDATE billing.customers AS t SET name = ($5::text)::text" in (p.rest.text)
     assert p.rest.consts == (
         "erased-{key}",
         ["sip_user"],
@@ -126,23 +124,23 @@ def test_batch_statements() -> None:
     xdrs = plan().steps[0]
     assert xdrs.first_batch is not None and xdrs.next_batch is not None
     first, nxt = xdrs.first_batch.text, xdrs.next_batch.text
-    assert 't."i_account" = $1::text::bigint ORDER BY t."i_xdr" LIMIT $2' in first
+    assert "t.i_account = $1::text::bigint ORDER BY t.i_xdr LIMIT $2" in first
     assert "> $2" not in first
     assert (
-        't."i_account" = $1::text::bigint AND t."i_xdr" > $2::text::bigint '
-        'ORDER BY t."i_xdr" LIMIT $3' in nxt
+        "t.i_account = $1::text::bigint AND t.i_xdr > $2::text::bigint "
+        "ORDER BY t.i_xdr LIMIT $3" in nxt
     )
     # the change covers (last, highest key of the batch]: ties at the bound included
-    assert 't."i_xdr" <= (SELECT hi FROM r)' in nxt
-    assert first.startswith('WITH b AS (SELECT t."i_xdr" AS k FROM "billing"."xdrs"')
+    assert "t.i_xdr <= (SELECT hi FROM r)" in nxt
+    assert first.startswith("WITH b AS (SELECT t.i_xdr AS k FROM billing.xdrs")
     assert "r AS (SELECT max(k) AS hi, count(*) AS n FROM b), u AS (UPDATE" in nxt
     assert nxt.endswith("RETURNING 1)")  # the executor adds its progress CTE and SELECT
     assert xdrs.owners is not None and xdrs.owners.text == (
-        'SELECT o::text FROM (SELECT DISTINCT p."i_account" AS o FROM "billing"."accounts" AS p '
-        'WHERE p."i_customer" = $1::text::bigint AND p."i_account" IS NOT NULL) AS s ORDER BY o'
+        "SELECT o::text FROM (SELECT DISTINCT p.i_account AS o FROM billing.accounts AS p "
+        "WHERE p.i_customer = $1::text::bigint AND p.i_account IS NOT NULL) AS s ORDER BY o"
     )
     # only rows that still hold a value change: re-running a batch changes nothing
-    assert '(t."account_id" IS NOT NULL OR t."cli" IS NOT NULL' in nxt
+    assert "(t.account_id IS NOT NULL OR t.cli IS NOT NULL" in nxt
 
 
 def test_a_large_table_owned_directly_batches_over_the_subject_alone() -> None:
@@ -157,7 +155,7 @@ def test_a_large_table_owned_directly_batches_over_the_subject_alone() -> None:
     p = plan(text, replace(cat, relations={**cat.relations, accounts: rel}))
     step = next(s for s in p.steps if s.table == accounts)
     assert step.batched and step.owners is None and step.first_batch is not None
-    assert 't."i_customer" = $1::text::bigint ORDER BY t."i_account" LIMIT $2' in (
+    assert "t.i_customer = $1::text::bigint ORDER BY t.i_account LIMIT $2" in (
         step.first_batch.text
     )
 
@@ -172,23 +170,23 @@ def test_deleting_in_batches() -> None:
     r = replace(cat.relations[rec], indexes=(Index("r", ("i_account", "i_recording")),))
     step = plan(text, replace(cat, relations={**cat.relations, rec: r})).steps[1]
     assert step.first_batch is not None
-    assert 'u AS (DELETE FROM "billing"."call_recordings" AS t WHERE' in step.first_batch.text
+    assert "u AS (DELETE FROM billing.call_recordings AS t WHERE" in step.first_batch.text
 
 
 def test_json_actions() -> None:
     p = plan()
     assert p.rest is not None
     rest = p.rest.text
-    assert '"custom" = ((t."custom" #- $6::text[]) #- $7::text[])' in rest
+    assert "custom = ((t.custom #- $6::text[]) #- $7::text[])" in rest
     assert (
-        '"custom" = pg_catalog.jsonb_set(t."custom", $3::text[], pg_catalog.to_jsonb($4::text), '
+        "custom = pg_catalog.jsonb_set(t.custom, $3::text[], pg_catalog.to_jsonb($4::text), "
         "false)" in rest
     )
     # {key} in a placeholder: the row's key, so a unique column stays unique
-    assert "replace($2::text, '{key}', t.\"i_account\"::text)" in rest
+    assert "replace($2::text, '{key}', t.i_account::text)" in rest
     customers = p.steps[3]
     assert customers.count.consts == ("[erased]", ["passport"], ["contact", "phone"])
-    assert '((t."custom" #> $3::text[]) IS NOT NULL OR (t."custom" #> $4::text[]) IS NOT NULL)' in (
+    assert "((t.custom #> $3::text[]) IS NOT NULL OR (t.custom #> $4::text[]) IS NOT NULL)" in (
         customers.count.text
     )
     # a json (not jsonb) column is converted and back
@@ -198,20 +196,20 @@ def test_json_actions() -> None:
     c = replace(c, columns={**c.columns, "custom": Column("custom", "json", "json")})
     p2 = plan(cat=replace(cat, relations={**cat.relations, cust: c}))
     assert p2.rest is not None
-    assert '"custom" = (((t."custom"::jsonb #- $6::text[]) #- $7::text[]))::json' in p2.rest.text
+    assert "custom = (((t.custom::jsonb #- $6::text[]) #- $7::text[]))::json" in p2.rest.text
 
 
 def test_due_statements() -> None:
     p = plan()
     assert p.due.text == (
-        'SELECT s."i_customer"::text AS subject_key, (s."terminated_at" + '
-        'COALESCE(c."retention", $2::text::interval))::timestamptz AS due_at '
-        'FROM "billing"."customers" AS s LEFT JOIN "billing"."customer_classes" AS c '
-        'ON c."i_customer_class" = s."i_customer_class" WHERE s."terminated_at" IS NOT NULL '
-        'AND s."terminated_at" + COALESCE(c."retention", $2::text::interval) <= $1::timestamptz'
+        "SELECT s.i_customer::text AS subject_key, (s.terminated_at + "
+        "COALESCE(c.retention, $2::text::interval))::timestamptz AS due_at "
+        "FROM billing.customers AS s LEFT JOIN billing.customer_classes AS c "
+        "ON c.i_customer_class = s.i_customer_class WHERE s.terminated_at IS NOT NULL "
+        "AND s.terminated_at + COALESCE(c.retention, $2::text::interval) <= $1::timestamptz"
     )
     assert p.due.consts == ("0 days",)
-    assert p.due_one.text.endswith('AND s."i_customer" = $2::text::bigint')
+    assert p.due_one.text.endswith("AND s.i_customer = $2::text::bigint")
     assert "$3::text::interval" in p.due_one.text
     fixed = plan(
         EXAMPLE.replace(
@@ -220,7 +218,7 @@ def test_due_statements() -> None:
             "    default: 30\n",
         )
     )
-    assert 's."terminated_at" + $2::text::interval <= $1::timestamptz' in fixed.due.text
+    assert "s.terminated_at + $2::text::interval <= $1::timestamptz" in fixed.due.text
     assert fixed.due.consts == ("30 days",)
     mapped = plan(
         EXAMPLE.replace(
@@ -229,7 +227,7 @@ def test_due_statements() -> None:
             "    by_class: {column: i_customer_class, values: {1: 30, 2: 1 year}}",
         )
     )
-    assert 'unnest($3::text[], $4::text[]) AS m(k, r) WHERE m.k = s."i_customer_class"::text' in (
+    assert "unnest($3::text[], $4::text[]) AS m(k, r) WHERE m.k = s.i_customer_class::text" in (
         mapped.due.text
     )
     assert mapped.due.consts == ("0 days", ["1", "2"], ["30 days", "1 year"])
@@ -237,7 +235,7 @@ def test_due_statements() -> None:
     cat = catalog()
     days = replace(cat.relations[classes], columns=cols("i_customer_class:int4!", "retention:int4"))
     p3 = plan(cat=replace(cat, relations={**cat.relations, classes: days}))
-    assert 'pg_catalog.make_interval(days => c."retention"::int)' in p3.due.text
+    assert "pg_catalog.make_interval(days => c.retention::int)" in p3.due.text
 
 
 def test_plan_id_follows_what_the_steps_do() -> None:
@@ -254,7 +252,7 @@ def test_plan_id_follows_what_the_steps_do() -> None:
 def test_the_due_check_of_the_claim_is_correlated_with_the_job_row() -> None:
     p = plan()
     assert p.due_job.dynamic == 4 and p.due_job1.dynamic == 1
-    assert p.due_job.text.endswith('AND s."i_customer" = (j.subject_key)::text::bigint')
+    assert p.due_job.text.endswith("AND s.i_customer = (j.subject_key)::text::bigint")
     assert {int(n) for n in re.findall(r"\$(\d+)", p.due_job.text)} == {1, 5}
     assert {int(n) for n in re.findall(r"\$(\d+)", p.due_job1.text)} == {1, 2}
     assert p.due_job.consts == p.due_job1.consts == ("0 days",)

@@ -348,7 +348,8 @@ def without_password(dsn: str) -> str:
 
 
 def quote(value: str) -> str:
-    """A value as libpq reads it back in a key=value string."""
+    """A value as libpq reads it back in a key=value string. (A conninfo value, not an SQL
+    identifier: those are shared.quoting.quote_ident's.)"""
     if value and not any(c.isspace() or c in "'\\" for c in value):
         return value
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
