@@ -90,6 +90,9 @@ class AuditWriter:
         }
         self._table_queue: collections.deque[tuple[dict[str, Any], bytes]] = collections.deque()
         self._failing: set[str] = set()
+        # blocks(), kept current where its inputs change (_changed): read for every chunk
+        # of an audited session, it is an attribute there, not two calls
+        self.blocking = False
         self._wake = asyncio.Event()
         self._table_lock = asyncio.Lock()
         self.written = 0
@@ -241,8 +244,13 @@ class AuditWriter:
 
     def blocks(self) -> bool:
         """Whether statements on personal data must wait for the audit stream now, and be
-        refused if it is not back in time: `on_failure: block` while it takes no events."""
+        refused if it is not back in time: `on_failure: block` while it takes no events.
+        (The same as the attribute `blocking`.)"""
         return self.on_failure == "block" and not self.accepting()
+
+    def _changed(self) -> None:
+        """A sink failed or recovered, or the table's queue grew or shrank."""
+        self.blocking = self.blocks()
 
     def submit(
         self,
@@ -281,6 +289,7 @@ class AuditWriter:
             self._write_linked([line])
         if self.table is not None:
             self._table_queue.append((event, line))
+            self._changed()
             self._wake.set()
 
     def _write_linked(self, lines: list[bytes]) -> bool:
@@ -295,6 +304,7 @@ class AuditWriter:
             event, line = self._seal(CHECKPOINT, self._checkpoint_fields("rotation"))
             if self.table is not None:
                 self._table_queue.append((event, line))
+                self._changed()
                 self._wake.set()
             lines = [*lines, line, ROTATE]
         written = self._write_sinks(lines)
@@ -366,12 +376,14 @@ class AuditWriter:
         if name not in self._failing:
             _log.error("audit.write_failed", extra={"fields": {"sink": name, "error": error}})
             self._failing.add(name)
+            self._changed()
             self.recovered.clear()
             self._wake.set()
 
     def _recover(self, name: str) -> None:
         if name in self._failing:
             self._failing.discard(name)
+            self._changed()
             _log.info("audit.recovered", extra={"fields": {"sink": name}})
             if not self._failing:
                 self.recovered.set()
@@ -415,6 +427,7 @@ class AuditWriter:
                 return
             for _ in batch:
                 self._table_queue.popleft()
+            self._changed()
             self._recover("table")
 
     async def close(self) -> None:

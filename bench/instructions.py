@@ -3,9 +3,10 @@ hot path's cost that does not move with the machine's load.
 
 bench/run measures throughput and CPU time, which on a shared 2-core machine move by more
 than most changes (two runs of the same build differ by 10-30%). This script runs the
-helpdesk pgbench script (-c 1, a fixed number of transactions) through pgveil under
-`valgrind --tool=callgrind` with instrumentation switched on only around the measured
-transactions (start-up, imports, the catalog read and a warm-up are not counted), for this
+helpdesk pgbench script (-c 1, a fixed number of transactions, a fixed random seed: the
+rows per transaction vary with it) through pgveil under `valgrind --tool=callgrind` with
+instrumentation switched on only around the measured transactions (start-up, imports, the
+catalog read and a warm-up are not counted), for this
 checkout and, with --baseline DIR, another one (a git worktree at an older commit), both
 against the same embedded PostgreSQL. Counts repeat within about 1%.
 
@@ -90,6 +91,7 @@ def count(
             done = subprocess.run(
                 [b.tool(db, "pgbench"), "-n", "-h", b.HOST, "-p", str(port), "-U", user,
                  "-f", str(script), "-c", "1", "-t", str(transactions), "-M", args.mode,
+                 "--random-seed", "1",
                  b.DBNAME],
                 env={**os.environ, "PGPASSWORD": pw, "PGSSLMODE": "disable"},
                 capture_output=True,

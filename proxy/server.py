@@ -266,7 +266,7 @@ class ClientConnection(_Pipe, LiveSession):
             self._audit_wait += data
             return
         writer = self.server.audit
-        if writer is not None and self.audited and writer.blocks():
+        if writer is not None and self.audited and writer.blocking:
             # the audit stream is down: statements wait for it (reading paused), and
             # those on personal data are refused if it is not back in time
             self._audit_wait = bytearray(data)
@@ -303,7 +303,7 @@ class ClientConnection(_Pipe, LiveSession):
 
     def ready(self) -> bool:
         writer = self.server.audit
-        return writer is None or not writer.blocks()
+        return writer is None or not writer.blocking
 
     def record(self, event_type: str, fields: dict[str, object]) -> bool:
         # a refusal's answer is an error that carries no data: it need not wait for its
@@ -713,7 +713,7 @@ class ProxyServer:
     def apply_gate(self, actions: list[GateAction]) -> None:
         """Carry out the audit gate's decisions, each on the connection it names."""
         for action in actions:
-            conn = cast(ClientConnection, action.session)
+            conn: ClientConnection = action.session  # type: ignore[assignment]  # (the handle)
             HANDLERS[type(action)](conn, action, b"", False)
 
     def _contexts(self) -> list[MaskingContext]:

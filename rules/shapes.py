@@ -374,9 +374,11 @@ class DecisionCache:
                 if rewritten is None:
                     return None
                 changes["sql"] = rewritten
-            elif any(not 0 <= i < len(literals) for _, _, i in spans):
-                return None  # as _substitute would decline it
             else:
+                count = len(literals)
+                for _, _, i in spans:  # (a loop, not a generator: once per statement)
+                    if not 0 <= i < count:
+                        return None  # as _substitute would decline it
                 changes["sql"] = None
         if decision.subject_keys:
             changes["subject_keys"] = _literal_keys(decision.subject_keys, literals)

@@ -2130,7 +2130,7 @@ class StatementLog:
     @staticmethod
     def _set_layout(entry: _InFlight, layout: Layout) -> None:
         entry.layout = layout
-        entry.raw = tuple(set() for _ in layout)
+        entry.raw = tuple([set() for _ in layout])
 
     @staticmethod
     def _keyed(entry: _InFlight) -> None:
@@ -2297,7 +2297,7 @@ def _covers(entry: _InFlight, covered: set[str]) -> bool:
         return True  # nothing reached the client, nothing was changed
     tables = entry.fields.get("tables", [])
     assert isinstance(tables, list)
-    return all(t in covered for t in tables)
+    return covered.issuperset(tables)
 
 
 def _format_of(formats: list[int], i: int) -> int:
