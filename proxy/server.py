@@ -47,7 +47,7 @@ from proxy.session.engine import (
     StartClientTLS,
     _Forward,
 )
-from proxy.wire.messages import SSLRequest
+from proxy.wire.startup import SSLRequest
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import RulesError
 from rules.model import Policy
