@@ -37,9 +37,6 @@ _UUID = 2950
 NO_TYPES: Final = b"\0\0"
 """The parameter-type section of a Parse that declares no types (Int16 0)."""
 
-STATEMENT: Final = ord("S")
-"""The kind byte of a Describe or Close of a prepared statement (else 'P': a portal)."""
-
 # --- Parse -------------------------------------------------------------------------------
 
 
