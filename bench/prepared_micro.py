@@ -26,17 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.session.engine import Session, SessionSettings
 from proxy.wire import messages as m
+from proxy.wire.simple import ready_for_query
+from proxy.wire.startup import StartupMessage
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
 
-STARTUP = m.StartupMessage(m.PROTOCOL_3_0, {"user": "helpdesk", "database": "db"})
+STARTUP = StartupMessage(m.PROTOCOL_3_0, {"user": "helpdesk", "database": "db"})
 LOGIN = (
     m.message(m.AUTHENTICATION, b"\0\0\0\0")
     + m.message(m.PARAMETER_STATUS, b"client_encoding\0UTF8\0")
     + m.message(m.PARAMETER_STATUS, b"standard_conforming_strings\0on\0")
     + m.message(m.BACKEND_KEY_DATA, b"\0\0\0\1\0\0\0\2")
-    + m.ready_for_query()
+    + ready_for_query()
 )
 SQL = b"SELECT name, email, balance FROM billing.customers WHERE i_customer = $1"
 
@@ -61,7 +63,7 @@ def _session(holder: ContextHolder, audited: bool = False) -> Session:
     s.login_classified(holder, None, _Hook() if audited else None)
     parse = m.message(m.PARSE, b"s1\0" + SQL + b"\0\0\0")
     s.client_data(parse + m.message(m.SYNC))
-    s.server_data(m.message(m.PARSE_COMPLETE) + m.ready_for_query())
+    s.server_data(m.message(m.PARSE_COMPLETE) + ready_for_query())
     return s
 
 
@@ -82,7 +84,7 @@ def run(seconds: float, refresh: int, audited: bool) -> float:
         m.message(m.BIND_COMPLETE)
         + row
         + m.message(m.COMMAND_COMPLETE, b"SELECT 1\0")
-        + m.ready_for_query()
+        + ready_for_query()
     )
     contexts = [MaskingContext(policy, CATALOG) for _ in range(4)] if refresh else []
     uses = 0

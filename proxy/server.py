@@ -46,7 +46,7 @@ from proxy.session.actions import (
     StartClientTLS,
 )
 from proxy.session.engine import Phase, Session, SessionSettings
-from proxy.wire.messages import SSLRequest
+from proxy.wire.startup import SSLRequest
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import RulesError
 from rules.model import Policy

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from proxy.embedded_pg import free_port
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields, severity_of
+from proxy.wire.startup import StartupMessage
 
 
 def wait_port(
@@ -149,7 +151,7 @@ class RawClient:
         self.key: int | None = None
         if connect:
             self.send_raw(
-                m.StartupMessage(
+                StartupMessage(
                     m.PROTOCOL_3_0, {"user": user, "database": database, **params}
                 ).encode()
             )
@@ -184,7 +186,7 @@ class RawClient:
             out.append((typ, body))
             if typ == "Z":
                 return out
-            if typ == "E" and m.severity_of(body) == "FATAL":
+            if typ == "E" and severity_of(body) == "FATAL":
                 return out
 
     def query(self, sql: str) -> list[tuple[str, bytes]]:
@@ -210,7 +212,7 @@ class RawClient:
 
 
 def errors_in(messages: list[tuple[str, bytes]]) -> list[dict[str, str]]:
-    return [m.decode_fields(body) for typ, body in messages if typ == "E"]
+    return [decode_fields(body) for typ, body in messages if typ == "E"]
 
 
 def normalise_session_bytes(messages: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:

@@ -28,7 +28,6 @@ beyond what a decision needs; bodies may hold personal data.
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -51,8 +50,15 @@ from proxy.session.actions import (
 )
 from proxy.session.filters import TX_UNKNOWN, Filter, Masking, PassThrough, Recording
 from proxy.session.masked import AuditHook, SessionEnded
+from proxy.wire import async_, errors, simple, startup
 from proxy.wire import messages as m
-from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
+from proxy.wire.framing import (
+    MessageScanner,
+    StartupReader,
+    capture_mask,
+    header,
+    holds_a_message,
+)
 from rules.context import ContextHolder, MaskingContext
 
 __all__ = [
@@ -102,16 +108,10 @@ _TOO_MUCH_BEFORE_LOGIN: Final = "pgveil: too much data sent before the login com
 _CAPTURE_ALL: Final = capture_mask(everything=True)
 # After one of these the client may still be assembling an extended-protocol request.
 _REQUEST_OPEN: Final = frozenset((m.PARSE, m.BIND, m.EXECUTE, m.DESCRIBE, m.CLOSE, m.FLUSH))
-_HEADER: Final = struct.Struct("!BI")
 _SERVER_MESSAGE_LIMIT: Final = 1 << 30
 # Authentication messages after which the server reads no response (the others ask for one)
 _AUTH_NO_RESPONSE: Final = frozenset((m.AUTH_OK, m.AUTH_SASL_FINAL))
 UNCLASSIFIED: Final = "pgveil: cannot classify this session as masked or unmasked; see pgveil's log"
-
-
-def _holds_a_message(data: bytes) -> bool:
-    """Whether `data` (starting at a message boundary) holds at least one whole message."""
-    return len(data) >= 5 and 1 + _HEADER.unpack_from(data, 0)[1] <= len(data)
 
 
 @dataclass(slots=True)
@@ -297,7 +297,7 @@ class Session:
                 break
             if n - pos < 5:
                 break
-            length = _HEADER.unpack_from(buf, pos)[1]
+            length = header(buf, pos)[1]
             if length < 4 or length > limit:
                 return self._refuse_login("08P01", f"invalid message length {length}")
             end = pos + 1 + length
@@ -329,28 +329,28 @@ class Session:
             packet, rest = self._startup.feed(data)
             if packet is None:
                 return _NOTHING
-            request = m.decode_startup_packet(packet)
+            request = startup.decode_startup_packet(packet)
         except m.ProtocolViolation as exc:
             return self._fatal_to_client("08P01", str(exc))
-        if isinstance(request, m.SSLRequest | m.GSSENCRequest):
+        if isinstance(request, startup.SSLRequest | startup.GSSENCRequest):
             if rest:
                 # Bytes after the request would be read as if they came over TLS
                 # (CVE-2021-23214 in the server); refuse them like the server does.
                 return self._fatal_to_client("08P01", "received unencrypted data after SSL request")
             if (
-                isinstance(request, m.SSLRequest)
+                isinstance(request, startup.SSLRequest)
                 and self.settings.tls_available
                 and not self.info.client_tls
             ):
                 self.info.client_tls = True
                 return (SendToClient(b"S"), StartClientTLS())
             return (SendToClient(b"N"),)
-        if isinstance(request, m.CancelRequest):
+        if isinstance(request, startup.CancelRequest):
             self.phase = Phase.CLOSED
             return (SendCancel(packet), CloseSession("cancel request"))
-        assert isinstance(request, m.StartupMessage)
+        assert isinstance(request, startup.StartupMessage)
         params = request.parameters
-        self._startup_params = m.startup_parameters(packet)
+        self._startup_params = startup.startup_parameters(packet)
         self.info.user = request.user
         self.info.database = request.database
         self.info.application_name = params.get("application_name", "")
@@ -382,7 +382,7 @@ class Session:
         )  # fmt: skip
         self.phase = Phase.CLOSED
         if was_ready and self._client.at_boundary:
-            return (SendToServer(m.TERMINATE_MESSAGE), CloseSession("client closed"))
+            return (SendToServer(simple.TERMINATE_MESSAGE), CloseSession("client closed"))
         return (CloseSession("client closed"),)
 
     # ---- upstream ----------------------------------------------------------------------
@@ -437,7 +437,7 @@ class Session:
         client = self._client_tail + bytes(self._client_held or b"")
         self._client_tail = b""
         self._client_held = None
-        if analysed and _holds_a_message(client):
+        if analysed and holds_a_message(client):
             # a statement the client sent before the login completed: analysed sessions
             # must wait for it (a message only begun may go on: it reaches the filter)
             who = "masked" if masked is not None else "audited"
@@ -563,9 +563,9 @@ class Session:
         if self._client.at_boundary:
             # else the server holds part of a client message: Terminate would be read as
             # its rest; closing the connection ends that backend just as well
-            actions.append(SendToServer(m.TERMINATE_MESSAGE))
+            actions.append(SendToServer(simple.TERMINATE_MESSAGE))
         self.phase = Phase.CLOSED
-        actions.append(SendToClient(m.error_response("57P01", text, severity="FATAL")))
+        actions.append(SendToClient(errors.error_response("57P01", text, severity="FATAL")))
         actions.append(CloseSession(text))
         return actions
 
@@ -574,8 +574,8 @@ class Session:
         self.phase = Phase.CLOSED
         self.close_reason = text
         return (
-            SendToServer(m.TERMINATE_MESSAGE),
-            SendToClient(m.error_response("42501", text, severity="FATAL")),
+            SendToServer(simple.TERMINATE_MESSAGE),
+            SendToClient(errors.error_response("42501", text, severity="FATAL")),
             CloseSession(text),
         )
 
@@ -584,14 +584,14 @@ class Session:
         if typ == m.ERROR_RESPONSE:
             self._count_error(body)
         elif typ == m.PARAMETER_STATUS:
-            name, value = m.parameter_status(body)
+            name, value = async_.parameter_status(body)
             self.info.parameters[name] = value
 
     def _count_error(self, body: bytes) -> None:
-        code = m.sqlstate_of(body)
+        code = errors.sqlstate_of(body)
         cls = code[:2] if len(code) == 5 else "unknown"
         self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
-        self._last_server_fatal = m.severity_of(body) in ("FATAL", "PANIC")
+        self._last_server_fatal = errors.severity_of(body) in ("FATAL", "PANIC")
 
     def _login_server_data(self, data: bytes) -> Sequence[Action]:
         """The server during the login, message by message up to its ReadyForQuery (bytes
@@ -604,7 +604,7 @@ class Session:
         out = bytearray()
         actions: list[Action] = []
         while n - pos >= 5:
-            typ, length = _HEADER.unpack_from(buf, pos)
+            typ, length = header(buf, pos)
             if length < 4 or length > _SERVER_MESSAGE_LIMIT:
                 return self._fatal_to_client(
                     "08P01", f"invalid message from server: invalid message length {length}"
@@ -620,15 +620,16 @@ class Session:
             self.server_counts[typ] += 1
             body = raw[5:]
             if typ == m.AUTHENTICATION:
-                code = m.auth_code(body)
+                code = startup.auth_code(body)
                 if code == m.AUTH_SASL and not self._channel_binding_passes():
                     # Channel binding ties SCRAM to the server certificate of the TLS
                     # session it runs in; the client's session is with pgveil, so a
                     # '-PLUS' exchange can only verify when both present the same
                     # certificate.
                     self._sasl_offered = True
-                    mechanisms = [x for x in m.sasl_mechanisms(body) if not x.endswith("-PLUS")]
-                    raw = m.authentication_sasl(mechanisms)
+                    offered = startup.sasl_mechanisms(body)
+                    mechanisms = [x for x in offered if not x.endswith("-PLUS")]
+                    raw = startup.authentication_sasl(mechanisms)
                 if code not in _AUTH_NO_RESPONSE:
                     self._auth_requests += 1
                     if self._client_held is not None and self._awaiting_password():
@@ -643,9 +644,9 @@ class Session:
                     self.phase = Phase.CLASSIFYING
                     continue
             elif typ == m.BACKEND_KEY_DATA:
-                self.info.backend_pid = m.backend_key_data(body)[0]
+                self.info.backend_pid = startup.backend_key_data(body)[0]
             elif typ == m.PARAMETER_STATUS:
-                name, value = m.parameter_status(body)
+                name, value = async_.parameter_status(body)
                 self.info.parameters[name] = value
             elif typ == m.ERROR_RESPONSE:
                 self._count_error(body)
@@ -656,7 +657,7 @@ class Session:
                     out += self._login_held
                     self._login_held.clear()
             elif typ == m.READY_FOR_QUERY:
-                self.tx_status = body[0] if body else m.TX_IDLE
+                self.tx_status = simple.tx_status(body)
                 if self.gated:
                     if self.phase is not Phase.CLASSIFYING or self._login_failed:
                         # never released unclassified: a gated login starts only here
@@ -698,9 +699,9 @@ class Session:
         if not self._sasl_offered or self.phase is not Phase.AUTHENTICATING:
             return None
         self._sasl_offered = False
-        mechanism, _, rest = body.partition(b"\0")
-        # rest: Int32 length, then the client-first-message starting with the gs2 flag
-        if mechanism.startswith(b"SCRAM-SHA-256") and rest[4:6] == b"y,":
+        mechanism, response = startup.sasl_initial_response(body)
+        # the client-first-message starts with the gs2 flag: "y" asks for channel binding
+        if mechanism.startswith(b"SCRAM-SHA-256") and response[:2] == b"y,":
             return self._fatal_to_client(
                 "08P01",
                 "pgveil cannot relay SCRAM channel binding: the server's TLS certificate "
@@ -717,14 +718,14 @@ class Session:
         self.phase = Phase.CLOSED
         if phase is Phase.ENDING and self._server.at_boundary and not self._last_server_fatal:
             text = self.close_reason  # the reason it was ending for
-            fatal = m.error_response("57P01", text, severity="FATAL")
+            fatal = errors.error_response("57P01", text, severity="FATAL")
             return (SendToClient(fatal), CloseSession(text))
         if (
             phase in (Phase.READY, Phase.AUTHENTICATING, Phase.CLASSIFYING)
             and self._server.at_boundary
             and not self._last_server_fatal
         ):
-            err = m.error_response(
+            err = errors.error_response(
                 "08006", "pgveil: the server closed the connection unexpectedly", severity="FATAL"
             )
             return (SendToClient(err), CloseSession("server closed"))
@@ -777,10 +778,10 @@ class Session:
         self.phase = Phase.CLOSED
         actions: list[Action] = []
         if phase is Phase.READY and self._client.at_boundary:
-            actions.append(SendToServer(m.TERMINATE_MESSAGE))
+            actions.append(SendToServer(simple.TERMINATE_MESSAGE))
         msg = "terminating connection due to administrator command"
         if self._server.at_boundary:
-            actions.append(SendToClient(m.error_response("57P01", msg, severity="FATAL")))
+            actions.append(SendToClient(errors.error_response("57P01", msg, severity="FATAL")))
         actions.append(CloseSession("shutdown deadline"))
         return actions
 
@@ -788,8 +789,8 @@ class Session:
         self.phase = Phase.CLOSED
         msg = "terminating connection due to administrator command"
         return [
-            SendToServer(m.TERMINATE_MESSAGE),
-            SendToClient(m.error_response("57P01", msg, severity="FATAL")),
+            SendToServer(simple.TERMINATE_MESSAGE),
+            SendToClient(errors.error_response("57P01", msg, severity="FATAL")),
             CloseSession("shutdown"),
         ]
 
@@ -802,10 +803,10 @@ class Session:
         gives up would: the server does not log that)."""
         actions: list[Action] = []
         if self.phase is Phase.CLASSIFYING:
-            actions.append(SendToServer(m.TERMINATE_MESSAGE))
+            actions.append(SendToServer(simple.TERMINATE_MESSAGE))
         self.phase = Phase.CLOSED
         self.close_reason = text
-        actions.append(SendToClient(m.error_response(code, text, severity="FATAL")))
+        actions.append(SendToClient(errors.error_response(code, text, severity="FATAL")))
         actions.append(CloseSession(text))
         return actions
 
@@ -817,6 +818,6 @@ class Session:
             # would be read as the rest of it.
             return (CloseSession(text),)
         return (
-            SendToClient(m.error_response(code, text, severity="FATAL", hint=hint)),
+            SendToClient(errors.error_response(code, text, severity="FATAL", hint=hint)),
             CloseSession(text),
         )

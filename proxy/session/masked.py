@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import re
 import secrets
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -55,11 +54,12 @@ from proxy.session.statements import (
     Source,
     StatementLog,
     audit_fields,
-    bind_parameters,
     with_reads_of,
 )
+from proxy.wire import async_, errors, extended, rows, simple
 from proxy.wire import messages as m
-from proxy.wire.framing import MessageScanner
+from proxy.wire.framing import MessageScanner, whole_messages
+from proxy.wire.splice import Pause, Splicer
 from rules.context import ContextHolder, MaskingContext
 from rules.decision import NOT_PARSED, Decision
 from rules.denied import DENY_WRITE_MARKER
@@ -170,8 +170,8 @@ class StatementFilter:
         self._templates: dict[tuple[object, ...], dict[str, object]] = {}
         # what the statement being decided does to names (see StatementLog.query)
         self._effects: Effects | None = ()
-        self._client = _Splicer()
-        self._server = _Splicer()
+        self._client = Splicer()
+        self._server = Splicer()
         self.tx_status: int | None = None  # from the latest ReadyForQuery
 
     raw_columns = False  # whether the personal columns a statement returns reach it raw
@@ -252,25 +252,22 @@ class StatementFilter:
         if log is not None:
             if typ == m.BIND:
                 if self._audit_down():
-                    end = body.index(b"\0")
-                    name_end = body.index(b"\0", end + 1)
-                    fields = log.statement_fields(body[end + 1 : name_end])
+                    fields = log.statement_fields(extended.bind_names(body)[1])
                     if fields is not None:
                         # Bind to a statement name that cannot exist: the server's error
                         # carries the refusal token, the Execute after it is skipped; the
                         # portal name keeps what it held (the server fails the Bind first)
                         log.note_failing_bind()
                         token = self._refuse_unrecorded(fields)
-                        return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
+                        return extended.bind_renamed(body, token)
                 reason = log.bind(body)
                 if reason is not None:
                     return self._refuse_prepared(typ, body, reason)
             elif typ == m.EXECUTE:
                 if self._audit_down():
-                    end = body.index(b"\0")
-                    fields = log.portal_fields(body[:end])
+                    fields = log.portal_fields(extended.execute_portal(body))
                     if fields is not None:
-                        refused = self._refuse_unrecorded(fields) + body[end + 1 :]
+                        refused = extended.execute_renamed(body, self._refuse_unrecorded(fields))
                         log.execute(refused)  # (a portal that cannot exist: it fails)
                         return m.message(m.EXECUTE, refused)
                 reason = log.execute(body)
@@ -321,16 +318,14 @@ class StatementFilter:
             # nothing protected when it was prepared, something now: its event says what
             fields = self._fields_now(named, reason)
         token = self._refuse_recorded(fields, reason)
-        end = body.index(b"\0")
         if typ == m.BIND:
-            name_end = body.index(b"\0", end + 1)
             log.note_failing_bind()
-            return m.message(m.BIND, body[: end + 1] + token + body[name_end + 1 :])
+            return extended.bind_renamed(body, token)
         if typ == m.DESCRIBE:
-            refused = body[:1] + token
+            refused = extended.describe_body(extended.target(body)[0], token)
             log.describe(refused)  # answered by the error, like any Describe
             return m.message(m.DESCRIBE, refused)
-        refused = token + body[end + 1 :]
+        refused = extended.execute_renamed(body, token)
         log.execute(refused)  # (a portal that cannot exist: it fails)
         return m.message(m.EXECUTE, refused)
 
@@ -355,7 +350,7 @@ class StatementFilter:
             self._answers[nonce] = answer
         self.counters.refused += 1
         self.counters.refusal_reasons.append(reason)
-        return f"{REFUSAL_TOKEN}{nonce}\0".encode()
+        return f"{REFUSAL_TOKEN}{nonce}".encode()
 
     def _probe(self, reason: str) -> str:
         """A syntax probe's nonce (see the module docstring): counted as a refusal (the
@@ -549,7 +544,8 @@ class StatementFilter:
         return self.statements.encoding if self.statements is not None else "utf-8"
 
     def _query(self, body: bytes, original: bytes) -> bytes:
-        sql = self._text(body[:-1])
+        text = simple.query_text(body)
+        sql = self._text(text)
         if sql is None:
             return self._undecodable(m.QUERY, b"", original)
         self._may_wait = True
@@ -565,17 +561,16 @@ class StatementFilter:
             return original
         if action == "rewrite":
             assert value is not None
-            return m.message(m.QUERY, value.encode() + b"\0")
+            return simple.query(value.encode())
         if self._probing is not None:
-            return m.message(m.QUERY, _PROBE.format(self._probing).encode() + body)
-        return m.message(m.QUERY, self._refuse(value or "refused"))
+            return simple.query(_PROBE.format(self._probing).encode() + text)
+        return simple.query(self._refuse(value or "refused"))
 
     def _parse(self, body: bytes, original: bytes) -> bytes:
-        statement, query, rest = m.parse_message(body)
-        name = statement + b"\0"
+        statement, query, rest = extended.parse_message(body)
         sql = self._text(query)
         if sql is None:
-            return self._undecodable(m.PARSE, name, original)
+            return self._undecodable(m.PARSE, statement, original)
         self._may_wait = True
         action, value, fields = self._decide(sql)
         if self.statements is not None:
@@ -583,7 +578,7 @@ class StatementFilter:
             # what the name holds: the whole text, as sent (masked sessions)
             decided = Decided(sql, action, value) if self._tracks else None
             # the parameter types, for the subject keys its parameters carry
-            declared = _declared(rest) if fields and "_subject_keys" in fields else ()
+            declared = extended.declared_types(rest) if fields and "_subject_keys" in fields else ()
             self.statements.parse(
                 statement,
                 fields,
@@ -598,24 +593,25 @@ class StatementFilter:
             return original
         if action == "rewrite":
             assert value is not None
-            return m.message(m.PARSE, name + value.encode() + b"\0" + rest)
+            return extended.parse(statement, value.encode(), rest)
         if self._probing is not None:
             probe = _PROBE.format(self._probing).encode()
-            return m.message(m.PARSE, name + probe + query + b"\0" + rest)
-        return m.message(m.PARSE, name + self._refuse(value or "refused") + b"\0\0")
+            return extended.parse(statement, probe + query, rest)
+        return extended.parse(statement, self._refuse(value or "refused"))
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         """What the masked filter keeps of a statement for its errors (nothing here)."""
         return None
 
     def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
-        """A statement that is not UTF-8: no statement is recorded for it."""
+        """A statement that is not UTF-8: no statement is recorded for it. `name`: a Parse's
+        statement name."""
         if self.statements is not None:
             if typ == m.QUERY:
                 self.statements.query(None)
             else:
                 unreadable = Decided("", "refuse", NOT_UTF8) if self._tracks else None
-                self.statements.parse(name[:-1], None, None, (), unreadable)
+                self.statements.parse(name, None, None, (), unreadable)
         return original
 
     # ---- server -> client --------------------------------------------------------------
@@ -648,7 +644,7 @@ class StatementFilter:
     def _ready(self, body: bytes) -> None:
         """ReadyForQuery: the transaction status; a transaction that may have moved names
         ended (see ContextHolder.names_moved)."""
-        self.tx_status = status = body[0] if body else m.TX_IDLE
+        self.tx_status = status = simple.tx_status(body)
         if self._moving and status == m.TX_IDLE:
             self._moving = False
             self._holder.names_moved()
@@ -660,14 +656,13 @@ class StatementFilter:
         audit = self.audit
         if audit is None:
             return
-        end = body.index(b"\0", 4)
         # (the server sends the name in the session's client encoding)
-        channel = body[4:end].decode(self._encoding, "replace")
+        channel = async_.notification_channel(body).decode(self._encoding, "replace")
         if channel in self.ctx.policy.channels:
             audit.record("access", notification_fields(channel, decision))
 
     def _refusal(self, body: bytes) -> bytes | None:
-        fields = m.decode_fields(body)
+        fields = errors.decode_fields(body)
         text = fields.get("M", "")
         if REFUSAL_TOKEN in text:
             for nonce in list(self._refusals):
@@ -677,8 +672,8 @@ class StatementFilter:
                     if answer is not None:
                         # the server's severity fields (in its lc_messages), pgveil's error
                         severity = {k: v for k, v in fields.items() if k in "SV"}
-                        return encode_fields(m.ERROR_RESPONSE, {**severity, **answer})
-                    return m.error_response("42501", f"pgveil: {reason}")
+                        return errors.encode_fields(m.ERROR_RESPONSE, {**severity, **answer})
+                    return errors.error_response("42501", f"pgveil: {reason}")
         return None
 
 
@@ -694,17 +689,6 @@ def _masked(values: str) -> str:
 def _unknown_name(name: str) -> str:
     """An unknown name as the analyser records it, for a refusal's reason."""
     return name if name.startswith(COLUMN_OR_FUNCTION) else f"relation {name}"
-
-
-def _declared(types: bytes) -> tuple[int, ...]:
-    """The parameter type OIDs a Parse declares (the end of its body)."""
-    if len(types) > 2 and types[:2] != b"\0\0":
-        try:
-            (count,) = struct.unpack_from("!h", types, 0)
-            return struct.unpack_from(f"!{max(count, 0)}I", types, 2)
-        except struct.error:
-            pass  # the server refuses the Parse; its types do not matter
-    return ()
 
 
 def _matching(name: str, defined: dict[str, tuple[frozenset[str], bool]]) -> list[str]:
@@ -813,14 +797,14 @@ class MaskedFilter(StatementFilter):
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         # the client's text (its literals are what it may see again); the rewritten text
         # only to check that statements pair one to one
-        oids = _declared(types)
+        oids = extended.declared_types(types)
         sent = value if action == "rewrite" else None
         return Source(sql, sent, oids, oids, self._probing)
 
     def _function_call(self, raw: bytes) -> bytes:
         if self.statements is not None:
             self.statements.function_call()
-        return m.message(m.QUERY, self._refuse("FunctionCall is not allowed for masked roles"))
+        return simple.query(self._refuse("FunctionCall is not allowed for masked roles"))
 
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if typ == m.BIND or typ == m.EXECUTE:
@@ -908,8 +892,8 @@ class MaskedFilter(StatementFilter):
         super()._undecodable(typ, name, original)
         refusal = self._refuse(NOT_UTF8)
         if typ == m.QUERY:
-            return m.message(m.QUERY, refusal)
-        return m.message(m.PARSE, name + refusal + b"\0\0")
+            return simple.query(refusal)
+        return extended.parse(name, refusal)
 
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         # (only the client's own Query or Parse may wait, not the checks made for it)
@@ -929,7 +913,7 @@ class MaskedFilter(StatementFilter):
             if may_wait and self.waits and not fresh:
                 # created since pgveil read the catalog, or never: wait for a read
                 self.awaiting = self._asked_wait = holder.reads_begun + 1
-                raise _Pause
+                raise Pause
             what = _unknown_name(unknown[0])
             return d, "refuse", f"{what} is not known to pgveil yet; try again shortly"
         if d.uses or d.moves:
@@ -996,7 +980,7 @@ class MaskedFilter(StatementFilter):
         if typ == m.ROW_DESCRIPTION:
             self._check_row_description(body)
         elif typ == m.PARAMETER_STATUS:
-            self.check_parameter(*m.parameter_status(body))
+            self.check_parameter(*async_.parameter_status(body))
         elif typ == m.READY_FOR_QUERY:
             self._ready(body)
         return raw
@@ -1012,7 +996,7 @@ class MaskedFilter(StatementFilter):
             raise SessionEnded("pgveil: masked sessions need standard_conforming_strings on")
 
     def _error(self, typ: int, body: bytes, cause: Cause | None) -> bytes:
-        fields = m.decode_fields(body)
+        fields = errors.decode_fields(body)
         if typ == m.ERROR_RESPONSE:
             code = fields.get("C", "")
             cls = code[:2] if len(code) == 5 else "unknown"
@@ -1033,7 +1017,7 @@ class MaskedFilter(StatementFilter):
             # syntax error, or the Parse it parsed whole (nothing ran)
             self._refusals.pop(source.probe, None)
             if fields.get("C") == "42601" and fields.get("M") == _MULTIPLE_COMMANDS:
-                return m.error_response("42501", f"pgveil: {PARSED_ONLY_BY_SERVER}")
+                return errors.error_response("42501", f"pgveil: {PARSED_ONLY_BY_SERVER}")
         if "P" in fields:
             position = _client_position(fields["P"], source)
             if position is None:
@@ -1066,7 +1050,7 @@ class MaskedFilter(StatementFilter):
             scrubbed["D"] = (
                 shown if shown is not None else "pgveil: detail withheld from masked roles"
             )
-        return encode_fields(typ, scrubbed)
+        return errors.encode_fields(typ, scrubbed)
 
     def _deny_write(self, body: bytes) -> bytes | None:
         """The error of pgveil's guard on a write into a deny column (see
@@ -1074,7 +1058,7 @@ class MaskedFilter(StatementFilter):
         ErrorResponse body); None when the message names no deny column of the rules (a
         statement can spell the marker itself: its error then stays the server's, scrubbed
         like any other)."""
-        fields = m.decode_fields(body)
+        fields = errors.decode_fields(body)
         found = _DENY_WRITE.search(fields.get("M", ""))
         if found is None or fields.get("C") != "22P02":  # (invalid_text_representation)
             return None
@@ -1092,46 +1076,33 @@ class MaskedFilter(StatementFilter):
         )
         self.counters.refused += 1
         self.counters.refusal_reasons.append(reason)
-        return m.error_response("42501", f"pgveil: {reason}")[5:]
+        return errors.error_body("42501", f"pgveil: {reason}")
 
     def login_messages(self, data: bytes) -> bytes:
         """The server's answers between AuthenticationOk and the login's ReadyForQuery
         (whole messages, held until the login was classified), as a masked session may see
         them: notices scrubbed like any other, the rest as they are."""
         out = bytearray()
-        pos = 0
-        while pos + 5 <= len(data):
-            typ = data[pos]
-            (length,) = struct.unpack_from("!i", data, pos + 1)
-            end = pos + 1 + length
+        for typ, body, start, end in whole_messages(data):
             if typ == m.NOTICE_RESPONSE:
-                out += self._error(typ, data[pos + 5 : end], None)
+                out += self._error(typ, body, None)
             else:
-                out += data[pos:end]
-            pos = end
+                out += data[start:end]
         return bytes(out)
 
     def _notification(self, body: bytes) -> bytes:
-        pid = body[:4]
-        chan_end = body.index(b"\0", 4)
-        channel = body[4:chan_end].decode("utf-8", "replace")
-        payload = body[chan_end + 1 : -1].decode("utf-8", "replace")
+        pid, raw_channel, raw_payload = async_.notification(body)
+        channel = raw_channel.decode("utf-8", "replace")
+        payload = raw_payload.decode("utf-8", "replace")
         masked = self.ctx.notification_payload(channel, payload)
         self._notified(body, "withheld" if masked is None else "masked")
         if masked is None:
             self.counters.notifications_withheld += 1
             return b""
-        return m.message(
-            m.NOTIFICATION_RESPONSE, pid + body[4 : chan_end + 1] + masked.encode() + b"\0"
-        )
+        return async_.notification_response(pid, raw_channel, masked.encode())
 
     def _check_row_description(self, body: bytes) -> None:
-        (count,) = struct.unpack_from("!h", body, 0)
-        pos = 2
-        for _ in range(count):
-            pos = body.index(b"\0", pos) + 1
-            table_oid, attnum = struct.unpack_from("!Ih", body, pos)
-            pos += 18
+        for table_oid, attnum, _type, _fmt in rows.column_sources(body):
             if table_oid and self.ctx.pmap.personal_column(table_oid, attnum) is not None:
                 self.counters.exit_check_violations += 1
                 raise SessionEnded(
@@ -1392,8 +1363,8 @@ class _Judge:
         words = statements[cause.index]
         if cause.bind is not None:
             try:
-                parameters = bind_parameters(cause.bind, source.types)
-            except (ValueError, IndexError, struct.error):
+                parameters = extended.bind_parameters(cause.bind, source.types)
+            except m.MALFORMED:
                 parameters = []  # a Bind the server refuses as malformed shows nothing of it
             words = Words(words.values | frozenset(parameters), words.names)
         self._words = words
@@ -1446,7 +1417,7 @@ class RecordingFilter(StatementFilter):
         if self._audit_down():
             if self.statements is not None:
                 self.statements.function_call()  # (answered by the refusal's error)
-            return m.message(m.QUERY, self._refuse_unrecorded(fields))
+            return simple.query(self._refuse_unrecorded(fields))
         if self.statements is not None:
             self.statements.function_call(fields)
         return raw
@@ -1461,16 +1432,16 @@ class RecordingFilter(StatementFilter):
                 if typ == m.QUERY:
                     self.statements.query(None)
                 else:
-                    self.statements.parse(name[:-1], None, None, ())
+                    self.statements.parse(name, None, None, ())
             if typ == m.QUERY:
-                return m.message(m.QUERY, refusal)
-            return m.message(m.PARSE, name + refusal + b"\0\0")
+                return simple.query(refusal)
+            return extended.parse(name, refusal)
         if self.statements is not None:
             # what it does to names cannot be known either
             if typ == m.QUERY:
                 self.statements.query(fields, None, None, sensitive=self._sensitive)
             else:
-                self.statements.parse(name[:-1], fields, None, None, sensitive=self._sensitive)
+                self.statements.parse(name, fields, None, None, sensitive=self._sensitive)
         return original
 
     def observe_client(self, typ: int, body: bytes) -> None:
@@ -1528,142 +1499,3 @@ def _unanalysed(kind: str, text: str) -> dict[str, object]:
         "decision": "passed",
         "analysis_complete": False,
     }
-
-
-class _Pause(Exception):
-    """Raised by a client-side handler that cannot decide a message yet (see
-    StatementFilter.resume): the message and everything after it wait."""
-
-
-@dataclass(slots=True)
-class _Paused:
-    """Where a splice stopped: its data, the messages located in it, the first one not
-    handled yet, and where an incomplete message at its end begins (None: none)."""
-
-    data: bytes
-    located: list[tuple[int, bytes, int, int]]
-    index: int
-    hold: int | None
-
-
-class _Splicer:
-    """Rebuilds one direction of the stream: uncaptured bytes pass through, each captured
-    message is replaced by what the handler returns, and an incomplete captured message is
-    held back until the rest arrives. A client-side handler may pause the stream at a
-    message (`_Pause`): that message and everything after it, later chunks too, are kept
-    until `resume`."""
-
-    __slots__ = ("held", "later", "paused")
-
-    def __init__(self) -> None:
-        self.held = b""
-        self.paused: _Paused | None = None
-        self.later = bytearray()  # chunks that came while paused (not scanned yet)
-
-    def splice(
-        self,
-        scanner: MessageScanner,
-        chunk: bytes,
-        handle: Callable[[int, bytes, bytes], bytes],
-        side: str,
-        rows: Callable[[list[bytes]], None] | None = None,
-        seen: Callable[[int], None] | None = None,
-        told: int = 0,
-    ) -> bytes:
-        """`rows`, when given, takes the DataRows (in order, in batches, before the message
-        that follows them is handled); they always go on unchanged. `seen`, when given
-        (with the scanner's `marks` on), is told before each other message how many
-        DataRows and CopyData came before it, captured or not, when that is not `told`
-        (what it was last told)."""
-        if self.paused is not None:
-            self.later += chunk
-            return b""
-        data = self.held + chunk if self.held else chunk
-        try:
-            located, hold = scanner.feed_located(data)
-            marks = scanner.marks if seen is not None else None
-            mark = 0
-            out = bytearray()
-            pos = 0
-            batch: list[bytes] = []
-            for index, (typ, body, start, end) in enumerate(located):
-                if typ == _DATA_ROW and rows is not None:
-                    batch.append(body)
-                    continue
-                if batch and rows is not None:
-                    rows(batch)
-                    batch = []
-                if marks is not None and seen is not None and typ != _DATA_ROW and typ != _COPY:
-                    total = marks[mark]
-                    mark += 1
-                    if total != told:
-                        seen(total)
-                        told = total
-                raw = data[start:end]
-                try:
-                    replaced = handle(typ, body, raw)
-                except _Pause:
-                    assert rows is None and seen is None  # (client side only)
-                    self.paused = _Paused(data, located, index, hold)
-                    self.held = b""  # (part of `data`)
-                    out += data[pos:start]
-                    return bytes(out)
-                if replaced is raw:
-                    continue  # unchanged: it goes out with the bytes around it
-                out += data[pos:start]
-                out += replaced
-                pos = end
-            if batch and rows is not None:
-                rows(batch)
-        except (ValueError, IndexError, struct.error) as exc:
-            raise m.ProtocolViolation(f"malformed message {side}") from exc
-        stop = hold if hold is not None else len(data)
-        self.held = data[stop:] if hold is not None else b""
-        if pos == 0:
-            return data if stop == len(data) else data[:stop]  # nothing changed: no copy
-        out += data[pos:stop]
-        return bytes(out)
-
-    def resume(
-        self, scanner: MessageScanner, handle: Callable[[int, bytes, bytes], bytes], side: str
-    ) -> bytes:
-        """Handle what a pause kept, from the message it stopped at, then the chunks that
-        came meanwhile; it may pause again."""
-        paused = self.paused
-        if paused is None:
-            return b""
-        self.paused = None
-        later, self.later = self.later, bytearray()
-        data, located = paused.data, paused.located
-        out = bytearray()
-        pos = located[paused.index][2]
-        try:
-            for index in range(paused.index, len(located)):
-                typ, body, start, end = located[index]
-                raw = data[start:end]
-                try:
-                    replaced = handle(typ, body, raw)
-                except _Pause:
-                    self.paused = _Paused(data, located, index, paused.hold)
-                    self.later = later
-                    out += data[pos:start]
-                    return bytes(out)
-                if replaced is raw:
-                    continue
-                out += data[pos:start]
-                out += replaced
-                pos = end
-        except (ValueError, IndexError, struct.error) as exc:
-            raise m.ProtocolViolation(f"malformed message {side}") from exc
-        hold = paused.hold
-        stop = hold if hold is not None else len(data)
-        self.held = data[stop:] if hold is not None else b""
-        out += data[pos:stop]
-        if later:
-            out += self.splice(scanner, bytes(later), handle, side)
-        return bytes(out)
-
-
-def encode_fields(typ: int, fields: dict[str, str]) -> bytes:
-    parts = [code.encode() + value.encode() + b"\0" for code, value in fields.items()]
-    return m.message(typ, b"".join(parts) + b"\0")

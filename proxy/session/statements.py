@@ -68,9 +68,7 @@ from __future__ import annotations
 
 import copy
 import re
-import struct
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,6 +76,7 @@ from typing import Any
 
 from audit.redaction import fingerprint
 from proxy.session.reading import Reading, ReadingTracker, server_name
+from proxy.wire import async_, errors, extended, rows, simple
 from proxy.wire import messages as m
 from rules.context import ContextHolder
 from rules.effects import Effect, Effects
@@ -85,10 +84,7 @@ from rules.keys import OID_TYPES, Value, parameter_value, row_key
 from rules.settings import SettingOp
 from rules.subjects import NamedKeys, ParamKey, bound_keys
 
-_INT = {21: "!h", 23: "!i", 20: "!q", 26: "!I"}  # int2, int4, int8, oid
 _TEXTUAL = frozenset((25, 1043, 1042, 19))  # text, varchar, bpchar, name
-_UUID = 2950
-_INT32 = struct.Struct("!i")
 _DATA_ROW = m.DATA_ROW
 _PARSE_COMPLETE = m.PARSE_COMPLETE
 _BIND_COMPLETE = m.BIND_COMPLETE
@@ -763,14 +759,14 @@ class StatementLog:
         portal a Describe names runs (None: a name the log does not hold)."""
         names = self._predicted
         if typ == _BIND:
-            start = body.index(b"\0") + 1
-            return names.statements.get(self._name(body[start : body.index(b"\0", start)]))
+            return names.statements.get(self._name(extended.bind_names(body)[1]))
         if typ == _EXECUTE:
-            portal = names.portals.get(self._name(body[: body.index(b"\0")]))
-        elif body[:1] == b"S":
-            return names.statements.get(self._name(body[1:-1]))
+            portal = names.portals.get(self._name(extended.execute_portal(body)))
         else:
-            portal = names.portals.get(self._name(body[1:-1]))
+            kind, name = extended.target(body)
+            if kind == b"S":
+                return names.statements.get(self._name(name))
+            portal = names.portals.get(self._name(name))
         return portal.statement if portal is not None else None
 
     def absent(self) -> str | None:
@@ -813,12 +809,10 @@ class StatementLog:
     def bind(self, body: bytes) -> str | None:
         """A Bind; or, when `vet` refuses its statement, the reason (nothing is noted: the
         caller refuses the message)."""
-        end = body.index(b"\0")
-        statement_name = body[end + 1 : body.index(b"\0", end + 1)]
-        portal_name = body[:end]
+        portal_name, statement_name = extended.bind_names(body)
         if not statement_name.isascii() or len(statement_name) > _NAME_BYTES:
             statement_name = self._name(statement_name)
-        if end > _NAME_BYTES or not body[:end].isascii():
+        if len(portal_name) > _NAME_BYTES or not portal_name.isascii():
             portal_name = self._name(portal_name)
         names = self._predicted
         statement = names.statements.get(statement_name)
@@ -884,10 +878,10 @@ class StatementLog:
                 if reason is not None:
                     return reason
         entry = _InFlight("describe")
-        raw = body[1:-1]
-        if len(raw) > _NAME_BYTES or not raw.isascii():
-            raw = self._name(raw)
-        key = entry.name = body[:1] + raw
+        kind, name = extended.target(body)
+        if len(name) > _NAME_BYTES or not name.isascii():
+            name = self._name(name)
+        key = entry.name = kind + name
         if not names.skipping:
             # the common case: a name pgveil knows for sure
             target: _Prepared | _Portal | None
@@ -912,9 +906,8 @@ class StatementLog:
     def execute(self, body: bytes) -> str | None:
         """An Execute; or, when `vet` refuses its portal, the reason (see `bind`)."""
         names = self._predicted
-        end = body.index(b"\0")
-        name = body[:end]
-        if end > _NAME_BYTES or not body[:end].isascii():
+        name = extended.execute_portal(body)
+        if len(name) > _NAME_BYTES or not name.isascii():
             name = self._name(name)
         portal = names.portals.get(name)
         vet = self.vet
@@ -1001,7 +994,8 @@ class StatementLog:
         """Close of a statement or portal: forgotten now (a Parse right behind it may reuse
         the name), kept by the confirmed picture until the server's CloseComplete."""
         entry = _InFlight("close")
-        entry.name = body[:1] + self._name(body[1:-1])
+        kind, name = extended.target(body)
+        entry.name = kind + self._name(name)
         self._predict_close(self._predicted, entry)
         self._fifo.append(entry)
 
@@ -1228,7 +1222,7 @@ class StatementLog:
         named = fields.get("_subject_keys", ())
         assert isinstance(named, tuple)
         wanted = {k.number for n in named for k in n.keys if isinstance(k, ParamKey)}
-        formats, raw = _bind_values(body, wanted)
+        formats, raw = extended.bind_values(body, wanted)
         if not wanted:
             return formats, None
         types = statement.param_types
@@ -1457,7 +1451,7 @@ class StatementLog:
     def server_message(self, typ: int, body: bytes) -> None:
         if typ == _PARAMETER_STATUS:
             if self.reading is not None:
-                self.reading.reported(*m.parameter_status(body))
+                self.reading.reported(*async_.parameter_status(body))
             return
         fifo = self._fifo
         if not fifo:
@@ -1495,7 +1489,7 @@ class StatementLog:
                 if head.skipped or head.fail_at == 0:
                     self._rebuild()
         elif typ == _READY_FOR_QUERY:
-            self._ready(body[0] if body else ord("I"))
+            self._ready(simple.tx_status(body))
         elif typ == m.CLOSE_COMPLETE:
             if head.kind == "close":
                 self._close_complete(fifo.popleft())
@@ -1510,7 +1504,7 @@ class StatementLog:
             head.done += 1
             head.sent = 0  # (counted by the tag)
             if head.fields is not None:  # counted and read for its event only
-                head.rows += _row_count(body) if typ == _COMMAND_COMPLETE else 0
+                head.rows += rows.row_count(body) if typ == _COMMAND_COMPLETE else 0
                 if head.raw:
                     _decode_keys(head, self.encoding)
                 head.layout = ()
@@ -1521,7 +1515,8 @@ class StatementLog:
                 or head.fail_at == index
                 or head is self._copy_head
             ):
-                self._completed(head, index, body[:-1] if typ == _COMMAND_COMPLETE else b"")
+                tag = rows.command_tag(body) if typ == _COMMAND_COMPLETE else b""
+                self._completed(head, index, tag)
             if head.kind == "execute":
                 self._finish(fifo.popleft())
                 if self._eatable and head.copies:
@@ -1555,8 +1550,7 @@ class StatementLog:
             # a statement's Describe: its parameter types as the server resolved them
             target = head.target if head.kind == "describe" else None
             if isinstance(target, _Prepared):
-                (count,) = struct.unpack_from("!h", body, 0)
-                target.param_types = struct.unpack_from(f"!{count}I", body, 2)
+                target.param_types = extended.parameter_types(body)
                 if target.source is not None:
                     target.source.types = target.param_types
         elif typ == _ERROR_RESPONSE:
@@ -1567,7 +1561,7 @@ class StatementLog:
             and not head.values
         ):
             # a notice or warning of the statement running (a RAISE NOTICE, say)
-            head.values = _carries_values(m.decode_fields(body), notice=True)
+            head.values = _carries_values(errors.decode_fields(body), notice=True)
 
     @staticmethod
     def _ran(head: _InFlight) -> None:
@@ -1917,27 +1911,12 @@ class StatementLog:
             self._resolve(head)
         if not head.layout:
             return
-        unpack = _INT32.unpack_from
+        collect = rows.collect_column
         for (index, _table, _type, _fmt), keys in zip(head.layout, head.raw, strict=True):
-            if index == 0:
-                # the common case, the key first: no other field to skip
-                found = {body[6 : 6 + unpack(body, 2)[0]] for body in bodies}
-                if b"" in found and any(unpack(body, 2)[0] < 0 for body in bodies):
-                    head.undecodable = True  # a row without its key (see below)
-                    found = {b[6 : 6 + unpack(b, 2)[0]] for b in bodies if unpack(b, 2)[0] >= 0}
-                keys |= found
-                continue
-            for body in bodies:
-                pos = 2
-                for _ in range(index):
-                    pos += 4 + max(unpack(body, pos)[0], 0)
-                (n,) = unpack(body, pos)
-                if n < 0:
-                    # a row without its key (an outer join, say) may still carry that
-                    # table's data from elsewhere: the subjects cannot be complete
-                    head.undecodable = True
-                else:
-                    keys.add(body[pos + 4 : pos + 4 + n])
+            if collect(bodies, index, keys):
+                # a row without its key (an outer join, say) may still carry that table's
+                # data from elsewhere: the subjects cannot be complete
+                head.undecodable = True
 
     def rows_released(self) -> None:
         """Rows (or COPY data) of the statement at the head go to the client before it
@@ -1981,7 +1960,7 @@ class StatementLog:
         return uncertain
 
     def _error(self, head: _InFlight, body: bytes) -> None:
-        fields = m.decode_fields(body)
+        fields = errors.decode_fields(body)
         code = fields.get("C") or "XX000"
         if (fields.get("V") or fields.get("S", "")) not in ("ERROR", "FATAL", "PANIC"):
             return
@@ -2168,14 +2147,8 @@ class StatementLog:
 
     def _find_layout(self, body: bytes, formats: list[int] | None) -> Layout:
         pmap = self._holder.context.pmap
-        (count,) = struct.unpack_from("!h", body, 0)
-        pos = 2
         found: list[SubjectColumn] = []
-        for i in range(count):
-            pos = body.index(b"\0", pos) + 1
-            table_oid, attnum, type_oid = struct.unpack_from("!IhI", body, pos)
-            (fmt,) = struct.unpack_from("!h", body, pos + 16)
-            pos += 18
+        for i, (table_oid, attnum, type_oid, fmt) in enumerate(rows.column_sources(body)):
             if not table_oid:
                 continue
             if formats is not None:
@@ -2304,89 +2277,6 @@ def _format_of(formats: list[int], i: int) -> int:
     if not formats:
         return 0
     return formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
-
-
-def _bind_values(body: bytes, wanted: set[int]) -> tuple[list[int], dict[int, tuple[int, bytes]]]:
-    """A Bind message's result-column format codes, and the `wanted` parameters (numbered
-    from 1; NULLs left out): (format, value)."""
-    pos = body.index(b"\0", body.index(b"\0") + 1) + 1
-    (nfmt,) = struct.unpack_from("!h", body, pos)
-    formats = struct.unpack_from(f"!{nfmt}h", body, pos + 2)
-    pos += 2 + 2 * nfmt
-    (nparams,) = struct.unpack_from("!h", body, pos)
-    pos += 2
-    params: dict[int, tuple[int, bytes]] = {}
-    for i in range(nparams):
-        (n,) = struct.unpack_from("!i", body, pos)
-        if i + 1 in wanted and n >= 0:
-            fmt = formats[0] if nfmt == 1 else (formats[i] if nfmt else 0)
-            params[i + 1] = (fmt, body[pos + 4 : pos + 4 + n])
-        pos += 4 + max(n, 0)
-    (nres,) = struct.unpack_from("!h", body, pos)
-    return list(struct.unpack_from(f"!{nres}h", body, pos + 2)), params
-
-
-# binary parameters whose text form is plain: integers, text-like types, uuid, json
-_TEXT_FORM = frozenset((25, 1043, 1042, 19, 705, 114))  # text, varchar, bpchar, name, unknown, json
-_JSONB = 3802
-
-
-def bind_parameters(body: bytes, types: Sequence[int]) -> list[str]:
-    """The parameter values of a Bind message as text, the way the server reads them:
-    text-format values decoded from UTF-8 (masked sessions use it); binary ones only where
-    `types` (the statement's parameter types) says how they read as text. A NULL, or a value
-    that does not read, is left out."""
-    pos = body.index(b"\0", body.index(b"\0") + 1) + 1
-    (nfmt,) = struct.unpack_from("!h", body, pos)
-    formats = struct.unpack_from(f"!{nfmt}h", body, pos + 2)
-    pos += 2 + 2 * nfmt
-    (nparams,) = struct.unpack_from("!h", body, pos)
-    pos += 2
-    values: list[str] = []
-    for i in range(nparams):
-        (n,) = struct.unpack_from("!i", body, pos)
-        pos += 4
-        if n < 0:
-            continue
-        raw = body[pos : pos + n]
-        pos += n
-        fmt = formats[0] if nfmt == 1 else (formats[i] if nfmt else 0)
-        type_oid = types[i] if i < len(types) else 0
-        value = _param_text(raw, type_oid) if fmt == 1 else _utf8(raw)
-        if value is not None:
-            values.append(value)
-    return values
-
-
-def _param_text(raw: bytes, type_oid: int) -> str | None:
-    """A binary parameter's text form, for the types whose binary form says it exactly."""
-    code = _INT.get(type_oid)
-    if code is not None:
-        return str(struct.unpack(code, raw)[0]) if len(raw) == struct.calcsize(code) else None
-    if type_oid in _TEXT_FORM:
-        return _utf8(raw)
-    if type_oid == _JSONB:
-        return _utf8(raw[1:]) if raw[:1] == b"\x01" else None
-    if type_oid == _UUID:
-        return str(uuid.UUID(bytes=raw)) if len(raw) == 16 else None
-    return None
-
-
-def _utf8(raw: bytes) -> str | None:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _row_count(body: bytes) -> int:
-    """The row count at the end of a CommandComplete tag (`SELECT 5`, `INSERT 0 5`)."""
-    tag = body[:-1]
-    space = tag.rfind(b" ")
-    if space < 0:
-        return 0
-    digits = tag[space + 1 :]
-    return int(digits) if digits.isdigit() else 0
 
 
 def _carries_values(fields: dict[str, str], notice: bool = False) -> bool:

@@ -42,6 +42,32 @@ def capture_mask(types: bytes | str = b"", *, everything: bool = False) -> bytea
     return mask
 
 
+def header(data: bytes, pos: int = 0) -> tuple[int, int]:
+    """(type, length) of the 5-byte header at `pos`; the length counts itself, not the type
+    byte: the message ends at pos + 1 + length."""
+    typ, length = _HEADER.unpack_from(data, pos)
+    return typ, length
+
+
+def holds_a_message(data: bytes) -> bool:
+    """Whether `data` (starting at a message boundary) holds at least one whole message."""
+    return len(data) >= 5 and 1 + _HEADER.unpack_from(data, 0)[1] <= len(data)
+
+
+def whole_messages(data: bytes) -> list[Located]:
+    """The messages of `data`, which holds whole messages only (already framed by a
+    scanner): (type, body, start, end) each. Not for the hot path."""
+    out: list[Located] = []
+    pos = 0
+    unpack = _HEADER.unpack_from
+    while pos + 5 <= len(data):
+        typ, length = unpack(data, pos)
+        end = pos + 1 + length
+        out.append((typ, data[pos + 5 : end], pos, end))
+        pos = end
+    return out
+
+
 class StartupReader:
     """Reassembles one untyped startup packet (Int32 length first) at a time."""
 

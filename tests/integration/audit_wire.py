@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import severity_of
 from tests.integration.masking_fixture import HASH_KEY, RULES
 from tests.support import ProxyProcess, RawClient
 
@@ -107,7 +108,7 @@ def read_until(client: RawClient, readies: int, timeout: float = 10) -> Messages
             out.append((typ, body))
             if typ == "Z":
                 seen += 1
-            if typ == "E" and m.severity_of(body) == "FATAL":
+            if typ == "E" and severity_of(body) == "FATAL":
                 break
     except (TimeoutError, ConnectionError, OSError):
         pass

@@ -18,6 +18,7 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
 from tests.integration.audit_wire import SYNC, bind, execute, parse, read_until
 from tests.integration.test_rules_change_open_sessions import (
     HIDDEN,
@@ -94,4 +95,4 @@ def test_a_suspended_fetch_portal_is_checked_against_the_cursor_it_read(
     assert [t for t, _ in got if t == "E"] == []
     got = send(c, execute(b"wb_fp"), SYNC)
     assert nothing_hidden(got), got
-    assert [m.decode_fields(b)["C"] for t, b in got if t == "E"] == ["42501"]
+    assert [decode_fields(b)["C"] for t, b in got if t == "E"] == ["42501"]

@@ -28,6 +28,7 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.startup import StartupMessage
 from rules.masks import hmac_pads
 from tests.integration.attack_clients import PsycopgClient
 from tests.integration.masking_fixture import HASH_KEY, HELPDESK, HELPDESK_PW, dsn, leaks
@@ -287,9 +288,7 @@ def scram_login(port: int, final_suffix: bytes = b"") -> RawClient:
     """Log in as helpdesk with SCRAM-SHA-256; `final_suffix` goes out in the same write as the
     final SASLResponse (i.e. while pgveil is still in its authentication phase)."""
     c = RawClient(port, connect=False)
-    c.send_raw(
-        m.StartupMessage(m.PROTOCOL_3_0, {"user": HELPDESK, "database": "postgres"}).encode()
-    )
+    c.send_raw(StartupMessage(m.PROTOCOL_3_0, {"user": HELPDESK, "database": "postgres"}).encode())
     typ, body = c.recv_message()
     assert typ == "R" and struct.unpack("!I", body[:4])[0] == 10, (typ, body)
     nonce = base64.b64encode(os.urandom(18)).decode()

@@ -65,6 +65,8 @@ from audit.files import read_events
 from proxy.audit_cli import who
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
+from proxy.wire.startup import StartupMessage
 from rules.masks import hmac_pads
 from tests.conftest import TRUST_USER
 from tests.integration.masking_fixture import (
@@ -124,7 +126,7 @@ def rows(messages: list[tuple[str, bytes]]) -> bytes:
 
 def texts(messages: list[tuple[str, bytes]]) -> str:
     """Every error and notice field of `messages`, one line each."""
-    return "\n".join(repr(m.decode_fields(body)) for typ, body in messages if typ in ("E", "N"))
+    return "\n".join(repr(decode_fields(body)) for typ, body in messages if typ in ("E", "N"))
 
 
 def recv_until(c: RawClient, typ: str) -> list[tuple[str, bytes]]:
@@ -777,7 +779,7 @@ def test_statement_begun_before_authentication_and_finished_after_login(
     when it is whole."""
     c = RawClient(pg.port if where == "direct" else billing.port, connect=False)
     try:
-        startup = m.StartupMessage(m.PROTOCOL_3_0, {"user": MASKED_TRUST, "database": "postgres"})
+        startup = StartupMessage(m.PROTOCOL_3_0, {"user": MASKED_TRUST, "database": "postgres"})
         sent = query("SELECT name FROM billing.customers WHERE i_customer = 1")
         c.send_raw(startup.encode() + sent[:9])
         login = c.until_ready()
@@ -802,7 +804,7 @@ def test_missing_database_under_trust_is_the_servers_answer_byte_for_byte(
     for port in (pg.port, billing.port):
         c = RawClient(port, connect=False)
         try:
-            startup = m.StartupMessage(
+            startup = StartupMessage(
                 m.PROTOCOL_3_0, {"user": MASKED_TRUST, "database": "wb2_no_such_db"}
             )
             c.send_raw(startup.encode())
@@ -818,7 +820,7 @@ def answer_to_a_query_instead_of_a_password(port: int) -> bytes:
     SASL response belongs; every byte the client gets after the SASL request."""
     c = RawClient(port, connect=False)
     try:
-        startup = m.StartupMessage(m.PROTOCOL_3_0, {"user": HELPDESK, "database": "postgres"})
+        startup = StartupMessage(m.PROTOCOL_3_0, {"user": HELPDESK, "database": "postgres"})
         c.send_raw(startup.encode())
         typ, _ = c.recv_message()
         assert typ == "R"

@@ -25,6 +25,7 @@ import pytest
 from audit.files import rotated_files, verify_files
 from proxy.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
+from proxy.wire.errors import severity_of
 from tests.conftest import TRUST_USER, Certs
 from tests.integration.audit_wire import (
     audit_env,
@@ -213,7 +214,7 @@ def test_a_fatal_from_the_server_follows_the_held_result(
                 got = read_until(c, 2)
                 assert len(events(path, app)) == 1
                 assert [t for t, _ in got][:5] == ["T", "D", "D", "C", "Z"], got
-                assert got[-1][0] == "E" and m.severity_of(got[-1][1]) == "FATAL", got
+                assert got[-1][0] == "E" and severity_of(got[-1][1]) == "FATAL", got
                 assert c.closed_by_peer()
             finally:
                 c.close()

@@ -47,6 +47,7 @@ import pytest
 from proxy.audit_cli import who
 from proxy.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
+from proxy.wire.errors import sqlstate_of
 from tests.conftest import TRUST_USER
 from tests.integration.audit_wire import (
     SYNC,
@@ -410,7 +411,7 @@ def test_a_check_constraint_failing_row_is_an_access(
         assert c.query("BEGIN")[-1] == ("Z", b"T")
         c.query("ALTER TABLE billing.customers ADD CONSTRAINT evasion_ck CHECK (balance < 1000)")
         got = c.query("UPDATE billing.customers SET balance = 5000 WHERE i_customer = 2")
-        assert [m.sqlstate_of(b) for t, b in got if t == "E"] == ["23514"], got
+        assert [sqlstate_of(b) for t, b in got if t == "E"] == ["23514"], got
         assert any(b"ann@example.org" in b for t, b in got if t == "E"), got
         c.query("ROLLBACK")
     finally:
@@ -1041,7 +1042,7 @@ def test_block_refuses_every_path_while_the_file_fails(
             c.send_raw(request)
             got = read_until(c, 1, timeout=5)
             errors = [b for t, b in got if t == "E"]
-            assert [m.sqlstate_of(b) for b in errors] == ["42501"], (request[:40], got)
+            assert [sqlstate_of(b) for b in errors] == ["42501"], (request[:40], got)
             assert b"audit stream is unavailable" in errors[0]
             assert not any(t in "Dd" for t, _ in got), got
     finally:

@@ -37,6 +37,9 @@ import pytest
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.session.reading import Reading, nonconforming_text, statement_text
 from proxy.wire import messages as m
+from proxy.wire.async_ import parameter_status
+from proxy.wire.errors import decode_fields, severity_of, sqlstate_of
+from proxy.wire.startup import StartupMessage
 from tests.conftest import TRUST_USER
 from tests.integration.audit_wire import SYNC, Messages, audited_proxy, events, wait_for
 from tests.integration.masking_fixture import ADMIN, ADMIN_PW, NAME, dsn
@@ -138,7 +141,7 @@ def exchange(c: RawClient, data: bytes, readies: int) -> Messages:
         typ, body = c.recv_message()
         out.append((typ, body))
         readies -= typ == "Z"
-        assert not (typ == "E" and m.severity_of(body) == "FATAL"), m.decode_fields(body)
+        assert not (typ == "E" and severity_of(body) == "FATAL"), decode_fields(body)
     return out
 
 
@@ -148,7 +151,7 @@ def leaked(got: Messages) -> bool:
 
 
 def reported(got: Messages) -> list[tuple[str, str]]:
-    return [m.parameter_status(body) for t, body in got if t == "S"]
+    return [parameter_status(body) for t, body in got if t == "S"]
 
 
 def statement_events(path: Path, app: str, marked: RawClient | None = None) -> list[dict[str, Any]]:
@@ -313,7 +316,7 @@ def test_backslash_quote_only_refuses(audited: tuple[ProxyProcess, Path]) -> Non
         c = session(p.port, app, **params)
         got = exchange(c, query(HIDE), 1)
         assert not leaked(got)
-        assert [m.sqlstate_of(b) for t, b in got if t == "E"] == ["22P06"]
+        assert [sqlstate_of(b) for t, b in got if t == "E"] == ["22P06"]
         (event,) = statement_events(path, app, c)
         assert event["tables"] == [CUSTOMERS] and event["outcome"] == "22P06"
 
@@ -696,8 +699,8 @@ def test_masked_logins_that_change_the_reading_are_refused(
     """The server reports both settings at login, whatever set them: a masked login with
     either changed ends with 42501 before it can send a statement."""
     fatal = masked_login(billing.port, params)
-    assert fatal is not None and m.sqlstate_of(fatal) == "42501"
-    text = m.decode_fields(fatal)["M"]
+    assert fatal is not None and sqlstate_of(fatal) == "42501"
+    text = decode_fields(fatal)["M"]
     assert "standard_conforming_strings" in text or "client_encoding" in text
 
 
@@ -705,8 +708,8 @@ def test_masked_role_default_off_is_refused(pg: EmbeddedPostgres, billing: Proxy
     pg.psql(f"ALTER ROLE {MASKED} SET standard_conforming_strings = off")
     try:
         fatal = masked_login(billing.port, {})
-        assert fatal is not None and m.sqlstate_of(fatal) == "42501"
-        assert "standard_conforming_strings" in m.decode_fields(fatal)["M"]
+        assert fatal is not None and sqlstate_of(fatal) == "42501"
+        assert "standard_conforming_strings" in decode_fields(fatal)["M"]
     finally:
         pg.psql(f"ALTER ROLE {MASKED} RESET standard_conforming_strings")
     assert masked_login(billing.port, {}) is None
@@ -718,7 +721,7 @@ def masked_login(port: int, params: dict[str, str]) -> bytes | None:
     c = RawClient(port, MASKED, connect=False)
     try:
         startup = {"user": MASKED, "database": "postgres", **params}
-        c.send_raw(m.StartupMessage(m.PROTOCOL_3_0, startup).encode())
+        c.send_raw(StartupMessage(m.PROTOCOL_3_0, startup).encode())
         got = c.until_ready()
     finally:
         c.close()
@@ -740,9 +743,9 @@ def test_masked_sessions_may_not_change_the_reading(billing: ProxyProcess, setti
     """Refused, also in a request with the statement it would change the reading of."""
     c = RawClient(billing.port, MASKED)
     got = exchange(c, query(setting), 1)
-    assert [m.sqlstate_of(b) for t, b in got if t == "E"] == ["42501"]
+    assert [sqlstate_of(b) for t, b in got if t == "E"] == ["42501"]
     got = exchange(c, run(setting) + run(HIDE) + SYNC + query(HIDE), 2)
-    assert m.sqlstate_of(next(b for t, b in got if t == "E")) == "42501"
+    assert sqlstate_of(next(b for t, b in got if t == "E")) == "42501"
     assert not leaked(got)
     assert reported(got) == []
 
@@ -773,7 +776,7 @@ def test_unmasked_bytes_are_identical(
         c = RawClient(port, TRUST_USER, connect=False)
         params = {"user": TRUST_USER, "database": "postgres", "application_name": "reading-bytes",
                   "options": "-c standard_conforming_strings=off"}  # fmt: skip
-        c.send_raw(m.StartupMessage(m.PROTOCOL_3_0, params).encode())
+        c.send_raw(StartupMessage(m.PROTOCOL_3_0, params).encode())
         got = c.until_ready()
         for data, readies in sequence:
             got += exchange(c, data, readies)
@@ -885,7 +888,7 @@ def _wait_reloaded(pg: EmbeddedPostgres) -> None:
     def back() -> bool:
         probe = RawClient(pg.port, TRUST_USER, connect=False)
         probe.send_raw(
-            m.StartupMessage(m.PROTOCOL_3_0, {"user": TRUST_USER, "database": "postgres"}).encode()
+            StartupMessage(m.PROTOCOL_3_0, {"user": TRUST_USER, "database": "postgres"}).encode()
         )
         got = probe.until_ready()
         probe.close()

@@ -20,6 +20,7 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import sqlstate_of
 from tests.integration.masking_fixture import ADMIN, ADMIN_PW, HELPDESK, HELPDESK_PW, dsn, leaks
 from tests.integration.test_audit_events import Audited, audited  # noqa: F401
 from tests.support import RawClient
@@ -243,7 +244,7 @@ def test_failed_parse_of_an_existing_name_keeps_the_old_statement(
     try:
         _batch(c, _parse("dup", READ_ALL), _SYNC)
         again = _batch(c, _parse("dup", "SELECT 1"), _SYNC)
-        assert [m.sqlstate_of(b) for t, b in again if t == "E"] == ["42P05"]
+        assert [sqlstate_of(b) for t, b in again if t == "E"] == ["42P05"]
         audited.new_events()
         answers = _batch(c, _bind("", "dup"), _describe("P", ""), _execute(""), _SYNC)
         assert _data_rows(answers) == 2

@@ -28,6 +28,8 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import sqlstate_of
+from proxy.wire.startup import StartupMessage
 from tests.conftest import (
     CLEAR_PASSWORD,
     CLEAR_USER,
@@ -99,7 +101,7 @@ def types(got: Messages) -> list[str]:
 
 
 def codes(got: Messages) -> list[str]:
-    return [m.sqlstate_of(b) or "" for t, b in got if t == "E"]
+    return [sqlstate_of(b) or "" for t, b in got if t == "E"]
 
 
 def rows_with_name(got: Messages) -> bool:
@@ -128,7 +130,7 @@ def md5_password(user: str, password: str, salt: bytes) -> bytes:
 
 def startup(user: str, app: str) -> bytes:
     params = {"user": user, "database": "postgres", "application_name": app}
-    return m.StartupMessage(m.PROTOCOL_3_0, params).encode()
+    return StartupMessage(m.PROTOCOL_3_0, params).encode()
 
 
 # ---- findings: the statement log forgets names the server still has ---------------------

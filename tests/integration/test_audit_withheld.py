@@ -36,6 +36,8 @@ from audit.files import rotated_files, verify_files
 from proxy.audit_cli import who
 from proxy.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
+from proxy.wire.errors import sqlstate_of
+from proxy.wire.startup import SSLRequest, StartupMessage
 from tests.conftest import TRUST_USER, Certs
 from tests.integration.audit_wire import (
     SYNC,
@@ -142,14 +144,14 @@ def streamed(
 def tls_client(port: int, app: str) -> RawClient:
     """A RawClient over TLS (SSLRequest, then the handshake, then the startup)."""
     c = RawClient(port, TRUST_USER, connect=False)
-    c.sock.sendall(m.SSLRequest().encode())
+    c.sock.sendall(SSLRequest().encode())
     assert c.sock.recv(1) == b"S"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     c.sock = ctx.wrap_socket(c.sock)
     c.send_raw(
-        m.StartupMessage(
+        StartupMessage(
             m.PROTOCOL_3_0, {"user": TRUST_USER, "database": "postgres", "application_name": app}
         ).encode()
     )
@@ -287,7 +289,7 @@ def test_who_shows_rows_released_by_a_statement_that_failed_later(
         c.close()
     rows = [b for t, b in got if t == "D"]
     assert len(rows) > 1000 and any(NAME.encode() in b for b in rows[:10])
-    assert got[-2][0] == "E" and m.sqlstate_of(got[-2][1]) == "22012", got[-2:]
+    assert got[-2][0] == "E" and sqlstate_of(got[-2][1]) == "22012", got[-2:]
     wait_for(lambda: len(events(path, app)) == 2, "running and complete events")
     running, complete = events(path, app)
     assert running["outcome"] == "running" and complete["outcome"] == "22012"
@@ -429,7 +431,7 @@ class Churn:
         while not self.stop.is_set():
             try:
                 s = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
-                startup = m.StartupMessage(
+                startup = StartupMessage(
                     m.PROTOCOL_3_0, {"user": TRUST_USER, "database": "postgres"}
                 )
                 s.sendall(startup.encode())
@@ -619,7 +621,7 @@ def test_a_prepared_statement_is_refused_while_the_file_fails(
         limit_file(p, None)  # the queued events are written: did the statement run?
         wait_for(lambda: len(events(path, "trigger")) == 2, "the queued events")
         ran = [e["kinds"] for e in events(path, "prepared") if e["outcome"] == "ok"]
-        refused = [b for t, b in got if t == "E" and m.sqlstate_of(b) == "42501"]
+        refused = [b for t, b in got if t == "E" and sqlstate_of(b) == "42501"]
         assert refused and b"audit stream is unavailable" in refused[0] and not ran, (
             f"Bind/Execute of a personal statement while the file fails: the client got "
             f"{[t for t, _ in got]}, the statement ran: {ran}"
@@ -642,7 +644,7 @@ def test_a_statement_pipelined_behind_the_startup_packet_is_refused(
     app = "w-early"
     c = RawClient(p.port, TRUST_USER, connect=False)
     try:
-        startup = m.StartupMessage(
+        startup = StartupMessage(
             m.PROTOCOL_3_0, {"user": TRUST_USER, "database": "postgres", "application_name": app}
         )
         c.send_raw(startup.encode() + query_message(PERSONAL))
@@ -730,7 +732,7 @@ def test_a_stalled_stdout_reader_does_not_freeze_the_proxy(
             other = RawClient(port, TRUST_USER, connect=False)
             other.sock.settimeout(2)
             other.send_raw(
-                m.StartupMessage(
+                StartupMessage(
                     m.PROTOCOL_3_0, {"user": TRUST_USER, "database": "postgres"}
                 ).encode()
             )

@@ -31,6 +31,7 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
 from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn
 from tests.support import ProxyProcess, RawClient
 
@@ -151,7 +152,7 @@ def raw_errors(c: RawClient, messages: bytes, syncs: int) -> list[str]:
     for _ in range(syncs):
         for typ, body in c.until_ready():
             if typ in ("E", "N"):
-                found.append(m.decode_fields(body)["M"])
+                found.append(decode_fields(body)["M"])
     return found
 
 

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.wire import messages as m
+from proxy.wire.startup import StartupMessage
 from tests.integration.masking_fixture import NAME, leaks
 from tests.support import ProxyProcess, RawClient, errors_in
 
@@ -52,7 +53,7 @@ def test_pipelined_extended_with_refusal_mid_way(billing: ProxyProcess) -> None:
 def test_statements_before_login_are_refused(billing: ProxyProcess) -> None:
     c = RawClient(billing.port, connect=False)
     c.send_raw(
-        m.StartupMessage(m.PROTOCOL_3_0, {"user": USER, "database": "postgres"}).encode()
+        StartupMessage(m.PROTOCOL_3_0, {"user": USER, "database": "postgres"}).encode()
         + m.message(m.QUERY, b"SELECT name FROM billing.customers\0")
     )
     out = c.until_ready()

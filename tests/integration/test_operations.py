@@ -27,8 +27,9 @@ def test_max_connections_gives_53300(pg: EmbeddedPostgres) -> None:
         b = psycopg.connect(_dsn(pg, p.port))
         raw = RawClient(p.port, connect=False)
         from proxy.wire import messages as m
+        from proxy.wire.startup import StartupMessage
 
-        raw.send_raw(m.StartupMessage(m.PROTOCOL_3_0, {"user": SCRAM_USER}).encode())
+        raw.send_raw(StartupMessage(m.PROTOCOL_3_0, {"user": SCRAM_USER}).encode())
         assert [(e["S"], e["C"]) for e in errors_in(raw.until_ready())] == [("FATAL", "53300")]
         with pytest.raises(psycopg.OperationalError, match="too many clients"):
             psycopg.connect(_dsn(pg, p.port))

@@ -26,6 +26,8 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
+from proxy.wire.startup import StartupMessage
 from tests.conftest import TRUST_USER
 from tests.integration.audit_wire import (
     SYNC,
@@ -196,7 +198,7 @@ def test_parameter_status_shows_no_change(pg: EmbeddedPostgres, billing: ProxyPr
         assert [t for t, _ in got if t == "S"] == []
         assert [t for t, _ in got] == ["C"] * 5 + ["T", "D", "C", "Z"]
         shown = c.query("SHOW client_encoding")
-        assert [m.decode_fields(b) for t, b in shown if t == "E"] == []
+        assert [decode_fields(b) for t, b in shown if t == "E"] == []
         assert any(t == "D" and b"UTF8" in b for t, b in shown)
     finally:
         c.close()
@@ -223,7 +225,7 @@ def test_startup_values_the_server_reads_as_required(
     refused = RawClient(billing.port, MASKED_TRUST, connect=False)
     try:
         refused.send_raw(
-            m.StartupMessage(
+            StartupMessage(
                 m.PROTOCOL_3_0,
                 {"user": MASKED_TRUST, "database": "postgres", "options": "-c backslash_quote=on"},
             ).encode()

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from proxy.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
+from proxy.wire.startup import SSLRequest, StartupMessage
 from tests.conftest import SCRAM_PASSWORD, SCRAM_USER
 from tests.support import ProxyProcess, RawClient, errors_in
 
@@ -114,7 +116,7 @@ def test_garbage_startup_gets_protocol_violation(proxy: ProxyProcess, proxy_dsn:
     c.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     typ, body = c.recv_message()
     assert typ == "E"
-    fields = m.decode_fields(body)
+    fields = decode_fields(body)
     assert (fields["S"], fields["C"]) == ("FATAL", "08P01")
     assert c.closed_by_peer()
     _healthy(proxy_dsn)
@@ -153,7 +155,7 @@ def test_truncated_messages_then_disconnect(proxy: ProxyProcess, proxy_dsn: str)
         c.send_raw(m.message(m.QUERY, b"SELECT 1\0")[:cut])
         c.close()
     c = RawClient(proxy.port, connect=False)
-    c.send_raw(m.StartupMessage(m.PROTOCOL_3_0, {"user": "trust_user"}).encode()[:7])
+    c.send_raw(StartupMessage(m.PROTOCOL_3_0, {"user": "trust_user"}).encode()[:7])
     c.close()
     _healthy(proxy_dsn)
 
@@ -162,7 +164,7 @@ def test_unsupported_protocol_version(proxy: ProxyProcess) -> None:
     c = RawClient(proxy.port, connect=False)
     c.send_raw(struct.pack("!ii", 8, 2 << 16))
     typ, body = c.recv_message()
-    assert typ == "E" and m.decode_fields(body)["C"] == "08P01"
+    assert typ == "E" and decode_fields(body)["C"] == "08P01"
 
 
 def test_protocol_minor_version_negotiation_passes_through(
@@ -171,7 +173,7 @@ def test_protocol_minor_version_negotiation_passes_through(
     def exchange(port: int) -> list[str]:
         c = RawClient(port, connect=False)
         c.send_raw(
-            m.StartupMessage(m.PROTOCOL_3_0 + 5, {"user": "trust_user", "_pq_.bogus": "1"}).encode()
+            StartupMessage(m.PROTOCOL_3_0 + 5, {"user": "trust_user", "_pq_.bogus": "1"}).encode()
         )
         types = [t for t, _ in c.until_ready()]
         c.close()
@@ -184,9 +186,9 @@ def test_protocol_minor_version_negotiation_passes_through(
 
 def test_bytes_after_ssl_request_refused(proxy: ProxyProcess) -> None:
     c = RawClient(proxy.port, connect=False)
-    c.send_raw(m.SSLRequest().encode() + b"junk")
+    c.send_raw(SSLRequest().encode() + b"junk")
     typ, body = c.recv_message()
-    assert typ == "E" and "unencrypted data after SSL request" in m.decode_fields(body)["M"]
+    assert typ == "E" and "unencrypted data after SSL request" in decode_fields(body)["M"]
 
 
 @settings(
@@ -234,7 +236,7 @@ def test_upstream_down_then_back(certs: object) -> None:
             )
         assert "pgveil could not connect to the server" in str(info.value)
         raw = RawClient(p.port, connect=False)  # libpq hides the SQLSTATE of a failed login
-        raw.send_raw(m.StartupMessage(m.PROTOCOL_3_0, {"user": "postgres"}).encode())
+        raw.send_raw(StartupMessage(m.PROTOCOL_3_0, {"user": "postgres"}).encode())
         assert [(e["S"], e["C"]) for e in errors_in(raw.until_ready())] == [("FATAL", "08006")]
         raw.close()
         status, body = p.http("/healthz")

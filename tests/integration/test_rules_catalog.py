@@ -34,6 +34,7 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.startup import StartupMessage
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,
@@ -200,7 +201,7 @@ def _raw_refusal(p: ProxyProcess) -> dict[str, str]:
     c = RawClient(p.port, user="masked_trust", connect=False)
     try:
         c.send_raw(
-            m.StartupMessage(
+            StartupMessage(
                 m.PROTOCOL_3_0, {"user": "masked_trust", "database": "postgres"}
             ).encode()
         )

@@ -31,6 +31,7 @@ import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
 from tests.integration.audit_wire import SYNC, bind, execute, parse, read_until, wait_for
 from tests.integration.masking_fixture import (
     ADMIN,
@@ -274,7 +275,7 @@ def test_raw_protocol_pipeline(proxy: Proxy) -> None:
         )  # fmt: skip
         got = read_until(c, 2)
         assert [t for t, _ in got] == ["E", "Z", "1", "2", "D", "C", "Z"], got
-        error = m.decode_fields(got[0][1])
+        error = decode_fields(got[0][1])
         assert error["C"] == "42501" and CHANGED in error["M"]
         row = got[4][1]
         assert masked(row[6:].decode()), row
@@ -289,7 +290,7 @@ def test_raw_protocol_pipeline(proxy: Proxy) -> None:
         proxy.reload(RULES_A)
         c.send_raw(execute(b"p") + SYNC)
         got = read_until(c, 1)
-        assert [t for t, _ in got] == ["E", "Z"] and m.decode_fields(got[0][1])["C"] == "42501"
+        assert [t for t, _ in got] == ["E", "Z"] and decode_fields(got[0][1])["C"] == "42501"
         assert HIDDEN.encode() not in b"".join(body for _, body in got)
     finally:
         c.close()
@@ -335,7 +336,7 @@ def test_a_pipelined_use_that_the_answers_prove_reads_an_old_text_ends_the_sessi
     finally:
         c.close()
         proxy.close()
-    errors = [m.decode_fields(body) for typ, body in got if typ == "E"]
+    errors = [decode_fields(body) for typ, body in got if typ == "E"]
     fatal = [f for f in errors if f["S"] == "FATAL"]
     if fatal:
         assert len(fatal) == 1 and fatal[0]["C"] == "42501", got

@@ -29,6 +29,8 @@ import pytest
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.session.engine import UNCLASSIFIED
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
+from proxy.wire.startup import StartupMessage, auth_code
 from tests.conftest import TRUST_USER
 from tests.integration.audit_wire import all_events, start_audited, wait_for
 from tests.integration.masking_fixture import NAME, RULES, leaks
@@ -122,7 +124,7 @@ def raw_login(port: int, user: str, **params: str) -> list[tuple[str, bytes]]:
     """A trust login with these startup keys: every message up to ReadyForQuery or a FATAL."""
     c = RawClient(port, user, connect=False)
     try:
-        startup = m.StartupMessage(m.PROTOCOL_3_0, {"user": user, "database": "postgres", **params})
+        startup = StartupMessage(m.PROTOCOL_3_0, {"user": user, "database": "postgres", **params})
         c.send_raw(startup.encode())
         return c.until_ready()
     finally:
@@ -354,7 +356,7 @@ def scram_exchange(port: int, user: str, password: str, database: str) -> list[t
     server after the client's final message (up to ReadyForQuery or a FATAL)."""
     c = RawClient(port, connect=False)
     try:
-        c.send_raw(m.StartupMessage(m.PROTOCOL_3_0, {"user": user, "database": database}).encode())
+        c.send_raw(StartupMessage(m.PROTOCOL_3_0, {"user": user, "database": database}).encode())
         typ, body = c.recv_message()
         if typ != "R" or struct.unpack("!I", body[:4])[0] != 10:
             return [(typ, body)]
@@ -396,7 +398,7 @@ def test_a_wrong_password_gets_the_servers_answer_whatever_the_database_or_role(
                 assert [t for t, _ in got] == ["E"], got
                 answers.add(got[0][1])
         (answer,) = answers
-        fields = m.decode_fields(answer)
+        fields = decode_fields(answer)
         assert fields["C"] == "28P01" and fields["M"] == (
             f'password authentication failed for user "{user}"'
         )
@@ -473,7 +475,7 @@ def test_a_masked_logins_refusal_comes_after_authentication(
         psycopg.connect(dsn(billing.port, MASKED, "wrong-password"), options=options)
     # trust authentication: AuthenticationOk, then pgveil's refusal
     got = raw_login(billing.port, MASKED_TRUST, options="-c role=cc_staff")
-    assert [t for t, _ in got] == ["R", "E"] and m.auth_code(got[0][1]) == m.AUTH_OK
+    assert [t for t, _ in got] == ["R", "E"] and auth_code(got[0][1]) == m.AUTH_OK
     assert [(e["C"], e["M"]) for e in errors_in(got)] == [("42501", ROLE_REFUSED)]
 
 
@@ -516,7 +518,7 @@ def test_a_statement_pipelined_behind_the_startup_packet_of_an_unmasked_session(
     for port in (pg.port, billing.port):
         c = RawClient(port, TRUST_USER, connect=False)
         try:
-            startup = m.StartupMessage(m.PROTOCOL_3_0, {"user": TRUST_USER, "database": "postgres"})
+            startup = StartupMessage(m.PROTOCOL_3_0, {"user": TRUST_USER, "database": "postgres"})
             c.send_raw(startup.encode() + m.message(m.QUERY, b"SELECT 40 + 2\0"))
             login = c.until_ready()
             answers.append(([t for t, _ in login][-1], c.until_ready()))

@@ -21,6 +21,7 @@ import pytest
 from proxy.audit_cli import who
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import severity_of
 from tests.conftest import TRUST_USER
 from tests.integration.masking_fixture import NAME
 from tests.integration.test_audit_events import Audited, audited  # noqa: F401
@@ -326,7 +327,7 @@ def test_an_extended_copy_that_fails_with_messages_skipped_or_not_ends_the_sessi
         c.send_raw(m.message(m.COPY_DATA, b"not a number\n") + m.message(m.COPY_DONE))
         c.send_raw(parse("SELECT 1") + SYNC)
         answers = [c.recv_message()]
-        while not (answers[-1][0] == "E" and m.severity_of(answers[-1][1]) == "FATAL"):
+        while not (answers[-1][0] == "E" and severity_of(answers[-1][1]) == "FATAL"):
             answers.append(c.recv_message())
         # the copy's own error may reach the client first (when it came in a read of its
         # own); the ReadyForQuery after it does not: nothing is paired with it

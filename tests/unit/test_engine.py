@@ -26,18 +26,29 @@ from proxy.session.engine import (
 )
 from proxy.session.filters import Masking, PassThrough, Recording
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields, error_response
+from proxy.wire.simple import TERMINATE_MESSAGE, ready_for_query
+from proxy.wire.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    authentication_sasl,
+    sasl_mechanisms,
+    startup_parameters,
+)
 from rules.context import MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
 
-STARTUP = m.StartupMessage(
+STARTUP = StartupMessage(
     m.PROTOCOL_3_0, {"user": "alice", "database": "db", "application_name": "app"}
 )
 LOGIN_OK = (
     m.message(m.AUTHENTICATION, b"\0\0\0\0")
     + m.message(m.PARAMETER_STATUS, b"server_version\x0015.4\0")
     + m.message(m.BACKEND_KEY_DATA, (1234).to_bytes(4, "big") + (99).to_bytes(4, "big"))
-    + m.ready_for_query()
+    + ready_for_query()
 )
 
 
@@ -61,7 +72,7 @@ def test_hot_path_forwards_by_identity() -> None:
     rows = m.message(m.ROW_DESCRIPTION, b"\0\0") + m.message(m.DATA_ROW, b"\0\0") * 100
     assert s.server_data(rows) is JUST_FORWARD
     assert (
-        s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 100\0") + m.ready_for_query())
+        s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 100\0") + ready_for_query())
         is JUST_FORWARD
     )
     assert s.pending == 0 and s.is_idle()
@@ -70,24 +81,24 @@ def test_hot_path_forwards_by_identity() -> None:
 
 def test_ssl_request_with_and_without_tls() -> None:
     s = Session(SessionSettings(tls_available=True))
-    assert s.client_data(m.SSLRequest().encode()) == (SendToClient(b"S"), StartClientTLS())
-    assert s.client_data(m.SSLRequest().encode()) == (SendToClient(b"N"),)  # not twice
+    assert s.client_data(SSLRequest().encode()) == (SendToClient(b"S"), StartClientTLS())
+    assert s.client_data(SSLRequest().encode()) == (SendToClient(b"N"),)  # not twice
     s = Session(SessionSettings(tls_available=False))
-    assert s.client_data(m.SSLRequest().encode()) == (SendToClient(b"N"),)
-    assert s.client_data(m.GSSENCRequest().encode()) == (SendToClient(b"N"),)
+    assert s.client_data(SSLRequest().encode()) == (SendToClient(b"N"),)
+    assert s.client_data(GSSENCRequest().encode()) == (SendToClient(b"N"),)
     assert isinstance(s.client_data(STARTUP.encode())[0], ConnectUpstream)
 
 
 def test_data_after_ssl_request_is_refused() -> None:
     s = Session(SessionSettings(tls_available=True))
-    actions = s.client_data(m.SSLRequest().encode() + b"Q")
+    actions = s.client_data(SSLRequest().encode() + b"Q")
     assert isinstance(actions[0], SendToClient) and b"08P01" in actions[0].data
     assert isinstance(actions[-1], CloseSession)
 
 
 def test_cancel_request_is_forwarded_and_closes() -> None:
     s = Session(SessionSettings())
-    packet = m.CancelRequest(5, 6).encode()
+    packet = CancelRequest(5, 6).encode()
     assert s.client_data(packet) == (SendCancel(packet), CloseSession("cancel request"))
 
 
@@ -95,7 +106,7 @@ def test_rejected_session_gets_fatal_after_startup() -> None:
     s = Session(SessionSettings(admit=lambda: ("53300", "sorry, too many clients already")))
     actions = s.client_data(STARTUP.encode())
     assert isinstance(actions[0], SendToClient)
-    assert m.decode_fields(actions[0].data[5:])["C"] == "53300"
+    assert decode_fields(actions[0].data[5:])["C"] == "53300"
 
 
 def test_client_bytes_during_connect_are_relayed_after() -> None:
@@ -107,18 +118,18 @@ def test_client_bytes_during_connect_are_relayed_after() -> None:
 
 
 def test_sasl_plus_removed_unless_same_certificate() -> None:
-    sasl = m.authentication_sasl(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])
+    sasl = authentication_sasl(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"])
     for same, expected in (
         (False, ["SCRAM-SHA-256"]),
         (True, ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]),
     ):
         s = Session(SessionSettings(tls_available=True))
-        s.client_data(m.SSLRequest().encode())
+        s.client_data(SSLRequest().encode())
         s.client_data(STARTUP.encode())
         s.upstream_connected(tls=True, same_certificate=same)
         out = s.server_data(sasl)
         assert isinstance(out[0], SendToClient)
-        assert m.sasl_mechanisms(out[0].data[5:]) == expected
+        assert sasl_mechanisms(out[0].data[5:]) == expected
 
 
 def test_pipelined_requests_and_drain() -> None:
@@ -126,23 +137,23 @@ def test_pipelined_requests_and_drain() -> None:
     s.client_data(m.message(m.PARSE, b"\0SELECT 1\0\0\0") + m.message(m.SYNC) + m.message(m.SYNC))
     assert s.pending == 2
     assert s.shutdown_requested() == ()  # busy: wait
-    assert s.server_data(m.message(m.PARSE_COMPLETE) + m.ready_for_query()) is JUST_FORWARD
-    actions = s.server_data(m.ready_for_query())
+    assert s.server_data(m.message(m.PARSE_COMPLETE) + ready_for_query()) is JUST_FORWARD
+    actions = s.server_data(ready_for_query())
     assert actions[0] is FORWARD
-    assert SendToServer(m.TERMINATE_MESSAGE) in actions
+    assert SendToServer(TERMINATE_MESSAGE) in actions
     assert isinstance(actions[-1], CloseSession)
 
 
 def test_drain_waits_for_transaction_end() -> None:
     s = ready_session()
     s.client_data(m.message(m.QUERY, b"BEGIN\0"))
-    s.server_data(m.message(m.COMMAND_COMPLETE, b"BEGIN\0") + m.ready_for_query(m.TX_IN_BLOCK))
+    s.server_data(m.message(m.COMMAND_COMPLETE, b"BEGIN\0") + ready_for_query(m.TX_IN_BLOCK))
     assert s.shutdown_requested() == ()
     s.client_data(m.message(m.QUERY, b"COMMIT\0"))
-    actions = s.server_data(m.message(m.COMMAND_COMPLETE, b"COMMIT\0") + m.ready_for_query())
+    actions = s.server_data(m.message(m.COMMAND_COMPLETE, b"COMMIT\0") + ready_for_query())
     assert isinstance(actions[-1], CloseSession)
     fatal = next(a for a in actions if isinstance(a, SendToClient))
-    assert m.decode_fields(fatal.data[5:])["C"] == "57P01"
+    assert decode_fields(fatal.data[5:])["C"] == "57P01"
 
 
 def test_unfinished_extended_request_is_not_idle() -> None:
@@ -162,21 +173,21 @@ def test_server_close_mid_message_appends_nothing() -> None:
 
 def test_errors_counted_by_class_and_fatal_remembered() -> None:
     s = ready_session()
-    s.server_data(m.error_response("22012", "division by zero") + m.ready_for_query())
-    s.server_data(m.error_response("57P01", "terminating", severity="FATAL"))
+    s.server_data(error_response("22012", "division by zero") + ready_for_query())
+    s.server_data(error_response("57P01", "terminating", severity="FATAL"))
     assert s.error_classes == {"22": 1, "57": 1}
     assert s.server_closed() == (CloseSession("server closed"),)
 
 
 def test_terminate_closes() -> None:
     s = ready_session()
-    assert s.client_data(m.TERMINATE_MESSAGE) == (FORWARD, CloseSession("client terminated"))
+    assert s.client_data(TERMINATE_MESSAGE) == (FORWARD, CloseSession("client terminated"))
 
 
 def test_ready_status_read_in_place_even_when_split() -> None:
     s = ready_session()
     s.client_data(m.message(m.QUERY, b"BEGIN\0"))
-    chunk = m.message(m.COMMAND_COMPLETE, b"BEGIN\0") + m.ready_for_query(m.TX_IN_BLOCK)
+    chunk = m.message(m.COMMAND_COMPLETE, b"BEGIN\0") + ready_for_query(m.TX_IN_BLOCK)
     assert s.server_data(chunk[:-3]) is JUST_FORWARD
     assert s.server_data(chunk[-3:]) is JUST_FORWARD
     assert s.tx_status == m.TX_IN_BLOCK and not s.is_idle()
@@ -186,11 +197,11 @@ def test_status_unknown_when_ready_is_not_last_in_chunk() -> None:
     s = ready_session()
     s.client_data(m.message(m.QUERY, b"SELECT 1\0"))
     note = m.message(m.NOTIFICATION_RESPONSE, b"\0\0\0\1chan\0payload\0")
-    s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query() + note)
+    s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + ready_for_query() + note)
     assert not s.is_idle()  # unknown is never idle ...
     assert s.shutdown_requested() == ()
     s.client_data(m.message(m.QUERY, b"SELECT 2\0"))
-    actions = s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query())
+    actions = s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + ready_for_query())
     assert isinstance(actions[-1], CloseSession)  # ... until a chunk ends with ReadyForQuery
 
 
@@ -205,7 +216,7 @@ def _context() -> MaskingContext:
     return MaskingContext(parse_rules(RULES, "r", {"K": "k" * 32}), CATALOG)
 
 
-def gated(startup: m.StartupMessage = STARTUP, early: bytes = b"") -> Session:
+def gated(startup: StartupMessage = STARTUP, early: bytes = b"") -> Session:
     s = Session(SessionSettings(classify=lambda: True))
     assert s.client_data(startup.encode() + early) == [ConnectUpstream(startup.encode())]
     assert s.gated
@@ -215,7 +226,7 @@ def gated(startup: m.StartupMessage = STARTUP, early: bytes = b"") -> Session:
 def _fatal(actions: Sequence[object]) -> dict[str, str]:
     sent = [a.data for a in actions if isinstance(a, SendToClient)]
     assert sent and sent[-1][:1] == b"E", actions
-    return m.decode_fields(sent[-1][5:])
+    return decode_fields(sent[-1][5:])
 
 
 def test_gated_login_holds_the_servers_answers_until_classified() -> None:
@@ -228,7 +239,7 @@ def test_gated_login_holds_the_servers_answers_until_classified() -> None:
     assert out == [RecordSessionStart(), SendToClient(AFTER_AUTH)]
     assert s.phase is Phase.READY
     assert s.client_data(m.message(m.QUERY, b"SELECT 1\0")) is JUST_FORWARD
-    assert s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query()) is (
+    assert s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + ready_for_query()) is (
         JUST_FORWARD
     )
     assert s.pending == 0 and s.is_idle()
@@ -238,7 +249,7 @@ def test_gated_login_classifies_the_user_the_server_reports() -> None:
     s = gated()
     s.upstream_connected()
     status = m.message(m.PARAMETER_STATUS, b"session_authorization\0alice@db\0")
-    out = s.server_data(AUTH_OK + status + m.ready_for_query())
+    out = s.server_data(AUTH_OK + status + ready_for_query())
     assert out[-1] == ClassifyLogin("alice@db")
 
 
@@ -255,7 +266,7 @@ def test_gated_login_split_byte_by_byte() -> None:
 def test_a_fatal_after_authentication_is_the_servers_own_answer() -> None:
     s = gated()
     s.upstream_connected()
-    fatal = m.error_response("3D000", 'database "db" does not exist', severity="FATAL")
+    fatal = error_response("3D000", 'database "db" does not exist', severity="FATAL")
     status = m.message(m.PARAMETER_STATUS, b"a\0b\0")
     assert s.server_data(AUTH_OK + status) == [SendToClient(AUTH_OK)]
     assert s.server_data(fatal) == [SendToClient(status + fatal)]
@@ -269,14 +280,14 @@ def test_unclassifiable_login_gets_one_generic_refusal() -> None:
     s.upstream_connected()
     s.server_data(LOGIN_OK)
     out = s.login_unclassifiable()
-    assert out[0] == SendToServer(m.TERMINATE_MESSAGE) and isinstance(out[-1], CloseSession)
+    assert out[0] == SendToServer(TERMINATE_MESSAGE) and isinstance(out[-1], CloseSession)
     fields = _fatal(out)
     assert fields["C"] == "42501" and fields["M"] == UNCLASSIFIED
     assert not any(isinstance(a, RecordSessionStart) for a in out)
 
 
 def test_masked_startup_role_refused_after_authentication() -> None:
-    startup = m.StartupMessage(
+    startup = StartupMessage(
         m.PROTOCOL_3_0, {"user": "helpdesk", "database": "db", "options": r"-c r\ole=admin"}
     )
     s = gated(startup)
@@ -285,7 +296,7 @@ def test_masked_startup_role_refused_after_authentication() -> None:
     assert s.server_data(AUTH_OK)[0] == SendToClient(AUTH_OK)
     s.server_data(AFTER_AUTH)
     out = s.login_classified(_context())
-    assert out[0] == RecordSessionStart() and out[1] == SendToServer(m.TERMINATE_MESSAGE)
+    assert out[0] == RecordSessionStart() and out[1] == SendToServer(TERMINATE_MESSAGE)
     fields = _fatal(out)
     assert (
         fields["C"] == "42501" and fields["M"] == "pgveil: masked roles may not set role at login"
@@ -297,7 +308,7 @@ def test_masked_login_checks_the_reported_parameters() -> None:
     s = gated()
     s.upstream_connected()
     latin = m.message(m.PARAMETER_STATUS, b"client_encoding\0LATIN1\0")
-    s.server_data(AUTH_OK + latin + m.ready_for_query())
+    s.server_data(AUTH_OK + latin + ready_for_query())
     fields = _fatal(s.login_classified(_context()))
     assert fields["C"] == "42501" and "client_encoding UTF8" in fields["M"]
 
@@ -336,7 +347,7 @@ def test_a_statement_instead_of_a_password_goes_to_the_server_which_ends_the_log
     s.server_data(m.message(m.AUTHENTICATION, (3).to_bytes(4, "big")))  # cleartext password
     out = s.client_data(QUERY)
     assert out == (SendToServer(QUERY),)
-    fatal = m.error_response("08P01", "expected password response", severity="FATAL")
+    fatal = error_response("08P01", "expected password response", severity="FATAL")
     assert s.server_data(fatal) == [SendToClient(fatal)]
     assert s.phase is not Phase.READY
 
@@ -352,7 +363,7 @@ def test_a_held_statement_then_an_authentication_request_goes_to_the_server() ->
 def test_ready_for_query_without_authentication_is_a_violation() -> None:
     s = gated()
     s.upstream_connected()
-    out = s.server_data(m.ready_for_query())
+    out = s.server_data(ready_for_query())
     assert _fatal(out)["C"] == "08P01" and s.phase is Phase.CLOSED
 
 
@@ -399,9 +410,7 @@ def test_a_message_begun_before_the_login_ends_reaches_the_masked_filter() -> No
 
 
 def test_startup_parameters_as_the_server_reads_them() -> None:
-    packet = m.StartupMessage(
-        m.PROTOCOL_3_0, {"user": "alice", "database": "", "Role": "x"}
-    ).encode()
+    packet = StartupMessage(m.PROTOCOL_3_0, {"user": "alice", "database": "", "Role": "x"}).encode()
     # an empty database means the user's name, as on the server
     s = Session(SessionSettings())
     s.client_data(packet)
@@ -409,7 +418,7 @@ def test_startup_parameters_as_the_server_reads_them() -> None:
     # repeated keys are kept, in order: the server applies each one
     body = b"\0\3\0\0user\0alice\0role\0a\0role\0b\0\0"
     twice = (len(body) + 4).to_bytes(4, "big") + body
-    assert m.startup_parameters(twice) == [("user", "alice"), ("role", "a"), ("role", "b")]
+    assert startup_parameters(twice) == [("user", "alice"), ("role", "a"), ("role", "b")]
 
 
 # ---- one filter per classification, chosen once ------------------------------------------
@@ -461,7 +470,7 @@ def test_the_filter_is_chosen_by_the_classification() -> None:
 def test_a_session_without_rules_keeps_the_pass_through_filter() -> None:
     s = ready_session()
     assert type(s.filter) is PassThrough and s.filter.counters is None
-    assert s.client_data(QUERY) is JUST_FORWARD and s.server_data(m.ready_for_query()) is (
+    assert s.client_data(QUERY) is JUST_FORWARD and s.server_data(ready_for_query()) is (
         JUST_FORWARD
     )
 
@@ -470,7 +479,7 @@ def test_the_recording_filter_forwards_unchanged_and_records() -> None:
     hook = _Hook()
     s, _ = _classified(False, True, hook)
     assert s.client_data(QUERY) is JUST_FORWARD  # nothing can be refused: the chunk as is
-    answer = m.message(m.COMMAND_COMPLETE, b"SELECT 0\0") + m.ready_for_query()
+    answer = m.message(m.COMMAND_COMPLETE, b"SELECT 0\0") + ready_for_query()
     assert s.server_data(answer) is JUST_FORWARD
     accesses = [f for t, f in hook.events if t == "access"]
     assert len(accesses) == 1 and accesses[0]["outcome"] == "ok", hook.events
@@ -493,11 +502,11 @@ def test_a_filter_ends_the_session_through_the_engine() -> None:
     column = b"name\0" + (100).to_bytes(4, "big") + (2).to_bytes(2, "big")
     column += (25).to_bytes(4, "big") + b"\xff\xff\xff\xff\xff\xff\0\0"
     out = s.server_data(m.message(m.ROW_DESCRIPTION, b"\0\1" + column))
-    assert out[0] == SendToServer(m.TERMINATE_MESSAGE) and isinstance(out[-1], CloseSession)
+    assert out[0] == SendToServer(TERMINATE_MESSAGE) and isinstance(out[-1], CloseSession)
     fields = _fatal(out)
     assert fields["C"] == "42501" and "unmasked personal column" in fields["M"]
     assert s.phase is Phase.CLOSED
-    assert s.server_data(m.ready_for_query()) == ()
+    assert s.server_data(ready_for_query()) == ()
 
 
 def test_a_protocol_violation_in_any_filter_is_a_fatal_08p01() -> None:
@@ -514,7 +523,7 @@ def test_a_draining_session_ends_at_its_next_idle_point_whatever_its_filter() ->
         s, _ = _classified(masked, recorded, _Hook())
         s.client_data(m.message(m.QUERY, b"SELECT 1\0"))
         assert s.shutdown_requested() == ()  # a request is outstanding
-        out = s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query())
+        out = s.server_data(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + ready_for_query())
         assert out[-1] == CloseSession("shutdown"), (masked, recorded, out)
         assert _fatal(out)["C"] == "57P01" and s.phase is Phase.CLOSED
 
@@ -522,6 +531,6 @@ def test_a_draining_session_ends_at_its_next_idle_point_whatever_its_filter() ->
 def test_terminate_closes_whatever_the_filter() -> None:
     for masked, recorded in ((False, False), (False, True), (True, False)):
         s, _ = _classified(masked, recorded, _Hook())
-        out = s.client_data(m.TERMINATE_MESSAGE)
+        out = s.client_data(TERMINATE_MESSAGE)
         assert out[-1] == CloseSession("client terminated") and s.phase is Phase.CLOSED
-        assert out[0] in (FORWARD, SendToServer(m.TERMINATE_MESSAGE)), out
+        assert out[0] in (FORWARD, SendToServer(TERMINATE_MESSAGE)), out

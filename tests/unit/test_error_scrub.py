@@ -11,7 +11,9 @@ from proxy.session.filters import CLIENT_CAPTURE_MASKED, SERVER_CAPTURE_MASKED
 from proxy.session.masked import MaskedFilter, _Judge
 from proxy.session.statements import Cause, Source
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields, error_response, notice_response
 from proxy.wire.framing import MessageScanner
+from proxy.wire.simple import ready_for_query
 from rules.catalog import Catalog
 from rules.context import MaskingContext
 from rules.literals import statement_words
@@ -39,7 +41,7 @@ class Session:
         out = self.filter.server(self.server, b"".join(messages))
         scanner = MessageScanner(SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
         return [
-            m.decode_fields(body)["M"]
+            decode_fields(body)["M"]
             for typ, body in scanner.feed(out)
             if typ in (m.ERROR_RESPONSE, m.NOTICE_RESPONSE)
         ]
@@ -92,18 +94,18 @@ def complete(tag: str = "SELECT 1") -> bytes:
 
 
 def error(text: str, code: str = "22P02") -> bytes:
-    return m.error_response(code, text)
+    return error_response(code, text)
 
 
 def notice(text: str) -> bytes:
-    return m.notice_response("00000", text)
+    return notice_response("00000", text)
 
 
 def parameter_description(*types: int) -> bytes:
     return m.message(m.PARAMETER_DESCRIPTION, struct.pack(f"!h{len(types)}I", len(types), *types))
 
 
-READY = m.ready_for_query()
+READY = ready_for_query()
 PARSE_COMPLETE = m.message(m.PARSE_COMPLETE)
 BIND_COMPLETE = m.message(m.BIND_COMPLETE)
 CLOSE_COMPLETE = m.message(m.CLOSE_COMPLETE)
@@ -329,9 +331,9 @@ def test_the_trailing_value_is_judged_whole() -> None:
 def test_hints_are_judged_like_messages() -> None:
     s = Session()
     s.send(query("SELECT 'abc' AS a"))
-    err = m.error_response("42883", 'no "abc"', hint='try "abc" or "xyz"')
+    err = error_response("42883", 'no "abc"', hint='try "abc" or "xyz"')
     out = s.filter.server(s.server, err + READY)
-    fields = m.decode_fields(out[5 : out.index(b"Z")])
+    fields = decode_fields(out[5 : out.index(b"Z")])
     assert fields["M"] == 'no "abc"' and fields["H"] == 'try "abc" or "x*z"'
 
 

@@ -21,7 +21,10 @@ from proxy.session.masked import (
 )
 from proxy.session.statements import Cause, Source
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
+from proxy.wire.extended import parse_message
 from proxy.wire.framing import MessageScanner
+from proxy.wire.simple import ready_for_query
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES, rel
@@ -49,7 +52,7 @@ class Session:
         out = self.filter.server(self.server, b"".join(messages))
         scanner = MessageScanner(SERVER_CAPTURE_MASKED, [0] * 256, 1 << 30)
         return [
-            m.decode_fields(body)
+            decode_fields(body)
             for typ, body in scanner.feed(out)
             if typ in (m.ERROR_RESPONSE, m.NOTICE_RESPONSE)
         ]
@@ -71,7 +74,7 @@ def texts(out: bytes) -> list[str]:
         if typ == m.QUERY:
             found.append(body[:-1].decode())
         elif typ == m.PARSE:
-            found.append(m.parse_message(body)[1].decode())
+            found.append(parse_message(body)[1].decode())
     return found
 
 
@@ -83,7 +86,7 @@ def error(code: str, message: str, position: int | None = None, **more: str) -> 
     return m.message(m.ERROR_RESPONSE, body)
 
 
-READY = m.ready_for_query()
+READY = ready_for_query()
 SYNC = m.message(m.SYNC)
 
 

@@ -6,7 +6,9 @@ import pytest
 
 from proxy.session.masked import REFUSAL_TOKEN, MaskedFilter, SessionEnded
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields, error_response
 from proxy.wire.framing import MessageScanner, capture_mask
+from proxy.wire.simple import ready_for_query
 from rules.context import MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
@@ -32,9 +34,9 @@ def test_refusal_round_trip() -> None:
     out = f.client(client, m.message(m.QUERY, b"SELECT * FROM billing.leak()\0"))
     token = out[5:-1].decode()
     assert token.startswith(REFUSAL_TOKEN)
-    err = m.error_response("42601", f'syntax error at or near "{token}"') + m.ready_for_query()
+    err = error_response("42601", f'syntax error at or near "{token}"') + ready_for_query()
     back = f.server(server, err)
-    fields = m.decode_fields(back[5 : back.index(b"Z")])
+    fields = decode_fields(back[5 : back.index(b"Z")])
     assert fields["C"] == "42501" and fields["M"].startswith(
         "pgveil: function billing.leak is not allowed"
     )
@@ -43,12 +45,12 @@ def test_refusal_round_trip() -> None:
 def _guard_error(
     f: MaskedFilter, server: MessageScanner, column: str, quotes: str = '""'
 ) -> dict[str, str]:
-    err = m.error_response(
+    err = error_response(
         "22P02",
         f"invalid input syntax for type integer: {quotes[0]}pgveil_deny_write {column}{quotes[1]}",
     )
-    back = f.server(server, err + m.ready_for_query())
-    return m.decode_fields(back[5 : back.index(b"Z")])
+    back = f.server(server, err + ready_for_query())
+    return decode_fields(back[5 : back.index(b"Z")])
 
 
 def test_the_deny_write_guard_error_becomes_the_refusal() -> None:
@@ -89,7 +91,7 @@ def test_errors_scrubbed_and_notifications_withheld() -> None:
         b'SERROR\0C22P02\0Minvalid input "abc" and "Zebulon Secret" for "customers"\0DFailing row contains (x)\0Wsome context\0\0',
     )
     out = f.server(server, err)
-    fields = m.decode_fields(out[5:])
+    fields = decode_fields(out[5:])
     assert fields["M"] == 'invalid input "abc" and "Z************t" for "customers"'
     assert fields["D"] == "pgveil: detail withheld from masked roles" and "W" not in fields
     note = m.message(m.NOTIFICATION_RESPONSE, b"\0\0\0\1secret_chan\0Zebulon\0")
@@ -112,8 +114,8 @@ def test_malformed_parse_is_a_protocol_violation() -> None:
 def test_trailing_value_with_injected_quotes_is_masked_whole() -> None:
     f, client, server = make()
     f.client(client, m.message(m.QUERY, b"SELECT 1\0"))
-    err = m.error_response("22P02", 'invalid input syntax for type integer: ""Zebulon Quixotehart"')
-    fields = m.decode_fields(f.server(server, err)[5:])
+    err = error_response("22P02", 'invalid input syntax for type integer: ""Zebulon Quixotehart"')
+    fields = decode_fields(f.server(server, err)[5:])
     assert "Zebulon" not in fields["M"] and fields["M"].startswith(
         "invalid input syntax for type integer: "
     )
@@ -136,15 +138,15 @@ def test_prepared_statements_refused_while_the_rules_do_not_match() -> None:
     sync = m.message(m.SYNC)
     prepare = m.message(m.PARSE, b"s1\0SELECT 1\0\0\0")
     assert f.client(client, prepare + sync) == prepare + sync
-    f.server(server, m.message(m.PARSE_COMPLETE) + m.ready_for_query())
+    f.server(server, m.message(m.PARSE_COMPLETE) + ready_for_query())
     assert f.client(client, bind + execute + sync) == bind + execute + sync
     broken_rules = RULES.replace("billing.accounts:", "billing.acounts:")
     holder.context = MaskingContext(parse_rules(broken_rules, "r", {"K": "k" * 32}), CATALOG)
     out = f.client(client, bind + execute + sync)
     assert out.endswith(execute + sync) and REFUSAL_TOKEN.encode() in out[: -len(execute + sync)]
     token = out[5 + 1 : out.index(b"\0", 6)].decode()
-    err = m.error_response("26000", f'prepared statement "{token}" does not exist')
-    fields = m.decode_fields(f.server(server, err)[5:])
+    err = error_response("26000", f'prepared statement "{token}" does not exist')
+    fields = decode_fields(f.server(server, err)[5:])
     assert fields["C"] == "42501"
     assert fields["M"].startswith("pgveil: the rules do not match the database: ")
     assert "tables.billing.acounts: relation billing.acounts does not exist" in fields["M"]

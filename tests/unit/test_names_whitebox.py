@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from proxy.session.masked import RULES_CHANGED
 from proxy.wire import messages as m
+from proxy.wire.simple import ready_for_query
 from tests.unit.test_prepared_after_rules_change import (
     NOTES,
     RULES_B,
@@ -29,7 +30,7 @@ from tests.unit.test_prepared_after_rules_change import (
 
 
 def refused(s: Session, token: str, what: str = "prepared statement") -> bool:
-    errors = s.answer(missing(token, what), m.ready_for_query())
+    errors = s.answer(missing(token, what), ready_for_query())
     return [(e["C"], e["M"]) for e in errors] == [("42501", f"pgveil: {RULES_CHANGED}")]
 
 
@@ -75,7 +76,7 @@ def test_statements_prepared_earlier_in_the_same_text_go_on() -> None:
     sql = "PREPARE wb_p AS SELECT 1; EXECUTE wb_p"
     assert s.send(query(sql)) == query(sql)
     s.answer(m.message(m.COMMAND_COMPLETE, b"PREPARE\0"))
-    s.answer(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0"), m.ready_for_query())
+    s.answer(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0"), ready_for_query())
     out = s.send(query("EXECUTE wb_q; PREPARE wb_q AS SELECT 1"))
     assert len(tokens(out)) == 1
 

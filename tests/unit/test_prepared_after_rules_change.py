@@ -14,7 +14,9 @@ import pytest
 from proxy.session.filters import CLIENT_CAPTURE_MASKED, SERVER_CAPTURE_MASKED
 from proxy.session.masked import REFUSAL_TOKEN, RULES_CHANGED, MaskedFilter, SessionEnded
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields, error_response
 from proxy.wire.framing import MessageScanner, capture_mask
+from proxy.wire.simple import ready_for_query
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
@@ -70,7 +72,7 @@ class Session:
         """The fields of each error the client gets for the server's messages."""
         out = self.filter.server(self.server, b"".join(messages))
         scanner = MessageScanner(capture_mask(b"E"), [0] * 256, 1 << 30)
-        return [m.decode_fields(body) for typ, body in scanner.feed(out) if typ == m.ERROR_RESPONSE]
+        return [decode_fields(body) for typ, body in scanner.feed(out) if typ == m.ERROR_RESPONSE]
 
     def reload(self, rules: str = RULES) -> None:
         self.holder.context = context(rules)
@@ -103,13 +105,13 @@ def tokens(data: bytes) -> list[str]:
 
 def missing(token: str, what: str = "prepared statement") -> bytes:
     """The server's answer to a message whose name pgveil replaced with a token."""
-    return m.error_response("26000", f'{what} "{token}" does not exist')
+    return error_response("26000", f'{what} "{token}" does not exist')
 
 
 def prepared(s: Session, sql: str = NOTES, name: str = "s1") -> bytes:
     out = s.send(parse(sql, name), SYNC)
     assert not tokens(out)
-    assert s.answer(m.message(m.PARSE_COMPLETE), m.ready_for_query()) == []
+    assert s.answer(m.message(m.PARSE_COMPLETE), ready_for_query()) == []
     return out
 
 
@@ -124,7 +126,7 @@ def test_a_statement_the_new_rules_protect_is_refused_at_bind() -> None:
     (token,) = tokens(out)
     assert out[:1] == b"B" and out[5:].startswith(b"\0" + token.encode() + b"\0\0\0\0\1")
     assert out.endswith(execute() + SYNC)
-    errors = s.answer(missing(token), m.ready_for_query())
+    errors = s.answer(missing(token), ready_for_query())
     assert [(e["C"], e["M"]) for e in errors] == [("42501", f"pgveil: {RULES_CHANGED}")]
     # recorded, with what the statement reads under the new rules
     refused = [f for t, f in s.hook.events if t == "refused"]
@@ -178,13 +180,13 @@ def test_a_portal_opened_under_the_old_rules_is_refused_at_execute() -> None:
     assert (
         s.send(query("BEGIN"), bind("s1", "p1"), SYNC) == query("BEGIN") + bind("s1", "p1") + SYNC
     )
-    s.answer(m.message(m.COMMAND_COMPLETE, b"BEGIN\0"), m.ready_for_query(IN_TX))
-    s.answer(m.message(m.BIND_COMPLETE), m.ready_for_query(IN_TX))
+    s.answer(m.message(m.COMMAND_COMPLETE, b"BEGIN\0"), ready_for_query(IN_TX))
+    s.answer(m.message(m.BIND_COMPLETE), ready_for_query(IN_TX))
     s.reload(RULES_B)
     out = s.send(execute("p1"), SYNC)
     (token,) = tokens(out)
     assert out.startswith(m.message(m.EXECUTE, token.encode() + b"\0\0\0\0\0"))
-    errors = s.answer(missing(token, "portal"), m.ready_for_query(ord("E")))
+    errors = s.answer(missing(token, "portal"), ready_for_query(ord("E")))
     assert [e["C"] for e in errors] == ["42501"] and RULES_CHANGED in errors[0]["M"]
 
 
@@ -197,7 +199,7 @@ def test_describe_of_a_statement_decided_otherwise_is_refused() -> None:
     out = s.send(describe("S", "s1"), SYNC)
     (token,) = tokens(out)
     assert out == m.message(m.DESCRIBE, b"S" + token.encode() + b"\0") + SYNC
-    errors = s.answer(missing(token), m.ready_for_query())
+    errors = s.answer(missing(token), ready_for_query())
     assert [e["C"] for e in errors] == ["42501"]
 
 
@@ -209,15 +211,15 @@ def test_sql_execute_and_fetch_of_what_the_old_rules_allowed_are_refused() -> No
         ("DECLARE c CURSOR FOR SELECT body FROM public.notes", b"DECLARE CURSOR", IN_TX),
     ):
         assert s.send(query(sql)) == query(sql)
-        answer = (m.message(m.COMMAND_COMPLETE, tag + b"\0"), m.ready_for_query(status))
+        answer = (m.message(m.COMMAND_COMPLETE, tag + b"\0"), ready_for_query(status))
         assert s.answer(*answer) == []
     s.reload(RULES_B)
     for sql in ("EXECUTE p", "FETCH 1 FROM c", "CREATE TEMP TABLE t AS EXECUTE p"):
         out = s.send(query(sql))
         (token,) = tokens(out)
         assert out == m.message(m.QUERY, token.encode() + b"\0")
-        syntax = m.error_response("42601", f'syntax error at "{token}"')
-        errors = s.answer(syntax, m.ready_for_query(ord("E")))
+        syntax = error_response("42601", f'syntax error at "{token}"')
+        errors = s.answer(syntax, ready_for_query(ord("E")))
         assert errors[0]["M"] == f"pgveil: {RULES_CHANGED}"
     # MOVE reads no rows but counts them: refused too
     assert tokens(s.send(query("MOVE ALL IN c")))
@@ -263,11 +265,11 @@ def test_pipelined_uses_keep_their_order() -> None:
     errors = s.answer(
         m.message(m.PARSE_COMPLETE),
         missing(token),
-        m.ready_for_query(),
+        ready_for_query(),
         m.message(m.BIND_COMPLETE),
         m.message(m.DATA_ROW, b"\0\1\0\0\0\3Z*r"),
         m.message(m.COMMAND_COMPLETE, b"SELECT 1\0"),
-        m.ready_for_query(),
+        ready_for_query(),
     )
     assert [e["C"] for e in errors] == ["42501"]
 
@@ -299,18 +301,18 @@ def test_a_name_that_may_hold_either_text_is_checked_for_both() -> None:
     when it succeeds, the new one is in place."""
     ok = [
         m.message(m.COMMAND_COMPLETE, b"DECLARE CURSOR\0"),
-        m.ready_for_query(IN_TX),
+        ready_for_query(IN_TX),
     ]
     duplicate = [
-        m.error_response("42P03", 'cursor "c" already exists'),
-        m.ready_for_query(ord("E")),
+        error_response("42P03", 'cursor "c" already exists'),
+        ready_for_query(ord("E")),
     ]
     for answer, refused in ((ok, False), (duplicate, True)):
         s = Session()
         s.send(query("BEGIN"), query("DECLARE c CURSOR FOR SELECT body FROM public.notes"))
         s.send(query("COMMIT"), query("BEGIN"))
         for _ in range(4):  # each query done
-            s.answer(m.message(m.COMMAND_COMPLETE, b"X\0"), m.ready_for_query(IN_TX))
+            s.answer(m.message(m.COMMAND_COMPLETE, b"X\0"), ready_for_query(IN_TX))
         s.send(query("DECLARE c CURSOR FOR SELECT i_customer FROM billing.customers"))
         s.answer(*answer)
         s.reload(RULES_B)
@@ -322,11 +324,11 @@ def test_a_named_portal_bound_again_is_the_new_one_once_bound() -> None:
     prepared(s, NOTES, "old")
     prepared(s, "SELECT 1", "new")
     s.send(query("BEGIN"), bind("old", "p"), SYNC)
-    s.answer(m.message(m.COMMAND_COMPLETE, b"BEGIN\0"), m.ready_for_query(IN_TX))
-    s.answer(m.message(m.BIND_COMPLETE), m.ready_for_query(IN_TX))
+    s.answer(m.message(m.COMMAND_COMPLETE, b"BEGIN\0"), ready_for_query(IN_TX))
+    s.answer(m.message(m.BIND_COMPLETE), ready_for_query(IN_TX))
     s.send(query("COMMIT"), bind("new", "p"), SYNC)  # the server closed p at COMMIT
-    s.answer(m.message(m.COMMAND_COMPLETE, b"COMMIT\0"), m.ready_for_query())
-    s.answer(m.message(m.BIND_COMPLETE), m.ready_for_query(IN_TX))
+    s.answer(m.message(m.COMMAND_COMPLETE, b"COMMIT\0"), ready_for_query())
+    s.answer(m.message(m.BIND_COMPLETE), ready_for_query(IN_TX))
     s.reload(RULES_B)
     assert s.send(execute("p"), SYNC) == execute("p") + SYNC
 
@@ -361,7 +363,7 @@ def test_a_use_checked_against_a_refuted_prediction_is_checked_again() -> None:
         s.send(query(f"DECLARE c CURSOR WITH HOLD FOR {second}"))
         s.reload(RULES_B)
         assert s.send(query("FETCH c")) == query("FETCH c")  # SELECT 1/0: decided alike
-        failed = (m.error_response("22012", "division by zero"), m.ready_for_query())
+        failed = (error_response("22012", "division by zero"), ready_for_query())
         if ends:
             with pytest.raises(SessionEnded, match="no longer apply"):
                 s.answer(*failed)

@@ -19,6 +19,7 @@ from proxy.session.reading import (
     statement_text,
 )
 from proxy.wire import messages as m
+from proxy.wire.simple import ready_for_query
 from rules.settings import (
     CODE,
     boolean,
@@ -308,7 +309,7 @@ def session() -> Session:
 
 
 CUSTOMER_ROW = described(("y", CUSTOMERS, 2, TEXT, 0)) + data_row(b"x") + complete(b"SELECT 1")
-READY = m.ready_for_query()
+READY = ready_for_query()
 
 
 def query(sql: str) -> bytes:

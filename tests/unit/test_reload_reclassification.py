@@ -21,7 +21,10 @@ from proxy.session.engine import (
     SessionSettings,
 )
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields, error_response
 from proxy.wire.framing import MessageScanner, capture_mask
+from proxy.wire.simple import TERMINATE_MESSAGE, ready_for_query
+from proxy.wire.startup import StartupMessage
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
@@ -73,15 +76,15 @@ def test_an_unmasked_login_the_new_rules_refuse_ends_a_masked_one_goes_on() -> N
 
 # ---- the engine --------------------------------------------------------------------------
 
-STARTUP = m.StartupMessage(m.PROTOCOL_3_0, {"user": "agent", "database": "db"})
+STARTUP = StartupMessage(m.PROTOCOL_3_0, {"user": "agent", "database": "db"})
 LOGIN = (
     m.message(m.AUTHENTICATION, b"\0\0\0\0")
     + m.message(m.PARAMETER_STATUS, b"client_encoding\0UTF8\0")
     + m.message(m.PARAMETER_STATUS, b"standard_conforming_strings\0on\0")
-    + m.ready_for_query()
+    + ready_for_query()
 )
 ROW = m.message(m.DATA_ROW, b"\0\1\0\0\0\x0bsome value!")
-DONE = m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + m.ready_for_query()
+DONE = m.message(m.COMMAND_COMPLETE, b"SELECT 1\0") + ready_for_query()
 QUERY = m.message(m.QUERY, b"SELECT 1\0")
 
 
@@ -98,7 +101,7 @@ def ready(masked: bool = False) -> Session:
 
 def fatal(action: object) -> dict[str, str]:
     assert isinstance(action, SendToClient) and action.data[:1] == b"E"
-    return m.decode_fields(action.data[5:])
+    return decode_fields(action.data[5:])
 
 
 def test_an_idle_session_ends_at_once() -> None:
@@ -107,7 +110,7 @@ def test_an_idle_session_ends_at_once() -> None:
         s.client_data(QUERY)
         s.server_data(m.message(m.ROW_DESCRIPTION, b"\0\0") + DONE)
         out = s.reclassified(TEXT)
-        assert out[0] == SendToServer(m.TERMINATE_MESSAGE) and out[-1] == CloseSession(TEXT)
+        assert out[0] == SendToServer(TERMINATE_MESSAGE) and out[-1] == CloseSession(TEXT)
         fields = fatal(out[1])
         assert (fields["S"], fields["C"], fields["M"]) == ("FATAL", "57P01", TEXT)
         assert s.phase is Phase.CLOSED and s.close_reason == TEXT
@@ -126,7 +129,7 @@ def test_a_message_under_way_is_completed_first_and_nothing_after_it_goes_out() 
         assert s.server_data(ROW[7:9]) == [SendToClient(ROW[7:9])]  # still under way
         out = s.server_data(ROW[9:] + ROW + DONE)
         assert out[0] == SendToClient(ROW[9:])  # the rest of that row, not the next one
-        assert out[1] == SendToServer(m.TERMINATE_MESSAGE)
+        assert out[1] == SendToServer(TERMINATE_MESSAGE)
         assert fatal(out[2])["C"] == "57P01" and out[3] == CloseSession(TEXT)
 
 
@@ -150,7 +153,7 @@ def test_the_server_closing_while_ending_gets_the_reason() -> None:
     s.server_data(ROW[:7])
     s.reclassified(TEXT)
     s.server_data(ROW[7:8])
-    assert s.client_closed() == (SendToServer(m.TERMINATE_MESSAGE), CloseSession("client closed"))
+    assert s.client_closed() == (SendToServer(TERMINATE_MESSAGE), CloseSession("client closed"))
 
 
 def test_not_ready_sessions_are_left_to_their_classification() -> None:
@@ -170,6 +173,6 @@ def test_boundary_in() -> None:
     assert scanner.boundary_in(ROW[9:]) == len(ROW) - 9
     assert scanner.boundary_in(ROW[9:-1]) is None
     scanner.feed(ROW[9:])
-    error = m.error_response("XX000", "x")
+    error = error_response("XX000", "x")
     scanner.feed(error[:8])  # a captured message under way
     assert scanner.boundary_in(error[8:] + ROW) == len(error) - 8

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from proxy.wire import messages as m
+from proxy.wire.simple import ready_for_query
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
@@ -33,7 +34,7 @@ class Recorder(Session):
     def query_silent(self, sql: str, answer: bytes) -> None:
         """A statement whose events (if any) stay in `hook.events`."""
         self.filter.client(self.client, m.message(m.QUERY, sql.encode() + b"\0"))
-        self.filter.server(self.server, answer + m.ready_for_query())
+        self.filter.server(self.server, answer + ready_for_query())
 
 
 def test_a_read_through_a_temporary_view_is_a_read_of_the_tables_behind_it() -> None:
@@ -130,7 +131,7 @@ def test_after_a_statement_that_moves_names_every_session_is_unsure_until_a_new_
     other.query_silent("SELECT body FROM public.notes", ROWS)
     (_, event), *_ = other.hook.events
     assert event["analysis_complete"] is False and event["tables"] == []
-    mover.filter.server(mover.server, complete(b"ALTER VIEW") + m.ready_for_query())
+    mover.filter.server(mover.server, complete(b"ALTER VIEW") + ready_for_query())
     holder.reads_done = holder.reads_begun  # that read is in: it may not show the rename
     assert holder.unsure
     holder.reads_begun += 1  # a read that began after the rename committed

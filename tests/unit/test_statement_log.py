@@ -12,7 +12,9 @@ from proxy.session.filters import CLIENT_CAPTURE_RECORDED, SERVER_CAPTURE_RECORD
 from proxy.session.masked import MaskedFilter, RecordingFilter
 from proxy.session.statements import Cause, StatementLog
 from proxy.wire import messages as m
+from proxy.wire.errors import error_response
 from proxy.wire.framing import MessageScanner, capture_mask
+from proxy.wire.simple import ready_for_query
 from rules.context import ContextHolder, MaskingContext
 from rules.loader import parse_rules
 from tests.unit.rules.fixtures import CATALOG, RULES
@@ -69,8 +71,8 @@ class Session:
     def query(self, sql: str, answer: bytes) -> dict[str, object]:
         before = len(self.hook.events)
         self.filter.client(self.client, m.message(m.QUERY, sql.encode() + b"\0"))
-        assert self.filter.server(self.server, answer + m.ready_for_query()) == (
-            answer + m.ready_for_query()
+        assert self.filter.server(self.server, answer + ready_for_query()) == (
+            answer + ready_for_query()
         )
         events = self.hook.events[before:]
         assert len(events) == 1, events
@@ -122,7 +124,7 @@ def test_rows_split_across_reads_are_all_seen() -> None:
         row_description(("i_customer", CUSTOMERS, 1, TEXT, 0))
         + b"".join(data_row(str(k).encode()) for k in range(50))
         + complete(b"SELECT 50")
-        + m.ready_for_query()
+        + ready_for_query()
     )
     out = b""
     for i in range(0, len(answer), 37):
@@ -195,7 +197,7 @@ def test_rows_released_before_completion_are_recorded_first() -> None:
     s.filter.statements.rows_released()  # type: ignore[union-attr]
     s.filter.statements.rows_released()  # type: ignore[union-attr]  # once per statement
     assert [e["outcome"] for _, e in s.hook.events] == ["running"]
-    s.filter.server(s.server, data_row(b"2") + complete(b"SELECT 2") + m.ready_for_query())
+    s.filter.server(s.server, data_row(b"2") + complete(b"SELECT 2") + ready_for_query())
     (_, running), (_, done) = s.hook.events
     assert running["running"] == done["running"] == 1
     assert running["rows"] is None and running["subjects_complete"] is False
@@ -222,7 +224,7 @@ READ = "SELECT i_customer, name FROM billing.customers"
 # an Execute sent without Describe gets no RowDescription: its subjects are the ones the
 # statement names
 KEYED = READ + " WHERE i_customer = 1"
-IDLE, BLOCK, FAILED = (m.ready_for_query(s) for s in (m.TX_IDLE, m.TX_IN_BLOCK, m.TX_FAILED))
+IDLE, BLOCK, FAILED = (ready_for_query(s) for s in (m.TX_IDLE, m.TX_IN_BLOCK, m.TX_FAILED))
 PARSED, BOUND = m.message(m.PARSE_COMPLETE), m.message(m.BIND_COMPLETE)
 CLOSED = m.message(m.CLOSE_COMPLETE)
 COPY_IN = m.message(m.COPY_IN_RESPONSE, b"\0\0\0")
@@ -250,7 +252,7 @@ def query(sql: str) -> bytes:
 
 
 def error(code: str) -> bytes:
-    return m.error_response(code, "failed")
+    return error_response(code, "failed")
 
 
 SYNC = m.message(m.SYNC)
@@ -666,7 +668,7 @@ def test_rows_sent_before_an_error_are_counted_without_being_captured(step: int)
     answer = (
         row_description(("name", CUSTOMERS, 2, TEXT, 0))
         + b"".join(data_row(b"x") for _ in range(5))
-        + m.error_response("22012", "division by zero")
+        + error_response("22012", "division by zero")
         + IDLE
     )
     (event,) = s.answer_in(answer, step)
@@ -681,7 +683,7 @@ def test_copy_data_before_an_error_and_a_portal_suspended_are_counted() -> None:
     copy_out = m.message(ord("H"), b"\0\0\0")
     copied = b"".join(m.message(m.COPY_DATA, b"x\n") for _ in range(3))
     first, second = s.answer_in(
-        copy_out + copied + m.error_response("22012", "division by zero") + IDLE
+        copy_out + copied + error_response("22012", "division by zero") + IDLE
         + PARSED + BOUND + data_row(b"x") + data_row(b"y") + m.message(m.PORTAL_SUSPENDED)
         + IDLE,
         11,
@@ -771,7 +773,7 @@ def test_statements_in_flight_when_the_session_ends_are_unknown() -> None:
 def test_a_statement_ended_by_a_fatal_keeps_its_error() -> None:
     s = Counted()
     s.send(m.message(m.QUERY, b"UPDATE billing.customers SET notes = 'n' WHERE i_customer = 2\0"))
-    fatal = m.error_response("57P01", "terminating connection", severity="FATAL")
+    fatal = error_response("57P01", "terminating connection", severity="FATAL")
     assert s.answer(fatal) == []  # (no ReadyForQuery comes after a FATAL)
     log = s.filter.statements
     assert log is not None

@@ -7,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields, error_response, severity_of, sqlstate_of
 from proxy.wire.framing import MessageScanner, StartupReader, capture_mask
+from proxy.wire.simple import ready_for_query
+from proxy.wire.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    decode_startup_packet,
+)
 
 TYPES = b"QPBEDCSHXdcfFpZTRKN"
 message_st = st.tuples(st.sampled_from(TYPES), st.binary(max_size=300))
@@ -76,7 +85,7 @@ def test_length_limits_and_types() -> None:
 def test_large_uncaptured_body_is_skipped_without_copy() -> None:
     s = MessageScanner(capture_mask(b"Z"), [0] * 256, 1 << 30)
     body = b"r" * 1_000_000
-    stream = m.message(m.DATA_ROW, body) + m.ready_for_query()
+    stream = m.message(m.DATA_ROW, body) + ready_for_query()
     assert s.feed(stream[:10]) == []
     assert not s.at_boundary
     assert s.feed(stream[10:500_000]) == []
@@ -85,7 +94,7 @@ def test_large_uncaptured_body_is_skipped_without_copy() -> None:
 
 
 def test_startup_reader() -> None:
-    packet = m.StartupMessage(m.PROTOCOL_3_0, {"user": "u", "database": "d"}).encode()
+    packet = StartupMessage(m.PROTOCOL_3_0, {"user": "u", "database": "d"}).encode()
     r = StartupReader()
     assert r.feed(packet[:3]) == (None, b"")
     assert r.feed(packet[3:] + b"Qxx") == (packet, b"Qxx")
@@ -98,17 +107,17 @@ def test_startup_reader() -> None:
 @pytest.mark.parametrize(
     ("packet", "expected"),
     [
-        (m.SSLRequest().encode(), m.SSLRequest()),
-        (m.GSSENCRequest().encode(), m.GSSENCRequest()),
-        (m.CancelRequest(42, -7).encode(), m.CancelRequest(42, -7)),
+        (SSLRequest().encode(), SSLRequest()),
+        (GSSENCRequest().encode(), GSSENCRequest()),
+        (CancelRequest(42, -7).encode(), CancelRequest(42, -7)),
         (
-            m.StartupMessage(196608, {"user": "ü", "options": "-c x=1"}).encode(),
-            m.StartupMessage(196608, {"user": "ü", "options": "-c x=1"}),
+            StartupMessage(196608, {"user": "ü", "options": "-c x=1"}).encode(),
+            StartupMessage(196608, {"user": "ü", "options": "-c x=1"}),
         ),
     ],
 )
 def test_startup_packets_round_trip(packet: bytes, expected: object) -> None:
-    assert m.decode_startup_packet(packet) == expected
+    assert decode_startup_packet(packet) == expected
 
 
 @pytest.mark.parametrize(
@@ -117,23 +126,23 @@ def test_startup_packets_round_trip(packet: bytes, expected: object) -> None:
         (b"\x00\x00\x00\x08\x00\x02\x00\x00", "unsupported frontend protocol 2.0"),
         (b"\x00\x00\x00\x09\x00\x03\x00\x00u", "terminator"),
         (b"\x00\x00\x00\x0b\x00\x03\x00\x00u\x00\x00", "odd number"),
-        (m.StartupMessage(196608, {"database": "d"}).encode(), "no PostgreSQL user name"),
+        (StartupMessage(196608, {"database": "d"}).encode(), "no PostgreSQL user name"),
         (b"\x00\x00\x00\x0c\x04\xd2\x16\x2e\x00\x00\x00\x01", "cancel request"),
     ],
 )
 def test_bad_startup_packets(packet: bytes, error: str) -> None:
     with pytest.raises(m.ProtocolViolation, match=error):
-        m.decode_startup_packet(packet)
+        decode_startup_packet(packet)
 
 
 def test_error_fields_round_trip() -> None:
-    body = m.error_response("42501", "nope", severity="FATAL", detail="d", hint="h")[5:]
-    fields = m.decode_fields(body)
+    body = error_response("42501", "nope", severity="FATAL", detail="d", hint="h")[5:]
+    fields = decode_fields(body)
     assert fields == {"S": "FATAL", "V": "FATAL", "C": "42501", "M": "nope", "D": "d", "H": "h"}
-    assert m.sqlstate_of(body) == "42501"
-    assert m.severity_of(body) == "FATAL"
-    assert m.sqlstate_of(b"C22012\0Mx\0\0") == "22012"
-    assert m.sqlstate_of(b"Mx\0\0") == ""
+    assert sqlstate_of(body) == "42501"
+    assert severity_of(body) == "FATAL"
+    assert sqlstate_of(b"C22012\0Mx\0\0") == "22012"
+    assert sqlstate_of(b"Mx\0\0") == ""
 
 
 @settings(max_examples=300)
