@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psycopg
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

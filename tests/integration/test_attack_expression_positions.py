@@ -76,7 +76,7 @@ from pathlib import Path
 import pytest
 
 from proxy.catalog import HIDDEN_CODE_SQL
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration import deny_fixture
 from tests.integration.attack_clients import (
     CLIENTS,

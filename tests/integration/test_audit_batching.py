@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from audit.files import rotated_files, verify_files
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from tests.conftest import TRUST_USER, Certs
 from tests.integration.audit_wire import (

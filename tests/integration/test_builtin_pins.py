@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from proxy.catalog import read_catalog
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.analyzer import Analyzer
 from rules.catalog import ProtectionMap
 from rules.loader import parse_rules

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from proxy import dsn
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from tests.conftest import Certs
 from tests.integration.test_demo import Demo
 from tests.support import ProxyProcess

@@ -24,7 +24,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from tests.conftest import TRUST_USER
 from tests.integration.audit_wire import (

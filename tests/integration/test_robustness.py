@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from tests.conftest import SCRAM_PASSWORD, SCRAM_USER
 from tests.support import ProxyProcess, RawClient, errors_in

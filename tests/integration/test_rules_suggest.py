@@ -17,9 +17,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy import demo_data as data
 from proxy import dsn
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo import billing as data
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.loader import parse_rules
 from rules.model import Policy
 from tests.integration.masking_fixture import HASH_KEY, RULES, SCHEMA, leaks, masking_proxy

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy import demo_data as data
 from proxy.config import ConfigError
-from proxy.demo import parse_dsn
+from proxy.demo import billing as data
+from proxy.demo.runner import parse_dsn
 from rules.loader import parse_rules
 
 

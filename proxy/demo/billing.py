@@ -9,7 +9,7 @@ Some customers were terminated long ago and some recently, in classes with 0-day
 10-year retention, so the erasure worker has work.
 
 Pure: builds SQL and YAML text and a few constant byte strings; it opens no connection,
-reads no file and prints nothing. `proxy.demo` runs what it builds.
+reads no file and prints nothing. `proxy.demo.runner` runs what it builds.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -19,6 +20,7 @@ import asyncpg
 
 from proxy import dsn
 from proxy.catalog import read_catalog, read_role_names
+from proxy.cli.common import DSN_HELP, Parser, Subparsers
 from rules.catalog import Catalog
 from rules.discovery import ForeignKey, Keys, check, discover, suggest
 from rules.loader import RulesError, json_schema, load_rules
@@ -134,6 +136,40 @@ def _tables(names: list[str] | None) -> list[tuple[str, str]] | None:
             raise ValueError(f"--subject-table {n}: expected SCHEMA.TABLE")
         out.append((schema, table))
     return out
+
+
+def add_arguments(sub: Subparsers) -> None:
+    r = sub.add_parser("rules", help="check, draft or describe masking rules")
+    rsub = r.add_subparsers(dest="rules_command", metavar="ACTION", parser_class=Parser)
+    rsub.required = True
+    rc = rsub.add_parser("check", help="validate a rules file, and against a database with --dsn")
+    rc.add_argument("--rules", type=Path, required=True, metavar="FILE")
+    rc.add_argument(
+        "--dsn",
+        nargs="?",
+        const="",
+        metavar="DSN",
+        help=f"check against this database: {DSN_HELP}; --dsn alone: the PG* environment",
+    )
+    rs = rsub.add_parser("suggest", help="print a draft rules file from the database")
+    rs.add_argument("--dsn", default="", metavar="DSN", help=f"{DSN_HELP} (default: PG*)")
+    rs.add_argument(
+        "--subject-table",
+        action="append",
+        metavar="SCHEMA.TABLE",
+        help="the table whose rows are the data subjects (repeatable; default: a table "
+        "named like customers, clients, users, ... that others reference)",
+    )
+    rsub.add_parser("schema", help="print the JSON Schema of the rules format")
+
+
+def main(ns: argparse.Namespace) -> int:
+    return run(
+        ns.rules_command,
+        getattr(ns, "rules", None),
+        getattr(ns, "dsn", None),
+        getattr(ns, "subject_table", None),
+    )
 
 
 def run(

@@ -2,7 +2,7 @@
 in front of it, in one command.
 
 Starts an embedded PostgreSQL in a temporary directory (or uses `--dsn`), creates the
-`billing` schema of `proxy.demo_data` with its generated data, the roles `admin` (unmasked),
+`billing` schema of `proxy.demo.billing` with its generated data, the roles `admin` (unmasked),
 `helpdesk` (masked) and `pgveil` (catalog reader), writes the demo rules, and runs the proxy
 in this process exactly as `pgveil proxy` would (same `ProxyServer`), with metrics and an
 audit file. It prints ready-to-paste `psql` commands and waits; SIGINT or SIGTERM stops the
@@ -34,10 +34,10 @@ from urllib.parse import quote
 
 import asyncpg
 
-from proxy import demo_data as data
 from proxy import dsn, logs
 from proxy.config import ConfigError, HostPort, load_config, parse_host_port
-from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bindir, free_port
+from proxy.demo import billing as data
+from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bindir, free_port
 from rules.loader import RulesError, load_rules
 
 DEMO_DATABASE = "pgveil_demo"
@@ -104,7 +104,7 @@ def _port_free(hp: HostPort) -> bool:
     return True
 
 
-def _choose(given: str | None, default: HostPort, flag: str) -> HostPort:
+def choose_address(given: str | None, default: HostPort, flag: str) -> HostPort:
     if given is not None:
         try:
             return parse_host_port(given)
@@ -492,39 +492,3 @@ def _psql() -> str:
         if candidate.is_file():
             return str(candidate)
     return "psql"
-
-
-def run(
-    scale: float,
-    dsn: str | None,
-    keep: bool,
-    reuse: bool,
-    listen: str | None,
-    metrics: str | None,
-) -> int:
-    """The `pgveil demo` command. User errors raise ConfigError (exit 2); a demo that cannot
-    run prints one line and exits 1."""
-    if not 0 < scale <= 100:
-        raise ConfigError(
-            "--scale: expected a number above 0 and at most 100 (1 = 10,000 customers)"
-        )
-    if reuse and dsn is None:
-        raise ConfigError("--reuse needs --dsn: without it the demo starts a new PostgreSQL")
-    if dsn is not None:
-        parse_dsn(dsn)  # a malformed DSN is a usage error, before anything starts
-    demo = Demo(
-        scale=scale,
-        dsn=dsn,
-        keep=keep,
-        reuse=reuse,
-        listen=_choose(listen, DEFAULT_LISTEN, "--listen"),
-        metrics=_choose(metrics, DEFAULT_METRICS, "--metrics"),
-    )
-    from proxy.cli import _event_loop_run
-
-    try:
-        _event_loop_run(demo.main())
-    except (DemoError, EmbeddedPostgresError, ConfigError) as exc:
-        sys.stderr.write(f"pgveil: error: {exc}\n")
-        return 1
-    return 0
