@@ -204,13 +204,10 @@ def ensure_alive(service: Service) -> None:
 
 
 def tool(db: EmbeddedPostgres, name: str) -> str:
-    candidate = db.bindir / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise BenchError(f"{name} not found in {db.bindir} or on PATH")
-    return found
+    try:
+        return db.client(name)
+    except EmbeddedPostgresError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def pgbouncer_binary() -> str:

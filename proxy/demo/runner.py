@@ -219,9 +219,6 @@ class Demo:
     def start_cluster(self) -> Target:
         assert self.workdir is not None
         password = secrets.token_hex(12)
-        if os.geteuid() == 0:
-            # the server runs as the postgres OS user and must reach its data directory
-            os.chmod(self.workdir, 0o711)
         self.say("starting PostgreSQL (initdb into the demo's directory)")
         self.cluster = EmbeddedPostgres(password=password, base=self.workdir / "pg").start()
         self.cluster.psql(f"CREATE DATABASE {DEMO_DATABASE}")
@@ -258,7 +255,7 @@ class Demo:
                 # one transaction: an interrupted or failed load leaves nothing behind
                 if state == "absent":
                     await self._load(conn)
-                await conn.execute(data.roles_sql(self.passwords))
+                await data.create_roles(conn, self.passwords)
             self.loaded = True
             return int(await conn.fetchval(data.DUE_SQL))
         finally:
@@ -266,21 +263,14 @@ class Demo:
 
     async def _load(self, conn: Any) -> None:
         counts = data.Counts.at_scale(self.scale)
-        base = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        steps = data.load_steps(counts, base)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         self.say(
             f"loading {counts.customers:,} customers, {counts.accounts:,} accounts and "
             f"{counts.xdrs:,} xDRs (--scale {self.scale:g})"
         )
         started = time.monotonic()
-        progress = Progress(sum(s.weight for s in steps), self.err)
-        progress.advance(0, "schema")
-        await conn.execute(data.DDL)
-        await conn.execute(data.partitions(base))
-        for step in steps:
-            progress.advance(0, step.label)
-            await conn.execute(step.sql, *step.args)
-            progress.advance(step.weight, step.label)
+        progress = Progress(data.total_weight(counts), self.err)
+        await data.load(conn, counts, now, progress.advance)
         progress.finish()
         self.say(f"loaded in {time.monotonic() - started:.1f} s")
 
