@@ -1,4 +1,5 @@
-"""No import cycles among pgveil's modules: an AST walk over every import, not a convention.
+"""No import cycles among pgveil's modules, and the command line and the demo imported only
+from where they belong: an AST walk over every import, not a convention.
 
 The graph's nodes are the modules of `proxy/`, `rules/`, `audit/` and `erasure/`; an edge
 is any import statement in a module's source, at its top level or inside a function (a
@@ -149,6 +150,29 @@ def test_the_packages_have_no_import_cycle() -> None:
     assert not new, "import cycles: " + " | ".join(new)
     gone = [sorted(c) for c in KNOWN if c not in found]
     assert not gone, f"cycles listed in KNOWN no longer exist, remove them: {gone}"
+
+
+# the rooms at the edge: the command line and the demo are entry points, never a dependency
+# (only the command line starts the demo; tests and bench reach the demo's PostgreSQL and
+# billing data from outside these packages)
+ROOMS = {"proxy.cli": ("proxy.cli",), "proxy.demo": ("proxy.cli", "proxy.demo")}
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+@pytest.mark.parametrize("room", sorted(ROOMS))
+def test_only_its_callers_import_a_room(room: str) -> None:
+    graph = _graph_of(ROOT, PACKAGES)
+    assert any(_inside(m, room) for m in graph), room
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        for t in targets
+        if _inside(t, room) and not any(_inside(m, caller) for caller in ROOMS[room])
+    )
+    assert not bad, bad
 
 
 @pytest.mark.parametrize(
