@@ -91,10 +91,10 @@ def test_xdr_partitions_cover_the_generated_times(
         assert parts[-1][2] == dt.datetime(now.year + 1, 1, 1, tzinfo=dt.UTC)
 
 
-def test_a_load_leaves_the_tables_and_the_roles_file_grants_them(
+def test_a_load_leaves_only_the_tables_and_its_settings_end_with_it(
     pg: EmbeddedPostgres, database: str
 ) -> None:
-    async def run() -> tuple[list[str], list[str], list[tuple[str, str]], int]:
+    async def run() -> tuple[list[str], list[str], int]:
         conn = await _connect(pg)
         try:
             now = dt.datetime.now(dt.UTC)
@@ -103,34 +103,68 @@ def test_a_load_leaves_the_tables_and_the_roles_file_grants_them(
                 "SELECT proname FROM pg_proc WHERE pronamespace = 'billing'::regnamespace"
             )
             names = [data.SETTING + n for n in data.settings(data.Counts.at_scale(1), now)]
-            names += [f"{data.SETTING}password_{r}" for r in data.DEMO_ROLES]
-            left = "SELECT coalesce(current_setting(n, true), '') FROM unnest($1::text[]) n"
-            settings = await conn.fetch(left, names)
-            await data.create_roles(conn, {r: f"pw-{r}" for r in data.DEMO_ROLES})
-            settings += await conn.fetch(left, names)
-            roles = await conn.fetch(
-                "SELECT rolname, pg_catalog.shobj_description(oid, 'pg_authid') AS c"
-                "  FROM pg_roles WHERE rolname = ANY($1::text[]) ORDER BY 1",
-                list(data.DEMO_ROLES),
+            settings = await conn.fetch(
+                "SELECT coalesce(current_setting(n, true), '') FROM unnest($1::text[]) n", names
             )
             due = await conn.fetchval(data.DUE_SQL)
+            return [r[0] for r in functions], [r[0] for r in settings], int(due)
+        finally:
+            await conn.close()
+
+    functions, settings, due = asyncio.run(run())
+    assert functions == []  # the load's helpers are gone
+    # nothing the load set outlives its transaction (create_roles sets the passwords the same
+    # way)
+    assert len(settings) > 5 and set(settings) == {""}
+    # 40 customers, every 40th terminated 400 days ago, in class 1 + 40 % 3 = 2 (30 days)
+    assert due == 1
+
+
+def test_the_roles_file_creates_marks_and_grants_the_recipes_roles(
+    pg: EmbeddedPostgres, database: str
+) -> None:
+    """In a transaction rolled back at the end: the session cluster has roles of the same
+    names (the billing fixture's helpdesk), which must stay as they are."""
+
+    async def run() -> tuple[list[tuple[str, str]], list[tuple[str, bool, bool]], list[str]]:
+        conn = await _connect(pg)
+        try:
+            await data.load(conn, data.Counts.at_scale(0.001), dt.datetime.now(dt.UTC))
+            query = (
+                "SELECT rolname, coalesce(pg_catalog.shobj_description(oid, 'pg_authid'), '')"
+                "  FROM pg_roles WHERE rolname = ANY($1::text[]) ORDER BY 1"
+            )
+            before = await conn.fetch(query, list(data.DEMO_ROLES))
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await data.create_roles(conn, {r: f"pw-{r}" for r in data.DEMO_ROLES})
+                roles = await conn.fetch(query, list(data.DEMO_ROLES))
+                grants = await conn.fetch(
+                    "SELECT r, has_table_privilege(r, 'billing.customers', 'SELECT'),"
+                    "       has_table_privilege(r, 'billing.customers', 'DELETE')"
+                    "  FROM unnest($1::text[]) r ORDER BY 1",
+                    list(data.DEMO_ROLES),
+                )
+            finally:
+                await tx.rollback()
+            after = await conn.fetch(query, list(data.DEMO_ROLES))
+            assert after == before
             return (
-                [r["proname"] for r in functions],
-                [r[0] for r in settings],
-                [(r["rolname"], r["c"]) for r in roles],
-                int(due),
+                [(r[0], r[1]) for r in roles],
+                [(r[0], r[1], r[2]) for r in grants],
+                [r[1] for r in before],
             )
         finally:
             await conn.close()
 
-    try:
-        functions, settings, roles, due = asyncio.run(run())
-    finally:
-        for role in data.DEMO_ROLES:
-            pg.psql(f"DROP OWNED BY {role}; DROP ROLE IF EXISTS {role}", dbname=DB)
-    assert functions == []  # the load's helpers are gone
-    # nothing of the load (the passwords least of all) outlives its transaction
-    assert len(settings) > 10 and set(settings) == {""}
-    assert sorted(roles) == sorted((r, data.MARKER) for r in data.DEMO_ROLES)
-    # 40 customers, every 40th terminated 400 days ago, in class 1 + 40 % 3 = 2 (30 days)
-    assert due == 1
+    roles, grants, before = asyncio.run(run())
+    assert roles == sorted((r, data.MARKER) for r in data.DEMO_ROLES)
+    assert data.MARKER not in before
+    assert sorted(grants) == sorted(
+        [
+            (data.ADMIN_ROLE, True, True),
+            (data.HELPDESK_ROLE, True, False),
+            (data.CATALOG_ROLE, False, False),  # reads the catalog, never a row
+        ]
+    )
