@@ -2,7 +2,7 @@
 
 Three parts, all by default; `--only relay|masked|audit` runs one of them.
 
-**relay**: starts a throwaway PostgreSQL (`proxy.embedded_pg.EmbeddedPostgres`), a pgbouncer
+**relay**: starts a throwaway PostgreSQL (`proxy.demo.embedded_pg.EmbeddedPostgres`), a pgbouncer
 in session mode and pgveil (relay only, no rules) in front of it, all on loopback, then runs
 the same client workloads against the three *variants*:
 
@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Literal, NoReturn
 
 from audit.files import rotated_files
-from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
@@ -204,13 +204,10 @@ def ensure_alive(service: Service) -> None:
 
 
 def tool(db: EmbeddedPostgres, name: str) -> str:
-    candidate = db.bindir / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise BenchError(f"{name} not found in {db.bindir} or on PATH")
-    return found
+    try:
+        return db.client(name)
+    except EmbeddedPostgresError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def pgbouncer_binary() -> str:

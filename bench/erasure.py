@@ -1,7 +1,7 @@
 """What the erasure worker costs: throughput against one bulk UPDATE, the longest lock any
 of its batches holds, and what it does to live traffic through pgveil.
 
-Starts a throwaway PostgreSQL (`proxy.embedded_pg.EmbeddedPostgres`) and generates a
+Starts a throwaway PostgreSQL (`proxy.demo.embedded_pg.EmbeddedPostgres`) and generates a
 billing database: `--subjects` terminated customers with one account and `--rows` xDRs
 each (2,000 x 1,000 = 2,000,000 rows to erase by default), as many live customers with
 `--live-rows` xDRs each, in an xDR table partitioned by month (6 partitions, indexes on
@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 from audit.files import read_events  # noqa: E402
 from erasure.loader import parse_config  # noqa: E402
 from erasure.worker import run  # noqa: E402
-from proxy.embedded_pg import EmbeddedPostgres, free_port  # noqa: E402
+from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "erasure.md"
 HOST = "127.0.0.1"
@@ -264,11 +264,10 @@ def pgbench(cluster: Cluster, port: int, name: str, script: Path, ns: argparse.N
 
 
 def tool(db: EmbeddedPostgres, name: str) -> str:
-    own = db.bindir / name
-    found = str(own) if own.is_file() else shutil.which(name)
-    if not found:
-        raise BenchError(f"{name} not found in {db.bindir} or on PATH")
-    return found
+    try:
+        return db.client(name)
+    except EmbeddedPostgresError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 @contextlib.contextmanager

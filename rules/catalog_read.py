@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from rules.catalog import Catalog, Column, Relation
 from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
+from rules.discovery import ForeignKey, Keys
 from rules.masks import ColumnType
 
 
@@ -522,3 +523,43 @@ async def _base_types(fetch: Fetch, oids: set[int]) -> dict[int, str]:
     for start in pending:
         names[start] = "unknown"
     return names
+
+
+# primary and foreign keys of user tables, each with its column names in key order
+KEYS_SQL = """
+SELECT n.nspname, c.relname, con.contype::text,
+       ARRAY(SELECT a.attname::text
+               FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, i)
+               JOIN pg_catalog.pg_attribute a
+                 ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+              ORDER BY k.i),
+       fn.nspname, f.relname,
+       ARRAY(SELECT a.attname::text
+               FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, i)
+               JOIN pg_catalog.pg_attribute a
+                 ON a.attrelid = con.confrelid AND a.attnum = k.attnum
+              ORDER BY k.i)
+  FROM pg_catalog.pg_constraint con
+  JOIN pg_catalog.pg_class c ON c.oid = con.conrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_catalog.pg_class f ON f.oid = con.confrelid
+  LEFT JOIN pg_catalog.pg_namespace fn ON fn.oid = f.relnamespace
+ WHERE con.contype IN ('p', 'f') AND NOT c.relispartition
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname NOT LIKE 'pg\\_%'
+ ORDER BY n.nspname, c.relname, con.conname
+"""
+
+
+async def read_keys(fetch: Fetch) -> Keys:
+    """Primary and foreign keys of user tables (what `rules suggest` follows)."""
+    primary: dict[tuple[str, str], tuple[str, ...]] = {}
+    foreign: dict[tuple[str, str], list[ForeignKey]] = {}
+    for schema, table, kind, cols, fschema, ftable, fcols in await fetch(KEYS_SQL):
+        if kind == "p":
+            primary[(schema, table)] = tuple(cols)
+        else:
+            foreign.setdefault((schema, table), []).append(
+                ForeignKey(tuple(cols), (fschema, ftable), tuple(fcols))
+            )
+    return Keys(primary, {t: tuple(fks) for t, fks in foreign.items()})

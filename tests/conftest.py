@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from tests.support import ProxyProcess
 
 SCRAM_USER, SCRAM_PASSWORD = "scram_user", "scram-secret-1"

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from proxy.embedded_pg import free_port
+from proxy.demo.embedded_pg import free_port
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields, severity_of
 from proxy.wire.startup import StartupMessage

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import (
     CARD,
     EMAIL,

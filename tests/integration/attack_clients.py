@@ -43,7 +43,7 @@ from typing import Any
 import asyncpg
 import psycopg
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn
 
 

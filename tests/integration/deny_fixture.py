@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import Clients
 from tests.integration.masking_fixture import ADMIN, HASH_KEY, HELPDESK
 from tests.support import ProxyProcess

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psycopg
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -203,7 +203,7 @@ class Db:
         """pg_dump --data-only of the whole database."""
         out = subprocess.run(
             [
-                pg_dump(self.pg),
+                self.pg.client("pg_dump"),
                 "--data-only",
                 "--no-sync",
                 "-h",
@@ -251,12 +251,6 @@ def create(pg: EmbeddedPostgres, name: str, customers: int, xdrs_per_account: in
     db = Db(pg, name)
     db.execute(schema_sql(customers, xdrs_per_account))
     return db
-
-
-def pg_dump(pg: EmbeddedPostgres) -> str:
-    """The server's own pg_dump (same major version), else the one on PATH."""
-    own = pg.bindir / "pg_dump"
-    return str(own) if own.is_file() else "pg_dump"
 
 
 _COPY = re.compile(r"^COPY (\S+) \((.*)\) FROM stdin;$")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.support import ProxyProcess
 
 HELPDESK, HELPDESK_PW = "helpdesk", "helpdesk-pw-1"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import AsyncpgClient, PsycopgClient, run_psql
 from tests.integration.masking_fixture import (
     HASH_KEY,

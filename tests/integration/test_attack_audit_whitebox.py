@@ -30,8 +30,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.audit_cli import who
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.cli.audit import who
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.audit_wire import all_events, audit_env, start_audited
 from tests.integration.masking_fixture import ADMIN, ADMIN_PW, NAME, RULES, dsn
 from tests.support import ProxyProcess

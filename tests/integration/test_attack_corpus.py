@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import (
     CLIENTS,
     PGPORT,

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import Clients, errors_in, open_clients
 from tests.integration.deny_fixture import (
     assert_guesses_alike,

@@ -75,7 +75,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.catalog_read import HIDDEN_CODE_SQL
 from tests.integration import deny_fixture
 from tests.integration.attack_clients import (

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import PsycopgClient
 from tests.integration.masking_fixture import ADMIN, ADMIN_PW, EMAIL, NAME, dsn, leaks
 from tests.integration.test_audit_events import Audited, audited

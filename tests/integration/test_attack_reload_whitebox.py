@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from tests.integration.audit_wire import SYNC, bind, execute, parse, read_until

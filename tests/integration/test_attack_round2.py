@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.startup import StartupMessage
 from rules.masks import hmac_pads

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import PsycopgClient
 from tests.integration.masking_fixture import HASH_KEY, HELPDESK, HELPDESK_PW, dsn, leaks
 from tests.integration.test_attack_round2 import leaks2

@@ -62,8 +62,8 @@ import psycopg
 import pytest
 
 from audit.files import read_events
-from proxy.audit_cli import who
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.cli.audit import who
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from proxy.wire.startup import StartupMessage

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from audit.files import read_events, verify_files
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from audit.files import rotated_files, verify_files
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from proxy.wire.errors import severity_of
 from tests.conftest import TRUST_USER, Certs

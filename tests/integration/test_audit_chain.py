@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from audit.files import read_numbered, rotated_files
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.audit_tamper import drop_lines, events, rebuild
 from tests.integration.audit_wire import audit_env, rules_file, wait_for
 from tests.integration.masking_fixture import ADMIN, ADMIN_PW, HELPDESK, HELPDESK_PW, dsn

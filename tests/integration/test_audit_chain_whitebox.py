@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from audit.files import rotated_files
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.test_audit_chain import files_of, start, verify, work
 from tests.support import ProxyProcess
 

@@ -44,8 +44,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.audit_cli import who
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.cli.audit import who
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from proxy.wire.errors import sqlstate_of
 from tests.conftest import TRUST_USER

@@ -34,7 +34,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.session.reading import Reading, nonconforming_text, statement_text
 from proxy.wire import messages as m
 from proxy.wire.async_ import parameter_status

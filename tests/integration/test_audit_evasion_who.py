@@ -34,8 +34,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.audit_cli import who
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.cli.audit import who
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.audit_wire import all_events, audited_proxy, wait_for
 from tests.integration.masking_fixture import (
     ADMIN,

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from audit.files import read_events
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.audit_wire import all_events
 from tests.integration.masking_fixture import (
     ADMIN,

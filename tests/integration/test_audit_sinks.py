@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,

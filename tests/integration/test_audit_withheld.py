@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 
 from audit.files import rotated_files, verify_files
-from proxy.audit_cli import who
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.cli.audit import who
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from proxy.wire.errors import sqlstate_of
 from proxy.wire.startup import SSLRequest, StartupMessage
@@ -271,7 +271,7 @@ def test_who_shows_rows_released_by_a_statement_that_failed_later(
     """FINDING. Rows of billing.customers (the name of subject 1) stream to the client,
     then the statement fails (division by zero). Its `running` event says it was read;
     its complete event carries outcome 22012 and the same `running` number. `who` drops
-    the running event because a complete event exists (audit_cli.who: `completed`), and
+    the running event because a complete event exists (proxy.cli.audit.who: `completed`), and
     drops the complete event because its outcome is not ok/running and it lists no
     subjects: the access vanishes from the report although the client has the rows."""
     p, path = shared
@@ -307,7 +307,7 @@ def test_who_until_between_running_and_complete_keeps_the_access(
 ) -> None:
     """FINDING. Rows go out at t1 (running event), the statement completes at t2. `who
     --until T` with t1 < T <= t2: the running event is hidden because its complete event
-    exists somewhere in the stream (audit_cli.who computes `completed` before the time
+    exists somewhere in the stream (proxy.cli.audit.who computes `completed` before the time
     filter), and the complete event is after T: the read at t1 is in no window."""
     p, path = shared
     app = "w-who-until"

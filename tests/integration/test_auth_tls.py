@@ -9,7 +9,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.conftest import (
     CLEAR_PASSWORD,
     CLEAR_USER,

@@ -22,7 +22,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.analyzer import Analyzer
 from rules.catalog import ProtectionMap
 from rules.catalog_read import read_catalog

@@ -14,7 +14,7 @@ from erasure.catalog import Catalog as ErasureCatalog
 from erasure.db import connect as erasure_connect
 from erasure.db import read_catalog as erasure_read_catalog
 from erasure.model import TableName
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.catalog import Catalog
 from rules.catalog_read import read_catalog, read_databases, read_roles, read_tables
 from shared.dsn import connect as dsn_connect

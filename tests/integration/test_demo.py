@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from audit.files import read_events, verify_files
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[2]
 CUSTOMERS = "SELECT name, email, phone1 FROM billing.customers ORDER BY i_customer LIMIT 3"

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from audit.files import read_events
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import Clients, CopyIn, errors_in, open_clients
 from tests.integration.audit_wire import wait_for
 from tests.integration.deny_fixture import (

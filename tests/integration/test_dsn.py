@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from shared import dsn
 from tests.conftest import Certs
 from tests.integration.test_demo import Demo

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from audit.files import read_events, verify_files
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from tests.integration.erasure_fixture import (
     T0,
     Db,

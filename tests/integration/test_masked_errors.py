@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.audit_wire import audited_proxy, events, wait_for
 from tests.integration.masking_fixture import (
     EMAIL,

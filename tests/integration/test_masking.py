@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.masks import ColumnType, py_mask, sql_expr
 from tests.unit.rules.test_masks_python import CASES, KEYS
 

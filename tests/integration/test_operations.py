@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.conftest import SCRAM_PASSWORD, SCRAM_USER
 from tests.support import ProxyProcess, RawClient, errors_in
 

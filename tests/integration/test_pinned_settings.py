@@ -24,7 +24,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from proxy.wire.startup import StartupMessage

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from proxy.wire.startup import SSLRequest, StartupMessage

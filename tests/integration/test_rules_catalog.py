@@ -32,7 +32,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.startup import StartupMessage
 from tests.integration.masking_fixture import (

@@ -29,7 +29,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from tests.integration.audit_wire import SYNC, bind, execute, parse, read_until, wait_for

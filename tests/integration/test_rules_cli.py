@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import HASH_KEY, RULES, leaks
 from tests.support import ProxyProcess
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy import demo_data as data
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo import billing as data
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.loader import parse_rules
 from rules.model import Policy
 from shared import dsn
@@ -48,10 +48,7 @@ async def _load_demo(pg: EmbeddedPostgres, db: str) -> None:
     conn = await dsn.connect(_dsn(pg, db))
     try:
         base = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        await conn.execute(data.DDL)
-        await conn.execute(data.partitions(base))
-        for step in data.load_steps(data.Counts.at_scale(0.001), base):
-            await conn.execute(step.sql, *step.args)
+        await data.load(conn, data.Counts.at_scale(0.001), base)
     finally:
         await conn.close()
 

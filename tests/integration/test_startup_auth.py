@@ -26,7 +26,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.session.engine import UNCLASSIFIED
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields

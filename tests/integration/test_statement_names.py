@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from proxy.audit_cli import who
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.cli.audit import who
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import severity_of
 from tests.conftest import TRUST_USER

@@ -27,7 +27,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
 from rules.masks import hmac_pads
 from tests.conftest import TRUST_USER

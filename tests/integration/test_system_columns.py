@@ -16,7 +16,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn
 from tests.support import ProxyProcess
 

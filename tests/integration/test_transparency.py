@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import sql as psql_sql
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.conftest import SCRAM_PASSWORD, SCRAM_USER
 from tests.support import ProxyProcess, RawClient, normalise_session_bytes
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import CLIENTS, Clients, errors_in, open_clients
 from tests.integration.masking_fixture import (
     HELPDESK,

@@ -1,18 +1,24 @@
-"""The demo's pure parts: sizes, partition bounds, the PDF template, the rules text, and the
---dsn parser (the database-backed behaviour is in tests/integration/test_demo.py)."""
+"""The demo's data files and pure parts: sizes, the recipe's steps, the PDF template, the
+audio, the rules and erasure texts, the roles, what the wheel ships, and the --dsn parser
+(the database-backed behaviour is in tests/integration/test_demo.py and
+test_demo_billing.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from proxy import demo_data as data
 from proxy.config import ConfigError
-from proxy.demo import parse_dsn
+from proxy.demo import billing as data
+from proxy.demo.runner import parse_dsn
 from rules.loader import parse_rules
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_counts_scale_with_a_floor() -> None:
@@ -22,22 +28,34 @@ def test_counts_scale_with_a_floor() -> None:
     assert small.customers == 40 and small.xdrs == 100 and small.recordings >= 1
 
 
-def test_xdr_partitions_cover_the_generated_times() -> None:
-    base = dt.datetime(2026, 3, 31, 23, 59, tzinfo=dt.UTC)
-    bounds = data.month_starts(base, data.XDR_DAYS)
-    assert bounds[0] <= base - dt.timedelta(days=data.XDR_DAYS, seconds=1)
-    assert bounds[-1] > base
-    assert all(b.day == 1 and b.hour == 0 for b in bounds)
-    assert bounds[-1] == dt.datetime(2026, 4, 1, tzinfo=dt.UTC)
-    # December rolls over to January
-    dec = data.month_starts(dt.datetime(2026, 12, 15, tzinfo=dt.UTC), 20)
-    assert dec[-1] == dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
-    assert data.partitions(base).count("PARTITION OF billing.xdrs") == len(bounds) - 1
+def test_load_steps_follow_the_recipe_and_chunk_the_xdrs() -> None:
+    counts = data.Counts.at_scale(0.12)  # 1,200 customers, 120,000 xDRs
+    steps = data.load_steps(counts)
+    assert [s.label for s in steps][:6] == [
+        "staff and partners", "customers", "customers", "customers", "accounts", "accounts",
+    ]  # fmt: skip
+    xdrs = [s for s in steps if s.label == "xDRs"]
+    assert [(s.settings["first"], s.settings["last"]) for s in xdrs] == [
+        (1, 50_000), (50_001, 100_000), (100_001, 120_000),
+    ]  # fmt: skip
+    assert all("pgveil_demo.first" in s.sql for s in xdrs)
+    # the xDR chunks' weights add up to the step's: 180 units per million
+    assert sum(s.weight for s in xdrs) == pytest.approx(180 * 120_000 / 1_000_000)
+    assert steps[-1].label == "statistics" and steps[-1].weight == pytest.approx(10 + 65 * 0.12)
+    assert data.load_steps(data.Counts.at_scale(100))[-1].weight == 75  # at most
+    recordings = [s for s in steps if s.label == "recordings"]
+    assert recordings and all(s.args == (data.data_bytes("silence.wav"),) for s in recordings)
+    # every setting a file reads is one the load sets
+    read = {m for s in steps for m in re.findall(r"pgveil_demo\.(\w+)", s.sql)}
+    given = set(data.settings(counts, dt.datetime.now(dt.UTC))) | {"first", "last"}
+    assert read and read <= given, read - given
 
 
 def test_pdf_template_offsets_hold_for_fixed_width_fields() -> None:
-    template = data.pdf_template()
-    widths = [w for _name, w in data._PDF_FIELDS]
+    template = data.data_text("invoice.pdf.template")
+    # the widths invoices.sql pads the fields to, in the template's order
+    widths = [int(w) for w in re.findall(r"rpad\(.*, (\d+)\)", data.data_text("load/invoices.sql"))]
+    assert widths == [8, 15, 24, 16, 10]
     assert template.count("%s") == len(widths)
     pdf = (template.replace("%%", "\0") % tuple("x" * w for w in widths)).replace("\0", "%")
     xref = int(re.search(r"startxref\n(\d+)\n%%EOF", pdf).group(1))  # type: ignore[union-attr]
@@ -49,9 +67,14 @@ def test_pdf_template_offsets_hold_for_fixed_width_fields() -> None:
 
 
 def test_wav_is_a_riff_file_of_the_stated_length() -> None:
-    wav = data.wav_silence(0.25, 8000)
+    wav = data.data_bytes("silence.wav")
     assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE"
     assert int.from_bytes(wav[4:8], "little") == len(wav) - 8
+    # PCM, mono, 8000 Hz, 8 bits: half a second of silence (0x80)
+    fmt, size = wav[12:36], int.from_bytes(wav[40:44], "little")
+    assert fmt[8:10] == b"\x01\x00" and fmt[10:12] == b"\x01\x00"
+    assert int.from_bytes(fmt[12:16], "little") == 8000 and fmt[22:24] == b"\x08\x00"
+    assert wav[36:40] == b"data" and size == 4000 and wav[44:] == b"\x80" * size
 
 
 def test_rules_cover_every_demo_table_and_load(tmp_path: Path) -> None:
@@ -61,12 +84,41 @@ def test_rules_cover_every_demo_table_and_load(tmp_path: Path) -> None:
     policy = parse_rules(data.rules_yaml(str(key)))
     assert policy.masked_roles == {data.HELPDESK_ROLE}
     assert policy.unmasked_roles == {data.ADMIN_ROLE}
-    tables = set(re.findall(r"^CREATE TABLE (\w+) \(", data.DDL, re.M))
+    tables = set(re.findall(r"^CREATE TABLE (\w+) \(", data.data_text("schema.sql"), re.M))
     # every table but the customer classes holds personal data and has rules
     assert {t for _s, t in policy.tables} == tables - {"customer_classes"}
     for name in ("password_hash", "sip_password", "merchant_secret", "totp_secret"):
         specs = [r.columns[name] for r in policy.tables.values() if name in r.columns]
         assert specs and all(s.name == "deny" for s in specs), name
+
+
+def test_roles_sql_creates_the_recipes_roles() -> None:
+    created = re.search(r"FOREACH role IN ARRAY ARRAY\[(.*?)\]", data.ROLES_SQL)
+    assert created is not None
+    assert tuple(re.findall(r"'(\w+)'", created.group(1))) == data.DEMO_ROLES
+    granted = set(re.findall(r"\bTO (\w+)", data.ROLES_SQL))
+    assert granted == {data.ADMIN_ROLE, data.HELPDESK_ROLE}  # the catalog role reads no rows
+
+
+def test_the_erasure_configuration_writes_the_audit_file_it_is_given(tmp_path: Path) -> None:
+    from erasure.loader import parse_config
+
+    path = str(tmp_path / "odd: #dir" / "audit.jsonl")
+    config = parse_config(data.erasure_yaml(path), "erasure.yaml")
+    assert config.audit.file is not None and str(config.audit.file) == path
+    assert not config.audit.stdout
+
+
+def test_the_wheel_ships_every_demo_data_file() -> None:
+    """pyproject's package-data globs match every file under proxy/demo/data (an editable
+    install reads the tree, so only this shows what a wheel would leave out)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["proxy.demo"]
+    base = ROOT / "proxy" / "demo"
+    found = [p.relative_to(base).as_posix() for p in (base / "data").rglob("*") if p.is_file()]
+    assert found
+    missing = [f for f in found if not any(fnmatch.fnmatchcase(f, g) for g in globs)]
+    assert not missing
 
 
 @pytest.mark.parametrize(

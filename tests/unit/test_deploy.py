@@ -20,7 +20,7 @@ from erasure.metrics import ErasureCollector
 from erasure.worker import RunSummary
 from proxy.cli import build_parser
 from proxy.config import BY_NAME, load_config
-from proxy.demo import parse_dsn
+from proxy.demo.runner import parse_dsn
 from proxy.metrics import Metrics, Stats
 from rules.loader import load_rules
 
@@ -170,7 +170,7 @@ def test_deploy_files_hold_no_real_looking_secrets(path: str) -> None:
 
 def test_compose_erasure_config_is_the_demo_one_and_loads() -> None:
     from erasure.loader import parse_config
-    from proxy.demo_data import erasure_yaml
+    from proxy.demo.billing import erasure_yaml
 
     text = (ROOT / "deploy" / "erasure.yaml").read_text()
     assert text.endswith(erasure_yaml(None))

@@ -188,7 +188,7 @@ def test_rows_released_before_completion_are_recorded_first() -> None:
     """A result spanning several reads: once its first rows go out, a `running` event is
     recorded; the complete event carries the same number; `audit who` shows the running
     event only when the complete one is missing."""
-    from proxy.audit_cli import who
+    from proxy.cli.audit import who
 
     s = Session()
     s.filter.client(s.client, m.message(m.QUERY, b"SELECT i_customer FROM billing.customers\0"))

@@ -128,7 +128,7 @@ def test_files_in_any_order(tmp_path: Path) -> None:
     files = rotated_files(tmp_path / "audit.jsonl")
     assert len(files) >= 3
     shuffled = [files[1], files[-1], files[0], *files[2:-1]]
-    from proxy.audit_cli import _order
+    from proxy.cli.audit import _order
 
     assert _order(shuffled) == files
     assert check(tmp_path, files).exit_code == 0

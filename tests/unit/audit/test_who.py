@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.audit_cli import who
+from proxy.cli.audit import who
 
 CUSTOMERS = "billing.customers"
 ACCOUNTS = "billing.accounts"
@@ -90,7 +90,7 @@ def test_notifications_are_listed_everywhere_unless_withheld() -> None:
 
 
 def test_the_report_says_through_what_and_how_sure(capsys: Any) -> None:
-    from proxy.audit_cli import print_who
+    from proxy.cli.audit import print_who
 
     events = [
         access(views={"billing.customer_contacts": [CUSTOMERS]}, subjects={CUSTOMERS: ["1"]}),

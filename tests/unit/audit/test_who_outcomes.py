@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.audit_cli import who
+from proxy.cli.audit import who
 
 TABLE = "billing.customers"
 

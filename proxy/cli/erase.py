@@ -1,6 +1,6 @@
 """`pgveil erase run|subject|status`: the command line of the erasure worker.
 
-Parses the subcommand's options (proxy/cli.py only mounts them), runs the worker and
+Defines the subcommand's options, runs the worker and
 prints results: subject keys, table names, counts and states, never a value. Mistakes
 (a bad configuration, a configuration that does not fit the database, an unknown subject,
 a bad DSN) print `pgveil: error: ...` lines and exit with status 2; a job that fails or
@@ -35,14 +35,15 @@ from erasure.worker import (
     run_forever,
     status,
 )
+from proxy.cli.common import DSN_HELP, EXIT_USAGE, Parser, Subparsers
 
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
-def add_arguments(parser: argparse.ArgumentParser, parser_class: type[Any]) -> None:
-    """The `erase` subcommand's actions and options (mounted by proxy/cli.py)."""
-    common = argparse.ArgumentParser(add_help=False)
+def add_arguments(subparsers: Subparsers) -> None:
+    """The `erase` subcommand's actions and options."""
+    parser = subparsers.add_parser("erase", help="erase the personal data of terminated customers")
+    common = Parser(add_help=False)
     common.add_argument(
         "--config", type=Path, required=True, metavar="FILE", help="erasure YAML file"
     )
@@ -50,15 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser, parser_class: type[Any]) -> N
         "--dsn",
         default="",
         metavar="DSN",
-        help="a libpq connection string or URI, completed from the PG* environment and the "
-        "password file (~/.pgpass, PGPASSFILE) as psql does (default: the PG* environment)",
+        help=f"{DSN_HELP} (default: the PG* environment)",
     )
     common.add_argument(
         "--now",
         metavar="ISO",
         help="the time that decides who is due, e.g. 2026-05-01T00:00:00Z (for tests)",
     )
-    sub = parser.add_subparsers(dest="erase_command", metavar="ACTION", parser_class=parser_class)
+    sub = parser.add_subparsers(dest="erase_command", metavar="ACTION", parser_class=Parser)
     sub.required = True
     r = sub.add_parser("run", parents=[common], help="erase due subjects, polling for more")
     r.add_argument("--once", action="store_true", help="one pass over the due subjects, then exit")

@@ -24,6 +24,7 @@ from audit.events import load_event
 from audit.files import AuditFileError, read_events, read_numbered, rotated_files
 from audit.sinks import read_table, read_table_rows
 from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
+from proxy.cli.common import DSN_HELP, Parser, Subparsers
 from proxy.config import ConfigError
 from rules.keys import canonical_number, input_value
 from shared.dsn import DsnError
@@ -369,7 +370,74 @@ def _what(r: Mapping[str, Any]) -> str:
     return what
 
 
-def run(ns: argparse.Namespace) -> int:
+def add_arguments(sub: Subparsers) -> None:
+    a = sub.add_parser("audit", help="read and verify audit files")
+    asub = a.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=Parser)
+    asub.required = True
+    av = asub.add_parser(
+        "verify",
+        help="check that audit files (in any order) or the table sink's chains are complete "
+        "and unchanged; exit 0 intact, 1 broken, 2 usage error, 3 unproven",
+    )
+    av.add_argument("files", type=Path, nargs="*", metavar="FILE")
+    av.add_argument(
+        "--key",
+        action="append",
+        metavar="REF",
+        help="the audit key, env:NAME or file:PATH (repeat for older keys; default: the "
+        "reference in $PGVEIL_AUDIT_KEY)",
+    )
+    av.add_argument(
+        "--anchor",
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="checkpoints kept outside the chain: the anchor file (a copy shipped elsewhere), "
+        "or any JSON-lines file holding them (repeatable)",
+    )
+    av.add_argument(
+        "--after",
+        metavar="HASH",
+        help="the hash the first event follows, when older files were removed on purpose",
+    )
+    av.add_argument("--chain", metavar="NAME", help="with --dsn: only this chain")
+    _table_source(av, from_env=False)
+    aw = asub.add_parser("who", help="who accessed one data subject's personal data, and when")
+    aw.add_argument("--table", required=True, metavar="SCHEMA.TABLE", help="protected table")
+    aw.add_argument("--subject", required=True, metavar="KEY", help="its subject column's value")
+    aw.add_argument("--since", metavar="TIME", help="ISO date or time (UTC unless it says)")
+    aw.add_argument("--until", metavar="TIME", help="ISO date or time, exclusive")
+    aw.add_argument("--json", action="store_true", help="JSON instead of a table")
+    aw.add_argument("--file", type=Path, action="append", metavar="FILE", help="audit file")
+    _table_source(aw)
+    at = asub.add_parser("tail", help="print events as lines")
+    at.add_argument("file", type=Path, metavar="FILE")
+    at.add_argument("--follow", action="store_true")
+    at.add_argument("--role")
+    at.add_argument("--table")
+
+
+def _table_source(p: argparse.ArgumentParser, from_env: bool = True) -> None:
+    p.add_argument(
+        "--dsn",
+        nargs="?",
+        const="",
+        metavar="DSN",
+        default=os.environ.get("PGVEIL_AUDIT_TABLE_DSN") if from_env else None,
+        help="read the table sink in this database, "
+        + DSN_HELP
+        + "; --dsn alone: the PG* environment (default"
+        + (": " if from_env else " without FILEs: ")
+        + "$PGVEIL_AUDIT_TABLE_DSN"
+        + ("" if from_env else "; with FILEs, its checkpoints anchor them")
+        + ")",
+    )
+    p.add_argument(
+        "--audit-table", default="pgveil.audit_events", metavar="SCHEMA.TABLE", help="its table"
+    )
+
+
+def main(ns: argparse.Namespace) -> int:
     """Dispatch `pgveil audit ACTION`."""
     if ns.audit_command == "tail":
         return tail(ns.file, ns.follow, ns.role, ns.table)

@@ -2,7 +2,7 @@
 in front of it, in one command.
 
 Starts an embedded PostgreSQL in a temporary directory (or uses `--dsn`), creates the
-`billing` schema of `proxy.demo_data` with its generated data, the roles `admin` (unmasked),
+`billing` schema of `proxy.demo.billing` with its generated data, the roles `admin` (unmasked),
 `helpdesk` (masked) and `pgveil` (catalog reader), writes the demo rules, and runs the proxy
 in this process exactly as `pgveil proxy` would (same `ProxyServer`), with metrics and an
 audit file. It prints ready-to-paste `psql` commands and waits; SIGINT or SIGTERM stops the
@@ -34,9 +34,9 @@ from urllib.parse import quote
 
 import asyncpg
 
-from proxy import demo_data as data
 from proxy.config import ConfigError, load_config
-from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bindir, free_port
+from proxy.demo import billing as data
+from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bindir, free_port
 from rules.loader import RulesError, load_rules
 from shared import dsn, logs
 from shared.address import HostPort, parse_host_port
@@ -105,7 +105,7 @@ def _port_free(hp: HostPort) -> bool:
     return True
 
 
-def _choose(given: str | None, default: HostPort, flag: str) -> HostPort:
+def choose_address(given: str | None, default: HostPort, flag: str) -> HostPort:
     if given is not None:
         try:
             return parse_host_port(given)
@@ -220,9 +220,6 @@ class Demo:
     def start_cluster(self) -> Target:
         assert self.workdir is not None
         password = secrets.token_hex(12)
-        if os.geteuid() == 0:
-            # the server runs as the postgres OS user and must reach its data directory
-            os.chmod(self.workdir, 0o711)
         self.say("starting PostgreSQL (initdb into the demo's directory)")
         self.cluster = EmbeddedPostgres(password=password, base=self.workdir / "pg").start()
         self.cluster.psql(f"CREATE DATABASE {DEMO_DATABASE}")
@@ -259,7 +256,7 @@ class Demo:
                 # one transaction: an interrupted or failed load leaves nothing behind
                 if state == "absent":
                     await self._load(conn)
-                await conn.execute(data.roles_sql(self.passwords))
+                await data.create_roles(conn, self.passwords)
             self.loaded = True
             return int(await conn.fetchval(data.DUE_SQL))
         finally:
@@ -267,21 +264,14 @@ class Demo:
 
     async def _load(self, conn: Any) -> None:
         counts = data.Counts.at_scale(self.scale)
-        base = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        steps = data.load_steps(counts, base)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         self.say(
             f"loading {counts.customers:,} customers, {counts.accounts:,} accounts and "
             f"{counts.xdrs:,} xDRs (--scale {self.scale:g})"
         )
         started = time.monotonic()
-        progress = Progress(sum(s.weight for s in steps), self.err)
-        progress.advance(0, "schema")
-        await conn.execute(data.DDL)
-        await conn.execute(data.partitions(base))
-        for step in steps:
-            progress.advance(0, step.label)
-            await conn.execute(step.sql, *step.args)
-            progress.advance(step.weight, step.label)
+        progress = Progress(data.total_weight(counts), self.err)
+        await data.load(conn, counts, now, progress.advance)
         progress.finish()
         self.say(f"loaded in {time.monotonic() - started:.1f} s")
 
@@ -493,39 +483,3 @@ def _psql() -> str:
         if candidate.is_file():
             return str(candidate)
     return "psql"
-
-
-def run(
-    scale: float,
-    dsn: str | None,
-    keep: bool,
-    reuse: bool,
-    listen: str | None,
-    metrics: str | None,
-) -> int:
-    """The `pgveil demo` command. User errors raise ConfigError (exit 2); a demo that cannot
-    run prints one line and exits 1."""
-    if not 0 < scale <= 100:
-        raise ConfigError(
-            "--scale: expected a number above 0 and at most 100 (1 = 10,000 customers)"
-        )
-    if reuse and dsn is None:
-        raise ConfigError("--reuse needs --dsn: without it the demo starts a new PostgreSQL")
-    if dsn is not None:
-        parse_dsn(dsn)  # a malformed DSN is a usage error, before anything starts
-    demo = Demo(
-        scale=scale,
-        dsn=dsn,
-        keep=keep,
-        reuse=reuse,
-        listen=_choose(listen, DEFAULT_LISTEN, "--listen"),
-        metrics=_choose(metrics, DEFAULT_METRICS, "--metrics"),
-    )
-    from proxy.cli import _event_loop_run
-
-    try:
-        _event_loop_run(demo.main())
-    except (DemoError, EmbeddedPostgresError, ConfigError) as exc:
-        sys.stderr.write(f"pgveil: error: {exc}\n")
-        return 1
-    return 0

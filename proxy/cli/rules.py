@@ -9,17 +9,19 @@ exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import asyncpg
 
+from proxy.cli.common import DSN_HELP, Parser, Subparsers
 from rules.catalog import Catalog
-from rules.catalog_read import read_catalog, read_role_names
-from rules.discovery import ForeignKey, Keys, check, discover, suggest
+from rules.catalog_read import read_catalog, read_keys, read_role_names
+from rules.discovery import Keys, check, discover, suggest
 from rules.loader import RulesError, json_schema, load_rules
 from rules.masks import family_of
 from shared import dsn
@@ -31,31 +33,6 @@ SAMPLE_ROWS = 50
 SAMPLED = ("text", "int", "json", "inet", "cidr", "mac", "mac8")
 APPLICATION_NAME = "pgveil-rules"
 
-# primary and foreign keys of user tables, each with its column names in key order
-KEYS_SQL = """
-SELECT n.nspname, c.relname, con.contype::text,
-       ARRAY(SELECT a.attname::text
-               FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, i)
-               JOIN pg_catalog.pg_attribute a
-                 ON a.attrelid = con.conrelid AND a.attnum = k.attnum
-              ORDER BY k.i),
-       fn.nspname, f.relname,
-       ARRAY(SELECT a.attname::text
-               FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, i)
-               JOIN pg_catalog.pg_attribute a
-                 ON a.attrelid = con.confrelid AND a.attnum = k.attnum
-              ORDER BY k.i)
-  FROM pg_catalog.pg_constraint con
-  JOIN pg_catalog.pg_class c ON c.oid = con.conrelid
-  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-  LEFT JOIN pg_catalog.pg_class f ON f.oid = con.confrelid
-  LEFT JOIN pg_catalog.pg_namespace fn ON fn.oid = f.relnamespace
- WHERE con.contype IN ('p', 'f') AND NOT c.relispartition
-   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-   AND n.nspname NOT LIKE 'pg\\_%'
- ORDER BY n.nspname, c.relname, con.conname
-"""
-
 
 class Database(NamedTuple):
     name: str
@@ -65,25 +42,12 @@ class Database(NamedTuple):
     keys: Keys
 
 
-async def read_keys(conn: Any) -> Keys:
-    primary: dict[tuple[str, str], tuple[str, ...]] = {}
-    foreign: dict[tuple[str, str], list[ForeignKey]] = {}
-    for schema, table, kind, cols, fschema, ftable, fcols in await conn.fetch(KEYS_SQL):
-        if kind == "p":
-            primary[(schema, table)] = tuple(cols)
-        else:
-            foreign.setdefault((schema, table), []).append(
-                ForeignKey(tuple(cols), (fschema, ftable), tuple(fcols))
-            )
-    return Keys(primary, {t: tuple(fks) for t, fks in foreign.items()})
-
-
 async def read(target: str) -> Database:
     conn = await dsn.connect(target, fallback_application_name=APPLICATION_NAME)
     try:
         catalog = await read_catalog(conn.fetch)
         roles = await read_role_names(conn.fetch)
-        keys = await read_keys(conn)
+        keys = await read_keys(conn.fetch)
         name = str(await conn.fetchval("SELECT pg_catalog.current_database()"))
         samples: dict[tuple[str, str, str], list[str]] = {}
         for (schema, table), rel in catalog.relations.items():
@@ -132,6 +96,40 @@ def _tables(names: list[str] | None) -> list[tuple[str, str]] | None:
             raise ValueError(f"--subject-table {n}: expected SCHEMA.TABLE")
         out.append((schema, table))
     return out
+
+
+def add_arguments(sub: Subparsers) -> None:
+    r = sub.add_parser("rules", help="check, draft or describe masking rules")
+    rsub = r.add_subparsers(dest="rules_command", metavar="ACTION", parser_class=Parser)
+    rsub.required = True
+    rc = rsub.add_parser("check", help="validate a rules file, and against a database with --dsn")
+    rc.add_argument("--rules", type=Path, required=True, metavar="FILE")
+    rc.add_argument(
+        "--dsn",
+        nargs="?",
+        const="",
+        metavar="DSN",
+        help=f"check against this database: {DSN_HELP}; --dsn alone: the PG* environment",
+    )
+    rs = rsub.add_parser("suggest", help="print a draft rules file from the database")
+    rs.add_argument("--dsn", default="", metavar="DSN", help=f"{DSN_HELP} (default: PG*)")
+    rs.add_argument(
+        "--subject-table",
+        action="append",
+        metavar="SCHEMA.TABLE",
+        help="the table whose rows are the data subjects (repeatable; default: a table "
+        "named like customers, clients, users, ... that others reference)",
+    )
+    rsub.add_parser("schema", help="print the JSON Schema of the rules format")
+
+
+def main(ns: argparse.Namespace) -> int:
+    return run(
+        ns.rules_command,
+        getattr(ns, "rules", None),
+        getattr(ns, "dsn", None),
+        getattr(ns, "subject_table", None),
+    )
 
 
 def run(

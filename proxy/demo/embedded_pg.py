@@ -126,6 +126,9 @@ class EmbeddedPostgres:
             self.base = Path(tempfile.mkdtemp(prefix="pgveil-pg-"))
         else:
             self.base.mkdir(mode=0o700)  # a directory the caller chose, e.g. the demo's
+            if self._os_user and self.base.parent.stat().st_mode & 0o011 != 0o011:
+                # the server (another OS user) must pass through it to its data directory
+                os.chmod(self.base.parent, self.base.parent.stat().st_mode | 0o011)
         if self._os_user:
             pw = pwd.getpwnam(self._os_user)
             os.chown(self.base, pw.pw_uid, pw.pw_gid)
@@ -234,11 +237,20 @@ class EmbeddedPostgres:
             parts.append(f"password={password}")
         return " ".join(parts)
 
+    def client(self, name: str) -> str:
+        """A client program of the server's own major version (psql, pg_dump, pgbench):
+        the one beside the server binaries, else the one on PATH; raises if neither."""
+        own = self.bindir / name
+        found = str(own) if own.is_file() else shutil.which(name)
+        if not found:
+            raise EmbeddedPostgresError(f"{name} not found in {self.bindir} or on PATH")
+        return found
+
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         env = {**os.environ, "PGPASSWORD": self.password}
         out = subprocess.run(
             [
-                str(self.bindir / "psql") if (self.bindir / "psql").exists() else "psql",
+                self.client("psql"),
                 "-X",
                 "-q",
                 "-v",
