@@ -1102,7 +1102,7 @@ class MaskedFilter(StatementFilter):
         return async_.notification_response(pid, raw_channel, masked.encode())
 
     def _check_row_description(self, body: bytes) -> None:
-        for table_oid, attnum, _type, _fmt in rows.column_sources(body):
+        for table_oid, attnum in rows.column_origins(body):
             if table_oid and self.ctx.pmap.personal_column(table_oid, attnum) is not None:
                 self.counters.exit_check_violations += 1
                 raise SessionEnded(

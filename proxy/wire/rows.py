@@ -19,6 +19,7 @@ _I16: Final = struct.Struct("!h")
 _I32: Final = struct.Struct("!i")
 # after a field's name: table OID, column number, type OID, type size, type modifier, format
 _FIELD: Final = struct.Struct("!IhIhih")
+_ORIGIN: Final = struct.Struct("!Ih")  # table OID, column number
 _SOURCE: Final = struct.Struct("!IhI")
 
 Field = tuple[bytes, int, int, int, int, int, int]
@@ -44,6 +45,21 @@ def column_sources(body: bytes) -> list[Source]:
         table_oid, attnum, type_oid = unpack(body, pos)
         (fmt,) = _I16.unpack_from(body, pos + 16)
         found.append((table_oid, attnum, type_oid, fmt))
+        pos += 18
+    return found
+
+
+def column_origins(body: bytes) -> list[tuple[int, int]]:
+    """(table OID, column number) of each column of a RowDescription body: what a masked
+    session's exit check reads of every result, one unpack per column."""
+    (count,) = _I16.unpack_from(body, 0)
+    pos = 2
+    unpack = _ORIGIN.unpack_from
+    index = body.index
+    found: list[tuple[int, int]] = []
+    for _ in range(count):
+        pos = index(b"\0", pos) + 1
+        found.append(unpack(body, pos))
         pos += 18
     return found
 

@@ -10,6 +10,7 @@ from proxy.wire import messages as m
 from proxy.wire.rows import (
     Field,
     collect_column,
+    column_origins,
     column_sources,
     command_complete,
     command_tag,
@@ -29,6 +30,7 @@ def test_a_row_description_round_trips(fields: list[Field]) -> None:
     body = body_of(row_description(fields), m.ROW_DESCRIPTION)
     assert decode_row_description(body) == fields
     assert column_sources(body) == [(f[1], f[2], f[3], f[6]) for f in fields]
+    assert column_origins(body) == [(f[1], f[2]) for f in fields]
 
 
 @given(values=st.lists(value, max_size=10))
