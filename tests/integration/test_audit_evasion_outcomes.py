@@ -64,6 +64,7 @@ from tests.integration.audit_wire import (
     rules_file,
     start_audited,
     stop_unlimited,
+    wait_failing,
     wait_for,
 )
 from tests.integration.masking_fixture import EMAIL, LOGIN
@@ -1029,7 +1030,8 @@ def test_block_refuses_every_path_while_the_file_fails(
         wait_done(path, "block-trigger")
         limit_file(p, path.stat().st_size)
         trigger.send_raw(query_message(PERSONAL))
-        assert read_until(trigger, 1, timeout=0.5) == []  # the file is failing now
+        wait_failing(p)  # the trigger's event could not be written
+        assert read_until(trigger, 1, timeout=0) == []  # its result is withheld
         function_call = m.message(ord("F"), struct.pack("!Ihhh", oid, 0, 0, 0))
         latin1 = PERSONAL.replace("ORDER BY", "WHERE name <> '\xe9' ORDER BY").encode("latin-1")
         for request in (

@@ -50,6 +50,7 @@ from tests.integration.audit_wire import (
     query_message,
     read_until,
     start_audited,
+    wait_failing,
     wait_for,
 )
 from tests.integration.masking_fixture import AGENT, AGENT_PW, NAME
@@ -117,7 +118,8 @@ def outage(p: ProxyProcess, path: Path) -> RawClient:
     wait_for(lambda: len(events(path, "r4-trigger")) == 1, "the trigger's event")
     limit_file(p, path.stat().st_size)
     trigger.send_raw(query_message(PERSONAL))
-    assert read_until(trigger, 1, timeout=0.5) == []  # the file is failing now
+    wait_failing(p)  # the trigger's event could not be written
+    assert read_until(trigger, 1, timeout=0) == []  # its result is withheld
     return trigger
 
 

@@ -53,6 +53,7 @@ from tests.integration.audit_wire import (
     read_until,
     start_audited,
     stop_unlimited,
+    wait_failing,
     wait_for,
 )
 from tests.integration.masking_fixture import NAME, RULES
@@ -362,8 +363,9 @@ def test_recovery_writes_queued_events_in_chain_order_tls_and_plain(
         limit_file(p, path.stat().st_size)
         for c in clients:
             c.send_raw(payload)
+        wait_failing(p)
         for c in clients:
-            assert read_until(c, 1, timeout=1) == []
+            assert read_until(c, 1, timeout=0) == []
         limit_file(p, None)
         for c in clients:
             got = read_until(c, 4, timeout=10)
@@ -396,10 +398,10 @@ def test_a_short_write_is_not_repeated_into_the_file(
         assert [t for t, _ in c.query(PERSONAL)] == ["T", "D", "D", "C", "Z"]
         limit_file(p, path.stat().st_size + 40)
         c.send_raw(query_message(PERSONAL))
-        assert read_until(c, 1, timeout=1) == []
+        wait_failing(p)  # the short write and the failing one were made
+        assert read_until(c, 1, timeout=0) == []
         limit_file(p, None)
         assert [t for t, _ in read_until(c, 1, timeout=5)] == ["T", "D", "D", "C", "Z"]
-        time.sleep(0.2)
     finally:
         c.close()
         stop_unlimited(p)
@@ -613,7 +615,8 @@ def test_a_prepared_statement_is_refused_while_the_file_fails(
         assert [t for t, _ in trigger.query(PERSONAL)] == ["T", "D", "D", "C", "Z"]
         limit_file(p, path.stat().st_size)
         trigger.send_raw(query_message(PERSONAL))
-        assert read_until(trigger, 1, timeout=0.5) == []  # the file is failing now
+        wait_failing(p)  # the trigger's event could not be written
+        assert read_until(trigger, 1, timeout=0) == []  # its result is withheld
         c.send_raw(bind(b"", b"s1") + execute() + SYNC)
         got = read_until(c, 1, timeout=3)
         limit_file(p, None)  # the queued events are written: did the statement run?
@@ -671,7 +674,8 @@ def test_sigterm_stops_the_proxy_while_results_are_withheld(
         assert [t for t, _ in stuck.query(PERSONAL)] == ["T", "D", "D", "C", "Z"]
         limit_file(p, path.stat().st_size)
         stuck.send_raw(query_message(PERSONAL))
-        assert read_until(stuck, 1, timeout=0.5) == []
+        wait_failing(p)
+        assert read_until(stuck, 1, timeout=0) == []
         waiting.send_raw(query_message(PERSONAL))
         time.sleep(0.2)
         started = time.monotonic()
