@@ -21,6 +21,8 @@ import trustme
 from proxy.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from tests.support import ProxyProcess
 
+pytest_plugins = ["tests.tmpdir_guard"]  # a run leaves nothing in the temporary directory
+
 SCRAM_USER, SCRAM_PASSWORD = "scram_user", "scram-secret-1"
 MD5_USER, MD5_PASSWORD = "md5_user", "md5-secret-1"
 CLEAR_USER, CLEAR_PASSWORD = "clear_user", "clear-secret-1"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,7 +180,7 @@ def billing(pg: EmbeddedPostgres) -> Iterator[ProxyProcess]:
     p = masking_proxy(pg, rules)
     yield p
     p.stop()
-    os.unlink(rules)
+    shutil.rmtree(d)
 
 
 def dsn(pg: EmbeddedPostgres, port: int, user: str = HELPDESK, password: str = HELPDESK_PW) -> str:
