@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from proxy.embedded_pg import EmbeddedPostgres
+from rules.masks import hmac_pads
 from tests.support import ProxyProcess
 
 HELPDESK, HELPDESK_PW = "helpdesk", "helpdesk-pw-1"
@@ -150,6 +151,19 @@ def leaks(text: str) -> list[str]:
         for enc in (b.hex(), base64.b64encode(b).decode(), hashlib.md5(b).hexdigest()):
             if enc in hay or enc.upper() in hay:
                 found.append(f"encoded:{v[:3]}")
+    return found
+
+
+def leaks_or_hash_key(text: str) -> list[str]:
+    """leaks() plus pgveil's hash-mask key material (the key, its HMAC inner and outer pads):
+    what a masked session must not see of a rewritten statement."""
+    found = leaks(text)
+    ipad, opad = hmac_pads(HASH_KEY.encode())
+    for label, pad in (("hash_ipad", ipad[:16]), ("hash_opad", opad[:16])):
+        if pad.hex() in text or pad.hex().upper() in text:
+            found.append(label)
+    if HASH_KEY in text:
+        found.append("hash_key")
     return found
 
 
