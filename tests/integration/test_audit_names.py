@@ -490,7 +490,9 @@ def test_a_statement_pipelined_after_the_password_is_refused(
     assert events(path, app) == []
 
 
-def test_terminate_during_login_and_cancel_request(audited: tuple[ProxyProcess, Path]) -> None:
+def test_terminate_during_login_and_cancel_request(
+    pg: EmbeddedPostgres, audited: tuple[ProxyProcess, Path]
+) -> None:
     """Guard. A Terminate instead of the password closes the connection; a CancelRequest
     for a running audited statement cancels it; the proxy keeps serving."""
     p, _ = audited
@@ -506,7 +508,8 @@ def test_terminate_during_login_and_cancel_request(audited: tuple[ProxyProcess, 
     try:
         assert c.pid is not None and c.key is not None
         c.send_raw(query_message("SELECT pg_sleep(30)"))
-        time.sleep(0.3)
+        running = f"SELECT state FROM pg_stat_activity WHERE pid = {c.pid}"
+        wait_for(lambda: pg.psql(running).strip() == "active", "the statement to start")
         send_cancel(p.port, c.pid, c.key)
         assert "57014" in codes(read_until(c, 1, timeout=10))
     finally:

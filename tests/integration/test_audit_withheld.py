@@ -666,7 +666,8 @@ def test_sigterm_stops_the_proxy_while_results_are_withheld(
     proxy stops within its shutdown timeout, neither client ever sees the personal rows,
     and the file still verifies."""
     path = tmp_path / "audit.jsonl"
-    p = start_audited(pg, tmp_path, "--audit-block-timeout", "20", "--shutdown-timeout", "1")
+    # the audit would hold them 10 minutes: the proxy stops only by its shutdown deadline
+    p = start_audited(pg, tmp_path, "--audit-block-timeout", "600", "--shutdown-timeout", "1")
     stuck = RawClient(p.port, TRUST_USER, application_name="stuck")
     waiting = RawClient(p.port, MASKED_USER, application_name="waiting")
     try:
@@ -677,11 +678,11 @@ def test_sigterm_stops_the_proxy_while_results_are_withheld(
         wait_failing(p)
         assert read_until(stuck, 1, timeout=0) == []
         waiting.send_raw(query_message(PERSONAL))
+        # not a wait for a state (nothing shows that pgveil holds the statement, and the
+        # checks below hold either way): the statement most likely arrives before SIGTERM
         time.sleep(0.2)
-        started = time.monotonic()
         p.signal(signal.SIGTERM)
-        p.proc.wait(8)
-        assert time.monotonic() - started < 6
+        assert p.proc.wait(60) == 0
         for c in (stuck, waiting):
             got = read_until(c, 1, timeout=1)
             assert not any(NAME.encode() in b for _, b in got), got
