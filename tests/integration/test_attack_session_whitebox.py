@@ -1,5 +1,5 @@
-"""White-box attacks on the parts of the masked session that issue 11 ("fail closed by
-construction") changed outside the statement analyser: the login gate, the scrubbing of errors
+"""White-box attacks on the parts of the masked session outside the statement analyser
+that must fail closed: the login gate, the scrubbing of errors
 and notices and their pairing with statements, the filter on the wire and its exit check, and
 the statement-shape cache.
 

@@ -283,7 +283,7 @@ def test_sigterm_drain_writes_every_event_before_its_result(
     assert broken is None and checked > 0
 
 
-# ---- findings -----------------------------------------------------------------------------
+# ---- a failing audit file withholds results -------------------------------------------------
 
 
 def test_no_result_is_released_when_its_event_could_not_be_written(

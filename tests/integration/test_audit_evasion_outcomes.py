@@ -1,5 +1,5 @@
-"""Audit-evasion corpus, issue 12 items 3 and 5: every statement ends in an event, and no
-result is released without its event.
+"""Audit-evasion corpus: every statement ends in an event, and no result is released
+without its event.
 
 Each case is the statement or protocol sequence, sent through pgveil by psql, psycopg and
 asyncpg where the class allows (and by a raw protocol client where it takes a sequence no

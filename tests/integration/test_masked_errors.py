@@ -1,4 +1,4 @@
-"""Errors a masked role can act on (issue 13, item 6): the server's own error for a syntax
+"""Errors a masked role can act on: the server's own error for a syntax
 error and for a name that does not exist, and names from the catalog shown in messages.
 
 Every case runs the same statement directly against the test suite's PostgreSQL (as the

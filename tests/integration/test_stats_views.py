@@ -1,4 +1,4 @@
-"""Statistics and activity views are rewritten for masked roles, not refused (issue 13, item 5).
+"""Statistics and activity views are rewritten for masked roles, not refused.
 
 A masked role reads pg_stat_activity, pg_stats, pg_stats_ext, pg_stats_ext_exprs,
 pg_prepared_statements, pg_cursors, pg_backend_memory_contexts, pg_user_mappings and (where
