@@ -21,10 +21,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from audit.files import read_events
 from proxy.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import Clients, errors_in, open_clients
-from tests.integration.audit_wire import wait_for
+from tests.integration.audit_wire import all_events, wait_for
 from tests.integration.deny_fixture import (
     RIGHT,
     SECRET,
@@ -278,7 +277,7 @@ def test_a_refused_part_of_a_deny_column_is_audited_as_denied(
     path = deny_proxy.audit_path  # type: ignore[attr-defined]
 
     def marked() -> list[dict[str, Any]]:
-        return [e for e in read_events(path) if marker in json.dumps(e.get("statement", ""))]
+        return [e for e in all_events(path) if marker in json.dumps(e.get("statement", ""))]
 
     wait_for(lambda: bool(marked()), "the refusal's audit event")
     events = marked()

@@ -61,12 +61,12 @@ import asyncpg
 import psycopg
 import pytest
 
-from audit.files import read_events
 from proxy.audit_cli import who
 from proxy.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from rules.masks import hmac_pads
 from tests.conftest import TRUST_USER
+from tests.integration.audit_wire import all_events
 from tests.integration.masking_fixture import (
     ADMIN,
     ADMIN_PW,
@@ -398,7 +398,7 @@ class AuditFile:
         """Every event of the session with this application_name, once it has ended."""
         deadline = time.monotonic() + 60
         while True:
-            events = list(read_events(self.path)) if self.path.exists() else []
+            events = all_events(self.path)  # complete lines: the proxy is writing
             mine = [e for e in events if e.get("application_name") == application_name]
             if any(e["type"] == "session.end" for e in mine):
                 return mine
