@@ -17,9 +17,17 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import HealthCheck, settings
 
 from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from tests.support import ProxyProcess
+
+pytest_plugins = ["tests.tmpdir_guard"]  # a run leaves nothing in the temporary directory
+
+# no wall-time bound on a hypothesis example or its generation: a loaded machine is slow,
+# not wrong (a test's own @settings may still say otherwise)
+settings.register_profile("pgveil", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("pgveil")
 
 SCRAM_USER, SCRAM_PASSWORD = "scram_user", "scram-secret-1"
 MD5_USER, MD5_PASSWORD = "md5_user", "md5-secret-1"

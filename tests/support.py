@@ -71,6 +71,7 @@ class ProxyProcess:
             args += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
         self.args = args
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._final_log: str | None = None  # the log, kept once stop() removed its file
         environment = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
         self.proc = subprocess.Popen(
             args, stdout=self._log, stderr=subprocess.STDOUT, env=environment
@@ -82,6 +83,9 @@ class ProxyProcess:
             raise RuntimeError(f"pgveil did not start: {self.log()}") from None
 
     def log(self) -> str:
+        """Everything pgveil wrote to stdout and stderr so far (after `stop`, all of it)."""
+        if self._final_log is not None:
+            return self._final_log
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:
@@ -98,7 +102,10 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if self._final_log is None:
+            self._log.close()
+            self._final_log = self.log_path.read_text(errors="replace")
+            self.log_path.unlink()  # nothing left in the temporary directory
         return self.proc.returncode
 
     def http(self, path: str) -> tuple[int, str]:

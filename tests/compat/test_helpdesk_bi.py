@@ -242,7 +242,7 @@ def test_a_column_hint_names_the_column(compat: Compat, sql: str, hint: str) -> 
     assert exc.value.diag.message_hint == f"Perhaps you meant to reference the column {hint}."
 
 
-# -- fixed elsewhere in issue 13 -----------------------------------------------------------------
+# -- system columns and the session's own activity row ------------------------------------------
 
 
 def test_system_columns_and_xmin_as_a_concurrency_token(compat: Compat) -> None:

@@ -77,6 +77,14 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+def wait_failing(p: ProxyProcess) -> None:
+    """Wait until the proxy's audit writer has failed to write a sink (its
+    pgveil_audit_failing gauge is 1): from then on it refuses statements that need an event.
+    Reading nothing from a client for a while proves only that nothing arrived yet: a
+    request sent before the writer has met the failure runs, and its result is withheld."""
+    wait_for(lambda: p.metric("pgveil_audit_failing") == 1, "the audit sink to fail")
+
+
 def query_message(sql: str) -> bytes:
     return m.message(ord("Q"), sql.encode() + b"\0")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from proxy.demo.embedded_pg import EmbeddedPostgres
+from rules.masks import hmac_pads
 from tests.support import ProxyProcess
 
 HELPDESK, HELPDESK_PW = "helpdesk", "helpdesk-pw-1"
@@ -153,6 +154,19 @@ def leaks(text: str) -> list[str]:
     return found
 
 
+def leaks_or_hash_key(text: str) -> list[str]:
+    """leaks() plus pgveil's hash-mask key material (the key, its HMAC inner and outer pads):
+    what a masked session must not see of a rewritten statement."""
+    found = leaks(text)
+    ipad, opad = hmac_pads(HASH_KEY.encode())
+    for label, pad in (("hash_ipad", ipad[:16]), ("hash_opad", opad[:16])):
+        if pad.hex() in text or pad.hex().upper() in text:
+            found.append(label)
+    if HASH_KEY in text:
+        found.append("hash_key")
+    return found
+
+
 def masking_proxy(pg: EmbeddedPostgres, rules: Path, metrics: bool = True) -> ProxyProcess:
     """A pgveil with these rules in front of `pg` (reads the catalog as the superuser)."""
     env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
@@ -180,7 +194,7 @@ def billing(pg: EmbeddedPostgres) -> Iterator[ProxyProcess]:
     p = masking_proxy(pg, rules)
     yield p
     p.stop()
-    os.unlink(rules)
+    shutil.rmtree(d)
 
 
 def dsn(pg: EmbeddedPostgres, port: int, user: str = HELPDESK, password: str = HELPDESK_PW) -> str:

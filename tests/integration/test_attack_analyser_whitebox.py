@@ -1,5 +1,5 @@
-"""White-box attacks on the masked-session analyser after it was made "closed by
-construction" (issue 11): what the grammar table and the handlers miss.
+"""White-box attacks on the masked-session analyser, which must be closed by construction:
+what the grammar table and the handlers would miss.
 
 Every case is SQL the masked role `helpdesk` sends; nothing any client receives through pgveil
 (rows, errors, notices, reported parameters) may contain a secret (`leaks()`). Each case is

@@ -1,6 +1,6 @@
-"""White-box attack on the finished audit (issue 12): cases an insider who has read the code
-tried, each the sequence that evaded the audit before its fix, against the real server
-through a real pgveil.
+"""White-box attacks on the audit: sequences an insider who has read the code would use to
+evade it, each run against the real server through a real pgveil; every access must
+still be recorded.
 
 Code the server runs without the statement naming it, which pgveil's proof of a statement's
 subjects relies on not being there (README "Subjects: what complete means"):

@@ -1,5 +1,5 @@
-"""White-box attacks on the statement log's names (proxy/session/statements.py), issue 12
-item 2: an insider who has read the code tries to make a statement, portal or cursor name
+"""White-box attacks on the statement log's names (proxy/session/statements.py): an
+insider who has read the code tries to make a statement, portal or cursor name
 mean one thing to pgveil and another to the server, so that what the server runs is
 recorded on the wrong table, or not at all.
 

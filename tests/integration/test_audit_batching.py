@@ -35,6 +35,7 @@ from tests.integration.audit_wire import (
     read_until,
     rules_file,
     start_audited,
+    wait_failing,
     wait_for,
 )
 from tests.integration.masking_fixture import (
@@ -283,7 +284,7 @@ def test_sigterm_drain_writes_every_event_before_its_result(
     assert broken is None and checked > 0
 
 
-# ---- findings -----------------------------------------------------------------------------
+# ---- a failing audit file withholds results -------------------------------------------------
 
 
 def test_no_result_is_released_when_its_event_could_not_be_written(
@@ -341,7 +342,8 @@ def test_a_withheld_result_goes_out_when_its_event_is_written(
             p.proc.pid, resource.RLIMIT_FSIZE, (path.stat().st_size, resource.RLIM_INFINITY)
         )
         c.send_raw(query_message(PERSONAL) + query_message("SELECT 2"))
-        assert read_until(c, 1, timeout=1.5) == []
+        wait_failing(p)
+        assert read_until(c, 1, timeout=0) == []
         resource.prlimit(
             p.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
         )

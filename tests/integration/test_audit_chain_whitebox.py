@@ -1,4 +1,4 @@
-"""White-box attacks on the audit chain of a real proxy (issue 12 item 7), beyond those of
+"""White-box attacks on the audit chain of a real proxy, beyond those of
 tests/integration/test_audit_chain.py: an insider with write access to the audit
 directory, who has read audit/resume.py and audit/verify.py."""
 

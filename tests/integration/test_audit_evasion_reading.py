@@ -1,4 +1,4 @@
-"""Audit-evasion corpus, issue 12 item 1: pgveil reads each statement as the server reads it.
+"""Audit-evasion corpus: pgveil reads each statement as the server reads it.
 
 The server reads a Query's or Parse's text when it takes the message, converted from the
 session's client_encoding, with standard_conforming_strings deciding whether a backslash

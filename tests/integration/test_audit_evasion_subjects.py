@@ -1,4 +1,4 @@
-"""Audit-evasion corpus, issue 12 item 4: `subjects_complete: true` only when proved.
+"""Audit-evasion corpus: `subjects_complete: true` only when proved.
 
 An access event lists the data subjects a statement touched and says whether that list is
 complete. `audit who --subject K` trusts a complete list: an event that claims to be

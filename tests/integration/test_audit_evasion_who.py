@@ -1,5 +1,4 @@
-"""The audit-evasion corpus for `pgveil audit who` (issue 12, items 6 and 8): reads that the
-report must not miss.
+"""The audit-evasion corpus for `pgveil audit who`: reads that the report must not miss.
 
 Each case is a statement sequence run by a real client (psql, psycopg, asyncpg) through an
 audited pgveil against the real server, and the `audit who --table T --subject S` rows it

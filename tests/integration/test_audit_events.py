@@ -13,7 +13,6 @@ import asyncpg
 import psycopg
 import pytest
 
-from audit.files import read_events
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.audit_wire import all_events
 from tests.integration.masking_fixture import (
@@ -252,7 +251,7 @@ def test_an_event_is_written_before_its_result_is_released(
                 )
                 written = [
                     e
-                    for e in read_events(audited.path)
+                    for e in all_events(audited.path)
                     if e["type"] == "access" and e.get("application_name") == f"order{i}"
                 ]
                 assert len(written) >= done, (i, done, len(written))

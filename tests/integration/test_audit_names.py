@@ -1,12 +1,13 @@
-"""Review 4: Bind/Execute refusals while the audit stream is down, and login-time
-analysis of audited sessions (commit 1c5ae3b).
+"""The statement log stays in step with the server, and nothing on personal data runs
+unrecorded or, while the audit stream cannot take events, at all.
 
-What must hold: no statement on personal data runs unrecorded, and none runs at all while
-the audit stream cannot take events (it is refused with 42501); the statement log stays in
-step with the server; audited logins work with every authentication method, with and
-without TLS, and only password messages pass before the login completes.
-
-The tests that fail are findings: each docstring names the mechanism in the code.
+After an error the server skips every message up to Sync (a Close included); a failed
+DEALLOCATE or Bind leaves the statement, portal or WITH HOLD cursor in place: pgveil keeps
+knowing what each name reads, so later Bind/Execute/FETCH on it are recorded, and refused
+with 42501 while the stream is down (past --audit-block-timeout). Function calls and
+statements that are not UTF-8 (an unmasked session may use LATIN1) are recorded too.
+Audited logins work with every authentication method, with and without TLS, and only
+password messages pass before the login completes.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from tests.integration.audit_wire import (
     query_message,
     read_until,
     start_audited,
+    wait_failing,
     wait_for,
 )
 from tests.integration.masking_fixture import AGENT, AGENT_PW, NAME
@@ -75,7 +77,7 @@ def audited(
 ) -> Iterator[tuple[ProxyProcess, Path]]:
     """An audited pgveil with TLS for clients."""
     tls = ("--tls-cert", str(certs.cert), "--tls-key", str(certs.key))
-    with audited_proxy(pg, tmp_path_factory.mktemp("review4"), *tls) as shared_proxy:
+    with audited_proxy(pg, tmp_path_factory.mktemp("names"), *tls) as shared_proxy:
         yield shared_proxy
 
 
@@ -119,7 +121,8 @@ def outage(p: ProxyProcess, path: Path) -> RawClient:
     wait_for(lambda: len(events(path, "r4-trigger")) == 1, "the trigger's event")
     limit_file(p, path.stat().st_size)
     trigger.send_raw(query_message(PERSONAL))
-    assert read_until(trigger, 1, timeout=0.5) == []  # the file is failing now
+    wait_failing(p)  # the trigger's event could not be written
+    assert read_until(trigger, 1, timeout=0) == []  # its result is withheld
     return trigger
 
 
@@ -133,18 +136,16 @@ def startup(user: str, app: str) -> bytes:
     return StartupMessage(m.PROTOCOL_3_0, params).encode()
 
 
-# ---- findings: the statement log forgets names the server still has ---------------------
+# ---- the statement log keeps names the server still has ------------------------------------
 
 
 def test_a_close_skipped_after_an_error_leaves_the_statement_recorded(
     audited: tuple[ProxyProcess, Path],
 ) -> None:
-    """FINDING. After an error the server skips every message up to Sync, Close included;
-    StatementLog.close (from StatementFilter._client_message) forgets the statement when the
-    Close is sent. Parse s1 (personal); Bind to a missing statement + Close s1 + Sync: s1
-    stays prepared on the server, pgveil forgets its audit fields. Bind s1 + Execute then
-    reads the customers with no access event (and while the stream is down, `_audit_down`
-    finds no fields for s1: not refused either)."""
+    """After an error the server skips every message up to Sync, Close included. Parse s1
+    (personal); Bind to a missing statement + Close s1 + Sync: s1 stays prepared on the
+    server, and pgveil keeps its audit fields: Bind s1 + Execute is recorded as an access
+    to the customers."""
     p, path = audited
     app = "r4-close-skipped"
     c = RawClient(p.port, TRUST_USER, application_name=app)
@@ -164,9 +165,9 @@ def test_a_close_skipped_after_an_error_leaves_the_statement_recorded(
 def test_a_deallocate_that_fails_leaves_the_statement_recorded(
     audited: tuple[ProxyProcess, Path],
 ) -> None:
-    """FINDING. `_decide` applies a statement's `drops` (log.drop) when it is sent, not
-    when it succeeds. DEALLOCATE s1 in an aborted transaction fails (25P02), s1 stays on
-    the server, pgveil forgets it: the Execute of s1 afterwards has no access event."""
+    """DEALLOCATE s1 in an aborted transaction fails (25P02) and s1 stays on the server:
+    pgveil forgets a statement only when its DEALLOCATE succeeds, so the Execute of s1
+    afterwards has its access event."""
     p, path = audited
     app = "r4-dealloc-failed"
     c = RawClient(p.port, TRUST_USER, application_name=app)
@@ -186,10 +187,9 @@ def test_a_deallocate_that_fails_leaves_the_statement_recorded(
 def test_a_failed_bind_does_not_forget_a_held_cursor(
     audited: tuple[ProxyProcess, Path],
 ) -> None:
-    """FINDING. StatementLog.bind pops the portal name before the server answers. A Bind
-    into the name of a WITH HOLD cursor fails (missing statement, or 42P03), the held
-    cursor survives the error, but pgveil no longer knows it reads billing.customers:
-    FETCH from it is recorded as nothing (no access event)."""
+    """A Bind into the name of a WITH HOLD cursor fails (missing statement, or 42P03) and
+    the held cursor survives the error: pgveil still knows it reads billing.customers, so
+    FETCH from it is recorded."""
     p, path = audited
     app = "r4-held-cursor"
     c = RawClient(p.port, TRUST_USER, application_name=app)
@@ -209,11 +209,9 @@ def test_a_failed_bind_does_not_forget_a_held_cursor(
 def test_a_function_call_on_personal_data_is_recorded(
     audited: tuple[ProxyProcess, Path],
 ) -> None:
-    """FINDING. RecordingFilter inherits StatementFilter._function_call: an audited
-    unmasked session's FunctionCall goes on unanalysed with no audit fields. Through
-    query_to_xml(text, bool, bool, text) it reads billing.customers: the names come back,
-    no access event is written, and `_audit_down` is never consulted (it would run during
-    an outage too)."""
+    """An audited unmasked session's FunctionCall (query_to_xml(text, bool, bool, text)
+    reading billing.customers) is analysed like a statement: its access event is written
+    (and during an outage it would be refused)."""
     p, path = audited
     app = "r4-fastpath"
     c = RawClient(p.port, TRUST_USER, application_name=app)
@@ -232,10 +230,9 @@ def test_a_function_call_on_personal_data_is_recorded(
 
 
 def test_a_statement_that_is_not_utf8_is_recorded(audited: tuple[ProxyProcess, Path]) -> None:
-    """FINDING. An unmasked session may use client_encoding LATIN1 (only masked ones must
-    use UTF8). StatementFilter._undecodable passes a Query that is not valid UTF-8 with no
-    audit fields: a read of billing.customers with an 'é' in a literal is not recorded,
-    and not refused during an outage."""
+    """An unmasked session may use client_encoding LATIN1 (only masked ones must use
+    UTF8): a read of billing.customers with an 'é' in a literal, not valid UTF-8, is
+    recorded, and refused during an outage."""
     p, path = audited
     app = "r4-latin1"
     c = RawClient(p.port, TRUST_USER, application_name=app, client_encoding="LATIN1")
@@ -252,12 +249,11 @@ def test_a_statement_that_is_not_utf8_is_recorded(audited: tuple[ProxyProcess, P
 def test_a_refused_bind_into_a_held_cursors_name_does_not_free_it(
     pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path, user: str
 ) -> None:
-    """FINDING (new code). While the stream is down (past --audit-block-timeout), a Bind
-    to a personal statement is refused and `_client_message` calls log.close on its portal
-    name. The server fails the Bind at the statement lookup, before it touches the portal:
-    a WITH HOLD cursor of that name survives. The Execute of it that follows finds no
-    portal fields, `_audit_down` lets it go, and the cursor is read during the outage with
-    no event (the client gets its rows, not 42501)."""
+    """While the stream is down (past --audit-block-timeout), a Bind to a personal
+    statement into the name of a WITH HOLD cursor is refused; the server would have failed
+    it at the statement lookup, before touching the portal, so the cursor survives and
+    pgveil keeps its fields: the Execute of it that follows is refused too (42501, no
+    row), not read unrecorded."""
     path = tmp_path / "audit.jsonl"
     p = start_audited(pg, tmp_path, "--audit-block-timeout", "1")
     c = RawClient(p.port, user, application_name="r4-held-outage")
@@ -283,9 +279,9 @@ def test_a_refused_bind_into_a_held_cursors_name_does_not_free_it(
 def test_a_write_prepared_before_a_skipped_close_is_refused_during_an_outage(
     pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path, user: str
 ) -> None:
-    """FINDING. The Close skipped by the server after an error (see above) makes pgveil
-    forget a prepared UPDATE of billing.customers; during an outage its Bind has no fields
-    for `_audit_down` to refuse, so the write is applied with no event at all."""
+    """A prepared UPDATE of billing.customers whose Close the server skipped after an error
+    (see above) stays known to pgveil: during an outage its Bind/Execute is refused with
+    42501 and the row is not changed."""
     path = tmp_path / "audit.jsonl"
     p = start_audited(pg, tmp_path, "--audit-block-timeout", "1")
     c = RawClient(p.port, user, application_name="r4-write-outage")
@@ -490,7 +486,9 @@ def test_a_statement_pipelined_after_the_password_is_refused(
     assert events(path, app) == []
 
 
-def test_terminate_during_login_and_cancel_request(audited: tuple[ProxyProcess, Path]) -> None:
+def test_terminate_during_login_and_cancel_request(
+    pg: EmbeddedPostgres, audited: tuple[ProxyProcess, Path]
+) -> None:
     """Guard. A Terminate instead of the password closes the connection; a CancelRequest
     for a running audited statement cancels it; the proxy keeps serving."""
     p, _ = audited
@@ -506,7 +504,8 @@ def test_terminate_during_login_and_cancel_request(audited: tuple[ProxyProcess, 
     try:
         assert c.pid is not None and c.key is not None
         c.send_raw(query_message("SELECT pg_sleep(30)"))
-        time.sleep(0.3)
+        running = f"SELECT state FROM pg_stat_activity WHERE pid = {c.pid}"
+        wait_for(lambda: pg.psql(running).strip() == "active", "the statement to start")
         send_cancel(p.port, c.pid, c.key)
         assert "57014" in codes(read_until(c, 1, timeout=10))
     finally:

@@ -19,10 +19,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from audit.files import read_events
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.attack_clients import Clients, CopyIn, errors_in, open_clients
-from tests.integration.audit_wire import wait_for
+from tests.integration.audit_wire import all_events, wait_for
 from tests.integration.deny_fixture import (
     DOC,
     IP,
@@ -465,7 +464,7 @@ def test_audit_lists_deny_columns_as_denied(pg: EmbeddedPostgres, deny_proxy: Pr
     path = deny_proxy.audit_path  # type: ignore[attr-defined]
 
     def marked() -> list[dict[str, Any]]:
-        return [e for e in read_events(path) if marker in json.dumps(e.get("statement", ""))]
+        return [e for e in all_events(path) if marker in json.dumps(e.get("statement", ""))]
 
     def ended() -> bool:
         events = marked()

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from audit.files import read_events, verify_files
+from audit.files import verify_files
 from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
+from tests.integration.audit_wire import all_events
 from tests.integration.erasure_fixture import (
     T0,
     Db,
@@ -78,7 +79,7 @@ def jobs(db: Db) -> dict[str, tuple[str, dict[str, int]]]:
 
 
 def events(audit: Path) -> list[dict[str, object]]:
-    return list(read_events(audit)) if audit.exists() else []
+    return all_events(audit)  # complete lines: a worker may be writing
 
 
 def erased_subjects(db: Db) -> set[int]:
@@ -229,7 +230,7 @@ def test_erase_one_subject_on_request(db: Db, tmp_path: Path) -> None:
     assert "is not a valid key of billing.customers.i_customer" in r.stderr
 
 
-def wait_backend(db: Db, present: bool, timeout: float = 15) -> None:
+def wait_backend(db: Db, present: bool, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         n = db.query(
@@ -389,9 +390,7 @@ def test_lock_timeouts_postpone_instead_of_blocking(db: Db, tmp_path: Path) -> N
     with db.connect() as blocker:
         blocker.autocommit = False
         blocker.execute("SELECT * FROM billing.customers WHERE i_customer = 7 FOR UPDATE")
-        t = time.monotonic()
-        r = erase("subject", "7", *args)
-        assert time.monotonic() - t < 10
+        r = erase("subject", "7", *args)  # blocked, it would wait for the lock until killed
         assert r.returncode == 1
         assert r.stdout == (
             "subject 7: postponed; rows changed: billing.xdrs 60\n"

@@ -1,4 +1,4 @@
-"""Errors a masked role can act on (issue 13, item 6): the server's own error for a syntax
+"""Errors a masked role can act on: the server's own error for a syntax
 error and for a name that does not exist, and names from the catalog shown in messages.
 
 Every case runs the same statement directly against the test suite's PostgreSQL (as the
@@ -14,7 +14,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -308,8 +307,10 @@ def test_syntax_error_in_a_pipeline_keeps_its_place(
 
 
 @pytest.fixture(scope="module")
-def audited(pg: EmbeddedPostgres) -> Iterator[tuple[ProxyProcess, Path]]:
-    with audited_proxy(pg, Path(tempfile.mkdtemp(prefix="pgveil-errors-"))) as found:
+def audited(
+    pg: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ProxyProcess, Path]]:
+    with audited_proxy(pg, tmp_path_factory.mktemp("errors")) as found:
         yield found
 
 
@@ -520,12 +521,12 @@ def test_a_relation_pgveil_does_not_read_is_not_said_to_be_missing(
 
 
 def test_the_wait_is_bounded_when_the_catalog_cannot_be_read(
-    pg: EmbeddedPostgres, billing: ProxyProcess
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path
 ) -> None:
     """When no catalog read can be made (pgveil's login was disabled), a statement on an
     unknown name waits a bounded time, then gets the refusal it got before this change."""
     pg.psql("CREATE ROLE err_catalog LOGIN PASSWORD 'err-catalog-pw'")
-    rules = Path(tempfile.mkdtemp(prefix="pgveil-errors-")) / "rules.yaml"
+    rules = tmp_path / "rules.yaml"
     rules.write_text(Path(billing.rules_path).read_text())  # type: ignore[attr-defined]
     proxy = ProxyProcess(
         pg.port, "--upstream-sslmode", "disable", "--rules", str(rules),

@@ -262,7 +262,7 @@ def test_sighup_reloads_rules_atomically(
                 ).fetchone()[0]  # type: ignore[index]
 
         def wait_log(text: str, count: int) -> None:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while p.log().count(text) < count:
                 assert time.monotonic() < deadline, text
                 time.sleep(0.05)

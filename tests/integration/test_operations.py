@@ -34,7 +34,7 @@ def test_max_connections_gives_53300(pg: EmbeddedPostgres) -> None:
         with pytest.raises(psycopg.OperationalError, match="too many clients"):
             psycopg.connect(_dsn(pg, p.port))
         a.close()
-        time.sleep(0.2)
+        _wait_for(lambda: p.metric("pgveil_client_connections") == 1)  # a's slot is free
         with psycopg.connect(_dsn(pg, p.port)) as c:
             assert c.execute("SELECT 1").fetchone() == (1,)
         b.close()
@@ -48,7 +48,7 @@ def test_graceful_shutdown_lets_transactions_finish(pg: EmbeddedPostgres) -> Non
     busy = psycopg.connect(_dsn(pg, p.port))
     busy.execute("INSERT INTO t_drain VALUES (1)")  # transaction open
     p.signal(signal.SIGTERM)
-    time.sleep(0.5)
+    _wait_for(lambda: '"session.end"' in p.log())  # the idle session's
     # the idle session was ended with 57P01 ...
     with pytest.raises(psycopg.OperationalError) as info:
         idle.execute("SELECT 1")
@@ -70,10 +70,8 @@ def test_shutdown_deadline_ends_stuck_sessions(pg: EmbeddedPostgres) -> None:
     p = ProxyProcess(pg.port, "--shutdown-timeout", "1", "--upstream-sslmode", "disable")
     stuck = psycopg.connect(_dsn(pg, p.port))
     stuck.execute("SELECT 1")  # BEGIN implied: in a transaction
-    started = time.monotonic()
     p.signal(signal.SIGINT)
-    assert p.proc.wait(15) == 0
-    assert time.monotonic() - started < 10
+    assert p.proc.wait(60) == 0  # with no deadline it would wait for `stuck` for ever
     with pytest.raises(psycopg.OperationalError):
         stuck.execute("SELECT 1")
     p.stop()
@@ -104,7 +102,7 @@ def test_sighup_reloads_and_keeps_old_config_when_broken(
         assert p.alive()
 
 
-def _wait_for(cond: object, timeout: float = 10) -> None:
+def _wait_for(cond: object, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
         assert time.monotonic() < deadline
@@ -135,11 +133,12 @@ def test_logs_are_json_and_carry_no_query_text(
     pg: EmbeddedPostgres, proxy: ProxyProcess, proxy_dsn: str
 ) -> None:
     canary = "canary-7f3a9c-personal"
+    ended = proxy.log().count('"session.end"')
     with psycopg.connect(proxy_dsn) as conn:
         conn.execute(f"SELECT '{canary}'")
         with pytest.raises(psycopg.Error):
             conn.execute(f"SELECT '{canary}'::int")
-    time.sleep(0.2)
+    _wait_for(lambda: proxy.log().count('"session.end"') > ended)  # all its lines are out
     log = proxy.log()
     assert canary not in log
     for line in log.splitlines():

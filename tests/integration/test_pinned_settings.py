@@ -1,4 +1,4 @@
-"""A setting the session guard pins may be set to the value it already has (issue 13, item 3).
+"""A setting the session guard pins may be set to the value it already has.
 
 Masked sessions must keep `client_encoding` UTF8 and `standard_conforming_strings` on (pgveil
 reads their statements so) and `backslash_quote` as pgveil's parser reads it. A SET, SET

@@ -3,10 +3,12 @@ clients, garbage and oversized messages. Other sessions are never affected."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -18,6 +20,7 @@ from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from proxy.wire.startup import SSLRequest, StartupMessage
 from tests.conftest import SCRAM_PASSWORD, SCRAM_USER
+from tests.integration.audit_wire import wait_for
 from tests.support import ProxyProcess, RawClient, errors_in
 
 
@@ -26,14 +29,28 @@ def _healthy(proxy_dsn: str) -> None:
         assert conn.execute("SELECT 6 * 7").fetchone() == (42,)
 
 
-def test_cancel_long_query(proxy_dsn: str, proxy: ProxyProcess) -> None:
+def when_running(pg: EmbeddedPostgres, pid: int, action: Callable[[], object]) -> threading.Thread:
+    """`action` in a thread once backend `pid` runs a statement (pg_stat_activity shows it
+    active): sent earlier, a cancel or a kill would meet an idle session."""
+
+    def run() -> None:
+        sql = f"SELECT state FROM pg_stat_activity WHERE pid = {pid}"
+        wait_for(lambda: pg.psql(sql).strip() == "active", "the statement to start")
+        action()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_cancel_long_query(proxy_dsn: str, proxy: ProxyProcess, pg: EmbeddedPostgres) -> None:
+    """A CancelRequest through pgveil cancels the running statement (it would sleep 30 s)
+    and the session goes on."""
     with psycopg.connect(proxy_dsn) as conn:
-        timer = threading.Timer(0.5, conn.cancel)
-        timer.start()
-        started = time.monotonic()
+        canceller = when_running(pg, conn.info.backend_pid, conn.cancel)
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("SELECT pg_sleep(30)")
-        assert time.monotonic() - started < 10
+        canceller.join()
         conn.rollback()
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert proxy.metric("pgveil_cancel_requests_total") >= 1
@@ -51,11 +68,10 @@ async def test_cancel_from_asyncpg_timeout(pg: EmbeddedPostgres, proxy: ProxyPro
         ssl=False,
     )
     try:
-        started = time.monotonic()
         with pytest.raises(TimeoutError):
-            await conn.execute("SELECT pg_sleep(30)", timeout=0.5)
-        assert time.monotonic() - started < 10
-        assert await conn.fetchval("SELECT 1") == 1
+            await conn.execute("SELECT pg_sleep(600)", timeout=5)  # long enough to start
+        # asyncpg cancels on its timeout: uncancelled, the next statement waits 10 minutes
+        assert await conn.fetchval("SELECT 1", timeout=60) == 1
     finally:
         await conn.close()
 
@@ -65,8 +81,7 @@ def test_backend_terminated_mid_query(
 ) -> None:
     with psycopg.connect(proxy_dsn) as victim:
         pid = victim.info.backend_pid
-        killer = threading.Timer(0.5, lambda: pg.psql(f"SELECT pg_terminate_backend({pid})"))
-        killer.start()
+        killer = when_running(pg, pid, lambda: pg.psql(f"SELECT pg_terminate_backend({pid})"))
         with pytest.raises(psycopg.OperationalError) as info:
             victim.execute("SELECT pg_sleep(20)")
         assert info.value.sqlstate in ("57P01", None)
@@ -78,9 +93,10 @@ def test_backend_killed_hard_mid_result(proxy_dsn: str, pg: EmbeddedPostgres) ->
     # SIGKILL of a backend makes the postmaster restart all sessions: the cruellest case
     with psycopg.connect(proxy_dsn) as victim:
         pid = victim.info.backend_pid
-        threading.Timer(0.3, lambda: __import__("os").kill(pid, 9)).start()
+        killer = when_running(pg, pid, lambda: os.kill(pid, 9))
         with pytest.raises(psycopg.OperationalError):
             victim.execute("SELECT pg_sleep(20)")
+        killer.join()
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -1,4 +1,4 @@
-"""The rules checked against the real catalog whenever pgveil reads it (issue 11, item 4).
+"""The rules checked against the real catalog whenever pgveil reads it.
 
 A rules file naming something the database does not have (a misspelled table, column,
 subject column or allow-listed function; a misspelled masked role) must never leave data

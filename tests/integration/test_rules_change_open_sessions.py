@@ -1,4 +1,4 @@
-"""What open sessions get when the rules or the catalog change under them (issue 11).
+"""What open sessions get when the rules or the catalog change under them.
 
 A statement prepared (Parse, PREPARE) or a cursor or portal opened (DECLARE, Bind) runs
 what the server prepared then. When the rules change so that its text is now decided

@@ -1,4 +1,4 @@
-"""Statistics and activity views are rewritten for masked roles, not refused (issue 13, item 5).
+"""Statistics and activity views are rewritten for masked roles, not refused.
 
 A masked role reads pg_stat_activity, pg_stats, pg_stats_ext, pg_stats_ext_exprs,
 pg_prepared_statements, pg_cursors, pg_backend_memory_contexts, pg_user_mappings and (where
@@ -321,7 +321,7 @@ def test_stats_keep_their_numbers(
         masked = c.execute(sql).fetchall()
     raw = _direct(pg, sql)
     # the numbers of a column without a mask, as the server has them; a personal column's
-    # are NULL (they would answer guesses: tests/integration/test_attack_issue13_whitebox.py)
+    # are NULL (they would answer guesses: tests/integration/test_attack_statistics_whitebox.py)
     plain = ("balance", "i_customer", "i_customer_class", "notes")
     assert [r[:5] for r in masked if r[0] in plain] == [r[:5] for r in raw if r[0] in plain]
     assert [r for r in masked if r[0] not in plain] == [

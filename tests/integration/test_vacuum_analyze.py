@@ -1,4 +1,4 @@
-"""VACUUM and ANALYZE are allowed for masked roles: they reveal nothing (issue 13, item 5).
+"""VACUUM and ANALYZE are allowed for masked roles: they reveal nothing.
 
 They return no rows; VERBOSE's messages hold names and counts. What could carry a value is
 the code they run: ANALYZE evaluates index and extended statistics expressions on sampled

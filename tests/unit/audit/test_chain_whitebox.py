@@ -1,4 +1,4 @@
-"""White-box attacks on the audit chain (issue 12 item 7): an insider who has read
+"""White-box attacks on the audit chain: an insider who has read
 audit/verify.py and audit/resume.py edits the files a real writer wrote, lets pgveil start
 again over them, and asks `verify` for a verdict. Each case must not come out `intact`.
 

@@ -1,4 +1,4 @@
-"""`pgveil audit who` over the outcomes of issue 12 item 3: which failed, unknown and split
+"""`pgveil audit who` over statement outcomes: which failed, unknown and split
 events it lists for a subject, and which it leaves out (the events as the statement log
 writes them: see tests/integration/test_audit_evasion_outcomes.py for them made by a real
 session)."""

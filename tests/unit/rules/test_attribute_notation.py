@@ -4,7 +4,7 @@ catalog holds about a thousand: `name`, `data`, `value`) may be a function creat
 pgveil read the catalog. Such a name is now unknown (the session waits for a fresh catalog
 read, then judges the function or answers the server's 42703) wherever pgveil can tell t's
 columns, in every form a qualifier takes; where it cannot, the catalog-wide check stays.
-The integration counterpart is in tests/integration/test_attack_issue13_whitebox.py."""
+The integration counterpart is in tests/integration/test_attack_function_output_names.py."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def test_rewritten(sql: str, expected: str) -> None:
 
 def test_statistics_numbers_are_kept_only_where_nothing_personal_is() -> None:
     """pg_stats' numbers are the server's only in rows whose relation (and column) holds
-    nothing personal (tests/integration/test_attack_issue13_whitebox.py runs it); their
+    nothing personal (tests/integration/test_attack_statistics_whitebox.py runs it); their
     values are NULL everywhere."""
     d = AN.analyze("SELECT histogram_bounds, null_frac FROM pg_stats")
     assert (d.action, d.reason) == ("rewrite", None)

@@ -1,6 +1,11 @@
-"""Review of the audit's statement/answer pairing (proxy/session/statements.py and
-proxy/session/masked.py): accesses that go unrecorded, are attributed to another statement,
-or carry subjects that are wrong while claiming to be complete.
+"""Each access is recorded once, for the statement that made it, with its subjects: the
+audit pairs statements with their answers across every way PostgreSQL lets a client name
+and run them. SQL cursors and prepared statements used through the protocol and the other
+way round (one namespace), names defined or used inside a multi-statement query, names
+reused after a failed Parse or a Close, COPY inside an extended-protocol pipeline, subjects
+of every statement of a multi-statement query, rows whose key is NULL, named keys
+normalised like returned ones, portals run in chunks (PortalSuspended), and pipelined
+errors with binary keys.
 
 Every test runs real statements through pgveil against a real PostgreSQL. Raw protocol
 tests log in as `trust_user` (unmasked, granted the billing tables here) or `masked_trust`
