@@ -280,6 +280,8 @@ class Recording(_Analysing):
         self._server.capture = SERVER_CAPTURE_RECORDED
         self._client.capture = CLIENT_CAPTURE_RECORDED
         self._count_rows()
+        if self._r.statements is not None:
+            self._server.rows = []  # a result's rows reach the log as slices (see _chunk)
 
     def client_data(self, data: bytes) -> Sequence[Action]:
         recorder = self._r
@@ -323,16 +325,17 @@ class Recording(_Analysing):
                 for typ, body in captured:
                     observe(typ, body)
             else:
-                rows: list[bytes] = []
+                # the DataRows the scanner captured are in its row sink, not in `captured`:
+                # those before each message go to the statement log in one slice
+                rows = server.rows
+                assert rows is not None
+                done = 0
                 mark = 0
                 told = log.rows_total
-                for typ, body in captured:
-                    if typ == _D:
-                        rows.append(body)  # the bulk of a result: to its statement in one go
-                        continue
-                    if rows:
-                        log.data_rows(rows)
-                        rows = []
+                for (typ, body), upto in zip(captured, server.row_ends, strict=True):
+                    if upto != done:
+                        log.data_rows(rows[done:upto])
+                        done = upto
                     if marks is not None and typ != _COPY_DATA:
                         total = marks[mark]
                         mark += 1
@@ -340,8 +343,8 @@ class Recording(_Analysing):
                             log.rows_to(total)  # the rows sent before this message
                             told = total
                     observe(typ, body)
-                if rows:
-                    log.data_rows(rows)
+                if done != len(rows):
+                    log.data_rows(rows[done:] if done else rows)
             if recorder.tx_status is not None:
                 self._host.tx_status = recorder.tx_status
             self._row_capture()

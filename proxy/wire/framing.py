@@ -104,6 +104,12 @@ class MessageScanner:
     in the order of the captured messages; each `feed` or `feed_located` starts it afresh. The
     rows between two captured messages are then known without capturing them (an audited
     session's statement log counts the rows a statement sent before it failed).
+
+    `rows`, when set to a list (with `row_ends`), receives the bodies of the DataRows `feed`
+    captures instead of its result, and `row_ends` for each message `feed` returns how many
+    of `rows` came before it; each `feed` starts both afresh. A result's rows then reach
+    their consumer as slices, with no step per row outside the scanner (`feed_located`
+    does not use them).
     """
 
     __slots__ = (
@@ -119,6 +125,8 @@ class MessageScanner:
         "last_type",
         "marks",
         "max_length",
+        "row_ends",
+        "rows",
     )
 
     def __init__(
@@ -141,6 +149,8 @@ class MessageScanner:
         self._cap_buf = bytearray()
         self._cap_need = 0  # body bytes of that message still to come
         self.marks: list[int] | None = None
+        self.rows: list[bytes] | None = None
+        self.row_ends: list[int] = []
 
     @property
     def at_boundary(self) -> bool:
@@ -173,6 +183,12 @@ class MessageScanner:
         marks = self.marks
         if marks:
             marks.clear()
+        sink = self.rows
+        if sink:
+            sink.clear()
+        ends = self.row_ends
+        if ends:
+            ends.clear()
         skip = self._skip
         if skip:
             if skip >= n:
@@ -204,6 +220,24 @@ class MessageScanner:
             end = pos + 1 + length
             if capture[typ]:
                 if end <= n:
+                    if typ == _DATA_ROW and sink is not None:
+                        # the bulk of a result, to the row sink: the DataRows that follow
+                        # whole in this chunk too (as below)
+                        sink.append(data[pos + 5 : end])
+                        pos = end
+                        rows = 0
+                        put = sink.append
+                        while pos <= limit:
+                            typ, length = unpack(data, pos)
+                            end = pos + 1 + length
+                            if typ != _DATA_ROW or length > row_limit or length < 4 or end > n:
+                                break
+                            put(data[pos + 5 : end])
+                            rows += 1
+                            pos = end
+                        counts[_DATA_ROW] += rows
+                        typ = _DATA_ROW
+                        continue
                     if out is NO_MESSAGES:
                         out = []
                     out.append((typ, data[pos + 5 : end]))
@@ -225,6 +259,8 @@ class MessageScanner:
                         counts[_DATA_ROW] += rows
                         typ = _DATA_ROW
                         continue
+                    if sink is not None:
+                        ends.append(len(sink))
                     if marks is not None and typ != _COPY_DATA:
                         marks.append(counts[_DATA_ROW] + counts[_COPY_DATA])
                 else:
@@ -330,7 +366,13 @@ class MessageScanner:
             pos += take
             if self._cap_need:
                 return -1
-            out.append((self._cap_type, bytes(self._cap_buf)))
+            sink = self.rows
+            if sink is not None and self._cap_type == _DATA_ROW:
+                sink.append(bytes(self._cap_buf))
+            else:
+                out.append((self._cap_type, bytes(self._cap_buf)))
+                if sink is not None:
+                    self.row_ends.append(len(sink))
             if self.marks is not None and self._cap_type not in (_DATA_ROW, _COPY_DATA):
                 self.marks.append(self.counts[_DATA_ROW] + self.counts[_COPY_DATA])
             self._cap_type = -1

@@ -303,3 +303,68 @@ def test_a_row_run_fed_byte_by_byte_scans_alike() -> None:
     for captured in _CAPTURES:
         for marks_on in (False, True):
             _check(msgs, list(range(len(stream))), capture_mask(captured), marks_on)
+
+
+# ---- the row sink: captured DataRows as slices --------------------------------------------
+
+
+def _scan(chunks: list[bytes], capture: bytearray, marks_on: bool, sink: bool) -> list[object]:
+    """What each `feed` gives, as (captured messages in stream order, with the DataRows put
+    back where `row_ends` says they came, counts, last type, marks), or the violation."""
+    s = MessageScanner(capture, [0] * 256, MAX_LENGTH, ALLOWED)
+    if marks_on:
+        s.marks = []
+    if sink:
+        s.rows = []
+    seen: list[object] = []
+    for chunk in chunks:
+        try:
+            out = s.feed(chunk)
+        except m.ProtocolViolation as exc:
+            seen.append(("violation", str(exc)))
+            break
+        if sink:
+            assert s.rows is not None and len(s.row_ends) == len(out)
+            assert all(typ != _D for typ, _ in out)  # (rows go to the sink only)
+            merged: list[tuple[int, bytes]] = []
+            done = 0
+            for (typ, body), upto in zip(out, s.row_ends, strict=True):
+                assert done <= upto <= len(s.rows)
+                merged += [(_D, r) for r in s.rows[done:upto]]
+                merged.append((typ, body))
+                done = upto
+            merged += [(_D, r) for r in s.rows[done:]]
+            out = merged
+        seen.append((list(out), _counts(s.counts), s.last_type, list(s.marks or ())))
+    return seen
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    msgs=_streams(),
+    cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=25),
+    captured=st.sets(st.sampled_from(TYPES)),
+    marks_on=st.booleans(),
+)
+def test_the_row_sink_gives_the_rows_feed_would_return_in_their_places(
+    msgs: list[Msg], cuts: list[int], captured: set[int], marks_on: bool
+) -> None:
+    """With `rows` set, `feed` hands captured DataRows over in the sink, each before the
+    message `row_ends` says: put back, they are what it returns without the sink, chunk by
+    chunk (a split row included), with the same counts, last type and marks."""
+    stream, _ = _place(msgs)
+    chunks = _split(stream, cuts)
+    capture = capture_mask(bytes(captured))
+    assert _scan(chunks, capture, marks_on, sink=True) == _scan(
+        chunks, capture, marks_on, sink=False
+    )
+
+
+def test_a_row_split_across_chunks_reaches_the_sink_of_the_feed_that_completes_it() -> None:
+    stream, _ = _place([good(b"T", b"d"), good(b"D", b"abcdef"), good(b"C", b"SELECT 1\x00")])
+    s = MessageScanner(capture_mask("DC"), [0] * 256, MAX_LENGTH, ALLOWED)
+    s.rows = []
+    cut = 5 + 1 + 5 + 3  # inside the DataRow's body
+    assert s.feed(stream[:cut]) == [] and s.rows == [] and s.row_ends == []
+    assert s.feed(stream[cut:]) == [(ord("C"), b"SELECT 1\x00")]
+    assert s.rows == [b"abcdef"] and s.row_ends == [1]
