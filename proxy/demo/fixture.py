@@ -90,6 +90,8 @@ def script(
         need = _NEEDS.get(part)
         if need is not None and need not in parts[: parts.index(part)]:
             raise ValueError(f"the billing fixture part {part!r} needs {need!r} before it")
+    if scale.customers and "population" not in parts:
+        raise ValueError("a scale with customers needs the billing fixture part 'population'")
     if xdrs_by not in ("i_xdr", "connect_time"):
         raise ValueError(f"the xDRs are partitioned by i_xdr or connect_time, not {xdrs_by!r}")
     values = {
