@@ -16,9 +16,10 @@ variant and the median over repetitions of the per-repetition ratio to direct. F
 `-c 8` rows it also samples the CPU time (utime+stime) of the pgveil and pgbouncer processes
 around each run and reports microseconds of proxy CPU per query.
 
-**masked**: seeds a billing-like schema (200,000 customers, 200,000 accounts, 1,000,000
-xDRs), starts a second pgveil *with masking rules* and runs, through that one process, the
-same workloads as a masked role and as an unmasked role, interleaved per repetition:
+**masked**: loads the billing fixture (`proxy.demo.fixture` at its `BENCH` scale: 200,000
+customers, 400,000 accounts, 1,000,000 xDRs), starts a second pgveil *with masking rules*
+and runs, through that one process, the same workloads as a masked role and as an unmasked
+role, interleaved per repetition:
 
 - a pgbench custom script of helpdesk statements (customer with its accounts by key, last 50
   xDRs of an account, search by customer class and balance range) with `-M simple|extended`,
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Literal, NoReturn
 
 from audit.files import rotated_files
+from proxy.demo import fixture
 from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -565,86 +567,22 @@ def report(
 MASKED_ROLE, MASKED_PW = "bench_helpdesk", "bench-helpdesk-pw-1"
 UNMASKED_ROLE, UNMASKED_PW = "bench_admin", "bench-admin-pw-1"
 MASKED_VARIANTS = ("unmasked", "masked")  # run in this order within each repetition
-CUSTOMERS = 200_000  # and as many accounts, one per customer (i_account = i_customer)
-XDRS = 1_000_000
-XDR_ACCOUNTS = 10_000  # the xDRs belong to accounts 1..10,000: 100 each, so LIMIT 50 cuts
-CLASSES = 5
+SCALE = fixture.BENCH  # the billing fixture's population at the benchmark's scale
+CUSTOMERS = SCALE.customers  # two accounts each: 10c+1 and 10c+2
+XDRS = SCALE.xdrs
+XDR_CUSTOMERS = SCALE.xdr_customers or CUSTOMERS  # their accounts hold the xDRs: 100 each,
+# so LIMIT 50 cuts
+CLASSES = 3  # the population's customer classes
 TPS_TARGET = 0.8  # masked/unmasked tps, at least
 TIME_TARGET = 1.5  # masked/unmasked seconds, at most
 PERSONAL_SELECT = "SELECT name, email, phone FROM billing.customers"
 STATEMENTS_PER_TX = 3
 
-# fmt: off
-_FIRST = ["Anna", "Jan", "Petra", "Tomas", "Eva", "Martin", "Lucie", "Jakub", "Tereza", "Pavel",
-          "Klara", "Ondrej", "Marie", "Lukas", "Jana", "David", "Katerina", "Filip", "Veronika",
-          "Adam"]
-_LAST = ["Novak", "Svoboda", "Novotny", "Dvorak", "Cerny", "Prochazka", "Kucera", "Vesely",
-         "Horak", "Nemec", "Marek", "Pospisil", "Pokorny", "Hajek", "Kral", "Jelinek", "Ruzicka",
-         "Benes", "Fiala", "Sedlacek", "Dolezal", "Zeman", "Kolar", "Navratil", "Cermak"]
-# fmt: on
-
-
-def _sql_array(words: list[str]) -> str:
-    return "ARRAY[" + ", ".join(f"'{w}'" for w in words) + "]"
-
-
-_FIRST_NAME = f"({_sql_array(_FIRST)})[1 + i % {len(_FIRST)}]"
-_LAST_NAME = f"({_sql_array(_LAST)})[1 + (i / {len(_FIRST)}) % {len(_LAST)}]"
-
-
-# Generated in SQL (generate_series), so seeding takes seconds. Phones are '+4207' and 8
-# digits; an account's xDRs carry its customer's phone as cli. Balances 0.00-999.99, spread
-# evenly over the customer classes.
-BILLING_SCHEMA = f"""
-DROP SCHEMA IF EXISTS billing CASCADE;
-CREATE SCHEMA billing;
-CREATE TABLE billing.customer_classes (i_customer_class int PRIMARY KEY, name text NOT NULL);
-INSERT INTO billing.customer_classes
-  SELECT k, 'Class ' || k FROM generate_series(1, {CLASSES}) AS k;
-CREATE TABLE billing.customers (
-    i_customer bigint PRIMARY KEY,
-    i_customer_class int NOT NULL REFERENCES billing.customer_classes,
-    name varchar(80) NOT NULL,
-    email text NOT NULL,
-    phone text NOT NULL,
-    balance numeric(12,2) NOT NULL DEFAULT 0
-);
-INSERT INTO billing.customers
-  SELECT i,
-         1 + i % {CLASSES},
-         {_FIRST_NAME} || ' ' || {_LAST_NAME},
-         lower({_FIRST_NAME}) || '.' || i || '@mail' || i % 97 || '.example',
-         '+4207' || lpad((i::bigint * 7919 % 100000000)::text, 8, '0'),
-         (i::bigint * 7331 % 100000) / 100.0
-  FROM generate_series(1, {CUSTOMERS}) AS i;
+# The benchmark's roles and indexes on the billing fixture (its schema and data are the
+# fixture's: proxy/demo/data/fixture/).
+BENCH_SETUP = f"""
 CREATE INDEX customers_class_balance ON billing.customers (i_customer_class, balance);
-CREATE TABLE billing.accounts (
-    i_account bigint PRIMARY KEY,
-    i_customer bigint NOT NULL REFERENCES billing.customers,
-    id text NOT NULL,
-    ip inet
-);
-INSERT INTO billing.accounts
-  SELECT i, i, 'ACC-' || i,
-         ('172.' || 16 + (i >> 16) || '.' || ((i >> 8) & 255) || '.' || (i & 255))::inet
-  FROM generate_series(1, {CUSTOMERS}) AS i;
 CREATE INDEX accounts_customer ON billing.accounts (i_customer);
-CREATE TABLE billing.xdrs (
-    i_xdr bigint PRIMARY KEY,
-    i_account bigint NOT NULL,
-    cli text NOT NULL,
-    cld text NOT NULL,
-    charged numeric(12,5) NOT NULL,
-    connect_time timestamptz NOT NULL
-);
-INSERT INTO billing.xdrs
-  SELECT i,
-         1 + i % {XDR_ACCOUNTS},
-         '+4207' || lpad(((1 + i % {XDR_ACCOUNTS}) * 7919 % 100000000)::text, 8, '0'),
-         '+1800' || lpad((i::bigint * 104729 % 10000000)::text, 7, '0'),
-         (i % 1000) / 100.0,
-         timestamptz '2026-01-01 00:00:00+00' + i * interval '2 seconds'
-  FROM generate_series(1, {XDRS}) AS i;
 CREATE INDEX xdrs_account_time ON billing.xdrs (i_account, connect_time);
 CREATE ROLE {MASKED_ROLE} LOGIN PASSWORD '{MASKED_PW}';
 CREATE ROLE {UNMASKED_ROLE} LOGIN PASSWORD '{UNMASKED_PW}';
@@ -679,7 +617,7 @@ tables:
 # columns are in every result, so every statement is rewritten for the masked role.
 HELPDESK_SCRIPT = f"""\
 \\set cid random(1, {CUSTOMERS})
-\\set aid random(1, {XDR_ACCOUNTS})
+\\set aid 10 * random(1, {XDR_CUSTOMERS}) + random(1, 2)
 \\set cls random(1, {CLASSES})
 \\set lo random(0, 997)
 SELECT c.i_customer, c.name, c.email, c.phone, c.balance, a.i_account, a.id, a.ip FROM billing.customers c JOIN billing.accounts a ON a.i_customer = c.i_customer WHERE c.i_customer = :cid;
@@ -706,12 +644,13 @@ def masked_workloads() -> list[Workload]:
 
 def load_billing(db: EmbeddedPostgres) -> None:
     print(
-        f"seeding billing ({CUSTOMERS:,} customers and accounts, {XDRS:,} xDRs) ...",
+        f"seeding billing ({CUSTOMERS:,} customers, {2 * CUSTOMERS:,} accounts, {XDRS:,} xDRs) ...",
         file=sys.stderr,
     )
     start = time.perf_counter()
     try:
-        db.psql(BILLING_SCHEMA)
+        fixture.load(db, SCALE, ("population",))
+        db.psql(BENCH_SETUP)
         db.psql("VACUUM (ANALYZE) billing.customer_classes, billing.customers, billing.accounts")
         db.psql("VACUUM (ANALYZE) billing.xdrs")
         db.psql("CHECKPOINT")
@@ -735,7 +674,7 @@ def check_masking(db: EmbeddedPostgres, env: dict[str, str], targets: list[Targe
     values than the unmasked role, in every personal column the script reads."""
     probes = [
         "SELECT name, email, phone FROM billing.customers WHERE i_customer = 1",
-        "SELECT ip FROM billing.accounts WHERE i_account = 1",
+        "SELECT ip FROM billing.accounts WHERE i_account = 11",
         "SELECT cli, cld FROM billing.xdrs WHERE i_xdr = 1",
     ]
     by_name = {t.name: t for t in targets}
@@ -791,8 +730,9 @@ def report_masked(results: Results, db: EmbeddedPostgres, reps: int, duration: i
         f"- pgveil `{commit}` with masking rules; PostgreSQL {pg_version}",
         f"- the same pgveil process for both roles: `{MASKED_ROLE}` (masked) and "
         f"`{UNMASKED_ROLE}` (unmasked, relayed as is)",
-        f"- data: {CUSTOMERS:,} customers, {CUSTOMERS:,} accounts, {XDRS:,} xDRs "
-        f"({XDRS // XDR_ACCOUNTS} per account for accounts 1-{XDR_ACCOUNTS:,})",
+        f"- data: the billing fixture, {CUSTOMERS:,} customers, {2 * CUSTOMERS:,} accounts, "
+        f"{XDRS:,} xDRs ({XDRS // (2 * XDR_CUSTOMERS)} per account for the accounts of "
+        f"customers 1-{XDR_CUSTOMERS:,})",
         f"- {reps} repetitions, unmasked -> masked interleaved; pgbench runs of {duration} s",
         "- values: median over repetitions; ratios: median over repetitions of the ratio "
         "measured within the same repetition (min-max in parentheses)",

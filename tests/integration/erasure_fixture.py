@@ -1,5 +1,7 @@
-"""A generated billing database for the erasure tests, its configuration, and helpers to
-compare databases (pg_dump sections, per-table checksums) and to run `pgveil erase`.
+"""A generated billing database for the erasure tests (the billing fixture's core with its
+`population` and `erasure` parts, xDRs partitioned by month), its configuration, and
+helpers to compare databases (pg_dump sections, per-table checksums) and to run
+`pgveil erase`.
 
 Customer `c` has accounts `10c+1` and `10c+2`; every personal value carries the marker
 `C%06d` of its customer (or is unique to one row, like an xDR's CLD), so a value found in a
@@ -21,95 +23,12 @@ from pathlib import Path
 
 import psycopg
 
+from proxy.demo import fixture
 from proxy.demo.embedded_pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 IMMEDIATE, EUROPEAN, NO_POLICY = 0, 1, 2  # c % 3 -> class (1 + c % 3)
-
-
-def schema_sql(customers: int, xdrs_per_account: int) -> str:
-    return f"""
-CREATE SCHEMA billing;
-CREATE TABLE billing.customer_classes (
-    i_customer_class int PRIMARY KEY, name text NOT NULL, retention interval);
-INSERT INTO billing.customer_classes VALUES
-    (1, 'Immediate', '0 days'), (2, 'European Customers', '30 days'), (3, 'No policy', NULL);
-CREATE TABLE billing.customers (
-    i_customer bigint PRIMARY KEY,
-    name text NOT NULL,
-    email text,
-    phone text,
-    address text,
-    i_customer_class int NOT NULL REFERENCES billing.customer_classes,
-    terminated_at timestamptz,
-    custom jsonb,
-    balance numeric(12,2) NOT NULL DEFAULT 0
-);
-CREATE INDEX customers_terminated ON billing.customers (terminated_at);
-INSERT INTO billing.customers
-SELECT c, 'Name ' || m || ' Surname', lower(m) || '@mail.example', '+420 ' || m,
-       'Street ' || m || ', Prague', 1 + c % 3,
-       CASE WHEN c % 4 = 0 THEN timestamptz '{T0.isoformat()}' END,
-       jsonb_build_object('passport', 'P-' || m, 'contact', jsonb_build_object(
-           'phone', 'cp-' || m, 'note', 'keep'), 'tier', 'gold'),
-       (c * 7 % 1000) / 10.0
-  FROM generate_series(1, {customers}) AS c, LATERAL (SELECT 'C' || lpad(c::text, 6, '0')) AS x(m);
-CREATE TABLE billing.accounts (
-    i_account bigint PRIMARY KEY,
-    i_customer bigint NOT NULL REFERENCES billing.customers,
-    id text NOT NULL UNIQUE,
-    ip inet,
-    mac macaddr,
-    custom jsonb
-);
-CREATE INDEX accounts_customer ON billing.accounts (i_customer);
-INSERT INTO billing.accounts
-SELECT 10 * c + k, c, 'A-' || m || '-' || k,
-       ('10.' || (c / 256) || '.' || (c % 256) || '.' || k)::inet,
-       ('02:00:' || lpad(to_hex(c / 256), 2, '0') || ':' || lpad(to_hex(c % 256), 2, '0')
-        || ':00:0' || k)::macaddr,
-       jsonb_build_object('sip_user', 'sip-' || m || '-' || k, 'plan', 'basic')
-  FROM generate_series(1, {customers}) AS c, generate_series(1, 2) AS k,
-       LATERAL (SELECT 'C' || lpad(c::text, 6, '0')) AS x(m);
-CREATE TABLE billing.xdrs (
-    i_xdr bigint NOT NULL,
-    i_account bigint,
-    account_id text,
-    cli text,
-    cld text,
-    ip inet,
-    charged numeric(12,5) NOT NULL,
-    connect_time timestamptz NOT NULL
-) PARTITION BY RANGE (connect_time);
-CREATE TABLE billing.xdrs_2026_01 PARTITION OF billing.xdrs
-    FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
-CREATE TABLE billing.xdrs_2026_02 PARTITION OF billing.xdrs
-    FOR VALUES FROM ('2026-02-01') TO ('2026-03-01');
-CREATE TABLE billing.xdrs_2026_03 PARTITION OF billing.xdrs
-    FOR VALUES FROM ('2026-03-01') TO ('2026-04-01');
-CREATE INDEX xdrs_account ON billing.xdrs (i_account, i_xdr);
-INSERT INTO billing.xdrs
-SELECT row_number() OVER (ORDER BY a.i_account, n), a.i_account, a.id,
-       '+420' || m || a.i_account % 10, '+1800-' || a.i_account || '-' || n,
-       a.ip, ((a.i_account * 31 + n * 17) % 1000) / 100.0,
-       timestamptz '2026-01-01 00:00+00' + (n * 37 % 85) * interval '1 day' + a.i_account * interval '1 s'
-  FROM billing.accounts AS a, generate_series(1, {xdrs_per_account}) AS n,
-       LATERAL (SELECT 'C' || lpad(a.i_customer::text, 6, '0')) AS x(m);
-CREATE TABLE billing.call_recordings (
-    i_recording bigint PRIMARY KEY,
-    i_account bigint NOT NULL,
-    audio bytea NOT NULL,
-    recorded_at timestamptz NOT NULL
-);
-CREATE INDEX call_recordings_account ON billing.call_recordings (i_account);
-INSERT INTO billing.call_recordings
-SELECT 100 * a.i_account + n, a.i_account,
-       convert_to('voice of ' || a.id || ' #' || n, 'UTF8'),
-       timestamptz '2026-02-01 00:00+00' + n * interval '1 hour'
-  FROM billing.accounts AS a, generate_series(1, 2) AS n;
-ANALYZE;
-"""
 
 
 def config_yaml(audit: Path, **worker: object) -> str:
@@ -130,7 +49,7 @@ tables:
       email: null
       phone: null
       address: null
-      custom: {{json_keys: [passport, contact.phone]}}
+      extra: {{json_keys: [passport, contact.phone]}}
   billing.accounts:
     owner: {{column: i_customer}}
     key: i_account
@@ -138,7 +57,7 @@ tables:
       id: {{placeholder: "erased-{{key}}"}}
       ip: null
       mac: null
-      custom: {{json_keys: [sip_user], placeholder: "[erased]"}}
+      extra: {{json_keys: [sip_user], placeholder: "[erased]"}}
   billing.xdrs:
     owner: {{column: i_account, through: billing.accounts}}
     large: true
@@ -248,9 +167,18 @@ def create(pg: EmbeddedPostgres, name: str, customers: int, xdrs_per_account: in
     drop(pg, name)
     with psycopg.connect(pg.dsn() + " sslmode=disable", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    db = Db(pg, name)
-    db.execute(schema_sql(customers, xdrs_per_account))
-    return db
+    scale = fixture.Scale(customers=customers, xdrs_per_account=xdrs_per_account)
+    fixture.load(
+        pg,
+        scale,
+        ("population", "erasure"),
+        dbname=name,
+        xdrs_by="connect_time",
+        first_month=T0.date().replace(month=1),
+        months=3,
+        terminated_at=T0,
+    )
+    return Db(pg, name)
 
 
 _COPY = re.compile(r"^COPY (\S+) \((.*)\) FROM stdin;$")
@@ -305,10 +233,10 @@ def personal_values(db: Db, customers: list[int]) -> dict[int, list[str]]:
     for c, values in db.query(
         """
         SELECT c.i_customer, array_remove(ARRAY[c.name, c.email, c.phone, c.address,
-               c.custom ->> 'passport', c.custom #>> '{contact,phone}'], NULL)
+               c.extra ->> 'passport', c.extra #>> '{contact,phone}'], NULL)
                || coalesce((SELECT array_agg(v) FROM billing.accounts a,
                      LATERAL unnest(ARRAY[a.id, host(a.ip), a.mac::text,
-                                          a.custom ->> 'sip_user']) v
+                                          a.extra ->> 'sip_user']) v
                      WHERE a.i_customer = c.i_customer AND v IS NOT NULL), '{}')
                || coalesce((SELECT array_agg(DISTINCT v) FROM billing.xdrs x
                      JOIN billing.accounts a USING (i_account),

@@ -1,4 +1,5 @@
-"""A billing-like schema with canary personal data, rules for it, and a pgveil with them.
+"""The billing fixture (`proxy.demo.fixture`) with its canary personal data, test roles,
+rules for it, and a pgveil with them.
 
 The canaries are distinctive strings; `SECRETS` lists, per personal column, the part of the
 value that its mask must hide (a partial mask shows the first and last symbol, an e-mail
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.demo import fixture
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.masks import hmac_pads
 from tests.support import ProxyProcess
@@ -47,42 +49,20 @@ SECRETS = {
 }
 FULL_VALUES = [NAME, EMAIL.split("@")[0], PHONE, CARD, LOGIN, LICENSE]
 
-SCHEMA = f"""
-DROP SCHEMA IF EXISTS billing CASCADE;
-CREATE SCHEMA billing;
-CREATE TABLE billing.customer_classes (i_customer_class int PRIMARY KEY, name text, retention interval);
-CREATE TABLE billing.customers (
-    i_customer bigint PRIMARY KEY,
-    i_customer_class int REFERENCES billing.customer_classes,
-    name varchar(80) NOT NULL,
-    email text UNIQUE,
-    phone text,
-    cc_number text,
-    login text,
-    extra jsonb,
-    balance numeric(12,2) NOT NULL DEFAULT 0,
-    notes text
-);
-CREATE TABLE billing.accounts (
-    i_account bigint PRIMARY KEY,
-    i_customer bigint REFERENCES billing.customers,
-    ip inet, mac macaddr, id text
-);
-CREATE TABLE billing.xdrs (i_xdr bigserial, i_account bigint, cli text, cld text, charged numeric)
-    PARTITION BY RANGE (i_xdr);
-CREATE TABLE billing.xdrs_1 PARTITION OF billing.xdrs FOR VALUES FROM (1) TO (1000000);
-CREATE VIEW billing.customer_contacts AS SELECT i_customer, name, email FROM billing.customers;
-CREATE VIEW billing.class_names AS SELECT i_customer_class, name FROM billing.customer_classes;
-INSERT INTO billing.customer_classes VALUES (1, 'European Customers', '30 days');
-INSERT INTO billing.customers VALUES
-  (1, 1, '{NAME}', '{EMAIL}', '{PHONE}', '{CARD}', '{LOGIN}',
-   '{{"dl": "{LICENSE}", "tier": "gold"}}', 12.50, 'likes invoices'),
-  (2, 1, 'Ann Other', 'ann@example.org', '+420600000000', '5555000011112222', 'ann_login',
-   '{{"dl": "DL-1"}}', 3.00, NULL);
-INSERT INTO billing.accounts VALUES (10, 1, '{IP}', '{MAC}', 'ACC-10'), (20, 2, '10.0.0.2', '00:00:00:00:00:02', 'ACC-20');
-INSERT INTO billing.xdrs (i_account, cli, cld, charged) VALUES (10, '{PHONE}', '+18005550100', 1.25), (20, '+420600000000', '+18005550101', 2.5);
-CREATE FUNCTION billing.invoice_total(bigint) RETURNS numeric LANGUAGE sql STABLE AS 'SELECT 42.0';
-CREATE FUNCTION billing.leak() RETURNS SETOF text LANGUAGE sql STABLE AS 'SELECT name::text FROM billing.customers';
+# the canaries as the `canaries` part of the billing fixture reads them
+CANARIES = {
+    "canary_name": NAME,
+    "canary_email": EMAIL,
+    "canary_phone": PHONE,
+    "canary_card": CARD,
+    "canary_login": LOGIN,
+    "canary_license": LICENSE,
+    "canary_ip": IP,
+    "canary_mac": MAC,
+}
+
+# the test roles and what they may do with the billing fixture's schema
+ROLES = f"""
 CREATE ROLE {HELPDESK} LOGIN PASSWORD '{HELPDESK_PW}';
 CREATE ROLE {ADMIN} LOGIN PASSWORD '{ADMIN_PW}';
 CREATE ROLE cc_staff NOLOGIN;
@@ -94,8 +74,10 @@ GRANT USAGE ON ALL SEQUENCES IN SCHEMA billing TO {HELPDESK}, {ADMIN}, cc_staff;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA billing TO {HELPDESK}, {ADMIN}, cc_staff;
 GRANT pg_read_all_stats TO {HELPDESK};
 GRANT CREATE ON SCHEMA public TO {HELPDESK};
-ANALYZE billing.customers;
 """
+
+# the whole setup as one script (the roles last: a copy without them splits at CREATE ROLE)
+SCHEMA = fixture.script(parts=("canaries",), settings=CANARIES) + ROLES
 
 RULES = """
 roles:

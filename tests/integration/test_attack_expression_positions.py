@@ -75,6 +75,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.demo import fixture
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from rules.catalog_read import HIDDEN_CODE_SQL
 from tests.integration import deny_fixture
@@ -90,6 +91,7 @@ from tests.integration.attack_clients import (
 )
 from tests.integration.masking_fixture import (
     ADMIN,
+    CANARIES,
     EMAIL,
     HELPDESK,
     NAME,
@@ -976,10 +978,10 @@ ORACLES = [
 # a pgveil of its own, and each case creates its code, checks, and drops it again.
 
 HIDDEN_DB = "pgveil_positions_hidden"
-HIDDEN_SETUP = f"""
-CREATE SCHEMA billing;
-CREATE TABLE billing.customers (i_customer bigint PRIMARY KEY, name text NOT NULL, email text);
-INSERT INTO billing.customers VALUES (1, '{NAME}', '{EMAIL}'), (2, 'Ann Other', 'ann@ex.org');
+# the billing fixture with its canaries (customer 1: NAME, EMAIL)
+HIDDEN_SETUP = (
+    fixture.script(parts=("canaries",), settings=CANARIES)
+    + f"""
 GRANT USAGE ON SCHEMA billing TO {HELPDESK};
 GRANT SELECT ON billing.customers TO {HELPDESK};
 -- what the hidden code runs: reads raw data (not on the allow-list, never named below)
@@ -991,6 +993,7 @@ CREATE FUNCTION public.atk_spy() RETURNS boolean LANGUAGE sql VOLATILE SECURITY 
 CREATE FUNCTION public.atk_same(a bigint, b text) RETURNS boolean LANGUAGE sql IMMUTABLE
     AS $$ SELECT a::text = b $$;
 """
+)
 HIDDEN_RULES = f"""
 databases: [{HIDDEN_DB}]
 roles:
