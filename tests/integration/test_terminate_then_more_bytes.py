@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from proxy.embedded_pg import EmbeddedPostgres
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from tests.conftest import TRUST_USER
 from tests.integration.audit_wire import (
