@@ -19,6 +19,7 @@ import pytest
 
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import severity_of
 from tests.conftest import TRUST_USER
 from tests.integration.audit_wire import (
     SYNC,
@@ -78,7 +79,7 @@ def test_a_query_after_an_ignored_terminate_is_audited_with_its_rows(
         c.close()
     rows = _rows(got)
     # PostgreSQL does not skip a Terminate while it skips to Sync: the session ends there
-    assert rows == 0 and (split or m.severity_of(got[-1][1]) == "FATAL"), got
+    assert rows == 0 and (split or severity_of(got[-1][1]) == "FATAL"), got
     if rows:
         wait_for(
             lambda: any(e["outcome"] not in ("running",) for e in events(path, app)),
@@ -134,7 +135,7 @@ def test_a_query_after_a_terminate_during_copy_in_is_audited_or_never_answered(
     assert NAME.encode() not in b"".join(b for _, b in got) or user == TRUST_USER
     # PostgreSQL ends the session: "protocol synchronization was lost" after the 08P01
     assert rows == 0 and got and got[-1][0] == "E", got
-    assert m.severity_of(got[-1][1]) == "FATAL", got
+    assert severity_of(got[-1][1]) == "FATAL", got
     if rows:
         wait_for(
             lambda: any(
