@@ -130,7 +130,9 @@ class ResultGate:
     def recovered(self) -> list[GateAction]:
         """The sinks took every queued event: what was withheld goes out, in order."""
         stranded, self._stranded = self._stranded, {}
-        self.holding = self._turn
+        # bytes held since the last release wait for the release they scheduled: until it
+        # runs, later bytes must queue behind them (this may run between the two)
+        self.holding = self._turn or bool(self._held)
         actions: list[GateAction] = []
         for session, withheld in stranded.items():
             actions.append(Deliver(session, b"".join(withheld.chunks)))
@@ -147,14 +149,14 @@ class ResultGate:
                 actions.append(ResumeServer(session))
             actions.append(Abort(session))
         self.withheld += len(expired)
-        self.holding = self._turn or bool(self._stranded)
+        self.holding = self._turn or bool(self._held) or bool(self._stranded)
         return actions
 
     def clear(self) -> None:
         """Shutdown: what is still withheld is dropped (its connections close with the
         proxy)."""
         self._stranded.clear()
-        self.holding = self._turn
+        self.holding = self._turn or bool(self._held)
 
 
 class _Withheld:

@@ -18,14 +18,22 @@ def error_body(
     hint: str | None = None,
 ) -> bytes:
     """The body of an ErrorResponse (or of a NoticeResponse) pgveil writes itself."""
-    parts = [b"S", severity.encode(), b"\0", b"V", severity.encode(), b"\0"]
-    parts += [b"C", code.encode(), b"\0", b"M", msg.encode(), b"\0"]
+    parts = [b"S", _text(severity), b"\0", b"V", _text(severity), b"\0"]
+    parts += [b"C", _text(code), b"\0", b"M", _text(msg), b"\0"]
     if detail:
-        parts += [b"D", detail.encode(), b"\0"]
+        parts += [b"D", _text(detail), b"\0"]
     if hint:
-        parts += [b"H", hint.encode(), b"\0"]
+        parts += [b"H", _text(hint), b"\0"]
     parts.append(b"\0")
     return b"".join(parts)
+
+
+def _text(value: str) -> bytes:
+    """A field's value as the wire carries it: NUL-terminated, so a NUL inside it (never
+    sent by PostgreSQL, possible in a text pgveil composes) becomes U+FFFD, as
+    `decode_fields` reads a byte it cannot decode; else what follows the NUL would reach
+    the client as fields of their own, or end the message."""
+    return value.replace("\0", "\ufffd").encode()
 
 
 def error_response(
@@ -48,7 +56,7 @@ def notice_response(code: str, msg: str, *, severity: str = "NOTICE") -> bytes:
 
 def encode_fields(typ: int, fields: dict[str, str]) -> bytes:
     """A whole ErrorResponse or NoticeResponse (`typ`) of these fields, in their order."""
-    parts = [code.encode() + value.encode() + b"\0" for code, value in fields.items()]
+    parts = [_text(code) + _text(value) + b"\0" for code, value in fields.items()]
     return message(typ, b"".join(parts) + b"\0")
 
 
