@@ -98,7 +98,9 @@ class AuditWriter:
         self.written = 0
         self.dropped = 0
         self.failures = 0
+        # set while statements need not wait (not `blocking`): what a waiting session awaits
         self.recovered = asyncio.Event()
+        self.recovered.set()
         # batching (see `batch_writes`): lines linked but not yet written; what becomes of
         # the client bytes that wait for them is the gate's decision (audit/gate.py)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -250,7 +252,11 @@ class AuditWriter:
 
     def _changed(self) -> None:
         """A sink failed or recovered, or the table's queue grew or shrank."""
-        self.blocking = self.blocks()
+        self.blocking = blocking = self.blocks()
+        if blocking:
+            self.recovered.clear()
+        elif not self.recovered.is_set():
+            self.recovered.set()  # (a full table queue drained counts too, not only a sink)
 
     def submit(
         self,
@@ -377,7 +383,6 @@ class AuditWriter:
             _log.error("audit.write_failed", extra={"fields": {"sink": name, "error": error}})
             self._failing.add(name)
             self._changed()
-            self.recovered.clear()
             self._wake.set()
 
     def _recover(self, name: str) -> None:
@@ -385,8 +390,6 @@ class AuditWriter:
             self._failing.discard(name)
             self._changed()
             _log.info("audit.recovered", extra={"fields": {"sink": name}})
-            if not self._failing:
-                self.recovered.set()
         if self.gate.stranded and not any(s.name in self._failing for s in self.sinks):
             self._apply(self.gate.recovered())
 

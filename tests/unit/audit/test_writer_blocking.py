@@ -1,5 +1,6 @@
 """The writer's `blocking` attribute (read for every chunk of an audited session) is
-always what `blocks()` computes: a sink that fails and recovers changes both alike."""
+always what `blocks()` computes, and `recovered` (what a waiting session awaits) is set
+exactly while it is off: a sink that fails and recovers changes all three alike."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ def test_blocking_follows_a_sink_that_fails_and_recovers(on_failure: str, tmp_pa
     if not full.exists():
         pytest.fail("this test needs /dev/full (a Linux device that fails every write)")
 
-    async def go() -> list[tuple[bool, bool]]:
+    async def go() -> list[tuple[bool, bool, bool]]:
         sink = FileSink(tmp_path / "audit.jsonl")
         w = AuditWriter([sink], on_failure=on_failure)
         await w.start()
-        seen = [(w.blocking, w.blocks())]
+        seen = [(w.blocking, w.blocks(), not w.recovered.is_set())]
         w.batch_writes(asyncio.get_running_loop(), lambda actions: None)
         good = sink._file._f.fileno()  # (the open audit file)
         bad = os.open(full, os.O_WRONLY)
@@ -32,18 +33,18 @@ def test_blocking_follows_a_sink_that_fails_and_recovers(on_failure: str, tmp_pa
         try:
             w.submit("access", {"tables": ["t"]})
             w.release()  # (what the loop would run next: the events written, or not)
-            seen.append((w.blocking, w.blocks()))
+            seen.append((w.blocking, w.blocks(), not w.recovered.is_set()))
         finally:
             os.dup2(saved, good)
             os.close(saved)
             os.close(bad)
         w._flush(sink)  # type: ignore[attr-defined]  # (what run() does while it fails)
-        seen.append((w.blocking, w.blocks()))
+        seen.append((w.blocking, w.blocks(), not w.recovered.is_set()))
         await w.close()
         return seen
 
     seen = asyncio.run(go())
-    assert all(attribute == computed for attribute, computed in seen), seen
-    assert [attribute for attribute, _ in seen] == (
+    assert all(attribute == computed == waits for attribute, computed, waits in seen), seen
+    assert [attribute for attribute, _, _ in seen] == (
         [False, True, False] if on_failure == "block" else [False, False, False]
     )
