@@ -9,6 +9,7 @@ server. Each test names the behaviour it checks; a failure is a finding.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import psycopg
@@ -92,7 +93,13 @@ def test_blocking_turns_on_while_a_table_write_hangs(
             locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
             w.submit("refused", {"reason": "x"})
             drain = asyncio.ensure_future(w._drain_table())
-            await asyncio.sleep(0)  # the drain took its batch and waits for the lock
+            # wait until the drain's write waits for the lock (it holds its batch then)
+            deadline = time.monotonic() + 60
+            while not locker.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[
+                0
+            ]:  # type: ignore[index]
+                assert time.monotonic() < deadline, "the table write never waited for the lock"
+                await asyncio.sleep(0.05)
             seen.append(w.blocking)
             w.submit("refused", {"reason": "x"})
             seen.append(w.blocking)  # two queued (one in the write): at queue_size
