@@ -11,6 +11,9 @@ xDRs' partitions. The parts add what only some users need, each named for what i
 - `population`: generated customers at the scale, two accounts each (`10c+1`, `10c+2`),
   xDRs for the first `xdr_customers` of them, values marked `C%06d` per customer;
 - `erasure` (after `population`): call recordings and the indexes the erasure worker uses.
+- `compat` (alone: it has its own rows): the compatibility suite's user-defined types in the
+  customers' columns (an enum, a domain, a composite), the keys and constraints ORMs
+  reflect, a view, a function, and its own customers (the canaries as `canaries` reads them).
 
 The SQL reads its numbers from settings (`current_setting('pgveil_billing.customers')`,
 ...) that `script` sets at its top, so every file is plain SQL that psql could run too.
@@ -33,7 +36,7 @@ from proxy.demo.embedded_pg import EmbeddedPostgres
 
 DATA = files("proxy.demo") / "data" / "fixture"
 SETTING = "pgveil_billing."  # the settings the SQL files read
-PARTS = ("canaries", "population", "erasure")
+PARTS = ("canaries", "population", "erasure", "compat")
 _NEEDS = {"erasure": "population"}  # a part and the part it builds on
 XdrsBy = Literal["i_xdr", "connect_time"]
 

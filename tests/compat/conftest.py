@@ -1,6 +1,8 @@
-"""The compatibility suite's world: a billing database `compat` in the test cluster, loaded
-with canary personal data, masking rules for it, and one pgveil in front of it for the
-whole session.
+"""The compatibility suite's world: a billing database `compat` in the test cluster (the
+billing fixture, `proxy.demo.fixture`, with its `compat` part: an enum, a domain and a
+composite in the customers' columns, and this suite's rows with canary personal data, given
+as the constants below), masking rules for it, and one pgveil in front of it for the whole
+session.
 
 Real applications and tools (Django, SQLAlchemy, pandas, psql, pgcli, asyncpg, psycopg) run
 against it as the masked role `compat_helpdesk` and, for comparison, the unmasked role
@@ -14,6 +16,7 @@ A database and roles of its own keep the suite independent of the other integrat
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import subprocess
@@ -24,17 +27,13 @@ from pathlib import Path
 
 import pytest
 
+from proxy.demo import fixture
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.masking_fixture import (
+    CANARIES,
     CARD,
-    EMAIL,
     HASH_KEY,
-    IP,
-    LICENSE,
-    LOGIN,
-    MAC,
     NAME,
-    PHONE,
     leaks,
 )
 from tests.support import ProxyProcess
@@ -52,90 +51,17 @@ DENIED = (SIP_PASSWORD, IBAN, CARD)
 # pages; customer 1 holds the canaries, customer 2 another real-looking person.
 CUSTOMERS = 30
 
-SCHEMA = f"""
-CREATE SCHEMA billing;
-CREATE TYPE billing.customer_status AS ENUM ('open', 'suspended', 'closed');
-CREATE DOMAIN billing.amount AS numeric(12,2) CHECK (VALUE >= 0);
-CREATE TYPE billing.money_pair AS (amount numeric(12,2), currency char(3));
-CREATE TABLE billing.customer_classes (
-    i_customer_class int PRIMARY KEY,
-    name text NOT NULL,
-    retention interval
-);
-CREATE TABLE billing.customers (
-    i_customer bigint PRIMARY KEY,
-    i_customer_class int NOT NULL REFERENCES billing.customer_classes,
-    name varchar(80) NOT NULL,
-    email text UNIQUE,
-    phone text,
-    cc_number text,
-    login text,
-    extra jsonb,
-    status billing.customer_status NOT NULL DEFAULT 'open',
-    balance billing.amount NOT NULL DEFAULT 0,
-    credit_limit billing.money_pair,
-    tags text[],
-    notes text,
-    created timestamptz NOT NULL DEFAULT '2024-01-01 00:00:00+00'
-);
-CREATE INDEX customers_class_idx ON billing.customers (i_customer_class);
-CREATE TABLE billing.accounts (
-    i_account bigint PRIMARY KEY,
-    i_customer bigint NOT NULL REFERENCES billing.customers,
-    id text NOT NULL UNIQUE,
-    ip inet,
-    mac macaddr,
-    sip_password text,
-    blocked boolean NOT NULL DEFAULT false,
-    balance numeric(12,2) NOT NULL DEFAULT 0
-);
-CREATE INDEX accounts_customer_idx ON billing.accounts (i_customer);
-CREATE TABLE billing.xdrs (
-    i_xdr bigint NOT NULL,
-    i_account bigint NOT NULL REFERENCES billing.accounts,
-    connect_time timestamptz NOT NULL,
-    cli text,
-    cld text,
-    charged numeric(12,4) NOT NULL DEFAULT 0,
-    PRIMARY KEY (i_xdr, connect_time)
-) PARTITION BY RANGE (connect_time);
-CREATE TABLE billing.xdrs_2024_01 PARTITION OF billing.xdrs
-    FOR VALUES FROM ('2024-01-01 00:00:00+00') TO ('2024-02-01 00:00:00+00');
-CREATE TABLE billing.xdrs_2024_02 PARTITION OF billing.xdrs
-    FOR VALUES FROM ('2024-02-01 00:00:00+00') TO ('2024-03-01 00:00:00+00');
-CREATE VIEW billing.customer_contacts AS
-    SELECT i_customer, name, email, phone FROM billing.customers;
-CREATE FUNCTION billing.invoice_total(bigint) RETURNS numeric LANGUAGE sql STABLE
-    AS 'SELECT 42.0';
-COMMENT ON TABLE billing.customers IS 'one row per customer';
+# the billing fixture's core with its `compat` part: its values are these constants
+SETTINGS = {
+    **CANARIES,
+    "canary_iban": IBAN,
+    "canary_sip_password": SIP_PASSWORD,
+    "compat_customers": str(CUSTOMERS),
+}
+FIRST_MONTH = dt.date(2024, 1, 1)  # the xDRs' two monthly partitions: xdrs_2024_01, _02
 
-INSERT INTO billing.customer_classes VALUES
-    (1, 'European Customers', '30 days'), (2, 'Wholesale', '10 years');
-INSERT INTO billing.customers
-    (i_customer, i_customer_class, name, email, phone, cc_number, login, extra, status,
-     balance, credit_limit, tags, notes)
-VALUES
-  (1, 1, '{NAME}', '{EMAIL}', '{PHONE}', '{CARD}', '{LOGIN}',
-   '{{"dl": "{LICENSE}", "iban": "{IBAN}", "tier": "gold"}}', 'open', 12.50,
-   '(500.00,EUR)', '{{vip,paper}}', 'likes invoices'),
-  (2, 1, 'Ann Other', 'ann@example.org', '+420600000000', '5555000011112222', 'ann_login',
-   '{{"dl": "DL-1", "tier": "silver"}}', 'suspended', 3.00, '(10.00,EUR)', '{{}}', NULL);
-INSERT INTO billing.customers (i_customer, i_customer_class, name, email, phone, login, balance)
-SELECT g, 1 + g % 2, 'Customer ' || lpad(g::text, 6, '0'),
-       'customer' || lpad(g::text, 6, '0') || '@example.invalid',
-       '+1-555-01' || lpad(g::text, 2, '0'), 'login' || g, g
-  FROM generate_series(3, {CUSTOMERS}) g;
-INSERT INTO billing.accounts VALUES
-    (10, 1, 'ACC-10', '{IP}', '{MAC}', '{SIP_PASSWORD}', false, 1.00),
-    (20, 2, 'ACC-20', '10.0.0.2', '00:00:00:00:00:02', 'ann-sip-pw', true, 2.00);
-INSERT INTO billing.accounts (i_account, i_customer, id, ip, sip_password)
-SELECT 100 + g, g, 'ACC-' || (100 + g), ('192.0.2.' || g)::inet, 'pw' || g
-  FROM generate_series(3, {CUSTOMERS}) g;
-INSERT INTO billing.xdrs VALUES
-    (1, 10, '2024-01-05 10:00:00+00', '{PHONE}', '+18005550100', 1.25),
-    (2, 10, '2024-02-05 10:00:00+00', '{PHONE}', '+18005550101', 0.75),
-    (3, 20, '2024-01-06 11:00:00+00', '+420600000000', '+18005550102', 2.5);
-
+# the suite's own roles (not the billing schema)
+ROLES = f"""
 CREATE ROLE {MASKED} LOGIN PASSWORD '{MASKED_PW}';
 CREATE ROLE {UNMASKED} LOGIN PASSWORD '{UNMASKED_PW}';
 GRANT USAGE ON SCHEMA billing TO {MASKED}, {UNMASKED};
@@ -143,8 +69,23 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA billing TO {MASKED}
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA billing TO {MASKED}, {UNMASKED};
 GRANT pg_read_all_stats TO {MASKED}, {UNMASKED};
 ALTER DATABASE {DB} SET search_path = billing, public;
-ANALYZE;
 """
+
+
+def load_schema(pg: EmbeddedPostgres) -> None:
+    """The billing schema with the suite's rows into database `compat` (which must exist),
+    then the suite's roles."""
+    fixture.load(
+        pg,
+        parts=("compat",),
+        dbname=DB,
+        xdrs_by="connect_time",
+        first_month=FIRST_MONTH,
+        months=2,
+        settings=SETTINGS,
+    )
+    pg.psql(ROLES, dbname=DB)
+
 
 RULES = f"""
 databases: [{DB}]
@@ -250,7 +191,7 @@ def compat(pg: EmbeddedPostgres) -> Iterator[Compat]:
     pg.psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     pg.psql(f"DROP ROLE IF EXISTS {MASKED}; DROP ROLE IF EXISTS {UNMASKED}")
     pg.psql(f"CREATE DATABASE {DB}")
-    pg.psql(SCHEMA, dbname=DB)
+    load_schema(pg)
     d = Path(tempfile.mkdtemp(prefix="pgveil-compat-"))
     rules = d / "rules.yaml"
     rules.write_text(RULES)
