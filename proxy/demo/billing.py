@@ -1,21 +1,23 @@
 """The demo's billing database: its package data files (`proxy/demo/data/`), read and run.
 
-`data/recipe.yaml` says what a scale means and in which order the SQL files build and fill
-the `billing` schema; `data/schema.sql` is the schema, `data/load/*.sql` the data (generated
-on the server: `INSERT ... SELECT` over `generate_series`, so a million xDRs load in
-seconds), `data/roles.sql` the demo's roles, `data/rules.yaml` and `data/erasure.yaml` the
-masking rules and the erasure configuration. The SQL reads its numbers from settings
-(`current_setting('pgveil_demo.customers')`, ...) that `load` sets for the transaction, so
-every file is plain SQL that psql could run too.
+The schema is the one billing fixture's (`proxy.demo.fixture`): its core with the part
+`demo` (`data/fixture/demo.sql`: the demo's further columns, constraints and tables), the
+xDRs partitioned by month over the `xdr_days` before the load's "now". `data/recipe.yaml`
+says what a scale means and in which order the SQL files fill it: `data/load/*.sql`
+(generated on the server: `INSERT ... SELECT` over `generate_series`, so a million xDRs
+load in seconds); `data/roles.sql` is the demo's roles, `data/rules.yaml` and
+`data/erasure.yaml` the masking rules and the erasure configuration. The data files read
+their numbers from settings (`current_setting('pgveil_demo.customers')`, ...) that `load`
+sets for the transaction, so every file is plain SQL that psql could run too.
 
 Every value is derived from a row number and is obviously fake: `Customer 000123`,
 `customer000123@example.invalid`, `+1-555-0123`, documentation IP ranges, test IMSIs (MCC
 001), locally administered MACs. Some customers were terminated long ago and some recently,
 in classes with 0-day, 30-day and 10-year retention, so the erasure worker has work.
 
-This module builds no SQL or YAML: it fills two paths into the YAML templates and sets
-settings; it prints nothing and opens no connection of its own (`load` runs on the one it
-is given).
+This module builds no SQL or YAML: it fills two paths into the YAML templates, sets
+settings and gives the fixture its months; it prints nothing and opens no connection of its
+own (`load` runs on the one it is given).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from importlib.resources import files
 from typing import Any
 
 import yaml
+
+from proxy.demo import fixture
 
 DATA = files("proxy.demo") / "data"
 
@@ -49,6 +53,7 @@ HELPDESK_ROLE: str = RECIPE["roles"]["masked"]
 CATALOG_ROLE: str = RECIPE["roles"]["catalog"]
 DEMO_ROLES = (ADMIN_ROLE, HELPDESK_ROLE, CATALOG_ROLE)
 XDR_DAYS: int = RECIPE["xdr_days"]
+FIXTURE_PARTS: tuple[str, ...] = tuple(RECIPE["fixture_parts"])
 DUE_SQL = data_text(RECIPE["due_file"])
 ROLES_SQL = data_text(RECIPE["roles_file"])
 SETTING = "pgveil_demo."  # the settings the SQL files read
@@ -133,10 +138,32 @@ def load_steps(counts: Counts) -> list[Step]:
 
 
 def settings(counts: Counts, now: dt.datetime) -> dict[str, str]:
-    """What the SQL files read: the counts, the load's "now" (UTC) and the marker."""
+    """What the data files read: the counts and the load's "now" (UTC)."""
     out = {k: str(v) for k, v in counts.settings().items()}
-    out |= {"now": now.isoformat(), "xdr_days": str(XDR_DAYS), "marker": MARKER}
+    out |= {"now": now.isoformat(), "xdr_days": str(XDR_DAYS)}
     return out
+
+
+def xdr_months(now: dt.datetime) -> tuple[dt.date, int]:
+    """The xDRs' monthly partitions at `now` (aware): the first month, that of the day
+    `XDR_DAYS` days before `now` in UTC (the oldest xDR's), and how many months from it to
+    `now`'s month, both included."""
+    utc = now.astimezone(dt.UTC)
+    first = (utc - dt.timedelta(days=XDR_DAYS)).date().replace(day=1)
+    return first, (utc.year - first.year) * 12 + utc.month - first.month + 1
+
+
+def schema(now: dt.datetime) -> str:
+    """The billing fixture's script for the demo's schema at `now`: the core and the recipe's
+    parts, the xDRs by connect_time in `xdr_months(now)`, the schema marked as the demo's."""
+    first, months = xdr_months(now)
+    return fixture.script(
+        parts=FIXTURE_PARTS,
+        xdrs_by="connect_time",
+        first_month=first,
+        months=months,
+        settings={"demo_marker": MARKER},
+    )
 
 
 async def _set(conn: Any, values: Mapping[str, object]) -> None:
@@ -160,7 +187,10 @@ async def load(
         await _set(conn, settings(counts, now))
         if progress is not None:
             progress(0, "schema")
-        for name in RECIPE["schema_files"]:
+        # one script (one Query message): no round trip between the check and the fixture's
+        # DROP SCHEMA IF EXISTS
+        await conn.execute(data_text(RECIPE["absent_file"]) + "\n" + schema(now))
+        for name in RECIPE["helper_files"]:
             await conn.execute(data_text(name))
         for step in steps:
             if progress is not None:

@@ -10,10 +10,13 @@ xDRs' partitions. The parts add what only some users need, each named for what i
   settings, so the tests' constants are the one source), their views and functions;
 - `population`: generated customers at the scale, two accounts each (`10c+1`, `10c+2`),
   xDRs for the first `xdr_customers` of them, values marked `C%06d` per customer;
-- `erasure` (after `population`): call recordings and the indexes the erasure worker uses.
+- `erasure` (after `population`): call recordings and the indexes the erasure worker uses;
 - `compat` (alone: it has its own rows): the compatibility suite's user-defined types in the
   customers' columns (an enum, a domain, a composite), the keys and constraints ORMs
-  reflect, a view, a function, and its own customers (the canaries as `canaries` reads them).
+  reflect, a view, a function, and its own customers (the canaries as `canaries` reads them);
+- `demo` (xDRs by `connect_time`; not with `population`): the schema of `pgveil demo`
+  (`proxy.demo.billing` fills it): the core tables' further columns and constraints, its
+  further tables (resellers, cards, credentials, staff, recordings, invoices, ...), a view.
 
 The SQL reads its numbers from settings (`current_setting('pgveil_billing.customers')`,
 ...) that `script` sets at its top, so every file is plain SQL that psql could run too.
@@ -36,7 +39,7 @@ from proxy.demo.embedded_pg import EmbeddedPostgres
 
 DATA = files("proxy.demo") / "data" / "fixture"
 SETTING = "pgveil_billing."  # the settings the SQL files read
-PARTS = ("canaries", "population", "erasure", "compat")
+PARTS = ("canaries", "population", "erasure", "compat", "demo")
 _NEEDS = {"erasure": "population"}  # a part and the part it builds on
 XdrsBy = Literal["i_xdr", "connect_time"]
 

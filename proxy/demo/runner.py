@@ -372,7 +372,7 @@ class Demo:
             + '"',
             "",
             "  and try, as both:",
-            "    SELECT name, email, phone1 FROM billing.customers ORDER BY i_customer LIMIT 3;",
+            "    SELECT name, email, phone FROM billing.customers ORDER BY i_customer LIMIT 3;",
             "    SELECT * FROM billing.customer_overview LIMIT 3;",
             "    SELECT i_customer, password_hash FROM billing.selfcare_credentials"
             " WHERE i_customer = 1;"

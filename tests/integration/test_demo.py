@@ -27,7 +27,7 @@ from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.audit_wire import all_events
 
 ROOT = Path(__file__).resolve().parents[2]
-CUSTOMERS = "SELECT name, email, phone1 FROM billing.customers ORDER BY i_customer LIMIT 3"
+CUSTOMERS = "SELECT name, email, phone FROM billing.customers ORDER BY i_customer LIMIT 3"
 DENIED = "SELECT i_customer, password_hash FROM billing.selfcare_credentials WHERE i_customer = 1"
 REFUSED = "SELECT query_to_xml('SELECT * FROM billing.customers', true, true, '')"
 PROMPT = "pgveil_demo=> "
@@ -256,7 +256,8 @@ def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
     assert len(erased) == 2
     assert rows(
         demo, admin, f"SELECT count(*) FROM billing.xdrs x JOIN billing.accounts a USING "
-        f"(i_account) WHERE a.i_customer = {erased[0]} AND x.cli IS NOT NULL"
+        f"(i_account) WHERE a.i_customer = {erased[0]} AND (x.cli IS NOT NULL"
+        " OR x.account_id IS NOT NULL)"
     ) == ["0"]  # fmt: skip
     erasure_audit = Path(demo.field("erasure audit"))
     assert verify_files([erasure_audit])[1] is None

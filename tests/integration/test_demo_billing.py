@@ -1,19 +1,24 @@
-"""The demo's billing database loaded from its data files into the test cluster: the xDR
-partitions cover the generated times whatever the month (December rolls over into the next
-year), the load leaves only the schema's tables behind, and the roles file gives the roles
-what the recipe says."""
+"""The demo's billing database loaded from its data files into the test cluster: the schema
+is the billing fixture's core with the part `demo` (the core's columns first, in the core's
+order), the xDR partitions cover the generated times whatever the month (December rolls over
+into the next year), the load leaves only the schema's tables behind, every table but the
+customer classes has rules, the load never drops a billing schema it did not create, and the
+roles file gives the roles what the recipe says."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from proxy.demo import billing as data
-from proxy.demo.embedded_pg import EmbeddedPostgres
+from proxy.demo import fixture
+from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from rules.loader import parse_rules
 
 DB = "demo_billing"
 
@@ -37,15 +42,14 @@ async def _connect(pg: EmbeddedPostgres) -> asyncpg.Connection:
 async def _partitions(
     pg: EmbeddedPostgres, now: dt.datetime
 ) -> list[tuple[str, dt.datetime, dt.datetime]]:
-    """Only the schema file, at `now`: each partition's name and bounds (in UTC)."""
+    """Only the schema (the fixture's script for the demo), at `now`: each partition's name
+    and bounds (in UTC)."""
     conn = await _connect(pg)
     try:
         # a session in another time zone: the bounds stay at midnight UTC
         await conn.execute("SET TimeZone = 'America/New_York'")
         async with conn.transaction():
-            for name, value in data.settings(data.Counts.at_scale(0.001), now).items():
-                await conn.execute("SELECT set_config($1, $2, true)", data.SETTING + name, value)
-            await conn.execute(data.data_text("schema.sql"))
+            await conn.execute(data.schema(now))
         rows = await conn.fetch(
             "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound"
             "  FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid"
@@ -82,7 +86,7 @@ def test_xdr_partitions_cover_the_generated_times(
     assert parts[0][1] <= now - dt.timedelta(days=data.XDR_DAYS, seconds=1)
     assert parts[-1][2] > now
     for (name, lo, hi), following in zip(parts, [*parts[1:], None], strict=True):
-        assert name == f"xdrs_{lo:%Y%m}"
+        assert name == f"xdrs_{lo:%Y_%m}"
         assert lo.day == 1 and lo.hour == lo.minute == 0 and lo.tzinfo is not None
         assert hi.day == 1 and hi.hour == 0 and (hi - lo).days in (28, 29, 30, 31)
         if following is not None:
@@ -113,11 +117,109 @@ def test_a_load_leaves_only_the_tables_and_its_settings_end_with_it(
 
     functions, settings, due = asyncio.run(run())
     assert functions == []  # the load's helpers are gone
-    # nothing the load set outlives its transaction (create_roles sets the passwords the same
-    # way)
+    # nothing the data files read outlives the load's transaction (create_roles sets the
+    # passwords the same way; the fixture's own pgveil_billing.* settings, its numbers and
+    # the marker, are the session's, as for every user of the fixture)
     assert len(settings) > 5 and set(settings) == {""}
     # 40 customers, every 40th terminated 400 days ago, in class 1 + 40 % 3 = 2 (30 days)
     assert due == 1
+
+
+async def _columns(conn: asyncpg.Connection, table: str) -> list[tuple[str, str]]:
+    rows = await conn.fetch(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        f"billing.{table}",
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+def test_the_demo_schema_is_the_fixture_core_with_the_demo_part(
+    pg: EmbeddedPostgres, database: str
+) -> None:
+    """The core tables have the core's columns first, in its order and with its types (but
+    the one the part changes), then the demo's; the core's partitions are the demo's."""
+    core_tables = ("customer_classes", "customers", "accounts", "xdrs")
+    now = dt.datetime(2026, 5, 20, tzinfo=dt.UTC)
+    first, months = data.xdr_months(now)
+
+    async def run() -> tuple[dict[str, list[tuple[str, str]]], dict[str, list[tuple[str, str]]]]:
+        conn = await _connect(pg)
+        try:
+            async with conn.transaction():
+                core = fixture.script(xdrs_by="connect_time", first_month=first, months=months)
+                await conn.execute(core)
+                before = {t: await _columns(conn, t) for t in core_tables}
+                await conn.execute(data.schema(now))  # (the fixture drops what it made)
+                after = {t: await _columns(conn, t) for t in core_tables}
+            return before, after
+        finally:
+            await conn.close()
+
+    core, demo = asyncio.run(run())
+    assert ("phone", "text") in core["customers"] and ("extra", "jsonb") in core["customers"]
+    changed = {("xdrs", "charged"): "numeric(12,5)"}  # the demo's xDRs are charged to 1e-5
+    for table in core_tables:
+        own = demo[table][: len(core[table])]
+        assert [c for c, _ in own] == [c for c, _ in core[table]], table
+        for (column, was), (_, now_type) in zip(core[table], own, strict=True):
+            assert now_type == changed.get((table, column), was), (table, column)
+    assert len(demo["customers"]) > len(core["customers"]) + 10  # the demo's own columns
+    assert ("disconnect_time", "timestamp with time zone") in demo["xdrs"]
+    for column in ("phone1", "custom_fields", "charged_amount", "ip_phone_mac"):
+        assert all(column not in [c for c, _ in cols] for cols in demo.values()), column
+
+
+def test_the_demo_part_needs_the_xdrs_by_connect_time(pg: EmbeddedPostgres, database: str) -> None:
+    sql = fixture.script(parts=("demo",), settings={"demo_marker": "m"})  # by i_xdr
+    with pytest.raises(EmbeddedPostgresError, match='part "demo" needs xdrs_by connect_time'):
+        pg.psql(sql, dbname=database)
+
+
+def test_every_table_but_the_classes_has_rules(
+    pg: EmbeddedPostgres, database: str, tmp_path: Path
+) -> None:
+    """In the loaded database (the catalog, not the files' text): a table the part adds
+    without rules would be read unmasked."""
+
+    async def run() -> set[str]:
+        conn = await _connect(pg)
+        try:
+            await data.load(conn, data.Counts.at_scale(0.001), dt.datetime.now(dt.UTC))
+            rows = await conn.fetch(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'billing'::regnamespace"
+                " AND relkind IN ('r', 'p') AND NOT relispartition"
+            )
+            return {r[0] for r in rows}
+        finally:
+            await conn.close()
+
+    tables = asyncio.run(run())
+    key = tmp_path / "hash.key"
+    key.write_text("k" * 64)
+    ruled = {t for s, t in parse_rules(data.rules_yaml(str(key))).tables if s == "billing"}
+    assert "xdrs" in tables and "resellers" in tables
+    assert ruled == tables - {"customer_classes"}
+
+
+def test_a_load_never_drops_a_billing_schema_it_did_not_create(
+    pg: EmbeddedPostgres, database: str
+) -> None:
+    """The fixture's script begins by dropping any billing schema: the load checks in its
+    own transaction, right before, that there is none (the runner's check comes earlier,
+    outside it), and fails as CREATE SCHEMA would."""
+    pg.psql("CREATE SCHEMA billing; CREATE TABLE billing.mine (v int)", dbname=database)
+
+    async def run() -> None:
+        conn = await _connect(pg)
+        try:
+            await data.load(conn, data.Counts.at_scale(0.001), dt.datetime.now(dt.UTC))
+        finally:
+            await conn.close()
+
+    with pytest.raises(asyncpg.DuplicateSchemaError, match="already exists"):
+        asyncio.run(run())
+    assert pg.psql("SELECT count(*) FROM billing.mine", dbname=database) == "0\n"
 
 
 def test_the_roles_file_creates_marks_and_grants_the_recipes_roles(

@@ -15,6 +15,7 @@ import pytest
 
 from proxy.config import ConfigError
 from proxy.demo import billing as data
+from proxy.demo import fixture
 from proxy.demo.runner import parse_dsn
 from rules.loader import parse_rules
 
@@ -51,6 +52,43 @@ def test_load_steps_follow_the_recipe_and_chunk_the_xdrs() -> None:
     assert read and read <= given, read - given
 
 
+@pytest.mark.parametrize(
+    ("now", "first", "months"),
+    [
+        # 180 days before: 2025-10-02, so October to March
+        (dt.datetime(2026, 3, 31, 23, 59, tzinfo=dt.UTC), dt.date(2025, 10, 1), 6),
+        # in UTC already the 1st of April: 2025-10-03 to April
+        (
+            dt.datetime(2026, 3, 31, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-2))),
+            dt.date(2025, 10, 1),
+            7,
+        ),
+        (dt.datetime(2026, 12, 15, tzinfo=dt.UTC), dt.date(2026, 6, 1), 7),
+        (dt.datetime(2027, 1, 1, tzinfo=dt.UTC), dt.date(2026, 7, 1), 7),
+    ],
+)
+def test_xdr_months_reach_from_the_oldest_xdr_to_now(
+    now: dt.datetime, first: dt.date, months: int
+) -> None:
+    assert data.xdr_months(now) == (first, months)
+
+
+def test_the_schema_is_the_fixtures_with_the_recipes_parts() -> None:
+    now = dt.datetime(2026, 12, 15, tzinfo=dt.UTC)
+    sql = data.schema(now)
+    assert data.FIXTURE_PARTS == ("demo",)
+    assert sql.index("CREATE SCHEMA billing") < sql.index('Part "demo"')
+    assert "set_config('pgveil_billing.xdrs_by', 'connect_time', false)" in sql
+    assert "set_config('pgveil_billing.first_month', '2026-06-01', false)" in sql
+    assert "set_config('pgveil_billing.months', '7', false)" in sql
+    marker = data.MARKER.replace("'", "''")
+    assert f"set_config('pgveil_billing.demo_marker', '{marker}', false)" in sql
+    # every setting the part reads is one the script sets
+    read = set(re.findall(r"pgveil_billing\.(\w+)", fixture.data_text("demo.sql")))
+    given = set(re.findall(r"set_config\('pgveil_billing\.(\w+)'", sql))
+    assert read and read <= given, read - given
+
+
 def test_pdf_template_offsets_hold_for_fixed_width_fields() -> None:
     template = data.data_text("invoice.pdf.template")
     # the widths invoices.sql pads the fields to, in the template's order
@@ -84,7 +122,10 @@ def test_rules_cover_every_demo_table_and_load(tmp_path: Path) -> None:
     policy = parse_rules(data.rules_yaml(str(key)))
     assert policy.masked_roles == {data.HELPDESK_ROLE}
     assert policy.unmasked_roles == {data.ADMIN_ROLE}
-    tables = set(re.findall(r"^CREATE TABLE (\w+) \(", data.data_text("schema.sql"), re.M))
+    # the fixture's core (xdrs in a DO block's string) and the demo's part
+    schema = fixture.data_text("core.sql") + fixture.data_text("demo.sql")
+    tables = set(re.findall(r"CREATE TABLE (?:billing\.)?(\w+) \(", schema))
+    assert {"customers", "xdrs", "resellers", "invoices"} <= tables
     # every table but the customer classes holds personal data and has rules
     assert {t for _s, t in policy.tables} == tables - {"customer_classes"}
     for name in ("password_hash", "sip_password", "merchant_secret", "totp_secret"):

@@ -1,5 +1,8 @@
 -- two accounts per customer: account g belongs to customer (g + 1) / 2
 INSERT INTO billing.accounts
+    (i_account, i_customer, id, bill_status, balance, activation_date, subscriber_firstname,
+     subscriber_lastname, subscriber_email, subscriber_address, imsi, msisdn, mac, ip,
+     sip_password, extra)
 SELECT g, c, billing.demo_account_number(g),
        CASE WHEN c % 20 = 0 THEN 'closed' ELSE 'open' END,
        ((g * 53) % 5000) / 100.0, (now_ - (300 + g % 900) * interval '1 day')::date,

@@ -1,5 +1,8 @@
 -- every 20th customer is terminated: every 40th 400 days ago, the others 10 days ago
 INSERT INTO billing.customers
+    (i_customer, i_customer_class, i_parent, name, firstname, lastname, companyname, email, phone,
+     phone2, address, city, zip, country, bill_status, balance, credit_limit, created_at,
+     terminated_at, extra, notes)
 SELECT g, 1 + g % 3, CASE WHEN g % 10 = 0 THEN 1 + g % 5 END,
        'Customer ' || billing.demo_pad(g, 6), billing.demo_first(g), billing.demo_last(g / 10),
        CASE WHEN g % 3 = 1 THEN 'Example Trading ' || billing.demo_pad(g, 6) END,
