@@ -1,12 +1,14 @@
 """What the erasure worker costs: throughput against one bulk UPDATE, the longest lock any
 of its batches holds, and what it does to live traffic through pgveil.
 
-Starts a throwaway PostgreSQL (`proxy.demo.embedded_pg.EmbeddedPostgres`) and generates a
-billing database: `--subjects` terminated customers with one account and `--rows` xDRs
-each (2,000 x 1,000 = 2,000,000 rows to erase by default), as many live customers with
-`--live-rows` xDRs each, in an xDR table partitioned by month (6 partitions, indexes on
-(i_account, i_xdr) and connect_time, rows in time order as a switch writes them). Then,
-each on an identical copy (CREATE DATABASE ... TEMPLATE):
+Starts a throwaway PostgreSQL (`proxy.demo.embedded_pg.EmbeddedPostgres`) and loads the
+billing fixture (`proxy.demo.fixture`: its core with the xDRs partitioned by month, 6
+partitions, and the parts `population` at a scale of no customers, `traffic` and
+`erasure`): `--subjects` terminated customers with one account and `--rows` xDRs each
+(2,000 x 1,000 = 2,000,000 rows to erase by default), as many live customers with
+`--live-rows` xDRs each, rows in time order as a switch writes them, indexes on
+(i_account, i_xdr) and connect_time. Then, each on an identical copy (CREATE DATABASE ...
+TEMPLATE):
 
 1. **bulk**: one `UPDATE billing.xdrs SET account_id = NULL, cli = NULL, cld = NULL,
    ip = NULL WHERE i_account = ANY(...)` over the erased subjects' accounts: rows/s;
@@ -38,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -50,65 +52,23 @@ sys.path.insert(0, str(REPO))
 from audit.files import read_events  # noqa: E402
 from erasure.loader import parse_config  # noqa: E402
 from erasure.worker import run  # noqa: E402
+from proxy.demo import fixture  # noqa: E402
 from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "erasure.md"
 HOST = "127.0.0.1"
 NOW = datetime(2026, 7, 1, tzinfo=UTC)
+FIRST_MONTH = date(2026, 1, 1)
 MONTHS = 6
+TERMINATED_AT = datetime(2026, 6, 30, tzinfo=UTC)  # the subjects' (retention 0: due at NOW)
+# the billing fixture's parts: `population` adds the columns (terminated_at) and, at a scale
+# of no customers, no rows; `traffic` the benchmark's customers and xDRs; `erasure` (after
+# the rows, so its indexes are built, not grown) the indexes the worker's batches use
+PARTS = ("population", "traffic", "erasure")
 
 
 class BenchError(Exception):
     pass
-
-
-def schema(subjects: int, rows: int, live_rows: int) -> list[str]:
-    """Statements that build and fill the billing database (customers 1..subjects are
-    terminated, the next `subjects` are live; customer c has account c)."""
-    total = 2 * subjects
-    parts = [
-        f"CREATE TABLE billing.xdrs_2026_{m:02d} PARTITION OF billing.xdrs FOR VALUES FROM "
-        f"('2026-{m:02d}-01') TO ('{2026 + m // 12}-{m % 12 + 1:02d}-01')"
-        for m in range(1, MONTHS + 1)
-    ]
-    return [
-        "CREATE SCHEMA billing",
-        """CREATE TABLE billing.customers (
-            i_customer bigint PRIMARY KEY, name text NOT NULL, email text, phone text,
-            terminated_at timestamptz, balance numeric(12,2) NOT NULL DEFAULT 0)""",
-        f"""INSERT INTO billing.customers
-            SELECT c, 'Customer ' || c, 'c' || c || '@mail.example', '+420' || (600000000 + c),
-                   CASE WHEN c <= {subjects} THEN timestamptz '2026-06-30 00:00+00' END, 10
-              FROM generate_series(1, {total}) AS c""",
-        """CREATE TABLE billing.accounts (
-            i_account bigint PRIMARY KEY, i_customer bigint NOT NULL, id text NOT NULL,
-            ip inet)""",
-        f"""INSERT INTO billing.accounts
-            SELECT c, c, 'ACC-' || c, ('10.' || (c >> 16) || '.' || ((c >> 8) & 255) || '.'
-                   || (c & 255))::inet FROM generate_series(1, {total}) AS c""",
-        "CREATE INDEX accounts_customer ON billing.accounts (i_customer)",
-        """CREATE TABLE billing.xdrs (
-            i_xdr bigint NOT NULL, i_account bigint, account_id text, cli text, cld text,
-            ip inet, charged numeric(12,5) NOT NULL, connect_time timestamptz NOT NULL)
-            PARTITION BY RANGE (connect_time)""",
-        *parts,
-        # in time order, as a switch writes them: one account's rows are spread out
-        f"""INSERT INTO billing.xdrs
-            SELECT row_number() OVER (ORDER BY t), a, 'ACC-' || a, '+420' || (600000000 + a),
-                   '+1800' || lpad((n * 7919 % 10000000)::text, 7, '0'),
-                   ('10.' || (a >> 16) || '.' || ((a >> 8) & 255) || '.' || (a & 255))::inet,
-                   (n % 1000) / 100.0, t
-              FROM (SELECT a, n, timestamptz '2026-01-01 00:00+00'
-                           + ((n::bigint * 7919 + a * 104729) % ({MONTHS * 30} * 86400))
-                             * interval '1 second' AS t
-                      FROM generate_series(1, {total}) AS a,
-                           LATERAL generate_series(1, CASE WHEN a <= {subjects} THEN {rows}
-                                                       ELSE {live_rows} END) AS n) AS g""",
-        "CREATE INDEX xdrs_account ON billing.xdrs (i_account, i_xdr)",
-        "CREATE INDEX xdrs_time ON billing.xdrs (connect_time)",
-        "CREATE SEQUENCE billing.xdr_seq START 100000000",
-        "VACUUM ANALYZE",
-    ]
 
 
 def config_text(audit: Path, batch_size: int, concurrency: int, rate_limit: int) -> str:
@@ -146,8 +106,9 @@ PGBENCH_SCRIPT = (
     "BEGIN;\n"
     "SELECT i_xdr, cli, cld, charged FROM billing.xdrs WHERE i_account = :c "
     "ORDER BY i_xdr DESC LIMIT 10;\n"
-    "INSERT INTO billing.xdrs VALUES (nextval('billing.xdr_seq'), :c, 'ACC-' || :c, "
-    "'+420600000000', '+18001234567', NULL, 0.1, timestamptz '2026-06-15 12:00+00');\n"
+    "INSERT INTO billing.xdrs (i_account, account_id, cli, cld, charged, connect_time) "
+    "VALUES (:c, 'ACC-' || :c, '+420600000000', '+18001234567', 0.1, "
+    "timestamptz '2026-06-15 12:00+00');\n"
     "UPDATE billing.customers SET balance = balance + 0.01 WHERE i_customer = :c;\n"
     "END;\n"
 )
@@ -187,14 +148,33 @@ class Cluster:
         await self.admin(f"CREATE DATABASE {target} TEMPLATE {source} STRATEGY = FILE_COPY")
 
 
+def script(ns: argparse.Namespace) -> str:
+    """The billing fixture's SQL for the benchmark's database."""
+    return fixture.script(
+        fixture.Scale(),
+        PARTS,
+        xdrs_by="connect_time",
+        first_month=FIRST_MONTH,
+        months=MONTHS,
+        terminated_at=TERMINATED_AT,
+        settings={
+            "subjects": str(ns.subjects),
+            "subject_xdrs": str(ns.rows),
+            "live_xdrs": str(ns.live_rows),
+        },
+    )
+
+
 async def load(cluster: Cluster, name: str, ns: argparse.Namespace) -> None:
     await cluster.admin(f"CREATE DATABASE {name}")
     conn = await cluster.connect(name)
     try:
-        for sql in schema(ns.subjects, ns.rows, ns.live_rows):
-            t = time.perf_counter()
-            await conn.execute(sql)
-            log(f"  {sql.split(chr(10))[0][:70]} ... {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        await conn.execute(script(ns))  # one transaction, as fixture.load runs it
+        log(f"  the billing fixture ... {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        await conn.execute("VACUUM ANALYZE")  # (not in a transaction)
+        log(f"  VACUUM ANALYZE ... {time.perf_counter() - t:.1f} s")
     finally:
         await conn.close()
     await cluster.admin("CHECKPOINT")
@@ -462,7 +442,7 @@ def report(ns: argparse.Namespace, db: EmbeddedPostgres, r: dict[str, Any]) -> s
         f"pgveil `{commit}`",
         f"- {ns.subjects:,} subjects x {ns.rows:,} xDRs = {ns.subjects * ns.rows:,} rows to "
         f"erase, among {ns.subjects * (ns.rows + ns.live_rows):,} xDRs in {MONTHS} monthly "
-        f"partitions; batch size {ns.batch_size:,}",
+        f"partitions (the billing fixture: {', '.join(PARTS)}); batch size {ns.batch_size:,}",
         "",
         "## Throughput (target: worker >= 0.7x the bulk UPDATE)",
         "",

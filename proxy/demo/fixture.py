@@ -16,7 +16,11 @@ xDRs' partitions. The parts add what only some users need, each named for what i
   reflect, a view, a function, and its own customers (the canaries as `canaries` reads them);
 - `demo` (xDRs by `connect_time`; not with `population`): the schema of `pgveil demo`
   (`proxy.demo.billing` fills it): the core tables' further columns and constraints, its
-  further tables (resellers, cards, credentials, staff, recordings, invoices, ...), a view.
+  further tables (resellers, cards, credentials, staff, recordings, invoices, ...), a view;
+- `traffic` (after `population` at a scale of no customers): the erasure benchmark's shape,
+  `subjects` terminated and as many live customers with one account each, their xDRs
+  (`subject_xdrs`, `live_xdrs` per account, given as settings) stored in time order as a
+  switch writes them, and an index on connect_time.
 
 The SQL reads its numbers from settings (`current_setting('pgveil_billing.customers')`,
 ...) that `script` sets at its top, so every file is plain SQL that psql could run too.
@@ -39,8 +43,8 @@ from proxy.demo.embedded_pg import EmbeddedPostgres
 
 DATA = files("proxy.demo") / "data" / "fixture"
 SETTING = "pgveil_billing."  # the settings the SQL files read
-PARTS = ("canaries", "population", "erasure", "compat", "demo")
-_NEEDS = {"erasure": "population"}  # a part and the part it builds on
+PARTS = ("canaries", "population", "erasure", "compat", "demo", "traffic")
+_NEEDS = {"erasure": "population", "traffic": "population"}  # a part and the part it builds on
 XdrsBy = Literal["i_xdr", "connect_time"]
 
 
