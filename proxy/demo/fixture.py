@@ -1,5 +1,5 @@
-"""pgveil's one billing fixture: the `billing` schema that the test suite and the benchmarks
-load, at a scale, with the parts each of them asks for (package data files under
+"""pgveil's one billing fixture: the `billing` schema that the test suite, the benchmarks
+and the demo load, at a scale, with the parts each of them asks for (package data files under
 `data/fixture/`).
 
 `core.sql` is what every user shares: customer classes, customers, accounts and xDRs (with
@@ -45,6 +45,12 @@ DATA = files("proxy.demo") / "data" / "fixture"
 SETTING = "pgveil_billing."  # the settings the SQL files read
 PARTS = ("canaries", "population", "erasure", "compat", "demo", "traffic")
 _NEEDS = {"erasure": "population", "traffic": "population"}  # a part and the part it builds on
+# parts that cannot be loaded together (they add the same columns or rows): refused here,
+# with their names, rather than by the server halfway through the script
+_CLASHES = {
+    "compat": frozenset(PARTS) - {"compat"},
+    "demo": frozenset({"population", "compat", "traffic", "erasure", "canaries"}),
+}
 XdrsBy = Literal["i_xdr", "connect_time"]
 
 
@@ -98,6 +104,12 @@ def script(
         need = _NEEDS.get(part)
         if need is not None and need not in parts[: parts.index(part)]:
             raise ValueError(f"the billing fixture part {part!r} needs {need!r} before it")
+    for part, others in _CLASHES.items():
+        if part in parts and not others.isdisjoint(parts):
+            clash = ", ".join(repr(p) for p in parts if p in others)
+            raise ValueError(f"the billing fixture part {part!r} cannot be loaded with {clash}")
+    if "traffic" in parts and scale.customers:
+        raise ValueError("the billing fixture part 'traffic' needs 'population' at no customers")
     if scale.customers and "population" not in parts:
         raise ValueError("a scale with customers needs the billing fixture part 'population'")
     if xdrs_by not in ("i_xdr", "connect_time"):

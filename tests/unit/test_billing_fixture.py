@@ -70,6 +70,15 @@ def test_the_benchmark_scale_means_a_million_xdrs() -> None:
         ({"parts": ("erasure", "population")}, "needs 'population' before it"),
         ({"scale": fixture.TESTS}, "needs the billing fixture part 'population'"),
         ({"xdrs_by": "cli"}, "partitioned by i_xdr or connect_time, not 'cli'"),
+        ({"parts": ("canaries", "compat")}, "part 'compat' cannot be loaded with 'canaries'"),
+        (
+            {"parts": ("population", "demo", "erasure")},
+            "part 'demo' cannot be loaded with 'population', 'erasure'",
+        ),
+        (
+            {"scale": fixture.Scale(customers=3), "parts": ("population", "traffic")},
+            "part 'traffic' needs 'population' at no customers",
+        ),
     ],
 )
 def test_the_script_refuses_what_it_cannot_load(kwargs: dict[str, object], message: str) -> None:
