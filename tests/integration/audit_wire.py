@@ -3,6 +3,7 @@ with an audit file, the events in that file, and raw frontend messages."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import resource
@@ -75,6 +76,15 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+async def wait_for_async(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """`wait_for` inside a running event loop: the loop runs between the checks (a task
+    under test makes its progress there)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 def wait_failing(p: ProxyProcess) -> None:

@@ -9,7 +9,6 @@ server. Each test names the behaviour it checks; a failure is a finding.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import psycopg
@@ -30,6 +29,7 @@ from tests.integration.audit_wire import (
     start_audited,
     stop_unlimited,
     wait_for,
+    wait_for_async,
 )
 from tests.integration.masking_fixture import NAME
 from tests.integration.test_audit_withheld import PERSONAL, closed_within, tls_client
@@ -93,13 +93,13 @@ def test_blocking_turns_on_while_a_table_write_hangs(
             locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
             w.submit("refused", {"reason": "x"})
             drain = asyncio.ensure_future(w._drain_table())
-            # wait until the drain's write waits for the lock (it holds its batch then)
-            deadline = time.monotonic() + 60
-            while not locker.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[
-                0
-            ]:  # type: ignore[index]
-                assert time.monotonic() < deadline, "the table write never waited for the lock"
-                await asyncio.sleep(0.05)
+            await wait_for_async(
+                lambda: (
+                    locker.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()
+                    != (0,)
+                ),
+                "the drain's table write to wait for the lock (it holds its batch then)",
+            )
             seen.append(w.blocking)
             w.submit("refused", {"reason": "x"})
             seen.append(w.blocking)  # two queued (one in the write): at queue_size
