@@ -84,6 +84,8 @@ class Workload:
     kind: Literal["pgbench", "psql"]
     args: tuple[str, ...]  # pgbench options, or psql options + command
     measure_cpu: bool = False
+    script: tuple[str, ...] = ()  # pgbench script options of this row; (): run_all's
+    statements: int = 1  # statements per transaction (per psql run: 1)
 
 
 def workloads() -> list[Workload]:
@@ -317,15 +319,20 @@ def start_pgveil(
     return service, port
 
 
-def load_data(db: EmbeddedPostgres, env: dict[str, str]) -> None:
+def pgbench_init(db: EmbeddedPostgres, env: dict[str, str]) -> None:
+    """pgbench's tables at scale 10 (what `pgbench -S` reads), as the superuser of `db`."""
     print("pgbench -i -s 10 ...", file=sys.stderr)
     init = subprocess.run(
         [tool(db, "pgbench"), "-i", "-s", "10", "-q",
          "-h", HOST, "-p", str(db.port), "-U", db.superuser, DBNAME],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env={**env, "PGPASSWORD": db.password}, timeout=600,
     )  # fmt: skip
     if init.returncode:
         raise BenchError(f"pgbench -i failed: {init.stderr.strip()[-2000:]}")
+
+
+def load_data(db: EmbeddedPostgres, env: dict[str, str]) -> None:
+    pgbench_init(db, env)
     print(f"creating wide ({WIDE_ROWS:,} rows x 6 text columns) ...", file=sys.stderr)
     # md5 hex is 32 characters; cut each column to 20-30
     cols = ",\n".join(
@@ -432,6 +439,9 @@ def run_psql(
 class Results:
     values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # workload->variant
     cpu_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # per query
+    # statements each variant ran in the measured runs (transactions x statements; a psql
+    # run: 1): what an in-server audit must have logged at least
+    statements: dict[str, int] = field(default_factory=dict)  # variant -> count
 
     def add(self, table: dict[str, dict[str, list[float]]], row: str, var: str, v: float) -> None:
         table.setdefault(row, {}).setdefault(var, []).append(v)
@@ -448,12 +458,15 @@ def run_all(
 ) -> Results:
     """Every row against every target, targets interleaved within each repetition. `rows`
     defaults to the relay part's workloads; `script` is the pgbench script (see
-    `run_pgbench`). The warm-up runs the script and the first psql row once per target."""
+    `run_pgbench`) of the rows that name none. The warm-up runs each pgbench script and the
+    first psql row once per target."""
     rows = workloads() if rows is None else rows
     warm_psql = next(row.args for row in rows if row.kind == "psql")
+    scripts = list(dict.fromkeys(row.script or script for row in rows if row.kind == "pgbench"))
     print("warm-up ...", file=sys.stderr)
     for target in targets:
-        run_pgbench(db, env, target, ("-M", "simple", "-c", "8", "-j", "2"), 1, script)
+        for warm_script in scripts:
+            run_pgbench(db, env, target, ("-M", "simple", "-c", "8", "-j", "2"), 1, warm_script)
         run_psql(db, env, target, warm_psql)
     results = Results()
     for rep in range(1, reps + 1):
@@ -462,14 +475,17 @@ def run_all(
             for target in targets:  # in order given (e.g. direct, pgbouncer, pgveil): paired
                 if target.service is not None:
                     ensure_alive(target.service)
+                ran = results.statements.get(target.name, 0)
                 if row.kind == "psql":
                     secs = run_psql(db, env, target, row.args)
                     results.add(results.values, row.name, target.name, secs)
+                    results.statements[target.name] = ran + 1
                     shown.append(f"{target.name} {secs:.3f}s")
                     continue
                 measure = row.measure_cpu and target.service is not None
                 cpu0 = cpu_seconds(target.service.pid) if measure and target.service else 0.0
-                tps, tx = run_pgbench(db, env, target, row.args, duration, script)
+                tps, tx = run_pgbench(db, env, target, row.args, duration, row.script or script)
+                results.statements[target.name] = ran + tx * row.statements
                 if measure and target.service is not None:
                     us = (cpu_seconds(target.service.pid) - cpu0) / tx * 1e6
                     results.add(results.cpu_us, row.name, target.name, us)
@@ -628,14 +644,18 @@ SELECT i_customer, name, email, balance FROM billing.customers WHERE i_customer_
 
 def masked_workloads() -> list[Workload]:
     rows: list[Workload] = []
+    n = STATEMENTS_PER_TX
     for mode in ("simple", "extended"):
-        rows.append(Workload(f"-M {mode} -c 1", "pgbench", ("-M", mode, "-c", "1", "-j", "1")))
+        rows.append(
+            Workload(f"-M {mode} -c 1", "pgbench", ("-M", mode, "-c", "1", "-j", "1"), statements=n)
+        )
         rows.append(
             Workload(
                 f"-M {mode} -c 8 -j 2",
                 "pgbench",
                 ("-M", mode, "-c", "8", "-j", "2"),
                 measure_cpu=True,
+                statements=n,
             )
         )
     rows.append(Workload(f"psql {PERSONAL_SELECT}", "psql", ("-At", "-c", PERSONAL_SELECT)))
