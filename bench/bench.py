@@ -58,7 +58,12 @@ from typing import Literal, NoReturn
 
 from audit.files import rotated_files
 from proxy.demo import fixture
-from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port
+from proxy.demo.embedded_pg import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    find_bindir,
+    free_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
@@ -214,30 +219,76 @@ def tool(db: EmbeddedPostgres, name: str) -> str:
         raise BenchError(str(exc)) from exc
 
 
-def pgbouncer_binary() -> str:
-    found = shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
-    )
-    if found:
-        return found
+def apt_get_install(package: str, what: str) -> None:
+    """Install a Debian package when running as root; else fail with the command to run."""
+    command = f"apt-get install -y {package}"
     if os.geteuid() != 0:
-        raise BenchError("pgbouncer is not installed; run `apt-get install -y pgbouncer` as root")
-    print("pgbouncer not found; running apt-get install -y pgbouncer", file=sys.stderr)
+        raise BenchError(f"{what} is not installed; run `{command}` as root")
+    print(f"{what} not found; running {command}", file=sys.stderr)
     done = subprocess.run(
-        ["apt-get", "install", "-y", "pgbouncer"],
+        command.split(),
         capture_output=True,
         text=True,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
     )
-    found = shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
-    )
-    if done.returncode or not found:
+    if done.returncode:
         raise BenchError(
-            "pgbouncer is not installed and `apt-get install -y pgbouncer` failed "
+            f"{what} is not installed and `{command}` failed "
             f"(status {done.returncode}): {done.stderr.strip()[-1000:]}"
         )
+
+
+def _pgbouncer_found() -> str | None:
+    return shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
+    )
+
+
+def pgbouncer_binary() -> str:
+    found = _pgbouncer_found()
+    if found:
+        return found
+    apt_get_install("pgbouncer", "pgbouncer")
+    found = _pgbouncer_found()
+    if not found:
+        raise BenchError(
+            "`apt-get install -y pgbouncer` succeeded but no pgbouncer binary appeared"
+        )
     return found
+
+
+def pgaudit_package(pg_config_version: str) -> str:
+    """The Debian package of pgAudit for a server whose `pg_config --version` says this
+    (`PostgreSQL 15.18 (Debian ...)` -> `postgresql-15-pgaudit`)."""
+    found = re.match(r"PostgreSQL (\d+)", pg_config_version)
+    if not found:
+        raise BenchError(f"cannot read the PostgreSQL major version from {pg_config_version!r}")
+    return f"postgresql-{found.group(1)}-pgaudit"
+
+
+def pgaudit_library() -> Path:
+    """pgaudit.so in the server's `pg_config --pkglibdir` (the PostgreSQL the bench starts),
+    installed with apt-get as for pgbouncer when missing."""
+    try:
+        bindir = find_bindir()
+    except EmbeddedPostgresError as exc:
+        raise BenchError(str(exc)) from exc
+    pg_config = bindir / "pg_config"
+    if not pg_config.is_file():
+        raise BenchError(f"no pg_config beside the server binaries in {bindir}")
+    out = subprocess.run(
+        [str(pg_config), "--pkglibdir", "--version"], capture_output=True, text=True, timeout=10
+    )
+    lines = out.stdout.strip().splitlines()
+    if out.returncode or len(lines) != 2:
+        raise BenchError(f"{pg_config} --pkglibdir --version failed: {out.stderr.strip()}")
+    library = Path(lines[0]) / "pgaudit.so"
+    if not library.is_file():
+        package = pgaudit_package(lines[1])
+        apt_get_install(package, f"pgAudit ({library})")
+        if not library.is_file():
+            raise BenchError(f"`apt-get install -y {package}` succeeded but {library} is missing")
+    return library
 
 
 def as_service_user() -> tuple[list[str], int, int] | None:
