@@ -27,9 +27,13 @@ role, interleaved per repetition:
 - `SELECT name, email, phone FROM billing.customers` (200,000 rows) through psql: seconds,
   and the paired ratio masked/unmasked (target <= 1.5).
 
-**audit**: the masked part's data and workloads through two pgveil processes with the same
-rules, one writing the audit file and one not, for both roles: the paired ratio audit
-on/off (target: at least 0.9 for tps, at most 1/0.9 for time).
+**audit**: the masked part's data and workloads, and `pgbench -S` at 8 clients in the three
+query modes, through two pgveil processes with the same rules, one writing the audit file
+and one not, for both roles: the paired ratio audit on/off (target: at least 0.9 for tps, at
+most 1/0.9 for time). Beside it, the same workloads directly on a second PostgreSQL with
+pgAudit (`pgaudit.log = 'read, write'` for one login role, `'none'` for another), all
+variants interleaved: pgAudit's on/off ratio; its server log must hold an AUDIT line for
+every statement the audited role ran, or nothing is reported.
 
 Everything (processes, cluster, temporary directories) is removed on exit, including on
 Ctrl-C and SIGTERM. Run it through `bench/run`; see `bench/README.md`.
@@ -58,7 +62,12 @@ from typing import Literal, NoReturn
 
 from audit.files import rotated_files
 from proxy.demo import fixture
-from proxy.demo.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port
+from proxy.demo.embedded_pg import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    find_bindir,
+    free_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench" / "out"
@@ -84,6 +93,8 @@ class Workload:
     kind: Literal["pgbench", "psql"]
     args: tuple[str, ...]  # pgbench options, or psql options + command
     measure_cpu: bool = False
+    script: tuple[str, ...] = ()  # pgbench script options of this row; (): run_all's
+    statements: int = 1  # statements per transaction (per psql run: 1)
 
 
 def workloads() -> list[Workload]:
@@ -212,30 +223,76 @@ def tool(db: EmbeddedPostgres, name: str) -> str:
         raise BenchError(str(exc)) from exc
 
 
-def pgbouncer_binary() -> str:
-    found = shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
-    )
-    if found:
-        return found
+def apt_get_install(package: str, what: str) -> None:
+    """Install a Debian package when running as root; else fail with the command to run."""
+    command = f"apt-get install -y {package}"
     if os.geteuid() != 0:
-        raise BenchError("pgbouncer is not installed; run `apt-get install -y pgbouncer` as root")
-    print("pgbouncer not found; running apt-get install -y pgbouncer", file=sys.stderr)
+        raise BenchError(f"{what} is not installed; run `{command}` as root")
+    print(f"{what} not found; running {command}", file=sys.stderr)
     done = subprocess.run(
-        ["apt-get", "install", "-y", "pgbouncer"],
+        command.split(),
         capture_output=True,
         text=True,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
     )
-    found = shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
-    )
-    if done.returncode or not found:
+    if done.returncode:
         raise BenchError(
-            "pgbouncer is not installed and `apt-get install -y pgbouncer` failed "
+            f"{what} is not installed and `{command}` failed "
             f"(status {done.returncode}): {done.stderr.strip()[-1000:]}"
         )
+
+
+def _pgbouncer_found() -> str | None:
+    return shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").is_file() else None
+    )
+
+
+def pgbouncer_binary() -> str:
+    found = _pgbouncer_found()
+    if found:
+        return found
+    apt_get_install("pgbouncer", "pgbouncer")
+    found = _pgbouncer_found()
+    if not found:
+        raise BenchError(
+            "`apt-get install -y pgbouncer` succeeded but no pgbouncer binary appeared"
+        )
     return found
+
+
+def pgaudit_package(pg_config_version: str) -> str:
+    """The Debian package of pgAudit for a server whose `pg_config --version` says this
+    (`PostgreSQL 15.18 (Debian ...)` -> `postgresql-15-pgaudit`)."""
+    found = re.match(r"PostgreSQL (\d+)", pg_config_version)
+    if not found:
+        raise BenchError(f"cannot read the PostgreSQL major version from {pg_config_version!r}")
+    return f"postgresql-{found.group(1)}-pgaudit"
+
+
+def pgaudit_library() -> Path:
+    """pgaudit.so in the server's `pg_config --pkglibdir` (the PostgreSQL the bench starts),
+    installed with apt-get as for pgbouncer when missing."""
+    try:
+        bindir = find_bindir()
+    except EmbeddedPostgresError as exc:
+        raise BenchError(str(exc)) from exc
+    pg_config = bindir / "pg_config"
+    if not pg_config.is_file():
+        raise BenchError(f"no pg_config beside the server binaries in {bindir}")
+    out = subprocess.run(
+        [str(pg_config), "--pkglibdir", "--version"], capture_output=True, text=True, timeout=10
+    )
+    lines = out.stdout.strip().splitlines()
+    if out.returncode or len(lines) != 2:
+        raise BenchError(f"{pg_config} --pkglibdir --version failed: {out.stderr.strip()}")
+    library = Path(lines[0]) / "pgaudit.so"
+    if not library.is_file():
+        package = pgaudit_package(lines[1])
+        apt_get_install(package, f"pgAudit ({library})")
+        if not library.is_file():
+            raise BenchError(f"`apt-get install -y {package}` succeeded but {library} is missing")
+    return library
 
 
 def as_service_user() -> tuple[list[str], int, int] | None:
@@ -317,15 +374,20 @@ def start_pgveil(
     return service, port
 
 
-def load_data(db: EmbeddedPostgres, env: dict[str, str]) -> None:
+def pgbench_init(db: EmbeddedPostgres, env: dict[str, str]) -> None:
+    """pgbench's tables at scale 10 (what `pgbench -S` reads), as the superuser of `db`."""
     print("pgbench -i -s 10 ...", file=sys.stderr)
     init = subprocess.run(
         [tool(db, "pgbench"), "-i", "-s", "10", "-q",
          "-h", HOST, "-p", str(db.port), "-U", db.superuser, DBNAME],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env={**env, "PGPASSWORD": db.password}, timeout=600,
     )  # fmt: skip
     if init.returncode:
         raise BenchError(f"pgbench -i failed: {init.stderr.strip()[-2000:]}")
+
+
+def load_data(db: EmbeddedPostgres, env: dict[str, str]) -> None:
+    pgbench_init(db, env)
     print(f"creating wide ({WIDE_ROWS:,} rows x 6 text columns) ...", file=sys.stderr)
     # md5 hex is 32 characters; cut each column to 20-30
     cols = ",\n".join(
@@ -432,6 +494,9 @@ def run_psql(
 class Results:
     values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # workload->variant
     cpu_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # per query
+    # statements each variant ran in the measured runs (transactions x statements; a psql
+    # run: 1): what an in-server audit must have logged at least
+    statements: dict[str, int] = field(default_factory=dict)  # variant -> count
 
     def add(self, table: dict[str, dict[str, list[float]]], row: str, var: str, v: float) -> None:
         table.setdefault(row, {}).setdefault(var, []).append(v)
@@ -448,12 +513,15 @@ def run_all(
 ) -> Results:
     """Every row against every target, targets interleaved within each repetition. `rows`
     defaults to the relay part's workloads; `script` is the pgbench script (see
-    `run_pgbench`). The warm-up runs the script and the first psql row once per target."""
+    `run_pgbench`) of the rows that name none. The warm-up runs each pgbench script and the
+    first psql row once per target."""
     rows = workloads() if rows is None else rows
     warm_psql = next(row.args for row in rows if row.kind == "psql")
+    scripts = list(dict.fromkeys(row.script or script for row in rows if row.kind == "pgbench"))
     print("warm-up ...", file=sys.stderr)
     for target in targets:
-        run_pgbench(db, env, target, ("-M", "simple", "-c", "8", "-j", "2"), 1, script)
+        for warm_script in scripts:
+            run_pgbench(db, env, target, ("-M", "simple", "-c", "8", "-j", "2"), 1, warm_script)
         run_psql(db, env, target, warm_psql)
     results = Results()
     for rep in range(1, reps + 1):
@@ -462,14 +530,17 @@ def run_all(
             for target in targets:  # in order given (e.g. direct, pgbouncer, pgveil): paired
                 if target.service is not None:
                     ensure_alive(target.service)
+                ran = results.statements.get(target.name, 0)
                 if row.kind == "psql":
                     secs = run_psql(db, env, target, row.args)
                     results.add(results.values, row.name, target.name, secs)
+                    results.statements[target.name] = ran + 1
                     shown.append(f"{target.name} {secs:.3f}s")
                     continue
                 measure = row.measure_cpu and target.service is not None
                 cpu0 = cpu_seconds(target.service.pid) if measure and target.service else 0.0
-                tps, tx = run_pgbench(db, env, target, row.args, duration, script)
+                tps, tx = run_pgbench(db, env, target, row.args, duration, row.script or script)
+                results.statements[target.name] = ran + tx * row.statements
                 if measure and target.service is not None:
                     us = (cpu_seconds(target.service.pid) - cpu0) / tx * 1e6
                     results.add(results.cpu_us, row.name, target.name, us)
@@ -628,14 +699,18 @@ SELECT i_customer, name, email, balance FROM billing.customers WHERE i_customer_
 
 def masked_workloads() -> list[Workload]:
     rows: list[Workload] = []
+    n = STATEMENTS_PER_TX
     for mode in ("simple", "extended"):
-        rows.append(Workload(f"-M {mode} -c 1", "pgbench", ("-M", mode, "-c", "1", "-j", "1")))
+        rows.append(
+            Workload(f"-M {mode} -c 1", "pgbench", ("-M", mode, "-c", "1", "-j", "1"), statements=n)
+        )
         rows.append(
             Workload(
                 f"-M {mode} -c 8 -j 2",
                 "pgbench",
                 ("-M", mode, "-c", "8", "-j", "2"),
                 measure_cpu=True,
+                statements=n,
             )
         )
     rows.append(Workload(f"psql {PERSONAL_SELECT}", "psql", ("-At", "-c", PERSONAL_SELECT)))
@@ -833,8 +908,149 @@ def run_masked_part(
 
 AUDIT_TARGET = 0.9  # audited / not audited tps, at least (time: at most 1 / 0.9)
 
+# The audit part's rules: the masking part's, and pgbench's accounts as a protected table
+# so that every `pgbench -S` statement through pgveil is an access event with its subject,
+# as every one is an AUDIT line of pgAudit's (its column `filler` is never read by -S).
+AUDIT_RULES = (
+    MASKING_RULES
+    + """\
+  public.pgbench_accounts:
+    subject: aid
+    columns:
+      filler: partial
+"""
+)
+# (pgbench -S reads the scale from pgbench_branches)
+PGBENCH_GRANTS = "GRANT SELECT ON pgbench_accounts, pgbench_branches TO {roles}"
 
-def report_audit(results: Results, reps: int, duration: int, events: int) -> str:
+
+def audit_workloads() -> list[Workload]:
+    """The helpdesk rows of the masked part, then `pgbench -S` (select-only, scale 10) at 8
+    clients in the three query modes, then the masked part's psql row."""
+    helpdesk = masked_workloads()
+    select_only = [
+        Workload(
+            f"pgbench -S -M {mode} -c 8 -j 2",
+            "pgbench",
+            ("-M", mode, "-c", "8", "-j", "2"),
+            measure_cpu=True,
+            script=("-S",),
+        )
+        for mode in ("simple", "extended", "prepared")
+    ]
+    pgbench_rows = [r for r in helpdesk if r.kind == "pgbench"]
+    return [*pgbench_rows, *select_only, *(r for r in helpdesk if r.kind == "psql")]
+
+
+# pgAudit, PostgreSQL's own audit extension, on a second PostgreSQL with the same data,
+# clients connecting directly. "On" and "off" are two login roles of that one server with
+# `pgaudit.log` set per role (ALTER ROLE ... SET): each session takes its role's setting at
+# login, so the interleaved runs need no reload (a SIGHUP reaches the backends
+# asynchronously, after `pg_ctl reload` returns) and nothing can run with the other
+# variant's setting. "Off" is pgAudit loaded but logging nothing, as a pgAudit user turns
+# it off without a restart.
+PGAUDIT_ON_ROLE, PGAUDIT_ON_PW = "bench_pgaudit_on", "bench-pgaudit-on-pw-1"
+PGAUDIT_OFF_ROLE, PGAUDIT_OFF_PW = "bench_pgaudit_off", "bench-pgaudit-off-pw-1"
+PGAUDIT_LOG = "read, write"
+PGAUDIT_SETTINGS = {
+    "max_connections": "100",
+    "shared_preload_libraries": "'pgaudit'",
+    "pgaudit.log": "'none'",  # the server's default; the audited role sets its own
+    "logging_collector": "on",  # the server log through the collector, as in production
+    "log_directory": "'log'",  # (relative: in the data directory)
+    "log_line_prefix": "'%m [%p] user=%u '",  # who each AUDIT line is for (the check)
+}
+PGAUDIT_SETUP = f"""
+CREATE EXTENSION pgaudit;
+CREATE ROLE {PGAUDIT_ON_ROLE} LOGIN PASSWORD '{PGAUDIT_ON_PW}';
+CREATE ROLE {PGAUDIT_OFF_ROLE} LOGIN PASSWORD '{PGAUDIT_OFF_PW}';
+ALTER ROLE {PGAUDIT_ON_ROLE} SET pgaudit.log = '{PGAUDIT_LOG}';
+ALTER ROLE {PGAUDIT_OFF_ROLE} SET pgaudit.log = 'none';
+GRANT USAGE ON SCHEMA billing TO {PGAUDIT_ON_ROLE}, {PGAUDIT_OFF_ROLE};
+GRANT SELECT ON ALL TABLES IN SCHEMA billing TO {PGAUDIT_ON_ROLE}, {PGAUDIT_OFF_ROLE};
+{PGBENCH_GRANTS.format(roles=f"{PGAUDIT_ON_ROLE}, {PGAUDIT_OFF_ROLE}")};
+"""
+# pgAudit's line for a statement: the prefix above ("2026-12-06 18:19:08.160 UTC [24245]
+# user=NAME "), the level (pgaudit.log_level, LOG by default), then "AUDIT: SESSION,..." (or
+# OBJECT, for object auditing). Matched from the start of the line: the continuation lines
+# of a multi-line statement text, which carry no prefix, are not counted again.
+AUDIT_LINE_RE = re.compile(rb"[^\[\n]*\[\d+\] user=(\S*) [A-Z0-9]+:  AUDIT: (?:SESSION|OBJECT),")
+
+
+def start_pgaudit_server(
+    env: dict[str, str], stack: contextlib.ExitStack
+) -> tuple[EmbeddedPostgres, list[Target]]:
+    """The pgAudit PostgreSQL, loaded with the audit part's data: (server, [off, on])."""
+    print("starting PostgreSQL with pgAudit ...", file=sys.stderr)
+    db = EmbeddedPostgres(settings=PGAUDIT_SETTINGS)
+    stack.callback(db.cleanup)
+    try:
+        db.start()
+    except EmbeddedPostgresError as exc:
+        raise BenchError(f"PostgreSQL with pgAudit did not start: {exc}") from exc
+    load_billing(db)
+    pgbench_init(db, env)
+    db.psql(PGAUDIT_SETUP)
+    targets = [
+        Target("pgAudit off", db.port, None, PGAUDIT_OFF_ROLE, PGAUDIT_OFF_PW),
+        Target("pgAudit on", db.port, None, PGAUDIT_ON_ROLE, PGAUDIT_ON_PW),
+    ]
+    for target, want in zip(targets, ("none", PGAUDIT_LOG), strict=True):
+        got = psql_output(db, env, target, "SHOW pgaudit.log")
+        if got != want:
+            raise BenchError(f"{target.user} has pgaudit.log = {got!r}, not {want!r}")
+    return db, targets
+
+
+def count_audit_lines(log_dir: Path) -> dict[str, int]:
+    """pgAudit's AUDIT lines in the server log files of `log_dir`, by the user they name."""
+    counts: dict[str, int] = {}
+    for path in sorted(log_dir.iterdir()):
+        with path.open("rb") as f:
+            for line in f:
+                found = AUDIT_LINE_RE.match(line)
+                if found:
+                    user = found.group(1).decode(errors="replace")
+                    counts[user] = counts.get(user, 0) + 1
+    return counts
+
+
+def check_pgaudit_log(counts: dict[str, int], statements: dict[str, int]) -> str:
+    """Refuse a pgAudit variant that did not audit: the audited role must have an AUDIT
+    line for at least every statement its measured runs completed (`statements`, by
+    variant), the role with auditing off none. Returns the line the report shows."""
+    audited, ran = counts.get(PGAUDIT_ON_ROLE, 0), statements.get("pgAudit on", 0)
+    if audited == 0:
+        raise BenchError(
+            f"pgAudit wrote no AUDIT lines for {PGAUDIT_ON_ROLE} (pgaudit.log = "
+            f"'{PGAUDIT_LOG}'): it did not audit, so its numbers are not reported"
+        )
+    if audited < ran:
+        raise BenchError(
+            f"pgAudit wrote {audited:,} AUDIT lines for {PGAUDIT_ON_ROLE}, fewer than the "
+            f"{ran:,} statements it completed: not every statement was audited"
+        )
+    stray = counts.get(PGAUDIT_OFF_ROLE, 0)
+    if stray:
+        raise BenchError(
+            f"pgAudit wrote {stray:,} AUDIT lines for {PGAUDIT_OFF_ROLE}, whose pgaudit.log "
+            "is 'none': the 'off' variant audited"
+        )
+    return (
+        f"pgAudit wrote {audited:,} AUDIT lines for {PGAUDIT_ON_ROLE} ({ran:,} statements "
+        f"completed in the measured runs, the rest in warm-up and pgbench's own queries), "
+        f"none for {PGAUDIT_OFF_ROLE}"
+    )
+
+
+def report_audit(
+    results: Results,
+    rows: list[Workload],
+    reps: int,
+    duration: int,
+    events: int,
+    pgaudit_note: str,
+) -> str:
     lines = [
         "# pgveil benchmark: audit cost",
         "",
@@ -842,33 +1058,58 @@ def report_audit(results: Results, reps: int, duration: int, events: int) -> str
         "- two pgveil processes with the same rules, one with `--audit-file` and `--audit-key` "
         "(every statement of the helpdesk script touches personal data, so each one is an "
         "audit event with its data subjects; sealed checkpoints at the default cadence), one "
-        "without; data and script as in the masking part",
-        f"- {reps} repetitions, interleaved; pgbench runs of {duration} s; "
-        f"{events:,} audit events written in all",
+        "without; data and script as in the masking part, and `pgbench_accounts` "
+        "(scale 10) protected too, so every `pgbench -S` statement is an event",
+        "- pgAudit: a second PostgreSQL with the same data, `shared_preload_libraries = "
+        f"'pgaudit'`, server log through the logging collector; clients connect directly as "
+        f"`{PGAUDIT_ON_ROLE}` (`pgaudit.log = '{PGAUDIT_LOG}'`) or `{PGAUDIT_OFF_ROLE}` "
+        "(`pgaudit.log = 'none'`), set per role; it has no masked role, so both role lines "
+        "show the same pgAudit runs",
+        f"- {reps} repetitions, all variants interleaved; pgbench runs of {duration} s; "
+        f"{events:,} pgveil audit events written in all; {pgaudit_note}",
         "",
-        "| workload | role | audit off | audit on | on/off | target | met |",
-        "|---|---|--:|--:|--:|--:|:-:|",
+        "| workload | role | audit off | audit on | on/off | target | met "
+        "| pgAudit off | pgAudit on | pgAudit on/off |",
+        "|---|---|--:|--:|--:|--:|:-:|--:|--:|--:|",
     ]
-    for row, v in results.values.items():
-        pgbench = not row.startswith("psql")
+    for row in rows:
+        v = results.values[row.name]
+        pgbench = row.kind == "pgbench"
+        digits = 0 if pgbench else 3
+        anchor_off, anchor_on = v["pgAudit off"], v["pgAudit on"]
+        anchor = (
+            f"{statistics.median(anchor_off):.{digits}f} "
+            f"| {statistics.median(anchor_on):.{digits}f} | {paired_ratio(anchor_on, anchor_off)}"
+        )
         for role in MASKED_VARIANTS:
             off, on = v[f"{role} off"], v[f"{role} on"]
             ratios = [a / b for a, b in zip(on, off, strict=True)]
             target = AUDIT_TARGET if pgbench else 1 / AUDIT_TARGET
             sign = ">=" if pgbench else "<="
             lines.append(
-                f"| {row} | {role} | {statistics.median(off):.{0 if pgbench else 3}f} "
-                f"| {statistics.median(on):.{0 if pgbench else 3}f} | {paired_ratio(on, off)} "
-                f"| {sign} {target:.2f} | {verdict(ratios, target, higher_is_better=pgbench)} |"
+                f"| {row.name} | {role} | {statistics.median(off):.{digits}f} "
+                f"| {statistics.median(on):.{digits}f} | {paired_ratio(on, off)} "
+                f"| {sign} {target:.2f} | {verdict(ratios, target, higher_is_better=pgbench)} "
+                f"| {anchor} |"
             )
-    lines += ["", "pgveil CPU per transaction (utime+stime / transactions; median):", ""]
-    for row, cpu in results.cpu_us.items():
+    lines += [
+        "",
+        "Ratios: audit on / audit off, tps (higher is better) or seconds for the psql row "
+        "(lower is better); pgAudit on/off is the same ratio for PostgreSQL's own audit.",
+        "",
+        "pgveil CPU per transaction (utime+stime / transactions; median):",
+        "",
+    ]
+    for row in rows:
+        cpu = results.cpu_us.get(row.name)
+        if not cpu:
+            continue
         for role in MASKED_VARIANTS:
             cpu_off = statistics.median(cpu[f"{role} off"])
             cpu_on = statistics.median(cpu[f"{role} on"])
-            per_statement = (cpu_on - cpu_off) / STATEMENTS_PER_TX
+            per_statement = (cpu_on - cpu_off) / row.statements
             lines.append(
-                f"- `{row}` {role}: {cpu_off:.0f} us off, {cpu_on:.0f} us on "
+                f"- `{row.name}` {role}: {cpu_off:.0f} us off, {cpu_on:.0f} us on "
                 f"(auditing adds ~{per_statement:.0f} us per statement)"
             )
     return "\n".join(lines) + "\n"
@@ -885,12 +1126,18 @@ def run_audit_part(
     seeded: bool,
     baseline: Path | None = None,
 ) -> tuple[str, dict[str, object]]:
-    """The masked part's data and script through pgveil with and without the audit file:
-    (report, raw numbers). `seeded`: the masked part already loaded the data. `baseline`:
-    another checkout whose pgveil runs audited too, interleaved with ours (before/after)."""
+    """The masked part's data and script, and `pgbench -S`, through pgveil with and without
+    the audit file, and directly on a PostgreSQL with pgAudit on and off: (report, raw
+    numbers). `seeded`: the masked part already loaded the data. `baseline`: another
+    checkout whose pgveil runs audited too, interleaved with ours (before/after)."""
     if not seeded:
         load_billing(db)
-    rules, script = write_helpdesk_files(workdir)
+    if db.psql("SELECT to_regclass('public.pgbench_accounts') IS NULL").strip() == "t":
+        pgbench_init(db, env)  # (the relay part, if it ran, made them)
+    db.psql(PGBENCH_GRANTS.format(roles=f"{MASKED_ROLE}, {UNMASKED_ROLE}"))
+    _, script = write_helpdesk_files(workdir)
+    rules = workdir / "rules-audit.yaml"
+    rules.write_text(AUDIT_RULES)
     audit_file = workdir / "audit.jsonl"
     key = workdir / "audit.key"  # checkpoints sealed as in production (default cadence)
     key.write_text(os.urandom(32).hex())
@@ -914,6 +1161,7 @@ def run_audit_part(
         services.append(service)
         stack.callback(service.stop)
         service.wait_port(port)
+    pgaudit_db, pgaudit_targets = start_pgaudit_server(env, stack)
     targets = []
     for role, user, pw in (
         ("unmasked", UNMASKED_ROLE, UNMASKED_PW),
@@ -924,17 +1172,25 @@ def run_audit_part(
         if baseline is not None:
             old, old_port = started[2]
             targets.append(Target(f"{role} baseline", old_port, old, user, pw))
-    results = run_all(db, env, targets, reps, duration, masked_workloads(), ("-f", str(script)))
+    targets += pgaudit_targets
+    rows = audit_workloads()
+    results = run_all(db, env, targets, reps, duration, rows, ("-f", str(script)))
     events = 0
     for path in rotated_files(audit_file):  # rotated at 100 MB
         with path.open("rb") as f:
             events += sum(1 for _ in f)
+    pgaudit_db.stop()  # the logging collector writes out what it holds before it exits
+    counts = count_audit_lines(pgaudit_db.datadir / "log")
+    pgaudit_note = check_pgaudit_log(counts, results.statements)
+    print(pgaudit_note, file=sys.stderr)
     raw: dict[str, object] = {
         "tps_or_seconds": results.values,
         "cpu_us_per_transaction": results.cpu_us,
         "audit_events": events,
+        "pgaudit_audit_lines": counts,
+        "statements": results.statements,
     }
-    text = report_audit(results, reps, duration, events)
+    text = report_audit(results, rows, reps, duration, events, pgaudit_note)
     if baseline is not None:
         text += report_baseline(results, baseline)
     return text, raw
@@ -1040,7 +1296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         choices=PARTS,
         help="run one part: relay (vs direct and pgbouncer), masked (masked vs unmasked "
-        "role through pgveil with rules) or audit (audit file on vs off); default all",
+        "role through pgveil with rules) or audit (audit file on vs off, beside pgAudit on vs "
+        "off); default all",
     )
     p.add_argument(
         "--baseline",
@@ -1078,6 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="pgveil-bench-"))
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         pgbouncer_bin = pgbouncer_binary() if "relay" in parts else ""
+        if "audit" in parts:
+            print(f"pgAudit: {pgaudit_library()}", file=sys.stderr)  # before any long setup
 
         print("starting PostgreSQL ...", file=sys.stderr)
         db = EmbeddedPostgres(settings={"max_connections": "100"})
