@@ -16,7 +16,7 @@ for comparing builds, not a benchmark of pgveil against anything else, and it mu
 used for timing (callgrind runs the proxy some fifty times slower).
 
 Usage: python bench/instructions.py [--baseline DIR] [--transactions N]
-                                    [--mode simple|extended] [--role unmasked|masked]
+                                    [--mode simple|extended|prepared] [--role unmasked|masked]
                                     [--no-audit]
 """
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--baseline", type=Path, help="another checkout to count as well")
     p.add_argument("--transactions", type=int, default=200)
-    p.add_argument("--mode", choices=("simple", "extended"), default="simple")
+    p.add_argument("--mode", choices=("simple", "extended", "prepared"), default="simple")
     p.add_argument("--role", choices=("unmasked", "masked"), default="unmasked")
     p.add_argument("--no-audit", action="store_true", help="run pgveil without auditing")
     args = p.parse_args(argv)
