@@ -29,8 +29,8 @@ role, interleaved per repetition:
 
 **audit**: the masked part's data and workloads, and `pgbench -S` at 8 clients in the three
 query modes, through two pgveil processes with the same rules, one writing the audit file
-and one not, for both roles: the paired ratio audit on/off (target: at least 0.9 for tps, at
-most 1/0.9 for time). Beside it, the same workloads directly on a second PostgreSQL with
+and one not, for both roles: the paired ratio audit on/off (target: at least 0.8 for tps, at
+most 1/0.8 for time). Beside it, the same workloads directly on a second PostgreSQL with
 pgAudit (`pgaudit.log = 'read, write'` for one login role, `'none'` for another), all
 variants interleaved: pgAudit's on/off ratio; its server log must hold an AUDIT line for
 every statement the audited role ran, or nothing is reported.
@@ -906,7 +906,7 @@ def run_masked_part(
 # ---------------------------------------------------------------------------------------------
 # audit part: what auditing costs, the same pgveil and rules with the audit file on and off
 
-AUDIT_TARGET = 0.9  # audited / not audited tps, at least (time: at most 1 / 0.9)
+AUDIT_TARGET = 0.8  # audited / not audited tps, at least (issue 15; time: at most 1 / 0.8)
 
 # The audit part's rules: the masking part's, and pgbench's accounts as a protected table
 # so that every `pgbench -S` statement through pgveil is an access event with its subject,

@@ -146,12 +146,12 @@ def test_the_audit_table_shows_pgaudits_ratio_beside_pgveils_for_every_row() -> 
             cells = [c.strip() for c in line.strip("|").split("|")]
             if row.kind == "pgbench":
                 assert cells[2:] == [
-                    "1000", "500", "0.50 (0.50-0.50)", ">= 0.90", "**no**",
+                    "1000", "500", "0.50 (0.50-0.50)", ">= 0.80", "**no**",
                     "1000", "750", "0.75 (0.75-0.75)",
                 ]  # fmt: skip
             else:
                 assert cells[2:] == [
-                    "0.200", "0.400", "2.00 (2.00-2.00)", "<= 1.11", "**no**",
+                    "0.200", "0.400", "2.00 (2.00-2.00)", "<= 1.25", "**no**",
                     "0.200", "0.300", "1.50 (1.50-1.50)",
                 ]  # fmt: skip
     assert "pgAudit wrote 9 AUDIT lines" in text
