@@ -91,6 +91,26 @@ def micro(pythons: dict[str, str], rounds: int, seconds: float, audited: bool) -
     return {label: statistics.median(values) for label, values in samples.items()}
 
 
+def _count_once_more_if_stopped(
+    db: b.EmbeddedPostgres,
+    workdir: Path,
+    rules: Path,
+    script: Path,
+    ns: argparse.Namespace,
+    python: str,
+    label: str,
+) -> int:
+    """instructions.count, tried a second time if the first run failed: on a machine shared
+    with others a proxy has been seen stopped mid-run by a signal that was not ours (its
+    sessions ended with 57P01), and one such run should not throw away the other counts.
+    The failure is printed, and a second one is raised."""
+    try:
+        return instructions.count(db, workdir, ROOT, rules, script, ns, python=python, label=label)
+    except b.BenchError as e:
+        print(f"  {label}: failed ({str(e).strip()[-200:]}); once more", flush=True)
+        return instructions.count(db, workdir, ROOT, rules, script, ns, python=python, label=label)
+
+
 def _table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -159,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 counts[config] = {}
                 for label, python in pythons.items():
-                    total = instructions.count(
-                        db, workdir, ROOT, rules, script, ns, python=python,
-                        label=f"{label}-{role}-{mode}-{audit}",
-                    )  # fmt: skip
+                    total = _count_once_more_if_stopped(
+                        db, workdir, rules, script, ns, python, f"{label}-{role}-{mode}-{audit}"
+                    )
                     counts[config][label] = total
                     print(f"  {config} {label}: {total / args.transactions / 1000:.0f} k",
                           flush=True)  # fmt: skip
