@@ -91,6 +91,41 @@ def micro(pythons: dict[str, str], rounds: int, seconds: float, audited: bool) -
     return {label: statistics.median(values) for label, values in samples.items()}
 
 
+_LINE = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S+)(?: \[(.+)\])?$")
+PARTS = ("CPython: gc", "CPython: the rest", "extension modules", "libc, ld.so, libm", "other")
+
+
+def breakdown(callgrind_out: Path) -> dict[str, int]:
+    """Self instructions of a callgrind profile by where they ran: CPython's cyclic garbage
+    collector (gcmodule.c, gc.c), the rest of CPython, extension modules (uvloop with its
+    libuv, pglast with libpg_query, asyncpg, orjson, the standard library's C modules), the
+    C library, and anything else."""
+    text = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", str(callgrind_out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    parts = dict.fromkeys(PARTS, 0)
+    obj = ""
+    for line in text.splitlines():
+        found = _LINE.match(line)
+        if found is None or found.group(2) == "PROGRAM":
+            continue
+        ir, where, obj = int(found.group(1).replace(",", "")), found.group(2), found.group(3) or obj
+        name = obj.rsplit("/", 1)[-1]
+        if name.startswith("libpython"):
+            gc = where.split(":", 1)[0].endswith(("gcmodule.c", "/gc.c"))
+            parts["CPython: gc" if gc else "CPython: the rest"] += ir
+        elif "site-packages/" in obj or "lib-dynload/" in obj:
+            parts["extension modules"] += ir
+        elif name.startswith(("libc.", "libc-", "ld-linux", "libm.", "libm-")):
+            parts["libc, ld.so, libm"] += ir
+        else:
+            parts["other"] += ir
+    return parts
+
+
 def _count_once_more_if_stopped(
     db: b.EmbeddedPostgres,
     workdir: Path,
@@ -99,16 +134,18 @@ def _count_once_more_if_stopped(
     ns: argparse.Namespace,
     python: str,
     label: str,
-) -> int:
+) -> tuple[int, dict[str, int]]:
     """instructions.count, tried a second time if the first run failed: on a machine shared
     with others a proxy has been seen stopped mid-run by a signal that was not ours (its
     sessions ended with 57P01), and one such run should not throw away the other counts.
-    The failure is printed, and a second one is raised."""
+    The failure is printed, and a second one is raised. Returns the total and its
+    breakdown()."""
     try:
-        return instructions.count(db, workdir, ROOT, rules, script, ns, python=python, label=label)
+        total = instructions.count(db, workdir, ROOT, rules, script, ns, python=python, label=label)
     except b.BenchError as e:
         print(f"  {label}: failed ({str(e).strip()[-200:]}); once more", flush=True)
-        return instructions.count(db, workdir, ROOT, rules, script, ns, python=python, label=label)
+        total = instructions.count(db, workdir, ROOT, rules, script, ns, python=python, label=label)
+    return total, breakdown(workdir / f"callgrind.{label}.out")
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -161,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)  # fmt: skip
                 return 2
         counts: dict[str, dict[str, int]] = {}
+        parts: dict[str, dict[str, dict[str, int]]] = {}
         with contextlib.ExitStack() as stack:
             workdir = Path(tempfile.mkdtemp(prefix="pgveil-interpreters-"))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -178,14 +216,16 @@ def main(argv: list[str] | None = None) -> int:
                     no_audit=audit == "no-audit",
                 )
                 counts[config] = {}
+                parts[config] = {}
                 for label, python in pythons.items():
-                    total = _count_once_more_if_stopped(
+                    total, parts[config][label] = _count_once_more_if_stopped(
                         db, workdir, rules, script, ns, python, f"{label}-{role}-{mode}-{audit}"
                     )
                     counts[config][label] = total
                     print(f"  {config} {label}: {total / args.transactions / 1000:.0f} k",
                           flush=True)  # fmt: skip
         result["instructions"] = counts
+        result["instructions_by_part"] = parts
         head = ["role / -M / audit", *(f"{lbl} (k)" for lbl in pythons)]
         head += [f"{lbl}/{base}" for lbl in pythons if lbl != base]
         rows = []
@@ -196,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         print(f"\nk instructions per transaction of the helpdesk script (callgrind, "
               f"{args.transactions} transactions, -c 1):")  # fmt: skip
+        print(_table(head, rows))
+        print("\nwhere they ran, k instructions per transaction (self cost by object):")
+        head = ["role / -M / audit", "part", *pythons]
+        rows = []
+        for config, by in parts.items():
+            for part in PARTS:
+                row = [config.replace("/", " / "), part]
+                row += [f"{by[lbl][part] / args.transactions / 1000:.0f}" for lbl in pythons]
+                rows.append(row)
         print(_table(head, rows))
 
     if args.micro:
