@@ -69,7 +69,7 @@ def probe(python: str) -> dict[str, str]:
             for flag in ("--enable-optimizations", "--with-lto", "--enable-experimental-jit")
             if flag in args
         )
-        or "no PGO/LTO"
+        or "configure: no --enable-optimizations, no --with-lto"
     )
     return info
 
@@ -92,12 +92,16 @@ def micro(pythons: dict[str, str], rounds: int, seconds: float, audited: bool) -
 
 
 _LINE = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S+)(?: \[(.+)\])?$")
+_CPYTHON = re.compile(r"^(lib)?python3(\.\d+)?(\.so.*)?$")
 PARTS = ("CPython: gc", "CPython: the rest", "extension modules", "libc, ld.so, libm", "other")
 
 
 def breakdown(callgrind_out: Path) -> dict[str, int]:
     """Self instructions of a callgrind profile by where they ran: CPython's cyclic garbage
-    collector (gcmodule.c, gc.c), the rest of CPython, extension modules (uvloop with its
+    collector (gcmodule.c, gc.c and the types' traverse and visit functions it calls; where
+    CPython's symbols are stripped, as in Debian's executable, it cannot be told apart and
+    counts as the rest), the rest of CPython (libpython, or the executable where it
+    is linked statically, as Debian's is), extension modules (uvloop with its
     libuv, pglast with libpg_query, asyncpg, orjson, the standard library's C modules), the
     C library, and anything else."""
     text = subprocess.run(
@@ -114,8 +118,14 @@ def breakdown(callgrind_out: Path) -> dict[str, int]:
             continue
         ir, where, obj = int(found.group(1).replace(",", "")), found.group(2), found.group(3) or obj
         name = obj.rsplit("/", 1)[-1]
-        if name.startswith("libpython"):
-            gc = where.split(":", 1)[0].endswith(("gcmodule.c", "/gc.c"))
+        if _CPYTHON.match(name):  # libpython3.X.so, or the executable of a static build
+            file, _, function = where.partition(":")
+            function = function.split("'", 1)[0]  # (callgrind marks recursion levels: f'2)
+            gc = (
+                file.endswith(("gcmodule.c", "/gc.c"))
+                or function.endswith("_traverse")
+                or function.startswith("visit_")
+            )
             parts["CPython: gc" if gc else "CPython: the rest"] += ir
         elif "site-packages/" in obj or "lib-dynload/" in obj:
             parts["extension modules"] += ir
