@@ -3,10 +3,12 @@
 # interpreters, give each a venv with pgveil's dependencies, and measure (bench/README.md,
 # "Interpreters").
 #
-# Usage: bench/interpreters.sh [--build-only] [--micro] [--tps] [--transactions N]
+# Usage: bench/interpreters.sh [--build-only] [--no-instructions] [--micro] [--tps]
+#                              [--transactions N]
 #
 #   (default)       instructions per transaction (callgrind, load-independent): safe to run
 #                   while the machine is busy
+#   --no-instructions  skip those (with --micro or --tps on a quiet machine)
 #   --micro         also CPU us per use of bench/prepared_micro.py (needs a quiet machine)
 #   --tps           also `bench/run --only masked --reps 1 --duration 3` per interpreter
 #                   (needs a quiet machine; tps on a 2-core machine are noisy)
@@ -34,10 +36,11 @@ pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
 pyenv_versions="${PYENV_VERSIONS:-3.11.7 3.12.1 3.13.0}"
 debian_sources="${DEBIAN_SOURCES:-python3.13}"
 system_pythons="${SYSTEM_PYTHONS:-/usr/bin/python3.11}"
-build_only=0 micro=0 tps=0 transactions=200
+build_only=0 instr=1 micro=0 tps=0 transactions=200
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --build-only) build_only=1 ;;
+        --no-instructions) instr=0 ;;
         --micro) micro=1 ;;
         --tps) tps=1 ;;
         --transactions) transactions="$2"; shift ;;
@@ -142,10 +145,15 @@ done
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 first="${specs[1]#*=}"
 extra=()
+[[ $instr -eq 0 ]] && extra+=(--no-instructions)
 [[ $micro -eq 1 ]] && extra+=(--micro)
 cd "$root"
-nice -n 10 "$first" bench/interpreters.py "${specs[@]}" --transactions "$transactions" \
-    "${extra[@]}" --json "$work/results/$stamp.json" | tee "$work/results/$stamp.txt"
+if [[ $instr -eq 1 || $micro -eq 1 ]]; then
+    # (niced: the counts do not move with load, and the machine may be busy with others)
+    nice -n "$([[ $instr -eq 1 ]] && echo 10 || echo 0)" "$first" bench/interpreters.py \
+        "${specs[@]}" --transactions "$transactions" "${extra[@]}" \
+        --json "$work/results/$stamp.json" | tee "$work/results/$stamp.txt"
+fi
 if [[ $tps -eq 1 ]]; then
     for ((i = 1; i < ${#specs[@]}; i += 2)); do
         label="${specs[$i]%%=*}"
