@@ -91,35 +91,79 @@ def micro(pythons: dict[str, str], rounds: int, seconds: float, audited: bool) -
     return {label: statistics.median(values) for label, values in samples.items()}
 
 
-_LINE = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S+)(?: \[(.+)\])?$")
 _CPYTHON = re.compile(r"^(lib)?python3(\.\d+)?(\.so.*)?$")
 PARTS = ("CPython: gc", "CPython: the rest", "extension modules", "libc, ld.so, libm", "other")
+_NAME_KINDS = {
+    "ob": "ob", "cob": "ob",
+    "fl": "fl", "fi": "fl", "fe": "fl", "cfi": "fl", "cfl": "fl",
+    "fn": "fn", "cfn": "fn",
+}  # fmt: skip
+
+
+def self_costs(callgrind_out: Path) -> dict[tuple[str, str, str], int]:
+    """Self instructions per (object, source file, function) of a callgrind profile, read
+    from the file itself (callgrind_annotate loses the object of many functions): cost lines
+    count for the current function, except the line after `calls=`, which is the inclusive
+    cost of a call; `(id) name` defines a compressed name, `(id)` alone reuses it."""
+    names: dict[str, dict[str, str]] = {"ob": {}, "fl": {}, "fn": {}}
+    costs: dict[tuple[str, str, str], int] = {}
+    ob = fl = fn = file = ""
+    after_calls = False
+    with callgrind_out.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if line[0].isdigit() or line[0] in "+-*":
+                if after_calls:
+                    after_calls = False
+                    continue
+                fields = line.split()
+                if len(fields) >= 2:
+                    key = (ob, file, fn)
+                    costs[key] = costs.get(key, 0) + int(fields[1])
+                continue
+            key, sep, rest = line.partition("=")
+            if not sep:
+                continue
+            if key == "calls":
+                after_calls = True
+                continue
+            kind = _NAME_KINDS.get(key)
+            if kind is None:
+                continue
+            rest = rest.strip()
+            if rest.startswith("("):
+                ident, _, name = rest[1:].partition(")")
+                name = name.strip()
+                if name:
+                    names[kind][ident] = name
+                else:
+                    name = names[kind].get(ident, "?")
+            else:
+                name = rest
+            if key == "ob":
+                ob = name
+            elif key == "fl":
+                fl = file = name
+            elif key in ("fi", "fe"):
+                file = name
+            elif key == "fn":
+                fn, file = name, fl
+    return costs
 
 
 def breakdown(callgrind_out: Path) -> dict[str, int]:
     """Self instructions of a callgrind profile by where they ran: CPython's cyclic garbage
     collector (gcmodule.c, gc.c and the types' traverse and visit functions it calls; where
     CPython's symbols are stripped, as in Debian's executable, it cannot be told apart and
-    counts as the rest), the rest of CPython (libpython, or the executable where it
-    is linked statically, as Debian's is), extension modules (uvloop with its
-    libuv, pglast with libpg_query, asyncpg, orjson, the standard library's C modules), the
-    C library, and anything else."""
-    text = subprocess.run(
-        ["callgrind_annotate", "--threshold=100", str(callgrind_out)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    counts as the rest), the rest of CPython (libpython, or the executable where it is
+    linked statically, as Debian's is), extension modules (uvloop with its libuv, pglast
+    with libpg_query, asyncpg, orjson, the standard library's C modules), the C library,
+    and anything else (libcrypto's SHA-256 among it)."""
     parts = dict.fromkeys(PARTS, 0)
-    obj = ""
-    for line in text.splitlines():
-        found = _LINE.match(line)
-        if found is None or found.group(2) == "PROGRAM":
-            continue
-        ir, where, obj = int(found.group(1).replace(",", "")), found.group(2), found.group(3) or obj
+    for (obj, file, function), ir in self_costs(callgrind_out).items():
         name = obj.rsplit("/", 1)[-1]
-        if _CPYTHON.match(name):  # libpython3.X.so, or the executable of a static build
-            file, _, function = where.partition(":")
+        if _CPYTHON.match(name):
             function = function.split("'", 1)[0]  # (callgrind marks recursion levels: f'2)
             gc = (
                 file.endswith(("gcmodule.c", "/gc.c"))
