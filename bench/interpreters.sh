@@ -22,8 +22,12 @@
 #     reachable), so a missing one is reported and left out.
 #   - built here from the newest upstream source tarball that Debian's source archive holds
 #     for each package in $DEBIAN_SOURCES (default "python3.13": Debian has no python3.12
-#     source package any more), configured exactly as pyenv does, with a private apt
-#     configuration (the machine's apt sources are not touched).
+#     source package any more), configured exactly as pyenv does (label VERSION-src), with a
+#     private apt configuration (the machine's apt sources are not touched);
+#   - the same without --enable-shared, for each package in $STATIC_SOURCES (default
+#     "python3.13 python3.11", the latter bookworm's 3.11.2), labelled VERSION-static: from
+#     3.12 on CPython keeps the current thread state in a thread-local variable, which a
+#     shared libpython reaches through a call to __tls_get_addr and a static one directly.
 #   - for reference, the system's own interpreters in $SYSTEM_PYTHONS (default
 #     /usr/bin/python3.11: Debian's build, with Debian's flags), labelled VERSION-deb: how
 #     much the way an interpreter is built matters beside its version.
@@ -35,6 +39,7 @@ work="${PGVEIL_INTERP_DIR:-$root/bench/out/interpreters}"
 pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
 pyenv_versions="${PYENV_VERSIONS:-3.11.7 3.12.1 3.13.0}"
 debian_sources="${DEBIAN_SOURCES:-python3.13}"
+static_sources="${STATIC_SOURCES:-python3.13 python3.11}"
 system_pythons="${SYSTEM_PYTHONS:-/usr/bin/python3.11}"
 build_only=0 instr=1 micro=0 tps=0 transactions=200
 while [[ $# -gt 0 ]]; do
@@ -58,7 +63,8 @@ apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourcePa
 debian_index() {
     [[ -d "$apt_dir/lists" ]] && return 0
     mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-    printf 'deb-src http://deb.debian.org/debian %s main\n' trixie sid > "$apt_dir/sources.list"
+    printf 'deb-src http://deb.debian.org/debian %s main\n' bookworm trixie sid \
+        > "$apt_dir/sources.list"
     apt-get "${apt_opts[@]}" update -qq
 }
 
@@ -79,24 +85,26 @@ fetch_source() {
 }
 
 # configure exactly as pyenv's python-build does, so that the source builds and pyenv's
-# interpreters differ only in their version
+# interpreters differ only in their version; $2 = static: the same without --enable-shared
 build_python() {
-    local tarball="$1" version prefix
+    local tarball="$1" kind="$2" version prefix tree shared=(--enable-shared)
     version="$(basename "$tarball" | sed -E 's/^python3\.[0-9]+_([0-9.]+)\.orig.*/\1/')"
-    prefix="$work/prefix/$version"
+    prefix="$work/prefix/$version" tree="$work/src/$kind"
+    if [[ $kind == static ]]; then prefix+="-static" shared=(); fi
     if [[ -x "$prefix/bin/python3" ]]; then echo "$prefix/bin/python3"; return 0; fi
-    say "building Python $version in $work/src (a few minutes; nice -n 10, make -j2)"
-    rm -rf "$work/src/Python-$version"
-    tar -C "$work/src" -xf "$tarball"
+    say "building Python $version ($kind) in $tree (about 10 minutes; nice -n 10, make -j2)"
+    mkdir -p "$tree"
+    rm -rf "$tree/Python-$version"
+    tar -C "$tree" -xf "$tarball"
     (
-        cd "$work/src/Python-$version"
-        nice -n 10 ./configure --prefix="$prefix" --enable-shared --libdir="$prefix/lib" \
+        cd "$tree/Python-$version"
+        nice -n 10 ./configure --prefix="$prefix" "${shared[@]}" --libdir="$prefix/lib" \
             LDFLAGS="-L$prefix/lib -Wl,-rpath,$prefix/lib" \
             LIBS="-L$prefix/lib -Wl,-rpath,$prefix/lib" CPPFLAGS="-I$prefix/include" \
-            > "$work/src/configure-$version.log" 2>&1
-        nice -n 10 make -j2 > "$work/src/make-$version.log" 2>&1
-        nice -n 10 make install > "$work/src/install-$version.log" 2>&1
-    ) || { say "building Python $version failed: see $work/src/*-$version.log"; return 1; }
+            > "$tree/configure-$version.log" 2>&1
+        nice -n 10 make -j2 > "$tree/make-$version.log" 2>&1
+        nice -n 10 make install > "$tree/install-$version.log" 2>&1
+    ) || { say "building Python $version failed: see $tree/*-$version.log"; return 1; }
     echo "$prefix/bin/python3"
 }
 
@@ -109,13 +117,18 @@ for v in $pyenv_versions; do
         say "pyenv has no $v here ($pyenv_root/versions/$v): left out"
     fi
 done
-for pkg in $debian_sources; do
-    if tarball="$(fetch_source "$pkg")" && python="$(build_python "$tarball")"; then
-        labels+=("$("$python" -c 'import platform; print(platform.python_version())')-src")
-        pythons+=("$python")
-    else
-        say "no source build of $pkg: left out"
-    fi
+for kind in shared static; do
+    if [[ $kind == shared ]]; then pkgs="$debian_sources" suffix=src
+    else pkgs="$static_sources" suffix=static; fi
+    for pkg in $pkgs; do
+        if tarball="$(fetch_source "$pkg")" && python="$(build_python "$tarball" "$kind")"
+        then
+            labels+=("$("$python" -c 'import platform; print(platform.python_version())')-$suffix")
+            pythons+=("$python")
+        else
+            say "no $kind source build of $pkg: left out"
+        fi
+    done
 done
 for python in $system_pythons; do
     if [[ -x "$python" ]] && "$python" -c 'import venv, ensurepip' 2>/dev/null; then
