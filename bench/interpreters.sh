@@ -60,12 +60,16 @@ say() { echo "interpreters.sh: $*" >&2; }
 apt_dir="$work/apt"
 apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
           -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+# the source index, read once (the list of suites is written after a successful update, so
+# a changed or interrupted one is read again)
 debian_index() {
-    [[ -d "$apt_dir/lists" ]] && return 0
+    local want
+    want="$(printf 'deb-src http://deb.debian.org/debian %s main\n' bookworm trixie sid)"
+    [[ -f "$apt_dir/sources.list" && "$(cat "$apt_dir/sources.list")" == "$want" ]] && return 0
     mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-    printf 'deb-src http://deb.debian.org/debian %s main\n' bookworm trixie sid \
-        > "$apt_dir/sources.list"
-    apt-get "${apt_opts[@]}" update -qq
+    echo "$want" > "$apt_dir/sources.list.new"
+    apt-get "${apt_opts[@]}" -o "Dir::Etc::SourceList=$apt_dir/sources.list.new" update -qq
+    mv "$apt_dir/sources.list.new" "$apt_dir/sources.list"
 }
 
 # the upstream tarball (Debian's .orig.tar.xz) of the newest version of $1 whose files the
