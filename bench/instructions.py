@@ -40,6 +40,31 @@ import bench as b
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def missing_valgrind(tool: str) -> bool:
+    """Whether a binary the counts need is missing (said on stderr, naming `tool`)."""
+    for binary in ("valgrind", "callgrind_control", "callgrind_annotate"):
+        if shutil.which(binary) is None:
+            print(f"{tool}: {binary} is not installed (apt-get install valgrind)", file=sys.stderr)
+            return True
+    return False
+
+
+def helpdesk_database(
+    stack: contextlib.ExitStack, tool: str
+) -> tuple[b.EmbeddedPostgres, Path, Path, Path]:
+    """An embedded PostgreSQL with the billing fixture loaded, a work directory and the
+    helpdesk rules and pgbench script in it: (db, workdir, rules, script), all removed when
+    `stack` closes."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"pgveil-{tool}-"))
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    db = b.EmbeddedPostgres(settings={"max_connections": "100"})
+    stack.callback(db.cleanup)
+    db.start()
+    b.load_billing(db)
+    rules, script = b.write_helpdesk_files(workdir)
+    return db, workdir, rules, script
+
+
 def count(
     db: b.EmbeddedPostgres,
     workdir: Path,
@@ -136,23 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", choices=("unmasked", "masked"), default="unmasked")
     p.add_argument("--no-audit", action="store_true", help="run pgveil without auditing")
     args = p.parse_args(argv)
-    for binary in ("valgrind", "callgrind_control", "callgrind_annotate"):
-        if shutil.which(binary) is None:
-            print(
-                f"instructions: {binary} is not installed (apt-get install valgrind)",
-                file=sys.stderr,
-            )
-            return 2
+    if missing_valgrind("instructions"):
+        return 2
     repos = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
     counts: dict[Path, int] = {}
     with contextlib.ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="pgveil-instructions-"))
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        db = b.EmbeddedPostgres(settings={"max_connections": "100"})
-        stack.callback(db.cleanup)
-        db.start()
-        b.load_billing(db)
-        rules, script = b.write_helpdesk_files(workdir)
+        db, workdir, rules, script = helpdesk_database(stack, "instructions")
         for repo in repos:
             counts[repo] = count(db, workdir, repo, rules, script, args)
     audit = "without auditing" if args.no_audit else "audited"

@@ -25,11 +25,9 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # (the script's own folder is first)
@@ -246,21 +244,12 @@ def main(argv: list[str] | None = None) -> int:
               f"orjson {info['orjson']}")  # fmt: skip
 
     if not args.no_instructions:
-        for binary in ("valgrind", "callgrind_control", "callgrind_annotate"):
-            if shutil.which(binary) is None:
-                print(f"interpreters: {binary} is not installed (apt-get install valgrind)",
-                      file=sys.stderr)  # fmt: skip
-                return 2
+        if instructions.missing_valgrind("interpreters"):
+            return 2
         counts: dict[str, dict[str, int]] = {}
         parts: dict[str, dict[str, dict[str, int]]] = {}
         with contextlib.ExitStack() as stack:
-            workdir = Path(tempfile.mkdtemp(prefix="pgveil-interpreters-"))
-            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-            db = b.EmbeddedPostgres(settings={"max_connections": "100"})
-            stack.callback(db.cleanup)
-            db.start()
-            b.load_billing(db)
-            rules, script = b.write_helpdesk_files(workdir)
+            db, workdir, rules, script = instructions.helpdesk_database(stack, "interpreters")
             for config in args.config or CONFIGS:
                 role, mode, audit = config.split("/")
                 ns = argparse.Namespace(
