@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -30,6 +31,22 @@ settings.register_profile("pgveil", deadline=None, suppress_health_check=[Health
 settings.load_profile("pgveil")
 
 SCRAM_USER, SCRAM_PASSWORD = "scram_user", "scram-secret-1"
+
+
+async def scram_asyncpg(port: int) -> Any:
+    """An asyncpg connection as the SCRAM user to `postgres` on `port` (no TLS)."""
+    import asyncpg  # (imported where used: most tests never need it)
+
+    return await asyncpg.connect(
+        host="127.0.0.1",
+        port=port,
+        user=SCRAM_USER,
+        password=SCRAM_PASSWORD,
+        database="postgres",
+        ssl=False,
+    )
+
+
 MD5_USER, MD5_PASSWORD = "md5_user", "md5-secret-1"
 CLEAR_USER, CLEAR_PASSWORD = "clear_user", "clear-secret-1"
 TRUST_USER = "trust_user"

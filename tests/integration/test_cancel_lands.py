@@ -17,7 +17,7 @@ import asyncio
 import psycopg
 
 from proxy.demo.embedded_pg import EmbeddedPostgres
-from tests.conftest import SCRAM_PASSWORD, SCRAM_USER
+from tests.conftest import scram_asyncpg
 from tests.support import ProxyProcess
 
 ROUNDS = 20
@@ -45,14 +45,7 @@ async def test_asyncpg_cancel_has_landed_before_the_next_query(
     import asyncpg
     from asyncpg import connect_utils
 
-    conn = await asyncpg.connect(
-        host="127.0.0.1",
-        port=proxy.port,
-        user=SCRAM_USER,
-        password=SCRAM_PASSWORD,
-        database="postgres",
-        ssl=False,
-    )
+    conn = await scram_asyncpg(proxy.port)
     killed = 0
     try:
         for _ in range(ROUNDS):

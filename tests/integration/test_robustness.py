@@ -19,7 +19,7 @@ from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from proxy.wire.startup import SSLRequest, StartupMessage
-from tests.conftest import SCRAM_PASSWORD, SCRAM_USER
+from tests.conftest import SCRAM_PASSWORD, SCRAM_USER, scram_asyncpg
 from tests.integration.audit_wire import wait_for
 from tests.support import ProxyProcess, RawClient, errors_in
 
@@ -57,16 +57,7 @@ def test_cancel_long_query(proxy_dsn: str, proxy: ProxyProcess, pg: EmbeddedPost
 
 
 async def test_cancel_from_asyncpg_timeout(pg: EmbeddedPostgres, proxy: ProxyProcess) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(
-        host="127.0.0.1",
-        port=proxy.port,
-        user=SCRAM_USER,
-        password=SCRAM_PASSWORD,
-        database="postgres",
-        ssl=False,
-    )
+    conn = await scram_asyncpg(proxy.port)
     try:
         with pytest.raises(TimeoutError):
             await conn.execute("SELECT pg_sleep(600)", timeout=5)  # long enough to start
