@@ -118,6 +118,9 @@ UNCLASSIFIED: Final = "pgveil: cannot classify this session as masked or unmaske
 class SessionSettings:
     tls_available: bool = False
     max_message_size: int = 128 * 1024 * 1024
+    # masked sessions: rewritten SELECTs go as statements prepared once per connection
+    # (proxy/session/masked.py)
+    masked_prepare: bool = True
     # Asked when the StartupMessage arrives: None admits the session, (sqlstate, message)
     # refuses it with that FATAL. Asking then, not at accept time, means a port probe that
     # never logs in does not take a slot.
@@ -450,7 +453,7 @@ class Session:
             try:
                 chosen = Masking(
                     self, self._client, self._server, masked, login, self.error_classes,
-                    audit, self.info.parameters,
+                    audit, self.info.parameters, self.settings.masked_prepare,
                 )  # fmt: skip
             except SessionEnded as exc:
                 return [*actions, *self._session_ended(str(exc))]

@@ -372,11 +372,12 @@ class Masking(_Analysing):
         error_classes: dict[str, int],
         audit: AuditHook | None,
         parameters: Mapping[str, str],
+        prepares: bool = True,
     ) -> None:
         """Raises SessionEnded when a parameter the server reported at login is one a
         masked session may not run under (see MaskedFilter.check_parameter)."""
         super().__init__(host, client, server)
-        self._f = self._m = MaskedFilter(ctx, login, error_classes)
+        self._f = self._m = MaskedFilter(ctx, login, error_classes, prepares)
         self._m.waits = True  # the shell carries out AwaitCatalog
         if audit is not None:
             self._m.attach_audit(audit)

@@ -1,0 +1,369 @@
+"""Masked Queries sent as statements prepared once per server connection
+(proxy/session/masked.py, rules/prepare.py) are invisible to the client.
+
+Differential: every case runs through two pgveils with the same rules in front of the same
+server, one with `masked_prepare` on (the default) and one with it off (the rewritten text
+as a Query, as before), as the masked role, over a bare protocol client that keeps every
+message it gets; the two must be byte for byte the same (rows, types, command tags, errors
+with SQLSTATE, message and position, transaction states, pipelined answers). psql and
+psycopg (simple protocol) compare their output the same way. Then: the server really holds
+one statement per shape and reuses it, pgveil's names cannot be used by the client, and
+the audit events are the same either way.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from proxy.demo.embedded_pg import EmbeddedPostgres
+from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
+from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn, masking_proxy
+from tests.support import ProxyProcess, RawClient
+
+MASKED = "masked_trust"  # masked (a member of cc_staff), trust authentication
+C = "SELECT i_customer, name, email, balance FROM billing.customers"
+JOIN = (
+    "SELECT c.i_customer, c.name, c.email, c.phone, c.balance, a.i_account, a.id, a.ip "
+    "FROM billing.customers c JOIN billing.accounts a ON a.i_customer = c.i_customer "
+    "WHERE c.i_customer = {}"
+)
+XDRS = (
+    "SELECT x.i_xdr, x.cli, x.cld, x.charged, x.connect_time FROM billing.xdrs x "
+    "WHERE x.i_account = {} ORDER BY x.connect_time DESC, x.i_xdr LIMIT 50"
+)
+CLASS = (
+    "SELECT i_customer, name, email, balance FROM billing.customers WHERE i_customer_class = {} "
+    "AND balance BETWEEN {} AND {} + 2000 ORDER BY balance, i_customer LIMIT 20"
+)
+
+# Each case: the Queries of one session, in order (each waits for its answer), or a list in
+# a list: Queries sent together before any answer is read (pipelined).
+CASES: dict[str, list[object]] = {
+    "helpdesk": [
+        JOIN.format(1), JOIN.format(2), JOIN.format(1), XDRS.format(11), XDRS.format(12),
+        CLASS.format(1, 0, 0), CLASS.format(2, 17, 17), CLASS.format(1, 0, 0),
+    ],
+    "repeated, more than five times (generic plans)": [JOIN.format(i % 4 + 1) for i in range(9)]
+    + [CLASS.format(i % 3 + 1, i, i) for i in range(9)],
+    "order by column number": [
+        f"{C} WHERE i_customer < 10 ORDER BY 1 LIMIT 3",
+        f"{C} WHERE i_customer < 10 ORDER BY 2 DESC, 1 LIMIT 3",
+        f"{C} WHERE i_customer < 10 ORDER BY 3, 1 LIMIT 3",
+        f"SELECT i_customer_class, count(*) FROM billing.customers WHERE i_customer < 100 "
+        "GROUP BY 1 ORDER BY 1",
+        f"SELECT DISTINCT ON (1) i_customer_class, i_customer FROM billing.customers "
+        "WHERE i_customer < 100 ORDER BY 1, 2",
+    ],
+    "in lists, limits, offsets": [
+        f"{C} WHERE i_customer IN (1, 2, 3) ORDER BY i_customer",
+        f"{C} WHERE i_customer IN (4, 5) ORDER BY i_customer",
+        f"{C} WHERE i_customer NOT IN (1, 2) ORDER BY i_customer LIMIT 2 OFFSET 1",
+        f"{C} WHERE i_customer NOT IN (3) ORDER BY i_customer LIMIT 3 OFFSET 0",
+        f"{C} ORDER BY i_customer LIMIT 0",
+    ],
+    "typed, signed, huge, string literals": [
+        f"{C} WHERE balance > -5 ORDER BY i_customer LIMIT 2",
+        f"{C} WHERE i_customer = -1",
+        f"{C} WHERE i_customer = 3000000000",
+        f"{C} WHERE i_customer = 99999999999999999999",
+        f"{C} WHERE i_customer = 2147483647",
+        f"{C} WHERE i_customer = 2147483648",
+        f"{C} WHERE i_customer = 007",
+        f"{C} WHERE balance < 1.5e3 AND i_customer = 1",
+        f"{C} WHERE i_customer = 1 AND now() > date '2000-01-01' + interval '1 day'",
+        f"{C} WHERE name = E'Zeb\\x41' OR i_customer = 1",
+        f"{C} WHERE email = 'x' OR i_customer = 2",
+        f"{C} WHERE i_customer = '3'",
+        f"{C} WHERE i_customer = 1::int8 + 1",
+        f"SELECT i_customer, name::varchar(3) FROM billing.customers WHERE i_customer = 1",
+        f"SELECT i_customer, 5, 'x' FROM billing.customers WHERE i_customer = 1",
+        f"SELECT i_customer, i_customer = 5 FROM billing.customers WHERE i_customer < 6 "
+        "ORDER BY i_customer",
+        f"{C} WHERE i_customer BETWEEN 2147483000 AND 2147483000 + 647",
+        f"{C} WHERE i_customer BETWEEN 1 AND 1073741823 + 1073741823",
+        f"{C} WHERE i_customer BETWEEN 1 AND 1073741824 + 1 ORDER BY i_customer LIMIT 1",
+    ],
+    "errors": [
+        f"{C} WHERE i_customer = 'abc'",
+        f"{C} WHERE i_customer = 1 AND i_customer / 0 = 1",
+        f"{C} WHERE i_customer = 1 AND 1 / 0 = 1",
+        f"{C} WHERE i_customer = 2147483647 + 1",
+        f"{C} WHERE i_customer BETWEEN 1 AND 2147483647 + 1",
+        f"{C} WHERE name = 5",
+        f"{C} WHERE i_customer = 1 AND name > 5 AND i_customer = 2",
+        f"{C} WHERE i_customer = 1 AND nosuch = 2",
+        f"SELECT nosuch FROM billing.customers WHERE i_customer = 1",
+        f"{C} WHERE i_customer = 1 AND i_customer_class = 'x'",
+        f"{C} WHERE i_customer = 1 ORDER BY 9",
+        f"{C} WHERE i_customer = 1 LIMIT 10 OFFSET 'a'",
+        f"{C} WHERE i_customer = 1",
+    ],
+    "transaction blocks": [
+        "BEGIN",
+        JOIN.format(1),
+        JOIN.format(2),
+        "SAVEPOINT s",
+        f"{C} WHERE i_customer = 1 AND i_customer / 0 = 1",
+        JOIN.format(3),
+        "ROLLBACK TO SAVEPOINT s",
+        JOIN.format(3),
+        "COMMIT",
+        "BEGIN",
+        f"{C} WHERE i_customer = 'abc'",
+        JOIN.format(1),
+        "ROLLBACK",
+        JOIN.format(1),
+        "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        CLASS.format(1, 0, 0),
+        "COMMIT",
+    ],
+    "discard and deallocate between uses": [
+        JOIN.format(1),
+        "DISCARD ALL",
+        JOIN.format(2),
+        JOIN.format(3),
+        "DEALLOCATE ALL",
+        JOIN.format(1),
+        "BEGIN",
+        JOIN.format(1),
+        "DISCARD ALL",
+        JOIN.format(2),
+        "ROLLBACK",
+        JOIN.format(2),
+        "DISCARD PLANS",
+        JOIN.format(4),
+        "RESET ALL",
+        JOIN.format(1),
+    ],
+    "search_path between uses": [
+        "SET search_path = billing",
+        "SELECT i_customer, name FROM customers WHERE i_customer = 1",
+        "SET search_path = public",
+        "SELECT i_customer, name FROM customers WHERE i_customer = 1",
+        "SET search_path = billing, public",
+        "SELECT i_customer, name FROM customers WHERE i_customer = 2",
+        "RESET search_path",
+        "SELECT i_customer, name FROM customers WHERE i_customer = 2",
+    ],
+    "pipelined": [
+        [JOIN.format(1), JOIN.format(2), JOIN.format(1), XDRS.format(11)],
+        [
+            JOIN.format(3),
+            f"{C} WHERE i_customer = 'abc'",
+            JOIN.format(4),
+            "DISCARD ALL",
+            JOIN.format(4),
+            JOIN.format(5),
+        ],
+        [
+            "BEGIN",
+            JOIN.format(1),
+            f"{C} WHERE i_customer = 1 AND 1 / 0 = 1",
+            JOIN.format(1),
+            "ROLLBACK",
+            JOIN.format(1),
+        ],
+        [f"{C} WHERE i_customer = 1; {C} WHERE i_customer = 2", JOIN.format(2)],
+        [f"SELECT nosuch FROM billing.customers WHERE i_customer = {i}" for i in (1, 2, 3)],
+    ],
+    "several statements, notices, empty": [
+        f"{C} WHERE i_customer = 1; {C} WHERE i_customer = 2",
+        f"{C} WHERE i_customer = 1;",
+        "SET client_min_messages = notice",
+        f"{C} WHERE i_customer = 1 AND i_customer IN (SELECT 1 WHERE 1 = 1)",
+        ";",
+        "",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def text_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyProcess]:
+    """A pgveil with the same rules, `masked_prepare` off: the rewritten text as a Query."""
+    rules: Path = billing.rules_path  # type: ignore[attr-defined]
+    p = masking_proxy(pg, rules, metrics=False, extra=("--masked-prepare", "false"))
+    yield p
+    p.stop()
+
+
+Messages = list[tuple[str, bytes]]
+
+
+def _session(port: int, case: list[object]) -> Messages:
+    """Every message the client gets after login, for the Queries of `case`."""
+    client = RawClient(port, user=MASKED)
+    out: Messages = []
+    try:
+        for item in case:
+            batch = item if isinstance(item, list) else [item]
+            client.send_raw(b"".join(m.message(m.QUERY, f"{q}".encode() + b"\0") for q in batch))
+            for _ in batch:
+                out += client.until_ready()
+    finally:
+        client.close()
+    return out
+
+
+def _readable(messages: Messages) -> list[str]:
+    """The messages for an assertion's diff: type and fields or bytes."""
+    return [
+        f"{t} {decode_fields(b)}" if t in "EN" else f"{t} {b!r}" for t, b in messages
+    ]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_messages_prepared_or_not(billing: ProxyProcess, text_proxy: ProxyProcess, case: str) -> None:
+    prepared = _session(billing.port, CASES[case])
+    text = _session(text_proxy.port, CASES[case])
+    assert _readable(prepared) == _readable(text)
+    assert prepared == text  # byte for byte
+    assert any(t == "D" for t, _ in prepared) or case in ("errors",)
+
+
+def _prepared_statements(client: RawClient) -> list[tuple[str, ...]]:
+    """pgveil's statements in this session, as the masked role reads
+    pg_prepared_statements (names and counts; the text is withheld from masked roles)."""
+    answer = client.query(
+        "SELECT name, statement IS NULL, generic_plans + custom_plans "
+        "FROM pg_prepared_statements WHERE name LIKE 'pgveil\\_prep\\_%' ORDER BY name"
+    )
+    rows = []
+    for t, body in answer:
+        if t == "D":
+            count = int.from_bytes(body[:2], "big")
+            pos, values = 2, []
+            for _ in range(count):
+                n = int.from_bytes(body[pos : pos + 4], "big", signed=True)
+                pos += 4
+                values.append(body[pos : pos + n].decode() if n >= 0 else "NULL")
+                pos += max(n, 0)
+            rows.append(tuple(values))
+    return rows
+
+
+def test_server_reuses_one_statement_per_shape(billing: ProxyProcess) -> None:
+    client = RawClient(billing.port, user=MASKED)
+    try:
+        for i in range(12):
+            client.query(JOIN.format(i % 5 + 1))
+        for i in range(7):
+            client.query(CLASS.format(i % 3 + 1, i * 10, i * 10))
+        for i in range(3):
+            client.query(f"{C} WHERE i_customer = 99999999999999999999{i}")  # stays text
+        statements = _prepared_statements(client)
+        # one per shape; run 12 and 7 times (the text is NULL for a masked role)
+        assert sorted(count for _name, _null, count in statements) == ["12", "7"], statements
+        assert all(null == "t" for _name, null, _count in statements)
+        client.query("DISCARD ALL")
+        assert _prepared_statements(client) == []
+        client.query(JOIN.format(1))
+        client.query(JOIN.format(2))
+        (name, _, count), = _prepared_statements(client)
+        assert count == "2"
+        assert name.startswith("pgveil_prep_")
+    finally:
+        client.close()
+
+
+def test_least_recently_used_beyond_the_bound(billing: ProxyProcess) -> None:
+    """More shapes than a connection keeps: the oldest are closed on the server."""
+    from proxy.session.masked import PREPARED_PER_CONNECTION
+
+    client = RawClient(billing.port, user=MASKED)
+    try:
+        # shapes that differ by an inline literal (a huge number stays in the text)
+        for i in range(PREPARED_PER_CONNECTION + 5):
+            client.query(f"{C} WHERE i_customer = 1 AND i_customer <> {10**20 + i}")
+        statements = _prepared_statements(client)
+        assert len(statements) == PREPARED_PER_CONNECTION
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DEALLOCATE pgveil_prep_0_1",
+        "EXECUTE pgveil_prep_0_1",
+        "PREPARE pgveil_prep_x AS SELECT 1",
+        "SELECT 1; DEALLOCATE pgveil_prep_0_1",
+    ],
+)
+def test_client_cannot_name_pgveils_statements(billing: ProxyProcess, sql: str) -> None:
+    client = RawClient(billing.port, user=MASKED)
+    try:
+        client.query(JOIN.format(1))
+        answer = client.query(sql)
+        errors = [decode_fields(b) for t, b in answer if t == "E"]
+        assert [(e["C"], e["M"]) for e in errors] == [
+            ("42501", "pgveil: statement names beginning with pgveil_prep_ are pgveil's")
+        ]
+    finally:
+        client.close()
+
+
+def test_client_parse_of_pgveils_name_is_refused(billing: ProxyProcess) -> None:
+    client = RawClient(billing.port, user=MASKED)
+    try:
+        client.query(JOIN.format(1))
+        (name, _, _), = _prepared_statements(client)
+        client.send("P", name.encode() + b"\0SELECT 1\0\0\0")
+        client.send("B", b"\0" + name.encode() + b"\0\0\0\0\0\0\0")
+        client.send("S")
+        answer = client.until_ready()
+        errors = [decode_fields(b) for t, b in answer if t == "E"]
+        assert [e["C"] for e in errors] == ["42501"]
+        # the extended-protocol client's Queries go as text from now on: still answered
+        rows = [b for t, b in client.query(JOIN.format(1)) if t == "D"]
+        assert rows
+    finally:
+        client.close()
+
+
+def test_psql_and_psycopg_see_the_same(
+    pg: EmbeddedPostgres, billing: ProxyProcess, text_proxy: ProxyProcess
+) -> None:
+    script = "\n".join(
+        [
+            "\\set ON_ERROR_STOP 0",
+            *(f"{q};" for q in CASES["helpdesk"]),
+            f"{C} WHERE i_customer = 'abc';",
+            f"{C} WHERE name = 5;",
+            "BEGIN;",
+            f"{C} WHERE i_customer = 1 AND 1 / 0 = 1;",
+            f"{JOIN.format(1)};",
+            "ROLLBACK;",
+            f"{JOIN.format(1)};",
+        ]
+    )
+
+    def psql(port: int) -> str:
+        done = subprocess.run(
+            ["psql", "-X", "-v", "VERBOSITY=verbose", "-h", "127.0.0.1", "-p", str(port),
+             "-U", MASKED, "-d", "postgres"],
+            input=script, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return done.stdout + done.stderr
+
+    assert psql(billing.port) == psql(text_proxy.port)
+
+    def psycopg_rows(port: int) -> list[object]:
+        out: list[object] = []
+        with psycopg.connect(dsn(pg, port, HELPDESK, HELPDESK_PW), autocommit=True) as conn:
+            cur = psycopg.ClientCursor(conn)
+            for q in CASES["helpdesk"]:
+                cur.execute(str(q))
+                out.append(([d.name for d in cur.description or []], cur.fetchall()))
+            try:
+                cur.execute(f"{C} WHERE i_customer = 'abc'")
+            except psycopg.Error as exc:
+                out.append((exc.sqlstate, str(exc)))
+        return out
+
+    assert psycopg_rows(billing.port) == psycopg_rows(text_proxy.port)
