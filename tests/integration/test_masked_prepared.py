@@ -46,8 +46,14 @@ CLASS = (
 # a list: Queries sent together before any answer is read (pipelined).
 CASES: dict[str, list[object]] = {
     "helpdesk": [
-        JOIN.format(1), JOIN.format(2), JOIN.format(1), XDRS.format(11), XDRS.format(12),
-        CLASS.format(1, 0, 0), CLASS.format(2, 17, 17), CLASS.format(1, 0, 0),
+        JOIN.format(1),
+        JOIN.format(2),
+        JOIN.format(1),
+        XDRS.format(11),
+        XDRS.format(12),
+        CLASS.format(1, 0, 0),
+        CLASS.format(2, 17, 17),
+        CLASS.format(1, 0, 0),
     ],
     "repeated, more than five times (generic plans)": [JOIN.format(i % 4 + 1) for i in range(9)]
     + [CLASS.format(i % 3 + 1, i, i) for i in range(9)],
@@ -55,9 +61,9 @@ CASES: dict[str, list[object]] = {
         f"{C} WHERE i_customer < 10 ORDER BY 1 LIMIT 3",
         f"{C} WHERE i_customer < 10 ORDER BY 2 DESC, 1 LIMIT 3",
         f"{C} WHERE i_customer < 10 ORDER BY 3, 1 LIMIT 3",
-        f"SELECT i_customer_class, count(*) FROM billing.customers WHERE i_customer < 100 "
+        "SELECT i_customer_class, count(*) FROM billing.customers WHERE i_customer < 100 "
         "GROUP BY 1 ORDER BY 1",
-        f"SELECT DISTINCT ON (1) i_customer_class, i_customer FROM billing.customers "
+        "SELECT DISTINCT ON (1) i_customer_class, i_customer FROM billing.customers "
         "WHERE i_customer < 100 ORDER BY 1, 2",
     ],
     "in lists, limits, offsets": [
@@ -81,9 +87,9 @@ CASES: dict[str, list[object]] = {
         f"{C} WHERE email = 'x' OR i_customer = 2",
         f"{C} WHERE i_customer = '3'",
         f"{C} WHERE i_customer = 1::int8 + 1",
-        f"SELECT i_customer, name::varchar(3) FROM billing.customers WHERE i_customer = 1",
-        f"SELECT i_customer, 5, 'x' FROM billing.customers WHERE i_customer = 1",
-        f"SELECT i_customer, i_customer = 5 FROM billing.customers WHERE i_customer < 6 "
+        "SELECT i_customer, name::varchar(3) FROM billing.customers WHERE i_customer = 1",
+        "SELECT i_customer, 5, 'x' FROM billing.customers WHERE i_customer = 1",
+        "SELECT i_customer, i_customer = 5 FROM billing.customers WHERE i_customer < 6 "
         "ORDER BY i_customer",
         f"{C} WHERE i_customer BETWEEN 2147483000 AND 2147483000 + 647",
         f"{C} WHERE i_customer BETWEEN 1 AND 1073741823 + 1073741823",
@@ -98,7 +104,7 @@ CASES: dict[str, list[object]] = {
         f"{C} WHERE name = 5",
         f"{C} WHERE i_customer = 1 AND name > 5 AND i_customer = 2",
         f"{C} WHERE i_customer = 1 AND nosuch = 2",
-        f"SELECT nosuch FROM billing.customers WHERE i_customer = 1",
+        "SELECT nosuch FROM billing.customers WHERE i_customer = 1",
         f"{C} WHERE i_customer = 1 AND i_customer_class = 'x'",
         f"{C} WHERE i_customer = 1 ORDER BY 9",
         f"{C} WHERE i_customer = 1 LIMIT 10 OFFSET 'a'",
@@ -212,13 +218,13 @@ def _session(port: int, case: list[object]) -> Messages:
 
 def _readable(messages: Messages) -> list[str]:
     """The messages for an assertion's diff: type and fields or bytes."""
-    return [
-        f"{t} {decode_fields(b)}" if t in "EN" else f"{t} {b!r}" for t, b in messages
-    ]
+    return [f"{t} {decode_fields(b)}" if t in "EN" else f"{t} {b!r}" for t, b in messages]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_same_messages_prepared_or_not(billing: ProxyProcess, text_proxy: ProxyProcess, case: str) -> None:
+def test_same_messages_prepared_or_not(
+    billing: ProxyProcess, text_proxy: ProxyProcess, case: str
+) -> None:
     prepared = _session(billing.port, CASES[case])
     text = _session(text_proxy.port, CASES[case])
     assert _readable(prepared) == _readable(text)
@@ -264,7 +270,7 @@ def test_server_reuses_one_statement_per_shape(billing: ProxyProcess) -> None:
         assert _prepared_statements(client) == []
         client.query(JOIN.format(1))
         client.query(JOIN.format(2))
-        (name, _, count), = _prepared_statements(client)
+        ((name, _, count),) = _prepared_statements(client)
         assert count == "2"
         assert name.startswith("pgveil_prep_")
     finally:
@@ -312,7 +318,7 @@ def test_client_parse_of_pgveils_name_is_refused(billing: ProxyProcess) -> None:
     client = RawClient(billing.port, user=MASKED)
     try:
         client.query(JOIN.format(1))
-        (name, _, _), = _prepared_statements(client)
+        ((name, _, _),) = _prepared_statements(client)
         client.send("P", name.encode() + b"\0SELECT 1\0\0\0")
         client.send("B", b"\0" + name.encode() + b"\0\0\0\0\0\0\0")
         client.send("S")
