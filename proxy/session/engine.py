@@ -152,6 +152,9 @@ class Session:
         self.info = SessionInfo()
         self.client_counts = [0] * 256
         self.server_counts = [0] * 256
+        # Queries a masked filter sent the server again (an outdated prepared statement of
+        # its own): each is answered by one more ReadyForQuery
+        self.resent_requests = 0
         self.error_classes: dict[str, int] = {}
         self.tx_status = m.TX_IDLE
         self.draining = False
@@ -749,7 +752,7 @@ class Session:
         ReadyForQuery ends authentication and answers no request.
         """
         c = self.client_counts
-        sent = c[m.QUERY] + c[m.SYNC] + c[m.FUNCTION_CALL]
+        sent = c[m.QUERY] + c[m.SYNC] + c[m.FUNCTION_CALL] + self.resent_requests
         return max(0, sent - (self.server_counts[m.READY_FOR_QUERY] - 1))
 
     def is_idle(self) -> bool:

@@ -84,6 +84,7 @@ class Host(Protocol):
     """What a filter may touch of the engine it runs in."""
 
     tx_status: int
+    resent_requests: int  # Queries the filter sent the server again (see `pending`)
 
     def client_terminated(self, last: Action) -> Sequence[Action]:
         """The client sent Terminate: `last` carries it on; the session closes after it."""
@@ -428,4 +429,9 @@ class Masking(_Analysing):
             self._host.tx_status = masked.tx_status
         self._row_capture()
         self._released_rows(log, before)
+        again = masked.take_resend()
+        if again:
+            # a Query sent again (an outdated prepared statement): one more request
+            self._host.resent_requests = masked.resent
+            return (SendToClient(out), SendToServer(again)) if out else (SendToServer(again),)
         return (SendToClient(out),) if out else NOTHING

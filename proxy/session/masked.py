@@ -115,6 +115,7 @@ PREPARED_PER_CONNECTION = 64  # at most; the least recently used is closed
 RESERVED_NAME = f"statement names beginning with {PREPARED_PREFIX} are pgveil's"
 # answers to pgveil's own messages of a prepared execution, which a Query does not get
 _ABSORBED = frozenset((m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE, m.NO_DATA))
+_IDLE_BODY = bytes((m.TX_IDLE,))  # ReadyForQuery's body outside a transaction block
 _CHANGED_RESULT = "0A000"  # feature_not_supported: "cached plan must not change result type"
 _NO_COPY_IN_FLIGHT = (m.COPY_DONE, m.COPY_FAIL)
 # what the client may send and stay a simple-protocol client (anything else: the prepared
@@ -135,7 +136,10 @@ class _Execution:
     name: bytes
     parse: bool
     where: tuple[tuple[int, int, int], ...]
+    sql: str  # the rewritten text, sent as a Query if the prepared statement is outdated
+    idle: bool  # sent outside a transaction block (an error there leaves nothing done)
     parsed: bool = False
+    held: bytes | None = None  # an outdated statement's error, held while it is re-sent
 
 
 @dataclass
@@ -847,6 +851,8 @@ class MaskedFilter(StatementFilter):
         self._simple_only = True  # the client sent nothing but Query (and COPY data) so far
         self._copies = 0  # COPY FROM STDIN statements sent whose end the client did not send
         self._reserved = False  # the Parse being decided names one of pgveil's statements
+        self._resend = bytearray()  # Queries to send the server again (see take_resend)
+        self.resent = 0  # ... how many so far: the server answers each with ReadyForQuery
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         # the client's text (its literals are what it may see again); the rewritten text
@@ -971,9 +977,18 @@ class MaskedFilter(StatementFilter):
             self._prepared.move_to_end(text)
         out += extended.bind(b"", name, (), values, ())
         out += _EXECUTE_UNNAMED
-        self._executions.append(_Execution(log.tail(), text, name, slot is None, where))
+        execution = _Execution(log.tail(), text, name, slot is None, where, sql, status == "I")
+        self._executions.append(execution)
         self.counters.prepared_executions += 1
         return bytes(out)
+
+    _released: bytes | None = None  # a held error that goes to the client after all
+
+    def take_resend(self) -> bytes:
+        """What must go to the server again now (see `_execution_answer`)."""
+        out = bytes(self._resend)
+        self._resend.clear()
+        return out
 
     def _forget_prepared(self) -> None:
         """The client's statements may drop pgveil's: prepare anew, close the old names."""
@@ -1003,18 +1018,45 @@ class MaskedFilter(StatementFilter):
             return None
         if typ == m.READY_FOR_QUERY:
             self._executions.popleft()
+            held = execution.held
+            if held is None:
+                return body
+            log = self.statements
+            if log is not None and log.tail() is execution.entry and body == _IDLE_BODY:
+                # nothing was sent after it: the Query goes again, as text, and its answers
+                # are the Query's (the statement log still waits for them)
+                self._resend += simple.query(execution.sql.encode())
+                self.resent += 1
+                return None
+            # the client sent more meanwhile, which the Query must not follow: the error
+            # goes to the client after all
+            self._released = held
             return body
         if typ != m.ERROR_RESPONSE and typ != m.NOTICE_RESPONSE:
             return body
         fields = errors.decode_fields(body)
         if typ == m.ERROR_RESPONSE:
             failed_parse = execution.parse and not execution.parsed
-            if failed_parse or fields.get("C") == _CHANGED_RESULT:
+            outdated = not failed_parse and fields.get("C") == _CHANGED_RESULT
+            if failed_parse or outdated:
                 slot = self._prepared.get(execution.text)
                 if slot is not None and slot[0] == execution.name:
                     del self._prepared[execution.text]
-                    if not failed_parse:
+                    if outdated:
                         self._to_close.append(execution.name)
+            if (
+                outdated
+                and execution.idle
+                and execution.held is None
+                and self.statements is not None
+                and self.statements.tail() is execution.entry
+            ):
+                # the table changed since it was prepared (another session's ALTER): the
+                # server refuses before anything ran, and outside a transaction block
+                # nothing is left done; the Query is sent again once its ReadyForQuery
+                # came, if nothing was sent after it by then
+                execution.held = body
+                return None
         position = fields.get("P")
         if position is None:
             return body
@@ -1173,6 +1215,11 @@ class MaskedFilter(StatementFilter):
             if answer is not body:
                 body = answer
                 raw = m.message(typ, body)
+            released, self._released = self._released, None
+            if released is not None:
+                # (the held error first, as the server sent it, then this ReadyForQuery)
+                before = self._server_message(m.ERROR_RESPONSE, released, b"")
+                return before + self._server_message(typ, body, raw)
         if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
             if typ == m.ERROR_RESPONSE and _DENY_WRITE_BYTES in body:
                 # (before the log records the outcome: the refusal's SQLSTATE)

@@ -415,3 +415,48 @@ def test_audit_events_are_the_same(
     assert len(prepared) > 30
     assert any(e.get("subjects") for e in prepared)
     assert prepared == text
+
+
+def test_a_table_changed_between_executions(
+    pg: EmbeddedPostgres, billing: ProxyProcess, text_proxy: ProxyProcess
+) -> None:
+    """Another session's ALTER TABLE changes a prepared statement's result type (the server
+    then refuses it: 0A000, "cached plan must not change result type"). Outside a
+    transaction block nothing ran: the Query goes again as text and the client gets what
+    the text gets. Inside one the server's error aborted the block: the client gets it."""
+    q = JOIN.format(1)
+    client = RawClient(billing.port, user=MASKED)
+    try:
+        client.query(q)
+        client.query(q)
+        pg.psql("ALTER TABLE billing.accounts ALTER COLUMN id TYPE varchar(40)")
+        try:
+            assert client.query(q) == _session(text_proxy.port, [q])
+            assert client.query(q) == _session(text_proxy.port, [q])
+            client.query("BEGIN")
+            pg.psql("ALTER TABLE billing.accounts ALTER COLUMN id TYPE text")
+            errors = [decode_fields(b) for t, b in client.query(q) if t == "E"]
+            assert [(e["C"], e["M"]) for e in errors] == [
+                ("0A000", "cached plan must not change result type")
+            ]
+            assert client.query("ROLLBACK")[-1] == ("Z", b"I")
+            # pipelined: an outdated execution followed by more Queries cannot go again
+            # behind them: the first gets the server's error, the last goes again
+            client.query(q)
+            pg.psql("ALTER TABLE billing.accounts ALTER COLUMN id TYPE varchar(40)")
+            client.send_raw(m.message(m.QUERY, q.encode() + b"\0") * 2)
+            first, second = client.until_ready(), client.until_ready()
+            assert [decode_fields(b)["C"] for t, b in first if t == "E"] == ["0A000"]
+            assert second == _session(text_proxy.port, [q])
+            pg.psql("ALTER TABLE billing.accounts ALTER COLUMN id TYPE text")
+            # prepared again: the same as the text
+            assert client.query(q) == _session(text_proxy.port, [q])
+            assert client.query(q) == _session(text_proxy.port, [q])
+        finally:
+            pg.psql("ALTER TABLE billing.accounts ALTER COLUMN id TYPE text")
+        # the first statement was outdated (its Query sent again), the second too (in the
+        # block), the third too (pipelined), the fourth is in use
+        ((name, _, count),) = _prepared_statements(client)
+        assert name.endswith("_4") and count == "2"
+    finally:
+        client.close()
