@@ -75,7 +75,9 @@ class ShapeForm:
 
     def __init__(self, eligible: dict[int, int | None]) -> None:
         self.eligible = eligible
-        self.verified: dict[str, bool] = {}
+        # the literals left in the text (None: a parameter) -> the text and where its
+        # parameters stand, or _FAILED (it does not verify)
+        self.verified: dict[tuple[str | None, ...], tuple[str, tuple[tuple[int, int], ...]]] = {}
 
 
 NOT_PREPARABLE = ShapeForm({})
@@ -175,24 +177,15 @@ def _walk(node: Any, eligible: dict[int, int | None]) -> bool:
     return all(_walk(getattr(node, attribute), eligible) for attribute in node)
 
 
-def _int4(literal: str, limit: int) -> int | None:
-    """The literal's value when it is plain decimal digits below `limit`, else None."""
-    if not literal.isdigit() or not literal.isascii() or len(literal) > 12:
-        return None
-    value = int(literal)
-    return value if value < limit else None
+_NOT_ELIGIBLE = -2
 
 
-def _value(i: int, literals: Sequence[str], eligible: dict[int, int | None]) -> int | None:
-    """The parameter value of literal `i`, None when it stays in the text."""
-    if i not in eligible:
-        return None
-    partner = eligible[i]
-    if partner is None:
-        return _int4(literals[i], _INT4_MAX + 1)
-    if partner >= 0 and (partner >= len(literals) or _int4(literals[partner], _SMALL) is None):
-        return None  # the other operand is not small: the sum could overflow
-    return _int4(literals[i], _SMALL)
+def _small(literals: Sequence[str], i: int) -> bool:
+    """Whether literal `i` is digits below 2^30."""
+    if i >= len(literals):
+        return False
+    literal = literals[i]
+    return literal.isascii() and literal.isdigit() and len(literal) <= 10 and int(literal) < _SMALL
 
 
 def prepared(
@@ -206,44 +199,84 @@ def prepared(
     placeholders at `spans`) with each eligible literal as a parameter and every other one
     put back, the parameters' values, and where they stand; None when no literal becomes a
     parameter or the text fails verification against `rewritten` (the statement's own
-    rewritten text, its literals put back)."""
+    rewritten text, its literals put back). The text is made and verified once per shape
+    and literals left in it (`ShapeForm.verified`)."""
     eligible = form.eligible
-    out: list[str] = []
+    count = len(literals)
     values: list[bytes] = []
     numbers: list[int] = []
-    where: list[tuple[int, int, int]] = []
+    kept: list[str | None] = []  # the literals left in the text; None: a parameter
+    lengths: list[int] = []  # the parameters' literals' lengths
+    for _, _, i in spans:
+        if not 0 <= i < count:
+            return None
+        literal = literals[i]
+        partner = eligible.get(i, _NOT_ELIGIBLE)
+        # (inline: once per literal of every masked Query)
+        if (
+            partner != _NOT_ELIGIBLE
+            and literal.isascii()
+            and literal.isdigit()
+            and len(literal) <= 10
+        ):
+            value = int(literal)
+            if partner is None:
+                fits = value <= _INT4_MAX
+            else:  # an operand of + or -: both must be small (no overflow)
+                fits = value < _SMALL and (partner < 0 or _small(literals, partner))
+            if fits:
+                kept.append(None)
+                numbers.append(value)
+                values.append(literal.encode() if literal[0] != "0" else str(value).encode())
+                lengths.append(len(literal))
+                continue
+        kept.append(literal)
+    if not values:
+        return None
+    key = tuple(kept)
+    made = form.verified.get(key)
+    if made is None:
+        made = _made(shape_sql, spans, kept)
+        if not _verify(made[0], rewritten, numbers):
+            made = _FAILED
+        if len(form.verified) >= _VERIFIED_PER_SHAPE:
+            form.verified.clear()
+        form.verified[key] = made
+    if made is _FAILED:
+        return None
+    text, tokens = made
+    where = tuple(
+        (start, token, length) for (start, token), length in zip(tokens, lengths, strict=True)
+    )
+    return (text, tuple(values), where)
+
+
+_FAILED: tuple[str, tuple[tuple[int, int], ...]] = ("", ())
+
+
+def _made(
+    shape_sql: str, spans: Sequence[tuple[int, int, int]], kept: Sequence[str | None]
+) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The text with `$1..$n` where `kept` has None and the literal elsewhere, and where
+    each `$k` stands (start, length)."""
+    out: list[str] = []
+    tokens: list[tuple[int, int]] = []
     pos = 0
     length = 0
-    for start, end, i in spans:
-        if not 0 <= i < len(literals):
-            return None
+    for (start, end, _), literal in zip(spans, kept, strict=True):
         piece = shape_sql[pos:start]
         out.append(piece)
         length += len(piece)
-        literal = literals[i]
-        value = _value(i, literals, eligible)
-        if value is None:
-            out.append(literal)
-            length += len(literal)
+        if literal is None:
+            token = f"${len(tokens) + 1}"
+            tokens.append((length, len(token)))
         else:
-            values.append(str(value).encode())
-            numbers.append(value)
-            token = f"${len(values)}"
-            out.append(token)
-            where.append((length, len(token), len(literal)))
-            length += len(token)
+            token = literal
+        out.append(token)
+        length += len(token)
         pos = end
-    if not values:
-        return None
     out.append(shape_sql[pos:])
-    text = "".join(out)
-    verdict = form.verified.get(text)
-    if verdict is None:
-        verdict = _verify(text, rewritten, numbers)
-        if len(form.verified) >= _VERIFIED_PER_SHAPE:
-            form.verified.clear()
-        form.verified[text] = verdict
-    return (text, tuple(values), tuple(where)) if verdict else None
+    return "".join(out), tuple(tokens)
 
 
 def _verify(text: str, rewritten: str, numbers: Sequence[int]) -> bool:

@@ -915,10 +915,11 @@ class MaskedFilter(StatementFilter):
     # A Query holding one rewritten SELECT goes to the server as a statement prepared once
     # per server connection and shape (rules/prepare.py says which literals become
     # parameters, and proves the text means the same): `Parse` the first time, then `Bind`
-    # (the literals' values, text formats) / `Describe` portal / `Execute` / `Close` portal
-    # / `Sync`. Its answers are made a Query's: ParseComplete, BindComplete, CloseComplete
-    # and NoData are dropped, the portal's RowDescription is the Query's, an error's
-    # position is moved from the prepared text to the client's (as a rewritten text's is).
+    # (the literals' values, text formats) / `Describe` portal / `Execute` / (in a
+    # transaction block: `Close` portal) / `Sync`. Its answers are made a Query's:
+    # ParseComplete, BindComplete, CloseComplete and NoData are dropped, the portal's
+    # RowDescription is the Query's, an error's position is moved from the prepared text to
+    # the client's (as a rewritten text's is).
     # The statement log sees exactly what a Query gets, so pairing and audit are unchanged.
     #
     # Only while the client has sent nothing but Queries (an extended-protocol message
@@ -975,8 +976,8 @@ class MaskedFilter(StatementFilter):
         else:
             name = slot[0]  # type: ignore[assignment]
             self._prepared.move_to_end(text)
-        out += extended.bind(b"", name, (), values, ())
-        out += _EXECUTE_UNNAMED
+        out += extended.bind_text(name, values)
+        out += _EXECUTE_UNNAMED if status == "I" else _EXECUTE_UNNAMED_CLOSED
         execution = _Execution(log.tail(), text, name, slot is None, where, sql, status == "I")
         self._executions.append(execution)
         self.counters.prepared_executions += 1
@@ -1370,9 +1371,12 @@ class MaskedFilter(StatementFilter):
                 )
 
 
-# the end of every prepared execution: the unnamed portal described, run to completion and
-# closed (a Query leaves no portal behind), then Sync (a Query's implicit transaction)
-_EXECUTE_UNNAMED = (
+# the end of every prepared execution: the unnamed portal described and run to completion,
+# then Sync (a Query's implicit transaction, which drops the portal at its end)
+_EXECUTE_UNNAMED = extended.describe(b"P", b"") + extended.execute(b"") + m.message(m.SYNC)
+# ... in a transaction block, where the portal would outlive it: closed (a Query leaves no
+# portal behind)
+_EXECUTE_UNNAMED_CLOSED = (
     extended.describe(b"P", b"")
     + extended.execute(b"")
     + extended.close(b"P", b"")

@@ -176,7 +176,7 @@ def test_a_shape_that_fails_verification_goes_as_text() -> None:
     assert (
         prepare.prepared(form, shape, [(26, 33, 0)], ["5"], "SELECT a FROM t WHERE a = 6") is None
     )
-    assert form.verified == {"SELECT a FROM t WHERE a = $1": False}
+    assert form.verified == {(None,): prepare._FAILED}
 
 
 def test_error_positions_move_back_to_the_literals() -> None:
