@@ -13,10 +13,12 @@ the audit events are the same either way.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -333,7 +335,7 @@ def test_client_parse_of_pgveils_name_is_refused(billing: ProxyProcess) -> None:
         client.close()
 
 
-def test_psql_and_psycopg_see_the_same(
+def test_psql_psycopg_and_asyncpg_see_the_same(
     pg: EmbeddedPostgres, billing: ProxyProcess, text_proxy: ProxyProcess
 ) -> None:
     script = "\n".join(
@@ -374,6 +376,27 @@ def test_psql_and_psycopg_see_the_same(
         return out
 
     assert psycopg_rows(billing.port) == psycopg_rows(text_proxy.port)
+
+    async def asyncpg_answers(port: int) -> list[object]:
+        # execute() without arguments: a simple-protocol Query (the command tag comes back)
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=port, user=HELPDESK, password=HELPDESK_PW,
+            database="postgres", ssl=False,
+        )  # fmt: skip
+        out: list[object] = []
+        try:
+            for q in [*CASES["helpdesk"], *CASES["errors"]]:
+                try:
+                    out.append(await conn.execute(str(q)))
+                except asyncpg.PostgresError as exc:
+                    out.append((exc.sqlstate, str(exc), getattr(exc, "position", None)))
+        finally:
+            await conn.close()
+        return out
+
+    prepared = asyncio.run(asyncpg_answers(billing.port))
+    assert prepared == asyncio.run(asyncpg_answers(text_proxy.port))
+    assert "SELECT 1" in prepared
 
 
 # what differs between two sessions, whatever they run
