@@ -999,10 +999,11 @@ class MaskedFilter(StatementFilter):
 
     @staticmethod
     def _names_ours(typ: int, body: bytes) -> bool:
-        """Whether a Bind, Describe or Close names one of pgveil's prepared statements."""
+        """Whether a Bind or Describe uses one of pgveil's prepared statements (a Close of
+        one may go: pgveil prepares nothing more once the client sent any such message)."""
         if typ == m.BIND:
             return extended.bind_names(body)[1].startswith(_PREPARED_PREFIX)
-        if typ == m.DESCRIBE or typ == m.CLOSE:
+        if typ == m.DESCRIBE:
             kind, name = extended.target(body)
             return kind == b"S" and name.startswith(_PREPARED_PREFIX)
         return False

@@ -257,6 +257,8 @@ def _prepared_statements(client: RawClient) -> list[tuple[str, ...]]:
 
 
 def test_server_reuses_one_statement_per_shape(billing: ProxyProcess) -> None:
+    parses = billing.metric("pgveil_masked_prepared_total", step="parse")
+    executions = billing.metric("pgveil_masked_prepared_total", step="execution")
     client = RawClient(billing.port, user=MASKED)
     try:
         for i in range(12):
@@ -269,6 +271,9 @@ def test_server_reuses_one_statement_per_shape(billing: ProxyProcess) -> None:
         # one per shape; run 12 and 7 times (the text is NULL for a masked role)
         assert sorted(count for _name, _null, count in statements) == ["12", "7"], statements
         assert all(null == "t" for _name, null, _count in statements)
+        # (the session is live: its counters are read from it)
+        assert billing.metric("pgveil_masked_prepared_total", step="parse") - parses == 2
+        assert billing.metric("pgveil_masked_prepared_total", step="execution") - executions == 19
         client.query("DISCARD ALL")
         assert _prepared_statements(client) == []
         client.query(JOIN.format(1))
