@@ -116,7 +116,11 @@ RESERVED_NAME = f"statement names beginning with {PREPARED_PREFIX} are pgveil's"
 # answers to pgveil's own messages of a prepared execution, which a Query does not get
 _ABSORBED = frozenset((m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE, m.NO_DATA))
 _IDLE_BODY = bytes((m.TX_IDLE,))  # ReadyForQuery's body outside a transaction block
-_CHANGED_RESULT = "0A000"  # feature_not_supported: "cached plan must not change result type"
+# a prepared statement of pgveil's the server no longer takes: its result type changed
+# (feature_not_supported: "cached plan must not change result type"), or it is gone
+# (invalid_sql_statement_name: none of pgveil's statements is dropped unforeseen, but if one
+# were, its Query is not lost for it)
+_OUTDATED = frozenset(("0A000", "26000"))
 _NO_COPY_IN_FLIGHT = (m.COPY_DONE, m.COPY_FAIL)
 # what the client may send and stay a simple-protocol client (anything else: the prepared
 # executions stop for the session, see MaskedFilter._client_message)
@@ -1039,7 +1043,7 @@ class MaskedFilter(StatementFilter):
         fields = errors.decode_fields(body)
         if typ == m.ERROR_RESPONSE:
             failed_parse = execution.parse and not execution.parsed
-            outdated = not failed_parse and fields.get("C") == _CHANGED_RESULT
+            outdated = not failed_parse and fields.get("C") in _OUTDATED
             if failed_parse or outdated:
                 slot = self._prepared.get(execution.text)
                 if slot is not None and slot[0] == execution.name:

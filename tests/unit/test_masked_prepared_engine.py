@@ -108,6 +108,19 @@ def test_an_outdated_statement_outside_a_block_is_sent_again_as_text() -> None:
     assert _types(_to(SendToServer, s.client_data(_query(7)))) == "CPBDES"
 
 
+def test_a_statement_gone_from_the_server_is_sent_again_as_text() -> None:
+    s = _session()
+    s.client_data(_query(5))
+    s.server_data(
+        m.message(m.PARSE_COMPLETE) + m.message(m.BIND_COMPLETE) + RESULT + ready_for_query()
+    )
+    s.client_data(_query(6))
+    gone = errors.error_response("26000", 'prepared statement "x" does not exist')
+    actions = s.server_data(gone + ready_for_query())
+    assert _to(SendToClient, actions) == b""
+    assert _types(_to(SendToServer, actions)) == "Q"
+
+
 def test_an_outdated_statement_followed_by_more_gets_the_error() -> None:
     s = _session()
     s.client_data(_query(5))
