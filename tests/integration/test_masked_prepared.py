@@ -17,10 +17,12 @@ import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
+from psycopg import pq
 
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
@@ -488,3 +490,50 @@ def test_a_table_changed_between_executions(
         assert name.endswith("_4") and count == "2"
     finally:
         client.close()
+
+
+def _server_answer(
+    conn: psycopg.Connection[Any], sql: str, params: list[bytes] | None, types: list[int] | None
+) -> tuple[str, str | None, str | None]:
+    """(status, SQLSTATE, position) of `sql` run as text (params None) or prepared with
+    text-format parameters of `types` (0: the server infers the type)."""
+    pgconn = conn.pgconn
+    if params is None:
+        result = pgconn.exec_(sql.encode())
+    else:
+        pgconn.exec_(b"DEALLOCATE ALL")
+        prepared = pgconn.prepare(b"probe", sql.encode(), types)
+        result = prepared
+        if prepared.status == pq.ExecStatus.COMMAND_OK:
+            result = pgconn.exec_prepared(b"probe", params)
+    return (
+        pq.ExecStatus(result.status).name,
+        (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode() or None,
+        (result.error_field(pq.DiagnosticField.STATEMENT_POSITION) or b"").decode() or None,
+    )
+
+
+def test_why_string_literals_stay_in_the_text(pg: EmbeddedPostgres, billing: ProxyProcess) -> None:
+    """Against the server itself: a string literal as a parameter is read otherwise. Its
+    value is converted when the statement is bound, not parsed: a value the column's type
+    rejects fails without the position the literal's error has; declared `text`, it changes
+    which operator applies (`bpchar = text` compares with trailing spaces, `int = text` does
+    not exist). So only integers, declared int4, are parameters (rules/prepare.py)."""
+    q = "SELECT i_customer FROM billing.customers WHERE i_customer = {}"
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        # an integer: the same either way
+        assert _server_answer(conn, q.format("5"), None, None)[0] == "TUPLES_OK"
+        assert _server_answer(conn, q.format("$1"), [b"5"], [23])[0] == "TUPLES_OK"
+        # a string the column's type rejects: the literal's error points at it, the
+        # parameter's has no position
+        assert _server_answer(conn, q.format("'abc'"), None, None) == ("FATAL_ERROR", "22P02", "61")
+        assert _server_answer(conn, q.format("$1"), [b"abc"], [0]) == ("FATAL_ERROR", "22P02", None)
+        # declared text: no operator where the literal had one
+        assert _server_answer(conn, q.format("'5'"), None, None)[0] == "TUPLES_OK"
+        assert _server_answer(conn, q.format("$1"), [b"5"], [25])[1] == "42883"
+        # bpchar: the literal compares as bpchar (trailing spaces ignored), text does not
+        b = "SELECT 'a'::char(3) = {}"
+        assert conn.execute(b.format("'a '")).fetchone() == (True,)
+        with conn.cursor() as cur:
+            cur.execute(b.format("%s::text"), ["a "], prepare=True)
+            assert cur.fetchone() == (False,)
