@@ -183,6 +183,17 @@ CASES: dict[str, list[object]] = {
         [f"{C} WHERE i_customer = 1; {C} WHERE i_customer = 2", JOIN.format(2)],
         [f"SELECT nosuch FROM billing.customers WHERE i_customer = {i}" for i in (1, 2, 3)],
     ],
+    "no columns, locks, subqueries, set operations": [
+        "SELECT FROM billing.customers WHERE i_customer = 1",
+        "BEGIN",
+        f"{C} WHERE i_customer = 1 FOR UPDATE",
+        f"{C} WHERE i_customer = 2 FOR SHARE SKIP LOCKED",
+        "COMMIT",
+        f"{C} WHERE i_customer IN (SELECT i_customer FROM billing.accounts WHERE i_account = 10)",
+        f"{C} WHERE i_customer = 1 UNION ALL {C} WHERE i_customer = 2 ORDER BY 1",
+        f"WITH x AS ({C} WHERE i_customer = 3) SELECT * FROM x WHERE i_customer = 3",
+        "SELECT count(*) FROM billing.customers WHERE i_customer < 100 HAVING count(*) > 1",
+    ],
     "several statements, notices, empty": [
         f"{C} WHERE i_customer = 1; {C} WHERE i_customer = 2",
         f"{C} WHERE i_customer = 1;",
