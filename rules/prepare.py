@@ -13,6 +13,10 @@ a literal becomes a parameter only where that is proven to change nothing:
   server gives that literal the type int4, and the parameter is declared int4, so operator
   and function resolution are the literal's; its value is the digits' value, which int4
   input reads without fail (Bind cannot fail where the literal could not);
+- only in a SELECT's WHERE, FROM (JOIN ... ON, subqueries), WITH queries, set operation
+  arms, LIMIT and OFFSET: never where the parser matches one expression with another (the
+  target list, GROUP BY, HAVING, ORDER BY, DISTINCT ON, windows: two parameters never
+  match where two equal literals do);
 - only where nothing can fail or differ when the value is not known at plan time (a
   generic plan evaluates what a custom plan folds into a constant): a direct operand of a
   comparison (`=`, `<>`, `<`, `>`, `<=`, `>=`) with a column, a bound of `col BETWEEN`, an
@@ -143,10 +147,21 @@ def _compared(node: Any, eligible: dict[int, int | None]) -> None:
             eligible[right] = -1 if left is None else left
 
 
-def _walk(node: Any, eligible: dict[int, int | None]) -> bool:
-    """Collect the eligible placeholders under `node`; False when the statement writes."""
+# Where in a SELECT a parameter may stand: its WHERE, its FROM (JOIN ... ON, subqueries),
+# its WITH queries, the arms of a set operation, LIMIT and OFFSET. Never in what the parser
+# matches expressions between (the target list, GROUP BY, HAVING, ORDER BY, DISTINCT ON,
+# windows: `SELECT x = 5 ... GROUP BY x = 5` holds one expression twice, which as two
+# parameters would not match), nor anything under them.
+_OPEN_FIELDS = frozenset(
+    ("whereClause", "fromClause", "withClause", "larg", "rarg", "limitCount", "limitOffset")
+)
+
+
+def _walk(node: Any, eligible: dict[int, int | None], open_: bool = True) -> bool:
+    """Collect the eligible placeholders under `node` (`open_`: a position where one may
+    stand, see _OPEN_FIELDS); False when the statement writes."""
     if isinstance(node, tuple):
-        return all(_walk(item, eligible) for item in node)
+        return all(_walk(item, eligible, open_) for item in node)
     if not isinstance(node, ast.Node):
         return True
     if isinstance(node, _WRITES):
@@ -154,11 +169,16 @@ def _walk(node: Any, eligible: dict[int, int | None]) -> bool:
     if isinstance(node, ast.SelectStmt):
         if node.intoClause is not None:
             return False
-        for count in (node.limitCount, node.limitOffset):
-            i = _placeholder(count)
-            if i is not None:
-                eligible.setdefault(i, None)
-    elif isinstance(node, ast.A_Expr):
+        if open_:
+            for count in (node.limitCount, node.limitOffset):
+                i = _placeholder(count)
+                if i is not None:
+                    eligible.setdefault(i, None)
+        return all(
+            _walk(getattr(node, attribute), eligible, open_ and attribute in _OPEN_FIELDS)
+            for attribute in node
+        )
+    if open_ and isinstance(node, ast.A_Expr):
         kind = node.kind
         column = isinstance(node.lexpr, ast.ColumnRef)
         if kind == A_Expr_Kind.AEXPR_OP and _operator(node) in _COMPARISONS:
@@ -174,7 +194,7 @@ def _walk(node: Any, eligible: dict[int, int | None]) -> bool:
                 i = _placeholder(item)
                 if i is not None:
                     eligible.setdefault(i, None)
-    return all(_walk(getattr(node, attribute), eligible) for attribute in node)
+    return all(_walk(getattr(node, attribute), eligible, open_) for attribute in node)
 
 
 _NOT_ELIGIBLE = -2

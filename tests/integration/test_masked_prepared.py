@@ -194,6 +194,20 @@ CASES: dict[str, list[object]] = {
         f"WITH x AS ({C} WHERE i_customer = 3) SELECT * FROM x WHERE i_customer = 3",
         "SELECT count(*) FROM billing.customers WHERE i_customer < 100 HAVING count(*) > 1",
     ],
+    # the parser matches these expressions with each other (a parameter in each would not)
+    "grouped and ordered expressions": [
+        "SELECT i_customer = 5, count(*) FROM billing.customers GROUP BY i_customer = 5 ORDER BY 1",
+        "SELECT DISTINCT i_customer < 5 FROM billing.customers ORDER BY i_customer < 5",
+        "SELECT DISTINCT ON (i_customer < 5) i_customer < 5, i_customer FROM billing.customers "
+        "ORDER BY i_customer < 5, i_customer",
+        "SELECT i_customer_class, count(*) FROM billing.customers GROUP BY i_customer_class "
+        "HAVING i_customer_class > 1 ORDER BY 1",
+        "SELECT i_customer, count(*) OVER (PARTITION BY i_customer < 5) FROM billing.customers "
+        "WHERE i_customer < 8 ORDER BY i_customer",
+        "SELECT (SELECT count(*) FROM billing.accounts a WHERE a.i_customer = 1), count(*) "
+        "FROM billing.customers GROUP BY (SELECT count(*) FROM billing.accounts a "
+        "WHERE a.i_customer = 1)",
+    ],
     "several statements, notices, empty": [
         f"{C} WHERE i_customer = 1; {C} WHERE i_customer = 2",
         f"{C} WHERE i_customer = 1;",

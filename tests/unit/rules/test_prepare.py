@@ -70,7 +70,9 @@ ALLOWED = {
         b"4"
     ],
     f"{C} WHERE CASE WHEN i_customer = 1 THEN true END": [b"1"],
-    f"{C} GROUP BY i_customer, name HAVING i_customer > 3": [b"3"],
+    f"{C} WHERE i_customer = 1 UNION ALL {C} WHERE i_customer = 2": [b"1", b"2"],
+    f"WITH x AS ({C} WHERE i_customer = 3) SELECT * FROM x WHERE i_customer = 4": [b"3", b"4"],
+    f"SELECT * FROM ({C} WHERE i_customer = 3 LIMIT 1) s": [b"3", b"1"],
 }
 
 # literal positions that are not on the allow-list, or values that are not int4 digits:
@@ -82,7 +84,15 @@ NOT_ALLOWED = {
     "SELECT DISTINCT ON (1) i_customer FROM billing.customers ORDER BY 1": [],
     "SELECT i_customer, 5 FROM billing.customers": [],
     "SELECT i_customer + 5 FROM billing.customers": [],
-    "SELECT i_customer = 5 FROM billing.customers WHERE i_customer = 1": [b"5", b"1"],
+    "SELECT i_customer = 5 FROM billing.customers WHERE i_customer = 1": [b"1"],
+    f"{C} GROUP BY i_customer, name HAVING i_customer > 3": [],
+    "SELECT i_customer = 5 FROM billing.customers GROUP BY i_customer = 5": [],
+    "SELECT DISTINCT i_customer < 5 FROM billing.customers ORDER BY i_customer < 5": [],
+    f"{C} ORDER BY i_customer = 5": [],
+    "SELECT count(*) OVER (PARTITION BY i_customer < 5) FROM billing.customers": [],
+    "SELECT (SELECT 1 FROM billing.accounts WHERE i_account = 1) FROM billing.customers": [],
+    "SELECT i_customer FROM billing.customers GROUP BY i_customer "
+    "HAVING i_customer IN (SELECT i_customer FROM billing.accounts WHERE i_account = 1)": [],
     "SELECT abs(5), name FROM billing.customers": [],
     "SELECT name::varchar(5) FROM billing.customers": [],
     f"{C} WHERE name = 'x'": [],
