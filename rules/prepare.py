@@ -63,10 +63,21 @@ _BETWEEN = frozenset(
 _WRITES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 _VERIFIED_PER_SHAPE = 256  # parametrised texts whose verification is kept per shape
 
-# (text with $1..$n, parameter values as int4 text, where each parameter stands in the text:
-# (start, length of `$k`, length of the literal it replaces)) -- the third to move an error
-# position from the prepared text to the rewritten text the client's positions map from
-Prepared = tuple[str, tuple[bytes, ...], tuple[tuple[int, int, int], ...]]
+# (text with $1..$n, parameter values as int4 text, where each parameter stands in the text
+# (start, length of `$k`), the lengths of the literals they replace) -- the last two to move
+# an error position from the prepared text to the rewritten text the client's positions
+# map from (see `positions`)
+Prepared = tuple[str, tuple[bytes, ...], tuple[tuple[int, int], ...], tuple[int, ...]]
+
+
+def positions(
+    tokens: tuple[tuple[int, int], ...], lengths: tuple[int, ...]
+) -> tuple[tuple[int, int, int], ...]:
+    """Where each parameter stands in a prepared text: (start, length of `$k`, length of the
+    literal it replaces)."""
+    return tuple(
+        (start, token, length) for (start, token), length in zip(tokens, lengths, strict=True)
+    )
 
 
 class ShapeForm:
@@ -265,10 +276,7 @@ def prepared(
     if made is _FAILED:
         return None
     text, tokens = made
-    where = tuple(
-        (start, token, length) for (start, token), length in zip(tokens, lengths, strict=True)
-    )
-    return (text, tuple(values), where)
+    return (text, tuple(values), tokens, tuple(lengths))
 
 
 _FAILED: tuple[str, tuple[tuple[int, int], ...]] = ("", ())

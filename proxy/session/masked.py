@@ -133,13 +133,14 @@ class _Execution:
     Query (its answers are this one's while it is the log's head), the prepared text (the
     key of `MaskedFilter._prepared`), the statement's name, whether this execution carries
     the Parse and whether its ParseComplete came, and where its parameters stand
-    (rules.prepare.Prepared)."""
+    (rules.prepare.Prepared: to move an error's position)."""
 
     entry: object
     text: str
     name: bytes
     parse: bool
-    where: tuple[tuple[int, int, int], ...]
+    tokens: tuple[tuple[int, int], ...]  # where its parameters stand (rules.prepare)
+    lengths: tuple[int, ...]  # ... and the lengths of the literals they replace
     sql: str  # the rewritten text, sent as a Query if the prepared statement is outdated
     idle: bool  # sent outside a transaction block (an error there leaves nothing done)
     parsed: bool = False
@@ -959,7 +960,7 @@ class MaskedFilter(StatementFilter):
         form = prepared_form(d)
         if form is None:
             return simple.query(sql.encode())
-        text, values, where = form
+        text, values, tokens, lengths = form
         slot = self._prepared.get(text)
         if slot is not None and not slot[1]:
             return simple.query(sql.encode())  # its Parse is still in flight
@@ -982,7 +983,9 @@ class MaskedFilter(StatementFilter):
             self._prepared.move_to_end(text)
         out += extended.bind_text(name, values)
         out += _EXECUTE_UNNAMED if status == "I" else _EXECUTE_UNNAMED_CLOSED
-        execution = _Execution(log.tail(), text, name, slot is None, where, sql, status == "I")
+        execution = _Execution(
+            log.tail(), text, name, slot is None, tokens, lengths, sql, status == "I"
+        )
         self._executions.append(execution)
         self.counters.prepared_executions += 1
         return bytes(out)
@@ -1066,7 +1069,8 @@ class MaskedFilter(StatementFilter):
         position = fields.get("P")
         if position is None:
             return body
-        fields["P"] = _unprepared_position(position, execution.where)
+        where = prepare.positions(execution.tokens, execution.lengths)
+        fields["P"] = _unprepared_position(position, where)
         return errors.encode_fields(typ, fields)[5:]
 
     def _vet(self, named: Named) -> str | None:

@@ -29,7 +29,7 @@ def _parameters(ctx: MaskingContext, sql: str) -> list[bytes]:
     form = prepared_form(d)
     if form is None:
         return []
-    text, values, _ = form
+    text, values, _, _ = form
     assert d.sql is not None
     # the literals put back where the parameters stand give the rewritten text exactly
     back = text
