@@ -144,6 +144,10 @@ class _Execution:
     sql: str  # the rewritten text, sent as a Query if the prepared statement is outdated
     idle: bool  # sent outside a transaction block (an error there leaves nothing done)
     parsed: bool = False
+    # its BindComplete came: the statement was taken and planned, so an error from then on
+    # comes from running it (rows may have gone to the client), never from an outdated
+    # statement (the server refuses one in Bind, before BindComplete)
+    bound: bool = False
     held: bytes | None = None  # an outdated statement's error, held while it is re-sent
 
 
@@ -1024,6 +1028,8 @@ class MaskedFilter(StatementFilter):
                 slot = self._prepared.get(execution.text)
                 if slot is not None and slot[0] == execution.name:
                     slot[1] = True
+            elif typ == m.BIND_COMPLETE:
+                execution.bound = True
             return None
         if typ == m.READY_FOR_QUERY:
             self._executions.popleft()
@@ -1046,7 +1052,9 @@ class MaskedFilter(StatementFilter):
         fields = errors.decode_fields(body)
         if typ == m.ERROR_RESPONSE:
             failed_parse = execution.parse and not execution.parsed
-            outdated = not failed_parse and fields.get("C") in _OUTDATED
+            # (an outdated statement is refused in Bind; the same SQLSTATE after BindComplete
+            # is the statement's own error, as the text gets it: `unit ... not supported`)
+            outdated = not failed_parse and not execution.bound and fields.get("C") in _OUTDATED
             if failed_parse or outdated:
                 slot = self._prepared.get(execution.text)
                 if slot is not None and slot[0] == execution.name:

@@ -121,6 +121,27 @@ def test_a_statement_gone_from_the_server_is_sent_again_as_text() -> None:
     assert _types(_to(SendToServer, actions)) == "Q"
 
 
+def test_a_0a000_after_bind_complete_is_the_statements_own_error() -> None:
+    """The server refuses an outdated statement in Bind, before BindComplete. The same
+    SQLSTATE once the statement runs (`unit "timezone" not supported`, after rows went to
+    the client) is its own error: the client gets it, the Query does not run again."""
+    s = _session()
+    s.client_data(_query(5))
+    s.server_data(
+        m.message(m.PARSE_COMPLETE) + m.message(m.BIND_COMPLETE) + RESULT + ready_for_query()
+    )
+    s.client_data(_query(6))
+    own = errors.error_response("0A000", 'unit "timezone" not supported for type timestamp')
+    rows = RESULT[: -len(m.message(m.COMMAND_COMPLETE, b"SELECT 1\0"))]
+    actions = s.server_data(m.message(m.BIND_COMPLETE) + rows + own + ready_for_query())
+    assert _to(SendToServer, actions) == b""
+    out = _to(SendToClient, actions)
+    assert _types(out) == "TDEZ"
+    assert s.pending == 0
+    # the statement is still the server's: used again without Parse
+    assert _types(_to(SendToServer, s.client_data(_query(7)))) == "BDES"
+
+
 def test_an_outdated_statement_followed_by_more_gets_the_error() -> None:
     s = _session()
     s.client_data(_query(5))

@@ -1,0 +1,329 @@
+"""White-box attacks on masked Queries sent as prepared executions (issue 15,
+proxy/session/masked.py, rules/prepare.py): every case is named after the behaviour it
+holds pgveil to, whether it found a problem or not.
+
+Differential, as tests/integration/test_masked_prepared.py: each session runs through a
+pgveil with `masked_prepare` on and one with it off (the rewritten text as a Query) in front
+of the same server, as the masked role, over a bare protocol client; every message the
+client gets must be the same byte for byte. Then what a client can do with pgveil's
+statements (their names are visible in pg_prepared_statements), and the audit events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.demo.embedded_pg import EmbeddedPostgres
+from proxy.wire import messages as m
+from tests.integration.masking_fixture import masking_proxy
+from tests.integration.test_masked_prepared import (
+    JOIN,
+    MASKED,
+    _readable,
+)
+from tests.support import ProxyProcess, RawClient
+
+C = "SELECT i_customer, name, email, balance FROM billing.customers"
+# a rewritten SELECT whose unit is known only per row: the server's feature_not_supported
+# (0A000, the SQLSTATE of an outdated prepared statement too) comes from running it
+UNIT = (
+    "SELECT i_customer, name, date_part(CASE WHEN i_customer = 2 THEN 'timezone' "
+    "ELSE 'year' END, now()::timestamp) FROM billing.customers WHERE i_customer < 10"
+)
+
+
+def _query(sql: str) -> bytes:
+    return m.message(m.QUERY, sql.encode() + b"\0")
+
+
+def _copy_data(data: bytes) -> bytes:
+    return m.message(m.COPY_DATA, data)
+
+
+# Each step: a Query (its answer read), a list of Queries sent together (pipelined), or
+# (bytes, n): raw messages sent together, then n ReadyForQuery read.
+Step = str | list[str] | tuple[bytes, int]
+
+CASES: dict[str, list[Step]] = {
+    # an error with an outdated statement's SQLSTATE that comes from running the statement
+    # (rows sent before it): the client gets it as the text gets it, the Query runs once
+    "a statement's own 0A000 is not an outdated statement": [
+        UNIT,
+        f"{UNIT} ORDER BY i_customer",
+        UNIT,
+        "BEGIN",
+        UNIT,
+        "ROLLBACK",
+        [UNIT, UNIT],
+        UNIT,
+    ],
+    "generic plans from the first execution (plan_cache_mode)": [
+        "SET plan_cache_mode = force_generic_plan",
+        JOIN.format(1),
+        JOIN.format(2),
+        f"{C} WHERE i_customer IN (1, 2, 3) ORDER BY i_customer LIMIT 1 OFFSET 1",
+        f"{C} WHERE i_customer BETWEEN 1 AND 2 ORDER BY balance DESC, i_customer LIMIT 2",
+        f"{C} WHERE i_customer = 1 + 1",
+        f"{C} WHERE i_customer = i_customer_class + 1 ORDER BY i_customer",
+        f"{C} WHERE i_customer - 1 = 0",
+        f"{C} WHERE 2 = i_customer",
+        "SELECT x.i_xdr, x.cli FROM billing.xdrs x WHERE x.i_xdr = 5",
+        "SELECT x.i_xdr, x.cli FROM billing.xdrs x WHERE x.i_xdr BETWEEN 3 AND 6 ORDER BY 1",
+        "SELECT x.i_xdr, x.cli FROM billing.xdrs x WHERE x.i_xdr IN (1, 2147483647) ORDER BY 1",
+        "SET plan_cache_mode = force_custom_plan",
+        JOIN.format(3),
+        "RESET plan_cache_mode",
+        JOIN.format(1),
+    ],
+    "literal spellings": [
+        f"{C} WHERE i_customer = - 1",
+        f"{C} WHERE i_customer=-1",
+        f"{C} WHERE i_customer =+1",
+        f"{C} WHERE i_customer = +1",
+        f"{C} WHERE i_customer = (1)",
+        f"{C} WHERE i_customer = ((2))",
+        f"{C} WHERE i_customer = 1::int8",
+        f"{C} WHERE i_customer = int4 '1'",
+        f"{C} WHERE i_customer = 1+1",
+        f"{C} WHERE i_customer=1+1",
+        f"{C} WHERE i_customer = 3-1",
+        f"{C} WHERE i_customer = 1 - -1",
+        f"{C} WHERE i_customer = 5e0",
+        f"{C} WHERE i_customer = 2.0",
+        f"{C} WHERE i_customer = 0x1F",
+        f"{C} WHERE i_customer = 0o17",
+        f"{C} WHERE i_customer = 0b1",
+        f"{C} WHERE i_customer = 1_000",
+        f"{C} WHERE i_customer = 1e",
+        f"{C} WHERE i_customer = 00000000001",
+        f"{C} WHERE i_customer = 0000000002",
+        f"{C} WHERE i_customer = 0",
+        f"{C} WHERE i_customer =/* a comment */1",
+        f"{C} WHERE i_customer = -- a comment\n2",
+        f"{C} WHERE i_customer = /* nested /* comment */ */ 1",
+        f"{C} WHERE i_customer =\u00a01",
+        f"{C} WHERE i_customer =\u20031",
+        f"{C} WHERE i_customer = \uff11",
+        f"{C} WHERE i_customer = $$1$$",
+        f"{C} WHERE i_customer = U&'1'",
+        f"{C} WHERE i_customer\t=\n1\r",
+    ],
+    "operators and types around a parameter": [
+        f"{C} WHERE i_customer_class = 1 ORDER BY i_customer",
+        f"{C} WHERE balance > 100 ORDER BY i_customer",
+        f"{C} WHERE balance = 0 ORDER BY i_customer",
+        f"{C} WHERE balance::float8 > 1 ORDER BY i_customer",
+        f"{C} WHERE name = 1",
+        f"{C} WHERE email > 1",
+        f"{C} WHERE extra = 1",
+        f"{C} WHERE i_customer IN (1, 2.5) ORDER BY i_customer",
+        f"{C} WHERE i_customer IN (1, '2') ORDER BY i_customer",
+        f"{C} WHERE i_customer IN (1, NULL) ORDER BY i_customer",
+        f"{C} WHERE i_customer NOT IN (1, NULL) ORDER BY i_customer",
+        f"{C} WHERE i_customer IN (1) ORDER BY i_customer",
+        f"{C} WHERE i_customer IN (i_customer_class, 2) ORDER BY i_customer",
+        f"{C} WHERE i_customer BETWEEN SYMMETRIC 2 AND 1 ORDER BY i_customer",
+        f"{C} WHERE i_customer NOT BETWEEN SYMMETRIC 2 AND 1 ORDER BY i_customer",
+        f"{C} WHERE i_customer NOT BETWEEN 2 AND 1 ORDER BY i_customer",
+        f"{C} WHERE (i_customer, i_customer_class) = (1, 1)",
+        f"{C} WHERE ROW(i_customer, 2) > ROW(1, 1) ORDER BY i_customer",
+        f"{C} WHERE i_customer = ANY (ARRAY[1, 2]) ORDER BY i_customer",
+        f"{C} WHERE i_customer <> ALL (ARRAY[1]) ORDER BY i_customer",
+        f"{C} WHERE CASE WHEN i_customer = 1 THEN true ELSE i_customer = 2 END ORDER BY i_customer",
+        f"{C} WHERE COALESCE(i_customer_class, 5) = 1 AND i_customer = 1",
+        f"{C} WHERE i_customer = COALESCE(NULL, 2)",
+        f"{C} WHERE NULLIF(i_customer, 1) = 2",
+        f"{C} WHERE i_customer IS DISTINCT FROM 1 ORDER BY i_customer",
+        f"{C} WHERE i_customer = 1 IS TRUE",
+        f"{C} WHERE (i_customer = 1) = (i_customer_class = 1) ORDER BY i_customer",
+        f"{C} WHERE i_customer OPERATOR(pg_catalog.=) 1",
+        f'{C} WHERE i_customer = 1 COLLATE "C"',
+        f"{C} WHERE i_customer != 1 ORDER BY i_customer",
+        f"{C} WHERE i_customer = i_customer_class - 1073741823 + 1073741824",
+        f"{C} WHERE i_customer = i_customer_class + 2147483647",
+        f"{C} WHERE i_customer_class = i_customer_class + 2147483647",
+        f"{C} WHERE i_customer_class = 2147483647 + i_customer_class",
+        f"{C} WHERE i_customer_class + 2147483647 = 5",
+        f"{C} WHERE i_customer = 1073741824 + 1073741824",
+        f"{C} WHERE i_customer = 1073741823 + 1073741823",
+        f"{C} WHERE i_customer = 5 - 2147483647 - 5",
+        f"{C} WHERE i_customer_class = 2 * 1073741824",
+        f"{C} WHERE i_customer = 2147483647 AND i_customer_class / 0 = 1",
+        f"{C} WHERE i_customer = 1 AND 1 / (1 - 1) = 0",
+        "SELECT c.i_customer, c.name FROM billing.customer_contacts c WHERE c.i_customer = 1",
+    ],
+    "places a parameter might stand": [
+        f"{C} ORDER BY i_customer FETCH FIRST 1 ROWS ONLY",
+        f"{C} ORDER BY i_customer OFFSET 1 ROWS FETCH NEXT 1 ROW ONLY",
+        f"{C} ORDER BY i_customer_class FETCH FIRST 1 ROWS WITH TIES",
+        f"{C} ORDER BY i_customer LIMIT ALL OFFSET 1",
+        f"{C} ORDER BY i_customer LIMIT NULL",
+        f"{C} ORDER BY i_customer LIMIT 2147483647 OFFSET 2147483647",
+        f"{C} ORDER BY i_customer LIMIT 1 + 1",
+        f"{C} ORDER BY i_customer LIMIT -1",
+        f"{C} ORDER BY i_customer OFFSET -1",
+        "SELECT s.* FROM (SELECT i_customer, name FROM billing.customers ORDER BY 1 LIMIT 1) s",
+        "SELECT c.name, g FROM billing.customers c, generate_series(1, 3) g "
+        "WHERE g = 2 AND c.i_customer = 1",
+        "SELECT c.name, g FROM billing.customers c, LATERAL generate_series(1, c.i_customer_class) g "
+        "WHERE g <= 2 AND c.i_customer = 1 ORDER BY g",
+        "SELECT c.name FROM billing.customers c WHERE c.i_customer IN (SELECT generate_series(1, 2)) "
+        "ORDER BY c.i_customer",
+        "SELECT c.name, (SELECT count(*) FROM billing.accounts a WHERE a.i_customer = 1) "
+        "FROM billing.customers c WHERE c.i_customer = 1",
+        "SELECT s.name, s.n FROM (SELECT name, count(*) OVER (ORDER BY i_customer ROWS BETWEEN "
+        "1 PRECEDING AND 1 FOLLOWING) n FROM billing.customers WHERE i_customer < 10) s "
+        "WHERE s.n > 1",
+        "SELECT s.* FROM (SELECT DISTINCT ON (i_customer_class) i_customer_class, name "
+        "FROM billing.customers WHERE i_customer < 10 ORDER BY i_customer_class, i_customer) s",
+        "SELECT s.* FROM (SELECT i_customer_class, count(*) FROM billing.customers "
+        "WHERE i_customer < 10 GROUP BY 1 HAVING count(*) >= 1) s ORDER BY 1",
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
+        "SELECT c.name, r.n FROM billing.customers c, r WHERE c.i_customer = 1 ORDER BY r.n",
+        "SELECT name FROM billing.customers WHERE i_customer = 1 UNION "
+        "SELECT name FROM billing.customers WHERE i_customer = 1",
+        "SELECT name FROM billing.customers WHERE i_customer = 1 INTERSECT "
+        "SELECT name FROM billing.customers WHERE i_customer < 3",
+        "SELECT c.name FROM billing.customers c JOIN billing.accounts a "
+        "ON a.i_customer = c.i_customer AND a.i_account = 10",
+        "SELECT c.name, x.k FROM billing.customers c, (VALUES (1), (2)) x(k) "
+        "WHERE x.k = 2 AND c.i_customer = 1",
+        "SELECT c.name FROM billing.customers c WHERE c.i_customer = 1 FOR UPDATE OF c",
+        "SELECT i_customer, name FROM billing.customers WHERE i_customer = 1 GROUP BY i_customer",
+        "SELECT i_customer > 1, count(*) FROM billing.customers WHERE i_customer < 10 "
+        "GROUP BY i_customer > 1 ORDER BY 1",
+        "SELECT count(*) FILTER (WHERE i_customer = 1) FROM billing.customers "
+        "WHERE i_customer < 10",
+    ],
+    "statements between executions": [
+        JOIN.format(1),
+        "SELECT 1; DISCARD ALL",
+        JOIN.format(1),
+        "DEALLOCATE ALL; " + JOIN.format(2),
+        JOIN.format(2),
+        "DEALLOCATE PREPARE ALL",
+        JOIN.format(3),
+        "BEGIN",
+        "SAVEPOINT s",
+        JOIN.format(1),
+        "ROLLBACK TO SAVEPOINT s",
+        JOIN.format(2),
+        "RELEASE s",
+        "COMMIT",
+        "BEGIN",
+        JOIN.format(4),
+        "ROLLBACK",
+        JOIN.format(4),
+        "BEGIN",
+        "SELECT 1 / 0",
+        JOIN.format(1),
+        "ROLLBACK",
+        JOIN.format(1),
+        "DISCARD PLANS",
+        "DISCARD TEMP",
+        "DISCARD SEQUENCES",
+        JOIN.format(2),
+        "RESET SESSION AUTHORIZATION",
+        JOIN.format(2),
+        "SET ROLE NONE",
+        JOIN.format(3),
+        "COMMIT AND CHAIN",
+        JOIN.format(3),
+        "BEGIN",
+        "COMMIT AND CHAIN",
+        JOIN.format(3),
+        "ROLLBACK",
+        "PREPARE mine(int) AS SELECT name FROM billing.customers WHERE i_customer = $1",
+        "EXECUTE mine(1)",
+        JOIN.format(1),
+        "DEALLOCATE mine",
+        JOIN.format(1),
+    ],
+    "pipelined with errors in the middle": [
+        [JOIN.format(1), "SELECT 1 / 0", JOIN.format(1), JOIN.format(2)],
+        [JOIN.format(3), "BEGIN", JOIN.format(3), "SELECT 1 / 0", JOIN.format(3), "ROLLBACK"],
+        [UNIT, JOIN.format(1), UNIT],
+        [f"{C} WHERE i_customer = 'x'", f"{C} WHERE i_customer = 'x'", JOIN.format(4)],
+        ["DEALLOCATE ALL", JOIN.format(1), "DISCARD ALL", JOIN.format(1), JOIN.format(2)],
+    ],
+    # more shapes than a connection keeps, pipelined: statements closed while in flight
+    "least recently used closed while in flight": [
+        [f"{C} WHERE i_customer = 1 AND i_customer <> {10**20 + i}" for i in range(70)],
+        [f"{C} WHERE i_customer = 2 AND i_customer <> {10**20 + i}" for i in range(70)],
+        [f"{C} WHERE i_customer = 1 AND i_customer <> {10**20 + (i * 7) % 70}" for i in range(70)],
+    ],
+    # COPY data and its end, pipelined with Queries: prepared executions only once no COPY
+    # can be reading the client's messages; a Query inside a COPY ends the session (the
+    # server's protocol error), the same either way
+    "Queries around a COPY FROM STDIN": [
+        "CREATE TEMP TABLE t_copy (a int)",
+        (_query("COPY t_copy FROM STDIN") + _copy_data(b"2\n") + m.message(m.COPY_DONE), 1),
+        JOIN.format(2),
+        (
+            _query("COPY t_copy FROM STDIN")
+            + _copy_data(b"3\n")
+            + m.message(m.COPY_DONE)
+            + _query(JOIN.format(1))
+            + _query("COPY t_copy FROM STDIN; " + JOIN.format(1))
+            + m.message(m.COPY_FAIL, b"no\0")
+            + _query(JOIN.format(2)),
+            4,
+        ),
+        (_query("SELECT 1 / 0; COPY t_copy FROM STDIN") + _query(JOIN.format(3)), 2),
+        JOIN.format(3),
+        "SELECT string_agg(a::text, ',' ORDER BY a) FROM t_copy",
+        (_query("COPY t_copy FROM STDIN") + _copy_data(b"1\n") + _query(JOIN.format(1)), 1),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def text_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyProcess]:
+    """A pgveil with the same rules, `masked_prepare` off: the rewritten text as a Query."""
+    rules: Path = billing.rules_path  # type: ignore[attr-defined]
+    p = masking_proxy(pg, rules, metrics=False, extra=("--masked-prepare", "false"))
+    yield p
+    p.stop()
+
+
+Messages = list[tuple[str, bytes]]
+
+
+def _session(port: int, case: list[Step]) -> Messages:
+    """Every message the client gets after login, for the steps of `case`."""
+    client = RawClient(port, user=MASKED)
+    out: Messages = []
+    try:
+        for step in case:
+            if isinstance(step, tuple):
+                data, ready = step
+                client.send_raw(data)
+            else:
+                batch = step if isinstance(step, list) else [step]
+                client.send_raw(b"".join(_query(q) for q in batch))
+                ready = len(batch)
+            for _ in range(ready):
+                try:
+                    out += client.until_ready()
+                except ConnectionError:
+                    out.append(("closed", b""))
+                    return out
+    finally:
+        client.close()
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_messages_prepared_or_not(
+    billing: ProxyProcess, text_proxy: ProxyProcess, case: str
+) -> None:
+    executions = billing.metric("pgveil_masked_prepared_total", step="execution")
+    prepared = _session(billing.port, CASES[case])
+    text = _session(text_proxy.port, CASES[case])
+    assert _readable(prepared) == _readable(text)
+    assert prepared == text  # byte for byte
+    # (the prepared executions did happen: the case tests them)
+    assert billing.metric("pgveil_masked_prepared_total", step="execution") > executions
