@@ -18,10 +18,13 @@ import pytest
 
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
+from proxy.wire.errors import decode_fields
+from tests.integration.audit_wire import all_events, audited_proxy, wait_for
 from tests.integration.masking_fixture import masking_proxy
 from tests.integration.test_masked_prepared import (
     JOIN,
     MASKED,
+    _prepared_statements,
     _readable,
 )
 from tests.support import ProxyProcess, RawClient
@@ -327,3 +330,229 @@ def test_same_messages_prepared_or_not(
     assert prepared == text  # byte for byte
     # (the prepared executions did happen: the case tests them)
     assert billing.metric("pgveil_masked_prepared_total", step="execution") > executions
+
+
+# ---- pgveil's statements, named by the client -----------------------------------------
+# Their names can be learnt (pg_prepared_statements lists them for the masked role): no
+# statement of the client may use, drop, replace or run one, whatever the spelling.
+
+RESERVED = ("42501", "pgveil: statement names beginning with pgveil_prep_ are pgveil's")
+NAMED: list[str] = [
+    "DEALLOCATE {n}",
+    "DEALLOCATE PREPARE {n}",
+    "DEALLOCATE {N}",
+    'DEALLOCATE "{n}"',
+    "deallocate\t/* c */ {n}",
+    "EXECUTE {n}(1)",
+    "EXECUTE {N}(1)",
+    "CREATE TEMP TABLE stolen AS EXECUTE {n}(1)",
+    "PREPARE {n}_9 AS SELECT name FROM billing.customers WHERE i_customer = $1",
+    "PREPARE {next} AS SELECT name FROM billing.customers WHERE i_customer = $1",
+    'PREPARE "{next}" (int) AS SELECT 1',
+    "SELECT 1; DEALLOCATE {n}",
+    "DEALLOCATE {n}; SELECT 1",
+    "BEGIN; DEALLOCATE {n}; COMMIT",
+]
+# refused for what they are, whatever they name (DO, a function's body: SQL pgveil does
+# not see)
+HIDDEN: list[str] = [
+    "EXPLAIN EXECUTE {n}(1)",
+    "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE {n}(1)",
+    "EXPLAIN ANALYZE CREATE TEMP TABLE stolen AS EXECUTE {n}(1)",
+    "DO $$BEGIN EXECUTE 'DEALLOCATE {n}'; END$$",
+    "CREATE FUNCTION public.drop_it() RETURNS void LANGUAGE plpgsql AS "
+    "$$BEGIN EXECUTE 'DEALLOCATE {n}'; END$$",
+    "CREATE PROCEDURE public.drop_it() LANGUAGE sql AS $$DEALLOCATE {n}$$",
+]
+
+
+def _errors(answer: Messages) -> list[tuple[str, str]]:
+    return [(f["C"], f["M"]) for f in (decode_fields(b) for t, b in answer if t == "E")]
+
+
+def _rows(answer: Messages) -> list[bytes]:
+    return [b for t, b in answer if t == "D"]
+
+
+@pytest.mark.parametrize("template", NAMED + HIDDEN)
+def test_learnt_names_cannot_be_used_by_statements(billing: ProxyProcess, template: str) -> None:
+    client = RawClient(billing.port, user=MASKED)
+    try:
+        expected = _rows(client.query(JOIN.format(1)))
+        ((name, _, count),) = _prepared_statements(client)
+        assert count == "1"
+        serial = int(name.rsplit("_", 1)[1])
+        following = f"{name.rsplit('_', 1)[0]}_{serial + 1}"
+        sql = template.format(n=name, N=name.upper(), next=following)
+        errors = _errors(client.query(sql))
+        assert len(errors) == 1 and errors[0][0] == "42501", errors
+        assert errors[0][1].startswith("pgveil: ")
+        if template in NAMED:
+            assert errors[0] == RESERVED
+        assert client.query("ROLLBACK")[-1] == ("Z", b"I")
+        # the statement is still pgveil's and still what it was: used, and a new shape gets
+        # the following name, prepared by pgveil
+        assert _rows(client.query(JOIN.format(1))) == expected
+        client.query(f"{C} WHERE i_customer = 1")
+        statements = dict((n, c) for n, _, c in _prepared_statements(client))
+        assert statements == {name: "2", following: "1"}
+    finally:
+        client.close()
+
+
+def _message(typ: int, body: bytes) -> bytes:
+    return m.message(typ, body)
+
+
+def test_learnt_names_cannot_be_bound_or_described(billing: ProxyProcess) -> None:
+    """Over the extended protocol: Bind and Describe of pgveil's statement are refused;
+    a name that differs in case is another statement (the server's error); from the first
+    extended-protocol message on the session's Queries go as text."""
+    client = RawClient(billing.port, user=MASKED)
+    try:
+        expected = client.query(JOIN.format(1))
+        ((name, _, _),) = _prepared_statements(client)
+        n = name.encode()
+        executions = billing.metric("pgveil_masked_prepared_total", step="execution")
+        for messages, want in (
+            (
+                _message(m.BIND, b"\0" + n + b"\0\0\0\0\1\0\0\0\x011\0\0")
+                + _message(m.EXECUTE, b"\0\0\0\0\0")
+                + _message(m.SYNC, b""),
+                "42501",
+            ),
+            (_message(m.DESCRIBE, b"S" + n + b"\0") + _message(m.SYNC, b""), "42501"),
+            (_message(m.DESCRIBE, b"S" + n.upper() + b"\0") + _message(m.SYNC, b""), "26000"),
+            (
+                _message(m.BIND, b"portal\0" + n + b"\0\0\0\0\1\0\0\0\x011\0\0")
+                + _message(m.SYNC, b""),
+                "42501",
+            ),
+        ):
+            client.send_raw(messages)
+            answer = client.until_ready()
+            assert [code for code, _ in _errors(answer)] == [want], answer
+            assert not _rows(answer)
+        # Close of it goes through (nothing of pgveil's is used any more in this session)
+        client.send_raw(_message(m.CLOSE, b"S" + n + b"\0") + _message(m.SYNC, b""))
+        assert [t for t, _ in client.until_ready()] == ["3", "Z"]
+        assert client.query(JOIN.format(1)) == expected
+        assert _prepared_statements(client) == []
+        assert billing.metric("pgveil_masked_prepared_total", step="execution") == executions
+    finally:
+        client.close()
+
+
+def test_a_statement_prepared_by_the_client_first_is_not_taken_for_pgveils(
+    billing: ProxyProcess,
+) -> None:
+    """The client's own statements (any name it may use) and pgveil's live side by side:
+    DEALLOCATE of the client's, PREPARE of one, EXECUTE of one, change nothing of
+    pgveil's, and ALL forgets pgveil's too (prepared again under a new name)."""
+    client = RawClient(billing.port, user=MASKED)
+    try:
+        expected = _rows(client.query(JOIN.format(2)))
+        ((name, _, _),) = _prepared_statements(client)
+        client.query(
+            "PREPARE pgveil_pre AS SELECT c.i_customer, c.name FROM billing.customers c "
+            "WHERE c.i_customer = 1"
+        )
+        assert _errors(client.query("EXECUTE pgveil_pre")) == []
+        assert _errors(client.query("DEALLOCATE pgveil_pre")) == []
+        assert _rows(client.query(JOIN.format(2))) == expected
+        assert [n for n, _, _ in _prepared_statements(client)] == [name]
+        assert _errors(client.query("DEALLOCATE ALL")) == []
+        assert _rows(client.query(JOIN.format(2))) == expected
+        ((again, _, count),) = _prepared_statements(client)
+        assert again != name and count == "1"
+    finally:
+        client.close()
+
+
+# ---- the audit ------------------------------------------------------------------------
+
+# what differs between two sessions, whatever they run; and `running`: whether rows went
+# to the client before the statement's end was read depends on where the reads split the
+# answer (an error after rows: the server sends the error at once, its ReadyForQuery only
+# once it read the Sync of a prepared execution; a Query's come together)
+_SESSION_FIELDS = frozenset(
+    ("ts", "time", "duration_ms", "session", "session_id", "seq", "pid", "backend_pid",
+     "client", "client_addr", "client_port", "prev", "hash", "chain", "instance", "id",
+     "running")
+)  # fmt: skip
+
+
+def _audited(pg: EmbeddedPostgres, tmp: Path, setting: str, run: object) -> list[dict[str, object]]:
+    """The access and refusal events of one audited masked session, `run(port)`."""
+    d = tmp / setting
+    d.mkdir()
+    with audited_proxy(pg, d, "--masked-prepare", setting) as (proxy, path):
+        run(proxy.port)  # type: ignore[operator]
+        wait_for(
+            lambda: any(e["type"] == "session.end" for e in all_events(path)),
+            "the session's end",
+        )
+        return [
+            {k: v for k, v in e.items() if k not in _SESSION_FIELDS}
+            for e in all_events(path)
+            if e["type"] in ("access", "refused") and e.get("outcome") != "running"
+        ]
+
+
+def test_audit_events_are_the_same_for_the_attack_cases(
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path
+) -> None:
+    corpus: list[Step] = [
+        step
+        for case in (
+            "a statement's own 0A000 is not an outdated statement",
+            "literal spellings",
+            "operators and types around a parameter",
+            "statements between executions",
+        )
+        for step in CASES[case]
+        if isinstance(step, str)  # (not pipelined: see test_masked_prepared)
+    ]
+    prepared, text = (
+        _audited(pg, tmp_path, setting, lambda port: _session(port, corpus))
+        for setting in ("true", "false")
+    )
+    assert len(prepared) > 80
+    assert prepared == text
+    # the statement's own 0A000: one event, failed, with the rows it sent
+    unit = [e for e in prepared if "date_part" in str(e.get("statement"))]
+    assert unit and all(e.get("outcome") != "ok" for e in unit), unit
+
+
+def test_audit_of_an_outdated_statement_sent_again(
+    pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path: Path
+) -> None:
+    """Another session's ALTER outdates pgveil's statement between two executions: the
+    Query goes again as text, invisibly; its events are the text's (one per Query, its
+    rows, its outcome), in and outside a transaction block."""
+    q = JOIN.format(1)
+
+    def run(port: int) -> None:
+        client = RawClient(port, user=MASKED)
+        try:
+            client.query(q)
+            pg.psql("ALTER TABLE billing.accounts ALTER COLUMN id TYPE varchar(40)")
+            client.query(q)  # (prepared: outdated, sent again as text)
+            client.query(q)  # (prepared anew)
+            client.query("BEGIN")
+            pg.psql("ALTER TABLE billing.accounts ALTER COLUMN id TYPE text")
+            client.query(q)
+            client.query("ROLLBACK")
+            client.query(q)
+        finally:
+            pg.psql("ALTER TABLE billing.accounts ALTER COLUMN id TYPE text")
+            client.close()
+
+    prepared, text = (_audited(pg, tmp_path, s, run) for s in ("true", "false"))
+    outcomes = [e.get("outcome") for e in prepared if e["type"] == "access"]
+    assert len(outcomes) == 5, prepared
+    # (the text gets no 0A000 in the block: the one difference, the server's own error)
+    differs = [i for i, (a, b) in enumerate(zip(prepared, text, strict=True)) if a != b]
+    assert differs == [3], (prepared, text)
+    assert prepared[3].get("outcome") != "ok" and text[3].get("outcome") == "ok"
+    assert prepared[3].get("rows") in (None, 0)
