@@ -46,6 +46,13 @@ def _copy_data(data: bytes) -> bytes:
     return m.message(m.COPY_DATA, data)
 
 
+def _message(typ: int, body: bytes) -> bytes:
+    return m.message(typ, body)
+
+
+SYNC = m.message(m.SYNC, b"")
+
+
 # Each step: a Query (its answer read), a list of Queries sent together (pipelined), or
 # (bytes, n): raw messages sent together, then n ReadyForQuery read.
 Step = str | list[str] | tuple[bytes, int]
@@ -258,6 +265,57 @@ CASES: dict[str, list[Step]] = {
         [f"{C} WHERE i_customer = 2 AND i_customer <> {10**20 + i}" for i in range(70)],
         [f"{C} WHERE i_customer = 1 AND i_customer <> {10**20 + (i * 7) % 70}" for i in range(70)],
     ],
+    # an error's position is moved from the prepared text back to the client's, past
+    # parameters whose literals are longer or shorter than `$k`, in characters
+    "error positions past parameters": [
+        f"{C} WHERE i_customer = 0000000001 AND nosuch = 1",
+        f"{C} WHERE i_customer IN (1, 22, 333, 4444, 55555) AND nosuch = 1",
+        f"{C} WHERE i_customer = 1+1 AND i_customer_class = 100000000+2 AND nosuch = 1",
+        'SELECT name AS "\u00fc\u00df\u4e2d", email FROM billing.customers '
+        'WHERE i_customer = 1 AND "\u00fc\u00df" = 1',
+        "SELECT name\n  FROM billing.customers\n WHERE i_customer =\n 1\n   AND nosuch\n = 2",
+        f"{C} WHERE i_customer BETWEEN 1 AND 2 LIMIT 3 OFFSET 'x'",
+        f"{C} WHERE i_customer = 1 AND name = 'Zebulon Quixotehart' AND nosuch = 1",
+        f"{C} WHERE i_customer = 1 AND name::int = 1",
+        f"{C} WHERE i_customer = 1 AND email::int > 0",
+        f"{C} WHERE i_customer = 1 AND to_date(name, 'YYYY') IS NULL",
+        f"{C} WHERE i_customer = 1 AND 1 = (SELECT 1 UNION SELECT 2)",
+    ],
+    # server log messages for the client (their text names pgveil's statements and echoes
+    # its prepared text) are withheld either way
+    "debug and log messages": [
+        "SET client_min_messages = debug5",
+        "SET debug_print_parse = on",
+        JOIN.format(1),
+        JOIN.format(2),
+        "RESET debug_print_parse",
+        "SET log_parser_stats = on",
+        JOIN.format(1),
+        "RESET ALL",
+        JOIN.format(1),
+    ],
+    # the client's extended-protocol messages after a prepared execution: the unnamed
+    # portal is gone after a Query either way, in and outside a transaction block (each
+    # case's first extended-protocol message: from then on its Queries go as text)
+    "the unnamed portal after a prepared execution": [
+        JOIN.format(1),
+        (_message(m.DESCRIBE, b"P\0") + _message(m.EXECUTE, b"\0\0\0\0\0") + SYNC, 1),
+        JOIN.format(1),
+    ],
+    "the unnamed portal after a prepared execution in a block": [
+        "BEGIN",
+        JOIN.format(2),
+        (_message(m.DESCRIBE, b"P\0") + _message(m.EXECUTE, b"\0\0\0\0\0") + SYNC, 1),
+        "ROLLBACK",
+        JOIN.format(2),
+    ],
+    "the unnamed portal after a prepared execution in a chained block": [
+        "BEGIN",
+        "COMMIT AND CHAIN",
+        JOIN.format(3),
+        (_message(m.EXECUTE, b"\0\0\0\0\0") + SYNC, 1),
+        "ROLLBACK",
+    ],
     # COPY data and its end, pipelined with Queries: prepared executions only once no COPY
     # can be reading the client's messages; a Query inside a COPY ends the session (the
     # server's protocol error), the same either way
@@ -398,10 +456,6 @@ def test_learnt_names_cannot_be_used_by_statements(billing: ProxyProcess, templa
         assert statements == {name: "2", following: "1"}
     finally:
         client.close()
-
-
-def _message(typ: int, body: bytes) -> bytes:
-    return m.message(typ, body)
 
 
 def test_learnt_names_cannot_be_bound_or_described(billing: ProxyProcess) -> None:
