@@ -316,6 +316,15 @@ CASES: dict[str, list[Step]] = {
         (_message(m.EXECUTE, b"\0\0\0\0\0") + SYNC, 1),
         "ROLLBACK",
     ],
+    "the unnamed portal after a failed prepared execution and ROLLBACK TO SAVEPOINT": [
+        "BEGIN",
+        "SAVEPOINT s",
+        UNIT,
+        "ROLLBACK TO SAVEPOINT s",
+        JOIN.format(1),
+        (_message(m.DESCRIBE, b"P\0") + _message(m.EXECUTE, b"\0\0\0\0\0") + SYNC, 1),
+        "ROLLBACK",
+    ],
     # COPY data and its end, pipelined with Queries: prepared executions only once no COPY
     # can be reading the client's messages; a Query inside a COPY ends the session (the
     # server's protocol error), the same either way
