@@ -485,6 +485,18 @@ def test_learnt_names_cannot_be_bound_or_described(billing: ProxyProcess) -> Non
                 "42501",
             ),
             (_message(m.DESCRIBE, b"S" + n + b"\0") + _message(m.SYNC, b""), "42501"),
+            # a statement of the client's whose text names pgveil's
+            (
+                _message(m.PARSE, b"\0EXECUTE " + n + b"(1)\0\0\0")
+                + _message(m.BIND, b"\0\0\0\0\0\0\0\0")
+                + _message(m.EXECUTE, b"\0\0\0\0\0")
+                + _message(m.SYNC, b""),
+                "42501",
+            ),
+            (
+                _message(m.PARSE, b"mine\0DEALLOCATE " + n + b"\0\0\0") + _message(m.SYNC, b""),
+                "42501",
+            ),
             (_message(m.DESCRIBE, b"S" + n.upper() + b"\0") + _message(m.SYNC, b""), "26000"),
             (
                 _message(m.BIND, b"portal\0" + n + b"\0\0\0\0\1\0\0\0\x011\0\0")
