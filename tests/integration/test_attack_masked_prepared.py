@@ -14,13 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from tests.integration.audit_wire import all_events, audited_proxy, wait_for
-from tests.integration.masking_fixture import masking_proxy
+from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn, masking_proxy
 from tests.integration.test_masked_prepared import (
     JOIN,
     MASKED,
@@ -542,6 +543,38 @@ def test_a_statement_prepared_by_the_client_first_is_not_taken_for_pgveils(
         assert again != name and count == "1"
     finally:
         client.close()
+
+
+def test_pgveils_prepared_text_is_not_readable_from_the_server(
+    pg: EmbeddedPostgres, billing: ProxyProcess
+) -> None:
+    """A prepared statement's text outlives its execution on the server (a text Query's
+    does not): pg_prepared_statements and the server's memory contexts (a cached plan's
+    `ident` is its text) would show pgveil's rewritten text, its masks' expressions and
+    keys. Withheld from a masked role that may read them (helpdesk: pg_read_all_stats)."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        allowed = conn.execute(
+            "SELECT has_table_privilege(%s, 'pg_backend_memory_contexts', 'SELECT'), "
+            "has_function_privilege(%s, 'pg_get_backend_memory_contexts()', 'EXECUTE')",
+            (HELPDESK, HELPDESK),
+        ).fetchone()
+    assert allowed == (True, True)
+    with psycopg.connect(dsn(pg, billing.port, HELPDESK, HELPDESK_PW), autocommit=True) as conn:
+        cur = psycopg.ClientCursor(conn)
+        cur.execute(JOIN.format(1))
+        cur.fetchall()
+        for sql in (
+            "SELECT name, ident FROM pg_backend_memory_contexts WHERE name LIKE 'CachedPlan%'",
+            "SELECT name, ident FROM pg_get_backend_memory_contexts() "
+            "WHERE name LIKE 'CachedPlan%'",
+        ):
+            cur.execute(sql)
+            found = cur.fetchall()
+            assert ("CachedPlanSource", None) in found
+            assert all(ident is None for _, ident in found)
+        cur.execute("SELECT name, statement FROM pg_prepared_statements")
+        ((name, statement),) = cur.fetchall()
+        assert name.startswith("pgveil_prep_") and statement is None
 
 
 # ---- the audit ------------------------------------------------------------------------
