@@ -122,6 +122,24 @@ CASES: dict[str, list[Step]] = {
         f"{C} WHERE i_customer = U&'1'",
         f"{C} WHERE i_customer\t=\n1\r",
     ],
+    # parameter references written by the client (a Query has none: the server's error):
+    # never taken for pgveil's parameters or its literal placeholders
+    "the client's own parameter references": [
+        f"{C} WHERE i_customer = 1 AND i_customer_class = $1",
+        f"{C} WHERE i_customer = $1 AND i_customer_class = 1",
+        f"{C} WHERE i_customer = 1 AND i_customer_class = $2",
+        f"{C} WHERE i_customer = $900000",
+        f"{C} WHERE i_customer = 1 AND i_customer_class = $900000",
+        f"{C} WHERE i_customer = 1 AND i_customer_class = $900001",
+        f"{C} WHERE i_customer = 1 AND i_customer_class = $999999",
+        f"{C} WHERE i_customer = 1 AND i_customer_class = $1000000",
+        f"{C} WHERE i_customer = 1 LIMIT $1",
+        f"{C} WHERE i_customer = 1 AND name = '$1'",
+        f"{C} WHERE i_customer = 1 AND name = $a$ $1 $a$",
+        f'{C} WHERE i_customer = 1 AND "$1" = 2',
+        f"{C} WHERE i_customer = 1 /* $1 */",
+        JOIN.format(1),
+    ],
     "operators and types around a parameter": [
         f"{C} WHERE i_customer_class = 1 ORDER BY i_customer",
         f"{C} WHERE balance > 100 ORDER BY i_customer",
