@@ -119,7 +119,8 @@ _IDLE_BODY = bytes((m.TX_IDLE,))  # ReadyForQuery's body outside a transaction b
 # a prepared statement of pgveil's the server no longer takes: its result type changed
 # (feature_not_supported: "cached plan must not change result type"), or it is gone
 # (invalid_sql_statement_name: none of pgveil's statements is dropped unforeseen, but if one
-# were, its Query is not lost for it)
+# were, its Query is not lost for it); either is the server's answer to the Bind, before
+# BindComplete: after it, the same SQLSTATE is the statement's own error
 _OUTDATED = frozenset(("0A000", "26000"))
 _NO_COPY_IN_FLIGHT = (m.COPY_DONE, m.COPY_FAIL)
 # what the client may send and stay a simple-protocol client (anything else: the prepared
