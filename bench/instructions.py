@@ -47,9 +47,12 @@ def count(
     rules: Path,
     script: Path,
     args: argparse.Namespace,
+    python: str = sys.executable,
+    label: str | None = None,
 ) -> int:
-    """Instructions the proxy of checkout `repo` ran for `args.transactions` transactions."""
-    label = repo.name
+    """Instructions the proxy of checkout `repo`, run by the interpreter `python`, ran for
+    `args.transactions` transactions (bench/interpreters.py passes other interpreters)."""
+    label = label or repo.name
     port = b.free_port(b.HOST)
     out = workdir / f"callgrind.{label}.out"
     argv = [
@@ -57,7 +60,7 @@ def count(
         "--tool=callgrind",
         "--instr-atstart=no",
         f"--callgrind-out-file={out}",
-        sys.executable,
+        python,
         "-m",
         "proxy.cli",
         "proxy",

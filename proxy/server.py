@@ -139,6 +139,7 @@ class UpstreamConnection(_Pipe):
         self.ssl_answer: asyncio.Future[bytes] | None = None
         self.relaying = False
         self.closed = False
+        self.lost: asyncio.Future[None] | None = None  # set when connection_lost has run
 
     def peer_transport(self) -> asyncio.Transport | None:
         return self.client.transport if self.client is not None else None
@@ -171,6 +172,8 @@ class UpstreamConnection(_Pipe):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
         if self.ssl_answer is not None and not self.ssl_answer.done():
             self.ssl_answer.set_exception(UpstreamError("connection closed during SSL request"))
         if self.relaying and self.client is not None:
@@ -381,8 +384,8 @@ class ClientConnection(_Pipe, LiveSession):
         self._spawn(self._start_tls())
 
     def _send_cancel(self, action: SendCancel, data: bytes, to_server: bool) -> None:
-        # owned by the server: it must outlive this connection, which closes now
-        self.server.spawn(self.server.forward_cancel(action.request))
+        # owned by the server: it must outlive this connection if the client goes first
+        self.server.spawn(self.server.forward_cancel(action.request, self))
 
     def _await_catalog_action(self, action: AwaitCatalog, data: bytes, to_server: bool) -> None:
         self._spawn(self._await_catalog(action))
@@ -750,17 +753,32 @@ class ProxyServer:
             return True
         return False
 
-    async def forward_cancel(self, request: bytes) -> None:
+    async def forward_cancel(self, request: bytes, client: ClientConnection) -> None:
         """CancelRequests go to the upstream whatever the key: the server checks it, and a
-        request that reached another pgveil instance behind a load balancer still works."""
+        request that reached another pgveil instance behind a load balancer still works.
+
+        The client's connection is closed only after the server has closed the forwarded
+        one: the server closes it once it has signalled the backend, and libpq and asyncpg
+        read the close as "the cancel is done" and send their next query. Closed earlier,
+        a late cancel could kill that next query. The wait is bounded by connect_timeout."""
         self.stats.cancel_requests += 1
         try:
-            transport, _ = await open_upstream(self, None)
-        except UpstreamError as exc:
-            log.warning("cancel.failed", error=str(exc))
-            return
-        transport.write(request)
-        transport.close()
+            try:
+                transport, proto = await open_upstream(self, None)
+            except UpstreamError as exc:
+                log.warning("cancel.failed", error=str(exc))
+                return
+            if not proto.closed:
+                proto.lost = asyncio.get_running_loop().create_future()
+                transport.write(request)
+                try:
+                    async with asyncio.timeout(self.config.connect_timeout):
+                        await proto.lost
+                except TimeoutError:
+                    log.warning("cancel.unanswered", timeout_s=self.config.connect_timeout)
+            transport.close()
+        finally:
+            client.close("cancel request")
 
     async def upstream_reachable(self) -> bool:
         try:

@@ -59,7 +59,10 @@ class ConnectUpstream(Action):
 
 @dataclass(frozen=True, slots=True)
 class SendCancel(Action):
-    """Deliver a CancelRequest to the upstream server on a connection of its own."""
+    """Deliver a CancelRequest to the upstream server on a connection of its own, then close
+    the client's connection once the server has closed that one (as a server does once it
+    has acted on the request: a client that waits for the close, as libpq and asyncpg do,
+    must not send its next query before the cancel has landed)."""
 
     request: bytes
 

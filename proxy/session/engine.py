@@ -353,7 +353,8 @@ class Session:
             return (SendToClient(b"N"),)
         if isinstance(request, startup.CancelRequest):
             self.phase = Phase.CLOSED
-            return (SendCancel(packet), CloseSession("cancel request"))
+            self.close_reason = "cancel request"
+            return (SendCancel(packet),)  # the shell closes the client after the server
         assert isinstance(request, startup.StartupMessage)
         params = request.parameters
         self._startup_params = startup.startup_parameters(packet)
