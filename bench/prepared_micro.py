@@ -7,6 +7,10 @@ compared before and after on the same machine:
 
     python bench/prepared_micro.py [--seconds 3] [--reps 5]
 
+`--simple` measures a simple-protocol Query of a masked SELECT instead (a new literal each
+time: the rewritten shape from the cache), sent as the statement pgveil prepared once on the
+server connection (Bind/Describe/Execute/Close/Sync, the answers made a Query's); with
+`--text` as the rewritten text (`masked_prepare` off).
 `--audited` gives the session an audit hook (events are built, then dropped).
 `--refresh N` replaces the database's MaskingContext (as a catalog refresh that changes
 nothing does) every N uses, to show what a use that follows a refresh costs.
@@ -55,12 +59,16 @@ class _Hook:
         return True
 
 
-def _session(holder: ContextHolder, audited: bool = False) -> Session:
-    s = Session(SessionSettings(classify=lambda: True))
+def _session(
+    holder: ContextHolder, audited: bool = False, prepare: bool = True, simple: bool = False
+) -> Session:
+    s = Session(SessionSettings(classify=lambda: True, masked_prepare=prepare))
     s.client_data(STARTUP.encode())
     s.upstream_connected()
     s.server_data(LOGIN)
     s.login_classified(holder, None, _Hook() if audited else None)
+    if simple:
+        return s  # (a client that sends only Queries)
     parse = m.message(m.PARSE, b"s1\0" + SQL + b"\0\0\0")
     s.client_data(parse + m.message(m.SYNC))
     s.server_data(m.message(m.PARSE_COMPLETE) + ready_for_query())
@@ -103,13 +111,68 @@ def run(seconds: float, refresh: int, audited: bool) -> float:
             return (now - start) / uses * 1e6
 
 
+def _row_description() -> bytes:
+    body = bytearray(struct.pack("!h", 3))
+    for name, type_oid in ((b"name", 25), (b"email", 25), (b"balance", 1700)):
+        body += name + b"\0" + struct.pack("!ihihih", 0, 0, type_oid, -1, -1, 0)
+    return m.message(m.ROW_DESCRIPTION, bytes(body))
+
+
+def run_simple(seconds: float, audited: bool, prepare: bool) -> float:
+    """Microseconds per masked Query (client request and server answer) over `seconds`."""
+    policy = parse_rules(RULES, "r", {"K": "k" * 32})
+    holder = ContextHolder(MaskingContext(policy, CATALOG))
+    s = _session(holder, audited, prepare, simple=True)
+    sql = "SELECT name, email, balance FROM billing.customers WHERE i_customer = {} LIMIT 20"
+    requests = [m.message(m.QUERY, sql.format(k).encode() + b"\0") for k in range(1, 101)]
+    row = m.message(m.DATA_ROW, b"\0\3\0\0\0\3Z*r\0\0\0\3z*e\0\0\0\x0512.50")
+    result = _row_description() + row + m.message(m.COMMAND_COMPLETE, b"SELECT 1\0")
+    if prepare:
+        # the first use prepares the statement
+        s.client_data(requests[0])
+        s.server_data(
+            m.message(m.PARSE_COMPLETE) + m.message(m.BIND_COMPLETE) + result + ready_for_query()
+        )
+        answer = m.message(m.BIND_COMPLETE) + result + ready_for_query()
+    else:
+        answer = result + ready_for_query()
+    uses = 0
+    deadline = time.process_time() + seconds
+    start = time.process_time()
+    counters = s.filter.counters
+    assert counters is not None
+    executions = counters.prepared_executions
+    while True:
+        for request in requests:
+            s.client_data(request)
+            s.server_data(answer)
+        uses += len(requests)
+        now = time.process_time()
+        if now >= deadline:
+            # (the path measured is the one named)
+            assert counters.prepared_executions - executions == (uses if prepare else 0)
+            return (now - start) / uses * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--refresh", type=int, default=0)
     parser.add_argument("--audited", action="store_true", help="with an audit hook")
+    parser.add_argument("--simple", action="store_true", help="a masked simple Query")
+    parser.add_argument("--text", action="store_true", help="--simple, masked_prepare off")
     args = parser.parse_args()
+    if args.simple or args.text:
+        prepare = not args.text
+        runs = [run_simple(args.seconds, args.audited, prepare) for _ in range(args.reps)]
+        print(
+            ("audited " if args.audited else "")
+            + f"masked simple Query ({'prepared' if prepare else 'rewritten text'}): "
+            f"{statistics.median(runs):.2f} us per use (min {min(runs):.2f}, "
+            f"max {max(runs):.2f}, {args.reps} x {args.seconds} s)"
+        )
+        return 0
     results = [run(args.seconds, args.refresh, args.audited) for _ in range(args.reps)]
     print(
         ("audited " if args.audited else "")

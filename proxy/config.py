@@ -268,6 +268,14 @@ SETTINGS: tuple[Setting, ...] = (
         30.0,
         "seconds sessions get to finish their transaction on SIGTERM",
     ),
+    Setting(
+        "masked_prepare",
+        _bool,
+        "true",
+        "send a masked role's rewritten SELECTs as statements prepared once per server "
+        "connection (the server parses and analyses the long rewritten text once; new "
+        "sessions)",
+    ),
     Setting("tcp_keepalive", _bool, "true", "TCP keepalive on both connections"),
     Setting("tcp_keepalive_idle", _positive_int, 60, "seconds idle before keepalive probes"),
     Setting("tcp_keepalive_interval", _positive_int, 10, "seconds between keepalive probes"),
@@ -312,6 +320,7 @@ class ProxyConfig:
     connect_timeout: float
     max_message_size: int
     shutdown_timeout: float
+    masked_prepare: bool
     tcp_keepalive: bool
     tcp_keepalive_idle: int
     tcp_keepalive_interval: int

@@ -46,6 +46,8 @@ class Stats:
         self.notifications_withheld = 0
         self.notices_withheld = 0
         self.exit_check_violations = 0
+        # masked Queries sent as statements prepared once per connection, and their Parses
+        self.prepared = {"execution": 0, "parse": 0}
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -70,6 +72,8 @@ class Stats:
             self.notifications_withheld += mc.notifications_withheld
             self.notices_withheld += mc.notices_withheld
             self.exit_check_violations += mc.exit_check_violations
+            self.prepared["execution"] += mc.prepared_executions
+            self.prepared["parse"] += mc.prepared_parses
 
 
 class LiveSession:
@@ -174,6 +178,7 @@ def _masking_families(
     withheld = s.notifications_withheld
     notices = s.notices_withheld
     violations = s.exit_check_violations
+    prepared = dict(s.prepared)
     for conn in live:
         c = conn.session.filter.counters
         if c is not None:
@@ -183,6 +188,8 @@ def _masking_families(
             withheld += c.notifications_withheld
             notices += c.notices_withheld
             violations += c.exit_check_violations
+            prepared["execution"] += c.prepared_executions
+            prepared["parse"] += c.prepared_parses
     yield CounterMetricFamily(
         "pgveil_masked_sessions", "Sessions classified as masked", value=s.masked_sessions
     )
@@ -194,6 +201,15 @@ def _masking_families(
     for decision, v in statements.items():
         st.add_metric([decision], v)
     yield st
+    pr = CounterMetricFamily(
+        "pgveil_masked_prepared",
+        "Masked Queries sent as a statement prepared once per server connection (execution), "
+        "and the Parses that prepared them (parse)",
+        labels=["step"],
+    )
+    for step, v in prepared.items():
+        pr.add_metric([step], v)
+    yield pr
     hits = misses = 0
     for ctx in contexts:
         hits += ctx.cache_hits

@@ -729,6 +729,7 @@ class ProxyServer:
         return SessionSettings(
             tls_available=self.client_tls is not None,
             max_message_size=self.config.max_message_size,
+            masked_prepare=self.config.masked_prepare,
             admit=self._admit,
             classify=lambda: self.masking is not None,
         )

@@ -4,13 +4,15 @@ with changes: `with_audit_text` (the statement as an audit event shows it) and `
 shape cache's fast copy).
 
 Pure data: no I/O, no analysis. A decision never holds a literal of the statement outside
-`sql` (the text to send) and `subject_keys` (which go to the audit stream only).
+`sql` (the text to send), `subject_keys` (which go to the audit stream only) and `shaped`
+(the literals again, for the text prepared from them: rules/prepare.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from audit.redaction import fingerprint, redact
@@ -89,6 +91,10 @@ class Decision:
     # server's raw parser answer it with its own syntax error, in a form that cannot run
     # (proxy/session/masked.py: the syntax probe)
     syntax: bool = False
+    # a rewrite made from its shape's analysis (rules/shapes.py): that shape's cache entry
+    # and the statement's literals, from which its prepared form is made when a session
+    # asks for it (rules/prepare.py, shapes.prepared_form); None otherwise
+    shaped: tuple[Any, Sequence[str]] | None = field(default=None, compare=False)
 
 
 def with_audit_text(d: Decision, analysed: str) -> Decision:

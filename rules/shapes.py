@@ -24,6 +24,7 @@ from pglast.parser import ParseError, scan
 from pglast.parser import normalize as normalize_literals
 
 from audit.redaction import LITERAL_TOKENS, PLACEHOLDER_BASE
+from rules import prepare
 from rules.analyzer import Analyzer
 from rules.decision import Decision, evolve, with_audit_text
 from rules.subjects import SubjectKeys, literal_keys
@@ -33,6 +34,7 @@ LARGE_STATEMENT = 64 * 1024  # characters; longer statements skip the shape and 
 _PLACEHOLDER = re.compile(r"\$(9\d{5})(?!\d)")
 _FALLBACK = object()
 _MAX_LITERALS = 99_999  # placeholders stay $900000-$999999, six digits
+_SELECT = ("select",)
 
 
 def _glues(char: str) -> bool:
@@ -281,6 +283,25 @@ def _substitute(sql: str, spans: list[tuple[int, int, int]], literals: list[str]
     return "".join(out)
 
 
+def prepared_form(d: Decision) -> prepare.Prepared | None:
+    """The prepared form of a rewrite made from its shape (rules/prepare.py), or None."""
+    shaped = d.shaped
+    if shaped is None or d.sql is None:
+        return None
+    entry, literals = shaped
+    analysed: Decision = entry[0]
+    spans: list[tuple[int, int, int]] = entry[1]
+    holder: list[prepare.ShapeForm | None] = entry[2]
+    form = holder[0]
+    if form is None:
+        assert analysed.sql is not None
+        form = holder[0] = prepare.shape_form(analysed.sql, spans)
+    if form is prepare.NOT_PREPARABLE:
+        return None
+    assert analysed.sql is not None
+    return prepare.prepared(form, analysed.sql, spans, literals, d.sql)
+
+
 class DecisionCache:
     """The decisions of one analyser, by statement text and by shape (see above), bounded.
     `refusal`: while set (the rules do not match the catalog), every statement that is not
@@ -374,6 +395,8 @@ class DecisionCache:
                 if rewritten is None:
                     return None
                 changes["sql"] = rewritten
+                if decision.kinds == _SELECT:
+                    changes["shaped"] = (entry, literals)
             else:
                 count = len(literals)
                 for _, _, i in spans:  # (a loop, not a generator: once per statement)
@@ -385,6 +408,7 @@ class DecisionCache:
         return evolve(decision, changes) if changes else decision
 
     def _shape_entry(self, shape: str) -> object:
+        # (analysed decision, placeholder spans, [its prepared form, made when first asked])
         analysed = self.analyzer.analyze(shape)
         if analysed.action == "refuse":
             return _FALLBACK
@@ -396,7 +420,7 @@ class DecisionCache:
             if found is None:
                 return _FALLBACK
             spans = found
-        return (analysed, spans)
+        return (analysed, spans, [None])
 
     @staticmethod
     def _remember(cache: dict[str, Any], key: str, value: object) -> None:

@@ -118,6 +118,9 @@ UNCLASSIFIED: Final = "pgveil: cannot classify this session as masked or unmaske
 class SessionSettings:
     tls_available: bool = False
     max_message_size: int = 128 * 1024 * 1024
+    # masked sessions: rewritten SELECTs go as statements prepared once per connection
+    # (proxy/session/masked.py)
+    masked_prepare: bool = True
     # Asked when the StartupMessage arrives: None admits the session, (sqlstate, message)
     # refuses it with that FATAL. Asking then, not at accept time, means a port probe that
     # never logs in does not take a slot.
@@ -149,6 +152,9 @@ class Session:
         self.info = SessionInfo()
         self.client_counts = [0] * 256
         self.server_counts = [0] * 256
+        # Queries a masked filter sent the server again (an outdated prepared statement of
+        # its own): each is answered by one more ReadyForQuery
+        self.resent_requests = 0
         self.error_classes: dict[str, int] = {}
         self.tx_status = m.TX_IDLE
         self.draining = False
@@ -451,7 +457,7 @@ class Session:
             try:
                 chosen = Masking(
                     self, self._client, self._server, masked, login, self.error_classes,
-                    audit, self.info.parameters,
+                    audit, self.info.parameters, self.settings.masked_prepare,
                 )  # fmt: skip
             except SessionEnded as exc:
                 return [*actions, *self._session_ended(str(exc))]
@@ -747,7 +753,7 @@ class Session:
         ReadyForQuery ends authentication and answers no request.
         """
         c = self.client_counts
-        sent = c[m.QUERY] + c[m.SYNC] + c[m.FUNCTION_CALL]
+        sent = c[m.QUERY] + c[m.SYNC] + c[m.FUNCTION_CALL] + self.resent_requests
         return max(0, sent - (self.server_counts[m.READY_FOR_QUERY] - 1))
 
     def is_idle(self) -> bool:

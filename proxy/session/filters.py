@@ -84,6 +84,7 @@ class Host(Protocol):
     """What a filter may touch of the engine it runs in."""
 
     tx_status: int
+    resent_requests: int  # Queries the filter sent the server again (see `pending`)
 
     def client_terminated(self, last: Action) -> Sequence[Action]:
         """The client sent Terminate: `last` carries it on; the session closes after it."""
@@ -372,11 +373,12 @@ class Masking(_Analysing):
         error_classes: dict[str, int],
         audit: AuditHook | None,
         parameters: Mapping[str, str],
+        prepares: bool = True,
     ) -> None:
         """Raises SessionEnded when a parameter the server reported at login is one a
         masked session may not run under (see MaskedFilter.check_parameter)."""
         super().__init__(host, client, server)
-        self._f = self._m = MaskedFilter(ctx, login, error_classes)
+        self._f = self._m = MaskedFilter(ctx, login, error_classes, prepares)
         self._m.waits = True  # the shell carries out AwaitCatalog
         if audit is not None:
             self._m.attach_audit(audit)
@@ -427,4 +429,9 @@ class Masking(_Analysing):
             self._host.tx_status = masked.tx_status
         self._row_capture()
         self._released_rows(log, before)
+        again = masked.take_resend()
+        if again:
+            # a Query sent again (an outdated prepared statement): one more request
+            self._host.resent_requests = masked.resent
+            return (SendToClient(out), SendToServer(again)) if out else (SendToServer(again),)
         return (SendToClient(out),) if out else NOTHING

@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import re
 import secrets
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -60,6 +61,7 @@ from proxy.wire import async_, errors, extended, rows, simple
 from proxy.wire import messages as m
 from proxy.wire.framing import MessageScanner, whole_messages
 from proxy.wire.splice import Pause, Splicer
+from rules import prepare
 from rules.context import ContextHolder, MaskingContext
 from rules.decision import NOT_PARSED, Decision
 from rules.denied import DENY_WRITE_MARKER
@@ -69,6 +71,7 @@ from rules.masks import ColumnType, py_mask
 from rules.missing import COLUMN_OR_FUNCTION, created_here, missing_name
 from rules.model import MaskSpec
 from rules.settings import SettingOp
+from rules.shapes import prepared_form
 
 REFUSAL_TOKEN = "pgveil_refusal_"
 # what precedes a text pgveil cannot parse when the server gets it (see the docstring)
@@ -104,6 +107,49 @@ _READY_FOR_QUERY = m.READY_FOR_QUERY
 _ERROR_RESPONSE = m.ERROR_RESPONSE
 _PARAMETER_STATUS = m.PARAMETER_STATUS
 _TEMPLATES = 1000  # audit field templates kept per session
+# server-side statements pgveil prepares for a masked session (see MaskedFilter: Prepared
+# statements): their names begin so, and no client may name a statement so
+PREPARED_PREFIX = "pgveil_prep_"
+_PREPARED_PREFIX = PREPARED_PREFIX.encode()
+PREPARED_PER_CONNECTION = 64  # at most; the least recently used is closed
+RESERVED_NAME = f"statement names beginning with {PREPARED_PREFIX} are pgveil's"
+# answers to pgveil's own messages of a prepared execution, which a Query does not get
+_ABSORBED = frozenset((m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE, m.NO_DATA))
+_IDLE_BODY = bytes((m.TX_IDLE,))  # ReadyForQuery's body outside a transaction block
+# a prepared statement of pgveil's the server no longer takes: its result type changed
+# (feature_not_supported: "cached plan must not change result type"), or it is gone
+# (invalid_sql_statement_name: none of pgveil's statements is dropped unforeseen, but if one
+# were, its Query is not lost for it); either is the server's answer to the Bind, before
+# BindComplete: after it, the same SQLSTATE is the statement's own error
+_OUTDATED = frozenset(("0A000", "26000"))
+_NO_COPY_IN_FLIGHT = (m.COPY_DONE, m.COPY_FAIL)
+# what the client may send and stay a simple-protocol client (anything else: the prepared
+# executions stop for the session, see MaskedFilter._client_message)
+_SIMPLE = frozenset((m.QUERY, m.TERMINATE, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
+
+
+@dataclass(slots=True, eq=False)
+class _Execution:
+    """A masked Query in flight as a prepared execution: the statement log's entry for the
+    Query (its answers are this one's while it is the log's head), the prepared text (the
+    key of `MaskedFilter._prepared`), the statement's name, whether this execution carries
+    the Parse and whether its ParseComplete came, and where its parameters stand
+    (rules.prepare.Prepared: to move an error's position)."""
+
+    entry: object
+    text: str
+    name: bytes
+    parse: bool
+    tokens: tuple[tuple[int, int], ...]  # where its parameters stand (rules.prepare)
+    lengths: tuple[int, ...]  # ... and the lengths of the literals they replace
+    sql: str  # the rewritten text, sent as a Query if the prepared statement is outdated
+    idle: bool  # sent outside a transaction block (an error there leaves nothing done)
+    parsed: bool = False
+    # its BindComplete came: the statement was taken and planned, so an error from then on
+    # comes from running it (rows may have gone to the client), never from an outdated
+    # statement (the server refuses one in Bind, before BindComplete)
+    bound: bool = False
+    held: bytes | None = None  # an outdated statement's error, held while it is re-sent
 
 
 @dataclass
@@ -115,6 +161,10 @@ class MaskedCounters:
     notices_withheld: int = 0  # DEBUG and LOG notices: they echo pgveil's rewritten text
     exit_check_violations: int = 0
     refusal_reasons: list[str] = field(default_factory=list)
+    # masked Queries sent as a statement prepared once per server connection (see
+    # MaskedFilter: Prepared statements), and the Parses that prepared them
+    prepared_executions: int = 0
+    prepared_parses: int = 0
 
 
 class SessionEnded(Exception):
@@ -180,6 +230,7 @@ class StatementFilter:
     # is replaced (masked sessions: see MaskedFilter._runs_now)
     _tracks = False
     _observing = False  # the message is only looked at: it goes on unchanged
+    _decision: Decision | None = None  # the analysis of the statement just decided
     # sees every ErrorResponse and ParameterStatus from the server (the engine's counters)
     observer: Callable[[int, bytes], None] | None = None
 
@@ -370,6 +421,7 @@ class StatementFilter:
     def _decide(self, sql: str) -> tuple[str, str | None, dict[str, object] | None]:
         """(action, rewritten SQL or refusal reason, audit fields when it is recorded)."""
         d, action, value = self._analyse(sql)
+        self._decision = d
         audit = self.audit
         fields = None
         log = self.statements
@@ -561,10 +613,14 @@ class StatementFilter:
             return original
         if action == "rewrite":
             assert value is not None
-            return simple.query(value.encode())
+            return self._rewritten_query(value)
         if self._probing is not None:
             return simple.query(_PROBE.format(self._probing).encode() + text)
         return simple.query(self._refuse(value or "refused"))
+
+    def _rewritten_query(self, sql: str) -> bytes:
+        """What the server gets for a Query rewritten to `sql` (the decision just made)."""
+        return simple.query(sql.encode())
 
     def _parse(self, body: bytes, original: bytes) -> bytes:
         statement, query, rest = extended.parse_message(body)
@@ -780,6 +836,7 @@ class MaskedFilter(StatementFilter):
         ctx: MaskingContext | ContextHolder,
         login: str,
         error_classes: dict[str, int] | None = None,
+        prepares: bool = True,
     ) -> None:
         super().__init__(ctx)
         self.login = login
@@ -793,6 +850,19 @@ class MaskedFilter(StatementFilter):
         self.statements = StatementLog(self._holder, _no_event)
         self.statements.vet = self._vet
         self.statements.recheck = self._runs_now
+        # Prepared statements (see `_rewritten_query`): prepared text -> [statement name,
+        # whether the server confirmed it (ParseComplete)], least recently used first
+        self.prepares = prepares
+        self._prepared: OrderedDict[str, list[object]] = OrderedDict()
+        self._to_close: list[bytes] = []  # names the server may still hold: closed next
+        self._executions: deque[_Execution] = deque()  # in flight, in order
+        self._nonce = secrets.token_hex(4)
+        self._serial = 0
+        self._simple_only = True  # the client sent nothing but Query (and COPY data) so far
+        self._copies = 0  # COPY FROM STDIN statements sent whose end the client did not send
+        self._reserved = False  # the Parse being decided names one of pgveil's statements
+        self._resend = bytearray()  # Queries to send the server again (see take_resend)
+        self.resent = 0  # ... how many so far: the server answers each with ReadyForQuery
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         # the client's text (its literals are what it may see again); the rewritten text
@@ -807,6 +877,35 @@ class MaskedFilter(StatementFilter):
         return simple.query(self._refuse("FunctionCall is not allowed for masked roles"))
 
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.QUERY or typ == m.PARSE:
+            if typ == m.PARSE:
+                self._simple_only = False
+                self._reserved = body.startswith(_PREPARED_PREFIX)
+            self._effects = ()
+            try:
+                out = super()._client_message(typ, body, raw)
+            finally:
+                self._reserved = False
+            effects = self._effects
+            if effects:
+                # what it does once it runs: later Queries must not count on pgveil's
+                # statements (DISCARD ALL, DEALLOCATE ALL), nor be read as copy data
+                for statement in effects:
+                    for kind, _ in statement:
+                        if kind == "discard_all" or kind == "deallocate_all":
+                            self._forget_prepared()
+                        elif kind == "copy_in":
+                            self._copies += 1
+            return out
+        if typ not in _SIMPLE:
+            # an extended-protocol client: its messages and pgveil's own would share the
+            # unnamed statement and portal and the error skipping up to Sync; its Queries go
+            # as text from now on
+            self._simple_only = False
+            if _PREPARED_PREFIX in body and self._names_ours(typ, body):
+                return self._refuse_prepared(typ, body, RESERVED_NAME)
+        elif typ in _NO_COPY_IN_FLIGHT and self._copies:
+            self._copies -= 1
         if typ == m.BIND or typ == m.EXECUTE:
             if self._skipping:
                 if typ == m.EXECUTE:
@@ -821,6 +920,167 @@ class MaskedFilter(StatementFilter):
             self._skipping = False
         # a name decided under another context is checked by the statement log (`_vet`)
         return super()._client_message(typ, body, raw)
+
+    # ---- prepared statements -------------------------------------------------------------
+    # A Query holding one rewritten SELECT goes to the server as a statement prepared once
+    # per server connection and shape (rules/prepare.py says which literals become
+    # parameters, and proves the text means the same): `Parse` the first time, then `Bind`
+    # (the literals' values, text formats) / `Describe` portal / `Execute` / (in a
+    # transaction block: `Close` portal) / `Sync`. Its answers are made a Query's:
+    # ParseComplete, BindComplete, CloseComplete and NoData are dropped, the portal's
+    # RowDescription is the Query's, an error's position is moved from the prepared text to
+    # the client's (as a rewritten text's is).
+    # The statement log sees exactly what a Query gets, so pairing and audit are unchanged.
+    #
+    # Only while the client has sent nothing but Queries (an extended-protocol message
+    # shares the unnamed statement and portal, and the skipping to Sync), no COPY FROM
+    # STDIN may be reading its messages, and the statement is confirmed prepared before it
+    # is used without Parse (a Parse in flight that fails would fail the Bind behind it).
+    # Forgotten (and closed with the next execution) when the client's statements may drop
+    # them (DISCARD ALL, DEALLOCATE ALL), when the server says a statement's result type
+    # changed (0A000), and the least recently used beyond PREPARED_PER_CONNECTION. Names
+    # carry a per-session nonce and a serial (never reused); statements and protocol
+    # messages naming PREPARED_PREFIX are refused. Masked roles see the names, not the text,
+    # in pg_prepared_statements (rules/denied.py).
+
+    def _rewritten_query(self, sql: str) -> bytes:
+        d = self._decision
+        log = self.statements
+        if (
+            not self.prepares
+            or not self._simple_only
+            or self._copies
+            or d is None
+            or d.shaped is None
+            or log is None
+            or log.lost is not None
+        ):
+            return simple.query(sql.encode())
+        status = log.predicted_status()
+        if status != "I" and (status != "T" or log.head() is not log.tail()):
+            # in a transaction block, only when no statement in flight can fail it: in a
+            # failed block, the server's 25P02 would name the routine it came from, which
+            # a Query's does not (exec_simple_query)
+            return simple.query(sql.encode())
+        form = prepared_form(d)
+        if form is None:
+            return simple.query(sql.encode())
+        text, values, tokens, lengths = form
+        slot = self._prepared.get(text)
+        if slot is not None and not slot[1]:
+            return simple.query(sql.encode())  # its Parse is still in flight
+        out = bytearray()
+        for old in self._to_close:
+            out += extended.close(b"S", old)
+        self._to_close.clear()
+        if slot is None:
+            if len(self._prepared) >= PREPARED_PER_CONNECTION:
+                _, evicted = self._prepared.popitem(last=False)
+                out += extended.close(b"S", evicted[0])  # type: ignore[arg-type]
+            self._serial += 1
+            name = f"{PREPARED_PREFIX}{self._nonce}_{self._serial}".encode()
+            self._prepared[text] = [name, False]
+            types = extended.type_section((prepare.INT4,) * len(values))
+            out += extended.parse(name, text.encode(), types)
+            self.counters.prepared_parses += 1
+        else:
+            name = slot[0]  # type: ignore[assignment]
+            self._prepared.move_to_end(text)
+        out += extended.bind_text(name, values)
+        out += _EXECUTE_UNNAMED if status == "I" else _EXECUTE_UNNAMED_CLOSED
+        execution = _Execution(
+            log.tail(), text, name, slot is None, tokens, lengths, sql, status == "I"
+        )
+        self._executions.append(execution)
+        self.counters.prepared_executions += 1
+        return bytes(out)
+
+    _released: bytes | None = None  # a held error that goes to the client after all
+
+    def take_resend(self) -> bytes:
+        """What must go to the server again now (see `_execution_answer`)."""
+        out = bytes(self._resend)
+        self._resend.clear()
+        return out
+
+    def _forget_prepared(self) -> None:
+        """The client's statements may drop pgveil's: prepare anew, close the old names."""
+        for name, _ in self._prepared.values():
+            self._to_close.append(name)  # type: ignore[arg-type]
+        self._prepared.clear()
+
+    @staticmethod
+    def _names_ours(typ: int, body: bytes) -> bool:
+        """Whether a Bind or Describe uses one of pgveil's prepared statements (a Close of
+        one may go: pgveil prepares nothing more once the client sent any such message)."""
+        if typ == m.BIND:
+            return extended.bind_names(body)[1].startswith(_PREPARED_PREFIX)
+        if typ == m.DESCRIBE:
+            kind, name = extended.target(body)
+            return kind == b"S" and name.startswith(_PREPARED_PREFIX)
+        return False
+
+    def _execution_answer(self, execution: _Execution, typ: int, body: bytes) -> bytes | None:
+        """A server message of a prepared execution: None to drop it, else its body as a
+        Query's answer would be (an error's position moved)."""
+        if typ in _ABSORBED:
+            if typ == m.PARSE_COMPLETE:
+                execution.parsed = True
+                slot = self._prepared.get(execution.text)
+                if slot is not None and slot[0] == execution.name:
+                    slot[1] = True
+            elif typ == m.BIND_COMPLETE:
+                execution.bound = True
+            return None
+        if typ == m.READY_FOR_QUERY:
+            self._executions.popleft()
+            held = execution.held
+            if held is None:
+                return body
+            log = self.statements
+            if log is not None and log.tail() is execution.entry and body == _IDLE_BODY:
+                # nothing was sent after it: the Query goes again, as text, and its answers
+                # are the Query's (the statement log still waits for them)
+                self._resend += simple.query(execution.sql.encode())
+                self.resent += 1
+                return None
+            # the client sent more meanwhile, which the Query must not follow: the error
+            # goes to the client after all
+            self._released = held
+            return body
+        if typ != m.ERROR_RESPONSE and typ != m.NOTICE_RESPONSE:
+            return body
+        fields = errors.decode_fields(body)
+        if typ == m.ERROR_RESPONSE:
+            failed_parse = execution.parse and not execution.parsed
+            # (an outdated statement is refused in Bind; the same SQLSTATE after BindComplete
+            # is the statement's own error, as the text gets it: `unit ... not supported`)
+            outdated = not failed_parse and not execution.bound and fields.get("C") in _OUTDATED
+            if failed_parse or outdated:
+                slot = self._prepared.get(execution.text)
+                if slot is not None and slot[0] == execution.name:
+                    del self._prepared[execution.text]
+                    if outdated:
+                        self._to_close.append(execution.name)
+            if (
+                outdated
+                and execution.idle
+                and execution.held is None
+                and self.statements is not None
+                and self.statements.tail() is execution.entry
+            ):
+                # the table changed since it was prepared (another session's ALTER): the
+                # server refuses before anything ran, and outside a transaction block
+                # nothing is left done; the Query is sent again once its ReadyForQuery
+                # came, if nothing was sent after it by then
+                execution.held = body
+                return None
+        position = fields.get("P")
+        if position is None:
+            return body
+        where = prepare.positions(execution.tokens, execution.lengths)
+        fields["P"] = _unprepared_position(position, where)
+        return errors.encode_fields(typ, fields)[5:]
 
     def _vet(self, named: Named) -> str | None:
         """The statement log's check of the statement or portal that a Bind, Execute or
@@ -902,6 +1162,9 @@ class MaskedFilter(StatementFilter):
         d = self.ctx.analyze(sql)
         if d.action == "refuse":
             return d, "refuse", d.reason or "refused"
+        if self._reserved or (d.effects and _names_reserved(d.effects)):
+            self._reserved = False
+            return d, "refuse", RESERVED_NAME
         unknown = [r for r in d.unknown_relations if r not in self.temp_relations]
         if unknown:
             holder = self._holder
@@ -963,6 +1226,19 @@ class MaskedFilter(StatementFilter):
     def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         log = self.statements
         assert log is not None
+        executions = self._executions
+        if executions and log.head() is executions[0].entry:
+            answer = self._execution_answer(executions[0], typ, body)
+            if answer is None:
+                return b""
+            if answer is not body:
+                body = answer
+                raw = m.message(typ, body)
+            released, self._released = self._released, None
+            if released is not None:
+                # (the held error first, as the server sent it, then this ReadyForQuery)
+                before = self._server_message(m.ERROR_RESPONSE, released, b"")
+                return before + self._server_message(typ, body, raw)
         if typ == m.ERROR_RESPONSE or typ == m.NOTICE_RESPONSE:
             if typ == m.ERROR_RESPONSE and _DENY_WRITE_BYTES in body:
                 # (before the log records the outcome: the refusal's SQLSTATE)
@@ -975,6 +1251,8 @@ class MaskedFilter(StatementFilter):
         log.server_message(typ, body)
         if log.lost is not None or log.refuted is not None:
             raise SessionEnded(ending(log) or "")
+        if typ == m.READY_FOR_QUERY and self._copies and not log.in_flight:
+            self._copies = 0  # nothing in flight: no COPY reads the client's messages
         if typ == m.NOTIFICATION_RESPONSE:
             return self._notification(body)
         if typ == m.ROW_DESCRIPTION:
@@ -1109,6 +1387,45 @@ class MaskedFilter(StatementFilter):
                     "pgveil: a result would have carried an unmasked personal column; "
                     "the session is closed"
                 )
+
+
+# the end of every prepared execution: the unnamed portal described and run to completion,
+# then Sync (a Query's implicit transaction, which drops the portal at its end)
+_EXECUTE_UNNAMED = extended.describe(b"P", b"") + extended.execute(b"") + m.message(m.SYNC)
+# ... in a transaction block, where the portal would outlive it: closed (a Query leaves no
+# portal behind)
+_EXECUTE_UNNAMED_CLOSED = (
+    extended.describe(b"P", b"")
+    + extended.execute(b"")
+    + extended.close(b"P", b"")
+    + m.message(m.SYNC)
+)
+
+
+def _names_reserved(effects: Effects) -> bool:
+    """Whether a statement's PREPARE, EXECUTE or DEALLOCATE names one of pgveil's."""
+    for statement in effects:
+        for kind, name in statement:
+            if kind in ("prepare", "execute", "deallocate") and name.startswith(PREPARED_PREFIX):
+                return True
+    return False
+
+
+def _unprepared_position(position: str, where: tuple[tuple[int, int, int], ...]) -> str:
+    """An error position (1-based, characters) in a prepared text, moved to the rewritten
+    text it was made from (each parameter `$k` there is a literal here; a position inside
+    one points at its literal's start)."""
+    if not position.isdigit():
+        return position
+    index = int(position) - 1
+    shift = 0
+    for start, token, literal in where:
+        if index < start:
+            break
+        if index < start + token:
+            return str(start + shift + 1)
+        shift += literal - token
+    return str(index + shift + 1)
 
 
 def _no_event(fields: dict[str, object]) -> None:

@@ -609,6 +609,19 @@ class StatementLog:
         self._emit = emit
         self._limit = subjects_limit
 
+    def head(self) -> object:
+        """The entry of the message the server answers now (None: none), to compare only."""
+        return self._fifo[0] if self._fifo else None
+
+    def predicted_status(self) -> str:
+        """The transaction status predicted once everything sent ran ('I', 'T' or 'E', as
+        ReadyForQuery reports it), assuming what was sent succeeds."""
+        return self._predicted.tx
+
+    def tail(self) -> object:
+        """The entry of the message sent last (None: none), to compare only."""
+        return self._fifo[-1] if self._fifo else None
+
     @property
     def in_flight(self) -> bool:
         """Whether anything sent awaits its answer."""

@@ -103,6 +103,17 @@ def bind(
     return message(BIND, bytes(out))
 
 
+def bind_text(statement: bytes, values: Sequence[bytes]) -> bytes:
+    """A whole Bind of the unnamed portal to `statement`: `values` as text-format
+    parameters (none NULL), every result column in text format."""
+    out = [b"\0", statement, b"\0\0\0", _I16.pack(len(values))]
+    for value in values:
+        out.append(_I32.pack(len(value)))
+        out.append(value)
+    out.append(b"\0\0")
+    return message(BIND, b"".join(out))
+
+
 def decode_bind(
     body: bytes,
 ) -> tuple[bytes, bytes, tuple[int, ...], list[bytes | None], tuple[int, ...]]:

@@ -161,8 +161,11 @@ def leaks_or_hash_key(text: str) -> list[str]:
     return found
 
 
-def masking_proxy(pg: EmbeddedPostgres, rules: Path, metrics: bool = True) -> ProxyProcess:
-    """A pgveil with these rules in front of `pg` (reads the catalog as the superuser)."""
+def masking_proxy(
+    pg: EmbeddedPostgres, rules: Path, metrics: bool = True, extra: tuple[str, ...] = ()
+) -> ProxyProcess:
+    """A pgveil with these rules in front of `pg` (reads the catalog as the superuser);
+    `extra`: more command-line options."""
     env = {"PGVEIL_TEST_HASH_KEY": HASH_KEY, "PGVEIL_CATALOG_PASSWORD": pg.password}
     p = ProxyProcess(
         pg.port,
@@ -172,6 +175,7 @@ def masking_proxy(pg: EmbeddedPostgres, rules: Path, metrics: bool = True) -> Pr
         str(rules),
         "--catalog-user",
         pg.superuser,
+        *extra,
         metrics=metrics,
         env=env,
     )
