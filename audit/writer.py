@@ -455,10 +455,10 @@ class AuditWriter:
         if self._anchor is not None:
             try:
                 self._anchor.close()
-            except OSError as exc:
+            except OSError as failed:  # (own name: compiled, one type per name)
                 _log.error(
                     "audit.close_failed",
-                    extra={"fields": {"sink": "anchor", "error": _error_text(exc)}},
+                    extra={"fields": {"sink": "anchor", "error": _error_text(failed)}},
                 )
         if self.table is not None:
             await self._drain_table()
