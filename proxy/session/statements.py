@@ -517,6 +517,9 @@ class _InFlight:
         bind: bytes | None = None,
     ) -> None:
         self.kind = kind
+        # set here, not only as the class default: compiled, mypyc leaves a default of None
+        # undefined when the type is a union of two classes (tests/unit/test_implementation.py)
+        self.target = None
         if fields is not None:
             self.fields = fields
         if started:

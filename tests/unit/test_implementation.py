@@ -121,6 +121,66 @@ def test_compiled_sources_give_each_except_name_one_type(module: str) -> None:
     assert _except_names(tree) == []
 
 
+def _unset_defaults(tree: ast.AST) -> list[str]:
+    """Class attributes whose default mypyc does not set (it leaves a None default of a
+    union of two classes undefined: reading it is an AttributeError) unless `__init__`
+    assigns them too."""
+    found = []
+    for cls in ast.walk(tree):
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        assigned = {
+            target.attr
+            for fn in cls.body
+            if isinstance(fn, ast.FunctionDef) and fn.name == "__init__"
+            for node in ast.walk(fn)
+            if isinstance(node, ast.Assign)
+            for target in node.targets
+            if isinstance(target, ast.Attribute)
+        }
+        for node in cls.body:
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(node.value, ast.Constant)
+                and node.value.value is None
+                and ast.unparse(node.annotation).count("|") >= 2
+                and node.target.id not in assigned
+            ):
+                found.append(f"{cls.name}.{node.target.id}")
+    return found
+
+
+@pytest.mark.parametrize("module", COMPILED)
+def test_compiled_sources_set_the_defaults_mypyc_leaves_unset(module: str) -> None:
+    assert _unset_defaults(ast.parse(source_path(module).read_text())) == []
+
+
+def test_an_in_flight_entry_has_every_attribute() -> None:
+    """The statement log's entries (compiled: a native class, made by compiled code; with
+    serializable=True, mypyc's constructor called from Python skips __init__) define every
+    attribute the class declares."""
+    from proxy.session import statements
+
+    tree = ast.parse(source_path("proxy.session.statements").read_text())
+    [cls] = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "_InFlight"]
+    names = [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)]
+    assert len(names) > 40 and "target" in names
+    for name in names:
+        getattr(statements._SYNC, name)
+
+
+def test_the_guards_find_what_they_are_for() -> None:
+    code = (
+        "class C:\n"
+        "    a: A | B | None = None\n"
+        "    b: A | B | None = None\n"
+        "    def __init__(self):\n"
+        "        self.b = None\n"
+    )
+    assert _unset_defaults(ast.parse(code)) == ["C.a"]
+
+
 def test_the_guard_finds_a_name_of_two_types() -> None:
     code = (
         "def f():\n"
