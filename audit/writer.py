@@ -350,9 +350,9 @@ class AuditWriter:
                 try:
                     sink.write(lines)
                     continue
-                except SinkBacklogged as exc:
+                except SinkBacklogged as backlogged:  # (own name: compiled, one type per name)
                     # it kept what it could not write: nothing to queue again
-                    self._fail(sink.name, _error_text(exc))
+                    self._fail(sink.name, _error_text(backlogged))
                     written = False
                     continue
                 except Exception as exc:
@@ -365,9 +365,9 @@ class AuditWriter:
         queue = self._pending[sink.name]
         try:
             sink.write(queue)
-        except SinkBacklogged as exc:
+        except SinkBacklogged as backlogged:  # (own name: compiled, one type per name)
             queue.clear()  # taken: the sink keeps the rest
-            self._fail(sink.name, _error_text(exc))
+            self._fail(sink.name, _error_text(backlogged))
             return False
         except Exception as exc:
             self._fail(sink.name, _error_text(exc))
@@ -455,10 +455,10 @@ class AuditWriter:
         if self._anchor is not None:
             try:
                 self._anchor.close()
-            except OSError as exc:
+            except OSError as failed:  # (own name: compiled, one type per name)
                 _log.error(
                     "audit.close_failed",
-                    extra={"fields": {"sink": "anchor", "error": _error_text(exc)}},
+                    extra={"fields": {"sink": "anchor", "error": _error_text(failed)}},
                 )
         if self.table is not None:
             await self._drain_table()

@@ -6,3 +6,8 @@ the only ones that touch sockets, TLS and signals.
 """
 
 __version__ = "0.1.0"
+
+# before any module of the package: which implementation of the data path loads (issue 15)
+from shared import implementation as _implementation
+
+_implementation.install()

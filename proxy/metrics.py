@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from proxy import __version__
 from proxy.wire.messages import BACKEND_NAMES, FRONTEND_NAMES
+from shared.implementation import implementation
 from shared.logs import log
 
 if TYPE_CHECKING:
@@ -103,6 +105,14 @@ class ProxyCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.stats
         live = list(self.live())
+        info = GaugeMetricFamily(
+            "pgveil_build_info",
+            "pgveil's version, and which implementation of the data path runs: mypyc "
+            "(compiled) or python (PGVEIL_PURE_PYTHON=1, or not built)",
+            labels=["version", "implementation"],
+        )
+        info.add_metric([__version__, implementation()], 1)
+        yield info
         yield GaugeMetricFamily(
             "pgveil_client_connections", "Client connections open now", value=len(live)
         )

@@ -39,8 +39,10 @@ def _flags(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(ns: argparse.Namespace) -> int:
+    from proxy import __version__
     from proxy.server import ProxyServer, serve
     from shared import logs
+    from shared.implementation import implementation
     from shared.logs import log
 
     flags = _flags(ns)
@@ -53,6 +55,8 @@ def main(ns: argparse.Namespace) -> int:
 
     config = load()
     logs.configure(config.log_format, config.log_level)
+    # which data path runs (issue 15): the modules mypyc compiled, or their Python source
+    log.info("proxy.implementation", implementation=implementation(), version=__version__)
     try:
         policy = load_policy(config)
     except RulesError as exc:

@@ -40,9 +40,11 @@ class Forward(Action):
 
 
 FORWARD: Final = Forward()
-JUST_FORWARD: Final[tuple[Action, ...]] = (FORWARD,)
+# not Final: compiled (mypyc), a Final tuple is a constant of the compiled code and the
+# module attribute a copy of it, and the shell tests for this very object
+JUST_FORWARD: tuple[Action, ...] = (FORWARD,)
 """The answer of the hot path; the shell may test for it by identity."""
-NOTHING: Final[tuple[Action, ...]] = ()
+NOTHING: tuple[Action, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

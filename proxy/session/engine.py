@@ -82,8 +82,6 @@ __all__ = [
     "SessionSettings",
     "StartClientTLS",
 ]
-_JUST_FORWARD = JUST_FORWARD
-_NOTHING = NOTHING
 
 # --- state -----------------------------------------------------------------------------------
 
@@ -208,7 +206,7 @@ class Session:
                 captured = self._client.feed(data)
             except m.ProtocolViolation as exc:
                 return self._fatal_to_client("08P01", str(exc))
-            return self._client_messages(captured) if captured else _JUST_FORWARD
+            return self._client_messages(captured) if captured else JUST_FORWARD
         if phase is Phase.AUTHENTICATING or phase is Phase.CLASSIFYING:
             return self._login_client_data(data)  # a gated login
         if phase is Phase.STARTUP:
@@ -223,14 +221,14 @@ class Session:
                 except m.ProtocolViolation as exc:
                     return self._fatal_to_client("08P01", str(exc))
             self._early_client_data += data
-            return _NOTHING
-        return _NOTHING
+            return NOTHING
+        return NOTHING
 
     def catalog_awaited(self) -> Sequence[Action]:
         """The wait of an AwaitCatalog ended (the read is in, or the time is up): the
         statement it held is decided now, and what the client sent after it goes on."""
         if self.phase is not _READY:
-            return _NOTHING
+            return NOTHING
         try:
             return self.filter.catalog_awaited()
         except m.ProtocolViolation as exc:
@@ -258,7 +256,7 @@ class Session:
         if terminate:
             self.phase = Phase.CLOSED
             return (FORWARD, CloseSession("client terminated"))
-        return _JUST_FORWARD
+        return JUST_FORWARD
 
     def _login_client_data(self, data: bytes) -> Sequence[Action]:
         """The client during a gated login: whole password messages (and Terminate) go to
@@ -273,7 +271,7 @@ class Session:
             held += data
             if len(held) > self.settings.max_message_size:
                 return self._refuse_login("08P01", _TOO_MUCH_BEFORE_LOGIN)
-            return _NOTHING
+            return NOTHING
         buf = self._client_tail + data if self._client_tail else data
         n = len(buf)
         pos = 0
@@ -324,7 +322,7 @@ class Session:
         if terminate:
             self.phase = Phase.CLOSED
             return (SendToServer(bytes(out)), CloseSession("client terminated"))
-        return (SendToServer(bytes(out)),) if out else _NOTHING
+        return (SendToServer(bytes(out)),) if out else NOTHING
 
     def _awaiting_password(self) -> bool:
         """Whether the server waits for an authentication response not yet forwarded."""
@@ -334,7 +332,7 @@ class Session:
         try:
             packet, rest = self._startup.feed(data)
             if packet is None:
-                return _NOTHING
+                return NOTHING
             request = startup.decode_startup_packet(packet)
         except m.ProtocolViolation as exc:
             return self._fatal_to_client("08P01", str(exc))
@@ -383,7 +381,7 @@ class Session:
 
     def client_closed(self) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
-            return _NOTHING
+            return NOTHING
         was_ready = self.phase in (
             Phase.READY, Phase.ENDING, Phase.AUTHENTICATING, Phase.CLASSIFYING
         )  # fmt: skip
@@ -404,7 +402,7 @@ class Session:
         (tls-server-end-point, a hash of that certificate) verifies end to end.
         """
         if self.phase is not Phase.CONNECTING:
-            return _NOTHING
+            return NOTHING
         self._upstream_tls = tls
         self._same_certificate = same_certificate
         self.phase = Phase.AUTHENTICATING
@@ -414,7 +412,7 @@ class Session:
             if self.gated:
                 return self._login_client_data(data)
             return (SendToServer(data),)
-        return _NOTHING
+        return NOTHING
 
     def login_classified(
         self,
@@ -432,7 +430,7 @@ class Session:
         completed; any other gets its filter, the server's held answers, and what the
         client sent meanwhile (a message it only began goes through the filter)."""
         if self.phase is not Phase.CLASSIFYING or self._login_failed or not self._login_ready:
-            return _NOTHING
+            return NOTHING
         actions: list[Action] = [RecordSessionStart()]
         if audit is None:
             recorded = None  # nothing to record to
@@ -492,14 +490,14 @@ class Session:
         names the rule, never a value, and the server has authenticated the client, so it
         may say why."""
         if self.phase is not Phase.CLASSIFYING or self._login_failed:
-            return _NOTHING
+            return NOTHING
         return [RecordSessionStart(), *self._refuse_login("42501", message)]
 
     def login_unclassifiable(self) -> Sequence[Action]:
         """The login could not be classified (the reason went to the shell's log): refuse
         it with one message that says nothing about why, rather than guess."""
         if self.phase is not Phase.CLASSIFYING or self._login_failed:
-            return _NOTHING
+            return NOTHING
         return self._refuse_login("42501", UNCLASSIFIED)
 
     @staticmethod
@@ -515,7 +513,7 @@ class Session:
 
     def upstream_failed(self, reason: str) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
-            return _NOTHING
+            return NOTHING
         return self._fatal_to_client("08006", f"pgveil could not connect to the server: {reason}")
 
     def server_data(self, data: bytes) -> Sequence[Action]:
@@ -524,8 +522,8 @@ class Session:
                 actions = self._on_server(data)
             except m.ProtocolViolation as exc:
                 return self._fatal_to_client("08P01", f"invalid message from server: {exc}")
-            except SessionEnded as exc:
-                return self._session_ended(str(exc))
+            except SessionEnded as ended:  # (a name of its own: compiled, a name has one type)
+                return self._session_ended(str(ended))
             if self.draining and self.is_idle():
                 return (*actions, *self._terminate_for_shutdown())
             return actions
@@ -533,7 +531,7 @@ class Session:
             return self._login_server_data(data)
         if self.phase is Phase.ENDING:
             return self._ending_server_data(data)
-        return _NOTHING
+        return NOTHING
 
     def _ending_server_data(self, data: bytes) -> Sequence[Action]:
         """The server's bytes while the session ends (see `reclassified`): the rest of the
@@ -557,12 +555,12 @@ class Session:
         begun reaching it is completed first. Nothing the client sends from now on is
         forwarded: its statements would run under the classification that no longer holds."""
         if self.phase is not _READY:
-            return _NOTHING
+            return NOTHING
         self.close_reason = text
         if self._server.at_boundary:
             return self._end_reclassified()
         self.phase = Phase.ENDING
-        return _NOTHING
+        return NOTHING
 
     def _end_reclassified(self) -> list[Action]:
         text = self.close_reason
@@ -720,7 +718,7 @@ class Session:
 
     def server_closed(self) -> Sequence[Action]:
         if self.phase is Phase.CLOSED:
-            return _NOTHING
+            return NOTHING
         phase = self.phase
         self.phase = Phase.CLOSED
         if phase is Phase.ENDING and self._server.at_boundary and not self._last_server_fatal:
@@ -771,16 +769,16 @@ class Session:
     def shutdown_requested(self) -> Sequence[Action]:
         """The proxy is stopping: end now if idle, else after the current transaction."""
         if self.phase is Phase.CLOSED:
-            return _NOTHING
+            return NOTHING
         self.draining = True
         if self.phase is Phase.READY:
-            return self._terminate_for_shutdown() if self.is_idle() else _NOTHING
+            return self._terminate_for_shutdown() if self.is_idle() else NOTHING
         return self._fatal_to_client("57P01", "terminating connection due to administrator command")
 
     def shutdown_deadline(self) -> Sequence[Action]:
         """The drain deadline passed: end the session whatever it is doing."""
         if self.phase is Phase.CLOSED:
-            return _NOTHING
+            return NOTHING
         phase = self.phase
         self.phase = Phase.CLOSED
         actions: list[Action] = []

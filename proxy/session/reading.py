@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from mypy_extensions import mypyc_attr
 from pglast.parser import ParseError, scan
 
 from rules.settings import CLIENT_ENCODING, CODE, CONFORMING, DEFAULT, SettingOp, canonical
@@ -547,6 +548,9 @@ class _Values:
 _IDLE = ord("I")  # ReadyForQuery's status outside a transaction block
 
 
+# compiled (mypyc), a class Python code may subclass must say so: a test subclasses this one
+# (tests/unit/test_reading_tracker_cache.py: the tracker before its shortcuts)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ReadingTracker:
     """Predicts the `Reading` of each message a session's client sends (see the module
     docstring). The statement log tells it what is sent and what the server answers."""

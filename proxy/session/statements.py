@@ -74,11 +74,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from audit.redaction import fingerprint
 from proxy.session.reading import Reading, ReadingTracker, server_name
 from proxy.wire import async_, errors, extended, rows, simple
 from proxy.wire import messages as m
-from rules.context import ContextHolder
+from rules.context import ContextHolder, MaskingContext
 from rules.effects import Effect, Effects
 from rules.keys import OID_TYPES, Value, parameter_value, row_key
 from rules.settings import SettingOp
@@ -190,7 +192,7 @@ class _Prepared:
     # masked sessions: the text and what was sent for it (None: not known), and the context
     # under which that was decided or last confirmed (None: checked before any use)
     decided: Decided | None = None
-    current: object = None
+    current: MaskingContext | None = None
     # what running it does to the settings the server reads text by (None: not known)
     settings: tuple[SettingOp, ...] | None = None
 
@@ -220,13 +222,13 @@ class _Portal:
 Named = _Prepared
 
 
-def _unknown_statement(current: object) -> _Prepared:
+def _unknown_statement(current: MaskingContext | None) -> _Prepared:
     """A statement the server has, holding pgveil cannot tell what; `current`: the context
     after whose replacement a use of it is refused (see the module docstring)."""
     return _Prepared(None, effects=None, uncertain=True, current=current)
 
 
-def _unknown_portal(current: object) -> _Portal:
+def _unknown_portal(current: MaskingContext | None) -> _Portal:
     return _Portal(None, _unknown_statement(current), [], uncertain=True)
 
 
@@ -442,6 +444,7 @@ class _Names:
         return True
 
 
+@mypyc_attr(serializable=True)  # compiled, `_split` copies one (copy.copy)
 class _InFlight:
     """A message that awaits its answer. Most attributes keep their class default: an entry
     is made for every Parse, Bind, Describe and Execute of a masked session, audited or
@@ -514,6 +517,9 @@ class _InFlight:
         bind: bytes | None = None,
     ) -> None:
         self.kind = kind
+        # set here, not only as the class default: compiled, mypyc leaves a default of None
+        # undefined when the type is a union of two classes (tests/unit/test_implementation.py)
+        self.target = None
         if fields is not None:
             self.fields = fields
         if started:
@@ -577,7 +583,7 @@ class StatementLog:
         # the context the session began under: a name pgveil's picture lacks (the server
         # refuses its use, unless the picture is wrong) may hold a text decided under any
         # context since, and is checked as one pgveil cannot tell (see `absent`)
-        self.origin: object = holder.context
+        self.origin: MaskingContext | None = holder.context
         self.recheck: Callable[[Named], str | None] | None = None
         # why a message already sent reads what may not run under the current context (the
         # answers refuted what it was checked against): the session must end
@@ -791,7 +797,7 @@ class StatementLog:
             return None
         return self.vet(_unknown_statement(self.origin))
 
-    def _stamp(self, decided: Decided | None) -> object:
+    def _stamp(self, decided: Decided | None) -> MaskingContext | None:
         """The context a name just decided is current under (none for a name whose text
         the masked filter does not know)."""
         return self._holder.context if decided is not None else None
@@ -1105,7 +1111,7 @@ class StatementLog:
         effects: Effects,
         fields: dict[str, object] | None,
         decided: Decided | None = None,
-        current: object = None,
+        current: MaskingContext | None = None,
     ) -> tuple[_Op, ...]:
         """A message's effects, with the statements and cursors they define (whose audit
         fields are the statement's own: what an EXECUTE or FETCH of them reads; whose text,

@@ -211,6 +211,7 @@ class MessageScanner:
         limit = n - 5
         row_limit = limits[_DATA_ROW]
         typ = self.last_type
+        length: int  # (declared: compiled, the header's fields are then native integers)
         while pos <= limit:
             typ, length = unpack(data, pos)
             counts[typ] += 1
@@ -315,6 +316,8 @@ class MessageScanner:
         capture = self.capture
         limits = self._limits
         unpack = _HEADER.unpack_from
+        typ: int
+        length: int
         while pos <= n - 5:
             typ, length = unpack(data, pos)
             if length > limits[typ] or length < 4:
