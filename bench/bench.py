@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import pwd
 import re
 import shutil
@@ -587,17 +588,27 @@ def command_output(argv: list[str]) -> str:
     return "unknown"
 
 
+def pgveil_build() -> str:
+    """Which pgveil ran: the commit, and the data path's implementation as the proxy
+    processes load it (they run with this interpreter and environment), with the Python."""
+    commit = command_output(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
+    implementation = command_output(
+        [sys.executable, "-c",
+         "import proxy; from shared.implementation import implementation; print(implementation())"]
+    )  # fmt: skip
+    return f"`{commit}` (data path: {implementation}, Python {platform.python_version()})"
+
+
 def report(
     results: Results, db: EmbeddedPostgres, reps: int, duration: int, pgbouncer_bin: str
 ) -> str:
     rows = workloads()
-    commit = command_output(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
     pg_version = db.psql("SHOW server_version").strip()
     lines = [
         "# pgveil benchmark",
         "",
         f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, all on loopback",
-        f"- pgveil `{commit}` (relay, no rules); PostgreSQL {pg_version}; "
+        f"- pgveil {pgveil_build()} (relay, no rules); PostgreSQL {pg_version}; "
         f"{command_output([pgbouncer_bin, '--version'])} (session pooling)",
         f"- {reps} repetitions, variants interleaved direct -> pgbouncer -> pgveil; "
         f"pgbench runs of {duration} s",
@@ -795,14 +806,13 @@ def masked_table(
 
 def report_masked(results: Results, db: EmbeddedPostgres, reps: int, duration: int) -> str:
     rows = masked_workloads()
-    commit = command_output(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
     pg_version = db.psql("SHOW server_version").strip()
     script_sql = [ln for ln in HELPDESK_SCRIPT.splitlines() if not ln.startswith("\\")]
     lines = [
         "# pgveil benchmark: masking cost",
         "",
         f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, all on loopback",
-        f"- pgveil `{commit}` with masking rules; PostgreSQL {pg_version}",
+        f"- pgveil {pgveil_build()} with masking rules; PostgreSQL {pg_version}",
         f"- the same pgveil process for both roles: `{MASKED_ROLE}` (masked) and "
         f"`{UNMASKED_ROLE}` (unmasked, relayed as is)",
         f"- data: the billing fixture, {CUSTOMERS:,} customers, {2 * CUSTOMERS:,} accounts, "
@@ -1055,6 +1065,7 @@ def report_audit(
         "# pgveil benchmark: audit cost",
         "",
         f"- {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, all on loopback",
+        f"- pgveil {pgveil_build()}",
         "- two pgveil processes with the same rules, one with `--audit-file` and `--audit-key` "
         "(every statement of the helpdesk script touches personal data, so each one is an "
         "audit event with its data subjects; sealed checkpoints at the default cadence), one "
