@@ -76,6 +76,7 @@ from typing import Any
 
 from mypy_extensions import mypyc_attr
 
+from audit.kinds import NOT_READ
 from audit.redaction import fingerprint
 from proxy.session.reading import Reading, ReadingTracker, server_name
 from proxy.wire import async_, errors, extended, rows, simple
@@ -1976,6 +1977,8 @@ class StatementLog:
         uncertain = {k: v for k, v in fields.items() if not k.startswith("_")}
         uncertain["tables"] = []
         uncertain["analysis_complete"] = False
+        # (its kinds are pgveil's reading, which may not be what the server ran)
+        uncertain["uncertain"] = NOT_READ
         return uncertain
 
     def _error(self, head: _InFlight, body: bytes) -> None:
@@ -2222,6 +2225,7 @@ def _unknown_fields(kind: str) -> dict[str, object]:
         "columns_masked": [],
         "decision": "passed",
         "analysis_complete": False,
+        "uncertain": NOT_READ,
     }
 
 
