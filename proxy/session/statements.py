@@ -1581,7 +1581,8 @@ class StatementLog:
             and not head.values
         ):
             # a notice or warning of the statement running (a RAISE NOTICE, say)
-            head.values = _carries_values(errors.decode_fields(body), notice=True)
+            fields = errors.decode_fields(body)
+            head.values = _carries_values(fields, notice=True) and not _skipping(head, fields)
 
     @staticmethod
     def _ran(head: _InFlight) -> None:
@@ -2300,6 +2301,24 @@ def _format_of(formats: list[int], i: int) -> int:
     if not formats:
         return 0
     return formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+
+
+_MAINTENANCE = frozenset(("vacuum", "analyze"))
+
+
+def _skipping(head: _InFlight, fields: dict[str, str]) -> bool:
+    """A plain WARNING (01000) of VACUUM or ANALYZE with no detail, context or internal
+    query: the server's own `skipping "t" --- only table or database owner can vacuum it`
+    and its like, which name a relation. Code the table runs (an index expression's
+    function) would raise with a CONTEXT."""
+    kinds = head.fields.get("kinds") if head.fields is not None else None
+    return (
+        isinstance(kinds, list)
+        and bool(kinds)
+        and all(k in _MAINTENANCE for k in kinds)
+        and fields.get("C") == "01000"
+        and not ("D" in fields or "W" in fields or "q" in fields or "P" in fields)
+    )
 
 
 def _carries_values(fields: dict[str, str], notice: bool = False) -> bool:
