@@ -24,8 +24,8 @@ import asyncpg
 from audit import kinds as audit_kinds
 from audit.anchors import Anchor, is_checkpoint, key_id, load_key, parse_key_ref, read_anchors
 from audit.events import load_event
-from audit.kinds import cannot_carry_data
 from audit.files import AuditFileError, read_events, read_numbered, rotated_files
+from audit.kinds import cannot_carry_data
 from audit.sinks import read_table, read_table_rows
 from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
 from proxy.cli.common import DSN_HELP, Parser, Subparsers
@@ -227,12 +227,13 @@ def who(
         if kind == "access" and "running" in e:
             key = (e.get("session"), e["running"])
             if e.get("outcome") != "running":
-                found = held.pop(key, None)
-                if found is not None:
-                    found[1] = "drop"
+                done = held.pop(key, None)
+                if done is not None:
+                    done[1] = "drop"
             elif row is not None:
-                held[key] = slot = [row, "held"]
-                slots.append(slot)
+                waiting: list[Any] = [row, "held"]
+                held[key] = waiting
+                slots.append(waiting)
                 row = None
         if row is not None:
             if by_session and _grouped(row):
@@ -240,12 +241,13 @@ def who(
             else:
                 slots.append([row, "ready"])
         while slots and slots[0][1] != "held":
-            row, state = slots.popleft()
+            first: dict[str, Any] = slots[0][0]
+            state = slots.popleft()[1]
             if state == "ready":
-                yield row
-    for slot in slots:
-        if slot[1] != "drop":
-            yield slot[0]
+                yield first
+    for last in slots:
+        if last[1] != "drop":
+            yield last[0]
     for rows in sessions.values():
         yield session_row(rows)
 
