@@ -24,6 +24,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from audit import kinds as audit_kinds
 from proxy.cli.audit import who
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from tests.integration.audit_wire import all_events, audited_proxy
@@ -220,13 +221,14 @@ def test_copy_reads_as_copy_out_and_copy_in(
         ) as cp:
             for _row in cp:
                 pass
-        c.execute("CREATE TEMP TABLE who_copy (name text)")
-        with c.cursor().copy("COPY billing.customers (name) FROM STDIN") as cp:
+        with c.cursor().copy("COPY billing.customers (name) FROM STDIN"):
             pass  # (no rows: nothing is written, the statement still names the table)
     rows = mine(report(path, "1"), app)
     assert [r["what"] for r in rows] == [["copy out"]], rows
-    events = [e for e in app_events(path, app) if e["type"] == "access"]
-    assert [e["kinds"] for e in events][-1] == ["copy"]
+    # the COPY FROM changed nothing (not listed); its event reads as a copy in
+    copy_in = [e for e in app_events(path, app) if e["type"] == "access"][-1]
+    assert copy_in["kinds"] == ["copy"] and copy_in["rows"] == 0, copy_in
+    assert audit_kinds.what(copy_in["kinds"], copy_in["statement"]) == ["copy in"]
 
 
 # ---- output --------------------------------------------------------------------------------
