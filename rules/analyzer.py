@@ -86,7 +86,9 @@ class Analyzer:
         if not stmts:
             return Decision("pass")
         out: list[str] = []
-        kinds: list[str] = []
+        # every statement's kind, before the walk that may stop at one of them: an event
+        # says what all of its statements were (audit/kinds.py trusts them)
+        kinds = [_kind(raw.stmt) for raw in stmts]
         rewriter = Rewriter(self)
         rewriter.references, rewriter.qualified = names_referenced(stmts)
         rewriter.defined_names = names_defined(stmts)
@@ -102,7 +104,6 @@ class Analyzer:
         try:
             changed = False
             for raw in stmts:
-                kinds.append(_kind(raw.stmt))
                 before = rewriter.changes
                 raw.stmt = rewriter.statement(raw.stmt)
                 changed = changed or rewriter.changes != before

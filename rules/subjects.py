@@ -8,7 +8,10 @@ two proofs, and this module says for each statement which one holds:
   among its top-level AND terms, or an INSERT's VALUES, with nothing else in the statement
   that reads a protected relation (a subquery, another FROM item, a CTE). The keys are the
   literals (normalised by the key column's type: rules/keys.py) or the parameters that
-  carry them (`ParamKey`, read when the statement is bound).
+  carry them (`ParamKey`, read when the statement is bound). Also a SELECT of a single view
+  whose WHERE names `col = k` for a view column that shows the key of a table occurring
+  once in the view (rules/views.py `ViewReads.sole`): every row's data of that table then
+  comes from the row of key k.
 * **Returned keys** (`rows`): every row returned carries, for table T, the key of the one
   row of T that all its T values come from. So T is read once in the statement, as a plain
   FROM item of the statement itself (or the target of a write with RETURNING), and nothing
@@ -188,6 +191,24 @@ class _Index:
                 if s is not None:
                     via.add(s.rule_table)
         return frozenset(direct), frozenset(via)
+
+    def relation(self, rv: Any) -> tuple[str, str] | None:
+        """The one catalog relation a reference names (None: none, or several of that
+        name in schemas the search path chooses among)."""
+        if rv.catalogname:
+            return None
+        if rv.schemaname is not None:
+            key = (rv.schemaname, rv.relname)
+            return key if key in self.pmap.catalog.relations else None
+        found = self.by_relname.get(rv.relname, [])
+        return found[0] if len(found) == 1 else None
+
+    def key_masked(self, table: str) -> bool:
+        """Whether the rules of `table` (a rule table's name) mask its subject column."""
+        return any(
+            p.rule_table == table and p.subject is not None and p.subject in p.masks
+            for p in self.pmap.by_name.values()
+        )
 
     def protected(self, rv: Any) -> Protected | None:
         """The one protected relation a reference names (None: none, or it depends on the
@@ -411,10 +432,12 @@ class _Walk:
             rv = node.relation
         else:
             return ()
-        if not isinstance(rv, ast.RangeVar) or not self._alone(rv):
+        if not isinstance(rv, ast.RangeVar):
             return ()
         if rv.alias is not None and rv.alias.colnames:
             return ()  # `customers c(name, i_customer)`: the names say other columns
+        if not self._alone(rv):
+            return self._through_view(node, rv) if isinstance(node, ast.SelectStmt) else ()
         p = self.index.protected(rv)
         if p is None or p.subject is None or p.subject in p.masks:
             # (a masked session's `key = k` compares the masked key: it names no subject)
@@ -422,27 +445,37 @@ class _Walk:
         column = p.relation.column(p.subject)
         if column is None:
             return ()
-        key = key_column(column)
-        if isinstance(node, ast.InsertStmt):
-            items_found = _inserted(node, p.subject, self.catalog)
-            unknown_as = key.type
-        else:
-            alias = rv.alias.aliasname if rv.alias is not None else rv.relname
-            items_found = _filtered(node.whereClause, p.subject, alias, self.catalog)
-            unknown_as = ""
-        if items_found is None:
+        found = _keys_of(node, rv, p.subject, column, p.rule_table, self.catalog)
+        return (found,) if found is not None else ()
+
+    def _through_view(self, node: Any, rv: Any) -> tuple[NamedKeys, ...]:
+        """The keys a SELECT names through the view it reads, alone: `key = k` on a view
+        column that shows the key of a table occurring once in the view (rules/views.py
+        `sole`) names the subjects of that table whose data the rows hold."""
+        for r in self.refs:
+            if r.rv is not rv and (r.direct or r.via):
+                return ()  # something else reads protected data too
+        relation = self.index.relation(rv)
+        if relation is None:
             return ()
-        if not unknown_as:
-            types = [_type_of(i) for i in items_found]
-            found_type = common_type(key.type, types)
-            if found_type is None:
-                return ()
-            unknown_as = found_type
-        named = NamedKeys(
-            p.rule_table, (), key, unknown_as, assign=isinstance(node, ast.InsertStmt)
-        )
-        resolved = _resolve(named, items_found, lambda _p: None)
-        return (resolved,) if resolved is not None else ()
+        reads = self.index.pmap.views.get(relation)
+        if reads is None or reads.own:
+            return ()
+        rel = self.catalog.relations[relation]
+        derived = self.index.pmap.by_name.get(relation)
+        out: list[NamedKeys] = []
+        for table, columns in sorted(reads.sole.items()):
+            if self.index.key_masked(table):
+                continue  # (a masked session compares the masked key)
+            for name in columns:
+                column = rel.column(name)
+                if column is None or (derived is not None and name in derived.masks):
+                    continue
+                found = _keys_of(node, rv, name, column, table, self.catalog)
+                if found is not None:
+                    out.append(found)
+                    break
+        return tuple(out)
 
     def _alone(self, rv: Any) -> bool:
         """Whether `rv` is the statement's only reference to a protected relation."""
@@ -453,6 +486,31 @@ class _Walk:
             elif r.direct or r.via:
                 return False
         return True
+
+
+def _keys_of(
+    node: Any, rv: Any, name: str, column: Column, table: str, catalog: Any
+) -> NamedKeys | None:
+    """The keys of `table` that the statement names by the column `name` of its FROM
+    item or write target `rv` (`column`: that column of the relation `rv` denotes)."""
+    key = key_column(column)
+    if isinstance(node, ast.InsertStmt):
+        items_found = _inserted(node, name, catalog)
+        unknown_as = key.type
+    else:
+        alias = rv.alias.aliasname if rv.alias is not None else rv.relname
+        items_found = _filtered(node.whereClause, name, alias, catalog)
+        unknown_as = ""
+    if items_found is None:
+        return None
+    if not unknown_as:
+        types = [_type_of(i) for i in items_found]
+        found_type = common_type(key.type, types)
+        if found_type is None:
+            return None
+        unknown_as = found_type
+    named = NamedKeys(table, (), key, unknown_as, assign=isinstance(node, ast.InsertStmt))
+    return _resolve(named, items_found, lambda _p: None)
 
 
 def key_column(column: Column) -> KeyColumn:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import pglast.ast
@@ -257,6 +258,10 @@ class ViewReads:
     own: bool
     # attnum -> the tables whose subject keys the column shows (see the module docstring)
     keys: Mapping[int, tuple[str, ...]]
+    # table -> the view's columns that show the key of the one occurrence of that table in
+    # the view: every row's data of the table comes from the row whose key the column
+    # shows, so a filter on the column names the subjects the rows hold (rules/subjects.py)
+    sole: Mapping[str, tuple[str, ...]]
 
 
 def view_reads(catalog: Catalog, pmap: ProtectionMap) -> dict[Key, ViewReads]:
@@ -291,6 +296,7 @@ def view_reads(catalog: Catalog, pmap: ProtectionMap) -> dict[Key, ViewReads]:
             found.add(p.rule_table)
         tables[key] = found
     keyed = _keyed_columns(catalog, pmap, tables)
+    single = _keyed_columns(catalog, pmap, tables, sole=True)
     out: dict[Key, ViewReads] = {}
     for key in views:
         if not tables[key]:
@@ -301,16 +307,18 @@ def view_reads(catalog: Catalog, pmap: ProtectionMap) -> dict[Key, ViewReads]:
             carried = tuple(sorted(t for t, names in shown.items() if col.name in names))
             if carried:
                 keys[col.attnum] = carried
-        out[key] = ViewReads(tuple(sorted(tables[key])), own(key), keys)
+        sole = {t: tuple(sorted(names)) for t, names in single.get(key, {}).items() if names}
+        out[key] = ViewReads(tuple(sorted(tables[key])), own(key), keys, MappingProxyType(sole))
     return out
 
 
 def _keyed_columns(
-    catalog: Catalog, pmap: ProtectionMap, tables: Mapping[Key, set[str]]
+    catalog: Catalog, pmap: ProtectionMap, tables: Mapping[Key, set[str]], sole: bool = False
 ) -> dict[Key, dict[str, set[str]]]:
     """view -> table -> the view's columns that show that table's keys, for each table
-    behind the view whose every row in it comes with its key. Views over views are done
-    after the views they read."""
+    behind the view whose every row in it comes with its key; `sole`: only for a table
+    that occurs once in the view (through the views it reads too), the columns that show
+    that occurrence's key. Views over views are done after the views they read."""
     known: dict[Key, dict[str, set[str]]] = {}
     pending = [k for k, found in tables.items() if found and k in catalog.view_definitions]
     changed = True
@@ -321,7 +329,7 @@ def _keyed_columns(
                 continue
             pending.remove(key)
             changed = True
-            known[key] = _keyed(catalog, pmap, key, tables, known)
+            known[key] = _keyed(catalog, pmap, key, tables, known, sole)
     return known  # (a view left pending shows no keys)
 
 
@@ -331,6 +339,7 @@ def _keyed(
     key: Key,
     tables: Mapping[Key, set[str]],
     known: Mapping[Key, dict[str, set[str]]],
+    sole: bool = False,
 ) -> dict[str, set[str]]:
     rel = catalog.relations[key]
     sel = _simple_select(catalog.view_definitions[key])
@@ -364,7 +373,9 @@ def _keyed(
                 break  # rows of the table without their key
             carried |= exposing
         else:
-            if seen:
+            # (sole: one source holds the table's rows, and `known` says the columns of
+            # its one occurrence when that source is a view)
+            if seen == 1 or (seen and not sole):
                 out[table] = carried
     return out
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime as dt
 import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -19,9 +21,11 @@ from typing import Any
 
 import asyncpg
 
+from audit import kinds as audit_kinds
 from audit.anchors import Anchor, is_checkpoint, key_id, load_key, parse_key_ref, read_anchors
 from audit.events import load_event
 from audit.files import AuditFileError, read_events, read_numbered, rotated_files
+from audit.kinds import cannot_carry_data
 from audit.sinks import read_table, read_table_rows
 from audit.verify import EXIT_BROKEN, EXIT_INTACT, EXIT_UNPROVEN, verify_chain
 from proxy.cli.common import DSN_HELP, Parser, Subparsers
@@ -155,7 +159,7 @@ def tail(path: Path, follow: bool, role: str | None, table: str | None) -> int:
     try:
         for e in read_events(path):
             if wanted(e):
-                print(line(e))
+                print(line(e), flush=True)  # (a line as soon as it is read: a pipe's reader)
         if not follow:
             return 0
         with path.open("rb") as f:
@@ -193,53 +197,123 @@ def who(
     subject: str,
     since: str | None,
     until: str | None,
-) -> list[dict[str, Any]]:
+    by_session: bool = False,
+) -> Iterator[dict[str, Any]]:
     """Who accessed the data of `subject` in `table`: every access event that lists it,
     every one that read the table without recording its subjects (`possibly`), and the
-    subject's erasure. A table is read by an event that names it, or a view over it
+    subject's erasure, as rows, each as soon as it is settled (events are read once, in
+    their order). A table is read by an event that names it, or a view over it
     (`views`); an event that pgveil could not fully analyse (`analysis_complete: false`)
     and a notification delivered on a channel with rules may have read any table, whatever
-    tables they name."""
-    rows: list[dict[str, Any]] = []
+    tables they name. Statements that can neither return nor change data (audit/kinds.py)
+    are left out. `by_session`: an unmasked session's uncertain statements are one row per
+    session (`session_row`), given when its `session.end` is read or at the end."""
     forms = subject_forms(subject)
-    window = [
-        e
-        for e in events
-        if (since is None or str(e.get("ts", "")) >= since)
-        and (until is None or str(e.get("ts", "")) < until)
-    ]
-    # a statement whose rows went out before it completed has a `running` event first;
-    # its complete event carries the same number: the running one is shown only when the
-    # complete one is not in the report (pgveil stopped, or the window ends between them)
-    completed = {
-        (e.get("session"), e["running"])
-        for e in window
-        if e.get("type") == "access" and e.get("outcome") != "running" and "running" in e
-    }
-    for e in window:
-        if e.get("outcome") == "running" and (e.get("session"), e.get("running")) in completed:
+    # rows in the order found; a `running` event's row is held until its complete event
+    # (same session and number) is read, which drops it: the running one is shown only
+    # when the complete one is not in the report (pgveil stopped, or the window ends
+    # between them). Rows behind a held one wait for it.
+    slots: deque[list[Any]] = deque()  # [row, "ready" | "held" | "drop"]
+    held: dict[tuple[object, object], list[Any]] = {}
+    sessions: dict[object, list[dict[str, Any]]] = {}
+    for e in events:
+        ts = str(e.get("ts", ""))
+        if (since is not None and ts < since) or (until is not None and ts >= until):
             continue
         kind = e.get("type")
-        if kind == "erasure":
-            if str(e.get("subject")) == subject and table in (e.get("tables") or {table: 0}):
-                rows.append(_who_row(e, "erased"))
-            continue
-        if kind != "access":
-            continue
-        tables = e.get("tables") or []
-        behind = _behind_view(e, table)
-        if table in tables:
-            behind = [table]
-        elif behind is None:
-            if not _anywhere(e):
-                continue
-            behind = [table]
-        subjects = e.get("subjects") or {}
-        if any(not forms.isdisjoint(subjects.get(t) or ()) for t in behind):
-            rows.append(_who_row(e, "yes"))
-        elif _delivered(e) and not all(_excludes(e, t, subjects.get(t)) for t in behind):
-            rows.append(_who_row(e, "possibly"))
-    return rows
+        if kind == "session.end" and by_session and e.get("session") in sessions:
+            slots.append([session_row(sessions.pop(e.get("session"))), "ready"])
+        row = _who_of(e, kind, table, subject, forms)
+        if kind == "access" and "running" in e:
+            key = (e.get("session"), e["running"])
+            if e.get("outcome") != "running":
+                done = held.pop(key, None)
+                if done is not None:
+                    done[1] = "drop"
+            elif row is not None:
+                waiting: list[Any] = [row, "held"]
+                held[key] = waiting
+                slots.append(waiting)
+                row = None
+        if row is not None:
+            if by_session and _grouped(row):
+                sessions.setdefault(row["session"], []).append(row)
+            else:
+                slots.append([row, "ready"])
+        while slots and slots[0][1] != "held":
+            first: dict[str, Any] = slots[0][0]
+            state = slots.popleft()[1]
+            if state == "ready":
+                yield first
+    for last in slots:
+        if last[1] != "drop":
+            yield last[0]
+    for rows in sessions.values():
+        yield session_row(rows)
+
+
+def _who_of(
+    e: Mapping[str, Any], kind: object, table: str, subject: str, forms: frozenset[str]
+) -> dict[str, Any] | None:
+    """The row of one event in the report, or None."""
+    if kind == "erasure":
+        if str(e.get("subject")) == subject and table in (e.get("tables") or {table: 0}):
+            return _who_row(e, "erased")
+        return None
+    if kind != "access" or cannot_carry_data(e):
+        return None
+    tables = e.get("tables") or []
+    behind = _behind_view(e, table)
+    if table in tables:
+        behind = [table]
+    elif behind is None:
+        if not _anywhere(e):
+            return None
+        behind = [table]
+    subjects = e.get("subjects") or {}
+    if any(not forms.isdisjoint(subjects.get(t) or ()) for t in behind):
+        return _who_row(e, "yes")
+    if _delivered(e) and not all(_excludes(e, t, subjects.get(t)) for t in behind):
+        return _who_row(e, "possibly")
+    return None
+
+
+def _grouped(row: Mapping[str, Any]) -> bool:
+    """An unmasked statement listed only because pgveil could not tell what it read."""
+    return (
+        row["touched"] == "possibly"
+        and row["classification"] == "unmasked"
+        and row["analysis_complete"] is False
+        and row["session"] is not None
+    )
+
+
+def session_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for an unmasked session's uncertain statements (`rows`, in order): who,
+    from where, first and last time, how many, what kinds and why."""
+    first, last = rows[0], rows[-1]
+    out = dict(first)
+    out.update(
+        {
+            "group": "session",
+            "last_ts": last["ts"],
+            "statements": len(rows),
+            "kinds": sorted({k for r in rows for k in r["kinds"]}),
+            "what": sorted({w for r in rows for w in r["what"]}),
+            "uncertain": sorted({str(r["uncertain"] or UNRECORDED) for r in rows}),
+            "views": sorted({v for r in rows for v in r["views"]}),
+            "columns_raw": sorted({c for r in rows for c in r["columns_raw"]}),
+            "columns_masked": sorted({c for r in rows for c in r["columns_masked"]}),
+            "columns_denied": sorted({c for r in rows for c in r["columns_denied"]}),
+            "outcome": ",".join(sorted({str(r["outcome"]) for r in rows})),
+            "rows": sum(r["rows"] for r in rows if isinstance(r["rows"], int)),
+            "last_id": last["id"],
+        }
+    )
+    return out
+
+
+UNRECORDED = "not recorded (an event of an older pgveil)"
 
 
 def subject_forms(subject: str) -> frozenset[str]:
@@ -306,6 +380,7 @@ def _excludes(e: Mapping[str, Any], table: str, listed: list[str] | None) -> boo
 
 
 def _who_row(e: Mapping[str, Any], touched: str) -> dict[str, Any]:
+    kinds = e.get("kinds") or [e.get("type")]
     return {
         "ts": e.get("ts"),
         "touched": touched,
@@ -313,12 +388,15 @@ def _who_row(e: Mapping[str, Any], touched: str) -> dict[str, Any]:
         "classification": e.get("classification"),
         "client": e.get("client"),
         "application_name": e.get("application_name"),
-        "kinds": e.get("kinds") or [e.get("type")],
+        "kinds": kinds,
+        # the kinds as a person reads them (`copy out`, `do block`)
+        "what": audit_kinds.what([str(k) for k in kinds], e.get("statement")),
         # what the statement read through (views), the channel of a notification, and
         # whether the event is uncertain (why a `possibly` may stand under any table)
         "views": sorted(e.get("views") or {}),
         "channel": e.get("channel"),
         "analysis_complete": e.get("analysis_complete", True),
+        "uncertain": e.get("uncertain"),
         "columns_raw": e.get("columns_raw", []),
         "columns_masked": e.get("columns_masked", []),
         "columns_denied": e.get("columns_denied", []),
@@ -330,37 +408,104 @@ def _who_row(e: Mapping[str, Any], touched: str) -> dict[str, Any]:
     }
 
 
-def print_who(rows: list[dict[str, Any]], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+FORMATS = ("table", "json", "csv")
+_CSV = (
+    "ts", "last_ts", "touched", "role", "classification", "client", "application_name",
+    "what", "statements", "raw", "masked", "outcome", "rows", "uncertain", "session", "id",
+)  # fmt: skip
+
+
+def print_who(rows: Iterable[dict[str, Any]], form: str) -> None:
+    """The report: JSON lines or CSV rows written (and flushed) one by one as they come;
+    a table (for a person) once every row is known, unmasked sessions' uncertain
+    statements in a second table."""
+    out = sys.stdout
+    if form == "json":
+        for r in rows:
+            out.write(json.dumps(r, ensure_ascii=False) + "\n")
+            out.flush()
         return
+    if form == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(_CSV)
+        out.flush()
+        for r in rows:
+            flat = {**r, "what": _what(r), "raw": _raw(r), "masked": _masked(r)}
+            if isinstance(r.get("uncertain"), list):
+                flat["uncertain"] = "; ".join(r["uncertain"])
+            writer.writerow(["" if flat.get(c) is None else flat.get(c) for c in _CSV])
+            out.flush()
+        return
+    events: list[dict[str, Any]] = []
+    sessions: list[dict[str, Any]] = []
+    for r in rows:
+        (sessions if r.get("group") == "session" else events).append(r)
     head = ["time (UTC)", "touched", "role", "class", "client", "what", "raw", "masked", "outcome"]
-    table = [
+    _aligned(
+        head,
         [
-            str(r["ts"]),
-            r["touched"],
-            str(r["role"] or ""),
-            str(r["classification"] or ""),
-            str(r["client"] or ""),
-            _what(r),
-            ",".join(c.rsplit(".", 1)[-1] for c in r["columns_raw"]) or "-",
-            ",".join(
-                [c.rsplit(".", 1)[-1] for c in r["columns_masked"]]
-                + [c.rsplit(".", 1)[-1] + "(denied)" for c in r["columns_denied"]]
-            )
-            or "-",
-            str(r["outcome"] or "-"),
-        ]
-        for r in rows
-    ]
+            [
+                str(r["ts"]),
+                r["touched"],
+                str(r["role"] or ""),
+                str(r["classification"] or ""),
+                str(r["client"] or ""),
+                _what(r),
+                _raw(r),
+                _masked(r),
+                str(r["outcome"] or "-"),
+            ]
+            for r in sorted(events, key=lambda r: str(r["ts"]))
+        ],
+    )
+    print(f"({len(events)} event(s))")
+    if not sessions:
+        return
+    print()
+    print("possibly, not fully analysed: statements of unmasked sessions pgveil could not follow")
+    head = ["first (UTC)", "last (UTC)", "role", "client", "statements", "what", "why"]
+    _aligned(
+        head,
+        [
+            [
+                str(r["ts"]),
+                str(r["last_ts"]),
+                str(r["role"] or ""),
+                str(r["client"] or ""),
+                str(r["statements"]),
+                ", ".join(r["what"]),
+                "; ".join(r["uncertain"]),
+            ]
+            for r in sorted(sessions, key=lambda r: str(r["ts"]))
+        ],
+    )
+    print(f"({len(sessions)} session(s), {sum(r['statements'] for r in sessions)} statement(s))")
+
+
+def _aligned(head: list[str], table: list[list[str]]) -> None:
     widths = [max(len(x) for x in col) for col in zip(head, *table, strict=False)]
     for line_ in [head, *table]:
         print("  ".join(x.ljust(w) for x, w in zip(line_, widths, strict=True)).rstrip())
-    print(f"({len(rows)} event(s))")
+
+
+def _raw(r: Mapping[str, Any]) -> str:
+    return ",".join(c.rsplit(".", 1)[-1] for c in r["columns_raw"]) or "-"
+
+
+def _masked(r: Mapping[str, Any]) -> str:
+    return (
+        ",".join(
+            [c.rsplit(".", 1)[-1] for c in r["columns_masked"]]
+            + [c.rsplit(".", 1)[-1] + "(denied)" for c in r["columns_denied"]]
+        )
+        or "-"
+    )
 
 
 def _what(r: Mapping[str, Any]) -> str:
-    what = ",".join(r["kinds"])
+    what = ",".join(r["what"])
+    if r.get("group") == "session":
+        return what
     if r.get("channel"):
         what += f" {r['channel']}"
     if r.get("views"):
@@ -407,7 +552,15 @@ def add_arguments(sub: Subparsers) -> None:
     aw.add_argument("--subject", required=True, metavar="KEY", help="its subject column's value")
     aw.add_argument("--since", metavar="TIME", help="ISO date or time (UTC unless it says)")
     aw.add_argument("--until", metavar="TIME", help="ISO date or time, exclusive")
-    aw.add_argument("--json", action="store_true", help="JSON instead of a table")
+    aw.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="table: aligned columns for a person (the default on a terminal); json: one "
+        "JSON object a line, written as rows are found (the default otherwise); csv",
+    )
+    aw.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="--format json"
+    )
     aw.add_argument("--file", type=Path, action="append", metavar="FILE", help="audit file")
     _table_source(aw)
     at = asub.add_parser("tail", help="print events as lines")
@@ -440,7 +593,7 @@ def _table_source(p: argparse.ArgumentParser, from_env: bool = True) -> None:
 def main(ns: argparse.Namespace) -> int:
     """Dispatch `pgveil audit ACTION`."""
     if ns.audit_command == "tail":
-        return tail(ns.file, ns.follow, ns.role, ns.table)
+        return _closed_pipe(lambda: tail(ns.file, ns.follow, ns.role, ns.table))
     if ns.audit_command == "verify":
         keys = _keys(ns.key)
         if ns.files:
@@ -469,10 +622,25 @@ def main(ns: argparse.Namespace) -> int:
 
     def report() -> int:
         events = load_events(ns.file, source, ns.audit_table)
-        print_who(who(events, ns.table, ns.subject, since, until), ns.json)
+        form = ns.format or ("table" if sys.stdout.isatty() else "json")
+        print_who(who(events, ns.table, ns.subject, since, until, by_session=True), form)
         return 0
 
-    return _from_table(report)
+    return _closed_pipe(lambda: _from_table(report))
+
+
+def _closed_pipe(action: Callable[[], int]) -> int:
+    """`action`, ending quietly (exit 0) when the reader of the output goes away (`| head`):
+    what is still buffered for it goes nowhere, never to a message at exit."""
+    try:
+        code = action()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
 
 
 def _from_table(action: Callable[[], int]) -> int:
@@ -483,6 +651,8 @@ def _from_table(action: Callable[[], int]) -> int:
         return 1
     except DsnError as exc:
         raise ConfigError(f"--dsn: {exc}") from exc
+    except BrokenPipeError:
+        raise  # (the output's reader went away: see _closed_pipe)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ConfigError(f"the audit table cannot be read: {exc}") from exc
 

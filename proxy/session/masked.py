@@ -45,6 +45,7 @@ from typing import Protocol
 
 import pglast
 
+from audit import kinds as audit_kinds
 from audit.redaction import fingerprint as audit_fingerprint
 from audit.redaction import redact
 from proxy.session.reading import ReadingTracker, sensitivity, statement_text
@@ -469,10 +470,13 @@ class StatementFilter:
                 fields = self._event_fields(sql, d, action, value)
             if extra is not None:
                 fields = _with_session_reads(fields, *extra)
-            if d.subject_keys and action != "refuse":
+            # a view this session made may stand where the catalog has another relation
+            # of that name (a temporary one comes first): the shape proves nothing then
+            proofs = action != "refuse" and (extra is None or not extra[0])
+            if d.subject_keys and proofs:
                 # for the statement log only (subject keys named by the statement)
                 fields["_subject_keys"] = d.subject_keys
-            if d.row_subjects and action != "refuse":
+            if d.row_subjects and proofs:
                 # for the statement log only (tables whose returned keys are proof)
                 fields["_row_subjects"] = d.row_subjects
             # what the names read as far as can be told now: for the refusals' events
@@ -508,10 +512,15 @@ class StatementFilter:
         fields = event_fields(sql, d, action, value)
         # a masked-role refusal stops the analyser's walk (the tables may be more), unless
         # it was made once the walk was done
-        fields["analysis_complete"] = (d.action != "refuse" or d.complete) and not (
-            # pg_stats, pg_stat_activity... read raw: values of tables it cannot name
-            self.raw_columns and bool(d.exposes)
-        )
+        stopped = d.action == "refuse" and not d.complete
+        # pg_stats, pg_stat_activity... read raw: values of tables it cannot name
+        raw_statistics = self.raw_columns and bool(d.exposes)
+        fields["analysis_complete"] = not (stopped or raw_statistics)
+        if stopped:
+            # why, for `audit who` (the analyser's reasons name no literal)
+            fields["uncertain"] = audit_kinds.ANALYSIS_STOPPED + str(d.reason or "")
+        elif raw_statistics:
+            fields["uncertain"] = audit_kinds.RAW_STATISTICS
         if self.raw_columns:
             # (deny columns too: nothing is denied to an unmasked role)
             fields.pop("columns_denied", None)
@@ -777,6 +786,7 @@ def _with_session_reads(
         out["views"] = {**(known if isinstance(known, dict) else {}), **views}
     if uncertain:
         out["analysis_complete"] = False
+        out.setdefault("uncertain", audit_kinds.UNKNOWN_NAMES)
     return out
 
 
@@ -1730,7 +1740,7 @@ class RecordingFilter(StatementFilter):
     def _function_call(self, raw: bytes) -> bytes:
         # the function and its arguments are not analysed: recorded as an access that
         # may have read anything, and refused while the audit stream is down
-        fields = _unanalysed("function_call", "FunctionCall")
+        fields = _unanalysed("function_call", "FunctionCall", audit_kinds.FUNCTION_CALL)
         if self._audit_down():
             if self.statements is not None:
                 self.statements.function_call()  # (answered by the refusal's error)
@@ -1742,7 +1752,9 @@ class RecordingFilter(StatementFilter):
     def _undecodable(self, typ: int, name: bytes, original: bytes) -> bytes:
         """Not text in the session's encoding: recorded as an access that may have read
         anything, and refused while the audit stream is down."""
-        fields = _unanalysed("unknown", "(not readable in the client encoding)")
+        fields = _unanalysed(
+            "unknown", "(not readable in the client encoding)", audit_kinds.UNREADABLE
+        )
         if self._audit_down():
             refusal = self._refuse_unrecorded(fields)
             if self.statements is not None:
@@ -1804,7 +1816,7 @@ def _lone_set(sql: str) -> bool:
     return len(stmts) == 1 and isinstance(stmts[0].stmt, pglast.ast.VariableSetStmt)
 
 
-def _unanalysed(kind: str, text: str) -> dict[str, object]:
+def _unanalysed(kind: str, text: str, reason: str) -> dict[str, object]:
     """The audit fields of an unmasked statement pgveil cannot analyse."""
     return {
         "kinds": [kind],
@@ -1815,4 +1827,5 @@ def _unanalysed(kind: str, text: str) -> dict[str, object]:
         "columns_raw": [],
         "decision": "passed",
         "analysis_complete": False,
+        "uncertain": reason,
     }

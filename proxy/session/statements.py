@@ -76,6 +76,7 @@ from typing import Any
 
 from mypy_extensions import mypyc_attr
 
+from audit.kinds import NOT_READ
 from audit.redaction import fingerprint
 from proxy.session.reading import Reading, ReadingTracker, server_name
 from proxy.wire import async_, errors, extended, rows, simple
@@ -1580,7 +1581,8 @@ class StatementLog:
             and not head.values
         ):
             # a notice or warning of the statement running (a RAISE NOTICE, say)
-            head.values = _carries_values(errors.decode_fields(body), notice=True)
+            fields = errors.decode_fields(body)
+            head.values = _carries_values(fields, notice=True) and not _skipping(head, fields)
 
     @staticmethod
     def _ran(head: _InFlight) -> None:
@@ -1976,6 +1978,8 @@ class StatementLog:
         uncertain = {k: v for k, v in fields.items() if not k.startswith("_")}
         uncertain["tables"] = []
         uncertain["analysis_complete"] = False
+        # (its kinds are pgveil's reading, which may not be what the server ran)
+        uncertain["uncertain"] = NOT_READ
         return uncertain
 
     def _error(self, head: _InFlight, body: bytes) -> None:
@@ -2222,6 +2226,7 @@ def _unknown_fields(kind: str) -> dict[str, object]:
         "columns_masked": [],
         "decision": "passed",
         "analysis_complete": False,
+        "uncertain": NOT_READ,
     }
 
 
@@ -2296,6 +2301,24 @@ def _format_of(formats: list[int], i: int) -> int:
     if not formats:
         return 0
     return formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+
+
+_MAINTENANCE = frozenset(("vacuum", "analyze"))
+
+
+def _skipping(head: _InFlight, fields: dict[str, str]) -> bool:
+    """A plain WARNING (01000) of VACUUM or ANALYZE with no detail, context or internal
+    query: the server's own `skipping "t" --- only table or database owner can vacuum it`
+    and its like, which name a relation. Code the table runs (an index expression's
+    function) would raise with a CONTEXT."""
+    kinds = head.fields.get("kinds") if head.fields is not None else None
+    return (
+        isinstance(kinds, list)
+        and bool(kinds)
+        and all(k in _MAINTENANCE for k in kinds)
+        and fields.get("C") == "01000"
+        and not ("D" in fields or "W" in fields or "q" in fields or "P" in fields)
+    )
 
 
 def _carries_values(fields: dict[str, str], notice: bool = False) -> bool:

@@ -110,7 +110,7 @@ def test_table_sink_who_verify_and_canary_sweep(
             env=env,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
-        rows: list[dict[str, Any]] = json.loads(out.stdout)
+        rows: list[dict[str, Any]] = [json.loads(line) for line in out.stdout.splitlines()]
         return rows
 
     from_table = who()
@@ -124,7 +124,10 @@ def test_table_sink_who_verify_and_canary_sweep(
         (ADMIN, "yes", ["select"]),  # notes, read back: the WHERE clause names the key
     ]
     assert from_table[0]["columns_masked"] and from_table[2]["classification"] == "unmasked"
-    table_out = pgveil("audit", "who", "--table", "billing.customers", "--subject", "1", env=env)
+    table_out = pgveil(
+        "audit", "who", "--table", "billing.customers", "--subject", "1", "--format", "table",
+        env=env,
+    )  # fmt: skip
     assert table_out.returncode == 0 and "(4 event(s))" in table_out.stdout
     # nothing personal in anything pgveil wrote: the audit file, its log, the audit table
     dump = sinkdb.psql("SELECT line FROM pgveil.audit_events", dbname="postgres")

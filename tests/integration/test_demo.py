@@ -269,7 +269,7 @@ def test_demo_masks_refuses_audits_and_cleans_up(demo: Demo) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert who.returncode == 0, who.stderr
-    touched = {(r["role"], r["touched"]) for r in json.loads(who.stdout)}
+    touched = {(r["role"], r["touched"]) for r in map(json.loads, who.stdout.splitlines())}
     assert ("helpdesk", "possibly") in touched and (None, "erased") in touched
 
     # Ctrl-C stops the proxy and PostgreSQL and removes the directory
@@ -380,7 +380,7 @@ def test_readme_tour_is_what_the_demo_does(demo: Demo) -> None:
     (who_block,) = [b for b in blocks if b and b[0].startswith("$ pgveil audit who")]
     who = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "audit", "who", "--table", "billing.customers",
-         "--subject", "40", "--file", str(audit)],
+         "--subject", "40", "--file", str(audit), "--format", "table"],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     ).stdout.splitlines()  # fmt: skip
     assert who[0].split() == who_block[1].split()  # the header (widths follow the rows)

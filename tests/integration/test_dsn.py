@@ -284,7 +284,7 @@ def test_proxy_upstream_and_catalog_login_from_the_environment(server: Server, h
         "audit", "who", "--dsn", "--table", "public.people", "--subject", "1", "--json", env=env
     )
     assert r.returncode == 0, r.stderr
-    assert USER2 in {row["role"] for row in json.loads(r.stdout)}, r.stdout
+    assert USER2 in {row["role"] for row in map(json.loads, r.stdout.splitlines())}, r.stdout
 
 
 def test_proxy_upstream_as_a_connection_string_over_the_socket(server: Server, home: Path) -> None:

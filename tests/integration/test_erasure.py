@@ -545,5 +545,5 @@ def test_erasure_events_in_the_audit_table_and_who(db: Db, tmp_path: Path) -> No
     assert verified.stdout.startswith("UNPROVEN: 3 event(s), seq 1..3, in table chain erasure")
     who = pgveil("who", "--table", "billing.customers", "--subject", "5", "--json")
     assert who.returncode == 0, who.stderr
-    rows = json.loads(who.stdout)
+    rows = [json.loads(line) for line in who.stdout.splitlines()]
     assert [(r["touched"], r["kinds"]) for r in rows] == [("erased", ["erasure"])] * 2

@@ -100,7 +100,7 @@ def test_the_report_says_through_what_and_how_sure(capsys: Any) -> None:
             subjects_complete=False,
         ),
     ]  # fmt: skip
-    print_who(who(events, CUSTOMERS, "1", None, None), as_json=False)
+    print_who(who(events, CUSTOMERS, "1", None, None), "table")
     lines = capsys.readouterr().out.splitlines()
     assert "yes" in lines[1] and "select via billing.customer_contacts" in lines[1]
     assert "possibly" in lines[2] and "select (uncertain)" in lines[2]

@@ -69,6 +69,19 @@ VIEWS = {
         "JOIN billing.customers b ON b.i_customer = a.i_customer + 1",
         [("i_customer", "int8", "bigint"), ("name", "varchar", "varchar")],
     ),
+    ("billing", "v_pairs_keyed"): (
+        "SELECT a.i_customer, b.i_customer AS other, b.name FROM billing.customers a "
+        "JOIN billing.customers b ON b.i_customer = a.i_customer + 1",
+        [
+            ("i_customer", "int8", "bigint"),
+            ("other", "int8", "bigint"),
+            ("name", "varchar", "varchar"),
+        ],
+    ),
+    ("billing", "v_over_pairs"): (
+        "SELECT p.i_customer, p.name FROM billing.v_pairs_keyed p",
+        [("i_customer", "int8", "bigint"), ("name", "varchar", "varchar")],
+    ),
     ("billing", "v_both_keys"): (
         "SELECT a.i_account, c.i_customer AS owner, c.name FROM billing.accounts a "
         "JOIN billing.customers c ON c.i_customer = a.i_customer",
@@ -105,7 +118,8 @@ def pmap() -> ProtectionMap:
         sources[key] = (("billing", "customers"), ("billing", "accounts"))
     sources[("billing", "v_over_view")] = (("billing", "v_plain"), ("billing", "customers"))
     sources[("billing", "v_key_over_view")] = (("billing", "v_plain"), ("billing", "customers"))
-    for name in ("v_plain", "v_pairs", "v_window", "v_grouped", "v_safe"):
+    sources[("billing", "v_over_pairs")] = (("billing", "v_pairs_keyed"),)
+    for name in ("v_plain", "v_pairs", "v_pairs_keyed", "v_window", "v_grouped", "v_safe"):
         sources[("billing", name)] = (("billing", "customers"),)
     for name in ("v_leak", "v_sql_text"):
         del sources[("billing", name)]  # no table behind them: only code
@@ -248,3 +262,21 @@ def test_the_analysis_notes_the_views_a_statement_creates(pmap: ProtectionMap) -
     assert d.defines == (("public.v", ("billing.customers",)),)
     d = an.analyze("CREATE MATERIALIZED VIEW m AS SELECT ip FROM billing.accounts; SELECT 1")
     assert d.defines == (("m", ("billing.accounts",)),)
+
+
+def test_a_filter_names_keys_only_through_a_column_of_a_tables_one_occurrence(
+    pmap: ProtectionMap,
+) -> None:
+    views = pmap.views
+    assert views[("billing", "v_plain")].sole == {"billing.customers": ("i_customer",)}
+    assert views[("billing", "v_both_keys")].sole == {
+        "billing.accounts": ("i_account",),
+        "billing.customers": ("owner",),
+    }
+    assert views[("billing", "v_key_over_view")].sole == {"billing.customers": ("who",)}
+    # both sides' keys shown: each column shows keys, neither names all the rows' subjects
+    pairs = views[("billing", "v_pairs_keyed")]
+    assert pairs.keys == {1: ("billing.customers",), 2: ("billing.customers",)}
+    assert pairs.sole == {}
+    # a view over it that returns one side's key only: the other side's data is still there
+    assert views[("billing", "v_over_pairs")].sole == {}
