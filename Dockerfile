@@ -17,7 +17,7 @@ RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nolog
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001
-EXPOSE 6432 9187
+EXPOSE 6432 7432
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["pgveil"]
-CMD ["proxy", "--listen", "0.0.0.0:6432", "--upstream", "postgres:5432", "--metrics", "0.0.0.0:9187"]
+CMD ["proxy", "--listen", "0.0.0.0:6432", "--upstream", "postgres:5432", "--metrics", "0.0.0.0:7432"]

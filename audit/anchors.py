@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.events import CHECKPOINT, canonical, load_event
+from shared import user_files
 
 MIN_KEY_BYTES = 32
 _MAC_CONTEXT = b"pgveil audit checkpoint\0"
@@ -67,9 +68,9 @@ def load_key(ref: KeyRef, environ: Mapping[str, str] | None = None) -> bytes:
         key = environ[ref.ref].strip().encode()
     else:
         try:
-            key = Path(ref.ref).read_bytes().strip()
-        except OSError as exc:
-            raise ValueError(f"{ref}: cannot read the key file: {exc.strerror}") from exc
+            key = user_files.read_bytes(ref.ref, "the key file").strip()
+        except user_files.UnreadableFile as exc:
+            raise ValueError(f"{ref}: cannot read the key file: {exc.problem}") from exc
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(
             f"{ref}: the audit key must be at least {MIN_KEY_BYTES} bytes long "

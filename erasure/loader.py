@@ -28,6 +28,7 @@ from erasure.model import (
     TableSpec,
     WorkerSettings,
 )
+from shared import user_files
 from shared.strict_yaml import NULL_TAG, StrictYaml
 
 TOP_KEYS = ("subject", "tables", "worker", "audit")
@@ -119,11 +120,9 @@ class _Ctx(StrictYaml):
 
 def load_config(path: Path) -> ErasureConfig:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ErasureConfigError(
-            f"{path}: cannot read the erasure configuration: {exc.strerror}"
-        ) from exc
+        text = user_files.read_text(path, "the erasure configuration")
+    except user_files.UnreadableFile as exc:
+        raise ErasureConfigError(str(exc)) from exc
     return parse_config(text, str(path))
 
 

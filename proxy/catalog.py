@@ -31,6 +31,7 @@ from rules.catalog_read import read_catalog, read_databases, read_role_names, re
 from rules.check import Problem, check_policy
 from rules.context import ContextHolder, MaskingContext
 from rules.model import Policy
+from rules.shapes import CacheCounts
 from shared import dsn
 from shared.logs import log
 
@@ -64,13 +65,24 @@ class _Database:
 
 
 class MaskingManager:
-    def __init__(self, config: ProxyConfig, policy: Policy) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        policy: Policy,
+        cache_counts: CacheCounts | None = None,
+        refused: dict[str, int] | None = None,
+    ) -> None:
+        """`cache_counts` and `refused` are counters for the metrics, given by the server
+        so that they outlive this manager and the contexts it makes (a reload replaces
+        them; a counter never goes down while the process lives)."""
         self.config = config
         self.policy = policy
         self._dbs: dict[str, _Database] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # logins refused because the rules do not match, per database (a counter)
-        self.refused: dict[str, int] = {}
+        # every context's decision cache counts its lookups here
+        self.cache_counts = cache_counts if cache_counts is not None else CacheCounts()
+        # logins refused because the rules do not match, per database
+        self.refused: dict[str, int] = refused if refused is not None else {}
         self._preload = True  # read the catalogs of the rules' `databases` without waiting
         self._read_done = asyncio.Condition()  # notified whenever a catalog read ends
 
@@ -82,14 +94,11 @@ class MaskingManager:
         for name, db in self._dbs.items():
             old = db.holder.context
             db.holder.context = MaskingContext(
-                policy, old.catalog, roles=db.role_names, database=name
+                policy, old.catalog, roles=db.role_names, database=name, counts=self.cache_counts
             )
             db.roles.clear()  # classification depends on the rules
             self._report(name, db, always=True)
         self._preload = True
-
-    def contexts(self) -> list[MaskingContext]:
-        return [d.holder.context for d in self._dbs.values()]
 
     def problems(self) -> dict[str, int]:
         """Per database read so far: how many problems of the rules close something."""
@@ -229,6 +238,7 @@ class MaskingManager:
                     old.pmap if old is not None else None,
                     roles=role_names,
                     database=database,
+                    counts=self.cache_counts,
                 )
                 for warning in context.pmap.drift:
                     log.warning("rules.drift", database=database, detail=warning)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.anchors import KeyRef, load_key, parse_key_ref
-from shared import dsn
+from shared import dsn, user_files
 from shared.address import HostPort, parse_host_port
 from shared.strict_yaml import StrictYaml
 
@@ -351,9 +351,9 @@ class _ConfigYaml(StrictYaml):
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+        text = user_files.read_text(path, "config file")
+    except user_files.UnreadableFile as exc:
+        raise ConfigError(str(exc)) from exc
     data = _ConfigYaml(str(path)).load(text)
     if data is None:
         return {}
@@ -525,11 +525,15 @@ def _check(config: ProxyConfig) -> None:
         raise ConfigError("tls_cert and tls_key must be given together")
     for name in ("tls_cert", "tls_key", "upstream_sslrootcert", "rules"):
         path = getattr(config, name)
-        if path is not None and not path.is_file():
-            label = BY_NAME[name].flag
-            if name == "upstream_sslrootcert" and config.server is not None:
-                label = f"sslrootcert (from {config.server.where('sslrootcert')})"
-            raise ConfigError(f"{label}: no such file: {path}")
+        if path is None:
+            continue
+        label = BY_NAME[name].flag
+        if name == "upstream_sslrootcert" and config.server is not None:
+            label = f"sslrootcert (from {config.server.where('sslrootcert')})"
+        try:
+            user_files.check_readable(path, label)
+        except user_files.UnreadableFile as exc:
+            raise ConfigError(f"{label}: {exc.problem}: {path}") from exc
     if config.upstream_sslmode.startswith("verify") and config.upstream_sslrootcert is None:
         raise ConfigError(
             f"sslmode {config.upstream_sslmode} needs a root certificate: "

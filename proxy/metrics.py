@@ -4,6 +4,13 @@ Counters on the data path are plain integers kept by each session (a list index 
 costs a few tens of nanoseconds; a prometheus_client Counter.inc() takes a lock). A custom
 collector adds them up when Prometheus scrapes. Labels are message type names, directions,
 SQLSTATE classes and fixed reasons: never a value from a query or a row.
+
+Prometheus's rules: a counter never goes down while the process lives, so every counter
+lives in `Stats` (one per process) or in a session (added to `Stats` when it ends), never in
+what a reload or a catalog change replaces (the masking manager, its contexts and their
+decision caches: they count into `Stats`' objects). A gauge's name is never a counter's
+name without `_total` (`pgveil_client_connections_open` beside
+`pgveil_client_connections_total`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.wire.messages import BACKEND_NAMES, FRONTEND_NAMES
+from rules.shapes import CacheCounts
 from shared.implementation import implementation
 from shared.logs import log
 
@@ -26,7 +34,6 @@ if TYPE_CHECKING:
     from audit.writer import AuditWriter
     from proxy.catalog import MaskingManager
     from proxy.session.engine import Session
-    from rules.context import MaskingContext
 
 
 class Stats:
@@ -50,6 +57,10 @@ class Stats:
         self.exit_check_violations = 0
         # masked Queries sent as statements prepared once per connection, and their Parses
         self.prepared = {"execution": 0, "parse": 0}
+        # counted by every decision cache of every masking context (proxy.catalog)
+        self.analysis_cache = CacheCounts()
+        # logins refused because the rules do not match, per database (proxy.catalog)
+        self.rules_refused: dict[str, int] = {}
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -87,20 +98,14 @@ class LiveSession:
 
 
 class ProxyCollector(Collector):
-    def __init__(
-        self,
-        stats: Stats,
-        live: Callable[[], Iterable[LiveSession]],
-        contexts: Callable[[], Iterable[MaskingContext]],
-    ) -> None:
+    def __init__(self, stats: Stats, live: Callable[[], Iterable[LiveSession]]) -> None:
         self.stats = stats
         self.live = live
-        self.contexts = contexts
 
     def _masking(
         self, live: list[LiveSession]
     ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        return _masking_families(self.stats, live, self.contexts())
+        return _masking_families(self.stats, live)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.stats
@@ -114,7 +119,7 @@ class ProxyCollector(Collector):
         info.add_metric([__version__, implementation()], 1)
         yield info
         yield GaugeMetricFamily(
-            "pgveil_client_connections", "Client connections open now", value=len(live)
+            "pgveil_client_connections_open", "Client connections open now", value=len(live)
         )
         yield CounterMetricFamily(
             "pgveil_client_connections",
@@ -182,7 +187,7 @@ class ProxyCollector(Collector):
 
 
 def _masking_families(
-    s: Stats, live: list[LiveSession], contexts: Iterable[MaskingContext]
+    s: Stats, live: list[LiveSession]
 ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     statements = dict(s.statements)
     withheld = s.notifications_withheld
@@ -220,15 +225,11 @@ def _masking_families(
     for step, v in prepared.items():
         pr.add_metric([step], v)
     yield pr
-    hits = misses = 0
-    for ctx in contexts:
-        hits += ctx.cache_hits
-        misses += ctx.cache_misses
     cache = CounterMetricFamily(
         "pgveil_analysis_cache", "Statement analysis cache lookups", labels=["result"]
     )
-    cache.add_metric(["hit"], hits)
-    cache.add_metric(["miss"], misses)
+    cache.add_metric(["hit"], s.analysis_cache.hits)
+    cache.add_metric(["miss"], s.analysis_cache.misses)
     yield cache
     yield CounterMetricFamily(
         "pgveil_notifications_withheld",
@@ -284,7 +285,8 @@ class AuditCollector(Collector):
 class RulesCollector(Collector):
     """The rules checked against each database's catalog (labels: database names)."""
 
-    def __init__(self, manager: Callable[[], MaskingManager | None]) -> None:
+    def __init__(self, stats: Stats, manager: Callable[[], MaskingManager | None]) -> None:
+        self.stats = stats
         self.manager = manager
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -302,7 +304,7 @@ class RulesCollector(Collector):
             "Logins refused because the rules do not match the database",
             labels=["database"],
         )
-        for database, n in sorted((m.refused if m is not None else {}).items()):
+        for database, n in sorted(self.stats.rules_refused.items()):
             refused.add_metric([database], n)
         yield refused
 
@@ -312,14 +314,13 @@ class Metrics:
         self,
         stats: Stats,
         live: Callable[[], Iterable[LiveSession]],
-        contexts: Callable[[], Iterable[MaskingContext]] = list,
         audit: Callable[[], AuditWriter | None] = lambda: None,
         rules: Callable[[], MaskingManager | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(ProxyCollector(stats, live, contexts))
+        self.registry.register(ProxyCollector(stats, live))
         self.registry.register(AuditCollector(audit))
-        self.registry.register(RulesCollector(rules))
+        self.registry.register(RulesCollector(stats, rules))
         self.session_duration = Histogram(
             "pgveil_session_duration_seconds",
             "Lifetime of client sessions",

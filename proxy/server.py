@@ -47,10 +47,10 @@ from proxy.session.actions import (
 )
 from proxy.session.engine import Phase, Session, SessionSettings
 from proxy.wire.startup import SSLRequest
-from rules.context import ContextHolder, MaskingContext
+from rules.context import ContextHolder
 from rules.loader import RulesError
 from rules.model import Policy
-from shared import logs
+from shared import logs, user_files
 from shared.logs import log
 
 _STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.CLASSIFYING, Phase.READY, Phase.ENDING)
@@ -87,7 +87,13 @@ def upstream_tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
     if mode == "disable":
         return None
     if mode.startswith("verify"):
-        ctx = ssl.create_default_context(cafile=str(config.upstream_sslrootcert))
+        try:
+            ctx = ssl.create_default_context(cafile=str(config.upstream_sslrootcert))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"--upstream-sslrootcert {config.upstream_sslrootcert}: cannot load "
+                f"certificates: {getattr(exc, 'reason', None) or exc}"
+            ) from exc
         ctx.check_hostname = mode == "verify-full"
     else:
         # prefer/require: encrypt, do not authenticate the server (libpq's meaning)
@@ -102,12 +108,18 @@ def _certificate_der(config: ProxyConfig) -> bytes | None:
     """DER of the first certificate in tls_cert (to compare with the server's)."""
     if config.tls_cert is None:
         return None
-    text = config.tls_cert.read_text()
-    start = text.find("-----BEGIN CERTIFICATE-----")
-    end = text.find("-----END CERTIFICATE-----", start)
+    try:
+        # bytes: what surrounds the PEM block (a comment) may be in any encoding
+        data = user_files.read_bytes(config.tls_cert, "--tls-cert")
+    except user_files.UnreadableFile as exc:
+        raise ConfigError(str(exc)) from exc
+    begin, end_marker = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    start = data.find(begin)
+    end = data.find(end_marker, start)
     if start < 0 or end < 0:
         return None
-    return ssl.PEM_cert_to_DER_cert(text[start : end + len("-----END CERTIFICATE-----")])
+    # (ssl loaded this file already: the block is ASCII)
+    return ssl.PEM_cert_to_DER_cert(data[start : end + len(end_marker)].decode("ascii"))
 
 
 class UpstreamError(Exception):
@@ -676,17 +688,15 @@ maps commands), so no action is handled in two places and an unknown one fails l
 class ProxyServer:
     def __init__(self, config: ProxyConfig, policy: Policy | None = None) -> None:
         self.config = config
-        self.masking = MaskingManager(config, policy) if policy is not None else None
+        self.stats = Stats()
+        self.masking = self._manager(config, policy) if policy is not None else None
         self.audit = audit_writer(config)
         # which client bytes wait for audit events (audit/gate.py); its decisions are
         # carried out by HANDLERS, as the engine's actions are
         self.gate = self.audit.gate if self.audit is not None else None
         self._load_policy: Callable[[ProxyConfig], Policy | None] | None = None
-        self.stats = Stats()
         self.connections: set[ClientConnection] = set()
-        self.metrics = Metrics(
-            self.stats, self._live, self._contexts, lambda: self.audit, lambda: self.masking
-        )
+        self.metrics = Metrics(self.stats, self._live, lambda: self.audit, lambda: self.masking)
         self.client_tls = client_tls_context(config)
         self.client_cert_der = _certificate_der(config)
         self.upstream_tls = upstream_tls_context(config)
@@ -719,8 +729,9 @@ class ProxyServer:
             conn: ClientConnection = action.session  # type: ignore[assignment]  # (the handle)
             HANDLERS[type(action)](conn, action, b"", False)
 
-    def _contexts(self) -> list[MaskingContext]:
-        return self.masking.contexts() if self.masking is not None else []
+    def _manager(self, config: ProxyConfig, policy: Policy) -> MaskingManager:
+        """A masking manager that counts into this server's Stats (which outlive it)."""
+        return MaskingManager(config, policy, self.stats.analysis_cache, self.stats.rules_refused)
 
     def _live(self) -> Iterable[LiveSession]:
         return list(self.connections)
@@ -801,7 +812,7 @@ class ProxyServer:
                 raise ConfigError(f"the audit table sink cannot be reached: {exc}") from exc
             except OSError as exc:
                 target = exc.filename or "the audit table sink"
-                raise ConfigError(f"{target}: {exc.strerror or exc}") from exc
+                raise ConfigError(f"{target}: {user_files.problem_of(exc)}") from exc
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             listen.host,
@@ -865,7 +876,7 @@ class ProxyServer:
         self.client_cert_der = _certificate_der(new)
         if policy is not None:
             if self.masking is None:
-                self.masking = MaskingManager(new, policy)
+                self.masking = self._manager(new, policy)
             else:
                 self.masking.reload(new, policy)
             log.info("rules.reloaded", version=policy.version, tables=len(policy.tables))
@@ -932,7 +943,12 @@ def audit_writer(config: ProxyConfig) -> AuditWriter | None:
     """The audit writer for the configured sinks, or None when auditing is off."""
     sinks: list[SyncSink] = []
     if config.audit_file is not None:
-        sinks.append(FileSink(config.audit_file, config.audit_rotate_size, config.audit_rotate_age))
+        try:
+            sink = FileSink(config.audit_file, config.audit_rotate_size, config.audit_rotate_age)
+        except OSError as exc:
+            problem = user_files.problem_of(exc)
+            raise ConfigError(f"--audit-file {config.audit_file}: {problem}") from exc
+        sinks.append(sink)
     if config.audit_stdout:
         sinks.append(StdoutSink())
     table = None

@@ -21,7 +21,7 @@ from rules.catalog import Catalog, ProtectionMap
 from rules.check import check_policy
 from rules.masks import ColumnType, mask_json_value, py_mask
 from rules.model import Classification, MaskSpec, Policy
-from rules.shapes import DecisionCache
+from rules.shapes import CacheCounts, DecisionCache
 from rules.startup import masked_refusal
 
 
@@ -77,9 +77,12 @@ class MaskingContext:
         *,
         roles: Collection[str] | None = None,
         database: str | None = None,
+        counts: CacheCounts | None = None,
     ) -> None:
         """`roles`: every role name of the cluster (checked against the rules' roles when
-        given); `database`: the database `catalog` was read from."""
+        given); `database`: the database `catalog` was read from; `counts`: where the
+        decision cache counts its lookups (the proxy's, shared by every context it makes,
+        so that the metric outlives this context; its own when not given)."""
         self.policy = policy
         self.catalog = catalog
         self.database = database
@@ -92,7 +95,7 @@ class MaskingContext:
         self.refusal = rules_refusal(policy, self.problems, database)
         self.default_refusal = default_refusal(policy, self.problems)
         self.analyzer = Analyzer(self.pmap)
-        self.decisions = DecisionCache(self.analyzer, self.refusal)
+        self.decisions = DecisionCache(self.analyzer, self.refusal, counts)
         # the decision for a statement text (DecisionCache.analyze): the cache's own method,
         # so that a session's call per statement goes through no layer of the context's
         self.analyze = self.decisions.analyze
@@ -105,11 +108,11 @@ class MaskingContext:
 
     @property
     def cache_hits(self) -> int:
-        return self.decisions.cache_hits
+        return self.decisions.counts.hits
 
     @property
     def cache_misses(self) -> int:
-        return self.decisions.cache_misses
+        return self.decisions.counts.misses
 
     def admission(self, roles: frozenset[str]) -> tuple[Classification, str | None]:
         """How a login is classified (`roles`: itself and every role it belongs to,

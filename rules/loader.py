@@ -19,6 +19,7 @@ import yaml
 
 from rules.masks import MASK_NAMES, MASK_PARAMS
 from rules.model import ChannelRule, MaskSpec, Policy, TableRule
+from shared import user_files
 from shared.strict_yaml import StrictYaml
 
 TOP_KEYS = ("databases", "roles", "keys", "functions", "channels", "tables")
@@ -29,15 +30,20 @@ class RulesError(Exception):
     """A rules file is invalid; the message is safe to print (no secrets, no values)."""
 
 
+class RulesUnreadable(RulesError):
+    """The rules file, or a key file it names, cannot be read (shared.user_files): the
+    message is one line that names the file and the problem."""
+
+
 class _Ctx(StrictYaml):
     error = RulesError
 
 
 def load_rules(path: Path, environ: Mapping[str, str] | None = None) -> Policy:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RulesError(f"{path}: cannot read rules file: {exc.strerror}") from exc
+        text = user_files.read_text(path, "rules file")
+    except user_files.UnreadableFile as exc:
+        raise RulesUnreadable(str(exc)) from exc
     return parse_rules(text, str(path), environ, source=path)
 
 
@@ -147,9 +153,11 @@ def _secret(ctx: _Ctx, node: yaml.Node, path: str, environ: Mapping[str, str]) -
         secret = environ[ref].encode()
     else:
         try:
-            secret = Path(ref).read_bytes().strip()
-        except OSError as exc:
-            raise ctx.fail(v, f"{path}.file", f"cannot read key file: {exc.strerror}") from exc
+            secret = user_files.read_bytes(ref, "key file").strip()
+        except user_files.UnreadableFile as exc:
+            # the rules file's line, and the key file's name and problem
+            where = ctx.fail(v, f"{path}.file", f"cannot read key file {ref}: {exc.problem}")
+            raise RulesUnreadable(str(where)) from exc
     if len(secret) < MIN_KEY_BYTES:
         raise ctx.fail(v, path, f"the key must be at least {MIN_KEY_BYTES} bytes long")
     return secret

@@ -302,21 +302,33 @@ def prepared_form(d: Decision) -> prepare.Prepared | None:
     return prepare.prepared(form, analysed.sql, spans, literals, d.sql)
 
 
+class CacheCounts:
+    """Lookups in decision caches, for the metrics: `hits` and `misses`. The proxy gives
+    every cache it makes the same one, so the counts outlive the caches: a rules reload or
+    a catalog change replaces a database's cache, and a Prometheus counter must never go
+    down while the process lives."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+
+
 class DecisionCache:
     """The decisions of one analyser, by statement text and by shape (see above), bounded.
     `refusal`: while set (the rules do not match the catalog), every statement that is not
-    `audit_only` is refused with it. `cache_hits` and `cache_misses` count lookups for the
-    metrics."""
+    `audit_only` is refused with it. `counts` counts lookups for the metrics (its own when
+    none is given; see CacheCounts)."""
 
-    def __init__(self, analyzer: Analyzer, refusal: str | None = None) -> None:
+    def __init__(
+        self, analyzer: Analyzer, refusal: str | None = None, counts: CacheCounts | None = None
+    ) -> None:
         self.analyzer = analyzer
         self.refusal = refusal
         self._cache: dict[str, Decision] = {}
         self._audit_cache: dict[str, Decision] = {}  # audit-only decisions (no rewritten text)
         # normalized text -> (Decision, placeholder spans) or _FALLBACK
         self._shapes: dict[str, object] = {}
-        self.cache_hits = 0
-        self.cache_misses = 0
+        self.counts = counts if counts is not None else CacheCounts()
 
     def analyze(self, sql: str, *, audit_only: bool = False) -> Decision:
         """The decision for `sql`, from the cache when possible. Statements that differ
@@ -335,16 +347,16 @@ class DecisionCache:
         if len(sql) > LARGE_STATEMENT:
             # a bulk statement: analysed as it is, never cached (the caches hold statements
             # by count, and reading literals back compiles a pattern of the whole text)
-            self.cache_misses += 1
+            self.counts.misses += 1
             return with_audit_text(self.analyzer.analyze(sql), sql)
         d = self._cache.get(sql)
         if d is not None:
-            self.cache_hits += 1
+            self.counts.hits += 1
             return d
         if audit_only:
             d = self._audit_cache.get(sql)
             if d is not None:
-                self.cache_hits += 1
+                self.counts.hits += 1
                 return d
         norm = fast_normalize(sql) or normalize(sql)
         if norm is not None:
@@ -352,10 +364,10 @@ class DecisionCache:
             entry = self._shapes.get(shape)
             fresh = entry is None
             if entry is None:
-                self.cache_misses += 1
+                self.counts.misses += 1
                 entry = self._shape_entry(shape)
             else:
-                self.cache_hits += 1
+                self.counts.hits += 1
             if audit_only and not fresh:
                 decision = self._from_shape(entry, literals, rewrite=False)
                 if decision is not None:
@@ -374,7 +386,7 @@ class DecisionCache:
                 # the exact text too: prepared statements repeat it, skip the tokenizer
                 self._remember(self._cache, sql, decision)
                 return decision
-        self.cache_misses += 1
+        self.counts.misses += 1
         d = with_audit_text(self.analyzer.analyze(sql), sql)
         self._remember(self._cache, sql, d)
         return d

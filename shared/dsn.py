@@ -50,6 +50,8 @@ from urllib.parse import urlencode
 
 import asyncpg
 
+from shared import user_files
+
 # libpq's connection keywords (PQconninfoOptions in fe-connect.c) -> their environment
 # variable. Only these are read from the environment, as libpq does.
 KEYWORDS: Mapping[str, str | None] = {
@@ -406,9 +408,11 @@ def _service(
 
 def _service_file(path: Path, name: str, values: dict[str, str], origins: dict[str, str]) -> bool:
     try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DsnError(f'service file "{path}" not found') from exc
+        # bytes, as libpq reads it: a comment in another encoding is no error
+        data = user_files.read_bytes(path, "service file")
+    except user_files.UnreadableFile as exc:
+        raise DsnError(str(exc)) from exc
+    lines = data.decode("utf-8", "surrogateescape").splitlines()
     found = False
     for number, raw in enumerate(lines, 1):
         line = raw.strip()
@@ -592,6 +596,17 @@ def _check(params: Params) -> None:
         )
     if any(h.startswith("@") for h in params.hosts):
         raise DsnError("abstract Unix sockets (host=@...) are not supported by pgveil's client")
+    for host in params.hosts:
+        if not _is_socket(host):
+            try:
+                # what the resolver does first; it fails on an empty part or one longer
+                # than 63 characters (a UnicodeError deep inside each connection attempt)
+                host.encode("idna")
+            except UnicodeError:
+                raise DsnError(
+                    f'invalid host name "{host}" (from {params.where("host")}): a part between '
+                    "dots is empty or longer than 63 characters"
+                ) from None
     if params.get("connect_timeout"):
         _timeout(params)
     params.ports  # noqa: B018 - validates the port list against the hosts

@@ -17,6 +17,7 @@ from proxy.cli import audit, demo, erase, rules
 from proxy.cli import proxy as proxy_command
 from proxy.cli.common import EXIT_USAGE, Parser, Subparsers
 from proxy.config import ConfigError
+from shared.user_files import problem_of
 
 # in the order `pgveil --help` lists them
 COMMANDS: dict[str, tuple[Callable[[Subparsers], None], Callable[[argparse.Namespace], int]]] = {
@@ -47,8 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"pgveil: error: {exc}\n")
         return EXIT_USAGE
     except OSError as exc:
-        # e.g. the listen address is taken: a user error, not a crash
-        sys.stderr.write(f"pgveil: error: {exc.strerror or exc}\n")
+        # e.g. the listen address is taken: a user error, not a crash (with the file's
+        # name when it is about one)
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"pgveil: error: {where}{problem_of(exc)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

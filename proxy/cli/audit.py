@@ -32,6 +32,7 @@ from proxy.cli.common import DSN_HELP, Parser, Subparsers
 from proxy.config import ConfigError
 from rules.keys import canonical_number, input_value
 from shared.dsn import DsnError
+from shared.user_files import UnreadableFile, check_readable
 
 EXIT_ORDER = (EXIT_INTACT, EXIT_UNPROVEN, EXIT_BROKEN)  # the worst of several chains wins
 
@@ -66,10 +67,7 @@ def verify(
     after: str | None,
 ) -> int:
     """Audit files as one chain, in the order of their events' sequence numbers."""
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        sys.stderr.write(f"pgveil: error: no such file: {missing[0]}\n")
-        return 2
+    _readable(paths, "audit file")
     ordered = _order(list(dict.fromkeys(paths)))
     parts = [(str(p), read_numbered(p)) for p in ordered]
     report = verify_chain(parts, f"{len(ordered)} file(s)", anchors, keys, after)
@@ -114,9 +112,8 @@ def _keys(refs: list[str] | None) -> dict[str, bytes]:
 
 def _anchors(files: list[Path] | None, dsn: str | None, table: str) -> list[Anchor]:
     out: list[Anchor] = []
+    _readable(files or [], "--anchor file")
     for path in files or []:
-        if not path.is_file():
-            raise ConfigError(f"--anchor: no such file: {path}")
         out += read_anchors(path)
     if dsn is not None:
         for chain, rows in asyncio.run(read_table_rows(dsn, table)):
@@ -156,6 +153,7 @@ def tail(path: Path, follow: bool, role: str | None, table: str | None) -> int:
             return False
         return table is None or table in (e.get("tables") or []) or table in (e.get("views") or {})
 
+    _readable([path], "audit file")
     try:
         for e in read_events(path):
             if wanted(e):
@@ -615,9 +613,9 @@ def main(ns: argparse.Namespace) -> int:
     if not ns.file and ns.dsn is None:
         raise ConfigError("give --file FILE or --dsn DSN (the table sink)")
     since, until = _utc(ns.since, "--since"), _utc(ns.until, "--until")
-    missing = [p for p in ns.file or [] if not rotated_files(p)]
-    if missing:
-        raise ConfigError(f"no such file: {missing[0]}")
+    for path in ns.file or []:
+        # the file and its rotated predecessors (none at all: the file is missing)
+        _readable(rotated_files(path) or [path], "audit file")
     source = None if ns.file else ns.dsn  # files first when both are given
 
     def report() -> int:
@@ -655,6 +653,15 @@ def _from_table(action: Callable[[], int]) -> int:
         raise  # (the output's reader went away: see _closed_pipe)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ConfigError(f"the audit table cannot be read: {exc}") from exc
+
+
+def _readable(paths: Iterable[Path], what: str) -> None:
+    """Each file can be read, or a usage error that names it and the problem."""
+    for path in paths:
+        try:
+            check_readable(path, what)
+        except UnreadableFile as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 def _utc(text: str | None, flag: str) -> str | None:

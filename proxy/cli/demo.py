@@ -28,7 +28,7 @@ def add_arguments(sub: Subparsers) -> None:
     d.add_argument("--keep", action="store_true", help="keep what the demo created on exit")
     d.add_argument("--reuse", action="store_true", help="with --dsn: reuse a kept demo schema")
     d.add_argument("--listen", metavar="HOST:PORT", help="proxy address (127.0.0.1:6432)")
-    d.add_argument("--metrics", metavar="HOST:PORT", help="metrics address (127.0.0.1:9187)")
+    d.add_argument("--metrics", metavar="HOST:PORT", help="metrics address (127.0.0.1:7432)")
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -123,7 +123,9 @@ def main(ns: argparse.Namespace) -> int:
             "the erasure configuration does not fit the database; nothing was changed:\n"
             + "\n".join(exc.problems)
         )
-    except (UserError, DsnError, ConnectError) as exc:
+    except DsnError as exc:
+        return _error(f"--dsn: {exc}")
+    except (UserError, ConnectError) as exc:
         return _error(str(exc))
     except OSError as exc:
         return _error(f"cannot reach the database: {exc.strerror or type(exc).__name__}")

@@ -22,7 +22,7 @@ from proxy.cli.common import DSN_HELP, Parser, Subparsers
 from rules.catalog import Catalog
 from rules.catalog_read import read_catalog, read_keys, read_role_names
 from rules.discovery import Keys, check, discover, suggest
-from rules.loader import RulesError, json_schema, load_rules
+from rules.loader import RulesError, RulesUnreadable, json_schema, load_rules
 from rules.masks import family_of
 from shared import dsn
 from shared.quoting import quote_ident
@@ -165,6 +165,9 @@ def run(
         return 2
     try:
         policy = load_rules(rules)
+    except RulesUnreadable as exc:  # the file, not the rules: a usage error
+        sys.stderr.write(f"pgveil: error: {exc}\n")
+        return 2
     except RulesError as exc:
         print(f"error: {exc}")
         return 1

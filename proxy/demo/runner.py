@@ -43,7 +43,7 @@ from shared.address import HostPort, parse_host_port
 
 DEMO_DATABASE = "pgveil_demo"
 DEFAULT_LISTEN = HostPort("127.0.0.1", 6432)
-DEFAULT_METRICS = HostPort("127.0.0.1", 9187)
+DEFAULT_METRICS = HostPort("127.0.0.1", 7432)
 SHUTDOWN_TIMEOUT = 3.0
 
 

@@ -190,7 +190,7 @@ def test_a_client_that_closes_while_withheld_leaves_the_others_served(
         assert read_until(leaver, 1, timeout=0.5) == []
         assert read_until(stayer, 1, timeout=0.5) == []
         leaver.close()
-        wait_for(lambda: p.metric("pgveil_client_connections") == 1, "the leaver's end")
+        wait_for(lambda: p.metric("pgveil_client_connections_open") == 1, "the leaver's end")
         limit_file(p, None)
         got = read_until(stayer, 3, timeout=15)
         assert _types(got) == [*ROWS, "T", "D", "C", "Z", "1", "2", "D", "D", "C", "Z"], got

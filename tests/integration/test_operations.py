@@ -34,7 +34,7 @@ def test_max_connections_gives_53300(pg: EmbeddedPostgres) -> None:
         with pytest.raises(psycopg.OperationalError, match="too many clients"):
             psycopg.connect(_dsn(pg, p.port))
         a.close()
-        _wait_for(lambda: p.metric("pgveil_client_connections") == 1)  # a's slot is free
+        _wait_for(lambda: p.metric("pgveil_client_connections_open") == 1)  # a's slot is free
         with psycopg.connect(_dsn(pg, p.port)) as c:
             assert c.execute("SELECT 1").fetchone() == (1,)
         b.close()
@@ -117,7 +117,7 @@ def test_metrics_and_health(proxy: ProxyProcess, proxy_dsn: str) -> None:
         conn.rollback()
         status, body = proxy.http("/metrics")
         assert status == 200
-        assert proxy.metric("pgveil_client_connections") >= 1
+        assert proxy.metric("pgveil_client_connections_open") >= 1
     assert proxy.metric("pgveil_client_connections_total") >= 1
     assert proxy.metric("pgveil_messages_total", direction="frontend", type="Query") >= 1
     assert proxy.metric("pgveil_messages_total", direction="backend", type="ReadyForQuery") >= 1

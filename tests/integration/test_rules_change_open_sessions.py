@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -409,6 +410,81 @@ def test_a_refresh_or_reload_that_changes_nothing_keeps_prepared_statements(
         asyncio.run(scenario())
         assert not proxy.audit_events("refused")
     finally:
+        proxy.close()
+
+
+def _counters(p: ProxyProcess) -> dict[str, float]:
+    """Every counter sample of /metrics: its name with labels -> its value."""
+    status, text = p.http("/metrics")
+    assert status == 200
+    # (the TYPE line names a counter with or without _total, by client library version)
+    counters = {
+        n.removesuffix("_total")
+        for n, t in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M)
+        if t == "counter"
+    }
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            name = key.partition("{")[0]
+            if name.endswith("_total") and name.removesuffix("_total") in counters:
+                out[key] = float(value)
+    return out
+
+
+def test_counters_never_go_down_across_reloads_and_catalog_changes(
+    pg: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """A rules reload (SIGHUP) and a catalog change replace each database's masking context
+    and its analysis cache; every counter goes on from where it was (Prometheus takes a
+    lower value for a restart of the process)."""
+    proxy = Proxy(pg, tmp_path, RULES_A, "--catalog-refresh", "1")
+    probe = "billing.rr_counter_probe"
+    scrapes: list[dict[str, float]] = []
+
+    def scrape() -> dict[str, float]:
+        now = _counters(proxy.p)
+        if scrapes:
+            lower = {k: (v, now.get(k)) for k, v in scrapes[-1].items() if now.get(k, -1.0) < v}
+            assert not lower, f"counters went down: {lower}"
+        scrapes.append(now)
+        return now
+
+    def statements(c: psycopg.Connection[Any]) -> None:
+        for key in (1, 2, 1, 2):
+            c.execute(f"SELECT name FROM billing.customers WHERE i_customer = {key}").fetchone()
+
+    hit = 'pgveil_analysis_cache_total{result="hit"}'
+    try:
+        with psycopg.connect(dsn(pg, proxy.port), autocommit=True) as c:
+            statements(c)
+            first = scrape()
+            assert first[hit] > 0
+            proxy.reload(RULES_B)  # new contexts, new caches
+            scrape()
+            statements(c)
+            scrape()
+            # a catalog change: the refresh makes a new context
+            relations = max(e["relations"] for e in proxy.events("catalog.loaded"))
+            pg.psql(f"CREATE TABLE {probe} (id int)")
+            wait_for(
+                lambda: any(e["relations"] > relations for e in proxy.events("catalog.loaded")),
+                "the catalog read that sees the new table",
+            )
+            scrape()
+            statements(c)
+            scrape()
+            proxy.reload(RULES_A)
+            statements(c)
+        with psycopg.connect(dsn(pg, proxy.port), autocommit=True) as c:  # (the first ended)
+            statements(c)
+            last = scrape()
+        assert last[hit] > first[hit]
+        connections = "pgveil_client_connections_total"
+        assert last[connections] == first[connections] + 1
+    finally:
+        pg.psql(f"DROP TABLE IF EXISTS {probe}")
         proxy.close()
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _exported_metric_names() -> set[str]:
     """Sample names of a fresh proxy's /metrics, and the families declared without samples
     yet (labelled counters before their first increment)."""
-    text = Metrics(Stats(), lambda: [], list, lambda: None).render().decode()
+    text = Metrics(Stats(), lambda: [], lambda: None).render().decode()
     # and the erasure worker's (pgveil erase run --metrics)
     registry = CollectorRegistry()
     registry.register(ErasureCollector(RunSummary()))
@@ -51,7 +51,7 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     assert used and used <= exported, used - exported
     # the families operators watch: connections, throughput, refusals, audit health
     for needed in (
-        "pgveil_client_connections",
+        "pgveil_client_connections_open",
         "pgveil_client_connections_rejected_total",
         "pgveil_bytes_total",
         "pgveil_masked_statements_total",
@@ -176,3 +176,21 @@ def test_compose_erasure_config_is_the_demo_one_and_loads() -> None:
     assert text.endswith(erasure_yaml(None))
     config = parse_config(text, "deploy/erasure.yaml")
     assert config.audit.stdout and config.audit.file is None
+
+
+def test_one_metrics_port_everywhere_and_no_exporters(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's default metrics port is the one every deployment file and the README use,
+    and it is outside the ranges Prometheus's "Default port allocations" gives to its own
+    components (9090-9099) and to exporters (9100-9999, full, continued above 10000), and
+    below Linux's ephemeral ports."""
+    from proxy.demo.runner import DEFAULT_METRICS
+
+    port = DEFAULT_METRICS.port
+    assert not 9090 <= port < 11000 and 1024 < port < 32768
+    for path in ("Dockerfile", "docker-compose.yml", "deploy/kubernetes.yaml",
+                 "deploy/pgveil.service", "README.md"):  # fmt: skip
+        text = (ROOT / path).read_text()
+        assert re.search(rf"\b(127\.0\.0\.1|0\.0\.0\.0):{port}\b", text), path
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    assert f":{port})" in capsys.readouterr().out
