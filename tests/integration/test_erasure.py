@@ -400,7 +400,7 @@ def test_lock_timeouts_postpone_instead_of_blocking(db: Db, tmp_path: Path) -> N
         r = erase("subject", "7", *args)  # blocked, it would wait for the lock until killed
         assert r.returncode == 1
         assert r.stdout == (
-            "subject 7: postponed; rows changed: billing.xdrs 60\n"
+            "subject 7: postponed; rows changed: billing.xdrs 60; VACUUM of 1 table(s)\n"
             "  billing.call_recordings, billing.accounts, billing.customers: "
             "LockNotAvailableError (55P03)\n"
         )
