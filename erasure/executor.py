@@ -127,12 +127,14 @@ class Outcome:
 class Vacuumed:
     """What VACUUM after erasure did: tables vacuumed, skipped because another process held
     them (autovacuum, a VACUUM, DDL), skipped because the worker's role may not vacuum them
-    (owner or superuser), failed (with the SQLSTATE), and how long it took."""
+    (owner or superuser), failed (with the SQLSTATE), left to autovacuum because the worker
+    was stopping, and how long it took."""
 
     done: list[str] = field(default_factory=list)
     locked: list[str] = field(default_factory=list)
     not_allowed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)  # not tried: the worker was stopping
     seconds: float = 0.0
 
     def add(self, other: Vacuumed) -> None:
@@ -141,6 +143,7 @@ class Vacuumed:
             (self.locked, other.locked),
             (self.not_allowed, other.not_allowed),
             (self.failed, other.failed),
+            (self.left, other.left),
         ):
             mine.extend(t for t in theirs if t not in mine)
         self.seconds += other.seconds

@@ -71,6 +71,7 @@ class VacuumReport:
     not_allowed: int
     failed: int
     seconds: float
+    left: int = 0  # the worker was stopping
 
 
 def table_kinds(config: ErasureConfig) -> dict[str, str]:
@@ -94,7 +95,7 @@ def table_kinds(config: ErasureConfig) -> dict[str, str]:
 def vacuum_text(v: VacuumReport | None) -> str:
     if v is None or v.mode == "off":
         return "no VACUUM (worker.vacuum: off)"
-    if not (v.done or v.locked or v.not_allowed or v.failed):
+    if not (v.done or v.locked or v.not_allowed or v.failed or v.left):
         return "no VACUUM (nothing changed)"
     parts = [f"VACUUM of {v.done} table(s)"]
     if v.locked:
@@ -103,6 +104,8 @@ def vacuum_text(v: VacuumReport | None) -> str:
         parts.append(f"{v.not_allowed} skipped (the role may not vacuum them: owner needed)")
     if v.failed:
         parts.append(f"{v.failed} failed")
+    if v.left:
+        parts.append(f"{v.left} left to autovacuum (stopping)")
     return ", ".join(parts)
 
 

@@ -153,7 +153,11 @@ async def run(
             await asyncio.gather(*(_work(ex, done, summary) for ex in executors))
             if config.worker.vacuum == "run":
                 changed = changed_tables(plan, summary.outcomes[summary.pass_first :])
-                if changed:
+                if changed and stop.is_set():
+                    # stopping: a VACUUM of large tables would hold up the shutdown
+                    summary.vacuumed.left.extend(str(t) for t in changed)
+                    log.info("erasure.vacuum.left", tables=[str(t) for t in changed])
+                elif changed:
                     summary.activity = f"VACUUM of {len(changed)} table(s)"
                     summary.changed()
                     try:

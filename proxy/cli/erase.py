@@ -354,7 +354,7 @@ def _run(
 
 def _vacuum_report(config: ErasureConfig, v: Vacuumed) -> VacuumReport:
     counts = (len(v.done), len(v.locked), len(v.not_allowed), len(v.failed))
-    return VacuumReport(config.worker.vacuum, *counts, v.seconds)
+    return VacuumReport(config.worker.vacuum, *counts, v.seconds, len(v.left))
 
 
 def _print_outcome(

@@ -71,6 +71,11 @@ def test_summary_line_by_table_kind() -> None:
     )
     off = VacuumReport("off", 0, 0, 0, 0, 0.0)
     assert "; no VACUUM (worker.vacuum: off); 0s" in summary_line(CONFIG, 0, [], [], off, 0)
+    stopping = VacuumReport("run", done=2, locked=1, not_allowed=0, failed=1, seconds=1, left=3)
+    assert summary_line(CONFIG, 0, [], [], stopping, 0).endswith(
+        "; VACUUM of 2 table(s), 1 skipped (in use by another VACUUM or DDL), 1 failed, "
+        "3 left to autovacuum (stopping); 0s"
+    )
     idle = VacuumReport("run", 0, 0, 0, 0, 0.0)
     assert "no VACUUM (nothing changed)" in summary_line(CONFIG, 0, [], [], idle, 0)
 
