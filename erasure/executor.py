@@ -69,10 +69,10 @@ from erasure.planner import (
     enqueue_due_sql,
     owners_sql,
     rest_sql,
-    vacuum_allowed_sql,
     vacuum_sql,
     waiting_sql,
 )
+from rules.catalog_read import may_vacuum
 from shared.logs import log
 
 T = TypeVar("T")
@@ -608,14 +608,14 @@ class Executor:
             warnings.append(str(getattr(message, "sqlstate", "") or ""))
 
         started = time.monotonic()
-        allowed = vacuum_allowed_sql(self.conn.get_server_version().major)
+        major = self.conn.get_server_version().major
         self.conn.add_log_listener(listener)
         try:
             await self.conn.execute(VACUUM_SETTINGS_SQL)
             for table in tables:
                 warnings.clear()
                 try:
-                    if not await self.conn.fetchval(allowed, table.sql):
+                    if not await may_vacuum(self.conn.fetch, table.sql, major):
                         out.not_allowed.append(str(table))
                         continue
                     await self.conn.execute(vacuum_sql(table))

@@ -544,20 +544,6 @@ def vacuum_sql(table: TableName) -> str:
     return f"VACUUM (ANALYZE, SKIP_LOCKED) {table.sql}"
 
 
-def vacuum_allowed_sql(server_major: int) -> str:
-    """$1 table (text) -> whether the worker's role may VACUUM it: its owner (a superuser
-    is every role's member), the database's owner (the table is not shared), and from
-    PostgreSQL 17 on whoever has MAINTAIN on it. Asked first because the server only warns
-    and skips the table."""
-    maintain = " OR has_table_privilege(c.oid, 'MAINTAIN')" if server_major >= 17 else ""
-    return (
-        "SELECT pg_has_role(c.relowner, 'USAGE') OR (NOT c.relisshared AND "
-        "pg_has_role((SELECT d.datdba FROM pg_database AS d "
-        f"WHERE d.datname = current_database()), 'USAGE')){maintain} "
-        "FROM pg_class AS c WHERE c.oid = $1::text::regclass"
-    )
-
-
 def claim_sql(plan: Plan) -> str:
     """The next job, its subject's advisory lock, and (if it is still to be erased) its
     start, in one statement. A pending job is taken only while its subject is still due
