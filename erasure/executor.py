@@ -45,7 +45,7 @@ import asyncpg
 
 from erasure.audit import ErasureAudit
 from erasure.db import sqlstate_of
-from erasure.model import ErasureConfig
+from erasure.model import ErasureConfig, TableName
 from erasure.planner import (
     AUDIT_EVENT_SQL,
     CLEAR_EVENT_SQL,
@@ -57,8 +57,10 @@ from erasure.planner import (
     LOCK_CLASS,
     RELEASE_SQL,
     REQUEST_SQL,
+    RESET_SETTINGS_SQL,
     TRY_LOCK_SQL,
     UNLOCK_SQL,
+    VACUUM_SETTINGS_SQL,
     Plan,
     Step,
     batch_sql,
@@ -67,7 +69,10 @@ from erasure.planner import (
     enqueue_due_sql,
     owners_sql,
     rest_sql,
+    vacuum_sql,
+    waiting_sql,
 )
+from rules.catalog_read import may_vacuum
 from shared.logs import log
 
 T = TypeVar("T")
@@ -80,6 +85,8 @@ AUDIT_GROUP = 64
 AUDIT_DELAY_S = 1.0
 # connection exceptions, operator intervention (admin shutdown, crash): not the job's fault
 CONNECTION_CLASSES = ("08", "57P")
+# VACUUM (SKIP_LOCKED)'s warning for a table another process holds
+LOCK_NOT_AVAILABLE = "55P03"
 
 Clock = Callable[[], datetime]
 
@@ -114,6 +121,32 @@ class Outcome:
     state: str  # verified, failed, postponed (timeouts; claimable again), delivered
     rows: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+
+
+@dataclass
+class Vacuumed:
+    """What VACUUM after erasure did: tables vacuumed, skipped because another process held
+    them (autovacuum, a VACUUM, DDL), skipped because the worker's role may not vacuum them
+    (owner or superuser), failed (with the SQLSTATE), left to autovacuum because the worker
+    was stopping, and how long it took."""
+
+    done: list[str] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)
+    not_allowed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)  # not tried: the worker was stopping
+    seconds: float = 0.0
+
+    def add(self, other: Vacuumed) -> None:
+        for mine, theirs in (
+            (self.done, other.done),
+            (self.locked, other.locked),
+            (self.not_allowed, other.not_allowed),
+            (self.failed, other.failed),
+            (self.left, other.left),
+        ):
+            mine.extend(t for t in theirs if t not in mine)
+        self.seconds += other.seconds
 
 
 @dataclass
@@ -176,6 +209,7 @@ class Executor:
         self.worker = worker
         self.stop = stop or asyncio.Event()
         self.batch_ms: list[float] = []  # every batch statement's duration (for benchmarks)
+        self.rows_changed = 0  # by this connection's batches so far (for progress)
         self._database: str | None = None
         self._sql: dict[tuple[str, int], str] = {}
         self._claim = claim_sql(plan)
@@ -396,6 +430,7 @@ class Executor:
             job.longest_batch_ms = max(job.longest_batch_ms, ms)
             scanned, changed = int(row["scanned"]), int(row["changed"])
             job.rows[table] = job.rows.get(table, 0) + changed
+            self.rows_changed += changed
             job.seconds = seconds
             job.batches += 1
             if scanned < step.batch_size:
@@ -419,6 +454,7 @@ class Executor:
         job.longest_batch_ms = max(job.longest_batch_ms, ms)
         for k, table in enumerate(tables):
             job.rows[table] = job.rows.get(table, 0) + int(row[k])
+            self.rows_changed += int(row[k])
             # one statement for all of them: its time is divided equally
             job.seconds[table] = round(job.seconds.get(table, 0.0) + ms / 1000 / len(tables), 3)
         job.step = self.plan.phases
@@ -555,6 +591,64 @@ class Executor:
         log.warning("erasure.job.postponed", subject=job.subject, error=error)
         rows = {t: job.rows[t] for t in self.plan.step_names() if t in job.rows}
         return Outcome(job.subject, "postponed", rows, error)
+
+    # -- after erasure ------------------------------------------------------------------------
+
+    async def vacuum(self, tables: list[TableName]) -> Vacuumed:
+        """VACUUM (ANALYZE) each of `tables` (outside a transaction block: this connection
+        has none open between jobs), so that the old row versions that still hold erased
+        values are pruned and the column statistics are sampled from what is left. A
+        table another process holds is skipped (VACUUM's SKIP_LOCKED: the server warns,
+        recognised here by its SQLSTATE, never its text), as is one the worker's role may
+        not vacuum."""
+        out = Vacuumed()
+        warnings: list[str] = []
+
+        def listener(_conn: Any, message: Any) -> None:
+            warnings.append(str(getattr(message, "sqlstate", "") or ""))
+
+        started = time.monotonic()
+        major = self.conn.get_server_version().major
+        self.conn.add_log_listener(listener)
+        try:
+            await self.conn.execute(VACUUM_SETTINGS_SQL)
+            for table in tables:
+                warnings.clear()
+                try:
+                    if not await may_vacuum(self.conn.fetch, table.sql, major):
+                        out.not_allowed.append(str(table))
+                        continue
+                    await self.conn.execute(vacuum_sql(table))
+                except asyncpg.PostgresError as exc:
+                    code = getattr(exc, "sqlstate", None) or ""
+                    if code.startswith(CONNECTION_CLASSES):
+                        raise
+                    out.failed.append(f"{table}: {sqlstate_of(exc)}")
+                    log.warning("erasure.vacuum.failed", table=str(table), error=sqlstate_of(exc))
+                    continue
+                if LOCK_NOT_AVAILABLE in warnings:
+                    out.locked.append(str(table))
+                else:
+                    out.done.append(str(table))
+        finally:
+            self.conn.remove_log_listener(listener)
+            if not self.conn.is_closed():
+                await self.conn.execute(RESET_SETTINGS_SQL)
+        out.seconds = time.monotonic() - started
+        log.info(
+            "erasure.vacuum",
+            tables=out.done,
+            locked=out.locked,
+            not_allowed=out.not_allowed,
+            failed=len(out.failed),
+            seconds=round(out.seconds, 3),
+        )
+        return out
+
+    async def waiting(self) -> int:
+        """How many jobs workers would take now (a pass's total, for its progress)."""
+        w = waiting_sql(self.plan)
+        return int(await self.conn.fetchval(w.text, self.clock(), *w.consts))
 
     # -- read-only views ----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from erasure.model import (
+    VACUUM_MODES,
     AuditSettings,
     AuditTable,
     ColumnAction,
@@ -26,6 +27,7 @@ from erasure.model import (
     SubjectSpec,
     TableName,
     TableSpec,
+    VacuumMode,
     WorkerSettings,
 )
 from shared import user_files
@@ -48,6 +50,7 @@ WORKER_KEYS = (
     "retries",
     "max_failures",
     "concurrency",
+    "vacuum",
 )
 AUDIT_KEYS = ("file", "stdout", "table")
 AUDIT_TABLE_KEYS = ("dsn", "name", "chain")
@@ -475,6 +478,20 @@ def _worker(ctx: _Ctx, node: yaml.Node) -> WorkerSettings:
         retries=num("retries", 0, 100, d.retries),
         max_failures=num("max_failures", 1, 1000, d.max_failures),
         concurrency=num("concurrency", 1, 64, d.concurrency),
+        vacuum=_vacuum(ctx, given["vacuum"]) if "vacuum" in given else d.vacuum,
+    )
+
+
+def _vacuum(ctx: _Ctx, node: yaml.Node) -> VacuumMode:
+    text = ctx.scalar(node, "worker.vacuum")
+    for mode in VACUUM_MODES:
+        if text == mode:
+            return mode
+    raise ctx.fail(
+        node,
+        "worker.vacuum",
+        f"'{text}': write run (VACUUM the changed tables after each pass), job (after "
+        "each job) or off",
     )
 
 
@@ -543,6 +560,7 @@ worker:
   retries: 5                              # per statement, on lock or statement timeouts
   max_failures: 5                         # postponements before a job is failed
   concurrency: 1                          # jobs at once per process (a connection each)
+  vacuum: run                             # VACUUM changed tables after each pass; job; off
 audit:
   file: /var/log/pgveil/erasure.jsonl     # hash-chained JSON lines, not the proxy's file
   stdout: false                           # JSON lines on standard output as well

@@ -28,6 +28,10 @@ class TableName:
 
 
 ColumnKind = Literal["null", "placeholder", "json_remove", "json_placeholder"]
+# when the worker VACUUMs the tables it changed: after each pass over the due subjects
+# (and after `erase subject`), after each job, or never
+VacuumMode = Literal["run", "job", "off"]
+VACUUM_MODES: tuple[VacuumMode, ...] = ("run", "job", "off")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class WorkerSettings:
     retries: int = 5  # per batch, on lock or statement timeouts, with back-off
     max_failures: int = 5  # times a job may be postponed by timeouts before it fails
     concurrency: int = 1  # jobs one process works on at once (one connection each)
+    vacuum: VacuumMode = "run"  # prune the erased rows' old versions (see VacuumMode)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,12 @@ class Plan:
     due_job1: Sql  # the same with constants from $2
     exists: Sql
     plan_id: str
+    key_type: str  # the subject key's SQL type: subject keys sort in its order
+
+    @property
+    def tables(self) -> tuple[TableName, ...]:
+        """The tables the plan changes (partitioned ones as the parent), in step order."""
+        return tuple(s.table for s in self.steps)
 
     @property
     def batched(self) -> tuple[Step, ...]:
@@ -413,6 +419,7 @@ class _Planner:
             due_job1=due_job1,
             exists=exists,
             plan_id=h.hexdigest()[:16],
+            key_type=self.col(self.config.subject.table, self.config.subject.key).type,
         )
 
 
@@ -506,6 +513,37 @@ REQUEST_SQL = f"""
                 """
 
 
+def _claimable(due_job: Sql) -> str:
+    """Whether job `j` is one a worker takes now ($1): running or done (interrupted or
+    unverified), an audit event still to write, or pending and due (or asked for)."""
+    return (
+        "(j.state IN ('running', 'done') OR j.audit_event IS NOT NULL "
+        f"OR (j.state = 'pending' AND (j.requested OR EXISTS ({due_job.text})))) "
+        "AND j.due_at <= $1"
+    )
+
+
+def waiting_sql(plan: Plan) -> Sql:
+    """$1 now -> how many jobs workers would take now (a pass's total, for its progress)."""
+    return Sql(
+        f"SELECT count(*) FROM {JOB_TABLE} AS j WHERE {_claimable(plan.due_job1)}",
+        plan.due_job1.consts,
+    )
+
+
+# VACUUM after erasure: the erased values stay in the old row versions until they are
+# pruned, and in the column statistics (histogram bounds, most common values) until the
+# next ANALYZE. Outside a transaction block (VACUUM refuses one), without the worker's
+# statement timeout (a large table takes long, and VACUUM blocks no reader or writer),
+# skipping a table it cannot lock at once (another VACUUM, autovacuum or DDL holds it).
+VACUUM_SETTINGS_SQL = "SET statement_timeout = 0"
+RESET_SETTINGS_SQL = "RESET statement_timeout"
+
+
+def vacuum_sql(table: TableName) -> str:
+    return f"VACUUM (ANALYZE, SKIP_LOCKED) {table.sql}"
+
+
 def claim_sql(plan: Plan) -> str:
     """The next job, its subject's advisory lock, and (if it is still to be erased) its
     start, in one statement. A pending job is taken only while its subject is still due
@@ -516,9 +554,7 @@ def claim_sql(plan: Plan) -> str:
     return f"""
 WITH c AS (
     SELECT j.subject_key, j.state, j.requested FROM {JOB_TABLE} AS j
-     WHERE (j.state IN ('running', 'done') OR j.audit_event IS NOT NULL
-            OR (j.state = 'pending' AND (j.requested OR EXISTS ({plan.due_job.text}))))
-       AND j.due_at <= $1 AND j.subject_key <> ALL($2::text[])
+     WHERE {_claimable(plan.due_job)} AND j.subject_key <> ALL($2::text[])
      ORDER BY j.due_at, j.subject_key
      LIMIT 1
        FOR UPDATE OF j SKIP LOCKED

@@ -504,6 +504,26 @@ async def read_tables(fetch: Fetch, names: Iterable[tuple[str, str]]) -> Tables:
     return Tables(tuple(table(*t) for t in tables), tuple(others), role)
 
 
+def _may_vacuum_sql(server_major: int) -> str:
+    """$1 table (SQL text, qualified) -> whether the login may VACUUM it: its owner (a
+    superuser is every role's member), the database's owner (the table is not shared), and
+    from PostgreSQL 17 on whoever has MAINTAIN on it."""
+    maintain = " OR has_table_privilege(c.oid, 'MAINTAIN')" if server_major >= 17 else ""
+    return (
+        "SELECT pg_has_role(c.relowner, 'USAGE') OR (NOT c.relisshared AND "
+        "pg_has_role((SELECT d.datdba FROM pg_database AS d "
+        f"WHERE d.datname = current_database()), 'USAGE')){maintain} "
+        "FROM pg_class AS c WHERE c.oid = $1::text::regclass"
+    )
+
+
+async def may_vacuum(fetch: Fetch, table: str, server_major: int) -> bool:
+    """Whether the login may VACUUM `table` (the erasure worker asks first: the server only
+    warns and skips a table it may not)."""
+    rows = await fetch(_may_vacuum_sql(server_major), table)
+    return bool(rows and rows[0][0])
+
+
 async def _base_types(fetch: Fetch, oids: set[int]) -> dict[int, str]:
     """typname of each type, domains resolved to their base type."""
     names: dict[int, str] = {}

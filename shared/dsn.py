@@ -848,7 +848,13 @@ def _unreachable(params: Params, hosts: list[tuple[str, int]], last: BaseExcepti
     elif isinstance(last, TimeoutError):
         why = "timed out"
     elif isinstance(last, OSError):
-        why = last.strerror or str(last) or type(last).__name__
+        # asyncio's text ("Connect call failed ('127.0.0.1', 5432)") repeats the address;
+        # the errno says what happened
+        why = (
+            os.strerror(last.errno)
+            if last.errno
+            else (last.strerror or str(last) or type(last).__name__)
+        )
     else:
         why = type(last).__name__ if last is not None else "no host to try"
     return (

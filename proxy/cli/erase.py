@@ -1,32 +1,48 @@
 """`pgveil erase run|subject|status`: the command line of the erasure worker.
 
-Defines the subcommand's options, runs the worker and
-prints results: subject keys, table names, counts and states, never a value. Mistakes
-(a bad configuration, a configuration that does not fit the database, an unknown subject,
-a bad DSN) print `pgveil: error: ...` lines and exit with status 2; a job that fails or
-cannot finish exits with status 1.
+Defines the subcommand's options, runs the worker and prints results: subject keys, table
+names, counts and states, never a value. For a person at a terminal (`--log-format auto`
+with standard error a terminal, or `text`) `erase run` redraws a progress line on
+standard error and its log shows warnings and errors only, as text; otherwise (`json`, or
+auto with standard error not a terminal) the log is the JSON lines other tooling reads.
+Mistakes (a bad configuration, a configuration that does not fit the database, an unknown
+subject, a bad DSN, a database that cannot be reached) print `pgveil: error: ...` lines
+and exit with status 2; a job that fails or cannot finish exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
+import os
 import signal
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import asyncpg
 
 from erasure.db import ConnectError, DsnError, sqlstate_of
-from erasure.executor import Outcome
+from erasure.executor import Outcome, Vacuumed
 from erasure.loader import ErasureConfigError, load_config
+from erasure.model import ErasureConfig
+from erasure.report import (
+    VacuumReport,
+    dry_run_table,
+    progress_line,
+    status_lines,
+    summary_line,
+    vacuum_text,
+)
 from erasure.worker import (
     DryRun,
-    JobStatus,
     Refused,
     RunSummary,
+    Status,
     UserError,
     dry_run,
     erase_subject,
@@ -36,6 +52,7 @@ from erasure.worker import (
     status,
 )
 from proxy.cli.common import DSN_HELP, EXIT_USAGE, Parser, Subparsers
+from shared.dsn import resolve
 
 EXIT_FAILED = 1
 
@@ -58,6 +75,13 @@ def add_arguments(subparsers: Subparsers) -> None:
         metavar="ISO",
         help="the time that decides who is due, e.g. 2026-05-01T00:00:00Z (for tests)",
     )
+    common.add_argument(
+        "--log-format",
+        choices=("auto", "text", "json"),
+        default="auto",
+        help="text: a progress line and warnings for a person; json: JSON log lines for "
+        "tools; auto (default): text when standard error is a terminal, else json",
+    )
     sub = parser.add_subparsers(dest="erase_command", metavar="ACTION", parser_class=Parser)
     sub.required = True
     r = sub.add_parser("run", parents=[common], help="erase due subjects, polling for more")
@@ -75,7 +99,11 @@ def add_arguments(subparsers: Subparsers) -> None:
     s.add_argument(
         "--dry-run", action="store_true", help="print the rows that would change; change nothing"
     )
-    sub.add_parser("status", parents=[common], help="list pending, running, done, failed jobs")
+    sub.add_parser(
+        "status",
+        parents=[common],
+        help="jobs per state; the oldest pending, the oldest failed and the running jobs",
+    )
 
 
 def _error(message: str) -> int:
@@ -91,10 +119,95 @@ def _parse_now(text: str | None) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+class Progress:
+    """The progress line of `erase run` on a terminal: redrawn in place (carriage return,
+    erase to the end of the line), at most every 0.1 s but at a pass's start and end;
+    cleared while a log line is written above it, and at the end."""
+
+    def __init__(self, stream: TextIO, summary: RunSummary) -> None:
+        self.stream = stream
+        self.summary = summary
+        self.shown = False
+        self.drawn_at = 0.0
+
+    def width(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns - 1
+        except (OSError, ValueError):
+            return 99
+
+    def draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.summary.passes or (not force and now - self.drawn_at < 0.1):
+            return  # (before the first pass there is nothing to count)
+        self.drawn_at = now
+        done, total, rows, seconds = self.summary.progress()
+        width = self.width()
+        line = progress_line(done, total, rows, seconds, width) if total else "erasing: none due"
+        if self.summary.activity:
+            line = f"{line}  {self.summary.activity}"[:width]
+        self.stream.write(f"\r{line}\x1b[K")
+        self.stream.flush()
+        self.shown = True
+
+    def changed(self) -> None:
+        done, total, _, _ = self.summary.progress()
+        self.draw(force=done in (0, total) or bool(self.summary.activity))
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+    async def tick(self, stop: asyncio.Event) -> None:
+        """Redraws while the run lasts (rows and rates move between jobs too)."""
+        while not stop.is_set():
+            self.draw()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+
+
+class _AboveProgress(io.TextIOBase):
+    """A log stream that clears the progress line before a log line and redraws it after."""
+
+    def __init__(self, stream: TextIO, progress: Progress | None) -> None:
+        self.stream = stream
+        self.progress = progress
+
+    def write(self, text: str) -> int:
+        if self.progress is not None:
+            self.progress.clear()
+        self.stream.write(text)
+        self.stream.flush()
+        if self.progress is not None and text.endswith("\n"):
+            self.progress.draw(force=True)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _log_format(choice: str) -> str:
+    if choice == "auto":
+        return "text" if sys.stderr.isatty() else "json"
+    return choice
+
+
 def main(ns: argparse.Namespace) -> int:
     from shared import logs
 
-    logs.configure("json", "info")
+    text = _log_format(ns.log_format) == "text"
+    summary = RunSummary()
+    progress = None
+    if text and ns.erase_command == "run" and not ns.dry_run and sys.stderr.isatty():
+        progress = Progress(sys.stderr, summary)
+        summary.on_change = progress.changed
+    if text:
+        # a person reads it: what goes wrong; the progress line and summary say the rest
+        logs.configure("text", "warning", cast(TextIO, _AboveProgress(sys.stderr, progress)))
+    else:
+        logs.configure("json", "info")
     try:
         config = load_config(ns.config)
     except ErasureConfigError as exc:
@@ -111,13 +224,13 @@ def main(ns: argparse.Namespace) -> int:
             return 0
         if getattr(ns, "dry_run", False):
             key = ns.key if ns.erase_command == "subject" else None
-            _print_dry_run(asyncio.run(dry_run(config, ns.dsn, clock, key)), out)
+            _print_dry_run(config, asyncio.run(dry_run(config, ns.dsn, clock, key)), out)
             return 0
         if ns.erase_command == "subject":
-            outcome = asyncio.run(erase_subject(config, ns.dsn, clock, ns.key))
-            _print_outcome(outcome, out)
+            outcome, vacuumed = asyncio.run(erase_subject(config, ns.dsn, clock, ns.key))
+            _print_outcome(config, outcome, vacuumed, out)
             return 0 if outcome.state == "verified" else EXIT_FAILED
-        return _run(config, ns, clock, out)
+        return _run(config, ns, clock, out, summary, progress)
     except Refused as exc:
         return _error(
             "the erasure configuration does not fit the database; nothing was changed:\n"
@@ -125,17 +238,69 @@ def main(ns: argparse.Namespace) -> int:
         )
     except DsnError as exc:
         return _error(f"--dsn: {exc}")
-    except (UserError, ConnectError) as exc:
+    except ConnectError as exc:
+        return _error(f"{exc}; {_connection_settings(ns.dsn)}")
+    except UserError as exc:
         return _error(str(exc))
     except OSError as exc:
-        return _error(f"cannot reach the database: {exc.strerror or type(exc).__name__}")
+        return _error(
+            f"cannot reach the database: {exc.strerror or type(exc).__name__}; "
+            + _connection_settings(ns.dsn)
+        )
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         sys.stderr.write(f"pgveil: error: database error: {sqlstate_of(exc)}\n")
         return EXIT_FAILED
 
 
-def _run(config: Any, ns: argparse.Namespace, clock: Any, out: TextIO) -> int:
-    summary = RunSummary()
+# what a connection setting defaults to, as libpq decides it (shared.dsn)
+_DEFAULT_FROM = {
+    "host": "default: the local Unix socket",
+    "port": "default",
+    "dbname": "default: the user name",
+    "user": "default: the operating system user",
+}
+_ENV = {"host": "PGHOST", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER"}
+
+
+def _connection_settings(dsn: str) -> str:
+    """Which host, port, database and user were used and where each came from (--dsn, a
+    PG* variable, a service file, the default), and how to set them; never a password."""
+    try:
+        params = resolve(dsn)
+        values = {
+            "host": ",".join(params.hosts),
+            "port": ",".join(params.port_texts),
+            "dbname": params.dbname,
+            "user": params.user,
+        }
+    except DsnError:
+        return "give the connection with --dsn"
+    used = []
+    for key, value in values.items():
+        origin = params.origins.get(key)
+        where = (
+            _DEFAULT_FROM[key]
+            if origin is None
+            else "--dsn"
+            if origin == "connection string"
+            else origin
+        )
+        used.append(f"{key} {value} ({where})")
+    return (
+        f"settings used: {', '.join(used)}; set them with --dsn "
+        '"host=HOST port=PORT dbname=DATABASE user=USER" (or a postgresql:// URI) or with '
+        f"{', '.join(_ENV.values())}; the password with PGPASSWORD or ~/.pgpass"
+    )
+
+
+def _run(
+    config: ErasureConfig,
+    ns: argparse.Namespace,
+    clock: Any,
+    out: TextIO,
+    summary: RunSummary,
+    progress: Progress | None,
+) -> int:
     if ns.metrics:
         from erasure import metrics
         from shared.address import parse_host_port
@@ -149,20 +314,39 @@ def _run(config: Any, ns: argparse.Namespace, clock: Any, out: TextIO) -> int:
         except OSError as exc:
             raise UserError(f"--metrics: cannot listen on {where}: {exc.strerror}") from exc
 
+    started = time.monotonic()
+
     async def main_loop() -> Any:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if ns.once:
-            return await run(config, ns.dsn, clock, once=True, stop=stop, summary=summary)
-        return await run_forever(config, ns.dsn, clock, stop, summary)
+        ended = asyncio.Event()
+        ticker = asyncio.create_task(progress.tick(ended)) if progress is not None else None
+        try:
+            if ns.once:
+                return await run(config, ns.dsn, clock, once=True, stop=stop, summary=summary)
+            return await run_forever(config, ns.dsn, clock, stop, summary)
+        finally:
+            ended.set()
+            if ticker is not None:
+                await ticker
+            if progress is not None:
+                if summary.total:
+                    progress.draw(force=True)  # the last numbers, then the summary
+                progress.clear()
 
     asyncio.run(main_loop())
-    states = [o.state for o in summary.outcomes]
     out.write(
-        f"erasure: {summary.enqueued} subject(s) queued; {states.count('verified')} verified, "
-        f"{states.count('failed')} failed, {states.count('postponed')} postponed\n"
+        summary_line(
+            config,
+            summary.enqueued,
+            [o.state for o in summary.outcomes],
+            [o.rows for o in summary.outcomes],
+            _vacuum_report(config, summary.vacuumed),
+            time.monotonic() - started,
+        )
+        + "\n"
     )
     for o in summary.outcomes:
         if o.state != "verified" and o.error:
@@ -170,41 +354,35 @@ def _run(config: Any, ns: argparse.Namespace, clock: Any, out: TextIO) -> int:
     return EXIT_FAILED if summary.failed else 0
 
 
-def _print_outcome(o: Outcome, out: TextIO) -> None:
+def _vacuum_report(config: ErasureConfig, v: Vacuumed) -> VacuumReport:
+    counts = (len(v.done), len(v.locked), len(v.not_allowed), len(v.failed))
+    return VacuumReport(config.worker.vacuum, *counts, v.seconds, len(v.left))
+
+
+def _print_outcome(
+    config: ErasureConfig, o: Outcome, vacuumed: Vacuumed | None, out: TextIO
+) -> None:
     rows = ", ".join(f"{t} {n}" for t, n in o.rows.items())
-    out.write(f"subject {o.subject}: {o.state}; rows changed: {rows or 'none'}\n")
+    report = None if vacuumed is None else _vacuum_report(config, vacuumed)
+    out.write(f"subject {o.subject}: {o.state}; rows changed: {rows or 'none'}; ")
+    out.write(f"{vacuum_text(report)}\n")
     if o.error:
         out.write(f"  {o.error}\n")
 
 
-def _print_dry_run(result: DryRun, out: TextIO) -> None:
-    total = 0
-    for subject, counts in result:
-        out.write(f"subject {subject}: would change\n")
-        for table, n in counts:
-            out.write(f"  {table:<40} {n:>10} row(s)\n")
-            total += n
-    out.write(f"dry run: {len(result)} subject(s), {total} row(s); nothing was changed\n")
+def _print_dry_run(config: ErasureConfig, result: DryRun, out: TextIO) -> None:
+    for line in dry_run_table(config, result):
+        out.write(line + "\n")
 
 
-def _print_status(jobs: list[JobStatus], out: TextIO) -> None:
-    out.write(f"{'SUBJECT':<14} {'STATE':<9} {'DUE':<20} {'ROWS':>10} {'ATTEMPTS':>8}  NOTE\n")
-    counts: dict[str, int] = {}
-    for j in jobs:
-        counts[j.state] = counts.get(j.state, 0) + 1
-        notes = []
-        if not j.queued:
-            notes.append("due, not queued yet")
-        if j.state == "running":
-            notes.append(f"step {j.step + 1}/{j.steps} {j.table or ''}".rstrip())
-            notes.append(f"by {j.worker}" if j.held else "interrupted: no worker holds it")
-        if j.error:
-            notes.append(j.error)
-        due = j.due_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-        out.write(
-            f"{j.subject:<14} {j.state:<9} {due:<20} {sum(j.rows.values()):>10} "
-            f"{j.attempts:>8}  {'; '.join(notes)}\n".rstrip()
-            + "\n"
-        )
-    order = ("pending", "running", "done", "verified", "failed")
-    out.write(", ".join(f"{s} {counts.get(s, 0)}" for s in order) + "\n")
+def _print_status(st: Status, out: TextIO) -> None:
+    for line in status_lines(
+        st.counts,
+        st.not_queued,
+        [
+            ("running", st.counts.get("running", 0), "UPDATED", st.running),
+            ("oldest pending", st.counts.get("pending", 0) + st.not_queued, "WAITING", st.pending),
+            ("oldest failed", st.counts.get("failed", 0), "FAILED", st.failed),
+        ],
+    ):
+        out.write(line + "\n")

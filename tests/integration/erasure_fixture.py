@@ -12,10 +12,16 @@ their class (`c % 3`) gives the retention: 0 days, 30 days, or NULL (the default
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import pty
 import re
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -264,6 +270,49 @@ def erase(
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
+
+
+def erase_on_terminal(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> tuple[int, str, str]:
+    """`pgveil erase` as a person runs it: standard error on a pseudo-terminal (160
+    columns), standard output a pipe. Exit status, what the terminal got (as the program
+    wrote it, but for the terminal's CR before each LF), standard output."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    try:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "erase", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
+    finally:
+        os.close(slave)
+    got = bytearray()
+    deadline = time.monotonic() + timeout  # a guard against a hang, not a measurement
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal is gone
+                break
+            if not data:
+                break
+            got += data
+        else:
+            p.kill()
+        assert p.stdout is not None
+        out = p.stdout.read().decode()
+        p.wait(timeout=30)
+    finally:
+        os.close(master)
+    return p.returncode, got.decode().replace("\r\n", "\n"), out
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:

@@ -54,6 +54,10 @@ def test_the_documented_example_loads() -> None:
     assert recordings is not None and recordings.action == "delete" and not recordings.columns
     assert c.worker.lock_timeout_ms == 1000 and c.worker.statement_timeout_ms == 30_000
     assert c.worker.poll_interval_s == 60.0 and c.worker.max_failures == 5
+    assert c.worker.vacuum == "run"
+    assert parse_config(EXAMPLE.replace("vacuum: run", "vacuum: off")).worker.vacuum == "off"
+    without = parse_config(EXAMPLE.replace("  vacuum: run\n", ""))
+    assert without.worker.vacuum == "run"  # on by default
     assert c.audit.file == Path("/var/log/pgveil/erasure.jsonl") and not c.audit.stdout
     assert c.version == parse_config(EXAMPLE).version
     assert c.version != parse_config(EXAMPLE.replace("5000", "500")).version
@@ -182,6 +186,12 @@ CASES = [
     ("  batch_size: 5000\n  lock", "  batch_size: 0\n  lock", "expected a whole number from 1"),
     ("  rate_limit: 0", "  rate_limit: fast", "at 'worker.rate_limit': expected a whole number"),
     ("  concurrency: 1", "  threads: 1", "unknown key 'threads'"),
+    (
+        "  vacuum: run",
+        "  vacuum: yes",
+        "at 'worker.vacuum': 'yes': write run (VACUUM the changed tables after each pass), "
+        "job (after each job) or off",
+    ),
     (
         "  file: /var/log/pgveil/erasure.jsonl\n  stdout: false",
         "  stdout: false",
