@@ -57,11 +57,19 @@ def copy_out(pg: EmbeddedPostgres, shared: tuple[ProxyProcess, Path]) -> str:
     )
 
 
-def _usable(conn: psycopg.Connection[Any]) -> None:
+def _in_error_then_usable(conn: psycopg.Connection[Any]) -> None:
+    """The server reports the transaction in error; after a rollback the session runs
+    statements again."""
+    assert _status(conn) == TransactionStatus.INERROR
     conn.rollback()
     assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert conn.info.transaction_status == TransactionStatus.INTRANS
+    assert _status(conn) == TransactionStatus.INTRANS
     conn.rollback()
+
+
+def _status(conn: psycopg.Connection[Any]) -> TransactionStatus:
+    """What the server's last ReadyForQuery said (read anew each time)."""
+    return conn.info.transaction_status
 
 
 # ---- COPY TO STDOUT ---------------------------------------------------------------------
@@ -83,7 +91,8 @@ def test_copy_to_left_early_ends_the_transaction_in_error_every_time(
                 1 / 0  # noqa: B018 - the exception that leaves the block
             ended.append(conn.info.transaction_status.name)
             conn.rollback()
-        _usable(conn)
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
     finished = sum(1 for s in ended if s != "INERROR")
     assert finished == 0, f"{finished} of {ROUNDS} COPYs finished before the cancel: {ended}"
     events = wait_done(path, app, ROUNDS)
@@ -102,10 +111,8 @@ def test_copy_to_cancelled_midway(shared: tuple[ProxyProcess, Path], copy_out: s
             conn.cancel_safe()  # returns once the server has signalled the backend
             while copy.read_row() is not None:
                 read += 1
-        assert conn.info.transaction_status == TransactionStatus.INERROR
-        _usable(conn)
-    (event,) = wait_done(path, app)
-    assert (event["kinds"], event["outcome"]) == (["copy"], "57014"), event
+        _in_error_then_usable(conn)
+    event = _one_cancelled_copy(path, app)
     assert 1 + read <= event["rows"] < COPY_ROWS, (read, event)
 
 
@@ -153,10 +160,8 @@ def test_copy_from_left_early(shared: tuple[ProxyProcess, Path]) -> None:
         with pytest.raises(ZeroDivisionError), conn.cursor().copy(COPY_IN) as copy:
             copy.write_row((NEW_KEYS[0], "first"))
             1 / 0  # noqa: B018 - the exception that leaves the block
-        assert conn.info.transaction_status == TransactionStatus.INERROR
-        _usable(conn)
-    (event,) = wait_done(path, app)
-    assert (event["kinds"], event["outcome"]) == (["copy"], "57014"), event
+        _in_error_then_usable(conn)
+    _one_cancelled_copy(path, app)
     _nothing_written(p, app)
 
 
@@ -170,10 +175,8 @@ def test_copy_from_cancelled_midway(shared: tuple[ProxyProcess, Path]) -> None:
             copy.write_row((NEW_KEYS[0], "first"))
             conn.cancel_safe()  # returns once the server has signalled the backend
             copy.write_row((NEW_KEYS[1], "second"))
-        assert conn.info.transaction_status == TransactionStatus.INERROR
-        _usable(conn)
-    (event,) = wait_done(path, app)
-    assert (event["kinds"], event["outcome"]) == (["copy"], "57014"), event
+        _in_error_then_usable(conn)
+    _one_cancelled_copy(path, app)
     _nothing_written(p, app)
 
 
@@ -204,8 +207,7 @@ def test_asyncpg_copy_to_table_source_fails(shared: tuple[ProxyProcess, Path]) -
             await conn.close()
 
     asyncio.run(go())
-    (event,) = wait_done(path, app)
-    assert (event["kinds"], event["outcome"]) == (["copy"], "57014"), event
+    _one_cancelled_copy(path, app)
     _nothing_written(p, app)
 
 
@@ -227,6 +229,13 @@ async def _asyncpg_in_error_then_usable(conn: Any) -> None:
     await conn.execute("ROLLBACK")
     assert await conn.fetchval("SELECT 1") == 1
     assert not conn.is_in_transaction()
+
+
+def _one_cancelled_copy(path: Path, app: str) -> dict[str, Any]:
+    """The session's one access event: a COPY that failed with 57014."""
+    (event,) = wait_done(path, app)
+    assert (event["kinds"], event["outcome"]) == (["copy"], "57014"), event
+    return event
 
 
 def _nothing_written(p: ProxyProcess, app: str) -> None:
