@@ -208,6 +208,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs of each pgveil variant")
     ap.add_argument("--variants", default="relay,rules", help="pgveil variants: relay,rules")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "pgveil-suites")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="the work directory of an earlier invocation: its direct runs are the baseline "
+        "(no direct run now; two invocations can then run variants side by side)",
+    )
     opts = ap.parse_args()
     suites = {s: p for s, p in (("psycopg", opts.psycopg_src), ("asyncpg", opts.asyncpg_src)) if p}
     if not suites:
@@ -226,7 +232,9 @@ def main() -> int:
     try:
         pg.psql(f"CREATE DATABASE {DATABASE}")
         pg.psql(SETUP_SQL, dbname=DATABASE)
-        plan = [("direct", 1)] + [(v, r) for r in range(1, opts.runs + 1) for v in variants]
+        plan = [(v, r) for r in range(1, opts.runs + 1) for v in variants]
+        if opts.baseline is None:
+            plan.insert(0, ("direct", 1))
         for variant, run in plan:
             proxy = None
             port = pg.port
@@ -241,6 +249,13 @@ def main() -> int:
                     passed, failed, skipped = outcomes(report)
                     r = Result(suite, variant, run, passed, failed, skipped,
                                time.monotonic() - started, rc)  # fmt: skip
+                    if opts.baseline is not None and baseline(r, results) is None:
+                        # read when first needed: the earlier invocation may still be running
+                        base = opts.baseline / f"{suite}-direct-1.xml"
+                        passed, failed, skipped = outcomes(base)
+                        if not passed:
+                            sys.exit(f"{base}: no direct run of {suite} to compare with")
+                        results.append(Result(suite, "direct", 1, passed, failed, skipped, 0, 0))
                     results.append(r)
                     print(summary(r, results), flush=True)
             finally:
