@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -125,8 +126,15 @@ def tests_copy(work: Path, suite: str, src: Path) -> Path:
 
 
 def run_suite(
-    python: Path, suite: str, tests: Path, port: int, pg: EmbeddedPostgres, report: Path
+    python: Path,
+    suite: str,
+    tests: Path,
+    port: int,
+    pg: EmbeddedPostgres,
+    report: Path,
+    selection: list[str],
 ) -> int:
+    """One run of the suite (the files in `selection`, else all of tests/): pytest's exit."""
     env = {**os.environ, "PGPASSWORD": pg.password}
     for name in ("PGVEIL_PURE_PYTHON", "PYTHONPATH"):
         env.pop(name, None)
@@ -135,7 +143,7 @@ def run_suite(
         env["PSYCOPG_TEST_DSN"] = (
             f"host=127.0.0.1 port={port} user={pg.superuser} dbname={DATABASE} sslmode=disable"
         )
-        args += ["tests"]  # (its conftest needs pytest's cache: kept in the copy)
+        args += selection or ["tests"]  # (its conftest needs pytest's cache: kept in the copy)
     else:
         # asyncpg's tests use the running server named by PG* (its `RunningCluster`);
         # those that need a cluster of their own skip
@@ -143,7 +151,7 @@ def run_suite(
             PGHOST="127.0.0.1", PGPORT=str(port), PGUSER=pg.superuser, PGDATABASE=DATABASE,
             PGSSLMODE="disable",
         )  # fmt: skip
-        args += ["-p", "no:cacheprovider", "tests"]
+        args += ["-p", "no:cacheprovider", *(selection or ["tests"])]
     log = report.with_suffix(".log")
     with open(log, "wb") as out:
         proc = subprocess.run(args, cwd=tests, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -214,7 +222,17 @@ def main() -> int:
         help="the work directory of an earlier invocation: its direct runs are the baseline "
         "(no direct run now; two invocations can then run variants side by side)",
     )
+    ap.add_argument(
+        "--psycopg-tests",
+        nargs="*",
+        default=[],
+        help="only these of psycopg's tests (paths under its tests/, e.g. tests/test_copy.py)",
+    )
+    ap.add_argument("--asyncpg-tests", nargs="*", default=[], help="the same for asyncpg")
     opts = ap.parse_args()
+    # stopped with SIGTERM: the finally clauses stop pgveil and PostgreSQL
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    selections = {"psycopg": opts.psycopg_tests, "asyncpg": opts.asyncpg_tests}
     suites = {s: p for s, p in (("psycopg", opts.psycopg_src), ("asyncpg", opts.asyncpg_src)) if p}
     if not suites:
         ap.error("give --psycopg-src and/or --asyncpg-src")
@@ -245,7 +263,7 @@ def main() -> int:
                     report = work / f"{suite}-{variant}-{run}.xml"
                     report.unlink(missing_ok=True)
                     started = time.monotonic()
-                    rc = run_suite(python, suite, tests, port, pg, report)
+                    rc = run_suite(python, suite, tests, port, pg, report, selections[suite])
                     passed, failed, skipped = outcomes(report)
                     r = Result(suite, variant, run, passed, failed, skipped,
                                time.monotonic() - started, rc)  # fmt: skip
