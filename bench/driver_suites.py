@@ -290,11 +290,20 @@ def baseline(r: Result, results: list[Result]) -> Result | None:
 
 
 def regressions(r: Result, results: list[Result]) -> list[str]:
-    """The tests that passed directly but not in this run."""
+    """The tests that passed directly but not in this run, among the test files this run
+    ran tests of (a part of the suite compares with the same part of a whole direct run)."""
     base = baseline(r, results)
     if r.variant == "direct" or base is None:
         return []
-    return sorted(base.passed - r.passed)
+    files = {_file(name) for name in r.passed | r.failed}
+    return sorted(name for name in base.passed - r.passed if _file(name) in files)
+
+
+def _file(name: str) -> str:
+    """The test file of a JUnit test name (`tests.test_copy.Class::test` -> tests.test_copy)."""
+    parts = name.split("::")[0].split(".")
+    end = next((i for i, p in enumerate(parts) if p.startswith("test_")), len(parts) - 1)
+    return ".".join(parts[: end + 1])
 
 
 def summary(r: Result, results: list[Result]) -> str:
