@@ -54,8 +54,18 @@ from shared import logs, user_files
 from shared.logs import log
 
 _STARTED = (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.CLASSIFYING, Phase.READY, Phase.ENDING)
-WRITE_HIGH_WATER = 1024 * 1024
-WRITE_LOW_WATER = 256 * 1024
+# Flow control: pgveil must not hold much more of a result than a client that stopped
+# reading would leave in its socket, or the server finishes what that client asked it to
+# stop (a COPY left early: the client's cancel arrives after the end, and the transaction
+# is not in error as it would be directly). Reading from one side pauses while pgveil's
+# writes to the other are backed up past WRITE_HIGH_WATER, and the upstream socket's receive
+# buffer is fixed at UPSTREAM_RECEIVE_BUFFER: the kernel's autotuning would grow it to
+# megabytes (tcp_rmem's maximum) while pgveil reads fast, and it keeps accepting the server's
+# bytes into it when pgveil pauses (measured: 0.7-6 MB, enough to hold the rest of a 13 MB
+# COPY now and then; issue 16).
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+UPSTREAM_RECEIVE_BUFFER = 256 * 1024  # SO_RCVBUF (Linux doubles it for its bookkeeping)
 _SSL_REQUEST = SSLRequest().encode()
 
 
@@ -68,6 +78,16 @@ def _set_keepalive(transport: asyncio.BaseTransport, config: ProxyConfig) -> Non
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, config.tcp_keepalive_idle)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, config.tcp_keepalive_interval)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, config.tcp_keepalive_count)
+
+
+def _bound_receive_buffer(transport: asyncio.BaseTransport) -> None:
+    """Fix the upstream socket's receive buffer (see UPSTREAM_RECEIVE_BUFFER): set before
+    anything is read, so the window the server may fill never grows past it."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UPSTREAM_RECEIVE_BUFFER)
 
 
 def client_tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
@@ -210,6 +230,7 @@ async def open_upstream(
             transport, proto = await loop.create_connection(
                 lambda: UpstreamConnection(client), host, port
             )
+            _bound_receive_buffer(transport)
             _set_keepalive(transport, config)
             ctx = server.upstream_tls
             if ctx is not None:
