@@ -119,11 +119,59 @@ def workloads() -> list[Workload]:
 # processes
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (all threads), from /proc/PID/stat."""
+def _stat_fields(pid: int) -> list[str]:
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 (utime), 15 (stime)
+    return stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a whole process (all threads), from /proc/PID/stat."""
+    fields = _stat_fields(pid)
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # fields 14, 15
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a whole process (all threads)."""
+    return sum(cpu_times(pid))
+
+
+def _server_children(postmaster: int) -> dict[int, str]:
+    """The postmaster's children now: pid -> process title ("postgres: USER DB ...")."""
+    children: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(_stat_fields(int(entry.name))[1]) == postmaster:
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                children[int(entry.name)] = title.decode(errors="replace")
+    return children
+
+
+def server_cpu_times(db: EmbeddedPostgres, user: str | None = None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a whole PostgreSQL server so far: the postmaster, the
+    children it has reaped (cutime, cstime: every backend that ended) and the children alive
+    now (background processes, the logging collector). A difference of two readings is what
+    the server spent in between. `user`: first wait (up to 10 s) until no backend of that
+    login is left: a backend that exits while it is read would be counted neither alive nor
+    reaped (read after the postmaster) or both (read before)."""
+    postmaster = int((db.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+    if user is not None:
+        deadline = time.monotonic() + 10
+        prefix = f"postgres: {user} "
+        while time.monotonic() < deadline and any(
+            title.startswith(prefix) for title in _server_children(postmaster).values()
+        ):
+            time.sleep(0.01)  # polls for the backends' exit (a condition, not a fixed wait)
+    fields = _stat_fields(postmaster)
+    cpu_user = (int(fields[11]) + int(fields[13])) / CLK_TCK  # utime + cutime (14, 16)
+    cpu_system = (int(fields[12]) + int(fields[14])) / CLK_TCK  # stime + cstime (15, 17)
+    for pid in _server_children(postmaster):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            child = _stat_fields(pid)
+            cpu_user += int(child[11]) / CLK_TCK
+            cpu_system += int(child[12]) / CLK_TCK
+    return cpu_user, cpu_system
 
 
 def _ppid_and_comm(pid: int) -> tuple[int, str]:
@@ -411,6 +459,7 @@ class Target:
     service: Service | None = None  # the proxy in between, if any
     user: str | None = None  # login; None: the superuser
     password: str | None = None  # its password; None: the superuser's (PGPASSWORD in env)
+    server: EmbeddedPostgres | None = None  # the server whose CPU to measure, if any
 
     def login(self, db: EmbeddedPostgres, env: dict[str, str]) -> tuple[str, dict[str, str]]:
         """(user, environment) for a client of this target."""
@@ -495,6 +544,11 @@ def run_psql(
 class Results:
     values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # workload->variant
     cpu_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # per query
+    # the same split (the proxy's user and system time), and the server's, per transaction
+    proxy_user_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    proxy_sys_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    server_user_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    server_sys_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # statements each variant ran in the measured runs (transactions x statements; a psql
     # run: 1): what an in-server audit must have logged at least
     statements: dict[str, int] = field(default_factory=dict)  # variant -> count
@@ -538,13 +592,25 @@ def run_all(
                     results.statements[target.name] = ran + 1
                     shown.append(f"{target.name} {secs:.3f}s")
                     continue
-                measure = row.measure_cpu and target.service is not None
-                cpu0 = cpu_seconds(target.service.pid) if measure and target.service else 0.0
+                proxy = target.service if row.measure_cpu else None
+                server = target.server if row.measure_cpu else None
+                login = target.login(db, env)[0]
+                proxy0 = cpu_times(proxy.pid) if proxy is not None else (0.0, 0.0)
+                server0 = server_cpu_times(server, login) if server is not None else (0.0, 0.0)
                 tps, tx = run_pgbench(db, env, target, row.args, duration, row.script or script)
                 results.statements[target.name] = ran + tx * row.statements
-                if measure and target.service is not None:
-                    us = (cpu_seconds(target.service.pid) - cpu0) / tx * 1e6
-                    results.add(results.cpu_us, row.name, target.name, us)
+                if proxy is not None:
+                    user, system = (
+                        b - a for a, b in zip(proxy0, cpu_times(proxy.pid), strict=True)
+                    )
+                    results.add(results.cpu_us, row.name, target.name, (user + system) / tx * 1e6)
+                    results.add(results.proxy_user_us, row.name, target.name, user / tx * 1e6)
+                    results.add(results.proxy_sys_us, row.name, target.name, system / tx * 1e6)
+                if server is not None:
+                    server1 = server_cpu_times(server, login)
+                    user, system = (b - a for a, b in zip(server0, server1, strict=True))
+                    results.add(results.server_user_us, row.name, target.name, user / tx * 1e6)
+                    results.add(results.server_sys_us, row.name, target.name, system / tx * 1e6)
                 results.add(results.values, row.name, target.name, tps)
                 shown.append(f"{target.name} {tps:.0f} tps")
             print(f"[rep {rep}/{reps}] {row.name}: {', '.join(shown)}", file=sys.stderr)
@@ -553,6 +619,48 @@ def run_all(
 
 # ---------------------------------------------------------------------------------------------
 # report
+
+
+def cpu_split_table(results: Results, rows: list[Workload]) -> list[str]:
+    """Where the CPU of a transaction goes, per variant: the proxy's user and system time
+    and the server's (all its processes), microseconds per statement (medians). Empty when
+    no row measured a server."""
+    measured = [row for row in rows if results.server_user_us.get(row.name)]
+    if not measured:
+        return []
+    lines = [
+        "CPU per statement, user and system (µs, median over repetitions; the proxy: the "
+        "pgveil process, none for pgAudit; the server: the postmaster and all its "
+        "processes, backends and logging collector included):",
+        "",
+        "| workload | variant | proxy user | proxy system | server user | server system | total |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+
+    def per_statement(table: dict[str, dict[str, list[float]]], row: Workload, var: str) -> float:
+        values = table.get(row.name, {}).get(var)
+        return statistics.median(values) / row.statements if values else 0.0
+
+    for row in measured:
+        for var in results.server_user_us[row.name]:
+            parts = [
+                per_statement(t, row, var)
+                for t in (results.proxy_user_us, results.proxy_sys_us,
+                          results.server_user_us, results.server_sys_us)
+            ]  # fmt: skip
+            cells = " | ".join(f"{v:.0f}" for v in parts)
+            lines.append(f"| `{row.name}` | {var} | {cells} | {sum(parts):.0f} |")
+    return ["", *lines]
+
+
+def cpu_raw(results: Results) -> dict[str, object]:
+    """The CPU split for raw.json (microseconds per transaction, every repetition)."""
+    return {
+        "proxy_user_us_per_transaction": results.proxy_user_us,
+        "proxy_system_us_per_transaction": results.proxy_sys_us,
+        "server_user_us_per_transaction": results.server_user_us,
+        "server_system_us_per_transaction": results.server_sys_us,
+    }
 
 
 def paired_ratio(num: list[float], den: list[float]) -> str:
@@ -871,6 +979,7 @@ def report_masked(results: Results, db: EmbeddedPostgres, reps: int, duration: i
             f"us/transaction ({masked / plain:.1f}x; masking adds ~{extra:.0f} us of pgveil "
             "CPU per statement)"
         )
+    lines += cpu_split_table(results, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -900,8 +1009,8 @@ def run_masked_part(
     stack.callback(veil.stop)
     veil.wait_port(port)
     targets = [
-        Target("unmasked", port, veil, UNMASKED_ROLE, UNMASKED_PW),
-        Target("masked", port, veil, MASKED_ROLE, MASKED_PW),
+        Target("unmasked", port, veil, UNMASKED_ROLE, UNMASKED_PW, db),
+        Target("masked", port, veil, MASKED_ROLE, MASKED_PW, db),
     ]
     assert tuple(t.name for t in targets) == MASKED_VARIANTS
     check_masking(db, env, targets)
@@ -909,6 +1018,7 @@ def run_masked_part(
     raw: dict[str, object] = {
         "tps_or_seconds": results.values,
         "cpu_us_per_transaction": results.cpu_us,
+        **cpu_raw(results),
     }
     return report_masked(results, db, reps, duration), raw
 
@@ -1002,8 +1112,8 @@ def start_pgaudit_server(
     pgbench_init(db, env)
     db.psql(PGAUDIT_SETUP)
     targets = [
-        Target("pgAudit off", db.port, None, PGAUDIT_OFF_ROLE, PGAUDIT_OFF_PW),
-        Target("pgAudit on", db.port, None, PGAUDIT_ON_ROLE, PGAUDIT_ON_PW),
+        Target("pgAudit off", db.port, None, PGAUDIT_OFF_ROLE, PGAUDIT_OFF_PW, db),
+        Target("pgAudit on", db.port, None, PGAUDIT_ON_ROLE, PGAUDIT_ON_PW, db),
     ]
     for target, want in zip(targets, ("none", PGAUDIT_LOG), strict=True):
         got = psql_output(db, env, target, "SHOW pgaudit.log")
@@ -1123,6 +1233,7 @@ def report_audit(
                 f"- `{row.name}` {role}: {cpu_off:.0f} us off, {cpu_on:.0f} us on "
                 f"(auditing adds ~{per_statement:.0f} us per statement)"
             )
+    lines += cpu_split_table(results, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -1178,8 +1289,8 @@ def run_audit_part(
         ("unmasked", UNMASKED_ROLE, UNMASKED_PW),
         ("masked", MASKED_ROLE, MASKED_PW),
     ):
-        targets.append(Target(f"{role} off", plain_port, plain, user, pw))
-        targets.append(Target(f"{role} on", audited_port, audited, user, pw))
+        targets.append(Target(f"{role} off", plain_port, plain, user, pw, db))
+        targets.append(Target(f"{role} on", audited_port, audited, user, pw, db))
         if baseline is not None:
             old, old_port = started[2]
             targets.append(Target(f"{role} baseline", old_port, old, user, pw))
@@ -1197,6 +1308,7 @@ def run_audit_part(
     raw: dict[str, object] = {
         "tps_or_seconds": results.values,
         "cpu_us_per_transaction": results.cpu_us,
+        **cpu_raw(results),
         "audit_events": events,
         "pgaudit_audit_lines": counts,
         "statements": results.statements,
