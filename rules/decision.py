@@ -81,8 +81,7 @@ class Decision:
     # a function, renames, moves, alters, drops or rewrites (CREATE RULE) a relation the
     # catalog has, or renames or drops a schema; or it attaches code the server runs
     # unnamed (a trigger, policy or index of a relation the catalog has; a cast, operator,
-    # type or domain), which the catalog read must see (rules.subjects); or it runs code
-    # that may do any of that unseen (DO, CALL)
+    # type or domain), which the catalog read must see (rules.subjects)
     moves_names: bool = False
     # the system relations and functions read that show values or statement text
     # (rules.denied.SYSTEM_VIEWS): rewritten for masked roles; an unmasked session reads

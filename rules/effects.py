@@ -45,9 +45,8 @@ _HIDDEN_CODE = (
 
 def moves_names(stmts: Any, catalog: Any) -> bool:
     """Whether a statement may make names denote other relations than `catalog` says (see
-    Decision.moves_names): DDL that does, or code that may run any (DO, CALL). A temporary
-    relation, or one the catalog does not have, moves nothing the catalog says (a name it
-    does not have is uncertain in any case)."""
+    Decision.moves_names). A temporary relation, or one the catalog does not have, moves nothing
+    the catalog says (a name it does not have is uncertain in any case)."""
 
     def known(rv: Any) -> bool:
         if rv is None:
@@ -58,11 +57,6 @@ def moves_names(stmts: Any, catalog: Any) -> bool:
 
     for raw in stmts:
         node = raw.stmt
-        if isinstance(node, ast.DoStmt | ast.CallStmt):
-            # code pgveil does not see into may run any DDL (CREATE OR REPLACE VIEW in an
-            # EXECUTE): names are uncertain until the catalog is read again, as after DDL
-            # sent as text (a view's key column may no longer prove its subjects)
-            return True
         if isinstance(node, ast.ViewStmt):
             rv = node.view
             if rv.relpersistence != "t" and rv.schemaname != "pg_temp":
