@@ -74,6 +74,15 @@ CREATE VIEW evasion.swap_in AS SELECT a.i_account, a.ip FROM billing.accounts a;
 CREATE VIEW evasion.overview AS
   SELECT c.i_customer, c.name, a.i_account, a.ip
     FROM billing.customers c JOIN billing.accounts a ON a.i_customer = c.i_customer;
+-- one occurrence of customers, but a row's data is not (only) the row's whose key it shows
+CREATE VIEW evasion.aggregated AS
+  SELECT max(i_customer) AS i_customer, string_agg(email, ',') AS email FROM billing.customers;
+CREATE VIEW evasion.windowed AS
+  SELECT i_customer, lag(email) OVER (ORDER BY i_customer) AS email FROM billing.customers;
+-- a subset of the rows, each its own (the key column still names the data's subject)
+CREATE VIEW evasion.first_ones AS
+  SELECT DISTINCT ON (i_customer) i_customer, email FROM billing.customers
+   ORDER BY i_customer LIMIT 10;
 GRANT USAGE, CREATE ON SCHEMA evasion TO billing_admin;
 GRANT USAGE ON SCHEMA evasion TO helpdesk, cc_staff;
 GRANT SELECT ON ALL TABLES IN SCHEMA evasion TO billing_admin, helpdesk, cc_staff;
@@ -308,6 +317,37 @@ CASES = [
         ("SELECT email FROM evasion.over_view WHERE who = 2",),
         {(CUSTOMERS, "1"): [], (CUSTOMERS, "2"): ["yes"]},
         {"tables": [CUSTOMERS], "subjects": {CUSTOMERS: ["2"]}, "subjects_complete": True},
+    ),
+    Case(
+        # the row of max(key) holds every customer's e-mail
+        "aggregated_view_key_named",
+        ADMIN,
+        ("SELECT email FROM evasion.aggregated WHERE i_customer = 2",),
+        {(CUSTOMERS, "1"): ["possibly"]},
+        {"tables": [CUSTOMERS], "subjects_complete": False},
+    ),
+    Case(
+        # customer 2's row shows customer 1's e-mail
+        "window_view_key_named",
+        ADMIN,
+        ("SELECT email FROM evasion.windowed WHERE i_customer = 2",),
+        {(CUSTOMERS, "1"): ["possibly"]},
+        {"tables": [CUSTOMERS], "subjects_complete": False},
+    ),
+    Case(
+        "distinct_on_limit_view_key_named",
+        ADMIN,
+        ("SELECT email FROM evasion.first_ones WHERE i_customer = 2",),
+        {(CUSTOMERS, "1"): [], (CUSTOMERS, "2"): ["yes"]},
+        {"tables": [CUSTOMERS], "subjects": {CUSTOMERS: ["2"]}, "subjects_complete": True},
+    ),
+    Case(
+        # (an OR names no key: every row may match)
+        "view_key_named_or_true",
+        ADMIN,
+        ("SELECT email FROM evasion.contacts WHERE i_customer = 2 OR true",),
+        {(CUSTOMERS, "1"): ["possibly"]},
+        {"tables": [CUSTOMERS], "subjects_complete": False},
     ),
     Case(
         "rules_view_key_not_returned",
