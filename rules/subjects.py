@@ -11,7 +11,9 @@ two proofs, and this module says for each statement which one holds:
   carry them (`ParamKey`, read when the statement is bound). Also a SELECT of a single view
   whose WHERE names `col = k` for a view column that shows the key of a table occurring
   once in the view (rules/views.py `ViewReads.sole`): every row's data of that table then
-  comes from the row of key k.
+  comes from the row of key k, as far as the catalog pgveil read says; a view can be
+  replaced unseen (a DO block's EXECUTE), so these keys are named, never proof that they
+  are all (`NamedKeys.complete`).
 * **Returned keys** (`rows`): every row returned carries, for table T, the key of the one
   row of T that all its T values come from. So T is read once in the statement, as a plain
   FROM item of the statement itself (or the target of a write with RETURNING), and nothing
@@ -77,6 +79,11 @@ class NamedKeys:
     column: KeyColumn
     unknown_as: str = ""
     assign: bool = False
+    # whether the keys are all the subjects of `table` the statement touched. Not when they
+    # are named through a view: pgveil reads the view's definition from a catalog that code
+    # it does not see into (a DO block, a CALL, a function's EXECUTE) or another connection
+    # can replace before it is read again, so the keys are named (listed) but not proved
+    complete: bool = True
 
 
 # kept for the analyser's exports
@@ -473,7 +480,10 @@ class _Walk:
                     continue
                 found = _keys_of(node, rv, name, column, table, self.catalog)
                 if found is not None:
-                    out.append(found)
+                    out.append(
+                        NamedKeys(found.table, found.keys, found.column, found.unknown_as,
+                                  found.assign, complete=False)
+                    )  # fmt: skip
                     break
         return tuple(out)
 

@@ -2083,7 +2083,8 @@ class StatementLog:
                 else:
                     keys = frozenset(k for k in n.keys if isinstance(k, str))
                 if keys is not None:
-                    covered.add(n.table)
+                    if n.complete:  # (through a view: named, not proved all)
+                        covered.add(n.table)
                     if entry.rows or entry.outcome == "unknown":
                         if entry.subjects is None:
                             entry.subjects = {}
