@@ -197,3 +197,12 @@ def billing(pg: EmbeddedPostgres) -> Iterator[ProxyProcess]:
 
 def dsn(pg: EmbeddedPostgres, port: int, user: str = HELPDESK, password: str = HELPDESK_PW) -> str:
     return f"host=127.0.0.1 port={port} user={user} password={password} dbname=postgres sslmode=disable"
+
+
+@pytest.fixture(scope="module")
+def text_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyProcess]:
+    """A pgveil with `billing`'s rules, `masked_prepare` off: the rewritten text as a Query."""
+    rules: Path = billing.rules_path  # type: ignore[attr-defined]
+    p = masking_proxy(pg, rules, metrics=False, extra=("--masked-prepare", "false"))
+    yield p
+    p.stop()

@@ -11,7 +11,6 @@ statements (their names are visible in pg_prepared_statements), and the audit ev
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -21,7 +20,7 @@ from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from tests.integration.audit_wire import all_events, audited_proxy, wait_for
-from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn, masking_proxy
+from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn
 from tests.integration.test_masked_prepared import (
     JOIN,
     MASKED,
@@ -380,15 +379,6 @@ CASES: dict[str, list[Step]] = {
         (_query("COPY t_copy FROM STDIN") + _copy_data(b"1\n") + _query(JOIN.format(1)), 1),
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def text_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyProcess]:
-    """A pgveil with the same rules, `masked_prepare` off: the rewritten text as a Query."""
-    rules: Path = billing.rules_path  # type: ignore[attr-defined]
-    p = masking_proxy(pg, rules, metrics=False, extra=("--masked-prepare", "false"))
-    yield p
-    p.stop()
 
 
 Messages = list[tuple[str, bytes]]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from tests.integration.audit_wire import all_events, audited_proxy, wait_for
-from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn, masking_proxy
+from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn
 from tests.support import ProxyProcess, RawClient
 
 MASKED = "masked_trust"  # masked (a member of cc_staff), trust authentication
@@ -217,15 +216,6 @@ CASES: dict[str, list[object]] = {
         "",
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def text_proxy(pg: EmbeddedPostgres, billing: ProxyProcess) -> Iterator[ProxyProcess]:
-    """A pgveil with the same rules, `masked_prepare` off: the rewritten text as a Query."""
-    rules: Path = billing.rules_path  # type: ignore[attr-defined]
-    p = masking_proxy(pg, rules, metrics=False, extra=("--masked-prepare", "false"))
-    yield p
-    p.stop()
 
 
 Messages = list[tuple[str, bytes]]
