@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 # what the common errors mean to a person (strerror is "[Errno 21] Is a directory" style)
@@ -74,8 +75,15 @@ def check_readable(path: str | os.PathLike[str], what: str) -> None:
     """That the file can be opened for reading (for a file that a library opens itself,
     such as a certificate for the ssl module, or that is read line by line later)."""
     try:
-        if Path(path).is_dir():
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            # a FIFO or a device: opening it to check would wait for a writer and then, closed
+            # again, break that writer's pipe (`audit who --file <(...)`); its mode tells
+            if not os.access(path, os.R_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return
         with open(path, "rb"):
             pass
     except OSError as exc:
