@@ -12,7 +12,7 @@ import pytest
 from psycopg import sql as psql_sql
 
 from proxy.demo.embedded_pg import EmbeddedPostgres
-from tests.conftest import SCRAM_PASSWORD, SCRAM_USER
+from tests.conftest import SCRAM_PASSWORD, SCRAM_USER, scram_asyncpg
 from tests.support import ProxyProcess, RawClient, normalise_session_bytes
 
 TYPES_QUERY = r"""
@@ -228,14 +228,7 @@ def test_notifications_and_backend_pid(proxy_dsn: str, direct_dsn: str) -> None:
 
 async def _asyncpg_session(port: int) -> dict[str, object]:
     out: dict[str, object] = {}
-    conn = await asyncpg.connect(
-        host="127.0.0.1",
-        port=port,
-        user=SCRAM_USER,
-        password=SCRAM_PASSWORD,
-        database="postgres",
-        ssl=False,
-    )
+    conn = await scram_asyncpg(port)
     try:
         out["types"] = [
             tuple(r)
