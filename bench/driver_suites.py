@@ -50,6 +50,10 @@ PACKAGES = {
     "asyncpg": [f"asyncpg=={ASYNCPG}", "distro~=1.9.0", "uvloop>=0.22.1", "pytest"],
 }
 VARIANTS = ("direct", "relay", "rules")
+PLUGINS = ROOT / "bench" / "suite_plugins"  # pytest plugins the suites run with
+# markers a suite's authors put on tests that may fail without a bug (psycopg's CI runs
+# failed tests up to three times for them: tools/ci/ci_test.sh)
+UNRELIABLE = frozenset(("flakey", "timing"))
 DATABASE = "suites"
 # The rules of the `rules` variant: one table of their own with a subject and a masked
 # column, so pgveil classifies logins and records statements; the suites' role (the
@@ -81,6 +85,7 @@ class Result:
     skipped: int
     seconds: float
     returncode: int
+    markers: dict[str, str] = dataclasses.field(default_factory=dict)  # test -> its markers
 
 
 def suite_env(work: Path, suite: str) -> Path:
@@ -136,9 +141,9 @@ def run_suite(
 ) -> int:
     """One run of the suite (the files in `selection`, else all of tests/): pytest's exit."""
     env = {**os.environ, "PGPASSWORD": pg.password}
-    for name in ("PGVEIL_PURE_PYTHON", "PYTHONPATH"):
-        env.pop(name, None)
-    args = [str(python), "-m", "pytest", "-q", f"--junitxml={report}"]
+    env.pop("PGVEIL_PURE_PYTHON", None)
+    env["PYTHONPATH"] = str(PLUGINS)  # only the markers plugin, nothing of pgveil's
+    args = [str(python), "-m", "pytest", "-q", "-p", "pgveil_suite_markers", f"--junitxml={report}"]
     if suite == "psycopg":
         env["PSYCOPG_TEST_DSN"] = (
             f"host=127.0.0.1 port={port} user={pg.superuser} dbname={DATABASE} sslmode=disable"
@@ -158,23 +163,28 @@ def run_suite(
     return proc.returncode
 
 
-def outcomes(report: Path) -> tuple[set[str], set[str], int]:
-    """passed, failed (errors included) and the number skipped, from a JUnit XML report."""
+def outcomes(report: Path) -> tuple[set[str], set[str], int, dict[str, str]]:
+    """passed, failed (errors included), the number skipped, and each test's markers (as the
+    plugin wrote them), from a JUnit XML report."""
     passed: set[str] = set()
     failed: set[str] = set()
     skipped = 0
+    markers: dict[str, str] = {}
     if not report.exists():
-        return passed, failed, skipped
+        return passed, failed, skipped, markers
     for case in ET.parse(report).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
         kinds = {child.tag for child in case}
+        for prop in case.iter("property"):
+            if prop.get("name") == "markers":
+                markers[name] = prop.get("value") or ""
         if kinds & {"failure", "error"}:
             failed.add(name)
         elif "skipped" in kinds:
             skipped += 1
         else:
             passed.add(name)
-    return passed, failed, skipped
+    return passed, failed, skipped, markers
 
 
 def start_proxy(
@@ -264,16 +274,18 @@ def main() -> int:
                     report.unlink(missing_ok=True)
                     started = time.monotonic()
                     rc = run_suite(python, suite, tests, port, pg, report, selections[suite])
-                    passed, failed, skipped = outcomes(report)
+                    passed, failed, skipped, markers = outcomes(report)
                     r = Result(suite, variant, run, passed, failed, skipped,
-                               time.monotonic() - started, rc)  # fmt: skip
+                               time.monotonic() - started, rc, markers)  # fmt: skip
                     if opts.baseline is not None and baseline(r, results) is None:
                         # read when first needed: the earlier invocation may still be running
                         base = opts.baseline / f"{suite}-direct-1.xml"
-                        passed, failed, skipped = outcomes(base)
+                        passed, failed, skipped, markers = outcomes(base)
                         if not passed:
                             sys.exit(f"{base}: no direct run of {suite} to compare with")
-                        results.append(Result(suite, "direct", 1, passed, failed, skipped, 0, 0))
+                        results.append(
+                            Result(suite, "direct", 1, passed, failed, skipped, 0, 0, markers)
+                        )
                     results.append(r)
                     print(summary(r, results), flush=True)
             finally:
@@ -315,7 +327,13 @@ def summary(r: Result, results: list[Result]) -> str:
         return line
     lost = regressions(r, results)
     line += f"; passed directly but not here: {len(lost)}"
-    return "\n".join([line, *(f"    {name}" for name in lost)])
+    marked = [n for n in lost if UNRELIABLE & set(r.markers.get(n, "").split(","))]
+    if marked:
+        line += f" ({len(marked)} of them marked {'/'.join(sorted(UNRELIABLE))} by the suite)"
+    return "\n".join(
+        [line, *(f"    {name}" + (f"  [{r.markers[name]}]" if name in r.markers else "")
+                 for name in lost)]
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
