@@ -129,6 +129,10 @@ def _qualified(parts: Iterable[Any]) -> Name | None:
     return (names[-2] if len(names) >= 2 else None), names[-1]
 
 
+def _runs_sql_text(function: str) -> bool:
+    return function in SQL_TEXT_FUNCTIONS or function.startswith(SQL_TEXT_PREFIXES)
+
+
 def _relation(rv: Any) -> Name:
     return (rv.schemaname, rv.relname)
 
@@ -156,7 +160,7 @@ def _sql(stmts: Iterable[Any], found: _Found) -> None:
                 return
             if isinstance(n, ast.FuncCall):
                 name = _qualified(n.funcname)
-                if name is None:
+                if name is None or _runs_sql_text(name[1]):
                     found.may = True
                     return
                 found.functions.add(name)
@@ -356,10 +360,9 @@ def moving_code(
     may: set[int] = {r.oid for r in by_oid.values() if r.facts.may}
 
     def callees(name: Name) -> tuple[bool, list[int]]:
-        """(whether the call is "may" by itself, the routines it may call)"""
+        """(whether the call is "may" by itself: no routine or built-in has the name; the
+        routines it may call)"""
         schema, fn = name
-        if fn in SQL_TEXT_FUNCTIONS or fn.startswith(SQL_TEXT_PREFIXES):
-            return True, []
         found = [r.oid for r in by_name.get(fn, ()) if schema is None or r.schema == schema]
         if not found and fn not in builtin_functions:
             return True, []
@@ -424,8 +427,7 @@ def statement_moves(stmts: Any, catalog: Any) -> bool:
             name = _qualified(n.funcname)
             if name is None:
                 continue
-            fn = name[1]
-            if fn in SQL_TEXT_FUNCTIONS or fn.startswith(SQL_TEXT_PREFIXES):
+            if _runs_sql_text(name[1]):
                 return True
             if functions and _named(name, functions):
                 return True
@@ -463,8 +465,6 @@ def _calls_moving(facts: Facts, catalog: Any) -> bool:
     classification says (a call of a function the catalog does not have: "may")."""
     for name in facts.functions:
         schema, fn = name
-        if fn in SQL_TEXT_FUNCTIONS or fn.startswith(SQL_TEXT_PREFIXES):
-            return True
         if _named(name, catalog.moving_functions):
             return True
         user = any(n == fn and (schema is None or s == schema) for s, n in catalog.user_functions)

@@ -438,9 +438,8 @@ class StatementFilter:
                 self.session_views
                 or d.unknown_relations
                 or d.defines
-                or (holder.unsure and d.relations)
+                or ((holder.unsure or self._moving or self._moved_here) and d.relations)
                 or (d.moves_names and len(d.kinds) > 1)
-                or (self._moved_here and d.relations)
             ):
                 extra = self._session_reads(d)
             if d.moves_names:
@@ -588,8 +587,12 @@ class StatementFilter:
             if not self._asked.issuperset(unknown):
                 self._asked.update(unknown)
                 holder.stale = True  # read the catalog again soon
-        if d.relations and (self._holder.unsure or (d.moves_names and len(d.kinds) > 1)):
-            uncertain = True  # names may have moved since the catalog was read
+        if d.relations and (
+            self._holder.unsure or self._moving or (d.moves_names and len(d.kinds) > 1)
+        ):
+            # names may have moved since the catalog was read; in the transaction that may
+            # have moved them, a catalog read (which cannot see its changes) does not settle
+            uncertain = True
         elif self._moved_here and not uncertain:
             # code this session ran may have made a temporary relation that the name finds
             # before the catalog's (the temporary schema comes first in the search path):
