@@ -3,7 +3,8 @@ body, a DO block, code attached to relations (triggers, defaults, policies, rule
 definition). Such code "may move names" (make names denote other relations than the catalog
 read says, see rules.effects.moves_names) when it may run DDL: it is written in a language
 other than SQL or PL/pgSQL (C, PL/Python...: unknown), runs SQL text (PL/pgSQL's EXECUTE in
-any form, a built-in that runs a query given as text), runs any statement but SELECT,
+any form, dblink; a built-in that runs a query given as text may call any function, so it
+is "may" when any code is), runs any statement but SELECT,
 INSERT, UPDATE, DELETE and MERGE (a utility statement; `SELECT ... INTO` creates a table),
 or calls code that may (a fixpoint over the calls). Allow-list by construction: a PL/pgSQL
 statement kind, a PL/pgSQL parse node or a parse-tree node this module does not know, a body
@@ -32,15 +33,16 @@ from rules.nodes import descendants
 
 ast: Any = pglast.ast
 
-# Built-ins that run SQL given as text (the query may call any function) or in another
-# session of the same database (dblink_exec may run DDL there)
+# Built-ins that run a query given as text (read-only: it may call any function, so they
+# may move names when any code of the database may), and functions that run SQL in another
+# session of the same database (dblink_exec may run DDL there: always "may")
 SQL_TEXT_FUNCTIONS = frozenset(
     {
         "query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema", "ts_rewrite",
         "ts_stat",
     }
 )  # fmt: skip
-SQL_TEXT_PREFIXES = ("dblink",)
+OTHER_SESSION_PREFIXES = ("dblink",)
 
 # The statements code may run without moving names (the rest are utility statements)
 _DML = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
@@ -129,8 +131,8 @@ def _qualified(parts: Iterable[Any]) -> Name | None:
     return (names[-2] if len(names) >= 2 else None), names[-1]
 
 
-def _runs_sql_text(function: str) -> bool:
-    return function in SQL_TEXT_FUNCTIONS or function.startswith(SQL_TEXT_PREFIXES)
+def _other_session(function: str) -> bool:
+    return function.startswith(OTHER_SESSION_PREFIXES)
 
 
 def _relation(rv: Any) -> Name:
@@ -160,7 +162,7 @@ def _sql(stmts: Iterable[Any], found: _Found) -> None:
                 return
             if isinstance(n, ast.FuncCall):
                 name = _qualified(n.funcname)
-                if name is None or _runs_sql_text(name[1]):
+                if name is None or _other_session(name[1]):
                     found.may = True
                     return
                 found.functions.add(name)
@@ -343,7 +345,7 @@ def moving_code(
     `attached` ((schema, relation, function OID, whether it runs on reads): triggers,
     defaults, constraints, rules and policies; a view's definition), `view_sources`
     (each view's relations, transitively). A call to a name no routine and no built-in
-    has counts as "may"; so does a built-in that runs SQL text."""
+    has counts as "may"; a built-in that runs a query given as text calls every routine."""
     by_oid = {r.oid: r for r in routines}
     by_name: dict[str, list[Routine]] = {}
     for r in by_oid.values():
@@ -361,11 +363,13 @@ def moving_code(
 
     def callees(name: Name) -> tuple[bool, list[int]]:
         """(whether the call is "may" by itself: no routine or built-in has the name; the
-        routines it may call)"""
+        routines it may call: any, for a built-in that runs a query given as text)"""
         schema, fn = name
         found = [r.oid for r in by_name.get(fn, ()) if schema is None or r.schema == schema]
         if not found and fn not in builtin_functions:
             return True, []
+        if fn in SQL_TEXT_FUNCTIONS and schema in (None, "pg_catalog"):
+            found.extend(by_oid)
         return False, found
 
     def moving_relations(target: dict[tuple[str, str], set[int]]) -> set[tuple[str, str]]:
@@ -411,9 +415,9 @@ def moving_code(
 def statement_moves(stmts: Any, catalog: Any) -> bool:
     """Whether a statement runs code that may move names: a DO block that may, a call of a
     function that may (CALL or anywhere in an expression, by any overload or, unqualified,
-    any schema's), a built-in that runs SQL text, a user operator whose function may, a
-    relation whose reads run such code (a view, a policy), or a write to one whose writes
-    do (a trigger, a default)."""
+    any schema's; dblink; a built-in that runs a query given as text while any function
+    may), a user operator whose function may, a relation whose reads run such code (a
+    view, a policy), or a write to one whose writes do (a trigger, a default)."""
     functions = catalog.moving_functions
     operators = catalog.moving_operators
     reads = catalog.moving_reads
@@ -427,7 +431,7 @@ def statement_moves(stmts: Any, catalog: Any) -> bool:
             name = _qualified(n.funcname)
             if name is None:
                 continue
-            if _runs_sql_text(name[1]):
+            if _other_session(name[1]) or (functions and name[1] in SQL_TEXT_FUNCTIONS):
                 return True
             if functions and _named(name, functions):
                 return True
@@ -465,6 +469,8 @@ def _calls_moving(facts: Facts, catalog: Any) -> bool:
     classification says (a call of a function the catalog does not have: "may")."""
     for name in facts.functions:
         schema, fn = name
+        if fn in SQL_TEXT_FUNCTIONS and catalog.moving_functions:
+            return True
         if _named(name, catalog.moving_functions):
             return True
         user = any(n == fn and (schema is None or s == schema) for s, n in catalog.user_functions)

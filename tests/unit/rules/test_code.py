@@ -44,8 +44,7 @@ def may(body: str, returns: str = "void", args: str = "") -> bool:
         "BEGIN BEGIN BEGIN EXECUTE 'x'; END; END; END",  # nested blocks
         "BEGIN CASE 1 WHEN 1 THEN COMMENT ON TABLE t IS 'x'; END CASE; END",
         "DECLARE x int; BEGIN FOR x IN 1..3 LOOP GRANT SELECT ON t TO PUBLIC; END LOOP; END",
-        "BEGIN PERFORM query_to_xml('SELECT f()', true, false, ''); END",  # SQL as text
-        "BEGIN PERFORM dblink_exec('DROP TABLE t'); END",
+        "BEGIN PERFORM dblink_exec('DROP TABLE t'); END",  # another session
         "BEGIN this is not pl/pgsql; END",  # does not parse
     ],
 )
@@ -134,17 +133,21 @@ def test_the_fixpoint_over_calls_and_attached_code() -> None:
         _routine(6, "unknown", "BEGIN PERFORM nobody_has_it(); END"),
         _routine(7, "builtin", "BEGIN PERFORM upper('x'); END"),
         _routine(8, "op", "BEGIN PERFORM 1 ### 2; END"),
+        # a query given as text may call any function: "may" since some routine may
+        _routine(10, "as_text", "BEGIN PERFORM query_to_xml('SELECT 1', true, false, ''); END"),
         Routine(9, "s", "agg", code.NOTHING, (1,)),  # an aggregate whose support may
     ]
     moving = moving_code(
         routines,
-        frozenset({"upper"}),
+        frozenset({"upper", "query_to_xml"}),
         [("###", 1)],
         [("s", "triggered", 1, False), ("s", "guarded", 1, True)],
         {("s", "over_guarded"): (("s", "guarded"),)},
     )
     names = {n for _s, n in moving.functions}
-    assert names == {"ddl", "calls_ddl", "calls_it", "writes_trigger", "unknown", "op", "agg"}
+    assert names == {
+        "ddl", "calls_ddl", "calls_it", "writes_trigger", "unknown", "op", "agg", "as_text"
+    }  # fmt: skip
     assert moving.operators == {"###"}
     assert moving.reads == {("s", "guarded"), ("s", "over_guarded")}
     assert ("s", "triggered") in moving.writes and ("s", "plain") not in moving.writes
@@ -174,7 +177,8 @@ def _catalog() -> object:
         ("INSERT INTO notes VALUES (1, 'x')", True),
         ("TRUNCATE public.notes", True),
         ("COPY public.notes FROM STDIN", True),
-        ("SELECT query_to_xml('SELECT 1', true, false, '')", True),
+        ("SELECT query_to_xml('SELECT 1', true, false, '')", True),  # (billing.leak may)
+        ("SELECT dblink_exec('x', 'DROP TABLE t')", True),
         ("DO $$ BEGIN INSERT INTO public.notes VALUES (1, 'x'); END $$", True),  # its trigger
         ("DO $$ BEGIN PERFORM billing.invoice_total(1); END $$", False),
         ("DO $$ BEGIN PERFORM billing.leak(); END $$", True),
@@ -202,6 +206,14 @@ def test_every_plpgsql_node_kind_of_the_parser_is_classified() -> None:
     known = code.PLPGSQL_STATEMENTS | code.PLPGSQL_DYNAMIC | code.PLPGSQL_NODES
     assert written - known == set(), f"unclassified: {sorted(written - known)}"
     assert known - written == set(), f"no longer written: {sorted(known - written)}"
+
+
+def test_a_query_given_as_text_moves_names_only_where_some_code_may() -> None:
+    """query_to_xml runs its query read-only: only a function the query calls can run DDL."""
+    stmts = parse_sql("SELECT query_to_xml('SELECT 1', true, false, '')")
+    assert not statement_moves(stmts, CATALOG)
+    rows_only = _routine(1, "rows", "BEGIN PERFORM query_to_xml('SELECT 1', true, false, ''); END")
+    assert moving_code([rows_only], frozenset({"query_to_xml"}), [], [], {}).functions == set()
 
 
 def test_an_unknown_plpgsql_node_kind_is_may() -> None:
