@@ -14,7 +14,8 @@ that does not parse and a call it cannot resolve all make the code "may".
 classifies the database's code once per catalog read (rules.catalog_read);
 `statement_moves` says whether a statement runs such code, for the analyser.
 
-Pure: no I/O, no logging. A body's text never leaves this module.
+Pure: no I/O, no logging (a bounded memo of the bodies read). A body's text never leaves
+this module.
 """
 
 from __future__ import annotations
@@ -275,17 +276,27 @@ def _flat(items: Any) -> Iterator[Any]:
             yield item
 
 
+# the facts of the bodies read so far, by (language, definition): a catalog read every
+# `catalog_refresh` seconds finds the same bodies again (parsing them all each time would
+# hold the proxy's event loop for a while on a database with many functions); bounded
+_KNOWN_BODIES: dict[tuple[str, str], Facts] = {}
+_KNOWN_BODIES_MAX = 50_000
+
+
 def body_facts(language: str, definition: str | None) -> Facts:
     """The facts of a function or procedure in `language` from its whole CREATE statement
     (None when the server does not show one: an aggregate's is read from its support
     functions instead)."""
-    if definition is None:
-        return MAY
-    if language == "plpgsql":
-        return plpgsql_facts(definition)
-    if language == "sql":
-        return _sql_body(definition)
-    return MAY  # C, internal, PL/Python...: pgveil cannot tell what it runs
+    if definition is None or language not in ("plpgsql", "sql"):
+        return MAY  # C, internal, PL/Python...: pgveil cannot tell what it runs
+    key = (language, definition)
+    facts = _KNOWN_BODIES.get(key)
+    if facts is None:
+        facts = plpgsql_facts(definition) if language == "plpgsql" else _sql_body(definition)
+        if len(_KNOWN_BODIES) >= _KNOWN_BODIES_MAX:
+            _KNOWN_BODIES.clear()
+        _KNOWN_BODIES[key] = facts
+    return facts
 
 
 def do_facts(node: Any) -> Facts:
