@@ -27,7 +27,13 @@ import asyncpg
 
 from proxy.config import ProxyConfig
 from rules.catalog import Catalog
-from rules.catalog_read import read_catalog, read_databases, read_role_names, read_roles
+from rules.catalog_read import (
+    read_catalog,
+    read_databases,
+    read_role_names,
+    read_roles,
+    read_temp_names,
+)
 from rules.check import Problem, check_policy
 from rules.context import ContextHolder, MaskingContext
 from rules.model import Policy
@@ -185,10 +191,17 @@ class MaskingManager:
             return db
         return await self._load(database, db)
 
-    async def _read(self, database: str) -> tuple[Catalog, frozenset[str]]:
+    async def _read(self, database: str) -> tuple[Catalog, frozenset[str], frozenset[str]]:
+        """The catalog, the cluster's role names and the names of the database's temporary
+        relations (not part of the catalog: they change with every session that makes one,
+        and would replace the context, with its cached decisions, at each read)."""
         conn = await self._connect(database)
         try:
-            return await read_catalog(conn.fetch), await read_role_names(conn.fetch)
+            return (
+                await read_catalog(conn.fetch),
+                await read_role_names(conn.fetch),
+                await read_temp_names(conn.fetch),
+            )
         except asyncpg.PostgresError as exc:
             raise MaskingUnavailable(
                 f"pgveil cannot read the catalog ({type(exc).__name__})"
@@ -214,7 +227,7 @@ class MaskingManager:
                 current.holder.reads_begun += 1
                 number = current.holder.reads_begun
             try:
-                catalog, role_names = await self._read(database)
+                catalog, role_names, temp_names = await self._read(database)
             except MaskingUnavailable:
                 if current is not None and stale:
                     current.holder.stale = True  # (asked for still)
@@ -244,9 +257,11 @@ class MaskingManager:
                     log.warning("rules.drift", database=database, detail=warning)
             if current is None:
                 current = _Database(ContextHolder(context), time.monotonic(), role_names)
+                current.holder.temp_names = temp_names
                 self._dbs[database] = current
             else:
                 current.holder.context = context
+                current.holder.temp_names = temp_names
                 current.holder.reads_done = max(current.holder.reads_done, number)
                 current.loaded = time.monotonic()
                 current.role_names = role_names
@@ -349,7 +364,7 @@ async def check_rules(
     out: list[tuple[str, Problem]] = []
     roles_done = False
     for name in names:
-        catalog, role_names = await manager._read(name)
+        catalog, role_names, _temp = await manager._read(name)
         for p in check_policy(policy, catalog, None if roles_done else role_names, name):
             out.append((name, p))
         roles_done = True

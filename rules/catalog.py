@@ -108,6 +108,13 @@ class Catalog:
     # tells that a name the analyser does not know names nothing (rules.missing); empty
     # when not read
     relation_names: frozenset[tuple[str, str]] = frozenset()
+    # code that may move names when it runs (rules.code): functions by (schema, name) (any
+    # overload may), user operators by name, relations whose reads (a view's definition, a
+    # policy) or writes (a trigger, a default, a rule; and the reads') run such code
+    moving_functions: frozenset[tuple[str, str]] = frozenset()
+    moving_operators: frozenset[str] = frozenset()
+    moving_reads: frozenset[tuple[str, str]] = frozenset()
+    moving_writes: frozenset[tuple[str, str]] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.by_oid:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rules.catalog import Catalog, Column, Relation
+from rules.code import NOTHING, Routine, body_facts, moving_code
 from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
 from rules.discovery import ForeignKey, Keys
 from rules.masks import ColumnType
@@ -212,6 +213,67 @@ SELECT n.nspname, c.relname
  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
    AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
 """
+# The code of the database that may move names when it runs (rules.code): every function
+# outside pg_catalog and information_schema with its language and, in SQL or PL/pgSQL, its
+# whole CREATE statement (an aggregate: its support functions instead); user operators'
+# functions; code attached to relations (triggers, defaults, constraints, policies, rules,
+# a view's definition), with whether it runs on reads (a policy, a view's SELECT rule)
+ROUTINES_SQL = """
+SELECT p.oid, n.nspname, p.proname, l.lanname,
+       CASE WHEN p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql')
+            THEN pg_catalog.pg_get_functiondef(p.oid) END AS definition,
+       CASE WHEN p.prokind = 'a'
+            THEN (SELECT ARRAY[a.aggtransfn, a.aggfinalfn, a.aggcombinefn, a.aggserialfn,
+                               a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn,
+                               a.aggmfinalfn]::pg_catalog.oid[]
+                    FROM pg_catalog.pg_aggregate a WHERE a.aggfnoid = p.oid) END AS support
+  FROM pg_catalog.pg_proc p
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+OPERATOR_CODE_SQL = """
+SELECT o.oprname, o.oprcode::pg_catalog.oid AS function
+  FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND o.oprcode <> 0
+"""
+ATTACHED_CODE_SQL = """
+SELECT rn.nspname, rc.relname, x.function, x.reads
+  FROM (SELECT d.refobjid AS function,
+               CASE d.classid
+                 WHEN 'pg_catalog.pg_trigger'::pg_catalog.regclass
+                   THEN (SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE t.oid = d.objid)
+                 WHEN 'pg_catalog.pg_attrdef'::pg_catalog.regclass
+                   THEN (SELECT a.adrelid FROM pg_catalog.pg_attrdef a WHERE a.oid = d.objid)
+                 WHEN 'pg_catalog.pg_constraint'::pg_catalog.regclass
+                   THEN (SELECT c.conrelid FROM pg_catalog.pg_constraint c WHERE c.oid = d.objid)
+                 WHEN 'pg_catalog.pg_policy'::pg_catalog.regclass
+                   THEN (SELECT p.polrelid FROM pg_catalog.pg_policy p WHERE p.oid = d.objid)
+                 WHEN 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+                   THEN (SELECT r.ev_class FROM pg_catalog.pg_rewrite r WHERE r.oid = d.objid)
+               END AS rel,
+               d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass
+               OR (d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+                   AND EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
+                                WHERE r.oid = d.objid AND r.ev_type = '1')) AS reads
+          FROM pg_catalog.pg_depend d
+         WHERE d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+           AND d.classid IN ('pg_catalog.pg_trigger'::pg_catalog.regclass,
+                             'pg_catalog.pg_attrdef'::pg_catalog.regclass,
+                             'pg_catalog.pg_constraint'::pg_catalog.regclass,
+                             'pg_catalog.pg_policy'::pg_catalog.regclass,
+                             'pg_catalog.pg_rewrite'::pg_catalog.regclass)) x
+  JOIN pg_catalog.pg_class rc ON rc.oid = x.rel
+  JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+"""
+# The names of the relations in every temporary schema (other sessions' too: pgveil cannot
+# tell which server session is which of its own), which the catalog leaves out: a session
+# whose code created one may see it where the catalog has another relation of that name
+TEMP_NAMES_SQL = """
+SELECT DISTINCT c.relname
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname ~ '^pg_temp_[0-9]+$'
+"""
 ROLE_NAMES_SQL = "SELECT rolname FROM pg_catalog.pg_roles"
 DATABASES_SQL = """
 SELECT datname FROM pg_catalog.pg_database
@@ -344,6 +406,26 @@ async def read_catalog(fetch: Fetch) -> Catalog:
     relation_names = frozenset(
         (r["nspname"], r["relname"]) for r in await fetch(RELATION_NAMES_SQL)
     )
+    routines = [
+        Routine(
+            r["oid"],
+            r["nspname"],
+            r["proname"],
+            NOTHING if r["support"] is not None else body_facts(r["lanname"], r["definition"]),
+            tuple(o for o in r["support"] or () if o),
+        )
+        for r in await fetch(ROUTINES_SQL)
+    ]
+    moving = moving_code(
+        routines,
+        frozenset(builtin_f),
+        [(r["oprname"], r["function"]) for r in await fetch(OPERATOR_CODE_SQL)],
+        [
+            (r["nspname"], r["relname"], r["function"], r["reads"])
+            for r in await fetch(ATTACHED_CODE_SQL)
+        ],
+        view_sources,
+    )
     return Catalog(
         relations=relations,
         relation_names=relation_names,
@@ -367,7 +449,16 @@ async def read_catalog(fetch: Fetch) -> Catalog:
         table_code=table_code,
         system_columns=system_columns,
         function_columns=function_columns,
+        moving_functions=moving.functions,
+        moving_operators=moving.operators,
+        moving_reads=moving.reads,
+        moving_writes=moving.writes,
     )
+
+
+async def read_temp_names(fetch: Fetch) -> frozenset[str]:
+    """The names of the relations in the database's temporary schemas (see TEMP_NAMES_SQL)."""
+    return frozenset(r["relname"] for r in await fetch(TEMP_NAMES_SQL))
 
 
 async def read_role_names(fetch: Fetch) -> frozenset[str]:

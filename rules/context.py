@@ -32,10 +32,14 @@ class ContextHolder:
 
     The audit also asks when relation names may no longer denote what the catalog read
     says: a statement that creates or replaces a view, renames, moves or drops relations,
-    or runs code that may (DO, CALL) went to the server. Until a catalog read that began
-    after its transaction ended is in (`unsure`), every session's statements that name
-    relations are recorded as uncertain. The shell counts the reads (`reads_begun`, and
-    `reads_done`: the latest one whose result is in `context`)."""
+    or runs code that may (a DO block, a procedure or function, or code attached to a
+    relation, that may run DDL: rules.code; a CALL of a procedure that only reads and
+    writes rows does not) went to the server. Until a catalog read that began after its
+    transaction ended is in (`unsure`), every session's statements that name relations are
+    recorded as uncertain. The shell counts the reads (`reads_begun`, and `reads_done`: the
+    latest one whose result is in `context`). `temp_names`: the names of the relations in
+    the database's temporary schemas at the latest read (which the catalog leaves out): a
+    session that ran such code may have made one that its unqualified names find first."""
 
     def __init__(self, context: MaskingContext) -> None:
         self.context = context
@@ -43,6 +47,7 @@ class ContextHolder:
         self.reads_begun = 0
         self.reads_done = 0
         self.moved_until = 0  # the read that must be in before names are certain again
+        self.temp_names: frozenset[str] = frozenset()
 
     @property
     def unsure(self) -> bool:

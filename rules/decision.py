@@ -81,7 +81,10 @@ class Decision:
     # a function, renames, moves, alters, drops or rewrites (CREATE RULE) a relation the
     # catalog has, or renames or drops a schema; or it attaches code the server runs
     # unnamed (a trigger, policy or index of a relation the catalog has; a cast, operator,
-    # type or domain), which the catalog read must see (rules.subjects)
+    # type or domain), which the catalog read must see (rules.subjects); or it runs code
+    # pgveil does not see into that may do any of that (rules.code: a DO block, or a
+    # procedure, function, view, trigger... that may run DDL; not one that only reads and
+    # writes rows)
     moves_names: bool = False
     # the system relations and functions read that show values or statement text
     # (rules.denied.SYSTEM_VIEWS): rewritten for masked roles; an unmasked session reads

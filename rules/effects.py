@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rules.code import statement_moves
 from rules.reads import ast, name_of
 from rules.settings import TX_KINDS
 
@@ -45,8 +46,10 @@ _HIDDEN_CODE = (
 
 def moves_names(stmts: Any, catalog: Any) -> bool:
     """Whether a statement may make names denote other relations than `catalog` says (see
-    Decision.moves_names). A temporary relation, or one the catalog does not have, moves nothing
-    the catalog says (a name it does not have is uncertain in any case)."""
+    Decision.moves_names): DDL that does, or code pgveil does not see into that may run
+    DDL (rules.code.statement_moves). A temporary relation, or one the catalog does not
+    have, moves nothing the catalog says (a name it does not have is uncertain in any
+    case)."""
 
     def known(rv: Any) -> bool:
         if rv is None:
@@ -93,7 +96,7 @@ def moves_names(stmts: Any, catalog: Any) -> bool:
                 return True
         elif isinstance(node, ast.RuleStmt | ast.AlterTableStmt) and known(node.relation):
             return True
-    return False
+    return statement_moves(stmts, catalog)
 
 
 _CURSOR_OPT_HOLD = 0x0020  # parsenodes.h

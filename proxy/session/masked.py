@@ -202,6 +202,10 @@ class StatementFilter:
         # tables behind them, and whether what they read could not all be told
         self.session_views: dict[str, tuple[frozenset[str], bool]] = {}
         self._moving = False  # a statement that may move names, its transaction not ended
+        # a statement that may move names ran in this session (code pgveil does not see
+        # into, a DO block say, may have created temporary relations): from then on an
+        # unqualified name that a temporary schema has may denote this session's own
+        self._moved_here = False
         # unknown names this session asked the catalog to be read again for, and under
         # which context (asked once per name until the context is replaced)
         self._asked: set[str] = set()
@@ -434,7 +438,7 @@ class StatementFilter:
                 self.session_views
                 or d.unknown_relations
                 or d.defines
-                or (holder.unsure and d.relations)
+                or ((holder.unsure or self._moving or self._moved_here) and d.relations)
                 or (d.moves_names and len(d.kinds) > 1)
             ):
                 extra = self._session_reads(d)
@@ -443,7 +447,7 @@ class StatementFilter:
                 # session, until it is read again (see ContextHolder.names_moving); the
                 # statements after it in the same text too (see _session_reads)
                 holder.names_moving()
-                self._moving = True
+                self._moving = self._moved_here = True
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
         # the same names) named: the statement log adds their tables when it runs (it
         # knows which statement or cursor the name holds then)
@@ -583,8 +587,19 @@ class StatementFilter:
             if not self._asked.issuperset(unknown):
                 self._asked.update(unknown)
                 holder.stale = True  # read the catalog again soon
-        if d.relations and (self._holder.unsure or (d.moves_names and len(d.kinds) > 1)):
-            uncertain = True  # names may have moved since the catalog was read
+        if d.relations and (
+            self._holder.unsure or self._moving or (d.moves_names and len(d.kinds) > 1)
+        ):
+            # names may have moved since the catalog was read; in the transaction that may
+            # have moved them, a catalog read (which cannot see its changes) does not settle
+            uncertain = True
+        elif self._moved_here and not uncertain:
+            # code this session ran may have made a temporary relation that the name finds
+            # before the catalog's (the temporary schema comes first in the search path):
+            # the catalog read has the names of every temporary schema's relations (a
+            # relation made since is covered by `unsure` until the read after it is in)
+            temp = self._holder.temp_names
+            uncertain = any(name in temp for name in d.relations)
         for name, read in d.defines:
             # (a view over the session's views reads theirs; a superset: all of them)
             behind = frozenset(read).union(*(views.values()))

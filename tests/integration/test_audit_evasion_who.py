@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,19 @@ CREATE VIEW evasion.windowed AS
 CREATE VIEW evasion.first_ones AS
   SELECT DISTINCT ON (i_customer) i_customer, email FROM billing.customers
    ORDER BY i_customer LIMIT 10;
+-- code the server runs out of pgveil's sight: only rows written (no name moves), dynamic
+-- SQL, another language, and a call of code that runs dynamic SQL (rules/code.py)
+CREATE TABLE evasion.counter (n int);
+CREATE PROCEDURE evasion.rows_only() LANGUAGE plpgsql
+  AS $$ BEGIN INSERT INTO evasion.counter VALUES (1); UPDATE evasion.counter SET n = n + 1; END $$;
+CREATE PROCEDURE evasion.dynamic() LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'SELECT 1'; END $$;
+CREATE FUNCTION evasion.dynamic_f() RETURNS int LANGUAGE plpgsql
+  AS $$ BEGIN EXECUTE 'SELECT 1'; RETURN 1; END $$;
+CREATE FUNCTION evasion.other_language(int) RETURNS int LANGUAGE internal IMMUTABLE STRICT
+  AS 'int4abs';
+CREATE FUNCTION evasion.calls_dynamic() RETURNS int LANGUAGE sql
+  AS $$ SELECT evasion.dynamic_f() $$;
+GRANT ALL ON evasion.counter TO billing_admin;
 GRANT USAGE, CREATE ON SCHEMA evasion TO billing_admin;
 GRANT USAGE ON SCHEMA evasion TO helpdesk, cc_staff;
 GRANT SELECT ON ALL TABLES IN SCHEMA evasion TO billing_admin, helpdesk, cc_staff;
@@ -612,6 +626,114 @@ def test_a_view_replaced_by_a_do_block_proves_no_subjects(
     assert event["subjects_complete"] is False or event["analysis_complete"] is False, event
     assert touched(path, app, CUSTOMERS, "2") == ["possibly"], event
     settled(pg, proxy.port, path, f"{app}-settled")
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_views_swapped_by_a_do_block_are_uncertain_until_the_catalog_is_read(
+    pg: EmbeddedPostgres, audited: tuple[ProxyProcess, Path], client: str
+) -> None:
+    """A DO block renames views by EXECUTE so that a name the catalog pgveil read has over
+    customers denotes a view over accounts. A read of that name in the DO's transaction
+    (which no catalog read can see into) is uncertain, listed under accounts; once the
+    transaction ended and pgveil read the catalog again, the read is attributed to
+    accounts as fact."""
+    proxy, path = audited
+    app = f"ew-do-swap-{client}"
+    swap, other = f"evasion.do_swap_{client}", f"evasion.do_swap_in_{client}"
+    run_psql(pg, proxy.port, ADMIN, f"{app}-ddl", (
+        f"CREATE VIEW {swap} AS SELECT c.i_customer, c.email FROM billing.customers c",
+        f"CREATE VIEW {other} AS SELECT a.i_account, a.ip FROM billing.accounts a",
+    ))  # fmt: skip
+    settled(pg, proxy.port, path, f"{app}-known")
+    run(client, pg, proxy.port, ADMIN, app, (
+        "BEGIN",
+        f"DO $$ BEGIN EXECUTE 'ALTER VIEW {swap} RENAME TO do_swap_out_{client}';"
+        f" EXECUTE 'ALTER VIEW {other} RENAME TO do_swap_{client}'; END $$",
+        f"SELECT * FROM {swap}",
+        "COMMIT",
+    ))  # fmt: skip
+    (read,) = [e for e in access_events(path, app) if e["kinds"] == ["select"]]
+    assert read["analysis_complete"] is False, read
+    assert touched(path, app, ACCOUNTS, "10")[-1] in ("yes", "possibly"), read
+    settled(pg, proxy.port, path, f"{app}-settled")
+    run(client, pg, proxy.port, ADMIN, f"{app}-after", (f"SELECT * FROM {swap}",))
+    (after,) = access_events(path, f"{app}-after")
+    assert after["tables"] == [ACCOUNTS] and after["analysis_complete"] is True, after
+    assert touched(path, f"{app}-after", ACCOUNTS, "10") == ["yes"], after
+
+
+# the read after the code: uncertain when the code may have moved names (a catalog read
+# cannot see into the transaction), certain otherwise
+_AFTER_CODE = "SELECT i_customer, email FROM billing.customers WHERE i_customer = 1"
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    "call",
+    ["CALL evasion.rows_only()", "SELECT billing.invoice_total(1)", "DO $$ BEGIN NULL; END $$"],
+)
+def test_code_that_only_reads_and_writes_rows_moves_no_names(
+    pg: EmbeddedPostgres, audited: tuple[ProxyProcess, Path], client: str, call: str
+) -> None:
+    """A procedure that only inserts and updates rows (a billing system calls them all the
+    time) leaves the reads after it certain: subjects proved by the rows returned."""
+    proxy, path = audited
+    app = f"ew-rows-{re.sub(r'[^a-z_]+', '-', call)[:40]}-{client}"
+    run(client, pg, proxy.port, ADMIN, app, ("BEGIN", call, _AFTER_CODE, "COMMIT"))
+    read = access_events(path, app)[-1]
+    assert read["kinds"] == ["select"] and read["analysis_complete"] is True, read
+    assert read["subjects"] == {CUSTOMERS: ["1"]} and read["subjects_complete"] is True, read
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    "call",
+    [
+        "CALL evasion.dynamic()",  # EXECUTE
+        "SELECT evasion.dynamic_f()",  # EXECUTE, called from a SELECT
+        "SELECT evasion.other_language(-1)",  # not SQL or PL/pgSQL
+        "SELECT evasion.calls_dynamic()",  # calls one that runs EXECUTE
+        "DO $$ BEGIN PERFORM evasion.dynamic_f(); END $$",
+    ],
+)
+def test_code_that_may_run_ddl_leaves_the_reads_after_it_uncertain(
+    pg: EmbeddedPostgres, audited: tuple[ProxyProcess, Path], client: str, call: str
+) -> None:
+    proxy, path = audited
+    app = f"ew-ddl-{re.sub(r'[^a-z_]+', '-', call)[:40]}-{client}"
+    run(client, pg, proxy.port, ADMIN, app, ("BEGIN", call, _AFTER_CODE, "COMMIT"))
+    read = access_events(path, app)[-1]
+    assert read["kinds"] == ["select"] and read["analysis_complete"] is False, read
+    assert read["subjects_complete"] is False, read
+    settled(pg, proxy.port, path, f"{app}-settled")
+
+
+def test_a_temporary_table_made_by_a_do_block_shadows_the_catalogs_name(
+    pg: EmbeddedPostgres, audited: tuple[ProxyProcess, Path]
+) -> None:
+    """The server finds an unqualified name in the session's temporary schema before any
+    schema of the search path: a DO block copies customers into a temporary table named
+    like the unprotected billing.customer_classes. After pgveil read the catalog again,
+    that session's read of `customer_classes` is uncertain (listed under customers), not
+    an unprotected read; a qualified name still reads what the catalog says."""
+    proxy, path = audited
+    app = "ew-do-temp"
+    conninfo = dsn(pg, proxy.port, ADMIN, ADMIN_PW) + f" application_name={app}"
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        c.execute("SET search_path = billing, public")
+        c.execute(
+            "DO $$ BEGIN CREATE TEMP TABLE customer_classes AS"
+            " SELECT i_customer AS i_customer_class, name FROM billing.customers; END $$"
+        )
+        settled(pg, proxy.port, path, f"{app}-settled")
+        before = len(access_events(path, app))
+        rows = c.execute("SELECT name FROM customer_classes ORDER BY 1").fetchall()
+        assert (NAME,) in rows  # the server read the temporary table
+        c.execute("SELECT name FROM billing.customer_classes ORDER BY 1").fetchall()
+    (read,) = access_events(path, app)[before:]
+    assert read["analysis_complete"] is False, read
+    assert touched(path, app, CUSTOMERS, "1")[-1] == "possibly", read
+    assert NAME not in path.read_text()
 
 
 def test_views_swapped_by_name_in_another_session(

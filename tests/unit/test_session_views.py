@@ -189,3 +189,80 @@ def test_an_unknown_name_asks_for_one_catalog_read_per_catalog() -> None:
     holder.context = context()  # a new catalog, without it still
     s.query("SELECT body FROM public.created_later", ROWS)
     assert holder.stale
+
+
+def moving_context() -> MaskingContext:
+    """The catalog with billing.leak classified as code that may move names (rules.code)."""
+    catalog = replace(CATALOG, moving_functions=frozenset({("billing", "leak")}))
+    return MaskingContext(parse_rules(RULES, "r", {"K": "k" * 32}), catalog)
+
+
+def test_only_code_that_may_move_names_makes_every_session_unsure() -> None:
+    """A CALL (or any call) of code the catalog read classified as able to run DDL: every
+    session is unsure until the catalog is read again. A procedure that only reads and
+    writes rows, or a DO block that runs no DDL, leaves every session certain."""
+    for sql in (
+        "CALL billing.leak()",
+        "SELECT billing.leak()",
+        "DO $$ BEGIN EXECUTE 'ALTER TABLE public.notes RENAME TO gone'; END $$",
+        "DO $$ BEGIN PERFORM billing.leak(); END $$",
+    ):
+        holder = ContextHolder(moving_context())
+        Recorder(holder).query_silent(sql, complete(b"CALL"))
+        assert holder.unsure and holder.stale, sql
+    for sql in (
+        "CALL billing.invoice_total(1)",
+        "SELECT billing.invoice_total(1)",
+        "DO $$ BEGIN INSERT INTO public.notes VALUES (1, 'x'); END $$",
+    ):
+        holder = ContextHolder(moving_context())
+        Recorder(holder).query_silent(sql, complete(b"CALL"))
+        assert not holder.unsure and not holder.stale, sql
+
+
+def test_in_the_transaction_that_may_have_moved_names_a_catalog_read_settles_nothing() -> None:
+    """A catalog read that begins after the CALL but before its transaction ends cannot
+    see what the CALL did: that session's statements stay uncertain until it ends (other
+    sessions' are certain again: the server shows them the names before the change)."""
+    holder = ContextHolder(moving_context())
+    mover, other = Recorder(holder), Recorder(holder)
+    in_tx = ready_for_query(ord("T"))
+    mover.filter.client(mover.client, m.message(m.QUERY, b"BEGIN\0"))
+    mover.filter.server(mover.server, complete(b"BEGIN") + in_tx)
+    mover.filter.client(mover.client, m.message(m.QUERY, b"CALL billing.leak()\0"))
+    mover.filter.server(mover.server, complete(b"CALL") + in_tx)
+    holder.reads_begun += 1  # a read begins (and ends) while the transaction is open
+    holder.reads_done = holder.reads_begun
+    assert not holder.unsure
+    other.query_silent("SELECT body FROM public.notes", ROWS)
+    assert other.hook.events == []
+    mover.hook.events.clear()
+    mover.filter.client(mover.client, m.message(m.QUERY, b"SELECT body FROM public.notes\0"))
+    mover.filter.server(mover.server, ROWS + in_tx)
+    (_, event), *_ = mover.hook.events
+    assert event["analysis_complete"] is False
+
+
+def test_a_temporary_relation_made_by_code_is_found_before_the_catalogs() -> None:
+    """Code that may move names (here a DO block) may have created a temporary relation
+    that the session's unqualified names find before the catalog's (the temporary schema
+    comes first): once the catalog read has the names of the temporary schemas' relations,
+    that session's reads of such a name are uncertain; a qualified name, or another
+    session that ran no such code, are not."""
+    holder = ContextHolder(moving_context())
+    mover, other = Recorder(holder), Recorder(holder)
+    mover.query_silent(
+        "DO $$ BEGIN CREATE TEMP TABLE notes AS SELECT * FROM billing.customers; END $$",
+        complete(b"DO"),
+    )
+    assert holder.unsure
+    holder.reads_begun += 1  # a read that began after the DO ended
+    holder.reads_done = holder.reads_begun
+    holder.temp_names = frozenset({"notes"})
+    assert not holder.unsure
+    mover.hook.events.clear()
+    event = mover.query("SELECT body FROM notes", ROWS)
+    assert event["analysis_complete"] is False
+    mover.query_silent("SELECT body FROM public.notes", ROWS)
+    other.query_silent("SELECT body FROM notes", ROWS)
+    assert other.hook.events == [] and len(mover.hook.events) == 1
