@@ -17,7 +17,11 @@ used for timing (callgrind runs the proxy some fifty times slower).
 
 Usage: python bench/instructions.py [--baseline DIR] [--transactions N]
                                     [--mode simple|extended|prepared] [--role unmasked|masked]
-                                    [--no-audit]
+                                    [--no-audit] [--select-only]
+
+`--select-only` counts `pgbench -S` (scale 10, pgbench_accounts protected with its subject:
+the audit part's rules) instead of the helpdesk script: one short statement per transaction,
+where the per-statement work weighs most.
 """
 
 from __future__ import annotations
@@ -118,7 +122,8 @@ def count(
         def pgbench(transactions: int) -> None:
             done = subprocess.run(
                 [b.tool(db, "pgbench"), "-n", "-h", b.HOST, "-p", str(port), "-U", user,
-                 "-f", str(script), "-c", "1", "-t", str(transactions), "-M", args.mode,
+                 *(["-S"] if args.select_only else ["-f", str(script)]),
+                 "-c", "1", "-t", str(transactions), "-M", args.mode,
                  "--random-seed", "1",
                  b.DBNAME],
                 env={**os.environ, "PGPASSWORD": pw, "PGSSLMODE": "disable"},
@@ -160,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("simple", "extended", "prepared"), default="simple")
     p.add_argument("--role", choices=("unmasked", "masked"), default="unmasked")
     p.add_argument("--no-audit", action="store_true", help="run pgveil without auditing")
+    p.add_argument(
+        "--select-only", action="store_true", help="pgbench -S instead of the helpdesk script"
+    )
     args = p.parse_args(argv)
     if missing_valgrind("instructions"):
         return 2
@@ -167,11 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[Path, int] = {}
     with contextlib.ExitStack() as stack:
         db, workdir, rules, script = helpdesk_database(stack, "instructions")
+        if args.select_only:
+            b.pgbench_init(db, dict(os.environ))
+            db.psql(b.PGBENCH_GRANTS.format(roles=f"{b.MASKED_ROLE}, {b.UNMASKED_ROLE}"))
+            rules.write_text(b.AUDIT_RULES)
         for repo in repos:
             counts[repo] = count(db, workdir, repo, rules, script, args)
     audit = "without auditing" if args.no_audit else "audited"
     print(f"k instructions per transaction ({args.role}, -M {args.mode}, {audit}, "
-          f"{args.transactions} transactions of the helpdesk script):")  # fmt: skip
+          f"{args.transactions} transactions of "
+          f"{'pgbench -S' if args.select_only else 'the helpdesk script'}):")  # fmt: skip
     for repo, total in counts.items():
         print(f"  {repo}: {total / args.transactions / 1000:.0f}")
     if args.baseline:
