@@ -149,6 +149,11 @@ def run_suite(
             f"host=127.0.0.1 port={port} user={pg.superuser} dbname={DATABASE} sslmode=disable"
         )
         args += selection or ["tests"]  # (its conftest needs pytest's cache: kept in the copy)
+        # its conftest marks every session start in that cache and refuses to run any test
+        # while the mark is there, which it is after a run that did not end (a segfault, or
+        # a run stopped here): each run reports on its own (a crash shows as tests missing
+        # from its report), so the mark of an earlier run is cleared
+        (tests / ".pytest_cache" / "v" / "segfault").unlink(missing_ok=True)
     else:
         # asyncpg's tests use the running server named by PG* (its `RunningCluster`);
         # those that need a cluster of their own skip
