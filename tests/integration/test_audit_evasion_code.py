@@ -126,6 +126,13 @@ def _connect(pg: EmbeddedPostgres, port: int, app: str) -> psycopg.Connection[An
     return psycopg.connect(conninfo, autocommit=True)
 
 
+def fresh(pg: EmbeddedPostgres, coded: tuple[ProxyProcess, Path], case: str) -> None:
+    """Wait until names are certain again (an earlier case may have moved them): the read
+    after the route is then uncertain only because of the route itself."""
+    proxy, path = coded
+    settled(pg, proxy.port, path, f"wbc-{case}-before")
+
+
 def assert_read_seen(pg: EmbeddedPostgres, coded: tuple[ProxyProcess, Path], case: str) -> None:
     """Read `wbcode.r_<case>` in a new session, after the route ran `swap`: the server reads
     customers (checked: the route did run the DDL), and the event says so or is uncertain."""
@@ -158,6 +165,7 @@ def test_execute_of_a_prepared_statement_that_may_move_names(
     catalog again, runs it: the EXECUTE moves names as the statement would."""
     proxy, path = coded
     case = f"prep_{client}"
+    fresh(pg, coded, case)
     prepare = f"PREPARE p AS SELECT wbcode.swap('{case}')"
     if client == "psycopg":
         with _connect(pg, proxy.port, f"wbc-{case}") as c:
@@ -185,6 +193,7 @@ def test_a_protocol_statement_executed_again_after_the_catalog_was_read(
     """asyncpg keeps every statement prepared: the second call of the same text is only a
     Bind and an Execute, which run the code again (here with another argument)."""
     proxy, path = coded
+    fresh(pg, coded, "proto")
 
     async def go() -> None:
         c = await _asyncpg(proxy.port, "wbc-proto")
@@ -207,6 +216,7 @@ def test_a_cached_statement_executed_after_another_moved_its_names(
     customers, so its second run is no longer what its Parse was analysed as."""
     proxy, path = coded
     read = "SELECT name FROM wbcode.r_cached"
+    fresh(pg, coded, "cached")
 
     async def go() -> list[Any]:
         c = await _asyncpg(proxy.port, "wbc-cached")
@@ -233,6 +243,7 @@ def test_a_temporary_function_called_by_its_qualified_name(
     """The catalog has the function in the session's pg_temp_N schema; the statement calls
     it as pg_temp.f."""
     proxy, path = coded
+    fresh(pg, coded, "tempfn")
     with _connect(pg, proxy.port, "wbc-tempfn") as c:
         c.execute(
             "CREATE FUNCTION pg_temp.tswap(x text) RETURNS int LANGUAGE plpgsql"
@@ -248,6 +259,7 @@ def test_a_call_in_the_subscript_of_a_plpgsql_assignment(
 ) -> None:
     """`a[f()] := 1`: the server runs f() of the target's subscript as well."""
     proxy, _path = coded
+    fresh(pg, coded, "subscript")
     with _connect(pg, proxy.port, "wbc-subscript") as c:
         c.execute(
             "DO $$ DECLARE a int[] := '{0}'; BEGIN a[wbcode.swap('subscript')] := 1; END $$"
@@ -303,6 +315,7 @@ def test_code_run_without_being_named(
     pg: EmbeddedPostgres, coded: tuple[ProxyProcess, Path], case: str, statements: tuple[str, ...]
 ) -> None:
     proxy, _path = coded
+    fresh(pg, coded, case)
     with _connect(pg, proxy.port, f"wbc-{case}") as c:
         for s in statements:
             c.execute(s)
@@ -321,6 +334,7 @@ def test_a_temporary_table_made_by_the_session_shadows_a_catalog_name(
     the catalog's relation as fact."""
     proxy, path = coded
     app = "wbc-own-temp"
+    fresh(pg, coded, "own-temp")
     with _connect(pg, proxy.port, app) as c:
         c.execute("SET search_path = billing, public")
         c.execute(
@@ -352,6 +366,7 @@ def test_writes_without_moving_code_stay_certain(
     certain (customer 1's read is proved by its rows)."""
     proxy, path = coded
     app = f"wbc-certain-{len(call)}"
+    fresh(pg, coded, app)
     with _connect(pg, proxy.port, app) as c:
         c.execute("BEGIN")
         c.execute(call)
