@@ -115,6 +115,8 @@ class Catalog:
     moving_operators: frozenset[str] = frozenset()
     moving_reads: frozenset[tuple[str, str]] = frozenset()
     moving_writes: frozenset[tuple[str, str]] = frozenset()
+    # an enabled event trigger's function may: every DDL statement may move names
+    moving_ddl: bool = False
 
     def __post_init__(self) -> None:
         if not self.by_oid:
