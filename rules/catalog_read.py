@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rules.catalog import Catalog, Column, Relation
-from rules.code import NOTHING, Routine, body_facts, moving_code
+from rules.code import NOTHING, SQL_TEXT_FUNCTIONS, Routine, moving_code, routine_facts
 from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
 from rules.discovery import ForeignKey, Keys
 from rules.masks import ColumnType
@@ -215,13 +215,19 @@ SELECT n.nspname, c.relname
 """
 # The code of the database that may move names when it runs (rules.code): every function
 # outside pg_catalog and information_schema with its language and, in SQL or PL/pgSQL, its
-# whole CREATE statement (an aggregate: its support functions instead); user operators'
-# functions; code attached to relations (triggers, defaults, constraints, policies, rules,
-# a view's definition), with whether it runs on reads (a policy, a view's SELECT rule)
+# whole CREATE statement (an aggregate: its support functions instead), and whether an
+# `internal` one is a built-in that runs a query given as text ($1) under another name;
+# user operators' functions; code attached to relations (triggers, defaults, constraints,
+# policies, rules, a view's definition), with whether it runs on reads (a policy, a view's
+# SELECT rule)
 ROUTINES_SQL = """
 SELECT p.oid, n.nspname, p.proname, l.lanname,
        CASE WHEN p.prokind IN ('f', 'p') AND l.lanname IN ('sql', 'plpgsql')
             THEN pg_catalog.pg_get_functiondef(p.oid) END AS definition,
+       l.lanname = 'internal'
+         AND p.prosrc IN (SELECT b.prosrc FROM pg_catalog.pg_proc b
+                           WHERE b.pronamespace = 'pg_catalog'::pg_catalog.regnamespace
+                             AND b.proname = ANY($1::text[])) AS runs_sql_text,
        CASE WHEN p.prokind = 'a'
             THEN (SELECT ARRAY[a.aggtransfn, a.aggfinalfn, a.aggcombinefn, a.aggserialfn,
                                a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn,
@@ -443,10 +449,12 @@ async def read_catalog(fetch: Fetch) -> Catalog:
             r["oid"],
             r["nspname"],
             r["proname"],
-            NOTHING if r["support"] is not None else body_facts(r["lanname"], r["definition"]),
+            NOTHING
+            if r["support"] is not None
+            else routine_facts(r["lanname"], r["definition"], r["proname"], r["runs_sql_text"]),
             tuple(o for o in r["support"] or () if o),
         )
-        for r in await fetch(ROUTINES_SQL)
+        for r in await fetch(ROUTINES_SQL, sorted(SQL_TEXT_FUNCTIONS))
     ]
     moving = moving_code(
         routines,

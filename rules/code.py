@@ -2,9 +2,10 @@
 body, a DO block, code attached to relations (triggers, defaults, policies, rules, a view's
 definition). Such code "may move names" (make names denote other relations than the catalog
 read says, see rules.effects.moves_names) when it may run DDL: it is written in a language
-other than SQL or PL/pgSQL (C, PL/Python...: unknown), runs SQL text (PL/pgSQL's EXECUTE in
-any form, dblink; a built-in that runs a query given as text may call any function, so it
-is "may" when any code is), runs any statement but SELECT,
+other than SQL or PL/pgSQL (PL/Python, PL/Perl...: unknown; C code, the server's or an
+extension's, is trusted as pg_catalog's built-ins are: `routine_facts`), runs SQL text
+(PL/pgSQL's EXECUTE in any form, dblink, pg_background; a built-in that runs a query given
+as text may call any function, so it is "may" when any code is), runs any statement but SELECT,
 INSERT, UPDATE, DELETE and MERGE (a utility statement; `SELECT ... INTO` creates a table),
 or calls code that may (a fixpoint over the calls). Allow-list by construction: a PL/pgSQL
 statement kind, a PL/pgSQL parse node or a parse-tree node this module does not know, a body
@@ -43,7 +44,7 @@ SQL_TEXT_FUNCTIONS = frozenset(
         "ts_stat",
     }
 )  # fmt: skip
-OTHER_SESSION_PREFIXES = ("dblink",)
+OTHER_SESSION_PREFIXES = ("dblink", "pg_background")
 
 # The statements code may run without moving names (the rest are utility statements)
 _DML = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
@@ -314,6 +315,19 @@ def body_facts(language: str, definition: str | None) -> Facts:
             _KNOWN_BODIES.clear()
         _KNOWN_BODIES[key] = facts
     return facts
+
+
+def routine_facts(language: str, definition: str | None, name: str, runs_sql_text: bool) -> Facts:
+    """The facts of a function of the catalog. C code is the server's or an extension's,
+    installed by a superuser, and pgveil treats it as it treats pg_catalog's built-ins: it
+    runs no DDL, but for the functions that run SQL in another session (dblink,
+    pg_background). An `internal` function is a built-in under another name (its symbol):
+    "may" when that built-in runs a query given as text (`runs_sql_text`, from the catalog
+    read). Otherwise: `body_facts`. (Without this, every call of pgcrypto's or uuid-ossp's
+    functions would make every session uncertain and ask for a catalog read.)"""
+    if language in ("c", "internal"):
+        return MAY if runs_sql_text or _other_session(name) else NOTHING
+    return body_facts(language, definition)
 
 
 def do_facts(node: Any) -> Facts:

@@ -92,8 +92,13 @@ CREATE PROCEDURE evasion.rows_only() LANGUAGE plpgsql
 CREATE PROCEDURE evasion.dynamic() LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'SELECT 1'; END $$;
 CREATE FUNCTION evasion.dynamic_f() RETURNS int LANGUAGE plpgsql
   AS $$ BEGIN EXECUTE 'SELECT 1'; RETURN 1; END $$;
-CREATE FUNCTION evasion.other_language(int) RETURNS int LANGUAGE internal IMMUTABLE STRICT
+-- a built-in that runs a query given as text, under another name
+CREATE FUNCTION evasion.runs_query_text(text, boolean, boolean, text) RETURNS xml
+  LANGUAGE internal STABLE STRICT AS 'query_to_xml';
+-- C and internal code is the server's (or an extension's): trusted as built-ins are
+CREATE FUNCTION evasion.internal_abs(int) RETURNS int LANGUAGE internal IMMUTABLE STRICT
   AS 'int4abs';
+CREATE EXTENSION pgcrypto SCHEMA evasion;
 CREATE FUNCTION evasion.calls_dynamic() RETURNS int LANGUAGE sql
   AS $$ SELECT evasion.dynamic_f() $$;
 GRANT ALL ON evasion.counter TO billing_admin;
@@ -670,7 +675,13 @@ _AFTER_CODE = "SELECT i_customer, email FROM billing.customers WHERE i_customer 
 @pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize(
     "call",
-    ["CALL evasion.rows_only()", "SELECT billing.invoice_total(1)", "DO $$ BEGIN NULL; END $$"],
+    [
+        "CALL evasion.rows_only()",
+        "SELECT billing.invoice_total(1)",
+        "DO $$ BEGIN NULL; END $$",
+        "SELECT evasion.internal_abs(-1)",  # a built-in under another name
+        "SELECT evasion.digest('x', 'sha256')",  # an extension's C function (pgcrypto)
+    ],
 )
 def test_code_that_only_reads_and_writes_rows_moves_no_names(
     pg: EmbeddedPostgres, audited: tuple[ProxyProcess, Path], client: str, call: str
@@ -691,7 +702,7 @@ def test_code_that_only_reads_and_writes_rows_moves_no_names(
     [
         "CALL evasion.dynamic()",  # EXECUTE
         "SELECT evasion.dynamic_f()",  # EXECUTE, called from a SELECT
-        "SELECT evasion.other_language(-1)",  # not SQL or PL/pgSQL
+        "SELECT evasion.runs_query_text('SELECT 1', true, false, '')",  # query_to_xml
         "SELECT evasion.calls_dynamic()",  # calls one that runs EXECUTE
         "DO $$ BEGIN PERFORM evasion.dynamic_f(); END $$",
     ],

@@ -13,7 +13,15 @@ import pytest
 from pglast import parse_sql
 
 from rules import code
-from rules.code import MAY, Routine, body_facts, do_facts, moving_code, statement_moves
+from rules.code import (
+    MAY,
+    Routine,
+    body_facts,
+    do_facts,
+    moving_code,
+    routine_facts,
+    statement_moves,
+)
 from rules.effects import moves_names
 from tests.unit.rules.fixtures import CATALOG
 
@@ -105,6 +113,22 @@ def test_sql_bodies() -> None:
 @pytest.mark.parametrize("language", ["c", "internal", "plpython3u", "plperl"])
 def test_another_language_may(language: str) -> None:
     assert body_facts(language, "CREATE FUNCTION f() RETURNS int AS 'x'") is MAY
+
+
+@pytest.mark.parametrize(
+    ("language", "name", "runs_sql_text", "may"),
+    [
+        ("c", "digest", False, False),  # an extension's C code: trusted as built-ins are
+        ("internal", "my_abs", False, False),  # a built-in under another name
+        ("internal", "my_query", True, True),  # ... one that runs a query given as text
+        ("c", "dblink_exec", False, True),  # runs SQL in another session
+        ("c", "pg_background_launch", False, True),
+        ("plpython3u", "f", False, True),  # another procedural language: unknown
+    ],
+)
+def test_catalog_routines(language: str, name: str, runs_sql_text: bool, may: bool) -> None:
+    definition = "CREATE FUNCTION f() RETURNS int AS 'x'"
+    assert routine_facts(language, definition, name, runs_sql_text).may is may
 
 
 def test_do_blocks() -> None:
