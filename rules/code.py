@@ -401,8 +401,8 @@ def moving_code(
     name no routine and no built-in has counts as "may"; a built-in that runs a query
     given as text calls every routine."""
     written: dict[Relname, set[Relname]] = {}
-    for rel, other in writes_reach:
-        written.setdefault(rel, set()).add(other)
+    for source, reached in writes_reach:
+        written.setdefault(source, set()).add(reached)
     by_oid = {r.oid: r for r in routines}
     by_name: dict[str, list[Routine]] = {}
     for r in by_oid.values():
