@@ -259,16 +259,18 @@ def test_a_call_in_an_assignment_targets_subscript() -> None:
 def test_temporary_schemas_code_is_named_by_pg_temp() -> None:
     """The catalog has a session's temporary function and table under pg_temp_N; statements
     and bodies name them pg_temp.x."""
-    tswap = Routine(1, "pg_temp_3", "tswap", body_facts("plpgsql", plpgsql("BEGIN EXECUTE 'x'; END")))
+    tswap = Routine(
+        1, "pg_temp_3", "tswap", body_facts("plpgsql", plpgsql("BEGIN EXECUTE 'x'; END"))
+    )
     caller = _routine(2, "caller", "BEGIN PERFORM pg_temp.lower('x'); END")
     lower = Routine(3, "pg_temp_3", "lower", MAY)
-    moving = moving_code([tswap, caller, lower], frozenset({"lower"}), [], [("pg_temp_3", "tt", 1, False)], {})
+    moving = moving_code(
+        [tswap, caller, lower], frozenset({"lower"}), [], [("pg_temp_3", "tt", 1, False)], {}
+    )
     assert ("pg_temp", "tswap") in moving.functions
     assert ("s", "caller") in moving.functions  # pg_temp.lower is the temporary one
     assert ("pg_temp", "tt") in moving.writes
-    catalog = replace(
-        CATALOG, moving_functions=moving.functions, moving_writes=moving.writes
-    )
+    catalog = replace(CATALOG, moving_functions=moving.functions, moving_writes=moving.writes)
     assert statement_moves(parse_sql("SELECT pg_temp.tswap()"), catalog)
     assert statement_moves(parse_sql("INSERT INTO pg_temp.tt VALUES (1)"), catalog)
 
@@ -302,9 +304,18 @@ def test_event_triggers_make_ddl_move_names() -> None:
     ("sql", "expected"),
     [
         # a trigger attached to a relation the catalog does not have: its function decides
-        ("CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION billing.leak()", True),
-        ("CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION nobody_has_it()", True),
-        ("CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION billing.invoice_total()", False),
+        (
+            "CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION billing.leak()",
+            True,
+        ),
+        (
+            "CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION nobody_has_it()",
+            True,
+        ),
+        (
+            "CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION billing.invoice_total()",
+            False,
+        ),
         # statements that evaluate index expressions
         ("ANALYZE public.notes", True),
         ("ANALYZE", True),
