@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rules.catalog import Catalog, Column, Relation
-from rules.code import NOTHING, SQL_TEXT_FUNCTIONS, Routine, moving_code, routine_facts
+from rules.code import (
+    NOTHING,
+    SQL_TEXT_FUNCTIONS,
+    Routine,
+    hidden_moving,
+    moving_code,
+    routine_facts,
+)
 from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
 from rules.discovery import ForeignKey, Keys
 from rules.masks import ColumnType
@@ -499,6 +506,7 @@ async def read_catalog(fetch: Fetch) -> Catalog:
         moving_reads=moving.reads,
         moving_writes=moving.writes,
         moving_ddl=moving.ddl,
+        moving_hidden=hidden_moving(hidden, moving.functions),
     )
 
 

@@ -486,6 +486,29 @@ def moving_code(
     )
 
 
+def hidden_moving(
+    hidden: Iterable[tuple[str, str, str]], functions: frozenset[tuple[str, str]]
+) -> bool:
+    """Whether code the server runs without a statement naming it may move names: a cast's
+    or a type's function, a domain's CHECK, an operator's (BETWEEN, IN (subquery), a simple
+    CASE, JOIN USING, ORDER BY use one that no node names), an operator class's support
+    function (`hidden`: Catalog.hidden_code; `functions`: Moving.functions). An event
+    trigger's is not counted: it runs on DDL only (Moving.ddl)."""
+    return any(
+        (schema, fn) in functions
+        for what, schema, fn in hidden
+        if not what.startswith("event trigger ")
+    )
+
+
+# statements that evaluate no expression, so run none of the hidden code above
+_NO_EXPRESSIONS = (
+    ast.TransactionStmt, ast.VariableSetStmt, ast.VariableShowStmt, ast.DeallocateStmt,
+    ast.ClosePortalStmt, ast.ListenStmt, ast.UnlistenStmt, ast.DiscardStmt,
+    ast.CheckPointStmt, ast.LockStmt,
+)  # fmt: skip
+
+
 def statement_moves(stmts: Any, catalog: Any) -> bool:
     """Whether a statement runs code that may move names: a DO block that may, a call of a
     function that may (CALL or anywhere in an expression, by any overload or, unqualified,
@@ -497,6 +520,11 @@ def statement_moves(stmts: Any, catalog: Any) -> bool:
     reads = catalog.moving_reads
     writes = catalog.moving_writes
     if catalog.moving_ddl and any(_fires_event_triggers(raw.stmt) for raw in stmts):
+        return True
+    if catalog.moving_hidden and any(not isinstance(raw.stmt, _NO_EXPRESSIONS) for raw in stmts):
+        # which statement runs a cast, a domain's CHECK or an operator no node names cannot
+        # be told from its text (implicit casts and coercions to a domain, BETWEEN's
+        # operators): any that evaluates an expression may
         return True
     for n in descendants(stmts):
         if isinstance(n, ast.CreateTrigStmt):

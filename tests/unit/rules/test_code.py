@@ -18,6 +18,7 @@ from rules.code import (
     Routine,
     body_facts,
     do_facts,
+    hidden_moving,
     moving_code,
     routine_facts,
     statement_moves,
@@ -298,6 +299,23 @@ def test_event_triggers_make_ddl_move_names() -> None:
     assert statement_moves(parse_sql("CREATE TABLE brand_new (x int)"), catalog)
     assert not statement_moves(parse_sql("SELECT 1"), catalog)
     assert not statement_moves(parse_sql("COMMENT ON TABLE billing.customers IS 'x'"), CATALOG)
+
+
+def test_hidden_code_that_may_makes_every_expression_move_names() -> None:
+    """A cast's, a domain CHECK's or an operator's function that may: which statement runs
+    it cannot be told (implicit casts, BETWEEN's operators), so every statement that
+    evaluates an expression moves names; an event trigger's counts for DDL only."""
+    functions = frozenset({("s", "swap"), ("s", "tok_of")})
+    cast = ("cast from text to s.tok", "s", "tok_of")
+    assert hidden_moving([cast], functions)
+    assert not hidden_moving([("cast from text to s.tok", "s", "rows_only")], functions)
+    assert not hidden_moving([("event trigger on_ddl", "s", "swap")], functions)
+    catalog = replace(CATALOG, moving_hidden=True)
+    for sql in ("SELECT 1", "INSERT INTO billing.customers VALUES (1)", "EXECUTE p"):
+        assert statement_moves(parse_sql(sql), catalog), sql
+        assert not statement_moves(parse_sql(sql), CATALOG), sql
+    for sql in ("BEGIN", "COMMIT", "SET search_path = s", "SHOW search_path", "DEALLOCATE p"):
+        assert not statement_moves(parse_sql(sql), catalog), sql
 
 
 @pytest.mark.parametrize(
