@@ -190,6 +190,14 @@ class AuditHook(Protocol):
         ...
 
 
+def _reads_of(d: Decision) -> tuple[object, ...]:
+    """What an analysis says a statement reads, as far as its audit event tells."""
+    return (
+        d.action, d.kinds, d.tables, d.columns, d.relations, d.unknown_relations,
+        d.subject_keys, d.row_subjects,
+    )  # fmt: skip
+
+
 class StatementFilter:
     """What masked and audited unmasked sessions share: both directions spliced message by
     message, refusals through the server (a unique syntax error turned into 42501 on its
@@ -211,6 +219,11 @@ class StatementFilter:
         # catalog reads that settled the first (kept until the session ends: a name
         # deallocated or replaced is at worst uncertain once more)
         self._moving_names: set[bytes] = set()
+        # protocol statements whose text names relations: (the text, what its analysis says
+        # it reads, ContextHolder.moved_until when it was analysed). The server plans a
+        # statement again when a relation it names changes, so a Bind after names may have
+        # moved may run what the Parse's analysis does not say (see _moved_since_parse)
+        self._parsed: dict[bytes, tuple[str, tuple[object, ...], int]] = {}
         # unknown names this session asked the catalog to be read again for, and under
         # which context (asked once per name until the context is replaced)
         self._asked: set[str] = set()
@@ -327,7 +340,8 @@ class StatementFilter:
                         log.note_failing_bind()
                         token = self._refuse_unrecorded(fields)
                         return extended.bind_renamed(body, token)
-                reason = log.bind(body)
+                moved = bool(self._parsed) and self._moved_since_parse(extended.bind_names(body)[1])
+                reason = log.bind(body, names_moved=moved)
                 if reason is not None:
                     return self._refuse_prepared(typ, body, reason)
             elif typ == m.EXECUTE:
@@ -428,6 +442,26 @@ class StatementFilter:
         self.counters.refused += 1
         self.counters.refusal_reasons.append(reason)
         return nonce
+
+    def _moved_since_parse(self, statement: bytes) -> bool:
+        """Whether names may have moved since the Parse of `statement` was analysed (the
+        server then plans it again: its Execute may read what its analysis does not say).
+        Not once a catalog read after the move is in and the text, analysed under it,
+        reads the same."""
+        parsed = self._parsed.get(statement)
+        holder = self._holder
+        if parsed is None or parsed[2] == holder.moved_until:
+            return False
+        if holder.unsure or self._moving:
+            return True
+        sql, reads, _ = parsed
+        d = self._analyse(sql)[0]  # (as the Parse was: an unmasked session's is audit-only)
+        if _reads_of(d) != reads or (
+            self._moved_here and any(name in holder.temp_names for name in d.relations)
+        ):
+            return True  # (a temporary relation this session's code made may come first)
+        self._parsed[statement] = (sql, reads, holder.moved_until)
+        return False
 
     def _names_moving(self) -> None:
         """A statement that may move names goes to the server (see ContextHolder)."""
@@ -688,13 +722,19 @@ class StatementFilter:
         statement, query, rest = extended.parse_message(body)
         sql = self._text(query)
         if sql is None:
+            self._parsed.pop(statement, None)
             return self._undecodable(m.PARSE, statement, original)
         self._may_wait = True
         action, value, fields = self._decide(sql)
-        if self._decision is not None and self._decision.moves_names and action != "refuse":
+        d = self._decision
+        if d is not None and d.moves_names and action != "refuse":
             self._moving_names.add(statement)
         elif not statement:
             self._moving_names.discard(b"")  # (the unnamed statement is replaced)
+        if d is not None and d.relations and action != "refuse":
+            self._parsed[statement] = (sql, _reads_of(d), self._holder.moved_until)
+        else:
+            self._parsed.pop(statement, None)
         if self.statements is not None:
             source = self._source(sql, action, value, rest)
             # what the name holds: the whole text, as sent (masked sessions)

@@ -32,7 +32,7 @@ from tests.support import ProxyProcess
 
 # the cases, each with its pair of views
 CASES = [
-    "prep_psycopg", "prep_asyncpg", "proto", "tempfn", "subscript",
+    "prep_psycopg", "prep_asyncpg", "proto", "cached", "tempfn", "subscript",
     "evt", "fk", "rule", "part", "idx", "tmptrg", "newtrg",
 ]  # fmt: skip
 
@@ -195,6 +195,64 @@ def test_a_protocol_statement_executed_again_after_the_catalog_was_read(
 
     asyncio.run(go())
     assert_read_seen(pg, coded, "proto")
+
+
+def test_a_cached_statement_executed_after_another_moved_its_names(
+    pg: EmbeddedPostgres, coded: tuple[ProxyProcess, Path]
+) -> None:
+    """A statement prepared while its name denoted a view over an unprotected table, executed
+    again after another statement moved the name: the server plans it again and reads
+    customers, so its second run is no longer what its Parse was analysed as."""
+    proxy, path = coded
+    read = "SELECT name FROM wbcode.r_cached"
+    fresh(pg, coded, "cached")
+
+    async def go() -> list[Any]:
+        c = await _asyncpg(proxy.port, "wbc-cached")
+        try:
+            await c.fetch(read)
+            await c.fetch("SELECT wbcode.swap('cached')")
+            return [tuple(r) for r in await c.fetch(read)]
+        finally:
+            await c.close()
+
+    rows = asyncio.run(go())
+    assert (NAME,) in rows
+    # (the first run reads the unprotected table: no event; then the swap's)
+    events = access_events(path, "wbc-cached")
+    (swap,) = [i for i, e in enumerate(events) if "swap" in str(e["statement"])]
+    reads = events[swap + 1 :]
+    assert reads, "the second run of the read left no event"
+    (again,) = reads
+    assert again["analysis_complete"] is False or CUSTOMERS in again["tables"], reads
+
+
+def test_a_cached_statement_stays_certain_once_its_names_are_read_alike(
+    pg: EmbeddedPostgres, coded: tuple[ProxyProcess, Path]
+) -> None:
+    """The other way round: once the catalog read after the move is in and the statement's
+    text reads the same under it, its next run is certain again (a pool's cached
+    statements are not uncertain for good after every move)."""
+    proxy, path = coded
+    app = "wbc-cached-alike"
+    read = "SELECT i_customer, email FROM billing.customers WHERE i_customer = $1"
+    fresh(pg, coded, "cached-alike")
+
+    async def go() -> None:
+        c = await _asyncpg(proxy.port, app)
+        try:
+            await c.fetch(read, 1)
+            await c.fetch("SELECT wbcode.swap('nothing')")
+            settled(pg, proxy.port, path, f"{app}-settled")
+            await c.fetch(read, 1)
+        finally:
+            await c.close()
+
+    asyncio.run(go())
+    reads = [e for e in access_events(path, app) if "customers" in str(e["statement"])]
+    assert len(reads) == 2, reads
+    assert reads[-1]["analysis_complete"] is True and reads[-1]["tables"] == [CUSTOMERS], reads
+    assert reads[-1]["subjects"] == {CUSTOMERS: ["1"]}, reads
 
 
 # ---- code reached by names pgveil does not match ----------------------------------------------
