@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +37,53 @@ CASES = [
     "evt", "fk", "rule", "part", "idx", "tmptrg", "newtrg",
 ]  # fmt: skip
 
-SCHEMA = (
-    """
-DROP SCHEMA IF EXISTS wbcode CASCADE;
-CREATE SCHEMA wbcode;
-GRANT USAGE, CREATE ON SCHEMA wbcode TO billing_admin;
--- the DDL every route runs: r_<x> becomes the view over customers (once)
-CREATE FUNCTION wbcode.swap(x text) RETURNS int LANGUAGE plpgsql SECURITY DEFINER AS $$
+
+def swapping(schema: str, cases: list[str], code: str) -> str:
+    """The SQL of a module's schema: `schema.swap(case)`, the DDL every route runs
+    (`r_<case>` becomes the view over customers, once), then `code`, then each case's pair
+    of views."""
+    return (
+        f"""
+DROP SCHEMA IF EXISTS {schema} CASCADE;
+CREATE SCHEMA {schema};
+GRANT USAGE, CREATE ON SCHEMA {schema} TO billing_admin;
+CREATE FUNCTION {schema}.swap(x text) RETURNS int LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
-  IF pg_catalog.to_regclass('wbcode.r_' || x || '_in') IS NOT NULL THEN
-    EXECUTE format('ALTER VIEW wbcode.%I RENAME TO %I', 'r_' || x, 'r_' || x || '_out');
-    EXECUTE format('ALTER VIEW wbcode.%I RENAME TO %I', 'r_' || x || '_in', 'r_' || x);
+  IF pg_catalog.to_regclass('{schema}.r_' || x || '_in') IS NOT NULL THEN
+    EXECUTE format('ALTER VIEW {schema}.%I RENAME TO %I', 'r_' || x, 'r_' || x || '_out');
+    EXECUTE format('ALTER VIEW {schema}.%I RENAME TO %I', 'r_' || x || '_in', 'r_' || x);
   END IF;
   RETURN 1;
 END $$;
+"""
+        + code
+        + "".join(
+            f"CREATE VIEW {schema}.r_{c} AS"
+            " SELECT name::text AS name FROM billing.customer_classes;\n"
+            f"CREATE VIEW {schema}.r_{c}_in AS SELECT name::text AS name FROM billing.customers;\n"
+            for c in cases
+        )
+        + f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO billing_admin;\n"
+    )
+
+
+@contextmanager
+def audited_schema(
+    pg: EmbeddedPostgres, sql: str, schema: str, tmp: Path
+) -> Iterator[tuple[ProxyProcess, Path]]:
+    """An audited pgveil that read the catalog with `sql` in it (dropped after)."""
+    pg.psql(sql)
+    try:
+        with audited_proxy(pg, tmp) as shared:
+            yield shared
+    finally:
+        pg.psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+SCHEMA = swapping(
+    "wbcode",
+    CASES,
+    """
 CREATE FUNCTION wbcode.swap_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM wbcode.swap(TG_ARGV[0]); RETURN NULL; END $$;
 -- an event trigger that calls it when a COMMENT is put on one table
@@ -87,13 +121,7 @@ BEGIN PERFORM wbcode.swap('idx'); RETURN x; END $$;
 CREATE TABLE wbcode.indexed (x int);
 CREATE INDEX ON wbcode.indexed (wbcode.idx_key(x));
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA wbcode TO billing_admin;
-"""
-    + "".join(
-        f"CREATE VIEW wbcode.r_{c} AS SELECT name::text AS name FROM billing.customer_classes;\n"
-        f"CREATE VIEW wbcode.r_{c}_in AS SELECT name::text AS name FROM billing.customers;\n"
-        for c in CASES
-    )
-    + "GRANT SELECT ON ALL TABLES IN SCHEMA wbcode TO billing_admin;\n"
+""",
 )
 
 
@@ -102,12 +130,8 @@ def coded(
     pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path_factory: Any
 ) -> Iterator[tuple[ProxyProcess, Path]]:
     """An audited pgveil that read the catalog with the code above in it."""
-    pg.psql(SCHEMA)
-    try:
-        with audited_proxy(pg, tmp_path_factory.mktemp("evasion-code")) as shared:
-            yield shared
-    finally:
-        pg.psql("DROP SCHEMA IF EXISTS wbcode CASCADE")
+    with audited_schema(pg, SCHEMA, "wbcode", tmp_path_factory.mktemp("evasion-code")) as shared:
+        yield shared
 
 
 def _connect(pg: EmbeddedPostgres, port: int, app: str) -> psycopg.Connection[Any]:
@@ -122,13 +146,16 @@ def fresh(pg: EmbeddedPostgres, coded: tuple[ProxyProcess, Path], case: str) -> 
     settled(pg, proxy.port, path, f"wbc-{case}-before")
 
 
-def assert_read_seen(pg: EmbeddedPostgres, coded: tuple[ProxyProcess, Path], case: str) -> None:
-    """Read `wbcode.r_<case>` in a new session, after the route ran `swap`: the server reads
-    customers (checked: the route did run the DDL), and the event says so or is uncertain."""
+def assert_read_seen(
+    pg: EmbeddedPostgres, coded: tuple[ProxyProcess, Path], case: str, schema: str = "wbcode"
+) -> None:
+    """Read `<schema>.r_<case>` in a new session, after the route ran `swap`: the server
+    reads customers (checked: the route did run the DDL), and the event says so or is
+    uncertain."""
     proxy, path = coded
     app = f"wbc-{case}-read"
     with _connect(pg, proxy.port, app) as c:
-        rows = c.execute(f"SELECT name FROM wbcode.r_{case}").fetchall()
+        rows = c.execute(f"SELECT name FROM {schema}.r_{case}").fetchall()
     assert (NAME,) in rows, "the route did not run the DDL"
     reads = access_events(path, app)
     assert reads, "a read of customers through a moved name left no event"

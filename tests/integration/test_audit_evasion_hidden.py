@@ -20,30 +20,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from proxy.demo.embedded_pg import EmbeddedPostgres
-from tests.integration.audit_wire import audited_proxy
-from tests.integration.masking_fixture import ADMIN, ADMIN_PW, NAME, dsn
-from tests.integration.test_audit_evasion_who import CUSTOMERS, access_events
+from tests.integration.test_audit_evasion_code import (
+    _connect,
+    assert_read_seen,
+    audited_schema,
+    swapping,
+)
 from tests.support import ProxyProcess
 
 CASES = ["cast", "domain", "btw"]
 
-SCHEMA = (
+SCHEMA = swapping(
+    "wbhidden",
+    CASES,
     """
-DROP SCHEMA IF EXISTS wbhidden CASCADE;
-CREATE SCHEMA wbhidden;
-GRANT USAGE ON SCHEMA wbhidden TO billing_admin;
-CREATE FUNCTION wbhidden.swap(x text) RETURNS int LANGUAGE plpgsql SECURITY DEFINER AS $$
-BEGIN
-  IF pg_catalog.to_regclass('wbhidden.r_' || x || '_in') IS NOT NULL THEN
-    EXECUTE format('ALTER VIEW wbhidden.%I RENAME TO %I', 'r_' || x, 'r_' || x || '_out');
-    EXECUTE format('ALTER VIEW wbhidden.%I RENAME TO %I', 'r_' || x || '_in', 'r_' || x);
-  END IF;
-  RETURN 1;
-END $$;
 -- a cast and a domain check that call it
 CREATE TYPE wbhidden.tok AS (x text);
 CREATE FUNCTION wbhidden.tok_of(t text) RETURNS wbhidden.tok LANGUAGE plpgsql AS $$
@@ -57,13 +50,7 @@ CREATE OPERATOR wbhidden.<= (leftarg = wbhidden.tok, rightarg = wbhidden.tok,
                              function = wbhidden.tok_cmp);
 CREATE OPERATOR wbhidden.>= (leftarg = wbhidden.tok, rightarg = wbhidden.tok,
                              function = wbhidden.tok_cmp);
-"""
-    + "".join(
-        f"CREATE VIEW wbhidden.r_{c} AS SELECT name::text AS name FROM billing.customer_classes;\n"
-        f"CREATE VIEW wbhidden.r_{c}_in AS SELECT name::text AS name FROM billing.customers;\n"
-        for c in CASES
-    )
-    + "GRANT SELECT ON ALL TABLES IN SCHEMA wbhidden TO billing_admin;\n"
+""",
 )
 
 
@@ -72,12 +59,9 @@ def hidden(
     pg: EmbeddedPostgres, billing: ProxyProcess, tmp_path_factory: Any
 ) -> Iterator[tuple[ProxyProcess, Path]]:
     """An audited pgveil that read the catalog with the code above in it."""
-    pg.psql(SCHEMA)
-    try:
-        with audited_proxy(pg, tmp_path_factory.mktemp("evasion-hidden")) as shared:
-            yield shared
-    finally:
-        pg.psql("DROP SCHEMA IF EXISTS wbhidden CASCADE")
+    tmp = tmp_path_factory.mktemp("evasion-hidden")
+    with audited_schema(pg, SCHEMA, "wbhidden", tmp) as shared:
+        yield shared
 
 
 @pytest.mark.parametrize(
@@ -100,16 +84,8 @@ def hidden(
 def test_code_the_server_runs_without_a_statement_naming_it(
     pg: EmbeddedPostgres, hidden: tuple[ProxyProcess, Path], case: str, statements: tuple[str, ...]
 ) -> None:
-    proxy, path = hidden
-    conninfo = dsn(pg, proxy.port, ADMIN, ADMIN_PW)
-    with psycopg.connect(f"{conninfo} application_name=wbh-{case}", autocommit=True) as c:
+    proxy, _path = hidden
+    with _connect(pg, proxy.port, f"wbc-{case}") as c:
         for s in statements:
             c.execute(s)
-    app = f"wbh-{case}-read"
-    with psycopg.connect(f"{conninfo} application_name={app}", autocommit=True) as c:
-        rows = c.execute(f"SELECT name FROM wbhidden.r_{case}").fetchall()
-    assert (NAME,) in rows, "the route did not run the DDL"
-    reads = access_events(path, app)
-    assert reads, "a read of customers through a moved name left no event"
-    (read,) = reads
-    assert read["analysis_complete"] is False or CUSTOMERS in read["tables"], read
+    assert_read_seen(pg, hidden, case, "wbhidden")
