@@ -115,6 +115,11 @@ class Catalog:
     moving_operators: frozenset[str] = frozenset()
     moving_reads: frozenset[tuple[str, str]] = frozenset()
     moving_writes: frozenset[tuple[str, str]] = frozenset()
+    # an enabled event trigger's function may: every DDL statement may move names
+    moving_ddl: bool = False
+    # a function of `hidden_code` may (a cast's, a domain CHECK's, an operator's): every
+    # statement that evaluates an expression may move names (rules.code.hidden_moving)
+    moving_hidden: bool = False
 
     def __post_init__(self) -> None:
         if not self.by_oid:

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rules.catalog import Catalog, Column, Relation
-from rules.code import NOTHING, SQL_TEXT_FUNCTIONS, Routine, moving_code, routine_facts
+from rules.code import (
+    NOTHING,
+    SQL_TEXT_FUNCTIONS,
+    Routine,
+    hidden_moving,
+    moving_code,
+    routine_facts,
+)
 from rules.denied import SYSTEM_FUNCTIONS, SYSTEM_VIEWS
 from rules.discovery import ForeignKey, Keys
 from rules.masks import ColumnType
@@ -257,6 +264,9 @@ SELECT rn.nspname, rc.relname, x.function, x.reads
                    THEN (SELECT p.polrelid FROM pg_catalog.pg_policy p WHERE p.oid = d.objid)
                  WHEN 'pg_catalog.pg_rewrite'::pg_catalog.regclass
                    THEN (SELECT r.ev_class FROM pg_catalog.pg_rewrite r WHERE r.oid = d.objid)
+                 WHEN 'pg_catalog.pg_class'::pg_catalog.regclass
+                   THEN (SELECT i.indrelid FROM pg_catalog.pg_index i
+                          WHERE i.indexrelid = d.objid)
                END AS rel,
                d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass
                OR (d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
@@ -268,9 +278,38 @@ SELECT rn.nspname, rc.relname, x.function, x.reads
                              'pg_catalog.pg_attrdef'::pg_catalog.regclass,
                              'pg_catalog.pg_constraint'::pg_catalog.regclass,
                              'pg_catalog.pg_policy'::pg_catalog.regclass,
-                             'pg_catalog.pg_rewrite'::pg_catalog.regclass)) x
+                             'pg_catalog.pg_rewrite'::pg_catalog.regclass,
+                             'pg_catalog.pg_class'::pg_catalog.regclass)) x
   JOIN pg_catalog.pg_class rc ON rc.oid = x.rel
   JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+"""
+# Relations that a write to another relation may write too (their triggers, defaults and
+# index expressions then run): the relations a rule's action names, the referencing table
+# of a foreign key whose action writes it, a partitioned or parent table's partitions and
+# children
+WRITES_REACH_SQL = """
+SELECT sn.nspname AS src_schema, s.relname AS src, tn.nspname AS dst_schema, t.relname AS dst
+  FROM (SELECT r.ev_class AS src, d.refobjid AS dst
+          FROM pg_catalog.pg_rewrite r
+          JOIN pg_catalog.pg_depend d
+            ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid
+           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+         WHERE r.ev_type <> '1'
+        UNION
+        SELECT c.confrelid, c.conrelid FROM pg_catalog.pg_constraint c
+         WHERE c.contype = 'f'
+           AND (c.confdeltype IN ('c', 'n', 'd') OR c.confupdtype IN ('c', 'n', 'd'))
+        UNION
+        SELECT i.inhparent, i.inhrelid FROM pg_catalog.pg_inherits i) x
+  JOIN pg_catalog.pg_class s ON s.oid = x.src
+  JOIN pg_catalog.pg_namespace sn ON sn.oid = s.relnamespace
+  JOIN pg_catalog.pg_class t ON t.oid = x.dst
+  JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+ WHERE x.src <> x.dst
+"""
+# The functions of the enabled event triggers (they run on DDL that names no code)
+EVENT_TRIGGERS_SQL = """
+SELECT evtfoid AS function FROM pg_catalog.pg_event_trigger WHERE evtenabled <> 'D'
 """
 # The names of the relations in every temporary schema (other sessions' too: pgveil cannot
 # tell which server session is which of its own), which the catalog leaves out: a session
@@ -433,6 +472,11 @@ async def read_catalog(fetch: Fetch) -> Catalog:
             for r in await fetch(ATTACHED_CODE_SQL)
         ],
         view_sources,
+        [
+            ((r["src_schema"], r["src"]), (r["dst_schema"], r["dst"]))
+            for r in await fetch(WRITES_REACH_SQL)
+        ],
+        [r["function"] for r in await fetch(EVENT_TRIGGERS_SQL)],
     )
     return Catalog(
         relations=relations,
@@ -461,6 +505,8 @@ async def read_catalog(fetch: Fetch) -> Catalog:
         moving_operators=moving.operators,
         moving_reads=moving.reads,
         moving_writes=moving.writes,
+        moving_ddl=moving.ddl,
+        moving_hidden=hidden_moving(hidden, moving.functions),
     )
 
 

@@ -133,6 +133,20 @@ def _qualified(parts: Iterable[Any]) -> Name | None:
     return (names[-2] if len(names) >= 2 else None), names[-1]
 
 
+def _temp_schema(schema: str) -> bool:
+    """Whether `schema` is a session's temporary schema (pg_temp_N), which a statement
+    names `pg_temp`."""
+    return schema.startswith("pg_temp_") and schema[8:].isdigit()
+
+
+def _with_pg_temp(names: Iterable[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """`names`, with those in a temporary schema also under `pg_temp` (any session's: pgveil
+    cannot tell which is the session's own)."""
+    out = set(names)
+    out.update(("pg_temp", n) for s, n in list(out) if _temp_schema(s))
+    return frozenset(out)
+
+
 def _other_session(function: str) -> bool:
     return function.startswith(OTHER_SESSION_PREFIXES)
 
@@ -190,14 +204,17 @@ def _expression(text: str, mode: int, found: _Found) -> None:
     if mode == _TYPE_NAME:
         return
     if mode in _ASSIGN:
-        # `target := expr` (or `target = expr`): the expression after the first one
+        # `target := expr` (or `target = expr`): the expression after the first one, and
+        # the target read as an expression: the server evaluates its subscripts too
+        # (`a[f()] := 1` calls f)
         for token in scan(text):
             if token.name in ("COLON_EQUALS", "ASCII_61"):
-                text = text[token.end + 1 :]
+                target, text = text[: token.start], text[token.end + 1 :]
                 break
         else:
             found.may = True
             return
+        _sql(parse_sql(f"SELECT {target}"), found)
         mode = _EXPR
     sql = f"SELECT {text}" if mode == _EXPR else text
     _sql(parse_sql(sql), found)
@@ -350,12 +367,18 @@ class Routine:
 @dataclass(frozen=True)
 class Moving:
     """What of the catalog may move names when it runs: functions by (schema, name) (any
-    overload may), user operators by name, relations whose reads or writes run such code."""
+    overload may), user operators by name, relations whose reads or writes run such code
+    (a temporary schema's also under `pg_temp`), and whether event triggers may."""
 
     functions: frozenset[tuple[str, str]] = frozenset()
     operators: frozenset[str] = frozenset()
     reads: frozenset[tuple[str, str]] = frozenset()
     writes: frozenset[tuple[str, str]] = frozenset()
+    # an event trigger's function may: any DDL statement may then move names
+    ddl: bool = False
+
+
+Relname = tuple[str, str]
 
 
 def moving_code(
@@ -364,13 +387,22 @@ def moving_code(
     operators: Iterable[tuple[str, int]],
     attached: Iterable[tuple[str, str, int, bool]],
     view_sources: Mapping[tuple[str, str], tuple[tuple[str, str], ...]],
+    writes_reach: Iterable[tuple[Relname, Relname]] = (),
+    event_functions: Iterable[int] = (),
 ) -> Moving:
     """Classify the database's code: `routines` (functions outside pg_catalog and
     information_schema), `operators` (user operator name, its function's OID),
     `attached` ((schema, relation, function OID, whether it runs on reads): triggers,
-    defaults, constraints, rules and policies; a view's definition), `view_sources`
-    (each view's relations, transitively). A call to a name no routine and no built-in
-    has counts as "may"; a built-in that runs a query given as text calls every routine."""
+    defaults, constraints, rules, policies and index expressions; a view's definition),
+    `view_sources` (each view's relations, transitively), `writes_reach` ((relation,
+    another relation a write to it may write: a rule's action, a foreign key's cascade, a
+    partition or child table)), `event_functions` (the functions of enabled event
+    triggers: a built-in one, such as a C function of an extension, is "may"). A call to a
+    name no routine and no built-in has counts as "may"; a built-in that runs a query
+    given as text calls every routine."""
+    written: dict[Relname, set[Relname]] = {}
+    for source, reached in writes_reach:
+        written.setdefault(source, set()).add(reached)
     by_oid = {r.oid: r for r in routines}
     by_name: dict[str, list[Routine]] = {}
     for r in by_oid.values():
@@ -390,28 +422,44 @@ def moving_code(
         """(whether the call is "may" by itself: no routine or built-in has the name; the
         routines it may call: any, for a built-in that runs a query given as text)"""
         schema, fn = name
-        found = [r.oid for r in by_name.get(fn, ()) if schema is None or r.schema == schema]
+        found = [
+            r.oid
+            for r in by_name.get(fn, ())
+            if schema is None
+            or r.schema == schema
+            or (schema == "pg_temp" and _temp_schema(r.schema))
+        ]
         if not found and fn not in builtin_functions:
             return True, []
         if fn in SQL_TEXT_FUNCTIONS and schema in (None, "pg_catalog"):
             found.extend(by_oid)
         return False, found
 
-    def moving_relations(target: dict[tuple[str, str], set[int]]) -> set[tuple[str, str]]:
+    def moving_relations(
+        target: dict[tuple[str, str], set[int]], reached: Mapping[Relname, Iterable[Relname]]
+    ) -> set[tuple[str, str]]:
         out = {key for key, oids in target.items() if oids & may}
-        for view, sources in view_sources.items():
-            if any(s in out for s in sources):
-                out.add(view)
+        changed = True
+        while changed:  # (views over them; relations whose writes write them)
+            changed = False
+            for view, sources in view_sources.items():
+                if view not in out and any(s in out for s in sources):
+                    out.add(view)
+                    changed = True
+            for rel, others in reached.items():
+                if rel not in out and any(o in out for o in others):
+                    out.add(rel)
+                    changed = True
         return out
 
     def named(names: frozenset[Name], rels: set[tuple[str, str]]) -> bool:
-        return any(_named(name, frozenset(rels)) for name in names)
+        return any(_named(name, _with_pg_temp(rels)) for name in names)
 
     changed = True
     while changed:
         changed = False
-        reads = moving_relations(on_read)
-        writes = moving_relations(on_write) | reads
+        reads = moving_relations(on_read, {})
+        writes = moving_relations(on_write, written) | reads
         for r in by_oid.values():
             if r.oid in may:
                 continue
@@ -427,14 +475,38 @@ def moving_code(
             if hit:
                 may.add(r.oid)
                 changed = True
-    reads = moving_relations(on_read)
-    writes = moving_relations(on_write) | reads
+    reads = moving_relations(on_read, {})
+    writes = moving_relations(on_write, written) | reads
     return Moving(
-        functions=frozenset((by_oid[o].schema, by_oid[o].name) for o in may),
+        functions=_with_pg_temp((by_oid[o].schema, by_oid[o].name) for o in may),
         operators=frozenset(name for name, oids in op_functions.items() if oids & may),
-        reads=frozenset(reads),
-        writes=frozenset(writes),
+        reads=_with_pg_temp(reads),
+        writes=_with_pg_temp(writes),
+        ddl=any(oid in may or oid not in by_oid for oid in event_functions),
     )
+
+
+def hidden_moving(
+    hidden: Iterable[tuple[str, str, str]], functions: frozenset[tuple[str, str]]
+) -> bool:
+    """Whether code the server runs without a statement naming it may move names: a cast's
+    or a type's function, a domain's CHECK, an operator's (BETWEEN, IN (subquery), a simple
+    CASE, JOIN USING, ORDER BY use one that no node names), an operator class's support
+    function (`hidden`: Catalog.hidden_code; `functions`: Moving.functions). An event
+    trigger's is not counted: it runs on DDL only (Moving.ddl)."""
+    return any(
+        (schema, fn) in functions
+        for what, schema, fn in hidden
+        if not what.startswith("event trigger ")
+    )
+
+
+# statements that evaluate no expression, so run none of the hidden code above
+_NO_EXPRESSIONS = (
+    ast.TransactionStmt, ast.VariableSetStmt, ast.VariableShowStmt, ast.DeallocateStmt,
+    ast.ClosePortalStmt, ast.ListenStmt, ast.UnlistenStmt, ast.DiscardStmt,
+    ast.CheckPointStmt, ast.LockStmt,
+)  # fmt: skip
 
 
 def statement_moves(stmts: Any, catalog: Any) -> bool:
@@ -447,8 +519,21 @@ def statement_moves(stmts: Any, catalog: Any) -> bool:
     operators = catalog.moving_operators
     reads = catalog.moving_reads
     writes = catalog.moving_writes
+    if catalog.moving_ddl and any(_fires_event_triggers(raw.stmt) for raw in stmts):
+        return True
+    if catalog.moving_hidden and any(not isinstance(raw.stmt, _NO_EXPRESSIONS) for raw in stmts):
+        # which statement runs a cast, a domain's CHECK or an operator no node names cannot
+        # be told from its text (implicit casts and coercions to a domain, BETWEEN's
+        # operators): any that evaluates an expression may
+        return True
     for n in descendants(stmts):
-        if isinstance(n, ast.DoStmt):
+        if isinstance(n, ast.CreateTrigStmt):
+            # a trigger attached to a relation the catalog does not have yet (a temporary
+            # or new table) runs before any catalog read could see it
+            name = _qualified(n.funcname or ())
+            if name is None or _call_may(name, catalog):
+                return True
+        elif isinstance(n, ast.DoStmt):
             facts = do_facts(n)
             if facts.may or _calls_moving(facts, catalog):
                 return True
@@ -470,37 +555,75 @@ def statement_moves(stmts: Any, catalog: Any) -> bool:
     return False
 
 
+# every relation (ANALYZE, VACUUM FULL, CLUSTER, REINDEX with no table named)
+_EVERY = ast.RangeVar(schemaname=None, relname="", relpersistence="p")
+
+
 def _written(n: Any) -> tuple[Any, ...]:
-    """The relations a statement node writes (their triggers, defaults and rules run)."""
+    """The relations a statement node writes (their triggers, defaults and rules run), or
+    whose index expressions it evaluates (ANALYZE, VACUUM, CLUSTER, REINDEX, REFRESH);
+    `_EVERY` for all of them."""
     if isinstance(n, _WRITES):
         return (n.relation,) if n.relation is not None else ()
     if isinstance(n, ast.CopyStmt):
         return (n.relation,) if n.is_from and n.relation is not None else ()
     if isinstance(n, ast.TruncateStmt):
         return tuple(n.relations or ())
+    if isinstance(n, ast.VacuumStmt):
+        rels = tuple(r.relation for r in n.rels or () if r.relation is not None)
+        return rels or (_EVERY,)
+    if isinstance(n, ast.ReindexStmt) and getattr(n.kind, "name", "") != "REINDEX_OBJECT_TABLE":
+        return (_EVERY,)  # (an index, a schema, the database: any table's)
+    if isinstance(n, ast.ClusterStmt | ast.ReindexStmt | ast.RefreshMatViewStmt):
+        return (n.relation,) if n.relation is not None else (_EVERY,)
     return ()
 
 
 def _named(name: Name, known: frozenset[tuple[str, str]]) -> bool:
     """Whether a name as written may denote one of `known` (unqualified: any schema's)."""
     schema, rel = name
+    if rel == "" and schema is None:
+        return bool(known)  # (_EVERY)
     if schema is not None:
         return (schema, rel) in known
     return any(n == rel for _s, n in known)
 
 
+# statements that fire no event trigger (the server fires them for DDL only: utility
+# statements but these)
+_NO_EVENT_TRIGGERS = (
+    *_DML, ast.TransactionStmt, ast.VariableSetStmt, ast.VariableShowStmt, ast.ExplainStmt,
+    ast.PrepareStmt, ast.ExecuteStmt, ast.DeallocateStmt, ast.DeclareCursorStmt,
+    ast.FetchStmt, ast.ClosePortalStmt, ast.ListenStmt, ast.UnlistenStmt, ast.NotifyStmt,
+    ast.DiscardStmt, ast.LockStmt, ast.CopyStmt, ast.CallStmt, ast.DoStmt,
+    ast.CheckPointStmt, ast.VacuumStmt, ast.ConstraintsSetStmt,
+)  # fmt: skip
+
+
+def _fires_event_triggers(node: Any) -> bool:
+    return not isinstance(node, _NO_EVENT_TRIGGERS)
+
+
+def _call_may(name: Name, catalog: Any) -> bool:
+    """Whether a call of `name` may run code that may move names, as the catalog's
+    classification says (a function the catalog does not have: "may")."""
+    schema, fn = name
+    if fn in SQL_TEXT_FUNCTIONS and catalog.moving_functions:
+        return True
+    if _named(name, catalog.moving_functions):
+        return True
+    user = any(
+        n == fn and (schema is None or s == schema or (schema == "pg_temp" and _temp_schema(s)))
+        for s, n in catalog.user_functions
+    )
+    return not user and fn not in catalog.builtin_functions
+
+
 def _calls_moving(facts: Facts, catalog: Any) -> bool:
     """Whether a DO block that runs no DDL itself calls code that may, as the catalog's
     classification says (a call of a function the catalog does not have: "may")."""
-    for name in facts.functions:
-        schema, fn = name
-        if fn in SQL_TEXT_FUNCTIONS and catalog.moving_functions:
-            return True
-        if _named(name, catalog.moving_functions):
-            return True
-        user = any(n == fn and (schema is None or s == schema) for s, n in catalog.user_functions)
-        if not user and fn not in catalog.builtin_functions:
-            return True
+    if any(_call_may(name, catalog) for name in facts.functions):
+        return True
     if any(op in catalog.moving_operators for op in facts.operators):
         return True
     if any(_named(r, catalog.moving_reads) for r in facts.reads):

@@ -190,6 +190,14 @@ class AuditHook(Protocol):
         ...
 
 
+def _reads_of(d: Decision) -> tuple[object, ...]:
+    """What an analysis says a statement reads, as far as its audit event tells."""
+    return (
+        d.action, d.kinds, d.tables, d.columns, d.relations, d.unknown_relations,
+        d.subject_keys, d.row_subjects,
+    )  # fmt: skip
+
+
 class StatementFilter:
     """What masked and audited unmasked sessions share: both directions spliced message by
     message, refusals through the server (a unique syntax error turned into 42501 on its
@@ -206,6 +214,16 @@ class StatementFilter:
         # into, a DO block say, may have created temporary relations): from then on an
         # unqualified name that a temporary schema has may denote this session's own
         self._moved_here = False
+        # prepared statements (SQL's PREPARE or the protocol's Parse: one namespace) whose
+        # text may move names: each EXECUTE or Bind of one runs that code again, after
+        # catalog reads that settled the first (kept until the session ends: a name
+        # deallocated or replaced is at worst uncertain once more)
+        self._moving_names: set[bytes] = set()
+        # protocol statements whose text names relations: (the text, what its analysis says
+        # it reads, ContextHolder.moved_until when it was analysed). The server plans a
+        # statement again when a relation it names changes, so a Bind after names may have
+        # moved may run what the Parse's analysis does not say (see _moved_since_parse)
+        self._parsed: dict[bytes, tuple[str, tuple[object, ...], int]] = {}
         # unknown names this session asked the catalog to be read again for, and under
         # which context (asked once per name until the context is replaced)
         self._asked: set[str] = set()
@@ -302,6 +320,12 @@ class StatementFilter:
             return self._query(body, raw)
         if typ == m.PARSE:
             return self._parse(body, raw)
+        if (
+            typ == m.BIND
+            and self._moving_names
+            and extended.bind_names(body)[1] in self._moving_names
+        ):
+            self._names_moving()  # it runs code that may move names again
         log = self.statements
         if typ == m.FUNCTION_CALL:
             return self._function_call(raw)
@@ -316,7 +340,8 @@ class StatementFilter:
                         log.note_failing_bind()
                         token = self._refuse_unrecorded(fields)
                         return extended.bind_renamed(body, token)
-                reason = log.bind(body)
+                moved = bool(self._parsed) and self._moved_since_parse(extended.bind_names(body)[1])
+                reason = log.bind(body, names_moved=moved)
                 if reason is not None:
                     return self._refuse_prepared(typ, body, reason)
             elif typ == m.EXECUTE:
@@ -418,6 +443,31 @@ class StatementFilter:
         self.counters.refusal_reasons.append(reason)
         return nonce
 
+    def _moved_since_parse(self, statement: bytes) -> bool:
+        """Whether names may have moved since the Parse of `statement` was analysed (the
+        server then plans it again: its Execute may read what its analysis does not say).
+        Not once a catalog read after the move is in and the text, analysed under it,
+        reads the same."""
+        parsed = self._parsed.get(statement)
+        holder = self._holder
+        if parsed is None or parsed[2] == holder.moved_until:
+            return False
+        if holder.unsure or self._moving:
+            return True
+        sql, reads, _ = parsed
+        d = self._analyse(sql)[0]  # (as the Parse was: an unmasked session's is audit-only)
+        if _reads_of(d) != reads or (
+            self._moved_here and any(name in holder.temp_names for name in d.relations)
+        ):
+            return True  # (a temporary relation this session's code made may come first)
+        self._parsed[statement] = (sql, reads, holder.moved_until)
+        return False
+
+    def _names_moving(self) -> None:
+        """A statement that may move names goes to the server (see ContextHolder)."""
+        self._holder.names_moving()
+        self._moving = self._moved_here = True
+
     def _analyse(self, sql: str) -> tuple[Decision, str, str | None]:
         """(the analysis, "pass" | "rewrite" | "refuse", rewritten SQL or reason)."""
         d = self.ctx.analyze(sql)
@@ -440,14 +490,23 @@ class StatementFilter:
                 or d.defines
                 or ((holder.unsure or self._moving or self._moved_here) and d.relations)
                 or (d.moves_names and len(d.kinds) > 1)
+                or (self.temp_relations and d.relations and self._shadowed(d))
             ):
                 extra = self._session_reads(d)
             if d.moves_names:
                 # names may denote other relations than the catalog read says, for every
                 # session, until it is read again (see ContextHolder.names_moving); the
                 # statements after it in the same text too (see _session_reads)
-                holder.names_moving()
-                self._moving = self._moved_here = True
+                self._names_moving()
+                for statement in d.effects or ():
+                    self._moving_names.update(
+                        name.encode() for kind, name in statement if kind == "prepare"
+                    )
+            elif self._moving_names and any(
+                use.startswith("statement:") and use[10:].encode() in self._moving_names
+                for use in d.uses
+            ):
+                self._names_moving()  # EXECUTE of a statement that may move names
         # EXECUTE / FETCH read what the PREPARE / DECLARE (or the protocol's Parse / Bind:
         # the same names) named: the statement log adds their tables when it runs (it
         # knows which statement or cursor the name holds then)
@@ -600,6 +659,8 @@ class StatementFilter:
             # relation made since is covered by `unsure` until the read after it is in)
             temp = self._holder.temp_names
             uncertain = any(name in temp for name in d.relations)
+        if not uncertain and self.temp_relations:
+            uncertain = self._shadowed(d)
         for name, read in d.defines:
             # (a view over the session's views reads theirs; a superset: all of them)
             behind = frozenset(read).union(*(views.values()))
@@ -612,6 +673,17 @@ class StatementFilter:
         if not views and not uncertain:
             return None
         return views, uncertain
+
+    def _shadowed(self, d: Decision) -> bool:
+        """Whether an unqualified name the statement reads is the catalog's (not unknown to
+        it) and a temporary table of this session's (not a view: see session_views): the
+        server finds the temporary one first, which the catalog's analysis did not read."""
+        return any(
+            name in self.temp_relations
+            and name not in d.unknown_relations
+            and not _matching(name, self.session_views)
+            for name in d.relations
+        )
 
     @property
     def _encoding(self) -> str:
@@ -650,9 +722,19 @@ class StatementFilter:
         statement, query, rest = extended.parse_message(body)
         sql = self._text(query)
         if sql is None:
+            self._parsed.pop(statement, None)
             return self._undecodable(m.PARSE, statement, original)
         self._may_wait = True
         action, value, fields = self._decide(sql)
+        d = self._decision
+        if d is not None and d.moves_names and action != "refuse":
+            self._moving_names.add(statement)
+        elif not statement:
+            self._moving_names.discard(b"")  # (the unnamed statement is replaced)
+        if d is not None and d.relations and action != "refuse":
+            self._parsed[statement] = (sql, _reads_of(d), self._holder.moved_until)
+        else:
+            self._parsed.pop(statement, None)
         if self.statements is not None:
             source = self._source(sql, action, value, rest)
             # what the name holds: the whole text, as sent (masked sessions)

@@ -207,6 +207,9 @@ class _Portal:
     params: dict[str, frozenset[str]] | None = None  # the subject keys its parameters bind
     bind: bytes | None = None  # the Bind message's body: its parameter values, read on demand
     uncertain: bool = False
+    # names may have moved since its statement's Parse was analysed: the server plans it
+    # again, so what its Executes read cannot be told (see StatementFilter._parsed)
+    names_moved: bool = False
     # the first Execute sent of a portal whose statement names others (FETCH c, EXECUTE p):
     # the server runs that statement once, at the first Execute, and later Executes hand
     # out the rows it kept (a cursor or statement of that name made since is not read)
@@ -826,9 +829,10 @@ class StatementLog:
             return None
         return _UNCERTAIN_FIELDS if found.uncertain else found.fields
 
-    def bind(self, body: bytes) -> str | None:
+    def bind(self, body: bytes, names_moved: bool = False) -> str | None:
         """A Bind; or, when `vet` refuses its statement, the reason (nothing is noted: the
-        caller refuses the message)."""
+        caller refuses the message). `names_moved`: the masked filter's word that names may
+        have moved since the statement was analysed (its Executes are uncertain)."""
         portal_name, statement_name = extended.bind_names(body)
         if not statement_name.isascii() or len(statement_name) > _NAME_BYTES:
             statement_name = self._name(statement_name)
@@ -865,6 +869,7 @@ class StatementLog:
             else:
                 formats, params = self._bound(statement, fields, body)
                 portal = entry.obj = _Portal(fields, statement, formats, params=params, bind=body)
+            portal.names_moved = names_moved  # (a statement of nothing protected too)
             entry.source = statement.source
             if not names.skipping and not (portal_name and names.in_use(portal_name)):
                 # the common case
@@ -947,6 +952,7 @@ class StatementLog:
             entry.fields = portal.fields
             entry.portal, entry.params = portal, portal.params
             entry.source, entry.bind = portal.statement.source, portal.bind
+            entry.uncertain = portal.names_moved
             effects = portal.statement.effects
             first = portal.first
             if first is not None and (first.finished or first in self._fifo):

@@ -18,6 +18,7 @@ from rules.code import (
     Routine,
     body_facts,
     do_facts,
+    hidden_moving,
     moving_code,
     routine_facts,
     statement_moves,
@@ -244,3 +245,104 @@ def test_an_unknown_plpgsql_node_kind_is_may() -> None:
     found = code._Found()
     code._plpgsql({"PLpgSQL_stmt_something_new": {"lineno": 1}}, found)
     assert found.may
+
+
+# ---- white-box attacks (tests/integration/test_audit_evasion_code.py) --------------------------
+
+
+def test_a_call_in_an_assignment_targets_subscript() -> None:
+    """`a[f()] := 1` runs f: the target is read as an expression too."""
+    facts = body_facts("plpgsql", plpgsql("DECLARE a int[]; BEGIN a[s.f()] := 1; END"))
+    assert not facts.may and ("s", "f") in facts.functions
+    assert may("DECLARE a int[]; BEGIN a[(SELECT 1 FROM t WHERE x = 1)] := 1; END")
+
+
+def test_temporary_schemas_code_is_named_by_pg_temp() -> None:
+    """The catalog has a session's temporary function and table under pg_temp_N; statements
+    and bodies name them pg_temp.x."""
+    tswap = Routine(
+        1, "pg_temp_3", "tswap", body_facts("plpgsql", plpgsql("BEGIN EXECUTE 'x'; END"))
+    )
+    caller = _routine(2, "caller", "BEGIN PERFORM pg_temp.lower('x'); END")
+    lower = Routine(3, "pg_temp_3", "lower", MAY)
+    moving = moving_code(
+        [tswap, caller, lower], frozenset({"lower"}), [], [("pg_temp_3", "tt", 1, False)], {}
+    )
+    assert ("pg_temp", "tswap") in moving.functions
+    assert ("s", "caller") in moving.functions  # pg_temp.lower is the temporary one
+    assert ("pg_temp", "tt") in moving.writes
+    catalog = replace(CATALOG, moving_functions=moving.functions, moving_writes=moving.writes)
+    assert statement_moves(parse_sql("SELECT pg_temp.tswap()"), catalog)
+    assert statement_moves(parse_sql("INSERT INTO pg_temp.tt VALUES (1)"), catalog)
+
+
+def test_writes_that_reach_other_relations() -> None:
+    """A rule's action, a foreign key's cascade, a partition: a write to the first relation
+    runs the second's triggers."""
+    ddl = Routine(1, "s", "ddl", MAY)
+    moving = moving_code(
+        [ddl], frozenset(), [], [("s", "child", 1, False)], {},
+        [(("s", "parent"), ("s", "child")), (("s", "grand"), ("s", "parent"))],
+    )  # fmt: skip
+    assert {("s", "child"), ("s", "parent"), ("s", "grand")} <= moving.writes
+    assert ("s", "parent") not in moving.reads
+
+
+def test_event_triggers_make_ddl_move_names() -> None:
+    ddl = Routine(1, "s", "on_ddl", MAY)
+    rows = _routine(2, "rows", "BEGIN INSERT INTO s.t VALUES (1); END")
+    assert moving_code([ddl], frozenset(), [], [], {}, (), [1]).ddl
+    assert not moving_code([ddl, rows], frozenset(), [], [], {}, (), [2]).ddl
+    assert moving_code([], frozenset(), [], [], {}, (), [99]).ddl  # (not a user function)
+    catalog = replace(CATALOG, moving_ddl=True)
+    assert statement_moves(parse_sql("COMMENT ON TABLE billing.customers IS 'x'"), catalog)
+    assert statement_moves(parse_sql("CREATE TABLE brand_new (x int)"), catalog)
+    assert not statement_moves(parse_sql("SELECT 1"), catalog)
+    assert not statement_moves(parse_sql("COMMENT ON TABLE billing.customers IS 'x'"), CATALOG)
+
+
+def test_hidden_code_that_may_makes_every_expression_move_names() -> None:
+    """A cast's, a domain CHECK's or an operator's function that may: which statement runs
+    it cannot be told (implicit casts, BETWEEN's operators), so every statement that
+    evaluates an expression moves names; an event trigger's counts for DDL only."""
+    functions = frozenset({("s", "swap"), ("s", "tok_of")})
+    cast = ("cast from text to s.tok", "s", "tok_of")
+    assert hidden_moving([cast], functions)
+    assert not hidden_moving([("cast from text to s.tok", "s", "rows_only")], functions)
+    assert not hidden_moving([("event trigger on_ddl", "s", "swap")], functions)
+    catalog = replace(CATALOG, moving_hidden=True)
+    for sql in ("SELECT 1", "INSERT INTO billing.customers VALUES (1)", "EXECUTE p"):
+        assert statement_moves(parse_sql(sql), catalog), sql
+        assert not statement_moves(parse_sql(sql), CATALOG), sql
+    for sql in ("BEGIN", "COMMIT", "SET search_path = s", "SHOW search_path", "DEALLOCATE p"):
+        assert not statement_moves(parse_sql(sql), catalog), sql
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # a trigger attached to a relation the catalog does not have: its function decides
+        (
+            "CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION billing.leak()",
+            True,
+        ),
+        (
+            "CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION nobody_has_it()",
+            True,
+        ),
+        (
+            "CREATE TRIGGER g AFTER INSERT ON brand_new FOR EACH ROW EXECUTE FUNCTION billing.invoice_total()",
+            False,
+        ),
+        # statements that evaluate index expressions
+        ("ANALYZE public.notes", True),
+        ("ANALYZE", True),
+        ("VACUUM FULL public.notes", True),
+        ("REINDEX TABLE public.notes", True),
+        ("REINDEX INDEX some_index", True),
+        ("CLUSTER public.notes", True),
+        ("ANALYZE billing.customers", False),
+    ],
+)
+def test_statements_that_reach_attached_code(sql: str, expected: bool) -> None:
+    assert statement_moves(parse_sql(sql), _catalog()) is expected
