@@ -397,7 +397,7 @@ def moving_code(
     `view_sources` (each view's relations, transitively), `writes_reach` ((relation,
     another relation a write to it may write: a rule's action, a foreign key's cascade, a
     partition or child table)), `event_functions` (the functions of enabled event
-    triggers: a built-in one, such as a C function of an extension, is "may"). A call to a
+    triggers: one that is not among `routines`, in pg_catalog, is "may"). A call to a
     name no routine and no built-in has counts as "may"; a built-in that runs a query
     given as text calls every routine."""
     written: dict[Relname, set[Relname]] = {}
@@ -452,14 +452,15 @@ def moving_code(
                     changed = True
         return out
 
-    def named(names: frozenset[Name], rels: set[tuple[str, str]]) -> bool:
-        return any(_named(name, _with_pg_temp(rels)) for name in names)
+    def named(names: frozenset[Name], rels: frozenset[tuple[str, str]]) -> bool:
+        return any(_named(name, rels) for name in names)
 
     changed = True
     while changed:
         changed = False
-        reads = moving_relations(on_read, {})
-        writes = moving_relations(on_write, written) | reads
+        # (with their pg_temp names, once per round, not once per routine and name)
+        reads = _with_pg_temp(moving_relations(on_read, {}))
+        writes = _with_pg_temp(moving_relations(on_write, written)) | reads
         for r in by_oid.values():
             if r.oid in may:
                 continue
@@ -475,13 +476,12 @@ def moving_code(
             if hit:
                 may.add(r.oid)
                 changed = True
-    reads = moving_relations(on_read, {})
-    writes = moving_relations(on_write, written) | reads
+    # (`reads` and `writes` are those of the last round, in which `may` did not grow)
     return Moving(
         functions=_with_pg_temp((by_oid[o].schema, by_oid[o].name) for o in may),
         operators=frozenset(name for name, oids in op_functions.items() if oids & may),
-        reads=_with_pg_temp(reads),
-        writes=_with_pg_temp(writes),
+        reads=reads,
+        writes=writes,
         ddl=any(oid in may or oid not in by_oid for oid in event_functions),
     )
 

@@ -219,11 +219,11 @@ class StatementFilter:
         # catalog reads that settled the first (kept until the session ends: a name
         # deallocated or replaced is at worst uncertain once more)
         self._moving_names: set[bytes] = set()
-        # protocol statements whose text names relations: (the text, what its analysis says
-        # it reads, ContextHolder.moved_until when it was analysed). The server plans a
+        # protocol statements whose text names relations: (the text, its analysis,
+        # ContextHolder.moved_until when it was analysed). The server plans a
         # statement again when a relation it names changes, so a Bind after names may have
         # moved may run what the Parse's analysis does not say (see _moved_since_parse)
-        self._parsed: dict[bytes, tuple[str, tuple[object, ...], int]] = {}
+        self._parsed: dict[bytes, tuple[str, Decision, int]] = {}
         # unknown names this session asked the catalog to be read again for, and under
         # which context (asked once per name until the context is replaced)
         self._asked: set[str] = set()
@@ -320,11 +320,13 @@ class StatementFilter:
             return self._query(body, raw)
         if typ == m.PARSE:
             return self._parse(body, raw)
-        if (
-            typ == m.BIND
-            and self._moving_names
-            and extended.bind_names(body)[1] in self._moving_names
-        ):
+        # the statement a Bind binds, read once: only while some statement may need it
+        bound = (
+            extended.bind_names(body)[1]
+            if typ == m.BIND and (self._moving_names or self._parsed)
+            else None
+        )
+        if bound is not None and bound in self._moving_names:
             self._names_moving()  # it runs code that may move names again
         log = self.statements
         if typ == m.FUNCTION_CALL:
@@ -340,7 +342,7 @@ class StatementFilter:
                         log.note_failing_bind()
                         token = self._refuse_unrecorded(fields)
                         return extended.bind_renamed(body, token)
-                moved = bool(self._parsed) and self._moved_since_parse(extended.bind_names(body)[1])
+                moved = bound is not None and self._moved_since_parse(bound)
                 reason = log.bind(body, names_moved=moved)
                 if reason is not None:
                     return self._refuse_prepared(typ, body, reason)
@@ -454,13 +456,13 @@ class StatementFilter:
             return False
         if holder.unsure or self._moving:
             return True
-        sql, reads, _ = parsed
+        sql, before, _ = parsed
         d = self._analyse(sql)[0]  # (as the Parse was: an unmasked session's is audit-only)
-        if _reads_of(d) != reads or (
+        if _reads_of(d) != _reads_of(before) or (
             self._moved_here and any(name in holder.temp_names for name in d.relations)
         ):
             return True  # (a temporary relation this session's code made may come first)
-        self._parsed[statement] = (sql, reads, holder.moved_until)
+        self._parsed[statement] = (sql, before, holder.moved_until)
         return False
 
     def _names_moving(self) -> None:
@@ -732,7 +734,8 @@ class StatementFilter:
         elif not statement:
             self._moving_names.discard(b"")  # (the unnamed statement is replaced)
         if d is not None and d.relations and action != "refuse":
-            self._parsed[statement] = (sql, _reads_of(d), self._holder.moved_until)
+            # (what it reads is compared only when names may have moved: _moved_since_parse)
+            self._parsed[statement] = (sql, d, self._holder.moved_until)
         else:
             self._parsed.pop(statement, None)
         if self.statements is not None:
