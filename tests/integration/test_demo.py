@@ -5,6 +5,7 @@ touch a schema or role it did not create."""
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -33,10 +35,24 @@ REFUSED = "SELECT query_to_xml('SELECT * FROM billing.customers', true, true, ''
 PROMPT = "pgveil_demo=> "
 
 
+def _default_address_lock() -> IO[bytes]:
+    """An exclusive lock, across test processes, on the demo's default address (the one
+    the README's reader gets: no --listen): CI runs the suite against both implementations
+    side by side, and two demos on one address fail with "address already in use". The
+    lock file is in the machine's temporary directory (tests/tmpdir_guard.py gives each run
+    its own), and held until the demo is closed."""
+    root = Path(os.environ.get("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir()))
+    lock = open(root / "pgveil-tests-demo-default-address.lock", "ab")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the other run's demo to be closed
+    return lock
+
+
 class Demo:
-    """`pgveil demo ARGS` in the background; `ready()` parses what it printed."""
+    """`pgveil demo ARGS` in the background; `ready()` parses what it printed. A demo on
+    the default address holds `_default_address_lock` while it lives."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self._port_lock = None if "--listen" in args else _default_address_lock()
         self.err_path = Path(tempfile.mkstemp(prefix="pgveil-demo-test-", suffix=".err")[1])
         self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
@@ -103,6 +119,9 @@ class Demo:
                 self.proc.wait()
         self._err.close()
         self.err_path.unlink(missing_ok=True)
+        if self._port_lock is not None:
+            self._port_lock.close()  # (closing the file releases the lock)
+            self._port_lock = None
 
 
 def psql(demo: Demo, uri: str, sql: str) -> subprocess.CompletedProcess[str]:
