@@ -745,19 +745,25 @@ def report(
         "",
         *table(results, [r for r in rows if r.kind == "psql"], ".3f", "(time, lower better)"),
         "",
-        "## Proxy CPU per query (utime+stime of the proxy process / transactions; median)",
+        "## Proxy CPU per query (the proxy process's user and system time / transactions; median)",
         "",
+        "| workload | pgbouncer user | pgbouncer system | pgveil user | pgveil system "
+        "| pgveil/pgbouncer (total) |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         cpu = results.cpu_us.get(row.name)
         if not cpu:
             continue
         bouncer, veil = statistics.median(cpu["pgbouncer"]), statistics.median(cpu["pgveil"])
-        factor = f"{veil / bouncer:.1f}x pgbouncer" if bouncer > 0 else "pgbouncer ~0"
-        lines.append(
-            f"- `pgbench -S {row.name}`: pgbouncer {bouncer:.1f} us/query, "
-            f"pgveil {veil:.1f} us/query ({factor})"
-        )
+        factor = f"{veil / bouncer:.2f}" if bouncer > 0 else "pgbouncer ~0"
+        split = [
+            statistics.median(table[row.name][var])
+            for var in ("pgbouncer", "pgveil")
+            for table in (results.proxy_user_us, results.proxy_sys_us)
+        ]
+        cells = " | ".join(f"{v:.1f}" for v in split)
+        lines.append(f"| `pgbench -S {row.name}` | {cells} | {factor} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1502,7 +1508,12 @@ def main(argv: list[str] | None = None) -> int:
             ]
             results = run_all(db, env, targets, ns.reps, ns.duration)
             texts["relay"] = report(results, db, ns.reps, ns.duration, pgbouncer_bin)
-            raw["relay"] = {"tps_or_seconds": results.values, "cpu_us_per_query": results.cpu_us}
+            raw["relay"] = {
+                "tps_or_seconds": results.values,
+                "cpu_us_per_query": results.cpu_us,
+                "proxy_user_us_per_query": results.proxy_user_us,
+                "proxy_system_us_per_query": results.proxy_sys_us,
+            }
         if "masked" in parts:
             print("--- masked part ---", file=sys.stderr)
             texts["masked"], raw["masked"] = run_masked_part(

@@ -17,7 +17,7 @@ used for timing (callgrind runs the proxy some fifty times slower).
 
 Usage: python bench/instructions.py [--baseline DIR] [--transactions N]
                                     [--mode simple|extended|prepared] [--role unmasked|masked]
-                                    [--no-audit] [--select-only]
+                                    [--no-audit] [--select-only] [--clients N] [--keep DIR]
 
 `--select-only` counts `pgbench -S` (scale 10, pgbench_accounts protected with its subject:
 the audit part's rules) instead of the helpdesk script: one short statement per transaction,
@@ -123,7 +123,8 @@ def count(
             done = subprocess.run(
                 [b.tool(db, "pgbench"), "-n", "-h", b.HOST, "-p", str(port), "-U", user,
                  *(["-S"] if args.select_only else ["-f", str(script)]),
-                 "-c", "1", "-t", str(transactions), "-M", args.mode,
+                 "-c", str(args.clients), "-j", str(min(2, args.clients)),
+                 "-t", str(transactions // args.clients), "-M", args.mode,
                  "--random-seed", "1",
                  b.DBNAME],
                 env={**os.environ, "PGPASSWORD": pw, "PGSSLMODE": "disable"},
@@ -131,13 +132,14 @@ def count(
                 text=True,
                 check=False,
             )  # fmt: skip
-            wanted = f"processed: {transactions}/{transactions}"
+            done_tx = transactions // args.clients * args.clients
+            wanted = f"processed: {done_tx}/{done_tx}"
             if wanted not in done.stdout:
                 raise b.BenchError(
                     f"pgbench through {label}: {done.stdout[-400:]}{done.stderr[-400:]}"
                 )
 
-        pgbench(20)  # warm: the shape cache, the catalog, the first events
+        pgbench(20 * args.clients)  # warm: the shape cache, the catalog, the first events
         subprocess.run(
             ["callgrind_control", "-i", "on", str(svc.pid)], check=True, capture_output=True
         )
@@ -149,6 +151,9 @@ def count(
         if svc.proc is not None and svc.proc.poll() is None:
             os.kill(svc.pid, signal.SIGTERM)
             svc.proc.wait(300)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out, args.keep / out.name)
     text = subprocess.run(
         ["callgrind_annotate", str(out)], capture_output=True, text=True, check=True
     ).stdout
@@ -163,10 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", type=Path, help="another checkout to count as well")
     p.add_argument("--transactions", type=int, default=200)
     p.add_argument("--mode", choices=("simple", "extended", "prepared"), default="simple")
+    p.add_argument(
+        "--clients", type=int, default=1, help="pgbench clients (-c; -t is divided among them)"
+    )
     p.add_argument("--role", choices=("unmasked", "masked"), default="unmasked")
     p.add_argument("--no-audit", action="store_true", help="run pgveil without auditing")
     p.add_argument(
         "--select-only", action="store_true", help="pgbench -S instead of the helpdesk script"
+    )
+    p.add_argument(
+        "--keep", type=Path, help="copy callgrind's output files into this folder (to annotate)"
     )
     args = p.parse_args(argv)
     if missing_valgrind("instructions"):
