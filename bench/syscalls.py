@@ -17,7 +17,7 @@ builds, not a benchmark of pgveil against anything else.
 
 Usage: python bench/syscalls.py [--baseline DIR] [--transactions N] [--reps N]
                                 [--mode simple|extended|prepared] [--role unmasked|masked]
-                                [--no-audit] [--helpdesk]
+                                [--no-audit] [--helpdesk] [--record DIR]
 """
 
 from __future__ import annotations
@@ -107,6 +107,16 @@ def measure(
              *[x for e in events for x in ("-e", e)]],
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        if args.record is not None:  # and a profile of where the CPU time goes
+            args.record.mkdir(parents=True, exist_ok=True)
+            spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            recorder = subprocess.Popen(
+                [spy, "record", "--native", "--format", "raw", "-r", "250",
+                 "-o", str(args.record / f"py-spy-{label}.txt"), "-p", str(svc.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            perf_stop = perf
+            perf = recorder
         try:
             u0, s0 = b.cpu_times(svc.pid)
             pgbench(args.transactions)
@@ -114,6 +124,9 @@ def measure(
         finally:
             perf.send_signal(signal.SIGINT)
             perf.wait(60)
+            if args.record is not None:
+                perf_stop.send_signal(signal.SIGINT)
+                perf_stop.wait(60)
     finally:
         if svc.proc is not None and svc.proc.poll() is None:
             os.kill(svc.pid, signal.SIGTERM)
@@ -138,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", choices=("unmasked", "masked"), default="unmasked")
     p.add_argument("--no-audit", action="store_true", help="run pgveil without auditing")
     p.add_argument("--helpdesk", action="store_true", help="the helpdesk script, not -S")
+    p.add_argument(
+        "--record",
+        type=Path,
+        help="also `perf record` the proxy (cpu-clock, call graphs) into this folder: "
+        "perf-<checkout>-<rep>.data for `perf report -i` (the compiled modules' functions "
+        "have names; the Python source's show as the interpreter's)",
+    )
     args = p.parse_args(argv)
     if shutil.which("perf") is None:
         print("syscalls: perf is not installed (apt-get install linux-perf)", file=sys.stderr)

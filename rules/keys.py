@@ -51,6 +51,8 @@ INTEGERS = {
     "int4": (-(2**31), 2**31 - 1),
     "int8": (-(2**63), 2**63 - 1),
 }
+_INT4_MAX = 2**31 - 1
+_INT8_MAX = 2**63 - 1
 STRINGS = frozenset(("text", "varchar", "bpchar"))
 TYPES = frozenset((*INTEGERS, "numeric", "bool", *STRINGS, "uuid"))
 # parameter and result-column type OIDs (pg_type.dat)
@@ -188,6 +190,11 @@ def token_value(token: str) -> Value | None:
     """The value of one literal token of a statement's text, as the scanner wrote it: a
     number, a '...' string, TRUE or FALSE (NULL, E'', U&'', $$...$$ and bit strings: None,
     the full analysis reads those)."""
+    if token.isdigit() and token.isascii():  # the common key: decimal digits, no sign
+        value = int(token)
+        if value <= _INT4_MAX:
+            return ("int4", value)
+        return ("int8", value) if value <= _INT8_MAX else ("numeric", Decimal(value))
     if len(token) >= 2 and token[0] == token[-1] == "'":
         return string_literal(token[1:-1].replace("''", "'"))
     word = token.lower()

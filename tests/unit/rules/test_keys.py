@@ -42,7 +42,12 @@ U1 = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
     ("token", "value"),
     [
         ("2", ("int4", 2)),
+        ("2147483647", ("int4", 2147483647)),
         ("2147483648", ("int8", 2147483648)),
+        ("9223372036854775807", ("int8", 9223372036854775807)),
+        ("9223372036854775808", ("numeric", Decimal("9223372036854775808"))),
+        ("\u00b2", None),  # a digit to str.isdigit, not to the server
+        ("\u0661\u0662", None),
         ("99999999999999999999", ("numeric", Decimal("99999999999999999999"))),
         ("0x1F", ("int4", 31)),  # PostgreSQL 16 and later (15 refuses the statement)
         ("1_000", ("int4", 1000)),
