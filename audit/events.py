@@ -114,7 +114,7 @@ def new_id(now_ns: int | None = None) -> str:
     """Time-ordered unique id: 48-bit milliseconds, 48 random bits drawn once per process,
     then a 32-bit counter (ULID-like, hex). Unique without a system call per id."""
     ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
-    return "%012x%s%08x" % (ms, _PROCESS, next(_counter) & 0xFFFFFFFF)
+    return "%012x%s%08x" % (ms, _PROCESS, next(_counter) & 0xFFFFFFFF)  # noqa: UP031
 
 
 def utc_timestamp(now_ns: int | None = None) -> str:
@@ -124,7 +124,7 @@ def utc_timestamp(now_ns: int | None = None) -> str:
     second = _second
     if second[0] != secs:  # formatting the date once per second is enough
         second = _second = (secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)))
-    return "%s.%06dZ" % (second[1], (ns - secs * 1_000_000_000) // 1000)
+    return "%s.%06dZ" % (second[1], (ns - secs * 1_000_000_000) // 1000)  # noqa: UP031
 
 
 class Chain:

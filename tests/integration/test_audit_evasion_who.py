@@ -289,6 +289,18 @@ CASES = [
         {"tables": [CUSTOMERS], "subjects": {CUSTOMERS: ["2"]}, "subjects_complete": False},
     ),
     Case(
+        # the second read of the view has the first one's shape: its keys come from the
+        # analysis of the shape with the literal put back, and stay "named, not proved"
+        "rules_view_key_named_again",
+        ADMIN,
+        (
+            "SELECT i_customer, email FROM billing.customer_contacts WHERE i_customer = 1",
+            "SELECT i_customer, email FROM billing.customer_contacts WHERE i_customer = 2",
+        ),
+        {(CUSTOMERS, "1"): ["yes", "possibly"], (CUSTOMERS, "2"): ["possibly", "yes"]},
+        {"tables": [CUSTOMERS], "subjects": {CUSTOMERS: ["2"]}, "subjects_complete": False},
+    ),
+    Case(
         "rules_view_key_named_not_returned",
         ADMIN,
         ("SELECT name, email FROM billing.customer_contacts WHERE i_customer = 2",),
