@@ -35,8 +35,9 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
+from mypy_extensions import mypyc_attr
 from pglast.enums import A_Expr_Kind, BoolExprType, OnConflictAction, SetOperation
 
 from rules.catalog import Column, Protected, ProtectionMap
@@ -67,6 +68,7 @@ class ParamKey:
     ops: tuple[str, ...] = ()
 
 
+@mypyc_attr(serializable=True)  # compiled, copy and pickle would call __init__ without args
 class NamedKeys:
     """The keys a statement names for `table`: normalised texts, and parameters still to be
     bound. `unknown_as`: the type a parameter (or quoted literal) of unknown type is read
@@ -82,7 +84,16 @@ class NamedKeys:
     compiled build constructs this one in 0.1 µs, a frozen dataclass's generated __init__
     took 2 µs (6% of an audited `pgbench -S` statement's instructions)."""
 
-    __match_args__ = ("table", "keys", "column", "unknown_as", "assign", "complete")
+    # (a ClassVar: compiled, a plain class attribute becomes an instance attribute's
+    # default, and `case NamedKeys(t, ...)` finds a descriptor where it needs a tuple)
+    __match_args__: ClassVar[tuple[str, ...]] = (
+        "table",
+        "keys",
+        "column",
+        "unknown_as",
+        "assign",
+        "complete",
+    )
 
     def __init__(
         self,
