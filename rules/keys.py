@@ -269,7 +269,9 @@ def operator(op: str, value: Value) -> Value | None:
         return (typ, result) if _fits(typ, result) else None
     if typ == "numeric":
         assert isinstance(v, Decimal)
-        return ("numeric", -v if op == "-" else v)
+        # (copy_negate: exact. `-v` rounds to the context's 28 digits, another key, and
+        # raises Overflow past its exponent, -1e999999999, out of the session's analysis)
+        return ("numeric", v.copy_negate() if op == "-" else v)
     return None
 
 

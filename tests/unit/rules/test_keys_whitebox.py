@@ -27,6 +27,7 @@ from rules.decision import Decision
 from rules.keys import (
     NO_MATCH,
     KeyColumn,
+    apply,
     assign,
     cast,
     compare,
@@ -147,6 +148,21 @@ def test_a_huge_numeric_is_never_made_an_int(number: Decimal) -> None:
 
 
 @pytest.mark.parametrize(
+    "number",
+    [Decimal("1" * 30), Decimal("1" * 30 + ".5"), Decimal("1e999999999"), Decimal("1e-999999999")],
+)
+def test_a_numeric_key_is_negated_exactly(number: Decimal) -> None:
+    # `-v` rounded to the context's 28 digits (another key: the server's numeric is exact)
+    # and raised decimal.Overflow past its exponent, out of the session's analysis
+    assert apply(("numeric", number), ("-",)) == ("numeric", Decimal("-" + str(number)))
+    assert apply(("numeric", number), ("-", "-")) == ("numeric", number)
+    assert compare(NUMERIC, ("numeric", Decimal("-" + "1" * 30)), "") == "-" + "1" * 30
+    assert compare(NUMERIC, apply(("numeric", Decimal("1" * 30)), ("-",)) or ("", 0), "") == (
+        "-" + "1" * 30
+    )
+
+
+@pytest.mark.parametrize(
     ("number", "int8"),
     [
         (Decimal("9223372036854775807"), "9223372036854775807"),
@@ -209,6 +225,8 @@ SELECT = "SELECT email FROM billing.customers WHERE i_customer = "
         ("1e999999999", ()),  # (the server refuses it: no row read either way)
         ("-" + "1" * 5000, ()),
         ("'" + "0" * 5000 + "2'", ("2",)),  # unknown, read as bigint: 2
+        ("-1e999999999::numeric", ()),  # (refused by the server)
+        ("- " + "1" * 30, ()),
     ],
 )
 def test_statements_with_huge_keys(literal: str, keys: tuple[str, ...]) -> None:
