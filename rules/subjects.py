@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
-from mypy_extensions import mypyc_attr
 from pglast.enums import A_Expr_Kind, BoolExprType, OnConflictAction, SetOperation
 
 from rules.catalog import Column, Protected, ProtectionMap
@@ -68,7 +67,6 @@ class ParamKey:
     ops: tuple[str, ...] = ()
 
 
-@mypyc_attr(serializable=True)  # compiled, copy and pickle would call __init__ without args
 class NamedKeys:
     """The keys a statement names for `table`: normalised texts, and parameters still to be
     bound. `unknown_as`: the type a parameter (or quoted literal) of unknown type is read
@@ -110,6 +108,11 @@ class NamedKeys:
         self.unknown_as: Final = unknown_as
         self.assign: Final = assign
         self.complete: Final = complete
+
+    def __reduce__(self) -> tuple[type[NamedKeys], tuple[Any, ...]]:
+        # copy and pickle: compiled, the default calls __init__ without arguments, and
+        # @mypyc_attr(serializable=True) leaves Final fields unset (mypyc 1.x)
+        return (NamedKeys, self._fields())
 
     def _fields(self) -> tuple[object, ...]:
         return (self.table, self.keys, self.column, self.unknown_as, self.assign, self.complete)
