@@ -53,6 +53,11 @@ INTEGERS = {
 }
 _INT4_MAX = 2**31 - 1
 _INT8_MAX = 2**63 - 1
+# more significant decimal digits than any integer type holds (int8: 19). Such a number is
+# never made an int from its digits: int() refuses more than 4300 digits (ValueError), and
+# an int of 1e1000000 takes 40 s to build, long enough to stop the proxy's event loop
+_WIDER = 19
+_INT_RANGE = (Decimal(-(2**63) - 1), Decimal(2**63))  # a numeric beyond these fits no integer
 STRINGS = frozenset(("text", "varchar", "bpchar"))
 TYPES = frozenset((*INTEGERS, "numeric", "bool", *STRINGS, "uuid"))
 # parameter and result-column type OIDs (pg_type.dat)
@@ -142,6 +147,10 @@ def _integer(text: str) -> int | None:
     sign = -1 if body[0] == "-" else 1
     digits = body.lstrip("+-").replace("_", "")
     base = {"x": 16, "o": 8, "b": 2}.get(digits[1:2].lower(), 10) if len(digits) > 1 else 10
+    if base == 10 and len(digits) > _WIDER:
+        digits = digits.lstrip("0") or "0"  # (int() counts leading zeros against its limit)
+        if len(digits) > _WIDER:
+            return None  # fits no integer type (number_literal reads it as a numeric)
     return sign * int(digits[2:] if base != 10 else digits, base)
 
 
@@ -191,6 +200,10 @@ def token_value(token: str) -> Value | None:
     number, a '...' string, TRUE or FALSE (NULL, E'', U&'', $$...$$ and bit strings: None,
     the full analysis reads those)."""
     if token.isdigit() and token.isascii():  # the common key: decimal digits, no sign
+        if len(token) > _WIDER:
+            token = token.lstrip("0") or "0"  # (int() counts leading zeros against its limit)
+            if len(token) > _WIDER:
+                return ("numeric", Decimal(token))  # (never int(): see _WIDER)
         value = int(token)
         if value <= _INT4_MAX:
             return ("int4", value)
@@ -228,8 +241,8 @@ def cast(value: Value, target: str) -> Value | None:
     if typ == "numeric":
         assert isinstance(v, Decimal)
         if target in INTEGERS:
-            if not v.is_finite():
-                return None
+            if not v.is_finite() or not _INT_RANGE[0] <= v <= _INT_RANGE[1]:
+                return None  # (out of every integer type's range: never made an int)
             rounded = int(v.to_integral_value(rounding=ROUND_HALF_UP))  # half away from 0
             return (target, rounded) if _fits(target, rounded) else None
         return None
@@ -256,7 +269,9 @@ def operator(op: str, value: Value) -> Value | None:
         return (typ, result) if _fits(typ, result) else None
     if typ == "numeric":
         assert isinstance(v, Decimal)
-        return ("numeric", -v if op == "-" else v)
+        # (copy_negate: exact. `-v` rounds to the context's 28 digits, another key, and
+        # raises Overflow past its exponent, -1e999999999, out of the session's analysis)
+        return ("numeric", v.copy_negate() if op == "-" else v)
     return None
 
 
@@ -328,6 +343,8 @@ def compare(column: KeyColumn, value: Value, unknown_as: str) -> str | _NoMatch 
             assert isinstance(v, Decimal)
             if not v.is_finite() or v != v.to_integral_value():
                 return NO_MATCH
+            if not _INT_RANGE[0] <= v <= _INT_RANGE[1]:
+                return NO_MATCH  # (never made an int: see _WIDER)
             return str(int(v)) if _fits(col, int(v)) else NO_MATCH
         return None
     if col == "numeric":

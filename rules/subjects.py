@@ -35,7 +35,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from pglast.enums import A_Expr_Kind, BoolExprType, OnConflictAction, SetOperation
 
@@ -82,7 +82,16 @@ class NamedKeys:
     compiled build constructs this one in 0.1 µs, a frozen dataclass's generated __init__
     took 2 µs (6% of an audited `pgbench -S` statement's instructions)."""
 
-    __match_args__ = ("table", "keys", "column", "unknown_as", "assign", "complete")
+    # (a ClassVar: compiled, a plain class attribute becomes an instance attribute's
+    # default, and `case NamedKeys(t, ...)` finds a descriptor where it needs a tuple)
+    __match_args__: ClassVar[tuple[str, ...]] = (
+        "table",
+        "keys",
+        "column",
+        "unknown_as",
+        "assign",
+        "complete",
+    )
 
     def __init__(
         self,
@@ -99,6 +108,11 @@ class NamedKeys:
         self.unknown_as: Final = unknown_as
         self.assign: Final = assign
         self.complete: Final = complete
+
+    def __reduce__(self) -> tuple[type[NamedKeys], tuple[Any, ...]]:
+        # copy and pickle: compiled, the default calls __init__ without arguments, and
+        # @mypyc_attr(serializable=True) leaves Final fields unset (mypyc 1.x)
+        return (NamedKeys, self._fields())
 
     def _fields(self) -> tuple[object, ...]:
         return (self.table, self.keys, self.column, self.unknown_as, self.assign, self.complete)
