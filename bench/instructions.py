@@ -69,6 +69,35 @@ def helpdesk_database(
     return db, workdir, rules, script
 
 
+def run_pgbench(
+    db: b.EmbeddedPostgres,
+    port: int,
+    role: str,
+    workload: list[str],
+    clients: int,
+    transactions: int,
+    mode: str,
+    label: str,
+    extra: list[str] | None = None,
+) -> None:
+    """pgbench through the proxy on `port` as the `role` (unmasked or masked) login:
+    `transactions` divided among `clients`; a BenchError unless all were processed."""
+    user, pw = (
+        (b.UNMASKED_ROLE, b.UNMASKED_PW) if role == "unmasked" else (b.MASKED_ROLE, b.MASKED_PW)
+    )
+    per_client = transactions // clients
+    done = subprocess.run(
+        [b.tool(db, "pgbench"), "-n", "-h", b.HOST, "-p", str(port), "-U", user, *workload,
+         "-c", str(clients), "-j", str(min(2, clients)), "-t", str(per_client), "-M", mode,
+         *(extra or []), b.DBNAME],
+        env={**os.environ, "PGPASSWORD": pw, "PGSSLMODE": "disable"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    wanted = f"processed: {per_client * clients}/{per_client * clients}"
+    if wanted not in done.stdout:
+        raise b.BenchError(f"pgbench through {label}: {done.stdout[-400:]}{done.stderr[-400:]}")
+
+
 def count(
     db: b.EmbeddedPostgres,
     workdir: Path,
@@ -113,31 +142,11 @@ def count(
     svc.start()
     try:
         svc.wait_port(port, timeout=600)  # (imports under valgrind take a while)
-        user, pw = (
-            (b.UNMASKED_ROLE, b.UNMASKED_PW)
-            if args.role == "unmasked"
-            else (b.MASKED_ROLE, b.MASKED_PW)
-        )
 
         def pgbench(transactions: int) -> None:
-            done = subprocess.run(
-                [b.tool(db, "pgbench"), "-n", "-h", b.HOST, "-p", str(port), "-U", user,
-                 *(["-S"] if args.select_only else ["-f", str(script)]),
-                 "-c", str(args.clients), "-j", str(min(2, args.clients)),
-                 "-t", str(transactions // args.clients), "-M", args.mode,
-                 "--random-seed", "1",
-                 b.DBNAME],
-                env={**os.environ, "PGPASSWORD": pw, "PGSSLMODE": "disable"},
-                capture_output=True,
-                text=True,
-                check=False,
-            )  # fmt: skip
-            done_tx = transactions // args.clients * args.clients
-            wanted = f"processed: {done_tx}/{done_tx}"
-            if wanted not in done.stdout:
-                raise b.BenchError(
-                    f"pgbench through {label}: {done.stdout[-400:]}{done.stderr[-400:]}"
-                )
+            workload = ["-S"] if args.select_only else ["-f", str(script)]
+            run_pgbench(db, port, args.role, workload, args.clients, transactions, args.mode,
+                        label, ["--random-seed", "1"])  # fmt: skip
 
         pgbench(20 * args.clients)  # warm: the shape cache, the catalog, the first events
         subprocess.run(

@@ -79,25 +79,12 @@ def measure(
     svc.start()
     try:
         svc.wait_port(port, timeout=120)
-        user, pw = (
-            (b.UNMASKED_ROLE, b.UNMASKED_PW)
-            if args.role == "unmasked"
-            else (b.MASKED_ROLE, b.MASKED_PW)
-        )
 
         def pgbench(transactions: int) -> None:
-            done = subprocess.run(
-                [b.tool(db, "pgbench"), "-n", "-h", b.HOST, "-p", str(port), "-U", user,
-                 *(["-f", str(script)] if args.helpdesk else ["-S"]),
-                 "-c", "8", "-j", "2", "-t", str(transactions // 8), "-M", args.mode,
-                 b.DBNAME],
-                env={**os.environ, "PGPASSWORD": pw, "PGSSLMODE": "disable"},
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            wanted = f"processed: {transactions // 8 * 8}/"
-            if wanted not in done.stdout:
-                tail = f"{done.stdout[-400:]}{done.stderr[-400:]}"
-                raise b.BenchError(f"pgbench through {label}: {tail}")
+            workload = ["-f", str(script)] if args.helpdesk else ["-S"]
+            instructions.run_pgbench(
+                db, port, args.role, workload, 8, transactions, args.mode, label
+            )
 
         pgbench(800)  # warm: the shape cache, the catalog, the first events
         out = workdir / f"perf-{label}.csv"
@@ -115,23 +102,19 @@ def measure(
                  "-o", str(args.record / f"py-spy-{label}.txt"), "-p", str(svc.pid)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            perf_stop = perf
-            perf = recorder
         try:
             u0, s0 = b.cpu_times(svc.pid)
             pgbench(args.transactions)
             u1, s1 = b.cpu_times(svc.pid)
         finally:
-            perf.send_signal(signal.SIGINT)
-            perf.wait(60)
-            if args.record is not None:
-                perf_stop.send_signal(signal.SIGINT)
-                perf_stop.wait(60)
+            for tool in (perf, recorder) if args.record is not None else (perf,):
+                tool.send_signal(signal.SIGINT)  # (both write out what they have on SIGINT)
+                tool.wait(60)
     finally:
         if svc.proc is not None and svc.proc.poll() is None:
             os.kill(svc.pid, signal.SIGTERM)
             svc.proc.wait(60)
-    tx = args.transactions // 8 * 8
+    tx = args.transactions // 8 * 8  # (what run_pgbench ran)
     result = {"user µs": (u1 - u0) / tx * 1e6, "system µs": (s1 - s0) / tx * 1e6}
     for line in out.read_text().splitlines():
         fields = line.split(",")
@@ -154,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--record",
         type=Path,
-        help="also `perf record` the proxy (cpu-clock, call graphs) into this folder: "
-        "perf-<checkout>-<rep>.data for `perf report -i` (the compiled modules' functions "
-        "have names; the Python source's show as the interpreter's)",
+        help="also profile the proxy with py-spy (--native: the compiled modules' functions "
+        "have names) into this folder: py-spy-<checkout>-<rep>.txt, collapsed stacks",
     )
     args = p.parse_args(argv)
     if shutil.which("perf") is None:
