@@ -410,13 +410,15 @@ def start_pgveil(
     extra: tuple[str, ...] = (),
     label: str = "masked",
     repo: Path = REPO,
+    python: str = sys.executable,
 ) -> tuple[Service, int]:
     """pgveil in front of `db`: a plain relay, or with masking `rules` (reading the catalog
     as the superuser, whose password goes in the environment, not on the command line).
-    `repo`: the checkout whose code runs (another one: a baseline, see --baseline)."""
+    `repo`: the checkout whose code runs (another one: a baseline, see --baseline), by the
+    interpreter `python` (bench/syscalls.py: the checkout's own venv)."""
     port = free_port(HOST)
     argv = [
-        sys.executable, "-m", "proxy.cli", "proxy",
+        python, "-m", "proxy.cli", "proxy",
         "--listen", f"{HOST}:{port}",
         "--upstream", f"{HOST}:{db.port}",
         "--upstream-sslmode", "disable",

@@ -64,19 +64,8 @@ def measure(
     """Per transaction: each system call's count, 'all' system calls, and the proxy's
     user and system CPU microseconds, for one run of checkout `repo`."""
     label = f"{repo.name}-{rep}"
-    port = b.free_port(b.HOST)
-    argv = [
-        python_of(repo), "-m", "proxy.cli", "proxy",
-        "--listen", f"{b.HOST}:{port}", "--upstream", f"{b.HOST}:{db.port}",
-        "--upstream-sslmode", "disable", "--log-level", "warning",
-        "--rules", str(rules), "--catalog-user", db.superuser,
-    ]  # fmt: skip
-    if not args.no_audit:
-        argv += ["--audit-file", str(workdir / f"audit-{label}.jsonl")]
-    env = {**os.environ, "PGVEIL_CATALOG_PASSWORD": db.password}
-    env.pop("PYTHONPATH", None)
-    svc = b.Service(label, argv, workdir / f"{label}.log", cwd=repo, env=env)
-    svc.start()
+    audit = () if args.no_audit else ("--audit-file", str(workdir / f"audit-{label}.jsonl"))
+    svc, port = b.start_pgveil(db, workdir, rules, audit, label, repo, python_of(repo))
     try:
         svc.wait_port(port, timeout=120)
 
