@@ -16,26 +16,85 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from proxy.demo.embedded_pg import free_port
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields, severity_of
 from proxy.wire.startup import StartupMessage
 
+PORT_ATTEMPTS = 5
+
+
+def port_was_taken(output: str) -> bool:
+    """Whether a pgveil that exited says its listening (or metrics) port was in use."""
+    return "address already in use" in output.lower()
+
 
 def wait_port(
     host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
+    """Wait until something accepts connections on host:port; with `proc`, until that
+    process itself listens there (where /proc tells), so that a port another process took
+    meanwhile is not mistaken for the one `proc` was told to listen on."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
         with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
-            return
+            if proc is None or listens(proc.pid, port) is not False:
+                return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds a TCP socket listening on `port`; None where /proc does
+    not say (not Linux)."""
+    inodes: set[str] = set()
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not any(t.exists() for t in tables):
+        return None
+    for table in tables:
+        with contextlib.suppress(OSError):
+            for line in table.read_text().splitlines()[1:]:
+                fields = line.split()
+                # local address is HEXADDR:HEXPORT; state 0A is LISTEN; field 9 the inode
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return True
+    return False
+
+
+def spawn_listening(
+    args_for: Callable[[int], list[str]], log: Path, **popen: Any
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the process `args_for(port)` on a free port, its standard error to `log`, and
+    wait until it listens; if the port was taken before it could bind it, again on another
+    (see ProxyProcess). `popen`: further subprocess.Popen arguments."""
+    attempt = 1
+    while True:
+        port = free_port()
+        with open(log, "wb") as err:
+            proc: subprocess.Popen[bytes] = subprocess.Popen(args_for(port), stderr=err, **popen)
+        try:
+            wait_port("127.0.0.1", port, proc=proc)
+            return proc, port
+        except RuntimeError:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            output = log.read_text(errors="replace")
+            if attempt == PORT_ATTEMPTS or not port_was_taken(output):
+                raise RuntimeError(f"the process did not start: {output}") from None
+        attempt += 1
 
 
 class ProxyProcess:
@@ -51,10 +110,31 @@ class ProxyProcess:
     ) -> None:
         """`upstream_port` None: no `--upstream` (pgveil takes it from the environment);
         `inherit_env` False: `env` is the whole environment (the PG* variables tests)."""
+        self._upstream = ["--upstream", f"127.0.0.1:{upstream_port}"] if upstream_port else []
+        self._extra = extra
+        self._metrics = metrics
+        self._environment = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
+        attempt = 1
+        while True:
+            self._start()
+            try:
+                wait_port("127.0.0.1", self.port, proc=self.proc)
+                if self.metrics_port:  # bound after the listening port
+                    wait_port("127.0.0.1", self.metrics_port, proc=self.proc)
+                return
+            except RuntimeError:
+                self.stop()
+                # a port free_port() handed out can be taken before pgveil binds it (by a
+                # client's outgoing connection or the other implementation's suite): pick
+                # new ports; any other failure to start is the test's business
+                if attempt == PORT_ATTEMPTS or not port_was_taken(self.log()):
+                    raise RuntimeError(f"pgveil did not start: {self.log()}") from None
+            attempt += 1
+
+    def _start(self) -> None:
         self.port = free_port()
-        self.metrics_port = free_port() if metrics else None
+        self.metrics_port = free_port() if self._metrics else None
         self.log_path = Path(tempfile.mkstemp(prefix="pgveil-log-", suffix=".jsonl")[1])
-        upstream = ["--upstream", f"127.0.0.1:{upstream_port}"] if upstream_port else []
         args = [
             sys.executable,
             "-m",
@@ -62,25 +142,19 @@ class ProxyProcess:
             "proxy",
             "--listen",
             f"127.0.0.1:{self.port}",
-            *upstream,
+            *self._upstream,
             "--log-level",
             "debug",
-            *extra,
+            *self._extra,
         ]
         if self.metrics_port:
             args += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
         self.args = args
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._final_log: str | None = None  # the log, kept once stop() removed its file
-        environment = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=environment
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=self._environment
         )
-        try:
-            wait_port("127.0.0.1", self.port, proc=self.proc)
-        except RuntimeError:
-            self.stop()
-            raise RuntimeError(f"pgveil did not start: {self.log()}") from None
 
     def log(self) -> str:
         """Everything pgveil wrote to stdout and stderr so far (after `stop`, all of it)."""

@@ -77,6 +77,16 @@ def _has_server(bindir: Path) -> bool:
     return all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres"))
 
 
+PORT_ATTEMPTS = 5
+
+
+def _port_was_taken(log: Path, offset: int) -> bool:
+    """Whether the server log, after `offset`, says the listening port was in use."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return b"Address already in use" in f.read()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -154,7 +164,8 @@ class EmbeddedPostgres:
             ]
         )
         pwfile.unlink()
-        if not self.port:
+        chosen = not self.port  # a port picked here may be taken before the server binds it
+        if chosen:
             self.port = free_port(self.host)
         conf = {
             "listen_addresses": f"'{self.host}'",
@@ -176,20 +187,34 @@ class EmbeddedPostgres:
             hba_path = self.datadir / "pg_hba.conf"
             original = hba_path.read_text()
             hba_path.write_text("\n".join(self.hba) + "\n" + original)
-        self._run(
-            [
-                self.bindir / "pg_ctl",
-                "-D",
-                self.datadir,
-                "-l",
-                self.datadir / "server.log",
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        )
-        return self
+        log = self.datadir / "server.log"
+        attempt = 1
+        while True:
+            logged = log.stat().st_size if log.exists() else 0
+            try:
+                self._run(
+                    [
+                        self.bindir / "pg_ctl",
+                        "-D",
+                        self.datadir,
+                        "-l",
+                        log,
+                        "-w",
+                        "-t",
+                        "60",
+                        "start",
+                    ]
+                )
+                return self
+            except EmbeddedPostgresError:
+                # between free_port() and the server's bind another process (a client's
+                # outgoing connection, a parallel test run) can take the port: pick again
+                if not chosen or attempt == PORT_ATTEMPTS or not _port_was_taken(log, logged):
+                    raise
+            attempt += 1
+            self.port = free_port(self.host)
+            with open(self.datadir / "postgresql.conf", "a") as f:
+                f.write(f"port = {self.port}\n")  # the last setting of a name wins
 
     def restart(self) -> None:
         self._run(

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from audit.files import rotated_files, verify_files
-from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import severity_of
 from tests.conftest import TRUST_USER, Certs
@@ -45,7 +45,7 @@ from tests.integration.masking_fixture import (
     HELPDESK_PW,
     dsn,
 )
-from tests.support import ProxyProcess, RawClient, wait_port
+from tests.support import ProxyProcess, RawClient, spawn_listening
 
 PERSONAL = "SELECT i_customer, name FROM billing.customers ORDER BY 1"
 
@@ -370,24 +370,20 @@ def test_a_closed_stdout_withholds_results_without_reordering(
     like any other. The personal result is withheld (its event cannot be written) and the
     next statement's answer is not written ahead of it; the session is closed after the
     block timeout; SIGTERM still stops the proxy."""
-    port = free_port()
     log = tmp_path / "pgveil.log"
     args = [
-        sys.executable, "-m", "proxy.cli", "proxy", "--listen", f"127.0.0.1:{port}",
-        "--upstream", f"127.0.0.1:{pg.port}", "--upstream-sslmode", "disable",
-        "--rules", str(rules_file(tmp_path)), "--catalog-user", pg.superuser, "--audit-stdout", "true",
-        "--audit-block-timeout", "1",
+        sys.executable, "-m", "proxy.cli", "proxy", "--upstream", f"127.0.0.1:{pg.port}",
+        "--upstream-sslmode", "disable", "--rules", str(rules_file(tmp_path)),
+        "--catalog-user", pg.superuser, "--audit-stdout", "true", "--audit-block-timeout", "1",
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stderr=out,
-            env={**os.environ, **audit_env(pg)},
-            preexec_fn=lambda: os.close(1),  # the child only closes fd 1
-        )
+    proc, port = spawn_listening(
+        lambda port: [*args, "--listen", f"127.0.0.1:{port}"],
+        log,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **audit_env(pg)},
+        preexec_fn=lambda: os.close(1),  # the child only closes fd 1
+    )
     try:
-        wait_port("127.0.0.1", port, proc=proc)
         c = RawClient(port, TRUST_USER, application_name="stranded")
         try:
             c.send_raw(query_message(PERSONAL) + query_message("SELECT pg_sleep(0.3), 2"))

@@ -45,7 +45,7 @@ import psycopg
 import pytest
 
 from proxy.cli.audit import who
-from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import sqlstate_of
 from tests.conftest import TRUST_USER
@@ -711,8 +711,8 @@ class Relay:
 
     def __init__(self, target: int) -> None:
         self.target = target
-        self.port = free_port()
-        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()

@@ -32,7 +32,7 @@ import pytest
 
 from audit.files import rotated_files, verify_files
 from proxy.cli.audit import who
-from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
+from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import messages as m
 from proxy.wire.errors import sqlstate_of
 from proxy.wire.startup import SSLRequest, StartupMessage
@@ -57,7 +57,7 @@ from tests.integration.audit_wire import (
     wait_for,
 )
 from tests.integration.masking_fixture import NAME, RULES
-from tests.support import ProxyProcess, RawClient, wait_port
+from tests.support import ProxyProcess, RawClient, spawn_listening
 
 MASKED_USER = "masked_trust"  # masked (member of cc_staff), trust authentication
 PERSONAL = "SELECT i_customer, name FROM billing.customers ORDER BY 1"
@@ -690,25 +690,26 @@ def test_a_stalled_stdout_reader_does_not_freeze_the_proxy(
     """The stdout sink's reader (a log shipper) stops reading and the pipe fills. The
     writes to stdout do not block the event loop: a new session still logs in, and
     SIGTERM stops the proxy (a frozen proxy would do neither, however long we waited)."""
-    port = free_port()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     args = [
-        sys.executable, "-m", "proxy.cli", "proxy", "--listen", f"127.0.0.1:{port}",
-        "--upstream", f"127.0.0.1:{pg.port}", "--upstream-sslmode", "disable",
-        "--rules", str(rules), "--catalog-user", pg.superuser, "--audit-stdout", "true",
-        "--audit-block-timeout", "1", "--log-level", "error",
+        sys.executable, "-m", "proxy.cli", "proxy", "--upstream", f"127.0.0.1:{pg.port}",
+        "--upstream-sslmode", "disable", "--rules", str(rules), "--catalog-user", pg.superuser,
+        "--audit-stdout", "true", "--audit-block-timeout", "1", "--log-level", "error",
     ]  # fmt: skip
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    with open(tmp_path / "pgveil.log", "wb") as log:
-        proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=write_end, stderr=log,
-            env={**os.environ, **audit_env(pg)},
-        )  # fmt: skip
-    os.close(write_end)
     try:
-        wait_port("127.0.0.1", port, proc=proc)
+        proc, port = spawn_listening(
+            lambda port: [*args, "--listen", f"127.0.0.1:{port}"],
+            tmp_path / "pgveil.log",
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            env={**os.environ, **audit_env(pg)},
+        )
+    finally:
+        os.close(write_end)
+    try:
         c = RawClient(port, TRUST_USER, application_name="stalled")
         try:
             for _ in range(50):  # until the pipe is full
