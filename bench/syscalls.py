@@ -52,6 +52,21 @@ def python_of(repo: Path) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of process `pid` so far (field 10 of /proc/PID/stat)."""
+    return int(b._stat_fields(pid)[7])
+
+
+def switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of process `pid` so far."""
+    counts = dict(
+        line.split(":", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.endswith(tuple("0123456789")) and "ctxt_switches" in line
+    )
+    return int(counts["voluntary_ctxt_switches"]), int(counts["nonvoluntary_ctxt_switches"])
+
+
 def measure(
     db: b.EmbeddedPostgres,
     workdir: Path,
@@ -93,8 +108,10 @@ def measure(
             )  # fmt: skip
         try:
             u0, s0 = b.cpu_times(svc.pid)
+            f0, c0 = minor_faults(svc.pid), switches(svc.pid)
             pgbench(args.transactions)
             u1, s1 = b.cpu_times(svc.pid)
+            f1, c1 = minor_faults(svc.pid), switches(svc.pid)
         finally:
             for tool in (perf, recorder) if args.record is not None else (perf,):
                 tool.send_signal(signal.SIGINT)  # (both write out what they have on SIGINT)
@@ -105,6 +122,9 @@ def measure(
             svc.proc.wait(60)
     tx = args.transactions // 8 * 8  # (what run_pgbench ran)
     result = {"user µs": (u1 - u0) / tx * 1e6, "system µs": (s1 - s0) / tx * 1e6}
+    result["page faults"] = (f1 - f0) / tx  # minor: the kernel's work outside system calls
+    result["voluntary cs"] = (c1[0] - c0[0]) / tx  # the proxy waited (epoll)
+    result["involuntary cs"] = (c1[1] - c0[1]) / tx  # the proxy was preempted
     for line in out.read_text().splitlines():
         fields = line.split(",")
         if len(fields) < 3 or not fields[0].strip().isdigit():
