@@ -18,6 +18,7 @@ used for timing (callgrind runs the proxy some fifty times slower).
 Usage: python bench/instructions.py [--baseline DIR] [--transactions N]
                                     [--mode simple|extended|prepared] [--role unmasked|masked]
                                     [--no-audit] [--select-only] [--clients N] [--keep DIR]
+                                    [--script FILE] [--warm N]
 
 `--select-only` counts `pgbench -S` (scale 10, pgbench_accounts protected with its subject:
 the audit part's rules) instead of the helpdesk script: one short statement per transaction,
@@ -144,11 +145,12 @@ def count(
         svc.wait_port(port, timeout=600)  # (imports under valgrind take a while)
 
         def pgbench(transactions: int) -> None:
-            workload = ["-S"] if args.select_only else ["-f", str(script)]
+            workload = ["-S"] if args.select_only else ["-f", str(args.script or script)]
             run_pgbench(db, port, args.role, workload, args.clients, transactions, args.mode,
                         label, ["--random-seed", "1"])  # fmt: skip
 
-        pgbench(20 * args.clients)  # warm: the shape cache, the catalog, the first events
+        # warm: the shape cache, the catalog, the first events
+        pgbench(20 * args.clients if args.warm is None else args.warm)
         subprocess.run(
             ["callgrind_control", "-i", "on", str(svc.pid)], check=True, capture_output=True
         )
@@ -186,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         "--select-only", action="store_true", help="pgbench -S instead of the helpdesk script"
     )
     p.add_argument(
+        "--script",
+        type=Path,
+        help="this pgbench script instead of the helpdesk one (e.g. one large SELECT)",
+    )
+    p.add_argument("--warm", type=int, help="transactions before counting (default: 20 per client)")
+    p.add_argument(
         "--keep", type=Path, help="copy callgrind's output files into this folder (to annotate)"
     )
     args = p.parse_args(argv)
@@ -202,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         for repo in repos:
             counts[repo] = count(db, workdir, repo, rules, script, args)
     audit = "without auditing" if args.no_audit else "audited"
+    what = "pgbench -S" if args.select_only else args.script or "the helpdesk script"
     print(f"k instructions per transaction ({args.role}, -M {args.mode}, {audit}, "
-          f"{args.transactions} transactions of "
-          f"{'pgbench -S' if args.select_only else 'the helpdesk script'}):")  # fmt: skip
+          f"{args.transactions} transactions of {what}):")  # fmt: skip
     for repo, total in counts.items():
         print(f"  {repo}: {total / args.transactions / 1000:.0f}")
     if args.baseline:
