@@ -57,6 +57,11 @@ def minor_faults(pid: int) -> int:
     return int(b._stat_fields(pid)[7])
 
 
+def audit_bytes(path: Path) -> int:
+    """Bytes in the audit file and its rotated predecessors so far (0 without one)."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+
+
 def switches(pid: int) -> tuple[int, int]:
     """(voluntary, involuntary) context switches of process `pid` so far."""
     counts = dict(
@@ -79,7 +84,8 @@ def measure(
     """Per transaction: each system call's count, 'all' system calls, and the proxy's
     user and system CPU microseconds, for one run of checkout `repo`."""
     label = f"{repo.name}-{rep}"
-    audit = () if args.no_audit else ("--audit-file", str(workdir / f"audit-{label}.jsonl"))
+    audit_file = workdir / f"audit-{label}.jsonl"
+    audit = () if args.no_audit else ("--audit-file", str(audit_file))
     svc, port = b.start_pgveil(db, workdir, rules, audit, label, repo, python_of(repo))
     try:
         svc.wait_port(port, timeout=120)
@@ -109,9 +115,11 @@ def measure(
         try:
             u0, s0 = b.cpu_times(svc.pid)
             f0, c0 = minor_faults(svc.pid), switches(svc.pid)
+            a0 = audit_bytes(audit_file)
             pgbench(args.transactions)
             u1, s1 = b.cpu_times(svc.pid)
             f1, c1 = minor_faults(svc.pid), switches(svc.pid)
+            a1 = audit_bytes(audit_file)
         finally:
             for tool in (perf, recorder) if args.record is not None else (perf,):
                 tool.send_signal(signal.SIGINT)  # (both write out what they have on SIGINT)
@@ -125,6 +133,7 @@ def measure(
     result["page faults"] = (f1 - f0) / tx  # minor: the kernel's work outside system calls
     result["voluntary cs"] = (c1[0] - c0[0]) / tx  # the proxy waited (epoll)
     result["involuntary cs"] = (c1[1] - c0[1]) / tx  # the proxy was preempted
+    result["audit bytes"] = (a1 - a0) / tx  # what the audit file's writes carry
     for line in out.read_text().splitlines():
         fields = line.split(",")
         if len(fields) < 3 or not fields[0].strip().isdigit():
