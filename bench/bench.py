@@ -130,6 +130,11 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # fields 14, 15
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (field 10 of /proc/PID/stat)."""
+    return int(_stat_fields(pid)[7])
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (all threads)."""
     return sum(cpu_times(pid))

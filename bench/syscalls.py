@@ -52,11 +52,6 @@ def python_of(repo: Path) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def minor_faults(pid: int) -> int:
-    """Minor page faults of process `pid` so far (field 10 of /proc/PID/stat)."""
-    return int(b._stat_fields(pid)[7])
-
-
 def audit_bytes(path: Path) -> int:
     """Bytes in the audit file and its rotated predecessors so far (0 without one)."""
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
@@ -114,11 +109,11 @@ def measure(
             )  # fmt: skip
         try:
             u0, s0 = b.cpu_times(svc.pid)
-            f0, c0 = minor_faults(svc.pid), switches(svc.pid)
+            f0, c0 = b.minor_faults(svc.pid), switches(svc.pid)
             a0 = audit_bytes(audit_file)
             pgbench(args.transactions)
             u1, s1 = b.cpu_times(svc.pid)
-            f1, c1 = minor_faults(svc.pid), switches(svc.pid)
+            f1, c1 = b.minor_faults(svc.pid), switches(svc.pid)
             a1 = audit_bytes(audit_file)
         finally:
             for tool in (perf, recorder) if args.record is not None else (perf,):

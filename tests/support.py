@@ -20,17 +20,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from proxy.demo.embedded_pg import free_port
+from proxy.demo.embedded_pg import PORT_ATTEMPTS, address_in_use, free_port
 from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields, severity_of
 from proxy.wire.startup import StartupMessage
-
-PORT_ATTEMPTS = 5
-
-
-def port_was_taken(output: str) -> bool:
-    """Whether a pgveil that exited says its listening (or metrics) port was in use."""
-    return "address already in use" in output.lower()
 
 
 def wait_port(
@@ -92,7 +85,7 @@ def spawn_listening(
                 proc.kill()
             proc.wait()
             output = log.read_text(errors="replace")
-            if attempt == PORT_ATTEMPTS or not port_was_taken(output):
+            if attempt == PORT_ATTEMPTS or not address_in_use(output):
                 raise RuntimeError(f"the process did not start: {output}") from None
         attempt += 1
 
@@ -127,7 +120,7 @@ class ProxyProcess:
                 # a port free_port() handed out can be taken before pgveil binds it (by a
                 # client's outgoing connection or the other implementation's suite): pick
                 # new ports; any other failure to start is the test's business
-                if attempt == PORT_ATTEMPTS or not port_was_taken(self.log()):
+                if attempt == PORT_ATTEMPTS or not address_in_use(self.log()):
                     raise RuntimeError(f"pgveil did not start: {self.log()}") from None
             attempt += 1
 

@@ -80,11 +80,17 @@ def _has_server(bindir: Path) -> bool:
 PORT_ATTEMPTS = 5
 
 
+def address_in_use(output: str) -> bool:
+    """Whether a server's output (PostgreSQL's log, pgveil's stderr) says the address it was
+    to listen on was in use: the port a free_port() handed out was taken meanwhile."""
+    return "address already in use" in output.lower()
+
+
 def _port_was_taken(log: Path, offset: int) -> bool:
     """Whether the server log, after `offset`, says the listening port was in use."""
     with open(log, "rb") as f:
         f.seek(offset)
-        return b"Address already in use" in f.read()
+        return address_in_use(f.read().decode(errors="replace"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
