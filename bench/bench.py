@@ -583,23 +583,27 @@ def run_all(
     rows: list[Workload] | None = None,
     script: tuple[str, ...] = ("-S",),
 ) -> Results:
-    """Every row against every target, targets interleaved within each repetition. `rows`
-    defaults to the relay part's workloads; `script` is the pgbench script (see
-    `run_pgbench`) of the rows that name none. The warm-up runs each pgbench script and the
-    first psql row once per target."""
+    """Every row against every target, targets interleaved within each repetition: in the
+    order given in odd repetitions and reversed in even ones, so that no target always runs
+    right after the same neighbour (whose after-effects, a backlog of audit writes or dirty
+    pages, would fall on it alone). `rows` defaults to the relay part's workloads; `script`
+    is the pgbench script (see `run_pgbench`) of the rows that name none. The warm-up runs
+    each pgbench script and the first psql row (if any) once per target."""
     rows = workloads() if rows is None else rows
-    warm_psql = next(row.args for row in rows if row.kind == "psql")
+    warm_psql = next((row.args for row in rows if row.kind == "psql"), None)
     scripts = list(dict.fromkeys(row.script or script for row in rows if row.kind == "pgbench"))
     print("warm-up ...", file=sys.stderr)
     for target in targets:
         for warm_script in scripts:
             run_pgbench(db, env, target, ("-M", "simple", "-c", "8", "-j", "2"), 1, warm_script)
-        run_psql(db, env, target, warm_psql)
+        if warm_psql is not None:
+            run_psql(db, env, target, warm_psql)
     results = Results()
     for rep in range(1, reps + 1):
+        order = targets if rep % 2 else targets[::-1]
         for row in rows:
             shown: list[str] = []
-            for target in targets:  # in order given (e.g. direct, pgbouncer, pgveil): paired
+            for target in order:  # all variants of a row back to back: paired
                 if target.service is not None:
                     ensure_alive(target.service)
                 ran = results.statements.get(target.name, 0)
@@ -1270,11 +1274,13 @@ def run_audit_part(
     duration: int,
     seeded: bool,
     baseline: Path | None = None,
+    only_rows: str | None = None,
 ) -> tuple[str, dict[str, object]]:
     """The masked part's data and script, and `pgbench -S`, through pgveil with and without
     the audit file, and directly on a PostgreSQL with pgAudit on and off: (report, raw
     numbers). `seeded`: the masked part already loaded the data. `baseline`: another
-    checkout whose pgveil runs audited too, interleaved with ours (before/after)."""
+    checkout whose pgveil runs audited too, interleaved with ours (before/after).
+    `only_rows`: only the rows whose name contains it."""
     if not seeded:
         load_billing(db)
     if db.psql("SELECT to_regclass('public.pgbench_accounts') IS NULL").strip() == "t":
@@ -1318,7 +1324,9 @@ def run_audit_part(
             old, old_port = started[2]
             targets.append(Target(f"{role} baseline", old_port, old, user, pw))
     targets += pgaudit_targets
-    rows = audit_workloads()
+    rows = [row for row in audit_workloads() if only_rows is None or only_rows in row.name]
+    if not rows:
+        raise BenchError(f"no audit row's name contains {only_rows!r}")
     results = run_all(db, env, targets, reps, duration, rows, ("-f", str(script)))
     events = 0
     for path in rotated_files(audit_file):  # rotated at 100 MB
@@ -1451,7 +1459,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="audit part: a checkout of another revision (git worktree) whose pgveil runs "
         "audited too, interleaved with ours: before/after in one run, under the same noise",
     )
+    p.add_argument(
+        "--rows",
+        metavar="TEXT",
+        help="audit part: only the rows whose name contains TEXT (e.g. '-S -M extended'), for "
+        "a focused before/after with more repetitions",
+    )
     ns = p.parse_args(argv)
+    if ns.rows is not None and ns.only != "audit":
+        p.error("--rows needs --only audit")
     if ns.reps < 1 or ns.duration < 1:
         p.error("--reps and --duration must be at least 1")
     return ns
@@ -1538,6 +1554,7 @@ def main(argv: list[str] | None = None) -> int:
                 ns.duration,
                 "masked" in parts,
                 ns.baseline.resolve() if ns.baseline else None,
+                ns.rows,
             )
         write_outputs(texts, raw)
         print("\n".join(texts[p] for p in PARTS if p in texts), end="")

@@ -160,3 +160,14 @@ def test_the_audit_table_shows_pgaudits_ratio_beside_pgveils_for_every_row() -> 
     assert "- `pgbench -S -M prepared -c 8 -j 2` masked: 100 us off, 130 us on " in text
     assert "(auditing adds ~30 us per statement)" in text
     assert "(auditing adds ~10 us per statement)" in text
+
+
+def test_rows_narrow_the_audit_part_only(capsys: pytest.CaptureFixture[str]) -> None:
+    ns = bench.parse_args(["--only", "audit", "--rows", "-S -M extended"])
+    assert ns.rows == "-S -M extended"
+    assert [r.name for r in bench.audit_workloads() if ns.rows in r.name] == [
+        "pgbench -S -M extended -c 8 -j 2"
+    ]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows=extended"])  # (the relay and masked parts: no such rows)
+    assert "--rows needs --only audit" in capsys.readouterr().err
