@@ -33,6 +33,11 @@ parsed and its tree must be the tree of the rewritten text with exactly the chos
 constants replaced by parameters, in order (positions ignored); anything else and the
 statement is sent as text.
 
+The same places decide which rewritten Parses of the client's unnamed statement may run as
+a statement the server keeps, with the client's own parameters
+(`client_parameters_eligible`): each of them must stand where a literal could become a
+parameter, as a direct operand.
+
 Pure: no I/O, no logging. The literal values only go into the parameters returned.
 """
 
@@ -121,12 +126,54 @@ def shape_form(shape_sql: str, spans: Sequence[tuple[int, int, int]]) -> ShapeFo
     return ShapeForm(eligible) if eligible else NOT_PREPARABLE
 
 
-def _placeholder(node: Any) -> int | None:
-    """The literal index of one of pgveil's placeholders, else None."""
+def client_parameters_eligible(rewritten: str) -> bool:
+    """Whether a masked Parse's rewritten text may run as a statement the server keeps
+    (proxy/session/masked.py: the unnamed statement), with the client's own parameters
+    `$1..$n` bound to it as they are. The server plans the client's unnamed statement for
+    each Bind with the parameters' values (a custom plan); one it keeps it may plan once
+    without them (a generic plan), and the two must not differ but in speed. So: one plain
+    SELECT that writes nothing (as for literals above), and every parameter stands where a
+    literal may become one, as a direct operand (a comparison with a column, a bound of
+    BETWEEN, an element of IN, LIMIT, OFFSET; never under `+`/`-`, whose overflow a custom
+    plan raises while planning and a generic plan perhaps never). A text without parameters
+    is planned the same either way. A parameter that stands twice is not taken."""
+    try:
+        stmts = parse_sql(rewritten)
+    except ParseError:
+        return False
+    if len(stmts) != 1:
+        return False
+    stmt = stmts[0].stmt
+    if not isinstance(stmt, ast.SelectStmt) or stmt.intoClause is not None:
+        return False
+    eligible: dict[int, int | None] = {}
+    if not _walk(stmt, eligible, base=1):
+        return False
+    numbers = _parameters(stmt)
+    # (one parameter in two places, one of them not eligible, would pass a check by number)
+    return len(set(numbers)) == len(numbers) and all(
+        eligible.get(number - 1, _NOT_ELIGIBLE) is None for number in numbers
+    )
+
+
+def _parameters(node: Any) -> list[int]:
+    """The numbers of every parameter reference under `node`, each time it stands."""
+    if isinstance(node, tuple):
+        return [n for item in node for n in _parameters(item)]
+    if not isinstance(node, ast.Node):
+        return []
+    if isinstance(node, ast.ParamRef):
+        return [int(node.number or 0)]
+    return [n for attribute in node for n in _parameters(getattr(node, attribute))]
+
+
+def _placeholder(node: Any, base: int = PLACEHOLDER_BASE) -> int | None:
+    """The literal index of one of pgveil's placeholders (`base`: 1 for the client's own
+    parameters, see client_parameters_eligible), else None."""
     if isinstance(node, ast.ParamRef):
         number = node.number
-        if number is not None and number >= PLACEHOLDER_BASE:
-            return int(number) - PLACEHOLDER_BASE
+        if number is not None and number >= base:
+            return int(number) - base
     return None
 
 
@@ -137,10 +184,10 @@ def _operator(node: ast.A_Expr) -> str | None:
     return None
 
 
-def _compared(node: Any, eligible: dict[int, int | None]) -> None:
+def _compared(node: Any, eligible: dict[int, int | None], base: int) -> None:
     """`node` is compared with a column: a placeholder there may be a parameter, and so may
     those of `a + b`, `a - b` made of placeholders and columns (small values only)."""
-    i = _placeholder(node)
+    i = _placeholder(node, base)
     if i is not None:
         eligible.setdefault(i, None)
         return
@@ -151,7 +198,7 @@ def _compared(node: Any, eligible: dict[int, int | None]) -> None:
         and node.lexpr is not None
         and node.rexpr is not None
     ):
-        left, right = _placeholder(node.lexpr), _placeholder(node.rexpr)
+        left, right = _placeholder(node.lexpr, base), _placeholder(node.rexpr, base)
         if left is not None and (right is not None or isinstance(node.rexpr, ast.ColumnRef)):
             eligible[left] = -1 if right is None else right
         if right is not None and (left is not None or isinstance(node.lexpr, ast.ColumnRef)):
@@ -168,11 +215,13 @@ _OPEN_FIELDS = frozenset(
 )
 
 
-def _walk(node: Any, eligible: dict[int, int | None], open_: bool = True) -> bool:
+def _walk(
+    node: Any, eligible: dict[int, int | None], open_: bool = True, base: int = PLACEHOLDER_BASE
+) -> bool:
     """Collect the eligible placeholders under `node` (`open_`: a position where one may
-    stand, see _OPEN_FIELDS); False when the statement writes."""
+    stand, see _OPEN_FIELDS; `base`: see _placeholder); False when the statement writes."""
     if isinstance(node, tuple):
-        return all(_walk(item, eligible, open_) for item in node)
+        return all(_walk(item, eligible, open_, base) for item in node)
     if not isinstance(node, ast.Node):
         return True
     if isinstance(node, _WRITES):
@@ -182,11 +231,11 @@ def _walk(node: Any, eligible: dict[int, int | None], open_: bool = True) -> boo
             return False
         if open_:
             for count in (node.limitCount, node.limitOffset):
-                i = _placeholder(count)
+                i = _placeholder(count, base)
                 if i is not None:
                     eligible.setdefault(i, None)
         return all(
-            _walk(getattr(node, attribute), eligible, open_ and attribute in _OPEN_FIELDS)
+            _walk(getattr(node, attribute), eligible, open_ and attribute in _OPEN_FIELDS, base)
             for attribute in node
         )
     if open_ and isinstance(node, ast.A_Expr):
@@ -194,18 +243,18 @@ def _walk(node: Any, eligible: dict[int, int | None], open_: bool = True) -> boo
         column = isinstance(node.lexpr, ast.ColumnRef)
         if kind == A_Expr_Kind.AEXPR_OP and _operator(node) in _COMPARISONS:
             if column:
-                _compared(node.rexpr, eligible)
+                _compared(node.rexpr, eligible, base)
             if isinstance(node.rexpr, ast.ColumnRef):
-                _compared(node.lexpr, eligible)
+                _compared(node.lexpr, eligible, base)
         elif kind in _BETWEEN and column and isinstance(node.rexpr, tuple):
             for bound in node.rexpr:
-                _compared(bound, eligible)
+                _compared(bound, eligible, base)
         elif kind == A_Expr_Kind.AEXPR_IN and column and isinstance(node.rexpr, tuple):
             for item in node.rexpr:
-                i = _placeholder(item)
+                i = _placeholder(item, base)
                 if i is not None:
                     eligible.setdefault(i, None)
-    return all(_walk(getattr(node, attribute), eligible, open_) for attribute in node)
+    return all(_walk(getattr(node, attribute), eligible, open_, base) for attribute in node)
 
 
 _NOT_ELIGIBLE = -2

@@ -127,6 +127,8 @@ _NO_COPY_IN_FLIGHT = (m.COPY_DONE, m.COPY_FAIL)
 # what the client may send and stay a simple-protocol client (anything else: the prepared
 # executions stop for the session, see MaskedFilter._client_message)
 _SIMPLE = frozenset((m.QUERY, m.TERMINATE, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
+_NAMING_UNNAMED = frozenset((m.BIND, m.DESCRIBE, m.CLOSE))  # may name the unnamed statement
+_CLOSE_UNNAMED = extended.close(b"S", b"")
 
 
 @dataclass(slots=True, eq=False)
@@ -151,6 +153,44 @@ class _Execution:
     # statement (the server refuses one in Bind, before BindComplete)
     bound: bool = False
     held: bytes | None = None  # an outdated statement's error, held while it is re-sent
+
+
+UNNAMED_DROPPED = (
+    "the unnamed statement ran as one of pgveil's prepared statements, which DISCARD ALL or "
+    "DEALLOCATE ALL dropped since; parse it again"
+)
+_UNNAMED_BATCH = 16  # client messages kept, after a mapped Parse up to Sync, to send again
+_TEXT_ONLY_KEPT = 256  # rewritten Parses found not to run as a kept statement, remembered
+_ASYNC = frozenset((m.NOTICE_RESPONSE, m.NOTIFICATION_RESPONSE, m.PARAMETER_STATUS))
+
+
+@dataclass(slots=True, eq=False)
+class _Unnamed:
+    """A client's Parse of the unnamed statement in flight that one of pgveil's prepared
+    statements serves (see MaskedFilter: The unnamed statement): the statement log's entry
+    for the Parse (its answers are this one's while it is the log's head), the key of
+    `MaskedFilter._prepared` (the rewritten text and the declared parameter types) and the
+    statement's name, how many CloseCompletes of pgveil's own Closes come first, and
+    whether the client's unnamed statement is pgveil's (`mapped`: a Close of the server's
+    unnamed statement answers as the Parse) or the text went as the client's own unnamed
+    statement and pgveil's Parse of the same text follows it (the first time)."""
+
+    entry: object
+    key: tuple[str, bytes]
+    name: bytes
+    closes: int
+    mapped: bool
+    idle: bool  # sent outside a transaction block (an error there leaves nothing done)
+    # the client's messages after the Parse up to its Sync, as the text path sends them
+    # (None: too many to keep), to send again if pgveil's statement is outdated
+    batch: list[bytes] | None = field(default_factory=list)
+    first: object = None  # the log's entry of the Bind right after the Parse, if one
+    synced: object = None  # ... of the Sync that ends the batch (None: not yet)
+    parsed: bool = False  # the answer for the client's Parse went on
+    bound: bool = False  # the Bind after it was taken (BindComplete)
+    held: bytes | None = None  # an outdated statement's error, held while it is re-sent
+    resent: bool = False
+    reparse: bool = False  # the text went again: its ParseComplete is not the client's
 
 
 @dataclass
@@ -758,11 +798,15 @@ class StatementFilter:
             return original
         if action == "rewrite":
             assert value is not None
-            return extended.parse(statement, value.encode(), rest)
+            return self._rewritten_parse(statement, value, rest)
         if self._probing is not None:
             probe = _PROBE.format(self._probing).encode()
             return extended.parse(statement, probe + query, rest)
         return extended.parse(statement, self._refuse(value or "refused"))
+
+    def _rewritten_parse(self, statement: bytes, sql: str, types: bytes) -> bytes:
+        """What the server gets for a Parse rewritten to `sql` (the decision just made)."""
+        return extended.parse(statement, sql.encode(), types)
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         """What the masked filter keeps of a statement for its errors (nothing here)."""
@@ -960,19 +1004,30 @@ class MaskedFilter(StatementFilter):
         self.statements = StatementLog(self._holder, _no_event)
         self.statements.vet = self._vet
         self.statements.recheck = self._runs_now
-        # Prepared statements (see `_rewritten_query`): prepared text -> [statement name,
+        # Prepared statements (see `_rewritten_query`; `_rewritten_parse`: keyed by the
+        # rewritten text and the declared types): prepared text -> [statement name,
         # whether the server confirmed it (ParseComplete)], least recently used first
         self.prepares = prepares
-        self._prepared: OrderedDict[str, list[object]] = OrderedDict()
+        self._prepared: OrderedDict[str | tuple[str, bytes], list[object]] = OrderedDict()
         self._to_close: list[bytes] = []  # names the server may still hold: closed next
         self._executions: deque[_Execution] = deque()  # in flight, in order
         self._nonce = secrets.token_hex(4)
+        # how the server quotes one of this session's statement names in a message
+        self._ours_quoted = f'"{PREPARED_PREFIX}{self._nonce}_'.encode()
         self._serial = 0
         self._simple_only = True  # the client sent nothing but Query (and COPY data) so far
         self._copies = 0  # COPY FROM STDIN statements sent whose end the client did not send
         self._reserved = False  # the Parse being decided names one of pgveil's statements
         self._resend = bytearray()  # Queries to send the server again (see take_resend)
         self.resent = 0  # ... how many so far: the server answers each with ReadyForQuery
+        # The unnamed statement (see `_rewritten_parse`): the key and name of the statement
+        # of pgveil's that the client's unnamed statement is, if one; whether DISCARD ALL or
+        # DEALLOCATE ALL may have dropped it since; the Parse of one in flight; rewritten
+        # texts found not to run as a kept statement
+        self._unnamed: tuple[tuple[str, bytes], bytes] | None = None
+        self._unnamed_dropped = False
+        self._flight: _Unnamed | None = None
+        self._text_only: OrderedDict[tuple[str, bytes], None] = OrderedDict()
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         # the client's text (its literals are what it may see again); the rewritten text
@@ -987,6 +1042,18 @@ class MaskedFilter(StatementFilter):
         return simple.query(self._refuse("FunctionCall is not allowed for masked roles"))
 
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        out = self._client_message_out(typ, body, raw)
+        flight = self._flight
+        if flight is not None and flight.synced is None:
+            self._keep_for_resend(flight, typ, raw, out)
+        return out
+
+    def _client_message_out(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.QUERY or (typ == m.PARSE and body[:1] == b"\0"):
+            # the server replaces its unnamed statement (a Query drops it), whatever the
+            # outcome: the client's is the server's again
+            self._unnamed = None
+            self._unnamed_dropped = False
         if typ == m.QUERY or typ == m.PARSE:
             if typ == m.PARSE:
                 self._simple_only = False
@@ -1028,6 +1095,8 @@ class MaskedFilter(StatementFilter):
                     return self._refuse_prepared(typ, body, refusal)
         elif typ == m.SYNC:
             self._skipping = False
+        if (self._unnamed is not None or self._unnamed_dropped) and typ in _NAMING_UNNAMED:
+            return self._unnamed_message(typ, body, raw)
         # a name decided under another context is checked by the statement log (`_vet`)
         return super()._client_message(typ, body, raw)
 
@@ -1105,6 +1174,218 @@ class MaskedFilter(StatementFilter):
         self.counters.prepared_executions += 1
         return bytes(out)
 
+    # ---- the unnamed statement ------------------------------------------------------------
+    # An extended-protocol client that parses its statements into the unnamed statement
+    # (libpq's PQexecParams, pgbench -M extended, JDBC and psycopg before they prepare) has
+    # the server parse, analyse and plan the rewritten text for every execution. Where the
+    # rewritten text is one SELECT whose parameters the server may plan without their
+    # values (rules.prepare.client_parameters_eligible), one of pgveil's prepared
+    # statements per server connection, rewritten text and declared types serves it:
+    # - the first time, the text goes as the client's Parse, and pgveil's Parse of the same
+    #   text right after it (its ParseComplete is dropped; after the client's failed Parse
+    #   the server skips it);
+    # - once that statement is confirmed, the client's Parse becomes a Close of the server's
+    #   unnamed statement, whose CloseComplete answers as the ParseComplete; from then on
+    #   the client's Bind and Describe of the unnamed statement name pgveil's statement,
+    #   until the client replaces it (a Parse of it, a Query) or closes it (Close: the
+    #   server's unnamed statement is gone already). DISCARD ALL or DEALLOCATE ALL drop
+    #   pgveil's statements: a Bind or Describe of the unnamed statement after them is
+    #   refused (parse it again).
+    # Only while nothing else is in flight, outside a failed transaction block, with no COPY
+    # FROM STDIN reading the client's messages and nothing being skipped to Sync, so that
+    # the Close and the Parses are the first messages the server answers. The server refuses
+    # an outdated statement (its result type changed since: 0A000) in the Bind, before it
+    # runs anything: outside a transaction block, when that Bind came right after the Parse
+    # and nothing was sent after the Sync, the client's messages go again with the text
+    # (the held error is never shown); otherwise the error goes to the client, as it would
+    # for a statement the client had prepared itself.
+
+    def _rewritten_parse(self, statement: bytes, sql: str, types: bytes) -> bytes:
+        plain = extended.parse(statement, sql.encode(), types)
+        log = self.statements
+        if (
+            statement
+            or not self.prepares
+            or self._copies
+            or self._skipping
+            or log is None
+            or log.lost is not None
+            or log.head() is not log.tail()  # (the tail: this Parse)
+            or log.predicted_status() == "E"
+        ):
+            return plain
+        key = (sql, types)
+        slot = self._prepared.get(key)
+        if slot is None:
+            if key in self._text_only:
+                self._text_only.move_to_end(key)
+                return plain
+            if not prepare.client_parameters_eligible(sql):
+                self._text_only[key] = None
+                if len(self._text_only) > _TEXT_ONLY_KEPT:
+                    self._text_only.popitem(last=False)
+                return plain
+        elif not slot[1]:
+            return plain  # its Parse is still in flight
+        out = bytearray()
+        closes = len(self._to_close)
+        for old in self._to_close:
+            out += extended.close(b"S", old)
+        self._to_close.clear()
+        mapped = slot is not None
+        if slot is None:
+            if len(self._prepared) >= PREPARED_PER_CONNECTION:
+                _, evicted = self._prepared.popitem(last=False)
+                out += extended.close(b"S", evicted[0])  # type: ignore[arg-type]
+                closes += 1
+            self._serial += 1
+            name = f"{PREPARED_PREFIX}{self._nonce}_{self._serial}".encode()
+            self._prepared[key] = [name, False]
+            out += plain + extended.parse(name, sql.encode(), types)
+            self.counters.prepared_parses += 1
+        else:
+            name = slot[0]  # type: ignore[assignment]
+            self._prepared.move_to_end(key)
+            out += _CLOSE_UNNAMED
+            self._unnamed = (key, name)
+        idle = log.predicted_status() == "I"
+        self._flight = _Unnamed(log.tail(), key, name, closes, mapped, idle)
+        return bytes(out)
+
+    def _unnamed_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        """A Bind, Describe or Close from the client while its unnamed statement is one of
+        pgveil's (or was, until DISCARD ALL or DEALLOCATE ALL): renamed to it, or refused."""
+        if typ == m.BIND:
+            named = extended.bind_names(body)[1] == b""
+        else:
+            kind, target = extended.target(body)
+            named = kind == b"S" and target == b""
+        if not named:
+            return super()._client_message(typ, body, raw)
+        if typ == m.CLOSE:
+            self._unnamed = None  # (the server's unnamed statement is closed already)
+            self._unnamed_dropped = False
+            return super()._client_message(typ, body, raw)
+        if self._unnamed_dropped:
+            return self._refuse_prepared(typ, body, UNNAMED_DROPPED)
+        out = super()._client_message(typ, body, raw)
+        if out is not raw or self._unnamed is None:
+            return out  # refused
+        name = self._unnamed[1]
+        if typ == m.BIND:
+            self.counters.prepared_executions += 1
+            return extended.bind_renamed(body, name)
+        return extended.describe(b"S", name)
+
+    def _keep_for_resend(self, flight: _Unnamed, typ: int, raw: bytes, out: bytes) -> None:
+        """The client's messages after a Parse the unnamed statement serves, up to Sync:
+        what the text path would have sent (see _unnamed_answer)."""
+        log = self.statements
+        assert log is not None
+        batch = flight.batch
+        if typ == m.PARSE and flight.entry is log.tail():
+            return  # (the Parse itself)
+        if batch is not None:
+            if not batch and flight.mapped and typ == m.BIND and out is not raw:
+                flight.first = log.tail()  # the Bind of pgveil's statement right after it
+            if len(batch) < _UNNAMED_BATCH and out:
+                renamed = typ == m.BIND or typ == m.DESCRIBE
+                batch.append(raw if renamed and out is not raw else out)
+            else:
+                flight.batch = None
+        if typ == m.SYNC:
+            flight.synced = log.tail()
+
+    def _unnamed_answer(self, flight: _Unnamed, typ: int, body: bytes) -> int:
+        """The type a server message goes on as while a Parse the unnamed statement serves
+        is in flight (0: dropped)."""
+        if typ in _ASYNC:
+            return typ
+        log = self.statements
+        assert log is not None
+        if not flight.parsed:
+            if flight.closes and typ == m.CLOSE_COMPLETE:
+                flight.closes -= 1  # pgveil's Close of a statement it no longer keeps
+                return 0
+            flight.parsed = True
+            if flight.mapped and typ == m.CLOSE_COMPLETE:
+                return m.PARSE_COMPLETE
+            if not flight.mapped and typ == m.PARSE_COMPLETE:
+                return typ  # the client's own; pgveil's Parse answers next
+            # the client's Parse failed (the server skips to Sync); a mapped one cannot
+            self._flight = None
+            self._drop_unnamed(flight, close=flight.mapped)
+            return typ
+        if not flight.mapped:
+            self._flight = None
+            if typ == m.PARSE_COMPLETE:
+                slot = self._prepared.get(flight.key)
+                if slot is not None and slot[0] == flight.name:
+                    slot[1] = True
+                return 0
+            self._drop_unnamed(flight, close=False)  # (after the same text parsed: none seen)
+            return typ
+        if flight.reparse:
+            flight.reparse = False
+            if typ == m.PARSE_COMPLETE:
+                return 0  # the text sent again: the client had its ParseComplete
+        if typ == m.READY_FOR_QUERY:
+            self._flight = None
+            held = flight.held
+            if held is None:
+                return typ
+            if flight.batch is not None and log.tail() is flight.synced and body == _IDLE_BODY:
+                # nothing was sent after the Sync: the client's messages go again with the
+                # text, their answers are theirs (the log still waits for them)
+                sql, types = flight.key
+                self._resend += extended.parse(b"", sql.encode(), types)
+                self._resend += b"".join(flight.batch)
+                self.resent += 1
+                flight.held = None
+                flight.resent = flight.reparse = True
+                self._flight = flight
+                return 0
+            self._released = held  # the client sent more meanwhile: the error goes on
+            return typ
+        if log.head() is flight.first and not flight.bound:
+            if typ == m.BIND_COMPLETE:
+                flight.bound = True
+            elif typ == m.ERROR_RESPONSE and errors.decode_fields(body).get("C") in _OUTDATED:
+                self._drop_unnamed(flight, close=True)
+                if flight.idle and not flight.resent and flight.batch is not None:
+                    flight.held = body  # (the server skips the rest up to Sync)
+                    return 0
+        return typ
+
+    def _unnamed_error(self, body: bytes) -> bytes:
+        """An error that names one of pgveil's statements, which only a Bind or Describe of
+        the client's unnamed statement renamed to it can get (a client may not name them):
+        as the server words it for the unnamed statement."""
+        fields = errors.decode_fields(body)
+        text = fields.get("M", "")
+        quoted = re.compile(re.escape(self._ours_quoted.decode()) + r'\d+"')
+        head, tail = "prepared statement ", " does not exist"
+        if (
+            text.startswith(head)
+            and text.endswith(tail)
+            and quoted.fullmatch(text, len(head), len(text) - len(tail))
+        ):
+            fields["M"] = "unnamed prepared statement does not exist"  # (26000)
+        else:
+            fields["M"] = quoted.sub('""', text)
+        return errors.encode_fields(m.ERROR_RESPONSE, fields)[5:]
+
+    def _drop_unnamed(self, flight: _Unnamed, close: bool) -> None:
+        """pgveil's statement for `flight` is not to be used again (`close`: the server may
+        hold it)."""
+        slot = self._prepared.get(flight.key)
+        if slot is not None and slot[0] == flight.name:
+            del self._prepared[flight.key]
+            if close:
+                self._to_close.append(flight.name)
+        if self._unnamed is not None and self._unnamed[1] == flight.name:
+            self._unnamed = None  # (the server's unnamed statement is closed)
+
     _released: bytes | None = None  # a held error that goes to the client after all
 
     def take_resend(self) -> bytes:
@@ -1118,6 +1399,9 @@ class MaskedFilter(StatementFilter):
         for name, _ in self._prepared.values():
             self._to_close.append(name)  # type: ignore[arg-type]
         self._prepared.clear()
+        if self._unnamed is not None:
+            self._unnamed = None
+            self._unnamed_dropped = True
 
     @staticmethod
     def _names_ours(typ: int, body: bytes) -> bool:
@@ -1336,6 +1620,21 @@ class MaskedFilter(StatementFilter):
     def _server_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
         log = self.statements
         assert log is not None
+        flight = self._flight
+        if flight is not None:
+            answered = self._unnamed_answer(flight, typ, body)
+            if answered != typ:
+                if not answered:
+                    return b""
+                typ, body, raw = answered, b"", m.message(answered, b"")  # (ParseComplete)
+            released, self._released = self._released, None
+            if released is not None:
+                # (the held error first, as the server sent it, then this ReadyForQuery)
+                before = self._server_message(m.ERROR_RESPONSE, released, b"")
+                return before + self._server_message(typ, body, raw)
+        if typ == m.ERROR_RESPONSE and self._ours_quoted in body:
+            body = self._unnamed_error(body)
+            raw = m.message(typ, body)
         executions = self._executions
         if executions and log.head() is executions[0].entry:
             answer = self._execution_answer(executions[0], typ, body)
