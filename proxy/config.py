@@ -272,7 +272,8 @@ SETTINGS: tuple[Setting, ...] = (
         "masked_prepare",
         _bool,
         "true",
-        "send a masked role's rewritten SELECTs as statements prepared once per server "
+        "send a masked role's rewritten SELECTs (Queries, and Parses of the extended "
+        "protocol's unnamed statement) as statements prepared once per server "
         "connection (the server parses and analyses the long rewritten text once; new "
         "sessions)",
     ),

@@ -218,8 +218,8 @@ def _masking_families(
     yield st
     pr = CounterMetricFamily(
         "pgveil_masked_prepared",
-        "Masked Queries sent as a statement prepared once per server connection (execution), "
-        "and the Parses that prepared them (parse)",
+        "Masked Queries, and Binds of the unnamed statement, sent as a statement prepared "
+        "once per server connection (execution), and the Parses that prepared them (parse)",
         labels=["step"],
     )
     for step, v in prepared.items():

@@ -129,6 +129,10 @@ _NO_COPY_IN_FLIGHT = (m.COPY_DONE, m.COPY_FAIL)
 _SIMPLE = frozenset((m.QUERY, m.TERMINATE, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
 _NAMING_UNNAMED = frozenset((m.BIND, m.DESCRIBE, m.CLOSE))  # may name the unnamed statement
 _CLOSE_UNNAMED = extended.close(b"S", b"")
+_PARSE_COMPLETE = m.message(m.PARSE_COMPLETE, b"")
+# statement kinds after which names and parameter types resolve as before (rules.analyzer)
+_RESOLVES_ALIKE = frozenset(("select", "insert", "update", "delete", "show"))
+_CLOSE_NONE = extended.close(b"S", _PREPARED_PREFIX)  # a name pgveil never gives a statement
 
 
 @dataclass(slots=True, eq=False)
@@ -157,7 +161,7 @@ class _Execution:
 
 UNNAMED_DROPPED = (
     "the unnamed statement ran as one of pgveil's prepared statements, which DISCARD ALL or "
-    "DEALLOCATE ALL dropped since; parse it again"
+    "DEALLOCATE ALL dropped while other statements were in flight; parse it again"
 )
 _UNNAMED_BATCH = 16  # client messages kept, after a mapped Parse up to Sync, to send again
 _TEXT_ONLY_KEPT = 256  # rewritten Parses found not to run as a kept statement, remembered
@@ -186,11 +190,9 @@ class _Unnamed:
     batch: list[bytes] | None = field(default_factory=list)
     first: object = None  # the log's entry of the Bind right after the Parse, if one
     synced: object = None  # ... of the Sync that ends the batch (None: not yet)
-    parsed: bool = False  # the answer for the client's Parse went on
-    bound: bool = False  # the Bind after it was taken (BindComplete)
-    held: bytes | None = None  # an outdated statement's error, held while it is re-sent
-    resent: bool = False
-    reparse: bool = False  # the text went again: its ParseComplete is not the client's
+    parsed: bool = False  # the answer for the client's Parse came
+    pc_held: bool = False  # ... and is held until the Bind right after it is answered
+    held: bytes | None = None  # the server's refusal of pgveil's statement, while re-sent
 
 
 @dataclass
@@ -1025,9 +1027,21 @@ class MaskedFilter(StatementFilter):
         # DEALLOCATE ALL may have dropped it since; the Parse of one in flight; rewritten
         # texts found not to run as a kept statement
         self._unnamed: tuple[tuple[str, bytes], bytes] | None = None
-        self._unnamed_dropped = False
+        # ... the rewritten text and types the client's unnamed statement holds while
+        # pgveil's statement for it may be gone (DISCARD ALL, DEALLOCATE ALL): the server
+        # gets the text again before the next Bind or Describe of it
+        self._unnamed_lost: tuple[str, bytes] | None = None
+        self._absorb: object = None  # the log entry before whose answer a Parse of it goes
         self._flight: _Unnamed | None = None
         self._text_only: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        # what the server read names and parameter types under when it prepared a
+        # statement for the unnamed statement: the rules and catalog (context), pgveil's
+        # catalog reads (another session's DDL shows in the next one, every
+        # catalog_refresh seconds: a statement is prepared anew after each), the names
+        # moving (ContextHolder.moved_until) and this session's statements that may change
+        # what names resolve to (SET search_path, DDL, CREATE TEMP TABLE, ...): `_epoch`
+        self._epoch = 0
+        self._serving = 0  # statements kept for the unnamed statement (keys are tuples)
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
         # the client's text (its literals are what it may see again); the rewritten text
@@ -1049,11 +1063,11 @@ class MaskedFilter(StatementFilter):
         return out
 
     def _client_message_out(self, typ: int, body: bytes, raw: bytes) -> bytes:
-        if typ == m.QUERY or (typ == m.PARSE and body[:1] == b"\0"):
+        if typ == m.QUERY or (typ == m.PARSE and not extended.parse_message(body)[0]):
             # the server replaces its unnamed statement (a Query drops it), whatever the
             # outcome: the client's is the server's again
             self._unnamed = None
-            self._unnamed_dropped = False
+            self._unnamed_lost = None
         if typ == m.QUERY or typ == m.PARSE:
             if typ == m.PARSE:
                 self._simple_only = False
@@ -1063,6 +1077,7 @@ class MaskedFilter(StatementFilter):
                 out = super()._client_message(typ, body, raw)
             finally:
                 self._reserved = False
+            self._resolving(self._decision)
             effects = self._effects
             if effects:
                 # what it does once it runs: later Queries must not count on pgveil's
@@ -1079,8 +1094,17 @@ class MaskedFilter(StatementFilter):
             # unnamed statement and portal and the error skipping up to Sync; its Queries go
             # as text from now on
             self._simple_only = False
-            if _PREPARED_PREFIX in body and self._names_ours(typ, body):
-                return self._refuse_prepared(typ, body, RESERVED_NAME)
+            if _PREPARED_PREFIX in body:
+                if self._names_ours(typ, body):
+                    return self._refuse_prepared(typ, body, RESERVED_NAME)
+                kind, name = extended.target(body) if typ == m.CLOSE else (b"", b"")
+                if kind == b"S" and name.startswith(_PREPARED_PREFIX):
+                    # a name the client cannot hold: closed as any such name is (a
+                    # CloseComplete), pgveil's statement stays
+                    super()._client_message(typ, body, raw)
+                    return _CLOSE_NONE
+            if typ == m.BIND and self._serving:
+                self._binding(body)
         elif typ in _NO_COPY_IN_FLIGHT and self._copies:
             self._copies -= 1
         if typ == m.BIND or typ == m.EXECUTE:
@@ -1095,7 +1119,7 @@ class MaskedFilter(StatementFilter):
                     return self._refuse_prepared(typ, body, refusal)
         elif typ == m.SYNC:
             self._skipping = False
-        if (self._unnamed is not None or self._unnamed_dropped) and typ in _NAMING_UNNAMED:
+        if (self._unnamed is not None or self._unnamed_lost) and typ in _NAMING_UNNAMED:
             return self._unnamed_message(typ, body, raw)
         # a name decided under another context is checked by the statement log (`_vet`)
         return super()._client_message(typ, body, raw)
@@ -1212,10 +1236,21 @@ class MaskedFilter(StatementFilter):
             or log.lost is not None
             or log.head() is not log.tail()  # (the tail: this Parse)
             or log.predicted_status() == "E"
+            or self._moving
+            or self._holder.unsure
         ):
             return plain
         key = (sql, types)
         slot = self._prepared.get(key)
+        holder = self._holder
+        epoch = (self.ctx, holder.reads_done, holder.moved_until, self._epoch)
+        if slot is not None and slot[2] != epoch:
+            # names or types may resolve otherwise now: prepared anew (the server would
+            # analyse the kept one again with the parameter types of its first Parse)
+            del self._prepared[key]
+            self._serving -= 1
+            self._to_close.append(slot[0])  # type: ignore[arg-type]
+            slot = None
         if slot is None:
             if key in self._text_only:
                 self._text_only.move_to_end(key)
@@ -1235,12 +1270,15 @@ class MaskedFilter(StatementFilter):
         mapped = slot is not None
         if slot is None:
             if len(self._prepared) >= PREPARED_PER_CONNECTION:
-                _, evicted = self._prepared.popitem(last=False)
+                old_key, evicted = self._prepared.popitem(last=False)
                 out += extended.close(b"S", evicted[0])  # type: ignore[arg-type]
                 closes += 1
+                if isinstance(old_key, tuple):
+                    self._serving -= 1
             self._serial += 1
             name = f"{PREPARED_PREFIX}{self._nonce}_{self._serial}".encode()
-            self._prepared[key] = [name, False]
+            self._prepared[key] = [name, False, epoch]
+            self._serving += 1
             out += plain + extended.parse(name, sql.encode(), types)
             self.counters.prepared_parses += 1
         else:
@@ -1264,10 +1302,23 @@ class MaskedFilter(StatementFilter):
             return super()._client_message(typ, body, raw)
         if typ == m.CLOSE:
             self._unnamed = None  # (the server's unnamed statement is closed already)
-            self._unnamed_dropped = False
+            self._unnamed_lost = None
             return super()._client_message(typ, body, raw)
-        if self._unnamed_dropped:
-            return self._refuse_prepared(typ, body, UNNAMED_DROPPED)
+        lost = self._unnamed_lost
+        if lost is not None:
+            log = self.statements
+            assert log is not None
+            if log.in_flight or self._skipping:
+                return self._refuse_prepared(typ, body, UNNAMED_DROPPED)
+            out = super()._client_message(typ, body, raw)
+            if out is not raw:
+                return out  # refused
+            # the text it holds goes to the server's unnamed statement first (its
+            # ParseComplete is dropped: see _server_message); the client's is the server's
+            # again
+            self._unnamed_lost = None
+            self._absorb = log.tail()
+            return extended.parse(b"", lost[0].encode(), lost[1]) + raw
         out = super()._client_message(typ, body, raw)
         if out is not raw or self._unnamed is None:
             return out  # refused
@@ -1298,7 +1349,7 @@ class MaskedFilter(StatementFilter):
 
     def _unnamed_answer(self, flight: _Unnamed, typ: int, body: bytes) -> int:
         """The type a server message goes on as while a Parse the unnamed statement serves
-        is in flight (0: dropped)."""
+        is in flight (0: dropped; `_pc_first`: a ParseComplete goes before it)."""
         if typ in _ASYNC:
             return typ
         log = self.statements
@@ -1309,6 +1360,12 @@ class MaskedFilter(StatementFilter):
                 return 0
             flight.parsed = True
             if flight.mapped and typ == m.CLOSE_COMPLETE:
+                if flight.first is not None and flight.synced is not None and flight.idle:
+                    # held until the Bind is taken: if the server refuses pgveil's
+                    # statement, the client's messages go again with the text and the
+                    # client gets the text's answers, its Parse's first
+                    flight.pc_held = True
+                    return 0
                 return m.PARSE_COMPLETE
             if not flight.mapped and typ == m.PARSE_COMPLETE:
                 return typ  # the client's own; pgveil's Parse answers next
@@ -1325,10 +1382,6 @@ class MaskedFilter(StatementFilter):
                 return 0
             self._drop_unnamed(flight, close=False)  # (after the same text parsed: none seen)
             return typ
-        if flight.reparse:
-            flight.reparse = False
-            if typ == m.PARSE_COMPLETE:
-                return 0  # the text sent again: the client had its ParseComplete
         if typ == m.READY_FOR_QUERY:
             self._flight = None
             held = flight.held
@@ -1336,25 +1389,30 @@ class MaskedFilter(StatementFilter):
                 return typ
             if flight.batch is not None and log.tail() is flight.synced and body == _IDLE_BODY:
                 # nothing was sent after the Sync: the client's messages go again with the
-                # text, their answers are theirs (the log still waits for them)
+                # text, whose answers are theirs from its ParseComplete on (the log still
+                # waits for them)
                 sql, types = flight.key
                 self._resend += extended.parse(b"", sql.encode(), types)
                 self._resend += b"".join(flight.batch)
                 self.resent += 1
-                flight.held = None
-                flight.resent = flight.reparse = True
-                self._flight = flight
                 return 0
-            self._released = held  # the client sent more meanwhile: the error goes on
+            # the client sent more meanwhile: its ParseComplete and the error go on
+            self._pc_first = True
+            self._released = held
             return typ
-        if log.head() is flight.first and not flight.bound:
-            if typ == m.BIND_COMPLETE:
-                flight.bound = True
-            elif typ == m.ERROR_RESPONSE and errors.decode_fields(body).get("C") in _OUTDATED:
+        if flight.pc_held:
+            # the answer to the Bind right after the Parse
+            flight.pc_held = False
+            if typ == m.ERROR_RESPONSE and _refused_statement(body):
                 self._drop_unnamed(flight, close=True)
-                if flight.idle and not flight.resent and flight.batch is not None:
-                    flight.held = body  # (the server skips the rest up to Sync)
+                if flight.batch is not None:
+                    flight.held = body  # (the server skips the rest up to the Sync)
+                    flight.pc_held = True
                     return 0
+            self._pc_first = True
+            return typ
+        if typ == m.ERROR_RESPONSE and log.head() is flight.first and _refused_statement(body):
+            self._drop_unnamed(flight, close=True)  # (prepared anew next time)
         return typ
 
     def _unnamed_error(self, body: bytes) -> bytes:
@@ -1363,16 +1421,16 @@ class MaskedFilter(StatementFilter):
         as the server words it for the unnamed statement."""
         fields = errors.decode_fields(body)
         text = fields.get("M", "")
-        quoted = re.compile(re.escape(self._ours_quoted.decode()) + r'\d+"')
-        head, tail = "prepared statement ", " does not exist"
-        if (
-            text.startswith(head)
-            and text.endswith(tail)
-            and quoted.fullmatch(text, len(head), len(text) - len(tail))
-        ):
+        name = re.escape(self._ours_quoted.decode()) + r'\d+"'
+        if re.fullmatch(f"prepared statement {name} does not exist", text):
             fields["M"] = "unnamed prepared statement does not exist"  # (26000)
+        elif re.fullmatch(
+            f"bind message supplies \\d+ parameters, but prepared statement {name} requires \\d+",
+            text,
+        ):
+            fields["M"] = re.sub(name, '""', text)  # (08P01)
         else:
-            fields["M"] = quoted.sub('""', text)
+            return body  # (another message that quotes the name: the client's own text)
         return errors.encode_fields(m.ERROR_RESPONSE, fields)[5:]
 
     def _drop_unnamed(self, flight: _Unnamed, close: bool) -> None:
@@ -1381,10 +1439,54 @@ class MaskedFilter(StatementFilter):
         slot = self._prepared.get(flight.key)
         if slot is not None and slot[0] == flight.name:
             del self._prepared[flight.key]
+            self._serving -= 1
             if close:
                 self._to_close.append(flight.name)
         if self._unnamed is not None and self._unnamed[1] == flight.name:
             self._unnamed = None  # (the server's unnamed statement is closed)
+
+    def _resolving(self, d: Decision | None) -> None:
+        """A statement on its way to the server (or bound to run): one that may change what
+        names or parameter types resolve to moves `_epoch` (SET, such as search_path; DDL;
+        code that may run DDL; anything pgveil cannot read), and so does the end of a
+        transaction in which a SET was sent (a rollback undoes it). Rows read or written
+        and SHOW do not."""
+        if d is None or d.moves_names:
+            self._epoch += 1
+            return
+        for kind in d.kinds:
+            if kind == "set":
+                self._epoch += 1
+                self._set_since = True
+            elif kind == "transaction":
+                if self._set_since:
+                    self._epoch += 1
+                    self._set_since = False
+            elif kind not in _RESOLVES_ALIKE:
+                self._epoch += 1
+
+    _set_since = False  # a SET went since the last transaction statement (see _resolving)
+
+    def _binding(self, body: bytes) -> None:
+        """A Bind while statements are kept for the unnamed statement: one that runs what is
+        not a plain SELECT may change what they resolve to (see `_epoch`), and one that runs
+        DISCARD ALL or DEALLOCATE ALL drops them (at its Parse pgveil forgot the statements
+        kept then, not those kept since)."""
+        log = self.statements
+        named = log.used(m.BIND, body) if log is not None else None
+        decided = named.decided if named is not None else None
+        d = self.ctx.analyze(decided.sql) if decided is not None else None
+        self._resolving(d)
+        if (
+            d is None
+            or d.effects is None
+            or any(
+                kind == "discard_all" or kind == "deallocate_all"
+                for statement in d.effects
+                for kind, _ in statement
+            )
+        ):
+            self._forget_prepared()
 
     _released: bytes | None = None  # a held error that goes to the client after all
 
@@ -1396,12 +1498,14 @@ class MaskedFilter(StatementFilter):
 
     def _forget_prepared(self) -> None:
         """The client's statements may drop pgveil's: prepare anew, close the old names."""
-        for name, _ in self._prepared.values():
-            self._to_close.append(name)  # type: ignore[arg-type]
+        for slot in self._prepared.values():
+            self._to_close.append(slot[0])  # type: ignore[arg-type]
         self._prepared.clear()
+        self._serving = 0
         if self._unnamed is not None:
+            # the server keeps its unnamed statement: the client's still holds the text
+            self._unnamed_lost = self._unnamed[0]
             self._unnamed = None
-            self._unnamed_dropped = True
 
     @staticmethod
     def _names_ours(typ: int, body: bytes) -> bool:
@@ -1627,11 +1731,28 @@ class MaskedFilter(StatementFilter):
                 if not answered:
                     return b""
                 typ, body, raw = answered, b"", m.message(answered, b"")  # (ParseComplete)
+            before = b""
+            if self._pc_first:
+                self._pc_first = False
+                before = self._server_answer(m.PARSE_COMPLETE, b"", _PARSE_COMPLETE)
             released, self._released = self._released, None
             if released is not None:
-                # (the held error first, as the server sent it, then this ReadyForQuery)
-                before = self._server_message(m.ERROR_RESPONSE, released, b"")
-                return before + self._server_message(typ, body, raw)
+                # (the held error, as the server sent it, then this ReadyForQuery)
+                before += self._server_answer(m.ERROR_RESPONSE, released, b"")
+            return before + self._server_answer(typ, body, raw)
+        return self._server_answer(typ, body, raw)
+
+    _pc_first = False  # a held ParseComplete goes before the server message at hand
+
+    def _server_answer(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        """A server message on its way to the client (the unnamed statement's in flight
+        done: see _server_message)."""
+        log = self.statements
+        assert log is not None
+        if self._absorb is not None and log.head() is self._absorb and typ not in _ASYNC:
+            self._absorb = None
+            if typ == m.PARSE_COMPLETE:
+                return b""  # the text given to the server's unnamed statement again
         if typ == m.ERROR_RESPONSE and self._ours_quoted in body:
             body = self._unnamed_error(body)
             raw = m.message(typ, body)
@@ -1854,6 +1975,15 @@ def ending(log: StatementLog) -> str | None:
             "masking rules that no longer apply; the session is closed"
         )
     return None
+
+
+def _refused_statement(body: bytes) -> bool:
+    """Whether an error answering a Bind of one of pgveil's statements may be the server
+    refusing the statement itself, before anything ran: it changed since it was prepared
+    (0A000), it is gone (26000), or analysing it again failed (class 42: a relation,
+    column or privilege gone)."""
+    code = errors.decode_fields(body).get("C", "")
+    return code in _OUTDATED or code.startswith("42")
 
 
 def lost_pairing(reason: str) -> str:
