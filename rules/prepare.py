@@ -106,18 +106,10 @@ NOT_PREPARABLE = ShapeForm({})
 def shape_form(shape_sql: str, spans: Sequence[tuple[int, int, int]]) -> ShapeForm:
     """The form of a shape's rewritten text (`spans`: where its literal placeholders stand,
     rules.shapes.placeholder_spans): NOT_PREPARABLE when no literal may become a parameter."""
-    try:
-        stmts = parse_sql(shape_sql)
-    except ParseError:
+    found = _eligible(shape_sql, PLACEHOLDER_BASE)
+    if found is None:
         return NOT_PREPARABLE
-    if len(stmts) != 1:
-        return NOT_PREPARABLE
-    stmt = stmts[0].stmt
-    if not isinstance(stmt, ast.SelectStmt) or stmt.intoClause is not None:
-        return NOT_PREPARABLE
-    eligible: dict[int, int | None] = {}
-    if not _walk(stmt, eligible):
-        return NOT_PREPARABLE
+    _, eligible = found
     # a literal the rewrite put in more than one place is never a parameter
     seen: dict[int, int] = {}
     for _, _, i in spans:
@@ -131,29 +123,41 @@ def client_parameters_eligible(rewritten: str) -> bool:
     (proxy/session/masked.py: the unnamed statement), with the client's own parameters
     `$1..$n` bound to it as they are. The server plans the client's unnamed statement for
     each Bind with the parameters' values (a custom plan); one it keeps it may plan once
-    without them (a generic plan), and the two must not differ but in speed. So: one plain
+    without them (a generic plan), and the two must not differ in what they compute. So: one plain
     SELECT that writes nothing (as for literals above), and every parameter stands where a
     literal may become one, as a direct operand (a comparison with a column, a bound of
     BETWEEN, an element of IN, LIMIT, OFFSET; never under `+`/`-`, whose overflow a custom
     plan raises while planning and a generic plan perhaps never). A text without parameters
-    is planned the same either way. A parameter that stands twice is not taken."""
-    try:
-        stmts = parse_sql(rewritten)
-    except ParseError:
+    is planned the same either way. A parameter that stands twice is not taken. (What SQL
+    leaves to the plan may still differ between two plans, as between two runs of one
+    statement: the README says what.)"""
+    found = _eligible(rewritten, 1)
+    if found is None:
         return False
-    if len(stmts) != 1:
-        return False
-    stmt = stmts[0].stmt
-    if not isinstance(stmt, ast.SelectStmt) or stmt.intoClause is not None:
-        return False
-    eligible: dict[int, int | None] = {}
-    if not _walk(stmt, eligible, base=1):
-        return False
+    stmt, eligible = found
     numbers = _parameters(stmt)
     # (one parameter in two places, one of them not eligible, would pass a check by number)
     return len(set(numbers)) == len(numbers) and all(
         eligible.get(number - 1, _NOT_ELIGIBLE) is None for number in numbers
     )
+
+
+def _eligible(sql: str, base: int) -> tuple[Any, dict[int, int | None]] | None:
+    """One plain SELECT's tree and the placeholders (`base`: see _placeholder) that stand
+    where they may be parameters; None for anything else (see _walk)."""
+    try:
+        stmts = parse_sql(sql)
+    except ParseError:
+        return None
+    if len(stmts) != 1:
+        return None
+    stmt = stmts[0].stmt
+    if not isinstance(stmt, ast.SelectStmt) or stmt.intoClause is not None:
+        return None
+    eligible: dict[int, int | None] = {}
+    if not _walk(stmt, eligible, base=base):
+        return None
+    return stmt, eligible
 
 
 def _parameters(node: Any) -> list[int]:

@@ -28,6 +28,7 @@ from proxy.wire import messages as m
 from proxy.wire.errors import decode_fields
 from rules.prepare import client_parameters_eligible
 from tests.integration.masking_fixture import HELPDESK, HELPDESK_PW, dsn
+from tests.integration.test_masked_prepared import _readable
 from tests.support import ProxyProcess, RawClient
 
 MASKED = "masked_trust"  # masked (a member of cc_staff), trust authentication
@@ -220,10 +221,6 @@ def _session(port: int, case: list[object]) -> Messages:
     finally:
         client.close()
     return out
-
-
-def _readable(messages: Messages) -> list[str]:
-    return [f"{t} {decode_fields(b)}" if t in "EN" else f"{t} {b!r}" for t, b in messages]
 
 
 @pytest.mark.parametrize("case", list(CASES))
