@@ -161,7 +161,7 @@ class _Execution:
 
 UNNAMED_DROPPED = (
     "the unnamed statement ran as one of pgveil's prepared statements, which DISCARD ALL or "
-    "DEALLOCATE ALL dropped while other statements were in flight; parse it again"
+    "DEALLOCATE ALL dropped; its text is being given to the server again; parse it again"
 )
 _UNNAMED_BATCH = 16  # client messages kept, after a mapped Parse up to Sync, to send again
 _TEXT_ONLY_KEPT = 256  # rewritten Parses found not to run as a kept statement, remembered
@@ -1031,8 +1031,10 @@ class MaskedFilter(StatementFilter):
         # pgveil's statement for it may be gone (DISCARD ALL, DEALLOCATE ALL): the server
         # gets the text again before the next Bind or Describe of it
         self._unnamed_lost: tuple[str, bytes] | None = None
-        self._absorb: object = None  # the log entry before whose answer a Parse of it goes
+        # the log entry before whose answer a Parse of it goes, and the text and types
+        self._absorb: tuple[object, tuple[str, bytes]] | None = None
         self._flight: _Unnamed | None = None
+        self._queued: list[bytes] = []  # notices raised while a ParseComplete is held
         self._text_only: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         # what the server read names and parameter types under when it prepared a
         # statement for the unnamed statement: the rules and catalog (context), pgveil's
@@ -1055,7 +1057,10 @@ class MaskedFilter(StatementFilter):
             self.statements.function_call()
         return simple.query(self._refuse("FunctionCall is not allowed for masked roles"))
 
+    _renamed = False  # the client message at hand was renamed to one of pgveil's statements
+
     def _client_message(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        self._renamed = False
         out = self._client_message_out(typ, body, raw)
         flight = self._flight
         if flight is not None and flight.synced is None:
@@ -1077,7 +1082,8 @@ class MaskedFilter(StatementFilter):
                 out = super()._client_message(typ, body, raw)
             finally:
                 self._reserved = False
-            self._resolving(self._decision)
+            text = simple.query_text(body) if typ == m.QUERY else extended.parse_message(body)[1]
+            self._resolving(self._decision, text)
             effects = self._effects
             if effects:
                 # what it does once it runs: later Queries must not count on pgveil's
@@ -1308,21 +1314,23 @@ class MaskedFilter(StatementFilter):
         if lost is not None:
             log = self.statements
             assert log is not None
-            if log.in_flight or self._skipping:
+            if self._skipping or self._absorb is not None:
                 return self._refuse_prepared(typ, body, UNNAMED_DROPPED)
             out = super()._client_message(typ, body, raw)
             if out is not raw:
                 return out  # refused
             # the text it holds goes to the server's unnamed statement first (its
-            # ParseComplete is dropped: see _server_message); the client's is the server's
-            # again
+            # ParseComplete is dropped: see _server_answer); the client's is the server's
+            # again -- unless that Parse fails or the server skips it (an error before it):
+            # then it is still lost
             self._unnamed_lost = None
-            self._absorb = log.tail()
+            self._absorb = (log.tail(), lost)
             return extended.parse(b"", lost[0].encode(), lost[1]) + raw
         out = super()._client_message(typ, body, raw)
         if out is not raw or self._unnamed is None:
             return out  # refused
         name = self._unnamed[1]
+        self._renamed = True
         if typ == m.BIND:
             self.counters.prepared_executions += 1
             return extended.bind_renamed(body, name)
@@ -1336,12 +1344,12 @@ class MaskedFilter(StatementFilter):
         batch = flight.batch
         if typ == m.PARSE and flight.entry is log.tail():
             return  # (the Parse itself)
+        renamed = self._renamed
         if batch is not None:
-            if not batch and flight.mapped and typ == m.BIND and out is not raw:
+            if not batch and flight.mapped and typ == m.BIND and renamed:
                 flight.first = log.tail()  # the Bind of pgveil's statement right after it
             if len(batch) < _UNNAMED_BATCH and out:
-                renamed = typ == m.BIND or typ == m.DESCRIBE
-                batch.append(raw if renamed and out is not raw else out)
+                batch.append(raw if renamed else out)  # (a refusal stays one)
             else:
                 flight.batch = None
         if typ == m.SYNC:
@@ -1351,6 +1359,9 @@ class MaskedFilter(StatementFilter):
         """The type a server message goes on as while a Parse the unnamed statement serves
         is in flight (0: dropped; `_pc_first`: a ParseComplete goes before it)."""
         if typ in _ASYNC:
+            if typ == m.NOTICE_RESPONSE and flight.pc_held:
+                self._queued.append(body)  # (raised by the Bind: after its ParseComplete)
+                return 0
             return typ
         log = self.statements
         assert log is not None
@@ -1395,6 +1406,7 @@ class MaskedFilter(StatementFilter):
                 self._resend += extended.parse(b"", sql.encode(), types)
                 self._resend += b"".join(flight.batch)
                 self.resent += 1
+                self._queued.clear()  # (the Bind raises them again)
                 return 0
             # the client sent more meanwhile: its ParseComplete and the error go on
             self._pc_first = True
@@ -1445,14 +1457,21 @@ class MaskedFilter(StatementFilter):
         if self._unnamed is not None and self._unnamed[1] == flight.name:
             self._unnamed = None  # (the server's unnamed statement is closed)
 
-    def _resolving(self, d: Decision | None) -> None:
+    def _resolving(self, d: Decision | None, text: bytes) -> None:
         """A statement on its way to the server (or bound to run): one that may change what
-        names or parameter types resolve to moves `_epoch` (SET, such as search_path; DDL;
-        code that may run DDL; anything pgveil cannot read), and so does the end of a
-        transaction in which a SET was sent (a rollback undoes it). Rows read or written
-        and SHOW do not."""
-        if d is None or d.moves_names:
+        names or parameter types resolve to moves `_epoch` (SET, or `set_config` named in
+        it, such as search_path; DDL; a relation it creates, SELECT INTO too; code that may
+        run DDL; anything pgveil cannot read), and so does the end of a transaction in
+        which a SET was sent (a rollback undoes it). Rows read or written and SHOW do not."""
+        if (
+            d is None
+            or d.moves_names
+            or d.temp_relations
+            or d.unknown_relations
+            or b"set_config" in text.lower()
+        ):
             self._epoch += 1
+            self._set_since = True
             return
         for kind in d.kinds:
             if kind == "set":
@@ -1476,7 +1495,7 @@ class MaskedFilter(StatementFilter):
         named = log.used(m.BIND, body) if log is not None else None
         decided = named.decided if named is not None else None
         d = self.ctx.analyze(decided.sql) if decided is not None else None
-        self._resolving(d)
+        self._resolving(d, decided.sql.encode() if decided is not None else b"")
         if (
             d is None
             or d.effects is None
@@ -1735,6 +1754,10 @@ class MaskedFilter(StatementFilter):
             if self._pc_first:
                 self._pc_first = False
                 before = self._server_answer(m.PARSE_COMPLETE, b"", _PARSE_COMPLETE)
+                for notice in self._queued:
+                    raw_notice = m.message(m.NOTICE_RESPONSE, notice)
+                    before += self._server_answer(m.NOTICE_RESPONSE, notice, raw_notice)
+                self._queued.clear()
             released, self._released = self._released, None
             if released is not None:
                 # (the held error, as the server sent it, then this ReadyForQuery)
@@ -1749,10 +1772,19 @@ class MaskedFilter(StatementFilter):
         done: see _server_message)."""
         log = self.statements
         assert log is not None
-        if self._absorb is not None and log.head() is self._absorb and typ not in _ASYNC:
-            self._absorb = None
-            if typ == m.PARSE_COMPLETE:
-                return b""  # the text given to the server's unnamed statement again
+        absorb = self._absorb
+        if absorb is not None and typ not in _ASYNC:
+            if log.head() is absorb[0]:
+                self._absorb = None
+                if typ == m.PARSE_COMPLETE:
+                    return b""  # the text given to the server's unnamed statement again
+                if self._unnamed_lost is None and self._unnamed is None:
+                    self._unnamed_lost = absorb[1]  # (it failed: the server has none)
+            elif typ == m.READY_FOR_QUERY and log.head() is log.tail():
+                # the last Sync in flight answered and it never came: the server skipped it
+                self._absorb = None
+                if self._unnamed_lost is None and self._unnamed is None:
+                    self._unnamed_lost = absorb[1]
         if typ == m.ERROR_RESPONSE and self._ours_quoted in body:
             body = self._unnamed_error(body)
             raw = m.message(typ, body)
