@@ -132,6 +132,7 @@ _CLOSE_UNNAMED = extended.close(b"S", b"")
 _PARSE_COMPLETE = m.message(m.PARSE_COMPLETE, b"")
 # statement kinds after which names and parameter types resolve as before (rules.analyzer)
 _RESOLVES_ALIKE = frozenset(("select", "insert", "update", "delete", "show"))
+_SET_CONFIG = re.compile(rb"set_config", re.IGNORECASE)
 _CLOSE_NONE = extended.close(b"S", _PREPARED_PREFIX)  # a name pgveil never gives a statement
 
 
@@ -1023,9 +1024,7 @@ class MaskedFilter(StatementFilter):
         self._resend = bytearray()  # Queries to send the server again (see take_resend)
         self.resent = 0  # ... how many so far: the server answers each with ReadyForQuery
         # The unnamed statement (see `_rewritten_parse`): the key and name of the statement
-        # of pgveil's that the client's unnamed statement is, if one; whether DISCARD ALL or
-        # DEALLOCATE ALL may have dropped it since; the Parse of one in flight; rewritten
-        # texts found not to run as a kept statement
+        # of pgveil's that the client's unnamed statement is, if one
         self._unnamed: tuple[tuple[str, bytes], bytes] | None = None
         # ... the rewritten text and types the client's unnamed statement holds while
         # pgveil's statement for it may be gone (DISCARD ALL, DEALLOCATE ALL): the server
@@ -1033,8 +1032,9 @@ class MaskedFilter(StatementFilter):
         self._unnamed_lost: tuple[str, bytes] | None = None
         # the log entry before whose answer a Parse of it goes, and the text and types
         self._absorb: tuple[object, tuple[str, bytes]] | None = None
-        self._flight: _Unnamed | None = None
+        self._flight: _Unnamed | None = None  # the Parse of one in flight
         self._queued: list[bytes] = []  # notices raised while a ParseComplete is held
+        # rewritten texts found not to run as a kept statement
         self._text_only: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         # what the server read names and parameter types under when it prepared a
         # statement for the unnamed statement: the rules and catalog (context), pgveil's
@@ -1068,12 +1068,17 @@ class MaskedFilter(StatementFilter):
         return out
 
     def _client_message_out(self, typ: int, body: bytes, raw: bytes) -> bytes:
-        if typ == m.QUERY or (typ == m.PARSE and not extended.parse_message(body)[0]):
-            # the server replaces its unnamed statement (a Query drops it), whatever the
-            # outcome: the client's is the server's again
-            self._unnamed = None
-            self._unnamed_lost = None
         if typ == m.QUERY or typ == m.PARSE:
+            if typ == m.QUERY:
+                text, unnamed = simple.query_text(body), True
+            else:
+                name, text, _ = extended.parse_message(body)
+                unnamed = not name
+            if unnamed:
+                # the server replaces its unnamed statement (a Query drops it), whatever
+                # the outcome: the client's is the server's again
+                self._unnamed = None
+                self._unnamed_lost = None
             if typ == m.PARSE:
                 self._simple_only = False
                 self._reserved = body.startswith(_PREPARED_PREFIX)
@@ -1082,7 +1087,6 @@ class MaskedFilter(StatementFilter):
                 out = super()._client_message(typ, body, raw)
             finally:
                 self._reserved = False
-            text = simple.query_text(body) if typ == m.QUERY else extended.parse_message(body)[1]
             self._resolving(self._decision, text)
             effects = self._effects
             if effects:
@@ -1219,16 +1223,19 @@ class MaskedFilter(StatementFilter):
     #   the client's Bind and Describe of the unnamed statement name pgveil's statement,
     #   until the client replaces it (a Parse of it, a Query) or closes it (Close: the
     #   server's unnamed statement is gone already). DISCARD ALL or DEALLOCATE ALL drop
-    #   pgveil's statements: a Bind or Describe of the unnamed statement after them is
-    #   refused (parse it again).
+    #   pgveil's statements but not the server's unnamed one: the text goes to the server's
+    #   unnamed statement before the next Bind or Describe of it (`_unnamed_lost`).
     # Only while nothing else is in flight, outside a failed transaction block, with no COPY
     # FROM STDIN reading the client's messages and nothing being skipped to Sync, so that
-    # the Close and the Parses are the first messages the server answers. The server refuses
-    # an outdated statement (its result type changed since: 0A000) in the Bind, before it
-    # runs anything: outside a transaction block, when that Bind came right after the Parse
-    # and nothing was sent after the Sync, the client's messages go again with the text
-    # (the held error is never shown); otherwise the error goes to the client, as it would
-    # for a statement the client had prepared itself.
+    # the Close and the Parses are the first messages the server answers; prepared anew
+    # whenever what names and parameter types resolve to may have changed (`_epoch`). The
+    # server refuses a statement it can no longer run as prepared (0A000, 26000, class 42)
+    # in the Bind, before anything runs: outside a transaction block, when that Bind came
+    # right after the Parse and a Sync ended the batch, the ParseComplete is held until the
+    # Bind is answered, and if nothing was sent after the Sync the client's messages go
+    # again with the text (the refusal, and notices of the refused Bind, are never shown);
+    # otherwise the error goes to the client, as it would for a statement the client had
+    # prepared itself.
 
     def _rewritten_parse(self, statement: bytes, sql: str, types: bytes) -> bytes:
         plain = extended.parse(statement, sql.encode(), types)
@@ -1253,9 +1260,7 @@ class MaskedFilter(StatementFilter):
         if slot is not None and slot[2] != epoch:
             # names or types may resolve otherwise now: prepared anew (the server would
             # analyse the kept one again with the parameter types of its first Parse)
-            del self._prepared[key]
-            self._serving -= 1
-            self._to_close.append(slot[0])  # type: ignore[arg-type]
+            self._forget_kept(key, slot[0], close=True)  # type: ignore[arg-type]
             slot = None
         if slot is None:
             if key in self._text_only:
@@ -1448,14 +1453,19 @@ class MaskedFilter(StatementFilter):
     def _drop_unnamed(self, flight: _Unnamed, close: bool) -> None:
         """pgveil's statement for `flight` is not to be used again (`close`: the server may
         hold it)."""
-        slot = self._prepared.get(flight.key)
-        if slot is not None and slot[0] == flight.name:
-            del self._prepared[flight.key]
-            self._serving -= 1
-            if close:
-                self._to_close.append(flight.name)
+        self._forget_kept(flight.key, flight.name, close)
         if self._unnamed is not None and self._unnamed[1] == flight.name:
             self._unnamed = None  # (the server's unnamed statement is closed)
+
+    def _forget_kept(self, key: tuple[str, bytes], name: bytes, close: bool) -> None:
+        """The statement kept for the unnamed statement under `key`, if it is still `name`,
+        is not to be used again (`close`: closed with the next Parse served)."""
+        slot = self._prepared.get(key)
+        if slot is not None and slot[0] == name:
+            del self._prepared[key]
+            self._serving -= 1
+            if close:
+                self._to_close.append(name)
 
     def _resolving(self, d: Decision | None, text: bytes) -> None:
         """A statement on its way to the server (or bound to run): one that may change what
@@ -1468,7 +1478,7 @@ class MaskedFilter(StatementFilter):
             or d.moves_names
             or d.temp_relations
             or d.unknown_relations
-            or b"set_config" in text.lower()
+            or _SET_CONFIG.search(text) is not None
         ):
             self._epoch += 1
             self._set_since = True

@@ -161,6 +161,24 @@ def _close_ours_portal_and_statement(client: RawClient, served: bool) -> Message
     )
 
 
+# DEALLOCATE ALL run from a named statement after the unnamed statement was served, then
+# another session drops the table its text reads
+_DEALLOCATED_THEN_DROPPED: list[Step] = [
+    [parse("DEALLOCATE ALL", name=b"reset"), SYNC],
+    Ddl(
+        "DROP TABLE IF EXISTS public.atk2_g; CREATE TABLE public.atk2_g (k int);"
+        "INSERT INTO public.atk2_g VALUES (1); GRANT SELECT ON public.atk2_g TO cc_staff"
+    ),
+    *_warm(
+        "SELECT t.k, c.name FROM public.atk2_g t "
+        "JOIN billing.customers c ON c.i_customer = t.k WHERE t.k = $1",
+        "1",
+    ),
+    [bind(statement=b"reset"), EXECUTE, SYNC],
+    Ddl("DROP TABLE public.atk2_g"),
+]
+
+
 CASES: dict[str, list[Step]] = {
     # ---- the held ParseComplete and the batch sent again ----
     "a Bind naming pgveil's statement right after the served Parse (refused) stays refused": [
@@ -220,18 +238,7 @@ CASES: dict[str, list[Step]] = {
         [bind("3"), EXECUTE, SYNC],
     ],
     "DEALLOCATE ALL run, then the table dropped: the text given again fails": [
-        [parse("DEALLOCATE ALL", name=b"reset"), SYNC],
-        Ddl(
-            "DROP TABLE IF EXISTS public.atk2_g; CREATE TABLE public.atk2_g (k int);"
-            "INSERT INTO public.atk2_g VALUES (1); GRANT SELECT ON public.atk2_g TO cc_staff"
-        ),
-        *_warm(
-            "SELECT t.k, c.name FROM public.atk2_g t "
-            "JOIN billing.customers c ON c.i_customer = t.k WHERE t.k = $1",
-            "1",
-        ),
-        [bind(statement=b"reset"), EXECUTE, SYNC],
-        Ddl("DROP TABLE public.atk2_g"),
+        *_DEALLOCATED_THEN_DROPPED,
         [bind("1"), EXECUTE, SYNC],
         [bind("1"), EXECUTE, SYNC],
         # (a Describe of it now: see test_describe_of_a_lost_statement_whose_text_fails)
@@ -365,18 +372,7 @@ def test_describe_of_a_lost_statement_whose_text_fails(
     the server's error for the text given again, where the text path's Describe gets the
     ParameterDescription first and then that same error."""
     steps: list[Step] = [
-        [parse("DEALLOCATE ALL", name=b"reset"), SYNC],
-        Ddl(
-            "DROP TABLE IF EXISTS public.atk2_g; CREATE TABLE public.atk2_g (k int);"
-            "INSERT INTO public.atk2_g VALUES (1); GRANT SELECT ON public.atk2_g TO cc_staff"
-        ),
-        *_warm(
-            "SELECT t.k, c.name FROM public.atk2_g t "
-            "JOIN billing.customers c ON c.i_customer = t.k WHERE t.k = $1",
-            "1",
-        ),
-        [bind(statement=b"reset"), EXECUTE, SYNC],
-        Ddl("DROP TABLE public.atk2_g"),
+        *_DEALLOCATED_THEN_DROPPED,
         [DESCRIBE_S, SYNC],
     ]
     served, text = _lockstep(pg, billing.port, text_proxy.port, steps)
