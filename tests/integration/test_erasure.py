@@ -10,9 +10,11 @@ import json
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from audit.files import verify_files
 from proxy.demo.embedded_pg import EmbeddedPostgres, free_port
 from tests.integration.audit_wire import all_events
 from tests.integration.erasure_fixture import (
+    ROOT,
     T0,
     Db,
     at,
@@ -36,6 +39,7 @@ from tests.integration.erasure_fixture import (
     rows_by_owner,
     spawn,
 )
+from tests.support import spawn_listening
 
 CUSTOMERS = 40
 XDRS_PER_ACCOUNT = 30
@@ -337,18 +341,42 @@ def test_two_workers_at_once_do_each_subject_once(db: Db, tmp_path: Path) -> Non
 
 def test_run_polls_until_stopped_and_survives_a_lost_connection(db: Db, tmp_path: Path) -> None:
     config, _ = write_config(tmp_path, poll_interval="200ms")
-    port = free_port()
-    p = spawn(
-        "run", "--config", str(config), "--dsn", db.dsn, "--now", at(1),
-        "--metrics", f"127.0.0.1:{port}",
+    log = tmp_path / "worker.log"
+    # started as the proxy is (tests.support.spawn_listening): its metrics port taken by
+    # another process meanwhile (a second suite on the machine) means another port, not a
+    # worker that died at once while this test waited for its erasures (CI, once)
+    p, port = spawn_listening(
+        lambda port: [
+            sys.executable, "-m", "proxy.cli", "erase", "run", "--config", str(config),
+            "--dsn", db.dsn, "--now", at(1), "--metrics", f"127.0.0.1:{port}",
+        ],
+        log,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
     )  # fmt: skip
-    try:
-        # a guard against a hang, not a bound on wall time: on a loaded machine the worker's
-        # VACUUM after the first pass and its reconnection can take a while (CI once missed
-        # a 30 s deadline here while two suites and a driver suite shared two cores)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(erased_subjects(db)) < 3:
+    # a guard against a hang, not a bound on wall time: on a loaded machine the worker's
+    # VACUUM after the first pass and its reconnection can take a while (CI once missed
+    # a 30 s deadline here while two suites and a driver suite shared two cores); below
+    # pytest-timeout's, so that a miss says which step and what the worker wrote
+    deadline = time.monotonic() + 240
+
+    def until(done: Callable[[], bool], what: str) -> None:
+        while not done():
+            if p.poll() is not None or time.monotonic() > deadline:
+                state = "exited" if p.returncode is not None else "still runs"
+                pytest.fail(f"{what}: not seen, the worker {state}:\n{log.read_text()}")
             time.sleep(0.1)
+
+    metrics = ""
+
+    def verified() -> bool:
+        nonlocal metrics
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        return 'pgveil_erasure_subjects_total{state="verified"} 4.0' in metrics
+
+    try:
+        until(lambda: len(erased_subjects(db)) >= 3, "the first pass")
         assert erased_subjects(db) == {c for c in TERMINATED if due(c, 1, CUSTOMERS)}
         # the connection is cut (a server restart, a DBA): the worker connects again
         killed = db.query(
@@ -360,26 +388,19 @@ def test_run_polls_until_stopped_and_survives_a_lost_connection(db: Db, tmp_path
         db.execute(
             f"UPDATE billing.customers SET terminated_at = '{T0.isoformat()}' WHERE i_customer = 3"
         )
-        while time.monotonic() < deadline and 3 not in erased_subjects(db):
-            time.sleep(0.1)
-        assert 3 in erased_subjects(db)
+        until(lambda: 3 in erased_subjects(db), "the customer terminated after the cut")
         # its progress on /metrics (the last job's outcome may still be on its way)
-        while time.monotonic() < deadline:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                metrics = r.read().decode()
-            if 'pgveil_erasure_subjects_total{state="verified"} 4.0' in metrics:
-                break
-            time.sleep(0.1)
-        assert 'pgveil_erasure_subjects_total{state="verified"} 4.0' in metrics, metrics
+        until(verified, "4 verified subjects on /metrics")
         assert 'pgveil_erasure_rows_total{table="billing.xdrs"}' in metrics
         assert re.search(r"^pgveil_erasure_batches_total [1-9]", metrics, re.M)
         assert "Customer" not in metrics  # table names and states only
     finally:
         p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=30)
+        out, _ = p.communicate(timeout=30)
+    err = log.read_text()
     assert p.returncode == 0, err
     assert '"event":"erasure.interrupted"' in err
-    assert "4 subject(s) queued; 4 verified" in out
+    assert "4 subject(s) queued; 4 verified" in out.decode()
 
 
 def test_the_rate_limit_paces_batches(db: Db, tmp_path: Path) -> None:
