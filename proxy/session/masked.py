@@ -1496,6 +1496,16 @@ class MaskedFilter(StatementFilter):
 
     _set_since = False  # a SET went since the last transaction statement (see _resolving)
 
+    def _ready(self, body: bytes) -> None:
+        """ReadyForQuery: idle after a SET went means a transaction ended that may have
+        undone it (an implicit block rolled back at Sync: no transaction statement says
+        so), so what names resolve to may have changed. pgveil serves a Parse only when
+        nothing else is in flight, so the next one comes after this."""
+        super()._ready(body)
+        if self._set_since and self.tx_status == m.TX_IDLE:
+            self._epoch += 1
+            self._set_since = False
+
     def _binding(self, body: bytes) -> None:
         """A Bind while statements are kept for the unnamed statement: one that runs what is
         not a plain SELECT may change what they resolve to (see `_epoch`), and one that runs

@@ -177,7 +177,17 @@ def _lockstep(
     text_port: int,
     steps: list[Step],
 ) -> tuple[list[Messages], list[Messages]]:
-    """Each step's answer, per client (served, text)."""
+    """Each step's answer, per client (served, text). Both pgveils read the catalog first,
+    each in a session of its own: DDL of an earlier case or fixture that one of them
+    picked up during this case (its periodic catalog read) and the other did not would
+    make their answers differ (a name the session's picture lacks, used under a catalog
+    read other than the one it began under, is refused: StatementLog.absent)."""
+    for port in (served_port, text_port):
+        probe = RawClient(port, user=MASKED)
+        try:
+            _reread(probe)
+        finally:
+            probe.close()
     served = RawClient(served_port, user=MASKED)
     text = RawClient(text_port, user=MASKED)
     a: list[Messages] = []
