@@ -132,7 +132,10 @@ _CLOSE_UNNAMED = extended.close(b"S", b"")
 _PARSE_COMPLETE = m.message(m.PARSE_COMPLETE, b"")
 # statement kinds after which names and parameter types resolve as before (rules.analyzer)
 _RESOLVES_ALIKE = frozenset(("select", "insert", "update", "delete", "show"))
-_SET_CONFIG = re.compile(rb"set_config", re.IGNORECASE)
+_WRITES = frozenset(("insert", "update", "delete"))
+# set_config named in a statement's text, or any identifier written with Unicode escapes
+# (U&"set\005fconfig" is set_config too)
+_SET_CONFIG = re.compile(rb'set_config|u&"', re.IGNORECASE)
 _CLOSE_NONE = extended.close(b"S", _PREPARED_PREFIX)  # a name pgveil never gives a statement
 
 
@@ -1043,6 +1046,10 @@ class MaskedFilter(StatementFilter):
         # moving (ContextHolder.moved_until) and this session's statements that may change
         # what names resolve to (SET search_path, DDL, CREATE TEMP TABLE, ...): `_epoch`
         self._epoch = 0
+        # portals bound to statements that moved the epoch (see _binding), until the
+        # session is idle with nothing in flight (a name kept longer moves the epoch once
+        # more at most)
+        self._moving_portals: set[bytes] = set()
         self._serving = 0  # statements kept for the unnamed statement (keys are tuples)
 
     def _source(self, sql: str, action: str, value: str | None, types: bytes) -> Source | None:
@@ -1113,8 +1120,17 @@ class MaskedFilter(StatementFilter):
                     # CloseComplete), pgveil's statement stays
                     super()._client_message(typ, body, raw)
                     return _CLOSE_NONE
-            if typ == m.BIND and self._serving:
+            if typ == m.BIND:
                 self._binding(body)
+            elif (
+                typ == m.EXECUTE
+                and self._moving_portals
+                and extended.execute_portal(body) in self._moving_portals
+            ):
+                # what it runs may change what names resolve to (the Bind that bound it
+                # moved the epoch before a Parse served since then)
+                self._epoch += 1
+                self._set_since = True
         elif typ in _NO_COPY_IN_FLIGHT and self._copies:
             self._copies -= 1
         if typ == m.BIND or typ == m.EXECUTE:
@@ -1467,12 +1483,14 @@ class MaskedFilter(StatementFilter):
             if close:
                 self._to_close.append(name)
 
-    def _resolving(self, d: Decision | None, text: bytes) -> None:
+    def _resolving(self, d: Decision | None, text: bytes) -> bool:
         """A statement on its way to the server (or bound to run): one that may change what
         names or parameter types resolve to moves `_epoch` (SET, or `set_config` named in
         it, such as search_path; DDL; a relation it creates, SELECT INTO too; code that may
-        run DDL; anything pgveil cannot read), and so does the end of a transaction in
-        which a SET was sent (a rollback undoes it). Rows read or written and SHOW do not."""
+        run DDL; anything pgveil cannot read), and so does any transaction statement after
+        such a statement went (a rollback, or one to a savepoint, undoes it; SAVEPOINT and
+        RELEASE end nothing, so the mark stays) and the transaction's end (`_ready`). Rows
+        read or written and SHOW do not. Whether it moved the epoch."""
         if (
             d is None
             or d.moves_names
@@ -1482,19 +1500,41 @@ class MaskedFilter(StatementFilter):
         ):
             self._epoch += 1
             self._set_since = True
-            return
+            return True
+        moved = False
+        ctx = self.ctx
+        if d.relations and not self._views_of(ctx).isdisjoint(d.relations):
+            # a view's definition may call set_config (a built-in: no dependency says so)
+            self._epoch += 1
+            self._set_since = True
+            return True
         for kind in d.kinds:
-            if kind == "set":
-                self._epoch += 1
-                self._set_since = True
-            elif kind == "transaction":
+            if kind == "transaction":
                 if self._set_since:
                     self._epoch += 1
-                    self._set_since = False
-            elif kind not in _RESOLVES_ALIKE:
+                    moved = True
+            elif kind not in _RESOLVES_ALIKE or (kind in _WRITES and ctx.catalog.table_code):
+                # SET, DISCARD, DDL...; a write that may fire a trigger, a default... (code
+                # that may call set_config, which no dependency shows: any such code in the
+                # database counts). A rollback may undo any of it (_set_since).
                 self._epoch += 1
+                self._set_since = True
+                moved = True
+        return moved
 
-    _set_since = False  # a SET went since the last transaction statement (see _resolving)
+    _set_since = False  # a statement that moved the epoch went since the session was last idle
+    _views: tuple[MaskingContext | None, frozenset[str]] = (None, frozenset())
+
+    def _views_of(self, ctx: MaskingContext) -> frozenset[str]:
+        """The names of the catalog's views, qualified and not (Decision.relations: as
+        written), once per context."""
+        if self._views[0] is not ctx:
+            names: set[str] = set()
+            for (schema, name), relation in ctx.catalog.relations.items():
+                if relation.kind == "v":
+                    names.update((name, f"{schema}.{name}"))
+            self._views = (ctx, frozenset(names))
+        return self._views[1]
 
     def _ready(self, body: bytes) -> None:
         """ReadyForQuery: idle after a SET went means a transaction ended that may have
@@ -1502,20 +1542,32 @@ class MaskedFilter(StatementFilter):
         so), so what names resolve to may have changed. pgveil serves a Parse only when
         nothing else is in flight, so the next one comes after this."""
         super()._ready(body)
-        if self._set_since and self.tx_status == m.TX_IDLE:
+        if self.tx_status != m.TX_IDLE:
+            return
+        if self._set_since:
             self._epoch += 1
             self._set_since = False
+        log = self.statements
+        if self._moving_portals and log is not None and not log.in_flight:
+            self._moving_portals.clear()  # (the server dropped every portal)
 
     def _binding(self, body: bytes) -> None:
-        """A Bind while statements are kept for the unnamed statement: one that runs what is
-        not a plain SELECT may change what they resolve to (see `_epoch`), and one that runs
-        DISCARD ALL or DEALLOCATE ALL drops them (at its Parse pgveil forgot the statements
-        kept then, not those kept since)."""
+        """A Bind of an extended-protocol client: one that runs what is not a plain SELECT
+        may change what the statements kept for the unnamed statement resolve to (see
+        `_epoch`), at the Bind and again at each Execute of its portal (a Parse may be
+        served in between), and one that runs DISCARD ALL or DEALLOCATE ALL drops them (at
+        its Parse pgveil forgot the statements kept then, not those kept since)."""
         log = self.statements
         named = log.used(m.BIND, body) if log is not None else None
         decided = named.decided if named is not None else None
         d = self.ctx.analyze(decided.sql) if decided is not None else None
-        self._resolving(d, decided.sql.encode() if decided is not None else b"")
+        portal = extended.bind_names(body)[0]
+        if self._resolving(d, decided.sql.encode() if decided is not None else b""):
+            self._moving_portals.add(portal)
+        else:
+            self._moving_portals.discard(portal)
+        if not self._serving:
+            return
         if (
             d is None
             or d.effects is None
