@@ -1513,10 +1513,11 @@ class MaskedFilter(StatementFilter):
                 if self._set_since:
                     self._epoch += 1
                     moved = True
-            elif kind not in _RESOLVES_ALIKE or (kind in _WRITES and ctx.catalog.table_code):
-                # SET, DISCARD, DDL...; a write that may fire a trigger, a default... (code
-                # that may call set_config, which no dependency shows: any such code in the
-                # database counts). A rollback may undo any of it (_set_since).
+            elif kind not in _RESOLVES_ALIKE or kind in _WRITES:
+                # SET, DISCARD, DDL...; any write: a trigger, a default, a CHECK or a rule
+                # (pg_settings') may call set_config, and a call of the built-in leaves no
+                # dependency a catalog read could list. A rollback may undo any of it
+                # (_set_since).
                 self._epoch += 1
                 self._set_since = True
                 moved = True
