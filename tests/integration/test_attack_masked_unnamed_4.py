@@ -22,7 +22,6 @@ import pytest
 from proxy.demo.embedded_pg import EmbeddedPostgres
 from proxy.wire import extended
 from tests.integration.test_attack_masked_unnamed import (
-    DESCRIBE_S,
     EXECUTE,
     FLUSH,
     SYNC,
@@ -38,28 +37,13 @@ from tests.integration.test_attack_masked_unnamed import (
     parse,
     run,
 )
-from tests.integration.test_attack_masked_unnamed_2 import ATK_UNQUALIFIED, atk2
+from tests.integration.test_attack_masked_unnamed_2 import atk2
+from tests.integration.test_attack_masked_unnamed_3 import SP, U, bind_portal, probe, served_twice
 from tests.support import ProxyProcess
 
 __all__ = ["atk", "atk2"]
 
-U = ATK_UNQUALIFIED
-SP = "SET search_path = atk_s, public"
 CALL = "set_config('search_path', 'atk_s, public', false)"
-
-
-def probe() -> list[bytes]:
-    """Describe of the statement (its parameter types), then a Bind and Execute of it."""
-    return [parse(U), DESCRIBE_S, bind("1"), EXECUTE, SYNC]
-
-
-def served_twice() -> list[Step]:
-    """Two executions: the first prepares pgveil's statement, the second is served by it."""
-    return [run(U, "1"), run(U, "1")]
-
-
-def bind_portal(portal: bytes, statement: bytes) -> bytes:
-    return extended.bind(portal, statement, (), [], ())
 
 
 SETUP = f"""
