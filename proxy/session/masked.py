@@ -130,12 +130,14 @@ _SIMPLE = frozenset((m.QUERY, m.TERMINATE, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL
 _NAMING_UNNAMED = frozenset((m.BIND, m.DESCRIBE, m.CLOSE))  # may name the unnamed statement
 _CLOSE_UNNAMED = extended.close(b"S", b"")
 _PARSE_COMPLETE = m.message(m.PARSE_COMPLETE, b"")
-# statement kinds after which names and parameter types resolve as before (rules.analyzer)
-_RESOLVES_ALIKE = frozenset(("select", "insert", "update", "delete", "show"))
-_WRITES = frozenset(("insert", "update", "delete"))
+# statement kinds after which names and parameter types resolve as before (rules.analyzer);
+# not writes: a trigger, a default, a CHECK or a rule (pg_settings') may call set_config,
+# and a call of the built-in leaves no dependency a catalog read could list
+_RESOLVES_ALIKE = frozenset(("select", "show"))
 # set_config named in a statement's text, or any identifier written with Unicode escapes
-# (U&"set\005fconfig" is set_config too)
+# (U&"set\005fconfig" is set_config too): in a message's bytes, and in a decided text
 _SET_CONFIG = re.compile(rb'set_config|u&"', re.IGNORECASE)
+_SET_CONFIG_TEXT = re.compile(r'set_config|u&"', re.IGNORECASE)
 _CLOSE_NONE = extended.close(b"S", _PREPARED_PREFIX)  # a name pgveil never gives a statement
 
 
@@ -1076,12 +1078,7 @@ class MaskedFilter(StatementFilter):
 
     def _client_message_out(self, typ: int, body: bytes, raw: bytes) -> bytes:
         if typ == m.QUERY or typ == m.PARSE:
-            if typ == m.QUERY:
-                text, unnamed = simple.query_text(body), True
-            else:
-                name, text, _ = extended.parse_message(body)
-                unnamed = not name
-            if unnamed:
+            if typ == m.QUERY or extended.parses_unnamed(body):
                 # the server replaces its unnamed statement (a Query drops it), whatever
                 # the outcome: the client's is the server's again
                 self._unnamed = None
@@ -1094,7 +1091,9 @@ class MaskedFilter(StatementFilter):
                 out = super()._client_message(typ, body, raw)
             finally:
                 self._reserved = False
-            self._resolving(self._decision, text)
+            # (set_config looked for in the whole message: a statement name or parameter
+            # types' bytes that happen to hold it move the epoch once more, nothing else)
+            self._resolving(self._decision, _SET_CONFIG.search(body) is not None)
             effects = self._effects
             if effects:
                 # what it does once it runs: later Queries must not count on pgveil's
@@ -1483,45 +1482,29 @@ class MaskedFilter(StatementFilter):
             if close:
                 self._to_close.append(name)
 
-    def _resolving(self, d: Decision | None, text: bytes) -> bool:
+    def _resolving(self, d: Decision | None, set_config: bool) -> bool:
         """A statement on its way to the server (or bound to run): one that may change what
         names or parameter types resolve to moves `_epoch` (SET, or `set_config` named in
-        it, such as search_path; DDL; a relation it creates, SELECT INTO too; code that may
-        run DDL; anything pgveil cannot read), and so does any transaction statement after
+        its text, such as search_path; DDL; a relation it creates, SELECT INTO too; code
+        that may run DDL; a read of a view, whose definition may call set_config; any
+        write; anything pgveil cannot read), and so does any transaction statement after
         such a statement went (a rollback, or one to a savepoint, undoes it; SAVEPOINT and
         RELEASE end nothing, so the mark stays) and the transaction's end (`_ready`). Rows
-        read or written and SHOW do not. Whether it moved the epoch."""
+        read and SHOW do not. Whether it moved the epoch."""
         if (
-            d is None
+            set_config
+            or d is None
             or d.moves_names
             or d.temp_relations
             or d.unknown_relations
-            or _SET_CONFIG.search(text) is not None
+            or any(kind not in _RESOLVES_ALIKE and kind != "transaction" for kind in d.kinds)
+            or (d.relations and not self._views_of(self.ctx).isdisjoint(d.relations))
         ):
-            self._epoch += 1
             self._set_since = True
-            return True
-        moved = False
-        ctx = self.ctx
-        if d.relations and not self._views_of(ctx).isdisjoint(d.relations):
-            # a view's definition may call set_config (a built-in: no dependency says so)
-            self._epoch += 1
-            self._set_since = True
-            return True
-        for kind in d.kinds:
-            if kind == "transaction":
-                if self._set_since:
-                    self._epoch += 1
-                    moved = True
-            elif kind not in _RESOLVES_ALIKE or kind in _WRITES:
-                # SET, DISCARD, DDL...; any write: a trigger, a default, a CHECK or a rule
-                # (pg_settings') may call set_config, and a call of the built-in leaves no
-                # dependency a catalog read could list. A rollback may undo any of it
-                # (_set_since).
-                self._epoch += 1
-                self._set_since = True
-                moved = True
-        return moved
+        elif not (self._set_since and "transaction" in d.kinds):
+            return False
+        self._epoch += 1
+        return True
 
     _set_since = False  # a statement that moved the epoch went since the session was last idle
     _views: tuple[MaskingContext | None, frozenset[str]] = (None, frozenset())
@@ -1563,7 +1546,8 @@ class MaskedFilter(StatementFilter):
         decided = named.decided if named is not None else None
         d = self.ctx.analyze(decided.sql) if decided is not None else None
         portal = extended.bind_names(body)[0]
-        if self._resolving(d, decided.sql.encode() if decided is not None else b""):
+        named_set_config = decided is not None and _SET_CONFIG_TEXT.search(decided.sql) is not None
+        if self._resolving(d, named_set_config):
             self._moving_portals.add(portal)
         else:
             self._moving_portals.discard(portal)

@@ -48,6 +48,12 @@ def parse_message(body: bytes) -> tuple[bytes, bytes, bytes]:
     return body[:name_end], body[name_end + 1 : query_end], body[query_end + 1 :]
 
 
+def parses_unnamed(body: bytes) -> bool:
+    """Whether a Parse body is one of the unnamed statement (an empty name), read without
+    splitting it."""
+    return body[:1] == b"\0"
+
+
 def parse(statement: bytes, query: bytes, types: bytes = NO_TYPES) -> bytes:
     """A whole Parse message; `types` is the parameter-type section (Int16 count, then
     that many Int32 OIDs) as `parse_message` returns it."""

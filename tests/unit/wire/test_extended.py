@@ -26,6 +26,7 @@ from proxy.wire.extended import (
     parameter_types,
     parse,
     parse_message,
+    parses_unnamed,
     target,
     type_section,
 )
@@ -41,6 +42,7 @@ def test_a_parse_round_trips(name: bytes, query: bytes, types: list[int]) -> Non
     name_, query_, section = parse_message(body)
     assert (name_, query_) == (name, query)
     assert declared_types(section) == tuple(types)
+    assert parses_unnamed(body) == (name == b"")
 
 
 def test_a_parse_without_types_declares_none() -> None:
